@@ -1,0 +1,63 @@
+"""The ``stream-lstm`` command line.
+
+Each command lives in the module that owns its concern and exposes two functions:
+``add_arguments(parser)`` and ``main(args) -> int``. Only the chosen command's module is
+imported, so ``stream-lstm --help`` answers at once, without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The order is the order of `stream-lstm --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("stream_lstm.tools.demo", "Run everything locally: broker, a fleet (or a CSV replay), the worker, live forecasts"),
+    "run": ("stream_lstm.worker", "Run the long-lived forecasting worker"),
+    "kafka": ("stream_lstm.kafka.local_broker", "Start or stop a local Apache Kafka broker (KRaft, from Maven jars)"),
+    "simulate": ("stream_lstm.tools.simulate", "Produce a synthetic sensor fleet into the input topic"),
+    "replay": ("stream_lstm.tools.replay", "Replay a real CSV recording into the input topic"),
+    "train": ("stream_lstm.training.offline", "Fit an initial model on a CSV and save it (safetensors)"),
+    "trainer": ("stream_lstm.training.service", "Run the retrainer as its own process (publishes models)"),
+    "models": ("stream_lstm.models.registry_cli", "List the model registry, or roll back to a version"),
+    "bench": ("stream_lstm.tools.bench", "Benchmark throughput, latency and memory against a real broker"),
+    "evaluate": ("stream_lstm.tools.evaluate", "Replay recordings through the real pipeline and score forecasts"),
+}
+
+DESCRIPTION = """\
+stream-lstm forecasts sensor streams: it reads readings from Kafka, keeps a rolling window,
+online normalization and LSTM hidden state per device, runs one batched LSTM step across all
+devices per poll, and publishes forecasts (with intervals and anomaly scores).
+
+Settings come from STREAM_LSTM_* environment variables (see the README).
+Run `stream-lstm COMMAND --help` for a command's options."""
+
+
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-lstm",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

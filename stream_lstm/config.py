@@ -1,0 +1,181 @@
+"""Settings: every knob of the service, read from ``STREAM_LSTM_*`` environment variables.
+
+One flat :class:`Settings` object is built once at start-up and passed down. Each field's
+environment variable is ``STREAM_LSTM_`` + the field name in upper case, so
+``window`` is ``STREAM_LSTM_WINDOW``. An invalid value stops start-up with a message that
+names the variable (see :func:`load_settings`).
+
+>>> s = Settings(window=32)
+>>> s.window, s.input_topic
+(32, 'sensor-readings')
+>>> s.changelog_topic_name()
+'stream-lstm-state-changelog'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STREAM_LSTM_"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """All settings of stream-lstm. Defaults suit a laptop with the local broker."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", validate_default=True
+    )
+
+    # --- Kafka wiring -------------------------------------------------------------------
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap host:port list")
+    input_topic: str = Field("sensor-readings", min_length=1, description="Readings topic")
+    output_topic: str = Field("sensor-forecasts", min_length=1, description="Forecasts topic")
+    dlq_topic: str = Field("sensor-readings-dlq", min_length=1, description="Dead-letter topic")
+    alerts_topic: str = Field("", description="Anomaly alerts topic; empty disables alerts")
+    group_id: str = Field("stream-lstm", min_length=1, description="Consumer group id")
+    instance_id: str = Field(
+        "", description="Stable worker id (transactional id suffix); default: the hostname"
+    )
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    changelog_topic: str = Field("", description="State changelog; default <group_id>-state-changelog")
+    models_topic: str = Field("stream-lstm-models", description="Compacted topic of promoted models")
+    topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
+    replication_factor: int = Field(1, ge=1, description="Replication for topics the worker creates")
+    poll_max_records: int = Field(2000, ge=1, description="Most readings handled in one batch")
+    poll_timeout_ms: int = Field(100, ge=1, description="How long one poll waits for readings")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="Kafka max.poll.interval.ms")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka session.timeout.ms")
+
+    # --- Kafka security (TLS / SASL); secrets are never logged --------------------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = Field(None, description="File holding the SASL password")
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+
+    # --- Compute --------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the LSTM runs")
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto")
+
+    # --- Model and per-device state -------------------------------------------------------
+    window: int = Field(64, ge=2, description="W: readings kept per device (ring buffer)")
+    horizon: int = Field(12, ge=1, description="H: steps ahead forecast for the target channel")
+    min_history: int = Field(8, ge=1, description="Readings per device before it is forecast")
+    hidden_size: int = Field(64, ge=1, description="LSTM hidden units")
+    num_layers: int = Field(1, ge=1, description="Stacked LSTM layers")
+    n_features: int = Field(1, ge=1, description="Channels per reading")
+    target_channel: int = Field(0, ge=0, description="Channel that is forecast")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between layers in training")
+    model_path: Path | None = Field(None, description="Model file (safetensors) to serve")
+    model_dir: Path = Field(Path("./models"), description="Model registry directory")
+    max_devices: int = Field(100_000, ge=1, description="Devices held in memory at most")
+    device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices idle this long; 0=never")
+    state_dir: Path = Field(Path("./state"), description="Local on-disk state store directory")
+    normalizer: Literal["welford", "ewm"] = Field("welford", description="Online normalizer")
+    normalizer_alpha: float = Field(0.01, gt=0.0, le=1.0, description="EWM weight of a reading")
+    std_floor: float = Field(1e-3, gt=0.0, description="Smallest std used to scale a channel")
+
+    # --- Event-time rules and input limits ---------------------------------------------------
+    late_policy: Literal["drop", "dlq"] = Field("drop", description="What happens to late readings")
+    max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of now -> DLQ")
+    max_gap_s: float = Field(0.0, ge=0.0, description="Gap that resets h/c; 0 = never reset")
+    max_message_bytes: int = Field(65_536, ge=64, description="Larger readings -> DLQ unparsed")
+    max_device_id_length: int = Field(128, ge=1)
+    value_min: float = Field(-1e12, description="Physical range: smaller values -> DLQ")
+    value_max: float = Field(1e12, description="Physical range: larger values -> DLQ")
+
+    # --- Uncertainty and anomalies ----------------------------------------------------------------
+    interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")
+    anomaly_threshold: float = Field(4.0, gt=0.0, description="|residual|/sigma that flags")
+    anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")
+
+    # --- Retraining -------------------------------------------------------------------------
+    trainer: Literal["inprocess", "external", "off"] = Field("inprocess")
+    retrain_every_readings: int = Field(0, ge=0, description="Retrain after N readings; 0=off")
+    retrain_every_s: float = Field(0.0, ge=0.0, description="Retrain every T seconds; 0=off")
+    tbptt_k1: int = Field(16, ge=1, description="TBPTT: steps run forward between updates")
+    tbptt_k2: int = Field(32, ge=1, description="TBPTT: steps backpropagated through")
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    max_epochs: int = Field(20, ge=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    promotion_margin: float = Field(0.02, ge=0.0, description="Relative gain a challenger needs")
+    train_threads: int = Field(1, ge=1, description="Torch threads the background trainer uses")
+
+    # --- Observability ------------------------------------------------------------------------
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.target_channel >= self.n_features:
+            raise ValueError(
+                f"target_channel ({self.target_channel}) must be < n_features ({self.n_features})"
+            )
+        if self.min_history > self.window:
+            raise ValueError(f"min_history ({self.min_history}) must be <= window ({self.window})")
+        if self.value_min >= self.value_max:
+            raise ValueError("value_min must be < value_max")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+        return self
+
+    def changelog_topic_name(self) -> str:
+        """The state changelog topic: set explicitly, or derived from the group id."""
+        return self.changelog_topic or f"{self.group_id}-state-changelog"
+
+    def resolved_sasl_password(self) -> str | None:
+        """The SASL password from the environment or, failing that, from its file."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        return None
+
+    def redacted(self) -> dict[str, object]:
+        """Settings as a dict that is safe to log: secrets are masked."""
+        out: dict[str, object] = {}
+        for name, value in self.model_dump().items():
+            if "password" in name and value is not None:
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; raise :class:`SettingsError` naming the variable.
+
+    >>> import os
+    >>> os.environ["STREAM_LSTM_WINDOW"] = "not-a-number"
+    >>> try:
+    ...     load_settings()
+    ... except SettingsError as e:
+    ...     print(str(e).splitlines()[0])
+    invalid setting STREAM_LSTM_WINDOW: Input should be a valid integer, unable to parse string as an integer
+    >>> del os.environ["STREAM_LSTM_WINDOW"]
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            var = ENV_PREFIX + loc[0].upper() if loc else "STREAM_LSTM_* (combination)"
+            lines.append(f"invalid setting {var}: {err['msg']}")
+        raise SettingsError("\n".join(lines)) from None
