@@ -1,0 +1,1 @@
+"""Per-device state: plain data (arrays and tensors indexed by slot) that checkpointing moves."""

@@ -1,0 +1,260 @@
+"""DeviceTable: every in-memory device's state, one *slot* (row) per device.
+
+The LSTM state of all devices lives in two preallocated tensors ``h`` and ``c`` of shape
+``[num_layers, capacity, hidden]`` on the compute device (the GPU when there is one), so a
+batch gathers and scatters rows instead of moving per-device objects. Everything else
+(normalizer statistics, rolling window, timestamps) lives in numpy arrays indexed by the
+same slot. Capacity doubles when needed, up to ``max_devices``; beyond that the least
+recently seen device leaves memory (the caller decides where its snapshot goes).
+
+>>> import numpy as np
+>>> t = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
+>>> slots = t.slots_for(["a", "b", "a"], partitions=[0, 0, 0], now=0.0)
+>>> slots.tolist(), len(t)
+([0, 1, 0], 2)
+>>> t.snapshot(0).device_id
+'a'
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from stream_lstm.state.normalizer import OnlineNormalizer
+from stream_lstm.state.snapshot import DeviceSnapshot
+from stream_lstm.state.window import RollingWindow
+
+_NAN = float("nan")
+
+
+class DeviceTable:
+    """Slots, LSTM state tensors and per-device arrays for the devices held in memory.
+
+    Parameters
+    ----------
+    max_devices
+        Devices held in memory at most; the least recently seen one is evicted beyond it.
+    window, n_features, num_layers, hidden_size
+        Shapes of the rolling window and of the LSTM state.
+    device
+        Torch device of ``h`` and ``c``.
+    normalizer, alpha, std_floor
+        Online normalizer settings (see :class:`OnlineNormalizer`).
+    on_evict
+        Called with the snapshot of each device evicted to make room; ``None`` drops it.
+    initial_capacity
+        Slots allocated up front (grows by doubling).
+    """
+
+    def __init__(
+        self,
+        max_devices: int,
+        window: int,
+        n_features: int,
+        num_layers: int,
+        hidden_size: int,
+        device: torch.device | str = "cpu",
+        normalizer: str = "welford",
+        alpha: float = 0.01,
+        std_floor: float = 1e-3,
+        on_evict: Callable[[DeviceSnapshot], None] | None = None,
+        initial_capacity: int = 1024,
+    ) -> None:
+        self.max_devices = max_devices
+        self.num_layers, self.hidden_size, self.n_features = num_layers, hidden_size, n_features
+        self.device = torch.device(device)
+        self.on_evict = on_evict
+        cap = max(1, min(initial_capacity, max_devices))
+        self.norm = OnlineNormalizer(cap, n_features, normalizer, alpha, std_floor)
+        self.window = RollingWindow(cap, window, n_features)
+        self.h = torch.zeros(num_layers, cap, hidden_size, device=self.device)
+        self.c = torch.zeros(num_layers, cap, hidden_size, device=self.device)
+        self.last_ts = np.full(cap, _NAN)
+        self.step_s = np.full(cap, _NAN)
+        self.n_seen = np.zeros(cap, np.int64)
+        self.since_reset = np.zeros(cap, np.int64)
+        self.prev_mu = np.full(cap, _NAN, np.float64)
+        self.prev_sigma = np.full(cap, _NAN, np.float64)
+        self.partition = np.zeros(cap, np.int64)
+        self.last_seen = np.zeros(cap)
+        self.model_version: list[str] = [""] * cap
+        self.ids: list[str | None] = [None] * cap
+        # device id -> slot, in least-recently-seen-first order (an LRU).
+        self.index: OrderedDict[str, int] = OrderedDict()
+        self._free = list(range(cap - 1, -1, -1))
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.ids)
+
+    # ---- slots ---------------------------------------------------------------------------
+    def slots_for(
+        self,
+        device_ids: Sequence[str],
+        partitions: Sequence[int],
+        now: float,
+        load: Callable[[str], DeviceSnapshot | None] | None = None,
+    ) -> np.ndarray:
+        """Slots of ``device_ids`` (repeats allowed), allocating new devices.
+
+        A device not in memory is taken from ``load`` (the state store) when that returns a
+        snapshot, else it starts empty. Every listed device becomes most recently seen.
+        """
+        out = np.empty(len(device_ids), np.int64)
+        index = self.index
+        pinned = set(device_ids)  # never evict a device that is part of this batch
+        for i, dev in enumerate(device_ids):
+            slot = index.get(dev)
+            if slot is None:
+                snap = load(dev) if load is not None else None
+                slot = self._allocate(dev, partitions[i], pinned)
+                if snap is not None:
+                    self._restore_into(slot, snap)
+            else:
+                index.move_to_end(dev)
+            out[i] = slot
+        self.last_seen[out] = now
+        return out
+
+    def _allocate(self, dev: str, partition: int, pinned: set[str]) -> int:
+        if not self._free:
+            if self.capacity < self.max_devices:
+                self._grow(min(self.max_devices, self.capacity * 2))
+            else:
+                self._evict_lru(pinned)
+        slot = self._free.pop()
+        self._clear(slot)
+        self.ids[slot] = dev
+        self.partition[slot] = partition
+        self.index[dev] = slot
+        return slot
+
+    def _evict_lru(self, pinned: set[str]) -> None:
+        for dev in self.index:
+            if dev not in pinned:
+                break
+        else:
+            raise RuntimeError(
+                f"one batch holds more than max_devices={self.max_devices} devices; "
+                "lower STREAM_LSTM_POLL_MAX_RECORDS or raise STREAM_LSTM_MAX_DEVICES"
+            )
+        snap = self.snapshot(self.index[dev])
+        self.drop([dev])
+        self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(snap)
+
+    def drop(self, device_ids: Sequence[str]) -> None:
+        """Remove devices from memory (revoked partitions, TTL, eviction)."""
+        for dev in device_ids:
+            slot = self.index.pop(dev, None)
+            if slot is not None:
+                self.ids[slot] = None
+                self._free.append(slot)
+
+    def devices_in_partitions(self, partitions: set[int]) -> list[str]:
+        return [d for d, s in self.index.items() if int(self.partition[s]) in partitions]
+
+    def idle_devices(self, older_than: float) -> list[str]:
+        """Devices last seen before ``older_than`` (wall clock), oldest first."""
+        out = []
+        for dev, slot in self.index.items():  # LRU order: stop at the first recent one
+            if self.last_seen[slot] >= older_than:
+                break
+            out.append(dev)
+        return out
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        extra = capacity - old
+        self.norm.grow(capacity)
+        self.window.grow(capacity)
+        pad = torch.zeros(self.num_layers, extra, self.hidden_size, device=self.device)
+        self.h = torch.cat([self.h, pad], dim=1)
+        self.c = torch.cat([self.c, pad.clone()], dim=1)
+        for name, fill in (("last_ts", _NAN), ("step_s", _NAN), ("prev_mu", _NAN),
+                           ("prev_sigma", _NAN), ("n_seen", 0), ("since_reset", 0),
+                           ("partition", 0), ("last_seen", 0.0)):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(extra, fill, arr.dtype)]))
+        self.model_version.extend([""] * extra)
+        self.ids.extend([None] * extra)
+        self._free.extend(range(capacity - 1, old - 1, -1))
+
+    def _clear(self, slot: int) -> None:
+        s = np.array([slot])
+        self.norm.reset(s)
+        self.window.reset(s)
+        self.h[:, slot] = 0.0
+        self.c[:, slot] = 0.0
+        self.last_ts[slot] = self.step_s[slot] = _NAN
+        self.prev_mu[slot] = self.prev_sigma[slot] = _NAN
+        self.n_seen[slot] = self.since_reset[slot] = 0
+        self.model_version[slot] = ""
+
+    # ---- snapshots -------------------------------------------------------------------------
+    def snapshot(self, slot: int) -> DeviceSnapshot:
+        """A self-contained copy of one slot's state."""
+        return self.snapshots(np.array([slot]))[0]
+
+    def snapshots(self, slots: np.ndarray) -> list[DeviceSnapshot]:
+        """Copies of many slots' state. One device-to-host copy for all rows."""
+        # One device-to-host copy for all rows rather than one per device.
+        idx = torch.as_tensor(slots, device=self.device)
+        h = self.h.index_select(1, idx).cpu().numpy()
+        c = self.c.index_select(1, idx).cpu().numpy()
+        out = []
+        for i, slot in enumerate(slots.tolist()):
+            snap = self.snapshot_meta(slot)
+            snap.h, snap.c = h[:, i].copy(), c[:, i].copy()
+            out.append(snap)
+        return out
+
+    def snapshot_meta(self, slot: int) -> DeviceSnapshot:
+        """Like :meth:`snapshot` but leaves ``h``/``c`` empty (filled in bulk by the caller)."""
+        dev = self.ids[slot]
+        assert dev is not None, f"slot {slot} is free"
+        empty = np.zeros((0,), np.float32)
+        return DeviceSnapshot(
+            device_id=dev, partition=int(self.partition[slot]), h=empty, c=empty,
+            count=float(self.norm.count[slot]), mean=self.norm.mean[slot].copy(),
+            var=self.norm.var[slot].copy(), window=self.window.ordered(slot),
+            last_ts=float(self.last_ts[slot]), step_s=float(self.step_s[slot]),
+            n_seen=int(self.n_seen[slot]), since_reset=int(self.since_reset[slot]),
+            prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
+            model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
+        )
+
+    def restore(self, snap: DeviceSnapshot) -> int:
+        """Put a snapshot into memory (restore on assignment, or a device coming back)."""
+        slot = self.index.get(snap.device_id)
+        if slot is None:
+            slot = self._allocate(snap.device_id, snap.partition, {snap.device_id})
+        self._restore_into(slot, snap)
+        return slot
+
+    def _restore_into(self, slot: int, snap: DeviceSnapshot) -> None:
+        compatible = snap.h.shape == (self.num_layers, self.hidden_size)
+        if compatible:
+            self.h[:, slot] = torch.from_numpy(snap.h).to(self.device)
+            self.c[:, slot] = torch.from_numpy(snap.c).to(self.device)
+        # else: the model's shape changed since the snapshot; h/c stay zero and the caller
+        # re-warms the device from its window.
+        self.partition[slot] = snap.partition
+        self.norm.count[slot] = snap.count
+        self.norm.mean[slot] = snap.mean
+        self.norm.var[slot] = snap.var
+        self.window.load(slot, snap.window)
+        self.last_ts[slot], self.step_s[slot] = snap.last_ts, snap.step_s
+        self.n_seen[slot], self.since_reset[slot] = snap.n_seen, snap.since_reset
+        self.prev_mu[slot], self.prev_sigma[slot] = snap.prev_mu, snap.prev_sigma
+        self.model_version[slot] = snap.model_version if compatible else ""
+        self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)
