@@ -1,0 +1,110 @@
+"""BatchPublisher: send a batch's records and commit its input offsets, as one unit.
+
+Two guarantees, chosen by ``STREAM_LSTM_PROCESSING_GUARANTEE``:
+
+* ``at_least_once``: records are sent, the producer is flushed, every send is checked, and
+  only then are the consumer offsets committed. A crash before the commit replays the batch.
+* ``exactly_once``: each batch is one Kafka transaction holding its forecasts, dead letters,
+  state-changelog records *and* the consumer offsets (``send_offsets_to_transaction`` with the
+  consumer's group metadata, KIP-447). Readers with ``isolation_level=read_committed`` see a
+  batch entirely or not at all. The transactional id is stable per worker instance; the group
+  generation in the offsets commit fences a zombie that lost its partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(RuntimeError):
+    """A batch could not be published; its offsets were not committed."""
+
+
+class BatchPublisher:
+    """Publishes batches with at-least-once or exactly-once semantics.
+
+    Parameters
+    ----------
+    producer
+        A kafka-python producer; transactional (``transactional_id`` set) for exactly-once.
+    exactly_once
+        Use transactions.
+    send_timeout_s
+        How long a flush may take before the batch counts as failed.
+    """
+
+    def __init__(self, producer: KafkaProducer, exactly_once: bool, send_timeout_s: float = 30.0):
+        self.producer = producer
+        self.exactly_once = exactly_once
+        self.send_timeout_s = send_timeout_s
+        self._futures: list[tuple[str, int | None, FutureRecordMetadata]] = []
+        self._in_txn = False
+        if exactly_once:
+            # Fences any earlier producer with the same transactional id and aborts its
+            # unfinished transaction, so a restarted worker never sees a zombie's writes.
+            producer.init_transactions()
+
+    def begin(self) -> None:
+        self._futures.clear()
+        if self.exactly_once and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        fut = self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        self._futures.append((topic, partition, fut))
+
+    def commit(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], consumer: KafkaConsumer
+    ) -> dict[tuple[str, int], int]:
+        """Make the batch durable, then commit ``offsets``. Returns the last offset written
+        per (topic, partition), e.g. for state-store checkpoints of the changelog."""
+        if self.exactly_once:
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+            self.producer.commit_transaction()
+            self._in_txn = False
+            written = self._written()
+        else:
+            self.producer.flush(timeout=self.send_timeout_s)
+            written = self._written()  # raises before the offsets are committed
+            if offsets:
+                consumer.commit(offsets)
+        self._futures.clear()
+        return written
+
+    def abort(self) -> None:
+        """Give up the current batch (exactly-once: abort the transaction)."""
+        self._futures.clear()
+        if self.exactly_once and self._in_txn:
+            try:
+                self.producer.abort_transaction()
+            finally:
+                self._in_txn = False
+
+    def _written(self) -> dict[tuple[str, int], int]:
+        last: dict[tuple[str, int], int] = {}
+        for topic, _, fut in self._futures:
+            if not fut.is_done:
+                raise PublishError(f"send to {topic} not acknowledged in {self.send_timeout_s}s")
+            if fut.failed():
+                raise PublishError(f"send to {topic} failed: {fut.exception}")
+            md: Any = fut.value
+            key = (topic, md.partition)
+            if md.offset > last.get(key, -1):
+                last[key] = md.offset
+        return last

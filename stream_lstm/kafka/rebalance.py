@@ -1,0 +1,43 @@
+"""Rebalance listener: tells the worker which input partitions it gains and loses.
+
+kafka-python calls these from inside ``consumer.poll()``, i.e. *between* the worker's batches:
+every batch handed out by an earlier poll has already been published and committed, so on
+revocation the worker only has to drop the devices of the lost partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kafka import ConsumerRebalanceListener
+from kafka.structs import TopicPartition
+
+
+class PartitionListener(ConsumerRebalanceListener):
+    """Forwards assignment changes (as partition numbers) to callbacks.
+
+    Parameters
+    ----------
+    on_assigned, on_revoked
+        Called with a set of partition numbers of the input topic.
+    """
+
+    def __init__(
+        self,
+        on_assigned: Callable[[set[int]], None],
+        on_revoked: Callable[[set[int]], None],
+    ) -> None:
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if assigned:
+            self._on_assigned({tp.partition for tp in assigned})
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            self._on_revoked({tp.partition for tp in revoked})
+
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        # Lost (not cleanly revoked): another member may already own them; drop state too.
+        self.on_partitions_revoked(lost)

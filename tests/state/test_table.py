@@ -1,0 +1,59 @@
+import numpy as np
+import torch
+
+from stream_lstm.state.table import DeviceTable
+
+
+def make(max_devices=4, **kw):
+    return DeviceTable(max_devices=max_devices, window=3, n_features=1, num_layers=1,
+                       hidden_size=2, initial_capacity=2, **kw)
+
+
+def test_grows_by_doubling_up_to_max_and_keeps_state():
+    t = make(max_devices=4)
+    slots = t.slots_for(["a", "b"], [0, 0], now=1.0)
+    t.h[:, slots[0]] = 7.0
+    t.slots_for(["c"], [1], now=2.0)
+    assert t.capacity == 4 and len(t) == 3
+    assert torch.all(t.h[:, t.index["a"]] == 7.0)
+
+
+def test_lru_eviction_hands_snapshot_out_and_reload_restores_it():
+    evicted = []
+    t = make(max_devices=2, on_evict=evicted.append)
+    s = t.slots_for(["a", "b"], [0, 1], now=1.0)
+    t.h[:, s[0]] = 3.0
+    t.norm.update(s[:1], np.array([[5.0]]))
+    t.slots_for(["b"], [1], now=2.0)  # b is now most recent, a is the LRU
+    t.slots_for(["c"], [0], now=3.0)
+    assert [e.device_id for e in evicted] == ["a"] and "a" not in t.index
+    snap = evicted[0]
+    assert snap.h[0, 0] == 3.0 and snap.mean[0] == 5.0 and snap.count == 1
+    t.slots_for(["a"], [0], now=4.0, load=lambda dev: snap if dev == "a" else None)
+    slot = t.index["a"]
+    assert torch.all(t.h[:, slot] == 3.0) and t.norm.mean[slot, 0] == 5.0
+    assert [e.device_id for e in evicted] == ["a", "b"]
+
+
+def test_snapshot_round_trip_and_shape_change_leaves_hc_zero():
+    t = make()
+    s = t.slots_for(["a"], [3], now=1.0)
+    t.h[:, s[0]] = 1.5
+    t.window.push(s, np.array([[0.25]], np.float32))
+    snap = t.snapshot(int(s[0]))
+    other = make()
+    slot = other.restore(snap)
+    assert torch.all(other.h[:, slot] == 1.5) and other.window.ordered(slot).tolist() == [[0.25]]
+    bigger = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=5)
+    slot = bigger.restore(snap)
+    assert torch.all(bigger.h[:, slot] == 0) and bigger.model_version[slot] == ""
+
+
+def test_idle_devices_and_partitions():
+    t = make()
+    t.slots_for(["a"], [0], now=1.0)
+    t.slots_for(["b"], [1], now=5.0)
+    assert t.idle_devices(older_than=3.0) == ["a"]
+    assert t.devices_in_partitions({1}) == ["b"]
+    t.drop(["a"])
+    assert len(t) == 1 and "a" not in t.index
