@@ -23,21 +23,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device
-from stream_lstm.forecast import assemble
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
-from stream_lstm.messages import InvalidReading, ReadingDecoder, dlq_headers, encode_forecast
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-from stream_lstm.state.ingest import DUPLICATE, LATE, ingest
+from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.worker")
@@ -50,20 +47,6 @@ class Served:
     model: SimpleLSTM
     spec: ModelSpec
     version: str
-
-
-@dataclass
-class BatchCounts:
-    """What happened to the readings of one batch (the accounting invariant, per batch)."""
-
-    consumed: int = 0
-    forecasts: int = 0
-    warmup: int = 0
-    late: int = 0
-    duplicate: int = 0
-    dlq: int = 0
-    anomalies: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def fresh_model(settings: Settings) -> Served:
@@ -129,13 +112,13 @@ class Worker:
             std_floor=settings.std_floor,
         )
         self.engine = BatchedEngine(self.served.model, self.table)
-        self.decoder = ReadingDecoder(settings)
-        self.target = spec.target_channel
+        self.pipeline = BatchPipeline(settings, self.table, self.engine, lambda: self.served.version)
         self._stop = threading.Event()
         self.consumer = None
         self.publisher: BatchPublisher | None = None
         self.assigned: set[int] = set()
         self.totals = BatchCounts()
+        self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -221,124 +204,48 @@ class Worker:
         self.health.set_ready("partitions", bool(self.assigned))
 
     # ---- one batch -------------------------------------------------------------------------
-    def process(self, polled: dict) -> BatchCounts:
+    def process(self, polled: dict[TopicPartition, list]) -> BatchCounts:
         """Run one polled batch through the pipeline, publish it, and commit it."""
         t0 = time.perf_counter()
-        s, m = self.settings, self.metrics
+        if self.first_batch_at is None:
+            self.first_batch_at = t0
+        m = self.metrics
         assert self.publisher is not None and self.consumer is not None
-        counts = BatchCounts()
-        now = time.time()
-        ids: list[str] = []
-        ts: list[float] = []
-        values: list[tuple[float, ...]] = []
-        parts: list[int] = []
-        offsets_of: list[int] = []
-        sources: list[object] = []  # the consumer record of each decoded reading
-        dead: list[tuple[object, str, str]] = []
         commit: dict[TopicPartition, OffsetAndMetadata] = {}
-        decode = self.decoder.decode
         for tp, records in polled.items():
             m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(len(records))
-            counts.consumed += len(records)
-            for rec in records:
-                try:
-                    r = decode(rec.value, rec.key, now)
-                except InvalidReading as exc:
-                    dead.append((rec, exc.code, exc.reason))
-                    continue
-                ids.append(r.device_id)
-                ts.append(r.ts)
-                values.append(r.values)
-                parts.append(tp.partition)
-                offsets_of.append(rec.offset)
-                sources.append(rec)
             commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-
+        records = [rec for recs in polled.values() for rec in recs]
+        ti = time.perf_counter()
+        out = self.pipeline.handle(records, time.time())
+        m.inference_seconds.observe(time.perf_counter() - ti)
         self.publisher.begin()
-        if ids:
-            self._step_and_publish(ids, ts, values, parts, offsets_of, sources, now, counts, dead)
-        for rec, code, reason in dead:
-            self.publisher.send(
-                s.dlq_topic, rec.value, key=rec.key,
-                headers=dlq_headers(code, reason, rec.topic, rec.partition, rec.offset),
-            )
-            counts.by_reason[str(code)] = counts.by_reason.get(str(code), 0) + 1
-        counts.dlq = len(dead)
+        send = self.publisher.send
+        for topic, key, value, headers in out.records:
+            send(topic, value, key=key, headers=headers)
         tc = time.perf_counter()
         self.publisher.commit(commit, self.consumer)
         m.commit_seconds.observe(time.perf_counter() - tc)
-        self._count(counts)
-        m.batch_size.observe(counts.consumed)
+        if out.counts.forecasts:
+            m.end_to_end_latency_seconds.observe(max(0.0, time.time() - out.oldest_ts))
+        self._count(out.counts)
+        m.batch_size.observe(out.counts.consumed)
         m.batch_seconds.observe(time.perf_counter() - t0)
-        return counts
-
-    def _step_and_publish(
-        self, ids, ts, values, parts, offsets_of, sources, now, counts, dead
-    ) -> None:
-        s, m = self.settings, self.metrics
-        batch = ingest(
-            self.table, ids, ts, np.asarray(values, np.float64), parts, now,
-            self.target, s.max_gap_s,
-        )
-        for i in np.flatnonzero(batch.outcome == LATE):
-            counts.late += 1
-            if s.late_policy == "dlq":
-                dead.append((sources[i], "late",
-                             f"ts {ts[i]} is older than the device's last applied ts"))
-        counts.duplicate = int((batch.outcome == DUPLICATE).sum())
-        if s.late_policy == "dlq":
-            counts.late = 0  # counted as DLQ instead, so each reading lands in one place
-        ti = time.perf_counter()
-        mu, log_sigma = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
-        m.inference_seconds.observe(time.perf_counter() - ti)
-        fb = assemble(
-            batch, mu, log_sigma, self.table, coverage=s.interval_coverage,
-            min_history=s.min_history, anomaly_threshold=s.anomaly_threshold,
-            anomaly_warmup=s.anomaly_warmup,
-        )
-        version = self.served.version
-        send = self.publisher.send  # type: ignore[union-attr]
-        out, alerts = s.output_topic, s.alerts_topic
-        fc, lo, up = fb.forecast.tolist(), fb.lower.tolist(), fb.upper.tolist()
-        res, score = fb.residual.tolist(), fb.anomaly_score.tolist()
-        publish, anomaly = fb.publish.tolist(), fb.is_anomaly.tolist()
-        step_s, reset = batch.step_s.tolist(), batch.reset.tolist()
-        oldest_ts = np.inf
-        for j, row in enumerate(batch.rows.tolist()):
-            if not publish[j]:
-                counts.warmup += 1
-                continue
-            dev = ids[row]
-            record = {
-                "device_id": dev, "ts": ts[row], "forecast": fc[j], "lower": lo[j],
-                "upper": up[j], "step_s": step_s[j], "model_version": version,
-                "partition": parts[row], "offset": offsets_of[row], "residual": res[j],
-                "anomaly_score": score[j], "is_anomaly": anomaly[j], "reset": reset[j],
-            }
-            key = dev.encode()
-            send(out, encode_forecast(record), key=key)
-            if anomaly[j]:
-                counts.anomalies += 1
-                if alerts:
-                    send(alerts, encode_forecast(_alert(record, values[row][self.target])), key=key)
-            oldest_ts = min(oldest_ts, ts[row])
-        counts.forecasts = int(fb.publish.sum())
-        if counts.forecasts:
-            m.end_to_end_latency_seconds.observe(max(0.0, time.time() - oldest_ts))
+        return out.counts
 
     def _count(self, c: BatchCounts) -> None:
-        m, t = self.metrics, self.totals
+        m = self.metrics
         m.forecasts_published.inc(c.forecasts)
         m.warmup_readings.inc(c.warmup)
         m.late_readings.inc(c.late)
         m.duplicate_readings.inc(c.duplicate)
         m.dlq_messages.inc(c.dlq)
         m.anomalies.inc(c.anomalies)
-        for reason, k in c.by_reason.items():
+        m.gap_resets.inc(c.resets)
+        for reason, k in c.dlq_by_reason.items():
             m.invalid_readings.labels(reason).inc(k)
         m.active_devices.set(len(self.table))
-        for name in ("consumed", "forecasts", "warmup", "late", "duplicate", "dlq", "anomalies"):
-            setattr(t, name, getattr(t, name) + getattr(c, name))
+        self.totals.add(c)
 
     def _update_lag(self) -> None:
         if self.consumer is None:
@@ -349,15 +256,6 @@ class Worker:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(
                     max(0, high - self.consumer.position(tp))
                 )
-
-
-def _alert(record: dict, value: float) -> dict:
-    return {
-        "device_id": record["device_id"], "ts": record["ts"], "value": value,
-        "expected": value - record["residual"],
-        "anomaly_score": record["anomaly_score"], "model_version": record["model_version"],
-        "partition": record["partition"], "offset": record["offset"],
-    }
 
 
 # ---- CLI: `stream-lstm run` ----------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_rewarm_equals_fresh_replay_of_each_window():
     engine.swap_model(new_model)
     slots = np.array([table.index["a"], table.index["b"]])
     engine.rewarm(slots)
-    for dev, slot in zip(["a", "b"], slots, strict=True):
+    for slot in slots:
         win = torch.from_numpy(table.window.ordered(int(slot)))[None]
         with torch.no_grad():
             _, _, (h, c) = new_model(win)
