@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device
 from stream_lstm.kafka.clients import make_consumer, make_producer
@@ -35,6 +37,7 @@ from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
+from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.worker")
@@ -78,6 +81,22 @@ def load_served_model(settings: Settings) -> Served:
     return Served(loaded.model, loaded.spec, str(loaded.meta.get("version", "unknown")))
 
 
+def ensure_worker_topics(settings: Settings) -> None:
+    """Create the worker's topics when missing; the changelog is compacted and has as many
+    partitions as the input topic (state of input partition p lives in changelog partition p)."""
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+    n = settings.topic_partitions
+    names = [settings.input_topic, settings.output_topic, settings.dlq_topic]
+    if settings.alerts_topic:
+        names.append(settings.alerts_topic)
+    ensure_topics(settings, [TopicSpec(t, n, {}) for t in names])
+    from stream_lstm.checkpointing.changelog import ensure_changelog_topic
+    from stream_lstm.kafka.topics import partition_count
+
+    ensure_changelog_topic(settings, partition_count(settings, settings.input_topic))
+
+
 class Worker:
     """The forecasting worker. ``run()`` loops until ``stop()`` (or SIGTERM/SIGINT).
 
@@ -112,25 +131,38 @@ class Worker:
             std_floor=settings.std_floor,
         )
         self.engine = BatchedEngine(self.served.model, self.table)
-        self.pipeline = BatchPipeline(settings, self.table, self.engine, lambda: self.served.version)
+        self.state = StateManager(
+            settings, settings.state_dir / f"{settings.group_id}-{self.instance_id}.sqlite",
+            self.metrics,
+        )
+        self.table.on_evict = self._evicted
+        self.pipeline = BatchPipeline(
+            settings, self.table, self.engine, lambda: self.served.version, self.state.load
+        )
         self._stop = threading.Event()
-        self.consumer = None
+        self.consumer: KafkaConsumer | None = None
         self.publisher: BatchPublisher | None = None
         self.assigned: set[int] = set()
         self.totals = BatchCounts()
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
+        self._next_expiry = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def instance_id(self) -> str:
+        return self.settings.instance_id or socket.gethostname()
+
     def connect(self) -> None:
-        """Create the consumer (subscribed, cooperative-sticky) and the publisher."""
+        """Create the topics if missing, the consumer (cooperative-sticky) and the publisher."""
         from kafka.coordinator.assignors.cooperative_sticky import (
             CooperativeStickyPartitionAssignor,
         )
 
         s = self.settings
+        ensure_worker_topics(s)
         exactly_once = s.processing_guarantee == "exactly_once"
         self.consumer = make_consumer(
             s,
@@ -141,7 +173,7 @@ class Worker:
             max_poll_interval_ms=s.max_poll_interval_ms,
             session_timeout_ms=s.session_timeout_ms,
             isolation_level="read_committed",
-            partition_assignment_strategy=[CooperativeStickyPartitionAssignor],
+            partition_assignment_strategy=[CooperativeStickyPartitionAssignor()],
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             client_id=f"stream-lstm-{self.instance_id}",
@@ -149,23 +181,24 @@ class Worker:
         self.consumer.subscribe(
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
+        # A stable transactional id per instance: a restarted instance fences its own zombie;
+        # the group generation sent with the offsets fences a member that lost partitions.
         producer_kw = {"transactional_id": f"{s.group_id}-{self.instance_id}"} if exactly_once else {}
         self.publisher = BatchPublisher(make_producer(s, **producer_kw), exactly_once)
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.served.version)
+        self.health.set_ready("partitions", False, "waiting for assignment")
         self.metrics.set_model_version(self.served.version, time.time())
-
-    @property
-    def instance_id(self) -> str:
-        return self.settings.instance_id or socket.gethostname()
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:
         """Poll and process batches until stopped (or ``until(self)`` is true); then close."""
         if self.consumer is None:
             self.connect()
         assert self.consumer is not None
+        clean = False
         try:
             while not self._stop.is_set():
+                self._restore_some()
                 polled = self.consumer.poll(
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.poll_max_records,
@@ -176,36 +209,73 @@ class Worker:
                 self._update_lag()
                 if until is not None and until(self):
                     break
+            clean = True
         finally:
-            self.close()
+            self.close(clean)
         return self.totals
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        self.state.close(self.table, clean=clean)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
         if self.publisher is not None:
             self.publisher.producer.close(timeout=10)
             self.publisher = None
-        self.health.set_ready("partitions", False)
+        self.health.set_ready("partitions", False, "closed")
 
-    # ---- rebalances ----------------------------------------------------------------------
+    # ---- rebalances and restore ------------------------------------------------------------
     def on_assigned(self, partitions: set[int]) -> None:
         self.assigned |= partitions
-        log.info("partitions assigned", extra={"partitions": sorted(partitions)})
-        self.health.set_ready("partitions", True)
+        self.state.assign(partitions)
+        assert self.consumer is not None
+        # Paused until restored: no reading of theirs is processed against missing state.
+        self.consumer.pause(*self._tps(partitions))
+        log.info("partitions assigned; restoring their state",
+                 extra={"partitions": sorted(partitions)})
+        self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
 
     def on_revoked(self, partitions: set[int]) -> None:
-        # The previous batch was committed before this poll, so only memory remains to drop.
-        gone = self.table.devices_in_partitions(partitions)
-        self.table.drop(gone)
+        # kafka-python calls this inside poll(): the previous batch is already committed,
+        # so only memory remains to drop.
+        gone = len(self.table.devices_in_partitions(partitions))
+        self.state.revoke(self.table, partitions)
         self.assigned -= partitions
-        log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": len(gone)})
-        self.health.set_ready("partitions", bool(self.assigned))
+        log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": gone})
+        self._update_readiness()
+
+    def _restore_some(self) -> None:
+        if not self.state.restoring:
+            return
+        done = self.state.restore_slice(budget_s=1.0)
+        if done and self.consumer is not None:
+            self.consumer.resume(*self._tps(done & self.assigned))
+        self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        if self.state.restoring:
+            self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
+        else:
+            self.health.set_ready("partitions", bool(self.assigned),
+                                  f"assigned {sorted(self.assigned)}")
+        self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
+
+    def _tps(self, partitions: set[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
+
+    def _evicted(self, snap: DeviceSnapshot) -> None:
+        self.state.on_evict(snap)
+        self.metrics.evicted_devices.inc()
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, polled: dict[TopicPartition, list]) -> BatchCounts:
-        """Run one polled batch through the pipeline, publish it, and commit it."""
+        """Run one polled batch through the pipeline, publish it, and commit it.
+
+        If publishing fails, the batch is aborted (exactly-once) or left uncommitted
+        (at-least-once): the consumer rewinds to the committed offsets and the touched
+        partitions' state is restored again from the changelog, so nothing is lost and no
+        state runs ahead of what was published.
+        """
         t0 = time.perf_counter()
         if self.first_batch_at is None:
             self.first_batch_at = t0
@@ -213,25 +283,66 @@ class Worker:
         assert self.publisher is not None and self.consumer is not None
         commit: dict[TopicPartition, OffsetAndMetadata] = {}
         for tp, records in polled.items():
-            m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(len(records))
             commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         records = [rec for recs in polled.values() for rec in recs]
+        now = time.time()
         ti = time.perf_counter()
-        out = self.pipeline.handle(records, time.time())
+        out = self.pipeline.handle(records, now)
         m.inference_seconds.observe(time.perf_counter() - ti)
-        self.publisher.begin()
-        send = self.publisher.send
-        for topic, key, value, headers in out.records:
-            send(topic, value, key=key, headers=headers)
-        tc = time.perf_counter()
-        self.publisher.commit(commit, self.consumer)
-        m.commit_seconds.observe(time.perf_counter() - tc)
+        try:
+            self.publisher.begin()
+            send = self.publisher.send
+            for topic, key, value, headers in out.records:
+                send(topic, value, key=key, headers=headers)
+            for topic, key, value, headers, partition in self._changelog(out.touched, now):
+                send(topic, value, key=key, headers=headers, partition=partition)
+            tc = time.perf_counter()
+            written = self.publisher.commit(commit, self.consumer)
+            m.commit_seconds.observe(time.perf_counter() - tc)
+        except Exception as exc:  # noqa: BLE001 - any publish failure: roll the batch back
+            self._rollback(exc)
+            return BatchCounts()
+        self.state.committed(written)
+        m.transactions.labels("committed").inc()
+        for tp, recs in polled.items():
+            m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(len(recs))
         if out.counts.forecasts:
             m.end_to_end_latency_seconds.observe(max(0.0, time.time() - out.oldest_ts))
         self._count(out.counts)
         m.batch_size.observe(out.counts.consumed)
         m.batch_seconds.observe(time.perf_counter() - t0)
         return out.counts
+
+    def _changelog(self, touched, now: float) -> list:  # noqa: ANN001
+        records = self.state.records_for(self.table, touched)
+        if now >= self._next_expiry and self.settings.device_ttl_s > 0:
+            self._next_expiry = now + min(60.0, self.settings.device_ttl_s / 4)
+            expired = self.state.expire(self.table, now)
+            self.metrics.expired_devices.inc(len(expired))
+            records.extend(expired)
+        return records
+
+    def _rollback(self, exc: Exception) -> None:
+        log.error("publishing a batch failed; rolling back to the last commit",
+                  extra={"error": repr(exc)[:300]})
+        self.metrics.transactions.labels("aborted").inc()
+        self.health.set_ready("broker", False, repr(exc)[:200])
+        assert self.publisher is not None and self.consumer is not None
+        try:
+            self.publisher.abort()
+        except Exception as abort_exc:  # noqa: BLE001
+            log.error("abort failed", extra={"error": repr(abort_exc)[:300]})
+        self.state.rollback(self.table, set(self.assigned))
+        tps = self._tps(self.assigned)
+        self.consumer.pause(*tps)
+        for tp in tps:
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+        time.sleep(1.0)  # back off before retrying against a struggling broker
+        self.health.set_ready("broker", True)
 
     def _count(self, c: BatchCounts) -> None:
         m = self.metrics

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from stream_lstm.config import Settings, load_settings
+from stream_lstm.worker import ensure_worker_topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,22 +57,11 @@ def ensure_broker(settings: Settings, port: int) -> tuple[str, object | None]:
     return broker.bootstrap, broker
 
 
-def ensure_service_topics(settings: Settings) -> None:
-    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-
-    n = settings.topic_partitions
-    specs = [TopicSpec(t, n, {}) for t in (settings.input_topic, settings.output_topic,
-                                            settings.dlq_topic)]
-    if settings.alerts_topic:
-        specs.append(TopicSpec(settings.alerts_topic, n, {}))
-    ensure_topics(settings, specs)
-
-
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     bootstrap, broker = ensure_broker(settings, args.port)
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
-    ensure_service_topics(settings)
+    ensure_worker_topics(settings)
     env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap)
     exe = [sys.executable, "-m", "stream_lstm.cli"]
     children = [subprocess.Popen(exe + ["run"], env=env)]

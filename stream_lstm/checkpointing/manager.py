@@ -1,0 +1,174 @@
+"""StateManager: where device state lives beyond memory, and how it comes back.
+
+Three tiers, from fastest to most durable:
+
+1. the in-memory :class:`~stream_lstm.state.table.DeviceTable` (a bounded cache);
+2. a local on-disk :class:`~stream_lstm.checkpointing.store.StateStore` (SQLite) of the
+   assigned partitions, which holds evicted devices and is rebuilt from the changelog;
+3. the compacted changelog topic, written in the same Kafka transaction as the forecasts and
+   the input offsets, so it is never ahead of or behind what was published.
+
+Rules that keep the store honest under exactly-once:
+
+* the store only ever receives state that is already committed to the changelog (restored
+  from it with ``read_committed``, or evicted from memory, and every device in memory was
+  committed by an earlier batch), so it is never ahead of the changelog;
+* a store not closed cleanly is wiped and rebuilt on the next start (as Kafka Streams does);
+* partitions being restored are paused, and restore proceeds in bounded slices between polls,
+  so heartbeats and rebalances go on and a rebalance during restore cannot hang it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from stream_lstm.checkpointing.changelog import changelog_records, restore, tombstone
+from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+from stream_lstm.checkpointing.store import StateStore
+from stream_lstm.config import Settings
+from stream_lstm.state.snapshot import DeviceSnapshot
+from stream_lstm.state.table import DeviceTable
+
+log = logging.getLogger("stream_lstm.checkpointing")
+
+# (topic, key, value, headers, partition)
+ChangelogRecord = tuple[str, bytes, bytes | None, None, int]
+
+
+class StateManager:
+    """Connects the device table to the local store and the changelog topic.
+
+    Parameters
+    ----------
+    settings
+        Changelog topic, state directory, TTL, processing guarantee.
+    store_path
+        SQLite file of this worker instance.
+    metrics
+        Optional :class:`~stream_lstm.metrics.Metrics` for restore progress.
+    """
+
+    def __init__(self, settings: Settings, store_path: Path, metrics: object | None = None):
+        self.settings = settings
+        self.topic = settings.changelog_topic_name()
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(store_path)
+        if not self.store.opened_clean:
+            # After a crash the store may hold state from a batch whose transaction never
+            # committed; only the changelog is trustworthy.
+            log.warning("state store was not closed cleanly: wiping it, will restore from %s",
+                        self.topic)
+            self.store.wipe()
+        self.metrics = metrics
+        self.restoring: set[int] = set()
+        self.ready: set[int] = set()
+        self.restored_records = 0
+        # Next changelog offset per partition after our own committed writes.
+        self.written: dict[int, int] = {}
+
+    # ---- the table's view ------------------------------------------------------------------
+    def load(self, device_id: str) -> DeviceSnapshot | None:
+        """A device's state from the store (it was evicted, or restored from the changelog)."""
+        data = self.store.get(device_id)
+        return decode_snapshot(data) if data is not None else None
+
+    def on_evict(self, snap: DeviceSnapshot) -> None:
+        self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
+
+    # ---- per batch -------------------------------------------------------------------------
+    def records_for(self, table: DeviceTable, slots) -> list[ChangelogRecord]:  # noqa: ANN001
+        """Changelog records of the touched devices, to send inside the batch's transaction."""
+        if len(slots) == 0:
+            return []
+        return [
+            (self.topic, key, value, None, partition)
+            for key, value, partition in changelog_records(table.snapshots(slots))
+        ]
+
+    def committed(self, written: dict[tuple[str, int], int]) -> None:
+        """Note the changelog offsets a committed batch wrote (for the clean-stop checkpoint)."""
+        for (topic, partition), offset in written.items():
+            if topic == self.topic:
+                self.written[partition] = offset + 1
+
+    def expire(self, table: DeviceTable, now: float) -> list[ChangelogRecord]:
+        """Forget devices idle past the TTL: tombstones to send, and gone from memory + store."""
+        ttl = self.settings.device_ttl_s
+        if ttl <= 0:
+            return []
+        idle = table.idle_devices(now - ttl)
+        out: list[ChangelogRecord] = []
+        for dev in idle:
+            partition = int(table.partition[table.index[dev]])
+            key, value, part = tombstone(dev, partition)
+            out.append((self.topic, key, value, None, part))
+        if idle:
+            table.drop(idle)
+            self.store.delete_many(idle)
+        return out
+
+    # ---- rebalances ------------------------------------------------------------------------
+    def assign(self, partitions: set[int]) -> None:
+        """New partitions: they stay paused until their state is restored."""
+        self.restoring |= partitions
+        self.ready -= partitions
+        for p in partitions:
+            self._progress(p, 0.0)
+
+    def revoke(self, table: DeviceTable, partitions: set[int]) -> None:
+        """Lost partitions: drop their devices from memory (the changelog has them)."""
+        table.drop(table.devices_in_partitions(partitions))
+        self.restoring -= partitions
+        self.ready -= partitions
+        for p in partitions:
+            self.written.pop(p, None)
+
+    def restore_slice(self, budget_s: float = 1.0) -> set[int]:
+        """Restore paused partitions for at most ``budget_s``; return those now complete."""
+        if not self.restoring:
+            return set()
+        t_end = time.monotonic() + budget_s
+        parts = sorted(self.restoring)
+        result = restore(
+            self.settings, self.topic, parts, self.store,
+            progress=lambda p, done, total: self._progress(p, done / total if total else 1.0),
+            cancelled=lambda: time.monotonic() > t_end,
+        )
+        self.restored_records += sum(result.restored.values())
+        if not result.complete:
+            return set()
+        done = set(parts)
+        self.restoring -= done
+        self.ready |= done
+        for p in done:
+            self._progress(p, 1.0)
+        log.info("restored state", extra={"partitions": sorted(done),
+                                          "records": sum(result.restored.values()),
+                                          "seconds": round(result.seconds, 3)})
+        return done
+
+    def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
+        """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
+        partitions again from the changelog (the store is never ahead of it)."""
+        self.revoke(table, partitions)
+        self.assign(partitions)
+
+    def close(self, table: DeviceTable, clean: bool) -> None:
+        """On a clean stop, keep every in-memory device in the store for a fast restart."""
+        if clean and len(table):
+            import numpy as np
+
+            slots = np.fromiter(table.index.values(), np.int64)
+            self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
+                                 for s in table.snapshots(slots)])
+        if clean:
+            # Every device of a ready partition is now in the store at its latest committed
+            # state, so a restart only needs changelog records written after our last one.
+            self.store.set_checkpoints({p: off for p, off in self.written.items() if p in self.ready})
+        self.store.close(clean=clean)
+
+    def _progress(self, partition: int, ratio: float) -> None:
+        if self.metrics is not None:
+            self.metrics.restore_progress_ratio.labels(str(partition)).set(ratio)  # type: ignore[attr-defined]
