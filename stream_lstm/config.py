@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     instance_id: str = Field(
         "", description="Stable worker id (transactional id suffix); default: the hostname"
     )
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        "exactly_once", description="exactly_once: one transaction per batch; or at_least_once"
+    )
     changelog_topic: str = Field("", description="State changelog; default <group_id>-state-changelog")
     models_topic: str = Field("stream-lstm-models", description="Compacted topic of promoted models")
     topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
@@ -55,15 +57,19 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka session.timeout.ms")
 
     # --- Kafka security (TLS / SASL); secrets are never logged --------------------------------
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (with a SASL_* protocol)"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
     sasl_password_file: Path | None = Field(None, description="File holding the SASL password")
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_check_hostname: bool = True
+    ssl_cafile: Path | None = Field(None, description="PEM file of the CA that signed the broker")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (PEM), for mTLS")
+    ssl_keyfile: Path | None = Field(None, description="Client private key (PEM), for mTLS")
+    ssl_check_hostname: bool = Field(True, description="Verify the broker host name in TLS")
 
     # --- Compute --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the LSTM runs")
@@ -92,7 +98,7 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of now -> DLQ")
     max_gap_s: float = Field(0.0, ge=0.0, description="Gap that resets h/c; 0 = never reset")
     max_message_bytes: int = Field(65_536, ge=64, description="Larger readings -> DLQ unparsed")
-    max_device_id_length: int = Field(128, ge=1)
+    max_device_id_length: int = Field(128, ge=1, description="Longer device ids -> DLQ")
     value_min: float = Field(-1e12, description="Physical range: smaller values -> DLQ")
     value_max: float = Field(1e12, description="Physical range: larger values -> DLQ")
 
@@ -102,23 +108,25 @@ class Settings(BaseSettings):
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")
 
     # --- Retraining -------------------------------------------------------------------------
-    trainer: Literal["inprocess", "external", "off"] = Field("inprocess")
+    trainer: Literal["inprocess", "external", "off"] = Field(
+        "inprocess", description="Retrain in a background process, follow the models topic, or off"
+    )
     retrain_every_readings: int = Field(0, ge=0, description="Retrain after N readings; 0=off")
     retrain_every_s: float = Field(0.0, ge=0.0, description="Retrain every T seconds; 0=off")
     tbptt_k1: int = Field(16, ge=1, description="TBPTT: steps run forward between updates")
     tbptt_k2: int = Field(32, ge=1, description="TBPTT: steps backpropagated through")
-    learning_rate: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    max_epochs: int = Field(20, ge=1)
-    early_stopping_patience: int = Field(3, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping")
+    max_epochs: int = Field(20, ge=1, description="Epochs per retrain at most")
+    early_stopping_patience: int = Field(3, ge=1, description="Epochs without gain before stopping")
     promotion_margin: float = Field(0.02, ge=0.0, description="Relative gain a challenger needs")
     train_threads: int = Field(1, ge=1, description="Torch threads the background trainer uses")
 
     # --- Observability ------------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz")
     metrics_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -179,3 +187,17 @@ def load_settings(**overrides: object) -> Settings:
             var = ENV_PREFIX + loc[0].upper() if loc else "STREAM_LSTM_* (combination)"
             lines.append(f"invalid setting {var}: {err['msg']}")
         raise SettingsError("\n".join(lines)) from None
+
+
+def settings_markdown() -> str:
+    """A markdown table of every setting: variable, default, meaning (for docs/settings.md)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else str(default)
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

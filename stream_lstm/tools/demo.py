@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 from stream_lstm.config import Settings, load_settings
-from stream_lstm.worker import ensure_worker_topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     bootstrap, broker = ensure_broker(settings, args.port)
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+    from stream_lstm.worker import ensure_worker_topics
+
     ensure_worker_topics(settings)
     env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap)
     exe = [sys.executable, "-m", "stream_lstm.cli"]
