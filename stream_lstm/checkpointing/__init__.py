@@ -1,0 +1,1 @@
+"""Device state beyond memory: snapshot codec, local SQLite store, changelog topic, restore."""
