@@ -157,9 +157,7 @@ class Worker:
 
     def connect(self) -> None:
         """Create the topics if missing, the consumer (cooperative-sticky) and the publisher."""
-        from kafka.coordinator.assignors.cooperative_sticky import (
-            CooperativeStickyPartitionAssignor,
-        )
+        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 
         s = self.settings
         ensure_worker_topics(s)
@@ -173,7 +171,7 @@ class Worker:
             max_poll_interval_ms=s.max_poll_interval_ms,
             session_timeout_ms=s.session_timeout_ms,
             isolation_level="read_committed",
-            partition_assignment_strategy=[CooperativeStickyPartitionAssignor()],
+            partition_assignment_strategy=[CooperativeStickyAssignor()],
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             client_id=f"stream-lstm-{self.instance_id}",

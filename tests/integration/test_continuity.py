@@ -51,7 +51,7 @@ def test_streamed_forecasts_equal_offline_sequence(settings_factory, topic_name,
     for dev, ts, v in readings:
         history.setdefault(dev, []).append((ts, v))
     assert set(got) == set(history)
-    polls_seen = {f["offset"] for fs in got.values() for f in fs}
+    polls_seen = {(f["partition"], f["offset"]) for fs in got.values() for f in fs}
     assert len(polls_seen) == len(readings)  # one forecast per reading, none duplicated
     for dev, hist in history.items():
         fs = got[dev]
