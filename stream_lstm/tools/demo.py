@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        show_forecasts(settings, args.duration, stop)
+        show_forecasts(settings, args.duration, stop, children[0])
     except KeyboardInterrupt:
         pass
     finally:
@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_forecasts(settings: Settings, duration: float, stop: dict) -> None:
+def show_forecasts(settings: Settings, duration: float, stop: dict,
+                   worker: subprocess.Popen) -> None:
     """Print forecasts from the output topic as they arrive (a few lines per second)."""
     from stream_lstm.kafka.clients import make_consumer
 
@@ -106,6 +107,9 @@ def show_forecasts(settings: Settings, duration: float, stop: dict) -> None:
     shown_at, seen, anomalies, t_status = 0.0, 0, 0, time.time()
     print(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} score")
     while time.time() < t_end and not stop["now"]:
+        if worker.poll() is not None:
+            print(f"the worker exited with code {worker.returncode}; see its log above")
+            break
         for recs in consumer.poll(timeout_ms=500).values():
             for rec in recs:
                 seen += 1
