@@ -1,0 +1,50 @@
+import pytest
+
+from stream_lstm.config import Settings, SettingsError, load_settings, settings_markdown
+
+
+def test_defaults_and_env_prefix(monkeypatch):
+    monkeypatch.setenv("STREAM_LSTM_INPUT_TOPIC", "in")
+    monkeypatch.setenv("STREAM_LSTM_DEVICE", "cpu")
+    s = load_settings()
+    assert s.input_topic == "in" and s.device == "cpu"
+    assert s.bootstrap_servers == "127.0.0.1:9092" and s.output_topic == "sensor-forecasts"
+    assert s.dlq_topic == "sensor-readings-dlq" and s.group_id == "stream-lstm"
+    assert s.metrics_port == 9108 and s.processing_guarantee == "exactly_once"
+
+
+@pytest.mark.parametrize("var,value", [
+    ("STREAM_LSTM_DEVICE", "tpu"), ("STREAM_LSTM_METRICS_PORT", "99999"),
+    ("STREAM_LSTM_WINDOW", "abc"), ("STREAM_LSTM_PROCESSING_GUARANTEE", "maybe"),
+])
+def test_invalid_value_names_the_variable(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=var):
+        load_settings()
+
+
+def test_inconsistent_settings_are_refused():
+    with pytest.raises(SettingsError, match="target_channel"):
+        load_settings(n_features=2, target_channel=2)
+    with pytest.raises(SettingsError, match="sasl_mechanism"):
+        load_settings(security_protocol="SASL_SSL")
+
+
+def test_secrets_masked_and_password_file(tmp_path):
+    f = tmp_path / "pw"
+    f.write_text("s3cret\n")
+    s = Settings(sasl_password_file=f, sasl_username="u")
+    assert s.resolved_sasl_password() == "s3cret"
+    s2 = Settings(sasl_password="hunter2")
+    assert "hunter2" not in str(s2.redacted()) and s2.redacted()["sasl_password"] == "***"
+    assert "hunter2" not in repr(s2)
+
+
+def test_every_setting_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "settings.md").read_text()
+    table = settings_markdown()
+    assert table in doc, "docs/settings.md is stale: run python -m stream_lstm.config"
+    for name in Settings.model_fields:
+        assert f"STREAM_LSTM_{name.upper()}" in doc
