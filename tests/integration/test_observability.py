@@ -55,13 +55,13 @@ def test_metrics_health_and_real_prometheus(settings_factory, topic_name, tmp_pa
     assert json.loads(body)["components"]["partitions"] == "ok"
     assert get(base + "/healthz")[0] == 200
     _, text = get(base + "/metrics")
-    consumed = sum(float(l.split()[-1]) for l in text.splitlines()
-                   if l.startswith("stream_lstm_readings_consumed_total{"))
+    consumed = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("stream_lstm_readings_consumed_total{"))
     assert consumed == len(readings)
     assert sample(text, "stream_lstm_forecasts_published_total") == len(readings) - 10 * 2
     assert sample(text, "stream_lstm_warmup_readings_total") == 20
     assert sample(text, "stream_lstm_active_devices") == 10
-    lags = [float(l.split()[-1]) for l in text.splitlines() if l.startswith("stream_lstm_consumer_lag_messages{")]
+    lags = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("stream_lstm_consumer_lag_messages{")]
     assert lags and max(lags) == 0
     assert sample(text, "stream_lstm_batch_size_readings_count") >= 1
 
