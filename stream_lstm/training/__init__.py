@@ -1,0 +1,1 @@
+"""Training: TBPTT, the promotion gate, background retraining and the offline `train` command."""

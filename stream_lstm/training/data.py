@@ -1,0 +1,37 @@
+"""Training data from device state: normalized windows, split into train and holdout.
+
+The worker trains on exactly what it fed the model: each device's rolling window holds the
+normalized readings in arrival order. The holdout is the most recent part of the fleet's
+windows' owners: a random but seeded fifth of the devices, so the gate scores both models on
+devices the challenger did not train on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_lstm.state.table import DeviceTable
+
+
+def windows_from_table(table: DeviceTable, min_length: int) -> list[np.ndarray]:
+    """Every in-memory device's window (oldest first) with at least ``min_length`` readings."""
+    slots = [s for s in table.index.values() if table.window.length[s] >= min_length]
+    return [table.window.ordered(s) for s in slots]
+
+
+def split_holdout(seqs: list[np.ndarray], fraction: float = 0.2, seed: int = 0
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(train, holdout)``: a seeded ``fraction`` of the sequences is held out (at least one)."""
+    if len(seqs) < 2:
+        return seqs, seqs
+    order = np.random.default_rng(seed).permutation(len(seqs))
+    n_hold = max(1, int(round(len(seqs) * fraction)))
+    hold = set(order[:n_hold].tolist())
+    return ([s for i, s in enumerate(seqs) if i not in hold], [s for i, s in enumerate(seqs) if i in hold])
+
+
+def series_windows(z: np.ndarray, length: int, stride: int) -> list[np.ndarray]:
+    """Overlapping windows of one long normalized series ``[T, F]``."""
+    if len(z) <= length:
+        return [z]
+    return [z[i : i + length] for i in range(0, len(z) - length + 1, stride)]
