@@ -127,13 +127,19 @@ class BatchedEngine:
         windows, lengths = self.table.window.right_aligned(slots)
         size = windows.shape[1]
         x = torch.from_numpy(windows).to(self.table.device)
-        start_t = torch.from_numpy(size - lengths).to(self.table.device)
         h, c = self.model.zero_state(len(slots), self.table.device)
-        for t in range(int((size - lengths).min()), size):
-            active = (start_t <= t).nonzero().squeeze(1)
-            if len(active) == len(slots):
-                _, _, h, c = self.model.step(x[:, t], h, c)
-            else:
+        full = torch.from_numpy(np.flatnonzero(lengths == size)).to(self.table.device)
+        if len(full):
+            # Full windows: one fused forward over the whole sequence (much faster on CPU).
+            _, _, (hf, cf) = self.model(x.index_select(0, full))
+            h, c = h.index_copy(1, full, hf), c.index_copy(1, full, cf)
+        part = np.flatnonzero(lengths < size)
+        if len(part):
+            start = torch.from_numpy(size - lengths).to(self.table.device)
+            for t in range(int((size - lengths[part]).min()), size):
+                active = ((start <= t) & (start > 0)).nonzero().squeeze(1)
+                if len(active) == 0:
+                    continue
                 _, _, ha, ca = self.model.step(
                     x[active, t], h.index_select(1, active), c.index_select(1, active)
                 )

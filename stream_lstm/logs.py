@@ -1,5 +1,10 @@
 """JSON-lines logging with context, and a guard that keeps secrets out of every line.
 
+Each line is one JSON object: ``ts`` (ISO 8601, UTC), ``level``, ``logger``, ``event`` (the
+message) and any ``extra={...}`` context such as ``device_id``, ``partition`` or ``topic``.
+A filter masks the values of keys that look secret (password, secret, token) in the message,
+the context (also nested dicts) and exception text, in case anything slips through.
+
 >>> import io, logging
 >>> buf = io.StringIO()
 >>> h = logging.StreamHandler(buf); h.setFormatter(JsonFormatter()); h.addFilter(SecretFilter())
@@ -8,6 +13,8 @@
 >>> line = json.loads(buf.getvalue())
 >>> line["event"], line["partition"], line["level"]
 ('connect sasl_plain_password=***', 3, 'warning')
+>>> mask_secrets('{"sasl_password": "hunter2", "user": "bob"}')
+'{"sasl_password": "***", "user": "bob"}'
 """
 
 from __future__ import annotations
@@ -16,11 +23,44 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 # Attributes every LogRecord has; anything else came from `extra=` and is context.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_SECRET_KV = re.compile(r"((?:password|passwd|secret|token)[\w.]*\s*[=:]\s*)([^\s,;'\"}]+)", re.I)
+_SECRET_KEY = re.compile(r"password|passwd|secret|token|credential", re.I)
+# key=value, key: value, "key": "value", 'key'='value' where the key looks secret.
+_SECRET_KV = re.compile(
+    r"""((?:[\w.-]*(?:password|passwd|secret|token|credential)[\w.-]*)["']?\s*[=:]\s*)"""
+    r"""("[^"]*"|'[^']*'|[^\s,;'"}\])]+)""",
+    re.I,
+)
+_MASK = "***"
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    value = match.group(2)
+    if value[:1] in "\"'":
+        return f"{match.group(1)}{value[0]}{_MASK}{value[0]}"
+    return match.group(1) + _MASK
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the values of secret-looking ``key=value`` / ``"key": "value"`` masked."""
+    return _SECRET_KV.sub(_mask_value, text)
+
+
+def _mask_context(key: str, value: Any) -> Any:
+    if _SECRET_KEY.search(key) and value is not None:
+        return _MASK
+    if isinstance(value, Mapping):
+        return {k: _mask_context(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask_context("", v) for v in value]
+    if isinstance(value, str):
+        return mask_secrets(value)
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,38 +74,51 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and not key.startswith("_") and key not in out:
                 out[key] = value
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = mask_secrets(self.formatException(record.exc_info))
+        if record.stack_info:
+            out["stack"] = record.stack_info
         return json.dumps(out, default=str)
 
 
 class SecretFilter(logging.Filter):
-    """Masks values of password/secret/token keys in messages and context."""
+    """Masks values of password/secret/token keys in the message and the context."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = _SECRET_KV.sub(r"\1***", record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep what we have rather than lose the line
+            message = f"{record.msg} {record.args}"
+        record.msg = mask_secrets(message)
         record.args = None
         for key in list(vars(record)):
-            if key not in _STANDARD and re.search("password|secret|token", key, re.I):
-                setattr(record, key, "***")
+            if key not in _STANDARD and not key.startswith("_"):
+                setattr(record, key, _mask_context(key, getattr(record, key)))
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """JSON lines on stderr for the whole process."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
+    """JSON lines on stderr (or ``stream``) for the whole process; safe to call again."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(SecretFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    # kafka-python is chatty at INFO (every connection, every metadata refresh).
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
 
 
-def log_startup(logger: logging.Logger, settings: object, connected: dict[str, object]) -> None:
-    """One line that says what the worker connected to, and with which settings (redacted)."""
-    summary = ", ".join(f"{k}={v}" for k, v in connected.items())
-    logger.info(f"stream-lstm worker started: {summary}",
-                extra={"connected": connected, "settings": settings.redacted()})  # type: ignore[attr-defined]
+def log_startup(logger: logging.Logger, settings: Any, connected: Mapping[str, object]) -> None:
+    """ONE line that says what the process connected to, and with which settings (redacted).
+
+    ``connected`` is e.g. ``{"bootstrap_servers": ..., "input_topic": ..., "model_version": ...}``;
+    it appears in the message and as the ``connected`` field; ``settings.redacted()`` is the
+    ``settings`` field.
+    """
+    summary = " ".join(f"{k}={v}" for k, v in connected.items())
+    redacted = settings.redacted() if hasattr(settings, "redacted") else dict(settings)
+    logger.info(f"stream-lstm started: {summary}",
+                extra={"connected": dict(connected), "settings": redacted})

@@ -5,19 +5,25 @@ Each :class:`Metrics` owns its own registry, so several workers can live in one 
 (tests, benchmarks). ``/healthz`` is liveness (the main loop is turning), ``/readyz`` is
 readiness (partitions assigned and restored, broker reachable, model loaded).
 
->>> m = Metrics()
+>>> m = Metrics(instance="w-0")
 >>> m.forecasts_published.inc(3)
 >>> b"stream_lstm_forecasts_published_total 3.0" in m.exposition()
 True
 >>> h = HealthState()
+>>> h.readiness()
+(False, {})
 >>> h.set_ready("model", True); h.set_ready("partitions", False, "restoring [0]")
 >>> h.readiness()
 (False, {'model': 'ok', 'partitions': 'restoring [0]'})
+>>> h.beat(); h.liveness()[0]
+True
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,124 +31,206 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_BATCH = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+log = logging.getLogger(__name__)
+
+PREFIX = "stream_lstm_"
+# Seconds: 1 ms .. 30 s (a batch, an inference step, a commit, end-to-end latency).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Readings per batch: 1 .. 10 000.
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+# Seconds for slow things: a retrain, a state restore.
+SLOW_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+# Label values known in advance are created at start so that rate() and the dashboards see
+# a zero series instead of nothing.
+RETRAIN_OUTCOMES = ("promoted", "rejected", "failed")
+PROMOTION_DECISIONS = ("promote", "reject")
+TRANSACTION_OUTCOMES = ("committed", "aborted")
 
 
 class Metrics:
-    """Every series the worker exports."""
+    """Every series the worker (and the trainer) exports, in a private registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str | None = None) -> None:
         r = self.registry = CollectorRegistry()
-        p = "stream_lstm_"
-        self.readings_consumed = Counter(p + "readings_consumed", "Readings consumed and committed",
-                                         ["topic", "partition"], registry=r)
-        self.forecasts_published = Counter(p + "forecasts_published", "Forecasts published", registry=r)
-        self.invalid_readings = Counter(p + "invalid_readings", "Readings sent to the DLQ, by error code",
-                                        ["reason"], registry=r)
-        self.dlq_messages = Counter(p + "dlq_messages", "Messages written to the dead-letter topic", registry=r)
-        self.late_readings = Counter(p + "late_readings", "Late readings dropped (older than the last applied ts)", registry=r)
-        self.duplicate_readings = Counter(p + "duplicate_readings", "Duplicate readings (same device and ts)", registry=r)
-        self.warmup_readings = Counter(p + "warmup_readings", "Readings applied before a device's min_history", registry=r)
-        self.gap_resets = Counter(p + "gap_resets", "Hidden-state resets after a gap longer than max_gap_s", registry=r)
-        self.anomalies = Counter(p + "anomalies", "Readings flagged as anomalies", registry=r)
-        self.batch_size = Histogram(p + "batch_size_readings", "Readings per batch", buckets=_BATCH, registry=r)
-        self.inference_seconds = Histogram(p + "inference_seconds", "Decode, state and engine time per batch",
-                                           buckets=_LATENCY, registry=r)
-        self.batch_seconds = Histogram(p + "batch_seconds", "Whole batch time, poll to commit", buckets=_LATENCY, registry=r)
-        self.commit_seconds = Histogram(p + "commit_seconds", "Publish and commit time per batch", buckets=_LATENCY, registry=r)
-        self.end_to_end_latency_seconds = Histogram(
-            p + "end_to_end_latency_seconds", "From the oldest reading's ts in a batch to its forecasts' commit",
-            buckets=_LATENCY, registry=r)
-        self.consumer_lag = Gauge(p + "consumer_lag_messages", "Input messages not yet consumed", ["partition"], registry=r)
-        self.active_devices = Gauge(p + "active_devices", "Devices held in memory", registry=r)
-        self.evicted_devices = Counter(p + "evicted_devices", "Devices moved from memory to the state store", registry=r)
-        self.expired_devices = Counter(p + "expired_devices", "Devices forgotten after their TTL", registry=r)
+        p = PREFIX
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(p + name, doc, list(labels), registry=r)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(p + name, doc, list(labels), registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(p + name, doc, buckets=buckets, registry=r)
+
+        # --- Flow -----------------------------------------------------------------------------
+        self.readings_consumed = counter("readings_consumed", "Readings consumed (committed)",
+                                         ("topic", "partition"))
+        self.forecasts_published = counter("forecasts_published", "Forecasts published")
+        self.invalid_readings = counter("invalid_readings", "Invalid readings, by error code",
+                                        ("reason",))
+        self.dlq_messages = counter("dlq_messages", "Messages written to the dead-letter topic")
+        self.late_readings = counter("late_readings", "Readings older than the device's last applied ts")
+        self.duplicate_readings = counter("duplicate_readings", "Readings repeating a device's last ts")
+        self.warmup_readings = counter("warmup_readings", "Readings applied before a device's min_history")
+        self.gap_resets = counter("gap_resets", "Hidden-state resets after a gap longer than max_gap_s")
+        self.anomalies = counter("anomalies", "Readings flagged as anomalies")
+
+        # --- Timing ---------------------------------------------------------------------------
+        self.batch_size = histogram("batch_size_readings", "Readings per batch", BATCH_BUCKETS)
+        self.inference_seconds = histogram("inference_seconds", "Decode, state and engine time per batch",
+                                           LATENCY_BUCKETS)
+        self.batch_seconds = histogram("batch_seconds", "Whole batch time, poll to commit", LATENCY_BUCKETS)
+        self.commit_seconds = histogram("commit_seconds", "Publish and commit time per batch", LATENCY_BUCKETS)
+        self.end_to_end_latency_seconds = histogram(
+            "end_to_end_latency_seconds", "From a reading's event time to its forecast's publication",
+            LATENCY_BUCKETS + (60, 300))
+
+        # --- Consumer and per-device state ------------------------------------------------------
+        self.consumer_lag = gauge("consumer_lag_messages", "Input messages not yet consumed",
+                                  ("partition",))
+        self.active_devices = gauge("active_devices", "Devices held in memory")
+        self.evicted_devices = counter("evicted_devices", "Devices moved from memory to the state store")
+        self.expired_devices = counter("expired_devices", "Devices forgotten after their TTL")
+
+        # --- Model, retraining, hot swap ---------------------------------------------------------
         self.model_info = Info(p + "model", "The served model version", registry=r)
-        self.model_promoted_timestamp_seconds = Gauge(p + "model_promoted_timestamp_seconds",
-                                                      "When the served model was promoted", registry=r)
-        self.retrain_runs = Counter(p + "retrain_runs", "Retraining runs by outcome", ["outcome"], registry=r)
-        self.retrain_duration_seconds = Histogram(p + "retrain_duration_seconds", "Retraining time",
-                                                  buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
-        self.retrain_loss = Gauge(p + "retrain_loss", "Holdout error of the last retrain", ["model"], registry=r)
-        self.promotion_decisions = Counter(p + "promotion_decisions", "Promotion gate decisions", ["decision"], registry=r)
-        self.swap_pause_seconds = Histogram(p + "swap_pause_seconds", "Inference pause for a hot-swap and re-warm",
-                                            buckets=_LATENCY, registry=r)
-        self.restore_progress_ratio = Gauge(p + "restore_progress_ratio", "State restore progress per partition",
-                                            ["partition"], registry=r)
-        self.restored_records = Counter(p + "restored_records", "Changelog records restored", registry=r)
-        self.transactions = Counter(p + "transactions", "Batches committed or rolled back", ["outcome"], registry=r)
-        self.ready = Gauge(p + "ready", "1 when the worker is ready", registry=r)
-        self.build_info = Info(p + "build", "Version of stream-lstm", registry=r)
+        self.model_promoted_timestamp_seconds = gauge("model_promoted_timestamp_seconds",
+                                                      "When the served model was promoted (unix time)")
+        self.retrain_runs = counter("retrain_runs", "Retraining runs by outcome", ("outcome",))
+        self.retrain_duration_seconds = histogram("retrain_duration_seconds", "Retraining time", SLOW_BUCKETS)
+        self.retrain_loss = gauge("retrain_loss", "Holdout loss of the last retrain", ("model",))
+        self.promotion_decisions = counter("promotion_decisions", "Promotion gate decisions", ("decision",))
+        self.swap_pause_seconds = histogram("swap_pause_seconds", "Inference pause for a hot swap and re-warm",
+                                            LATENCY_BUCKETS)
+
+        # --- State restore ------------------------------------------------------------------------
+        self.restore_progress_ratio = gauge("restore_progress_ratio", "State restore progress per partition",
+                                            ("partition",))
+        self.restored_devices = counter("restored_devices", "Devices whose state was restored")
+        self.restored_records = counter("restored_records", "Changelog records read while restoring")
+        self.restore_seconds = histogram("restore_seconds", "Time to restore an assignment's state", SLOW_BUCKETS)
+
+        # --- Transactions and liveness --------------------------------------------------------
+        self.transactions = counter("transactions", "Batches committed or aborted", ("outcome",))
+        self.ready = gauge("ready", "1 when the worker is ready (see /readyz), else 0")
+        self.up_info = Info(p + "up", "Version and instance of this stream-lstm process", registry=r)
+
+        for outcome in RETRAIN_OUTCOMES:
+            self.retrain_runs.labels(outcome)
+        for decision in PROMOTION_DECISIONS:
+            self.promotion_decisions.labels(decision)
+        for outcome in TRANSACTION_OUTCOMES:
+            self.transactions.labels(outcome)
+        self.set_instance(instance or socket.gethostname())
+
+    def set_instance(self, instance: str) -> None:
+        """Label ``stream_lstm_up_info`` with this process's instance id (and the version)."""
         from stream_lstm import __version__
 
-        self.build_info.info({"version": __version__})
+        self.up_info.info({"version": __version__, "instance": instance})
 
     def set_model_version(self, version: str, promoted_at: float) -> None:
-        self.model_info.info({"version": version})
+        """Expose the served model: ``stream_lstm_model_info{version=...}`` and its promotion time."""
+        self.model_info.info({"version": str(version)})
         self.model_promoted_timestamp_seconds.set(promoted_at)
 
     def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
 
 
 class HealthState:
-    """Liveness (a heartbeat from the main loop) and readiness (named components)."""
+    """Liveness (a heartbeat from the main loop) and readiness (named components). Thread-safe.
 
-    def __init__(self, liveness_timeout_s: float = 60.0) -> None:
+    Readiness needs at least one registered component and all of them ok; the worker
+    registers ``broker``, ``model``, ``partitions`` (and ``restored``) as it starts.
+    """
+
+    def __init__(self, liveness_timeout_s: float = 30.0) -> None:
         self._lock = threading.Lock()
         self._last_beat = time.monotonic()
         self._components: dict[str, tuple[bool, str]] = {}
         self.liveness_timeout_s = liveness_timeout_s
 
     def beat(self) -> None:
-        self._last_beat = time.monotonic()
+        """The main loop turned; call once per iteration."""
+        with self._lock:
+            self._last_beat = time.monotonic()
 
     def set_ready(self, component: str, ok: bool, detail: str = "") -> None:
         with self._lock:
-            self._components[component] = (ok, detail or ("ok" if ok else "not ready"))
+            self._components[component] = (bool(ok), detail or ("ok" if ok else "not ready"))
 
-    def liveness(self) -> tuple[bool, str]:
-        age = time.monotonic() - self._last_beat
-        return age <= self.liveness_timeout_s, f"last loop iteration {age:.1f}s ago"
+    def liveness(self, stale_after_s: float | None = None) -> tuple[bool, str]:
+        """``(ok, detail)``: ok while the last beat is at most ``stale_after_s`` old."""
+        limit = self.liveness_timeout_s if stale_after_s is None else stale_after_s
+        with self._lock:
+            age = time.monotonic() - self._last_beat
+        ok = age <= limit
+        return ok, f"last loop iteration {age:.1f}s ago" + ("" if ok else f" (limit {limit:g}s)")
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        """``(ok, {component: "ok" | why not})``."""
         with self._lock:
             items = dict(self._components)
         ok = bool(items) and all(v[0] for v in items.values())
         return ok, {k: ("ok" if v[0] else v[1]) for k, v in items.items()}
 
 
-def serve_metrics(metrics: Metrics, health: HealthState, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` in a daemon thread; port 0 = any."""
+class MetricsServer(ThreadingHTTPServer):
+    """The HTTP server :func:`serve_metrics` returns: ``.port`` and ``.shutdown()``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket."""
+        super().shutdown()
+        self.server_close()
+
+
+def serve_metrics(metrics: Metrics, health: HealthState, host: str, port: int) -> MetricsServer:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` from a daemon thread; port 0 = any free one."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            path = self.path.split("?")[0]
-            if path == "/metrics":
-                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok, detail = health.liveness()
-                self._send(200 if ok else 503, detail.encode(), "text/plain")
-            elif path == "/readyz":
-                ok, parts = health.readiness()
-                body = json.dumps({"ready": ok, "components": parts}).encode()
-                self._send(200 if ok else 503, body, "application/json")
-            else:
-                self._send(404, b"not found: try /metrics, /healthz, /readyz", "text/plain")
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            try:
+                if path == "/metrics":
+                    ok, parts = health.readiness()
+                    if parts:  # keep the gauge in step with /readyz for whoever registered components
+                        metrics.ready.set(1 if ok else 0)
+                    self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok, detail = health.liveness()
+                    self._send(200 if ok else 503, b"ok" if ok else f"stale: {detail}".encode())
+                elif path == "/readyz":
+                    ok, parts = health.readiness()
+                    waiting = sorted(k for k, v in parts.items() if v != "ok") or ([] if parts else ["(none registered yet)"])
+                    body = {"ready": ok, "components": parts, "not_ready": [] if ok else waiting}
+                    self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
+                else:
+                    self._send(404, b"not found: try /metrics, /healthz, /readyz")
+            except Exception as exc:  # never let a bad scrape kill the server thread
+                log.exception("metrics endpoint failed", extra={"path": path})
+                self._send(500, f"error: {exc!r}".encode())
 
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
+        def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:  # scrapes are not worth a log line
+        def log_message(self, *args: object) -> None:  # scrapes and probes are not worth a line
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    server.port = server.server_address[1]  # type: ignore[attr-defined]
+    server = MetricsServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

@@ -87,6 +87,9 @@ class BatchPipeline:
         Callable returning the served model version (stamped on forecasts).
     load
         Fetches a device's snapshot from the state store when it is not in memory.
+    rewarm_loaded
+        Called with the slots of devices just loaded from the store, before their readings
+        are applied, so state saved under an older model is re-warmed under the current one.
     """
 
     def __init__(
@@ -96,12 +99,14 @@ class BatchPipeline:
         engine: BatchedEngine,
         version: Any,
         load: Any = None,
+        rewarm_loaded: Any = None,
     ) -> None:
         self.settings = settings
         self.table = table
         self.engine = engine
         self.version = version
         self.load = load
+        self.rewarm_loaded = rewarm_loaded
         self.decoder = ReadingDecoder(settings)
         self.target = settings.target_channel
 
@@ -133,6 +138,7 @@ class BatchPipeline:
         touched = np.zeros(0, np.int64)
         oldest = float("inf")
         if ids:
+            self._bring_in(ids, parts, now)
             batch = ingest(
                 self.table, ids, ts, np.asarray(values, np.float64), parts, now,
                 self.target, s.max_gap_s, self.load,
@@ -153,6 +159,17 @@ class BatchPipeline:
             counts.dlq_by_reason[code] = counts.dlq_by_reason.get(code, 0) + 1
         counts.dlq = len(dead)
         return BatchOutput(out, counts, touched, oldest)
+
+    def _bring_in(self, ids: list[str], parts: list[int], now: float) -> None:
+        """Load devices that are not in memory, and re-warm those saved under another model."""
+        if self.load is None:
+            return
+        index = self.table.index
+        missing = {d: p for d, p in zip(ids, parts, strict=True) if d not in index}
+        if missing:
+            slots = self.table.slots_for(list(missing), list(missing.values()), now, self.load)
+            if self.rewarm_loaded is not None:
+                self.rewarm_loaded(slots)
 
     def _forecast(
         self,

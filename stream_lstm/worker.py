@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -39,17 +38,9 @@ from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
+from stream_lstm.training.lifecycle import ModelLifecycle, Served
 
 log = logging.getLogger("stream_lstm.worker")
-
-
-@dataclass
-class Served:
-    """The model being served and its version."""
-
-    model: SimpleLSTM
-    spec: ModelSpec
-    version: str
 
 
 def fresh_model(settings: Settings) -> Served:
@@ -136,8 +127,10 @@ class Worker:
             self.metrics,
         )
         self.table.on_evict = self._evicted
+        self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics)
         self.pipeline = BatchPipeline(
-            settings, self.table, self.engine, lambda: self.served.version, self.state.load
+            settings, self.table, self.engine, lambda: self.lifecycle.version, self.state.load,
+            self.lifecycle.rewarm_stale,
         )
         self._stop = threading.Event()
         self.consumer: KafkaConsumer | None = None
@@ -184,9 +177,9 @@ class Worker:
         producer_kw = {"transactional_id": f"{s.group_id}-{self.instance_id}"} if exactly_once else {}
         self.publisher = BatchPublisher(make_producer(s, **producer_kw), exactly_once)
         self.health.set_ready("broker", True)
-        self.health.set_ready("model", True, self.served.version)
+        self.health.set_ready("model", True, self.lifecycle.version)
         self.health.set_ready("partitions", False, "waiting for assignment")
-        self.metrics.set_model_version(self.served.version, time.time())
+        self.metrics.set_model_version(self.lifecycle.version, time.time())
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:
         """Poll and process batches until stopped (or ``until(self)`` is true); then close."""
@@ -202,8 +195,8 @@ class Worker:
                     max_records=self.settings.poll_max_records,
                 )
                 self.health.beat()
-                if polled:
-                    self.process(polled)
+                consumed = self.process(polled).consumed if polled else 0
+                self.lifecycle.tick(consumed)
                 self._update_lag()
                 if until is not None and until(self):
                     break
@@ -213,6 +206,7 @@ class Worker:
         return self.totals
 
     def close(self, clean: bool = True) -> None:
+        self.lifecycle.close()
         self.state.close(self.table, clean=clean)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
@@ -393,7 +387,7 @@ def main(args: argparse.Namespace) -> int:
     log_startup(log, settings, {
         "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
         "output_topic": settings.output_topic, "group_id": settings.group_id,
-        "compute_device": str(worker.device), "model_version": worker.served.version,
+        "compute_device": str(worker.device), "model_version": worker.lifecycle.version,
         "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off",
     })
     totals = worker.run()

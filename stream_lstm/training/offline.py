@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fit an initial model offline on a CSV recording (TBPTT, with a "
                            "progress bar) and save it as safetensors + JSON metadata.")

@@ -1,0 +1,187 @@
+"""Retraining in a background process, so inference never waits for it.
+
+The worker hands a *job* (the champion's weights and the fleet's recent normalized windows) to
+a child process with its own, capped, torch thread pool. The child trains a challenger from
+the champion with TBPTT, runs the promotion gate on held-out devices, and sends back its
+decision and, when promoted, the new weights. Jobs and results cross the process boundary as
+plain bytes (JSON header + safetensors + raw float32 arrays), never pickles.
+
+>>> from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+>>> import numpy as np
+>>> spec = ModelSpec(hidden_size=4, horizon=2)
+>>> job = encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, [np.zeros((8, 1), np.float32)], {})
+>>> champion, seqs, params = decode_job(job)
+>>> champion.version, seqs[0].shape
+('v1', (8, 1))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import struct
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.models.registry import LoadedModel, model_from_bytes, model_to_bytes
+
+log = logging.getLogger("stream_lstm.training")
+
+
+def _frame(header: dict, *parts: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    out = [struct.pack("<I", len(head)), head]
+    for p in parts:
+        out += [struct.pack("<Q", len(p)), p]
+    return b"".join(out)
+
+
+def _unframe(data: bytes) -> tuple[dict, list[bytes]]:
+    (n,) = struct.unpack_from("<I", data, 0)
+    header = json.loads(data[4 : 4 + n])
+    pos, parts = 4 + n, []
+    while pos < len(data):
+        (m,) = struct.unpack_from("<Q", data, pos)
+        parts.append(data[pos + 8 : pos + 8 + m])
+        pos += 8 + m
+    return header, parts
+
+
+def encode_job(champion: SimpleLSTM, spec: ModelSpec, meta: dict, seqs: list[np.ndarray],
+               params: dict[str, Any]) -> bytes:
+    shapes = [list(s.shape) for s in seqs]
+    data = b"".join(np.ascontiguousarray(s, np.float32).tobytes() for s in seqs)
+    return _frame({"params": params, "shapes": shapes}, model_to_bytes(champion, spec, meta), data)
+
+
+def decode_job(data: bytes) -> tuple[LoadedModel, list[np.ndarray], dict[str, Any]]:
+    header, (model_bytes, arrays) = _unframe(data)
+    seqs, pos = [], 0
+    for shape in header["shapes"]:
+        n = int(np.prod(shape))
+        seqs.append(np.frombuffer(arrays, np.float32, n, pos).reshape(shape).copy())
+        pos += 4 * n
+    return model_from_bytes(model_bytes), seqs, header["params"]
+
+
+@dataclass
+class RetrainResult:
+    promote: bool
+    reason: str
+    champion_error: float
+    challenger_error: float
+    seconds: float
+    train_loss: float
+    model: LoadedModel | None = None
+    error: str | None = None
+
+
+def run_job(data: bytes) -> bytes:
+    """Train a challenger and gate it (runs in the child process)."""
+    import copy
+
+    from stream_lstm.training.data import split_holdout
+    from stream_lstm.training.gate import decide
+    from stream_lstm.training.tbptt import train_tbptt
+
+    t0 = time.monotonic()
+    champion, seqs, p = decode_job(data)
+    train, holdout = split_holdout(seqs, 0.2, seed=int(p.get("seed", 0)))
+    challenger = copy.deepcopy(champion.model)
+    if p.get("dropout"):
+        challenger.dropout.p = float(p["dropout"])
+    result = train_tbptt(challenger, train, holdout, k1=p["k1"], k2=p["k2"], lr=p["lr"],
+                         weight_decay=p["weight_decay"], grad_clip=p["grad_clip"],
+                         max_epochs=p["max_epochs"], patience=p["patience"],
+                         target=champion.spec.target_channel)
+    challenger.dropout.p = 0.0
+    decision = decide(champion.model, challenger, holdout, p["margin"], champion.spec.target_channel)
+    header = {"promote": decision.promote, "reason": decision.reason,
+              "champion_error": decision.champion_error, "challenger_error": decision.challenger_error,
+              "seconds": time.monotonic() - t0,
+              "train_loss": result.train_losses[-1] if result.train_losses else float("nan")}
+    if not decision.promote:
+        return _frame(header)
+    meta = {"parent": champion.version, "metrics": {"mae": decision.challenger_error,
+            "champion_error": decision.champion_error, "epochs": result.epochs},
+            "training_data": {"devices": len(train), "holdout_devices": len(holdout),
+                              "first_ts": p.get("first_ts"), "last_ts": p.get("last_ts")},
+            "settings": p}
+    return _frame(header, model_to_bytes(challenger, champion.spec, meta))
+
+
+def decode_result(data: bytes) -> RetrainResult:
+    header, parts = _unframe(data)
+    model = model_from_bytes(parts[0]) if parts else None
+    return RetrainResult(header.get("promote", False), header.get("reason", ""),
+                         header.get("champion_error", float("nan")),
+                         header.get("challenger_error", float("nan")),
+                         header.get("seconds", 0.0), header.get("train_loss", float("nan")),
+                         model, header.get("error"))
+
+
+def _serve(conn: Any, threads: int) -> None:  # the child process
+    import torch
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:
+            return
+        try:
+            out = run_job(data)
+        except Exception as exc:  # noqa: BLE001 - report, never die silently
+            out = _frame({"promote": False, "reason": "training failed",
+                          "error": f"{exc!r}\n{traceback.format_exc()[-2000:]}"})
+        conn.send_bytes(out)
+
+
+class BackgroundTrainer:
+    """A child process that runs one retraining job at a time.
+
+    Parameters
+    ----------
+    threads
+        Torch threads the child may use (``STREAM_LSTM_TRAIN_THREADS``).
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch/Kafka state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, threads), name="stream-lstm-trainer",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        self.busy = False
+        self.started_at = 0.0
+
+    def submit(self, job: bytes) -> None:
+        assert not self.busy, "one retraining job at a time"
+        self._conn.send_bytes(job)
+        self.busy = True
+        self.started_at = time.monotonic()
+
+    def poll(self) -> RetrainResult | None:
+        """The finished job's result, or ``None`` while it runs (never blocks)."""
+        if not self.busy or not self._conn.poll():
+            return None
+        self.busy = False
+        return decode_result(self._conn.recv_bytes())
+
+    def wait(self, timeout: float) -> RetrainResult | None:
+        if self.busy and self._conn.poll(timeout):
+            return self.poll()
+        return None
+
+    def close(self) -> None:
+        self._conn.close()
+        self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.terminate()

@@ -1,0 +1,213 @@
+"""The served model's life: when to retrain, whether to promote, and the hot-swap.
+
+Between two batches the worker calls :meth:`ModelLifecycle.tick`. It
+
+1. collects a finished background retrain; a promoted challenger is registered and swapped in;
+2. follows the compacted models topic when an external trainer publishes (``trainer=external``);
+3. starts a new retrain when ``retrain_every_readings`` or ``retrain_every_s`` says so.
+
+A swap installs the new weights and then **re-warms every in-memory device**: its h/c is
+recomputed by replaying its rolling window through the new model in one batched pass, so no
+device mixes hidden state from the old weights with the new ones. Devices in the state store
+are re-warmed when they next load (their snapshot carries the old model version). Forecasts
+carry the new version from the first batch after the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_lstm.config import Settings
+from stream_lstm.engine import BatchedEngine
+from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, model_from_bytes
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.training.background import BackgroundTrainer, encode_job
+from stream_lstm.training.data import windows_from_table
+
+log = logging.getLogger("stream_lstm.training")
+
+
+@dataclass
+class Served:
+    """The model being served and its version."""
+
+    model: SimpleLSTM
+    spec: ModelSpec
+    version: str
+
+
+def job_params(settings: Settings) -> dict:
+    return {"k1": settings.tbptt_k1, "k2": settings.tbptt_k2, "lr": settings.learning_rate,
+            "weight_decay": settings.weight_decay, "grad_clip": settings.grad_clip,
+            "max_epochs": settings.max_epochs, "patience": settings.early_stopping_patience,
+            "margin": settings.promotion_margin, "dropout": settings.dropout}
+
+
+class ModelLifecycle:
+    """Schedules retraining, applies the promotion gate's verdicts, and hot-swaps.
+
+    Parameters
+    ----------
+    settings
+        Retraining schedule, TBPTT and gate settings, registry directory, models topic.
+    served
+        The model served at start.
+    engine, table
+        Where the swap and the re-warm happen.
+    metrics
+        :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause).
+    """
+
+    def __init__(self, settings: Settings, served: Served, engine: BatchedEngine,
+                 table: DeviceTable, metrics: object) -> None:
+        self.settings = settings
+        self.served = served
+        self.engine = engine
+        self.table = table
+        self.metrics = metrics
+        self.registry = ModelRegistry(settings.model_dir)
+        scheduled = settings.retrain_every_readings > 0 or settings.retrain_every_s > 0
+        self.trainer = (BackgroundTrainer(settings.train_threads)
+                        if settings.trainer == "inprocess" and scheduled else None)
+        self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
+        self.readings_since = 0
+        self.last_retrain = time.monotonic()
+        self.swaps = 0
+
+    @property
+    def version(self) -> str:
+        return self.served.version
+
+    def tick(self, consumed: int) -> None:
+        self.readings_since += consumed
+        if self.trainer is not None:
+            result = self.trainer.poll()
+            if result is not None:
+                self._on_result(result)
+            elif not self.trainer.busy and self._due():
+                self.start_retrain()
+        if self.follower is not None:
+            loaded = self.follower.poll()
+            if loaded is not None and loaded.version != self.served.version:
+                self.swap(loaded)
+
+    def _due(self) -> bool:
+        s = self.settings
+        by_count = s.retrain_every_readings > 0 and self.readings_since >= s.retrain_every_readings
+        by_time = s.retrain_every_s > 0 and time.monotonic() - self.last_retrain >= s.retrain_every_s
+        return by_count or by_time
+
+    def start_retrain(self) -> bool:
+        """Hand the fleet's windows to the background trainer; False if there is too little."""
+        assert self.trainer is not None
+        self.readings_since = 0
+        self.last_retrain = time.monotonic()
+        min_len = min(self.settings.window, 2 * self.settings.tbptt_k1)
+        seqs = windows_from_table(self.table, min_len)
+        if len(seqs) < 2:
+            return False
+        meta = {"version": self.served.version}
+        self.trainer.submit(encode_job(self.served.model, self.served.spec, meta, seqs,
+                                       job_params(self.settings)))
+        log.info("retraining started", extra={"devices": len(seqs), "champion": self.served.version})
+        return True
+
+    def _on_result(self, result) -> None:  # noqa: ANN001
+        m = self.metrics
+        m.retrain_duration_seconds.observe(result.seconds)  # type: ignore[attr-defined]
+        if result.error:
+            m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+            log.error("retraining failed", extra={"error": result.error[-500:]})
+            return
+        m.retrain_loss.labels("champion").set(result.champion_error)  # type: ignore[attr-defined]
+        m.retrain_loss.labels("challenger").set(result.challenger_error)  # type: ignore[attr-defined]
+        decision = "promote" if result.promote else "reject"
+        m.promotion_decisions.labels(decision).inc()  # type: ignore[attr-defined]
+        m.retrain_runs.labels("promoted" if result.promote else "rejected").inc()  # type: ignore[attr-defined]
+        log.info(f"promotion gate: {decision}: {result.reason}",
+                 extra={"champion": self.served.version, "champion_error": result.champion_error,
+                        "challenger_error": result.challenger_error, "seconds": round(result.seconds, 2)})
+        if result.promote and result.model is not None:
+            loaded = result.model
+            version = self.registry.register(loaded.model, loaded.spec,
+                                             {**loaded.meta, "version": self.registry.next_version()})
+            self.registry.promote(version)
+            loaded.meta["version"] = version
+            self.swap(loaded)
+
+    def swap(self, loaded: LoadedModel) -> float:
+        """Serve ``loaded`` from the next batch and re-warm every in-memory device; returns
+        the pause in seconds."""
+        if loaded.spec != self.served.spec:
+            log.error("refusing a model whose shape differs from the served one",
+                      extra={"new": str(loaded.spec), "served": str(self.served.spec)})
+            return 0.0
+        t0 = time.perf_counter()
+        self.engine.swap_model(loaded.model)
+        slots = np.fromiter(self.table.index.values(), np.int64, len(self.table))
+        self.engine.rewarm(slots)
+        for slot in slots.tolist():
+            self.table.model_version[slot] = loaded.version
+        pause = time.perf_counter() - t0
+        old = self.served.version
+        self.served = Served(loaded.model, loaded.spec, loaded.version)
+        self.swaps += 1
+        self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
+        self.metrics.set_model_version(loaded.version, time.time())  # type: ignore[attr-defined]
+        log.info("model swapped", extra={"from": old, "to": loaded.version, "devices": len(slots),
+                                         "pause_ms": round(pause * 1e3, 1)})
+        return pause
+
+    def rewarm_stale(self, slots: np.ndarray) -> None:
+        """Re-warm devices that came back from the store with another model's state."""
+        version = self.served.version
+        stale = [s for s in slots.tolist()
+                 if self.table.model_version[s] != version and self.table.window.length[s] > 0]
+        if stale:
+            self.engine.rewarm(np.array(stale, np.int64))
+            for s in stale:
+                self.table.model_version[s] = version
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+        if self.follower is not None:
+            self.follower.close()
+
+
+class ModelsFollower:
+    """Follows the compacted models topic; returns each newly published model."""
+
+    def __init__(self, settings: Settings) -> None:
+        from kafka.structs import TopicPartition
+
+        from stream_lstm.kafka.clients import make_consumer
+        from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+        ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+        self.tp = TopicPartition(settings.models_topic, 0)
+        self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
+                                      isolation_level="read_committed", fetch_max_bytes=64 * 1024 * 1024,
+                                      max_partition_fetch_bytes=64 * 1024 * 1024)
+        self.consumer.assign([self.tp])
+        end = self.consumer.end_offsets([self.tp])[self.tp]
+        self.consumer.seek(self.tp, max(0, end - 1))  # the latest published model
+
+    def poll(self) -> LoadedModel | None:
+        latest = None
+        for recs in self.consumer.poll(timeout_ms=0).values():
+            for rec in recs:
+                try:
+                    latest = model_from_bytes(rec.value)
+                except ModelLoadError as exc:
+                    log.error("ignoring an unloadable model from the models topic",
+                              extra={"offset": rec.offset, "error": str(exc)})
+        return latest
+
+    def close(self) -> None:
+        self.consumer.close()
