@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping")
     max_epochs: int = Field(20, ge=1, description="Epochs per retrain at most")
+    train_batch_size: int = Field(16, ge=1, description="Sequences per TBPTT minibatch")
     early_stopping_patience: int = Field(3, ge=1, description="Epochs without gain before stopping")
     promotion_margin: float = Field(0.02, ge=0.0, description="Relative gain a challenger needs")
     train_threads: int = Field(1, ge=1, description="Torch threads the background trainer uses")

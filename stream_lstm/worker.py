@@ -55,21 +55,32 @@ def fresh_model(settings: Settings) -> Served:
 def load_served_model(settings: Settings) -> Served:
     """The model to serve: STREAM_LSTM_MODEL_PATH, else the registry's promoted version,
     else a freshly initialized model (with a warning)."""
-    from stream_lstm.models.registry import ModelRegistry, load_model
+    from stream_lstm.models.registry import ModelLoadError, ModelRegistry, load_model
 
     if settings.model_path is not None:
         loaded = load_model(settings.model_path)
-    else:
-        registry = ModelRegistry(settings.model_dir)
-        version = registry.promoted()
-        if version is None:
-            log.warning(
-                "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
-                "freshly initialized, untrained model", settings.model_dir,
-            )
-            return fresh_model(settings)
-        loaded = registry.load(version)
-    return Served(loaded.model, loaded.spec, str(loaded.meta.get("version", "unknown")))
+        return Served(loaded.model, loaded.spec, loaded.version)
+    registry = ModelRegistry(settings.model_dir)
+    promoted = registry.promoted()
+    if promoted is None:
+        log.warning(
+            "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
+            "freshly initialized, untrained model", settings.model_dir,
+        )
+        return fresh_model(settings)
+    # The promoted version first, then older ones: a damaged file never stops the service.
+    candidates = [promoted] + [m["version"] for m in reversed(registry.versions())
+                               if m.get("version") and m.get("version") != promoted]
+    for version in candidates:
+        try:
+            loaded = registry.load(version)
+        except ModelLoadError as exc:
+            log.error("cannot load model %s: %s", version, exc)
+            continue
+        if version != promoted:
+            log.warning("serving %s instead of the promoted %s", version, promoted)
+        return Served(loaded.model, loaded.spec, loaded.version)
+    raise ModelLoadError(f"no loadable model in {settings.model_dir}")
 
 
 def ensure_worker_topics(settings: Settings) -> None:

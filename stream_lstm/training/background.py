@@ -99,6 +99,7 @@ def run_job(data: bytes) -> bytes:
     result = train_tbptt(challenger, train, holdout, k1=p["k1"], k2=p["k2"], lr=p["lr"],
                          weight_decay=p["weight_decay"], grad_clip=p["grad_clip"],
                          max_epochs=p["max_epochs"], patience=p["patience"],
+                         batch_size=int(p.get("batch_size", 16)),
                          target=champion.spec.target_channel)
     challenger.dropout.p = 0.0
     decision = decide(champion.model, challenger, holdout, p["margin"], champion.spec.target_channel)

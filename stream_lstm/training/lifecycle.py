@@ -45,6 +45,7 @@ def job_params(settings: Settings) -> dict:
     return {"k1": settings.tbptt_k1, "k2": settings.tbptt_k2, "lr": settings.learning_rate,
             "weight_decay": settings.weight_decay, "grad_clip": settings.grad_clip,
             "max_epochs": settings.max_epochs, "patience": settings.early_stopping_patience,
+            "batch_size": settings.train_batch_size,
             "margin": settings.promotion_margin, "dropout": settings.dropout}
 
 

@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     result = train_tbptt(model, train, val, k1=s.tbptt_k1, k2=s.tbptt_k2, lr=s.learning_rate,
                          weight_decay=s.weight_decay, grad_clip=s.grad_clip, max_epochs=epochs,
-                         patience=s.early_stopping_patience,
+                         patience=s.early_stopping_patience, batch_size=s.train_batch_size,
                          progress=lambda e, tr, va: bar(e, epochs, tr, va, t0))
     print(file=sys.stderr)
     metrics = evaluate(model, val)

@@ -1,21 +1,33 @@
-"""Training with truncated backpropagation through time (TBPTT).
+"""Training with truncated backpropagation through time, TBPTT(k1, k2).
 
 The network runs forward over a sequence ``k1`` steps at a time, carrying its hidden state
-across chunks; after each chunk it backpropagates the chunk's loss through the last ``k2``
-steps only (Williams & Peng, 1990; Sutskever, 2013, §2.8.6). In practice: the state entering
-the backward window (``k2`` steps before the chunk end) is detached, so no gradient flows
-further back.
+from chunk to chunk; after each chunk it backpropagates that chunk's loss through the last
+``k2`` steps only, then updates the weights (R. J. Williams & J. Peng, "An efficient
+gradient-based algorithm for on-line training of recurrent network trajectories", Neural
+Computation 2(4), 1990; I. Sutskever, "Training recurrent neural networks", PhD thesis,
+Toronto 2013, §2.8.6).
+
+How it is done here (:func:`tbptt_chunks`): the chunk ending at ``e`` covers the window
+``[s, e)`` with ``s = max(0, e - k2)``; it starts from the hidden state at ``s``, *detached*,
+so no gradient reaches an input before ``s``, and its loss covers the chunk's own outputs
+``[e - k1, e)``. While running the window, the state at the next chunk's window start is kept
+(detached), so each reading is run forward about ``k2 / k1`` times and never from scratch.
 
 * ``k1`` (``STREAM_LSTM_TBPTT_K1``): how often the weights update. Smaller = more updates per
   sequence, noisier and slower per epoch.
-* ``k2`` (``STREAM_LSTM_TBPTT_K2``, ``>= k1``): how far back credit is assigned. Larger = longer
+* ``k2`` (``STREAM_LSTM_TBPTT_K2``): how far back credit is assigned; ``k2 < k1`` is raised
+  to ``k1`` (every output of a chunk then still sees its own chunk). Larger = longer
   dependencies can be learnt, at more memory and compute per update (and a greater risk of
   exploding gradients, which clipping tames).
 
-The loss is the Gaussian negative log-likelihood of the change of the target channel from
-each step to the next H steps (see :mod:`stream_lstm.models.lstm`), with AdamW (weight decay),
-gradient-norm clipping, ReduceLROnPlateau on validation loss and early stopping that keeps the
-best weights.
+The loss is the Gaussian negative log-likelihood (without the constant ``log sqrt(2 pi)``, as
+``torch.nn.functional.gaussian_nll_loss`` with ``var = exp(2 log_sigma)``) of the change of the
+target channel ``z[t+k+1] - z[t]`` for every valid ``(t, k)``, ``t + k + 1 < T``. Training
+uses AdamW (weight decay), gradient-norm clipping, ReduceLROnPlateau on the validation loss
+and early stopping that restores the best weights (the starting weights count as a
+candidate, so training never hands back a model worse on validation than it was given).
+Sequences of different lengths are padded at the end and masked: the network is causal, so
+padding after a sequence never changes its outputs.
 
 >>> import numpy as np, torch
 >>> from stream_lstm.models import SimpleLSTM
@@ -24,7 +36,7 @@ best weights.
 >>> seqs = [np.sin(t[i:i + 64] / 4)[:, None] for i in range(0, 320, 8)]
 >>> model = SimpleLSTM(1, 16, 1, 2)
 >>> res = train_tbptt(model, seqs[:30], seqs[30:], k1=8, k2=16, max_epochs=8, patience=3)
->>> res.val_losses[-1] < res.val_losses[0]
+>>> res.best_val < res.initial_val
 True
 """
 
@@ -32,8 +44,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,102 +55,187 @@ from torch import Tensor
 
 from stream_lstm.models.lstm import SimpleLSTM
 
+ProgressFn = Callable[[int, float, float], None]
+
 
 @dataclass
 class TrainResult:
+    """What :func:`train_tbptt` did. ``model`` holds the best weights (already restored)."""
+
     model: SimpleLSTM
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     epochs: int = 0
     best_val: float = math.inf
+    best_epoch: int = 0  # 0 = the starting weights were never beaten
+    initial_val: float = math.nan
+    stopped: bool = False  # should_stop() ended training early
+    skipped_updates: int = 0  # chunks whose loss was not finite (no update made)
     seconds: float = 0.0
 
 
-def change_targets(z: Tensor, horizon: int, target: int = 0) -> tuple[Tensor, Tensor]:
-    """Targets ``y[b, t, k] = z[b, t+k+1, target] - z[b, t, target]`` and their validity mask."""
-    b, t, _ = z.shape
-    y = torch.zeros(b, t, horizon, dtype=z.dtype)
-    mask = torch.zeros(b, t, horizon, dtype=torch.bool)
-    zt = z[:, :, target]
-    for k in range(horizon):
-        if k + 1 < t:
-            y[:, : t - k - 1, k] = zt[:, k + 1 :] - zt[:, : t - k - 1]
-            mask[:, : t - k - 1, k] = True
-    return y, mask
+def targets_from_z(z, horizon: int, target: int = 0, lengths=None):
+    """Targets ``y[..., t, k] = z[..., t+k+1, target] - z[..., t, target]`` and their mask.
+
+    ``z`` is ``[T, F]`` or ``[B, T, F]`` (numpy or torch; the result has the same kind).
+    ``mask[..., t, k]`` is true where ``t + k + 1 < T`` (or ``< lengths[b]`` for a padded
+    batch); ``y`` is 0 elsewhere.
+
+    >>> y, mask = targets_from_z(np.array([[0.0], [1.0], [3.0]]), horizon=2)
+    >>> y.tolist(), mask.tolist()
+    ([[1.0, 3.0], [2.0, 0.0], [0.0, 0.0]], [[True, True], [True, False], [False, False]])
+    """
+    as_numpy = isinstance(z, np.ndarray)
+    zt = torch.as_tensor(z)
+    squeeze = zt.dim() == 2
+    if squeeze:
+        zt = zt.unsqueeze(0)
+    b, t_len, _ = zt.shape
+    if lengths is None:
+        lens = torch.full((b,), t_len, dtype=torch.long)
+    else:
+        lens = torch.as_tensor(lengths, dtype=torch.long).reshape(b)
+    zc = zt[:, :, target]
+    y = torch.zeros(b, t_len, horizon, dtype=zt.dtype, device=zt.device)
+    steps = torch.arange(t_len).view(1, t_len, 1)
+    ks = torch.arange(horizon).view(1, 1, horizon)
+    mask = (steps + ks + 1 < lens.view(b, 1, 1)).to(zt.device)
+    for k in range(min(horizon, t_len - 1)):
+        y[:, : t_len - k - 1, k] = zc[:, k + 1 :] - zc[:, : t_len - k - 1]
+    y = y * mask
+    if squeeze:
+        y, mask = y[0], mask[0]
+    return (y.numpy(), mask.numpy()) if as_numpy else (y, mask)
 
 
-def gaussian_nll(mu: Tensor, log_sigma: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Mean Gaussian NLL (without the constant) over valid entries."""
+def gaussian_nll(mu: Tensor, log_sigma: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """``(sum of the NLL over mask, number of entries)``; NLL = ``0.5 ((y-mu)/sigma)^2 + log sigma``."""
     nll = 0.5 * ((y - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
-    return nll[mask].mean() if mask.any() else mu.sum() * 0.0
+    return nll[mask].sum(), int(mask.sum())
 
 
-def tbptt_step(model: SimpleLSTM, x: Tensor, y: Tensor, mask: Tensor, k1: int, k2: int,
-               optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
-    """One pass of TBPTT(k1, k2) over a batch of sequences; returns the mean chunk loss."""
+def chunk_bounds(t_len: int, k1: int, k2: int) -> list[tuple[int, int, int]]:
+    """``(window_start, loss_start, end)`` of every TBPTT chunk of a ``t_len`` sequence.
+
+    >>> chunk_bounds(10, k1=4, k2=6)
+    [(0, 0, 4), (2, 4, 8), (4, 8, 10)]
+    """
+    if k1 < 1:
+        raise ValueError(f"k1 must be >= 1, got {k1}")
     k2 = max(k2, k1)
-    t_len = x.shape[1]
-    state = None  # detached state at `pos`
-    pos = 0
-    losses = []
-    for end in range(min(k1, t_len), t_len + k1, k1):
-        end = min(end, t_len)
-        start = max(0, end - k2)
-        if start > pos:  # advance the carried state, without gradient, to the window start
-            with torch.no_grad():
-                _, _, state = model(x[:, pos:start], state)
-            pos = start
-        mu, log_sigma, _ = model(x[:, start:end], _detach(state))
-        first = max(0, end - k1) - start  # the loss covers this chunk's k1 outputs only
-        loss = gaussian_nll(mu[:, first:], log_sigma[:, first:], y[:, start + first : end],
-                            mask[:, start + first : end])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if end >= t_len:
-            break
-    return float(np.mean(losses)) if losses else 0.0
+    return [(max(0, min(b + k1, t_len) - k2), b, min(b + k1, t_len)) for b in range(0, t_len, k1)]
 
 
-def _detach(state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
-    return None if state is None else (state[0].detach(), state[1].detach())
+def tbptt_chunks(model: SimpleLSTM, x: Tensor, y: Tensor, mask: Tensor, k1: int, k2: int
+                 ) -> Iterator[tuple[int, int, Tensor, int]]:
+    """Yield ``(window_start, end, loss, n)`` for each chunk of a batch ``x[B, T, F]``.
+
+    ``loss`` is the mean NLL of the chunk's own outputs, with its graph reaching back to
+    ``window_start`` only; the caller backpropagates it and may update the weights before
+    asking for the next chunk. Chunks without a valid target are skipped.
+    """
+    bounds = chunk_bounds(x.shape[1], k1, k2)
+    state: tuple[Tensor, Tensor] | None = None  # detached state at bounds[i][0]
+    for i, (start, loss_start, end) in enumerate(bounds):
+        nxt = bounds[i + 1][0] if i + 1 < len(bounds) else end  # next window start, in [start, end]
+        mus, sigmas = [], []
+        carried = state
+        if nxt > start:
+            mu, ls, carried = model(x[:, start:nxt], carried)
+            mus.append(mu)
+            sigmas.append(ls)
+        state = None if carried is None else (carried[0].detach(), carried[1].detach())
+        if end > nxt:
+            mu, ls, _ = model(x[:, nxt:end], carried)
+            mus.append(mu)
+            sigmas.append(ls)
+        first = loss_start - start
+        mu, ls = torch.cat(mus, 1)[:, first:], torch.cat(sigmas, 1)[:, first:]
+        total, n = gaussian_nll(mu, ls, y[:, loss_start:end], mask[:, loss_start:end])
+        if n:
+            yield start, end, total / n, n
 
 
-def _batches(seqs: list[np.ndarray], batch_size: int, rng: np.random.Generator | None):
-    """Group equal-length sequences into tensors (shuffled when ``rng`` is given)."""
-    by_len: dict[int, list[np.ndarray]] = {}
-    for s in seqs:
-        by_len.setdefault(len(s), []).append(s)
-    out = []
-    for group in by_len.values():
-        order = rng.permutation(len(group)) if rng is not None else np.arange(len(group))
-        for i in range(0, len(group), batch_size):
-            out.append(torch.from_numpy(np.stack([group[j] for j in order[i : i + batch_size]])).float())
+def _device(model: SimpleLSTM) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _padded_batches(seqs: list[np.ndarray], batch_size: int, rng: np.random.Generator | None,
+                    max_elements: int = 1 << 18) -> list[tuple[Tensor, Tensor]]:
+    """``[(x[B, T, F] float32, lengths[B])]``: sequences of similar length, padded at the end."""
+    order = np.arange(len(seqs)) if rng is None else rng.permutation(len(seqs))
+    order = sorted(order, key=lambda i: len(seqs[i]))  # stable: shuffled within a length
+    out, i = [], 0
+    while i < len(order):
+        longest = len(seqs[order[min(i + batch_size, len(order)) - 1]])
+        size = max(1, min(batch_size, max_elements // max(longest, 1)))
+        group = [np.asarray(seqs[j], np.float32) for j in order[i : i + size]]
+        i += size
+        t_len = max(len(g) for g in group)
+        x = np.zeros((len(group), t_len, group[0].shape[1]), np.float32)
+        for b, g in enumerate(group):
+            x[b, : len(g)] = g
+        out.append((torch.from_numpy(x), torch.tensor([len(g) for g in group])))
     if rng is not None:
-        out = [out[i] for i in rng.permutation(len(out))]
+        out = [out[j] for j in rng.permutation(len(out))]
     return out
 
 
 @torch.no_grad()
 def evaluate(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> dict[str, float]:
-    """Holdout metrics in normalized units: Gaussian NLL, one-step MAE, and persistence's MAE."""
+    """Held-out scores in normalized units, each sequence run from a zero state.
+
+    ``nll``: mean Gaussian NLL over every valid ``(t, k)``; ``mae``: one-step-ahead MAE of the
+    target channel (``|mu[t, 0] - (z[t+1] - z[t])|``); ``persistence_mae``: the same for the
+    all-zero forecast ("no change"). NaN when there is nothing to score.
+    """
+    was_training = model.training
     model.eval()
+    dev = _device(model)
     nll_sum = mae_sum = persist_sum = 0.0
     n_nll = n_mae = 0
-    for x in _batches(seqs, 256, None):
+    for x, lengths in _padded_batches([s for s in seqs if len(s) > 1], 256, None):
+        x = x.to(dev)
         mu, log_sigma, _ = model(x)
-        y, mask = change_targets(x, model.horizon, target)
-        nll = 0.5 * ((y - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
-        nll_sum += float(nll[mask].sum())
-        n_nll += int(mask.sum())
+        y, mask = targets_from_z(x, model.horizon, target, lengths)
+        total, n = gaussian_nll(mu, log_sigma, y, mask)
+        nll_sum += float(total)
+        n_nll += n
         m0 = mask[:, :, 0]
         mae_sum += float((mu[:, :, 0] - y[:, :, 0]).abs()[m0].sum())
         persist_sum += float(y[:, :, 0].abs()[m0].sum())
         n_mae += int(m0.sum())
-    n_nll, n_mae = max(n_nll, 1), max(n_mae, 1)
-    return {"nll": nll_sum / n_nll, "mae": mae_sum / n_mae, "persistence_mae": persist_sum / n_mae}
+    model.train(was_training)
+    nan = math.nan
+    return {"nll": nll_sum / n_nll if n_nll else nan, "mae": mae_sum / n_mae if n_mae else nan,
+            "persistence_mae": persist_sum / n_mae if n_mae else nan}
+
+
+def evaluate_nll(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> float:
+    """Mean Gaussian NLL over all valid ``(t, k)`` of ``seqs`` (see :func:`evaluate`)."""
+    return evaluate(model, seqs, target)["nll"]
+
+
+def evaluate_mae(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> float:
+    """One-step-ahead MAE of the target channel, normalized units (the promotion gate's score)."""
+    return evaluate(model, seqs, target)["mae"]
+
+
+class _Bar:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs, self.t0 = max_epochs, time.monotonic()
+
+    def batch(self, epoch: int, done: int, total: int, loss: float) -> None:
+        filled = int(20 * done / max(total, 1))
+        print(f"\r  epoch {epoch}/{self.max_epochs} [{'#' * filled}{'.' * (20 - filled)}] "
+              f"{done}/{total}  train nll {loss:.4f}  {time.monotonic() - self.t0:.0f}s   ",
+              end="", file=sys.stderr, flush=True)
+
+    def epoch(self, epoch: int, train: float, val: float) -> None:
+        print(f"\r  epoch {epoch}/{self.max_epochs}  train nll {train:.4f}  val nll {val:.4f}  "
+              f"{time.monotonic() - self.t0:.0f}s" + " " * 20, file=sys.stderr, flush=True)
 
 
 def train_tbptt(
@@ -155,40 +253,76 @@ def train_tbptt(
     batch_size: int = 64,
     target: int = 0,
     seed: int = 0,
-    progress: Callable[[int, float, float], None] | None = None,
+    progress: bool | ProgressFn = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (in place, best weights restored) on normalized sequences ``[T, F]``."""
+    """Train ``model`` in place on normalized sequences ``[T, F]``; the best weights are kept.
+
+    ``val_seqs`` drive the LR schedule, early stopping (``patience`` epochs without a better
+    validation NLL) and the choice of weights; without them the training loss is used.
+    ``progress``: ``True`` draws a bar on stderr; a callable gets ``(epoch, train_nll,
+    val_nll)`` after each epoch. ``should_stop()`` is asked after every batch: when true,
+    training ends early (``result.stopped``), still restoring the best weights.
+    """
     t0 = time.monotonic()
+    if k1 < 1 or batch_size < 1 or max_epochs < 0 or patience < 1:
+        raise ValueError("need k1 >= 1, batch_size >= 1, max_epochs >= 0, patience >= 1")
     rng = np.random.default_rng(seed)
+    dev = _device(model)
+    train_seqs = [s for s in train_seqs if len(s) > 1]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.5, patience=max(0, patience // 2))
+    bar = _Bar(max_epochs) if progress is True else None
+    callback = progress if callable(progress) else None
+
+    def validate(fallback: float) -> float:
+        return evaluate(model, val_seqs, target)["nll"] if val_seqs else fallback
+
     result = TrainResult(model=model)
+    result.initial_val = validate(evaluate(model, train_seqs, target)["nll"] if train_seqs else math.nan)
+    result.best_val = result.initial_val if math.isfinite(result.initial_val) else math.inf
     best_state = copy.deepcopy(model.state_dict())
     stale = 0
-    for epoch in range(max_epochs):
+    for epoch in range(1, max_epochs + 1):
         model.train()
-        losses = []
-        for x in _batches(train_seqs, batch_size, rng):
-            y, mask = change_targets(x, model.horizon, target)
-            losses.append(tbptt_step(model, x, y, mask, k1, k2, optimizer, grad_clip))
+        batches = _padded_batches(train_seqs, batch_size, rng)
+        loss_sum, n_sum = 0.0, 0
+        for b, (x, lengths) in enumerate(batches):
+            x = x.to(dev)
+            y, mask = targets_from_z(x, model.horizon, target, lengths)
+            for _, _, loss, n in tbptt_chunks(model, x, y, mask, k1, k2):
+                if not torch.isfinite(loss):
+                    result.skipped_updates += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                loss_sum += loss.detach().item() * n
+                n_sum += n
+            if bar is not None:
+                bar.batch(epoch, b + 1, len(batches), loss_sum / max(n_sum, 1))
             if should_stop is not None and should_stop():
+                result.stopped = True
                 break
-        val = evaluate(model, val_seqs, target)["nll"] if val_seqs else float(np.mean(losses))
-        scheduler.step(val)
-        result.train_losses.append(float(np.mean(losses)) if losses else math.nan)
+        train = loss_sum / n_sum if n_sum else math.nan
+        val = validate(train)
+        result.train_losses.append(train)
         result.val_losses.append(val)
-        result.epochs = epoch + 1
-        if progress is not None:
-            progress(epoch + 1, result.train_losses[-1], val)
-        if val < result.best_val - 1e-6:
-            result.best_val, stale = val, 0
+        result.epochs = epoch
+        if bar is not None:
+            bar.epoch(epoch, train, val)
+        if callback is not None:
+            callback(epoch, train, val)
+        if math.isfinite(val):
+            scheduler.step(val)
+        if math.isfinite(val) and val < result.best_val - 1e-6:
+            result.best_val, result.best_epoch, stale = val, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= patience:
-                break
-        if should_stop is not None and should_stop():
+        if result.stopped or stale >= patience:
             break
     model.load_state_dict(best_state)
     model.eval()

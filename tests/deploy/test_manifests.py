@@ -1,89 +1,130 @@
-"""docker-compose, Kubernetes, Prometheus and Grafana files parse and match the settings."""
+"""docker-compose.yml, the Kubernetes manifests and the Dockerfile parse and match the settings.
 
-import json
+The Grafana dashboard and the Prometheus files have their own tests (test_dashboards.py,
+test_prometheus.py).
+"""
+
+from __future__ import annotations
+
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from stream_lstm.config import Settings
-from stream_lstm.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
-ENV_RE = re.compile(r"STREAM_LSTM_[A-Z0-9_]+")
+K8S = REPO / "deploy" / "k8s"
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+ENV_RE = re.compile(r"\bSTREAM_LSTM_[A-Z0-9_]+")
+PORT = Settings().metrics_port
 
 
-def settings_vars():
+def settings_vars() -> set[str]:
     return {f"STREAM_LSTM_{n.upper()}" for n in Settings.model_fields}
 
 
-def test_compose_uses_official_kafka_and_real_settings():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert services["kafka"]["image"].startswith("apache/kafka:4")
-    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    for name in ("kafka-init", "simulator", "worker", "trainer", "prometheus", "grafana"):
-        assert name in services
-    assert "9108:9108" in services["worker"]["ports"]
-    used = set(ENV_RE.findall((REPO / "docker-compose.yml").read_text()))
-    assert used and used <= settings_vars(), used - settings_vars()
-
-
-def test_k8s_manifests_parse_and_wire_probes_to_metrics_port():
-    docs = []
-    for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
-        used = set(ENV_RE.findall(f.read_text()))
-        assert used <= settings_vars(), (f, used - settings_vars())
-    kinds = {d["kind"] for d in docs}
-    assert {"StatefulSet", "Deployment", "ConfigMap", "Service"} <= kinds
-    port = Settings().metrics_port
-    for d in docs:
-        if d["kind"] == "StatefulSet":
-            c = d["spec"]["template"]["spec"]["containers"][0]
-            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
-            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
-            assert "resources" in c
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    assert f"EXPOSE {port}" in dockerfile and "STREAM_LSTM_METRICS_HOST=0.0.0.0" in dockerfile
-
-
-def exported_names():
-    text = Metrics().exposition().decode()
-    names = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
-    out = set()
-    for name, kind in names:
-        out.add(name)
-        if kind == "counter":
-            out.add(name + "_total")
-        if kind == "histogram":
-            out |= {name + "_bucket", name + "_sum", name + "_count"}
-        if kind == "info":
-            out.add(name + "_info")
+def k8s_docs() -> list[tuple[Path, dict]]:
+    out = []
+    for f in sorted(K8S.glob("*.yaml")):
+        out += [(f, d) for d in yaml.safe_load_all(f.read_text()) if d]
     return out
 
 
-def test_dashboard_and_alerts_query_only_exported_metrics():
-    dash = json.loads((REPO / "deploy/grafana/dashboards/stream-lstm.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    exprs += [r["expr"] for g in yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]
-              for r in g["rules"]]
-    names = exported_names() | {"stream_lstm_model_info"}
-    used = {n for e in exprs for n in re.findall(r"stream_lstm_[a-z_]+", e)}
-    assert used and used <= names, used - names
+def containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return spec.get("containers", [])
 
 
-@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (apt install prometheus)")
-def test_promtool_checks_rules_and_config(tmp_path):
-    rules = REPO / "deploy/prometheus/alerts.yml"
-    out = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    # The config names the rules file by its in-container path; check a copy pointing here.
-    cfg = (REPO / "deploy/prometheus/prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", str(rules))
-    (tmp_path / "prometheus.yml").write_text(cfg)
-    out = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+def test_every_stream_lstm_variable_is_a_setting():
+    real = settings_vars()
+    for f in [COMPOSE, DOCKERFILE, *sorted(K8S.glob("*.yaml"))]:
+        used = set(ENV_RE.findall(f.read_text()))
+        assert used <= real, f"{f.relative_to(REPO)}: not settings: {sorted(used - real)}"
+
+
+def test_compose_stack():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"kafka", "kafka-init", "simulator", "worker", "trainer", "prometheus", "grafana"} <= set(services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert services["kafka-init"]["image"] == kafka["image"]
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "healthcheck" in kafka
+    init = "\n".join(services["kafka-init"]["command"])
+    assert "/opt/kafka/bin/kafka-topics.sh" in init
+    for topic in ("sensor-readings", "sensor-forecasts", "sensor-readings-dlq",
+                  "stream-lstm-state-changelog", "stream-lstm-models"):
+        assert topic in init
+    assert "cleanup.policy=compact" in init
+    for name in ("simulator", "worker", "trainer"):
+        svc = services[name]
+        assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+        assert svc["environment"]["STREAM_LSTM_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert services["simulator"]["command"] == ["simulate", "--devices", "200", "--rate", "200"]
+    worker = services["worker"]
+    assert worker["command"] == ["run"]
+    assert f"{PORT}:{PORT}" in worker["ports"]
+    assert int(worker["environment"]["STREAM_LSTM_METRICS_PORT"]) == PORT
+    assert f"127.0.0.1:{PORT}/readyz" in " ".join(worker["healthcheck"]["test"])
+    assert services["trainer"]["command"] == ["trainer"]
+    prom = services["prometheus"]
+    assert any(v.startswith("./deploy/prometheus:/etc/prometheus") for v in prom["volumes"])
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+
+
+def test_prometheus_scrapes_the_compose_worker_on_the_metrics_port():
+    cfg = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    targets = [t for job in cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert f"worker:{PORT}" in targets
+    assert cfg["rule_files"] == ["alerts.yml"]
+
+
+def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
+    docs = k8s_docs()
+    kinds = {d["kind"] for _, d in docs}
+    assert {"StatefulSet", "Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget"} <= kinds
+    for f, d in docs:
+        assert "namespace" not in d["metadata"], f"{f.name}: manifests are namespace-free"
+    config = next(d for _, d in docs if d["kind"] == "ConfigMap")["data"]
+    assert int(config["STREAM_LSTM_METRICS_PORT"]) == PORT
+    assert config["STREAM_LSTM_METRICS_HOST"] == "0.0.0.0"
+    partitions = int(config["STREAM_LSTM_TOPIC_PARTITIONS"])
+    sets = [(f, d) for f, d in docs if d["kind"] == "StatefulSet"]
+    assert {f.name for f, _ in sets} == {"worker.yaml", "worker-gpu.yaml"}
+    for f, d in sets:
+        assert d["spec"]["replicas"] <= partitions, f.name
+        (c,) = containers(d)
+        assert c["args"] == ["run"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": PORT}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": PORT}
+        assert {"containerPort": PORT, "name": "metrics"} in c["ports"]
+        assert c["resources"]["requests"]["cpu"]
+        instance = next(e for e in c["env"] if e["name"] == "STREAM_LSTM_INSTANCE_ID")
+        assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        refs = [r.get("configMapRef", r.get("secretRef", {})).get("name") for r in c["envFrom"]]
+        assert refs == ["stream-lstm", "stream-lstm-kafka"]
+    gpu = next(d for f, d in sets if f.name == "worker-gpu.yaml")
+    (c,) = containers(gpu)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda" in c["image"]
+    trainer = next(d for _, d in docs if d["kind"] == "Deployment")
+    (c,) = containers(trainer)
+    assert c["args"] == ["trainer"] and trainer["spec"]["replicas"] == 1
+    service = next(d for _, d in docs if d["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"][0]["port"] == PORT
+    assert "HorizontalPodAutoscaler" in (K8S / "worker.yaml").read_text()  # the HPA notes
+
+
+def test_dockerfile_exposes_the_metrics_port_and_runs_the_cli():
+    text = DOCKERFILE.read_text()
+    assert f"EXPOSE {PORT}" in text
+    assert "STREAM_LSTM_METRICS_HOST=0.0.0.0" in text
+    assert f"STREAM_LSTM_METRICS_PORT={PORT}" in text
+    assert 'ENTRYPOINT ["stream-lstm"]' in text and 'CMD ["run"]' in text
+    assert re.search(r"^USER (?!root|0\b)", text, re.M), "the image must not run as root"
+    assert "ARG BASE=cpu" in text and "download.pytorch.org/whl/cpu" in text
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 3, "multi-stage build expected"

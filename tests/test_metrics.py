@@ -1,0 +1,238 @@
+"""Metrics registry, the /metrics /healthz /readyz server, and JSON logs with secret masking."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from stream_lstm.config import Settings
+from stream_lstm.logs import configure_logging, log_startup, mask_secrets
+from stream_lstm.metrics import HealthState, Metrics, serve_metrics
+
+# attribute -> the series name it must expose (counters with _total, base units)
+EXPECTED = {
+    "readings_consumed": "stream_lstm_readings_consumed_total",
+    "forecasts_published": "stream_lstm_forecasts_published_total",
+    "invalid_readings": "stream_lstm_invalid_readings_total",
+    "dlq_messages": "stream_lstm_dlq_messages_total",
+    "late_readings": "stream_lstm_late_readings_total",
+    "duplicate_readings": "stream_lstm_duplicate_readings_total",
+    "warmup_readings": "stream_lstm_warmup_readings_total",
+    "gap_resets": "stream_lstm_gap_resets_total",
+    "anomalies": "stream_lstm_anomalies_total",
+    "batch_size": "stream_lstm_batch_size_readings_bucket",
+    "inference_seconds": "stream_lstm_inference_seconds_bucket",
+    "batch_seconds": "stream_lstm_batch_seconds_bucket",
+    "end_to_end_latency_seconds": "stream_lstm_end_to_end_latency_seconds_bucket",
+    "commit_seconds": "stream_lstm_commit_seconds_bucket",
+    "consumer_lag": "stream_lstm_consumer_lag_messages",
+    "active_devices": "stream_lstm_active_devices",
+    "evicted_devices": "stream_lstm_evicted_devices_total",
+    "expired_devices": "stream_lstm_expired_devices_total",
+    "model_info": "stream_lstm_model_info",
+    "model_promoted_timestamp_seconds": "stream_lstm_model_promoted_timestamp_seconds",
+    "retrain_runs": "stream_lstm_retrain_runs_total",
+    "retrain_duration_seconds": "stream_lstm_retrain_duration_seconds_bucket",
+    "retrain_loss": "stream_lstm_retrain_loss",
+    "promotion_decisions": "stream_lstm_promotion_decisions_total",
+    "restore_progress_ratio": "stream_lstm_restore_progress_ratio",
+    "restored_devices": "stream_lstm_restored_devices_total",
+    "restore_seconds": "stream_lstm_restore_seconds_bucket",
+    "swap_pause_seconds": "stream_lstm_swap_pause_seconds_bucket",
+    "transactions": "stream_lstm_transactions_total",
+    "ready": "stream_lstm_ready",
+    "up_info": "stream_lstm_up_info",
+}
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+def exercise(m: Metrics) -> None:
+    """Touch every series once, so that labelled ones have a child and show samples."""
+    m.readings_consumed.labels("sensor-readings", "0").inc(10)
+    m.forecasts_published.inc(7)
+    m.invalid_readings.labels("not_json").inc()
+    m.dlq_messages.inc()
+    for c in (m.late_readings, m.duplicate_readings, m.warmup_readings, m.gap_resets, m.anomalies,
+              m.evicted_devices, m.expired_devices, m.restored_devices):
+        c.inc()
+    m.batch_size.observe(500)
+    for h in (m.inference_seconds, m.batch_seconds, m.end_to_end_latency_seconds, m.commit_seconds,
+              m.retrain_duration_seconds, m.restore_seconds, m.swap_pause_seconds):
+        h.observe(0.01)
+    m.consumer_lag.labels("0").set(3)
+    m.active_devices.set(200)
+    m.set_model_version("v0002", 1_700_000_000.0)
+    m.retrain_runs.labels("promoted").inc()
+    m.retrain_loss.labels("champion").set(0.5)
+    m.retrain_loss.labels("challenger").set(0.4)
+    m.promotion_decisions.labels("promote").inc()
+    m.restore_progress_ratio.labels("0").set(1.0)
+    m.transactions.labels("committed").inc()
+    m.ready.set(1)
+
+
+@pytest.fixture
+def served():
+    metrics, health = Metrics(instance="test-0"), HealthState(liveness_timeout_s=30)
+    server = serve_metrics(metrics, health, "127.0.0.1", 0)
+    try:
+        yield metrics, health, f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+
+
+def test_registries_are_private_to_each_metrics():
+    a, b = Metrics(), Metrics()  # would raise "Duplicated timeseries" on a shared registry
+    a.forecasts_published.inc(5)
+    assert b"stream_lstm_forecasts_published_total 5.0" in a.exposition()
+    assert b"stream_lstm_forecasts_published_total 0.0" in b.exposition()
+
+
+def test_metrics_endpoint_exposes_every_series(served):
+    metrics, _, base = served
+    exercise(metrics)
+    status, ctype, text = get(base + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    for attr, series in EXPECTED.items():
+        assert hasattr(metrics, attr), attr
+        assert series in names, (attr, series)
+    assert 'stream_lstm_model_info{version="v0002"} 1.0' in text
+    assert "stream_lstm_model_promoted_timestamp_seconds 1.7e+09" in text
+    assert 'stream_lstm_up_info{instance="test-0",version="' in text
+    assert 'stream_lstm_batch_size_readings_bucket{le="10000.0"} 1.0' in text
+    assert 'stream_lstm_readings_consumed_total{partition="0",topic="sensor-readings"} 10.0' in text
+    # label values known in advance exist from the start, at 0
+    assert 'stream_lstm_retrain_runs_total{outcome="failed"} 0.0' in text
+    assert 'stream_lstm_transactions_total{outcome="aborted"} 0.0' in text
+    assert get(base + "/nope")[0] == 404
+
+
+def test_healthz_follows_the_heartbeat():
+    health = HealthState(liveness_timeout_s=0.3)
+    server = serve_metrics(Metrics(), health, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        health.beat()
+        status, _, body = get(base + "/healthz")
+        assert (status, body) == (200, "ok")
+        time.sleep(0.5)
+        status, _, body = get(base + "/healthz")
+        assert status == 503 and "stale" in body and "limit 0.3s" in body
+        assert health.liveness()[0] is False
+        assert health.liveness(stale_after_s=60)[0] is True  # a caller may pass its own limit
+        health.beat()
+        assert get(base + "/healthz")[0] == 200
+    finally:
+        server.shutdown()
+
+
+def test_readyz_names_what_is_missing_then_turns_ready(served):
+    metrics, health, base = served
+    status, ctype, body = get(base + "/readyz")
+    assert status == 503 and ctype == "application/json"
+    assert json.loads(body)["ready"] is False  # nothing registered yet: not ready
+    health.set_ready("broker", True)
+    health.set_ready("model", True, "v0001")
+    health.set_ready("partitions", False, "restoring [0, 3]")
+    health.set_ready("restored", False)
+    status, _, body = get(base + "/readyz")
+    doc = json.loads(body)
+    assert status == 503
+    assert doc["not_ready"] == ["partitions", "restored"]
+    assert doc["components"] == {"broker": "ok", "model": "ok", "partitions": "restoring [0, 3]",
+                                 "restored": "not ready"}
+    assert "stream_lstm_ready 0.0" in get(base + "/metrics")[2]
+    health.set_ready("partitions", True)
+    health.set_ready("restored", True)
+    status, _, body = get(base + "/readyz")
+    assert status == 200 and json.loads(body) == {
+        "ready": True, "not_ready": [],
+        "components": {"broker": "ok", "model": "ok", "partitions": "ok", "restored": "ok"}}
+    assert "stream_lstm_ready 1.0" in get(base + "/metrics")[2]
+
+
+def test_server_shutdown_frees_the_port():
+    server = serve_metrics(Metrics(), HealthState(), "127.0.0.1", 0)
+    port = server.port
+    assert port > 0
+    server.shutdown()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+@pytest.fixture
+def json_logs():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    buf = io.StringIO()
+    configure_logging("DEBUG", stream=buf)
+    try:
+        yield buf
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_logs_are_json_lines_with_context_and_masked_secrets(json_logs):
+    log = logging.getLogger("stream_lstm.test")
+    log.info("reading dead-lettered", extra={"device_id": "d-7", "partition": 3, "topic": "sensor-readings"})
+    log.warning("connecting with sasl_plain_password=hunter2 and %s", "token=abc123",
+                extra={"kafka_config": {"sasl_plain_password": "hunter2", "bootstrap_servers": "k:9092"},
+                       "api_token": "abc123"})
+    try:
+        raise RuntimeError('auth failed: {"password": "hunter2"}')
+    except RuntimeError:
+        log.exception("broker error")
+    first, second, third = lines(json_logs)
+    assert set(first) >= {"ts", "level", "logger", "event"}
+    assert first["ts"].endswith("+00:00") and "T" in first["ts"]
+    assert (first["level"], first["logger"], first["event"]) == ("info", "stream_lstm.test", "reading dead-lettered")
+    assert (first["device_id"], first["partition"], first["topic"]) == ("d-7", 3, "sensor-readings")
+    assert second["event"] == "connecting with sasl_plain_password=*** and token=***"
+    assert second["kafka_config"] == {"sasl_plain_password": "***", "bootstrap_servers": "k:9092"}
+    assert second["api_token"] == "***"
+    assert "RuntimeError" in third["exception"]
+    assert "hunter2" not in json_logs.getvalue() and "abc123" not in json_logs.getvalue()
+
+
+def test_log_startup_is_one_line_with_redacted_settings(json_logs):
+    s = Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                 sasl_password="hunter2", bootstrap_servers="broker-1:9093")
+    log_startup(logging.getLogger("stream_lstm.worker"), s,
+                {"bootstrap_servers": s.bootstrap_servers, "input_topic": s.input_topic, "model_version": "v0001"})
+    out = lines(json_logs)
+    assert len(out) == 1
+    line = out[0]
+    assert "broker-1:9093" in line["event"] and "sensor-readings" in line["event"] and "v0001" in line["event"]
+    assert line["connected"]["model_version"] == "v0001"
+    assert line["settings"]["sasl_password"] == "***"
+    assert line["settings"]["sasl_username"] == "svc" and line["settings"]["window"] == s.window
+    assert "hunter2" not in json_logs.getvalue()
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("sasl_plain_password=hunter2 user=bob", "sasl_plain_password=*** user=bob"),
+    ('{"sasl_password": "hunter2"}', '{"sasl_password": "***"}'),
+    ("client_secret: s3cr3t, next", "client_secret: ***, next"),
+    ("nothing to hide", "nothing to hide"),
+])
+def test_mask_secrets(text, masked):
+    assert mask_secrets(text) == masked
