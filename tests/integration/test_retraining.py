@@ -87,7 +87,7 @@ def test_swap_under_load_rewarms_and_loses_nothing(settings_factory, topic_name)
             seen["checked"] = True
             seen["at_consumed"] = w.totals.consumed
             model = w.lifecycle.served.model
-            for dev, slot in list(w.table.index.items())[:20]:
+            for slot in list(w.table.index.values())[:20]:
                 win = torch.from_numpy(w.table.window.ordered(slot))[None]
                 with torch.no_grad():
                     _, _, (h, c) = model(win)
