@@ -1,21 +1,28 @@
-"""A real Apache Kafka 4.x broker on 127.0.0.1, from Maven Central jars, without Docker.
+"""A real Apache Kafka 4.1.1 broker on 127.0.0.1, from Maven Central jars, without Docker.
 
-``stream-lstm kafka up`` fetches the pinned Kafka release and its runtime dependencies with
-``mvn`` (the small pom in ``deploy/kafka/pom.xml``, which adds the log4j2 binding that the
-Kafka POM leaves out), caches the jars in the user cache directory, formats KRaft storage,
-and starts a single-node broker+controller with ``java``. It waits until the broker answers
-an admin call, then prints the bootstrap address. ``stream-lstm kafka down`` stops it.
+``stream-lstm kafka fetch`` runs ``mvn dependency:copy-dependencies`` on the small pom in
+``deploy/kafka/pom.xml`` (the single source of truth for the Kafka version; it adds the log4j2
+binding that Kafka's own POM leaves out) and caches the jars in the user cache directory.
+``stream-lstm kafka up`` formats KRaft storage, starts one broker+controller process with
+``java`` in the background, waits until an admin call succeeds and prints the address;
+``kafka down`` stops it; ``kafka status`` tells whether it runs. A ``broker.json`` state
+file in the data directory ties the commands together.
 
-The same :class:`LocalBroker` backs the test fixtures and the benchmark. It can also open a
-SASL/SCRAM listener (``sasl_users``) for security tests.
+The same :class:`LocalBroker` backs the test fixtures, ``stream-lstm up`` and the benchmark.
+It can also open a SASL_PLAINTEXT listener with SCRAM-SHA-256/512 users (``sasl_users``) and
+an SSL listener with a self-signed CA made by ``openssl`` (``tls=True``).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,21 +32,32 @@ import time
 from pathlib import Path
 
 KAFKA_VERSION = "4.1.1"
-POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+JAVA_HINT = "OpenJDK 17 (apt install openjdk-17-jre-headless)"
+MAVEN_HINT = "Apache Maven (apt install maven)"
 
+# Root at WARN keeps the file small; a few lifecycle loggers at INFO say when the broker
+# started, which version it is and when it shut down, so the log is never empty.
 LOG4J2 = """\
 status = warn
-appender.file.type = File
+appender.file.type = RollingFile
 appender.file.name = FILE
 appender.file.fileName = {log}
+appender.file.filePattern = {log}.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 10MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
 rootLogger.level = {level}
 rootLogger.appenderRef.file.ref = FILE
-logger.kafka.name = kafka
-logger.kafka.level = {level}
-logger.apache.name = org.apache.kafka
-logger.apache.level = {level}
+logger.start.name = kafka.server.KafkaRaftServer
+logger.start.level = INFO
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = INFO
+logger.app.name = org.apache.kafka.common.utils.AppInfoParser
+logger.app.level = INFO
 """
 
 
@@ -47,93 +65,137 @@ class BrokerError(RuntimeError):
     """The local broker could not be set up; the message says what to do."""
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("STREAM_LSTM_CACHE_DIR")
-    if base:
-        return Path(base)
+def user_cache_dir() -> Path:
+    """``$STREAM_LSTM_CACHE_DIR``, else ``$XDG_CACHE_HOME/stream-lstm``, else ``~/.cache/...``."""
+    if os.environ.get("STREAM_LSTM_CACHE_DIR"):
+        return Path(os.environ["STREAM_LSTM_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "stream-lstm"
 
 
 def default_data_dir(port: int) -> Path:
-    return cache_dir() / f"broker-{port}"
+    return user_cache_dir() / f"broker-{port}"
 
 
 def require_tool(name: str, install: str) -> str:
+    """The path of ``name`` on PATH, or a one-line :class:`BrokerError` saying what to install."""
     path = shutil.which(name)
     if path is None:
         raise BrokerError(f"{name} not found: install {install}")
     return path
 
 
-def fetch_jars(cache: Path | None = None) -> Path:
-    """The directory of Kafka's jars, fetched with Maven on first use."""
-    libs = (cache or cache_dir()) / f"kafka-{KAFKA_VERSION}" / "libs"
-    marker = libs / ".complete"
-    if marker.exists():
-        return libs
-    mvn = require_tool("mvn", "Apache Maven (apt install maven)")
-    if not POM.exists():
-        raise BrokerError(f"{POM} is missing: run from a source checkout of stream-lstm")
-    libs.mkdir(parents=True, exist_ok=True)
-    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-           f"-DoutputDirectory={libs}", f"-Dkafka.version={KAFKA_VERSION}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-        raise BrokerError(f"mvn could not fetch Kafka {KAFKA_VERSION}:\n{result.stdout[-2000:]}"
-                          f"{result.stderr[-2000:]}")
-    marker.write_text(KAFKA_VERSION)
+def find_pom() -> Path:
+    """The pom that pins Kafka: ``deploy/kafka/pom.xml`` is the one source of truth.
+
+    Looked up as ``$STREAM_LSTM_KAFKA_POM``, then ``stream_lstm/kafka/pom.xml`` (a symlink to
+    the deploy file in a checkout, a real copy in a built wheel), then the checkout path.
+    """
+    here = Path(__file__).resolve().parent
+    candidates = [here / "pom.xml", here.parents[1] / "deploy" / "kafka" / "pom.xml"]
+    if os.environ.get("STREAM_LSTM_KAFKA_POM"):
+        candidates = [Path(os.environ["STREAM_LSTM_KAFKA_POM"])]
+    for pom in candidates:
+        if pom.is_file():
+            return pom
+    raise BrokerError(f"the Kafka pom was not found (looked at {', '.join(map(str, candidates))}): "
+                      "set STREAM_LSTM_KAFKA_POM to a copy of deploy/kafka/pom.xml")
+
+
+def fetch_jars(cache_dir: Path | None = None) -> Path:
+    """The directory of Kafka's jars, fetched with Maven once and then reused.
+
+    A marker file holding the pom's sha256 is written only after a complete copy, so an
+    interrupted fetch is redone, and so is a fetch for an edited pom. A file lock keeps two
+    processes (a test session and a CLI call, say) from fetching into the same place at once.
+    """
+    root = Path(cache_dir or user_cache_dir()) / f"kafka-{KAFKA_VERSION}"
+    libs, marker = root / "libs", root / "libs" / ".complete"
+    pom: Path | None = None
+    with contextlib.suppress(BrokerError):
+        pom = find_pom()
+    want = hashlib.sha256(pom.read_bytes()).hexdigest() if pom else None
+    if marker.exists() and (want is None or marker.read_text().strip() == want):
+        return libs  # cached: an installed copy without the pom still uses its jars
+    if pom is None:
+        find_pom()  # raises the clear error
+    require_tool("java", JAVA_HINT)  # mvn itself fails obscurely without java
+    mvn = require_tool("mvn", MAVEN_HINT)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text().strip() == want:
+            return libs  # another process fetched while we waited
+        shutil.rmtree(libs, ignore_errors=True)  # no stale jars of an older pom on the classpath
+        cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+               f"-DoutputDirectory={libs}"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+            raise BrokerError(f"mvn could not fetch Kafka {KAFKA_VERSION} ({' '.join(cmd)}):\n"
+                              f"{(result.stdout + result.stderr)[-3000:]}")
+        marker.write_text(str(want))
     return libs
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port, or the port cannot be bound."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Kafka does: TIME_WAIT is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError):  # Linux: field 3 of /proc/<pid>/stat is the state
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
 class LocalBroker:
-    """A single-node KRaft broker+controller.
+    """A single-node KRaft broker+controller on 127.0.0.1.
 
-    Parameters
-    ----------
-    port
-        Client (PLAINTEXT) port on 127.0.0.1.
-    data_dir
-        Storage, config, logs and the ``broker.json`` state file.
-    controller_port
-        KRaft controller port; a free one by default.
-    sasl_users
-        ``{user: password}``: also open a SASL_PLAINTEXT listener with SCRAM-SHA-256/512
-        (``sasl_port``), credentials created at format time.
-    log_level
-        Broker log level (the log goes to ``<data_dir>/logs/server.log``).
+    ``port`` is the PLAINTEXT client port; ``data_dir`` holds storage (``kraft/``), config,
+    logs (``logs/server.log``), TLS files (``tls/``) and the ``broker.json`` state file.
+    ``sasl_users`` ``{user: password}`` opens a SASL_PLAINTEXT listener (``sasl_bootstrap``)
+    with SCRAM-SHA-256 and -512 credentials made at format time; ``tls=True`` opens an SSL
+    listener (``ssl_bootstrap``) whose certificate is signed by ``ca_file``. Controller and
+    inter-broker traffic stay PLAINTEXT: only clients need the secured listeners.
     """
 
     def __init__(self, port: int, data_dir: str | Path, controller_port: int | None = None,
-                 sasl_users: dict[str, str] | None = None, log_level: str = "WARN") -> None:
+                 sasl_users: dict[str, str] | None = None, tls: bool = False, *,
+                 sasl_port: int | None = None, ssl_port: int | None = None,
+                 log_level: str = "WARN") -> None:
         self.port = port
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()
         self.controller_port = controller_port
-        self.sasl_users = sasl_users or {}
-        self.sasl_port: int | None = None
+        self.sasl_users = dict(sasl_users or {})
+        self.tls = tls
+        self.sasl_port = sasl_port
+        self.ssl_port = ssl_port
         self.log_level = log_level
         self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -141,7 +203,20 @@ class LocalBroker:
 
     @property
     def sasl_bootstrap(self) -> str:
+        if not self.sasl_users or self.sasl_port is None:
+            raise BrokerError("no SASL listener: pass sasl_users and start the broker")
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        if not self.tls or self.ssl_port is None:
+            raise BrokerError("no SSL listener: pass tls=True and start the broker")
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """PEM of the CA that signed the broker certificate (for ``ssl_cafile``)."""
+        return self.data_dir / "tls" / "ca.pem"
 
     @property
     def state_file(self) -> Path:
@@ -151,100 +226,122 @@ class LocalBroker:
     def log_file(self) -> Path:
         return self.data_dir / "logs" / "server.log"
 
-    def running_pid(self) -> int | None:
-        """The pid from the state file when that process is still alive."""
+    def read_state(self) -> dict | None:
         try:
-            state = json.loads(self.state_file.read_text())
+            return json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return None
-        pid = int(state.get("pid", 0))
-        return pid if pid and pid_alive(pid) else None
 
-    def start(self, timeout: float = 120.0) -> str:
-        """Start (or find running) and wait until it answers; returns the bootstrap address."""
-        java = require_tool("java", "a Java 17+ runtime (apt install openjdk-17-jre-headless)")
+    def running_pid(self) -> int | None:
+        """The pid from the state file when that process is alive and is this broker."""
+        state = self.read_state()
+        pid = int(state.get("pid") or 0) if state else 0
+        if not pid or not pid_alive(pid):
+            return None
+        with contextlib.suppress(OSError):  # pids are reused: check it is our java process
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if "kafka.Kafka" not in cmdline or str(self.data_dir) not in cmdline:
+                return None
+        return pid
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the broker (or adopt the one running on this data dir) and wait until it answers.
+
+        Returns the PLAINTEXT bootstrap address. A state file whose process is dead (a crash)
+        is cleaned up; formatted storage is reused when its cluster id and users still match.
+        """
+        java = require_tool("java", JAVA_HINT)
         pid = self.running_pid()
-        if pid is not None:
-            self.pid = pid
+        if pid is not None:  # a second `up`: adopt the running broker and its ports
+            state = self.read_state() or {}
+            self.pid, self.port = pid, int(state.get("port", self.port))
+            self.sasl_port, self.ssl_port = state.get("sasl_port"), state.get("ssl_port")
             self._wait_ready(timeout)
             return self.bootstrap
-        if port_in_use(self.port):
-            raise BrokerError(f"port {self.port} on 127.0.0.1 is in use by another program; "
-                              "choose another with --port")
+        self.state_file.unlink(missing_ok=True)  # stale, if any: its process is gone
+        for p in (self.port, self.controller_port, self.sasl_port, self.ssl_port):
+            if p is not None and port_in_use(p):
+                raise BrokerError(f"port {p} on 127.0.0.1 is in use by another program; "
+                                  "stop it or choose another port with --port")
         libs = fetch_jars()
         self.controller_port = self.controller_port or free_port()
         if self.sasl_users:
             self.sasl_port = self.sasl_port or free_port()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.ssl_port = self.ssl_port or free_port()
+            store_password = self._make_certificates()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
-        props.write_text(self._properties())
+        props.write_text(self._properties(store_password if self.tls else ""))
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(LOG4J2.format(log=self.log_file, level=self.log_level))
-        cp = str(libs / "*")
-        jvm = [java, "-Xmx512m", "-Xms256m", f"-Dlog4j2.configurationFile={log4j}", "-cp", cp]
+        jvm = [java, "-Xmx512m", "-Xms128m", "-Djava.awt.headless=true",
+               f"-Dlog4j2.configurationFile={log4j}", "-cp", str(libs / "*")]
         self._format(jvm, props)
-        out = open(self.data_dir / "logs" / "stdout.log", "ab")  # noqa: SIM115 - child owns it
-        proc = subprocess.Popen(jvm + ["kafka.Kafka", str(props)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = proc.pid
-        self.state_file.write_text(json.dumps({"pid": proc.pid, "port": self.port,
-                                               "bootstrap": self.bootstrap,
-                                               "sasl_port": self.sasl_port}))
+        with open(self.data_dir / "logs" / "stdout.log", "ab") as out:
+            # Own session: Ctrl-C in the terminal that ran `kafka up` does not reach it.
+            self._proc = subprocess.Popen(jvm + ["kafka.Kafka", str(props)], stdout=out,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        self.pid = self._proc.pid
+        self.state_file.write_text(json.dumps({
+            "pid": self.pid, "port": self.port, "bootstrap": self.bootstrap,
+            "controller_port": self.controller_port, "sasl_port": self.sasl_port,
+            "ssl_port": self.ssl_port, "version": KAFKA_VERSION}))
         try:
-            self._wait_ready(timeout, proc)
+            self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self.bootstrap
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the broker cleanly (SIGTERM, then SIGKILL). Returns whether one was running."""
-        pid = self.pid or self.running_pid()
-        if pid is None or not pid_alive(pid):
-            self.state_file.unlink(missing_ok=True)
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and pid_alive(pid):
-            try:  # reap it if it is our child
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        """Stop cleanly: SIGTERM, wait up to ``timeout``, then SIGKILL. Whether one ran."""
+        pid = self.pid if self.pid and self._alive(self.pid) else self.running_pid()
         self.state_file.unlink(missing_ok=True)
         self.pid = None
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # Kafka shuts down in order on SIGTERM
+        deadline = time.monotonic() + timeout
+        while self._alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while self._alive(pid):
+                time.sleep(0.05)
         return True
 
     # ---- internals -------------------------------------------------------------------------
-    def _properties(self) -> str:
-        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
-        advertised = [f"PLAINTEXT://127.0.0.1:{self.port}"]
-        protocol_map = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
-        extra = ""
+    def _alive(self, pid: int) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            return self._proc.poll() is None  # our child: poll() also reaps it
+        return pid_alive(pid)
+
+    def _properties(self, store_password: str) -> str:
+        names = {"PLAINTEXT": self.port}
         if self.sasl_users:
-            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
-            advertised.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
-            protocol_map += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
-            extra = ("sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512\n"
-                     "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
-                     "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
-                     "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
-                     "org.apache.kafka.common.security.scram.ScramLoginModule required;\n")
-        return "\n".join([
+            names["SASL_PLAINTEXT"] = self.sasl_port
+        if self.tls:
+            names["SSL"] = self.ssl_port
+        advertised = ",".join(f"{n}://127.0.0.1:{p}" for n, p in names.items())
+        lines = [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-            "listeners=" + ",".join(listeners),
-            "advertised.listeners=" + ",".join(advertised),
-            "listener.security.protocol.map=" + protocol_map,
+            f"listeners={advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={advertised}",
+            "listener.security.protocol.map=" + ",".join(f"{n}:{n}" for n in names)
+            + ",CONTROLLER:PLAINTEXT",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={self.data_dir / 'kraft'}",
+            # One node: every internal topic has one replica, and few partitions so that the
+            # first consumer group or transaction is quick on two cores.
             "num.partitions=4",
+            "default.replication.factor=1",
             "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=4",
             "transaction.state.log.replication.factor=1",
@@ -254,20 +351,47 @@ class LocalBroker:
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
-            "log.cleaner.enable=true",
+            "delete.topic.enable=true",
+            "log.cleaner.enable=true",  # the changelog and models topics are compacted
             "log.cleaner.backoff.ms=1000",
-            "message.max.bytes=4194304",
+            "message.max.bytes=4194304",  # models travel as messages; matches the producer
+            "replica.fetch.max.bytes=4194304",
+            # Transactions left open by a killed worker are aborted in seconds, not minutes.
             "transaction.abort.timed.out.transaction.cleanup.interval.ms=5000",
             "transaction.remove.expired.transaction.cleanup.interval.ms=60000",
-            "delete.topic.enable=true",
-        ]) + "\n" + extra
+        ]
+        if self.sasl_users:
+            jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            lines += ["sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512",
+                      f"listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={jaas}",
+                      f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}"]
+        if self.tls:
+            lines += ["ssl.keystore.type=PKCS12",
+                      f"ssl.keystore.location={self.data_dir / 'tls' / 'broker.p12'}",
+                      f"ssl.keystore.password={store_password}",
+                      f"ssl.key.password={store_password}",
+                      "ssl.client.auth=none"]
+        return "\n".join(lines) + "\n"
 
     def _format(self, jvm: list[str], props: Path) -> None:
-        """Format KRaft storage, keeping it when already formatted for this config."""
-        meta = self.data_dir / "kraft" / "meta.properties"
-        if meta.exists():
-            return  # a stale but formatted directory from an earlier run: reuse its data
-        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        """Format KRaft storage; reuse a formatted directory when it is still this broker's.
+
+        ``format.json`` records the cluster id and a digest of the SCRAM users we formatted
+        with. If ``kraft/meta.properties`` names the same cluster and the users are the same,
+        the data (topics, offsets) is kept; anything else is wiped and formatted anew.
+        """
+        kraft, record = self.data_dir / "kraft", self.data_dir / "format.json"
+        users = hashlib.sha256(json.dumps(sorted(self.sasl_users.items())).encode()).hexdigest()
+        with contextlib.suppress(OSError, ValueError):
+            formatted = json.loads(record.read_text())
+            meta = (kraft / "meta.properties").read_text()
+            if f"cluster.id={formatted['cluster_id']}" in meta.splitlines() and \
+                    formatted["users"] == users:
+                return
+        shutil.rmtree(kraft, ignore_errors=True)
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # the tool would take a leading '-' for an option
+            cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
         cmd = jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
                      "--ignore-formatted"]
         for user, password in self.sasl_users.items():
@@ -275,35 +399,76 @@ class LocalBroker:
                 cmd += ["--add-scram", f"{mech}=[name={user},password={password}]"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise BrokerError(f"formatting KRaft storage failed: {result.stdout}{result.stderr}")
+            raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
+        record.write_text(json.dumps({"cluster_id": cluster_id, "users": users}))
 
-    def _wait_ready(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    def _make_certificates(self) -> str:
+        """A self-signed CA and a broker certificate for 127.0.0.1/localhost; the store password.
+
+        PEM files for Python clients (``ca.pem``), a PKCS12 keystore for the broker. Made once
+        per data directory and reused, so clients holding ``ca.pem`` keep working.
+        """
+        tls = self.data_dir / "tls"
+        p12, password_file = tls / "broker.p12", tls / "store-password"
+        if p12.exists() and password_file.exists() and self.ca_file.exists():
+            return password_file.read_text().strip()
+        openssl = require_tool("openssl", "OpenSSL (apt install openssl)")
+        shutil.rmtree(tls, ignore_errors=True)
+        tls.mkdir(parents=True)
+        password = secrets.token_hex(16)
+        password_file.write_text(password)
+        password_file.chmod(0o600)
+        (tls / "broker.ext").write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+        steps = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=stream-lstm local CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out",
+             "broker.csr", "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "3650", "-out", "broker.pem", "-extfile", "broker.ext"],
+            ["pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-certfile",
+             "ca.pem", "-name", "broker", "-out", "broker.p12", "-passout", f"pass:{password}"],
+        ]
+        for step in steps:
+            result = subprocess.run([openssl, *step], cwd=tls, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise BrokerError(f"openssl {step[0]} failed:\n{result.stderr[-2000:]}")
+        return password
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Poll an admin call until it succeeds; fail with the log's tail if the JVM dies."""
         from kafka import KafkaAdminClient
 
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise BrokerError(f"the broker exited with {proc.returncode}:\n{self._log_tail()}")
+            if self.pid is None or not self._alive(self.pid):
+                code = self._proc.returncode if self._proc else "?"
+                raise BrokerError(f"the broker exited (code {code}); log tail:\n{self._log_tail()}")
             try:
                 admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000,
                                          client_id="stream-lstm-local-broker")
                 try:
                     admin.describe_cluster()
-                    admin.list_topics()
                 finally:
                     admin.close()
                 return
-            except Exception as exc:  # noqa: BLE001 - not up yet
+            except Exception as exc:  # noqa: BLE001 - not up yet; retry until the deadline
                 last = exc
-                time.sleep(0.5)
-        raise BrokerError(f"the broker did not answer within {timeout:.0f}s ({last}):\n{self._log_tail()}")
+                time.sleep(0.3)
+        raise BrokerError(f"the broker did not answer within {timeout:.0f}s ({last}); "
+                          f"log tail:\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 30) -> str:
         text = ""
         for f in (self.log_file, self.data_dir / "logs" / "stdout.log"):
             if f.exists():
-                text += "\n".join(f.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+                text += f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]) + "\n"
         return text
 
 
@@ -311,36 +476,46 @@ class LocalBroker:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         f"Run a local single-node Apache Kafka {KAFKA_VERSION} broker (KRaft) on 127.0.0.1 from "
-        "Maven Central jars: no Docker needed. Needs java (17+) and mvn."
-    )
+        "Maven Central jars, in the background: no Docker needed. Needs java (17+) and mvn.")
     parser.add_argument("action", choices=["up", "down", "status", "fetch"],
                         help="up: start and wait until ready; down: stop; status; fetch: jars only")
     parser.add_argument("--port", type=int, default=9092, help="client port (default 9092)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="storage and logs (default: <cache>/broker-<port>)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
+                        help="storage, config and logs (default: <cache>/broker-<port>)")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="seconds to wait for the broker to answer (default 90)")
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run one action; 0 on success, 1 for `status` with no broker, 2 on errors."""
     broker = LocalBroker(args.port, args.data_dir or default_data_dir(args.port))
     try:
         if args.action == "fetch":
             print(f"Kafka {KAFKA_VERSION} jars in {fetch_jars()}")
         elif args.action == "up":
-            already = broker.running_pid()
-            bootstrap = broker.start(args.timeout)
-            state = "already running" if already else "ready"
-            print(f"Kafka {KAFKA_VERSION} broker {state} at {bootstrap} "
-                  f"(pid {broker.pid}, data {broker.data_dir}, log {broker.log_file})")
+            if broker.running_pid() is not None:
+                broker.start(args.timeout)  # adopts it and checks that it answers
+                print(f"Kafka {KAFKA_VERSION} broker already running at {broker.bootstrap} "
+                      f"(pid {broker.pid}, data: {broker.data_dir})")
+                return 0
+            stale = broker.read_state()
+            if stale:
+                print(f"cleaning up after a broker that is gone (pid {stale.get('pid')})")
+            broker.start(args.timeout)
+            print(f"Kafka {KAFKA_VERSION} broker ready at {broker.bootstrap} (pid {broker.pid}, "
+                  f"data: {broker.data_dir}, logs: {broker.log_file})")
         elif args.action == "down":
-            stopped = broker.stop()
-            print(f"broker on port {args.port} stopped" if stopped
-                  else f"no broker running on port {args.port}")
+            pid = broker.running_pid()
+            if broker.stop():
+                print(f"Kafka broker at {broker.bootstrap} stopped (pid {pid})")
+            else:
+                print(f"no Kafka broker running for {broker.data_dir}")
         else:
             pid = broker.running_pid()
-            print(f"broker running at {broker.bootstrap} (pid {pid})" if pid
-                  else f"no broker running on port {args.port}")
-            return 0 if pid else 1
+            if pid is None:
+                print(f"no Kafka broker running for {broker.data_dir}")
+                return 1
+            print(f"Kafka broker running at {broker.bootstrap} (pid {pid}, logs: {broker.log_file})")
     except BrokerError as exc:
         print(f"stream-lstm kafka {args.action}: {exc}", file=sys.stderr)
         return 2

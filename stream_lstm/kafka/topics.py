@@ -1,11 +1,13 @@
-"""Topic creation: idempotent, and waits until the broker shows the topics."""
+"""Topic creation: idempotent, safe when several workers race, and waits until topics are usable.
+
+>>> TopicSpec("readings", 4, {"retention.ms": "86400000"}).partitions
+4
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from stream_lstm.config import Settings
@@ -22,23 +24,32 @@ class TopicSpec:
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float = 30.0) -> None:
-    """Create the missing topics; existing ones are left as they are."""
+    """Create the topics that are missing, then wait until every one has a leader everywhere.
+
+    Existing topics are left as they are (their partition count is the caller's concern, see
+    :func:`partition_count`). A topic created by someone else between our listing and our
+    create request (another worker starting at the same time) counts as created.
+    Raises ``kafka.errors.KafkaTimeoutError`` when the topics are not usable in ``timeout_s``.
+    """
+    if not specs:
+        return
     admin = make_admin(settings)
     try:
         existing = set(admin.list_topics())
-        missing = [s for s in specs if s.name not in existing]
-        for spec in missing:
+        for spec in specs:
+            if spec.name in existing:
+                continue
             try:
-                admin.create_topics([NewTopic(spec.name, spec.partitions, settings.replication_factor,
-                                              topic_configs=dict(spec.config))])
+                admin.create_topics({spec.name: {
+                    "num_partitions": spec.partitions,
+                    "replication_factor": settings.replication_factor,
+                    "configs": {k: str(v) for k, v in spec.config.items()},
+                }})
             except TopicAlreadyExistsError:
-                pass  # another worker created it first
-        deadline = time.monotonic() + timeout_s
-        while missing and time.monotonic() < deadline:
-            described = admin.describe_topics([s.name for s in missing])
-            if all(t.get("partitions") and not t.get("error_code") for t in described):
-                return
-            time.sleep(0.2)
+                pass  # another worker created it first: fine
+        # CreateTopics returns before the new partitions have leaders in the metadata cache
+        # (KRaft propagates them asynchronously); producing at once could fail.
+        admin.wait_for_topics([s.name for s in specs], timeout_ms=int(timeout_s * 1000))
     finally:
         admin.close()
 

@@ -1,10 +1,21 @@
 """The model registry: safetensors weights plus JSON metadata, never pickle.
 
-Each version is ``vNNNN.safetensors`` (weights) and ``vNNNN.json`` (version, parent, spec,
-sha256 of the weights, training data range, metrics, settings used). ``PROMOTED`` names the
-version the worker serves. Loading checks the checksum and the tensor shapes against the
-spec, so a tampered, truncated or foreign file fails with :class:`ModelLoadError` and a
-message that says why. The same format travels over Kafka (:func:`model_to_bytes`).
+A saved model is two files: ``NAME.safetensors`` (the weights, in the `safetensors
+<https://huggingface.co/docs/safetensors>`_ format, which holds only tensors and cannot run
+code) and ``NAME.json`` beside it: format version, model version, parent version, creation
+time, the :class:`~stream_lstm.models.lstm.ModelSpec`, the sha256 of the weights file,
+training data range, metrics and the settings used. Loading checks the JSON, the checksum,
+and every tensor's name, shape, dtype and finiteness against the spec, so a missing,
+truncated, tampered, foreign (e.g. a ``torch.save`` pickle) or mis-shaped file fails with
+:class:`ModelLoadError` and a one-line message that says why. Nothing is ever unpickled.
+
+:class:`ModelRegistry` keeps numbered versions ``v0001``, ``v0002``, ... in one directory
+(``STREAM_LSTM_MODEL_DIR``), a ``PROMOTED`` file naming the version workers serve (replaced
+atomically), and ``promotions.jsonl``, the log of promotions and rollbacks.
+
+The same format travels over the Kafka models topic as one message
+(:func:`model_to_bytes` / :func:`model_from_bytes`): ``b"SLM1"``, the header length
+(uint32, little-endian), the JSON header, then the safetensors bytes.
 
 >>> import tempfile, pathlib
 >>> from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
@@ -20,163 +31,351 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 
-_WIRE_MAGIC = b"SLM1"
+FORMAT = "stream-lstm-model"
+FORMAT_VERSION = 1
+WIRE_MAGIC = b"SLM1"
+_MAX_HEADER = 16 << 20
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NUMBERED_RE = re.compile(r"^v(\d+)$")
 
 
 class ModelLoadError(ValueError):
-    """A model file or message could not be loaded safely."""
+    """A model file or message could not be loaded safely (the message says why)."""
 
 
-@dataclass
-class LoadedModel:
+class LoadedModel(NamedTuple):
+    """A loaded model, its spec and its metadata; unpacks as ``model, spec, meta``.
+
+    >>> spec = ModelSpec(hidden_size=2, horizon=1)
+    >>> model, spec2, meta = model_from_bytes(
+    ...     model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v0007"}))
+    >>> spec2 == spec, meta["version"]
+    (True, 'v0007')
+    """
+
     model: SimpleLSTM
     spec: ModelSpec
     meta: dict[str, Any]
 
     @property
     def version(self) -> str:
-        return str(self.meta.get("version", "unknown"))
+        return str(self.meta.get("version") or "unknown")
 
 
-def _weights_bytes(model: SimpleLSTM) -> bytes:
-    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _build(weights: bytes, meta: dict[str, Any], source: str) -> LoadedModel:
-    digest = hashlib.sha256(weights).hexdigest()
-    if meta.get("sha256") != digest:
-        raise ModelLoadError(f"{source}: checksum mismatch (the weights were modified or truncated)")
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _expected_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in SimpleLSTM.from_spec(spec).state_dict().items()}
+
+
+def _weights_bytes(model: SimpleLSTM, spec: ModelSpec) -> bytes:
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in model.state_dict().items()}
+    expected = _expected_shapes(spec)
+    if {k: t.shape for k, t in tensors.items()} != expected:
+        raise ValueError(f"the model's tensors do not match the spec {spec}")
+    return st_save(tensors)
+
+
+def _full_meta(meta: dict[str, Any], spec: ModelSpec, weights: bytes) -> dict[str, Any]:
+    return {"version": None, "parent": None, "created_at": _utc_now(), "training_data": None,
+            "metrics": {}, "settings": {}, **meta, "format": FORMAT,
+            "format_version": FORMAT_VERSION, "spec": spec.to_dict(),
+            "sha256": hashlib.sha256(weights).hexdigest()}
+
+
+def _looks_pickled(data: bytes) -> bool:
+    """Heuristic, for the error message only (a file is refused unless it parses as safetensors)."""
+    protocol_2_to_5 = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return protocol_2_to_5 or data.startswith(b"PK\x03\x04")  # torch.save: pickle or zip
+
+
+def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> LoadedModel:
+    """Verify metadata, checksum and tensors; build the model. Never unpickles."""
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{source}: metadata is not a JSON object")
+    fmt_version = meta.get("format_version", 1)
+    if not isinstance(fmt_version, int) or fmt_version > FORMAT_VERSION:
+        raise ModelLoadError(f"{source}: format_version {fmt_version!r} is newer than this "
+                             f"stream-lstm understands ({FORMAT_VERSION})")
+    digest = meta.get("sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ModelLoadError(f"{source}: metadata has no valid sha256")
+    if hashlib.sha256(weights).hexdigest() != digest:
+        raise ModelLoadError(f"{source}: sha256 mismatch: the weights were modified or truncated "
+                             f"({len(weights)} bytes)")
     try:
         spec = ModelSpec(**meta["spec"])
-    except (KeyError, TypeError) as exc:
+        expected = _expected_shapes(spec)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{source}: metadata has no valid spec ({exc})") from None
     try:
         tensors = st_load(weights)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{source}: not a safetensors file ({exc})") from None
+        if _looks_pickled(weights):
+            raise ModelLoadError(f"{source}: looks like a pickle / torch.save file, not "
+                                 "safetensors; stream-lstm never unpickles model files") from None
+        raise ModelLoadError(f"{source}: not a valid safetensors file ({exc})") from None
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ModelLoadError(f"{source}: tensor names do not match the spec "
+                             f"(missing {missing}, unexpected {extra})")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.shape != shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the spec "
+                                 f"needs {tuple(shape)}")
+        if not t.is_floating_point():
+            raise ModelLoadError(f"{source}: tensor {name} has dtype {t.dtype}, expected float")
+        if not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{source}: tensor {name} contains NaN or infinity")
     model = SimpleLSTM.from_spec(spec)
-    expected = model.state_dict()
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise ModelLoadError(f"{source}: tensors do not match the spec {spec}")
-    model.load_state_dict(tensors)
-    return LoadedModel(model.eval(), spec, meta)
+    model.load_state_dict({k: t.float() for k, t in tensors.items()})
+    return LoadedModel(model.to(device).eval(), spec, meta)
+
+
+def _weights_path(path: Path) -> Path:
+    return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
 
 
 def save_model(model: SimpleLSTM, spec: ModelSpec, path: Path, meta: dict[str, Any]) -> Path:
-    """Write ``path`` (.safetensors) and its metadata (.json beside it); returns the weights path."""
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights = _weights_bytes(model)
-    full = {"created_at": time.time(), **meta, "spec": spec.to_dict(),
-            "sha256": hashlib.sha256(weights).hexdigest(), "format": "safetensors"}
-    _atomic_write(path, weights)
-    _atomic_write(path.with_suffix(".json"), json.dumps(full, indent=2, default=str).encode())
-    return path
+    """Write the weights (``path``, as ``.safetensors``) and ``<stem>.json``; return the weights path.
+
+    ``meta`` keys are kept (``version``, ``parent``, ``training_data``, ``metrics``,
+    ``settings``, anything else JSON-able); ``format``, ``spec`` and ``sha256`` are computed;
+    ``created_at`` (UTC, ISO 8601) defaults to now; ``version`` defaults to the file stem.
+    Both files are replaced atomically (temporary file + rename), weights first.
+    """
+    weights_path = _weights_path(Path(path))
+    weights = _weights_bytes(model, spec)
+    full = _full_meta({"version": weights_path.stem, **meta}, spec, weights)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(weights_path, weights)
+    atomic_write(weights_path.with_suffix(".json"), _dumps(full))
+    return weights_path
 
 
 def load_model(path: Path, device: str = "cpu") -> LoadedModel:
-    """Load a model saved by :func:`save_model`; never unpickles."""
+    """Load a model saved by :func:`save_model` (``path``: its ``.safetensors`` or ``.json``).
+
+    Raises :class:`ModelLoadError` for a missing, truncated, tampered, mis-shaped or pickled
+    file. The model is returned in eval mode on ``device``.
+    """
     path = Path(path)
-    weights_path = path.with_suffix(".safetensors") if path.suffix != ".safetensors" else path
+    if path.suffix not in (".safetensors", ".json") and path.is_file():
+        head = path.read_bytes()[:4]
+        kind = "a pickle / torch.save file" if _looks_pickled(head) else "not a .safetensors file"
+        raise ModelLoadError(f"{path}: {kind}; stream-lstm loads only .safetensors + .json "
+                             "(it never unpickles)")
+    weights_path = _weights_path(path)
     meta_path = weights_path.with_suffix(".json")
     try:
         weights = weights_path.read_bytes()
-        meta = json.loads(meta_path.read_text())
+        meta_text = meta_path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ModelLoadError(f"{exc.filename}: {exc.strerror}") from None
-    except ValueError:
-        raise ModelLoadError(f"{meta_path}: metadata is not valid JSON") from None
-    loaded = _build(weights, meta, str(weights_path))
-    loaded.model.to(device)
-    return loaded
+        raise ModelLoadError(f"{exc.filename}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{meta_path}: metadata is not UTF-8 text") from None
+    try:
+        meta = json.loads(meta_text)
+    except ValueError as exc:
+        raise ModelLoadError(f"{meta_path}: metadata is not valid JSON ({exc})") from None
+    return _build(weights, meta, str(weights_path), device)
 
 
 def model_to_bytes(model: SimpleLSTM, spec: ModelSpec, meta: dict[str, Any]) -> bytes:
-    """A self-describing message: magic, JSON header length, JSON header, safetensors."""
-    weights = _weights_bytes(model)
-    header = json.dumps({**meta, "spec": spec.to_dict(),
-                         "sha256": hashlib.sha256(weights).hexdigest()}, default=str).encode()
-    return _WIRE_MAGIC + struct.pack("<I", len(header)) + header + weights
+    """One self-describing message: ``b"SLM1"``, header length, JSON header, safetensors."""
+    weights = _weights_bytes(model, spec)
+    header = _dumps(_full_meta(meta, spec, weights), indent=None)
+    return WIRE_MAGIC + struct.pack("<I", len(header)) + header + weights
 
 
-def model_from_bytes(data: bytes) -> LoadedModel:
-    if data[:4] != _WIRE_MAGIC or len(data) < 8:
-        raise ModelLoadError("not a stream-lstm model message")
+def model_from_bytes(data: bytes, device: str = "cpu") -> LoadedModel:
+    """Decode and verify a :func:`model_to_bytes` message; raises :class:`ModelLoadError`."""
+    data = bytes(data or b"")
+    if len(data) < 8 or data[:4] != WIRE_MAGIC:
+        raise ModelLoadError("not a stream-lstm model message (bad magic)")
     (n,) = struct.unpack_from("<I", data, 4)
+    if n > min(_MAX_HEADER, len(data) - 8):
+        raise ModelLoadError(f"model message truncated (header of {n} bytes, message of {len(data)})")
     try:
-        meta = json.loads(data[8 : 8 + n])
+        meta = json.loads(data[8 : 8 + n].decode("utf-8"))
     except ValueError:
         raise ModelLoadError("model message header is not valid JSON") from None
-    return _build(bytes(data[8 + n :]), meta, "model message")
+    return _build(data[8 + n :], meta, "model message", device)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _dumps(obj: Any, indent: int | None = 2) -> bytes:
+    return json.dumps(obj, indent=indent, default=_jsonable).encode("utf-8")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a unique temporary file beside ``path``, fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    m = _NUMBERED_RE.match(version)
+    return (0, int(m.group(1)), "") if m else (1, 0, version)
 
 
 class ModelRegistry:
-    """Versions in a directory, and which one is promoted.
+    """Numbered model versions in a directory, and which one is promoted.
 
     Parameters
     ----------
     root
-        The registry directory (``STREAM_LSTM_MODEL_DIR``).
+        The registry directory (``STREAM_LSTM_MODEL_DIR``); created on first write.
+
+    >>> import tempfile, pathlib
+    >>> reg = ModelRegistry(pathlib.Path(tempfile.mkdtemp()))
+    >>> spec = ModelSpec(hidden_size=2, horizon=1)
+    >>> v1 = reg.register(SimpleLSTM.from_spec(spec), spec, {})
+    >>> v2 = reg.register(SimpleLSTM.from_spec(spec), spec, {"parent": v1})
+    >>> reg.promote(v2); reg.rollback(v1)
+    >>> reg.promoted(), [e["action"] for e in reg.history()], reg.next_version()
+    ('v0001', ['promote', 'rollback'], 'v0003')
     """
+
+    PROMOTED = "PROMOTED"
+    LOG = "promotions.jsonl"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    def path(self, version: str) -> Path:
+        """The weights file of ``version`` (the name is checked: no path tricks)."""
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise ModelLoadError(f"invalid model version name {version!r}")
+        return self.root / f"{version}.safetensors"
+
     def versions(self) -> list[dict[str, Any]]:
+        """Metadata of every version, oldest first (``{"version", "error"}`` if unreadable)."""
         out = []
-        for meta_path in sorted(self.root.glob("v*.json")):
+        for p in self.root.glob("*.json"):
+            if not _VERSION_RE.match(p.stem):
+                continue
             try:
-                out.append(json.loads(meta_path.read_text()))
-            except ValueError:
-                out.append({"version": meta_path.stem, "error": "unreadable metadata"})
-        return out
+                meta = json.loads(p.read_text(encoding="utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError) as exc:
+                meta = {"error": f"unreadable metadata ({exc})"}
+            meta["version"] = p.stem
+            out.append(meta)
+        return sorted(out, key=lambda m: _version_key(m["version"]))
 
     def next_version(self) -> str:
-        numbers = [int(p.stem[1:]) for p in self.root.glob("v*.json") if p.stem[1:].isdigit()]
+        """``v0001``, ``v0002``, ...: one past the highest numbered version present."""
+        numbers = [int(m.group(1)) for p in self.root.glob("v*.*")
+                   if p.suffix in (".json", ".safetensors") and (m := _NUMBERED_RE.match(p.stem))]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def register(self, model: SimpleLSTM, spec: ModelSpec, meta: dict[str, Any]) -> str:
-        version = meta.get("version") or self.next_version()
-        save_model(model, spec, self.root / f"{version}.safetensors", {**meta, "version": version})
-        return version
+        """Save a new version; returns its name.
 
-    def path(self, version: str) -> Path:
-        return self.root / f"{version}.safetensors"
+        Without ``meta["version"]`` the next number is taken; the weights file is created
+        exclusively, so two processes registering at once get different numbers. An explicit
+        version that already exists raises ``FileExistsError``.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        weights = _weights_bytes(model, spec)
+        explicit = meta.get("version")
+        for _ in range(1000):
+            version = explicit or self.next_version()
+            path = self.path(version)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if explicit:
+                    raise FileExistsError(f"model version {version} already exists in {self.root}") from None
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(weights)
+                f.flush()
+                os.fsync(f.fileno())
+            full = _full_meta({**meta, "version": version}, spec, weights)
+            atomic_write(path.with_suffix(".json"), _dumps(full))
+            return version
+        raise RuntimeError(f"could not allocate a version in {self.root}")
 
     def load(self, version: str, device: str = "cpu") -> LoadedModel:
-        if not self.path(version).exists():
+        """Load and verify ``version``; :class:`ModelLoadError` if absent or damaged."""
+        path = self.path(version)
+        if not path.exists():
             raise ModelLoadError(f"no model version {version!r} in {self.root}")
-        return load_model(self.path(version), device)
-
-    def promote(self, version: str) -> None:
-        self.load(version)  # refuse to promote what cannot be served
-        self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.root / "PROMOTED", version.encode())
+        return load_model(path, device)
 
     def promoted(self) -> str | None:
+        """The promoted version's name, or ``None`` if nothing was promoted."""
         try:
-            return (self.root / "PROMOTED").read_text().strip() or None
-        except OSError:
+            text = (self.root / self.PROMOTED).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
             return None
+        return text if _VERSION_RE.match(text) else None
 
-    def rollback(self, version: str) -> None:
-        """Serve an earlier version again (workers load it on start or on the next swap)."""
-        self.promote(version)
+    def promote(self, version: str, *, action: str = "promote", reason: str = "") -> None:
+        """Make workers serve ``version``: verify it loads, then replace ``PROMOTED`` atomically."""
+        self.load(version)  # refuse to promote what cannot be served
+        previous = self.promoted()
+        atomic_write(self.root / self.PROMOTED, (version + "\n").encode())
+        entry = {"at": _utc_now(), "action": action, "version": version, "previous": previous}
+        if reason:
+            entry["reason"] = reason
+        with open(self.root / self.LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def rollback(self, version: str, reason: str = "") -> None:
+        """Promote an existing (usually older) version again; logged as a rollback.
+
+        Workers pick it up on their next start or model swap.
+        """
+        self.promote(version, action="rollback", reason=reason)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Promotions and rollbacks, oldest first (from ``promotions.jsonl``)."""
+        try:
+            lines = (self.root / self.LOG).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line after a crash
+        return out

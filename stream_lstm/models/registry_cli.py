@@ -1,50 +1,107 @@
-"""``stream-lstm models list | rollback VERSION``: look at and steer the model registry."""
+"""``stream-lstm models list | rollback VERSION``: look at and steer the model registry.
+
+The registry directory is ``--model-dir`` or ``STREAM_LSTM_MODEL_DIR``. ``list`` prints one
+row per version (``*`` marks the promoted one); ``rollback`` promotes an existing version
+again (it must load and verify) and logs it in ``promotions.jsonl``. Workers pick the
+promoted version up on their next start or model swap.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("List the model registry (STREAM_LSTM_MODEL_DIR), or roll back to an "
-                          "earlier version: workers load the promoted version on start.")
-    parser.add_argument("action", choices=["list", "rollback"])
+                          "earlier version: workers load the promoted version on start or swap.")
+    parser.add_argument("action", choices=["list", "rollback"],
+                        help="list: show versions; rollback: promote VERSION again")
     parser.add_argument("version", nargs="?", help="version to roll back to (e.g. v0003)")
-    parser.add_argument("--model-dir", type=Path, default=None, help="override STREAM_LSTM_MODEL_DIR")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="registry directory (default: STREAM_LSTM_MODEL_DIR)")
+    parser.add_argument("--reason", default="", help="rollback: why (kept in the log)")
+
+
+def _created(value: Any) -> str:
+    if isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
+    if isinstance(value, str) and value:
+        return value.replace("T", " ").rstrip("Z")[:19]
+    return "-"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.4f}"
+    return "-"
+
+
+def format_table(rows: list[dict[str, Any]], promoted: str | None) -> str:
+    """The ``models list`` table (one line per version; ``*`` = promoted).
+
+    >>> print(format_table([{"version": "v0001", "created_at": "2024-01-02T03:04:05Z",
+    ...                      "metrics": {"nll": -1.0, "mae": 0.25, "persistence_mae": 0.5}},
+    ...                     {"version": "v0002", "parent": "v0001", "metrics": {"mae": 0.2}}],
+    ...                    promoted="v0001"))
+      version  parent    created (UTC)         val nll   val mae  baseline
+    * v0001    -         2024-01-02 03:04:05   -1.0000    0.2500    0.5000
+      v0002    v0001     -                           -    0.2000         -
+    """
+    lines = [f"  {'version':8} {'parent':9} {'created (UTC)':19} {'val nll':>9} {'val mae':>9} "
+             f"{'baseline':>9}"]
+    for m in rows:
+        metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
+        mae = metrics.get("mae", metrics.get("val_mae", metrics.get("challenger_error")))
+        nll = metrics.get("nll", metrics.get("val_nll"))
+        # the error this version was compared with: persistence, or the champion it replaced
+        base = metrics.get("persistence_mae", metrics.get("champion_error"))
+        mark = "*" if m.get("version") == promoted else " "
+        line = (f"{mark} {str(m.get('version', '?')):8} {str(m.get('parent') or '-'):9} "
+                f"{_created(m.get('created_at')):19} {_num(nll):>9} {_num(mae):>9} {_num(base):>9}")
+        if m.get("error"):
+            line += f"  ({m['error']})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    from stream_lstm.config import load_settings
+    from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.registry import ModelLoadError, ModelRegistry
 
-    reg = ModelRegistry(args.model_dir or load_settings().model_dir)
+    model_dir = args.model_dir
+    if model_dir is None:
+        try:
+            model_dir = load_settings().model_dir
+        except SettingsError as exc:
+            print(f"models: {exc}", file=sys.stderr)
+            return 2
+    reg = ModelRegistry(model_dir)
     if args.action == "list":
-        promoted = reg.promoted()
         rows = reg.versions()
         if not rows:
             print(f"no models in {reg.root}")
             return 0
-        print(f"{'':2}{'version':9} {'parent':9} {'created (UTC)':19} {'holdout mae':>11} {'champion':>9}")
-        for m in rows:
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.get("created_at", 0)))
-            metrics = m.get("metrics", {})
-            mae = metrics.get("mae", metrics.get("challenger_error"))
-            champ = metrics.get("champion_error")
-            mark = "* " if m.get("version") == promoted else "  "
-            print(f"{mark}{m.get('version', '?'):9} {str(m.get('parent') or '-'):9} {created:19} "
-                  f"{'-' if mae is None else f'{mae:.4f}':>11} {'-' if champ is None else f'{champ:.4f}':>9}")
-        print("(* = promoted)")
+        promoted = reg.promoted()
+        print(format_table(rows, promoted))
+        print(f"(* = promoted; baseline = persistence MAE or the replaced champion's; {reg.root})")
+        if promoted is not None and promoted not in {m.get("version") for m in rows}:
+            print(f"warning: PROMOTED names {promoted}, which is not in the registry", file=sys.stderr)
         return 0
     if not args.version:
-        print("models rollback: give the VERSION to roll back to", file=sys.stderr)
+        print("models rollback: give the VERSION to roll back to (see `stream-lstm models list`)",
+              file=sys.stderr)
         return 2
+    previous = reg.promoted()
     try:
-        reg.rollback(args.version)
+        reg.rollback(args.version, reason=args.reason)
     except ModelLoadError as exc:
         print(f"models rollback: {exc}", file=sys.stderr)
         return 2
-    print(f"promoted {args.version}; workers serve it after their next start or swap")
+    print(f"promoted {args.version} (was {previous or 'none'}); workers serve it after their "
+          "next start or model swap")
     return 0

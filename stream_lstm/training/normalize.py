@@ -19,12 +19,13 @@ The recursion, per channel, in float64, for the n-th reading ``x`` (n = 1, 2, ..
 **Welford** (B. P. Welford, "Note on a method for calculating corrected sums of squares and
 products", Technometrics 4(3), 1962; D. Knuth, TAOCP vol. 2, 3rd ed., §4.2.2). The textbook
 form keeps ``M2 += delta * (x - mean_new)`` and the population variance is ``var = M2 / n``;
-dividing that update by ``n`` gives exactly the line above with ``a = 1/n``, which is the form
+dividing that update by ``n`` gives, algebraically, the line above with ``a = 1/n``, which is the form
 used here (and in :mod:`stream_lstm.state.normalizer`), so ``var`` *is* ``M2 / n``, the
 population variance (``ddof=0``) of the readings so far. With one reading ``var = 0``
 exactly, so the first reading is scaled by ``std_floor`` (and gives ``z = 0``).
 
-**EWM** (T. Finch, "Incremental calculation of weighted mean and variance", 2009, eq. 143):
+**EWM** (T. Finch, "Incremental calculation of weighted mean and variance", University of
+Cambridge, 2009):
 ``mean += alpha * delta; var = (1 - alpha) * (var + alpha * delta**2)``: recent readings weigh
 more, so the statistics follow drift. Using ``a = max(alpha, 1/n)`` makes the first
 ``1/alpha`` readings plain Welford, so a new device's statistics do not start biased towards

@@ -1,96 +1,227 @@
 """``stream-lstm train``: fit an initial model on a CSV recording and save it.
 
-The series is normalized exactly as serving does (online, step by step), cut into overlapping
-windows, split by time (the last ``--val-fraction`` is validation), and trained with TBPTT.
-The result is saved as safetensors plus JSON metadata (no pickle) and can be served with
-``STREAM_LSTM_MODEL_PATH`` or registered with ``--registry``.
+The recording (one device; rows sorted by time) is normalized exactly as serving does
+(online, step by step: :func:`~stream_lstm.training.normalize.running_normalize`), split by
+time (the last ``--val-fraction`` validates), cut into windows of ``2 * --window`` readings
+(training windows overlap by half; validation windows do not), and trained with TBPTT
+(:func:`~stream_lstm.training.tbptt.train_tbptt`) with a progress bar on stderr. The model
+is saved as safetensors + JSON metadata (never pickle) with
+:func:`~stream_lstm.models.registry.save_model`; serve it with ``STREAM_LSTM_MODEL_PATH``,
+or pass ``--registry`` to also register and promote it in the model directory.
+
+Model shape and training knobs come from the settings (``STREAM_LSTM_HIDDEN_SIZE``,
+``..._TBPTT_K1``, ...); the flags below override them for this run.
+
+>>> windows(np.arange(10.0)[:, None], length=4, stride=2)[-1][:, 0].tolist()
+[6.0, 7.0, 8.0, 9.0]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import math
 import sys
-import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
+
+
+class CsvError(ValueError):
+    """The recording cannot be read; the message names the file (and line)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fit an initial model offline on a CSV recording (TBPTT, with a "
-                           "progress bar) and save it as safetensors + JSON metadata.")
-    parser.add_argument("--csv", type=Path, required=True, help="the recording")
+                          "progress bar) and save it as safetensors + JSON metadata.")
+    parser.add_argument("--csv", type=Path, required=True, help="the recording (one device)")
     parser.add_argument("--column", action="append", dest="columns",
-                        help="value column(s) (default: value); repeat for multi-channel")
-    parser.add_argument("--time-column", default="timestamp")
+                        help="value column (default: value); repeat for several channels")
+    parser.add_argument("--target-column", default=None,
+                        help="column to forecast (default: channel STREAM_LSTM_TARGET_CHANNEL)")
+    parser.add_argument("--time-column", default="timestamp",
+                        help="time column: epoch seconds or ISO 8601 (naive = UTC)")
     parser.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: setting)")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows")
-    parser.add_argument("--version", default="v0001", help="version stamped on the model")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="last fraction of the recording used for validation")
+    parser.add_argument("--window", type=int, default=None,
+                        help="W: training sequences are 2*W readings (default: STREAM_LSTM_WINDOW)")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: setting)")
+    parser.add_argument("--hidden-size", type=int, default=None)
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--horizon", type=int, default=None)
+    parser.add_argument("--k1", type=int, default=None, help="TBPTT k1 (default: setting)")
+    parser.add_argument("--k2", type=int, default=None, help="TBPTT k2 (default: setting)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: setting)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", default="v0001", help="version stamped on the saved model")
+    parser.add_argument("--parent", default=None, help="parent version stamped on the model")
     parser.add_argument("--registry", action="store_true",
-                        help="also register and promote it in STREAM_LSTM_MODEL_DIR")
+                        help="also register (next version) and promote it in the model directory")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="registry directory for --registry (default: STREAM_LSTM_MODEL_DIR)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: STREAM_LSTM_TRAIN_THREADS)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def bar(epoch: int, total: int, train: float, val: float, t0: float) -> None:
-    filled = int(20 * epoch / total)
-    print(f"\r  [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch}/{total}  train nll {train:.4f}  "
-          f"val nll {val:.4f}  {time.monotonic() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+def parse_time(text: str) -> float:
+    """Epoch seconds from a number or an ISO 8601 time (naive times are UTC).
+
+    >>> parse_time("2014-01-01 00:05:00"), parse_time("1388534700")
+    (1388534700.0, 1388534700.0)
+    """
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def read_csv(path: Path, time_column: str, columns: list[str], max_rows: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ts [T] float64, x [T, F] float64)``, sorted by time (stable); raises :class:`CsvError`."""
+    ts, rows = [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            names = reader.fieldnames or []
+            missing = [c for c in [time_column, *columns] if c not in names]
+            if missing:
+                raise CsvError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)})")
+            for row in reader:
+                if max_rows and len(rows) >= max_rows:
+                    break
+                line = reader.line_num
+                try:
+                    ts.append(parse_time(row[time_column] or ""))
+                except ValueError:
+                    raise CsvError(f"{path} line {line}: bad time {row[time_column]!r}") from None
+                try:
+                    values = [float(row[c]) for c in columns]
+                except (TypeError, ValueError):
+                    raise CsvError(f"{path} line {line}: a value is not a number "
+                                   f"({', '.join(repr(row[c]) for c in columns)})") from None
+                if not all(math.isfinite(v) for v in values):
+                    raise CsvError(f"{path} line {line}: a value is not finite")
+                rows.append(values)
+    except OSError as exc:
+        raise CsvError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CsvError(f"{path}: not UTF-8 text") from None
+    order = np.argsort(np.asarray(ts), kind="stable")
+    x = np.asarray(rows, np.float64).reshape(len(rows), len(columns))
+    return np.asarray(ts, np.float64)[order], x[order]
+
+
+def windows(z: np.ndarray, length: int, stride: int) -> list[np.ndarray]:
+    """Windows ``z[i : i + length]`` every ``stride`` steps, the last one ending at ``len(z)``."""
+    if len(z) <= length:
+        return [z] if len(z) > 1 else []
+    starts = list(range(0, len(z) - length + 1, stride))
+    if starts[-1] != len(z) - length:
+        starts.append(len(z) - length)
+    return [z[i : i + length] for i in starts]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from stream_lstm.config import load_settings
+    from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
-    from stream_lstm.state.normalizer import normalize_sequence
-    from stream_lstm.tools.replay import CsvError, load_csv
-    from stream_lstm.training.data import series_windows
+    from stream_lstm.training.normalize import running_normalize
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
-    s = load_settings()
-    columns = args.columns or ["value"]
     try:
-        ts, x = load_csv(args.csv, args.time_column, columns)
+        s = load_settings()
+    except SettingsError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    columns = args.columns or ["value"]
+    if args.target_column is not None and args.target_column not in columns:
+        print(f"train: --target-column {args.target_column} is not one of {columns}", file=sys.stderr)
+        return 2
+    target = columns.index(args.target_column) if args.target_column else s.target_channel
+    if target >= len(columns):
+        print(f"train: target channel {target} but only {len(columns)} column(s)", file=sys.stderr)
+        return 2
+    if not 0.0 < args.val_fraction < 1.0:
+        print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    try:
+        ts, x = read_csv(args.csv, args.time_column, columns, args.max_rows)
     except CsvError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
-    if args.max_rows:
-        ts, x = ts[: args.max_rows], x[: args.max_rows]
-    z, _, _ = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
-    split = int(len(z) * (1 - args.val_fraction))
-    length = max(4 * s.tbptt_k2, 128)
-    train = series_windows(z[:split], length, length // 2)
-    val = series_windows(z[split:], length, length)
-    spec = ModelSpec(n_features=len(columns), hidden_size=s.hidden_size, num_layers=s.num_layers,
-                     horizon=s.horizon, target_channel=0, dropout=s.dropout)
-    torch.manual_seed(0)
+    window = args.window or s.window
+    split = int(len(x) * (1 - args.val_fraction))
+    if split < 4 or len(x) - split < 2:
+        print(f"train: {len(x)} rows are too few to train and validate", file=sys.stderr)
+        return 2
+    if len(columns) != s.n_features:
+        print(f"train: note: the model has {len(columns)} channel(s) but STREAM_LSTM_N_FEATURES "
+              f"is {s.n_features}; set it to match before serving", file=sys.stderr)
+
+    z, _, _ = running_normalize(x, s.normalizer, s.normalizer_alpha, s.std_floor)
+    length = 2 * window
+    train_seqs = windows(z[:split], length, window)
+    val_seqs = windows(z[split:], length, length)
+    spec = ModelSpec(n_features=len(columns), hidden_size=args.hidden_size or s.hidden_size,
+                     num_layers=args.num_layers or s.num_layers, horizon=args.horizon or s.horizon,
+                     target_channel=target, dropout=s.dropout)
+    knobs = {"k1": args.k1 or s.tbptt_k1, "k2": args.k2 or s.tbptt_k2,
+             "lr": args.lr or s.learning_rate, "weight_decay": s.weight_decay,
+             "grad_clip": s.grad_clip, "max_epochs": args.epochs or s.max_epochs,
+             "patience": s.early_stopping_patience, "batch_size": args.batch_size,
+             "seed": args.seed}
+    torch.manual_seed(args.seed)
     model = SimpleLSTM.from_spec(spec)
-    epochs = args.epochs or s.max_epochs
-    print(f"training on {args.csv.name}: {split:,} rows ({len(train)} windows of {length}), "
-          f"validating on {len(z) - split:,}", file=sys.stderr)
-    t0 = time.monotonic()
-    result = train_tbptt(model, train, val, k1=s.tbptt_k1, k2=s.tbptt_k2, lr=s.learning_rate,
-                         weight_decay=s.weight_decay, grad_clip=s.grad_clip, max_epochs=epochs,
-                         patience=s.early_stopping_patience, batch_size=s.train_batch_size,
-                         progress=lambda e, tr, va: bar(e, epochs, tr, va, t0))
-    print(file=sys.stderr)
-    metrics = evaluate(model, val)
+    print(f"training on {args.csv.name}: {split:,} rows ({len(train_seqs)} windows of {length}), "
+          f"validating on {len(x) - split:,} ({len(val_seqs)} windows)", file=sys.stderr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads or s.train_threads))  # small models: 1 is fastest
+    try:
+        result = train_tbptt(model, train_seqs, val_seqs, target=target,
+                             progress=not args.quiet, **knobs)
+        metrics = evaluate(model, val_seqs, target)
+    finally:
+        torch.set_num_threads(threads)
     meta = {
-        "version": args.version, "parent": None, "source": str(args.csv),
-        "training_data": {"first_ts": float(ts[0]), "last_ts": float(ts[split - 1]), "rows": split},
-        "metrics": {**metrics, "epochs": result.epochs, "best_val_nll": result.best_val},
-        "settings": {k: v for k, v in s.redacted().items() if k in (
-            "window", "horizon", "hidden_size", "num_layers", "tbptt_k1", "tbptt_k2", "learning_rate",
-            "weight_decay", "grad_clip", "dropout", "normalizer", "normalizer_alpha", "std_floor")},
+        "version": args.version, "parent": args.parent,
+        "source": {"csv": str(args.csv), "columns": columns, "time_column": args.time_column},
+        "training_data": {"first_ts": float(ts[0]), "last_ts": float(ts[split - 1]),
+                          "first": _iso(ts[0]), "last": _iso(ts[split - 1]), "rows": split},
+        "validation_data": {"first_ts": float(ts[split]), "last_ts": float(ts[-1]),
+                            "first": _iso(ts[split]), "last": _iso(ts[-1]), "rows": len(x) - split},
+        "metrics": {**metrics, "epochs": result.epochs, "best_epoch": result.best_epoch,
+                    "best_val_nll": result.best_val, "initial_val_nll": result.initial_val,
+                    "train_seconds": round(result.seconds, 3)},
+        "settings": {"window": window, "normalizer": s.normalizer,
+                     "normalizer_alpha": s.normalizer_alpha, "std_floor": s.std_floor,
+                     "dropout": s.dropout, **knobs},
     }
     path = save_model(model, spec, args.out, meta)
-    print(f"saved {path} (+ {path.with_suffix('.json').name}); validation one-step MAE "
-          f"{metrics['mae']:.4f} vs persistence {metrics['persistence_mae']:.4f} (normalized units)")
+    mae, base = metrics["mae"], metrics["persistence_mae"]
+    gain = f" ({(1 - mae / base):+.1%} vs persistence)" if base and math.isfinite(base) else ""
+    print(f"saved {path} (+ {path.with_suffix('.json').name}) after {result.epochs} epoch(s), "
+          f"{result.seconds:.1f}s")
+    print(f"validation one-step MAE {mae:.4f} vs persistence (zero change) {base:.4f} "
+          f"in normalized units{gain}")
     if args.registry:
-        reg = ModelRegistry(s.model_dir)
-        version = reg.register(model, spec, {**meta, "version": reg.next_version()})
-        reg.promote(version)
-        print(f"registered and promoted {version} in {s.model_dir}")
+        reg = ModelRegistry(args.model_dir or s.model_dir)
+        version = reg.register(model, spec, {**meta, "version": None})
+        reg.promote(version, reason=f"stream-lstm train --csv {args.csv}")
+        print(f"registered and promoted {version} in {reg.root}")
     return 0
-
-

@@ -1,11 +1,13 @@
+import hashlib
 import json
-import pickle
+import struct
 
 import pytest
 import torch
 
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.models.registry import (
+    LoadedModel,
     ModelLoadError,
     ModelRegistry,
     load_model,
@@ -14,73 +16,206 @@ from stream_lstm.models.registry import (
     save_model,
 )
 
-SPEC = ModelSpec(hidden_size=4, horizon=2)
+SPEC = ModelSpec(n_features=2, hidden_size=6, num_layers=2, horizon=3, target_channel=1)
 
 
-def test_round_trip_keeps_weights(tmp_path):
-    torch.manual_seed(0)
-    m = SimpleLSTM.from_spec(SPEC)
-    path = save_model(m, SPEC, tmp_path / "m", {"version": "v0001"})
-    loaded = load_model(path)
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, loaded.model.state_dict()[k])
-    assert loaded.version == "v0001" and loaded.spec == SPEC
-    assert model_from_bytes(model_to_bytes(m, SPEC, {"version": "x"})).version == "x"
+def make_model(seed: int = 0, spec: ModelSpec = SPEC) -> SimpleLSTM:
+    torch.manual_seed(seed)
+    return SimpleLSTM.from_spec(spec)
 
 
-def test_tampered_truncated_and_wrong_shape_fail_clearly(tmp_path):
-    path = save_model(SimpleLSTM.from_spec(SPEC), SPEC, tmp_path / "m", {"version": "v1"})
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match="checksum mismatch"):
-        load_model(path)
-    path.write_bytes(bytes(data[:100]))
-    with pytest.raises(ModelLoadError, match="checksum"):
-        load_model(path)
-    good = save_model(SimpleLSTM.from_spec(SPEC), SPEC, tmp_path / "g", {"version": "v1"})
-    meta = json.loads(good.with_suffix(".json").read_text())
-    meta["spec"]["hidden_size"] = 8
-    good.with_suffix(".json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="do not match the spec"):
-        load_model(good)
-    with pytest.raises(ModelLoadError, match="not a stream-lstm model"):
-        model_from_bytes(b"garbage")
+def same_weights(a: SimpleLSTM, b: SimpleLSTM) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-class Exploit:
+class Payload:
+    """Unpickling this runs open(marker, "w"): a real code-execution side effect."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        import os
-        return (os.system, ("touch /tmp/stream-lstm-pwned",))
+        return (open, (self.marker, "w"))
 
 
-def test_pickle_payload_placed_as_model_is_refused(tmp_path):
-    import hashlib
-    import os
+def pickle_file(path, marker):
+    torch.save({"weights": Payload(marker)}, path)
+    return path
 
-    marker = "/tmp/stream-lstm-pwned"
-    if os.path.exists(marker):
-        os.remove(marker)
-    payload = pickle.dumps(Exploit())
-    path = tmp_path / "evil.safetensors"
-    path.write_bytes(payload)
-    # Even with metadata whose checksum matches, the bytes are parsed as safetensors only.
-    path.with_suffix(".json").write_text(json.dumps(
-        {"version": "evil", "spec": SPEC.to_dict(), "sha256": hashlib.sha256(payload).hexdigest()}))
-    with pytest.raises(ModelLoadError, match="not a safetensors file"):
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model()
+    meta = {"version": "v0003", "parent": "v0002", "metrics": {"mae": 0.25},
+            "training_data": {"first_ts": 1.0, "last_ts": 2.0}, "settings": {"tbptt_k1": 16}}
+    path = save_model(model, SPEC, tmp_path / "m.safetensors", meta)
+    assert path == tmp_path / "m.safetensors" and (tmp_path / "m.json").exists()
+    loaded = load_model(path)
+    assert isinstance(loaded, LoadedModel) and loaded.spec == SPEC
+    assert same_weights(loaded.model, model) and not loaded.model.training
+    assert loaded.version == "v0003" and loaded.meta["parent"] == "v0002"
+    for key in ("created_at", "sha256", "spec", "training_data", "metrics", "settings"):
+        assert key in loaded.meta
+    model2, spec2, meta2 = load_model(tmp_path / "m.json")  # unpacks; the .json path works too
+    assert same_weights(model2, model) and spec2 == SPEC and meta2 == loaded.meta
+    x = torch.randn(3, 7, 2)
+    assert torch.equal(loaded.model(x)[0], model.eval()(x)[0])
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    path = save_model(make_model(), SPEC, tmp_path / "m.safetensors", {})
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
         load_model(path)
-    assert not os.path.exists(marker)
 
 
-def test_registry_versions_promote_rollback(tmp_path):
-    reg = ModelRegistry(tmp_path)
-    v1 = reg.register(SimpleLSTM.from_spec(SPEC), SPEC, {})
-    v2 = reg.register(SimpleLSTM.from_spec(SPEC), SPEC, {"parent": v1})
-    assert (v1, v2) == ("v0001", "v0002")
+def test_truncated_weights_are_refused(tmp_path):
+    path = save_model(make_model(), SPEC, tmp_path / "m.safetensors", {})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["missing weights", "missing json", "bad json", "no sha"])
+def test_missing_or_broken_files_are_refused(tmp_path, damage):
+    path = save_model(make_model(), SPEC, tmp_path / "m.safetensors", {})
+    meta_path = tmp_path / "m.json"
+    if damage == "missing weights":
+        path.unlink()
+    elif damage == "missing json":
+        meta_path.unlink()
+    elif damage == "bad json":
+        meta_path.write_text('{"sha256": ')
+    else:
+        meta = json.loads(meta_path.read_text())
+        del meta["sha256"]
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_shapes_are_refused_even_with_a_matching_checksum(tmp_path):
+    path = save_model(make_model(), SPEC, tmp_path / "m.safetensors", {})
+    meta_path = tmp_path / "m.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["hidden_size"] = 8  # the sha256 still matches the (hidden 6) weights
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="shape"):
+        load_model(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = make_model()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    path = save_model(model, SPEC, tmp_path / "m.safetensors", {})
+    with pytest.raises(ModelLoadError, match="NaN"):
+        load_model(path)
+
+
+def test_saving_a_model_that_does_not_match_its_spec_fails(tmp_path):
+    with pytest.raises(ValueError, match="spec"):
+        save_model(make_model(), ModelSpec(n_features=1), tmp_path / "m.safetensors", {})
+
+
+def test_the_pickle_payload_is_live(tmp_path):
+    """Guard for the next test: loading this payload with pickle really has a side effect."""
+    marker = tmp_path / "proof"
+    pickle_file(tmp_path / "p.pt", marker)
+    torch.load(tmp_path / "p.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickle_placed_as_a_model_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    # 1. a torch.save file passed as the model path
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(pickle_file(tmp_path / "model.pt", marker))
+    # 2. the same bytes in place of a saved model's weights, with a metadata file that even
+    #    carries their checksum
+    path = save_model(make_model(), SPEC, tmp_path / "m.safetensors", {})
+    pickle_file(path, marker)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        load_model(path)
+    # 3. in a registry
+    reg = ModelRegistry(tmp_path / "reg")
+    v = reg.register(make_model(), SPEC, {})
+    pickle_file(reg.path(v), marker)
+    with pytest.raises(ModelLoadError):
+        reg.load(v)
+    with pytest.raises(ModelLoadError):
+        reg.promote(v)
+    assert not marker.exists()
+
+
+def test_bytes_round_trip_and_damage():
+    model = make_model(4)
+    data = model_to_bytes(model, SPEC, {"version": "v0009", "parent": "v0008"})
+    loaded = model_from_bytes(data)
+    assert same_weights(loaded.model, model) and loaded.spec == SPEC and loaded.version == "v0009"
+    assert loaded.meta["format_version"] == 1 and loaded.meta["parent"] == "v0008"
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    with pytest.raises(ModelLoadError, match="sha256"):
+        model_from_bytes(bytes(flipped))
+    with pytest.raises(ModelLoadError):
+        model_from_bytes(data[: len(data) - 10])
+    with pytest.raises(ModelLoadError, match="magic"):
+        model_from_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        model_from_bytes(data[:4] + struct.pack("<I", 10**6) + data[8:])
+    with pytest.raises(ModelLoadError):
+        model_from_bytes(b"")
+    (n,) = struct.unpack_from("<I", data, 4)
+    header = json.loads(data[8 : 8 + n])
+    header["format_version"] = 99
+    h = json.dumps(header).encode()
+    with pytest.raises(ModelLoadError, match="format_version"):
+        model_from_bytes(data[:4] + struct.pack("<I", len(h)) + h + data[8 + n :])
+
+
+def test_registry_versions_promote_and_rollback(tmp_path):
+    reg = ModelRegistry(tmp_path / "models")
+    assert reg.versions() == [] and reg.promoted() is None and reg.next_version() == "v0001"
+    v1 = reg.register(make_model(1), SPEC, {"metrics": {"mae": 0.5}})
+    v2 = reg.register(make_model(2), SPEC, {"parent": v1, "metrics": {"mae": 0.4}})
+    assert (v1, v2, reg.next_version()) == ("v0001", "v0002", "v0003")
+    assert [m["version"] for m in reg.versions()] == ["v0001", "v0002"]
+    assert reg.versions()[1]["parent"] == "v0001"
+    with pytest.raises(FileExistsError):
+        reg.register(make_model(3), SPEC, {"version": "v0001"})
+    assert same_weights(reg.load(v2).model, make_model(2))
+
+    reg.promote(v1)
     reg.promote(v2)
     assert reg.promoted() == "v0002"
-    reg.rollback(v1)
+    reg.rollback(v1, reason="v0002 drifts")
     assert reg.promoted() == "v0001"
+    assert (reg.root / "PROMOTED").read_text().strip() == "v0001"
+    assert [(e["action"], e["version"], e["previous"]) for e in reg.history()] == [
+        ("promote", "v0001", None), ("promote", "v0002", "v0001"), ("rollback", "v0001", "v0002")]
+    assert reg.history()[-1]["reason"] == "v0002 drifts"
+    assert not list(reg.root.glob("*.tmp")) and not list(reg.root.glob(".*.tmp"))
+
     with pytest.raises(ModelLoadError, match="no model version"):
-        reg.rollback("v0009")
-    assert [m["version"] for m in reg.versions()] == ["v0001", "v0002"]
+        reg.rollback("v0042")
+    with pytest.raises(ModelLoadError, match="invalid"):
+        reg.rollback("../../etc/passwd")
+    assert reg.promoted() == "v0001"
+
+
+def test_registry_numbers_sort_numerically_and_skip_damaged_metadata(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    for v in ["v0009", "v0010", "v10000"]:
+        reg.register(make_model(), SPEC, {"version": v})
+    (tmp_path / "v0011.json").write_text("{not json")
+    rows = reg.versions()
+    assert [m["version"] for m in rows] == ["v0009", "v0010", "v0011", "v10000"]
+    assert "error" in rows[2]
+    assert reg.next_version() == "v10001"

@@ -1,0 +1,120 @@
+"""Every class of bad input, mixed with good readings, through the real broker and worker.
+
+Each bad reading lands in the DLQ with a stable code, a readable reason and its source
+partition/offset; the good readings around it are forecast; the accounting invariant holds;
+and a worker restarted over a topic full of poison does not crash-loop.
+"""
+
+import json
+import time
+
+import pytest
+
+from stream_lstm.kafka.clients import make_producer
+from stream_lstm.worker import Worker, fresh_model
+
+from .helpers import read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+NOW = time.time()
+T = NOW - 3600
+
+
+def good(dev, k):
+    return dev.encode(), json.dumps({"device_id": dev, "ts": T + 60 * k, "value": 20.0 + k}).encode()
+
+
+# (expected code, key, value)
+BAD = [
+    ("not_json", b"bad", b"hello there"),
+    ("truncated_json", b"bad", b'{"device_id": "bad", "ts": 1'),
+    ("not_object", b"bad", b"[1, 2, 3]"),
+    ("not_object", b"bad", b"42"),
+    ("missing_device_id", b"bad", json.dumps({"ts": T, "value": 1.0}).encode()),
+    ("empty_device_id", b"", json.dumps({"device_id": "", "ts": T, "value": 1.0}).encode()),
+    ("device_id_too_long", b"x" * 200, json.dumps({"device_id": "x" * 200, "ts": T, "value": 1.0}).encode()),
+    ("device_id_control_chars", b"a\nb", json.dumps({"device_id": "a\nb", "ts": T, "value": 1.0}).encode()),
+    ("missing_ts", b"bad", json.dumps({"device_id": "bad", "value": 1.0}).encode()),
+    ("bad_ts", b"bad", json.dumps({"device_id": "bad", "ts": "yesterday", "value": 1.0}).encode()),
+    ("ts_boolean", b"bad", json.dumps({"device_id": "bad", "ts": True, "value": 1.0}).encode()),
+    ("value_not_finite", b"bad", b'{"device_id": "bad", "ts": %d, "value": NaN}' % int(T)),
+    ("value_not_finite", b"bad", b'{"device_id": "bad", "ts": %d, "value": Infinity}' % int(T)),
+    ("value_not_finite", b"bad", b'{"device_id": "bad", "ts": %d, "value": -Infinity}' % int(T)),
+    ("value_numeric_string", b"bad", json.dumps({"device_id": "bad", "ts": T, "value": "71.2"}).encode()),
+    ("values_wrong_length", b"bad", json.dumps({"device_id": "bad", "ts": T, "values": [1.0, 2.0]}).encode()),
+    ("value_nested", b"bad", json.dumps({"device_id": "bad", "ts": T, "value": {"v": 1}}).encode()),
+    ("value_out_of_range", b"bad", json.dumps({"device_id": "bad", "ts": T, "value": 1e9}).encode()),
+    ("oversized", b"bad", json.dumps({"device_id": "bad", "ts": T, "value": 1.0, "pad": "x" * 5000}).encode()),
+    ("bad_utf8", b"bad", b'{"device_id": "b\xff\xfe", "ts": 1, "value": 1}'),
+    ("null_key", None, json.dumps({"device_id": "bad", "ts": T, "value": 1.0}).encode()),
+    ("key_mismatch", b"other", json.dumps({"device_id": "bad", "ts": T, "value": 1.0}).encode()),
+    ("duplicate_json_keys", b"bad", b'{"device_id": "bad", "ts": %d, "value": 1, "value": 2}' % int(T)),
+    ("ts_far_future", b"bad", json.dumps({"device_id": "bad", "ts": NOW + 86400, "value": 1.0}).encode()),
+    ("tombstone", b"bad", None),
+    ("missing_value", b"bad", json.dumps({"device_id": "bad", "ts": T}).encode()),
+]
+
+
+def settings(settings_factory, topic):
+    return settings_factory(input_topic=topic, output_topic=f"{topic}-out", dlq_topic=f"{topic}-dlq",
+                            group_id=f"{topic}-g", min_history=1, max_message_bytes=4096,
+                            value_min=-1000.0, value_max=1000.0, late_policy="dlq")
+
+
+def test_every_bad_class_goes_to_dlq_and_good_ones_are_forecast(settings_factory, topic_name):
+    s = settings(settings_factory, topic_name)
+    assert len({code for code, _, _ in BAD}) >= 20
+    producer = make_producer(s)
+    sent_good = 0
+    for k, (_, key, value) in enumerate(BAD):
+        for dev in ("g1", "g2"):  # good readings around every bad one, same partition or not
+            kk, vv = good(dev, k)
+            producer.send(topic_name, vv, key=kk, partition=0)
+            sent_good += 1
+        producer.send(topic_name, value, key=key, partition=0)
+    # extra unknown fields are accepted (documented); a late reading goes to the DLQ as "late"
+    producer.send(topic_name, json.dumps({"device_id": "g1", "ts": T + 60 * 30, "value": 1.0, "site": "x"}).encode(),
+                  key=b"g1", partition=0)
+    producer.send(topic_name, json.dumps({"device_id": "g1", "ts": T + 60 * 10.5, "value": 1.0}).encode(),
+                  key=b"g1", partition=0)
+    producer.flush()
+    total = len(BAD) + sent_good + 2
+    worker = Worker(s, fresh_model(s))
+    totals = worker.run(until=lambda w: w.totals.consumed >= total)
+    assert totals.consumed == total
+    assert totals.consumed == totals.forecasts + totals.warmup + totals.late + totals.duplicate + totals.dlq
+    assert totals.forecasts == sent_good + 1 and totals.dlq == len(BAD) + 1
+
+    dlq = read_topic(s, s.dlq_topic, expect=len(BAD) + 1)
+    assert len(dlq) == len(BAD) + 1
+    dlq.sort(key=lambda rec: int(dict(rec.headers)["source.offset"]))  # DLQ partitions follow keys
+    codes = []
+    for rec in dlq:
+        headers = dict(rec.headers)
+        codes.append(headers["error.code"].decode())
+        assert headers["error.reason"] and headers["source.topic"].decode() == topic_name
+        assert headers["source.partition"] == b"0" and int(headers["source.offset"]) >= 0
+    assert codes == [code for code, _, _ in BAD] + ["late"], str(list(zip(codes, [c for c, _, _ in BAD] + ["late"], [dict(r.headers)["source.offset"] for r in dlq])))  # in order, nothing lost
+    for rec, (_, key, value) in zip(dlq, BAD, strict=False):
+        assert rec.value == value and rec.key == key  # the original bytes
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=sent_good + 1)]
+    assert len(fcs) == sent_good + 1
+    text = worker.metrics.exposition().decode()
+    assert 'stream_lstm_invalid_readings_total{reason="not_object"} 2.0' in text
+
+
+def test_poison_topic_never_crash_loops(settings_factory, topic_name):
+    s = settings(settings_factory, topic_name)
+    producer = make_producer(s)
+    for _, key, value in BAD * 3:
+        producer.send(topic_name, value, key=key)
+    producer.flush()
+    for attempt in range(3):  # restart over the same poison, as a supervisor would
+        worker = Worker(s, fresh_model(s))
+        deadline = time.time() + (30 if attempt == 0 else 8)
+        totals = worker.run(until=lambda w: w.totals.consumed >= len(BAD) * 3 or time.time() > deadline)
+        if attempt == 0:
+            assert totals.dlq == len(BAD) * 3
+        else:
+            assert totals.consumed == 0  # everything was committed the first time: no replay

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from stream_lstm.cli import main as cli
+from stream_lstm.models.registry import ModelRegistry, load_model
+
+NAB = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nab"
+       / "machine_temperature_system_failure.csv")
+
+
+@pytest.mark.skipif(not NAB.exists(), reason=f"{NAB} not present")
+def test_train_on_nab_saves_a_loadable_model_and_reports_val_mae(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path / "registry"))
+    threads = torch.get_num_threads()
+    out = tmp_path / "nab.safetensors"
+    rc = cli(["train", "--csv", str(NAB), "--max-rows", "2000", "--out", str(out),
+              "--epochs", "1", "--window", "32", "--hidden-size", "8", "--horizon", "4",
+              "--quiet", "--registry"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"saved {out}" in text
+    assert "validation one-step MAE" in text and "persistence" in text
+    assert torch.get_num_threads() == threads  # the command restores the thread count
+
+    model, spec, meta = load_model(out)
+    assert (spec.hidden_size, spec.horizon, spec.n_features) == (8, 4, 1)
+    assert meta["version"] == "v0001" and meta["parent"] is None
+    assert meta["training_data"]["first"] == "2013-12-02T21:15:00Z"
+    assert meta["training_data"]["rows"] == 1600 and meta["validation_data"]["rows"] == 400
+    assert meta["metrics"]["epochs"] == 1
+    assert 0 < meta["metrics"]["mae"] < 10 and meta["metrics"]["persistence_mae"] > 0
+    assert meta["settings"]["window"] == 32 and meta["settings"]["k1"] > 0
+    mu, _, _ = model(torch.zeros(1, 5, 1))
+    assert mu.shape == (1, 5, 4)
+
+    reg = ModelRegistry(tmp_path / "registry")
+    assert reg.promoted() == "v0001" and reg.load("v0001").spec == spec
+
+
+def test_train_reports_a_bad_csv_in_one_line(tmp_path, capsys):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("timestamp,value\n2014-01-01 00:00:00,1.5\n2014-01-01 00:05:00,oops\n")
+    assert cli(["train", "--csv", str(csv), "--out", str(tmp_path / "m")]) == 2
+    assert "line 3" in capsys.readouterr().err
+    assert cli(["train", "--csv", str(csv), "--column", "temp", "--out", str(tmp_path / "m")]) == 2
+    assert "no column temp" in capsys.readouterr().err
+    assert cli(["train", "--csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_on_a_small_multichannel_csv(tmp_path, capsys):
+    rows = ["ts,a,b"] + [f"{1000 + 60 * i},{i % 7},{(i * 3) % 5}" for i in range(120)]
+    (tmp_path / "mc.csv").write_text("\n".join(rows) + "\n")
+    rc = cli(["train", "--csv", str(tmp_path / "mc.csv"), "--time-column", "ts", "--column", "a",
+              "--column", "b", "--target-column", "b", "--out", str(tmp_path / "mc"),
+              "--epochs", "1", "--window", "16", "--hidden-size", "4", "--horizon", "2", "--quiet"])
+    assert rc == 0
+    _, spec, meta = load_model(tmp_path / "mc.safetensors")
+    assert (spec.n_features, spec.target_channel) == (2, 1)
+    assert meta["training_data"]["first_ts"] == 1000.0
