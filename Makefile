@@ -1,16 +1,22 @@
 # Developer entry points. `make up` runs the whole job locally; `make test` runs the tests.
 # Both create the virtual environment on first use (Python 3.11, Java 17 and Maven assumed).
+# VENV may point elsewhere (CI passes a cached one): `make test VENV=/path/to/venv`.
 VENV ?= .venv
 PYTHON ?= python3.11
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+# The install is redone only when pyproject.toml changes, or when this checkout is not the
+# one the venv was installed from (an editable install points at one directory). Both are in
+# the stamp's name, so a changed pyproject.toml or a moved checkout simply has no stamp yet.
+KEY := $(shell { sha256sum pyproject.toml; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(KEY)
 
 .PHONY: venv up test lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
 
@@ -21,7 +27,7 @@ test: venv
 	$(VENV)/bin/python -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check stream_lstm tests
+	$(VENV)/bin/python -m ruff check stream_lstm tests
 
 bench: venv
 	$(VENV)/bin/stream-lstm bench --quick

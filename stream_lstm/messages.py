@@ -357,7 +357,7 @@ class ReadingDecoder:
         if not math.isfinite(ts) or ts < 0:
             raise InvalidReading(ErrorCode.BAD_TS, f"ts {_short(raw)} is negative or not finite")
         if ts > now + self.max_skew:
-            raise InvalidReading(ErrorCode.TS_FAR_FUTURE, f"ts {ts:.3f} is {ts - now:.0f}s ahead of the worker's clock (max {self.max_skew:g}s)")
+            raise InvalidReading(ErrorCode.TS_FAR_FUTURE, f"ts {ts:.6g} is {ts - now:.6g}s ahead of the worker's clock (max {self.max_skew:g}s)")
         return ts
 
     def _values(self, obj: dict) -> tuple[float, ...]:

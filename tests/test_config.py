@@ -11,6 +11,14 @@ def test_defaults_and_env_prefix(monkeypatch):
     assert s.bootstrap_servers == "127.0.0.1:9092" and s.output_topic == "sensor-forecasts"
     assert s.dlq_topic == "sensor-readings-dlq" and s.group_id == "stream-lstm"
     assert s.metrics_port == 9108 and s.processing_guarantee == "exactly_once"
+    assert s.security_protocol == "PLAINTEXT" and s.resolved_sasl_password() is None
+
+
+def test_only_prefixed_variables_count(monkeypatch):
+    monkeypatch.setenv("WINDOW", "5")  # not ours: ignored
+    monkeypatch.setenv("stream_lstm_horizon", "3")  # the prefix is case-insensitive
+    s = load_settings()
+    assert s.window == Settings.model_fields["window"].default and s.horizon == 3
 
 
 @pytest.mark.parametrize("var,value", [
@@ -28,6 +36,17 @@ def test_inconsistent_settings_are_refused():
         load_settings(n_features=2, target_channel=2)
     with pytest.raises(SettingsError, match="sasl_mechanism"):
         load_settings(security_protocol="SASL_SSL")
+
+
+def test_password_file_from_the_environment(tmp_path, monkeypatch):
+    f = tmp_path / "pw"
+    f.write_text("from-file\n")
+    monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD_FILE", str(f))
+    assert load_settings().resolved_sasl_password() == "from-file"
+    monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD", "from-env")  # the variable wins
+    s = load_settings()
+    assert s.resolved_sasl_password() == "from-env"
+    assert "from-env" not in str(s.redacted()) and "from-env" not in repr(s)
 
 
 def test_secrets_masked_and_password_file(tmp_path):

@@ -96,6 +96,7 @@ ERROR_CASES = [
     ("ts-list", body(ts=[TS]), KEY, {}, ErrorCode.BAD_TS),
     ("ts-numeric-string", body(ts=str(TS)), KEY, {}, ErrorCode.BAD_TS),
     ("ts-future", body(ts=NOW + 301.0), KEY, {}, ErrorCode.TS_FAR_FUTURE),
+    ("ts-future-huge", b'{"device_id":"pump-17","ts":1' + b"0" * 300 + b',"value":1}', KEY, {}, ErrorCode.TS_FAR_FUTURE),
     ("ts-future-iso", body(ts="2030-01-01T00:00:00Z"), KEY, {}, ErrorCode.TS_FAR_FUTURE),
     ("missing-value", body(value=_DROP), KEY, {}, ErrorCode.MISSING_VALUE),
     ("both", body(values=[1.0]), KEY, {}, ErrorCode.BOTH_VALUE_AND_VALUES),

@@ -1,16 +1,11 @@
 """A real Apache Kafka 4.1.1 broker on 127.0.0.1, from Maven Central jars, without Docker.
 
-``stream-lstm kafka fetch`` runs ``mvn dependency:copy-dependencies`` on the small pom in
-``deploy/kafka/pom.xml`` (the single source of truth for the Kafka version; it adds the log4j2
-binding that Kafka's own POM leaves out) and caches the jars in the user cache directory.
-``stream-lstm kafka up`` formats KRaft storage, starts one broker+controller process with
-``java`` in the background, waits until an admin call succeeds and prints the address;
-``kafka down`` stops it; ``kafka status`` tells whether it runs. A ``broker.json`` state
-file in the data directory ties the commands together.
-
-The same :class:`LocalBroker` backs the test fixtures, ``stream-lstm up`` and the benchmark.
-It can also open a SASL_PLAINTEXT listener with SCRAM-SHA-256/512 users (``sasl_users``) and
-an SSL listener with a self-signed CA made by ``openssl`` (``tls=True``).
+``kafka fetch`` runs ``mvn dependency:copy-dependencies`` on ``deploy/kafka/pom.xml`` (which
+adds the log4j2 binding Kafka's POM leaves out) and caches the jars. ``kafka up`` formats KRaft
+storage, starts one broker+controller JVM in the background, waits until an admin call
+succeeds and prints the address; ``kafka down`` stops it; a ``broker.json`` state file in the
+data directory ties the commands together. :class:`LocalBroker` also backs the test fixtures,
+``stream-lstm up`` and the benchmark, and can open SASL/SCRAM and TLS listeners.
 """
 
 from __future__ import annotations
@@ -35,8 +30,8 @@ KAFKA_VERSION = "4.1.1"
 JAVA_HINT = "OpenJDK 17 (apt install openjdk-17-jre-headless)"
 MAVEN_HINT = "Apache Maven (apt install maven)"
 
-# Root at WARN keeps the file small; a few lifecycle loggers at INFO say when the broker
-# started, which version it is and when it shut down, so the log is never empty.
+# Root at WARN keeps the file small; a few loggers at INFO say when the broker started, which
+# version it is, when it shut down, and which clients failed to authenticate.
 LOG4J2 = """\
 status = warn
 appender.file.type = RollingFile
@@ -52,13 +47,9 @@ appender.file.strategy.type = DefaultRolloverStrategy
 appender.file.strategy.max = 3
 rootLogger.level = {level}
 rootLogger.appenderRef.file.ref = FILE
-logger.start.name = kafka.server.KafkaRaftServer
-logger.start.level = INFO
-logger.broker.name = kafka.server.BrokerServer
-logger.broker.level = INFO
-logger.app.name = org.apache.kafka.common.utils.AppInfoParser
-logger.app.level = INFO
-"""
+""" + "".join(f"logger.l{i}.name = {name}\nlogger.l{i}.level = INFO\n" for i, name in enumerate([
+    "kafka.server.KafkaRaftServer", "kafka.server.BrokerServer",
+    "org.apache.kafka.common.utils.AppInfoParser", "org.apache.kafka.common.network.Selector"]))
 
 
 class BrokerError(RuntimeError):
@@ -79,8 +70,7 @@ def default_data_dir(port: int) -> Path:
 
 def require_tool(name: str, install: str) -> str:
     """The path of ``name`` on PATH, or a one-line :class:`BrokerError` saying what to install."""
-    path = shutil.which(name)
-    if path is None:
+    if (path := shutil.which(name)) is None:
         raise BrokerError(f"{name} not found: install {install}")
     return path
 
@@ -128,7 +118,7 @@ def fetch_jars(cache_dir: Path | None = None) -> Path:
             return libs  # another process fetched while we waited
         shutil.rmtree(libs, ignore_errors=True)  # no stale jars of an older pom on the classpath
         cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-               f"-DoutputDirectory={libs}"]
+               f"-DoutputDirectory={libs}", f"-Dkafka.version={KAFKA_VERSION}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
             raise BrokerError(f"mvn could not fetch Kafka {KAFKA_VERSION} ({' '.join(cmd)}):\n"
@@ -186,14 +176,13 @@ class LocalBroker:
                  sasl_users: dict[str, str] | None = None, tls: bool = False, *,
                  sasl_port: int | None = None, ssl_port: int | None = None,
                  log_level: str = "WARN") -> None:
-        self.port = port
+        self.port, self.controller_port = port, controller_port
+        self.sasl_users, self.tls = dict(sasl_users or {}), tls
+        self.sasl_port, self.ssl_port, self.log_level = sasl_port, ssl_port, log_level
         self.data_dir = Path(data_dir).resolve()
-        self.controller_port = controller_port
-        self.sasl_users = dict(sasl_users or {})
-        self.tls = tls
-        self.sasl_port = sasl_port
-        self.ssl_port = ssl_port
-        self.log_level = log_level
+        self.state_file = self.data_dir / "broker.json"
+        self.log_file = self.data_dir / "logs" / "server.log"
+        self.ca_file = self.data_dir / "tls" / "ca.pem"  #: PEM of the CA (``ssl_cafile``)
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -212,19 +201,6 @@ class LocalBroker:
         if not self.tls or self.ssl_port is None:
             raise BrokerError("no SSL listener: pass tls=True and start the broker")
         return f"127.0.0.1:{self.ssl_port}"
-
-    @property
-    def ca_file(self) -> Path:
-        """PEM of the CA that signed the broker certificate (for ``ssl_cafile``)."""
-        return self.data_dir / "tls" / "ca.pem"
-
-    @property
-    def state_file(self) -> Path:
-        return self.data_dir / "broker.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / "logs" / "server.log"
 
     def read_state(self) -> dict | None:
         try:
@@ -278,7 +254,7 @@ class LocalBroker:
         jvm = [java, "-Xmx512m", "-Xms128m", "-Djava.awt.headless=true",
                f"-Dlog4j2.configurationFile={log4j}", "-cp", str(libs / "*")]
         self._format(jvm, props)
-        with open(self.data_dir / "logs" / "stdout.log", "ab") as out:
+        with open(self.log_file.with_name("stdout.log"), "ab") as out:
             # Own session: Ctrl-C in the terminal that ran `kafka up` does not reach it.
             self._proc = subprocess.Popen(jvm + ["kafka.Kafka", str(props)], stdout=out,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -291,7 +267,7 @@ class LocalBroker:
         try:
             self._wait_ready(timeout)
         except BaseException:
-            self.stop()
+            self.stop()  # never leave a half-started JVM behind
             raise
         return self.bootstrap
 
@@ -327,51 +303,47 @@ class LocalBroker:
         if self.tls:
             names["SSL"] = self.ssl_port
         advertised = ",".join(f"{n}://127.0.0.1:{p}" for n, p in names.items())
-        lines = [
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-            f"listeners={advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners={advertised}",
-            "listener.security.protocol.map=" + ",".join(f"{n}:{n}" for n in names)
+        props: dict[str, object] = {
+            "process.roles": "broker,controller", "node.id": 1,
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"{advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": advertised,
+            "listener.security.protocol.map": ",".join(f"{n}:{n}" for n in names)
             + ",CONTROLLER:PLAINTEXT",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            f"log.dirs={self.data_dir / 'kraft'}",
-            # One node: every internal topic has one replica, and few partitions so that the
-            # first consumer group or transaction is quick on two cores.
-            "num.partitions=4",
-            "default.replication.factor=1",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "transaction.state.log.num.partitions=4",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
-            "delete.topic.enable=true",
-            "log.cleaner.enable=true",  # the changelog and models topics are compacted
-            "log.cleaner.backoff.ms=1000",
-            "message.max.bytes=4194304",  # models travel as messages; matches the producer
-            "replica.fetch.max.bytes=4194304",
+            "controller.listener.names": "CONTROLLER", "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": self.data_dir / "kraft",
+            # One node: one replica everywhere; few partitions, so that the first consumer
+            # group or transaction (which creates an internal topic) is quick on two cores.
+            "num.partitions": 4, "default.replication.factor": 1,
+            "offsets.topic.replication.factor": 1, "offsets.topic.num.partitions": 4,
+            "transaction.state.log.replication.factor": 1, "transaction.state.log.min.isr": 1,
+            "transaction.state.log.num.partitions": 4,
+            "share.coordinator.state.topic.replication.factor": 1,
+            "share.coordinator.state.topic.min.isr": 1,
+            "group.initial.rebalance.delay.ms": 0,  # no 3 s wait before the first assignment
+            "auto.create.topics.enable": "true", "delete.topic.enable": "true",
+            # The changelog and models topics are compacted.
+            "log.cleaner.enable": "true", "log.cleaner.backoff.ms": 1000,
+            # Models travel as messages: as large as the producer's max_request_size.
+            "message.max.bytes": 4194304, "replica.fetch.max.bytes": 4194304,
             # Transactions left open by a killed worker are aborted in seconds, not minutes.
-            "transaction.abort.timed.out.transaction.cleanup.interval.ms=5000",
-            "transaction.remove.expired.transaction.cleanup.interval.ms=60000",
-        ]
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": 5000,
+        }
         if self.sasl_users:
             jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-            lines += ["sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512",
-                      f"listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={jaas}",
-                      f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}"]
+            props.update({
+                "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+                "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": jaas,
+                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": jaas,
+                # With the default 100 ms delay the broker closes the connection before the
+                # client reads the error response, and a bad password looks like a timeout.
+                "connection.failed.authentication.delay.ms": 0})
         if self.tls:
-            lines += ["ssl.keystore.type=PKCS12",
-                      f"ssl.keystore.location={self.data_dir / 'tls' / 'broker.p12'}",
-                      f"ssl.keystore.password={store_password}",
-                      f"ssl.key.password={store_password}",
-                      "ssl.client.auth=none"]
-        return "\n".join(lines) + "\n"
+            props.update({
+                "ssl.keystore.type": "PKCS12", "ssl.client.auth": "none",
+                "ssl.keystore.location": self.data_dir / "tls" / "broker.p12",
+                "ssl.keystore.password": store_password, "ssl.key.password": store_password})
+        return "".join(f"{k}={v}\n" for k, v in props.items())
 
     def _format(self, jvm: list[str], props: Path) -> None:
         """Format KRaft storage; reuse a formatted directory when it is still this broker's.
@@ -422,22 +394,21 @@ class LocalBroker:
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"
             "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-        steps = [
-            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-             "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=stream-lstm local CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out",
-             "broker.csr", "-subj", "/CN=localhost"],
-            ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "3650", "-out", "broker.pem", "-extfile", "broker.ext"],
-            ["pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-certfile",
-             "ca.pem", "-name", "broker", "-out", "broker.p12", "-passout", f"pass:{password}"],
+        steps = [  # CA; broker key + request; CA signs it; key + chain into PKCS12
+            "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem -subj "
+            "/CN=stream-lstm-local-CA -addext basicConstraints=critical,CA:TRUE "
+            "-addext keyUsage=critical,keyCertSign,cRLSign",
+            "req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj /CN=localhost",
+            "x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 "
+            "-out broker.pem -extfile broker.ext",
+            "pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker "
+            f"-out broker.p12 -passout pass:{password}",
         ]
         for step in steps:
-            result = subprocess.run([openssl, *step], cwd=tls, capture_output=True, text=True)
+            result = subprocess.run([openssl, *step.split()], cwd=tls, capture_output=True,
+                                    text=True)
             if result.returncode != 0:
-                raise BrokerError(f"openssl {step[0]} failed:\n{result.stderr[-2000:]}")
+                raise BrokerError(f"openssl {step.split()[0]} failed:\n{result.stderr[-2000:]}")
         return password
 
     def _wait_ready(self, timeout: float) -> None:
@@ -452,7 +423,7 @@ class LocalBroker:
                 raise BrokerError(f"the broker exited (code {code}); log tail:\n{self._log_tail()}")
             try:
                 admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000,
-                                         client_id="stream-lstm-local-broker")
+                                         bootstrap_timeout_ms=3000, client_id="local-broker")
                 try:
                     admin.describe_cluster()
                 finally:
@@ -465,11 +436,9 @@ class LocalBroker:
                           f"log tail:\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 30) -> str:
-        text = ""
-        for f in (self.log_file, self.data_dir / "logs" / "stdout.log"):
-            if f.exists():
-                text += f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]) + "\n"
-        return text
+        files = [f for f in (self.log_file, self.log_file.with_name("stdout.log")) if f.exists()]
+        return "".join(f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+                       + "\n" for f in files)
 
 
 # ---- CLI: stream-lstm kafka up|down|status|fetch -------------------------------------------
@@ -505,9 +474,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"Kafka {KAFKA_VERSION} broker ready at {broker.bootstrap} (pid {broker.pid}, "
                   f"data: {broker.data_dir}, logs: {broker.log_file})")
         elif args.action == "down":
-            pid = broker.running_pid()
+            pid, state = broker.running_pid(), broker.read_state() or {}
             if broker.stop():
-                print(f"Kafka broker at {broker.bootstrap} stopped (pid {pid})")
+                print(f"Kafka broker at {state.get('bootstrap')} stopped (pid {pid})")
             else:
                 print(f"no Kafka broker running for {broker.data_dir}")
         else:

@@ -1,114 +1,242 @@
 """``stream-lstm replay``: replay real CSV recordings into the input topic.
 
-Each file becomes one device (its id defaults to the file name); several files are merged in
-time order into one fleet. Timing follows the recording, compressed by ``--speedup``.
+Each file is one device (its id defaults to the file name without extension); several files
+are merged in timestamp order into one fleet. Readings keep the recording's own timestamps as
+event times. ``--speedup X`` paces them by the recording's inter-arrival times divided by X;
+``--as-fast-as-possible`` (the default) sends them without waiting.
+
+Timestamps may be ``YYYY-MM-DD HH:MM:SS`` (read as UTC, like NAB and ETT), ISO-8601 (with or
+without a UTC offset), or epoch numbers (seconds; milliseconds when larger than 1e11).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import heapq
 import sys
+import time
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from stream_lstm.config import load_settings
-from stream_lstm.tools.producer import produce
+from stream_lstm.config import Settings, SettingsError, load_settings
+
+# Epoch numbers above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
+_EPOCH_MS_THRESHOLD = 1e11
 
 
-class CsvError(ValueError):
-    """A recording cannot be read; the message says why."""
+class ReplayError(ValueError):
+    """A recording cannot be replayed; the message is one line that says why."""
 
 
-def parse_time(text: str) -> float:
-    """Epoch seconds from ``YYYY-MM-DD HH:MM:SS`` (UTC), ISO-8601, or an epoch number."""
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds of a timestamp; a time without a UTC offset is UTC.
+
+    >>> parse_timestamp("2013-12-02 21:15:00")
+    1386018900.0
+    >>> parse_timestamp("2013-12-02T22:15:00+01:00"), parse_timestamp("1386018900")
+    (1386018900.0, 1386018900.0)
+    >>> parse_timestamp("1386018900000")      # milliseconds
+    1386018900.0
+    """
     text = text.strip()
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    else:
+        return number / 1000.0 if abs(number) > _EPOCH_MS_THRESHOLD else number
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
-def load_csv(path: Path, time_column: str = "timestamp",
-             value_columns: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(ts [T], values [T, F])`` of a recording, sorted by time.
+def load_csv(path: str | Path, time_column: str = "timestamp",
+             value_columns: Sequence[str] = ("value",)) -> tuple[np.ndarray, np.ndarray]:
+    """``(ts [T], values [T, F])`` of one recording, sorted by time.
+
+    Every row is kept: repeated timestamps (NAB's machine temperature file repeats an hour)
+    stay, in file order, and the worker ignores the repeats as duplicates.
+
+    Raises :class:`ReplayError` (one line) when the file cannot be read, a column is missing
+    (the message lists the columns there are), or a cell is not a time / a number.
 
     >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.csv"
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "pump.csv"
     >>> _ = p.write_text("timestamp,value\\n2014-01-01 00:05:00,2.5\\n2014-01-01 00:00:00,1\\n")
-    >>> ts, v = load_csv(p)
-    >>> ts.tolist(), v[:, 0].tolist()
-    ([1388534400.0, 1388534700.0], [1.0, 2.5])
+    >>> ts, values = load_csv(p)
+    >>> ts.tolist(), values.tolist()
+    ([1388534400.0, 1388534700.0], [[1.0], [2.5]])
+    >>> load_csv(p, value_columns=["temp"])
+    Traceback (most recent call last):
+    ...
+    stream_lstm.tools.replay.ReplayError: ...pump.csv: no column 'temp' (columns: timestamp, value)
     """
-    value_columns = value_columns or ["value"]
+    path = Path(path)
+    value_columns = list(value_columns)
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            missing = [c for c in [time_column, *value_columns] if c not in cols]
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise ReplayError(f"{path}: empty file (no header row)")
+            missing = [c for c in [time_column, *value_columns] if c not in header]
             if missing:
-                raise CsvError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(cols)})")
-            rows = [(parse_time(r[time_column]), [float(r[c]) for c in value_columns]) for r in reader]
+                names = ", ".join(repr(c) for c in missing)
+                raise ReplayError(f"{path}: no column {names} (columns: {', '.join(header)})")
+            time_at = header.index(time_column)
+            value_at = [header.index(c) for c in value_columns]
+            times: list[str] = []
+            cells: list[list[str]] = []
+            for row in reader:
+                if not row:  # blank line
+                    continue
+                times.append(row[time_at] if time_at < len(row) else "")
+                cells.append([row[i] if i < len(row) else "" for i in value_at])
     except OSError as exc:
-        raise CsvError(f"{path}: {exc.strerror}") from None
-    except ValueError as exc:
-        if isinstance(exc, CsvError):
-            raise
-        raise CsvError(f"{path}: {exc}") from None
-    rows.sort(key=lambda r: r[0])
-    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows], np.float64).reshape(len(rows), -1)
+        raise ReplayError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ReplayError(f"{path}: not a readable CSV file: {exc}") from None
+    ts = np.empty(len(times))
+    for i, text in enumerate(times):
+        try:
+            ts[i] = parse_timestamp(text)
+        except ValueError:
+            raise ReplayError(f"{path}: line {i + 2}: {time_column}={text!r} is not a time") from None
+    try:
+        values = np.array(cells, dtype=np.float64).reshape(len(cells), len(value_columns))
+    except ValueError:
+        line, column, text = _first_bad_number(cells, value_columns)
+        raise ReplayError(f"{path}: line {line}: {column}={text!r} is not a number") from None
+    order = np.argsort(ts, kind="stable")
+    return ts[order], values[order]
 
 
-def merged_readings(files: list[Path], time_column: str, value_columns: list[str],
-                    device_ids: list[str] | None = None, limit: int = 0):
-    """Readings of all files, merged in time order: ``(device_id, ts, values)``."""
-    streams = []
-    for i, path in enumerate(files):
-        ts, values = load_csv(path, time_column, value_columns)
-        if limit:
-            ts, values = ts[:limit], values[:limit]
-        dev = device_ids[i] if device_ids else path.stem
-        streams.append([(float(t), dev, v.tolist()) for t, v in zip(ts, values, strict=True)])
-    return [(dev, t, v) for t, dev, v in heapq.merge(*streams)]
+def _first_bad_number(cells: list[list[str]], columns: list[str]) -> tuple[int, str, str]:
+    for i, row in enumerate(cells):
+        for column, text in zip(columns, row, strict=True):
+            try:
+                float(text)
+            except ValueError:
+                return i + 2, column, text
+    return 0, columns[0], ""
+
+
+def merge_recordings(files: Sequence[str | Path], time_column: str = "timestamp",
+                     value_columns: Sequence[str] = ("value",),
+                     device_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Several recordings as one fleet in timestamp order.
+
+    Returns ``(device_ids, device_index [N], ts [N], values [N, F])``. Equal timestamps keep
+    the order of the files.
+    """
+    files = [Path(f) for f in files]
+    ids = list(device_ids) if device_ids else [f.stem for f in files]
+    if len(ids) != len(files):
+        raise ReplayError(f"{len(ids)} device ids for {len(files)} files: give one --device-id per file")
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise ReplayError(f"device id {duplicated[0]!r} is used by two files: give each a --device-id")
+    loaded = [load_csv(f, time_column, value_columns) for f in files]
+    ts = np.concatenate([t for t, _ in loaded])
+    values = np.concatenate([v for _, v in loaded])
+    device_index = np.concatenate([np.full(len(t), i) for i, (t, _) in enumerate(loaded)])
+    order = np.argsort(ts, kind="stable")  # stable: ties keep file order
+    return ids, device_index[order], ts[order], values[order]
+
+
+def replay_files(settings: Settings, files: Sequence[str | Path], *, time_column: str = "timestamp",
+                 value_columns: Sequence[str] = ("value",), device_ids: Sequence[str] | None = None,
+                 speedup: float | None = None, limit: int | None = None, topic: str | None = None,
+                 progress: bool = True) -> int:
+    """Replay the recordings (merged in time order) into ``topic``; return how many were sent.
+
+    ``speedup``: wait the recording's inter-arrival time divided by it (``None``: as fast as
+    possible). ``limit``: send only the first N readings of the merged stream.
+    """
+    from stream_lstm.tools.simulate import send_readings
+
+    if speedup is not None and speedup <= 0:
+        raise ValueError("speedup must be > 0 (or None for as fast as possible)")
+    ids, device_index, ts, values = merge_recordings(files, time_column, value_columns, device_ids)
+    if limit is not None:
+        device_index, ts, values = device_index[:limit], ts[:limit], values[:limit]
+    due = None
+    if speedup is not None and len(ts):
+        first_ts = float(ts[0])
+        due = lambda _i, t: (t - first_ts) / speedup  # noqa: E731
+    return send_readings(settings, _readings(ids, device_index, ts, values), topic=topic,
+                         due_after_s=due, total=len(ts), progress=progress, label="replay")
+
+
+def _readings(ids: list[str], device_index: np.ndarray, ts: np.ndarray,
+              values: np.ndarray) -> Iterator[tuple[str, float, tuple[float, ...]]]:
+    for d, t, v in zip(device_index.tolist(), ts.tolist(), values.tolist(), strict=True):
+        yield ids[d], t, tuple(v)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Replay CSV recordings into STREAM_LSTM_INPUT_TOPIC (several files = a fleet)."
-    parser.add_argument("files", nargs="+", type=Path, help="CSV files, e.g. ../shared/data/nab/...")
-    parser.add_argument("--time-column", default="timestamp")
-    parser.add_argument("--value-column", action="append", dest="value_columns",
-                        help="value column(s); repeat for multi-channel (default: value)")
-    parser.add_argument("--device-id", action="append", dest="device_ids",
-                        help="device id per file (default: the file name)")
+    parser.description = (
+        "Replay CSV recordings into STREAM_LSTM_INPUT_TOPIC, keyed by device id (default: the "
+        "file name). Several files are merged in timestamp order, like a fleet.")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.csv",
+                        help="recordings, e.g. ../shared/data/nab/machine_temperature_system_failure.csv")
+    parser.add_argument("--time-column", default="timestamp", help="time column (default timestamp)")
+    parser.add_argument("--value-column", action="append", dest="value_columns", metavar="NAME",
+                        help="value column; repeat or comma-separate for several channels "
+                             "(default: value)")
+    parser.add_argument("--device-id", action="append", dest="device_ids", metavar="ID",
+                        help="device id, once per file in order (default: the file name)")
     pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--speedup", type=float, default=0.0,
-                      help="play the recording's own timing X times faster")
-    pace.add_argument("--as-fast-as-possible", action="store_true", help="no pacing (default)")
-    parser.add_argument("--limit", type=int, default=0, help="first N rows of each file")
-    parser.add_argument("--topic", default=None, help="override the input topic")
+    pace.add_argument("--speedup", type=float, default=None, metavar="X",
+                      help="keep the recording's timing, X times faster (3600: an hour per second)")
+    pace.add_argument("--as-fast-as-possible", action="store_true",
+                      help="send without waiting (the default)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="send only the first N readings (of all files merged)")
+    parser.add_argument("--topic", default=None, help="topic (default: STREAM_LSTM_INPUT_TOPIC)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    value_columns = [c.strip() for arg in (args.value_columns or ["value"]) for c in arg.split(",") if c.strip()]
+    if args.speedup is not None and args.speedup <= 0:
+        print("replay: --speedup must be positive", file=sys.stderr)
+        return 2
     try:
-        readings = merged_readings(args.files, args.time_column, args.value_columns or ["value"],
-                                   args.device_ids, args.limit)
-    except CsvError as exc:
+        settings = load_settings()
+        # Load once up front, so a bad file fails before anything is sent.
+        ids, device_index, ts, _ = merge_recordings(args.files, args.time_column, value_columns,
+                                                    args.device_ids)
+    except (SettingsError, ReplayError) as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
-    pace = None
-    if args.speedup and readings:
-        t0 = readings[0][1]
-        pace = [(ts - t0) / args.speedup for _, ts, _ in readings]
-    print(f"replaying {len(readings):,} readings from {len(args.files)} file(s) into "
-          f"{args.topic or settings.input_topic} at {settings.bootstrap_servers}", file=sys.stderr)
-    sent = produce(settings, readings, topic=args.topic, pace=pace, total=len(readings), label="replay")
-    print(f"replay: sent {sent:,} readings", file=sys.stderr)
-    return 0
+    topic = args.topic or settings.input_topic
+    count = len(ts) if args.limit is None else min(len(ts), args.limit)
+    pace = f"{args.speedup:g}x speed-up" if args.speedup else "as fast as possible"
+    print(f"replay: {count:,} readings of {len(ids)} device(s) into {topic} at "
+          f"{settings.bootstrap_servers}, {pace}", file=sys.stderr)
+    from stream_lstm.tools.simulate import ensure_topic
+
+    ensure_topic(settings, topic)
+    started = time.monotonic()
+    try:
+        sent = replay_files(settings, args.files, time_column=args.time_column,
+                            value_columns=value_columns, device_ids=args.device_ids,
+                            speedup=args.speedup, limit=args.limit, topic=topic,
+                            progress=not args.no_progress)
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
+        print(f"replay: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - started
+    span = f"{_utc(ts[0])} .. {_utc(ts[count - 1])}" if count else "nothing"
+    print(f"replay: sent {sent:,} of {count:,} readings ({span}) in {elapsed:,.1f}s "
+          f"({sent / max(elapsed, 1e-9):,.0f}/s)", file=sys.stderr)
+    return 0 if sent == count else 1
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(float(epoch), UTC).strftime("%Y-%m-%d %H:%M:%S")

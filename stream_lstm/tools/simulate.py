@@ -1,50 +1,260 @@
-"""``stream-lstm simulate``: produce a synthetic fleet into the input topic at a set rate."""
+"""``stream-lstm simulate``: produce a synthetic sensor fleet into the input topic.
+
+Readings (see :mod:`stream_lstm.tools.fleet`) are keyed by device id and sent at a controlled
+aggregate rate. The pacing, progress line and clean shutdown live here in :func:`send_readings`,
+which ``stream-lstm replay`` reuses.
+
+Pacing uses scheduled send times (reading *i* is due at ``start + i / rate``), not a sleep per
+message, so the achieved rate does not drift below the target when sends take time.
+"""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
 
-from stream_lstm.config import load_settings
+from stream_lstm.config import Settings, SettingsError, load_settings
 from stream_lstm.tools.fleet import Fleet
-from stream_lstm.tools.producer import produce
+
+# A stall longer than this (broker hiccup, laptop asleep) is not made up with a burst: the
+# schedule slides forward instead, so consumers never see a flood at many times the rate.
+MAX_SCHEDULE_LAG_S = 1.0
+# Sleep in short slices so SIGINT/SIGTERM and --duration are honoured during long waits
+# (a slow replay can wait minutes between readings).
+_SLEEP_SLICE_S = 0.2
+# Default event-time range of an open-ended simulation, ending about now (see main()).
+_OPEN_ENDED_HISTORY_S = 30 * 86_400.0
+
+Reading = tuple[str, float, Sequence[float]]
+
+
+class ProgressLine:
+    """One updating status line on ``stream`` (stderr): sent, rate, elapsed.
+
+    On a terminal it is redrawn in place (``\\r``) a few times a second; elsewhere (logs, CI)
+    a plain line is written every ``log_interval_s`` seconds so logs are not flooded.
+    """
+
+    def __init__(self, label: str, total: int | None = None, enabled: bool = True,
+                 stream: TextIO | None = None, log_interval_s: float = 10.0) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval_s = 0.2 if self.tty else log_interval_s
+        self.started = self.last_drawn = time.monotonic()
+        self.drawn = False
+
+    def update(self, sent: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last_drawn < self.interval_s):
+            return
+        self.last_drawn = now
+        elapsed = now - self.started
+        of_total = f"/{self.total:,}" if self.total else ""
+        line = f"{self.label}: {sent:,}{of_total} sent, {sent / max(elapsed, 1e-9):,.0f}/s, {elapsed:,.1f}s"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")  # \x1b[K clears what a longer line left
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self, sent: int) -> None:
+        if self.enabled:
+            self.update(sent, force=True)
+            if self.tty and self.drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the send loop to stop (it then flushes); a second signal aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: list[tuple[int, Any]] = []
+
+    def __enter__(self) -> _StopOnSignal:
+        # Signal handlers can only be set from the main thread; elsewhere (a tool embedded in
+        # a test or a thread) the caller's own handling applies.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous.append((sig, signal.getsignal(sig)))
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested:  # flushing hangs (broker gone?): let a second Ctrl-C get out
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous:
+            signal.signal(sig, handler)
+
+
+def send_readings(settings: Settings, readings: Iterable[Reading], *, topic: str | None = None,
+                  due_after_s: Callable[[int, float], float] | None = None,
+                  total: int | None = None, duration_s: float | None = None,
+                  progress: bool = True, label: str = "produce") -> int:
+    """Send ``(device_id, ts, values)`` readings keyed by device id; return how many the broker acknowledged.
+
+    ``due_after_s(i, ts)`` gives the seconds after the start at which reading ``i`` is due
+    (``None``: as fast as possible). Stops after ``total`` readings, after ``duration_s``
+    seconds, at the end of ``readings``, or on SIGINT/SIGTERM, and always flushes first.
+    Failed deliveries are reported on stderr and not counted.
+    """
+    from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.messages import encode_reading
+
+    topic = topic or settings.input_topic
+    producer = make_producer(settings)
+    failures: list[BaseException] = []
+    bar = ProgressLine(label, total, progress)
+    started = time.monotonic()
+    deadline = started + duration_s if duration_s else None
+    schedule_shift = 0.0
+    sent = 0
+    if total is not None:
+        readings = itertools.islice(readings, total)
+    try:
+        with _StopOnSignal() as stop:
+            for i, (device_id, ts, values) in enumerate(readings):
+                if due_after_s is not None:
+                    due = started + schedule_shift + due_after_s(i, ts)
+                    now = time.monotonic()
+                    if now - due > MAX_SCHEDULE_LAG_S:
+                        schedule_shift += now - due
+                    while not stop.requested:
+                        now = time.monotonic()
+                        if now >= due or (deadline is not None and now >= deadline):
+                            break
+                        limit = deadline - now if deadline is not None else _SLEEP_SLICE_S
+                        time.sleep(min(due - now, _SLEEP_SLICE_S, limit))
+                if stop.requested or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                future = producer.send(topic, encode_reading(device_id, ts, values),
+                                       key=device_id.encode())
+                future.add_errback(failures.append)
+                sent += 1
+                bar.update(sent)
+            producer.flush()
+    finally:
+        producer.close(timeout=10)
+        bar.finish(sent - len(failures))
+    if failures:
+        print(f"{label}: {len(failures):,} readings failed to send, e.g. {failures[0]!r}",
+              file=sys.stderr)
+    return sent - len(failures)
+
+
+def produce_fleet(settings: Settings, fleet: Fleet, *, rate: float | None = None,
+                  total: int | None = None, progress: bool = True, topic: str | None = None,
+                  duration_s: float | None = None) -> int:
+    """Send ``fleet``'s readings to ``topic`` (default: the input topic); return how many were sent.
+
+    ``rate``: readings per second, all devices together (``None``: as fast as possible).
+    ``total`` and ``duration_s`` bound the run; with neither it runs until SIGINT/SIGTERM.
+    """
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be > 0 (or None for as fast as possible)")
+    due = None if rate is None else (lambda i, _ts: i / rate)
+    return send_readings(settings, fleet.stream(), topic=topic, due_after_s=due, total=total,
+                         duration_s=duration_s, progress=progress, label="simulate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Produce a realistic synthetic fleet (daily seasonality, noise, drift, gaps, occasional "
-        "anomalies) into STREAM_LSTM_INPUT_TOPIC at a controlled rate."
-    )
+        "Produce a synthetic sensor fleet (daily seasonality, noise, drift, gaps, occasional "
+        "spikes and level shifts) into STREAM_LSTM_INPUT_TOPIC, keyed by device id, at a "
+        "controlled rate. Runs until --duration or --messages is reached, or Ctrl-C.")
     parser.add_argument("--devices", type=int, default=100, help="number of devices (default 100)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="readings per second, all devices together (default 100)")
-    parser.add_argument("--messages", type=int, default=0, help="stop after this many (0: never)")
-    parser.add_argument("--duration", type=float, default=0.0, help="stop after these seconds")
-    parser.add_argument("--step-s", type=float, default=60.0, help="event-time step per device")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--as-fast-as-possible", action="store_true", help="no rate limit")
-    parser.add_argument("--topic", default=None, help="override the input topic")
+    parser.add_argument("--as-fast-as-possible", action="store_true", help="ignore --rate")
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    stop.add_argument("--messages", type=int, default=None, metavar="M", help="stop after M readings")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same fleet)")
+    parser.add_argument("--topic", default=None, help="topic (default: STREAM_LSTM_INPUT_TOPIC)")
+    parser.add_argument("--drift", type=float, default=0.02,
+                        help="random-walk drift per step, in value units (default 0.02)")
+    parser.add_argument("--step-s", type=float, default=60.0,
+                        help="event-time seconds between a device's readings (default 60)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="channels per reading (default: STREAM_LSTM_N_FEATURES)")
+    parser.add_argument("--device-prefix", default="sim-", help="device id prefix (default sim-)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
-def fleet_readings(fleet: Fleet, until: float | None):
-    while until is None or time.monotonic() < until:
-        yield from fleet.take(1)
+def planned_steps(devices: int, rate: float | None, messages: int | None,
+                  duration: float | None) -> int | None:
+    """Time steps a bounded run will cover, or ``None`` when it is open-ended.
+
+    >>> planned_steps(10, 100.0, None, 5.0), planned_steps(10, None, 25, None)
+    (50, 3)
+    >>> planned_steps(10, None, None, 5.0) is None
+    True
+    """
+    if messages:
+        return -(-messages // devices)
+    if duration and rate:
+        return -(-int(duration * rate) // devices)
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    fleet = Fleet(args.devices, seed=args.seed, step_s=args.step_s,
-                  start_ts=time.time() - args.step_s * 10_000)
-    until = time.monotonic() + args.duration if args.duration else None
-    readings = fleet_readings(fleet, until)
-    if args.messages:
-        readings = itertools.islice(readings, args.messages)
-    print(f"simulating {args.devices} devices into {args.topic or settings.input_topic} at "
-          f"{settings.bootstrap_servers}", file=sys.stderr)
-    sent = produce(settings, readings, topic=args.topic,
-                   rate=None if args.as_fast_as_possible else args.rate,
-                   total=args.messages or None, label="simulate")
-    print(f"simulate: sent {sent:,} readings ({len(fleet.anomalies)} injected anomalies)", file=sys.stderr)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    if args.devices < 1 or (args.messages is not None and args.messages < 1) or args.step_s <= 0 \
+            or (not args.as_fast_as_possible and args.rate <= 0):
+        print("simulate: --devices, --messages, --step-s and --rate must be positive", file=sys.stderr)
+        return 2
+    rate = None if args.as_fast_as_possible else args.rate
+    topic = args.topic or settings.input_topic
+    # Event times end about now, so the worker neither rejects them as too far in the future
+    # nor (mostly) as late. An open-ended run starts 30 days back and can run that long in
+    # event time before its readings reach the present.
+    steps = planned_steps(args.devices, rate, args.messages, args.duration)
+    history_s = steps * args.step_s if steps is not None else _OPEN_ENDED_HISTORY_S
+    fleet = Fleet(args.devices, seed=args.seed, step_s=args.step_s, start_ts=time.time() - history_s,
+                  n_features=args.features or settings.n_features, drift=args.drift,
+                  id_prefix=args.device_prefix)
+    ensure_topic(settings, topic)
+    pace = "as fast as possible" if rate is None else f"{rate:,.0f} readings/s"
+    print(f"simulate: {args.devices:,} devices into {topic} at {settings.bootstrap_servers}, {pace}",
+          file=sys.stderr)
+    started = time.monotonic()
+    try:
+        sent = produce_fleet(settings, fleet, rate=rate, total=args.messages, topic=topic,
+                             duration_s=args.duration, progress=not args.no_progress)
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
+        print(f"simulate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - started
+    anomalies = fleet.anomalies
+    spikes = sum(a.kind == "spike" for a in anomalies)
+    print(f"simulate: sent {sent:,} readings from {args.devices:,} devices in {elapsed:,.1f}s "
+          f"({sent / max(elapsed, 1e-9):,.0f}/s); injected {spikes} spikes, "
+          f"{len(anomalies) - spikes} level shifts, {len(fleet.gaps)} gaps", file=sys.stderr)
     return 0
+
+
+def ensure_topic(settings: Settings, topic: str) -> None:
+    """Create the topic with the worker's partition count if missing (best effort: a client
+    without create rights still produces, to a topic that an operator created)."""
+    try:
+        from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+        ensure_topics(settings, [TopicSpec(topic, settings.topic_partitions)], timeout_s=10.0)
+    except Exception as exc:  # noqa: BLE001
+        print(f"note: could not check/create topic {topic}: {exc}", file=sys.stderr)

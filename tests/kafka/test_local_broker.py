@@ -1,47 +1,109 @@
-"""The local broker command: up, second up, status, port in use, stale state, down."""
+"""`stream-lstm kafka up|down|status|fetch` against a real broker, through the CLI's ``main``.
+
+Each ``up`` here starts a real JVM (about 10 s on two cores), so the life-cycle checks share
+one test: up, second up, status, down, restart after a crash (storage reused), restart with
+foreign storage (wiped).
+"""
 
 import argparse
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from kafka import KafkaAdminClient
 
 from stream_lstm.kafka import local_broker
-from stream_lstm.kafka.local_broker import BrokerError, LocalBroker, free_port, require_tool
+from stream_lstm.kafka.local_broker import (
+    KAFKA_VERSION,
+    fetch_jars,
+    find_pom,
+    free_port,
+    pid_alive,
+)
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+ORIGINAL_PATH = os.environ["PATH"]
+REPO = Path(__file__).resolve().parents[2]
+POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 
 
-def cli(action, port, data_dir):
-    return local_broker.main(argparse.Namespace(action=action, port=port, data_dir=data_dir, timeout=120))
+def cli(action, port, data_dir, timeout=90):
+    args = argparse.Namespace(action=action, port=port, data_dir=data_dir, timeout=timeout)
+    return local_broker.main(args)
 
 
-def test_up_second_up_status_down(tmp_path, capsys):
+def topics(port):
+    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", bootstrap_timeout_ms=10_000)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped): a crashed broker's pid."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_up_second_up_status_down_and_restarts(tmp_path, capsys):
     port = free_port()
     assert cli("up", port, tmp_path) == 0
-    assert f"ready at 127.0.0.1:{port}" in capsys.readouterr().out
-    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
-    cluster = admin.describe_cluster()
-    versions = admin._client.check_version()  # the broker's API version: Kafka 4.x
-    admin.close()
-    assert cluster["brokers"][0]["port"] == port
-    assert versions >= (4, 0)
-    assert cli("up", port, tmp_path) == 0
-    assert "already running" in capsys.readouterr().out
-    assert cli("status", port, tmp_path) == 0
-    assert cli("down", port, tmp_path) == 0
-    assert "stopped" in capsys.readouterr().out
-    assert cli("status", port, tmp_path) == 1
-    # Stale state: a state file naming a dead pid, and formatted storage, from a crash.
-    (tmp_path / "broker.json").write_text(json.dumps({"pid": 999_999, "port": port}))
-    broker = LocalBroker(port, tmp_path)
-    assert broker.running_pid() is None
+    out = capsys.readouterr().out
+    assert f"Kafka {KAFKA_VERSION} broker ready at 127.0.0.1:{port}" in out
+    assert str(tmp_path / "logs" / "server.log") in out
+    pid = json.loads((tmp_path / "broker.json").read_text())["pid"]
     try:
-        broker.start()
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        try:
+            cluster = admin.describe_cluster()
+            version = admin.get_broker_version_data(cluster["brokers"][0]["broker_id"]).broker_version
+            admin.create_topics({"keep-me": {"num_partitions": 1, "replication_factor": 1}},
+                                wait_for_metadata=True)
+        finally:
+            admin.close()
+        assert [(b["host"], b["port"]) for b in cluster["brokers"]] == [("127.0.0.1", port)]
+        assert version >= (4, 0), f"not a Kafka 4.x broker: {version}"
+        assert "Kafka Server started" in (tmp_path / "logs" / "server.log").read_text()
+
+        assert cli("up", port, tmp_path) == 0  # second up: reports the running one
+        assert f"already running at 127.0.0.1:{port} (pid {pid}" in capsys.readouterr().out
+        assert cli("status", port, tmp_path) == 0
+        assert f"running at 127.0.0.1:{port} (pid {pid}" in capsys.readouterr().out
     finally:
-        assert broker.stop()
+        assert cli("down", port, tmp_path) == 0
+    assert f"stopped (pid {pid})" in capsys.readouterr().out
+    assert not pid_alive(pid) and not (tmp_path / "broker.json").exists()
+    assert cli("status", port, tmp_path) == 1
+    assert cli("down", port, tmp_path) == 0
+    assert "no Kafka broker running" in capsys.readouterr().out
+
+    # A crash leaves a state file naming a dead pid: `up` cleans it up, keeps the data.
+    (tmp_path / "broker.json").write_text(json.dumps({"pid": dead_pid(), "port": port}))
+    assert cli("status", port, tmp_path) == 1
+    try:
+        assert cli("up", port, tmp_path) == 0
+        out = capsys.readouterr().out
+        assert "cleaning up after a broker that is gone" in out and "ready at" in out
+        assert "keep-me" in topics(port), "formatted storage of the same cluster is reused"
+    finally:
+        assert cli("down", port, tmp_path) == 0
+
+    # Storage formatted for another cluster (say, copied from elsewhere) is wiped.
+    record = json.loads((tmp_path / "format.json").read_text())
+    (tmp_path / "format.json").write_text(json.dumps({**record, "cluster_id": "someone-else"}))
+    try:
+        assert cli("up", port, tmp_path) == 0
+        assert "keep-me" not in topics(port)
+    finally:
+        assert cli("down", port, tmp_path) == 0
 
 
 def test_port_in_use_is_a_clear_error(tmp_path, capsys):
@@ -52,11 +114,42 @@ def test_port_in_use_is_a_clear_error(tmp_path, capsys):
         assert cli("up", port, tmp_path) == 2
     err = capsys.readouterr().err
     assert f"port {port} on 127.0.0.1 is in use" in err
+    assert not (tmp_path / "broker.json").exists()
 
 
-def test_missing_java_says_what_to_install(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(BrokerError, match="java not found: install a Java 17"):
-        require_tool("java", "a Java 17+ runtime (apt install openjdk-17-jre-headless)")
-    with pytest.raises(BrokerError, match="java not found"):
-        LocalBroker(free_port(), os.devnull).start()
+def path_with(tmp_path, *tools):
+    """A PATH holding only links to the named tools (so the others are 'not installed')."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in tools:
+        os.symlink(shutil.which(tool, path=ORIGINAL_PATH), bin_dir / tool)
+    return str(bin_dir)
+
+
+def test_missing_java_or_mvn_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAM_LSTM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", path_with(tmp_path))
+    for action in ("up", "fetch"):
+        assert cli(action, free_port(), tmp_path / "data") == 2
+        err = capsys.readouterr().err
+        assert err == (f"stream-lstm kafka {action}: java not found: install OpenJDK 17 "
+                       "(apt install openjdk-17-jre-headless)\n")
+    monkeypatch.setenv("PATH", path_with(tmp_path, "java"))
+    assert cli("fetch", free_port(), tmp_path / "data") == 2
+    assert capsys.readouterr().err == ("stream-lstm kafka fetch: mvn not found: install "
+                                       "Apache Maven (apt install maven)\n")
+
+
+def test_fetch_reuses_cached_jars_without_maven(monkeypatch, tmp_path):
+    libs = fetch_jars()  # the normal cache: fetched once (mvn), then reused
+    assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
+    assert list(libs.glob("log4j-slf4j-impl-*.jar")), "the log4j2 binding is on the classpath"
+    monkeypatch.setenv("PATH", path_with(tmp_path))  # no mvn, no java: must not be needed
+    assert fetch_jars() == libs
+
+
+def test_the_pom_is_the_one_source_of_the_dependency_set():
+    pom = find_pom()
+    assert pom.resolve() == (REPO / "deploy" / "kafka" / "pom.xml").resolve()
+    version = ElementTree.parse(pom).find("m:properties/m:kafka.version", POM_NS)
+    assert version is not None and version.text == KAFKA_VERSION, "pom and KAFKA_VERSION differ"

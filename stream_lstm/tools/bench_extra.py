@@ -1,0 +1,204 @@
+"""Benchmarks of the later features, each against a baseline measured in the same run.
+
+* ``eos_ratio``: exactly-once pipeline throughput / at-least-once, same topic, same run.
+* ``restore_s_100k``: seconds to restore 100k devices' state from the changelog into the
+  local store (``--quick`` restores 25k and reports ``restore_s_25k``).
+* ``retrain_ratio``: in-process pipeline throughput while a background retrain runs / without.
+* ``swap_pause_ms``: inference pause of a hot-swap with re-warm, at 10k devices.
+* ``p50_ms`` / ``p99_ms``: produce-to-forecast latency at about half the sustained rate.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_eos(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.tools.bench import bench_pipeline
+
+    eos = bench_pipeline(settings, topic, messages, "exactly_once")
+    ratio = eos / result["pipeline_msgs_per_s"]
+    _say(f"  pipeline (exactly-once) {eos:,.0f} msgs/s -> eos_ratio {ratio:.2f}")
+    return {"pipeline_eos_msgs_per_s": round(eos), "eos_ratio": round(ratio, 3)}
+
+
+def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.checkpointing.changelog import (
+        changelog_records,
+        ensure_changelog_topic,
+        restore,
+    )
+    from stream_lstm.checkpointing.store import StateStore
+    from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.state.snapshot import DeviceSnapshot
+
+    n = 25_000 if quick else 100_000
+    s = settings.model_copy(update={"changelog_topic": f"{topic}-changelog"})
+    ensure_changelog_topic(s, 4)
+    rng = np.random.default_rng(0)
+    producer = make_producer(s, linger_ms=20, compression_type=None)
+    template = DeviceSnapshot.empty("x", num_layers=1, hidden_size=64, n_features=1)
+    template.h[:] = rng.normal(size=template.h.shape)
+    template.window = rng.normal(size=(64, 1)).astype(np.float32)
+    _say(f"restore: writing {n:,} device snapshots to the changelog ...")
+    for i in range(n):
+        template.device_id, template.partition = f"dev-{i}", i % 4
+        key, value, part = changelog_records([template])[0]
+        producer.send(s.changelog_topic_name(), value, key=key, partition=part)
+    producer.flush()
+    producer.close()
+    with tempfile.TemporaryDirectory() as d:
+        store = StateStore(Path(d) / "s.sqlite")
+        t0 = time.perf_counter()
+        res = restore(s, s.changelog_topic_name(), [0, 1, 2, 3], store)
+        secs = time.perf_counter() - t0
+        assert res.complete and store.count() == n, (res, store.count())
+        store.close(clean=True)
+    _say(f"  restored {n:,} devices in {secs:.2f} s")
+    return {f"restore_s_{n // 1000}k": round(secs, 2)}
+
+
+def _pipeline_fixture(devices: int):
+    from stream_lstm.config import Settings
+    from stream_lstm.engine import BatchedEngine
+    from stream_lstm.messages import encode_reading
+    from stream_lstm.models import SimpleLSTM
+    from stream_lstm.pipeline import BatchPipeline
+    from stream_lstm.state.table import DeviceTable
+    from stream_lstm.tools.bench import _Rec
+
+    s = Settings(max_devices=devices, min_history=1)
+    table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices)
+    model = SimpleLSTM(1, s.hidden_size, 1, s.horizon)
+    engine = BatchedEngine(model, table)
+    pipe = BatchPipeline(s, table, engine, lambda: "bench")
+    t_start = time.time() - 100_000 * 60
+
+    def records(step: int) -> list:
+        return [_Rec(d % 4, d, f"dev-{d}".encode(),
+                     encode_reading(f"dev-{d}", t_start + 60 * step, [20 + d % 9 + np.sin(step / 5)]))
+                for d in range(devices)]
+
+    return s, table, model, engine, pipe, records
+
+
+def _rate(pipe: Any, records: Any, steps: range, batch: int = 2000) -> float:
+    n, t0 = 0, time.perf_counter()
+    for step in steps:
+        recs = records(step)
+        for i in range(0, len(recs), batch):
+            pipe.handle(recs[i : i + batch], time.time())
+        n += len(recs)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.metrics import Metrics
+    from stream_lstm.models.registry import LoadedModel
+    from stream_lstm.training.background import BackgroundTrainer, encode_job
+    from stream_lstm.training.data import windows_from_table
+    from stream_lstm.training.lifecycle import ModelLifecycle, Served, job_params
+
+    devices = 10_000
+    s, table, model, engine, pipe, records = _pipeline_fixture(devices)
+    _say(f"retrain/swap: filling windows of {devices:,} devices ...")
+    _rate(pipe, records, range(s.window))  # full windows everywhere
+    base = _rate(pipe, records, range(s.window, s.window + 3))
+    trainer = BackgroundTrainer(threads=1)
+    seqs = windows_from_table(table, s.window)[:2000]
+    params = job_params(s) | {"max_epochs": 50, "patience": 50}
+    trainer.submit(encode_job(model, _spec(s), {"version": "v0"},
+                              seqs, params))
+    time.sleep(2.0)  # let the child start training
+    during = _rate(pipe, records, range(s.window + 3, s.window + 6))
+    busy = trainer.busy and trainer.poll() is None
+    trainer.close()
+    ratio = during / base
+    _say(f"  pipeline {base:,.0f} msgs/s alone, {during:,.0f} while retraining -> retrain_ratio "
+         f"{ratio:.2f}{'' if busy else ' (the retrain finished early)'}")
+    spec = _spec(s)
+    life = ModelLifecycle(s, Served(model, spec, "v0"), engine, table, Metrics())
+    from stream_lstm.models import SimpleLSTM
+
+    new = SimpleLSTM.from_spec(spec)
+    pause = life.swap(LoadedModel(new, spec, {"version": "v1"}))
+    _say(f"  hot-swap with re-warm of {devices:,} devices (W={s.window}): {pause * 1e3:.0f} ms")
+    return {"pipeline_inproc_msgs_per_s_10k": round(base), "retrain_ratio": round(ratio, 3),
+            "swap_pause_ms": round(pause * 1e3, 1), "swap_devices": devices}
+
+
+def _spec(s: Any):
+    from stream_lstm.models.lstm import ModelSpec
+
+    return ModelSpec(n_features=1, hidden_size=s.hidden_size, num_layers=1, horizon=s.horizon)
+
+
+def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    """Produce at ~half the sustained rate with ts = now; latency = forecast seen - ts."""
+    from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.messages import encode_reading
+    from stream_lstm.worker import Worker, fresh_model
+
+    rate = 0.5 * result.get("pipeline_eos_msgs_per_s", result["pipeline_msgs_per_s"])
+    duration = 8.0 if quick else 20.0
+    t = f"{topic}-lat"
+    s = settings.model_copy(update={
+        "input_topic": t, "output_topic": f"{t}-out", "dlq_topic": f"{t}-dlq",
+        "group_id": f"bench-lat-{uuid.uuid4().hex[:6]}", "min_history": 1, "metrics_port": 0,
+        "state_dir": Path(tempfile.mkdtemp())})
+    worker = Worker(s, fresh_model(s))
+    stop = threading.Event()
+    wt = threading.Thread(target=lambda: worker.run(until=lambda w: stop.is_set()), daemon=True)
+    wt.start()
+    reader = make_consumer(s, s.output_topic, group_id=f"lat-{uuid.uuid4().hex[:6]}",
+                           auto_offset_reset="latest", isolation_level="read_committed")
+    reader.poll(timeout_ms=2000)
+    while not worker.state.ready:
+        time.sleep(0.1)
+    lat: list[float] = []
+
+    def produce() -> None:
+        p = make_producer(s, linger_ms=1)
+        t0, i = time.perf_counter(), 0
+        while time.perf_counter() - t0 < duration:
+            due = t0 + i / rate
+            if due > time.perf_counter():
+                time.sleep(due - time.perf_counter())
+            dev = f"dev-{i % 1000}"
+            p.send(t, encode_reading(dev, time.time(), [20.0 + i % 7]), key=dev.encode())
+            i += 1
+        p.flush()
+        p.close()
+
+    pt = threading.Thread(target=produce, daemon=True)
+    pt.start()
+    t_end = time.time() + duration + 5
+    while time.time() < t_end:
+        for recs in reader.poll(timeout_ms=200).values():
+            now = time.time()
+            lat.extend(now - json.loads(r.value)["ts"] for r in recs)
+    pt.join()
+    stop.set()
+    wt.join(30)
+    reader.close()
+    arr = np.array(lat[len(lat) // 10 :]) * 1e3  # skip the first tenth (join, warm-up)
+    p50, p99 = (float(np.percentile(arr, 50)), float(np.percentile(arr, 99))) if len(arr) else (0.0, 0.0)
+    _say(f"latency at {rate:,.0f} readings/s ({s.processing_guarantee}): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    return {"latency_rate_msgs_per_s": round(rate), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
+
+
+BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_latency]

@@ -1,0 +1,85 @@
+"""SASL/SCRAM and TLS end to end: the client factories, configured only through Settings.
+
+Runs against ``secure_broker`` (a second real broker with a SASL_PLAINTEXT listener holding
+SCRAM users, and an SSL listener whose certificate our own throwaway CA signed).
+"""
+
+import logging
+
+import pytest
+from kafka.errors import KafkaError
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+USER, PASSWORD = "alice", "alice-secret"  # tests/conftest.py SECURE_USERS
+
+
+def round_trip(settings: Settings, topic: str, n: int = 5) -> list[bytes]:
+    """Create the topic, produce ``n`` messages and read them back through a group."""
+    ensure_topics(settings, [TopicSpec(topic, 1)])
+    producer = make_producer(settings)
+    try:
+        for i in range(n):
+            producer.send(topic, f"m{i}".encode()).get(timeout=30)
+    finally:
+        producer.close()
+    consumer = make_consumer(settings, topic, group_id=f"{topic}-g", auto_offset_reset="earliest",
+                             consumer_timeout_ms=10_000)
+    try:
+        return [m.value for _, m in zip(range(n), consumer, strict=False)]
+    finally:
+        consumer.close()
+
+
+def sasl_settings(broker, mechanism, user=USER, password=PASSWORD, **kw) -> Settings:
+    return Settings(bootstrap_servers=broker.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
+                    sasl_mechanism=mechanism, sasl_username=user, sasl_password=password, **kw)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_scram_users_produce_and_consume(secure_broker, topic_name, mechanism):
+    s = sasl_settings(secure_broker, mechanism)
+    assert round_trip(s, topic_name) == [f"m{i}".encode() for i in range(5)]
+
+
+def test_scram_password_from_a_file(secure_broker, topic_name, tmp_path):
+    pw = tmp_path / "password"
+    pw.write_text("bob-secret\n")
+    s = Settings(bootstrap_servers=secure_broker.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
+                 sasl_mechanism="SCRAM-SHA-512", sasl_username="bob", sasl_password_file=pw)
+    assert round_trip(s, topic_name, n=2) == [b"m0", b"m1"]
+
+
+@pytest.mark.parametrize("user,password", [(USER, "wrong"), ("mallory", PASSWORD)])
+@pytest.mark.parametrize("factory", [make_admin, make_producer])
+def test_bad_credentials_fail_clearly(secure_broker, caplog, factory, user, password):
+    s = sasl_settings(secure_broker, "SCRAM-SHA-256", user=user, password=password)
+    failures_before = secure_broker.log_file.read_text().count("Failed authentication")
+    caplog.set_level(logging.ERROR, logger="kafka")
+    # kafka-python 3 retries until its bootstrap deadline and then raises a timeout. It logs
+    # SaslAuthenticationFailedError only when it reads the broker's error response before the
+    # broker closes the connection (a race), so the broker's log is the reliable witness.
+    with pytest.raises(KafkaError, match="Unable to bootstrap"):
+        factory(s, bootstrap_timeout_ms=3000)
+    failures = secure_broker.log_file.read_text().split("Failed authentication")[1 + failures_before:]
+    assert failures, "the broker did not record a failed authentication"
+    assert all("invalid credentials with SASL mechanism SCRAM-SHA-256" in f for f in failures)
+    assert password not in caplog.text
+
+
+def test_tls_with_the_generated_ca(secure_broker, topic_name):
+    s = Settings(bootstrap_servers=secure_broker.ssl_bootstrap, security_protocol="SSL",
+                 ssl_cafile=secure_broker.ca_file)
+    assert round_trip(s, topic_name, n=3) == [b"m0", b"m1", b"m2"]
+
+
+def test_tls_without_our_ca_is_refused(secure_broker, caplog):
+    caplog.set_level(logging.ERROR, logger="kafka")
+    s = Settings(bootstrap_servers=secure_broker.ssl_bootstrap, security_protocol="SSL")
+    with pytest.raises(KafkaError):
+        make_admin(s, bootstrap_timeout_ms=4000)  # the system CAs do not know our CA
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text

@@ -1,0 +1,163 @@
+"""CSV replay: parsing the real recordings, clear errors, merging, and a round trip through Kafka."""
+
+import argparse
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.tools import replay
+from stream_lstm.tools.replay import ReplayError, load_csv, merge_recordings, replay_files
+
+MACHINE = "nab/machine_temperature_system_failure.csv"
+AWS_A = "nab/aws/ec2_cpu_utilization_5f5533.csv"
+AWS_B = "nab/aws/ec2_cpu_utilization_24ae8d.csv"
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def consume(settings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
+    consumer = make_consumer(settings, topic, group_id=f"check-{uuid.uuid4().hex[:8]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    records, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(records) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        # Anything beyond the expected count would be a duplicate: wait briefly for it.
+        for batch in consumer.poll(timeout_ms=1000).values():
+            records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def test_load_csv_reads_the_machine_temperature_recording(shared_data):
+    ts, values = load_csv(shared_data / MACHINE)
+    assert ts.shape == (22_695,) and values.shape == (22_695, 1)
+    assert ts[0] == utc("2013-12-02 21:15:00")
+    assert values[0, 0] == pytest.approx(73.96732207)
+    assert np.all(np.diff(ts) >= 0)
+    assert np.median(np.diff(ts)) == 300.0
+    # The recording repeats one hour of timestamps (2014-01-07 02:00-02:55, other values).
+    # Rows are kept, sorted stably; the worker ignores a repeated ts as a duplicate.
+    assert (np.diff(ts) == 0).sum() == 12
+
+
+def test_load_csv_reads_several_channels_of_ett(shared_data):
+    ts, values = load_csv(shared_data / "ett/ETTh1.csv", "date", ["HUFL", "OT"])
+    assert values.shape == (17_420, 2)
+    assert ts[0] == utc("2016-07-01 00:00:00")
+    assert values[0].tolist() == pytest.approx([5.827000141143799, 30.5310001373291])
+
+
+def test_missing_column_is_one_line_listing_the_columns(shared_data):
+    with pytest.raises(ReplayError) as err:
+        load_csv(shared_data / MACHINE, value_columns=["temperature"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert "no column 'temperature'" in message and "(columns: timestamp, value)" in message
+    with pytest.raises(ReplayError, match="no column 'time'"):
+        load_csv(shared_data / MACHINE, time_column="time")
+
+
+def test_unreadable_and_malformed_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ReplayError, match="cannot read") as err:
+        load_csv(tmp_path / "absent.csv")
+    assert "\n" not in str(err.value)
+    bad_time = tmp_path / "bad_time.csv"
+    bad_time.write_text("timestamp,value\n2014-01-01 00:00:00,1\nyesterday,2\n")
+    with pytest.raises(ReplayError, match=r"line 3: timestamp='yesterday' is not a time"):
+        load_csv(bad_time)
+    bad_value = tmp_path / "bad_value.csv"
+    bad_value.write_text("timestamp,value\n2014-01-01 00:00:00,1\n2014-01-01 00:05:00,\n")
+    with pytest.raises(ReplayError, match=r"line 3: value='' is not a number"):
+        load_csv(bad_value)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ReplayError, match="empty file"):
+        load_csv(empty)
+
+
+def test_timestamp_formats(tmp_path):
+    p = tmp_path / "formats.csv"
+    p.write_text("t,v\n2014-01-01T00:10:00Z,3\n1388534400,1\n2014-01-01 01:05:00+01:00,2\n")
+    ts, values = load_csv(p, "t", ["v"])
+    assert ts.tolist() == [1388534400.0, 1388534700.0, 1388535000.0]
+    assert values[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_two_aws_recordings_merge_in_time_order(shared_data):
+    ids, device_index, ts, values = merge_recordings([shared_data / AWS_A, shared_data / AWS_B])
+    assert ids == ["ec2_cpu_utilization_5f5533", "ec2_cpu_utilization_24ae8d"]
+    n_a, n_b = len(load_csv(shared_data / AWS_A)[0]), len(load_csv(shared_data / AWS_B)[0])
+    assert len(ts) == n_a + n_b
+    assert np.all(np.diff(ts) >= 0)
+    assert np.bincount(device_index).tolist() == [n_a, n_b]
+    # The series are offset by a few minutes, so the merge really interleaves them.
+    assert (np.diff(device_index) != 0).sum() > 1000
+    a_ts, a_values = load_csv(shared_data / AWS_A)
+    np.testing.assert_array_equal(ts[device_index == 0], a_ts)
+    np.testing.assert_array_equal(values[device_index == 0], a_values)
+
+
+def test_device_ids_must_be_distinct_and_one_per_file(shared_data):
+    with pytest.raises(ReplayError, match="used by two files"):
+        merge_recordings([shared_data / AWS_A, shared_data / AWS_A])
+    with pytest.raises(ReplayError, match="one --device-id per file"):
+        merge_recordings([shared_data / AWS_A, shared_data / AWS_B], device_ids=["x"])
+
+
+def test_cli_reports_a_missing_column_in_one_line(shared_data, capsys):
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    args = parser.parse_args([str(shared_data / MACHINE), "--value-column", "temp"])
+    assert replay.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no column 'temp'" in err and "columns: timestamp, value" in err
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_replay_round_trip_through_kafka(shared_data, settings_factory, topic_name):
+    settings = settings_factory()
+    sent = replay_files(settings, [shared_data / MACHINE], limit=500, topic=topic_name,
+                        progress=False)
+    assert sent == 500
+    records = consume(settings, topic_name, 500)
+    assert len(records) == 500
+    ts, values = load_csv(shared_data / MACHINE)
+    assert {r.key for r in records} == {b"machine_temperature_system_failure"}
+    got = sorted((json.loads(r.value)["ts"], json.loads(r.value)["value"]) for r in records)
+    assert got == list(zip(ts[:500].tolist(), values[:500, 0].tolist(), strict=True))
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_cli_replays_a_merged_fleet_with_a_speedup(shared_data, bootstrap, settings_factory,
+                                                   topic_name, monkeypatch, capsys):
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    # 6 readings of two devices 2-3 minutes apart, at 600x: about 0.5 s of pacing, not 0.
+    args = parser.parse_args([str(shared_data / AWS_A), str(shared_data / AWS_B), "--limit", "6",
+                              "--speedup", "600", "--topic", topic_name, "--device-id", "a",
+                              "--device-id", "b"])
+    started = time.monotonic()
+    assert replay.main(args) == 0
+    elapsed = time.monotonic() - started
+    _, _, ts, _ = merge_recordings([shared_data / AWS_A, shared_data / AWS_B])
+    assert (ts[5] - ts[0]) / 600 * 0.9 < elapsed < 20
+    assert "replay: sent 6 of 6 readings" in capsys.readouterr().err
+    records = consume(settings_factory(), topic_name, 6)
+    assert len(records) == 6
+    for r in records:
+        body = json.loads(r.value)
+        assert r.key.decode() == body["device_id"] and body["device_id"] in {"a", "b"}
+

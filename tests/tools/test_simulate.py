@@ -1,0 +1,138 @@
+"""`stream-lstm simulate`: fleet into a real broker, rate limiting, progress, clean stop."""
+
+import argparse
+import io
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+
+import pytest
+
+from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.tools import simulate
+from stream_lstm.tools.fleet import Fleet
+from stream_lstm.tools.simulate import ProgressLine, produce_fleet
+
+START = 1_700_000_000.0
+
+
+def consume(settings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
+    consumer = make_consumer(settings, topic, group_id=f"check-{uuid.uuid4().hex[:8]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    records, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(records) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        for batch in consumer.poll(timeout_ms=1000).values():  # would catch duplicates
+            records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def test_progress_line_redraws_in_place_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = ProgressLine("simulate", total=10, stream=out)
+    bar.update(5, force=True)
+    bar.finish(10)
+    text = out.getvalue()
+    assert text.startswith("\rsimulate: 5/10 sent") and "\rsimulate: 10/10 sent" in text
+    assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_progress_line_writes_plain_lines_elsewhere_and_nothing_when_disabled():
+    out = io.StringIO()
+    bar = ProgressLine("replay", stream=out, log_interval_s=3600)
+    bar.update(1)                      # within the interval: nothing
+    bar.finish(3)
+    assert out.getvalue().startswith("replay: 3 sent,") and "\r" not in out.getvalue()
+    quiet = io.StringIO()
+    ProgressLine("x", enabled=False, stream=quiet).finish(3)
+    assert quiet.getvalue() == ""
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_fleet_round_trip_keys_and_per_device_order(settings_factory, topic_name):
+    settings = settings_factory()
+    fleet = Fleet(20, seed=7, start_ts=START, gap_prob=0.01)
+    assert produce_fleet(settings, fleet, rate=None, total=2000, topic=topic_name, progress=False) == 2000
+    records = consume(settings, topic_name, 2000)
+    assert len(records) == 2000
+    by_device = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        body = json.loads(r.value)
+        assert r.key == body["device_id"].encode()
+        by_device[body["device_id"]].append(body["ts"])
+    assert len(by_device) == 20
+    for ts in by_device.values():      # one device stays in one partition, in order
+        assert all(b > a for a, b in zip(ts, ts[1:], strict=False))
+    expected = list(Fleet(20, seed=7, start_ts=START, gap_prob=0.01).readings(200))[:2000]
+    assert sorted((d, t) for d, t, _ in expected) == sorted(
+        (json.loads(r.value)["device_id"], json.loads(r.value)["ts"]) for r in records)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_rate_limit_spreads_300_readings_over_about_a_second(settings_factory, topic_name):
+    settings = settings_factory()
+    fleet = Fleet(10, seed=1, start_ts=START)
+    started = time.monotonic()
+    sent = produce_fleet(settings, fleet, rate=300.0, total=300, topic=topic_name, progress=False)
+    elapsed = time.monotonic() - started
+    assert sent == 300
+    # Reading 299 is due 299/300 s after the first; allow for connecting and flushing.
+    assert 0.7 < elapsed < 3.0, f"300 readings at 300/s took {elapsed:.2f}s"
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_sigint_stops_an_open_ended_run_after_flushing(settings_factory, topic_name):
+    settings = settings_factory()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        sent = produce_fleet(settings, Fleet(5, seed=2, start_ts=START), rate=100.0,
+                             topic=topic_name, progress=False)
+    finally:
+        timer.cancel()
+    assert 30 <= sent <= 200
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert len(consume(settings, topic_name, sent)) == sent
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_cli_sends_current_event_times_and_prints_a_summary(bootstrap, settings_factory, topic_name,
+                                                            monkeypatch, capsys):
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    args = parser.parse_args(["--devices", "5", "--messages", "50", "--as-fast-as-possible",
+                              "--topic", topic_name, "--seed", "3", "--no-progress"])
+    assert simulate.main(args) == 0
+    err = capsys.readouterr().err
+    assert "simulate: sent 50 readings from 5 devices" in err
+    records = consume(settings_factory(), topic_name, 50)
+    assert len(records) == 50
+    newest = max(json.loads(r.value)["ts"] for r in records)
+    # The run ends about now: not in the future (the worker would dead-letter it), not stale.
+    assert time.time() - 3600 < newest <= time.time()
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    assert simulate.main(parser.parse_args(["--devices", "0"])) == 2
+    assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--messages", "5", "--duration", "2"])
