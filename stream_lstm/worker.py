@@ -155,6 +155,18 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def _new_publisher(self) -> BatchPublisher:
+        s = self.settings
+        exactly_once = s.processing_guarantee == "exactly_once"
+        # A stable transactional id per instance: a restarted instance fences its own zombie;
+        # the group generation sent with the offsets fences a member that lost partitions.
+        producer_kw = {"transactional_id": f"{s.group_id}-{self.instance_id}"} if exactly_once else {}
+        # Fail a send within 15 s rather than the default minute: the batch is rolled back
+        # and retried, and readiness reports the outage meanwhile.
+        producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000,
+                                 delivery_timeout_ms=14_000, **producer_kw)
+        return BatchPublisher(producer, exactly_once, send_timeout_s=20.0)
+
     @property
     def instance_id(self) -> str:
         return self.settings.instance_id or socket.gethostname()
@@ -165,7 +177,6 @@ class Worker:
 
         s = self.settings
         ensure_worker_topics(s)
-        exactly_once = s.processing_guarantee == "exactly_once"
         self.consumer = make_consumer(
             s,
             group_id=s.group_id,
@@ -178,15 +189,13 @@ class Worker:
             partition_assignment_strategy=[CooperativeStickyAssignor()],
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=100,
             client_id=f"stream-lstm-{self.instance_id}",
         )
         self.consumer.subscribe(
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
-        # A stable transactional id per instance: a restarted instance fences its own zombie;
-        # the group generation sent with the offsets fences a member that lost partitions.
-        producer_kw = {"transactional_id": f"{s.group_id}-{self.instance_id}"} if exactly_once else {}
-        self.publisher = BatchPublisher(make_producer(s, **producer_kw), exactly_once)
+        self.publisher = self._new_publisher()
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.lifecycle.version)
         self.health.set_ready("partitions", False, "waiting for assignment")
@@ -250,7 +259,14 @@ class Worker:
     def _restore_some(self) -> None:
         if not self.state.restoring:
             return
-        done = self.state.restore_slice(budget_s=1.0)
+        try:
+            done = self.state.restore_slice(budget_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - e.g. broker down: keep paused, retry
+            log.warning("restore did not complete; will retry", extra={"error": repr(exc)[:300]})
+            self.health.set_ready("broker", False, f"restore failed: {repr(exc)[:200]}")
+            time.sleep(1.0)
+            return
+        self.health.set_ready("broker", True)
         if done and self.consumer is not None:
             self.consumer.resume(*self._tps(done & self.assigned))
         self._update_readiness()
@@ -326,26 +342,45 @@ class Worker:
         return records
 
     def _rollback(self, exc: Exception) -> None:
+        """Undo a batch that could not be published, then retry against the broker with
+        backoff until it answers. Nothing is lost: offsets were not committed, and state is
+        restored again from the changelog, which never holds uncommitted batches."""
         log.error("publishing a batch failed; rolling back to the last commit",
                   extra={"error": repr(exc)[:300]})
         self.metrics.transactions.labels("aborted").inc()
-        self.health.set_ready("broker", False, repr(exc)[:200])
+        self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
+        self._update_readiness()
         assert self.publisher is not None and self.consumer is not None
         try:
             self.publisher.abort()
-        except Exception as abort_exc:  # noqa: BLE001
-            log.error("abort failed", extra={"error": repr(abort_exc)[:300]})
+        except Exception as abort_exc:  # noqa: BLE001 - the broker may be gone
+            log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
         self.state.rollback(self.table, set(self.assigned))
         tps = self._tps(self.assigned)
         self.consumer.pause(*tps)
-        for tp in tps:
-            committed = self.consumer.committed(tp)
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-        time.sleep(1.0)  # back off before retrying against a struggling broker
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                if self.publisher.exactly_once:
+                    # A fresh transactional producer: init_transactions fences the old one and
+                    # aborts anything it left open, whatever state the old client is in.
+                    self.publisher.producer.close(timeout=1)
+                    self.publisher = self._new_publisher()
+                for tp in tps:
+                    committed = self.consumer.committed(tp)
+                    if committed is None:
+                        self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, committed)
+                break
+            except Exception as retry_exc:  # noqa: BLE001 - keep trying until the broker is back
+                log.warning("broker not reachable; retrying",
+                            extra={"error": repr(retry_exc)[:200], "backoff_s": backoff})
+                self.health.beat()  # still alive: waiting on the broker is expected work
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
         self.health.set_ready("broker", True)
+        log.info("broker reachable again; resuming from the last commit")
 
     def _count(self, c: BatchCounts) -> None:
         m = self.metrics
