@@ -23,8 +23,12 @@ venv: $(STAMP)
 up: venv
 	$(VENV)/bin/stream-lstm up
 
+# make turns any failing recipe into exit 2, so say here why pytest failed when it found
+# no tests at all (exit 5): a wrong path or a broken conftest, never a pass.
 test: venv
-	$(VENV)/bin/python -m pytest
+	@echo "$(VENV)/bin/python -m pytest"
+	@$(VENV)/bin/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "FAILED: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
 
 lint: venv
 	$(VENV)/bin/python -m ruff check stream_lstm tests

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 KAFKA_VERSION = "4.1.1"
@@ -442,6 +443,31 @@ class LocalBroker:
 
 
 # ---- CLI: stream-lstm kafka up|down|status|fetch -------------------------------------------
+@contextlib.contextmanager
+def ensure_local_broker(settings: object) -> Iterator[str]:
+    """The broker at ``settings.bootstrap_servers`` when one answers; otherwise a throw-away
+    local broker on a free port, stopped on exit. Yields the bootstrap address."""
+    import tempfile
+
+    from stream_lstm.kafka.clients import make_admin
+
+    try:
+        make_admin(settings, request_timeout_ms=3000).close()  # type: ignore[arg-type]
+        print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
+        yield settings.bootstrap_servers  # type: ignore[attr-defined]
+        return
+    except Exception:  # noqa: BLE001 - nothing answers there: start our own
+        pass
+    with tempfile.TemporaryDirectory(prefix="stream-lstm-broker-") as d:
+        broker = LocalBroker(port=free_port(), data_dir=d)
+        print(f"no broker at {settings.bootstrap_servers}; starting a local one ...", file=sys.stderr)  # type: ignore[attr-defined]
+        broker.start()
+        try:
+            yield broker.bootstrap
+        finally:
+            broker.stop()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         f"Run a local single-node Apache Kafka {KAFKA_VERSION} broker (KRaft) on 127.0.0.1 from "

@@ -23,7 +23,6 @@ import json
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -128,36 +127,6 @@ def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -
 
 
 # ---- Kafka: bare consume vs the worker -----------------------------------------------------------
-@contextmanager
-def broker_for_bench(settings: Any):
-    """The broker at STREAM_LSTM_BOOTSTRAP_SERVERS when one answers, else a local one."""
-    from stream_lstm.kafka.clients import make_admin
-
-    try:
-        make_admin(settings, request_timeout_ms=3000).close()
-        say(f"using the broker at {settings.bootstrap_servers}")
-        yield settings.bootstrap_servers
-        return
-    except Exception:  # noqa: BLE001 - any failure means: start our own
-        pass
-    import socket
-    import tempfile
-
-    from stream_lstm.kafka.local_broker import LocalBroker
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="stream-lstm-bench-") as d:
-        broker = LocalBroker(port=port, data_dir=d)
-        say(f"no broker at {settings.bootstrap_servers}; starting a local one on {port}...")
-        broker.start()
-        try:
-            yield broker.bootstrap
-        finally:
-            broker.stop()
-
-
 def prefill(settings: Any, topic: str, messages: int, devices: int, partitions: int = 4) -> None:
     from stream_lstm.kafka.clients import make_producer
     from stream_lstm.kafka.topics import TopicSpec, ensure_topics
@@ -250,7 +219,9 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.skip_kafka:
         settings = load_settings()
-        with broker_for_bench(settings) as bootstrap:
+        from stream_lstm.kafka.local_broker import ensure_local_broker
+
+        with ensure_local_broker(settings) as bootstrap:
             s = settings.model_copy(update={"bootstrap_servers": bootstrap})
             topic = f"bench-{uuid.uuid4().hex[:8]}"
             say(f"pre-filling {messages:,} readings for {min(devices, messages):,} devices ...")
