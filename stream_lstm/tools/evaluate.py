@@ -85,8 +85,9 @@ def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 # ---- the real pipeline ---------------------------------------------------------------------------
-def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> dict[str, list[dict]]:
-    """Replay every series through broker + worker; return forecasts read back, per device."""
+def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:
+    """Replay every series through broker + worker; return the forecasts read back from the
+    output topic, per device, and that topic's name."""
     from stream_lstm.kafka.clients import make_consumer, make_producer
     from stream_lstm.messages import encode_reading
     from stream_lstm.tools.simulate import ProgressLine
@@ -133,7 +134,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> dict[str
     consumer.close()
     print(f"evaluate: {totals.consumed:,} readings through the worker at {rate:,.0f}/s, "
           f"{seen:,} forecasts read back from {s.output_topic}", file=sys.stderr)
-    return out
+    return out, s.output_topic
 
 
 # ---- scoring --------------------------------------------------------------------------------------
@@ -309,11 +310,12 @@ def main(args: argparse.Namespace) -> int:
     model, spec = train_model(settings, series, args.epochs)
     with ensure_local_broker(settings) as bootstrap:
         s = settings.model_copy(update={"bootstrap_servers": bootstrap})
-        forecasts = run_pipeline(s, series, model, spec)
+        forecasts, output_topic = run_pipeline(s, series, model, spec)
     windows_json = Path(args.files[0]).resolve().parent
     while windows_json.name and not (windows_json / "combined_windows.json").exists():
         windows_json = windows_json.parent
-    report: dict[str, Any] = {"horizon": spec.horizon, "recordings": {}, "plots": []}
+    report: dict[str, Any] = {"horizon": spec.horizon, "output_topic": output_topic,
+                              "bootstrap_servers": bootstrap, "recordings": {}, "plots": []}
     for name, (ts, x) in series.items():
         a = aligned(forecasts.get(name, []), ts, spec.horizon)
         res = score_device(ts, x, a, spec.horizon)
