@@ -7,9 +7,12 @@ logged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings
 
@@ -35,9 +38,37 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+class KafkaConnectError(RuntimeError):
+    """Could not connect to Kafka; the message says where, how, and what to check."""
+
+
+@contextmanager
+def _explained(settings: Settings) -> Iterator[None]:
+    # kafka-python reports a refused SASL login as a bootstrap timeout; say what it likely means.
+    try:
+        yield
+    except KafkaError as exc:
+        how = settings.security_protocol
+        hint = "is the broker running and reachable?"
+        if how.startswith("SASL"):
+            how += f"/{settings.sasl_mechanism} as {settings.sasl_username!r}"
+            hint = ("check STREAM_LSTM_SASL_USERNAME / STREAM_LSTM_SASL_PASSWORD and the mechanism "
+                    "(the broker refuses bad credentials by closing the connection)")
+        elif how == "SSL":
+            hint = "check STREAM_LSTM_SSL_CAFILE and the broker's certificate"
+        raise KafkaConnectError(
+            f"cannot connect to Kafka at {settings.bootstrap_servers} over {how}: {exc}; {hint}"
+        ) from exc
+
+
+def _build(settings: Settings, factory: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    with _explained(settings):
+        return factory(*args, **connection_kwargs(settings), **kw)
+
+
 def make_admin(settings: Settings, **extra: Any) -> KafkaAdminClient:
     """An admin client (topic creation, offsets, health checks)."""
-    return KafkaAdminClient(**connection_kwargs(settings), client_id="stream-lstm-admin", **extra)
+    return _build(settings, KafkaAdminClient, client_id="stream-lstm-admin", **extra)
 
 
 def make_producer(settings: Settings, **extra: Any) -> KafkaProducer:
@@ -50,9 +81,9 @@ def make_producer(settings: Settings, **extra: Any) -> KafkaProducer:
         "compression_type": None,
     }
     kw.update(extra)
-    return KafkaProducer(**connection_kwargs(settings), **kw)
+    return _build(settings, KafkaProducer, **kw)
 
 
 def make_consumer(settings: Settings, *topics: str, **extra: Any) -> KafkaConsumer:
     """A consumer; pass ``group_id`` and friends in ``extra``."""
-    return KafkaConsumer(*topics, **connection_kwargs(settings), **extra)
+    return _build(settings, KafkaConsumer, *topics, **extra)

@@ -61,6 +61,8 @@ class TrainerService:
         self.last = time.monotonic()
         self.published = 0
         self._stop = False
+        self.metrics: object | None = None  # set by main() when the endpoint is served
+        self.health: object | None = None
 
     def stop(self) -> None:
         self._stop = True
@@ -120,8 +122,19 @@ class TrainerService:
         try:
             while not self._stop:
                 self.consume_once()
+                if self.health is not None:
+                    self.health.beat()  # type: ignore[attr-defined]
                 if self.due():
-                    self.retrain()
+                    t0 = time.monotonic()
+                    try:
+                        promoted = self.retrain()
+                        outcome = "promoted" if promoted else "rejected"
+                    except Exception:  # noqa: BLE001 - a failed retrain must not stop the trainer
+                        log.exception("retraining failed")
+                        outcome = "failed"
+                    if self.metrics is not None:
+                        self.metrics.retrain_runs.labels(outcome).inc()  # type: ignore[attr-defined]
+                        self.metrics.retrain_duration_seconds.observe(time.monotonic() - t0)  # type: ignore[attr-defined]
         finally:
             self.consumer.close()
             self.producer.close()
@@ -144,9 +157,19 @@ def main(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"retrain_every_s": 900.0})
         log.warning("no retrain schedule set; retraining every 900 s")
     service = TrainerService(settings, load_served_model(settings))
+    server = None
+    if settings.metrics_port:
+        from stream_lstm.metrics import HealthState, Metrics, serve_metrics
+
+        service.metrics, service.health = Metrics(), HealthState()
+        service.health.set_ready("model", True, service.champion.version)
+        server = serve_metrics(service.metrics, service.health, settings.metrics_host,
+                               settings.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
     log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "
              f"publishing to {settings.models_topic}")
     service.run()
+    if server is not None:
+        server.shutdown()
     return 0
