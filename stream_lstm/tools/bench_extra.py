@@ -165,7 +165,8 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
     wt = threading.Thread(target=lambda: worker.run(until=lambda w: stop.is_set()), daemon=True)
     wt.start()
     reader = make_consumer(s, s.output_topic, group_id=f"lat-{uuid.uuid4().hex[:6]}",
-                           auto_offset_reset="latest", isolation_level="read_committed")
+                           auto_offset_reset="latest", isolation_level="read_committed",
+                           fetch_max_wait_ms=20)
     reader.poll(timeout_ms=2000)
     while not worker.state.ready:
         time.sleep(0.1)

@@ -68,3 +68,23 @@ def offline_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings):
     mu = mu[0].double().numpy()
     t = settings.target_channel
     return x[:, t, None] + scale[:, t, None] * mu, mu, scale[:, t]
+
+
+def assert_exactly_once_and_continuous(records, history: dict[str, list[float]], model, settings, log_text=""):
+    """Each reading has exactly one forecast, and each device's forecasts equal the same model
+    run offline over its whole history in one sequence (within 1e-5, normalized units)."""
+    fcs = [json.loads(r.value) for r in records]
+    keys = [(f["partition"], f["offset"]) for f in fcs]
+    assert len(keys) == len(set(keys)), "a forecast was published twice"
+    expected = sum(len(v) for v in history.values())
+    assert len(fcs) == expected, f"{expected - len(fcs)} readings have no forecast\n{log_text[-3000:]}"
+    by_dev: dict[str, list[dict]] = {}
+    for f in fcs:
+        by_dev.setdefault(f["device_id"], []).append(f)
+    for dev, xs in history.items():
+        got = sorted(by_dev[dev], key=lambda f: f["ts"])
+        x = np.array(xs)
+        _, mu_ref, scale = offline_forecasts(model, x, settings)
+        fc = np.array([f["forecast"] for f in got])
+        np.testing.assert_allclose((fc - x[:, None]) / scale[:, None], mu_ref, atol=1e-5, err_msg=dev)
+    return by_dev

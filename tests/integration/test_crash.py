@@ -5,7 +5,6 @@ device's forecasts and final h/c must equal an uninterrupted run (the offline re
 1e-5: restored state (h/c, normalizer, window, timestamps) is exactly the committed state.
 """
 
-import json
 import random
 import signal
 import time
@@ -18,7 +17,7 @@ from stream_lstm.checkpointing.codec import decode_snapshot
 from stream_lstm.models.registry import save_model
 from stream_lstm.worker import fresh_model
 
-from .helpers import offline_forecasts, produce_readings, read_topic
+from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic
 from .workers import start_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
@@ -74,21 +73,10 @@ def test_kill_9_five_times_then_finish(settings_factory, topic_name, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
-    fcs = [json.loads(r.value) for r in out]
-    keys = [(f["partition"], f["offset"]) for f in fcs]
-    assert len(keys) == len(set(keys)), "a forecast was published twice"
-    assert len(fcs) == len(readings), f"{len(readings) - len(fcs)} readings have no forecast\n{log.read_text()[-3000:]}"
-    by_dev = {}
-    for f in fcs:
-        by_dev.setdefault(f["device_id"], []).append(f)
     history = {}
     for dev, _, v in readings:
         history.setdefault(dev, []).append(v)
-    for dev, xs in history.items():
-        got = sorted(by_dev[dev], key=lambda f: f["ts"])
-        ref, mu_ref, scale = offline_forecasts(served.model, np.array(xs), s)
-        fc = np.array([f["forecast"] for f in got])
-        np.testing.assert_allclose((fc - np.array(xs)[:, None]) / scale[:, None], mu_ref, atol=1e-5, err_msg=dev)
+    assert_exactly_once_and_continuous(out, history, served.model, s, log.read_text())
     # Final h/c in the changelog equals the uninterrupted run's.
     latest = {}
     for rec in read_topic(s, s.changelog_topic_name(), idle_s=2):

@@ -4,7 +4,6 @@ Per device, the forecasts must equal an uninterrupted run (the offline reference
 gaps and no duplicates, while partitions move between worker processes.
 """
 
-import json
 import signal
 import threading
 import time
@@ -17,7 +16,7 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.registry import save_model
 from stream_lstm.worker import fresh_model
 
-from .helpers import offline_forecasts, produce_readings, read_topic
+from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic
 from .workers import start_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
@@ -59,19 +58,9 @@ def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path)
             p.send_signal(signal.SIGTERM)
         for p in procs.values():
             p.wait(60)
-    fcs = [json.loads(r.value) for r in out]
-    keys = [(f["partition"], f["offset"]) for f in fcs]
-    assert len(keys) == len(set(keys)), "duplicate forecasts"
-    assert len(fcs) == len(readings), f"missing {len(readings) - len(fcs)}\n{log.read_text()[-3000:]}"
-    by_dev = {}
-    for f in fcs:
-        by_dev.setdefault(f["device_id"], []).append(f)
-    for d in range(n_dev):
-        got = sorted(by_dev[f"dev-{d}"], key=lambda f: f["ts"])
-        x = values[:, d]
-        assert [f["ts"] for f in got] == [1_700_000_000.0 + 60 * k for k in range(n_steps)]
-        _, mu_ref, scale = offline_forecasts(served.model, x, s)
-        fc = np.array([f["forecast"] for f in got])
-        np.testing.assert_allclose((fc - x[:, None]) / scale[:, None], mu_ref, atol=1e-5, err_msg=f"dev-{d}")
+    history = {f"dev-{d}": list(values[:, d]) for d in range(n_dev)}
+    by_dev = assert_exactly_once_and_continuous(out, history, served.model, s, log.read_text())
+    for fs in by_dev.values():  # no gaps: every step, in order
+        assert sorted(f["ts"] for f in fs) == [1_700_000_000.0 + 60 * k for k in range(n_steps)]
     text = log.read_text()
     assert "partitions revoked" in text and "restored state" in text  # partitions really moved
