@@ -108,21 +108,24 @@ def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -
     pipe = BatchPipeline(settings, table, BatchedEngine(SimpleLSTM(1, 64, 1, 12), table),
                          lambda: "bench")
     start = time.time() - readings_per_device * 60
-    recs = []
-    for r in range(readings_per_device):
-        for d in range(devices):
-            dev = f"dev-{d}"
-            recs.append(_Rec(d % 8, len(recs), dev.encode(),
-                             encode_reading(dev, start + r * 60, [20.0 + (d % 7) + r])))
+
+    def batches(r: int):
+        """Pass r over the fleet, in batches, generated lazily (memory is part of the measure)."""
+        for lo in range(0, devices, batch):
+            yield [_Rec(d % 8, r * devices + d, f"dev-{d}".encode(),
+                        encode_reading(f"dev-{d}", start + r * 60, [20.0 + (d % 7) + r]))
+                   for d in range(lo, min(lo + batch, devices))]
+
     # The first pass over the fleet allocates every device; time the later passes only.
-    first = devices
-    for i in range(0, first, batch):
-        pipe.handle(recs[i : i + batch], time.time())
+    for recs in batches(0):
+        pipe.handle(recs, time.time())
     rss = (_rss_bytes() - rss0) / devices
-    t0 = time.perf_counter()
-    for i in range(first, len(recs), batch):
-        pipe.handle(recs[i : i + batch], time.time())
-    rate = (len(recs) - first) / (time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    for r in range(1, readings_per_device):
+        for recs in batches(r):
+            pipe.handle(recs, time.time())
+            n += len(recs)
+    rate = n / (time.perf_counter() - t0)
     return {"devices": devices, "msgs_per_s": round(rate), "rss_bytes_per_device": round(rss)}
 
 
