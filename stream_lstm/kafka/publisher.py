@@ -96,9 +96,11 @@ class BatchPublisher:
         """Make the batch durable, then commit ``offsets``. Returns the last offset written
         per (topic, partition), e.g. for state-store checkpoints of the changelog."""
         if self.exactly_once:
+            tm = self.producer._transaction_manager
             if offsets:
-                self.producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
-            self.producer.commit_transaction()
+                self._bounded(lambda: tm.send_offsets_to_transaction(offsets, consumer.group_metadata()),
+                              "sending offsets to the transaction")
+            self._bounded(tm.begin_commit, "committing the transaction")
             self._in_txn = False
             written = self._written()
         else:
@@ -109,12 +111,24 @@ class BatchPublisher:
         self._futures.clear()
         return written
 
+    def _bounded(self, start: Any, what: str) -> None:
+        """Run a transactional request and wait for it at most ``send_timeout_s``.
+
+        kafka-python's ``commit_transaction()`` and ``send_offsets_to_transaction()`` wait without
+        a deadline; when the broker disappears mid-commit they can block forever. This does what
+        they do, with a deadline, so the worker can roll the batch back and retry instead.
+        """
+        result = start()
+        self.producer._sender.wakeup()
+        if not result.wait(timeout_ms=int(self.send_timeout_s * 1000)):
+            raise PublishError(f"{what} did not finish within {self.send_timeout_s:.0f}s")
+
     def abort(self) -> None:
         """Give up the current batch (exactly-once: abort the transaction)."""
         self._futures.clear()
         if self.exactly_once and self._in_txn:
             try:
-                self.producer.abort_transaction()
+                self._bounded(self.producer._transaction_manager.begin_abort, "aborting the transaction")
             finally:
                 self._in_txn = False
 
