@@ -15,7 +15,9 @@ from stream_lstm.state.table import DeviceTable
 
 def windows_from_table(table: DeviceTable, min_length: int) -> list[np.ndarray]:
     """Every in-memory device's window (oldest first) with at least ``min_length`` readings."""
-    slots = [s for s in table.index.values() if table.window.length[s] >= min_length]
+    # Sorted by device id: the same fleet gives the same data (and holdout) whatever order its
+    # devices happened to arrive in, so retraining is reproducible.
+    slots = [table.index[d] for d in sorted(table.index) if table.window.length[table.index[d]] >= min_length]
     return [table.window.ordered(s) for s in slots]
 
 
