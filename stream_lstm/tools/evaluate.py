@@ -314,6 +314,13 @@ def main(args: argparse.Namespace) -> int:
     windows_json = Path(args.files[0]).resolve().parent
     while windows_json.name and not (windows_json / "combined_windows.json").exists():
         windows_json = windows_json.parent
+    try:
+        import matplotlib  # noqa: F401
+        can_plot = True
+    except ImportError:
+        can_plot = False
+        print("evaluate: matplotlib is not installed, so no plots "
+              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
     report: dict[str, Any] = {"horizon": spec.horizon, "output_topic": output_topic,
                               "bootstrap_servers": bootstrap, "recordings": {}, "plots": []}
     for name, (ts, x) in series.items():
@@ -326,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
                 res["top10_alerts_in_windows"] = scoring.top_k_in_windows(ts, a["score"], wins, k=10)
         res["forecasts_read"] = len(forecasts.get(name, []))
         report["recordings"][name] = res
-        report["plots"] += plot_device(args.out, name, ts, x, a, res, wins)
+        if can_plot:
+            report["plots"] += plot_device(args.out, name, ts, x, a, res, wins)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print_table(report, spec.horizon)
     print(f"report: {args.out / 'report.json'}; plots in {args.out}")
