@@ -1,7 +1,7 @@
 """``stream-lstm train``: fit an initial model on a CSV recording and save it.
 
 The recording (one device; rows sorted by time) is normalized exactly as serving does
-(online, step by step: :func:`~stream_lstm.training.normalize.running_normalize`), split by
+(online, step by step: :func:`~stream_lstm.state.normalizer.normalize_sequence`, the serving code itself), split by
 time (the last ``--val-fraction`` validates), cut into windows of ``2 * --window`` readings
 (training windows overlap by half; validation windows do not), and trained with TBPTT
 (:func:`~stream_lstm.training.tbptt.train_tbptt`) with a progress bar on stderr. The model
@@ -141,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
-    from stream_lstm.training.normalize import running_normalize
+    from stream_lstm.state.normalizer import normalize_sequence
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
     try:
@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"train: note: the model has {len(columns)} channel(s) but STREAM_LSTM_N_FEATURES "
               f"is {s.n_features}; set it to match before serving", file=sys.stderr)
 
-    z, _, _ = running_normalize(x, s.normalizer, s.normalizer_alpha, s.std_floor)
+    z, _, _ = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
     length = 2 * window
     train_seqs = windows(z[:split], length, window)
     val_seqs = windows(z[split:], length, length)

@@ -3,15 +3,15 @@
 import argparse
 import json
 import time
-import uuid
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.tools import replay
 from stream_lstm.tools.replay import ReplayError, load_csv, merge_recordings, replay_files
+
+from ..integration.helpers import read_topic
 
 MACHINE = "nab/machine_temperature_system_failure.csv"
 AWS_A = "nab/aws/ec2_cpu_utilization_5f5533.csv"
@@ -22,20 +22,9 @@ def utc(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
-def consume(settings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
-    consumer = make_consumer(settings, topic, group_id=f"check-{uuid.uuid4().hex[:8]}",
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    records, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(records) < expect and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        # Anything beyond the expected count would be a duplicate: wait briefly for it.
-        for batch in consumer.poll(timeout_ms=1000).values():
-            records.extend(batch)
-    finally:
-        consumer.close()
-    return records
+def consume(settings, topic: str, expect: int) -> list:
+    """Every record of ``topic``, waiting briefly past ``expect`` to catch any duplicate."""
+    return read_topic(settings, topic, expect=expect, timeout_s=30)
 
 
 def test_load_csv_reads_the_machine_temperature_recording(shared_data):

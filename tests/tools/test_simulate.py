@@ -7,32 +7,22 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections import defaultdict
 
 import pytest
 
-from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.tools import simulate
 from stream_lstm.tools.fleet import Fleet
 from stream_lstm.tools.simulate import ProgressLine, produce_fleet
 
+from ..integration.helpers import read_topic
+
 START = 1_700_000_000.0
 
 
-def consume(settings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
-    consumer = make_consumer(settings, topic, group_id=f"check-{uuid.uuid4().hex[:8]}",
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    records, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(records) < expect and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        for batch in consumer.poll(timeout_ms=1000).values():  # would catch duplicates
-            records.extend(batch)
-    finally:
-        consumer.close()
-    return records
+def consume(settings, topic: str, expect: int) -> list:
+    """Every record of ``topic``, waiting briefly past ``expect`` to catch any duplicate."""
+    return read_topic(settings, topic, expect=expect, timeout_s=30)
 
 
 def test_progress_line_redraws_in_place_on_a_terminal():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from stream_lstm.models.lstm import SimpleLSTM
+from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.training.gate import decide, decide_from_errors
-from stream_lstm.training.normalize import running_normalize
 from stream_lstm.training.tbptt import train_tbptt
 
 
@@ -19,7 +19,7 @@ def trained():
         rng = np.random.default_rng(3)
         t = np.arange(1500)
         x = np.sin(2 * np.pi * t / 20) + 0.05 * rng.standard_normal(len(t))
-        z, _, _ = running_normalize(x[:, None])
+        z, _, _ = normalize_sequence(x[:, None])
         seqs = [z[i : i + 64] for i in range(50, len(z) - 64, 32)]
         torch.manual_seed(0)
         model = SimpleLSTM(1, 16, 1, 3)

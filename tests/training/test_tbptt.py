@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stream_lstm.models.lstm import SimpleLSTM
-from stream_lstm.training.normalize import running_normalize
+from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.training.tbptt import (
     chunk_bounds,
     evaluate,
@@ -31,7 +31,7 @@ def sine_seqs(n: int = 2000, period: float = 20.0, seed: int = 0):
     rng = np.random.default_rng(seed)
     t = np.arange(n)
     x = np.sin(2 * np.pi * t / period) + 0.05 * rng.standard_normal(n)
-    z, _, _ = running_normalize(x[:, None])
+    z, _, _ = normalize_sequence(x[:, None])
     z = z[50:]
     seqs = [z[i : i + 64] for i in range(0, len(z) - 64, 32)]
     return seqs[:40], seqs[45:]
