@@ -64,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
 
     ensure_worker_topics(settings)
     env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap)
+    # The demo starts from an untrained model; retraining in the background shows a promotion
+    # and a hot-swap within minutes (override with the variable itself).
+    env.setdefault("STREAM_LSTM_RETRAIN_EVERY_READINGS", "5000")
     exe = [sys.executable, "-m", "stream_lstm.cli"]
     children = [subprocess.Popen(exe + ["run"], env=env)]
     if args.csv:
