@@ -88,8 +88,8 @@ class BatchPipeline:
     load
         Fetches a device's snapshot from the state store when it is not in memory.
     rewarm_loaded
-        Called with the slots of devices just loaded from the store, before their readings
-        are applied, so state saved under an older model is re-warmed under the current one.
+        Called with the slots of the batch's devices before their readings are applied, so
+        state from another model (the store, or a hot-swap) is re-warmed under the current one.
     """
 
     def __init__(
@@ -161,15 +161,17 @@ class BatchPipeline:
         return BatchOutput(out, counts, touched, oldest)
 
     def _bring_in(self, ids: list[str], parts: list[int], now: float) -> None:
-        """Load devices that are not in memory, and re-warm those saved under another model."""
-        if self.load is None:
-            return
+        """Load devices that are not in memory, then re-warm any device of this batch whose
+        h/c came from another model (saved under an older one, or still waiting after a swap),
+        before its readings are applied."""
         index = self.table.index
-        missing = {d: p for d, p in zip(ids, parts, strict=True) if d not in index}
-        if missing:
-            slots = self.table.slots_for(list(missing), list(missing.values()), now, self.load)
-            if self.rewarm_loaded is not None:
-                self.rewarm_loaded(slots)
+        if self.load is not None:
+            missing = {d: p for d, p in zip(ids, parts, strict=True) if d not in index}
+            if missing:
+                self.table.slots_for(list(missing), list(missing.values()), now, self.load)
+        if self.rewarm_loaded is not None:
+            present = {index[d] for d in ids if d in index}
+            self.rewarm_loaded(np.fromiter(present, np.int64, len(present)))
 
     def _forecast(
         self,
