@@ -33,7 +33,15 @@ def split_holdout(seqs: list[np.ndarray], fraction: float = 0.2, seed: int = 0
 
 
 def series_windows(z: np.ndarray, length: int, stride: int) -> list[np.ndarray]:
-    """Overlapping windows of one long normalized series ``[T, F]``."""
+    """Windows ``z[i : i + length]`` of one long series every ``stride`` steps, the last one
+    ending at ``len(z)`` so the most recent readings are always used.
+
+    >>> [w[:, 0].tolist() for w in series_windows(np.arange(7.0)[:, None], 4, 2)]
+    [[0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 4.0, 5.0], [3.0, 4.0, 5.0, 6.0]]
+    """
     if len(z) <= length:
-        return [z]
-    return [z[i : i + length] for i in range(0, len(z) - length + 1, stride)]
+        return [z] if len(z) > 1 else []
+    starts = list(range(0, len(z) - length + 1, stride))
+    if starts[-1] != len(z) - length:
+        starts.append(len(z) - length)
+    return [z[i : i + length] for i in starts]

@@ -12,24 +12,16 @@ or pass ``--registry`` to also register and promote it in the model directory.
 Model shape and training knobs come from the settings (``STREAM_LSTM_HIDDEN_SIZE``,
 ``..._TBPTT_K1``, ...); the flags below override them for this run.
 
->>> windows(np.arange(10.0)[:, None], length=4, stride=2)[-1][:, 0].tolist()
-[6.0, 7.0, 8.0, 9.0]
+The recording is read with :func:`~stream_lstm.tools.replay.load_csv`, as ``replay`` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-
-import numpy as np
-
-
-class CsvError(ValueError):
-    """The recording cannot be read; the message names the file (and line)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,69 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def parse_time(text: str) -> float:
-    """Epoch seconds from a number or an ISO 8601 time (naive times are UTC).
-
-    >>> parse_time("2014-01-01 00:05:00"), parse_time("1388534700")
-    (1388534700.0, 1388534700.0)
-    """
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
-
-
-def read_csv(path: Path, time_column: str, columns: list[str], max_rows: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ts [T] float64, x [T, F] float64)``, sorted by time (stable); raises :class:`CsvError`."""
-    ts, rows = [], []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            names = reader.fieldnames or []
-            missing = [c for c in [time_column, *columns] if c not in names]
-            if missing:
-                raise CsvError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)})")
-            for row in reader:
-                if max_rows and len(rows) >= max_rows:
-                    break
-                line = reader.line_num
-                try:
-                    ts.append(parse_time(row[time_column] or ""))
-                except ValueError:
-                    raise CsvError(f"{path} line {line}: bad time {row[time_column]!r}") from None
-                try:
-                    values = [float(row[c]) for c in columns]
-                except (TypeError, ValueError):
-                    raise CsvError(f"{path} line {line}: a value is not a number "
-                                   f"({', '.join(repr(row[c]) for c in columns)})") from None
-                if not all(math.isfinite(v) for v in values):
-                    raise CsvError(f"{path} line {line}: a value is not finite")
-                rows.append(values)
-    except OSError as exc:
-        raise CsvError(f"{path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CsvError(f"{path}: not UTF-8 text") from None
-    order = np.argsort(np.asarray(ts), kind="stable")
-    x = np.asarray(rows, np.float64).reshape(len(rows), len(columns))
-    return np.asarray(ts, np.float64)[order], x[order]
-
-
-def windows(z: np.ndarray, length: int, stride: int) -> list[np.ndarray]:
-    """Windows ``z[i : i + length]`` every ``stride`` steps, the last one ending at ``len(z)``."""
-    if len(z) <= length:
-        return [z] if len(z) > 1 else []
-    starts = list(range(0, len(z) - length + 1, stride))
-    if starts[-1] != len(z) - length:
-        starts.append(len(z) - length)
-    return [z[i : i + length] for i in starts]
-
-
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -142,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
     from stream_lstm.state.normalizer import normalize_sequence
+    from stream_lstm.tools.replay import ReplayError, load_csv
+    from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
     try:
@@ -161,10 +92,12 @@ def main(args: argparse.Namespace) -> int:
         print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
     try:
-        ts, x = read_csv(args.csv, args.time_column, columns, args.max_rows)
-    except CsvError as exc:
+        ts, x = load_csv(args.csv, args.time_column, columns)
+    except ReplayError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
+    if args.max_rows:
+        ts, x = ts[: args.max_rows], x[: args.max_rows]
     window = args.window or s.window
     split = int(len(x) * (1 - args.val_fraction))
     if split < 4 or len(x) - split < 2:
@@ -176,8 +109,8 @@ def main(args: argparse.Namespace) -> int:
 
     z, _, _ = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
     length = 2 * window
-    train_seqs = windows(z[:split], length, window)
-    val_seqs = windows(z[split:], length, length)
+    train_seqs = series_windows(z[:split], length, window)
+    val_seqs = series_windows(z[split:], length, length)
     spec = ModelSpec(n_features=len(columns), hidden_size=args.hidden_size or s.hidden_size,
                      num_layers=args.num_layers or s.num_layers, horizon=args.horizon or s.horizon,
                      target_channel=target, dropout=s.dropout)

@@ -45,7 +45,7 @@ def test_train_reports_a_bad_csv_in_one_line(tmp_path, capsys):
     assert cli(["train", "--csv", str(csv), "--out", str(tmp_path / "m")]) == 2
     assert "line 3" in capsys.readouterr().err
     assert cli(["train", "--csv", str(csv), "--column", "temp", "--out", str(tmp_path / "m")]) == 2
-    assert "no column temp" in capsys.readouterr().err
+    assert "no column 'temp'" in capsys.readouterr().err
     assert cli(["train", "--csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m.safetensors").exists()
 
