@@ -15,7 +15,9 @@ STAMP := $(VENV)/.installed-$(KEY)
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,peer]'
+	# deep-river (the evaluate peer) pins an old torch; its imports come with the peer extra.
+	$(VENV)/bin/python -m pip install -q --no-deps 'deep-river==0.3.4'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

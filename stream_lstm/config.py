@@ -89,8 +89,10 @@ class Settings(BaseSettings):
     max_devices: int = Field(100_000, ge=1, description="Devices held in memory at most")
     device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices idle this long; 0=never")
     state_dir: Path = Field(Path("./state"), description="Local on-disk state store directory")
-    normalizer: Literal["welford", "ewm"] = Field("welford", description="Online normalizer")
-    normalizer_alpha: float = Field(0.01, gt=0.0, le=1.0, description="EWM weight of a reading")
+    # EWM by default: real sensors drift and change regime, and a Welford scale fitted on an
+    # old burst leaves later readings near zero (measured in docs/evaluation.md).
+    normalizer: Literal["welford", "ewm"] = Field("ewm", description="Online normalizer")
+    normalizer_alpha: float = Field(0.02, gt=0.0, le=1.0, description="EWM weight of a reading")
     std_floor: float = Field(1e-3, gt=0.0, description="Smallest std used to scale a channel")
 
     # --- Event-time rules and input limits ---------------------------------------------------
@@ -104,7 +106,8 @@ class Settings(BaseSettings):
 
     # --- Uncertainty and anomalies ----------------------------------------------------------------
     interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")
-    anomaly_threshold: float = Field(4.0, gt=0.0, description="|residual|/sigma that flags")
+    anomaly_threshold: float = Field(
+        7.0, gt=0.0, description="|residual|/b that flags; P(score >= s) = exp(-s) under the model")
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")
 
     # --- Retraining -------------------------------------------------------------------------

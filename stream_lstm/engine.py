@@ -16,7 +16,7 @@ outputs of all rounds come back in one copy; between them everything stays on th
 >>> table = DeviceTable(max_devices=10, window=4, n_features=1, num_layers=1, hidden_size=8)
 >>> slots = table.slots_for(["a", "b"], [0, 0], now=0.0)
 >>> engine = BatchedEngine(model, table)
->>> mu, log_sigma = engine.step(slots, np.zeros((2, 1), np.float32), [(0, 2)])
+>>> mu, log_b = engine.step(slots, np.zeros((2, 1), np.float32), [(0, 2)])
 >>> mu.shape
 (2, 2)
 """
@@ -85,7 +85,7 @@ class BatchedEngine:
         reset
             ``[N]`` booleans: zero the device's ``h``/``c`` before this row (a gap).
 
-        Returns ``mu`` and ``log_sigma``, each ``[N, H]`` float32 numpy arrays.
+        Returns ``mu`` and ``log_b``, each ``[N, H]`` float32 numpy arrays.
         """
         n, f = z.shape
         if n == 0:
@@ -105,11 +105,11 @@ class BatchedEngine:
             if any_reset:
                 keep = (x[start:end, f + 1] == 0).to(hr.dtype)[None, :, None]
                 hr, cr = hr * keep, cr * keep
-            mu, log_sigma, hr, cr = self.model.step(x[start:end, :f], hr, cr)
+            mu, log_b, hr, cr = self.model.step(x[start:end, :f], hr, cr)
             h.index_copy_(1, sl, hr)
             c.index_copy_(1, sl, cr)
             out[start:end, : self.horizon] = mu
-            out[start:end, self.horizon :] = log_sigma
+            out[start:end, self.horizon :] = log_b
         res = out.cpu().numpy()
         return res[:, : self.horizon], res[:, self.horizon :]
 

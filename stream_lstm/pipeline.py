@@ -20,7 +20,7 @@ import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.forecast import assemble
+from stream_lstm.forecast import ForecastBatch, assemble, interval_quantile
 from stream_lstm.messages import InvalidReading, ReadingDecoder, dlq_headers, encode_forecast
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
@@ -183,9 +183,9 @@ class BatchPipeline:
         out: list[OutRecord],
     ) -> float:
         s = self.settings
-        mu, log_sigma = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
+        mu, log_b = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
         fb = assemble(
-            batch, mu, log_sigma, self.table, coverage=s.interval_coverage,
+            batch, mu, log_b, self.table, coverage=s.interval_coverage,
             min_history=s.min_history, anomaly_threshold=s.anomaly_threshold,
             anomaly_warmup=s.anomaly_warmup,
         )
@@ -195,7 +195,7 @@ class BatchPipeline:
         out_topic, alerts_topic = s.output_topic, s.alerts_topic
         # Plain Python lists: element access is several times faster than numpy scalars.
         fc, lo, up = fb.forecast.tolist(), fb.lower.tolist(), fb.upper.tolist()
-        res, score = fb.residual.tolist(), fb.anomaly_score.tolist()
+        res, score, drift = fb.residual.tolist(), fb.anomaly_score.tolist(), fb.drift_score.tolist()
         publish, anomaly = fb.publish.tolist(), fb.is_anomaly.tolist()
         step_s, reset = batch.step_s.tolist(), batch.reset.tolist()
         level = batch.x_target.tolist()
@@ -210,7 +210,8 @@ class BatchPipeline:
                 "device_id": ids[row], "ts": ts[row], "value": level[j], "forecast": fc[j], "lower": lo[j],
                 "upper": up[j], "step_s": step_s[j], "model_version": version,
                 "partition": src.partition, "offset": src.offset, "residual": res[j],
-                "anomaly_score": score[j], "is_anomaly": anomaly[j], "reset": reset[j],
+                "anomaly_score": score[j], "drift_score": drift[j], "is_anomaly": anomaly[j],
+                "reset": reset[j],
             }
             key = src.key
             out.append((out_topic, key, encode_forecast(record), None))
@@ -218,26 +219,27 @@ class BatchPipeline:
             if anomaly[j]:
                 counts.anomalies += 1
                 if alerts_topic:
-                    alert = alert_record(record, s.interval_coverage)
+                    alert = alert_record(record, fb, j, s.interval_coverage)
                     out.append((alerts_topic, key, encode_forecast(alert), None))
             if ts[row] < oldest:
                 oldest = ts[row]
         return oldest
 
 
-def alert_record(forecast: dict, coverage: float) -> dict:
-    """An alert: the device, its value, the range it was expected in, and the score."""
-    from stream_lstm.forecast import interval_quantile
+def alert_record(forecast: dict, fb: ForecastBatch, row: int, coverage: float) -> dict:
+    """An alert: the device, its value, the ranges it was expected in, and the scores.
 
-    value = forecast["value"]
-    expected = value - forecast["residual"]
-    sigma = abs(forecast["residual"]) / forecast["anomaly_score"]
+    ``expected*`` is the one-step forecast and its interval; ``drift_expected*`` the forecast
+    made H readings earlier and its interval (null until a device has H readings).
+    """
     q = interval_quantile(coverage)
+    expected, b1 = forecast["value"] - forecast["residual"], float(fb.expected_b[row])
+    drift_expected, b_h = float(fb.drift_expected[row]), float(fb.drift_b[row])
     return {
-        "device_id": forecast["device_id"], "ts": forecast["ts"], "value": value,
-        "expected": expected, "expected_low": expected - q * sigma,
-        "expected_high": expected + q * sigma, "anomaly_score": forecast["anomaly_score"],
-        "model_version": forecast["model_version"], "partition": forecast["partition"],
-        "offset": forecast["offset"],
+        "device_id": forecast["device_id"], "ts": forecast["ts"], "value": forecast["value"],
+        "expected": expected, "expected_low": expected - q * b1, "expected_high": expected + q * b1,
+        "anomaly_score": forecast["anomaly_score"], "drift_expected": drift_expected,
+        "drift_expected_low": drift_expected - q * b_h, "drift_expected_high": drift_expected + q * b_h,
+        "drift_score": forecast["drift_score"], "model_version": forecast["model_version"],
+        "partition": forecast["partition"], "offset": forecast["offset"],
     }
-

@@ -1,14 +1,15 @@
 import numpy as np
+import pytest
 
 from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 
 
-def run(table, ids, ts, x, mu, log_sigma, **kw):
+def run(table, ids, ts, x, mu, log_b, **kw):
     b = ingest(table, ids, ts, np.array(x, float)[:, None], [0] * len(ids), now=0.0, target=0)
     opts = dict(coverage=0.9, min_history=2, anomaly_threshold=3.0, anomaly_warmup=1) | kw
-    return b, assemble(b, np.array(mu, np.float32), np.array(log_sigma, np.float32), table, **opts)
+    return b, assemble(b, np.array(mu, np.float32), np.array(log_b, np.float32), table, **opts)
 
 
 def test_denormalizes_change_forecast_with_interval_and_scores_against_previous():
@@ -20,7 +21,7 @@ def test_denormalizes_change_forecast_with_interval_and_scores_against_previous(
     q = interval_quantile(0.9)
     np.testing.assert_allclose(fb.lower[1], [12.5 - q * 2.0, 13.0 - q * 1.0])
     assert fb.publish.tolist() == [False, True]
-    # next reading 20.5 vs one-step forecast 12.5 with sigma 2 (original units) -> score 4
+    # next reading 20.5 vs one-step forecast 12.5 with Laplace scale b = 2 (original units) -> score 4
     b, fb2 = run(table, ["a"], [3.0], [20.5], [[0, 0]], [[0, 0]])
     assert fb2.residual[0] == 8.0 and abs(fb2.anomaly_score[0] - 4.0) < 1e-6 and fb2.is_anomaly[0]
 
@@ -31,3 +32,31 @@ def test_first_readings_after_reset_are_never_flagged():
     _, fb = run(table, ["a"], [4.0], [100.0], [[0, 0]], [[-5, -5]], anomaly_warmup=5)
     assert np.isnan(fb.anomaly_score[0]) and not fb.is_anomaly[0]
     assert interval_quantile(0.5) < interval_quantile(0.9) < interval_quantile(0.99)
+
+
+def test_laplace_interval_covers_the_nominal_share_of_laplace_draws():
+    draws = np.random.default_rng(0).laplace(0.0, 2.0, 200_000)
+    for coverage in (0.5, 0.9, 0.99):
+        inside = np.abs(draws) <= interval_quantile(coverage) * 2.0
+        assert abs(inside.mean() - coverage) < 0.005
+
+
+def test_drift_score_compares_with_the_forecast_made_h_readings_earlier():
+    x = [10.0, 12.0, 11.0, 15.0, 9.0, 30.0]
+    rng = np.random.default_rng(1)
+    mu, log_b = rng.normal(size=(6, 2)), rng.normal(size=(6, 2)) * 0.3
+    one_by_one = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    made, drift = [], []
+    for i in range(6):
+        _, fb = run(one_by_one, ["a"], [float(i)], [x[i]], mu[i : i + 1], log_b[i : i + 1])
+        q = interval_quantile(0.9)
+        made.append((fb.forecast[0, 1], (fb.upper[0, 1] - fb.lower[0, 1]) / (2 * q)))
+        drift.append(fb.drift_score[0])
+    assert np.isnan(drift[:2]).all()  # H = 2: nothing made two readings before yet
+    for i in range(2, 6):
+        forecast_h, b_h = made[i - 2]
+        assert drift[i] == pytest.approx(abs(x[i] - forecast_h) / b_h, rel=1e-5)
+    # All six readings in one poll (six rounds) give the same scores.
+    in_one_poll = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    _, fb = run(in_one_poll, ["a"] * 6, [float(i) for i in range(6)], x, mu, log_b)
+    np.testing.assert_allclose(fb.drift_score, drift, rtol=1e-6)

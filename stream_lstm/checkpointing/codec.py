@@ -11,6 +11,7 @@ Layout, all little-endian::
     | device_id (UTF-8) | model_version (UTF-8)
     | h f32[L*H] | c f32[L*H] | mean f64[F] | var f64[F] | window f32[W*F]
     | extras: n_extra x (key_len u8 | key UTF-8 | value f64)
+    | drift ring: drift_mu f32[R] | drift_b f32[R]        (R = n_ring, appended in 0.1.1)
     | (anything a newer writer appends; ignored)
 
 The header is a fixed ``struct`` whose length travels with it. A newer writer may append
@@ -33,7 +34,7 @@ b'SLS\\x01'
 >>> decode_snapshot(data[:20])
 Traceback (most recent call last):
 ...
-stream_lstm.checkpointing.codec.SnapshotDecodeError: truncated snapshot: 20 bytes, need at least 90
+stream_lstm.checkpointing.codec.SnapshotDecodeError: truncated snapshot: 20 bytes, need at least 92
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ _PREFIX = struct.Struct("<3sBH")  # magic, format, header_len
 # count, last_ts, step_s, prev_mu, prev_sigma, last_seen
 _BASE = struct.Struct("<HHHIiqqHHdddddd")
 # Fields appended later, each with a default for snapshots written before it existed.
-_EXT = struct.Struct("<H")  # n_extra
-_EXT_DEFAULTS = (0,)
+_EXT = struct.Struct("<HH")  # n_extra (0.1.0), n_ring (0.1.1)
+_EXT_DEFAULTS = (0, 0)
 _HEADER = struct.Struct(_BASE.format + _EXT.format[1:])  # what this version writes
 _EXTRA_KEY = struct.Struct("<B")
 _F64 = struct.Struct("<d")
@@ -76,9 +77,12 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
     layers, hidden = h.shape if h.ndim == 2 else (0, 0)
     n_features = snap.mean.shape[0]
     w_len = window.shape[0] if window.size else 0
+    n_ring = len(snap.drift_mu)
     # Validate shapes here: a bad snapshot must fail when written, not when restored.
     if c.shape != h.shape or (h.ndim != 2 and h.size):
         raise ValueError(f"h {h.shape} and c {c.shape} must both be [num_layers, hidden_size]")
+    if snap.drift_b.shape != (n_ring,):
+        raise ValueError(f"drift_mu {snap.drift_mu.shape} and drift_b {snap.drift_b.shape} differ")
     if snap.var.shape != (n_features,) or (window.size and window.shape != (w_len, n_features)):
         raise ValueError(f"mean {snap.mean.shape}, var {snap.var.shape} and window "
                          f"{window.shape} disagree on n_features")
@@ -93,7 +97,7 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
         header = _HEADER.pack(
             layers, hidden, n_features, w_len, snap.partition, snap.n_seen, snap.since_reset,
             len(dev), len(ver), snap.count, snap.last_ts, snap.step_s, snap.prev_mu,
-            snap.prev_sigma, snap.last_seen, len(snap.extra),
+            snap.prev_sigma, snap.last_seen, len(snap.extra), n_ring,
         )
     except struct.error as exc:
         raise ValueError(f"snapshot of {snap.device_id[:64]!r} does not fit the format: {exc}") from None
@@ -105,6 +109,8 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
         np.ascontiguousarray(snap.mean, "<f8").tobytes(),
         np.ascontiguousarray(snap.var, "<f8").tobytes(),
         np.ascontiguousarray(window, "<f4").tobytes(), extra,
+        np.ascontiguousarray(snap.drift_mu, "<f4").tobytes(),
+        np.ascontiguousarray(snap.drift_b, "<f4").tobytes(),
     ))
 
 
@@ -132,7 +138,8 @@ def _parse_header(data: bytes | bytearray | memoryview) -> tuple:
     fields = _BASE.unpack_from(data, pos)
     # Appended header fields: present if this writer knew them, else their defaults. Bytes
     # past what this reader knows belong to a newer writer and are skipped.
-    ext = _EXT.unpack_from(data, pos + _BASE.size) if header_len >= _HEADER.size else _EXT_DEFAULTS
+    n_known = min(len(_EXT_DEFAULTS), max(0, (header_len - _BASE.size) // 2))  # u16 fields
+    ext = struct.unpack_from(f"<{n_known}H", data, pos + _BASE.size) + _EXT_DEFAULTS[n_known:]
     layers, hidden, nf, w_len, _, _, _, id_len, ver_len = fields[:9]
     need = pos + header_len + id_len + ver_len + 8 * layers * hidden + 16 * nf + 4 * w_len * nf
     if size < need:
@@ -162,7 +169,7 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     The arrays are fresh, writable copies (not views of ``data``), so callers may modify them
     or hand them to ``torch.from_numpy``.
     """
-    fields, (n_extra,), pos = _parse_header(data)
+    fields, (n_extra, n_ring), pos = _parse_header(data)
     (layers, hidden, nf, w_len, partition, n_seen, since_reset, id_len, ver_len,
      count, last_ts, step_s, prev_mu, prev_sigma, last_seen) = fields
     size = len(data)
@@ -197,9 +204,14 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     except (struct.error, UnicodeDecodeError):
         raise SnapshotDecodeError(f"truncated or corrupt snapshot extras ({n_extra} announced, "
                                   f"{size} bytes)") from None
+    if size < pos + 8 * n_ring:
+        raise SnapshotDecodeError(f"truncated snapshot: drift ring of {n_ring} announced, "
+                                  f"{size - pos} bytes left")
+    drift_mu = np.frombuffer(data, "<f4", n_ring, pos).copy()
+    drift_b = np.frombuffer(data, "<f4", n_ring, pos + 4 * n_ring).copy()
     return DeviceSnapshot(
         device_id=dev, partition=partition, h=h, c=c, count=count, mean=mean, var=var,
         window=window, last_ts=last_ts, step_s=step_s, n_seen=n_seen, since_reset=since_reset,
         prev_mu=prev_mu, prev_sigma=prev_sigma, model_version=ver, last_seen=last_seen,
-        extra=extra,
+        extra=extra, drift_mu=drift_mu, drift_b=drift_b,
     )

@@ -4,11 +4,15 @@ The network is ``nn.LSTM`` followed by a linear head, exactly like the textbook
 ``SimpleLSTM``. Two things are specific to streaming:
 
 * The head is **probabilistic and direct multi-horizon**: for each of the H steps ahead it
-  gives a Gaussian mean ``mu`` and a log-scale ``log_sigma`` (trained by Gaussian NLL).
-  A Gaussian head was chosen over quantiles because one scale per step gives both the
-  interval (any coverage, chosen at serving time) and the anomaly score (residual / sigma)
-  from the same number, and the NLL trains well with truncated BPTT.
-* The mean is the **change from the last reading**, in normalized units of the target
+  gives a Laplace location ``mu`` and log-scale ``log_b``, trained by the Laplace negative
+  log-likelihood ``|y - mu| / b + log b``. Laplace rather than Gaussian because it measured
+  better on the shared recordings (docs/evaluation.md): its location is the conditional
+  *median*, which minimises the MAE (and so the MASE) forecasts are judged by, and the
+  ``|y - mu|`` term does not let the spikes of server metrics drag the forecast the way a
+  squared error does (the Gaussian head over-reacted to level jumps and over-covered quiet
+  series). A scale rather than quantiles because one number per step gives both the
+  interval (any coverage, chosen at serving time) and the anomaly score (residual / b).
+* The location is the **change from the last reading**, in normalized units of the target
   channel: ``mu[k] ~ z[t+k+1] - z[t]``. Persistence is then the all-zero output, which a
   fresh model starts near, and the network only has to learn what persistence misses.
 
@@ -20,7 +24,7 @@ sequence run through ``forward`` equals the same readings fed one by one through
 >>> spec = ModelSpec(n_features=1, hidden_size=8, num_layers=1, horizon=3)
 >>> model = SimpleLSTM.from_spec(spec).eval()
 >>> x = torch.randn(2, 5, 1)                       # 2 devices, 5 readings each
->>> mu, log_sigma, (h, c) = model(x)
+>>> mu, log_b, (h, c) = model(x)
 >>> mu.shape, h.shape
 (torch.Size([2, 5, 3]), torch.Size([1, 2, 8]))
 >>> h1, c1 = model.zero_state(2)
@@ -37,8 +41,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-# Keeps exp(log_sigma) inside a range where the NLL and the intervals stay finite.
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -7.0, 5.0
+# Keeps exp(log_b) inside a range where the NLL and the intervals stay finite.
+LOG_B_MIN, LOG_B_MAX = -7.0, 5.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class ModelSpec:
 
 
 class SimpleLSTM(nn.Module):
-    """``nn.LSTM`` + linear head giving a Gaussian (mean, log-scale) per horizon step.
+    """``nn.LSTM`` + linear head giving a Laplace (location, log-scale) per horizon step.
 
     Parameters
     ----------
@@ -113,24 +117,24 @@ class SimpleLSTM(nn.Module):
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Run whole sequences.
 
-        ``x`` is ``[batch, time, n_features]`` (normalized). Returns ``mu`` and ``log_sigma``,
+        ``x`` is ``[batch, time, n_features]`` (normalized). Returns ``mu`` and ``log_b``,
         each ``[batch, time, horizon]``, and the final ``(h, c)``, each
         ``[num_layers, batch, hidden]``.
         """
         out, (h, c) = self.lstm(x, state)
-        mu, log_sigma = self._head(out)
-        return mu, log_sigma, (h, c)
+        mu, log_b = self._head(out)
+        return mu, log_b, (h, c)
 
     def step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Advance a batch of devices by one reading each.
 
         ``x`` is ``[batch, n_features]``; ``h`` and ``c`` are ``[num_layers, batch, hidden]``
-        and are returned updated, not modified in place. Returns ``(mu, log_sigma, h, c)``
-        with ``mu`` and ``log_sigma`` of shape ``[batch, horizon]``.
+        and are returned updated, not modified in place. Returns ``(mu, log_b, h, c)``
+        with ``mu`` and ``log_b`` of shape ``[batch, horizon]``.
         """
         out, (h, c) = self.lstm(x.unsqueeze(1), (h, c))
-        mu, log_sigma = self._head(out[:, 0])
-        return mu, log_sigma, h, c
+        mu, log_b = self._head(out[:, 0])
+        return mu, log_b, h, c
 
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """All-zero (h, c) for ``batch`` devices: the state of a device never seen."""
@@ -138,5 +142,5 @@ class SimpleLSTM(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def _head(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_sigma = self.head(self.dropout(out)).chunk(2, dim=-1)
-        return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+        mu, log_b = self.head(self.dropout(out)).chunk(2, dim=-1)
+        return mu, log_b.clamp(LOG_B_MIN, LOG_B_MAX)

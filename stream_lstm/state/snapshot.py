@@ -47,6 +47,10 @@ class DeviceSnapshot:
         reading is scored against. NaN when none.
     model_version
         Version of the model whose weights produced ``h``/``c``.
+    drift_mu, drift_b
+        The H-step forecasts (location and Laplace scale, original units) made at the last H
+        readings, as a ring indexed by ``n_seen % H``: what a reading's drift score compares
+        it with. ``float32 [H]``; empty when none.
     last_seen
         Wall-clock time the device last sent (for the TTL).
     """
@@ -68,6 +72,8 @@ class DeviceSnapshot:
     model_version: str = ""
     last_seen: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    drift_mu: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    drift_b: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @classmethod
     def empty(

@@ -79,6 +79,11 @@ class DeviceTable:
         self.since_reset = np.zeros(cap, np.int64)
         self.prev_mu = np.full(cap, _NAN, np.float64)
         self.prev_sigma = np.full(cap, _NAN, np.float64)
+        # The H-step forecasts (location, scale b) of each device's last H readings, a ring
+        # indexed by reading count: what a reading's drift score compares it with. Its width
+        # follows the served model's horizon (see ensure_horizon); float32 is plenty for a score.
+        self.drift_mu = np.full((cap, 0), _NAN, np.float32)
+        self.drift_b = np.full((cap, 0), _NAN, np.float32)
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
@@ -90,6 +95,12 @@ class DeviceTable:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def ensure_horizon(self, horizon: int) -> None:
+        """Size the drift ring for a model of ``horizon`` steps (emptied if it changes)."""
+        if self.drift_mu.shape[1] != horizon:
+            self.drift_mu = np.full((self.capacity, horizon), _NAN, np.float32)
+            self.drift_b = np.full((self.capacity, horizon), _NAN, np.float32)
 
     @property
     def capacity(self) -> int:
@@ -185,6 +196,9 @@ class DeviceTable:
                            ("partition", 0), ("last_seen", 0.0)):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fill, arr.dtype)]))
+        for name in ("drift_mu", "drift_b"):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full((extra, arr.shape[1]), _NAN, arr.dtype)]))
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -197,6 +211,7 @@ class DeviceTable:
         self.c[:, slot] = 0.0
         self.last_ts[slot] = self.step_s[slot] = _NAN
         self.prev_mu[slot] = self.prev_sigma[slot] = _NAN
+        self.drift_mu[slot] = self.drift_b[slot] = _NAN
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -231,6 +246,7 @@ class DeviceTable:
             n_seen=int(self.n_seen[slot]), since_reset=int(self.since_reset[slot]),
             prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
+            drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
@@ -256,5 +272,9 @@ class DeviceTable:
         self.last_ts[slot], self.step_s[slot] = snap.last_ts, snap.step_s
         self.n_seen[slot], self.since_reset[slot] = snap.n_seen, snap.since_reset
         self.prev_mu[slot], self.prev_sigma[slot] = snap.prev_mu, snap.prev_sigma
+        if self.drift_mu.shape[1] == 0 and len(snap.drift_mu):
+            self.ensure_horizon(len(snap.drift_mu))
+        if len(snap.drift_mu) == self.drift_mu.shape[1]:  # else the horizon changed: no drift score for H readings
+            self.drift_mu[slot], self.drift_b[slot] = snap.drift_mu, snap.drift_b
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

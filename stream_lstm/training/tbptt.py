@@ -20,9 +20,9 @@ so no gradient reaches an input before ``s``, and its loss covers the chunk's ow
   dependencies can be learnt, at more memory and compute per update (and a greater risk of
   exploding gradients, which clipping tames).
 
-The loss is the Gaussian negative log-likelihood (without the constant ``log sqrt(2 pi)``, as
-``torch.nn.functional.gaussian_nll_loss`` with ``var = exp(2 log_sigma)``) of the change of the
-target channel ``z[t+k+1] - z[t]`` for every valid ``(t, k)``, ``t + k + 1 < T``. Training
+The loss is the Laplace negative log-likelihood (without the constant ``log 2``),
+``|y - mu| / b + log b`` with ``b = exp(log_b)``, of the change of the target channel
+``z[t+k+1] - z[t]`` for every valid ``(t, k)``, ``t + k + 1 < T``. Training
 uses AdamW (weight decay), gradient-norm clipping, ReduceLROnPlateau on the validation loss
 and early stopping that restores the best weights (the starting weights count as a
 candidate, so training never hands back a model worse on validation than it was given).
@@ -108,9 +108,18 @@ def targets_from_z(z, horizon: int, target: int = 0, lengths=None):
     return (y.numpy(), mask.numpy()) if as_numpy else (y, mask)
 
 
-def gaussian_nll(mu: Tensor, log_sigma: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, int]:
-    """``(sum of the NLL over mask, number of entries)``; NLL = ``0.5 ((y-mu)/sigma)^2 + log sigma``."""
-    nll = 0.5 * ((y - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
+def laplace_nll(mu: Tensor, log_b: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """``(sum of the NLL over mask, number of entries)``; NLL = ``|y - mu| / b + log b``.
+
+    Its minimiser in ``mu`` is the median of ``y``, and in ``b`` the mean absolute deviation
+    from it, so a well-trained head is calibrated for Laplace intervals.
+
+    >>> total, n = laplace_nll(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -3.0]),
+    ...                        torch.tensor([True, True]))
+    >>> float(total), n
+    (4.0, 2)
+    """
+    nll = (y - mu).abs() * torch.exp(-log_b) + log_b
     return nll[mask].sum(), int(mask.sum())
 
 
@@ -138,20 +147,20 @@ def tbptt_chunks(model: SimpleLSTM, x: Tensor, y: Tensor, mask: Tensor, k1: int,
     state: tuple[Tensor, Tensor] | None = None  # detached state at bounds[i][0]
     for i, (start, loss_start, end) in enumerate(bounds):
         nxt = bounds[i + 1][0] if i + 1 < len(bounds) else end  # next window start, in [start, end]
-        mus, sigmas = [], []
+        mus, log_bs = [], []
         carried = state
         if nxt > start:
             mu, ls, carried = model(x[:, start:nxt], carried)
             mus.append(mu)
-            sigmas.append(ls)
+            log_bs.append(ls)
         state = None if carried is None else (carried[0].detach(), carried[1].detach())
         if end > nxt:
             mu, ls, _ = model(x[:, nxt:end], carried)
             mus.append(mu)
-            sigmas.append(ls)
+            log_bs.append(ls)
         first = loss_start - start
-        mu, ls = torch.cat(mus, 1)[:, first:], torch.cat(sigmas, 1)[:, first:]
-        total, n = gaussian_nll(mu, ls, y[:, loss_start:end], mask[:, loss_start:end])
+        mu, ls = torch.cat(mus, 1)[:, first:], torch.cat(log_bs, 1)[:, first:]
+        total, n = laplace_nll(mu, ls, y[:, loss_start:end], mask[:, loss_start:end])
         if n:
             yield start, end, total / n, n
 
@@ -185,7 +194,7 @@ def _padded_batches(seqs: list[np.ndarray], batch_size: int, rng: np.random.Gene
 def evaluate(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> dict[str, float]:
     """Held-out scores in normalized units, each sequence run from a zero state.
 
-    ``nll``: mean Gaussian NLL over every valid ``(t, k)``; ``mae``: one-step-ahead MAE of the
+    ``nll``: mean Laplace NLL over every valid ``(t, k)``; ``mae``: one-step-ahead MAE of the
     target channel (``|mu[t, 0] - (z[t+1] - z[t])|``); ``persistence_mae``: the same for the
     all-zero forecast ("no change"). NaN when there is nothing to score.
     """
@@ -196,9 +205,9 @@ def evaluate(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> dict
     n_nll = n_mae = 0
     for x, lengths in _padded_batches([s for s in seqs if len(s) > 1], 256, None):
         x = x.to(dev)
-        mu, log_sigma, _ = model(x)
+        mu, log_b, _ = model(x)
         y, mask = targets_from_z(x, model.horizon, target, lengths)
-        total, n = gaussian_nll(mu, log_sigma, y, mask)
+        total, n = laplace_nll(mu, log_b, y, mask)
         nll_sum += float(total)
         n_nll += n
         m0 = mask[:, :, 0]
@@ -212,7 +221,7 @@ def evaluate(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> dict
 
 
 def evaluate_nll(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> float:
-    """Mean Gaussian NLL over all valid ``(t, k)`` of ``seqs`` (see :func:`evaluate`)."""
+    """Mean Laplace NLL over all valid ``(t, k)`` of ``seqs`` (see :func:`evaluate`)."""
     return evaluate(model, seqs, target)["nll"]
 
 

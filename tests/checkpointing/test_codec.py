@@ -36,6 +36,7 @@ def snapshots(draw) -> DeviceSnapshot:
     hidden = draw(st.integers(0, 16)) if layers else 0
     nf = draw(st.integers(1, 4))
     w = draw(st.integers(0, 8))
+    ring = draw(st.integers(0, 12))
     f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
     arr32 = lambda shape: hnp.arrays(np.float32, shape, elements=f32)  # noqa: E731
     arr64 = lambda shape: hnp.arrays(np.float64, shape, elements=any_f64)  # noqa: E731
@@ -51,6 +52,7 @@ def snapshots(draw) -> DeviceSnapshot:
         prev_mu=draw(any_f64), prev_sigma=draw(any_f64),
         model_version=draw(st.text(max_size=12)), last_seen=draw(any_f64),
         extra=draw(st.dictionaries(st.text(max_size=20), any_f64, max_size=3)),
+        drift_mu=draw(arr32((ring,))), drift_b=draw(arr32((ring,))),
     )
 
 
@@ -59,7 +61,7 @@ def assert_bit_exact(a: DeviceSnapshot, b: DeviceSnapshot) -> None:
     assert (a.n_seen, a.since_reset) == (b.n_seen, b.since_reset)
     for name in ("count", "last_ts", "step_s", "prev_mu", "prev_sigma", "last_seen"):
         assert _bits(getattr(a, name)) == _bits(getattr(b, name)), name
-    for name in ("h", "c", "mean", "var", "window"):
+    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), name
@@ -111,11 +113,22 @@ def test_older_writer_without_appended_fields_decodes_with_defaults():
     s.extra = {}
     data = encode_snapshot(s)
     _, fmt, header_len = _PREFIX.unpack_from(data)
-    base = header_len - 2  # the first format-1 header had no n_extra field
+    base = header_len - 4  # the first format-1 header had neither n_extra nor n_ring
     older = _PREFIX.pack(MAGIC, fmt, base) + data[6 : 6 + base] + data[6 + header_len :]
     back = decode_snapshot(older)
-    assert back.extra == {}
+    assert back.extra == {} and len(back.drift_mu) == 0
     assert_bit_exact(s, back)
+
+
+def test_writer_from_before_the_drift_ring_keeps_its_extras():
+    s = _sample()
+    s.extra = {"gain": 2.5}
+    data = encode_snapshot(s)  # no drift ring: nothing trails the extras
+    _, fmt, header_len = _PREFIX.unpack_from(data)
+    v010 = header_len - 2  # 0.1.0 wrote n_extra but not n_ring
+    older = _PREFIX.pack(MAGIC, fmt, v010) + data[6 : 6 + v010] + data[6 + header_len :]
+    back = decode_snapshot(older)
+    assert back.extra == {"gain": 2.5} and len(back.drift_mu) == 0
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -57,3 +57,21 @@ def test_idle_devices_and_partitions():
     assert t.devices_in_partitions({1}) == ["b"]
     t.drop(["a"])
     assert len(t) == 1 and "a" not in t.index
+
+
+def test_drift_ring_moves_with_the_snapshot_and_survives_growth():
+    t = make(max_devices=8)
+    t.ensure_horizon(3)
+    s = t.slots_for(["a", "b"], [0, 0], now=1.0)
+    t.drift_mu[s[0]] = [1.0, 2.0, 3.0]
+    t.drift_b[s[0]] = [0.5, 0.5, 0.25]
+    t.slots_for(["c", "d", "e"], [0, 0, 0], now=2.0)  # grows past the initial capacity
+    assert t.drift_mu[t.index["a"]].tolist() == [1.0, 2.0, 3.0]
+    snap = t.snapshot(t.index["a"])
+    fresh = make()  # a table that has not served a model yet adopts the snapshot's ring
+    slot = fresh.restore(snap)
+    assert fresh.drift_mu[slot].tolist() == [1.0, 2.0, 3.0]
+    assert fresh.drift_b[slot].tolist() == [0.5, 0.5, 0.25]
+    other_h = make()
+    other_h.ensure_horizon(5)  # the model's horizon changed: the old ring does not apply
+    assert np.isnan(other_h.drift_mu[other_h.restore(snap)]).all()

@@ -5,6 +5,7 @@ independently, from the records on that topic.
 """
 
 import argparse
+import importlib.util
 import json
 
 import numpy as np
@@ -22,7 +23,9 @@ def test_evaluate_report_comes_from_the_forecasts_topic(shared_data, bootstrap, 
     monkeypatch.setenv("STREAM_LSTM_HORIZON", "4")
     monkeypatch.setenv("STREAM_LSTM_HIDDEN_SIZE", "16")
     csv = shared_data / "nab" / "machine_temperature_system_failure.csv"
-    args = argparse.Namespace(files=[csv], out=tmp_path, epochs=1, limit=600, etth1=None, horizons=[24])
+    peer = importlib.util.find_spec("deep_river") is not None  # `make test` installs it
+    args = argparse.Namespace(files=[csv], out=tmp_path, epochs=1, limit=600, etth1=None,
+                              horizons=[24], peer=peer)
     assert evaluate.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     rec = report["recordings"]["machine_temperature_system_failure"]
@@ -50,3 +53,11 @@ def test_evaluate_report_comes_from_the_forecasts_topic(shared_data, bootstrap, 
     assert rec["h1"]["model"]["mae"] == pytest.approx(float(np.mean(errors)), rel=1e-9)
     persistence = [abs(x[i] - x[i - 1]) for i in range(300, 600)]
     assert rec["h1"]["model"]["mase"] == pytest.approx(np.mean(errors) / np.mean(persistence), rel=1e-9)
+
+    if peer:  # the peer ran on the same readings: its MASE is what its forecasts give
+        from stream_lstm.tools.peer import peer_one_step
+
+        f = peer_one_step(x)
+        peer_errors = [abs(x[i] - f[i]) for i in range(300, 600)]
+        assert rec["h1"]["deep_river"]["mase"] == pytest.approx(
+            np.mean(peer_errors) / np.mean(persistence), rel=1e-9)

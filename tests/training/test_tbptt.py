@@ -11,7 +11,7 @@ from stream_lstm.training.tbptt import (
     evaluate,
     evaluate_mae,
     evaluate_nll,
-    gaussian_nll,
+    laplace_nll,
     targets_from_z,
     tbptt_chunks,
     train_tbptt,
@@ -82,7 +82,7 @@ def test_chunks_carry_the_state_the_whole_sequence_would_have():
     with torch.no_grad():
         total = sum(float(loss) * n for _, _, loss, n in tbptt_chunks(model, x, y, mask, 7, 11))
         mu, ls, _ = model(x)
-        full, n_full = gaussian_nll(mu, ls, y, mask)
+        full, n_full = laplace_nll(mu, ls, y, mask)
     assert total == pytest.approx(float(full), rel=1e-5)
     assert n_full == int(mask.sum())
 

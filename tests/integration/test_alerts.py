@@ -1,0 +1,85 @@
+"""Anomaly scores and the alerts topic, through the real broker and worker.
+
+A spike is flagged by the one-step score, every flagged reading has exactly one alert, and the
+drift score (each reading against the forecast made H readings earlier) is what the
+forecasts topic itself implies, across a worker restart: the ring of H-step forecasts moves
+with the device's state.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from stream_lstm.forecast import interval_quantile
+from stream_lstm.worker import Worker, fresh_model
+
+from .helpers import produce_readings, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+T0 = 1_700_000_000.0
+H = 4
+SPIKE_AT = 150
+
+
+def fleet(start: int, stop: int):
+    rng = np.random.default_rng(start)
+    for k in range(start, stop):
+        for dev in ("calm", "spike", "shift"):
+            value = 20.0 + math.sin(k / 5.0) + 0.05 * rng.standard_normal()
+            if dev == "spike" and k == SPIKE_AT:
+                value += 60.0
+            if dev == "shift" and k >= 160:
+                value += 0.4 * (k - 160)  # a slow, sustained departure
+            yield dev, T0 + 60.0 * k, value
+
+
+def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, topic_name):
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", alerts_topic=f"{topic_name}-alerts",
+                         group_id=f"{topic_name}-g", min_history=1, horizon=H,
+                         anomaly_warmup=5, anomaly_threshold=7.0)
+    served = fresh_model(s)
+    produce_readings(s, topic_name, fleet(0, 120))
+    first = Worker(s, served).run(until=lambda w: w.totals.consumed >= 360)
+    assert first.consumed == 360
+    produce_readings(s, topic_name, fleet(120, 200))
+    second = Worker(s, served).run(until=lambda w: w.totals.consumed >= 240)  # restored state
+    assert second.consumed == 240
+
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=600)]
+    assert len(fcs) == 600
+    by_dev: dict[str, list[dict]] = {}
+    for f in fcs:
+        by_dev.setdefault(f["device_id"], []).append(f)
+    q = interval_quantile(s.interval_coverage)
+    for dev, recs in by_dev.items():
+        recs.sort(key=lambda f: f["ts"])
+        for i, f in enumerate(recs):
+            since_reset = i + 1
+            if since_reset <= max(H, s.anomaly_warmup):
+                assert f["drift_score"] is None, (dev, i)
+                continue
+            made = recs[i - H]  # the forecast made H readings earlier, read from the topic
+            b = (made["upper"][H - 1] - made["lower"][H - 1]) / (2 * q)
+            expected = abs(f["value"] - made["forecast"][H - 1]) / b
+            # the ring is float32: about 1e-7 of the level, relative to b
+            assert f["drift_score"] == pytest.approx(expected, rel=1e-4, abs=1e-3), (dev, i)
+
+    spike = next(f for f in by_dev["spike"] if f["ts"] == T0 + 60.0 * SPIKE_AT)
+    assert spike["is_anomaly"] and spike["anomaly_score"] >= 7.0
+    # The sustained shift ends up flagged, by the drift score at least.
+    assert any(f["is_anomaly"] and f["drift_score"] >= 7.0 for f in by_dev["shift"])
+
+    flagged = {(f["partition"], f["offset"]): f for f in fcs if f["is_anomaly"]}
+    alerts = [json.loads(r.value) for r in read_topic(s, s.alerts_topic, expect=len(flagged))]
+    assert len(alerts) == len(flagged) and len(flagged) >= 2
+    for a in alerts:
+        f = flagged.pop((a["partition"], a["offset"]))  # exactly one alert per flagged reading
+        assert (a["device_id"], a["ts"], a["value"]) == (f["device_id"], f["ts"], f["value"])
+        assert a["anomaly_score"] == f["anomaly_score"] and a["drift_score"] == f["drift_score"]
+        assert a["expected"] == pytest.approx(f["value"] - f["residual"])
+        assert a["expected_low"] < a["expected"] < a["expected_high"]
+    assert not flagged
