@@ -19,7 +19,7 @@ sustained departure. On NAB's machine-temperature recording the drift score puts
 its highest values inside the labelled failure windows, the one-step score two
 (docs/evaluation.md). A reading is flagged when either score reaches the threshold. A
 device's first readings after a reset (or ever) are never flagged, since their hidden state
-is not yet informative, and the drift score needs H readings since the reset.
+is not yet informative, and the drift score waits H readings more.
 
 >>> q = interval_quantile(0.9)
 >>> round(q, 3)
@@ -108,7 +108,9 @@ def assemble(
         score = np.abs(residual) / prev_b
     score[batch.since_reset <= anomaly_warmup] = np.nan
     drift, drift_expected, drift_b = _drift_scores(batch, forecast[:, -1], b[:, -1], table)
-    drift[batch.since_reset <= anomaly_warmup] = np.nan
+    # The H-step forecast compared with must itself come after the warm-up: the first
+    # readings' scale is degenerate (one reading has no spread), so their b is tiny.
+    drift[batch.since_reset <= anomaly_warmup + mu.shape[1]] = np.nan
     is_anomaly = np.nan_to_num(np.fmax(score, drift), nan=0.0) >= anomaly_threshold
 
     # Rows are in round order, so a device's last reading of the poll is written last.

@@ -52,8 +52,9 @@ def test_drift_score_compares_with_the_forecast_made_h_readings_earlier():
         q = interval_quantile(0.9)
         made.append((fb.forecast[0, 1], (fb.upper[0, 1] - fb.lower[0, 1]) / (2 * q)))
         drift.append(fb.drift_score[0])
-    assert np.isnan(drift[:2]).all()  # H = 2: nothing made two readings before yet
-    for i in range(2, 6):
+    # H = 2 and a warm-up of 1: the first forecast past the warm-up is made at reading 2.
+    assert np.isnan(drift[:3]).all()
+    for i in range(3, 6):
         forecast_h, b_h = made[i - 2]
         assert drift[i] == pytest.approx(abs(x[i] - forecast_h) / b_h, rel=1e-5)
     # All six readings in one poll (six rounds) give the same scores.
