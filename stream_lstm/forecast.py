@@ -7,10 +7,22 @@ interval is ``x + scale * (mu -/+ q * b)``, where ``scale`` is the normalizer's 
 deviation at that reading and ``q = ln(1 / (1 - coverage))`` the two-sided Laplace quantile
 of the chosen coverage (``P(|Y - mu| > q b) = exp(-q)``).
 
+The model's scale is one network's judgement for the whole fleet, so each device also tracks
+a correction of it (Gibbs & Candes, "Adaptive conformal inference under distribution shift",
+NeurIPS 2021; Angelopoulos, Candes & Tibshirani, "Conformal PID control", NeurIPS 2023):
+when a reading arrives, for the one-step forecast and for the H-step forecast made for it::
+
+    log_m <- log_m + adapt_rate * (missed - (1 - coverage))
+
+where ``missed`` is 1 if the reading fell outside that forecast's interval. An interval that
+misses too often widens, one that never misses narrows, and in the long run each device's
+intervals miss ``1 - coverage`` of the time. Steps 2..H-1 use ``log_m`` interpolated between
+h=1 and h=H; the scale published (and scored against) is ``b * m``.
+
 Each reading is also scored against the one-step forecast made for it at the previous
-reading: ``anomaly_score = |x - forecast_1| / b_1`` (both in the device's units). Under the
-model a score of at least ``s`` has probability ``exp(-s)``: 4.6 is one reading in 100,
-6.9 one in 1,000.
+reading: ``anomaly_score = |x - forecast_1| / b_1`` (both in the device's units). Under a
+calibrated Laplace, a score of at least ``s`` has probability ``exp(-s)``: 4.6 is one reading
+in 100, 6.9 one in 1,000.
 
 A one-step forecast follows a slow departure (a machine cooling over hours) step by step, so
 its residuals stay small. Each reading is therefore also scored against the forecast made
@@ -69,8 +81,9 @@ def assemble(
     min_history: int,
     anomaly_threshold: float,
     anomaly_warmup: int,
+    adapt_rate: float = 0.0,
 ) -> ForecastBatch:
-    """De-normalize, add intervals, score anomalies; remember each device's next-step forecast.
+    """De-normalize, add intervals, score anomalies; remember what later readings need.
 
     Parameters
     ----------
@@ -79,7 +92,8 @@ def assemble(
     mu, log_b
         The engine's output, ``[m, H]`` each.
     table
-        Device state; its ``prev_mu``/``prev_sigma`` (the one-step location and scale ``b``) are updated for the next reading.
+        Device state: the one-step forecast (``prev_mu``, ``prev_sigma``), the ring of H-step
+        forecasts and the interval calibration are read and updated.
     coverage
         Nominal interval coverage, e.g. 0.9.
     min_history
@@ -87,66 +101,50 @@ def assemble(
     anomaly_threshold
         Score at or above which a reading is flagged.
     anomaly_warmup
-        Readings after a reset that are never flagged.
+        Readings after a reset that are never flagged (nor used to calibrate).
+    adapt_rate
+        Step of the per-device interval calibration; 0 keeps the model's own scale.
     """
-    table.ensure_horizon(mu.shape[1])
+    horizon = mu.shape[1]
+    table.ensure_horizon(horizon)
     scale = batch.scale_target[:, None]
-    level = batch.x_target[:, None]
-    b = np.exp(log_b.astype(np.float64)) * scale
-    forecast = level + scale * mu
+    forecast = batch.x_target[:, None] + scale * mu
+    b_model = np.exp(log_b.astype(np.float64)) * scale
     q = interval_quantile(coverage)
-    lower, upper = forecast - q * b, forecast + q * b
-
-    # The one-step forecast each reading is judged against: made at the device's previous
-    # reading, either earlier in this poll (prev_row) or in an earlier poll (table).
-    has_prev_row = batch.prev_row >= 0
-    prev_idx = np.maximum(batch.prev_row, 0)
-    prev_mu = np.where(has_prev_row, forecast[prev_idx, 0], batch.prev_mu)
-    prev_b = np.where(has_prev_row, b[prev_idx, 0], batch.prev_sigma)
-    residual = np.where(batch.reset, np.nan, batch.x_target - prev_mu)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = np.abs(residual) / prev_b
-    score[batch.since_reset <= anomaly_warmup] = np.nan
-    drift, drift_expected, drift_b = _drift_scores(batch, forecast[:, -1], b[:, -1], table)
-    # The H-step forecast compared with must itself come after the warm-up: the first
-    # readings' scale is degenerate (one reading has no spread), so their b is tiny.
-    drift[batch.since_reset <= anomaly_warmup + mu.shape[1]] = np.nan
-    is_anomaly = np.nan_to_num(np.fmax(score, drift), nan=0.0) >= anomaly_threshold
-
-    # Rows are in round order, so a device's last reading of the poll is written last.
-    table.prev_mu[batch.slots] = forecast[:, 0]
-    table.prev_sigma[batch.slots] = b[:, 0]
-    return ForecastBatch(
-        forecast=forecast, lower=lower, upper=upper, residual=residual,
-        anomaly_score=score, expected_b=prev_b, drift_score=drift, drift_expected=drift_expected,
-        drift_b=drift_b, is_anomaly=is_anomaly, publish=batch.n_seen >= min_history,
-    )
-
-
-def _drift_scores(batch: StepBatch, forecast_h: np.ndarray, b_h: np.ndarray, table: DeviceTable
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(drift_score, expected, b)`` per row: each reading against the H-step forecast made
-    H readings earlier, from the device's ring; then this reading's H-step forecast replaces it.
-
-    The ring slot of a device's n-th reading is ``n % H``: the slot written H readings ago.
-    Rounds go in order, so a device with several readings in this poll reads what its
-    earlier ones wrote.
-    """
     m = len(batch)
-    score, expected, b = np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan)
-    if m == 0:
-        return score, expected, b
-    horizon = table.drift_mu.shape[1]
-    pos = batch.n_seen % horizon
+    b = np.empty_like(b_model)
+    expected_1, b_1, expected_h, b_h = (np.full(m, np.nan) for _ in range(4))
+    # Only forecasts made past the warm-up count: the first readings' scale is degenerate.
+    scored_1 = ~batch.reset & (batch.since_reset > anomaly_warmup)
+    scored_h = batch.since_reset > anomaly_warmup + horizon
+    ring_pos = batch.n_seen % horizon  # the slot written H readings ago
+    along = np.arange(horizon) / max(horizon - 1, 1)  # calibration: h=1 .. h=H, interpolated
+    # Round by round: a device with several readings in this poll sees what its earlier ones
+    # wrote, so the numbers do not depend on how readings were split into polls.
     for start, end in batch.rounds:
-        slots, p = batch.slots[start:end], pos[start:end]
-        expected[start:end] = table.drift_mu[slots, p]
-        b[start:end] = table.drift_b[slots, p]
-        table.drift_mu[slots, p] = forecast_h[start:end]
-        table.drift_b[slots, p] = b_h[start:end]
-    # Only entries written since the last reset count (the reset reading has since_reset 1).
-    fresh = batch.since_reset > horizon
-    expected[~fresh] = np.nan
+        rows, slots, pos = slice(start, end), batch.slots[start:end], ring_pos[start:end]
+        x = batch.x_target[rows]
+        expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
+        expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
+        if adapt_rate:
+            for col, expected, spread, scored in ((0, expected_1, b_1, scored_1),
+                                                  (1, expected_h, b_h, scored_h)):
+                miss = np.abs(x - expected[rows]) > q * spread[rows]
+                table.interval_log_m[slots, col] += np.where(
+                    scored[rows], adapt_rate * (miss - (1.0 - coverage)), 0.0)
+        log_m = table.interval_log_m[slots]
+        b[rows] = b_model[rows] * np.exp(log_m[:, :1] + along * (log_m[:, 1:] - log_m[:, :1]))
+        table.prev_mu[slots], table.prev_sigma[slots] = forecast[rows, 0], b[rows, 0]
+        table.drift_mu[slots, pos], table.drift_b[slots, pos] = forecast[rows, -1], b[rows, -1]
+
+    residual = np.where(batch.reset, np.nan, batch.x_target - expected_1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        score = np.abs(batch.x_target - expected) / b
-    return score, expected, b
+        score = np.where(scored_1, np.abs(residual) / b_1, np.nan)
+        drift = np.where(scored_h, np.abs(batch.x_target - expected_h) / b_h, np.nan)
+    expected_h[~scored_h] = np.nan
+    return ForecastBatch(
+        forecast=forecast, lower=forecast - q * b, upper=forecast + q * b, residual=residual,
+        anomaly_score=score, expected_b=b_1, drift_score=drift, drift_expected=expected_h,
+        drift_b=b_h, is_anomaly=np.nan_to_num(np.fmax(score, drift), nan=0.0) >= anomaly_threshold,
+        publish=batch.n_seen >= min_history,
+    )

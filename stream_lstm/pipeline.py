@@ -187,7 +187,7 @@ class BatchPipeline:
         fb = assemble(
             batch, mu, log_b, self.table, coverage=s.interval_coverage,
             min_history=s.min_history, anomaly_threshold=s.anomaly_threshold,
-            anomaly_warmup=s.anomaly_warmup,
+            anomaly_warmup=s.anomaly_warmup, adapt_rate=s.interval_adapt_rate,
         )
         version = self.version()
         for slot in np.unique(batch.slots).tolist():

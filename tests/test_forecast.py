@@ -61,3 +61,38 @@ def test_drift_score_compares_with_the_forecast_made_h_readings_earlier():
     in_one_poll = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
     _, fb = run(in_one_poll, ["a"] * 6, [float(i) for i in range(6)], x, mu, log_b)
     np.testing.assert_allclose(fb.drift_score, drift, rtol=1e-6)
+
+
+def calibration_run(adapt_rate, readings_per_poll=1, n=3000, horizon=3):
+    """A model whose scale is 5x too small, on Laplace noise; the intervals it publishes."""
+    rng = np.random.default_rng(7)
+    x = 50.0 + rng.laplace(0.0, 1.0, n)
+    table = DeviceTable(max_devices=2, window=4, n_features=1, num_layers=1, hidden_size=2)
+    lower, upper = [], []
+    for s in range(0, n, readings_per_poll):
+        k = min(readings_per_poll, n - s)
+        _, fb = run(table, ["a"] * k, list(range(s, s + k)), x[s : s + k], np.zeros((k, horizon)),
+                    np.full((k, horizon), np.log(0.2)), adapt_rate=adapt_rate, anomaly_warmup=10)
+        lower.append(fb.lower)
+        upper.append(fb.upper)
+    return x, np.concatenate(lower), np.concatenate(upper)
+
+
+def covered(x, lower, upper, k, start):
+    """Share of readings from ``start`` on inside the interval made k readings before them."""
+    return float(np.mean((x[start:] >= lower[start - k : -k, k - 1]) & (x[start:] <= upper[start - k : -k, k - 1])))
+
+
+def test_per_device_calibration_brings_coverage_to_nominal():
+    x, lo, hi = calibration_run(adapt_rate=0.0)
+    assert covered(x, lo, hi, 1, 1000) < 0.6  # the model's own scale is far too narrow
+    x, lo, hi = calibration_run(adapt_rate=0.02)
+    assert abs(covered(x, lo, hi, 1, 1000) - 0.9) < 0.03
+    assert abs(covered(x, lo, hi, 3, 1000) - 0.9) < 0.03  # h=H has its own factor
+
+
+def test_calibration_does_not_depend_on_how_readings_were_split_into_polls():
+    _, lo1, hi1 = calibration_run(adapt_rate=0.02, n=400)
+    _, lo7, hi7 = calibration_run(adapt_rate=0.02, readings_per_poll=7, n=400)
+    np.testing.assert_array_equal(lo1, lo7)
+    np.testing.assert_array_equal(hi1, hi7)

@@ -56,9 +56,6 @@ class StepBatch:
     mean_target: np.ndarray
     scale_target: np.ndarray
     reset: np.ndarray
-    prev_row: np.ndarray
-    prev_mu: np.ndarray
-    prev_sigma: np.ndarray
     n_seen: np.ndarray
     since_reset: np.ndarray
     step_s: np.ndarray
@@ -104,8 +101,6 @@ def ingest(
     # Per-slot event-time bookkeeping within this poll; plain dicts are the fastest here.
     last_ts: dict[int, float] = {}
     seen: dict[int, int] = {}
-    prev_in_poll = np.full(n, -1, np.int64)
-    last_row: dict[int, int] = {}
     table_last = table.last_ts
     for i in range(n):
         slot = int(slot_of[i])
@@ -122,20 +117,12 @@ def ingest(
         r = seen.get(slot, 0)
         seen[slot] = r + 1
         round_of[i] = r
-        prev_in_poll[i] = last_row.get(slot, -1)
-        last_row[slot] = i
 
     accepted = np.flatnonzero(outcome == ACCEPTED)
     order = accepted[np.argsort(round_of[accepted], kind="stable")]
     counts = np.bincount(round_of[order]) if len(order) else np.zeros(0, np.int64)
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     rounds = [(int(bounds[r]), int(bounds[r + 1])) for r in range(len(counts))]
-
-    # Map "previous reading of this device in this poll" from input positions to batch rows.
-    row_of_input = np.full(n, -1, np.int64)
-    row_of_input[order] = np.arange(len(order))
-    prev_input = prev_in_poll[order]
-    prev_row = np.where(prev_input >= 0, row_of_input[np.maximum(prev_input, 0)], -1)
 
     slots = slot_of[order]
     x = np.asarray(values, np.float64)[order]
@@ -146,8 +133,7 @@ def ingest(
         outcome=outcome, rows=order, slots=slots, rounds=rounds,
         z=np.empty((m, x.shape[1] if x.ndim == 2 else 1), np.float32),
         x_target=x[:, target] if m else np.zeros(0), mean_target=np.empty(m),
-        scale_target=np.empty(m), reset=rst, prev_row=prev_row,
-        prev_mu=table.prev_mu[slots].copy(), prev_sigma=table.prev_sigma[slots].copy(),
+        scale_target=np.empty(m), reset=rst,
         n_seen=np.empty(m, np.int64), since_reset=np.empty(m, np.int64),
         step_s=np.empty(m), ts=t_arr,
     )

@@ -29,6 +29,8 @@ from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
 
 _NAN = float("nan")
+# Snapshot extras holding the interval calibration (absent in older snapshots: no correction).
+_LOG_M1, _LOG_MH = "interval_log_m1", "interval_log_mH"
 
 
 class DeviceTable:
@@ -84,6 +86,9 @@ class DeviceTable:
         # follows the served model's horizon (see ensure_horizon); float32 is plenty for a score.
         self.drift_mu = np.full((cap, 0), _NAN, np.float32)
         self.drift_b = np.full((cap, 0), _NAN, np.float32)
+        # Log of the factor applied to the model's scale b at h=1 and h=H, tracked per device
+        # so its intervals cover what they claim (see forecast.py).
+        self.interval_log_m = np.zeros((cap, 2), np.float64)
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
@@ -196,9 +201,9 @@ class DeviceTable:
                            ("partition", 0), ("last_seen", 0.0)):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fill, arr.dtype)]))
-        for name in ("drift_mu", "drift_b"):
+        for name, fill in (("drift_mu", _NAN), ("drift_b", _NAN), ("interval_log_m", 0.0)):
             arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.full((extra, arr.shape[1]), _NAN, arr.dtype)]))
+            setattr(self, name, np.concatenate([arr, np.full((extra, arr.shape[1]), fill, arr.dtype)]))
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -212,6 +217,7 @@ class DeviceTable:
         self.last_ts[slot] = self.step_s[slot] = _NAN
         self.prev_mu[slot] = self.prev_sigma[slot] = _NAN
         self.drift_mu[slot] = self.drift_b[slot] = _NAN
+        self.interval_log_m[slot] = 0.0
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -247,6 +253,8 @@ class DeviceTable:
             prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
             drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
+            extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
+                   _LOG_MH: float(self.interval_log_m[slot, 1])},
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
@@ -276,5 +284,6 @@ class DeviceTable:
             self.ensure_horizon(len(snap.drift_mu))
         if len(snap.drift_mu) == self.drift_mu.shape[1]:  # else the horizon changed: no drift score for H readings
             self.drift_mu[slot], self.drift_b[slot] = snap.drift_mu, snap.drift_b
+        self.interval_log_m[slot] = snap.extra.get(_LOG_M1, 0.0), snap.extra.get(_LOG_MH, 0.0)
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

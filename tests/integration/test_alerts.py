@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from stream_lstm.forecast import interval_quantile
+from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.worker import Worker, fresh_model
 
 from .helpers import produce_readings, read_topic
@@ -35,6 +36,25 @@ def fleet(start: int, stop: int):
             if dev == "shift" and k >= 160:
                 value += 2.0 * (k - 160)  # a sustained departure, each step a small surprise
             yield dev, T0 + 60.0 * k, value
+
+
+def calibrated_b(model, x, s):
+    """The calibrated Laplace scale of every forecast, as forecast.py documents it."""
+    z, _, scale = normalize_sequence(x[:, None], s.normalizer, s.normalizer_alpha, s.std_floor)
+    with torch.no_grad():
+        mu, log_b, _ = model(torch.from_numpy(z)[None])
+    f = x[:, None] + scale * mu[0].double().numpy()
+    b_model = np.exp(log_b[0].double().numpy()) * scale
+    q, miss_rate = interval_quantile(s.interval_coverage), 1 - s.interval_coverage
+    along = np.arange(H) / (H - 1)
+    log_m, b = np.zeros(2), np.zeros_like(b_model)
+    for t in range(len(x)):
+        if t >= 1 and t + 1 > s.anomaly_warmup:
+            log_m[0] += s.interval_adapt_rate * ((abs(x[t] - f[t - 1, 0]) > q * b[t - 1, 0]) - miss_rate)
+        if t + 1 > s.anomaly_warmup + H:
+            log_m[1] += s.interval_adapt_rate * ((abs(x[t] - f[t - H, -1]) > q * b[t - H, -1]) - miss_rate)
+        b[t] = b_model[t] * np.exp(log_m[0] + along * (log_m[1] - log_m[0]))
+    return b
 
 
 def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, topic_name):
@@ -69,6 +89,14 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
             expected = abs(f["value"] - made["forecast"][H - 1]) / b
             # the ring is float32: about 1e-7 of the level, relative to b
             assert f["drift_score"] == pytest.approx(expected, rel=1e-4, abs=1e-3), (dev, i)
+
+    # The interval calibration carried on across the restart: an uninterrupted run of the
+    # documented recursion over each device's whole history gives the published widths.
+    for dev, recs in by_dev.items():
+        x = np.array([f["value"] for f in recs])
+        width = np.array([np.subtract(f["upper"], f["lower"]) for f in recs])
+        np.testing.assert_allclose(width, 2 * q * calibrated_b(served.model, x, s), rtol=1e-4,
+                                   err_msg=dev)
 
     spike = next(f for f in by_dev["spike"] if f["ts"] == T0 + 60.0 * SPIKE_AT)
     assert spike["is_anomaly"] and spike["anomaly_score"] >= 7.0

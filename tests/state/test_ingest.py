@@ -20,8 +20,6 @@ def test_rounds_preserve_per_device_order_and_normalization():
     a_rows = [j for j, r in enumerate(b.rows) if ids[r] == "a"]
     z_ref, _, _ = normalize_sequence(np.array([[1.0], [2.0], [4.0]]))
     np.testing.assert_array_equal(b.z[a_rows], z_ref)
-    # prev_row links each reading to the same device's previous reading in this poll
-    assert b.prev_row[a_rows].tolist() == [-1, a_rows[0], a_rows[1]]
     assert t.window.ordered(t.index["a"])[:, 0].tolist() == z_ref[:, 0].tolist()
 
 

@@ -59,12 +59,13 @@ def test_idle_devices_and_partitions():
     assert len(t) == 1 and "a" not in t.index
 
 
-def test_drift_ring_moves_with_the_snapshot_and_survives_growth():
+def test_drift_ring_and_calibration_move_with_the_snapshot_and_survive_growth():
     t = make(max_devices=8)
     t.ensure_horizon(3)
     s = t.slots_for(["a", "b"], [0, 0], now=1.0)
     t.drift_mu[s[0]] = [1.0, 2.0, 3.0]
     t.drift_b[s[0]] = [0.5, 0.5, 0.25]
+    t.interval_log_m[s[0]] = [0.5, -0.25]
     t.slots_for(["c", "d", "e"], [0, 0, 0], now=2.0)  # grows past the initial capacity
     assert t.drift_mu[t.index["a"]].tolist() == [1.0, 2.0, 3.0]
     snap = t.snapshot(t.index["a"])
@@ -72,6 +73,7 @@ def test_drift_ring_moves_with_the_snapshot_and_survives_growth():
     slot = fresh.restore(snap)
     assert fresh.drift_mu[slot].tolist() == [1.0, 2.0, 3.0]
     assert fresh.drift_b[slot].tolist() == [0.5, 0.5, 0.25]
+    assert fresh.interval_log_m[slot].tolist() == [0.5, -0.25]  # the calibration moves too
     other_h = make()
     other_h.ensure_horizon(5)  # the model's horizon changed: the old ring does not apply
     assert np.isnan(other_h.drift_mu[other_h.restore(snap)]).all()
