@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     interval_adapt_rate: float = Field(
         0.02, ge=0.0, le=1.0,
         description="Per-device interval calibration step (quantile tracking); 0 = model's scale")
+    blend_rate: float = Field(
+        0.005, ge=0.0, le=1.0,
+        description="Per-device step of the blend of the model's change with persistence; 0 = model only")
     anomaly_threshold: float = Field(
         7.0, gt=0.0, description="|residual|/b that flags; P(score >= s) = exp(-s) under the model")
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")

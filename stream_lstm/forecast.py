@@ -7,6 +7,19 @@ interval is ``x + scale * (mu -/+ q * b)``, where ``scale`` is the normalizer's 
 deviation at that reading and ``q = ln(1 / (1 - coverage))`` the two-sided Laplace quantile
 of the chosen coverage (``P(|Y - mu| > q b) = exp(-q)``).
 
+The model is one network for the whole fleet, and on some devices its change is worse than
+no change at all (persistence: the last value). Each device therefore keeps a weight ``w`` in
+[0, 1] for the model's change, ``forecast = x + w * scale * mu``, learnt by online gradient
+descent on the absolute error (M. Zinkevich, "Online convex programming and generalized
+infinitesimal gradient ascent", ICML 2003) when a reading arrives, for the one-step forecast
+and for the H-step forecast made for it::
+
+    w <- clip(w + blend_rate * sign(x - forecast) * mu, 0, 1)
+
+``mu`` being the model's (normalized) change in that forecast. A device where the model helps
+keeps ``w`` near 1; one where it hurts drifts towards persistence, so in the long run no
+device is forecast much worse than by its last value. Steps 2..H-1 interpolate ``w``.
+
 The model's scale is one network's judgement for the whole fleet, so each device also tracks
 a correction of it (Gibbs & Candes, "Adaptive conformal inference under distribution shift",
 NeurIPS 2021; Angelopoulos, Candes & Tibshirani, "Conformal PID control", NeurIPS 2023):
@@ -82,6 +95,7 @@ def assemble(
     anomaly_threshold: float,
     anomaly_warmup: int,
     adapt_rate: float = 0.0,
+    blend_rate: float = 0.0,
 ) -> ForecastBatch:
     """De-normalize, add intervals, score anomalies; remember what later readings need.
 
@@ -104,11 +118,15 @@ def assemble(
         Readings after a reset that are never flagged (nor used to calibrate).
     adapt_rate
         Step of the per-device interval calibration; 0 keeps the model's own scale.
+    blend_rate
+        Step of the per-device blend of the model's change with persistence; 0 keeps the
+        model's change as it is.
     """
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
     scale = batch.scale_target[:, None]
-    forecast = batch.x_target[:, None] + scale * mu
+    change = scale * mu  # the model's change, in the device's units; blended per round below
+    forecast = np.empty_like(change)
     b_model = np.exp(log_b.astype(np.float64)) * scale
     q = interval_quantile(coverage)
     m = len(batch)
@@ -126,16 +144,26 @@ def assemble(
         x = batch.x_target[rows]
         expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
         expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
+        if blend_rate:  # descend |x - forecast| in w: forecast = level + w * model's change
+            for col, expected, model_change, scored in (
+                    (0, expected_1, table.prev_change[slots], scored_1),
+                    (1, expected_h, table.drift_change[slots, pos], scored_h)):
+                step = blend_rate * np.sign(x - expected[rows]) * model_change
+                step = np.where(scored[rows] & np.isfinite(step), step, 0.0)
+                table.blend_w[slots, col] = np.clip(table.blend_w[slots, col] + step, 0.0, 1.0)
         if adapt_rate:
             for col, expected, spread, scored in ((0, expected_1, b_1, scored_1),
                                                   (1, expected_h, b_h, scored_h)):
                 miss = np.abs(x - expected[rows]) > q * spread[rows]
                 table.interval_log_m[slots, col] += np.where(
                     scored[rows], adapt_rate * (miss - (1.0 - coverage)), 0.0)
+        w = table.blend_w[slots]
+        forecast[rows] = x[:, None] + change[rows] * (w[:, :1] + along * (w[:, 1:] - w[:, :1]))
         log_m = table.interval_log_m[slots]
         b[rows] = b_model[rows] * np.exp(log_m[:, :1] + along * (log_m[:, 1:] - log_m[:, :1]))
         table.prev_mu[slots], table.prev_sigma[slots] = forecast[rows, 0], b[rows, 0]
         table.drift_mu[slots, pos], table.drift_b[slots, pos] = forecast[rows, -1], b[rows, -1]
+        table.prev_change[slots], table.drift_change[slots, pos] = mu[rows, 0], mu[rows, -1]
 
     residual = np.where(batch.reset, np.nan, batch.x_target - expected_1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -3,6 +3,7 @@ import pytest
 
 from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.state.ingest import ingest
+from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.state.table import DeviceTable
 
 
@@ -96,3 +97,42 @@ def test_calibration_does_not_depend_on_how_readings_were_split_into_polls():
     _, lo7, hi7 = calibration_run(adapt_rate=0.02, readings_per_poll=7, n=400)
     np.testing.assert_array_equal(lo1, lo7)
     np.testing.assert_array_equal(hi1, hi7)
+
+
+def blend_run(x, mu, blend_rate, readings_per_poll=1):
+    table = DeviceTable(max_devices=2, window=4, n_features=1, num_layers=1, hidden_size=2)
+    out = []
+    for s in range(0, len(x), readings_per_poll):
+        k = min(readings_per_poll, len(x) - s)
+        _, fb = run(table, ["a"] * k, list(range(s, s + k)), x[s : s + k], mu[s : s + k],
+                    np.zeros((k, mu.shape[1])), blend_rate=blend_rate, anomaly_warmup=5)
+        out.append(fb.forecast)
+    return np.concatenate(out), table.blend_w[table.index["a"]]
+
+
+def one_step_mae(x, forecast, start):
+    return float(np.mean(np.abs(x[start:] - forecast[start - 1 : -1, 0])))
+
+
+def test_blend_falls_back_to_persistence_where_the_model_only_adds_noise():
+    rng = np.random.default_rng(3)
+    x = np.cumsum(rng.normal(size=3000))  # a random walk: the last value is the best forecast
+    noise = rng.normal(size=(3000, 2))  # a "model" whose change is pure noise
+    model_only, w0 = blend_run(x, noise, 0.0)
+    blended, w = blend_run(x, noise, 0.005)
+    persistence = float(np.mean(np.abs(np.diff(x[1999:]))))
+    assert w0.tolist() == [1.0, 1.0] and w.max() < 0.2
+    assert one_step_mae(x, model_only, 2000) > 1.3 * persistence
+    assert one_step_mae(x, blended, 2000) < 1.05 * persistence
+
+
+def test_blend_keeps_a_model_that_helps_and_does_not_depend_on_polls():
+    t = np.arange(1500.0)
+    x = 10 * np.sin(t / 20)
+    _, _, scale = normalize_sequence(x[:, None], "welford")
+    exact = np.stack([(np.roll(x, -k) - x) / scale[:, 0] for k in (1, 2)], 1)  # the true change
+    exact[-2:] = 0.0
+    forecast, w = blend_run(x, exact, 0.005)
+    assert w.min() > 0.95  # the model is right: its change keeps its full weight
+    chunked, _ = blend_run(x[:300], exact[:300], 0.005, readings_per_poll=9)
+    np.testing.assert_array_equal(chunked, blend_run(x[:300], exact[:300], 0.005)[0])

@@ -11,7 +11,7 @@ Layout, all little-endian::
     | device_id (UTF-8) | model_version (UTF-8)
     | h f32[L*H] | c f32[L*H] | mean f64[F] | var f64[F] | window f32[W*F]
     | extras: n_extra x (key_len u8 | key UTF-8 | value f64)
-    | drift ring: drift_mu f32[R] | drift_b f32[R]        (R = n_ring, appended in 0.1.1)
+    | drift ring: drift_mu f32[R] | drift_b f32[R] | drift_change f32[R]   (R = n_ring; 0.1.1)
     | (anything a newer writer appends; ignored)
 
 The header is a fixed ``struct`` whose length travels with it. A newer writer may append
@@ -81,8 +81,9 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
     # Validate shapes here: a bad snapshot must fail when written, not when restored.
     if c.shape != h.shape or (h.ndim != 2 and h.size):
         raise ValueError(f"h {h.shape} and c {c.shape} must both be [num_layers, hidden_size]")
-    if snap.drift_b.shape != (n_ring,):
-        raise ValueError(f"drift_mu {snap.drift_mu.shape} and drift_b {snap.drift_b.shape} differ")
+    if snap.drift_b.shape != (n_ring,) or snap.drift_change.shape != (n_ring,):
+        raise ValueError(f"drift_mu {snap.drift_mu.shape}, drift_b {snap.drift_b.shape} and "
+                         f"drift_change {snap.drift_change.shape} differ")
     if snap.var.shape != (n_features,) or (window.size and window.shape != (w_len, n_features)):
         raise ValueError(f"mean {snap.mean.shape}, var {snap.var.shape} and window "
                          f"{window.shape} disagree on n_features")
@@ -111,6 +112,7 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
         np.ascontiguousarray(window, "<f4").tobytes(), extra,
         np.ascontiguousarray(snap.drift_mu, "<f4").tobytes(),
         np.ascontiguousarray(snap.drift_b, "<f4").tobytes(),
+        np.ascontiguousarray(snap.drift_change, "<f4").tobytes(),
     ))
 
 
@@ -204,14 +206,15 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     except (struct.error, UnicodeDecodeError):
         raise SnapshotDecodeError(f"truncated or corrupt snapshot extras ({n_extra} announced, "
                                   f"{size} bytes)") from None
-    if size < pos + 8 * n_ring:
+    if size < pos + 12 * n_ring:
         raise SnapshotDecodeError(f"truncated snapshot: drift ring of {n_ring} announced, "
                                   f"{size - pos} bytes left")
     drift_mu = np.frombuffer(data, "<f4", n_ring, pos).copy()
     drift_b = np.frombuffer(data, "<f4", n_ring, pos + 4 * n_ring).copy()
+    drift_change = np.frombuffer(data, "<f4", n_ring, pos + 8 * n_ring).copy()
     return DeviceSnapshot(
         device_id=dev, partition=partition, h=h, c=c, count=count, mean=mean, var=var,
         window=window, last_ts=last_ts, step_s=step_s, n_seen=n_seen, since_reset=since_reset,
         prev_mu=prev_mu, prev_sigma=prev_sigma, model_version=ver, last_seen=last_seen,
-        extra=extra, drift_mu=drift_mu, drift_b=drift_b,
+        extra=extra, drift_mu=drift_mu, drift_b=drift_b, drift_change=drift_change,
     )

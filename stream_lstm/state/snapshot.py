@@ -47,10 +47,10 @@ class DeviceSnapshot:
         reading is scored against. NaN when none.
     model_version
         Version of the model whose weights produced ``h``/``c``.
-    drift_mu, drift_b
-        The H-step forecasts (location and Laplace scale, original units) made at the last H
-        readings, as a ring indexed by ``n_seen % H``: what a reading's drift score compares
-        it with. ``float32 [H]``; empty when none.
+    drift_mu, drift_b, drift_change
+        The H-step forecasts (location and Laplace scale, original units; and the model's own
+        normalized change) made at the last H readings, as a ring indexed by ``n_seen % H``:
+        what a reading's drift score compares it with. ``float32 [H]``; empty when none.
     last_seen
         Wall-clock time the device last sent (for the TTL).
     """
@@ -74,6 +74,7 @@ class DeviceSnapshot:
     extra: dict[str, float] = field(default_factory=dict)
     drift_mu: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     drift_b: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    drift_change: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @classmethod
     def empty(

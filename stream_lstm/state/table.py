@@ -29,8 +29,10 @@ from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
 
 _NAN = float("nan")
-# Snapshot extras holding the interval calibration (absent in older snapshots: no correction).
+# Snapshot extras holding the interval calibration and the blend with persistence (absent in
+# older snapshots: no correction, the model's change as it is).
 _LOG_M1, _LOG_MH = "interval_log_m1", "interval_log_mH"
+_BLEND_W1, _BLEND_WH, _PREV_CHANGE = "blend_w1", "blend_wH", "prev_change"
 
 
 class DeviceTable:
@@ -86,6 +88,10 @@ class DeviceTable:
         # follows the served model's horizon (see ensure_horizon); float32 is plenty for a score.
         self.drift_mu = np.full((cap, 0), _NAN, np.float32)
         self.drift_b = np.full((cap, 0), _NAN, np.float32)
+        self.drift_change = np.full((cap, 0), _NAN, np.float32)  # the model's own (normalized)
+        self.prev_change = np.full(cap, _NAN, np.float64)  # ... and its one-step one
+        # Weight of the model's change against persistence at h=1 and h=H (see forecast.py).
+        self.blend_w = np.ones((cap, 2), np.float64)
         # Log of the factor applied to the model's scale b at h=1 and h=H, tracked per device
         # so its intervals cover what they claim (see forecast.py).
         self.interval_log_m = np.zeros((cap, 2), np.float64)
@@ -106,6 +112,7 @@ class DeviceTable:
         if self.drift_mu.shape[1] != horizon:
             self.drift_mu = np.full((self.capacity, horizon), _NAN, np.float32)
             self.drift_b = np.full((self.capacity, horizon), _NAN, np.float32)
+            self.drift_change = np.full((self.capacity, horizon), _NAN, np.float32)
 
     @property
     def capacity(self) -> int:
@@ -196,12 +203,13 @@ class DeviceTable:
         pad = torch.zeros(self.num_layers, extra, self.hidden_size, device=self.device)
         self.h = torch.cat([self.h, pad], dim=1)
         self.c = torch.cat([self.c, pad.clone()], dim=1)
-        for name, fill in (("last_ts", _NAN), ("step_s", _NAN), ("prev_mu", _NAN),
+        for name, fill in (("last_ts", _NAN), ("step_s", _NAN), ("prev_mu", _NAN), ("prev_change", _NAN),
                            ("prev_sigma", _NAN), ("n_seen", 0), ("since_reset", 0),
                            ("partition", 0), ("last_seen", 0.0)):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fill, arr.dtype)]))
-        for name, fill in (("drift_mu", _NAN), ("drift_b", _NAN), ("interval_log_m", 0.0)):
+        for name, fill in (("drift_mu", _NAN), ("drift_b", _NAN), ("drift_change", _NAN),
+                           ("interval_log_m", 0.0), ("blend_w", 1.0)):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full((extra, arr.shape[1]), fill, arr.dtype)]))
         self.model_version.extend([""] * extra)
@@ -216,8 +224,10 @@ class DeviceTable:
         self.c[:, slot] = 0.0
         self.last_ts[slot] = self.step_s[slot] = _NAN
         self.prev_mu[slot] = self.prev_sigma[slot] = _NAN
-        self.drift_mu[slot] = self.drift_b[slot] = _NAN
+        self.drift_mu[slot] = self.drift_b[slot] = self.drift_change[slot] = _NAN
+        self.prev_change[slot] = _NAN
         self.interval_log_m[slot] = 0.0
+        self.blend_w[slot] = 1.0
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -253,8 +263,11 @@ class DeviceTable:
             prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
             drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
+            drift_change=self.drift_change[slot].copy(),
             extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
-                   _LOG_MH: float(self.interval_log_m[slot, 1])},
+                   _LOG_MH: float(self.interval_log_m[slot, 1]),
+                   _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
+                   _PREV_CHANGE: float(self.prev_change[slot])},
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
@@ -284,6 +297,9 @@ class DeviceTable:
             self.ensure_horizon(len(snap.drift_mu))
         if len(snap.drift_mu) == self.drift_mu.shape[1]:  # else the horizon changed: no drift score for H readings
             self.drift_mu[slot], self.drift_b[slot] = snap.drift_mu, snap.drift_b
+            self.drift_change[slot] = snap.drift_change
         self.interval_log_m[slot] = snap.extra.get(_LOG_M1, 0.0), snap.extra.get(_LOG_MH, 0.0)
+        self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
+        self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

@@ -115,7 +115,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     producer.flush()
     producer.close()
     worker = Worker(s, Served(model, spec, "eval"))
-    bar = ProgressLine("evaluate: worker", len(events))
+    bar = ProgressLine("evaluate: worker", len(events), verb="consumed")
     t0 = time.monotonic()
 
     def until(w: Worker) -> bool:
@@ -250,7 +250,8 @@ def score_peer(series: dict[str, tuple[np.ndarray, np.ndarray]], report: dict) -
     from stream_lstm.tools.peer import peer_one_step
     from stream_lstm.tools.simulate import ProgressLine
 
-    bar = ProgressLine("evaluate: deep-river peer", sum(len(x) for _, x in series.values()))
+    bar = ProgressLine("evaluate: deep-river peer", sum(len(x) for _, x in series.values()),
+                       verb="forecast")
     done, t0 = 0, time.monotonic()
     for name, (_, x) in series.items():
         f = peer_one_step(x, progress=lambda i, base=done: bar.update(base + i))

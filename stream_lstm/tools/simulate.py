@@ -35,15 +35,16 @@ Reading = tuple[str, float, Sequence[float]]
 
 
 class ProgressLine:
-    """One updating status line on ``stream`` (stderr): sent, rate, elapsed.
+    """One updating status line on ``stream`` (stderr): count done, rate, elapsed.
 
     On a terminal it is redrawn in place (``\\r``) a few times a second; elsewhere (logs, CI)
     a plain line is written every ``log_interval_s`` seconds so logs are not flooded.
     """
 
     def __init__(self, label: str, total: int | None = None, enabled: bool = True,
-                 stream: TextIO | None = None, log_interval_s: float = 10.0) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
+                 stream: TextIO | None = None, log_interval_s: float = 10.0,
+                 verb: str = "sent") -> None:
+        self.label, self.total, self.enabled, self.verb = label, total, enabled, verb
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = 0.2 if self.tty else log_interval_s
@@ -57,7 +58,7 @@ class ProgressLine:
         self.last_drawn = now
         elapsed = now - self.started
         of_total = f"/{self.total:,}" if self.total else ""
-        line = f"{self.label}: {sent:,}{of_total} sent, {sent / max(elapsed, 1e-9):,.0f}/s, {elapsed:,.1f}s"
+        line = f"{self.label}: {sent:,}{of_total} {self.verb}, {sent / max(elapsed, 1e-9):,.0f}/s, {elapsed:,.1f}s"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")  # \x1b[K clears what a longer line left
         else:

@@ -53,6 +53,7 @@ def snapshots(draw) -> DeviceSnapshot:
         model_version=draw(st.text(max_size=12)), last_seen=draw(any_f64),
         extra=draw(st.dictionaries(st.text(max_size=20), any_f64, max_size=3)),
         drift_mu=draw(arr32((ring,))), drift_b=draw(arr32((ring,))),
+        drift_change=draw(arr32((ring,))),
     )
 
 
@@ -61,7 +62,7 @@ def assert_bit_exact(a: DeviceSnapshot, b: DeviceSnapshot) -> None:
     assert (a.n_seen, a.since_reset) == (b.n_seen, b.since_reset)
     for name in ("count", "last_ts", "step_s", "prev_mu", "prev_sigma", "last_seen"):
         assert _bits(getattr(a, name)) == _bits(getattr(b, name)), name
-    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b"):
+    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b", "drift_change"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), name

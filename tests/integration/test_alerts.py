@@ -38,23 +38,28 @@ def fleet(start: int, stop: int):
             yield dev, T0 + 60.0 * k, value
 
 
-def calibrated_b(model, x, s):
-    """The calibrated Laplace scale of every forecast, as forecast.py documents it."""
+def served_forecasts(model, x, s):
+    """Forecasts and calibrated scales of one device's whole history, in one uninterrupted
+    pass of the recursions forecast.py documents (blend with persistence, calibration)."""
     z, _, scale = normalize_sequence(x[:, None], s.normalizer, s.normalizer_alpha, s.std_floor)
     with torch.no_grad():
         mu, log_b, _ = model(torch.from_numpy(z)[None])
-    f = x[:, None] + scale * mu[0].double().numpy()
+    mu = mu[0].double().numpy()
     b_model = np.exp(log_b[0].double().numpy()) * scale
     q, miss_rate = interval_quantile(s.interval_coverage), 1 - s.interval_coverage
     along = np.arange(H) / (H - 1)
-    log_m, b = np.zeros(2), np.zeros_like(b_model)
+    w, log_m = np.ones(2), np.zeros(2)
+    f, b = np.zeros_like(mu), np.zeros_like(mu)
     for t in range(len(x)):
-        if t >= 1 and t + 1 > s.anomaly_warmup:
-            log_m[0] += s.interval_adapt_rate * ((abs(x[t] - f[t - 1, 0]) > q * b[t - 1, 0]) - miss_rate)
-        if t + 1 > s.anomaly_warmup + H:
-            log_m[1] += s.interval_adapt_rate * ((abs(x[t] - f[t - H, -1]) > q * b[t - H, -1]) - miss_rate)
+        for col, k, scored in ((0, 1, t >= 1 and t + 1 > s.anomaly_warmup),
+                               (1, H, t + 1 > s.anomaly_warmup + H)):
+            if scored:
+                w[col] = np.clip(w[col] + s.blend_rate * np.sign(x[t] - f[t - k, k - 1]) * mu[t - k, k - 1], 0, 1)
+                miss = abs(x[t] - f[t - k, k - 1]) > q * b[t - k, k - 1]
+                log_m[col] += s.interval_adapt_rate * (miss - miss_rate)
+        f[t] = x[t] + scale[t] * mu[t] * (w[0] + along * (w[1] - w[0]))
         b[t] = b_model[t] * np.exp(log_m[0] + along * (log_m[1] - log_m[0]))
-    return b
+    return f, b
 
 
 def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, topic_name):
@@ -90,13 +95,14 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
             # the ring is float32: about 1e-7 of the level, relative to b
             assert f["drift_score"] == pytest.approx(expected, rel=1e-4, abs=1e-3), (dev, i)
 
-    # The interval calibration carried on across the restart: an uninterrupted run of the
-    # documented recursion over each device's whole history gives the published widths.
+    # The blend and the calibration carried on across the restart: an uninterrupted run of
+    # the documented recursions over each device's whole history gives what was published.
     for dev, recs in by_dev.items():
         x = np.array([f["value"] for f in recs])
+        forecast, b = served_forecasts(served.model, x, s)
+        np.testing.assert_allclose([f["forecast"] for f in recs], forecast, rtol=1e-5, err_msg=dev)
         width = np.array([np.subtract(f["upper"], f["lower"]) for f in recs])
-        np.testing.assert_allclose(width, 2 * q * calibrated_b(served.model, x, s), rtol=1e-4,
-                                   err_msg=dev)
+        np.testing.assert_allclose(width, 2 * q * b, rtol=1e-4, err_msg=dev)
 
     spike = next(f for f in by_dev["spike"] if f["ts"] == T0 + 60.0 * SPIKE_AT)
     assert spike["is_anomaly"] and spike["anomaly_score"] >= 7.0
