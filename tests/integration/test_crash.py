@@ -86,7 +86,7 @@ def test_kill_9_five_times_then_finish(settings_factory, topic_name, tmp_path):
         snap = decode_snapshot(latest[dev])
         from stream_lstm.state.normalizer import normalize_sequence
 
-        z, _, _ = normalize_sequence(np.array(xs)[:, None])
+        z, _, _ = normalize_sequence(np.array(xs)[:, None], s.normalizer, s.normalizer_alpha, s.std_floor)
         with torch.no_grad():
             _, _, (h, c) = served.model(torch.from_numpy(z)[None])
         np.testing.assert_allclose(snap.h, h[:, 0].numpy(), atol=1e-5)
