@@ -121,3 +121,27 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
         assert a["expected"] == pytest.approx(f["value"] - f["residual"])
         assert a["expected_low"] < a["expected"] < a["expected_high"]
     assert not flagged
+
+
+def test_a_gap_resets_the_device_and_nothing_is_flagged_while_it_warms_up(settings_factory, topic_name):
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g", min_history=1,
+                         horizon=H, anomaly_warmup=5, anomaly_threshold=7.0, max_gap_s=600.0)
+    before = [("gap", T0 + 60.0 * k, 20.0 + math.sin(k / 5.0)) for k in range(60)]
+    resume = T0 + 60.0 * 59 + 3600.0  # an hour of silence, longer than max_gap_s
+    after = [("gap", resume + 60.0 * k, 20.0 + math.sin(k / 5.0) + (500.0 if k == 2 else 0.0))
+             for k in range(30)]
+    produce_readings(s, topic_name, before + after)
+    torch.manual_seed(0)
+    totals = Worker(s, fresh_model(s)).run(until=lambda w: w.totals.consumed >= 90)
+    assert totals.forecasts == 90
+
+    recs = sorted((json.loads(r.value) for r in read_topic(s, s.output_topic, expect=90)),
+                  key=lambda f: f["ts"])
+    assert [f["reset"] for f in recs].count(True) == 1 and recs[60]["reset"]
+    assert recs[60]["residual"] is None  # nothing to compare with across the gap
+    warming = recs[60 : 60 + s.anomaly_warmup]  # includes the 500-unit spike, never flagged
+    assert all(f["anomaly_score"] is None and not f["is_anomaly"] for f in warming)
+    assert all(f["drift_score"] is None for f in recs[60 : 60 + s.anomaly_warmup + H])
+    assert all(f["anomaly_score"] is not None for f in recs[60 + s.anomaly_warmup :])
+    assert all(f["drift_score"] is not None for f in recs[60 + s.anomaly_warmup + H :])
