@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from stream_lstm.checkpointing.codec import decode_snapshot
+from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.models.registry import save_model
 from stream_lstm.worker import fresh_model
 
@@ -32,12 +33,26 @@ def fleet(n_devices, n_readings, seed=0):
     return out
 
 
-def wait_for_progress(settings, min_records, timeout=60):
-    """Until the worker has committed some forecasts (so kills land mid-stream)."""
+def output_end(probe, topic) -> int:
+    """The output topic's last stable offsets, summed: committed output (markers included)."""
+    from kafka import TopicPartition
+
+    parts = [TopicPartition(topic, p) for p in probe.partitions_for_topic(topic) or ()]
+    return sum(probe.end_offsets(parts).values()) if parts else 0
+
+
+def wait_for_progress(probe, topic, after: int, timeout=60):
+    """Until the worker has committed more output than ``after`` (so kills land mid-stream).
+
+    End offsets answer in milliseconds; reading the topic back through a consumer group takes
+    seconds, long enough for the worker to finish the whole stream before the kill. The probe
+    is read_committed, so an open transaction (which a kill aborts) does not count.
+    """
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(read_topic(settings, settings.output_topic, idle_s=0.5, timeout_s=3)) >= min_records:
+        if output_end(probe, topic) > after:
             return
+        time.sleep(0.05)
     raise AssertionError("the worker made no progress")
 
 
@@ -56,16 +71,19 @@ def test_kill_9_five_times_then_finish(settings_factory, topic_name, tmp_path):
     log = tmp_path / "worker.log"
     kills = 0
     at_kill = []
+    probe = make_consumer(s, isolation_level="read_committed")  # no group; end offsets = LSO
     for _ in range(5):
+        before = output_end(probe, s.output_topic)
         proc = start_worker(s, "w0", log)
         try:
-            wait_for_progress(s, min_records=1)
-            time.sleep(rng.uniform(0.0, 1.5))
+            wait_for_progress(probe, s.output_topic, before)
+            time.sleep(rng.uniform(0.0, 0.5))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
         at_kill.append(len(read_topic(s, s.output_topic, idle_s=0.5, timeout_s=3)))
+    probe.close()
     assert kills == 5
     assert sum(0 < n < len(readings) for n in at_kill) >= 3, at_kill  # the kills landed mid-stream
     proc = start_worker(s, "w0", log)
