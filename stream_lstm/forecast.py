@@ -136,7 +136,7 @@ def assemble(
     scored_1 = ~batch.reset & (batch.since_reset > anomaly_warmup)
     scored_h = batch.since_reset > anomaly_warmup + horizon
     ring_pos = batch.n_seen % horizon  # the slot written H readings ago
-    along = np.arange(horizon) / max(horizon - 1, 1)  # calibration: h=1 .. h=H, interpolated
+    along = np.arange(horizon) / max(horizon - 1, 1)  # where each step lies between h=1 and h=H
     # Round by round: a device with several readings in this poll sees what its earlier ones
     # wrote, so the numbers do not depend on how readings were split into polls.
     for start, end in batch.rounds:
@@ -144,23 +144,20 @@ def assemble(
         x = batch.x_target[rows]
         expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
         expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
-        if blend_rate:  # descend |x - forecast| in w: forecast = level + w * model's change
-            for col, expected, model_change, scored in (
-                    (0, expected_1, table.prev_change[slots], scored_1),
-                    (1, expected_h, table.drift_change[slots, pos], scored_h)):
-                step = blend_rate * np.sign(x - expected[rows]) * model_change
-                step = np.where(scored[rows] & np.isfinite(step), step, 0.0)
+        # What this reading says about the forecasts made for it: h=1 (col 0) and h=H (col 1).
+        for col, expected, spread, model_change, scored in (
+                (0, expected_1[rows], b_1[rows], table.prev_change[slots], scored_1[rows]),
+                (1, expected_h[rows], b_h[rows], table.drift_change[slots, pos], scored_h[rows])):
+            if blend_rate:  # descend |x - forecast| in w: forecast = level + w * model's change
+                step = blend_rate * np.sign(x - expected) * model_change
+                step = np.where(scored & np.isfinite(step), step, 0.0)
                 table.blend_w[slots, col] = np.clip(table.blend_w[slots, col] + step, 0.0, 1.0)
-        if adapt_rate:
-            for col, expected, spread, scored in ((0, expected_1, b_1, scored_1),
-                                                  (1, expected_h, b_h, scored_h)):
-                miss = np.abs(x - expected[rows]) > q * spread[rows]
+            if adapt_rate:
+                miss = np.abs(x - expected) > q * spread
                 table.interval_log_m[slots, col] += np.where(
-                    scored[rows], adapt_rate * (miss - (1.0 - coverage)), 0.0)
-        w = table.blend_w[slots]
-        forecast[rows] = x[:, None] + change[rows] * (w[:, :1] + along * (w[:, 1:] - w[:, :1]))
-        log_m = table.interval_log_m[slots]
-        b[rows] = b_model[rows] * np.exp(log_m[:, :1] + along * (log_m[:, 1:] - log_m[:, :1]))
+                    scored, adapt_rate * (miss - (1.0 - coverage)), 0.0)
+        forecast[rows] = x[:, None] + change[rows] * _between(table.blend_w[slots], along)
+        b[rows] = b_model[rows] * np.exp(_between(table.interval_log_m[slots], along))
         table.prev_mu[slots], table.prev_sigma[slots] = forecast[rows, 0], b[rows, 0]
         table.drift_mu[slots, pos], table.drift_b[slots, pos] = forecast[rows, -1], b[rows, -1]
         table.prev_change[slots], table.drift_change[slots, pos] = mu[rows, 0], mu[rows, -1]
@@ -176,3 +173,9 @@ def assemble(
         drift_b=b_h, is_anomaly=np.nan_to_num(np.fmax(score, drift), nan=0.0) >= anomaly_threshold,
         publish=batch.n_seen >= min_history,
     )
+
+
+def _between(ends: np.ndarray, along: np.ndarray) -> np.ndarray:
+    """``[rows, H]``: per-row values at h=1 and h=H (``ends[:, 0]``, ``ends[:, 1]``),
+    linearly interpolated over the steps in between."""
+    return ends[:, :1] + along * (ends[:, 1:] - ends[:, :1])
