@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from stream_lstm.config import SettingsError
+
 # name -> (module, one-line help). The order is the order of `stream-lstm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("stream_lstm.tools.demo", "Run everything locally: broker, a fleet (or a CSV replay), the worker, live forecasts"),
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.main(args) or 0)
+    except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

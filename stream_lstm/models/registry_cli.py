@@ -70,16 +70,12 @@ def format_table(rows: list[dict[str, Any]], promoted: str | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stream_lstm.config import SettingsError, load_settings
+    from stream_lstm.config import load_settings
     from stream_lstm.models.registry import ModelLoadError, ModelRegistry
 
     model_dir = args.model_dir
     if model_dir is None:
-        try:
-            model_dir = load_settings().model_dir
-        except SettingsError as exc:
-            print(f"models: {exc}", file=sys.stderr)
-            return 2
+        model_dir = load_settings().model_dir
     reg = ModelRegistry(model_dir)
     if args.action == "list":
         rows = reg.versions()

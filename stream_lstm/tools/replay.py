@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_lstm.config import Settings, SettingsError, load_settings
+from stream_lstm.config import Settings, load_settings
 
 # Epoch numbers above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 _EPOCH_MS_THRESHOLD = 1e11
@@ -206,12 +206,12 @@ def main(args: argparse.Namespace) -> int:
     if args.speedup is not None and args.speedup <= 0:
         print("replay: --speedup must be positive", file=sys.stderr)
         return 2
+    settings = load_settings()
     try:
-        settings = load_settings()
         # Load once up front, so a bad file fails before anything is sent.
         ids, device_index, ts, _ = merge_recordings(args.files, args.time_column, value_columns,
                                                     args.device_ids)
-    except (SettingsError, ReplayError) as exc:
+    except ReplayError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
     topic = args.topic or settings.input_topic

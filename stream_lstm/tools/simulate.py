@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
-from stream_lstm.config import Settings, SettingsError, load_settings
+from stream_lstm.config import Settings, load_settings
 from stream_lstm.tools.fleet import Fleet
 
 # A stall longer than this (broker hiccup, laptop asleep) is not made up with a burst: the
@@ -211,11 +211,7 @@ def planned_steps(devices: int, rate: float | None, messages: int | None,
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"simulate: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
     if args.devices < 1 or (args.messages is not None and args.messages < 1) or args.step_s <= 0 \
             or (not args.as_fast_as_possible and args.rate <= 0):
         print("simulate: --devices, --messages, --step-s and --rate must be positive", file=sys.stderr)

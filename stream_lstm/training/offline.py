@@ -67,7 +67,7 @@ def _iso(ts: float) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from stream_lstm.config import SettingsError, load_settings
+    from stream_lstm.config import load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
     from stream_lstm.state.normalizer import normalize_sequence
@@ -75,11 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
-    try:
-        s = load_settings()
-    except SettingsError as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
+    s = load_settings()
     columns = args.columns or ["value"]
     if args.target_column is not None and args.target_column not in columns:
         print(f"train: --target-column {args.target_column} is not one of {columns}", file=sys.stderr)
