@@ -205,13 +205,12 @@ class DeviceTable:
         self.c = torch.cat([self.c, pad.clone()], dim=1)
         for name, fill in (("last_ts", _NAN), ("step_s", _NAN), ("prev_mu", _NAN), ("prev_change", _NAN),
                            ("prev_sigma", _NAN), ("n_seen", 0), ("since_reset", 0),
-                           ("partition", 0), ("last_seen", 0.0)):
+                           ("partition", 0), ("last_seen", 0.0), ("drift_mu", _NAN),
+                           ("drift_b", _NAN), ("drift_change", _NAN), ("interval_log_m", 0.0),
+                           ("blend_w", 1.0)):
             arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.full(extra, fill, arr.dtype)]))
-        for name, fill in (("drift_mu", _NAN), ("drift_b", _NAN), ("drift_change", _NAN),
-                           ("interval_log_m", 0.0), ("blend_w", 1.0)):
-            arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.full((extra, arr.shape[1]), fill, arr.dtype)]))
+            new_rows = np.full((extra, *arr.shape[1:]), fill, arr.dtype)
+            setattr(self, name, np.concatenate([arr, new_rows]))
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))

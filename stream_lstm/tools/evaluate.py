@@ -166,31 +166,36 @@ def aligned(forecasts: list[dict], ts: np.ndarray, horizon: int) -> dict[str, np
     return {"forecast": fc, "lower": lo, "upper": hi, "score": score, "drift": drift}
 
 
+def second_half(x: np.ndarray) -> np.ndarray:
+    """``x`` with its first half blanked (NaN): the targets every score is computed on."""
+    y = x.copy()
+    y[: len(x) // 2] = np.nan
+    return y
+
+
+def errors(y: np.ndarray, forecast: np.ndarray, naive: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and MASE (against ``naive``) of ``forecast`` on the targets ``y``."""
+    return {"mae": scoring.mae(y, forecast), "rmse": scoring.rmse(y, forecast),
+            "mase": scoring.mase(y, forecast, naive)}
+
+
 def score_device(ts: np.ndarray, x: np.ndarray, a: dict, horizon: int) -> dict[str, Any]:
-    half = len(x) // 2
+    y = second_half(x)
     step = float(np.median(np.diff(ts)))
     day, week = max(1, round(86400 / step)), max(1, round(7 * 86400 / step))
-    res: dict[str, Any] = {"readings": len(x), "step_s": step, "scored_from": half}
+    res: dict[str, Any] = {"readings": len(x), "step_s": step, "scored_from": len(x) // 2}
     for k in sorted({1, horizon}):
-        y = x.copy()
-        y[:half] = np.nan  # score the second half only
         naive = scoring.persistence(x, k)
-        fc = a["forecast"][k - 1]
-        row = {
-            "model": {"mae": scoring.mae(y, fc), "rmse": scoring.rmse(y, fc), "mase": scoring.mase(y, fc, naive),
-                      "coverage": scoring.coverage(y, a["lower"][k - 1], a["upper"][k - 1])},
-        }
+        row = {"model": errors(y, a["forecast"][k - 1], naive)
+               | {"coverage": scoring.coverage(y, a["lower"][k - 1], a["upper"][k - 1])}}
         for name, base in (("persistence", naive), ("seasonal_day", scoring.seasonal_naive(x, k, day)),
                            ("seasonal_week", scoring.seasonal_naive(x, k, week)),
                            ("ewm", scoring.ewm_forecast(x, k, 0.3))):
-            row[name] = {"mae": scoring.mae(y, base), "rmse": scoring.rmse(y, base),
-                         "mase": scoring.mase(y, base, naive)}
+            row[name] = errors(y, base, naive)
         res[f"h{k}"] = row
-    res["mae_by_horizon"] = [scoring.mae(np.where(np.arange(len(x)) >= half, x, np.nan), a["forecast"][k])
-                             for k in range(horizon)]
-    res["persistence_mae_by_horizon"] = [
-        scoring.mae(np.where(np.arange(len(x)) >= half, x, np.nan), scoring.persistence(x, k + 1))
-        for k in range(horizon)]
+    res["mae_by_horizon"] = [scoring.mae(y, a["forecast"][k]) for k in range(horizon)]
+    res["persistence_mae_by_horizon"] = [scoring.mae(y, scoring.persistence(x, k + 1))
+                                         for k in range(horizon)]
     return res
 
 
@@ -256,11 +261,8 @@ def score_peer(series: dict[str, tuple[np.ndarray, np.ndarray]], report: dict) -
     for name, (_, x) in series.items():
         f = peer_one_step(x, progress=lambda i, base=done: bar.update(base + i))
         done += len(x)
-        y = x.copy()
-        y[: len(x) // 2] = np.nan
-        report["recordings"][name]["h1"]["deep_river"] = {
-            "mae": scoring.mae(y, f), "rmse": scoring.rmse(y, f),
-            "mase": scoring.mase(y, f, scoring.persistence(x, 1))}
+        report["recordings"][name]["h1"]["deep_river"] = errors(second_half(x), f,
+                                                                scoring.persistence(x, 1))
     bar.finish(done)
     report["peer_readings_per_s"] = done / max(time.monotonic() - t0, 1e-9)
 
