@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     blend_rate: float = Field(
         0.005, ge=0.0, le=1.0,
         description="Per-device step of the blend of the model's change with persistence; 0 = model only")
+    expert_rate: float = Field(
+        0.1, ge=0.0, le=10.0,
+        description="Per-device step of the one-step experts' weights (experts.py); 0 = model only")
     anomaly_threshold: float = Field(
         7.0, gt=0.0, description="|residual|/b that flags; P(score >= s) = exp(-s) under the model")
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")

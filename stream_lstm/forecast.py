@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_lstm import experts
 from stream_lstm.state.ingest import StepBatch
 from stream_lstm.state.table import DeviceTable
 
@@ -96,6 +97,7 @@ def assemble(
     anomaly_warmup: int,
     adapt_rate: float = 0.0,
     blend_rate: float = 0.0,
+    expert_rate: float = 0.0,
 ) -> ForecastBatch:
     """De-normalize, add intervals, score anomalies; remember what later readings need.
 
@@ -121,6 +123,9 @@ def assemble(
     blend_rate
         Step of the per-device blend of the model's change with persistence; 0 keeps the
         model's change as it is.
+    expert_rate
+        Step of the weights of the per-device one-step experts (experts.py); 0 publishes the
+        (blended) model's forecast.
     """
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
@@ -144,12 +149,15 @@ def assemble(
         x = batch.x_target[rows]
         expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
         expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
+        # The blend learns from its own one-step forecast, which the experts may have changed.
+        blended_1 = experts.previous(table.experts[slots], "model") if expert_rate else expected_1[rows]
         # What this reading says about the forecasts made for it: h=1 (col 0) and h=H (col 1).
-        for col, expected, spread, model_change, scored in (
-                (0, expected_1[rows], b_1[rows], table.prev_change[slots], scored_1[rows]),
-                (1, expected_h[rows], b_h[rows], table.drift_change[slots, pos], scored_h[rows])):
+        for col, expected, blended, spread, model_change, scored in (
+                (0, expected_1[rows], blended_1, b_1[rows], table.prev_change[slots], scored_1[rows]),
+                (1, expected_h[rows], expected_h[rows], b_h[rows], table.drift_change[slots, pos],
+                 scored_h[rows])):
             if blend_rate:  # descend |x - forecast| in w: forecast = level + w * model's change
-                step = blend_rate * np.sign(x - expected) * model_change
+                step = blend_rate * np.sign(x - blended) * model_change
                 step = np.where(scored & np.isfinite(step), step, 0.0)
                 table.blend_w[slots, col] = np.clip(table.blend_w[slots, col] + step, 0.0, 1.0)
             if adapt_rate:
@@ -157,6 +165,12 @@ def assemble(
                 table.interval_log_m[slots, col] += np.where(
                     scored, adapt_rate * (miss - (1.0 - coverage)), 0.0)
         forecast[rows] = x[:, None] + change[rows] * _between(table.blend_w[slots], along)
+        if expert_rate:  # the experts' one-step forecast; their correction fades out by h=H
+            state = table.experts[slots]
+            one = experts.step(state, scored_1[rows], x, batch.mean_target[rows], scale[rows, 0],
+                               mu[rows, 0], forecast[rows, 0], rate=expert_rate)
+            table.experts[slots] = state
+            forecast[rows] += (one - forecast[rows, 0])[:, None] * (1.0 - along)
         b[rows] = b_model[rows] * np.exp(_between(table.interval_log_m[slots], along))
         table.prev_mu[slots], table.prev_sigma[slots] = forecast[rows, 0], b[rows, 0]
         table.drift_mu[slots, pos], table.drift_b[slots, pos] = forecast[rows, -1], b[rows, -1]

@@ -188,7 +188,7 @@ class BatchPipeline:
             batch, mu, log_b, self.table, coverage=s.interval_coverage,
             min_history=s.min_history, anomaly_threshold=s.anomaly_threshold,
             anomaly_warmup=s.anomaly_warmup, adapt_rate=s.interval_adapt_rate,
-            blend_rate=s.blend_rate,
+            blend_rate=s.blend_rate, expert_rate=s.expert_rate,
         )
         version = self.version()
         for slot in np.unique(batch.slots).tolist():

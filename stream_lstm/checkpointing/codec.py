@@ -12,6 +12,7 @@ Layout, all little-endian::
     | h f32[L*H] | c f32[L*H] | mean f64[F] | var f64[F] | window f32[W*F]
     | extras: n_extra x (key_len u8 | key UTF-8 | value f64)
     | drift ring: drift_mu f32[R] | drift_b f32[R] | drift_change f32[R]   (R = n_ring; 0.1.1)
+    | experts f64[E]   (E = n_experts; 0.1.2)
     | (anything a newer writer appends; ignored)
 
 The header is a fixed ``struct`` whose length travels with it. A newer writer may append
@@ -54,8 +55,8 @@ _PREFIX = struct.Struct("<3sBH")  # magic, format, header_len
 # count, last_ts, step_s, prev_mu, prev_sigma, last_seen
 _BASE = struct.Struct("<HHHIiqqHHdddddd")
 # Fields appended later, each with a default for snapshots written before it existed.
-_EXT = struct.Struct("<HH")  # n_extra (0.1.0), n_ring (0.1.1)
-_EXT_DEFAULTS = (0, 0)
+_EXT = struct.Struct("<HHH")  # n_extra (0.1.0), n_ring (0.1.1), n_experts (0.1.2)
+_EXT_DEFAULTS = (0, 0, 0)
 _HEADER = struct.Struct(_BASE.format + _EXT.format[1:])  # what this version writes
 _EXTRA_KEY = struct.Struct("<B")
 _F64 = struct.Struct("<d")
@@ -98,7 +99,7 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
         header = _HEADER.pack(
             layers, hidden, n_features, w_len, snap.partition, snap.n_seen, snap.since_reset,
             len(dev), len(ver), snap.count, snap.last_ts, snap.step_s, snap.prev_mu,
-            snap.prev_sigma, snap.last_seen, len(snap.extra), n_ring,
+            snap.prev_sigma, snap.last_seen, len(snap.extra), n_ring, len(snap.experts),
         )
     except struct.error as exc:
         raise ValueError(f"snapshot of {snap.device_id[:64]!r} does not fit the format: {exc}") from None
@@ -113,6 +114,7 @@ def encode_snapshot(snap: DeviceSnapshot) -> bytes:
         np.ascontiguousarray(snap.drift_mu, "<f4").tobytes(),
         np.ascontiguousarray(snap.drift_b, "<f4").tobytes(),
         np.ascontiguousarray(snap.drift_change, "<f4").tobytes(),
+        np.ascontiguousarray(snap.experts, "<f8").tobytes(),
     ))
 
 
@@ -171,7 +173,7 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     The arrays are fresh, writable copies (not views of ``data``), so callers may modify them
     or hand them to ``torch.from_numpy``.
     """
-    fields, (n_extra, n_ring), pos = _parse_header(data)
+    fields, (n_extra, n_ring, n_experts), pos = _parse_header(data)
     (layers, hidden, nf, w_len, partition, n_seen, since_reset, id_len, ver_len,
      count, last_ts, step_s, prev_mu, prev_sigma, last_seen) = fields
     size = len(data)
@@ -212,9 +214,15 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     drift_mu = np.frombuffer(data, "<f4", n_ring, pos).copy()
     drift_b = np.frombuffer(data, "<f4", n_ring, pos + 4 * n_ring).copy()
     drift_change = np.frombuffer(data, "<f4", n_ring, pos + 8 * n_ring).copy()
+    pos += 12 * n_ring
+    if size < pos + 8 * n_experts:
+        raise SnapshotDecodeError(f"truncated snapshot: {n_experts} expert values announced, "
+                                  f"{size - pos} bytes left")
+    experts = np.frombuffer(data, "<f8", n_experts, pos).copy()
     return DeviceSnapshot(
         device_id=dev, partition=partition, h=h, c=c, count=count, mean=mean, var=var,
         window=window, last_ts=last_ts, step_s=step_s, n_seen=n_seen, since_reset=since_reset,
         prev_mu=prev_mu, prev_sigma=prev_sigma, model_version=ver, last_seen=last_seen,
         extra=extra, drift_mu=drift_mu, drift_b=drift_b, drift_change=drift_change,
+        experts=experts,
     )

@@ -51,6 +51,9 @@ class DeviceSnapshot:
         The H-step forecasts (location and Laplace scale, original units; and the model's own
         normalized change) made at the last H readings, as a ring indexed by ``n_seen % H``:
         what a reading's drift score compares it with. ``float32 [H]``; empty when none.
+    experts
+        The per-device one-step experts and their weights (``stream_lstm.experts``),
+        ``float64 [STATE_SIZE]``; empty when none.
     last_seen
         Wall-clock time the device last sent (for the TTL).
     """
@@ -75,6 +78,7 @@ class DeviceSnapshot:
     drift_mu: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     drift_b: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     drift_change: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    experts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
 
     @classmethod
     def empty(

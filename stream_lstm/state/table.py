@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from stream_lstm import experts
 from stream_lstm.state.normalizer import OnlineNormalizer
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
@@ -95,6 +96,8 @@ class DeviceTable:
         # Log of the factor applied to the model's scale b at h=1 and h=H, tracked per device
         # so its intervals cover what they claim (see forecast.py).
         self.interval_log_m = np.zeros((cap, 2), np.float64)
+        # The per-device one-step experts and their weights (see experts.py).
+        self.experts = experts.init_state(cap)
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
@@ -211,6 +214,7 @@ class DeviceTable:
             arr = getattr(self, name)
             new_rows = np.full((extra, *arr.shape[1:]), fill, arr.dtype)
             setattr(self, name, np.concatenate([arr, new_rows]))
+        self.experts = np.concatenate([self.experts, experts.init_state(extra)])
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -227,6 +231,7 @@ class DeviceTable:
         self.prev_change[slot] = _NAN
         self.interval_log_m[slot] = 0.0
         self.blend_w[slot] = 1.0
+        self.experts[slot] = experts.init_state(1)[0]
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -262,7 +267,7 @@ class DeviceTable:
             prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
             drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
-            drift_change=self.drift_change[slot].copy(),
+            drift_change=self.drift_change[slot].copy(), experts=self.experts[slot].copy(),
             extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
                    _LOG_MH: float(self.interval_log_m[slot, 1]),
                    _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
@@ -300,5 +305,8 @@ class DeviceTable:
         self.interval_log_m[slot] = snap.extra.get(_LOG_M1, 0.0), snap.extra.get(_LOG_MH, 0.0)
         self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
         self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
+        # A snapshot from before the experts (or with another layout) starts them afresh.
+        fresh = snap.experts.shape != (experts.STATE_SIZE,)
+        self.experts[slot] = experts.init_state(1)[0] if fresh else snap.experts
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

@@ -53,7 +53,7 @@ def snapshots(draw) -> DeviceSnapshot:
         model_version=draw(st.text(max_size=12)), last_seen=draw(any_f64),
         extra=draw(st.dictionaries(st.text(max_size=20), any_f64, max_size=3)),
         drift_mu=draw(arr32((ring,))), drift_b=draw(arr32((ring,))),
-        drift_change=draw(arr32((ring,))),
+        drift_change=draw(arr32((ring,))), experts=draw(arr64((draw(st.integers(0, 24)),))),
     )
 
 
@@ -62,7 +62,8 @@ def assert_bit_exact(a: DeviceSnapshot, b: DeviceSnapshot) -> None:
     assert (a.n_seen, a.since_reset) == (b.n_seen, b.since_reset)
     for name in ("count", "last_ts", "step_s", "prev_mu", "prev_sigma", "last_seen"):
         assert _bits(getattr(a, name)) == _bits(getattr(b, name)), name
-    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b", "drift_change"):
+    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b", "drift_change",
+                 "experts"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), name
@@ -114,7 +115,7 @@ def test_older_writer_without_appended_fields_decodes_with_defaults():
     s.extra = {}
     data = encode_snapshot(s)
     _, fmt, header_len = _PREFIX.unpack_from(data)
-    base = header_len - 4  # the first format-1 header had neither n_extra nor n_ring
+    base = header_len - 6  # the first format-1 header had no n_extra, n_ring or n_experts
     older = _PREFIX.pack(MAGIC, fmt, base) + data[6 : 6 + base] + data[6 + header_len :]
     back = decode_snapshot(older)
     assert back.extra == {} and len(back.drift_mu) == 0
@@ -126,10 +127,21 @@ def test_writer_from_before_the_drift_ring_keeps_its_extras():
     s.extra = {"gain": 2.5}
     data = encode_snapshot(s)  # no drift ring: nothing trails the extras
     _, fmt, header_len = _PREFIX.unpack_from(data)
-    v010 = header_len - 2  # 0.1.0 wrote n_extra but not n_ring
+    v010 = header_len - 4  # 0.1.0 wrote n_extra but not n_ring or n_experts
     older = _PREFIX.pack(MAGIC, fmt, v010) + data[6 : 6 + v010] + data[6 + header_len :]
     back = decode_snapshot(older)
     assert back.extra == {"gain": 2.5} and len(back.drift_mu) == 0
+
+
+def test_writer_from_before_the_experts_keeps_its_drift_ring():
+    s = _sample()
+    s.drift_mu = s.drift_b = s.drift_change = np.array([1.0, 2.0, 3.0], np.float32)
+    data = encode_snapshot(s)  # no experts: nothing trails the drift ring
+    _, fmt, header_len = _PREFIX.unpack_from(data)
+    v011 = header_len - 2  # 0.1.1 wrote n_extra and n_ring but not n_experts
+    older = _PREFIX.pack(MAGIC, fmt, v011) + data[6 : 6 + v011] + data[6 + header_len :]
+    back = decode_snapshot(older)
+    assert back.drift_change.tolist() == [1.0, 2.0, 3.0] and len(back.experts) == 0
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -1,0 +1,177 @@
+"""Per-device experts for the one-step forecast, and their online combination.
+
+One fleet model cannot know every device's own habits: a 5-reading cycle on one server, noise
+around a flat level on another. Each device therefore keeps four *experts* for its next
+reading and mixes them by how well each has done **on that device**:
+
+``model``
+    the fleet model's forecast (after the per-device blend with persistence, forecast.py);
+``ar``
+    a per-device linear model of the next change, on the model's change, the distance to the
+    normalizer's mean, to the median of the last readings, and the last 15 changes (a local
+    autoregression). It is fitted by recursive least squares with forgetting and Huber
+    weights, so it follows slow change and a spike does not drag it (S. Haykin, *Adaptive
+    Filter Theory*, ch. 10; P. J. Huber, *Robust Statistics*, 1981);
+``median``
+    the median of the device's last 16 readings: what a noisy but level series is best
+    forecast by;
+``last``
+    the last reading (persistence).
+
+The published one-step forecast is the weighted mean of the four, with weights from the
+exponentially weighted forecaster on the absolute error in normalized units, plus a small
+fixed share so a device can move to another expert when its behaviour changes, and a cap on
+one reading's loss so that one spike cannot silence an expert (N.
+Cesa-Bianchi & G. Lugosi, *Prediction, Learning, and Games*, 2006, ch. 2; M. Herbster & M.
+Warmuth, "Tracking the best expert", 1998)::
+
+    log_w_k <- log_w_k - rate * min(|x - expert_k| / scale, 5)
+
+Its loss is then close to that of the best expert on each device, whichever that is. On the
+19 NAB recordings this took the one-step forecasts from beating deep-river's online LSTM on 8
+recordings to 13 (docs/evaluation.md).
+
+All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (3 KB),
+held in the device table and moved with the device in its snapshot.
+
+>>> import numpy as np
+>>> state = init_state(1)
+>>> x = np.array([10.0]); mean = np.array([10.0]); scale = np.array([1.0])
+>>> out = step(state, np.array([True]), x, mean, scale, np.array([0.0]), x.copy(), rate=0.1)
+>>> out.tolist()    # nothing learnt yet: every expert says 10
+[10.0]
+>>> state.shape == (1, STATE_SIZE)
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EXPERTS = ("model", "ar", "median", "last")
+N_LAGS = 16  # readings the median and the autoregression look back over
+N_FEATURES = 3 + N_LAGS - 1  # model change, -z, median distance, 15 lagged changes
+# Measured on the NAB recordings (docs/evaluation.md): forgetting 0.998 (a memory of about 500
+# readings), Huber cut 0.3 (normalized units) and share 0.001.
+FORGETTING = 0.998
+HUBER = 0.3
+SHARE = 0.001
+_P0 = 10.0  # initial inverse-information: a weak prior on the starting weights
+_P_TRACE_MAX = 1e4  # without fresh information, forgetting would grow P without bound
+_FEATURE_MAX = 50.0  # a near-zero scale must not produce huge features
+_LOSS_MAX = 5.0  # one reading (a spike) moves a log-weight by at most rate * this
+
+# Layout of one device's state vector.
+_LAGS = slice(0, N_LAGS)  # the last readings, oldest first; NaN where not yet seen
+_W = slice(_LAGS.stop, _LAGS.stop + N_FEATURES)
+_P = slice(_W.stop, _W.stop + N_FEATURES * N_FEATURES)
+_F_PREV = slice(_P.stop, _P.stop + N_FEATURES)  # features of the last forecast
+_E_PREV = slice(_F_PREV.stop, _F_PREV.stop + len(EXPERTS))  # each expert's last forecast
+_LOG_W = slice(_E_PREV.stop, _E_PREV.stop + len(EXPERTS))
+_S_PREV = _LOG_W.stop  # the scale at the last forecast; NaN before the first
+STATE_SIZE = _S_PREV + 1
+
+
+def init_state(n: int) -> np.ndarray:
+    """``[n, STATE_SIZE]``: devices that have seen nothing. The ``ar`` expert starts as the
+    model's change (weight 1 on it), and all experts weigh the same."""
+    state = np.zeros((n, STATE_SIZE))
+    state[:, _LAGS] = np.nan
+    state[:, _W.start] = 1.0
+    state[:, _P] = (_P0 * np.eye(N_FEATURES)).ravel()
+    state[:, _F_PREV] = np.nan
+    state[:, _E_PREV] = np.nan
+    state[:, _S_PREV] = np.nan
+    return state
+
+
+def previous(state: np.ndarray, expert: str) -> np.ndarray:
+    """Each row's last forecast by ``expert`` (NaN if none yet)."""
+    return state[:, _E_PREV.start + EXPERTS.index(expert)]
+
+
+def weights(state: np.ndarray) -> np.ndarray:
+    """``[n, len(EXPERTS)]``: each device's current mixing weights (rows sum to 1)."""
+    log_w = state[:, _LOG_W]
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def step(
+    state: np.ndarray,
+    learn: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    model_change: np.ndarray,
+    model_forecast: np.ndarray,
+    *,
+    rate: float,
+) -> np.ndarray:
+    """Learn from readings ``x`` and forecast the next one, for one reading per row.
+
+    Parameters
+    ----------
+    state
+        ``[m, STATE_SIZE]``, one row per device, updated in place.
+    learn
+        ``[m]``: rows whose reading may be learnt from (False right after a gap reset: the
+        change across a gap is not a one-step change).
+    x, mean, scale
+        The reading (target channel, device units) and the normalizer's mean and scale there.
+    model_change
+        The model's one-step change, normalized (a feature of the ``ar`` expert).
+    model_forecast
+        The ``model`` expert's forecast of the next reading, device units.
+    rate
+        Step of the expert weights.
+    """
+    lags = state[:, _LAGS]
+    learn = learn & np.isfinite(state[:, _S_PREV]) & np.isfinite(x)
+    if learn.any():
+        _learn(state, learn, x, rate)
+    # The new reading joins the lags (a shift register, newest last).
+    state[:, _LAGS] = np.concatenate([lags[:, 1:], x[:, None]], axis=1)
+    lags = np.where(np.isnan(state[:, _LAGS]), x[:, None], state[:, _LAGS])
+    median = np.median(lags, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        feats = np.concatenate([
+            model_change[:, None], ((mean - x) / scale)[:, None], ((median - x) / scale)[:, None],
+            (lags[:, :-1] - x[:, None]) / scale[:, None]], axis=1)
+    feats = np.clip(np.nan_to_num(feats), -_FEATURE_MAX, _FEATURE_MAX)
+    ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
+    experts = np.stack([model_forecast, ar, median, x], axis=1)
+    # An expert that cannot forecast (NaN) counts as the last reading.
+    experts = np.where(np.isfinite(experts), experts, x[:, None])
+    state[:, _F_PREV], state[:, _E_PREV], state[:, _S_PREV] = feats, experts, scale
+    return np.einsum("mk,mk->m", weights(state), experts)
+
+
+def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> None:
+    """What the readings ``x[rows]`` say about the forecasts made at the previous ones."""
+    s = state[rows]
+    x = x[rows]
+    scale = s[:, _S_PREV]
+    # Expert weights: the exponentially weighted forecaster, then a fixed share.
+    loss = np.minimum(np.abs(x[:, None] - s[:, _E_PREV]) / scale[:, None], _LOSS_MAX)
+    log_w = s[:, _LOG_W] - rate * np.nan_to_num(loss, nan=0.0)
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    w = (1.0 - SHARE) * w / w.sum(axis=1, keepdims=True) + SHARE / len(EXPERTS)
+    s[:, _LOG_W] = np.log(w)
+    # The ar expert: one step of recursive least squares with forgetting and Huber weights.
+    f = s[:, _F_PREV]
+    p = s[:, _P].reshape(-1, N_FEATURES, N_FEATURES)
+    target = (x - s[:, _LAGS.stop - 1]) / scale  # the change, in the last forecast's units
+    err = target - np.einsum("mf,mf->m", f, s[:, _W])
+    huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
+    pf = np.einsum("mij,mj->mi", p, f)
+    gain = (huber / (FORGETTING + huber * np.einsum("mf,mf->m", f, pf)))[:, None] * pf
+    new_w = s[:, _W] + gain * err[:, None]
+    new_p = (p - gain[:, :, None] * pf[:, None, :]) / FORGETTING
+    new_p = 0.5 * (new_p + new_p.transpose(0, 2, 1))  # keep it symmetric against round-off
+    trace = np.trace(new_p, axis1=1, axis2=2)
+    new_p *= np.minimum(1.0, _P_TRACE_MAX / np.maximum(trace, 1e-12))[:, None, None]
+    ok = np.isfinite(new_w).all(axis=1) & np.isfinite(new_p).all(axis=(1, 2))
+    s[ok, _W] = new_w[ok]
+    s[ok, _P] = new_p[ok].reshape(int(ok.sum()), -1)
+    state[rows] = s
