@@ -20,12 +20,11 @@ reading and mixes them by how well each has done **on that device**:
 
 The published one-step forecast is the weighted mean of the four, with weights from the
 exponentially weighted forecaster on the absolute error in normalized units, plus a small
-fixed share so a device can move to another expert when its behaviour changes, and a cap on
-one reading's loss so that one spike cannot silence an expert (N.
+fixed share so a device can move to another expert when its behaviour changes (N.
 Cesa-Bianchi & G. Lugosi, *Prediction, Learning, and Games*, 2006, ch. 2; M. Herbster & M.
 Warmuth, "Tracking the best expert", 1998)::
 
-    log_w_k <- log_w_k - rate * min(|x - expert_k| / scale, 5)
+    log_w_k <- log_w_k - rate * |x - expert_k| / scale
 
 Its loss is then close to that of the best expert on each device, whichever that is. On the
 19 NAB recordings this took the one-step forecasts from beating deep-river's online LSTM on 8
@@ -59,7 +58,6 @@ SHARE = 0.001
 _P0 = 10.0  # initial inverse-information: a weak prior on the starting weights
 _P_TRACE_MAX = 1e4  # without fresh information, forgetting would grow P without bound
 _FEATURE_MAX = 50.0  # a near-zero scale must not produce huge features
-_LOSS_MAX = 5.0  # one reading (a spike) moves a log-weight by at most rate * this
 
 # Layout of one device's state vector.
 _LAGS = slice(0, N_LAGS)  # the last readings, oldest first; NaN where not yet seen
@@ -153,7 +151,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     x = x[rows]
     scale = s[:, _S_PREV]
     # Expert weights: the exponentially weighted forecaster, then a fixed share.
-    loss = np.minimum(np.abs(x[:, None] - s[:, _E_PREV]) / scale[:, None], _LOSS_MAX)
+    loss = np.abs(x[:, None] - s[:, _E_PREV]) / scale[:, None]
     log_w = s[:, _LOG_W] - rate * np.nan_to_num(loss, nan=0.0)
     w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
     w = (1.0 - SHARE) * w / w.sum(axis=1, keepdims=True) + SHARE / len(EXPERTS)

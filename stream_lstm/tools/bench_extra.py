@@ -4,6 +4,7 @@
 * ``restore_s_100k``: seconds to restore 100k devices' state from the changelog into the
   local store (``--quick`` restores 25k and reports ``restore_s_25k``).
 * ``retrain_ratio``: in-process pipeline throughput while a background retrain runs / without.
+* ``experts_ratio``: in-process pipeline throughput with the per-device experts / without.
 * ``swap_pause_ms``: inference pause of a hot-swap with re-warm, at 10k devices.
 * ``p50_ms`` / ``p99_ms``: produce-to-forecast latency at about half the sustained rate.
 """
@@ -71,7 +72,7 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
     return {f"restore_s_{n // 1000}k": round(secs, 2)}
 
 
-def _pipeline_fixture(devices: int):
+def _pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.config import Settings
     from stream_lstm.engine import BatchedEngine
     from stream_lstm.messages import encode_reading
@@ -80,7 +81,7 @@ def _pipeline_fixture(devices: int):
     from stream_lstm.state.table import DeviceTable
     from stream_lstm.tools.bench import _Rec
 
-    s = Settings(max_devices=devices, min_history=1)
+    s = Settings(max_devices=devices, min_history=1, **settings)
     table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices)
     model = SimpleLSTM(1, s.hidden_size, 1, s.horizon)
     engine = BatchedEngine(model, table)
@@ -154,6 +155,19 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
          f"whole fleet re-warmed in slices over {rest:.2f} s of loop turns")
     return {"pipeline_inproc_msgs_per_s_10k": round(base), "retrain_ratio": round(ratio, 3),
             "swap_pause_ms": round(pause * 1e3, 1), "swap_devices": devices}
+
+
+def bench_experts(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    """In-process pipeline throughput with the per-device experts on, against off."""
+    devices, rates = 10_000, {}
+    for rate in (0.0, 0.1):
+        s, _, _, _, pipe, records = _pipeline_fixture(devices, expert_rate=rate)
+        _rate(pipe, records, range(20))  # past the warm-up, so the experts learn
+        rates[rate] = _rate(pipe, records, range(20, 23 if quick else 30))
+    ratio = rates[0.1] / rates[0.0]
+    _say(f"experts: pipeline {rates[0.0]:,.0f} msgs/s without, {rates[0.1]:,.0f} with "
+         f"({devices:,} devices) -> experts_ratio {ratio:.2f}")
+    return {"experts_ratio": round(ratio, 3)}
 
 
 def _spec(s: Any):
@@ -234,4 +248,4 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
     return {"latency_rate_msgs_per_s": round(rate), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
 
 
-BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_latency]
+BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_experts, bench_latency]
