@@ -37,7 +37,7 @@ def test_streamed_forecasts_equal_offline_sequence(settings_factory, topic_name,
         input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
         group_id=f"{topic_name}-g", processing_guarantee=guarantee, poll_max_records=23,
         min_history=1, window=16, hidden_size=16, horizon=4, metrics_port=0,
-        blend_rate=0.0,  # compared with the model's own forecasts (blend: test_alerts.py)
+        blend_rate=0.0, expert_rate=0.0,  # the model's own forecasts (blend, experts: test_alerts.py)
     )
     readings = fleet()
     produce_readings(s, topic_name, readings)

@@ -61,7 +61,7 @@ def test_kill_9_five_times_then_finish(settings_factory, topic_name, tmp_path):
                          group_id=f"{topic_name}-g", window=16, hidden_size=16, horizon=3, min_history=1,
                          poll_max_records=40, processing_guarantee="exactly_once",
                          model_path=tmp_path / "model.safetensors",
-                         blend_rate=0.0)  # compared with the model's own forecasts (blend: test_alerts.py)
+                         blend_rate=0.0, expert_rate=0.0)  # the model's own forecasts (test_alerts.py)
     torch.manual_seed(5)
     served = fresh_model(s)
     save_model(served.model, served.spec, s.model_path, {"version": "v-crash"})
