@@ -127,6 +127,8 @@ def assemble(
         Step of the weights of the per-device one-step experts (experts.py); 0 publishes the
         (blended) model's forecast.
     """
+    if expert_rate and table.experts.shape[1] != experts.STATE_SIZE:
+        raise ValueError("expert_rate > 0 needs a DeviceTable built with_experts=True")
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
     scale = batch.scale_target[:, None]

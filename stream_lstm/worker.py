@@ -130,7 +130,7 @@ class Worker:
             n_features=spec.n_features, num_layers=spec.num_layers,
             hidden_size=spec.hidden_size, device=self.device,
             normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
-            std_floor=settings.std_floor,
+            std_floor=settings.std_floor, with_experts=settings.expert_rate > 0,
         )
         self.engine = BatchedEngine(self.served.model, self.table)
         self.state = StateManager(

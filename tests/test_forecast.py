@@ -136,3 +136,10 @@ def test_blend_keeps_a_model_that_helps_and_does_not_depend_on_polls():
     assert w.min() > 0.95  # the model is right: its change keeps its full weight
     chunked, _ = blend_run(x[:300], exact[:300], 0.005, readings_per_poll=9)
     np.testing.assert_array_equal(chunked, blend_run(x[:300], exact[:300], 0.005)[0])
+
+
+def test_experts_need_a_table_that_holds_them():
+    table = DeviceTable(max_devices=2, window=4, n_features=1, num_layers=1, hidden_size=2,
+                        with_experts=False)
+    with pytest.raises(ValueError, match="with_experts"):
+        run(table, ["a"], [0.0], [1.0], [[0.0, 0.0]], [[0.0, 0.0]], expert_rate=0.1)

@@ -53,6 +53,9 @@ class DeviceTable:
         Called with the snapshot of each device evicted to make room; ``None`` drops it.
     initial_capacity
         Slots allocated up front (grows by doubling).
+    with_experts
+        Hold the per-device one-step experts (3 KB a device, see experts.py). Without them,
+        a restored device's expert state is dropped.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class DeviceTable:
         std_floor: float = 1e-3,
         on_evict: Callable[[DeviceSnapshot], None] | None = None,
         initial_capacity: int = 1024,
+        with_experts: bool = True,
     ) -> None:
         self.max_devices = max_devices
         self.num_layers, self.hidden_size, self.n_features = num_layers, hidden_size, n_features
@@ -96,8 +100,10 @@ class DeviceTable:
         # Log of the factor applied to the model's scale b at h=1 and h=H, tracked per device
         # so its intervals cover what they claim (see forecast.py).
         self.interval_log_m = np.zeros((cap, 2), np.float64)
-        # The per-device one-step experts and their weights (see experts.py).
-        self.experts = experts.init_state(cap)
+        # The per-device one-step experts and their weights (see experts.py); no columns
+        # when they are off.
+        self._expert_width = experts.STATE_SIZE if with_experts else 0
+        self.experts = self._fresh_experts(cap)
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
@@ -116,6 +122,9 @@ class DeviceTable:
             self.drift_mu = np.full((self.capacity, horizon), _NAN, np.float32)
             self.drift_b = np.full((self.capacity, horizon), _NAN, np.float32)
             self.drift_change = np.full((self.capacity, horizon), _NAN, np.float32)
+
+    def _fresh_experts(self, n: int) -> np.ndarray:
+        return experts.init_state(n) if self._expert_width else np.zeros((n, 0))
 
     @property
     def capacity(self) -> int:
@@ -214,7 +223,7 @@ class DeviceTable:
             arr = getattr(self, name)
             new_rows = np.full((extra, *arr.shape[1:]), fill, arr.dtype)
             setattr(self, name, np.concatenate([arr, new_rows]))
-        self.experts = np.concatenate([self.experts, experts.init_state(extra)])
+        self.experts = np.concatenate([self.experts, self._fresh_experts(extra)])
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -231,7 +240,7 @@ class DeviceTable:
         self.prev_change[slot] = _NAN
         self.interval_log_m[slot] = 0.0
         self.blend_w[slot] = 1.0
-        self.experts[slot] = experts.init_state(1)[0]
+        self.experts[slot] = self._fresh_experts(1)[0]
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -306,7 +315,7 @@ class DeviceTable:
         self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
         self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
         # A snapshot from before the experts (or with another layout) starts them afresh.
-        fresh = snap.experts.shape != (experts.STATE_SIZE,)
-        self.experts[slot] = experts.init_state(1)[0] if fresh else snap.experts
+        fresh = snap.experts.shape != (self._expert_width,)
+        self.experts[slot] = self._fresh_experts(1)[0] if fresh else snap.experts
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

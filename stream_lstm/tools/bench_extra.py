@@ -82,7 +82,8 @@ def _pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.tools.bench import _Rec
 
     s = Settings(max_devices=devices, min_history=1, **settings)
-    table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices)
+    table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices,
+                        with_experts=s.expert_rate > 0)
     model = SimpleLSTM(1, s.hidden_size, 1, s.horizon)
     engine = BatchedEngine(model, table)
     pipe = BatchPipeline(s, table, engine, lambda: "bench")

@@ -48,7 +48,8 @@ class TrainerService:
         self.table = DeviceTable(settings.max_devices, settings.window, served.spec.n_features,
                                  served.spec.num_layers, served.spec.hidden_size,
                                  normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
-                                 std_floor=settings.std_floor)
+                                 std_floor=settings.std_floor,
+                                 with_experts=False)  # it learns from windows, forecasts nothing
         self.decoder = ReadingDecoder(settings)
         ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
         self.consumer = make_consumer(settings, settings.input_topic,

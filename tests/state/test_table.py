@@ -77,3 +77,24 @@ def test_drift_ring_and_calibration_move_with_the_snapshot_and_survive_growth():
     other_h = make()
     other_h.ensure_horizon(5)  # the model's horizon changed: the old ring does not apply
     assert np.isnan(other_h.drift_mu[other_h.restore(snap)]).all()
+
+
+def test_experts_move_with_the_snapshot_and_take_no_memory_when_off():
+    from stream_lstm import experts
+
+    t = make(max_devices=8)
+    s = t.slots_for(["a"], [0], now=1.0)
+    t.experts[s[0], 0] = 42.0  # the oldest lag
+    t.slots_for(["b", "c", "d"], [0, 0, 0], now=2.0)  # grows past the initial capacity
+    snap = t.snapshot(t.index["a"])
+    assert snap.experts.shape == (experts.STATE_SIZE,) and snap.experts[0] == 42.0
+    on = make()
+    assert on.experts[on.restore(snap), 0] == 42.0
+
+    off = make(max_devices=8, with_experts=False)
+    off.slots_for(["x", "y", "z"], [0, 0, 0], now=1.0)  # grows, still without expert state
+    assert off.experts.nbytes == 0
+    slot = off.restore(snap)  # a snapshot with experts is accepted; their state is dropped
+    assert off.snapshot(slot).experts.shape == (0,)
+    back = on.restore(off.snapshot(slot))  # ... and a table with experts starts them afresh
+    np.testing.assert_array_equal(on.experts[back], experts.init_state(1)[0])
