@@ -82,7 +82,9 @@ class ModelLifecycle:
         self.readings_since = 0
         self.last_retrain = time.monotonic()
         self.swaps = 0
-        self.stale_in_memory = False  # devices in memory still hold the previous model's h/c
+        # Slots in memory at the last swap not yet re-warmed by rewarm_idle: built once per swap,
+        # so a loop turn does not rescan the fleet.
+        self._pending: list[int] = []
 
     @property
     def version(self) -> str:
@@ -163,7 +165,7 @@ class ModelLifecycle:
         self.engine.swap_model(loaded.model)
         old = self.served.version
         self.served = Served(loaded.model, loaded.spec, loaded.version)
-        self.stale_in_memory = True
+        self._pending = list(self.table.index.values())
         pause = time.perf_counter() - t0
         self.swaps += 1
         self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
@@ -174,27 +176,30 @@ class ModelLifecycle:
 
     def rewarm_idle(self, budget: int = REWARM_SLICE) -> int:
         """Re-warm up to ``budget`` in-memory devices still holding the old model's state."""
-        if not self.stale_in_memory:
-            return 0
-        version = self.served.version
-        stale = [slot for slot in self.table.index.values()
-                 if self.table.model_version[slot] != version and self.table.window.length[slot] > 0]
-        if len(stale) <= budget:
-            self.stale_in_memory = False
-        chunk = np.array(stale[:budget], np.int64)
-        self.rewarm_stale(chunk)
+        chunk: list[int] = []
+        while self._pending and len(chunk) < budget:
+            slot = self._pending.pop()
+            if self._stale(slot):  # the batch path may have re-warmed it already
+                chunk.append(slot)
+        self._rewarm(chunk)
         return len(chunk)
 
     def rewarm_stale(self, slots: np.ndarray) -> None:
         """Re-warm those of ``slots`` whose h/c came from another model (after a swap, or
         restored from the store), by replaying their windows under the served weights."""
-        version = self.served.version
-        stale = [s for s in slots.tolist()
-                 if self.table.model_version[s] != version and self.table.window.length[s] > 0]
-        if stale:
-            self.engine.rewarm(np.array(stale, np.int64))
-            for s in stale:
-                self.table.model_version[s] = version
+        self._rewarm([s for s in slots.tolist() if self._stale(s)])
+
+    def _stale(self, slot: int) -> bool:
+        """A device is in ``slot`` and its h/c came from another model than the served one."""
+        t = self.table
+        return (t.ids[slot] is not None and t.model_version[slot] != self.served.version
+                and t.window.length[slot] > 0)
+
+    def _rewarm(self, slots: list[int]) -> None:
+        if slots:
+            self.engine.rewarm(np.array(slots, np.int64))
+            for s in slots:
+                self.table.model_version[s] = self.served.version
 
     def close(self) -> None:
         if self.trainer is not None:
