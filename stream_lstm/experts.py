@@ -1,8 +1,9 @@
 """Per-device experts for the one-step forecast, and their online combination.
 
 One fleet model cannot know every device's own habits: a 5-reading cycle on one server, noise
-around a flat level on another. Each device therefore keeps four *experts* for its next
-reading and mixes them by how well each has done **on that device**:
+around a flat level on another, a burst of disk writes that always ramps up the same way on a
+third. Each device therefore keeps five *experts* for its next reading and mixes them by how
+well each has done **on that device**:
 
 ``model``
     the fleet model's forecast (after the per-device blend with persistence, forecast.py);
@@ -16,7 +17,13 @@ reading and mixes them by how well each has done **on that device**:
     the median of the device's last 16 readings: what a noisy but level series is best
     forecast by;
 ``last``
-    the last reading (persistence).
+    the last reading (persistence);
+``analog``
+    the method of analogues: find the :data:`N_NEIGHBOURS` places in the device's last
+    :data:`N_HISTORY` readings whose :data:`PATTERN` readings look most like the latest ones,
+    and forecast the median of what followed them (E. N. Lorenz, "Atmospheric predictability as
+    revealed by naturally occurring analogues", 1969; a k-nearest-neighbour forecast). It is
+    what learns a device's repeating shapes, such as bursts, that no linear expert can.
 
 The published one-step forecast is the weighted mean of the four, with weights from the
 exponentially weighted forecaster on the absolute error in normalized units, plus a small
@@ -27,10 +34,11 @@ Warmuth, "Tracking the best expert", 1998)::
     log_w_k <- log_w_k - rate * |x - expert_k| / scale
 
 Its loss is then close to that of the best expert on each device, whichever that is. On the
-19 NAB recordings, through the real pipeline, this took the one-step forecasts from beating
-deep-river's online LSTM on 8 recordings to 12 (docs/evaluation.md).
+19 NAB recordings, through the real pipeline, the first four took the one-step forecasts from
+beating deep-river's online LSTM on 8 recordings to 12, and the analogues took them further
+(docs/evaluation.md).
 
-All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (3 KB),
+All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (5 KB),
 held in the device table and moved with the device in its snapshot.
 
 >>> import numpy as np
@@ -47,8 +55,11 @@ from __future__ import annotations
 
 import numpy as np
 
-EXPERTS = ("model", "ar", "median", "last")
+EXPERTS = ("model", "ar", "median", "last", "analog")
+N_HISTORY = 256  # readings the analogues are searched in (measured: 128 gave less, 512 no more)
 N_LAGS = 16  # readings the median and the autoregression look back over
+PATTERN = 4  # readings compared when looking for analogues
+N_NEIGHBOURS = 3  # analogues whose successors are pooled (by their median)
 N_FEATURES = 3 + N_LAGS - 1  # model change, -z, median distance, 15 lagged changes
 # Measured on the NAB recordings (docs/evaluation.md): forgetting 0.998 (a memory of about 500
 # readings), Huber cut 0.3 (normalized units) and share 0.001.
@@ -60,8 +71,10 @@ _P_TRACE_MAX = 1e4  # without fresh information, forgetting would grow P without
 _FEATURE_MAX = 50.0  # a near-zero scale must not produce huge features
 
 # Layout of one device's state vector.
-_LAGS = slice(0, N_LAGS)  # the last readings, oldest first; NaN where not yet seen
-_W = slice(_LAGS.stop, _LAGS.stop + N_FEATURES)
+_HISTORY = slice(0, N_HISTORY)  # the last readings, oldest first; NaN where not yet seen
+_LAGS = slice(N_HISTORY - N_LAGS, N_HISTORY)  # the newest of them
+_LAST = N_HISTORY - 1
+_W = slice(_HISTORY.stop, _HISTORY.stop + N_FEATURES)
 _P = slice(_W.stop, _W.stop + N_FEATURES * N_FEATURES)
 _F_PREV = slice(_P.stop, _P.stop + N_FEATURES)  # features of the last forecast
 _E_PREV = slice(_F_PREV.stop, _F_PREV.stop + len(EXPERTS))  # each expert's last forecast
@@ -74,7 +87,7 @@ def init_state(n: int) -> np.ndarray:
     """``[n, STATE_SIZE]``: devices that have seen nothing. The ``ar`` expert starts as the
     model's change (weight 1 on it), and all experts weigh the same."""
     state = np.zeros((n, STATE_SIZE))
-    state[:, _LAGS] = np.nan
+    state[:, _HISTORY] = np.nan
     state[:, _W.start] = 1.0
     state[:, _P] = (_P0 * np.eye(N_FEATURES)).ravel()
     state[:, _F_PREV] = np.nan
@@ -127,12 +140,13 @@ def step(
     rate
         Step of the expert weights.
     """
-    lags = state[:, _LAGS]
     learn = learn & np.isfinite(state[:, _S_PREV]) & np.isfinite(x)
     if learn.any():
         _learn(state, learn, x, rate)
-    # The new reading joins the lags (a shift register, newest last).
-    state[:, _LAGS] = np.concatenate([lags[:, 1:], x[:, None]], axis=1)
+    # The new reading joins the history (a shift register, newest last).
+    state[:, _HISTORY.start : _HISTORY.stop - 1] = state[:, _HISTORY.start + 1 : _HISTORY.stop]
+    state[:, _LAST] = x
+    analog = _analog(state[:, _HISTORY])
     lags = np.where(np.isnan(state[:, _LAGS]), x[:, None], state[:, _LAGS])
     median = np.median(lags, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -141,7 +155,7 @@ def step(
             (lags[:, :-1] - x[:, None]) / scale[:, None]], axis=1)
     feats = np.clip(np.nan_to_num(feats), -_FEATURE_MAX, _FEATURE_MAX)
     ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
-    experts = np.stack([model_forecast, ar, median, x], axis=1)
+    experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
     # An expert that cannot forecast (NaN) counts as the last reading.
     experts = np.where(np.isfinite(experts), experts, x[:, None])
     state[:, _F_PREV], state[:, _E_PREV], state[:, _S_PREV] = feats, experts, scale
@@ -160,7 +174,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
     p = s[:, _P].reshape(-1, N_FEATURES, N_FEATURES)
-    target = (x - s[:, _LAGS.stop - 1]) / scale  # the change, in the last forecast's units
+    target = (x - s[:, _LAST]) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)
@@ -174,3 +188,35 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     s[ok, _W] = new_w[ok]
     s[ok, _P] = new_p[ok].reshape(int(ok.sum()), -1)
     state[rows] = s
+
+
+def _analog(history: np.ndarray) -> np.ndarray:
+    """The analog forecast for each row of ``history`` (``[m, N_HISTORY]``, newest last): the
+    median of the readings that followed the :data:`N_NEIGHBOURS` patterns nearest (in L1) to
+    the latest one; NaN while fewer than that many patterns have been seen."""
+    out = np.empty(len(history))
+    for start in range(0, len(history), _ROWS_PER_CHUNK):  # bounds the [rows, windows] buffers
+        out[start : start + _ROWS_PER_CHUNK] = _analog_chunk(history[start : start + _ROWS_PER_CHUNK])
+    return out
+
+
+_ROWS_PER_CHUNK = 2048
+# Ties (a flat signal has many equal patterns) go to the most recent pattern, where a device's
+# behaviour is likeliest to be the current one.
+_N_WINDOWS = N_HISTORY - PATTERN  # windows with a successor still in the history
+_RECENCY = np.arange(_N_WINDOWS, 0, -1) * 1e-9
+
+
+def _analog_chunk(history: np.ndarray) -> np.ndarray:
+    latest = history[:, N_HISTORY - PATTERN :]
+    # Window j is history[j : j+PATTERN] and is followed by history[j+PATTERN]; summing the
+    # shifted differences avoids a [rows, windows, PATTERN] array.
+    dist = np.zeros((len(history), _N_WINDOWS))
+    for i in range(PATTERN):
+        dist += np.abs(history[:, i : i + _N_WINDOWS] - latest[:, i : i + 1])
+    dist = np.where(np.isnan(dist), np.inf, dist)  # windows not yet seen
+    dist += _RECENCY * (1.0 + np.nanmax(np.abs(latest), axis=1, initial=0.0))[:, None]
+    nearest = np.argpartition(dist, N_NEIGHBOURS - 1, axis=1)[:, :N_NEIGHBOURS]
+    successors = np.take_along_axis(history[:, PATTERN:], nearest, axis=1)
+    seen = np.isfinite(np.take_along_axis(dist, nearest, axis=1))
+    return np.median(np.where(seen, successors, np.nan), axis=1)

@@ -71,6 +71,38 @@ def test_a_spike_does_not_derail_the_ar_expert():
     assert mae(spiked, out, 1800) < 1.15 * mae(x, clean, 1800)
 
 
+def test_analog_expert_learns_a_burst_that_repeats_its_shape():
+    # Disk writes: idle at 0, then now and then the same ramp (NAB ec2_disk_write_bytes has it).
+    rng = np.random.default_rng(5)
+    shape = np.array([20.0, 50.0, 430.0, 36.0, 2.5])
+    x = np.zeros(3000)
+    start = int(rng.integers(8, 40))
+    while start < len(x):
+        burst = shape[: len(x) - start] * rng.uniform(0.95, 1.05)
+        x[start : start + len(burst)] = burst
+        start += len(burst) + int(rng.integers(8, 40))
+    out, state = serve(x)
+    # A burst's first reading cannot be foreseen, but the rest of it can: the analogues' error
+    # is what the onsets alone cost, far below persistence and below the median (always 0).
+    onsets = (x[2000:] > 0) & (x[1999:-1] == 0)
+    onset_cost = float(np.abs(x[2000:][onsets]).sum()) / 1000
+    persistence = float(np.mean(np.abs(np.diff(x[1999:]))))
+    median_cost = float(np.mean(np.abs(x[2000:])))
+    assert mae(x, out, 2000) < onset_cost + 0.1 * (persistence - onset_cost)
+    assert mae(x, out, 2000) < 0.5 * median_cost
+    assert experts.weights(state)[0].argmax() == experts.EXPERTS.index("analog")
+
+
+def test_analog_expert_waits_for_enough_history():
+    history = np.full((2, experts.N_HISTORY), np.nan)
+    history[0, -(experts.PATTERN + experts.N_NEIGHBOURS) :] = [1, 2, 3, 4, 5, 6, 7]
+    history[1, -(experts.PATTERN + experts.N_NEIGHBOURS - 1) :] = [1, 2, 3, 4, 5, 6]
+    out = experts._analog(history)
+    # Row 0 has exactly three windows with a successor: [1..4]->5, [2..5]->6, [3..6]->7.
+    assert out[0] == 6.0
+    assert np.isnan(out[1])
+
+
 def test_rows_that_may_not_learn_leave_the_weights_alone():
     x = 10 + np.sin(np.arange(300.0))
     learn = np.ones(300, bool)
