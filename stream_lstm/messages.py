@@ -1,4 +1,4 @@
-"""The wire contract: reading decoding and validation, forecast encoding, dead-letter headers.
+"""The wire contract's input side: decoding and validating readings.
 
 A **reading** is UTF-8 JSON keyed by its device id (the Kafka key is the id's UTF-8 bytes)::
 
@@ -12,16 +12,17 @@ valid JSON, free of duplicate keys, and count towards the size limit. See docs/w
 
 :meth:`ReadingDecoder.decode` raises only :class:`InvalidReading`, whose ``code`` is one of the
 stable :class:`ErrorCode` values; the worker sends such readings to the dead-letter topic with
-:func:`dlq_headers`. The size limit is checked before any parsing.
+:func:`~stream_lstm.encoding.dlq_headers`. The size limit is checked before any parsing. What
+the service writes (forecasts, dead-letter headers, and readings for producers) is encoded in
+:mod:`stream_lstm.encoding`.
 
 Performance (best of 5 timeit runs, this 2-core VM, CPython 3.11; 1 channel [4 channels]):
 parsing alone costs 1.8 us [2.4] with ``json`` + ``object_pairs_hook`` (duplicate check),
 2.3 us [2.9] with plain ``json.loads`` and 0.25 us [0.35] with ``orjson.loads``, which cannot
 see duplicate keys. A whole ``decode`` costs 1.4 us [2.1] on the fast path with ``orjson``,
 2.2 us [2.9] with the stdlib scanner, and 3.6 us [6.0] on the careful path alone (extra
-fields, escapes, errors). ``encode_forecast`` (H=12) costs 19 us with ``json`` (40 us with a
-NaN, which needs a second pass) and 1.2 us with ``orjson.dumps``. So ``orjson`` is used when
-installed, with an exact stdlib fallback.
+fields, escapes, errors). So ``orjson`` is used when installed, with an exact stdlib
+fallback (the same holds for encoding forecasts: see :mod:`stream_lstm.encoding`).
 
 Duplicate keys without the hook: in a payload without backslashes, a flat object has exactly
 ``2 * (keys + string values)`` quote characters, and any duplicate key adds more. The fast
@@ -45,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -372,73 +372,3 @@ class ReadingDecoder:
         if not self.lo <= v <= self.hi:
             raise InvalidReading(ErrorCode.VALUE_OUT_OF_RANGE, f"{name}={v:g} is outside [{self.lo:g}, {self.hi:g}]")
         return v
-
-
-def encode_reading(device_id: str, ts: float, values: Sequence[float]) -> bytes:
-    """A reading in wire format (for producers: simulator, replay, tests).
-
-    One channel is sent as ``value``, several as ``values``. Floats keep full precision;
-    a NaN is written as the (invalid) ``NaN`` literal, which the decoder dead-letters.
-
-    >>> encode_reading("pump-17", 1764183600.0, [71.2])
-    b'{"device_id":"pump-17","ts":1764183600.0,"value":71.2}'
-    """
-    if len(values) == 1:
-        body: dict[str, object] = {"device_id": device_id, "ts": ts, "value": float(values[0])}
-    else:
-        body = {"device_id": device_id, "ts": ts, "values": [float(v) for v in values]}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def dlq_headers(code: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
-    """Dead-letter headers: error code and reason, and where the message came from.
-
-    >>> dlq_headers(ErrorCode.NOT_JSON, "bad", "sensor-readings", 3, 42)[-2:]
-    [('source.partition', b'3'), ('source.offset', b'42')]
-    """
-    return [
-        ("error.code", str(code).encode()),
-        ("error.reason", str(reason).encode("utf-8", "replace")),
-        ("source.topic", str(topic).encode("utf-8", "replace")),
-        ("source.partition", str(partition).encode()),
-        ("source.offset", str(offset).encode()),
-    ]
-
-
-def _plain(obj: object) -> object:
-    """``obj`` with numpy arrays/scalars as Python values and NaN/infinities as None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if hasattr(obj, "tolist"):  # numpy array or scalar
-        return _plain(obj.tolist())
-    return obj
-
-
-_json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
-def _encode_forecast_std(record: dict) -> bytes:
-    try:
-        return _json_encoder.encode(record).encode()
-    except (ValueError, TypeError):  # a NaN (e.g. no residual yet) or numpy: the careful path
-        return _json_encoder.encode(_plain(record)).encode()
-
-
-def encode_forecast(record: dict) -> bytes:
-    """Compact UTF-8 JSON for a forecast (or alert); NaN and infinities become ``null``.
-
-    Floats keep full (round-trip) precision.
-
-    >>> encode_forecast({"device_id": "a", "residual": float("nan"), "forecast": [1.5]})
-    b'{"device_id":"a","residual":null,"forecast":[1.5]}'
-    """
-    if orjson is not None:
-        try:
-            return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
-        except TypeError:  # e.g. a huge int or a non-str key: let the stdlib decide
-            pass
-    return _encode_forecast_std(record)

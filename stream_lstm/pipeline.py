@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from stream_lstm.config import Settings
+from stream_lstm.encoding import dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.forecast import ForecastBatch, assemble, interval_quantile
-from stream_lstm.messages import InvalidReading, ReadingDecoder, dlq_headers, encode_forecast
+from stream_lstm.messages import InvalidReading, ReadingDecoder
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
 

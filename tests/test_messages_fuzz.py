@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from stream_lstm import messages
 from stream_lstm.config import Settings
-from stream_lstm.messages import ErrorCode, InvalidReading, Reading, ReadingDecoder, encode_reading
+from stream_lstm.encoding import encode_reading
+from stream_lstm.messages import ErrorCode, InvalidReading, Reading, ReadingDecoder
 
 settings.register_profile(
     "messages-default", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]

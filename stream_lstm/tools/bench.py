@@ -96,8 +96,8 @@ def _rss_bytes() -> int:
 def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -> dict:
     """decode → state → engine → encode without Kafka, for a fleet of ``devices``."""
     from stream_lstm.config import Settings
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.engine import BatchedEngine
-    from stream_lstm.messages import encode_reading
     from stream_lstm.models import SimpleLSTM
     from stream_lstm.pipeline import BatchPipeline
     from stream_lstm.state.table import DeviceTable
@@ -132,9 +132,9 @@ def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -
 
 # ---- Kafka: bare consume vs the worker -----------------------------------------------------------
 def prefill(settings: Any, topic: str, messages: int, devices: int, partitions: int = 4) -> None:
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_producer
     from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-    from stream_lstm.messages import encode_reading
 
     ensure_topics(settings, [TopicSpec(topic, partitions, {})])
     producer = make_producer(settings, linger_ms=20)

@@ -74,8 +74,8 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
 
 def _pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.config import Settings
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.engine import BatchedEngine
-    from stream_lstm.messages import encode_reading
     from stream_lstm.models import SimpleLSTM
     from stream_lstm.pipeline import BatchPipeline
     from stream_lstm.state.table import DeviceTable
@@ -187,8 +187,8 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
     import subprocess
     import sys
 
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_consumer, make_producer
-    from stream_lstm.messages import encode_reading
 
     rate = 0.5 * (result.get("pipeline_eos_msgs_per_s") or result["pipeline_msgs_per_s"])
     duration = 8.0 if quick else 20.0

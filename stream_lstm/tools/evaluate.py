@@ -93,8 +93,8 @@ def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]],
 def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:
     """Replay every series through broker + worker; return the forecasts read back from the
     output topic, per device, and that topic's name."""
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_consumer, make_producer
-    from stream_lstm.messages import encode_reading
     from stream_lstm.tools.simulate import ProgressLine
     from stream_lstm.training.lifecycle import Served
     from stream_lstm.worker import Worker

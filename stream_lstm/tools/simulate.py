@@ -111,8 +111,8 @@ def send_readings(settings: Settings, readings: Iterable[Reading], *, topic: str
     seconds, at the end of ``readings``, or on SIGINT/SIGTERM, and always flushes first.
     Failed deliveries are reported on stderr and not counted.
     """
+    from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_producer
-    from stream_lstm.messages import encode_reading
 
     topic = topic or settings.input_topic
     producer = make_producer(settings)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from stream_lstm.config import Settings
+from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_consumer, make_producer
-from stream_lstm.messages import encode_reading
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
-from stream_lstm.messages import encode_reading
 from stream_lstm.worker import Worker, fresh_model
 
 from .helpers import offline_forecasts, read_topic

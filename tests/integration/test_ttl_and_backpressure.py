@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
-from stream_lstm.messages import encode_reading
 from stream_lstm.worker import Worker, fresh_model
 
 from .helpers import produce_readings, read_topic

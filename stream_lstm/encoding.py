@@ -1,0 +1,98 @@
+"""The encode side of the wire contract: readings, forecasts and dead-letter headers as bytes.
+
+Everything the service (or a producer feeding it) writes to Kafka is made here. The other
+side, decoding and validating readings, is :mod:`stream_lstm.messages`; the two share nothing
+but the format: decoding distrusts every byte it is given, encoding writes what the service
+itself made.
+
+* :func:`encode_reading`: a reading in wire format, for producers (simulator, replay, tests).
+* :func:`dlq_headers`: the headers of a dead letter (why it was rejected, where it came from).
+* :func:`encode_forecast`: a forecast (or alert) as compact JSON, NaN written as ``null``.
+
+Performance (best of 5 timeit runs, this 2-core VM, CPython 3.11): ``encode_forecast``
+(H=12) costs 19 us with ``json`` (40 us with a NaN, which needs a second pass) and 1.2 us
+with ``orjson.dumps``. So ``orjson`` is used when installed, with an exact stdlib fallback.
+See docs/wire-contract.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+try:  # optional speed-up (see the numbers above); the stdlib path gives identical results
+    import orjson
+except ImportError:  # pragma: no cover - exercised where orjson is not installed
+    orjson = None  # type: ignore[assignment]
+
+
+def encode_reading(device_id: str, ts: float, values: Sequence[float]) -> bytes:
+    """A reading in wire format (for producers: simulator, replay, tests).
+
+    One channel is sent as ``value``, several as ``values``. Floats keep full precision;
+    a NaN is written as the (invalid) ``NaN`` literal, which the decoder dead-letters.
+
+    >>> encode_reading("pump-17", 1764183600.0, [71.2])
+    b'{"device_id":"pump-17","ts":1764183600.0,"value":71.2}'
+    """
+    if len(values) == 1:
+        body: dict[str, object] = {"device_id": device_id, "ts": ts, "value": float(values[0])}
+    else:
+        body = {"device_id": device_id, "ts": ts, "values": [float(v) for v in values]}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def dlq_headers(code: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """Dead-letter headers: error code and reason, and where the message came from.
+
+    >>> from stream_lstm.messages import ErrorCode
+    >>> dlq_headers(ErrorCode.NOT_JSON, "bad", "sensor-readings", 3, 42)[-2:]
+    [('source.partition', b'3'), ('source.offset', b'42')]
+    """
+    return [
+        ("error.code", str(code).encode()),
+        ("error.reason", str(reason).encode("utf-8", "replace")),
+        ("source.topic", str(topic).encode("utf-8", "replace")),
+        ("source.partition", str(partition).encode()),
+        ("source.offset", str(offset).encode()),
+    ]
+
+
+def _plain(obj: object) -> object:
+    """``obj`` with numpy arrays/scalars as Python values and NaN/infinities as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if hasattr(obj, "tolist"):  # numpy array or scalar
+        return _plain(obj.tolist())
+    return obj
+
+
+_json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _encode_forecast_std(record: dict) -> bytes:
+    try:
+        return _json_encoder.encode(record).encode()
+    except (ValueError, TypeError):  # a NaN (e.g. no residual yet) or numpy: the careful path
+        return _json_encoder.encode(_plain(record)).encode()
+
+
+def encode_forecast(record: dict) -> bytes:
+    """Compact UTF-8 JSON for a forecast (or alert); NaN and infinities become ``null``.
+
+    Floats keep full (round-trip) precision.
+
+    >>> encode_forecast({"device_id": "a", "residual": float("nan"), "forecast": [1.5]})
+    b'{"device_id":"a","residual":null,"forecast":[1.5]}'
+    """
+    if orjson is not None:
+        try:
+            return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # e.g. a huge int or a non-str key: let the stdlib decide
+            pass
+    return _encode_forecast_std(record)
