@@ -1,7 +1,7 @@
 """A real Apache Kafka 4.1.1 broker on 127.0.0.1, from Maven Central jars, without Docker.
 
-``kafka fetch`` runs ``mvn dependency:copy-dependencies`` on ``deploy/kafka/pom.xml`` (which
-adds the log4j2 binding Kafka's POM leaves out) and caches the jars. ``kafka up`` formats KRaft
+``kafka fetch`` fetches and caches the jars (:mod:`stream_lstm.kafka.jars`). ``kafka up``
+writes the broker's configuration (:mod:`stream_lstm.kafka.broker_config`), formats KRaft
 storage, starts one broker+controller JVM in the background, waits until an admin call
 succeeds and prints the address; ``kafka down`` stops it; a ``broker.json`` state file in the
 data directory ties the commands together. :class:`LocalBroker` also backs the test fixtures,
@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -27,105 +25,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-KAFKA_VERSION = "4.1.1"
-JAVA_HINT = "OpenJDK 17 (apt install openjdk-17-jre-headless)"
-MAVEN_HINT = "Apache Maven (apt install maven)"
-
-# Root at WARN keeps the file small; a few loggers at INFO say when the broker started, which
-# version it is, when it shut down, and which clients failed to authenticate.
-LOG4J2 = """\
-status = warn
-appender.file.type = RollingFile
-appender.file.name = FILE
-appender.file.fileName = {log}
-appender.file.filePattern = {log}.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 10MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
-rootLogger.level = {level}
-rootLogger.appenderRef.file.ref = FILE
-""" + "".join(f"logger.l{i}.name = {name}\nlogger.l{i}.level = INFO\n" for i, name in enumerate([
-    "kafka.server.KafkaRaftServer", "kafka.server.BrokerServer",
-    "org.apache.kafka.common.utils.AppInfoParser", "org.apache.kafka.common.network.Selector"]))
-
-
-class BrokerError(RuntimeError):
-    """The local broker could not be set up; the message says what to do."""
-
-
-def user_cache_dir() -> Path:
-    """``$STREAM_LSTM_CACHE_DIR``, else ``$XDG_CACHE_HOME/stream-lstm``, else ``~/.cache/...``."""
-    if os.environ.get("STREAM_LSTM_CACHE_DIR"):
-        return Path(os.environ["STREAM_LSTM_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "stream-lstm"
+from stream_lstm.kafka.broker_config import LOG4J2, make_certificates, server_properties
+from stream_lstm.kafka.jars import (
+    JAVA_HINT,
+    KAFKA_VERSION,
+    BrokerError,
+    fetch_jars,
+    require_tool,
+    user_cache_dir,
+)
 
 
 def default_data_dir(port: int) -> Path:
     return user_cache_dir() / f"broker-{port}"
-
-
-def require_tool(name: str, install: str) -> str:
-    """The path of ``name`` on PATH, or a one-line :class:`BrokerError` saying what to install."""
-    if (path := shutil.which(name)) is None:
-        raise BrokerError(f"{name} not found: install {install}")
-    return path
-
-
-def find_pom() -> Path:
-    """The pom that pins Kafka: ``deploy/kafka/pom.xml`` is the one source of truth.
-
-    Looked up as ``$STREAM_LSTM_KAFKA_POM``, then ``stream_lstm/kafka/pom.xml`` (a symlink to
-    the deploy file in a checkout, a real copy in a built wheel), then the checkout path.
-    """
-    here = Path(__file__).resolve().parent
-    candidates = [here / "pom.xml", here.parents[1] / "deploy" / "kafka" / "pom.xml"]
-    if os.environ.get("STREAM_LSTM_KAFKA_POM"):
-        candidates = [Path(os.environ["STREAM_LSTM_KAFKA_POM"])]
-    for pom in candidates:
-        if pom.is_file():
-            return pom
-    raise BrokerError(f"the Kafka pom was not found (looked at {', '.join(map(str, candidates))}): "
-                      "set STREAM_LSTM_KAFKA_POM to a copy of deploy/kafka/pom.xml")
-
-
-def fetch_jars(cache_dir: Path | None = None) -> Path:
-    """The directory of Kafka's jars, fetched with Maven once and then reused.
-
-    A marker file holding the pom's sha256 is written only after a complete copy, so an
-    interrupted fetch is redone, and so is a fetch for an edited pom. A file lock keeps two
-    processes (a test session and a CLI call, say) from fetching into the same place at once.
-    """
-    root = Path(cache_dir or user_cache_dir()) / f"kafka-{KAFKA_VERSION}"
-    libs, marker = root / "libs", root / "libs" / ".complete"
-    pom: Path | None = None
-    with contextlib.suppress(BrokerError):
-        pom = find_pom()
-    want = hashlib.sha256(pom.read_bytes()).hexdigest() if pom else None
-    if marker.exists() and (want is None or marker.read_text().strip() == want):
-        return libs  # cached: an installed copy without the pom still uses its jars
-    if pom is None:
-        find_pom()  # raises the clear error
-    require_tool("java", JAVA_HINT)  # mvn itself fails obscurely without java
-    mvn = require_tool("mvn", MAVEN_HINT)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and marker.read_text().strip() == want:
-            return libs  # another process fetched while we waited
-        shutil.rmtree(libs, ignore_errors=True)  # no stale jars of an older pom on the classpath
-        cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-               f"-DoutputDirectory={libs}", f"-Dkafka.version={KAFKA_VERSION}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-            raise BrokerError(f"mvn could not fetch Kafka {KAFKA_VERSION} ({' '.join(cmd)}):\n"
-                              f"{(result.stdout + result.stderr)[-3000:]}")
-        marker.write_text(str(want))
-    return libs
 
 
 def port_in_use(port: int) -> bool:
@@ -246,10 +158,14 @@ class LocalBroker:
             self.sasl_port = self.sasl_port or free_port()
         if self.tls:
             self.ssl_port = self.ssl_port or free_port()
-            store_password = self._make_certificates()
+            store_password = make_certificates(self.data_dir / "tls")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
-        props.write_text(self._properties(store_password if self.tls else ""))
+        props.write_text(server_properties(
+            self.data_dir, self.port, self.controller_port,
+            sasl_port=self.sasl_port if self.sasl_users else None,
+            ssl_port=self.ssl_port if self.tls else None,
+            store_password=store_password if self.tls else ""))
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(LOG4J2.format(log=self.log_file, level=self.log_level))
         jvm = [java, "-Xmx512m", "-Xms128m", "-Djava.awt.headless=true",
@@ -297,55 +213,6 @@ class LocalBroker:
             return self._proc.poll() is None  # our child: poll() also reaps it
         return pid_alive(pid)
 
-    def _properties(self, store_password: str) -> str:
-        names = {"PLAINTEXT": self.port}
-        if self.sasl_users:
-            names["SASL_PLAINTEXT"] = self.sasl_port
-        if self.tls:
-            names["SSL"] = self.ssl_port
-        advertised = ",".join(f"{n}://127.0.0.1:{p}" for n, p in names.items())
-        props: dict[str, object] = {
-            "process.roles": "broker,controller", "node.id": 1,
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"{advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": advertised,
-            "listener.security.protocol.map": ",".join(f"{n}:{n}" for n in names)
-            + ",CONTROLLER:PLAINTEXT",
-            "controller.listener.names": "CONTROLLER", "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": self.data_dir / "kraft",
-            # One node: one replica everywhere; few partitions, so that the first consumer
-            # group or transaction (which creates an internal topic) is quick on two cores.
-            "num.partitions": 4, "default.replication.factor": 1,
-            "offsets.topic.replication.factor": 1, "offsets.topic.num.partitions": 4,
-            "transaction.state.log.replication.factor": 1, "transaction.state.log.min.isr": 1,
-            "transaction.state.log.num.partitions": 4,
-            "share.coordinator.state.topic.replication.factor": 1,
-            "share.coordinator.state.topic.min.isr": 1,
-            "group.initial.rebalance.delay.ms": 0,  # no 3 s wait before the first assignment
-            "auto.create.topics.enable": "true", "delete.topic.enable": "true",
-            # The changelog and models topics are compacted.
-            "log.cleaner.enable": "true", "log.cleaner.backoff.ms": 1000,
-            # Models travel as messages: as large as the producer's max_request_size.
-            "message.max.bytes": 4194304, "replica.fetch.max.bytes": 4194304,
-            # Transactions left open by a killed worker are aborted in seconds, not minutes.
-            "transaction.abort.timed.out.transaction.cleanup.interval.ms": 5000,
-        }
-        if self.sasl_users:
-            jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-            props.update({
-                "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
-                "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": jaas,
-                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": jaas,
-                # With the default 100 ms delay the broker closes the connection before the
-                # client reads the error response, and a bad password looks like a timeout.
-                "connection.failed.authentication.delay.ms": 0})
-        if self.tls:
-            props.update({
-                "ssl.keystore.type": "PKCS12", "ssl.client.auth": "none",
-                "ssl.keystore.location": self.data_dir / "tls" / "broker.p12",
-                "ssl.keystore.password": store_password, "ssl.key.password": store_password})
-        return "".join(f"{k}={v}\n" for k, v in props.items())
-
     def _format(self, jvm: list[str], props: Path) -> None:
         """Format KRaft storage; reuse a formatted directory when it is still this broker's.
 
@@ -374,43 +241,6 @@ class LocalBroker:
         if result.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
         record.write_text(json.dumps({"cluster_id": cluster_id, "users": users}))
-
-    def _make_certificates(self) -> str:
-        """A self-signed CA and a broker certificate for 127.0.0.1/localhost; the store password.
-
-        PEM files for Python clients (``ca.pem``), a PKCS12 keystore for the broker. Made once
-        per data directory and reused, so clients holding ``ca.pem`` keep working.
-        """
-        tls = self.data_dir / "tls"
-        p12, password_file = tls / "broker.p12", tls / "store-password"
-        if p12.exists() and password_file.exists() and self.ca_file.exists():
-            return password_file.read_text().strip()
-        openssl = require_tool("openssl", "OpenSSL (apt install openssl)")
-        shutil.rmtree(tls, ignore_errors=True)
-        tls.mkdir(parents=True)
-        password = secrets.token_hex(16)
-        password_file.write_text(password)
-        password_file.chmod(0o600)
-        (tls / "broker.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-        steps = [  # CA; broker key + request; CA signs it; key + chain into PKCS12
-            "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem -subj "
-            "/CN=stream-lstm-local-CA -addext basicConstraints=critical,CA:TRUE "
-            "-addext keyUsage=critical,keyCertSign,cRLSign",
-            "req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj /CN=localhost",
-            "x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 "
-            "-out broker.pem -extfile broker.ext",
-            "pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker "
-            f"-out broker.p12 -passout pass:{password}",
-        ]
-        for step in steps:
-            result = subprocess.run([openssl, *step.split()], cwd=tls, capture_output=True,
-                                    text=True)
-            if result.returncode != 0:
-                raise BrokerError(f"openssl {step.split()[0]} failed:\n{result.stderr[-2000:]}")
-        return password
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll an admin call until it succeeds; fail with the log's tail if the JVM dies."""

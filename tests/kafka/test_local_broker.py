@@ -12,25 +12,16 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
-from xml.etree import ElementTree
 
 import pytest
 from kafka import KafkaAdminClient
 
 from stream_lstm.kafka import local_broker
-from stream_lstm.kafka.local_broker import (
-    KAFKA_VERSION,
-    fetch_jars,
-    find_pom,
-    free_port,
-    pid_alive,
-)
+from stream_lstm.kafka.jars import KAFKA_VERSION
+from stream_lstm.kafka.local_broker import free_port, pid_alive
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 ORIGINAL_PATH = os.environ["PATH"]
-REPO = Path(__file__).resolve().parents[2]
-POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 
 
 def cli(action, port, data_dir, timeout=90):
@@ -138,18 +129,3 @@ def test_missing_java_or_mvn_says_what_to_install(tmp_path, monkeypatch, capsys)
     assert cli("fetch", free_port(), tmp_path / "data") == 2
     assert capsys.readouterr().err == ("stream-lstm kafka fetch: mvn not found: install "
                                        "Apache Maven (apt install maven)\n")
-
-
-def test_fetch_reuses_cached_jars_without_maven(monkeypatch, tmp_path):
-    libs = fetch_jars()  # the normal cache: fetched once (mvn), then reused
-    assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
-    assert list(libs.glob("log4j-slf4j-impl-*.jar")), "the log4j2 binding is on the classpath"
-    monkeypatch.setenv("PATH", path_with(tmp_path))  # no mvn, no java: must not be needed
-    assert fetch_jars() == libs
-
-
-def test_the_pom_is_the_one_source_of_the_dependency_set():
-    pom = find_pom()
-    assert pom.resolve() == (REPO / "deploy" / "kafka" / "pom.xml").resolve()
-    version = ElementTree.parse(pom).find("m:properties/m:kafka.version", POM_NS)
-    assert version is not None and version.text == KAFKA_VERSION, "pom and KAFKA_VERSION differ"
