@@ -12,6 +12,9 @@ One iteration is one batch: **poll → decode → state → engine → encode �
 
 Every consumed reading ends in exactly one place: a forecast, the warm-up count, the late or
 duplicate count, or the DLQ. The counts are metrics, so the accounting can be checked live.
+
+The model served at start and the topics created before the first poll come from
+:mod:`stream_lstm.startup`.
 """
 
 from __future__ import annotations
@@ -34,69 +37,13 @@ from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.metrics import HealthState, Metrics
-from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
+from stream_lstm.startup import ensure_worker_topics, load_served_model
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle, Served
 
 log = logging.getLogger("stream_lstm.worker")
-
-
-def fresh_model(settings: Settings) -> Served:
-    spec = ModelSpec(
-        n_features=settings.n_features, hidden_size=settings.hidden_size,
-        num_layers=settings.num_layers, horizon=settings.horizon,
-        target_channel=settings.target_channel, dropout=settings.dropout,
-    )
-    return Served(SimpleLSTM.from_spec(spec), spec, "v0000-untrained")
-
-
-def load_served_model(settings: Settings) -> Served:
-    """The model to serve: STREAM_LSTM_MODEL_PATH, else the registry's promoted version,
-    else a freshly initialized model (with a warning)."""
-    from stream_lstm.models.registry import ModelLoadError, ModelRegistry, load_model
-
-    if settings.model_path is not None:
-        loaded = load_model(settings.model_path)
-        return Served(loaded.model, loaded.spec, loaded.version)
-    registry = ModelRegistry(settings.model_dir)
-    promoted = registry.promoted()
-    if promoted is None:
-        log.warning(
-            "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
-            "freshly initialized, untrained model", settings.model_dir,
-        )
-        return fresh_model(settings)
-    # The promoted version first, then older ones: a damaged file never stops the service.
-    candidates = [promoted] + [m["version"] for m in reversed(registry.versions())
-                               if m.get("version") and m.get("version") != promoted]
-    for version in candidates:
-        try:
-            loaded = registry.load(version)
-        except ModelLoadError as exc:
-            log.error("cannot load model %s: %s", version, exc)
-            continue
-        if version != promoted:
-            log.warning("serving %s instead of the promoted %s", version, promoted)
-        return Served(loaded.model, loaded.spec, loaded.version)
-    raise ModelLoadError(f"no loadable model in {settings.model_dir}")
-
-
-def ensure_worker_topics(settings: Settings) -> None:
-    """Create the worker's topics when missing; the changelog is compacted and has as many
-    partitions as the input topic (state of input partition p lives in changelog partition p)."""
-    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-
-    n = settings.topic_partitions
-    names = [settings.input_topic, settings.output_topic, settings.dlq_topic]
-    if settings.alerts_topic:
-        names.append(settings.alerts_topic)
-    ensure_topics(settings, [TopicSpec(t, n, {}) for t in names])
-    from stream_lstm.checkpointing.changelog import ensure_changelog_topic
-    from stream_lstm.kafka.topics import partition_count
-
-    ensure_changelog_topic(settings, partition_count(settings, settings.input_topic))
 
 
 class Worker:
@@ -107,7 +54,7 @@ class Worker:
     settings
         All settings.
     served
-        The model to serve; by default :func:`load_served_model`.
+        The model to serve; by default :func:`~stream_lstm.startup.load_served_model`.
     metrics, health
         Prometheus series and health state; created when not given.
     """

@@ -169,7 +169,8 @@ def bench_bare_consume(settings: Any, topic: str, messages: int) -> float:
 
 
 def bench_pipeline(settings: Any, topic: str, messages: int, guarantee: str) -> float:
-    from stream_lstm.worker import Worker, fresh_model
+    from stream_lstm.startup import fresh_model
+    from stream_lstm.worker import Worker
 
     s = settings.model_copy(update={
         "input_topic": topic, "output_topic": f"{topic}-out", "dlq_topic": f"{topic}-dlq",

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     bootstrap, broker = ensure_broker(settings, args.port)
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
-    from stream_lstm.worker import ensure_worker_topics
+    from stream_lstm.startup import ensure_worker_topics
 
     ensure_worker_topics(settings)
     env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap)

@@ -106,7 +106,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
         "state_dir": Path(tempfile.mkdtemp(prefix="stream-lstm-eval-")),
         "max_future_skew_s": 1e12})
     events = sorted((t, dev, v) for dev, (ts, x) in series.items() for t, v in zip(ts, x, strict=True))
-    from stream_lstm.worker import ensure_worker_topics
+    from stream_lstm.startup import ensure_worker_topics
 
     ensure_worker_topics(s)
     producer = make_producer(s, linger_ms=20)

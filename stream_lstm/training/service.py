@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from stream_lstm.logs import configure_logging
-    from stream_lstm.worker import load_served_model
+    from stream_lstm.startup import load_served_model
 
     settings = load_settings()
     configure_logging(settings.log_level)

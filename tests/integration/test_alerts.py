@@ -15,8 +15,9 @@ import torch
 
 from stream_lstm import experts
 from stream_lstm.forecast import interval_quantile
+from stream_lstm.startup import fresh_model
 from stream_lstm.state.normalizer import normalize_sequence
-from stream_lstm.worker import Worker, fresh_model
+from stream_lstm.worker import Worker
 
 from .helpers import produce_readings, read_topic
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stream_lstm.worker import Worker, fresh_model
+from stream_lstm.startup import fresh_model
+from stream_lstm.worker import Worker
 
 from .helpers import forecasts_by_device, offline_forecasts, produce_readings, read_topic
 
