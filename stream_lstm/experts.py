@@ -179,15 +179,22 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)
-    gain = (huber / (FORGETTING + huber * np.einsum("mf,mf->m", f, pf)))[:, None] * pf
-    new_w = s[:, _W] + gain * err[:, None]
-    new_p = (p - gain[:, :, None] * pf[:, None, :]) / FORGETTING
-    new_p = 0.5 * (new_p + new_p.transpose(0, 2, 1))  # keep it symmetric against round-off
-    trace = np.trace(new_p, axis1=1, axis2=2)
-    new_p *= np.minimum(1.0, _P_TRACE_MAX / np.maximum(trace, 1e-12))[:, None, None]
-    ok = np.isfinite(new_w).all(axis=1) & np.isfinite(new_p).all(axis=(1, 2))
-    s[ok, _W] = new_w[ok]
-    s[ok, _P] = new_p[ok].reshape(int(ok.sum()), -1)
+    c = huber / (FORGETTING + huber * np.einsum("mf,mf->m", f, pf))
+    new_w = s[:, _W] + (c * err)[:, None] * pf
+    # P <- (P - c pf pf') / forgetting. pf_i * pf_j is the same number as pf_j * pf_i, so P stays
+    # exactly symmetric without a symmetrizing pass, and a finite trace means a finite P (no
+    # |pf_i pf_j| exceeds the larger of pf_i^2 and pf_j^2).
+    new_p = pf[:, :, None] * pf[:, None, :]
+    new_p *= -c[:, None, None]
+    new_p += p
+    trace = np.trace(new_p, axis1=1, axis2=2) / FORGETTING
+    new_p *= (np.minimum(1.0, _P_TRACE_MAX / np.maximum(trace, 1e-12)) / FORGETTING)[:, None, None]
+    ok = np.isfinite(new_w).all(axis=1) & np.isfinite(trace)
+    if ok.all():
+        s[:, _W], s[:, _P] = new_w, new_p.reshape(len(s), -1)
+    else:
+        s[ok, _W] = new_w[ok]
+        s[ok, _P] = new_p[ok].reshape(int(ok.sum()), -1)
     if not every:
         state[rows] = s
 
