@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -135,6 +136,19 @@ class Metrics:
         """Expose the served model: ``stream_lstm_model_info{version=...}`` and its promotion time."""
         self.model_info.info({"version": str(version)})
         self.model_promoted_timestamp_seconds.set(promoted_at)
+
+    def count_batch(self, c: Any, active_devices: int) -> None:
+        """Add one batch's :class:`~stream_lstm.pipeline.BatchCounts`: where each reading ended."""
+        self.forecasts_published.inc(c.forecasts)
+        self.warmup_readings.inc(c.warmup)
+        self.late_readings.inc(c.late)
+        self.duplicate_readings.inc(c.duplicate)
+        self.dlq_messages.inc(c.dlq)
+        self.anomalies.inc(c.anomalies)
+        self.gap_resets.inc(c.resets)
+        for reason, k in c.dlq_by_reason.items():
+            self.invalid_readings.labels(reason).inc(k)
+        self.active_devices.set(active_devices)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -34,6 +34,7 @@ from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device
 from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.metrics import HealthState, Metrics
@@ -93,7 +94,9 @@ class Worker:
         self._stop = threading.Event()
         self.consumer: KafkaConsumer | None = None
         self.publisher: BatchPublisher | None = None
+        self.heartbeat: GroupHeartbeat | None = None
         self.assigned: set[int] = set()
+        self._next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
         self.totals = BatchCounts()
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
         self._next_expiry = 0.0
@@ -142,6 +145,7 @@ class Worker:
         self.consumer.subscribe(
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
+        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
         self.publisher = self._new_publisher()
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.lifecycle.version)
@@ -165,6 +169,7 @@ class Worker:
                 consumed = self.process(polled).consumed if polled else 0
                 self.lifecycle.tick(consumed)
                 self._update_lag()
+                self._check_heartbeat()
                 if until is not None and until(self):
                     break
             clean = True
@@ -200,6 +205,8 @@ class Worker:
         gone = len(self.table.devices_in_partitions(partitions))
         self.state.revoke(self.table, partitions)
         self.assigned -= partitions
+        for tp in self._tps(partitions):
+            self._next_offsets.pop(tp, None)
         log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": gone})
         self._update_readiness()
 
@@ -269,12 +276,14 @@ class Worker:
             self._rollback(exc)
             return BatchCounts()
         self.state.committed(written)
+        self._next_offsets.update((tp, om.offset) for tp, om in commit.items())
         m.transactions.labels("committed").inc()
         for tp, recs in polled.items():
             m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(len(recs))
         if out.counts.forecasts:
             m.end_to_end_latency_seconds.observe(max(0.0, time.time() - out.oldest_ts))
-        self._count(out.counts)
+        m.count_batch(out.counts, active_devices=len(self.table))
+        self.totals.add(out.counts)
         m.batch_size.observe(out.counts.consumed)
         m.batch_seconds.observe(time.perf_counter() - t0)
         return out.counts
@@ -329,29 +338,20 @@ class Worker:
         self.health.set_ready("broker", True)
         log.info("broker reachable again; resuming from the last commit")
 
-    def _count(self, c: BatchCounts) -> None:
-        m = self.metrics
-        m.forecasts_published.inc(c.forecasts)
-        m.warmup_readings.inc(c.warmup)
-        m.late_readings.inc(c.late)
-        m.duplicate_readings.inc(c.duplicate)
-        m.dlq_messages.inc(c.dlq)
-        m.anomalies.inc(c.anomalies)
-        m.gap_resets.inc(c.resets)
-        for reason, k in c.dlq_by_reason.items():
-            m.invalid_readings.labels(reason).inc(k)
-        m.active_devices.set(len(self.table))
-        self.totals.add(c)
+    def _check_heartbeat(self) -> None:
+        # An idle worker publishes nothing, so no failed publish reports a broker outage.
+        if self.heartbeat is not None and self.assigned and self.heartbeat.report(self.health):
+            self._update_readiness()
 
     def _update_lag(self) -> None:
+        # From what the consumer already knows: consumer.position() may go to the broker, and
+        # raises when it is down, which must not end an idle worker's loop.
         if self.consumer is None:
             return
         for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                self.metrics.consumer_lag.labels(str(tp.partition)).set(
-                    max(0, high - self.consumer.position(tp))
-                )
+            high, position = self.consumer.highwater(tp), self._next_offsets.get(tp)
+            if high is not None and position is not None:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
 
 
 # ---- CLI: `stream-lstm run` ----------------------------------------------------------------

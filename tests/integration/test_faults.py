@@ -80,3 +80,61 @@ def run(broker, settings_factory, topic_name):
     keys = {(f["partition"], f["offset"]) for f in fcs}
     assert len(fcs) == sent and len(keys) == sent  # nothing lost, nothing twice
     assert True in ready_seen
+
+
+def test_an_idle_worker_reports_a_broker_outage_and_recovers(settings_factory, topic_name):
+    """No traffic, so no failed publish: the silent group heartbeat must say the broker is gone."""
+    with tempfile.TemporaryDirectory() as d:
+        broker = LocalBroker(port=free_port(), data_dir=d)
+        broker.start()
+        try:
+            idle_outage(broker, settings_factory, topic_name)
+        finally:
+            broker.stop()
+
+
+def wait_for(predicate, timeout_s):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def idle_outage(broker, settings_factory, topic_name):
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
+                         group_id=f"{topic_name}-g", min_history=1, window=8, hidden_size=8, horizon=2,
+                         session_timeout_ms=6000)
+    s = s.model_copy(update={"bootstrap_servers": broker.bootstrap})
+    worker = Worker(s, fresh_model(s))
+    stop = threading.Event()
+    wt = threading.Thread(target=lambda: worker.run(until=lambda w: stop.is_set()), daemon=True)
+    wt.start()
+    t0 = 1_700_000_000.0
+
+    def send(start, n):
+        producer = make_producer(s, max_block_ms=60_000)
+        for i in range(start, start + n):
+            producer.send(topic_name, encode_reading("d0", t0 + 60 * i, [float(i % 7)]), key=b"d0")
+        producer.flush()
+        producer.close()
+
+    try:
+        send(0, 10)
+        assert wait_for(lambda: worker.totals.consumed == 10 and worker.health.readiness()[0], 60)
+        published = worker.totals.forecasts
+        broker.stop()  # the worker is idle: nothing to publish, nothing to fail
+        assert wait_for(lambda: not worker.health.readiness()[0], 40)
+        _, parts = worker.health.readiness()
+        assert parts["broker"].startswith("no consumer-group heartbeat"), parts
+        assert worker.totals.forecasts == published  # no publish happened to report it
+        broker.start()
+        assert wait_for(lambda: worker.health.readiness()[0], 90), worker.health.readiness()
+        send(10, 10)
+        assert wait_for(lambda: worker.totals.consumed == 20, 90)
+    finally:
+        stop.set()
+        wt.join(60)
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=20, timeout_s=60)]
+    assert sorted(f["offset"] for f in fcs) == list(range(20))  # nothing lost, nothing twice
