@@ -39,7 +39,8 @@ beating deep-river's online LSTM on 8 recordings to 12, and the analogues took t
 (docs/evaluation.md).
 
 All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (5 KB),
-held in the device table and moved with the device in its snapshot.
+held in the device table. It moves with the device in its snapshot, packed into
+:data:`PACKED_SIZE` values (2.8 KB, :func:`pack`).
 
 >>> import numpy as np
 >>> state = init_state(1)
@@ -81,6 +82,8 @@ _E_PREV = slice(_F_PREV.stop, _F_PREV.stop + len(EXPERTS))  # each expert's last
 _LOG_W = slice(_E_PREV.stop, _E_PREV.stop + len(EXPERTS))
 _S_PREV = _LOG_W.stop  # the scale at the last forecast; NaN before the first
 STATE_SIZE = _S_PREV + 1
+_UPPER = np.triu_indices(N_FEATURES)  # P is symmetric: its upper triangle says it all
+PACKED_SIZE = N_HISTORY // 2 + N_FEATURES + len(_UPPER[0]) + (STATE_SIZE - _F_PREV.start)
 
 
 def init_state(n: int) -> np.ndarray:
@@ -94,6 +97,29 @@ def init_state(n: int) -> np.ndarray:
     state[:, _E_PREV] = np.nan
     state[:, _S_PREV] = np.nan
     return state
+
+
+def pack(row: np.ndarray) -> np.ndarray:
+    """One device's state (``[STATE_SIZE]``) as the :data:`PACKED_SIZE` float64 words its
+    snapshot carries, 45 % fewer bytes, restored bit for bit by :func:`unpack`: the history's
+    float32 values two to a word, and only the upper triangle of the symmetric RLS matrix."""
+    history = row[_HISTORY].astype(np.float32).view(np.float64)
+    upper = row[_P].reshape(N_FEATURES, N_FEATURES)[_UPPER]
+    return np.concatenate([history, row[_W], upper, row[_F_PREV.start :]])
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """The ``[STATE_SIZE]`` state that :func:`pack` packed."""
+    half = N_HISTORY // 2
+    row = np.empty(STATE_SIZE)
+    row[_HISTORY] = packed[:half].copy().view(np.float32)
+    row[_W] = packed[half : half + N_FEATURES]
+    p = np.zeros((N_FEATURES, N_FEATURES))
+    p[_UPPER] = packed[half + N_FEATURES : half + N_FEATURES + len(_UPPER[0])]
+    p.T[_UPPER] = p[_UPPER]  # mirror: the lower triangle
+    row[_P] = p.ravel()
+    row[_F_PREV.start :] = packed[half + N_FEATURES + len(_UPPER[0]) :]
+    return row
 
 
 def previous(state: np.ndarray, expert: str) -> np.ndarray:
@@ -145,7 +171,9 @@ def step(
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
     state[:, _HISTORY.start : _HISTORY.stop - 1] = state[:, _HISTORY.start + 1 : _HISTORY.stop]
-    state[:, _LAST] = x
+    # At float32 precision (7 digits, as the window keeps them), so the snapshot can hold the
+    # history in half the bytes and still restore it exactly (pack).
+    state[:, _LAST] = x.astype(np.float32)
     analog = _analog(state[:, _HISTORY])
     lags = np.where(np.isnan(state[:, _LAGS]), x[:, None], state[:, _LAGS])
     median = np.median(lags, axis=1)

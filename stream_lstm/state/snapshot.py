@@ -52,8 +52,8 @@ class DeviceSnapshot:
         normalized change) made at the last H readings, as a ring indexed by ``n_seen % H``:
         what a reading's drift score compares it with. ``float32 [H]``; empty when none.
     experts
-        The per-device one-step experts and their weights (``stream_lstm.experts``),
-        ``float64 [STATE_SIZE]``; empty when none.
+        The per-device one-step experts and their weights (``stream_lstm.experts``), packed
+        by ``experts.pack``: ``float64 [PACKED_SIZE]``; empty when none.
     last_seen
         Wall-clock time the device last sent (for the TTL).
     """

@@ -276,7 +276,8 @@ class DeviceTable:
             prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
             drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
-            drift_change=self.drift_change[slot].copy(), experts=self.experts[slot].copy(),
+            drift_change=self.drift_change[slot].copy(),
+            experts=experts.pack(self.experts[slot]) if self._expert_width else np.zeros(0),
             extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
                    _LOG_MH: float(self.interval_log_m[slot, 1]),
                    _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
@@ -315,7 +316,8 @@ class DeviceTable:
         self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
         self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
         # A snapshot from before the experts (or with another layout) starts them afresh.
-        fresh = snap.experts.shape != (self._expert_width,)
-        self.experts[slot] = self._fresh_experts(1)[0] if fresh else snap.experts
+        if self._expert_width:
+            fresh = snap.experts.shape != (experts.PACKED_SIZE,)
+            self.experts[slot] = self._fresh_experts(1)[0] if fresh else experts.unpack(snap.experts)
         self.model_version[slot] = snap.model_version if compatible else ""
         self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)
