@@ -4,6 +4,7 @@ The worker reports not-ready, retries with backoff, resumes, and loses nothing: 
 has exactly one forecast under read_committed.
 """
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -22,14 +23,21 @@ from .helpers import read_topic
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(400)]
 
 
-def test_broker_stop_and_restart_mid_stream(settings_factory, topic_name):
+@contextlib.contextmanager
+def own_broker():
+    """A broker of the test's own, which it may stop and start (the shared one must stay up)."""
     with tempfile.TemporaryDirectory() as d:
         broker = LocalBroker(port=free_port(), data_dir=d)
         broker.start()
         try:
-            run(broker, settings_factory, topic_name)
+            yield broker
         finally:
             broker.stop()
+
+
+def test_broker_stop_and_restart_mid_stream(settings_factory, topic_name):
+    with own_broker() as broker:
+        run(broker, settings_factory, topic_name)
 
 
 def run(broker, settings_factory, topic_name):
@@ -84,13 +92,8 @@ def run(broker, settings_factory, topic_name):
 
 def test_an_idle_worker_reports_a_broker_outage_and_recovers(settings_factory, topic_name):
     """No traffic, so no failed publish: the silent group heartbeat must say the broker is gone."""
-    with tempfile.TemporaryDirectory() as d:
-        broker = LocalBroker(port=free_port(), data_dir=d)
-        broker.start()
-        try:
-            idle_outage(broker, settings_factory, topic_name)
-        finally:
-            broker.stop()
+    with own_broker() as broker:
+        idle_outage(broker, settings_factory, topic_name)
 
 
 def wait_for(predicate, timeout_s):
