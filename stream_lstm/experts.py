@@ -132,6 +132,12 @@ def weights(state: np.ndarray) -> np.ndarray:
     return _normalized(state[:, _LOG_W])
 
 
+def leaders(state: np.ndarray) -> np.ndarray:
+    """``[len(EXPERTS)]``: how many rows weigh each expert most (ties, such as a device that
+    has learnt nothing yet, go to the first: the model)."""
+    return np.bincount(weights(state).argmax(axis=1), minlength=len(EXPERTS))
+
+
 def _normalized(log_w: np.ndarray) -> np.ndarray:
     w = np.exp(log_w - log_w.max(axis=1, keepdims=True))  # shifted: no overflow
     return w / w.sum(axis=1, keepdims=True)

@@ -92,6 +92,9 @@ class Metrics:
         self.consumer_lag = gauge("consumer_lag_messages", "Input messages not yet consumed",
                                   ("partition",))
         self.active_devices = gauge("active_devices", "Devices held in memory")
+        self.expert_leading_devices = gauge(
+            "expert_leading_devices", "Devices in memory whose one-step forecast weighs this "
+            "expert most (experts.py): many on 'last' says the model no longer helps", ("expert",))
         self.evicted_devices = counter("evicted_devices", "Devices moved from memory to the state store")
         self.expired_devices = counter("expired_devices", "Devices forgotten after their TTL")
 
@@ -149,6 +152,11 @@ class Metrics:
         for reason, k in c.dlq_by_reason.items():
             self.invalid_readings.labels(reason).inc(k)
         self.active_devices.set(active_devices)
+
+    def set_expert_leaders(self, counts: dict[str, int]) -> None:
+        """``{expert: devices that weigh it most}`` (``experts.leaders``)."""
+        for name, k in counts.items():
+            self.expert_leading_devices.labels(name).set(k)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from stream_lstm import experts
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device
@@ -100,6 +101,7 @@ class Worker:
         self.totals = BatchCounts()
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
         self._next_expiry = 0.0
+        self._next_expert_count = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -169,6 +171,7 @@ class Worker:
                 consumed = self.process(polled).consumed if polled else 0
                 self.lifecycle.tick(consumed)
                 self._update_lag()
+                self._count_expert_leaders()
                 self._check_heartbeat()
                 if until is not None and until(self):
                     break
@@ -342,6 +345,12 @@ class Worker:
         # An idle worker publishes nothing, so no failed publish reports a broker outage.
         if self.heartbeat is not None and self.assigned and self.heartbeat.report(self.health):
             self._update_readiness()
+
+    def _count_expert_leaders(self) -> None:
+        if time.monotonic() >= self._next_expert_count and self.table.experts.shape[1]:
+            self._next_expert_count = time.monotonic() + 5.0  # a pass over all devices: not every turn
+            counts = experts.leaders(self.table.experts[list(self.table.index.values())])
+            self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
 
     def _update_lag(self) -> None:
         # From what the consumer already knows: consumer.position() may go to the broker, and

@@ -149,3 +149,12 @@ def test_the_packed_state_restores_bit_for_bit_in_fewer_bytes():
     np.testing.assert_array_equal(experts.unpack(packed), row)  # NaN included
     p = row[experts._P].reshape(experts.N_FEATURES, experts.N_FEATURES)
     assert np.array_equal(p, p.T) and not np.allclose(p, np.diag(np.diag(p)))  # learnt, symmetric
+
+
+def test_leaders_counts_the_expert_each_device_weighs_most():
+    state = experts.init_state(3)
+    state[1, experts._LOG_W.start + experts.EXPERTS.index("analog")] = 2.0
+    state[2, experts._LOG_W.start + experts.EXPERTS.index("last")] = 1.0
+    # A device that has learnt nothing weighs all alike: it counts for the model.
+    assert dict(zip(experts.EXPERTS, experts.leaders(state).tolist(), strict=True)) == {
+        "model": 1, "ar": 0, "median": 0, "last": 1, "analog": 1}

@@ -48,7 +48,7 @@ def test_promtool_check_rules():
 
 ALERTS = {"StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
           "StreamLstmRetrainFailures", "StreamLstmAnomalyRateHigh", "StreamLstmNotReady",
-          "StreamLstmTargetDown"}
+          "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps"}
 
 
 def test_alert_rules_cover_the_runbook():

@@ -66,6 +66,16 @@ def test_metrics_health_and_real_prometheus(settings_factory, topic_name, tmp_pa
     assert lags and max(lags) == 0
     assert sample(text, "stream_lstm_batch_size_readings_count") >= 1
 
+    def leaders():  # refreshed every 5 s: wait for a count taken after the last device came
+        lines = get(base + "/metrics")[1].splitlines()
+        return {line.split('"')[1]: float(line.split()[-1]) for line in lines
+                if line.startswith("stream_lstm_expert_leading_devices{")}
+    deadline = time.time() + 15
+    while sum(leaders().values()) != 10 and time.time() < deadline:
+        time.sleep(0.5)
+    assert set(leaders()) == {"model", "ar", "median", "last", "analog"}
+    assert sum(leaders().values()) == 10
+
     if shutil.which("prometheus"):
         prom_port = free_port()
         cfg = tmp_path / "prom.yml"
