@@ -38,7 +38,7 @@ Its loss is then close to that of the best expert on each device, whichever that
 beating deep-river's online LSTM on 8 recordings to 12, and the analogues took them further
 (docs/evaluation.md).
 
-All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (5 KB),
+All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (4 KB),
 held in the device table. It moves with the device in its snapshot, packed into
 :data:`PACKED_SIZE` values (2.8 KB, :func:`pack`).
 
@@ -72,9 +72,10 @@ _P_TRACE_MAX = 1e4  # without fresh information, forgetting would grow P without
 _FEATURE_MAX = 50.0  # a near-zero scale must not produce huge features
 
 # Layout of one device's state vector.
-_HISTORY = slice(0, N_HISTORY)  # the last readings, oldest first; NaN where not yet seen
-_LAGS = slice(N_HISTORY - N_LAGS, N_HISTORY)  # the newest of them
-_LAST = N_HISTORY - 1
+# The last readings, oldest first, NaN where not yet seen: float32, two to a float64 word, read
+# and written through history(). 7 digits are what the window keeps too, and the analogues
+# only compare them; it halves the biggest part of the state.
+_HISTORY = slice(0, N_HISTORY // 2)
 _W = slice(_HISTORY.stop, _HISTORY.stop + N_FEATURES)
 _P = slice(_W.stop, _W.stop + N_FEATURES * N_FEATURES)
 _F_PREV = slice(_P.stop, _P.stop + N_FEATURES)  # features of the last forecast
@@ -83,14 +84,14 @@ _LOG_W = slice(_E_PREV.stop, _E_PREV.stop + len(EXPERTS))
 _S_PREV = _LOG_W.stop  # the scale at the last forecast; NaN before the first
 STATE_SIZE = _S_PREV + 1
 _UPPER = np.triu_indices(N_FEATURES)  # P is symmetric: its upper triangle says it all
-PACKED_SIZE = N_HISTORY // 2 + N_FEATURES + len(_UPPER[0]) + (STATE_SIZE - _F_PREV.start)
+PACKED_SIZE = _HISTORY.stop + N_FEATURES + len(_UPPER[0]) + (STATE_SIZE - _F_PREV.start)
 
 
 def init_state(n: int) -> np.ndarray:
     """``[n, STATE_SIZE]``: devices that have seen nothing. The ``ar`` expert starts as the
     model's change (weight 1 on it), and all experts weigh the same."""
     state = np.zeros((n, STATE_SIZE))
-    state[:, _HISTORY] = np.nan
+    history(state)[:] = np.nan
     state[:, _W.start] = 1.0
     state[:, _P] = (_P0 * np.eye(N_FEATURES)).ravel()
     state[:, _F_PREV] = np.nan
@@ -99,20 +100,24 @@ def init_state(n: int) -> np.ndarray:
     return state
 
 
+def history(state: np.ndarray) -> np.ndarray:
+    """``[m, N_HISTORY]`` float32: a writable view of each row's last readings, newest last."""
+    return state[:, _HISTORY].view(np.float32)
+
+
 def pack(row: np.ndarray) -> np.ndarray:
     """One device's state (``[STATE_SIZE]``) as the :data:`PACKED_SIZE` float64 words its
-    snapshot carries, 45 % fewer bytes, restored bit for bit by :func:`unpack`: the history's
-    float32 values two to a word, and only the upper triangle of the symmetric RLS matrix."""
-    history = row[_HISTORY].astype(np.float32).view(np.float64)
+    snapshot carries, restored bit for bit by :func:`unpack`: the RLS matrix is symmetric, so
+    only its upper triangle goes."""
     upper = row[_P].reshape(N_FEATURES, N_FEATURES)[_UPPER]
-    return np.concatenate([history, row[_W], upper, row[_F_PREV.start :]])
+    return np.concatenate([row[_HISTORY], row[_W], upper, row[_F_PREV.start :]])
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
     """The ``[STATE_SIZE]`` state that :func:`pack` packed."""
-    half = N_HISTORY // 2
+    half = _HISTORY.stop
     row = np.empty(STATE_SIZE)
-    row[_HISTORY] = packed[:half].copy().view(np.float32)
+    row[_HISTORY] = packed[:half]
     row[_W] = packed[half : half + N_FEATURES]
     p = np.zeros((N_FEATURES, N_FEATURES))
     p[_UPPER] = packed[half + N_FEATURES : half + N_FEATURES + len(_UPPER[0])]
@@ -176,12 +181,12 @@ def step(
     if learn.any():
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
-    state[:, _HISTORY.start : _HISTORY.stop - 1] = state[:, _HISTORY.start + 1 : _HISTORY.stop]
-    # At float32 precision (7 digits, as the window keeps them), so the snapshot can hold the
-    # history in half the bytes and still restore it exactly (pack).
-    state[:, _LAST] = x.astype(np.float32)
-    analog = _analog(state[:, _HISTORY])
-    lags = np.where(np.isnan(state[:, _LAGS]), x[:, None], state[:, _LAGS])
+    readings = history(state)
+    readings[:, :-1] = readings[:, 1:]
+    readings[:, -1] = x
+    analog = _analog(readings)
+    lags = readings[:, N_HISTORY - N_LAGS :].astype(np.float64)
+    lags = np.where(np.isnan(lags), x[:, None], lags)
     median = np.median(lags, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         feats = np.concatenate([
@@ -209,7 +214,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
     p = s[:, _P].reshape(-1, N_FEATURES, N_FEATURES)
-    target = (x - s[:, _LAST]) / scale  # the change, in the last forecast's units
+    target = (x - history(s)[:, -1]) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)
@@ -234,7 +239,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
 
 
 def _analog(history: np.ndarray) -> np.ndarray:
-    """The analog forecast for each row of ``history`` (``[m, N_HISTORY]``, newest last): the
+    """The analog forecast for each row of ``history`` (float32 ``[m, N_HISTORY]``, newest last): the
     median of the readings that followed the :data:`N_NEIGHBOURS` patterns nearest (in L1) to
     the latest one; NaN while fewer than that many patterns have been seen."""
     out = np.empty(len(history))
@@ -251,9 +256,9 @@ _RECENCY = np.arange(_N_WINDOWS, 0, -1, dtype=np.float32) * np.float32(1e-9)
 
 
 def _analog_chunk(history: np.ndarray) -> np.ndarray:
-    # Distances only rank the windows, so float32 is enough, and it halves the memory traffic
-    # of the costliest part of the experts (measured: 54 -> 28 ms for 10k devices).
-    hist = history.astype(np.float32)
+    # float32 distances (as the history is): they only rank the windows, and it halves the
+    # memory traffic of the costliest part of the experts (measured: 54 -> 28 ms, 10k devices).
+    hist = history
     latest = hist[:, N_HISTORY - PATTERN :]
     # Window j is hist[j : j+PATTERN] and is followed by hist[j+PATTERN]; summing the shifted
     # differences avoids a [rows, windows, PATTERN] array.

@@ -84,7 +84,7 @@ def test_experts_move_with_the_snapshot_and_take_no_memory_when_off():
 
     t = make(max_devices=8)
     s = t.slots_for(["a"], [0], now=1.0)
-    t.experts[s[0], 0] = 42.0  # the oldest lag
+    t.experts[s[0], 0] = 42.0  # a marker: the two oldest readings of the history
     t.slots_for(["b", "c", "d"], [0, 0, 0], now=2.0)  # grows past the initial capacity
     snap = t.snapshot(t.index["a"])
     assert snap.experts.shape == (experts.PACKED_SIZE,)
