@@ -74,7 +74,8 @@ _FEATURE_MAX = 50.0  # a near-zero scale must not produce huge features
 # Layout of one device's state vector.
 # The last readings, oldest first, NaN where not yet seen: float32, two to a float64 word, read
 # and written through history(). 7 digits are what the window keeps too, and the analogues
-# only compare them; it halves the biggest part of the state.
+# only compare them; it halves the biggest part of the state. As float64 these words are only
+# ever copied (rows moved, snapshots written), never computed on, so their bits survive.
 _HISTORY = slice(0, N_HISTORY // 2)
 _W = slice(_HISTORY.stop, _HISTORY.stop + N_FEATURES)
 _P = slice(_W.stop, _W.stop + N_FEATURES * N_FEATURES)
