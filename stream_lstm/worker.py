@@ -353,8 +353,9 @@ class Worker:
             self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
 
     def _update_lag(self) -> None:
-        # From what the consumer already knows: consumer.position() may go to the broker, and
-        # raises when it is down, which must not end an idle worker's loop.
+        # From what the worker committed: consumer.position() may go to the broker, and raises
+        # when it is down, which must not end an idle worker's loop. (Behind a transactional
+        # producer, a commit marker after the last reading shows as a lag of 1.)
         if self.consumer is None:
             return
         for tp in self.consumer.assignment():
