@@ -127,7 +127,7 @@ def assemble(
         Step of the weights of the per-device one-step experts (experts.py); 0 publishes the
         (blended) model's forecast.
     """
-    if expert_rate and table.experts.shape[1] != experts.STATE_SIZE:
+    if expert_rate and not table.with_experts:
         raise ValueError("expert_rate > 0 needs a DeviceTable built with_experts=True")
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
@@ -151,8 +151,10 @@ def assemble(
         x = batch.x_target[rows]
         expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
         expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
+        # The round's expert rows, copied once: read here, stepped and written back below.
+        state = table.experts[slots] if expert_rate else None
         # The blend learns from its own one-step forecast, which the experts may have changed.
-        blended_1 = experts.previous(table.experts[slots], "model") if expert_rate else expected_1[rows]
+        blended_1 = experts.previous(state, "model") if state is not None else expected_1[rows]
         # What this reading says about the forecasts made for it: h=1 (col 0) and h=H (col 1).
         for col, expected, blended, spread, model_change, scored in (
                 (0, expected_1[rows], blended_1, b_1[rows], table.prev_change[slots], scored_1[rows]),
@@ -167,8 +169,7 @@ def assemble(
                 table.interval_log_m[slots, col] += np.where(
                     scored, adapt_rate * (miss - (1.0 - coverage)), 0.0)
         forecast[rows] = x[:, None] + change[rows] * _between(table.blend_w[slots], along)
-        if expert_rate:  # the experts' one-step forecast; their correction fades out by h=H
-            state = table.experts[slots]
+        if state is not None:  # the experts' one-step forecast; their correction fades out by h=H
             one = experts.step(state, scored_1[rows], x, batch.mean_target[rows], scale[rows, 0],
                                mu[rows, 0], forecast[rows, 0], rate=expert_rate)
             table.experts[slots] = state

@@ -347,9 +347,9 @@ class Worker:
             self._update_readiness()
 
     def _count_expert_leaders(self) -> None:
-        if time.monotonic() >= self._next_expert_count and self.table.experts.shape[1]:
+        if time.monotonic() >= self._next_expert_count and self.table.with_experts:
             self._next_expert_count = time.monotonic() + 5.0  # a pass over all devices: not every turn
-            counts = experts.leaders(self.table.experts[list(self.table.index.values())])
+            counts = experts.leaders(self.table.experts, list(self.table.index.values()))
             self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
 
     def _update_lag(self) -> None:

@@ -158,3 +158,4 @@ def test_leaders_counts_the_expert_each_device_weighs_most():
     # A device that has learnt nothing weighs all alike: it counts for the model.
     assert dict(zip(experts.EXPERTS, experts.leaders(state).tolist(), strict=True)) == {
         "model": 1, "ar": 0, "median": 0, "last": 1, "analog": 1}
+    assert experts.leaders(state, [1, 2]).tolist() == [0, 0, 0, 1, 1]  # only those rows

@@ -54,7 +54,7 @@ class DeviceTable:
     initial_capacity
         Slots allocated up front (grows by doubling).
     with_experts
-        Hold the per-device one-step experts (3 KB a device, see experts.py). Without them,
+        Hold the per-device one-step experts (4 KB a device, see experts.py). Without them,
         a restored device's expert state is dropped.
     """
 
@@ -102,7 +102,7 @@ class DeviceTable:
         self.interval_log_m = np.zeros((cap, 2), np.float64)
         # The per-device one-step experts and their weights (see experts.py); no columns
         # when they are off.
-        self._expert_width = experts.STATE_SIZE if with_experts else 0
+        self.with_experts = with_experts
         self.experts = self._fresh_experts(cap)
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
@@ -124,7 +124,7 @@ class DeviceTable:
             self.drift_change = np.full((self.capacity, horizon), _NAN, np.float32)
 
     def _fresh_experts(self, n: int) -> np.ndarray:
-        return experts.init_state(n) if self._expert_width else np.zeros((n, 0))
+        return experts.init_state(n) if self.with_experts else np.zeros((n, 0))
 
     @property
     def capacity(self) -> int:
@@ -277,7 +277,7 @@ class DeviceTable:
             model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
             drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
             drift_change=self.drift_change[slot].copy(),
-            experts=experts.pack(self.experts[slot]) if self._expert_width else np.zeros(0),
+            experts=experts.pack(self.experts[slot]) if self.with_experts else np.zeros(0),
             extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
                    _LOG_MH: float(self.interval_log_m[slot, 1]),
                    _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
@@ -316,7 +316,7 @@ class DeviceTable:
         self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
         self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
         # A snapshot from before the experts (or with another layout) starts them afresh.
-        if self._expert_width:
+        if self.with_experts:
             fresh = snap.experts.shape != (experts.PACKED_SIZE,)
             self.experts[slot] = self._fresh_experts(1)[0] if fresh else experts.unpack(snap.experts)
         self.model_version[slot] = snap.model_version if compatible else ""
