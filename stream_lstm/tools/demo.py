@@ -1,7 +1,8 @@
 """``stream-lstm up``: the whole job on one machine, end to end, with live forecasts.
 
-It starts (or reuses) a local Apache Kafka broker, creates the topics, starts the worker as
-its own process, feeds it a simulated fleet (or replays the CSV recordings you name), and
+It uses the broker ``STREAM_LSTM_BOOTSTRAP_SERVERS`` points at when one answers, else starts
+a fresh local Apache Kafka broker for the run, creates the topics, starts the worker as its
+own process, feeds it a simulated fleet (or replays the CSV recordings you name), and
 prints forecasts as they arrive on the output topic. Ctrl-C stops everything it started.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,9 +50,13 @@ def ensure_broker(settings: Settings, port: int) -> tuple[str, object | None]:
         return settings.bootstrap_servers, None
     except Exception:  # noqa: BLE001 - nothing there: start our own
         pass
-    from stream_lstm.kafka.local_broker import LocalBroker, default_data_dir
+    import tempfile
 
-    broker = LocalBroker(port=port, data_dir=default_data_dir(port))
+    from stream_lstm.kafka.local_broker import LocalBroker
+
+    # A fresh broker each run: the fleet's event times restart about 30 days back, so the state
+    # a previous run left in a kept broker would be ahead of them, and every reading late.
+    broker = LocalBroker(port=port, data_dir=tempfile.mkdtemp(prefix="stream-lstm-up-"))
     print(f"starting a local Kafka broker on 127.0.0.1:{port} (first run fetches jars with mvn)")
     broker.start()
     return broker.bootstrap, broker
@@ -94,7 +100,11 @@ def main(args: argparse.Namespace) -> int:
                 child.kill()
         if broker is not None and not args.keep_broker:
             broker.stop()  # type: ignore[attr-defined]
+            shutil.rmtree(broker.data_dir, ignore_errors=True)  # type: ignore[attr-defined]
             print("local broker stopped")
+        elif broker is not None:
+            print(f"local broker left running: stream-lstm kafka down --port {args.port} "
+                  f"--data-dir {broker.data_dir}")  # type: ignore[attr-defined]
     return 0
 
 
