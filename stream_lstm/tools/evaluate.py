@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "topic) and score the forecasts against simple baselines; writes a table, "
                           "a JSON report and PNG plots. Or run the standard ETTh1 protocol.")
     parser.add_argument("files", nargs="*", type=Path, help="CSV recordings (timestamp,value)")
+    parser.add_argument("--time-column", default=None, metavar="NAME",
+                        help="time column of the recordings (default: 'timestamp'; in a file "
+                             "without one, the first column whose values are times)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
     parser.add_argument("--epochs", type=int, default=30, help="most training epochs (first halves); early stopping usually ends sooner")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each recording")
@@ -42,12 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- data and training -------------------------------------------------------------------------
-def load(files: list[Path], limit: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from stream_lstm.tools.replay import load_csv
+def load(files: list[Path], limit: int,
+         time_column: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (ts, values)}`` of each recording's ``value`` column (first ``limit`` rows);
+    the time column as :func:`~stream_lstm.tools.replay.load_csv` picks it, said on stderr."""
+    from stream_lstm.tools.replay import load_csv, stderr_note
 
     out = {}
     for f in files:
-        ts, x = load_csv(f)
+        ts, x = load_csv(f, time_column, note=stderr_note("evaluate"))
         ts, x = ts[:limit or None], x[:limit or None, 0]
         keep = np.concatenate([[True], np.diff(ts) > 0])  # the worker drops repeated timestamps
         out[f.stem] = (ts[keep], x[keep])
@@ -317,7 +323,13 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         if not peer_available():  # say so before minutes of training, not after
             print(f"evaluate: --peer needs deep-river. {INSTALL_HINT}", file=sys.stderr)
             return 2
-    series = load(args.files, args.limit)
+    from stream_lstm.tools.replay import ReplayError
+
+    try:
+        series = load(args.files, args.limit, getattr(args, "time_column", None))
+    except ReplayError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
     print(f"evaluate: {len(series)} recordings, {sum(len(v[1]) for v in series.values()):,} readings",
           file=sys.stderr)
     model, spec = train_model(settings, series, args.epochs)

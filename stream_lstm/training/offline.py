@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="value column (default: value); repeat for several channels")
     parser.add_argument("--target-column", default=None,
                         help="column to forecast (default: channel STREAM_LSTM_TARGET_CHANNEL)")
-    parser.add_argument("--time-column", default="timestamp",
-                        help="time column: epoch seconds or ISO 8601 (naive = UTC)")
+    parser.add_argument("--time-column", default=None, metavar="NAME",
+                        help="time column: epoch seconds or ISO 8601 (naive = UTC). Default: "
+                             "'timestamp'; in a file without one, the first column whose values "
+                             "are times (ETTh1: 'date'), named on stderr")
     parser.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
     parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows")
     parser.add_argument("--val-fraction", type=float, default=0.2,
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
     from stream_lstm.state.normalizer import normalize_sequence
-    from stream_lstm.tools.replay import ReplayError, load_csv
+    from stream_lstm.tools.replay import DEFAULT_TIME_COLUMN, ReplayError, load_csv
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
@@ -87,8 +89,15 @@ def main(args: argparse.Namespace) -> int:
     if not 0.0 < args.val_fraction < 1.0:
         print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
+    time_column = args.time_column or DEFAULT_TIME_COLUMN
+
+    def chosen(column: str, message: str) -> None:  # no `timestamp` column: say which was used
+        nonlocal time_column
+        time_column = column
+        print(f"train: {message}", file=sys.stderr)
+
     try:
-        ts, x = load_csv(args.csv, args.time_column, columns)
+        ts, x = load_csv(args.csv, args.time_column, columns, note=chosen)
     except ReplayError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
@@ -129,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     meta = {
         "version": args.version, "parent": args.parent,
-        "source": {"csv": str(args.csv), "columns": columns, "time_column": args.time_column},
+        "source": {"csv": str(args.csv), "columns": columns, "time_column": time_column},
         "training_data": {"first_ts": float(ts[0]), "last_ts": float(ts[split - 1]),
                           "first": _iso(ts[0]), "last": _iso(ts[split - 1]), "rows": split},
         "validation_data": {"first_ts": float(ts[split]), "last_ts": float(ts[-1]),

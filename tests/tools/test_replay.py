@@ -2,13 +2,14 @@
 
 import argparse
 import json
+import logging
 import time
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from stream_lstm.tools import replay
+from stream_lstm.tools import evaluate, replay
 from stream_lstm.tools.replay import ReplayError, load_csv, merge_recordings, replay_files
 
 from ..integration.helpers import read_topic
@@ -110,6 +111,93 @@ def test_cli_reports_a_missing_column_in_one_line(shared_data, capsys):
     assert replay.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no column 'temp'" in err and "columns: timestamp, value" in err
+
+
+
+# ---- no `timestamp` column: the first column whose values are times, said so ------------------
+def test_a_file_without_timestamp_uses_its_first_time_column_and_says_so(tmp_path, caplog):
+    p = tmp_path / "pump.csv"
+    p.write_text("site,date,value\nnorth,2014-01-01 00:05:00,2.5\nnorth,2014-01-01 00:00:00,1\n")
+    told = []
+    ts, values = load_csv(p, note=lambda column, message: told.append((column, message)))
+    assert ts.tolist() == [utc("2014-01-01 00:00:00"), utc("2014-01-01 00:05:00")]
+    assert values[:, 0].tolist() == [1.0, 2.5]
+    assert told == [("date", "pump.csv: no column 'timestamp': using 'date', the first column "
+                             "whose values are times (--time-column names another)")]
+    # Without a note it is a log line (INFO) naming the column.
+    with caplog.at_level(logging.INFO, logger="stream_lstm.tools.replay"):
+        load_csv(p)
+    assert [r.getMessage() for r in caplog.records] == [told[0][1]]
+    # The same rows through merge_recordings (what replay sends).
+    ids, _, merged_ts, _ = merge_recordings([p], note=lambda column, _: told.append(column))
+    assert ids == ["pump"] and merged_ts.tolist() == ts.tolist() and told[-1] == "date"
+
+
+def test_timestamp_is_used_when_there_and_a_named_column_must_be_there(tmp_path):
+    p = tmp_path / "both.csv"
+    p.write_text("date,timestamp,value\n2020-01-01,2014-01-01 00:00:00,1\n")
+    told = []
+    ts, _ = load_csv(p, note=lambda *a: told.append(a))
+    assert ts.tolist() == [utc("2014-01-01 00:00:00")] and told == []
+    assert load_csv(p, "date")[0].tolist() == [utc("2020-01-01 00:00:00")]
+    with pytest.raises(ReplayError) as err:  # named explicitly: no guessing, the clear error
+        load_csv(p, "time")
+    assert str(err.value).endswith("no column 'time' (columns: date, timestamp, value)")
+
+
+def test_epoch_numbers_count_as_times_only_under_a_time_name(tmp_path):
+    p = tmp_path / "epochs.csv"
+    p.write_text("a,event_ts,b\n3,1388534700,4\n1,1388534400,2\n")
+    told = []
+    ts, values = load_csv(p, value_columns=["a", "b"], note=lambda column, _: told.append(column))
+    assert told == ["event_ts"] and ts.tolist() == [1388534400.0, 1388534700.0]
+    assert values.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_no_column_of_times_is_one_line_listing_the_columns(tmp_path):
+    p = tmp_path / "no_time.csv"
+    p.write_text("site,reading,value\nnorth,1,2\nsouth,3,4\n")
+    with pytest.raises(ReplayError) as err:
+        load_csv(p)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"{p}: no column 'timestamp', and no column whose values are times "
+                       "(columns: site, reading, value); name one with --time-column")
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("date,value\n")
+    with pytest.raises(ReplayError, match="no column whose values are times"):
+        load_csv(header_only)
+
+
+def test_load_csv_finds_etth1s_date_column(shared_data):
+    told = []
+    ts, values = load_csv(shared_data / "ett/ETTh1.csv", value_columns=["OT"],
+                          note=lambda column, message: told.append(column))
+    assert told == ["date"]
+    assert ts.shape == (17_420,) and ts[0] == utc("2016-07-01 00:00:00")
+    np.testing.assert_array_equal(values, load_csv(shared_data / "ett/ETTh1.csv", "date", ["OT"])[1])
+
+
+def test_replay_and_evaluate_say_which_column_they_chose(tmp_path, capsys):
+    p = tmp_path / "pump.csv"
+    p.write_text("date,value\n2014-01-01 00:00:00,1\n2014-01-01 00:05:00,oops\n")
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    assert replay.main(parser.parse_args([str(p)])) == 2  # the bad value: before any broker
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["replay: pump.csv: no column 'timestamp': using 'date', the first column whose "
+                   "values are times (--time-column names another)",
+                   f"replay: {p}: line 3: value='oops' is not a number"]
+
+    p.write_text("date,value\n2014-01-01 00:00:00,1\n2014-01-01 00:05:00,2\n")
+    series = evaluate.load([p], 0)
+    assert series["pump"][0].tolist() == [utc("2014-01-01 00:00:00"), utc("2014-01-01 00:05:00")]
+    assert capsys.readouterr().err.startswith("evaluate: pump.csv: no column 'timestamp': using 'date'")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args([str(p), "--time-column", "when", "--out", str(tmp_path / "r")])
+    assert evaluate.main(args) == 2  # a one-line error, not a traceback, before any training
+    assert capsys.readouterr().err == f"evaluate: {p}: no column 'when' (columns: date, value)\n"
 
 
 @pytest.mark.kafka

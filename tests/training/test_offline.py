@@ -6,8 +6,9 @@ import torch
 from stream_lstm.cli import main as cli
 from stream_lstm.models.registry import ModelRegistry, load_model
 
-NAB = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nab"
-       / "machine_temperature_system_failure.csv")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+NAB = SHARED / "nab" / "machine_temperature_system_failure.csv"
+ETTH1 = SHARED / "ett" / "ETTh1.csv"
 
 
 @pytest.mark.skipif(not NAB.exists(), reason=f"{NAB} not present")
@@ -60,3 +61,35 @@ def test_train_on_a_small_multichannel_csv(tmp_path, capsys):
     _, spec, meta = load_model(tmp_path / "mc.safetensors")
     assert (spec.n_features, spec.target_channel) == (2, 1)
     assert meta["training_data"]["first_ts"] == 1000.0
+
+
+@pytest.mark.skipif(not ETTH1.exists(), reason=f"{ETTH1} not present")
+def test_train_on_etth1_without_a_time_column_flag_uses_date(tmp_path, capsys):
+    out = tmp_path / "etth1.safetensors"
+    rc = cli(["train", "--csv", str(ETTH1), "--column", "OT", "--max-rows", "400", "--out", str(out),
+              "--epochs", "1", "--window", "16", "--hidden-size", "4", "--horizon", "2", "--quiet"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert ("train: ETTh1.csv: no column 'timestamp': using 'date', the first column whose values "
+            "are times (--time-column names another)\n") in err
+    _, _, meta = load_model(out)
+    assert meta["source"]["time_column"] == "date"
+    assert meta["training_data"]["first"] == "2016-07-01T00:00:00Z"
+    assert meta["training_data"]["rows"] == 320 and meta["validation_data"]["rows"] == 80
+
+
+def test_train_without_a_time_column_says_which_columns_there_are(tmp_path, capsys):
+    csv = tmp_path / "dated.csv"
+    csv.write_text("day,value\n" + "".join(f"2014-01-{d:02d},{d % 3}\n" for d in range(1, 29)))
+    base = ["train", "--csv", str(csv), "--out", str(tmp_path / "m"), "--epochs", "1",
+            "--window", "4", "--hidden-size", "4", "--horizon", "1", "--quiet"]
+    assert cli(base + ["--time-column", "timestamp"]) == 2  # named: must be there
+    assert capsys.readouterr().err == f"train: {csv}: no column 'timestamp' (columns: day, value)\n"
+    assert cli(base) == 0
+    assert "using 'day'" in capsys.readouterr().err
+    assert load_model(tmp_path / "m.safetensors")[2]["source"]["time_column"] == "day"
+    csv.write_text("site,value\nnorth,1\nsouth,2\n")
+    assert cli(base) == 2
+    assert capsys.readouterr().err == (f"train: {csv}: no column 'timestamp', and no column whose "
+                                       "values are times (columns: site, value); name one with "
+                                       "--time-column\n")
