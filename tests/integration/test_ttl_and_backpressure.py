@@ -82,7 +82,10 @@ def test_burst_lag_grows_then_drains_without_rebalances(settings_factory, topic_
     th = threading.Thread(target=lambda: worker.run(until=lambda w: stop.is_set()), daemon=True)
     th.start()
     threading.Thread(target=watch, daemon=True).start()
-    time.sleep(5)
+    deadline = time.time() + 60  # the burst starts once the worker holds every partition
+    while (len(worker.assigned) < s.topic_partitions or worker.state.restoring) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(worker.assigned) == s.topic_partitions, "the worker was never assigned its partitions"
     rss0 = rss_mb()
     # The sustainable rate here is a few thousand readings/s; the burst lands 40k at once.
     producer = make_producer(s, linger_ms=20)
@@ -96,7 +99,8 @@ def test_burst_lag_grows_then_drains_without_rebalances(settings_factory, topic_
     deadline = time.time() + 180
     while worker.totals.consumed < n and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(1.5)
+    while (not lags or lags[-1] > 0) and time.time() < deadline:  # the gauge catches up
+        time.sleep(0.2)
     stop.set()
     th.join(60)
     assert worker.totals.consumed == n
