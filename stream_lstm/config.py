@@ -10,6 +10,8 @@ names the variable (see :func:`load_settings`).
 (32, 'sensor-readings')
 >>> s.changelog_topic_name()
 'stream-lstm-state-changelog'
+>>> str(s.model_dir), str(Settings(group_id="plant-7").state_dir)
+('stream-lstm/stream-lstm/models', 'stream-lstm/plant-7/state')
 """
 
 from __future__ import annotations
@@ -85,10 +87,14 @@ class Settings(BaseSettings):
     target_channel: int = Field(0, ge=0, description="Channel that is forecast")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between layers in training")
     model_path: Path | None = Field(None, description="Model file (safetensors) to serve")
-    model_dir: Path = Field(Path("./models"), description="Model registry directory")
+    # Defaults under the group id: two deployments started from one directory do not share a
+    # registry or a state store (they did with ./models and ./state).
+    model_dir: Path | None = Field(
+        None, description="Model registry directory; default ./stream-lstm/<group_id>/models")
     max_devices: int = Field(100_000, ge=1, description="Devices held in memory at most")
     device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices idle this long; 0=never")
-    state_dir: Path = Field(Path("./state"), description="Local on-disk state store directory")
+    state_dir: Path | None = Field(
+        None, description="Local on-disk state store directory; default ./stream-lstm/<group_id>/state")
     # EWM by default: real sensors drift and change regime, and a Welford scale fitted on an
     # old burst leaves later readings near zero (measured in docs/evaluation.md).
     normalizer: Literal["welford", "ewm"] = Field("ewm", description="Online normalizer")
@@ -153,6 +159,11 @@ class Settings(BaseSettings):
             raise ValueError("value_min must be < value_max")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+        home = Path("stream-lstm") / self.group_id
+        if self.model_dir is None:
+            self.model_dir = home / "models"
+        if self.state_dir is None:
+            self.state_dir = home / "state"
         return self
 
     def changelog_topic_name(self) -> str:

@@ -43,6 +43,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_inference_threads(threads: int) -> int:
+    """Set torch's intra-op threads for this process (``STREAM_LSTM_TORCH_THREADS``); returns
+    the number in force.
+
+    ``0`` means the CPUs this process may run on (its affinity mask, which a container's
+    cpuset narrows), where torch by itself would take every core of the host.
+
+    >>> set_inference_threads(1)
+    1
+    """
+    import os
+
+    n = threads if threads > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 class BatchedEngine:
     """Runs one batched ``step`` per round over a :class:`DeviceTable`'s state.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, SettingsError
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.training.lifecycle import Served
 
@@ -29,14 +29,67 @@ def fresh_model(settings: Settings) -> Served:
     return Served(SimpleLSTM.from_spec(spec), spec, "v0000-untrained")
 
 
+class ModelSettingsMismatch(SettingsError):
+    """The served model's shape contradicts the settings (horizon, channels, target)."""
+
+
+# What a served model must agree with, because it is the wire contract: the forecast's length,
+# the readings' channels and the channel forecast. A served model with other values is refused.
+CONTRACT = ("horizon", "n_features", "target_channel")
+# What only shapes a fresh model: a served model keeps its own architecture, and says so.
+ARCHITECTURE = ("hidden_size", "num_layers")
+
+
+def check_model_matches_settings(served: Served, settings: Settings, source: str) -> None:
+    """Refuse a model whose horizon, channels or target differ from the settings; warn when
+    only its architecture (hidden size, layers) does.
+
+    Refusing is the choice for the contract: a worker told ``STREAM_LSTM_HORIZON=6`` that
+    publishes 12-step forecasts breaks every consumer silently. The error names both values
+    and both ways out.
+
+    >>> s = Settings(horizon=6)
+    >>> check_model_matches_settings(fresh_model(Settings(horizon=12)), s, "the registry")
+    Traceback (most recent call last):
+    ...
+    stream_lstm.startup.ModelSettingsMismatch: the served model v0000-untrained (from the registry) has horizon=12, but STREAM_LSTM_HORIZON=6; set STREAM_LSTM_HORIZON=12, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or another STREAM_LSTM_MODEL_DIR)
+    """
+    spec = served.spec
+    wrong = [(k, getattr(spec, k), getattr(settings, k)) for k in CONTRACT
+             if getattr(spec, k) != getattr(settings, k)]
+    if wrong:
+        has = ", ".join(f"{k}={m}" for k, m, _ in wrong)
+        told = ", ".join(f"STREAM_LSTM_{k.upper()}={v}" for k, _, v in wrong)
+        fix = " ".join(f"STREAM_LSTM_{k.upper()}={m}" for k, m, _ in wrong)
+        raise ModelSettingsMismatch(
+            f"the served model {served.version} (from {source}) has {has}, but {told}; set "
+            f"{fix}, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or "
+            "another STREAM_LSTM_MODEL_DIR)")
+    for k in ARCHITECTURE:
+        if getattr(spec, k) != getattr(settings, k):
+            log.warning("the served model keeps its own %s=%s; STREAM_LSTM_%s=%s shapes only a "
+                        "fresh model", k, getattr(spec, k), k.upper(), getattr(settings, k),
+                        extra={"model_version": served.version, "source": source})
+
+
 def load_served_model(settings: Settings) -> Served:
     """The model to serve: STREAM_LSTM_MODEL_PATH, else the registry's promoted version,
-    else a freshly initialized model (with a warning)."""
+    else a freshly initialized model (with a warning). Says which and from where, and refuses
+    one that contradicts the settings (:func:`check_model_matches_settings`)."""
+    served, source = _find_served_model(settings)
+    check_model_matches_settings(served, settings, source)
+    log.info("serving model %s from %s", served.version, source,
+             extra={"model_version": served.version, "source": source,
+                    "horizon": served.spec.horizon, "n_features": served.spec.n_features})
+    return served
+
+
+def _find_served_model(settings: Settings) -> tuple[Served, str]:
     from stream_lstm.models.registry import ModelLoadError, ModelRegistry, load_model
 
     if settings.model_path is not None:
         loaded = load_model(settings.model_path)
-        return Served(loaded.model, loaded.spec, loaded.version)
+        return Served(loaded.model, loaded.spec, loaded.version), f"STREAM_LSTM_MODEL_PATH={settings.model_path}"
     registry = ModelRegistry(settings.model_dir)
     promoted = registry.promoted()
     if promoted is None:
@@ -44,7 +97,7 @@ def load_served_model(settings: Settings) -> Served:
             "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
             "freshly initialized, untrained model", settings.model_dir,
         )
-        return fresh_model(settings)
+        return fresh_model(settings), "a fresh initialization (untrained)"
     # The promoted version first, then older ones: a damaged file never stops the service.
     candidates = [promoted] + [m["version"] for m in reversed(registry.versions())
                                if m.get("version") and m.get("version") != promoted]
@@ -56,7 +109,8 @@ def load_served_model(settings: Settings) -> Served:
             continue
         if version != promoted:
             log.warning("serving %s instead of the promoted %s", version, promoted)
-        return Served(loaded.model, loaded.spec, loaded.version)
+        return (Served(loaded.model, loaded.spec, loaded.version),
+                f"the registry {settings.model_dir}" + (" (promoted)" if version == promoted else ""))
     raise ModelLoadError(f"no loadable model in {settings.model_dir}")
 
 

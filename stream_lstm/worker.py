@@ -33,7 +33,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from stream_lstm import experts
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings, load_settings
-from stream_lstm.engine import BatchedEngine, resolve_device
+from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.publisher import BatchPublisher
@@ -74,6 +74,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.health = health or HealthState()
         self.device = resolve_device(settings.device)
+        self.inference_threads = set_inference_threads(settings.torch_threads)
         spec = self.served.spec
         self.table = DeviceTable(
             max_devices=settings.max_devices, window=settings.window,
@@ -397,7 +398,8 @@ def main(args: argparse.Namespace) -> int:
     log_startup(log, settings, {
         "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
         "output_topic": settings.output_topic, "group_id": settings.group_id,
-        "compute_device": str(worker.device), "model_version": worker.lifecycle.version,
+        "compute_device": str(worker.device), "torch_threads": worker.inference_threads,
+        "model_version": worker.lifecycle.version,
         "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off",
     })
     totals = worker.run()

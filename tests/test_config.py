@@ -67,3 +67,31 @@ def test_every_setting_is_documented():
     assert table in doc, "docs/settings.md is stale: run python -m stream_lstm.config"
     for name in Settings.model_fields:
         assert f"STREAM_LSTM_{name.upper()}" in doc
+
+
+def test_every_setting_is_read_by_some_code_path():
+    """No setting may be accepted and ignored (STREAM_LSTM_TORCH_THREADS once was): each field
+    is read as ``settings.<name>`` or ``s.<name>`` somewhere in the package, or by one of the
+    Settings methods other code calls (checks that only validate a value do not count)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).parents[1] / "stream_lstm"
+    read: set[str] = set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        if path.name == "config.py":  # only the methods that hand values on
+            methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                       and n.name in ("changelog_topic_name", "resolved_sasl_password")]
+            nodes = [a for m in methods for a in ast.walk(m)]
+            base_names = {"self"}
+        else:
+            nodes, base_names = list(ast.walk(tree)), {"settings", "s"}
+        for node in nodes:
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                v = node.value
+                base = v.id if isinstance(v, ast.Name) else getattr(v, "attr", None)
+                if base in base_names:
+                    read.add(node.attr)
+    unread = sorted(set(Settings.model_fields) - read)
+    assert not unread, f"settings accepted but never read: {unread}"

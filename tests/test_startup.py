@@ -14,3 +14,65 @@ def test_empty_registry_serves_a_fresh_model_and_says_so(tmp_path, caplog):
     assert (served.spec.hidden_size, served.spec.horizon) == (8, 3)
     assert [r.name for r in caplog.records] == ["stream_lstm.worker"]
     assert "freshly initialized, untrained model" in caplog.records[0].getMessage()
+
+
+def _promote_12_step_model(model_dir):
+    from stream_lstm.models.registry import ModelRegistry
+    from stream_lstm.startup import fresh_model
+
+    twelve = fresh_model(Settings(hidden_size=8, horizon=12))
+    registry = ModelRegistry(model_dir)
+    version = registry.register(twelve.model, twelve.spec, {})
+    registry.promote(version)
+    return version
+
+
+def test_the_served_model_and_its_source_are_logged(tmp_path, caplog):
+    version = _promote_12_step_model(tmp_path / "models")
+    s = Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=12)
+    with caplog.at_level(logging.INFO, logger="stream_lstm.worker"):
+        served = load_served_model(s)
+    assert served.version == version
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
+    assert line == f"serving model {version} from the registry {tmp_path / 'models'} (promoted)"
+
+
+def test_a_promoted_model_with_another_horizon_is_refused(tmp_path):
+    import pytest
+
+    from stream_lstm.startup import ModelSettingsMismatch
+
+    _promote_12_step_model(tmp_path / "models")
+    with pytest.raises(ModelSettingsMismatch, match="has horizon=12, but STREAM_LSTM_HORIZON=6"):
+        load_served_model(Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=6))
+
+
+def test_a_model_of_another_size_is_served_with_a_warning(tmp_path, caplog):
+    _promote_12_step_model(tmp_path / "models")
+    with caplog.at_level(logging.WARNING, logger="stream_lstm.worker"):
+        served = load_served_model(Settings(model_dir=tmp_path / "models", hidden_size=64, horizon=12))
+    assert served.spec.hidden_size == 8
+    assert any("keeps its own hidden_size=8" in r.getMessage() for r in caplog.records)
+
+
+def test_run_refuses_at_start_with_one_clear_line(tmp_path):
+    """Through the CLI a user runs: exit 2, the reason on stderr, no traceback, no broker needed."""
+    import os
+    import subprocess
+    import sys
+
+    _promote_12_step_model(tmp_path / "models")
+    env = dict(os.environ, STREAM_LSTM_MODEL_DIR=str(tmp_path / "models"), STREAM_LSTM_HORIZON="6",
+               STREAM_LSTM_HIDDEN_SIZE="8", STREAM_LSTM_STATE_DIR=str(tmp_path / "state"),
+               STREAM_LSTM_METRICS_PORT="0", STREAM_LSTM_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "run: the served model" in done.stderr and "STREAM_LSTM_HORIZON=6" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_default_directories_are_named_after_the_group():
+    a, b = Settings(group_id="plant-a"), Settings(group_id="plant-b")
+    assert a.model_dir != b.model_dir and a.state_dir != b.state_dir
+    assert "plant-a" in str(a.model_dir) and "plant-a" in str(a.state_dir)
