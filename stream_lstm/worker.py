@@ -1,18 +1,14 @@
 """The worker: the long-lived loop that wires every part together.
 
-One iteration is one batch: **poll → decode → state → engine → encode → publish → commit**.
-
-* *poll*: up to ``poll_max_records`` readings from the input topic (consumer group).
-* *decode*: :class:`~stream_lstm.messages.ReadingDecoder`; invalid readings go to the DLQ.
-* *state*: :func:`~stream_lstm.state.ingest.ingest` applies event-time rules, normalization and
-  windows, and orders readings into rounds.
-* *engine*: one batched LSTM step per round across all devices.
-* *encode / publish*: forecasts (and dead letters, alerts, changelog records) are sent and the
-  batch is committed by :class:`~stream_lstm.kafka.publisher.BatchPublisher`.
+One iteration is one batch: **poll → decode → state → engine → encode → publish → commit**:
+up to ``poll_max_records`` readings from the input topic (consumer group) are decoded
+(:class:`~stream_lstm.messages.ReadingDecoder`, invalid ones to the DLQ), applied to state
+(:func:`~stream_lstm.state.ingest.ingest`: event-time rules, normalization, windows, rounds),
+run through the engine (one batched LSTM step per round across all devices), and published and
+committed by :class:`~stream_lstm.kafka.publisher.BatchPublisher`.
 
 Every consumed reading ends in exactly one place: a forecast, the warm-up count, the late or
 duplicate count, or the DLQ. The counts are metrics, so the accounting can be checked live.
-
 The model served at start and the topics created before the first poll come from
 :mod:`stream_lstm.startup`.
 """

@@ -89,3 +89,22 @@ def shared_data() -> Path:
 def pytest_configure(config):
     # Worker subprocesses started by tests find the package from the checkout.
     os.environ.setdefault("PYTHONPATH", str(REPO))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """End every run with what it did not test and why, grouped by reason: a skip is a gap
+    in what was checked (a missing tool, recordings or an opt-in benchmark), not a pass."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        by_reason.setdefault(reason.removeprefix("Skipped: "), []).append(report.nodeid)
+    terminalreporter.section(f"not tested here: {len(skipped)} skipped", sep="-")
+    for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        terminalreporter.write_line(f"{len(ids):3d} x {reason}")
+        for nodeid in ids[:3]:
+            terminalreporter.write_line(f"        {nodeid}")
+        if len(ids) > 3:
+            terminalreporter.write_line(f"        ... and {len(ids) - 3} more")
