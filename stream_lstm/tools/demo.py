@@ -4,22 +4,49 @@ It uses the broker ``STREAM_LSTM_BOOTSTRAP_SERVERS`` points at when one answers,
 a fresh local Apache Kafka broker for the run, creates the topics, starts the worker as its
 own process, feeds it a simulated fleet (or replays the CSV recordings you name), and
 prints forecasts as they arrive on the output topic. Ctrl-C stops everything it started.
+
+Each run has its own directory (``stream-lstm-up-*`` in the temporary directory): the local
+broker's data, the worker's model registry and state store (unless ``STREAM_LSTM_MODEL_DIR`` /
+``STREAM_LSTM_STATE_DIR`` say otherwise) and the logs of the worker (its JSON lines, in full)
+and of the simulator. It is removed at the end, unless ``--keep-broker``. The terminal shows a
+short line for the worker's start-up, warnings, errors and model promotions instead.
+
+The children run in their own sessions, so the terminal's Ctrl-C reaches ``up`` alone: ``up``
+then stops each (SIGTERM, then SIGKILL after a grace period or on a second Ctrl-C) and says
+what it stopped. SIGTERM to ``up`` does the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-from stream_lstm.config import Settings, load_settings
+from stream_lstm.config import ENV_PREFIX, Settings, load_settings
+
+STOP_GRACE_S = 30.0  # how long a child may take to stop after SIGTERM before SIGKILL
+_OUT_LOCK = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line on stdout, flushed (the relay thread and the main thread both print)."""
+    with _OUT_LOCK, contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=0.0,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--keep-broker", action="store_true",
-                        help="leave the broker running afterwards")
+                        help="leave the broker running afterwards (and keep the run's directory)")
 
 
-def ensure_broker(settings: Settings, port: int) -> tuple[str, object | None]:
-    """The broker the settings point at if it answers, else a local one on ``port``."""
+def ensure_broker(settings: Settings, port: int,
+                  data_dir: str | Path | None = None) -> tuple[str, object | None]:
+    """The broker the settings point at if it answers, else a local one on ``port``.
+
+    The local one keeps its data in ``data_dir`` (default: a new temporary directory).
+    """
     from stream_lstm.kafka.clients import make_admin
 
     try:
@@ -50,67 +81,331 @@ def ensure_broker(settings: Settings, port: int) -> tuple[str, object | None]:
         return settings.bootstrap_servers, None
     except Exception:  # noqa: BLE001 - nothing there: start our own
         pass
-    import tempfile
-
     from stream_lstm.kafka.local_broker import LocalBroker
 
     # A fresh broker each run: the fleet's event times restart about 30 days back, so the state
     # a previous run left in a kept broker would be ahead of them, and every reading late.
-    broker = LocalBroker(port=port, data_dir=tempfile.mkdtemp(prefix="stream-lstm-up-"))
-    print(f"starting a local Kafka broker on 127.0.0.1:{port} (first run fetches jars with mvn)")
+    broker = LocalBroker(port=port, data_dir=data_dir or tempfile.mkdtemp(prefix="stream-lstm-up-"))
+    say(f"starting a local Kafka broker on 127.0.0.1:{port} (first run fetches jars with mvn)")
     broker.start()
     return broker.bootstrap, broker
 
 
+class StopSignals:
+    """SIGINT and SIGTERM for ``up`` (installed in the main thread, restored on exit).
+
+    While ``raising`` (setting up) a signal raises :class:`KeyboardInterrupt`, so the clean-up
+    runs; after that the first one sets ``stop`` (the forecast loop ends) and a later one
+    ``hurry`` (stopping kills what is still running instead of waiting). Nothing is printed
+    from the handler itself: printing there can re-enter a write the main thread is in.
+    """
+
+    def __init__(self) -> None:
+        self.stop = self.hurry = False
+        self.raising = True
+        self._previous: list[tuple[int, Any]] = []
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous.append((sig, signal.getsignal(sig)))
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.raising:
+            self.raising = False  # one KeyboardInterrupt; later signals hurry the clean-up
+            raise KeyboardInterrupt
+        if self.stop:
+            self.hurry = True
+        self.stop = True
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous:
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@dataclass
+class Child:
+    """A process ``up`` started, in its own session (its pid is its process group's id)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path | None = None
+    stopped: bool = False  # we sent it SIGTERM
+    killed: bool = False  # we had to SIGKILL its group
+
+
+def start_child(name: str, cmd: list[str], env: dict[str, str], log: Path | None = None,
+                **kw: Any) -> Child:
+    """Start ``cmd`` in a new session: the terminal's Ctrl-C goes to ``up`` only, not to it."""
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+    return Child(name, proc, log)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc (Linux)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    out = []
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                out.append(int(d.name))
+    return out
+
+
+def stop_children(children: list[Child], signals: StopSignals,
+                  grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM each running child, wait for all (up to ``grace`` s, less on a second signal),
+    SIGKILL the group of any still running, then end whatever is left in each group (the
+    worker's trainer, should the worker not have ended it)."""
+    for c in children:
+        if c.proc.poll() is None:
+            c.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    told = False
+    for c in children:
+        while c.proc.poll() is None and not signals.hurry and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=0.2)
+        if c.proc.poll() is None:
+            if signals.hurry and not told:
+                told = True
+                say("stopping now: killing what is still running")
+            c.killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.proc.pid, signal.SIGKILL)
+            c.proc.wait()
+    for c in children:
+        end_group(c.proc.pid, signals)
+
+
+def end_group(pgid: int, signals: StopSignals, grace: float = 5.0) -> None:
+    """SIGTERM what is left of process group ``pgid``, then SIGKILL it after ``grace`` s."""
+    if not group_members(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while group_members(pgid) and time.monotonic() < deadline and not signals.hurry:
+        time.sleep(0.05)
+    if group_members(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def summarize_log_line(line: str) -> str | None:
+    """The short human form of one of the worker's JSON log lines, or ``None`` to show nothing.
+
+    Shown: the start-up line, warnings and errors, and the model's life (retraining, the
+    promotion gate's decision, hot-swaps). Everything else stays in the log file only.
+
+    >>> summarize_log_line('{"level": "info", "event": "model swapped", "from": "v1", "to": "v2"}')
+    'worker: model swapped: now serving v2 (was v1)'
+    >>> summarize_log_line('{"level": "info", "event": "partitions assigned"}') is None
+    True
+    """
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    event, level = str(rec.get("event", "")), str(rec.get("level", ""))
+    if event.startswith("stream-lstm started"):
+        c = rec.get("connected") or {}
+        return (f"worker: broker {c.get('bootstrap_servers')} | {c.get('input_topic')} -> "
+                f"{c.get('output_topic')} | {c.get('compute_device')} | model "
+                f"{c.get('model_version')} | metrics {c.get('metrics')}")
+    if event == "retraining started":
+        return (f"worker: retraining a challenger to {rec.get('champion')} on "
+                f"{rec.get('devices')} devices (in the background)")
+    if event.startswith("promotion gate:"):
+        def num(key: str) -> str:
+            value = rec.get(key)
+            return f"{value:.4g}" if isinstance(value, (int, float)) else "?"
+        return (f"worker: {event} (challenger error {num('challenger_error')} vs champion "
+                f"{num('champion_error')}, {num('seconds')} s)")
+    if event == "model swapped":
+        return f"worker: model swapped: now serving {rec.get('to')} (was {rec.get('from')})"
+    if level in ("warning", "error", "critical"):
+        skip = {"ts", "level", "logger", "event", "exception", "stack", "settings", "connected"}
+        context = ", ".join(f"{k}={v}" for k, v in rec.items() if k not in skip)
+        text = f"worker {level}: {event}" + (f" ({context})" if context else "")
+        if rec.get("exception"):
+            text += f" [{str(rec['exception']).strip().splitlines()[-1]}]"
+        return text if len(text) <= 240 else text[:237] + "..."
+    return None
+
+
+class WorkerLogRelay(threading.Thread):
+    """Copies the worker's output (JSON lines) to its log file and prints their short form."""
+
+    def __init__(self, stream: IO[bytes], path: Path, show: Callable[[str], None] = say) -> None:
+        super().__init__(name="stream-lstm-up-worker-log", daemon=True)
+        self.stream, self.path, self.show = stream, path, show
+        self.stopped: dict | None = None  # the worker's own "worker stopped" line
+
+    def run(self) -> None:
+        with open(self.path, "ab") as out:
+            for raw in iter(self.stream.readline, b""):
+                out.write(raw)
+                out.flush()
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("{") and '"worker stopped"' in line:
+                    with contextlib.suppress(ValueError):
+                        self.stopped = json.loads(line)
+                short = summarize_log_line(line)
+                if short:
+                    self.show(short)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _env_has(name: str) -> bool:
+    return any(k.upper() == name for k in os.environ)  # settings read names case-insensitively
+
+
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
-    bootstrap, broker = ensure_broker(settings, args.port)
+    run_dir = Path(tempfile.mkdtemp(prefix="stream-lstm-up-"))
+    env = dict(os.environ)
+    # Models and state are this run's own, next to the broker's data, unless the user says so.
+    for name, sub in (("MODEL_DIR", "models"), ("STATE_DIR", "state")):
+        if not _env_has(ENV_PREFIX + name):
+            env[ENV_PREFIX + name] = str(run_dir / sub)
+    # The demo starts from an untrained model; retraining in the background shows a promotion
+    # and a hot-swap within minutes (override with the variable itself).
+    env.setdefault(ENV_PREFIX + "RETRAIN_EVERY_READINGS", "5000")
+    run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False}
+    with StopSignals() as signals:
+        try:
+            _run(args, settings, env, run_dir, run, signals)
+        except KeyboardInterrupt:  # a signal while setting up: clean up what there is, quietly
+            pass
+        finally:
+            signals.raising = False
+            _stop_all(args, run_dir, run, signals)
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_dir: Path,
+         run: dict[str, Any], signals: StopSignals) -> None:
+    say(f"this run's directory: {run_dir} (broker data, models, state, logs; "
+        f"{'kept' if args.keep_broker else 'removed'} at the end)")
+    bootstrap, run["broker"] = ensure_broker(settings, args.port, run_dir / "broker")
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+    env[ENV_PREFIX + "BOOTSTRAP_SERVERS"] = bootstrap
     from stream_lstm.startup import ensure_worker_topics
 
     ensure_worker_topics(settings)
-    env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap)
-    # The demo starts from an untrained model; retraining in the background shows a promotion
-    # and a hot-swap within minutes (override with the variable itself).
-    env.setdefault("STREAM_LSTM_RETRAIN_EVERY_READINGS", "5000")
     exe = [sys.executable, "-m", "stream_lstm.cli"]
-    children = [subprocess.Popen(exe + ["run"], env=env)]
     if args.csv:
         feed = exe + ["replay", *map(str, args.csv), "--speedup", str(args.speedup)]
     else:
         feed = exe + ["simulate", "--devices", str(args.devices), "--rate", str(args.rate)]
-    children.append(subprocess.Popen(feed, env=env, stderr=subprocess.DEVNULL))
-    print(f"broker {bootstrap} | worker pid {children[0].pid} | feeding "
-          f"{'replay of ' + ', '.join(map(str, args.csv)) if args.csv else f'{args.devices} simulated devices'}"
-          f" | metrics http://{settings.metrics_host}:{settings.metrics_port}/metrics")
-    print("live forecasts (Ctrl-C to stop):")
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    try:
-        show_forecasts(settings, args.duration, stop, children[0])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if broker is not None and not args.keep_broker:
-            broker.stop()  # type: ignore[attr-defined]
-            shutil.rmtree(broker.data_dir, ignore_errors=True)  # type: ignore[attr-defined]
-            print("local broker stopped")
-        elif broker is not None:
-            print(f"local broker left running: stream-lstm kafka down --port {args.port} "
-                  f"--data-dir {broker.data_dir}")  # type: ignore[attr-defined]
-    return 0
+    worker_log, feed_log = run_dir / "worker.log", run_dir / "simulator.log"
+    signals.raising = False  # from here a signal only asks to stop: no child is half-recorded
+    if signals.stop:
+        return
+    worker = start_child("worker", exe + ["run"], env, worker_log,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run["children"].append(worker)
+    relay = run["relay"] = WorkerLogRelay(worker.proc.stdout, worker_log)  # type: ignore[arg-type]
+    relay.start()
+    with open(feed_log, "ab") as out:
+        run["children"].append(start_child("simulator", feed, env, feed_log,
+                                           stdout=out, stderr=subprocess.STDOUT))
+    say(f"broker {bootstrap} | worker pid {worker.proc.pid} (log: {worker_log}) | feeding "
+        f"{'replay of ' + ', '.join(map(str, args.csv)) if args.csv else f'{args.devices} simulated devices'}")
+    say("live forecasts (Ctrl-C to stop):")
+    run["worker_exited"] = not show_forecasts(settings, args.duration,
+                                              lambda: signals.stop, worker.proc)
+    if run["worker_exited"]:
+        relay.join(timeout=5)  # the log file has all the worker wrote
+        say(f"the worker exited with code {worker.proc.returncode}; the end of its log "
+            f"({worker_log}):\n{tail(worker_log)}")
 
 
-def show_forecasts(settings: Settings, duration: float, stop: dict,
-                   worker: subprocess.Popen) -> None:
-    """Print forecasts from the output topic as they arrive (a few lines per second)."""
+def _stop_all(args: argparse.Namespace, run_dir: Path, run: dict[str, Any],
+              signals: StopSignals) -> None:
+    children: list[Child] = run["children"]
+    if children:
+        say("stopping ...")
+    stop_children(children, signals)
+    if run["relay"] is not None:
+        run["relay"].join(timeout=5)
+    parts = [describe(c, run["relay"]) for c in children]
+    broker = run["broker"]
+    if broker is None and (run_dir / "broker" / "broker.json").exists():
+        from stream_lstm.kafka.local_broker import LocalBroker
+
+        # A signal came while ensure_broker() was starting it: it may run all the same.
+        broker = LocalBroker(args.port, run_dir / "broker")
+        broker.pid = broker.running_pid()
+        if broker.pid is None:
+            broker = None
+    if broker is not None and not args.keep_broker:
+        pid = broker.pid
+        broker.stop()
+        parts.append(f"local broker (pid {pid})")
+    say(f"stopped: {', '.join(parts)}" if parts else "stopped while starting up: nothing is left running")
+    if broker is not None and args.keep_broker:
+        say(f"kept: the local broker at {broker.bootstrap} (pid {broker.pid}; stop it with: "
+            f"stream-lstm kafka down --port {broker.port} --data-dir {broker.data_dir}) and "
+            f"this run's directory {run_dir} (models, state, logs)")
+    elif args.keep_broker:
+        say(f"kept: this run's directory {run_dir} (models, state, logs)")
+    elif run["worker_exited"]:  # keep what explains the exit
+        for item in run_dir.iterdir():
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            elif item.name != "worker.log":
+                item.unlink(missing_ok=True)
+        say(f"kept: the worker's log {run_dir / 'worker.log'} (the rest of {run_dir} is removed)")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        say(f"removed {run_dir}")
+
+
+def describe(c: Child, relay: WorkerLogRelay | None) -> str:
+    """e.g. ``worker (pid 123, 4,567 forecasts)`` or ``simulator (pid 124, sent 800 readings)``."""
+    detail = ""
+    if not c.stopped:
+        detail = f", had exited with code {c.proc.returncode}"
+    elif c.killed:
+        detail = ", killed"
+    elif c.name == "worker" and relay is not None and relay.stopped is not None:
+        detail = f", {int(relay.stopped.get('forecasts') or 0):,} forecasts"
+    elif c.log is not None:
+        m = re.search(r"sent ([\d,]+) readings", tail(c.log, 5))
+        if m:
+            detail = f", sent {m.group(1)} readings"
+    return f"{c.name} (pid {c.proc.pid}{detail})"
+
+
+def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[], bool],
+                   worker: subprocess.Popen) -> bool:
+    """Print forecasts from the output topic as they arrive (a few lines per second).
+
+    Returns False when the worker exited by itself, True otherwise.
+    """
     from stream_lstm.kafka.clients import make_consumer
 
     consumer = make_consumer(settings, settings.output_topic,
@@ -118,23 +413,27 @@ def show_forecasts(settings: Settings, duration: float, stop: dict,
                              auto_offset_reset="latest", isolation_level="read_committed")
     t_end = time.time() + duration if duration else float("inf")
     shown_at, seen, anomalies, t_status = 0.0, 0, 0, time.time()
-    print(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} score")
-    while time.time() < t_end and not stop["now"]:
-        if worker.poll() is not None:
-            print(f"the worker exited with code {worker.returncode}; see its log above")
-            break
-        for recs in consumer.poll(timeout_ms=500).values():
-            for rec in recs:
-                seen += 1
-                f = json.loads(rec.value)
-                anomalies += bool(f.get("is_anomaly"))
-                if time.time() - shown_at > 0.25 or f.get("is_anomaly"):
-                    shown_at = time.time()
-                    print(format_forecast(f), flush=True)
-        if time.time() - t_status > 5:
-            t_status = time.time()
-            print(f"-- {seen} forecasts received, {anomalies} anomalies flagged --", flush=True)
-    consumer.close()
+    say(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} score")
+    alive = True
+    try:
+        while time.time() < t_end and not should_stop():
+            if worker.poll() is not None:
+                alive = False
+                break
+            for recs in consumer.poll(timeout_ms=500).values():
+                for rec in recs:
+                    seen += 1
+                    f = json.loads(rec.value)
+                    anomalies += bool(f.get("is_anomaly"))
+                    if time.time() - shown_at > 0.25 or f.get("is_anomaly"):
+                        shown_at = time.time()
+                        say(format_forecast(f))
+            if time.time() - t_status > 5:
+                t_status = time.time()
+                say(f"-- {seen} forecasts received, {anomalies} anomalies flagged --")
+    finally:
+        consumer.close()
+    return alive
 
 
 def format_forecast(f: dict) -> str:

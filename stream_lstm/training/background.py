@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import signal
 import struct
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -128,6 +130,11 @@ def decode_result(data: bytes) -> RetrainResult:
 
 
 def _serve(conn: Any, threads: int) -> None:  # the child process
+    # The parent decides when this process stops (it closes the pipe: EOF below). A Ctrl-C in
+    # the terminal reaches the whole foreground process group, this child too; ignoring it
+    # keeps it from dying mid-job with a KeyboardInterrupt traceback while the worker shuts
+    # down in order. (It is usually ignored already: see BackgroundTrainer.__init__.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     torch.set_num_threads(threads)
@@ -158,10 +165,25 @@ class BackgroundTrainer:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, threads), name="stream-lstm-trainer",
                                  daemon=True)
-        self._proc.start()
+        # SIGINT ignored across the fork+exec: the fresh interpreter then keeps ignoring it from
+        # its first instruction (Python installs its KeyboardInterrupt handler only over the
+        # default disposition), so a Ctrl-C during its start-up cannot kill it either.
+        # Handlers can only be changed in the main thread; elsewhere _serve's own call applies.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         child.close()
         self.busy = False
         self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        """The child process's id."""
+        return self._proc.pid
 
     def submit(self, job: bytes) -> None:
         assert not self.busy, "one retraining job at a time"

@@ -1,34 +1,221 @@
-"""`stream-lstm up` starts a fresh broker each run: nothing a previous run left is seen."""
+"""`stream-lstm up`: a fresh broker each run, a short worker line, and a quiet Ctrl-C.
 
+The Kafka test runs `up` as a terminal would: in its own session, Ctrl-C being SIGINT to the
+whole process group. The rest are quick unit tests of the pieces it is built from.
+"""
+
+import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.local_broker import free_port
+from stream_lstm.kafka.local_broker import LocalBroker, free_port, pid_alive
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.tools.demo import ensure_broker
+from stream_lstm.tools.demo import (
+    Child,
+    StopSignals,
+    WorkerLogRelay,
+    ensure_broker,
+    stop_children,
+    summarize_log_line,
+)
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def test_each_run_starts_a_fresh_broker_without_the_last_run_s_topics():
+class Lines:
+    """Collects a process's output lines in a thread; ``wait_for`` blocks until one matches."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        rx, deadline = re.compile(pattern), time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if m := rx.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if self._done or left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n{self.text()}")
+                self._cond.wait(left)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def processes_of_run(run_dir: str) -> list[int]:
+    """Live processes whose environment names this run's directory (all `up` started)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if run_dir.encode() in (d / "environ").read_bytes() and pid_alive(int(d.name)):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_up_starts_a_fresh_broker_shows_a_short_worker_line_and_stops_quietly_on_ctrl_c():
     nothing_there = Settings(bootstrap_servers=f"127.0.0.1:{free_port()}")
     port = free_port()
-    seen = []
-    for _ in range(2):
-        bootstrap, broker = ensure_broker(nothing_there, port)
-        assert broker is not None and bootstrap == f"127.0.0.1:{port}"
+
+    # An earlier run on the same port leaves a topic behind.
+    bootstrap, broker = ensure_broker(nothing_there, port)
+    assert broker is not None and bootstrap == f"127.0.0.1:{port}"
+    try:
+        ensure_topics(nothing_there.model_copy(update={"bootstrap_servers": bootstrap}),
+                      [TopicSpec("left-by-an-earlier-run", 1, {})])
+        first_dir = broker.data_dir
+    finally:
+        broker.stop()
+        shutil.rmtree(broker.data_dir, ignore_errors=True)
+
+    # The next run is a whole `up`, started as a terminal starts a foreground job.
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=nothing_there.bootstrap_servers,
+               STREAM_LSTM_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+    up = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "up", "--port", str(port),
+                           "--devices", "5"], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+    out = Lines(up.stdout)
+    run_dir = None
+    try:
+        run_dir = out.wait_for(r"this run's directory: (\S+)", 30).group(1)
+        out.wait_for(rf"^broker 127\.0\.0\.1:{port} \| worker pid \d+", 150)
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-            seen.append(("left-by-an-earlier-run" in admin.list_topics(), broker.data_dir))
-            admin.close()
-            ensure_topics(nothing_there.model_copy(update={"bootstrap_servers": bootstrap}),
-                          [TopicSpec("left-by-an-earlier-run", 1, {})])
+            assert "left-by-an-earlier-run" not in admin.list_topics()  # a fresh broker
         finally:
-            broker.stop()
-            shutil.rmtree(broker.data_dir, ignore_errors=True)  # as main() does
-    (first_had, first_dir), (second_had, second_dir) = seen
-    assert not first_had and not second_had  # the second run does not see the first's topic
-    assert first_dir != second_dir
+            admin.close()
+        assert Path(run_dir, "broker") != first_dir
+        out.wait_for(rf"^worker: broker 127\.0\.0\.1:{port} \| sensor-readings -> "
+                     r"sensor-forecasts \| cpu \| model v0000-untrained \| metrics off$", 120)
+        out.wait_for(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  sim-\d{4} ", 120)  # a forecast
+        running = processes_of_run(run_dir)  # worker, its trainer, simulator, ...
+        assert len(running) >= 3, running
+
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        assert up.wait(timeout=120) == 0
+        out.join(timeout=10)
+        text = out.text()
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+        assert '"settings":' not in text and '{"ts"' not in text, text  # no raw JSON lines
+        stopped = out.wait_for(r"^stopped: worker \(pid (\d+), ([\d,]+) forecasts\), "
+                               r"simulator \(pid (\d+)[^)]*\), local broker \(pid (\d+)\)$", 0)
+        assert int(stopped.group(2).replace(",", "")) > 0
+        for pid in (stopped.group(1), stopped.group(3), stopped.group(4)):
+            assert not pid_alive(int(pid)), f"pid {pid} still runs"
+        assert processes_of_run(run_dir) == []  # the trainer too
+        out.wait_for(rf"^removed {re.escape(run_dir)}$", 0)
+        assert not Path(run_dir).exists()
+    finally:  # never leave anything behind, whatever failed
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        if run_dir:
+            for pid in processes_of_run(run_dir):
+                os.kill(pid, signal.SIGKILL)
+            LocalBroker(port, Path(run_dir, "broker")).stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---- pieces, without Kafka ---------------------------------------------------------------
+def test_the_start_up_line_and_model_events_are_short_and_other_info_lines_are_not_shown():
+    start = {"ts": "t", "level": "info", "logger": "stream_lstm.worker",
+             "event": "stream-lstm started: bootstrap_servers=b:1 ...",
+             "connected": {"bootstrap_servers": "b:1", "input_topic": "in", "output_topic": "out",
+                           "group_id": "g", "compute_device": "cpu", "model_version": "v7",
+                           "metrics": "http://127.0.0.1:9108/metrics"},
+             "settings": {"bootstrap_servers": "b:1", "sasl_password": "***"}}
+    assert summarize_log_line(json.dumps(start)) == (
+        "worker: broker b:1 | in -> out | cpu | model v7 | metrics http://127.0.0.1:9108/metrics")
+    gate = {"level": "info", "event": "promotion gate: promote: better by 12%",
+            "champion": "v0", "champion_error": 0.51234, "challenger_error": 0.4, "seconds": 3.2}
+    assert summarize_log_line(json.dumps(gate)) == (
+        "worker: promotion gate: promote: better by 12% (challenger error 0.4 vs champion "
+        "0.5123, 3.2 s)")
+    swap = {"level": "info", "event": "model swapped", "from": "v0", "to": "v1",
+            "devices_to_rewarm": 5}
+    assert summarize_log_line(json.dumps(swap)) == "worker: model swapped: now serving v1 (was v0)"
+    warn = {"ts": "t", "level": "warning", "logger": "x", "event": "broker not reachable; retrying",
+            "error": "NoBrokersAvailable()" * 30}
+    short = summarize_log_line(json.dumps(warn))
+    assert short.startswith("worker warning: broker not reachable; retrying (error=")
+    assert len(short) <= 240 and '"ts"' not in short
+    err = {"level": "error", "event": "publishing failed", "exception": "Traceback ...\nKafkaError: x"}
+    assert summarize_log_line(json.dumps(err)) == "worker error: publishing failed [KafkaError: x]"
+    for quiet in ('{"level": "info", "event": "partitions assigned; restoring their state"}',
+                  "a line that is not JSON", "[1, 2]", ""):
+        assert summarize_log_line(quiet) is None
+
+
+def test_the_relay_keeps_every_line_in_the_log_file_and_shows_only_short_ones(tmp_path):
+    lines = [json.dumps({"level": "info", "event": "stream-lstm started: ...",
+                         "connected": {"bootstrap_servers": "b:1"}, "settings": {"a": 1}}),
+             json.dumps({"level": "info", "event": "partitions assigned"}),
+             "some warning a library printed",
+             json.dumps({"level": "info", "event": "worker stopped", "consumed": 9, "forecasts": 7})]
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as w:
+        w.write("".join(line + "\n" for line in lines).encode())
+    shown: list[str] = []
+    with os.fdopen(read, "rb") as r:
+        relay = WorkerLogRelay(r, tmp_path / "worker.log", shown.append)
+        relay.run()  # to EOF, in this thread
+    assert (tmp_path / "worker.log").read_text().splitlines() == lines
+    assert len(shown) == 1 and shown[0].startswith("worker: broker b:1 |")
+    assert relay.stopped["forecasts"] == 7
+
+
+def test_a_second_signal_while_stopping_kills_what_is_left_without_a_traceback(capsys):
+    # A child that ignores SIGTERM and, when it gets one, "presses Ctrl-C again" on its parent.
+    code = ("import os, signal, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGINT))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline() == "ready\n"
+    child = Child("stubborn", proc)
+    t0 = time.monotonic()
+    with StopSignals() as signals:
+        signals.raising = False
+        signals.stop = True  # the first Ctrl-C, which ended the forecast loop
+        stop_children([child], signals, grace=60)
+    assert time.monotonic() - t0 < 30  # it did not wait out the grace period
+    assert signals.hurry and child.stopped and child.killed
+    assert proc.returncode == -signal.SIGKILL and not pid_alive(proc.pid)
+    assert "stopping now: killing what is still running" in capsys.readouterr().out
+    proc.stdout.close()

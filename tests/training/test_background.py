@@ -1,0 +1,41 @@
+"""The background trainer ignores SIGINT: its parent (the worker) decides when it stops.
+
+A Ctrl-C in a terminal reaches the whole foreground process group, the trainer child too; it
+used to die with a ``KeyboardInterrupt`` traceback (in ``recv_bytes``) while the worker was
+still shutting down in order.
+"""
+
+import os
+import signal
+
+import numpy as np
+
+from stream_lstm.config import Settings
+from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.training.background import BackgroundTrainer, encode_job
+from stream_lstm.training.lifecycle import job_params
+
+
+def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capfd):
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(0)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(6)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 1, "patience": 1}
+    job = encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
+    trainer = BackgroundTrainer(threads=1)
+    try:
+        # At once: the child ignores SIGINT from its first instruction (inherited SIG_IGN).
+        os.kill(trainer.pid, signal.SIGINT)
+        trainer.submit(job)
+        os.kill(trainer.pid, signal.SIGINT)  # and while it trains
+        result = trainer.wait(timeout=120)
+        assert result is not None and result.error is None, result
+        assert trainer._proc.is_alive()
+        os.kill(trainer.pid, signal.SIGINT)  # and while it waits for the next job (recv_bytes)
+        trainer.submit(job)
+        assert trainer.wait(timeout=120) is not None
+    finally:
+        trainer.close()  # closes the pipe: the child sees EOF and returns
+    assert trainer._proc.exitcode == 0  # it ended by itself, not by terminate() or a signal
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
