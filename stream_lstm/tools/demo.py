@@ -367,6 +367,10 @@ def _stop_all(args: argparse.Namespace, run_dir: Path, run: dict[str, Any],
         parts.append(f"local broker (pid {pid})")
     say(f"stopped: {', '.join(parts)}" if parts else "stopped while starting up: nothing is left running")
     if broker is not None and args.keep_broker:
+        from stream_lstm.kafka import broker_registry
+
+        with contextlib.suppress(OSError):  # so a bare `stream-lstm kafka down` finds it too
+            broker_registry.record(broker.port, broker.pid, broker.data_dir)
         say(f"kept: the local broker at {broker.bootstrap} (pid {broker.pid}; stop it with: "
             f"stream-lstm kafka down --port {broker.port} --data-dir {broker.data_dir}) and "
             f"this run's directory {run_dir} (models, state, logs)")
