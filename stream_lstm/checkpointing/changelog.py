@@ -38,6 +38,7 @@ from stream_lstm.checkpointing.codec import check_snapshot, encode_snapshot
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin, make_consumer
+from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
 from stream_lstm.state.snapshot import DeviceSnapshot
 
@@ -193,8 +194,8 @@ def restore(
     )
     try:
         try:
-            begin = consumer.beginning_offsets(tps, timeout_ms=remaining_ms())
-            end = consumer.end_offsets(tps, timeout_ms=remaining_ms())
+            begin = _list_offsets(consumer, consumer.beginning_offsets, tps, remaining_ms())
+            end = _list_offsets(consumer, consumer.end_offsets, tps, remaining_ms())
         except KafkaTimeoutError as exc:
             raise RestoreTimeout(f"could not list offsets of {topic}: {exc}") from None
         start = _start_offsets(settings, tps, begin, end, store, result)
@@ -214,9 +215,29 @@ def restore(
             consumer.seek(tp, start[tp])
         _read(consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms)
     finally:
-        consumer.close(autocommit=False)
+        _close(consumer)
         result.seconds = time.monotonic() - t0
     return result
+
+
+def _close(consumer) -> None:  # noqa: ANN001
+    # A consumer whose call got stuck may not close either: never let it hold the worker.
+    try:
+        call_with_deadline(lambda: consumer.close(autocommit=False), 10.0, "closing a restore consumer")
+    except KafkaTimeoutError as exc:
+        log.warning("left a stuck restore consumer behind", extra={"error": str(exc)})
+
+
+# Listing offsets takes milliseconds; past this the call is stuck (stream_lstm.kafka.deadline)
+# and a fresh consumer on the next restore attempt does better than waiting out the restore.
+LIST_OFFSETS_DEADLINE_S = 15.0
+
+
+def _list_offsets(consumer, lister, tps, remaining: int) -> dict[TopicPartition, int]:  # noqa: ANN001
+    timeout_ms = min(remaining, int(LIST_OFFSETS_DEADLINE_S * 1000))
+    return call_with_deadline(lambda: lister(tps, timeout_ms=timeout_ms), timeout_ms / 1000 + 1.0,
+                              f"listing offsets of {sorted({tp.topic for tp in tps})}",
+                              on_timeout=lambda: consumer.close(autocommit=False))
 
 
 def _start_offsets(settings, tps, begin, end, store, result) -> dict[TopicPartition, int]:  # noqa: ANN001
@@ -272,7 +293,7 @@ def _read(consumer, todo, start, begin, end, store, result, progress, cancelled,
             # we applied may miss tombstones, so rebuild those partitions from the new start.
             lost = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict)
                                   else todo) if tp in todo]
-            new_begin = consumer.beginning_offsets(lost, timeout_ms=remaining_ms())
+            new_begin = _list_offsets(consumer, consumer.beginning_offsets, lost, remaining_ms())
             for tp in lost:
                 store.drop_partitions([tp.partition])
                 if tp.partition not in result.rebuilt:

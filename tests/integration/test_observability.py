@@ -50,7 +50,12 @@ def test_metrics_health_and_real_prometheus(settings_factory, topic_name, tmp_pa
     deadline = time.time() + 60
     while worker.totals.consumed < len(readings) and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)  # a few more loop turns to refresh the lag
+
+    def lags():  # set in the loop turn after each batch
+        return [float(line.split()[-1]) for line in get(base + "/metrics")[1].splitlines()
+                if line.startswith("stream_lstm_consumer_lag_messages{")]
+    while not (lags() and max(lags()) == 0) and time.time() < deadline:
+        time.sleep(0.1)
     status, body = get(base + "/readyz")
     assert status == 200, body
     assert json.loads(body)["components"]["partitions"] == "ok"
@@ -62,8 +67,8 @@ def test_metrics_health_and_real_prometheus(settings_factory, topic_name, tmp_pa
     assert sample(text, "stream_lstm_forecasts_published_total") == len(readings) - 10 * 2
     assert sample(text, "stream_lstm_warmup_readings_total") == 20
     assert sample(text, "stream_lstm_active_devices") == 10
-    lags = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("stream_lstm_consumer_lag_messages{")]
-    assert lags and max(lags) == 0
+    lag = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("stream_lstm_consumer_lag_messages{")]
+    assert lag and max(lag) == 0
     assert sample(text, "stream_lstm_batch_size_readings_count") >= 1
 
     def leaders():  # refreshed every 5 s: wait for a count taken after the last device came

@@ -113,7 +113,9 @@ def test_up_second_up_status_down_and_restarts(tmp_path, capsys):
 
 
 def test_status_lists_and_down_stops_every_broker_up_started(tmp_path, own_cache, capsys):
-    port_a, port_b = free_port(), free_port()
+    first = free_port()
+    # The registry lists brokers by port, so a is the lower one (free ports come in any order).
+    port_a, port_b = sorted((first, next(p for p in iter(free_port, None) if p != first)))
     dir_a, dir_b = tmp_path / "a", own_cache / f"broker-{port_b}"  # b: the default data dir
     started = []
     try:
