@@ -7,7 +7,8 @@ forecasts a user could write in one line: persistence, seasonal naive (a day and
 back) and an exponentially weighted mean. MASE is the model's MAE over persistence's MAE on
 the same targets and horizon (below 1 beats persistence).
 
-``--etth1`` runs the standard ETTh1 protocol instead (:mod:`stream_lstm.tools.etth1`).
+``--etth1`` runs the standard ETTh1 protocol instead (:mod:`stream_lstm.tools.etth1`);
+``--nab`` scores the alerts of an untrained model with NAB (:mod:`stream_lstm.tools.evaluate_nab`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", action="store_true",
                         help="also run the deep-river peer (an online LSTM per recording, "
                              "one-step) on the same recordings; needs stream-lstm[peer]")
+    parser.add_argument("--nab", action="store_true",
+                        help="NAB's unsupervised setting instead: serve a fresh, untrained model "
+                             "over every row and score its alerts (is_anomaly, and the swept "
+                             "alert score) with NAB's profiles; writes nab.json and plots")
 
 
 # ---- data and training -------------------------------------------------------------------------
@@ -317,6 +322,13 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     if not args.files:
         print("evaluate: give CSV recordings, or --etth1 PATH", file=sys.stderr)
         return 2
+    if getattr(args, "nab", False):
+        if args.peer:
+            print("evaluate: --nab scores alerts; leave out --peer", file=sys.stderr)
+            return 2
+        from stream_lstm.tools.evaluate_nab import run_nab
+
+        return run_nab(args, settings)
     if args.peer:
         from stream_lstm.tools.peer import INSTALL_HINT, peer_available
 

@@ -1,0 +1,266 @@
+"""``stream-lstm evaluate FILES... --nab``: NAB scores of the alerts, through the real pipeline.
+
+NAB's unsupervised setting: no pre-training. A freshly initialised model (the default
+settings, seed 0) serves every row of each recording through a real broker and worker
+(:func:`~stream_lstm.tools.evaluate.run_pipeline`), and every figure is computed from the
+forecasts topic with NAB's scoring (:mod:`stream_lstm.tools.nab`):
+
+* the shipped alert flag ``is_anomaly`` (a detection wherever it is true), under the
+  standard, low-FP and low-FN profiles;
+* the alert score ``max(anomaly_score, drift_score)``, and each score alone, at the one
+  corpus threshold NAB's optimiser picks for each profile.
+
+Rows without a forecast (warm-up) have NaN scores and never detect. Probation and windows are
+placed on the recording's own rows and timestamps; forecasts are aligned to them by ``ts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream_lstm.tools import nab
+
+# The published detectors on the same 19 files (the 2 realKnownCause temperature files and the
+# 17 realAWSCloudwatch files), NAB standard profile: NAB's own result files, each at its best
+# threshold for these 19 files, as measured by a previous session (issue 15).
+PUBLISHED = {"ARTime": 72.6, "Numenta HTM": 71.7, "KNN CAD": 53.9, "Bayesian changepoint": 41.4,
+             "random": 21.2}
+SCORES = ("alert", "anomaly_score", "drift_score")  # the alert score, and each part alone
+PROFILE_NAMES = tuple(nab.PROFILES)                  # standard first
+
+
+def note(text: str) -> None:
+    print(f"evaluate --nab: {text}", file=sys.stderr, flush=True)
+
+
+def clip_windows(ts: np.ndarray, windows: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The windows that start within the rows (``--limit`` cuts recordings short).
+
+    >>> clip_windows(np.arange(10.0), [(2.0, 4.0), (8.0, 12.0), (20.0, 30.0)])
+    [(2.0, 4.0), (8.0, 12.0)]
+    """
+    return [(s, e) for s, e in windows if len(ts) and s <= ts[-1]]
+
+
+def nab_inputs(ts: np.ndarray, forecasts: list[dict]) -> dict[str, np.ndarray]:
+    """Per-row scores from one recording's forecasts, aligned by ``ts``: ``anomaly_score``,
+    ``drift_score``, ``alert`` (their max; NaN where both are) and ``shipped`` (1.0 where
+    ``is_anomaly`` was true, 0.0 where false, NaN where no forecast was published).
+
+    >>> a = nab_inputs(np.array([0.0, 1.0, 2.0]),
+    ...                [{"ts": 1.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": False},
+    ...                 {"ts": 2.0, "anomaly_score": 1.0, "drift_score": 9.0, "is_anomaly": True}])
+    >>> a["alert"].tolist(), a["shipped"].tolist()
+    ([nan, 2.0, 9.0], [nan, 0.0, 1.0])
+    """
+    pos = {t: i for i, t in enumerate(ts.tolist())}
+    out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "shipped")}
+    for f in forecasts:
+        i = pos.get(f["ts"])
+        if i is None:
+            continue
+        for k in ("anomaly_score", "drift_score"):
+            if f.get(k) is not None:
+                out[k][i] = f[k]
+        out["shipped"][i] = 1.0 if f.get("is_anomaly") else 0.0
+    out["alert"] = np.fmax(out["anomaly_score"], out["drift_score"])
+    for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
+        out[k] = np.where(out[k] == np.inf, np.finfo(np.float64).max, out[k])
+    return out
+
+
+def _corpus(c: nab.CorpusScore) -> dict[str, Any]:
+    return {"score": c.score, "threshold": c.threshold, "raw": c.raw, "null": c.null,
+            "perfect": c.perfect, "files": {n: dataclasses.asdict(f) for n, f in c.files.items()}}
+
+
+def nab_report(recordings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The NAB scores of a corpus: the shipped flag and the swept scores, under every profile.
+
+    Parameters
+    ----------
+    recordings
+        ``name -> {"ts", "windows", "shipped", "alert", "anomaly_score", "drift_score"}``:
+        the rows' timestamps, NAB's ``(start, end)`` windows, and per-row arrays as from
+        :func:`nab_inputs` (NaN: no forecast, never a detection).
+
+    Returns
+    -------
+    ``{"shipped": {profile: corpus}, "swept": {score: {profile: corpus}}, "published": ...}``,
+    each *corpus* with its normalised ``score``, ``threshold``, ``raw``, ``null``, ``perfect``
+    and per-file :class:`~stream_lstm.tools.nab.FileScore` fields under ``files``.
+    """
+    def files(key: str) -> dict[str, tuple]:
+        return {n: (r["ts"], r[key], r["windows"]) for n, r in recordings.items()}
+
+    report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}}
+    for name in PROFILE_NAMES:
+        profile = nab.PROFILES[name]
+        report["shipped"][name] = _corpus(nab.score_corpus(files("shipped"), profile, 1.0))
+        for key in SCORES:
+            _, corpus = nab.optimise_threshold(files(key), profile)
+            report["swept"][key][name] = _corpus(corpus)
+    report["published"] = dict(PUBLISHED)
+    return report
+
+
+def print_nab_table(report: dict[str, Any], settings_threshold: float | None = None) -> None:
+    shipped, swept = report["shipped"]["standard"], report["swept"]["alert"]["standard"]
+    print(f"{'recording':36} {'windows':>7} | shipped flag: {'hit':>3} {'miss':>4} {'false':>5} "
+          f"{'raw':>7} | swept alert: {'hit':>3} {'miss':>4} {'false':>5} {'raw':>7}")
+    for name, f in shipped["files"].items():
+        g = swept["files"][name]
+        print(f"{name[:36]:36} {f['windows_hit'] + f['windows_missed']:>7} |"
+              f"               {f['windows_hit']:>3} {f['windows_missed']:>4} {f['false_alerts']:>5} "
+              f"{f['raw']:7.2f} |              {g['windows_hit']:>3} {g['windows_missed']:>4} "
+              f"{g['false_alerts']:>5} {g['raw']:7.2f}")
+    flag = "is_anomaly" + (f", max(anomaly, drift) >= {settings_threshold:g}"
+                           if settings_threshold is not None else "")
+    others = ", ".join(f"{p} {report['shipped'][p]['score']:.1f}" for p in PROFILE_NAMES[1:])
+    print(f"NAB score, shipped flag ({flag}): standard {shipped['score']:.1f} ({others})")
+    for key, label in (("alert", "swept alert score max(anomaly_score, drift_score)"),
+                       ("anomaly_score", "swept anomaly_score alone"),
+                       ("drift_score", "swept drift_score alone")):
+        by = report["swept"][key]
+        others = ", ".join(f"{p} {by[p]['score']:.1f} at {by[p]['threshold']:.3g}"
+                           for p in PROFILE_NAMES[1:])
+        print(f"NAB score, {label}: standard {by['standard']['score']:.1f} at threshold "
+              f"{by['standard']['threshold']:.3g} ({others})")
+    print("published detectors, standard profile, the same 19 files (NAB's own result files, each "
+          "at its best threshold): " + ", ".join(f"{k} {v}" for k, v in report["published"].items()))
+
+
+def plot_nab(out: Path, name: str, rec: Mapping[str, Any], threshold: float,
+             shipped_threshold: float | None = None, caption: str = "") -> str:
+    """``<name>-nab.png``: the value on top; below, the alert score (log axis) with the swept
+    threshold, the labelled windows shaded, the probation greyed and both kinds of detection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts, x, score = rec["ts"], rec["x"], rec["alert"]
+    dates = ts.astype("datetime64[s]")
+    fig, (top, low) = plt.subplots(2, 1, figsize=(13, 5.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [1, 1.3]})
+    top.plot(dates, x, lw=0.7, color="black")
+    top.set_ylabel("value")
+    positive = score[np.isfinite(score) & (score > 0)]
+    floor = float(positive.min()) if positive.size else 1e-3
+    low.plot(dates, np.clip(score, floor, None), lw=0.5, color="tab:purple",
+             label="alert score max(anomaly, drift)")
+    low.set_yscale("log")
+    low.axhline(threshold, color="tab:red", lw=1, label=f"swept threshold {threshold:.3g}")
+    if shipped_threshold is not None:
+        low.axhline(shipped_threshold, color="tab:gray", lw=1, ls="--",
+                    label=f"shipped threshold {shipped_threshold:g}")
+    swept = np.flatnonzero(score >= threshold)
+    low.plot(dates[swept], score[swept], "o", ms=3, color="tab:red",
+             label=f"swept detections ({len(swept):,} rows)")
+    shipped = np.flatnonzero(rec["shipped"] >= 1.0)
+    rug = low.get_xaxis_transform()  # x in data, y in axes fractions: a strip along the bottom
+    low.plot(dates[shipped], np.full(len(shipped), 0.03), "|", ms=8, color="tab:orange",
+             transform=rug, label=f"shipped flag ({len(shipped):,} rows)")
+    low.plot(dates[swept], np.full(len(swept), 0.09), "|", ms=8, color="tab:red", transform=rug)
+    probation = nab.probation_length(len(ts))
+    for ax in (top, low):
+        for start, end in rec["windows"]:
+            ax.axvspan(np.datetime64(int(start), "s"), np.datetime64(int(end), "s"),
+                       color="tab:green", alpha=0.25)
+        if probation and len(ts):
+            ax.axvspan(dates[0], dates[min(probation, len(ts) - 1)], color="gray", alpha=0.12)
+    low.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, borderaxespad=0)
+    top.set_title(f"{name}: NAB windows shaded green, probation grey" + (f"\n{caption}" if caption else ""),
+                  fontsize=9)
+    fig.tight_layout()
+    path = out / f"{name}-nab.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
+def _windows_json(files: list[Path]) -> Path | None:
+    """NAB's ``combined_windows.json``, found by walking up from the first CSV."""
+    folder = Path(files[0]).resolve().parent
+    while folder.name and not (folder / "combined_windows.json").exists():
+        folder = folder.parent
+    return folder / "combined_windows.json" if (folder / "combined_windows.json").exists() else None
+
+
+def run_nab(args: argparse.Namespace, settings: Any) -> int:
+    """``evaluate --nab``: serve a fresh model, score its alerts with NAB, write the report."""
+    import torch
+
+    from stream_lstm.kafka.local_broker import ensure_local_broker
+    from stream_lstm.startup import fresh_model
+    from stream_lstm.tools.evaluate import load, run_pipeline
+    from stream_lstm.tools.replay import ReplayError
+
+    t0 = time.monotonic()
+    windows_json = _windows_json(args.files)
+    if windows_json is None:
+        print("evaluate: --nab needs NAB's combined_windows.json in a folder above the first "
+              "recording", file=sys.stderr)
+        return 2
+    try:
+        series = load(args.files, args.limit, getattr(args, "time_column", None))
+        windows = {n: clip_windows(ts, nab.nab_windows(windows_json, n + ".csv"))
+                   for n, (ts, _) in series.items()}
+    except (ReplayError, KeyError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    note(f"{len(series)} recordings, {sum(len(v[1]) for v in series.values()):,} readings (every "
+         f"row), {sum(map(len, windows.values()))} windows from {windows_json}; no pre-training: "
+         f"a freshly initialised model")
+    torch.manual_seed(0)
+    served = fresh_model(settings)
+    with ensure_local_broker(settings) as bootstrap:
+        s = settings.model_copy(update={"bootstrap_servers": bootstrap})
+        forecasts, output_topic = run_pipeline(s, series, served.model, served.spec)
+    note("scoring (NAB profiles, threshold sweeps)")
+    recordings = {n: {"ts": ts, "x": x, "windows": windows[n]} | nab_inputs(ts, forecasts.get(n, []))
+                  for n, (ts, x) in series.items()}
+    try:
+        report = nab_report(recordings)
+    except ValueError as exc:  # e.g. --limit left no scored window in the whole corpus
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    report |= {"model": served.version, "horizon": served.spec.horizon,
+               "hidden_size": served.spec.hidden_size,
+               "anomaly_threshold": settings.anomaly_threshold, "output_topic": output_topic,
+               "bootstrap_servers": bootstrap, "limit": args.limit,
+               "recordings": {n: {"rows": len(r["ts"]), "forecasts_read": len(forecasts.get(n, [])),
+                                  "windows": len(r["windows"]),
+                                  "probation": nab.probation_length(len(r["ts"]))}
+                              for n, r in recordings.items()},
+               "plots": []}
+    try:
+        import matplotlib  # noqa: F401
+        can_plot = True
+    except ImportError:
+        can_plot = False
+        print("evaluate: matplotlib is not installed, so no plots "
+              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
+    if can_plot:
+        note(f"plots in {args.out}")
+        threshold = report["swept"]["alert"]["standard"]["threshold"]
+        for n, r in recordings.items():
+            f, g = report["shipped"]["standard"]["files"][n], report["swept"]["alert"]["standard"]["files"][n]
+            caption = "; ".join(
+                f"{what}: {x['windows_hit']} hit, {x['windows_missed']} missed, {x['false_alerts']} "
+                f"false alerts, raw {x['raw']:.2f}" for what, x in (("shipped flag", f), ("swept", g)))
+            report["plots"].append(plot_nab(args.out, n, r, threshold, settings.anomaly_threshold, caption))
+    report["wall_s"] = time.monotonic() - t0
+    (args.out / "nab.json").write_text(json.dumps(report, indent=2))
+    print_nab_table(report, settings.anomaly_threshold)
+    print(f"report: {args.out / 'nab.json'}; plots in {args.out}")
+    return 0

@@ -1,0 +1,145 @@
+"""`stream-lstm evaluate --nab`: the NAB table from forecasts (no Kafka), and one run end to end
+through the real broker on two real recordings, checked against the forecasts topic."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from stream_lstm.tools import evaluate, nab
+from stream_lstm.tools.evaluate_nab import (
+    PUBLISHED,
+    clip_windows,
+    nab_inputs,
+    nab_report,
+    print_nab_table,
+)
+
+T0 = 1_400_000_000.0
+
+
+def _forecasts(n: int, special: dict[int, tuple], warmup: int = 5) -> list[dict]:
+    """Forecast records as the topic carries them: none for the first ``warmup`` rows; else
+    anomaly 1, drift 2, not flagged, except ``special[row] = (anomaly, drift, is_anomaly)``."""
+    out = []
+    for i in range(warmup, n):
+        a, d, flag = special.get(i, (1.0, 2.0, False))
+        out.append({"ts": T0 + 60 * i, "anomaly_score": a, "drift_score": d, "is_anomaly": flag})
+    return out
+
+
+def _recordings() -> dict:
+    ts = T0 + 60 * np.arange(100.0)   # 100 rows: probation floor(0.15 * 100) = 15 rows
+    specs = {  # a: one detection at its window's first row; b: one false alert, a missed window
+        "a": ([(T0 + 60 * 50, T0 + 60 * 59)], {50: (10.0, None, True)}),
+        "b": ([(T0 + 60 * 70, T0 + 60 * 79)], {30: (1.0, 5.0, True)}),
+    }
+    return {name: {"ts": ts, "windows": w} | nab_inputs(ts, _forecasts(100, special))
+            for name, (w, special) in specs.items()}
+
+
+def test_nab_inputs_leave_rows_without_a_forecast_nan():
+    rec = _recordings()["a"]
+    assert np.isnan(rec["alert"][:5]).all() and np.isnan(rec["shipped"][:5]).all()
+    assert rec["alert"][50] == 10.0 and rec["drift_score"][50] != rec["drift_score"][50]  # NaN
+    assert rec["shipped"].tolist().count(1.0) == 1 and rec["alert"][6] == 2.0
+
+
+def test_nab_table_by_hand(capsys):
+    report = nab_report(_recordings())
+    std = report["shipped"]["standard"]
+    a, b = std["files"]["a"], std["files"]["b"]
+    # a: the one detection is at its window's first row: worth tp = 1.0, nothing else fires.
+    assert a["raw"] == pytest.approx(1.0)
+    assert (a["windows_hit"], a["windows_missed"], a["false_alerts"]) == (1, 0, 0)
+    # b: a false alert before the first window (-fp = -0.11) and the window missed (-fn = -1).
+    assert b["raw"] == pytest.approx(-1.11)
+    assert (b["windows_hit"], b["windows_missed"], b["false_alerts"]) == (0, 1, 1)
+    # Corpus: null -2 (both windows missed), perfect 2: 100 * (-0.11 + 2) / 4.
+    assert (std["null"], std["perfect"]) == (-2.0, 2.0)
+    assert std["score"] == pytest.approx(47.25)
+    low_fp = report["shipped"]["reward_low_FP_rate"]
+    assert low_fp["files"]["b"]["raw"] == pytest.approx(-1.22)
+    assert low_fp["score"] == pytest.approx(100 * (1.0 - 1.22 + 2) / 4)
+    low_fn = report["shipped"]["reward_low_FN_rate"]   # fn = 2: null -4, perfect 2
+    assert low_fn["score"] == pytest.approx(100 * (1.0 - 0.11 - 2 + 4) / 6)
+
+    # Swept max(anomaly, drift): 10 keeps a's hit and drops b's false alert (5): raw 0 -> 50.
+    swept = report["swept"]["alert"]["standard"]
+    assert swept["threshold"] == 10.0 and swept["raw"] == pytest.approx(0.0)
+    assert swept["score"] == pytest.approx(50.0)
+    assert (swept["files"]["b"]["false_alerts"], swept["files"]["b"]["windows_missed"]) == (0, 1)
+    assert report["swept"]["anomaly_score"]["standard"]["threshold"] == 10.0
+    # drift alone: 2 everywhere fires on every row (a's hit is outweighed by false alerts),
+    # 5 only on b's false alert; firing on nothing (inf) is best: the null score.
+    drift = report["swept"]["drift_score"]["standard"]
+    assert drift["threshold"] == np.inf and drift["score"] == pytest.approx(0.0)
+    assert report["published"] == PUBLISHED
+
+    # The same figures through the scorer directly, as a cross-check of the plumbing.
+    recs = _recordings()
+    direct = nab.score_corpus({n: (r["ts"], r["shipped"], r["windows"]) for n, r in recs.items()},
+                              nab.PROFILES["standard"], 1.0)
+    assert direct.score == pytest.approx(std["score"])
+
+    print_nab_table(report, 7.0)
+    out = capsys.readouterr().out
+    assert "shipped flag (is_anomaly, max(anomaly, drift) >= 7): standard 47.2" in out
+    assert "swept alert score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
+    assert "ARTime 72.6" in out
+
+
+def test_clip_windows_keeps_a_window_cut_by_the_limit():
+    ts = np.arange(10.0)
+    assert clip_windows(ts, [(8.0, 12.0), (11.0, 12.0)]) == [(8.0, 12.0)]
+    assert nab.label_rows(ts, clip_windows(ts, [(8.0, 12.0)]), probation_percent=0).bounds == ((8, 9),)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.clients import make_consumer
+    from stream_lstm.tools.replay import load_csv
+
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    aws = shared_data / "nab" / "aws"
+    # 900 rows each: iio keeps both its windows (rows 218-370), elb its first (683-883).
+    files = [aws / "iio_us-east-1_i-a2eb1cd9_NetworkIn.csv", aws / "elb_request_count_8c0756.csv"]
+    args = argparse.Namespace(files=files, out=tmp_path, epochs=1, limit=900, etth1=None,
+                              horizons=[24], peer=False, nab=True)
+    assert evaluate.main(args) == 0
+    report = json.loads((tmp_path / "nab.json").read_text())
+    assert report["model"] == "v0000-untrained"
+    for name in ("iio_us-east-1_i-a2eb1cd9_NetworkIn", "elb_request_count_8c0756"):
+        assert report["recordings"][name]["forecasts_read"] == 900
+        assert (tmp_path / f"{name}-nab.png").stat().st_size > 5000
+    assert [report["recordings"][n]["windows"] for n in report["recordings"]] == [2, 1]
+    for profile in nab.PROFILES:
+        assert np.isfinite(report["shipped"][profile]["score"])
+        assert np.isfinite(report["swept"]["alert"][profile]["score"])
+    assert report["published"]["ARTime"] == 72.6
+    out = capsys.readouterr().out
+    assert "NAB score, shipped flag" in out and "elb_request_count_8c0756" in out
+
+    # Independently: the shipped flag's score from the records on the forecasts topic.
+    consumer = make_consumer(Settings(bootstrap_servers=bootstrap), report["output_topic"],
+                             group_id="independent-nab-check", auto_offset_reset="earliest",
+                             isolation_level="read_committed")
+    flags: dict[str, dict[float, bool]] = {}
+    while sum(map(len, flags.values())) < 1800:
+        for recs in consumer.poll(timeout_ms=1000).values():
+            for r in recs:
+                f = json.loads(r.value)
+                flags.setdefault(f["device_id"], {})[f["ts"]] = bool(f["is_anomaly"])
+    consumer.close()
+    corpus = {}
+    for f in files:
+        ts = load_csv(f)[0][:900]
+        windows = [w for w in nab.nab_windows(shared_data / "nab" / "combined_windows.json", f.name)
+                   if w[0] <= ts[-1]]
+        corpus[f.stem] = (ts, np.array([flags[f.stem].get(t, False) for t in ts.tolist()]), windows)
+    expected = nab.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
+    assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)
