@@ -194,8 +194,7 @@ def restore(
     )
     try:
         try:
-            begin = _list_offsets(consumer, consumer.beginning_offsets, tps, remaining_ms())
-            end = _list_offsets(consumer, consumer.end_offsets, tps, remaining_ms())
+            begin, end = _list_offsets(settings, tps, ("earliest", "latest"), remaining_ms())
         except KafkaTimeoutError as exc:
             raise RestoreTimeout(f"could not list offsets of {topic}: {exc}") from None
         start = _start_offsets(settings, tps, begin, end, store, result)
@@ -213,7 +212,7 @@ def restore(
         consumer.assign(todo)
         for tp in todo:
             consumer.seek(tp, start[tp])
-        _read(consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms)
+        _read(settings, consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms)
     finally:
         _close(consumer)
         result.seconds = time.monotonic() - t0
@@ -229,15 +228,42 @@ def _close(consumer) -> None:  # noqa: ANN001
 
 
 # Listing offsets takes milliseconds; past this the call is stuck (stream_lstm.kafka.deadline)
-# and a fresh consumer on the next restore attempt does better than waiting out the restore.
+# and a fresh client on the next restore attempt does better than waiting out the restore.
 LIST_OFFSETS_DEADLINE_S = 15.0
 
 
-def _list_offsets(consumer, lister, tps, remaining: int) -> dict[TopicPartition, int]:  # noqa: ANN001
+def _list_offsets(settings: Settings, tps: list[TopicPartition], specs: tuple[str, ...],
+                  remaining: int, committed: bool = True) -> list[dict[TopicPartition, int]]:
+    """For each of ``specs`` (``earliest`` or ``latest``), the offsets of ``tps``, from one
+    admin client; ``latest`` is the last stable offset (what a read_committed consumer reads
+    up to), or with ``committed=False`` the high watermark.
+
+    Not ``KafkaConsumer.beginning_offsets``: on a fresh clone's test run, a new restore
+    consumer's listing of a just-created changelog never returned, retry after retry, for
+    180-900 s (kafka-python 3.0.12), while the admin request answers at once.
+    """
+    from kafka.admin import OffsetSpec
+    from kafka.protocol.consumer import IsolationLevel
+
     timeout_ms = min(remaining, int(LIST_OFFSETS_DEADLINE_S * 1000))
-    return call_with_deadline(lambda: lister(tps, timeout_ms=timeout_ms), timeout_ms / 1000 + 1.0,
-                              f"listing offsets of {sorted({tp.topic for tp in tps})}",
-                              on_timeout=lambda: consumer.close(autocommit=False))
+    level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
+    admin = make_admin(settings, request_timeout_ms=timeout_ms)
+
+    def listing() -> list[dict[TopicPartition, int]]:
+        out = []
+        for spec in specs:
+            which = OffsetSpec.EARLIEST if spec == "earliest" else OffsetSpec.LATEST
+            got = admin.list_partition_offsets({tp: which for tp in tps}, isolation_level=level,
+                                               timeout_ms=timeout_ms)
+            out.append({tp: int(got[tp].offset) for tp in tps})
+        return out
+
+    try:
+        return call_with_deadline(listing, len(specs) * timeout_ms / 1000 + 1.0,
+                                  f"listing offsets of {sorted({tp.topic for tp in tps})}",
+                                  on_timeout=admin.close)
+    finally:
+        admin.close()
 
 
 def _start_offsets(settings, tps, begin, end, store, result) -> dict[TopicPartition, int]:  # noqa: ANN001
@@ -266,17 +292,12 @@ def _start_offsets(settings, tps, begin, end, store, result) -> dict[TopicPartit
 
 
 def _high_watermarks(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    from kafka.admin import OffsetSpec
-
-    admin = make_admin(settings)
-    try:
-        got = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
-        return {tp: int(v.offset) for tp, v in got.items()}
-    finally:
-        admin.close()
+    (high,) = _list_offsets(settings, tps, ("latest",), int(LIST_OFFSETS_DEADLINE_S * 1000),
+                            committed=False)
+    return high
 
 
-def _read(consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms):  # noqa: ANN001
+def _read(settings, consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms):  # noqa: ANN001
     """The poll loop of :func:`restore` (see there)."""
     todo = set(todo)
     last_report = 0.0
@@ -293,7 +314,7 @@ def _read(consumer, todo, start, begin, end, store, result, progress, cancelled,
             # we applied may miss tombstones, so rebuild those partitions from the new start.
             lost = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict)
                                   else todo) if tp in todo]
-            new_begin = _list_offsets(consumer, consumer.beginning_offsets, lost, remaining_ms())
+            (new_begin,) = _list_offsets(settings, lost, ("earliest",), remaining_ms())
             for tp in lost:
                 store.drop_partitions([tp.partition])
                 if tp.partition not in result.rebuilt:
@@ -332,7 +353,7 @@ def _read(consumer, todo, start, begin, end, store, result, progress, cancelled,
         finished = [tp for tp, pos in positions.items() if pos >= end[tp]]
         if finished:
             consumer.pause(*finished)  # stop fetching what a later writer appends
-        if progress and (finished or now - last_report >= _PROGRESS_EVERY_S):
+        if progress and (finished or (polled and now - last_report >= _PROGRESS_EVERY_S)):
             last_report = now
             for tp, pos in positions.items():
                 total = end[tp] - start[tp]

@@ -15,6 +15,7 @@ from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin
+from stream_lstm.kafka.deadline import call_with_deadline
 
 log = logging.getLogger("stream_lstm.kafka")
 
@@ -85,7 +86,10 @@ def wait_for_partition_metadata(consumer: KafkaConsumer, topics: list[str],
     while True:
         for topic in topics:
             if topic not in counts:
-                found = consumer.partitions_for_topic(topic)  # refreshes metadata when unknown
+                # Refreshes metadata when the topic is unknown, with no deadline of its own.
+                found = call_with_deadline(lambda t=topic: consumer.partitions_for_topic(t),
+                                           max(1.0, deadline - time.monotonic()),
+                                           f"fetching the metadata of {topic}")
                 if found:
                     counts[topic] = len(found)
         missing = [t for t in topics if t not in counts]
