@@ -34,7 +34,6 @@ from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
-from stream_lstm.kafka.topics import wait_for_partition_metadata
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.startup import ensure_worker_topics, load_served_model
@@ -141,13 +140,7 @@ class Worker:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=100,
             client_id=f"stream-lstm-{self.instance_id}",
-            # A bound on how long any metadata change (new partitions, a topic that appeared
-            # late) goes unseen by the group; kafka-python's default is five minutes.
-            metadata_max_age_ms=30_000,
         )
-        # Join only once the input topic's partitions are in this consumer's metadata, or the
-        # first assignment is empty (see wait_for_partition_metadata).
-        wait_for_partition_metadata(self.consumer, [s.input_topic])
         self.consumer.subscribe(
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
