@@ -49,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "alert score) with NAB's profiles; writes nab.json and plots")
 
 
+def plots_available() -> bool:
+    """Whether matplotlib is installed; says on stderr that there will be no plots if not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("evaluate: matplotlib is not installed, so no plots "
+              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
+        return False
+    return True
+
+
 # ---- data and training -------------------------------------------------------------------------
 def load(files: list[Path], limit: int,
          time_column: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -351,13 +362,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     windows_json = Path(args.files[0]).resolve().parent
     while windows_json.name and not (windows_json / "combined_windows.json").exists():
         windows_json = windows_json.parent
-    try:
-        import matplotlib  # noqa: F401
-        can_plot = True
-    except ImportError:
-        can_plot = False
-        print("evaluate: matplotlib is not installed, so no plots "
-              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
+    can_plot = plots_available()
     report: dict[str, Any] = {"horizon": spec.horizon, "output_topic": output_topic,
                               "bootstrap_servers": bootstrap, "recordings": {}, "plots": []}
     for name, (ts, x) in series.items():

@@ -243,13 +243,9 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
                                   "probation": nab.probation_length(len(r["ts"]))}
                               for n, r in recordings.items()},
                "plots": []}
-    try:
-        import matplotlib  # noqa: F401
-        can_plot = True
-    except ImportError:
-        can_plot = False
-        print("evaluate: matplotlib is not installed, so no plots "
-              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
+    from stream_lstm.tools.evaluate import plots_available
+
+    can_plot = plots_available()
     if can_plot:
         note(f"plots in {args.out}")
         threshold = report["swept"]["alert"]["standard"]["threshold"]
