@@ -10,7 +10,8 @@ Restore never hangs: it reads each partition up to the end offset taken when it 
 waiting for records (a position moves past transaction markers and aborted records even when
 a poll returns nothing), gives up with :class:`RestoreTimeout` after ``timeout_s``, and
 returns early with ``complete=False`` when ``cancelled()`` says so (partitions revoked, or
-the caller's time slice is over). Progress is checkpointed chunk by chunk, so an interrupted
+the caller's time slice is over), asked only once the read has moved, so every slice makes
+progress. Progress is checkpointed chunk by chunk, so an interrupted
 restore resumes where it stopped.
 
 >>> from stream_lstm.config import Settings
@@ -70,6 +71,8 @@ _FETCH = {
     "receive_buffer_bytes": 4 * 1024 * 1024,
 }
 _PROGRESS_EVERY_S = 0.25
+# How long a restore waits for its first record before a caller's cancel may end it anyway.
+_FIRST_READ_GRACE_S = 10.0
 
 
 def _fast_crc() -> bool:
@@ -301,8 +304,14 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
     """The poll loop of :func:`restore` (see there)."""
     todo = set(todo)
     last_report = 0.0
+    # A slice may be cancelled only once it has moved (or after a grace period, so a stuck
+    # fetch cannot hold the caller): a fresh consumer's first polls often return nothing
+    # while it connects, and a caller whose slice ends before then (a loaded machine, a
+    # short budget) would otherwise cancel every slice before it read a record, for ever.
+    moved = False
+    grace_ends = time.monotonic() + _FIRST_READ_GRACE_S
     while todo:
-        if cancelled():
+        if (moved or time.monotonic() > grace_ends) and cancelled():
             result.complete = False
             log.info("restore cancelled", extra={"partitions": sorted(t.partition for t in todo)})
             return
@@ -348,6 +357,7 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
         # Positions, not records, decide completion: they also move over transaction
         # markers and aborted batches, which poll never returns.
         positions = {tp: consumer.position(tp, timeout_ms=remaining_ms()) for tp in todo}
+        moved = moved or any(pos > start[tp] for tp, pos in positions.items())
         store.apply(puts.values(), deletes, {tp.partition: pos for tp, pos in positions.items()})
         now = time.monotonic()
         finished = [tp for tp, pos in positions.items() if pos >= end[tp]]

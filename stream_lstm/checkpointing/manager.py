@@ -133,9 +133,9 @@ class StateManager:
         began: list[float] = []
 
         def over_budget() -> bool:
-            # The budget starts when reading does (restore asks first just before its first
-            # poll), not during set-up: a set-up slower than the budget, as on a loaded
-            # machine, otherwise cancelled every slice before it read a record, for ever.
+            # The budget starts at restore's first question, which it asks only once the slice
+            # has read something: a set-up or a first fetch slower than the budget, as on a
+            # loaded machine, otherwise cancelled every slice before it read a record, for ever.
             now = time.monotonic()
             if not began:
                 began.append(now)
