@@ -121,8 +121,13 @@ class Settings(BaseSettings):
     expert_rate: float = Field(
         0.1, ge=0.0, le=10.0,
         description="Per-device step of the one-step experts' weights (experts.py); 0 = model only")
-    anomaly_threshold: float = Field(
-        7.0, gt=0.0, description="|residual|/b that flags; P(score >= s) = exp(-s) under the model")
+    anomaly_false_alarm_rate: float = Field(
+        1e-4, gt=0.0, lt=1.0,
+        description="Flag a reading when 1 - anomaly_likelihood is at most this: the fraction of "
+                    "a device's ordinary readings flagged, the same on every device")
+    alert_hold_s: float = Field(
+        3600.0, ge=0.0,
+        description="Event-time seconds below the threshold before a device's alert closes")
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")
 
     # --- Retraining -------------------------------------------------------------------------

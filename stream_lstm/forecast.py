@@ -42,9 +42,10 @@ its residuals stay small. Each reading is therefore also scored against the fore
 for it H readings earlier: ``drift_score = |x - forecast_H| / b_H``, which grows with a
 sustained departure. On NAB's machine-temperature recording the drift score puts all ten of
 its highest values inside the labelled failure windows, the one-step score two
-(docs/evaluation.md). A reading is flagged when either score reaches the threshold. A
-device's first readings after a reset (or ever) are never flagged, since their hidden state
-is not yet informative, and the drift score waits H readings more.
+(docs/evaluation.md). A device's first readings after a reset (or ever) are not scored,
+since their hidden state is not yet informative, and the drift score waits H readings more.
+Whether a reading is anomalous is judged from both scores against the device's own history
+of them, in the next stage (alerts.judge, likelihood.py).
 
 >>> q = interval_quantile(0.9)
 >>> round(q, 3)
@@ -76,13 +77,24 @@ class ForecastBatch:
     lower: np.ndarray  # [m, H]
     upper: np.ndarray  # [m, H]
     residual: np.ndarray  # [m]; NaN when there was no earlier forecast to compare with
+    forecast_scored: np.ndarray  # [m]: the one-step forecast it was compared with
     anomaly_score: np.ndarray  # [m]; NaN when not scored
     expected_b: np.ndarray  # [m]: scale b of the one-step forecast scored against
     drift_score: np.ndarray  # [m]; NaN when not scored
     drift_expected: np.ndarray  # [m]: the forecast made H readings earlier
     drift_b: np.ndarray  # [m]: its scale b
-    is_anomaly: np.ndarray  # [m] bool
     publish: np.ndarray  # [m] bool: past warm-up (min_history readings)
+    q: float  # the interval's quantile: a range is expected -/+ q * b
+    # Filled in by the next stage (alerts.judge): [m] in [0, 1] (NaN when not judged), [m] bool.
+    anomaly_likelihood: np.ndarray | None = None
+    is_anomaly: np.ndarray | None = None
+
+    def expected_range(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``[m]`` each: the one-step forecast's interval (low, high) that each reading was
+        scored against, then the H-step one's (NaN where it was not scored)."""
+        expected_1 = self.forecast_scored
+        return (expected_1 - self.q * self.expected_b, expected_1 + self.q * self.expected_b,
+                self.drift_expected - self.q * self.drift_b, self.drift_expected + self.q * self.drift_b)
 
 
 def assemble(
@@ -93,7 +105,6 @@ def assemble(
     *,
     coverage: float,
     min_history: int,
-    anomaly_threshold: float,
     anomaly_warmup: int,
     adapt_rate: float = 0.0,
     blend_rate: float = 0.0,
@@ -114,10 +125,8 @@ def assemble(
         Nominal interval coverage, e.g. 0.9.
     min_history
         Readings a device needs before its forecasts are published.
-    anomaly_threshold
-        Score at or above which a reading is flagged.
     anomaly_warmup
-        Readings after a reset that are never flagged (nor used to calibrate).
+        Readings after a reset that are not scored (nor used to calibrate).
     adapt_rate
         Step of the per-device interval calibration; 0 keeps the model's own scale.
     blend_rate
@@ -186,9 +195,8 @@ def assemble(
     expected_h[~scored_h] = np.nan
     return ForecastBatch(
         forecast=forecast, lower=forecast - q * b, upper=forecast + q * b, residual=residual,
-        anomaly_score=score, expected_b=b_1, drift_score=drift, drift_expected=expected_h,
-        drift_b=b_h, is_anomaly=np.nan_to_num(np.fmax(score, drift), nan=0.0) >= anomaly_threshold,
-        publish=batch.n_seen >= min_history,
+        forecast_scored=expected_1, anomaly_score=score, expected_b=b_1, drift_score=drift,
+        drift_expected=expected_h, drift_b=b_h, publish=batch.n_seen >= min_history, q=q,
     )
 
 

@@ -77,6 +77,9 @@ class Metrics:
         self.warmup_readings = counter("warmup_readings", "Readings applied before a device's min_history")
         self.gap_resets = counter("gap_resets", "Hidden-state resets after a gap longer than max_gap_s")
         self.anomalies = counter("anomalies", "Readings flagged as anomalies")
+        self.alerts_opened = counter("alerts_opened", "Alerts opened (alert events on the alerts topic)")
+        self.alerts_closed = counter("alerts_closed", "Alerts closed after their hold time")
+        self.alerts_open = gauge("alerts_open", "Devices in memory with an open alert")
 
         # --- Timing ---------------------------------------------------------------------------
         self.batch_size = histogram("batch_size_readings", "Readings per batch", BATCH_BUCKETS)
@@ -148,6 +151,8 @@ class Metrics:
         self.duplicate_readings.inc(c.duplicate)
         self.dlq_messages.inc(c.dlq)
         self.anomalies.inc(c.anomalies)
+        self.alerts_opened.inc(c.alerts_opened)
+        self.alerts_closed.inc(c.alerts_closed)
         self.gap_resets.inc(c.resets)
         for reason, k in c.dlq_by_reason.items():
             self.invalid_readings.labels(reason).inc(k)

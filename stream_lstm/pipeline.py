@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stream_lstm import alerts
 from stream_lstm.config import Settings
 from stream_lstm.encoding import dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.forecast import ForecastBatch, assemble, interval_quantile
+from stream_lstm.forecast import assemble
 from stream_lstm.messages import InvalidReading, ReadingDecoder
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
@@ -53,11 +54,13 @@ class BatchCounts:
     dlq: int = 0
     anomalies: int = 0
     resets: int = 0
+    alerts_opened: int = 0
+    alerts_closed: int = 0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: BatchCounts) -> None:
         for name in ("consumed", "forecasts", "warmup", "late", "duplicate", "dlq", "anomalies",
-                     "resets"):
+                     "resets", "alerts_opened", "alerts_closed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, k in other.dlq_by_reason.items():
             self.dlq_by_reason[reason] = self.dlq_by_reason.get(reason, 0) + k
@@ -187,10 +190,12 @@ class BatchPipeline:
         mu, log_b = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
         fb = assemble(
             batch, mu, log_b, self.table, coverage=s.interval_coverage,
-            min_history=s.min_history, anomaly_threshold=s.anomaly_threshold,
-            anomaly_warmup=s.anomaly_warmup, adapt_rate=s.interval_adapt_rate,
-            blend_rate=s.blend_rate, expert_rate=s.expert_rate,
+            min_history=s.min_history, anomaly_warmup=s.anomaly_warmup,
+            adapt_rate=s.interval_adapt_rate, blend_rate=s.blend_rate, expert_rate=s.expert_rate,
         )
+        batch_ts = np.asarray(ts, np.float64)[batch.rows]
+        events = alerts.judge(batch, fb, self.table, false_alarm_rate=s.anomaly_false_alarm_rate,
+                              hold_s=s.alert_hold_s, ts=batch_ts)
         version = self.version()
         for slot in np.unique(batch.slots).tolist():
             self.table.model_version[slot] = version
@@ -199,6 +204,7 @@ class BatchPipeline:
         fc, lo, up = fb.forecast.tolist(), fb.lower.tolist(), fb.upper.tolist()
         res, score, drift = fb.residual.tolist(), fb.anomaly_score.tolist(), fb.drift_score.tolist()
         publish, anomaly = fb.publish.tolist(), fb.is_anomaly.tolist()
+        lik = fb.anomaly_likelihood.tolist()
         step_s, reset = batch.step_s.tolist(), batch.reset.tolist()
         level = batch.x_target.tolist()
         counts.resets = int(batch.reset.sum())
@@ -212,36 +218,38 @@ class BatchPipeline:
                 "device_id": ids[row], "ts": ts[row], "value": level[j], "forecast": fc[j], "lower": lo[j],
                 "upper": up[j], "step_s": step_s[j], "model_version": version,
                 "partition": src.partition, "offset": src.offset, "residual": res[j],
-                "anomaly_score": score[j], "drift_score": drift[j], "is_anomaly": anomaly[j],
-                "reset": reset[j],
+                "anomaly_score": score[j], "drift_score": drift[j], "anomaly_likelihood": lik[j],
+                "is_anomaly": anomaly[j], "reset": reset[j],
             }
             key = src.key
             out.append((out_topic, key, encode_forecast(record), None))
             counts.forecasts += 1
-            if anomaly[j]:
-                counts.anomalies += 1
-                if alerts_topic:
-                    alert = alert_record(record, fb, j, s.interval_coverage)
-                    out.append((alerts_topic, key, encode_forecast(alert), None))
+            counts.anomalies += anomaly[j]
             if ts[row] < oldest:
                 oldest = ts[row]
+        # Alert events whatever the warm-up: a device's likelihood is published past its own.
+        for j, kind, state in events:
+            row = batch.rows[j]
+            counts.alerts_opened += kind == "open"
+            counts.alerts_closed += kind == "close"
+            if alerts_topic:
+                event = alert_event(kind, state, ids[row], ts[row], version, sources[row])
+                out.append((alerts_topic, sources[row].key, encode_forecast(event), None))
         return oldest
 
 
-def alert_record(forecast: dict, fb: ForecastBatch, row: int, coverage: float) -> dict:
-    """An alert: the device, its value, the ranges it was expected in, and the scores.
-
-    ``expected*`` is the one-step forecast and its interval; ``drift_expected*`` the forecast
-    made H readings earlier and its interval (null until a device has H readings).
-    """
-    q = interval_quantile(coverage)
-    expected, b1 = forecast["value"] - forecast["residual"], float(fb.expected_b[row])
-    drift_expected, b_h = float(fb.drift_expected[row]), float(fb.drift_b[row])
+def alert_event(kind: str, state: np.ndarray, device_id: str, ts: float, version: str,
+                src: SourceRecord) -> dict:
+    """An alert event (docs/wire-contract.md): ``open`` at its first reading over the
+    threshold, ``close`` at the first reading after ``STREAM_LSTM_ALERT_HOLD_S`` below it.
+    Both carry the stable ``alert_id``, the start, and the peak so far: its likelihood, time,
+    value and the range that value was expected in."""
+    since = float(state[alerts.SINCE])
     return {
-        "device_id": forecast["device_id"], "ts": forecast["ts"], "value": forecast["value"],
-        "expected": expected, "expected_low": expected - q * b1, "expected_high": expected + q * b1,
-        "anomaly_score": forecast["anomaly_score"], "drift_expected": drift_expected,
-        "drift_expected_low": drift_expected - q * b_h, "drift_expected_high": drift_expected + q * b_h,
-        "drift_score": forecast["drift_score"], "model_version": forecast["model_version"],
-        "partition": forecast["partition"], "offset": forecast["offset"],
+        "event": kind, "alert_id": alerts.alert_id(device_id, since), "device_id": device_id,
+        "start_ts": since, "ts": ts, "peak_likelihood": float(state[alerts.PEAK]),
+        "peak_ts": float(state[alerts.PEAK_TS]), "value": float(state[alerts.VALUE]),
+        "expected_low": float(state[alerts.LOW]), "expected_high": float(state[alerts.HIGH]),
+        "last_above_ts": float(state[alerts.LAST_ABOVE]), "model_version": version,
+        "partition": src.partition, "offset": src.offset,
     }

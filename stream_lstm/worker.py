@@ -26,7 +26,7 @@ from collections.abc import Callable
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from stream_lstm import experts
+from stream_lstm import alerts, experts
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
@@ -98,7 +98,7 @@ class Worker:
         self.totals = BatchCounts()
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
         self._next_expiry = 0.0
-        self._next_expert_count = 0.0
+        self._next_device_count = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -168,7 +168,7 @@ class Worker:
                 consumed = self.process(polled).consumed if polled else 0
                 self.lifecycle.tick(consumed)
                 self._update_lag()
-                self._count_expert_leaders()
+                self._count_device_gauges()
                 self._check_heartbeat()
                 if until is not None and until(self):
                     break
@@ -343,10 +343,14 @@ class Worker:
         if self.heartbeat is not None and self.assigned and self.heartbeat.report(self.health):
             self._update_readiness()
 
-    def _count_expert_leaders(self) -> None:
-        if time.monotonic() >= self._next_expert_count and self.table.with_experts:
-            self._next_expert_count = time.monotonic() + 5.0  # a pass over all devices: not every turn
-            counts = experts.leaders(self.table.experts, list(self.table.index.values()))
+    def _count_device_gauges(self) -> None:
+        if time.monotonic() < self._next_device_count:
+            return
+        self._next_device_count = time.monotonic() + 5.0  # a pass over all devices: not every turn
+        slots = list(self.table.index.values())
+        self.metrics.alerts_open.set(int(alerts.is_open(self.table.alert[slots]).sum()))
+        if self.table.with_experts:
+            counts = experts.leaders(self.table.experts, slots)
             self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
 
     def _update_lag(self) -> None:

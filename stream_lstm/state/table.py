@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from stream_lstm import experts
+from stream_lstm import alerts, experts, likelihood
 from stream_lstm.state.normalizer import OnlineNormalizer
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
@@ -104,6 +104,10 @@ class DeviceTable:
         # when they are off.
         self.with_experts = with_experts
         self.experts = self._fresh_experts(cap)
+        # The model of each device's own scores behind its anomaly likelihood, and its open
+        # alert if any (see likelihood.py and alerts.py).
+        self.likelihood = np.tile(likelihood.initial_state(), (cap, 1))
+        self.alert = np.tile(alerts.initial_state(), (cap, 1))
         self.partition = np.zeros(cap, np.int64)
         self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
@@ -224,6 +228,8 @@ class DeviceTable:
             new_rows = np.full((extra, *arr.shape[1:]), fill, arr.dtype)
             setattr(self, name, np.concatenate([arr, new_rows]))
         self.experts = np.concatenate([self.experts, self._fresh_experts(extra)])
+        self.likelihood = np.concatenate([self.likelihood, np.tile(likelihood.initial_state(), (extra, 1))])
+        self.alert = np.concatenate([self.alert, np.tile(alerts.initial_state(), (extra, 1))])
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -241,6 +247,8 @@ class DeviceTable:
         self.interval_log_m[slot] = 0.0
         self.blend_w[slot] = 1.0
         self.experts[slot] = self._fresh_experts(1)[0]
+        self.likelihood[slot] = likelihood.initial_state()
+        self.alert[slot] = alerts.initial_state()
         self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
@@ -281,7 +289,11 @@ class DeviceTable:
             extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
                    _LOG_MH: float(self.interval_log_m[slot, 1]),
                    _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
-                   _PREV_CHANGE: float(self.prev_change[slot])},
+                   _PREV_CHANGE: float(self.prev_change[slot]),
+                   **dict(zip(likelihood.FIELDS, self.likelihood[slot].tolist(), strict=True)),
+                   # An alert's fields travel only while it is open: most devices have none.
+                   **(dict(zip(alerts.FIELDS, self.alert[slot].tolist(), strict=True))
+                      if np.isfinite(self.alert[slot, alerts.SINCE]) else {})},
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
@@ -315,6 +327,9 @@ class DeviceTable:
         self.interval_log_m[slot] = snap.extra.get(_LOG_M1, 0.0), snap.extra.get(_LOG_MH, 0.0)
         self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
         self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
+        # Older snapshots have neither: the device learns its scores afresh, with no alert open.
+        self.likelihood[slot] = [snap.extra.get(k, 0.0) for k in likelihood.FIELDS]
+        self.alert[slot] = [snap.extra.get(k, _NAN) for k in alerts.FIELDS]
         # A snapshot from before the experts (or with another layout) starts them afresh.
         if self.with_experts:
             fresh = snap.experts.shape != (experts.PACKED_SIZE,)

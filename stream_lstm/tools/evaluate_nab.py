@@ -5,10 +5,12 @@ settings, seed 0) serves every row of each recording through a real broker and w
 (:func:`~stream_lstm.tools.evaluate.run_pipeline`), and every figure is computed from the
 forecasts topic with NAB's scoring (:mod:`stream_lstm.tools.nab`):
 
-* the shipped alert flag ``is_anomaly`` (a detection wherever it is true), under the
-  standard, low-FP and low-FN profiles;
-* the alert score ``max(anomaly_score, drift_score)``, and each score alone, at the one
-  corpus threshold NAB's optimiser picks for each profile.
+* the shipped alerts: a detection where an alert event opens (``is_anomaly`` with the
+  default false-alarm rate and hold time, as alerts.py opens them), under the standard,
+  low-FP and low-FN profiles;
+* the alert score, the anomaly likelihood as a surprise ``-log10(1 - anomaly_likelihood)``,
+  and for comparison the raw ``max(anomaly_score, drift_score)`` and each score alone, at the
+  one corpus threshold NAB's optimiser picks for each profile.
 
 Rows without a forecast (warm-up) have NaN scores and never detect. Probation and windows are
 placed on the recording's own rows and timestamps; forecasts are aligned to them by ``ts``.
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_lstm import alerts
 from stream_lstm.tools import nab
 
 # The published detectors on the same 19 files (the 2 realKnownCause temperature files and the
@@ -34,7 +37,8 @@ from stream_lstm.tools import nab
 # threshold for these 19 files, as measured by a previous session (issue 15).
 PUBLISHED = {"ARTime": 72.6, "Numenta HTM": 71.7, "KNN CAD": 53.9, "Bayesian changepoint": 41.4,
              "random": 21.2}
-SCORES = ("alert", "anomaly_score", "drift_score")  # the alert score, and each part alone
+# The alert score (the likelihood's surprise), the raw score it is built on, and each part alone.
+SCORES = ("alert", "raw", "anomaly_score", "drift_score")
 PROFILE_NAMES = tuple(nab.PROFILES)                  # standard first
 
 
@@ -51,28 +55,53 @@ def clip_windows(ts: np.ndarray, windows: list[tuple[float, float]]) -> list[tup
     return [(s, e) for s, e in windows if len(ts) and s <= ts[-1]]
 
 
-def nab_inputs(ts: np.ndarray, forecasts: list[dict]) -> dict[str, np.ndarray]:
-    """Per-row scores from one recording's forecasts, aligned by ``ts``: ``anomaly_score``,
-    ``drift_score``, ``alert`` (their max; NaN where both are) and ``shipped`` (1.0 where
-    ``is_anomaly`` was true, 0.0 where false, NaN where no forecast was published).
+def surprise(likelihood: np.ndarray) -> np.ndarray:
+    """``-log10(1 - likelihood)``: 4 is a one-in-ten-thousand run for that device.
 
-    >>> a = nab_inputs(np.array([0.0, 1.0, 2.0]),
-    ...                [{"ts": 1.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": False},
-    ...                 {"ts": 2.0, "anomaly_score": 1.0, "drift_score": 9.0, "is_anomaly": True}])
-    >>> a["alert"].tolist(), a["shipped"].tolist()
-    ([nan, 2.0, 9.0], [nan, 0.0, 1.0])
+    >>> surprise(np.array([0.9, 0.9999, np.nan])).round(6).tolist()
+    [1.0, 4.0, nan]
+    """
+    with np.errstate(divide="ignore"):
+        return -np.log10(np.maximum(1.0 - likelihood, 1e-300))
+
+
+def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str, np.ndarray]:
+    """Per-row scores from one recording's forecasts, aligned by ``ts``: ``anomaly_score``,
+    ``drift_score``, ``raw`` (their max; NaN where both are), ``alert`` (the likelihood's
+    :func:`surprise`) and ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
+    forecast was published).
+
+    >>> a = nab_inputs(np.array([0.0, 60.0, 120.0, 180.0]),
+    ...                [{"ts": 60.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": True,
+    ...                  "anomaly_likelihood": 0.99999},
+    ...                 {"ts": 120.0, "anomaly_score": 1.0, "drift_score": 9.0, "is_anomaly": True,
+    ...                  "anomaly_likelihood": 0.999999},
+    ...                 {"ts": 180.0, "anomaly_score": 1.0, "drift_score": 1.0, "is_anomaly": False,
+    ...                  "anomaly_likelihood": 0.5}], hold_s=3600.0)
+    >>> a["raw"].tolist(), a["shipped"].tolist(), a["alert"].round(3).tolist()
+    ([nan, 2.0, 9.0, 1.0], [nan, 1.0, 0.0, 0.0], [nan, 5.0, 6.0, 0.301])
     """
     pos = {t: i for i, t in enumerate(ts.tolist())}
-    out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "shipped")}
-    for f in forecasts:
+    out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert", "shipped")}
+    state = alerts.initial_state()[None]
+    nothing = np.zeros(1)
+    for f in sorted(forecasts, key=lambda f: f["ts"]):
         i = pos.get(f["ts"])
         if i is None:
             continue
         for k in ("anomaly_score", "drift_score"):
             if f.get(k) is not None:
                 out[k][i] = f[k]
-        out["shipped"][i] = 1.0 if f.get("is_anomaly") else 0.0
-    out["alert"] = np.fmax(out["anomaly_score"], out["drift_score"])
+        if f.get("anomaly_likelihood") is not None:
+            out["alert"][i] = surprise(np.array(f["anomaly_likelihood"]))
+        # Where the pager would have been called: the alert events, as the worker opens them.
+        opened, closed = alerts.step(
+            state, ts=np.array([f["ts"]]), flagged=np.array([bool(f.get("is_anomaly"))]),
+            lik=np.array([f.get("anomaly_likelihood") or 0.0]), value=nothing, low=nothing,
+            high=nothing, hold_s=hold_s)
+        alerts.clear(state, closed)
+        out["shipped"][i] = float(len(opened) > 0)
+    out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
     for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
         out[k] = np.where(out[k] == np.inf, np.finfo(np.float64).max, out[k])
     return out
@@ -84,12 +113,12 @@ def _corpus(c: nab.CorpusScore) -> dict[str, Any]:
 
 
 def nab_report(recordings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The NAB scores of a corpus: the shipped flag and the swept scores, under every profile.
+    """The NAB scores of a corpus: the shipped alerts and the swept scores, under every profile.
 
     Parameters
     ----------
     recordings
-        ``name -> {"ts", "windows", "shipped", "alert", "anomaly_score", "drift_score"}``:
+        ``name -> {"ts", "windows", "shipped", *SCORES}``:
         the rows' timestamps, NAB's ``(start, end)`` windows, and per-row arrays as from
         :func:`nab_inputs` (NaN: no forecast, never a detection).
 
@@ -113,9 +142,9 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return report
 
 
-def print_nab_table(report: dict[str, Any], settings_threshold: float | None = None) -> None:
+def print_nab_table(report: dict[str, Any], shipped_rate: float | None = None) -> None:
     shipped, swept = report["shipped"]["standard"], report["swept"]["alert"]["standard"]
-    print(f"{'recording':36} {'windows':>7} | shipped flag: {'hit':>3} {'miss':>4} {'false':>5} "
+    print(f"{'recording':36} {'windows':>7} | shipped alerts: {'hit':>3} {'miss':>4} {'false':>5} "
           f"{'raw':>7} | swept alert: {'hit':>3} {'miss':>4} {'false':>5} {'raw':>7}")
     for name, f in shipped["files"].items():
         g = swept["files"][name]
@@ -123,11 +152,12 @@ def print_nab_table(report: dict[str, Any], settings_threshold: float | None = N
               f"               {f['windows_hit']:>3} {f['windows_missed']:>4} {f['false_alerts']:>5} "
               f"{f['raw']:7.2f} |              {g['windows_hit']:>3} {g['windows_missed']:>4} "
               f"{g['false_alerts']:>5} {g['raw']:7.2f}")
-    flag = "is_anomaly" + (f", max(anomaly, drift) >= {settings_threshold:g}"
-                           if settings_threshold is not None else "")
+    flag = "alert events opened" + (f", false-alarm rate {shipped_rate:g}"
+                                    if shipped_rate is not None else "")
     others = ", ".join(f"{p} {report['shipped'][p]['score']:.1f}" for p in PROFILE_NAMES[1:])
-    print(f"NAB score, shipped flag ({flag}): standard {shipped['score']:.1f} ({others})")
-    for key, label in (("alert", "swept alert score max(anomaly_score, drift_score)"),
+    print(f"NAB score, shipped alerts ({flag}): standard {shipped['score']:.1f} ({others})")
+    for key, label in (("alert", "swept alert score -log10(1 - anomaly_likelihood)"),
+                       ("raw", "swept raw score max(anomaly_score, drift_score)"),
                        ("anomaly_score", "swept anomaly_score alone"),
                        ("drift_score", "swept drift_score alone")):
         by = report["swept"][key]
@@ -141,8 +171,9 @@ def print_nab_table(report: dict[str, Any], settings_threshold: float | None = N
 
 def plot_nab(out: Path, name: str, rec: Mapping[str, Any], threshold: float,
              shipped_threshold: float | None = None, caption: str = "") -> str:
-    """``<name>-nab.png``: the value on top; below, the alert score (log axis) with the swept
-    threshold, the labelled windows shaded, the probation greyed and both kinds of detection."""
+    """``<name>-nab.png``: the value on top; below, the alert score (the likelihood's surprise,
+    log axis) with the swept and shipped thresholds, the labelled windows shaded, the
+    probation greyed, the swept detections and the alerts that opened."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,19 +188,19 @@ def plot_nab(out: Path, name: str, rec: Mapping[str, Any], threshold: float,
     positive = score[np.isfinite(score) & (score > 0)]
     floor = float(positive.min()) if positive.size else 1e-3
     low.plot(dates, np.clip(score, floor, None), lw=0.5, color="tab:purple",
-             label="alert score max(anomaly, drift)")
+             label="alert score -log10(1 - likelihood)")
     low.set_yscale("log")
     low.axhline(threshold, color="tab:red", lw=1, label=f"swept threshold {threshold:.3g}")
     if shipped_threshold is not None:
         low.axhline(shipped_threshold, color="tab:gray", lw=1, ls="--",
-                    label=f"shipped threshold {shipped_threshold:g}")
+                    label=f"shipped threshold {shipped_threshold:.3g}")
     swept = np.flatnonzero(score >= threshold)
     low.plot(dates[swept], score[swept], "o", ms=3, color="tab:red",
              label=f"swept detections ({len(swept):,} rows)")
     shipped = np.flatnonzero(rec["shipped"] >= 1.0)
     rug = low.get_xaxis_transform()  # x in data, y in axes fractions: a strip along the bottom
     low.plot(dates[shipped], np.full(len(shipped), 0.03), "|", ms=8, color="tab:orange",
-             transform=rug, label=f"shipped flag ({len(shipped):,} rows)")
+             transform=rug, label=f"alerts opened ({len(shipped):,})")
     low.plot(dates[swept], np.full(len(swept), 0.09), "|", ms=8, color="tab:red", transform=rug)
     probation = nab.probation_length(len(ts))
     for ax in (top, low):
@@ -227,7 +258,8 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
         s = settings.model_copy(update={"bootstrap_servers": bootstrap})
         forecasts, output_topic = run_pipeline(s, series, served.model, served.spec)
     note("scoring (NAB profiles, threshold sweeps)")
-    recordings = {n: {"ts": ts, "x": x, "windows": windows[n]} | nab_inputs(ts, forecasts.get(n, []))
+    recordings = {n: {"ts": ts, "x": x, "windows": windows[n]}
+                  | nab_inputs(ts, forecasts.get(n, []), settings.alert_hold_s)
                   for n, (ts, x) in series.items()}
     try:
         report = nab_report(recordings)
@@ -236,7 +268,8 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
         return 2
     report |= {"model": served.version, "horizon": served.spec.horizon,
                "hidden_size": served.spec.hidden_size,
-               "anomaly_threshold": settings.anomaly_threshold, "output_topic": output_topic,
+               "anomaly_false_alarm_rate": settings.anomaly_false_alarm_rate,
+               "alert_hold_s": settings.alert_hold_s, "output_topic": output_topic,
                "bootstrap_servers": bootstrap, "limit": args.limit,
                "recordings": {n: {"rows": len(r["ts"]), "forecasts_read": len(forecasts.get(n, [])),
                                   "windows": len(r["windows"]),
@@ -253,10 +286,11 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
             f, g = report["shipped"]["standard"]["files"][n], report["swept"]["alert"]["standard"]["files"][n]
             caption = "; ".join(
                 f"{what}: {x['windows_hit']} hit, {x['windows_missed']} missed, {x['false_alerts']} "
-                f"false alerts, raw {x['raw']:.2f}" for what, x in (("shipped flag", f), ("swept", g)))
-            report["plots"].append(plot_nab(args.out, n, r, threshold, settings.anomaly_threshold, caption))
+                f"false alerts, raw {x['raw']:.2f}" for what, x in (("shipped alerts", f), ("swept", g)))
+            shipped_at = float(surprise(np.array(1.0 - settings.anomaly_false_alarm_rate)))
+            report["plots"].append(plot_nab(args.out, n, r, threshold, shipped_at, caption))
     report["wall_s"] = time.monotonic() - t0
     (args.out / "nab.json").write_text(json.dumps(report, indent=2))
-    print_nab_table(report, settings.anomaly_threshold)
+    print_nab_table(report, settings.anomaly_false_alarm_rate)
     print(f"report: {args.out / 'nab.json'}; plots in {args.out}")
     return 0

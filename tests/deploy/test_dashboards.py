@@ -64,6 +64,7 @@ def test_dashboard_parses_and_has_the_panels():
                    "stream_lstm_model_info", "stream_lstm_promotion_decisions_total",
                    "stream_lstm_retrain_runs_total", "stream_lstm_retrain_loss",
                    "stream_lstm_restore_progress_ratio", "stream_lstm_anomalies_total",
+                   "stream_lstm_alerts_open", "stream_lstm_alerts_opened_total",
                    "stream_lstm_expert_leading_devices"):
         assert series in text, f"no panel shows {series}"
     for p in panels(dash["panels"]):

@@ -47,7 +47,7 @@ def test_promtool_check_rules():
 
 
 ALERTS = {"StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
-          "StreamLstmRetrainFailures", "StreamLstmAnomalyRateHigh", "StreamLstmNotReady",
+          "StreamLstmRetrainFailures", "StreamLstmAlertStormFleetWide", "StreamLstmNotReady",
           "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps"}
 
 

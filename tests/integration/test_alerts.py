@@ -74,7 +74,7 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
                          dlq_topic=f"{topic_name}-dlq", alerts_topic=f"{topic_name}-alerts",
                          group_id=f"{topic_name}-g", min_history=1, horizon=H,
-                         anomaly_warmup=5, anomaly_threshold=7.0)
+                         anomaly_warmup=5)
     torch.manual_seed(0)  # an untrained model, but the same one every run
     served = fresh_model(s)
     produce_readings(s, topic_name, fleet(0, 120))
@@ -114,27 +114,28 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
 
     spike = next(f for f in by_dev["spike"] if f["ts"] == T0 + 60.0 * SPIKE_AT)
     assert spike["is_anomaly"] and spike["anomaly_score"] >= 7.0
+    assert spike["anomaly_likelihood"] >= 1 - s.anomaly_false_alarm_rate
     # The sustained shift is flagged by the drift score before the one-step score sees it.
     shift = [f for f in by_dev["shift"] if f["ts"] >= T0 + 60.0 * 160]
     first_drift = next(i for i, f in enumerate(shift) if f["drift_score"] >= 7.0)
     assert all(f["anomaly_score"] < 7.0 for f in shift[: first_drift + 1])
-
-    flagged = {(f["partition"], f["offset"]): f for f in fcs if f["is_anomaly"]}
-    alerts = [json.loads(r.value) for r in read_topic(s, s.alerts_topic, expect=len(flagged))]
-    assert len(alerts) == len(flagged) and len(flagged) >= 2
-    for a in alerts:
-        f = flagged.pop((a["partition"], a["offset"]))  # exactly one alert per flagged reading
-        assert (a["device_id"], a["ts"], a["value"]) == (f["device_id"], f["ts"], f["value"])
-        assert a["anomaly_score"] == f["anomaly_score"] and a["drift_score"] == f["drift_score"]
-        assert a["expected"] == pytest.approx(f["value"] - f["residual"])
-        assert a["expected_low"] < a["expected"] < a["expected_high"]
-    assert not flagged
+    # The flag is the likelihood's: published in [0, 1] once a device has its own history.
+    for f in fcs:
+        lik = f["anomaly_likelihood"]
+        assert (lik is None and not f["is_anomaly"]) or (
+            0.0 <= lik <= 1.0 and f["is_anomaly"] == (1 - lik <= s.anomaly_false_alarm_rate))
+    # One alert event opens at the spike: the pager gets the incident, not every reading.
+    opened = [a for a in map(json.loads, (r.value for r in read_topic(s, s.alerts_topic, expect=1)))
+              if a["device_id"] == "spike" and a["event"] == "open"]
+    assert [a["start_ts"] for a in opened] == [spike["ts"]]
+    assert opened[0]["value"] == spike["value"] and opened[0]["alert_id"] == f"spike@{int(spike['ts'] * 1000)}"
+    assert opened[0]["expected_low"] < spike["value"] - spike["residual"] < opened[0]["expected_high"]
 
 
 def test_a_gap_resets_the_device_and_nothing_is_flagged_while_it_warms_up(settings_factory, topic_name):
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
                          dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g", min_history=1,
-                         horizon=H, anomaly_warmup=5, anomaly_threshold=7.0, max_gap_s=600.0)
+                         horizon=H, anomaly_warmup=5, max_gap_s=600.0)
     before = [("gap", T0 + 60.0 * k, 20.0 + math.sin(k / 5.0)) for k in range(60)]
     resume = T0 + 60.0 * 59 + 3600.0  # an hour of silence, longer than max_gap_s
     after = [("gap", resume + 60.0 * k, 20.0 + math.sin(k / 5.0) + (500.0 if k == 2 else 0.0))
@@ -153,3 +154,40 @@ def test_a_gap_resets_the_device_and_nothing_is_flagged_while_it_warms_up(settin
     assert all(f["drift_score"] is None for f in recs[60 : 60 + s.anomaly_warmup + H])
     assert all(f["anomaly_score"] is not None for f in recs[60 + s.anomaly_warmup :])
     assert all(f["drift_score"] is not None for f in recs[60 + s.anomaly_warmup + H :])
+
+
+def slide(start: int, stop: int):
+    """A calm device, and one that slides away slowly (a machine heading for failure) from
+    reading 400 to 440, then comes back and stays calm for longer than the hold time."""
+    rng = np.random.default_rng(3)
+    for k in range(start, stop):
+        noise = 0.05 * rng.standard_normal(2)
+        base = 20.0 + math.sin(k / 5.0)
+        away = 0.02 * (k - 400) ** 2 if 400 <= k < 440 else 0.0
+        yield "calm", T0 + 60.0 * k, base + noise[0]
+        yield "slide", T0 + 60.0 * k, base + noise[1] + away
+
+
+def test_a_slow_slide_opens_one_alert_that_survives_a_restart_and_closes_once(settings_factory, topic_name):
+    # Default settings (hold time, false-alarm rate), only the topics are the test's own.
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", alerts_topic=f"{topic_name}-alerts",
+                         group_id=f"{topic_name}-g")
+    torch.manual_seed(0)
+    served = fresh_model(s)
+    restart_at = 420  # mid-slide: the alert is open when the first worker stops
+    produce_readings(s, topic_name, slide(0, restart_at))
+    assert Worker(s, served).run(until=lambda w: w.totals.consumed >= 2 * restart_at).consumed == 2 * restart_at
+    produce_readings(s, topic_name, slide(restart_at, 600))
+    rest = 2 * (600 - restart_at)
+    assert Worker(s, served).run(until=lambda w: w.totals.consumed >= rest).consumed == rest
+
+    events = [json.loads(r.value) for r in read_topic(s, s.alerts_topic, expect=2, timeout_s=20)]
+    mine = [a for a in events if a["device_id"] == "slide"]
+    assert [a["event"] for a in mine] == ["open", "close"], mine  # not a second open after the restart
+    opened, closed = mine
+    assert opened["alert_id"] == closed["alert_id"] and opened["start_ts"] == closed["start_ts"]
+    assert T0 + 60.0 * 400 <= opened["start_ts"] < T0 + 60.0 * restart_at
+    assert closed["ts"] - closed["last_above_ts"] >= s.alert_hold_s
+    assert closed["peak_likelihood"] >= opened["peak_likelihood"] >= 1 - s.anomaly_false_alarm_rate
+    assert not (closed["expected_low"] <= closed["value"] <= closed["expected_high"])

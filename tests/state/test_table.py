@@ -99,3 +99,28 @@ def test_experts_move_with_the_snapshot_and_take_no_memory_when_off():
     assert off.snapshot(slot).experts.shape == (0,)
     back = on.restore(off.snapshot(slot))  # ... and a table with experts starts them afresh
     np.testing.assert_array_equal(on.experts[back], experts.init_state(1)[0])
+
+
+def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_codec():
+    from stream_lstm import alerts, likelihood
+    from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+
+    t = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
+    a, b = t.slots_for(["open", "calm"], partitions=[0, 0], now=0.0)
+    state = t.likelihood[[a, b]]
+    for k in range(50):
+        likelihood.update(state, np.array([1.0 + k % 3, 2.0]))
+    t.likelihood[[a, b]] = state
+    t.alert[a] = [100.0, 160.0, 0.99999, 130.0, 42.0, 1.0, 2.0]
+    snaps = {s.device_id: decode_snapshot(encode_snapshot(s)) for s in t.snapshots(np.array([a, b]))}
+    assert not any(k in snaps["calm"].extra for k in alerts.FIELDS)  # no alert: nothing to carry
+    fresh = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
+    for dev, slot in (("open", a), ("calm", b)):
+        restored = fresh.restore(snaps[dev])
+        np.testing.assert_array_equal(fresh.likelihood[restored], t.likelihood[slot])
+        np.testing.assert_array_equal(fresh.alert[restored], t.alert[slot])
+    assert alerts.is_open(fresh.alert[[fresh.index["open"], fresh.index["calm"]]]).tolist() == [True, False]
+    # A slot handed to a new device starts with no alert and an unscored model.
+    t.drop(["open"])
+    (c,) = t.slots_for(["new"], partitions=[0], now=1.0)
+    assert not alerts.is_open(t.alert[[c]])[0] and t.likelihood[c, likelihood.COUNT] == 0

@@ -21,29 +21,41 @@ T0 = 1_400_000_000.0
 
 def _forecasts(n: int, special: dict[int, tuple], warmup: int = 5) -> list[dict]:
     """Forecast records as the topic carries them: none for the first ``warmup`` rows; else
-    anomaly 1, drift 2, not flagged, except ``special[row] = (anomaly, drift, is_anomaly)``."""
+    anomaly 1, drift 2, likelihood 0.5, except ``special[row] = (anomaly, drift, likelihood)``;
+    flagged as the worker flags, at the default false-alarm rate 1e-4."""
     out = []
     for i in range(warmup, n):
-        a, d, flag = special.get(i, (1.0, 2.0, False))
-        out.append({"ts": T0 + 60 * i, "anomaly_score": a, "drift_score": d, "is_anomaly": flag})
+        a, d, lik = special.get(i, (1.0, 2.0, 0.5))
+        out.append({"ts": T0 + 60 * i, "anomaly_score": a, "drift_score": d,
+                    "anomaly_likelihood": lik, "is_anomaly": 1 - lik <= 1e-4})
     return out
 
 
 def _recordings() -> dict:
     ts = T0 + 60 * np.arange(100.0)   # 100 rows: probation floor(0.15 * 100) = 15 rows
     specs = {  # a: one detection at its window's first row; b: one false alert, a missed window
-        "a": ([(T0 + 60 * 50, T0 + 60 * 59)], {50: (10.0, None, True)}),
-        "b": ([(T0 + 60 * 70, T0 + 60 * 79)], {30: (1.0, 5.0, True)}),
+        "a": ([(T0 + 60 * 50, T0 + 60 * 59)], {50: (10.0, None, 0.99999)}),
+        "b": ([(T0 + 60 * 70, T0 + 60 * 79)], {30: (1.0, 5.0, 0.9999)}),
     }
-    return {name: {"ts": ts, "windows": w} | nab_inputs(ts, _forecasts(100, special))
+    return {name: {"ts": ts, "windows": w} | nab_inputs(ts, _forecasts(100, special), hold_s=3600.0)
             for name, (w, special) in specs.items()}
 
 
 def test_nab_inputs_leave_rows_without_a_forecast_nan():
     rec = _recordings()["a"]
     assert np.isnan(rec["alert"][:5]).all() and np.isnan(rec["shipped"][:5]).all()
-    assert rec["alert"][50] == 10.0 and rec["drift_score"][50] != rec["drift_score"][50]  # NaN
-    assert rec["shipped"].tolist().count(1.0) == 1 and rec["alert"][6] == 2.0
+    assert rec["raw"][50] == 10.0 and rec["drift_score"][50] != rec["drift_score"][50]  # NaN
+    assert rec["alert"][50] == pytest.approx(5.0) and rec["alert"][6] == pytest.approx(np.log10(2))
+    assert rec["shipped"].tolist().count(1.0) == 1 and rec["raw"][6] == 2.0
+
+
+def test_the_shipped_detections_are_alert_openings_not_flagged_rows():
+    ts = T0 + 60 * np.arange(200.0)
+    # Flagged on rows 50-52 (one alert), again on 80 (within the hour's hold: the same alert),
+    # and on 190 (after more than an hour below: a new alert).
+    special = {i: (9.0, 9.0, 0.99999) for i in (50, 51, 52, 80, 190)}
+    rec = nab_inputs(ts, _forecasts(200, special), hold_s=3600.0)
+    assert np.flatnonzero(rec["shipped"] == 1.0).tolist() == [50, 190]
 
 
 def test_nab_table_by_hand(capsys):
@@ -65,10 +77,12 @@ def test_nab_table_by_hand(capsys):
     low_fn = report["shipped"]["reward_low_FN_rate"]   # fn = 2: null -4, perfect 2
     assert low_fn["score"] == pytest.approx(100 * (1.0 - 0.11 - 2 + 4) / 6)
 
-    # Swept max(anomaly, drift): 10 keeps a's hit and drops b's false alert (5): raw 0 -> 50.
+    # Swept likelihood: surprise 5 keeps a's hit and drops b's false alert (4): raw 0 -> 50.
     swept = report["swept"]["alert"]["standard"]
-    assert swept["threshold"] == 10.0 and swept["raw"] == pytest.approx(0.0)
+    assert swept["threshold"] == pytest.approx(5.0) and swept["raw"] == pytest.approx(0.0)
     assert swept["score"] == pytest.approx(50.0)
+    # The raw max(anomaly, drift) the same at 10 (b's false alert scores 5).
+    assert report["swept"]["raw"]["standard"]["threshold"] == 10.0
     assert (swept["files"]["b"]["false_alerts"], swept["files"]["b"]["windows_missed"]) == (0, 1)
     assert report["swept"]["anomaly_score"]["standard"]["threshold"] == 10.0
     # drift alone: 2 everywhere fires on every row (a's hit is outweighed by false alerts),
@@ -83,10 +97,11 @@ def test_nab_table_by_hand(capsys):
                               nab.PROFILES["standard"], 1.0)
     assert direct.score == pytest.approx(std["score"])
 
-    print_nab_table(report, 7.0)
+    print_nab_table(report, 1e-4)
     out = capsys.readouterr().out
-    assert "shipped flag (is_anomaly, max(anomaly, drift) >= 7): standard 47.2" in out
-    assert "swept alert score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
+    assert "shipped alerts (alert events opened, false-alarm rate 0.0001): standard 47.2" in out
+    assert "swept alert score -log10(1 - anomaly_likelihood): standard 50.0 at threshold 5" in out
+    assert "swept raw score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
     assert "ARTime 72.6" in out
 
 
@@ -122,9 +137,10 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         assert np.isfinite(report["swept"]["alert"][profile]["score"])
     assert report["published"]["ARTime"] == 72.6
     out = capsys.readouterr().out
-    assert "NAB score, shipped flag" in out and "elb_request_count_8c0756" in out
+    assert "NAB score, shipped alerts" in out and "elb_request_count_8c0756" in out
 
-    # Independently: the shipped flag's score from the records on the forecasts topic.
+    # Independently: the shipped alerts' score from the records on the forecasts topic, an alert
+    # opening at a flagged reading unless one is open (flagged within the hold time before).
     consumer = make_consumer(Settings(bootstrap_servers=bootstrap), report["output_topic"],
                              group_id="independent-nab-check", auto_offset_reset="earliest",
                              isolation_level="read_committed")
@@ -140,6 +156,14 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         ts = load_csv(f)[0][:900]
         windows = [w for w in nab.nab_windows(shared_data / "nab" / "combined_windows.json", f.name)
                    if w[0] <= ts[-1]]
-        corpus[f.stem] = (ts, np.array([flags[f.stem].get(t, False) for t in ts.tolist()]), windows)
+        hold, is_open, last_flag, opened = Settings().alert_hold_s, False, -np.inf, []
+        for t in ts.tolist():
+            flagged = flags[f.stem].get(t, False)
+            opened.append(flagged and not is_open)
+            if flagged:
+                is_open, last_flag = True, t
+            elif t - last_flag >= hold:
+                is_open = False
+        corpus[f.stem] = (ts, np.array(opened), windows)
     expected = nab.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
     assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)

@@ -1,0 +1,146 @@
+"""Alert events: one record when a device's alert opens, one when it closes.
+
+A pager wants incidents, not flagged readings. A device's alert **opens** at the first
+reading whose anomaly likelihood reaches the threshold (``1 - likelihood <= rate``), and
+**closes** at the first reading after it has stayed below the threshold for ``hold_s``
+seconds of event time. While open, it keeps the peak likelihood and the value and expected
+range at the peak. Its id, ``<device>@<start ms>``, is the same in both events and across
+restarts (the state moves with the device), so a pager deduplicates on it.
+
+This is the model Prometheus' Alertmanager and on-call tools expect: a firing alert, then a
+resolved one, with a stable identity.
+
+>>> import numpy as np
+>>> state = np.tile(initial_state(), (1, 1))
+>>> step(state, ts=np.array([0.0]), flagged=np.array([True]), lik=np.array([0.9999]),
+...      value=np.array([5.0]), low=np.array([0.0]), high=np.array([1.0]), hold_s=60.0)
+(array([0]), array([], dtype=int64))
+>>> alert_id("pump-1", state[0, SINCE])
+'pump-1@0'
+>>> step(state, ts=np.array([120.0]), flagged=np.array([False]), lik=np.array([0.5]),
+...      value=np.array([0.5]), low=np.array([0.0]), high=np.array([1.0]), hold_s=60.0)[1]
+array([0])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stream_lstm import likelihood
+
+if TYPE_CHECKING:  # the state layer declares its columns from here: no import back up at run time
+    from stream_lstm.forecast import ForecastBatch
+    from stream_lstm.state.ingest import StepBatch
+    from stream_lstm.state.table import DeviceTable
+
+# Columns of a device's alert state, in the table and (while open) in its snapshot: when the
+# alert started (NaN: none open), when the likelihood last reached the threshold, the peak
+# likelihood and when, and the value and expected range at the peak.
+FIELDS = ("alert_since", "alert_last_above", "alert_peak", "alert_peak_ts",
+          "alert_value", "alert_low", "alert_high")
+SINCE, LAST_ABOVE, PEAK, PEAK_TS, VALUE, LOW, HIGH = range(len(FIELDS))
+
+
+def initial_state() -> np.ndarray:
+    """No alert open: ``float64 [len(FIELDS)]`` of NaN."""
+    return np.full(len(FIELDS), np.nan)
+
+
+def is_open(state: np.ndarray) -> np.ndarray:
+    """``[rows]`` bool: the device has an open alert."""
+    return np.isfinite(state[:, SINCE])
+
+
+def alert_id(device_id: str, since: float) -> str:
+    """The alert's stable id: the device and its start time in epoch milliseconds."""
+    return f"{device_id}@{int(round(since * 1000))}"
+
+
+def step(state: np.ndarray, *, ts: np.ndarray, flagged: np.ndarray, lik: np.ndarray,
+         value: np.ndarray, low: np.ndarray, high: np.ndarray, hold_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Advance each row's alert by one reading (in place); return the rows that opened and
+    the rows that closed.
+
+    Parameters
+    ----------
+    state
+        ``float64 [rows, len(FIELDS)]``, one distinct device per row.
+    ts
+        The reading's event time (epoch seconds).
+    flagged
+        The reading's likelihood reached the threshold.
+    lik
+        Its likelihood (NaN when not scored).
+    value, low, high
+        The reading and the range it was expected in.
+    hold_s
+        Seconds of event time below the threshold before an open alert closes.
+
+    A closed row keeps its last state until the caller has read it; call :func:`clear`
+    on the closed rows afterwards.
+    """
+    was_open = is_open(state)
+    opened = flagged & ~was_open
+    state[opened, SINCE] = ts[opened]
+    state[opened, PEAK] = -np.inf
+    peak = flagged & (lik > state[:, PEAK])
+    for col, new in ((PEAK, lik), (PEAK_TS, ts), (VALUE, value), (LOW, low), (HIGH, high)):
+        state[peak, col] = new[peak]
+    state[flagged, LAST_ABOVE] = ts[flagged]
+    closed = was_open & ~flagged & (ts - state[:, LAST_ABOVE] >= hold_s)
+    return np.flatnonzero(opened), np.flatnonzero(closed)
+
+
+def clear(state: np.ndarray, rows: np.ndarray) -> None:
+    """Forget the alerts of ``rows`` (after their close events are out)."""
+    state[rows] = np.nan
+
+
+def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
+          false_alarm_rate: float, hold_s: float, ts: np.ndarray) -> list[tuple[int, str, np.ndarray]]:
+    """The forecast stage after :func:`~stream_lstm.forecast.assemble`: each reading's anomaly
+    likelihood and flag (set on ``fb``), and the alert events they cause.
+
+    Parameters
+    ----------
+    batch, fb
+        The stepped batch and its forecasts (``fb.anomaly_likelihood`` and ``fb.is_anomaly``
+        are filled in here).
+    table
+        Device state: the likelihood model and the alert of each device are read and updated.
+    false_alarm_rate
+        A reading is flagged when ``1 - likelihood <= false_alarm_rate``.
+    hold_s
+        Seconds of event time below the threshold before an alert closes.
+    ts
+        ``[m]`` event time of each accepted reading (batch row order).
+
+    Returns ``(row, "open" | "close", alert state)`` per event, in reading order.
+    """
+    evidence = np.fmax(fb.anomaly_score, fb.drift_score)  # NaN only where neither was scored
+    lik = np.full(len(batch), np.nan)
+    # The range of whichever forecast the reading departed from more: one-step or H-step.
+    low_1, high_1, low_h, high_h = fb.expected_range()
+    one_step = ~(np.nan_to_num(fb.drift_score, nan=-1.0) > np.nan_to_num(fb.anomaly_score, nan=-1.0))
+    q_low, q_high = np.where(one_step, low_1, low_h), np.where(one_step, high_1, high_h)
+    events: list[tuple[int, str, np.ndarray]] = []
+    # Round by round: a device's readings in one poll are judged in order.
+    for start, end in batch.rounds:
+        slots = batch.slots[start:end]
+        state = table.likelihood[slots]
+        lik[start:end] = likelihood.update(state, evidence[start:end])
+        table.likelihood[slots] = state
+        flagged = (1.0 - np.nan_to_num(lik[start:end], nan=0.0)) <= false_alarm_rate
+        alert = table.alert[slots]
+        opened, closed = step(alert, ts=ts[start:end], flagged=flagged, lik=lik[start:end],
+                              value=batch.x_target[start:end], low=q_low[start:end],
+                              high=q_high[start:end], hold_s=hold_s)
+        for i in sorted([*opened.tolist(), *closed.tolist()]):
+            events.append((start + i, "open" if i in opened else "close", alert[i].copy()))
+        clear(alert, closed)
+        table.alert[slots] = alert
+    fb.anomaly_likelihood = lik
+    fb.is_anomaly = (1.0 - np.nan_to_num(lik, nan=0.0)) <= false_alarm_rate
+    return events

@@ -1,0 +1,150 @@
+"""Per-device anomaly likelihood: how improbable a device's *recent run* of scores is, under
+a model of that device's own history of them.
+
+A raw score (``anomaly_score``, ``drift_score``: ``|x - forecast| / b``) means different
+things on different devices: a bursty disk-write series scores high on its ordinary bursts,
+while a slow slide towards a failure never scores high at one step. So, as in Numenta's
+*anomaly likelihood* (S. Ahmad, A. Lavin, S. Purdy, Z. Agha, "Unsupervised real-time anomaly
+detection for streaming data", Neurocomputing 262, 2017), each device keeps a model of its
+own scores and reports how unusual its recent run is under that model.
+
+Per scored reading::
+
+    e = max(anomaly_score, drift_score)     # the drift score carries slow departures
+    r <- r + a_short * (e - r)              # the recent run: a short moving average
+
+The body of the run's distribution is a gamma with the device's running mean ``M`` and
+variance ``V`` of ``r`` (moments matched; an average of exponential scores is gamma). Its
+tail, which is what a false-alarm rate of one in ten thousand depends on, is modelled by
+peaks over a threshold (J. Pickands, "Statistical inference using extreme order
+statistics", Ann. Statist. 3, 1975; A. Siffer et al., "Anomaly detection in streams with
+extreme value theory", KDD 2017): above ``t = M + 2 sqrt(V)``, which the device's run
+exceeds at a tracked rate ``p``, the excesses ``y = r - t`` follow a generalized Pareto
+distribution, fitted by the method of moments (J. Hosking & J. Wallis, Technometrics 29,
+1987) from their running mean ``m`` and variance ``s2``::
+
+    gamma = (1 - m^2 / s2) / 2,   sigma = m (1 + m^2 / s2) / 2
+    P(run > t + y) = p * (1 + gamma * y / sigma) ^ (-1 / gamma)
+
+``likelihood = 1 - P(run >= r)``: the body's gamma below ``t``, the tail above it.
+Running statistics use ``a = max(1 / n, 1 / LONG_RUN)``: a plain mean until ``n`` reaches
+``LONG_RUN``, so a new device learns quickly, then an exponential forgetting of about one
+week of 5-minute readings. Because the statistics are of the run ``r`` itself, a device's
+autocorrelated scores are inside its model rather than a source of false alarms.
+
+The likelihood is computed against the model *before* it learns from the reading, and only
+once the device has ``WARMUP`` scored readings (NaN before). A reading is flagged when
+``1 - likelihood <= false_alarm_rate``: on a device whose scores behave as they did, that is
+that fraction of its readings, whatever its noise level or the shape of its scores
+(tests/test_likelihood.py checks within a factor of 2 at 1e-2 to 1e-4).
+
+>>> import numpy as np
+>>> state = np.tile(initial_state(), (2, 1))
+>>> rng = np.random.default_rng(0)
+>>> for _ in range(400):  # two devices, one a hundred times noisier than the other
+...     lik = update(state, rng.exponential([1.0, 100.0]))
+>>> bool(np.all((lik > 0) & (lik < 1)))
+True
+>>> lik = update(state, np.array([1.0, 5000.0]))  # a burst only on the noisy one, in its units
+>>> bool(lik[1] > 0.999 and lik[0] < 0.99)
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SHORT_RUN = 8  # readings in the recent run (span of its moving average)
+LONG_RUN = 2000  # readings the device's model of its runs covers (~1 week at 5 min)
+WARMUP = 100  # scored readings before a device's likelihood is published
+TAIL_MIN = 10  # excesses over the threshold before the tail model replaces the gamma
+TAIL_Z = 2.0  # the threshold, in standard deviations of the run above its mean
+
+# Columns of a device's likelihood state, in the table and in its snapshot: the run, its
+# mean and variance, readings counted, the rate of excesses over the threshold, their mean
+# and variance, and how many there were.
+FIELDS = ("lik_run", "lik_mean", "lik_var", "lik_n", "lik_p", "lik_xmean", "lik_xvar", "lik_xn")
+RUN, MEAN, VAR, COUNT, RATE, XMEAN, XVAR, XCOUNT = range(len(FIELDS))
+
+
+def initial_state() -> np.ndarray:
+    """A device that has never been scored: ``float64 [len(FIELDS)]``."""
+    return np.zeros(len(FIELDS), np.float64)
+
+
+def update(state: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Fold one reading's evidence per row into ``state`` (in place); return the likelihood.
+
+    Parameters
+    ----------
+    state
+        ``float64 [rows, len(FIELDS)]``, one distinct device per row.
+    evidence
+        ``[rows]``: ``max(anomaly_score, drift_score)``; NaN where the reading was not scored
+        (warm-up): its row neither learns nor gets a likelihood.
+
+    Returns ``[rows]`` likelihoods in [0, 1], NaN where not scored or still warming up.
+    """
+    scored = np.isfinite(evidence)
+    e = np.where(scored, evidence, 0.0)
+    n = state[:, COUNT]
+    run = np.where(n > 0, state[:, RUN] + (2.0 / (SHORT_RUN + 1)) * (e - state[:, RUN]), e)
+    mean, var = state[:, MEAN], state[:, VAR]
+    threshold = mean + TAIL_Z * np.sqrt(var)
+    lik = np.where(scored & (n >= WARMUP), 1.0 - _survival(run, threshold, state), np.nan)
+
+    a = np.maximum(1.0 / (n + 1.0), 1.0 / LONG_RUN)
+    new = state.copy()
+    new[:, RUN], new[:, COUNT] = run, n + 1.0
+    new[:, MEAN], new[:, VAR] = _running(mean, var, run, a)
+    over = run > threshold
+    new[:, RATE] = state[:, RATE] + a * (over - state[:, RATE])
+    # Excesses learn at the rate they come: about one in TAIL_Z's tail of the readings.
+    xn = state[:, XCOUNT]
+    ax = np.maximum(1.0 / (xn + 1.0), 1.0 / (LONG_RUN * 0.05))
+    xmean, xvar = _running(state[:, XMEAN], state[:, XVAR], run - threshold, ax)
+    learns_tail = scored & over & (n > 0)
+    new[:, XMEAN] = np.where(learns_tail, xmean, state[:, XMEAN])
+    new[:, XVAR] = np.where(learns_tail, xvar, state[:, XVAR])
+    new[:, XCOUNT] = xn + learns_tail
+    state[:] = np.where(scored[:, None], new, state)
+    return lik
+
+
+def _running(mean: np.ndarray, var: np.ndarray, x: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exponentially weighted mean and variance after ``x`` (West, Comm. ACM 22, 1979)."""
+    delta = x - mean
+    return mean + a * delta, (1.0 - a) * (var + a * delta * delta)
+
+
+def _survival(run: np.ndarray, threshold: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """``P(run' >= run)`` under each device's model: gamma body, generalized Pareto tail."""
+    body = 1.0 - gamma_cdf(run, state[:, MEAN], state[:, VAR])
+    rate, m, s2 = state[:, RATE], state[:, XMEAN], state[:, XVAR]
+    ok = (state[:, XCOUNT] >= TAIL_MIN) & (m > 0) & (s2 > 0)
+    ratio = np.where(ok, m * m / np.where(ok, s2, 1.0), 1.0)
+    # Shapes outside [-1/2, 1/2) have no finite variance or moment estimate: clip.
+    shape = np.clip(0.5 * (1.0 - ratio), -0.5, 0.45)
+    sigma = np.where(ok, 0.5 * m * (1.0 + ratio), 1.0)
+    y = np.maximum(run - threshold, 0.0) / sigma
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        pareto = np.where(np.abs(shape) > 1e-6,
+                          np.maximum(1.0 + shape * y, 0.0) ** (-1.0 / shape), np.exp(-y))
+    tail = rate * pareto
+    return np.where(ok & (run > threshold), tail, np.where(ok, np.maximum(body, rate), body))
+
+
+def gamma_cdf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """``P(X <= x)`` for ``X`` gamma-distributed with the given mean and variance.
+
+    Shape ``k = mean^2 / var``, scale ``theta = var / mean``. A device whose runs never varied
+    (``var`` 0) gives 1 above its mean and 0 at or below it.
+    """
+    x, mean, var = (np.asarray(a, np.float64) for a in (x, mean, var))
+    ok = (mean > 0) & (var > 0)
+    k = np.where(ok, mean * mean / np.where(ok, var, 1.0), 1.0)
+    theta = np.where(ok, var / np.where(ok, mean, 1.0), 1.0)
+    # torch has the regularized incomplete gamma function (numpy has not): P(k, x / theta).
+    p = torch.special.gammainc(torch.from_numpy(k), torch.from_numpy(np.maximum(x, 0.0) / theta)).numpy()
+    return np.where(ok, p, (x > mean).astype(np.float64))

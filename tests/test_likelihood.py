@@ -1,0 +1,52 @@
+"""The per-device anomaly likelihood (likelihood.py): calibrated whatever the noise level."""
+
+import numpy as np
+import pytest
+
+from stream_lstm import likelihood
+
+SCALES = np.array([0.01, 1.0, 100.0, 10_000.0])  # devices with very different noise levels
+
+
+def flag_rates(draw, n: int = 30_000, skip: int = 3_000, rates=(1e-2, 1e-3)) -> dict[float, np.ndarray]:
+    """Per device, the fraction of readings flagged at each false-alarm rate, over pure noise."""
+    state = np.tile(likelihood.initial_state(), (len(SCALES), 1))
+    liks = np.array([likelihood.update(state, draw() * SCALES) for _ in range(n)])[skip:]
+    return {rate: ((1.0 - liks) <= rate).mean(axis=0) for rate in rates}
+
+
+@pytest.mark.parametrize("shape", ["half-normal", "exponential", "log-normal"])
+def test_the_alert_rate_matches_the_stated_false_alarm_rate_on_every_device(shape):
+    rng = np.random.default_rng(7)
+    draw = {"half-normal": lambda: np.abs(rng.standard_normal(len(SCALES))),
+            "exponential": lambda: rng.exponential(1.0, len(SCALES)),
+            "log-normal": lambda: rng.lognormal(0.0, 1.0, len(SCALES))}[shape]
+    for rate, observed in flag_rates(draw).items():
+        assert np.all(observed <= 2 * rate) and np.all(observed >= rate / 2), (rate, observed / rate)
+
+
+def test_a_short_run_of_moderate_scores_is_more_unusual_than_one_of_them():
+    state = np.tile(likelihood.initial_state(), (1, 1))
+    rng = np.random.default_rng(1)
+    for _ in range(1000):
+        likelihood.update(state, rng.exponential(1.0, 1))
+    single = likelihood.update(state.copy(), np.array([4.0]))[0]
+    for _ in range(5):
+        run = likelihood.update(state, np.array([4.0]))[0]
+    assert run > single and 1 - run < 1e-3 < 1 - single
+
+
+def test_unscored_readings_leave_the_state_alone_and_warm_up_gives_nan():
+    state = np.tile(likelihood.initial_state(), (2, 1))
+    before = state.copy()
+    assert np.isnan(likelihood.update(state, np.array([np.nan, np.nan]))).all()
+    np.testing.assert_array_equal(state, before)
+    for _ in range(likelihood.WARMUP):
+        lik = likelihood.update(state, np.array([1.0, np.nan]))
+    assert np.isnan(lik).all()  # the first device has just completed its warm-up readings
+    assert np.isfinite(likelihood.update(state, np.array([1.0, np.nan]))[0])
+
+
+def test_gamma_cdf_matches_the_exponential_case():
+    x = np.array([0.5, 1.0, 3.0])
+    np.testing.assert_allclose(likelihood.gamma_cdf(x, np.ones(3), np.ones(3)), 1 - np.exp(-x), rtol=1e-6)
