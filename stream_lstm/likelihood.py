@@ -28,8 +28,8 @@ distribution, fitted by the method of moments (J. Hosking & J. Wallis, Technomet
 
 ``likelihood = 1 - P(run >= r)``: the body's gamma below ``t``, the tail above it.
 Running statistics use ``a = max(1 / n, 1 / LONG_RUN)``: a plain mean until ``n`` reaches
-``LONG_RUN``, so a new device learns quickly, then an exponential forgetting of about one
-week of 5-minute readings. Because the statistics are of the run ``r`` itself, a device's
+``LONG_RUN``, so a new device learns quickly, then an exponential forgetting of about two
+days of 5-minute readings. Because the statistics are of the run ``r`` itself, a device's
 autocorrelated scores are inside its model rather than a source of false alarms.
 
 The likelihood is computed against the model *before* it learns from the reading, and only
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 SHORT_RUN = 8  # readings in the recent run (span of its moving average)
-LONG_RUN = 2000  # readings the device's model of its runs covers (~1 week at 5 min)
+LONG_RUN = 500  # readings the device's model of its runs covers (~2 days at 5 min)
 WARMUP = 100  # scored readings before a device's likelihood is published
 TAIL_MIN = 10  # excesses over the threshold before the tail model replaces the gamma
 TAIL_Z = 2.0  # the threshold, in standard deviations of the run above its mean

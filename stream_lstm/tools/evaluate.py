@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one-step) on the same recordings; needs stream-lstm[peer]")
     parser.add_argument("--nab", action="store_true",
                         help="NAB's unsupervised setting instead: serve a fresh, untrained model "
-                             "over every row and score its alerts (is_anomaly, and the swept "
-                             "alert score) with NAB's profiles; writes nab.json and plots")
+                             "over every row and score its alerts (the alert events opened, and the "
+                             "swept anomaly likelihood) with NAB's profiles; writes nab.json and plots")
 
 
 def plots_available() -> bool:

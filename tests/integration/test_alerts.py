@@ -156,30 +156,36 @@ def test_a_gap_resets_the_device_and_nothing_is_flagged_while_it_warms_up(settin
     assert all(f["drift_score"] is not None for f in recs[60 + s.anomaly_warmup + H :])
 
 
+SLIDE_AT, SLIDE_FOR = 1000, 40
+
+
 def slide(start: int, stop: int):
     """A calm device, and one that slides away slowly (a machine heading for failure) from
-    reading 400 to 440, then comes back and stays calm for longer than the hold time."""
+    reading SLIDE_AT for SLIDE_FOR readings, each step a small surprise, then comes back and
+    stays calm for longer than the hold time."""
     rng = np.random.default_rng(3)
     for k in range(start, stop):
         noise = 0.05 * rng.standard_normal(2)
         base = 20.0 + math.sin(k / 5.0)
-        away = 0.02 * (k - 400) ** 2 if 400 <= k < 440 else 0.0
+        away = 0.05 * (k - SLIDE_AT) ** 2 if SLIDE_AT <= k < SLIDE_AT + SLIDE_FOR else 0.0
         yield "calm", T0 + 60.0 * k, base + noise[0]
         yield "slide", T0 + 60.0 * k, base + noise[1] + away
 
 
 def test_a_slow_slide_opens_one_alert_that_survives_a_restart_and_closes_once(settings_factory, topic_name):
-    # Default settings (hold time, false-alarm rate), only the topics are the test's own.
+    # Default settings (hold time, the model) but a false-alarm rate of 1e-3: the device has
+    # only SLIDE_AT readings of history, too few for its model to place one-in-ten-thousand.
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
                          dlq_topic=f"{topic_name}-dlq", alerts_topic=f"{topic_name}-alerts",
-                         group_id=f"{topic_name}-g")
+                         group_id=f"{topic_name}-g", anomaly_false_alarm_rate=1e-3)
     torch.manual_seed(0)
     served = fresh_model(s)
-    restart_at = 420  # mid-slide: the alert is open when the first worker stops
+    restart_at = SLIDE_AT + 12  # mid-slide: the alert is open when the first worker stops
     produce_readings(s, topic_name, slide(0, restart_at))
     assert Worker(s, served).run(until=lambda w: w.totals.consumed >= 2 * restart_at).consumed == 2 * restart_at
-    produce_readings(s, topic_name, slide(restart_at, 600))
-    rest = 2 * (600 - restart_at)
+    end = SLIDE_AT + SLIDE_FOR + 120  # more than the hold time of calm after the slide
+    produce_readings(s, topic_name, slide(restart_at, end))
+    rest = 2 * (end - restart_at)
     assert Worker(s, served).run(until=lambda w: w.totals.consumed >= rest).consumed == rest
 
     events = [json.loads(r.value) for r in read_topic(s, s.alerts_topic, expect=2, timeout_s=20)]
@@ -187,7 +193,7 @@ def test_a_slow_slide_opens_one_alert_that_survives_a_restart_and_closes_once(se
     assert [a["event"] for a in mine] == ["open", "close"], mine  # not a second open after the restart
     opened, closed = mine
     assert opened["alert_id"] == closed["alert_id"] and opened["start_ts"] == closed["start_ts"]
-    assert T0 + 60.0 * 400 <= opened["start_ts"] < T0 + 60.0 * restart_at
+    assert T0 + 60.0 * SLIDE_AT <= opened["start_ts"] < T0 + 60.0 * restart_at
     assert closed["ts"] - closed["last_above_ts"] >= s.alert_hold_s
     assert closed["peak_likelihood"] >= opened["peak_likelihood"] >= 1 - s.anomaly_false_alarm_rate
     assert not (closed["expected_low"] <= closed["value"] <= closed["expected_high"])
