@@ -130,7 +130,7 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     for start, end in batch.rounds:
         slots = batch.slots[start:end]
         state = table.likelihood[slots]
-        lik[start:end] = likelihood.update(state, evidence[start:end])
+        lik[start:end] = likelihood.judge(state, evidence[start:end], batch.x_target[start:end])
         table.likelihood[slots] = state
         flagged = (1.0 - np.nan_to_num(lik[start:end], nan=0.0)) <= false_alarm_rate
         alert = table.alert[slots]

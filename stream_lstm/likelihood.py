@@ -39,7 +39,7 @@ that fraction of its readings, whatever its noise level or the shape of its scor
 (tests/test_likelihood.py checks within a factor of 2 at 1e-2 to 1e-4).
 
 >>> import numpy as np
->>> state = np.tile(initial_state(), (2, 1))
+>>> state = np.tile(channel_state(), (2, 1))
 >>> rng = np.random.default_rng(0)
 >>> for _ in range(400):  # two devices, one a hundred times noisier than the other
 ...     lik = update(state, rng.exponential([1.0, 100.0]))
@@ -61,16 +61,67 @@ WARMUP = 100  # scored readings before a device's likelihood is published
 TAIL_MIN = 10  # excesses over the threshold before the tail model replaces the gamma
 TAIL_Z = 2.0  # the threshold, in standard deviations of the run above its mean
 
-# Columns of a device's likelihood state, in the table and in its snapshot: the run, its
-# mean and variance, readings counted, the rate of excesses over the threshold, their mean
-# and variance, and how many there were.
-FIELDS = ("lik_run", "lik_mean", "lik_var", "lik_n", "lik_p", "lik_xmean", "lik_xvar", "lik_xn")
-RUN, MEAN, VAR, COUNT, RATE, XMEAN, XVAR, XCOUNT = range(len(FIELDS))
+LEVEL_RATE = 0.001  # weight of a reading in the level's long-run mean (~1,000 readings)
+# Evidence is capped at this many times the channel's usual run (or at 1e12 before it has
+# one): an infinite or absurd score is already certain, and more would only swamp the
+# device's model of its runs for weeks.
+EVIDENCE_CAP = 1e4
+
+# Columns of one channel's model: the run, its mean and variance, readings counted, the rate
+# of excesses over the threshold, their mean and variance, and how many there were.
+CHANNEL_FIELDS = ("run", "mean", "var", "n", "p", "xmean", "xvar", "xn")
+RUN, MEAN, VAR, COUNT, RATE, XMEAN, XVAR, XCOUNT = range(len(CHANNEL_FIELDS))
+# A device's columns, in the table and in its snapshot: the channel of its scores, the
+# channel of its level, and the level's long-run mean, variance and count.
+CHANNELS = ("score", "level")
+FIELDS = (*(f"lik_{c}_{f}" for c in CHANNELS for f in CHANNEL_FIELDS),
+          "lik_value_mean", "lik_value_var", "lik_value_n")
+SCORE = slice(0, len(CHANNEL_FIELDS))
+LEVEL = slice(len(CHANNEL_FIELDS), 2 * len(CHANNEL_FIELDS))
+LEVEL_MU, LEVEL_VAR, LEVEL_N = range(2 * len(CHANNEL_FIELDS), len(FIELDS))
 
 
 def initial_state() -> np.ndarray:
-    """A device that has never been scored: ``float64 [len(FIELDS)]``."""
+    """A device that has never been judged: ``float64 [len(FIELDS)]``."""
     return np.zeros(len(FIELDS), np.float64)
+
+
+def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """One reading per row: its anomaly likelihood from both channels (state in place).
+
+    The *score* channel is the run of ``score`` (``max(anomaly_score, drift_score)``). The
+    *level* channel is the run of ``|value - m| / s``, the reading's distance from the
+    device's own long-run mean ``m`` in its long-run standard deviations ``s`` (weight
+    ``LEVEL_RATE``): a value far outside anything the device has shown for days, which a
+    forecaster that follows the value step by step scores as ordinary. The reading is as
+    unlikely as the rarer of the two, and the tail is doubled (Bonferroni), so that
+    ``1 - likelihood <= rate`` still flags at most ``rate`` of ordinary readings.
+
+    Parameters
+    ----------
+    state
+        ``float64 [rows, len(FIELDS)]``, one distinct device per row.
+    score
+        ``[rows]``; NaN where the reading was not scored: no likelihood, and neither
+        channel learns (the level's mean does).
+    value
+        ``[rows]``: the reading, in the device's units.
+    """
+    mu, var, n = state[:, LEVEL_MU], state[:, LEVEL_VAR], state[:, LEVEL_N]
+    spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
+    level = np.where((n >= 2) & np.isfinite(score), np.abs(value - mu) / spread, np.nan)
+    a = np.maximum(1.0 / (n + 1.0), LEVEL_RATE)
+    state[:, LEVEL_MU], state[:, LEVEL_VAR] = _running(mu, var, value, a)
+    state[:, LEVEL_N] = n + 1.0
+    tail_score = 1.0 - update(state[:, SCORE], score)
+    tail_level = 1.0 - update(state[:, LEVEL], level)
+    tail = np.minimum(1.0, 2.0 * np.fmin(tail_score, tail_level))
+    return np.where(np.isfinite(tail_score), 1.0 - tail, np.nan)
+
+
+def channel_state() -> np.ndarray:
+    """One channel that has never been scored: ``float64 [len(CHANNEL_FIELDS)]``."""
+    return np.zeros(len(CHANNEL_FIELDS), np.float64)
 
 
 def update(state: np.ndarray, evidence: np.ndarray) -> np.ndarray:
@@ -79,16 +130,17 @@ def update(state: np.ndarray, evidence: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     state
-        ``float64 [rows, len(FIELDS)]``, one distinct device per row.
+        ``float64 [rows, len(CHANNEL_FIELDS)]``, one channel of one distinct device per row.
     evidence
-        ``[rows]``: ``max(anomaly_score, drift_score)``; NaN where the reading was not scored
-        (warm-up): its row neither learns nor gets a likelihood.
+        ``[rows]``, e.g. ``max(anomaly_score, drift_score)``; NaN where the reading was not
+        scored (warm-up): its row neither learns nor gets a likelihood.
 
     Returns ``[rows]`` likelihoods in [0, 1], NaN where not scored or still warming up.
     """
-    scored = np.isfinite(evidence)
-    e = np.where(scored, evidence, 0.0)
+    scored = ~np.isnan(evidence)
     n = state[:, COUNT]
+    cap = np.where(state[:, MEAN] > 0, EVIDENCE_CAP * state[:, MEAN], 1e12)
+    e = np.minimum(np.where(scored, evidence, 0.0), cap)
     run = np.where(n > 0, state[:, RUN] + (2.0 / (SHORT_RUN + 1)) * (e - state[:, RUN]), e)
     mean, var = state[:, MEAN], state[:, VAR]
     threshold = mean + TAIL_Z * np.sqrt(var)

@@ -10,7 +10,7 @@ SCALES = np.array([0.01, 1.0, 100.0, 10_000.0])  # devices with very different n
 
 def flag_rates(draw, n: int = 30_000, skip: int = 3_000, rates=(1e-2, 1e-3)) -> dict[float, np.ndarray]:
     """Per device, the fraction of readings flagged at each false-alarm rate, over pure noise."""
-    state = np.tile(likelihood.initial_state(), (len(SCALES), 1))
+    state = np.tile(likelihood.channel_state(), (len(SCALES), 1))
     liks = np.array([likelihood.update(state, draw() * SCALES) for _ in range(n)])[skip:]
     return {rate: ((1.0 - liks) <= rate).mean(axis=0) for rate in rates}
 
@@ -26,7 +26,7 @@ def test_the_alert_rate_matches_the_stated_false_alarm_rate_on_every_device(shap
 
 
 def test_a_short_run_of_moderate_scores_is_more_unusual_than_one_of_them():
-    state = np.tile(likelihood.initial_state(), (1, 1))
+    state = np.tile(likelihood.channel_state(), (1, 1))
     rng = np.random.default_rng(1)
     for _ in range(1000):
         likelihood.update(state, rng.exponential(1.0, 1))
@@ -37,7 +37,7 @@ def test_a_short_run_of_moderate_scores_is_more_unusual_than_one_of_them():
 
 
 def test_unscored_readings_leave_the_state_alone_and_warm_up_gives_nan():
-    state = np.tile(likelihood.initial_state(), (2, 1))
+    state = np.tile(likelihood.channel_state(), (2, 1))
     before = state.copy()
     assert np.isnan(likelihood.update(state, np.array([np.nan, np.nan]))).all()
     np.testing.assert_array_equal(state, before)
@@ -50,3 +50,24 @@ def test_unscored_readings_leave_the_state_alone_and_warm_up_gives_nan():
 def test_gamma_cdf_matches_the_exponential_case():
     x = np.array([0.5, 1.0, 3.0])
     np.testing.assert_allclose(likelihood.gamma_cdf(x, np.ones(3), np.ones(3)), 1 - np.exp(-x), rtol=1e-6)
+
+
+def test_the_level_channel_sees_a_value_far_outside_the_device_history_that_scores_do_not():
+    rng = np.random.default_rng(3)
+    state = np.tile(likelihood.initial_state(), (1, 1))
+    for _ in range(3000):
+        lik = likelihood.judge(state, rng.exponential(1.0, 1), 20.0 + rng.standard_normal(1))
+    assert 1 - lik[0] > 1e-3
+    # An ordinary score (the forecaster followed the value there), at a level 15 sd away.
+    assert 1 - likelihood.judge(state, np.array([1.0]), np.array([35.0]))[0] < 1e-4
+
+
+def test_both_channels_together_flag_no_more_than_the_stated_rate_on_noise():
+    rng = np.random.default_rng(5)
+    state = np.tile(likelihood.initial_state(), (len(SCALES), 1))
+    liks = np.array([likelihood.judge(state, rng.exponential(1.0, len(SCALES)),
+                                      SCALES * rng.standard_normal(len(SCALES)))
+                     for _ in range(30_000)])[3_000:]
+    for rate in (1e-2, 1e-3):
+        observed = ((1.0 - liks) <= rate).mean(axis=0)
+        assert np.all(observed <= 2 * rate) and np.all(observed >= rate / 4), (rate, observed / rate)

@@ -109,7 +109,7 @@ def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_c
     a, b = t.slots_for(["open", "calm"], partitions=[0, 0], now=0.0)
     state = t.likelihood[[a, b]]
     for k in range(50):
-        likelihood.update(state, np.array([1.0 + k % 3, 2.0]))
+        likelihood.judge(state, np.array([1.0 + k % 3, 2.0]), np.array([10.0 + k % 5, 3.0]))
     t.likelihood[[a, b]] = state
     t.alert[a] = [100.0, 160.0, 0.99999, 130.0, 42.0, 1.0, 2.0]
     snaps = {s.device_id: decode_snapshot(encode_snapshot(s)) for s in t.snapshots(np.array([a, b]))}
@@ -123,4 +123,4 @@ def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_c
     # A slot handed to a new device starts with no alert and an unscored model.
     t.drop(["open"])
     (c,) = t.slots_for(["new"], partitions=[0], now=1.0)
-    assert not alerts.is_open(t.alert[[c]])[0] and t.likelihood[c, likelihood.COUNT] == 0
+    assert not alerts.is_open(t.alert[[c]])[0] and not t.likelihood[c].any()
