@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         0.1, ge=0.0, le=10.0,
         description="Per-device step of the one-step experts' weights (experts.py); 0 = model only")
     anomaly_false_alarm_rate: float = Field(
-        1e-4, gt=0.0, lt=1.0,
+        1e-3, gt=0.0, lt=1.0,
         description="Flag a reading when 1 - anomaly_likelihood is at most this: the fraction of "
                     "a device's ordinary readings flagged, the same on every device")
     alert_hold_s: float = Field(

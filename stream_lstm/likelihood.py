@@ -107,12 +107,15 @@ def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray
     value
         ``[rows]``: the reading, in the device's units.
     """
-    mu, var, n = state[:, LEVEL_MU], state[:, LEVEL_VAR], state[:, LEVEL_N]
-    spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
-    level = np.where((n >= 2) & np.isfinite(score), np.abs(value - mu) / spread, np.nan)
+    n = state[:, LEVEL_N]
     a = np.maximum(1.0 / (n + 1.0), LEVEL_RATE)
-    state[:, LEVEL_MU], state[:, LEVEL_VAR] = _running(mu, var, value, a)
-    state[:, LEVEL_N] = n + 1.0
+    mu, var = _running(state[:, LEVEL_MU], state[:, LEVEL_VAR], value, a)
+    state[:, LEVEL_MU], state[:, LEVEL_VAR], state[:, LEVEL_N] = mu, var, n + 1.0
+    # The reading is part of the statistics it is measured with, as the normalizer does: this
+    # bounds the distance by about 1 / sqrt(a), so a device's first readings, when the mean
+    # knows little, cannot swamp the channel's model with distances in the thousands.
+    spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
+    level = np.where((n >= 1) & np.isfinite(score), np.abs(value - mu) / spread, np.nan)
     tail_score = 1.0 - update(state[:, SCORE], score)
     tail_level = 1.0 - update(state[:, LEVEL], level)
     tail = np.minimum(1.0, 2.0 * np.fmin(tail_score, tail_level))

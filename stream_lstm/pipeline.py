@@ -233,15 +233,32 @@ class BatchPipeline:
             counts.alerts_opened += kind == "open"
             counts.alerts_closed += kind == "close"
             if alerts_topic:
-                event = alert_event(kind, state, ids[row], ts[row], version, sources[row])
-                out.append((alerts_topic, sources[row].key, encode_forecast(event), None))
+                src = sources[row]
+                event = alert_event(kind, state, ids[row], ts[row], version, src.partition, src.offset)
+                out.append((alerts_topic, src.key, encode_forecast(event), None))
         return oldest
+
+    def farewell(self, devices: list[str]) -> list[OutRecord]:
+        """Close events for the open alerts of devices about to be forgotten (TTL): the pager
+        must not keep an incident open for a device that will never send again."""
+        topic = self.settings.alerts_topic
+        out: list[OutRecord] = []
+        for dev in devices:
+            slot = self.table.index[dev]
+            state = self.table.alert[slot]
+            if topic and alerts.is_open(state[None])[0]:
+                event = alert_event("close", state, dev, float(self.table.last_ts[slot]),
+                                    self.table.model_version[slot], int(self.table.partition[slot]),
+                                    None, reason="expired")
+                out.append((topic, dev.encode(), encode_forecast(event), None))
+        return out
 
 
 def alert_event(kind: str, state: np.ndarray, device_id: str, ts: float, version: str,
-                src: SourceRecord) -> dict:
+                partition: int, offset: int | None, reason: str = "recovered") -> dict:
     """An alert event (docs/wire-contract.md): ``open`` at its first reading over the
-    threshold, ``close`` at the first reading after ``STREAM_LSTM_ALERT_HOLD_S`` below it.
+    threshold, ``close`` at the first reading after ``STREAM_LSTM_ALERT_HOLD_S`` below it
+    (``reason`` "recovered") or when the device is forgotten after its TTL ("expired").
     Both carry the stable ``alert_id``, the start, and the peak so far: its likelihood, time,
     value and the range that value was expected in."""
     since = float(state[alerts.SINCE])
@@ -251,5 +268,5 @@ def alert_event(kind: str, state: np.ndarray, device_id: str, ts: float, version
         "peak_ts": float(state[alerts.PEAK_TS]), "value": float(state[alerts.VALUE]),
         "expected_low": float(state[alerts.LOW]), "expected_high": float(state[alerts.HIGH]),
         "last_above_ts": float(state[alerts.LAST_ABOVE]), "model_version": version,
-        "partition": src.partition, "offset": src.offset,
+        "partition": partition, "offset": offset, **({"reason": reason} if kind == "close" else {}),
     }

@@ -292,8 +292,10 @@ class Worker:
         records = self.state.records_for(self.table, touched)
         if now >= self._next_expiry and self.settings.device_ttl_s > 0:
             self._next_expiry = now + min(60.0, self.settings.device_ttl_s / 4)
-            expired = self.state.expire(self.table, now)
-            self.metrics.expired_devices.inc(len(expired))
+            expired = self.state.expire(self.table, now, farewell=self.pipeline.farewell)
+            tombstones = sum(r[0] == self.state.topic for r in expired)
+            self.metrics.expired_devices.inc(tombstones)
+            self.metrics.alerts_closed.inc(len(expired) - tombstones)
             records.extend(expired)
         return records
 

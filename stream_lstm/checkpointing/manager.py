@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stream_lstm.checkpointing.changelog import changelog_records, restore, tombstone
@@ -33,8 +34,8 @@ from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.checkpointing")
 
-# (topic, key, value, headers, partition)
-ChangelogRecord = tuple[str, bytes, bytes | None, None, int]
+# (topic, key, value, headers, partition); no partition: the topic's partitioner decides
+ChangelogRecord = tuple[str, bytes | None, bytes | None, None, int | None]
 
 
 class StateManager:
@@ -93,13 +94,19 @@ class StateManager:
             if topic == self.topic:
                 self.written[partition] = offset + 1
 
-    def expire(self, table: DeviceTable, now: float) -> list[ChangelogRecord]:
-        """Forget devices idle past the TTL: tombstones to send, and gone from memory + store."""
+    def expire(self, table: DeviceTable, now: float,
+               farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
+        """Forget devices idle past the TTL: tombstones to send, and gone from memory + store.
+
+        ``farewell(devices)``, called before they go, returns ``(topic, key, value, headers)``
+        records to send with the tombstones (the close events of their open alerts)."""
         ttl = self.settings.device_ttl_s
         if ttl <= 0:
             return []
         idle = table.idle_devices(now - ttl)
         out: list[ChangelogRecord] = []
+        if farewell is not None and idle:
+            out.extend((topic, key, value, headers, None) for topic, key, value, headers in farewell(idle))
         for dev in idle:
             partition = int(table.partition[table.index[dev]])
             key, value, part = tombstone(dev, partition)

@@ -68,8 +68,9 @@ def surprise(likelihood: np.ndarray) -> np.ndarray:
 def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str, np.ndarray]:
     """Per-row scores from one recording's forecasts, aligned by ``ts``: ``anomaly_score``,
     ``drift_score``, ``raw`` (their max; NaN where both are), ``alert`` (the likelihood's
-    :func:`surprise`) and ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
-    forecast was published).
+    :func:`surprise`), ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
+    forecast was published) and ``alert_peak`` (at each opening row, the surprise of that
+    alert's peak likelihood; NaN elsewhere).
 
     >>> a = nab_inputs(np.array([0.0, 60.0, 120.0, 180.0]),
     ...                [{"ts": 60.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": True,
@@ -80,11 +81,15 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
     ...                  "anomaly_likelihood": 0.5}], hold_s=3600.0)
     >>> a["raw"].tolist(), a["shipped"].tolist(), a["alert"].round(3).tolist()
     ([nan, 2.0, 9.0, 1.0], [nan, 1.0, 0.0, 0.0], [nan, 5.0, 6.0, 0.301])
+    >>> a["alert_peak"].round(3).tolist()
+    [nan, 6.0, nan, nan]
     """
     pos = {t: i for i, t in enumerate(ts.tolist())}
-    out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert", "shipped")}
+    out = {k: np.full(len(ts), np.nan)
+           for k in ("anomaly_score", "drift_score", "alert", "shipped", "alert_peak")}
     state = alerts.initial_state()[None]
     nothing = np.zeros(1)
+    opened_at = -1
     for f in sorted(forecasts, key=lambda f: f["ts"]):
         i = pos.get(f["ts"])
         if i is None:
@@ -99,12 +104,31 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
             state, ts=np.array([f["ts"]]), flagged=np.array([bool(f.get("is_anomaly"))]),
             lik=np.array([f.get("anomaly_likelihood") or 0.0]), value=nothing, low=nothing,
             high=nothing, hold_s=hold_s)
+        if len(closed):
+            out["alert_peak"][opened_at] = surprise(state[0, alerts.PEAK])
         alerts.clear(state, closed)
         out["shipped"][i] = float(len(opened) > 0)
+        opened_at = i if len(opened) else opened_at
+    if alerts.is_open(state)[0]:  # still open at the end of the recording
+        out["alert_peak"][opened_at] = surprise(state[0, alerts.PEAK])
     out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
     for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
         out[k] = np.where(out[k] == np.inf, np.finfo(np.float64).max, out[k])
     return out
+
+
+def windows_in_top_alerts(ts: np.ndarray, alert_peak: np.ndarray, windows: list[tuple[float, float]],
+                          top: int = 10) -> int:
+    """How many of ``windows`` hold the start of one of the ``top`` alerts with the highest
+    peaks: what an operator who looks at a recording's ten worst alerts would have found.
+
+    >>> windows_in_top_alerts(np.arange(6.0), np.array([9, np.nan, 1, np.nan, 5, 7.0]),
+    ...                       [(0.0, 1.0), (2.0, 3.0), (4.0, 5.0)], top=2)
+    2
+    """
+    rows = np.flatnonzero(np.isfinite(alert_peak))
+    best = rows[np.argsort(-alert_peak[rows], kind="stable")[:top]]
+    return sum(any(start <= ts[r] <= end for r in best) for start, end in windows)
 
 
 def _corpus(c: nab.CorpusScore) -> dict[str, Any]:
@@ -167,6 +191,12 @@ def print_nab_table(report: dict[str, Any], shipped_rate: float | None = None) -
               f"{by['standard']['threshold']:.3g} ({others})")
     print("published detectors, standard profile, the same 19 files (NAB's own result files, each "
           "at its best threshold): " + ", ".join(f"{k} {v}" for k, v in report["published"].items()))
+    recs = report.get("recordings", {})
+    if recs:  # an operator's view: the windows among each recording's ten highest-peaked alerts
+        found = {n: r["windows_in_top10_alerts"] for n, r in recs.items()}
+        print(f"windows among each recording's top-10 alerts: {sum(found.values())} of "
+              f"{sum(r['windows'] for r in recs.values())}; " + ", ".join(
+                  f"{n} {k} of {recs[n]['windows']}" for n, k in found.items() if "temperature" in n))
 
 
 def plot_nab(out: Path, name: str, rec: Mapping[str, Any], threshold: float,
@@ -273,7 +303,9 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
                "bootstrap_servers": bootstrap, "limit": args.limit,
                "recordings": {n: {"rows": len(r["ts"]), "forecasts_read": len(forecasts.get(n, [])),
                                   "windows": len(r["windows"]),
-                                  "probation": nab.probation_length(len(r["ts"]))}
+                                  "probation": nab.probation_length(len(r["ts"])),
+                                  "windows_in_top10_alerts": windows_in_top_alerts(
+                                      r["ts"], r["alert_peak"], r["windows"])}
                               for n, r in recordings.items()},
                "plots": []}
     from stream_lstm.tools.evaluate import plots_available
