@@ -117,6 +117,34 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
     return out
 
 
+# Surprise thresholds the alert events are swept over: false-alarm rates 1e-2 to 1e-6.
+EVENT_THRESHOLDS = np.arange(2.0, 6.01, 0.25)
+
+
+def openings(ts: np.ndarray, alert: np.ndarray, hold_s: float,
+             thresholds: np.ndarray = EVENT_THRESHOLDS) -> np.ndarray:
+    """``[len(thresholds), rows]``: 1.0 where an alert opens when readings are flagged at
+    ``alert >= threshold`` (NaN where there is no forecast), as alerts.py opens them: the
+    alert events a pager would have received at each threshold.
+
+    >>> openings(np.arange(4) * 600.0, np.array([np.nan, 5.0, 3.0, 5.0]), 500.0,
+    ...          np.array([2.0, 4.0])).tolist()
+    [[nan, 1.0, 0.0, 0.0], [nan, 1.0, 0.0, 1.0]]
+    """
+    k = len(thresholds)
+    state = np.tile(alerts.initial_state(), (k, 1))
+    out = np.full((k, len(ts)), np.nan)
+    nothing = np.zeros(k)
+    for i in np.flatnonzero(np.isfinite(alert)).tolist():
+        opened, closed = alerts.step(state, ts=np.full(k, ts[i]), flagged=alert[i] >= thresholds,
+                                     lik=np.full(k, alert[i]), value=nothing, low=nothing,
+                                     high=nothing, hold_s=hold_s)
+        alerts.clear(state, closed)
+        out[:, i] = 0.0
+        out[opened, i] = 1.0
+    return out
+
+
 def windows_in_top_alerts(ts: np.ndarray, alert_peak: np.ndarray, windows: list[tuple[float, float]],
                           top: int = 10) -> int:
     """How many of ``windows`` hold the start of one of the ``top`` alerts with the highest
@@ -136,7 +164,7 @@ def _corpus(c: nab.CorpusScore) -> dict[str, Any]:
             "perfect": c.perfect, "files": {n: dataclasses.asdict(f) for n, f in c.files.items()}}
 
 
-def nab_report(recordings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def nab_report(recordings: Mapping[str, Mapping[str, Any]], hold_s: float = 3600.0) -> dict[str, Any]:
     """The NAB scores of a corpus: the shipped alerts and the swept scores, under every profile.
 
     Parameters
@@ -146,22 +174,34 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         the rows' timestamps, NAB's ``(start, end)`` windows, and per-row arrays as from
         :func:`nab_inputs` (NaN: no forecast, never a detection).
 
+    hold_s
+        The alerts' hold time, for the alert events swept over :data:`EVENT_THRESHOLDS`.
+
     Returns
     -------
-    ``{"shipped": {profile: corpus}, "swept": {score: {profile: corpus}}, "published": ...}``,
+    ``{"shipped": {profile: corpus}, "swept": {score: {profile: corpus}},
+    "swept_events": {profile: corpus}, "published": ...}`` (``swept_events``: alert events
+    opened at the best surprise threshold, which is its ``threshold``),
     each *corpus* with its normalised ``score``, ``threshold``, ``raw``, ``null``, ``perfect``
     and per-file :class:`~stream_lstm.tools.nab.FileScore` fields under ``files``.
     """
     def files(key: str) -> dict[str, tuple]:
         return {n: (r["ts"], r[key], r["windows"]) for n, r in recordings.items()}
 
-    report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}}
+    report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}, "swept_events": {}}
+    opens = {n: openings(r["ts"], r["alert"], hold_s) for n, r in recordings.items()}
     for name in PROFILE_NAMES:
         profile = nab.PROFILES[name]
         report["shipped"][name] = _corpus(nab.score_corpus(files("shipped"), profile, 1.0))
         for key in SCORES:
             _, corpus = nab.optimise_threshold(files(key), profile)
             report["swept"][key][name] = _corpus(corpus)
+        by_threshold = [nab.score_corpus({n: (r["ts"], opens[n][j], r["windows"])
+                                          for n, r in recordings.items()}, profile, 1.0)
+                        for j in range(len(EVENT_THRESHOLDS))]
+        best = max(range(len(by_threshold)), key=lambda j: (by_threshold[j].score, j))
+        report["swept_events"][name] = _corpus(by_threshold[best]) | {
+            "threshold": float(EVENT_THRESHOLDS[best])}
     report["published"] = dict(PUBLISHED)
     return report
 
@@ -180,6 +220,12 @@ def print_nab_table(report: dict[str, Any], shipped_rate: float | None = None) -
                                     if shipped_rate is not None else "")
     others = ", ".join(f"{p} {report['shipped'][p]['score']:.1f}" for p in PROFILE_NAMES[1:])
     print(f"NAB score, shipped alerts ({flag}): standard {shipped['score']:.1f} ({others})")
+    if "swept_events" in report:
+        by = report["swept_events"]
+        print("NAB score, swept alert events (opened at surprise >= t, false-alarm rate 10^-t): "
+              f"standard {by['standard']['score']:.1f} at t = {by['standard']['threshold']:.2f} ("
+              + ", ".join(f"{p} {by[p]['score']:.1f} at {by[p]['threshold']:.2f}"
+                          for p in PROFILE_NAMES[1:]) + ")")
     for key, label in (("alert", "swept alert score -log10(1 - anomaly_likelihood)"),
                        ("raw", "swept raw score max(anomaly_score, drift_score)"),
                        ("anomaly_score", "swept anomaly_score alone"),
@@ -292,7 +338,7 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
                   | nab_inputs(ts, forecasts.get(n, []), settings.alert_hold_s)
                   for n, (ts, x) in series.items()}
     try:
-        report = nab_report(recordings)
+        report = nab_report(recordings, settings.alert_hold_s)
     except ValueError as exc:  # e.g. --limit left no scored window in the whole corpus
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

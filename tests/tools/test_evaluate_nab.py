@@ -103,6 +103,10 @@ def test_nab_table_by_hand(capsys):
     assert "swept alert score -log10(1 - anomaly_likelihood): standard 50.0 at threshold 5" in out
     assert "swept raw score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
     assert "ARTime 72.6" in out
+    # Alert events swept: a's opening (surprise 5) alone is best, as for the swept rows.
+    events = report["swept_events"]["standard"]
+    assert events["score"] == pytest.approx(50.0) and 4.0 < events["threshold"] <= 5.0
+    assert "NAB score, swept alert events" in out
 
 
 def test_clip_windows_keeps_a_window_cut_by_the_limit():
@@ -136,6 +140,9 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         assert np.isfinite(report["shipped"][profile]["score"])
         assert np.isfinite(report["swept"]["alert"][profile]["score"])
     assert report["published"]["ARTime"] == 72.6
+    for name, rec in report["recordings"].items():
+        assert 0 <= rec["windows_in_top10_alerts"] <= rec["windows"], name
+    assert np.isfinite(report["swept_events"]["standard"]["score"])
     out = capsys.readouterr().out
     assert "NAB score, shipped alerts" in out and "elb_request_count_8c0756" in out
 
