@@ -32,6 +32,11 @@ Running statistics use ``a = max(1 / n, 1 / LONG_RUN)``: a plain mean until ``n`
 days of 5-minute readings. Because the statistics are of the run ``r`` itself, a device's
 autocorrelated scores are inside its model rather than a source of false alarms.
 
+A device has two such channels (:func:`judge`): its scores, and its level's distance from
+its own long-run mean, which catches a value far outside anything the device has shown even
+when the forecaster followed it there step by step. The rarer of the two decides, its tail
+doubled (Bonferroni) so that the stated rate still holds.
+
 The likelihood is computed against the model *before* it learns from the reading, and only
 once the device has ``WARMUP`` scored readings (NaN before). A reading is flagged when
 ``1 - likelihood <= false_alarm_rate``: on a device whose scores behave as they did, that is
