@@ -5,6 +5,8 @@
   local store (``--quick`` restores 25k and reports ``restore_s_25k``).
 * ``retrain_ratio``: in-process pipeline throughput while a background retrain runs / without.
 * ``experts_ratio``: in-process pipeline throughput with the per-device experts / without.
+* ``alerts_ratio``: in-process pipeline throughput with the anomaly likelihood and alert events
+  / with that stage judging nothing; ``alerts_state_bytes``: what its state adds to a snapshot.
 * ``swap_pause_ms``: inference pause of a hot-swap with re-warm, at 10k devices.
 * ``p50_ms`` / ``p99_ms``: produce-to-forecast latency at about half the sustained rate, with
   the p99 bounds of the worker's own batch, commit and inference histograms over the same run.
@@ -173,6 +175,37 @@ def bench_experts(settings: Any, topic: str, messages: int, result: dict, quick:
     return {"experts_ratio": round(ratio, 3)}
 
 
+def bench_alerts(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    """In-process pipeline throughput with the likelihood and alert stage, against the same
+    pipeline whose stage judges nothing (swapped in for this measurement only)."""
+    from stream_lstm import alerts, likelihood
+    from stream_lstm.checkpointing.codec import encode_snapshot
+
+    def judges_nothing(batch: Any, fb: Any, table: Any, **_: Any) -> list:
+        fb.anomaly_likelihood = np.full(len(batch), np.nan)
+        fb.is_anomaly = np.zeros(len(batch), bool)
+        return []
+
+    devices, rates, real = 10_000, {}, alerts.judge
+    for name, stage in (("without", judges_nothing), ("with", real)):
+        alerts.judge = stage
+        try:
+            _, table, _, _, pipe, records = _pipeline_fixture(devices)
+            _rate(pipe, records, range(5))
+            rates[name] = _rate(pipe, records, range(5, 8 if quick else 15))
+        finally:
+            alerts.judge = real
+    snap = table.snapshot(next(iter(table.index.values())))
+    full = len(encode_snapshot(snap))
+    for key in likelihood.FIELDS:
+        snap.extra.pop(key)
+    ratio = rates["with"] / rates["without"]
+    _say(f"alerts: pipeline {rates['without']:,.0f} msgs/s without the likelihood stage, "
+         f"{rates['with']:,.0f} with ({devices:,} devices) -> alerts_ratio {ratio:.2f}; "
+         f"+{full - len(encode_snapshot(snap))} B a snapshot")
+    return {"alerts_ratio": round(ratio, 3), "alerts_state_bytes": full - len(encode_snapshot(snap))}
+
+
 def _spec(s: Any):
     from stream_lstm.models.lstm import ModelSpec
 
@@ -282,4 +315,4 @@ def _p99_bound(before: dict, after: dict, name: str) -> float:
                 math.inf)
 
 
-BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_experts, bench_latency]
+BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_experts, bench_alerts, bench_latency]
