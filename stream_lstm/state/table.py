@@ -3,8 +3,10 @@
 The LSTM state of all devices lives in two preallocated tensors ``h`` and ``c`` of shape
 ``[num_layers, capacity, hidden]`` on the compute device (the GPU when there is one), so a
 batch gathers and scatters rows instead of moving per-device objects. Everything else
-(normalizer statistics, rolling window, timestamps) lives in numpy arrays indexed by the
-same slot. Capacity doubles when needed, up to ``max_devices``; beyond that the least
+lives in numpy arrays indexed by the same slot: the normalizer statistics, the rolling
+window, the experts, and the columns declared in state/columns.py (timestamps, the forecast
+corrections, the anomaly likelihood, the open alert), which the table grows, clears,
+snapshots and restores from their declarations alone. Capacity doubles when needed, up to ``max_devices``; beyond that the least
 recently seen device leaves memory (the caller decides where its snapshot goes).
 
 >>> import numpy as np
@@ -24,16 +26,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from stream_lstm import alerts, experts, likelihood
+from stream_lstm import experts
+from stream_lstm.state.columns import COLUMNS, HORIZON, Column
 from stream_lstm.state.normalizer import OnlineNormalizer
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
-
-_NAN = float("nan")
-# Snapshot extras holding the interval calibration and the blend with persistence (absent in
-# older snapshots: no correction, the model's change as it is).
-_LOG_M1, _LOG_MH = "interval_log_m1", "interval_log_mH"
-_BLEND_W1, _BLEND_WH, _PREV_CHANGE = "blend_w1", "blend_wH", "prev_change"
 
 
 class DeviceTable:
@@ -56,6 +53,9 @@ class DeviceTable:
     with_experts
         Hold the per-device one-step experts (4 KB a device, see experts.py). Without them,
         a restored device's expert state is dropped.
+    columns
+        The per-device numeric state (state/columns.py): each becomes ``table.<name>``, grown,
+        cleared, snapshotted and restored from its declaration alone.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class DeviceTable:
         on_evict: Callable[[DeviceSnapshot], None] | None = None,
         initial_capacity: int = 1024,
         with_experts: bool = True,
+        columns: tuple[Column, ...] = COLUMNS,
     ) -> None:
         self.max_devices = max_devices
         self.num_layers, self.hidden_size, self.n_features = num_layers, hidden_size, n_features
@@ -82,34 +83,14 @@ class DeviceTable:
         self.window = RollingWindow(cap, window, n_features)
         self.h = torch.zeros(num_layers, cap, hidden_size, device=self.device)
         self.c = torch.zeros(num_layers, cap, hidden_size, device=self.device)
-        self.last_ts = np.full(cap, _NAN)
-        self.step_s = np.full(cap, _NAN)
-        self.n_seen = np.zeros(cap, np.int64)
-        self.since_reset = np.zeros(cap, np.int64)
-        self.prev_mu = np.full(cap, _NAN, np.float64)
-        self.prev_sigma = np.full(cap, _NAN, np.float64)
-        # The H-step forecasts (location, scale b) of each device's last H readings, a ring
-        # indexed by reading count: what a reading's drift score compares it with. Its width
-        # follows the served model's horizon (see ensure_horizon); float32 is plenty for a score.
-        self.drift_mu = np.full((cap, 0), _NAN, np.float32)
-        self.drift_b = np.full((cap, 0), _NAN, np.float32)
-        self.drift_change = np.full((cap, 0), _NAN, np.float32)  # the model's own (normalized)
-        self.prev_change = np.full(cap, _NAN, np.float64)  # ... and its one-step one
-        # Weight of the model's change against persistence at h=1 and h=H (see forecast.py).
-        self.blend_w = np.ones((cap, 2), np.float64)
-        # Log of the factor applied to the model's scale b at h=1 and h=H, tracked per device
-        # so its intervals cover what they claim (see forecast.py).
-        self.interval_log_m = np.zeros((cap, 2), np.float64)
+        self.columns = columns
+        self.horizon = 0  # width of the HORIZON columns: the served model's (ensure_horizon)
+        for col in columns:
+            setattr(self, col.name, col.rows(cap, self.horizon))
         # The per-device one-step experts and their weights (see experts.py); no columns
         # when they are off.
         self.with_experts = with_experts
         self.experts = self._fresh_experts(cap)
-        # The model of each device's own scores behind its anomaly likelihood, and its open
-        # alert if any (see likelihood.py and alerts.py).
-        self.likelihood = np.tile(likelihood.initial_state(), (cap, 1))
-        self.alert = np.tile(alerts.initial_state(), (cap, 1))
-        self.partition = np.zeros(cap, np.int64)
-        self.last_seen = np.zeros(cap)
         self.model_version: list[str] = [""] * cap
         self.ids: list[str | None] = [None] * cap
         # device id -> slot, in least-recently-seen-first order (an LRU).
@@ -121,11 +102,13 @@ class DeviceTable:
         return len(self.index)
 
     def ensure_horizon(self, horizon: int) -> None:
-        """Size the drift ring for a model of ``horizon`` steps (emptied if it changes)."""
-        if self.drift_mu.shape[1] != horizon:
-            self.drift_mu = np.full((self.capacity, horizon), _NAN, np.float32)
-            self.drift_b = np.full((self.capacity, horizon), _NAN, np.float32)
-            self.drift_change = np.full((self.capacity, horizon), _NAN, np.float32)
+        """Size the per-step columns (the drift ring) for a model of ``horizon`` steps
+        (emptied if it changes)."""
+        if self.horizon != horizon:
+            self.horizon = horizon
+            for col in self.columns:
+                if col.width == HORIZON:
+                    setattr(self, col.name, col.rows(self.capacity, horizon))
 
     def _fresh_experts(self, n: int) -> np.ndarray:
         return experts.init_state(n) if self.with_experts else np.zeros((n, 0))
@@ -219,17 +202,9 @@ class DeviceTable:
         pad = torch.zeros(self.num_layers, extra, self.hidden_size, device=self.device)
         self.h = torch.cat([self.h, pad], dim=1)
         self.c = torch.cat([self.c, pad.clone()], dim=1)
-        for name, fill in (("last_ts", _NAN), ("step_s", _NAN), ("prev_mu", _NAN), ("prev_change", _NAN),
-                           ("prev_sigma", _NAN), ("n_seen", 0), ("since_reset", 0),
-                           ("partition", 0), ("last_seen", 0.0), ("drift_mu", _NAN),
-                           ("drift_b", _NAN), ("drift_change", _NAN), ("interval_log_m", 0.0),
-                           ("blend_w", 1.0)):
-            arr = getattr(self, name)
-            new_rows = np.full((extra, *arr.shape[1:]), fill, arr.dtype)
-            setattr(self, name, np.concatenate([arr, new_rows]))
+        for col in self.columns:
+            setattr(self, col.name, np.concatenate([getattr(self, col.name), col.rows(extra, self.horizon)]))
         self.experts = np.concatenate([self.experts, self._fresh_experts(extra)])
-        self.likelihood = np.concatenate([self.likelihood, np.tile(likelihood.initial_state(), (extra, 1))])
-        self.alert = np.concatenate([self.alert, np.tile(alerts.initial_state(), (extra, 1))])
         self.model_version.extend([""] * extra)
         self.ids.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -240,16 +215,9 @@ class DeviceTable:
         self.window.reset(s)
         self.h[:, slot] = 0.0
         self.c[:, slot] = 0.0
-        self.last_ts[slot] = self.step_s[slot] = _NAN
-        self.prev_mu[slot] = self.prev_sigma[slot] = _NAN
-        self.drift_mu[slot] = self.drift_b[slot] = self.drift_change[slot] = _NAN
-        self.prev_change[slot] = _NAN
-        self.interval_log_m[slot] = 0.0
-        self.blend_w[slot] = 1.0
+        for col in self.columns:
+            getattr(self, col.name)[slot] = col.rows(1, self.horizon)[0]
         self.experts[slot] = self._fresh_experts(1)[0]
-        self.likelihood[slot] = likelihood.initial_state()
-        self.alert[slot] = alerts.initial_state()
-        self.n_seen[slot] = self.since_reset[slot] = 0
         self.model_version[slot] = ""
 
     # ---- snapshots -------------------------------------------------------------------------
@@ -275,25 +243,21 @@ class DeviceTable:
         dev = self.ids[slot]
         assert dev is not None, f"slot {slot} is free"
         empty = np.zeros((0,), np.float32)
+        fields: dict = {}
+        extra: dict[str, float] = {}
+        for col in self.columns:
+            row = getattr(self, col.name)[slot]
+            if col.extra_keys:
+                extra.update(col.to_extra(row))
+            else:
+                fields[col.name] = row.copy() if row.ndim else row.item()
         return DeviceSnapshot(
-            device_id=dev, partition=int(self.partition[slot]), h=empty, c=empty,
+            device_id=dev, h=empty, c=empty,
             count=float(self.norm.count[slot]), mean=self.norm.mean[slot].copy(),
             var=self.norm.var[slot].copy(), window=self.window.ordered(slot),
-            last_ts=float(self.last_ts[slot]), step_s=float(self.step_s[slot]),
-            n_seen=int(self.n_seen[slot]), since_reset=int(self.since_reset[slot]),
-            prev_mu=float(self.prev_mu[slot]), prev_sigma=float(self.prev_sigma[slot]),
-            model_version=self.model_version[slot], last_seen=float(self.last_seen[slot]),
-            drift_mu=self.drift_mu[slot].copy(), drift_b=self.drift_b[slot].copy(),
-            drift_change=self.drift_change[slot].copy(),
+            model_version=self.model_version[slot],
             experts=experts.pack(self.experts[slot]) if self.with_experts else np.zeros(0),
-            extra={_LOG_M1: float(self.interval_log_m[slot, 0]),
-                   _LOG_MH: float(self.interval_log_m[slot, 1]),
-                   _BLEND_W1: float(self.blend_w[slot, 0]), _BLEND_WH: float(self.blend_w[slot, 1]),
-                   _PREV_CHANGE: float(self.prev_change[slot]),
-                   **dict(zip(likelihood.FIELDS, self.likelihood[slot].tolist(), strict=True)),
-                   # An alert's fields travel only while it is open: most devices have none.
-                   **(dict(zip(alerts.FIELDS, self.alert[slot].tolist(), strict=True))
-                      if np.isfinite(self.alert[slot, alerts.SINCE]) else {})},
+            extra=extra, **fields,
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
@@ -311,28 +275,26 @@ class DeviceTable:
             self.c[:, slot] = torch.from_numpy(snap.c).to(self.device)
         # else: the model's shape changed since the snapshot; h/c stay zero and the caller
         # re-warms the device from its window.
-        self.partition[slot] = snap.partition
         self.norm.count[slot] = snap.count
         self.norm.mean[slot] = snap.mean
         self.norm.var[slot] = snap.var
         self.window.load(slot, snap.window)
-        self.last_ts[slot], self.step_s[slot] = snap.last_ts, snap.step_s
-        self.n_seen[slot], self.since_reset[slot] = snap.n_seen, snap.since_reset
-        self.prev_mu[slot], self.prev_sigma[slot] = snap.prev_mu, snap.prev_sigma
-        if self.drift_mu.shape[1] == 0 and len(snap.drift_mu):
-            self.ensure_horizon(len(snap.drift_mu))
-        if len(snap.drift_mu) == self.drift_mu.shape[1]:  # else the horizon changed: no drift score for H readings
-            self.drift_mu[slot], self.drift_b[slot] = snap.drift_mu, snap.drift_b
-            self.drift_change[slot] = snap.drift_change
-        self.interval_log_m[slot] = snap.extra.get(_LOG_M1, 0.0), snap.extra.get(_LOG_MH, 0.0)
-        self.blend_w[slot] = snap.extra.get(_BLEND_W1, 1.0), snap.extra.get(_BLEND_WH, 1.0)
-        self.prev_change[slot] = snap.extra.get(_PREV_CHANGE, _NAN)
-        # Older snapshots have neither: the device learns its scores afresh, with no alert open.
-        self.likelihood[slot] = [snap.extra.get(k, 0.0) for k in likelihood.FIELDS]
-        self.alert[slot] = [snap.extra.get(k, _NAN) for k in alerts.FIELDS]
+        ring = len(snap.drift_mu)
+        if self.horizon == 0 and ring:
+            self.ensure_horizon(ring)
+        for col in self.columns:
+            table = getattr(self, col.name)
+            if col.extra_keys:  # absent from an older snapshot: the column's fill
+                table[slot] = col.from_extra(snap.extra)
+            elif col.width == HORIZON:
+                # Another horizon than the served model's: no drift score for H readings.
+                table[slot] = getattr(snap, col.name) if ring == self.horizon else col.rows(1, self.horizon)[0]
+            elif col.keep_newer:
+                table[slot] = max(table[slot], getattr(snap, col.name))
+            else:
+                table[slot] = getattr(snap, col.name)
         # A snapshot from before the experts (or with another layout) starts them afresh.
         if self.with_experts:
             fresh = snap.experts.shape != (experts.PACKED_SIZE,)
             self.experts[slot] = self._fresh_experts(1)[0] if fresh else experts.unpack(snap.experts)
         self.model_version[slot] = snap.model_version if compatible else ""
-        self.last_seen[slot] = max(self.last_seen[slot], snap.last_seen)

@@ -124,3 +124,28 @@ def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_c
     t.drop(["open"])
     (c,) = t.slots_for(["new"], partitions=[0], now=1.0)
     assert not alerts.is_open(t.alert[[c]])[0] and not t.likelihood[c].any()
+
+
+def test_a_newly_declared_column_survives_growth_eviction_the_codec_and_restore_with_no_other_edit():
+    from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+    from stream_lstm.state.columns import COLUMNS, Column
+
+    gain = Column("gain", width=3, fill=0.5, extra_keys=("gain_a", "gain_b", "gain_c"))
+    evicted = []
+    t = DeviceTable(max_devices=2, window=3, n_features=1, num_layers=1, hidden_size=2,
+                    initial_capacity=1, on_evict=lambda s: evicted.append(decode_snapshot(encode_snapshot(s))),
+                    columns=(*COLUMNS, gain))
+    (a,) = t.slots_for(["a"], [0], now=1.0)
+    t.gain[a] = [1.0, 2.0, 3.0]
+    t.slots_for(["b"], [0], now=2.0)  # grows from 1 slot to 2
+    assert t.capacity == 2 and t.gain[a].tolist() == [1.0, 2.0, 3.0]
+    t.slots_for(["c"], [0], now=3.0)  # evicts a, through the codec
+    assert evicted[0].extra["gain_b"] == 2.0
+    assert t.gain[t.index["c"]].tolist() == [0.5, 0.5, 0.5]  # a new device starts at the fill
+    t.slots_for(["a"], [0], now=4.0, load=lambda dev: evicted[0] if dev == "a" else None)
+    assert t.gain[t.index["a"]].tolist() == [1.0, 2.0, 3.0]
+    # A snapshot from before the column existed restores to the fill.
+    plain = DeviceTable(max_devices=2, window=3, n_features=1, num_layers=1, hidden_size=2)
+    (p,) = plain.slots_for(["old"], [0], now=1.0)
+    slot = t.restore(plain.snapshot(p))
+    assert t.gain[slot].tolist() == [0.5, 0.5, 0.5]
