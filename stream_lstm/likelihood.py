@@ -32,10 +32,11 @@ Running statistics use ``a = max(1 / n, 1 / LONG_RUN)``: a plain mean until ``n`
 days of 5-minute readings. Because the statistics are of the run ``r`` itself, a device's
 autocorrelated scores are inside its model rather than a source of false alarms.
 
-A device has two such channels (:func:`judge`): its scores, and its level's distance from
-its own long-run mean, which catches a value far outside anything the device has shown even
-when the forecaster followed it there step by step. The rarer of the two decides, its tail
-doubled (Bonferroni) so that the stated rate still holds.
+A device has three such channels (:func:`judge`): its scores; its level's distance from its
+own long-run mean, which catches a value far outside anything the device has shown even
+when the forecaster followed it there step by step; and the size of its steps, which
+catches a device that moves more, or more often, than it used to. The rarest decides, its
+tail multiplied by three (Bonferroni) so that the stated rate still holds.
 
 The likelihood is computed against the model *before* it learns from the reading, and only
 once the device has ``WARMUP`` scored readings (NaN before). A reading is flagged when
@@ -76,14 +77,14 @@ EVIDENCE_CAP = 1e4
 # of excesses over the threshold, their mean and variance, and how many there were.
 CHANNEL_FIELDS = ("run", "mean", "var", "n", "p", "xmean", "xvar", "xn")
 RUN, MEAN, VAR, COUNT, RATE, XMEAN, XVAR, XCOUNT = range(len(CHANNEL_FIELDS))
-# A device's columns, in the table and in its snapshot: the channel of its scores, the
-# channel of its level, and the level's long-run mean, variance and count.
-CHANNELS = ("score", "level")
+# A device's columns, in the table and in its snapshot: the channels of its scores, its level
+# and its steps, then the level's long-run mean, variance and count, and the last reading.
+CHANNELS = ("score", "level", "step")
 FIELDS = (*(f"lik_{c}_{f}" for c in CHANNELS for f in CHANNEL_FIELDS),
-          "lik_value_mean", "lik_value_var", "lik_value_n")
-SCORE = slice(0, len(CHANNEL_FIELDS))
-LEVEL = slice(len(CHANNEL_FIELDS), 2 * len(CHANNEL_FIELDS))
-LEVEL_MU, LEVEL_VAR, LEVEL_N = range(2 * len(CHANNEL_FIELDS), len(FIELDS))
+          "lik_value_mean", "lik_value_var", "lik_value_n", "lik_value_prev")
+SCORE, LEVEL, STEP = (slice(i * len(CHANNEL_FIELDS), (i + 1) * len(CHANNEL_FIELDS))
+                      for i in range(len(CHANNELS)))
+LEVEL_MU, LEVEL_VAR, LEVEL_N, PREVIOUS = range(len(CHANNELS) * len(CHANNEL_FIELDS), len(FIELDS))
 
 
 def initial_state() -> np.ndarray:
@@ -92,15 +93,18 @@ def initial_state() -> np.ndarray:
 
 
 def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """One reading per row: its anomaly likelihood from both channels (state in place).
+    """One reading per row: its anomaly likelihood from all channels (state in place).
 
     The *score* channel is the run of ``score`` (``max(anomaly_score, drift_score)``). The
     *level* channel is the run of ``|value - m| / s``, the reading's distance from the
     device's own long-run mean ``m`` in its long-run standard deviations ``s`` (weight
     ``LEVEL_RATE``): a value far outside anything the device has shown for days, which a
-    forecaster that follows the value step by step scores as ordinary. The reading is as
-    unlikely as the rarer of the two, and the tail is doubled (Bonferroni), so that
-    ``1 - likelihood <= rate`` still flags at most ``rate`` of ordinary readings.
+    forecaster that follows the value step by step scores as ordinary. The *step* channel
+    is the run of ``|value - previous value|``: a device whose readings move more, or more
+    often, than they used to (denser bursts, a noisier sensor), even where each move is
+    forecast well enough. The reading is as unlikely as the rarest of the three, its tail
+    multiplied by three (Bonferroni), so that ``1 - likelihood <= rate`` still flags at most
+    ``rate`` of ordinary readings.
 
     Parameters
     ----------
@@ -121,9 +125,12 @@ def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray
     # knows little, cannot swamp the channel's model with distances in the thousands.
     spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
     level = np.where((n >= 1) & np.isfinite(score), np.abs(value - mu) / spread, np.nan)
+    step = np.where(np.isfinite(score), np.abs(value - state[:, PREVIOUS]), np.nan)
+    state[:, PREVIOUS] = value
     tail_score = 1.0 - update(state[:, SCORE], score)
-    tail_level = 1.0 - update(state[:, LEVEL], level)
-    tail = np.minimum(1.0, 2.0 * np.fmin(tail_score, tail_level))
+    tails = np.fmin(tail_score, np.fmin(1.0 - update(state[:, LEVEL], level),
+                                        1.0 - update(state[:, STEP], step)))
+    tail = np.minimum(1.0, len(CHANNELS) * tails)
     return np.where(np.isfinite(tail_score), 1.0 - tail, np.nan)
 
 
