@@ -62,7 +62,7 @@ def test_the_level_channel_sees_a_value_far_outside_the_device_history_that_scor
     assert 1 - likelihood.judge(state, np.array([1.0]), np.array([35.0]))[0] < 1e-4
 
 
-def test_both_channels_together_flag_no_more_than_the_stated_rate_on_noise():
+def test_all_channels_together_flag_no_more_than_the_stated_rate_on_noise():
     rng = np.random.default_rng(5)
     state = np.tile(likelihood.initial_state(), (len(SCALES), 1))
     liks = np.array([likelihood.judge(state, rng.exponential(1.0, len(SCALES)),
