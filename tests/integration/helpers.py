@@ -9,8 +9,10 @@ import uuid
 import numpy as np
 import torch
 
+from stream_lstm import experts
 from stream_lstm.config import Settings
 from stream_lstm.encoding import encode_reading
+from stream_lstm.forecast import interval_quantile
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
@@ -58,21 +60,52 @@ def forecasts_by_device(records) -> dict[str, list[dict]]:
     return out
 
 
-def offline_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings):
-    """The same model over one device's full history in one sequence: (forecast, mu, scale)."""
+def served_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings):
+    """What the worker publishes for one device's whole history, computed in one uninterrupted
+    pass of the recursions forecast.py documents (the model's change, the blend with
+    persistence, the interval calibration and the one-step experts), with the default
+    settings or any others: ``(forecast [T, H], scale b [T, H], normalizer scale [T])``."""
+    s, H = settings, settings.horizon
     x = np.asarray(x, np.float64).reshape(len(x), -1)
-    z, mean, scale = normalize_sequence(x, settings.normalizer, settings.normalizer_alpha,
-                                        settings.std_floor)
+    z, mean, scale = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
+    t_ch = s.target_channel
+    x, mean, scale = x[:, t_ch], mean[:, t_ch], scale[:, t_ch]
     with torch.no_grad():
-        mu, _, _ = model(torch.from_numpy(z)[None])
+        mu, log_b, _ = model(torch.from_numpy(z)[None])
     mu = mu[0].double().numpy()
-    t = settings.target_channel
-    return x[:, t, None] + scale[:, t, None] * mu, mu, scale[:, t]
+    b_model = np.exp(log_b[0].double().numpy()) * scale[:, None]
+    q, miss_rate = interval_quantile(s.interval_coverage), 1 - s.interval_coverage
+    along = np.arange(H) / max(H - 1, 1)
+    w, log_m = np.ones(2), np.zeros(2)
+    state = experts.init_state(1) if s.expert_rate else None
+    f, blended, b = np.zeros_like(mu), np.zeros_like(mu), np.zeros_like(mu)
+    for t in range(len(x)):
+        scored_1 = t >= 1 and t + 1 > s.anomaly_warmup
+        for col, k, scored in ((0, 1, scored_1), (1, H, t + 1 > s.anomaly_warmup + H)):
+            if scored:  # the blend learns from its own forecast, the calibration from the published one
+                w[col] = np.clip(w[col] + s.blend_rate * np.sign(x[t] - blended[t - k, k - 1])
+                                 * mu[t - k, k - 1], 0, 1)
+                miss = abs(x[t] - f[t - k, k - 1]) > q * b[t - k, k - 1]
+                log_m[col] += s.interval_adapt_rate * (miss - miss_rate)
+        blended[t] = x[t] + scale[t] * mu[t] * (w[0] + along * (w[1] - w[0]))
+        f[t] = blended[t]
+        if state is not None:
+            one = experts.step(state, np.array([scored_1]), x[t : t + 1], mean[t : t + 1],
+                               scale[t : t + 1], mu[t : t + 1, 0], blended[t : t + 1, 0],
+                               rate=s.expert_rate)
+            f[t] += (one[0] - blended[t, 0]) * (1 - along)
+        b[t] = b_model[t] * np.exp(log_m[0] + along * (log_m[1] - log_m[0]))
+    return f, b, scale
+
+
+# Published forecasts against served_forecasts, in the device's normalized units: the experts'
+# float64 recursions agree to about 1e-9 here; 1e-5 leaves room for float32 h/c.
+ATOL_NORMALIZED = 1e-5
 
 
 def assert_exactly_once_and_continuous(records, history: dict[str, list[float]], model, settings, log_text=""):
-    """Each reading has exactly one forecast, and each device's forecasts equal the same model
-    run offline over its whole history in one sequence (within 1e-5, normalized units)."""
+    """Each reading has exactly one forecast, and each device's forecasts equal what an
+    uninterrupted worker publishes (served_forecasts, within ATOL_NORMALIZED)."""
     fcs = [json.loads(r.value) for r in records]
     keys = [(f["partition"], f["offset"]) for f in fcs]
     assert len(keys) == len(set(keys)), "a forecast was published twice"
@@ -84,7 +117,7 @@ def assert_exactly_once_and_continuous(records, history: dict[str, list[float]],
     for dev, xs in history.items():
         got = sorted(by_dev[dev], key=lambda f: f["ts"])
         x = np.array(xs)
-        _, mu_ref, scale = offline_forecasts(model, x, settings)
+        ref, _, scale = served_forecasts(model, x, settings)
         fc = np.array([f["forecast"] for f in got])
-        np.testing.assert_allclose((fc - x[:, None]) / scale[:, None], mu_ref, atol=1e-5, err_msg=dev)
+        np.testing.assert_allclose((fc - ref) / scale[:, None], 0.0, atol=ATOL_NORMALIZED, err_msg=dev)
     return by_dev

@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from stream_lstm import experts
 from stream_lstm.forecast import interval_quantile
 from stream_lstm.startup import fresh_model
-from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.worker import Worker
 
-from .helpers import produce_readings, read_topic
+from .helpers import produce_readings, read_topic, served_forecasts
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -38,36 +36,6 @@ def fleet(start: int, stop: int):
             if dev == "shift" and k >= 160:
                 value += 2.0 * (k - 160)  # a sustained departure, each step a small surprise
             yield dev, T0 + 60.0 * k, value
-
-
-def served_forecasts(model, x, s):
-    """Forecasts and calibrated scales of one device's whole history, in one uninterrupted
-    pass of the recursions forecast.py documents (blend with persistence, calibration, and
-    the one-step experts)."""
-    z, mean, scale = normalize_sequence(x[:, None], s.normalizer, s.normalizer_alpha, s.std_floor)
-    with torch.no_grad():
-        mu, log_b, _ = model(torch.from_numpy(z)[None])
-    mu = mu[0].double().numpy()
-    b_model = np.exp(log_b[0].double().numpy()) * scale
-    q, miss_rate = interval_quantile(s.interval_coverage), 1 - s.interval_coverage
-    along = np.arange(H) / (H - 1)
-    w, log_m, state = np.ones(2), np.zeros(2), experts.init_state(1)
-    f, blended, b = np.zeros_like(mu), np.zeros_like(mu), np.zeros_like(mu)
-    for t in range(len(x)):
-        scored_1 = t >= 1 and t + 1 > s.anomaly_warmup
-        for col, k, scored in ((0, 1, scored_1), (1, H, t + 1 > s.anomaly_warmup + H)):
-            if scored:  # the blend learns from its own forecast, the calibration from the published one
-                w[col] = np.clip(w[col] + s.blend_rate * np.sign(x[t] - blended[t - k, k - 1])
-                                 * mu[t - k, k - 1], 0, 1)
-                miss = abs(x[t] - f[t - k, k - 1]) > q * b[t - k, k - 1]
-                log_m[col] += s.interval_adapt_rate * (miss - miss_rate)
-        blended[t] = x[t] + scale[t, 0] * mu[t] * (w[0] + along * (w[1] - w[0]))
-        one = experts.step(state, np.array([scored_1]), x[t : t + 1], mean[t : t + 1, 0],
-                           scale[t : t + 1, 0], mu[t : t + 1, 0], blended[t : t + 1, 0],
-                           rate=s.expert_rate)
-        f[t] = blended[t] + (one[0] - blended[t, 0]) * (1 - along)
-        b[t] = b_model[t] * np.exp(log_m[0] + along * (log_m[1] - log_m[0]))
-    return f, b
 
 
 def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, topic_name):
@@ -107,7 +75,7 @@ def test_spikes_alert_once_and_drift_score_survives_restart(settings_factory, to
     # the documented recursions over each device's whole history gives what was published.
     for dev, recs in by_dev.items():
         x = np.array([f["value"] for f in recs])
-        forecast, b = served_forecasts(served.model, x, s)
+        forecast, b, _ = served_forecasts(served.model, x, s)
         np.testing.assert_allclose([f["forecast"] for f in recs], forecast, rtol=1e-5, err_msg=dev)
         width = np.array([np.subtract(f["upper"], f["lower"]) for f in recs])
         np.testing.assert_allclose(width, 2 * q * b, rtol=1e-4, err_msg=dev)

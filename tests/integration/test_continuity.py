@@ -12,7 +12,13 @@ import torch
 from stream_lstm.startup import fresh_model
 from stream_lstm.worker import Worker
 
-from .helpers import forecasts_by_device, offline_forecasts, produce_readings, read_topic
+from .helpers import (
+    ATOL_NORMALIZED,
+    forecasts_by_device,
+    produce_readings,
+    read_topic,
+    served_forecasts,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -38,7 +44,6 @@ def test_streamed_forecasts_equal_offline_sequence(settings_factory, topic_name,
         input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
         group_id=f"{topic_name}-g", processing_guarantee=guarantee, poll_max_records=23,
         min_history=1, window=16, hidden_size=16, horizon=4, metrics_port=0,
-        blend_rate=0.0, expert_rate=0.0,  # the model's own forecasts (blend, experts: test_alerts.py)
     )
     readings = fleet()
     produce_readings(s, topic_name, readings)
@@ -59,9 +64,7 @@ def test_streamed_forecasts_equal_offline_sequence(settings_factory, topic_name,
         fs = got[dev]
         assert [f["ts"] for f in fs] == [t for t, _ in hist]
         x = np.array([v for _, v in hist])
-        ref, mu_ref, scale = offline_forecasts(served.model, x, s)
+        ref, _, scale = served_forecasts(served.model, x, s)
         fc = np.array([f["forecast"] for f in fs])
-        mu = (fc - x[:, None]) / scale[:, None]
-        np.testing.assert_allclose(mu, mu_ref, atol=1e-5, err_msg=dev)
-        np.testing.assert_allclose(fc, ref, rtol=1e-6, atol=1e-5, err_msg=dev)
+        np.testing.assert_allclose((fc - ref) / scale[:, None], 0.0, atol=ATOL_NORMALIZED, err_msg=dev)
         assert all(f["model_version"] == served.version for f in fs)

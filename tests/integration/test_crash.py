@@ -60,8 +60,7 @@ def test_kill_9_five_times_then_finish(settings_factory, topic_name, tmp_path):
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
                          group_id=f"{topic_name}-g", window=16, hidden_size=16, horizon=3, min_history=1,
                          poll_max_records=40, processing_guarantee="exactly_once",
-                         model_path=tmp_path / "model.safetensors",
-                         blend_rate=0.0, expert_rate=0.0)  # the model's own forecasts (test_alerts.py)
+                         model_path=tmp_path / "model.safetensors")
     torch.manual_seed(5)
     served = fresh_model(s)
     save_model(served.model, served.spec, s.model_path, {"version": "v-crash"})

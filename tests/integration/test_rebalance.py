@@ -26,8 +26,7 @@ def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path)
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
                          group_id=f"{topic_name}-g", window=16, hidden_size=16, horizon=3, min_history=1,
                          poll_max_records=50, topic_partitions=6, session_timeout_ms=6000,
-                         model_path=tmp_path / "model.safetensors",
-                         blend_rate=0.0, expert_rate=0.0)  # the model's own forecasts (test_alerts.py)
+                         model_path=tmp_path / "model.safetensors")
     ensure_topics(s, [TopicSpec(topic_name, 6)])
     torch.manual_seed(9)
     served = fresh_model(s)
