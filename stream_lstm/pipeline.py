@@ -169,10 +169,12 @@ class BatchPipeline:
         h/c came from another model (saved under an older one, or still waiting after a swap),
         before its readings are applied."""
         index = self.table.index
-        if self.load is not None:
-            missing = {d: p for d, p in zip(ids, parts, strict=True) if d not in index}
-            if missing:
-                self.table.slots_for(list(missing), list(missing.values()), now, self.load)
+        if self.load is not None and any(d not in index for d in ids):
+            # Every device of the batch in one call, so all of them are pinned: loading the
+            # missing ones may evict, but never another device of this batch (which ingest
+            # would then load back without the re-warm below).
+            batch = dict(zip(ids, parts, strict=True))
+            self.table.slots_for(list(batch), list(batch.values()), now, self.load)
         if self.rewarm_loaded is not None:
             present = {index[d] for d in ids if d in index}
             self.rewarm_loaded(np.fromiter(present, np.int64, len(present)))
