@@ -120,7 +120,7 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     Returns ``(row, "open" | "close", alert state)`` per event, in reading order.
     """
     evidence = np.fmax(fb.anomaly_score, fb.drift_score)  # NaN only where neither was scored
-    lik = np.full(len(batch), np.nan)
+    lik, flagged = np.full(len(batch), np.nan), np.zeros(len(batch), bool)
     # The range of whichever forecast the reading departed from more: one-step or H-step.
     low_1, high_1, low_h, high_h = fb.expected_range()
     one_step = ~(np.nan_to_num(fb.drift_score, nan=-1.0) > np.nan_to_num(fb.anomaly_score, nan=-1.0))
@@ -132,15 +132,14 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
         state = table.likelihood[slots]
         lik[start:end] = likelihood.judge(state, evidence[start:end], batch.x_target[start:end])
         table.likelihood[slots] = state
-        flagged = (1.0 - np.nan_to_num(lik[start:end], nan=0.0)) <= false_alarm_rate
+        flagged[start:end] = (1.0 - np.nan_to_num(lik[start:end], nan=0.0)) <= false_alarm_rate
         alert = table.alert[slots]
-        opened, closed = step(alert, ts=ts[start:end], flagged=flagged, lik=lik[start:end],
+        opened, closed = step(alert, ts=ts[start:end], flagged=flagged[start:end], lik=lik[start:end],
                               value=batch.x_target[start:end], low=q_low[start:end],
                               high=q_high[start:end], hold_s=hold_s)
         for i in sorted([*opened.tolist(), *closed.tolist()]):
             events.append((start + i, "open" if i in opened else "close", alert[i].copy()))
         clear(alert, closed)
         table.alert[slots] = alert
-    fb.anomaly_likelihood = lik
-    fb.is_anomaly = (1.0 - np.nan_to_num(lik, nan=0.0)) <= false_alarm_rate
+    fb.anomaly_likelihood, fb.is_anomaly = lik, flagged
     return events
