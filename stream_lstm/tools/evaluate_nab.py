@@ -85,32 +85,21 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
     [nan, 6.0, nan, nan]
     """
     pos = {t: i for i, t in enumerate(ts.tolist())}
-    out = {k: np.full(len(ts), np.nan)
-           for k in ("anomaly_score", "drift_score", "alert", "shipped", "alert_peak")}
-    state = alerts.initial_state()[None]
-    nothing = np.zeros(1)
-    opened_at = -1
-    for f in sorted(forecasts, key=lambda f: f["ts"]):
+    out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert")}
+    published, flagged = np.zeros(len(ts), bool), np.zeros(len(ts), bool)
+    for f in forecasts:
         i = pos.get(f["ts"])
         if i is None:
             continue
+        published[i], flagged[i] = True, bool(f.get("is_anomaly"))
         for k in ("anomaly_score", "drift_score"):
             if f.get(k) is not None:
                 out[k][i] = f[k]
         if f.get("anomaly_likelihood") is not None:
             out["alert"][i] = surprise(np.array(f["anomaly_likelihood"]))
-        # Where the pager would have been called: the alert events, as the worker opens them.
-        opened, closed = alerts.step(
-            state, ts=np.array([f["ts"]]), flagged=np.array([bool(f.get("is_anomaly"))]),
-            lik=np.array([f.get("anomaly_likelihood") or 0.0]), value=nothing, low=nothing,
-            high=nothing, hold_s=hold_s)
-        if len(closed):
-            out["alert_peak"][opened_at] = surprise(state[0, alerts.PEAK])
-        alerts.clear(state, closed)
-        out["shipped"][i] = float(len(opened) > 0)
-        opened_at = i if len(opened) else opened_at
-    if alerts.is_open(state)[0]:  # still open at the end of the recording
-        out["alert_peak"][opened_at] = surprise(state[0, alerts.PEAK])
+    # Where the pager would have been called: the alert events, as the worker opens them.
+    opens, peaks = alert_events(ts, published, flagged[None], out["alert"], hold_s)
+    out["shipped"], out["alert_peak"] = opens[0], peaks[0]
     out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
     for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
         out[k] = np.where(out[k] == np.inf, np.finfo(np.float64).max, out[k])
@@ -121,28 +110,39 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
 EVENT_THRESHOLDS = np.arange(2.0, 6.01, 0.25)
 
 
-def openings(ts: np.ndarray, alert: np.ndarray, hold_s: float,
-             thresholds: np.ndarray = EVENT_THRESHOLDS) -> np.ndarray:
-    """``[len(thresholds), rows]``: 1.0 where an alert opens when readings are flagged at
-    ``alert >= threshold`` (NaN where there is no forecast), as alerts.py opens them: the
-    alert events a pager would have received at each threshold.
+def alert_events(ts: np.ndarray, published: np.ndarray, flags: np.ndarray, score: np.ndarray,
+                 hold_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The alert events of one recording, as alerts.py opens and closes them, for ``k`` ways
+    of flagging its readings at once.
 
-    >>> openings(np.arange(4) * 600.0, np.array([np.nan, 5.0, 3.0, 5.0]), 500.0,
-    ...          np.array([2.0, 4.0])).tolist()
-    [[nan, 1.0, 0.0, 0.0], [nan, 1.0, 0.0, 1.0]]
+    ``published [rows]``: rows with a forecast (the others are skipped); ``flags [k, rows]``:
+    the flagged readings; ``score [rows]``: what an alert's peak is measured in. Returns
+    ``opens [k, rows]`` (1.0 where an alert opens, 0.0 elsewhere, NaN where nothing was
+    published) and ``peaks [k, rows]`` (at each opening row, that alert's peak score).
+
+    >>> opens, peaks = alert_events(np.arange(4) * 600.0, np.array([False, True, True, True]),
+    ...                             np.array([[False, True, False, True]]),
+    ...                             np.array([np.nan, 5.0, 3.0, 6.0]), hold_s=500.0)
+    >>> opens.tolist(), peaks.tolist()
+    ([[nan, 1.0, 0.0, 1.0]], [[nan, 5.0, nan, 6.0]])
     """
-    k = len(thresholds)
+    k = len(flags)
     state = np.tile(alerts.initial_state(), (k, 1))
-    out = np.full((k, len(ts)), np.nan)
+    opens, peaks = np.full((k, len(ts)), np.nan), np.full((k, len(ts)), np.nan)
+    opened_at = np.zeros(k, np.int64)
     nothing = np.zeros(k)
-    for i in np.flatnonzero(np.isfinite(alert)).tolist():
-        opened, closed = alerts.step(state, ts=np.full(k, ts[i]), flagged=alert[i] >= thresholds,
-                                     lik=np.full(k, alert[i]), value=nothing, low=nothing,
+    for i in np.flatnonzero(published).tolist():
+        opened, closed = alerts.step(state, ts=np.full(k, ts[i]), flagged=flags[:, i],
+                                     lik=np.full(k, score[i]), value=nothing, low=nothing,
                                      high=nothing, hold_s=hold_s)
+        peaks[closed, opened_at[closed]] = state[closed, alerts.PEAK]
         alerts.clear(state, closed)
-        out[:, i] = 0.0
-        out[opened, i] = 1.0
-    return out
+        opens[:, i] = 0.0
+        opens[opened, i] = 1.0
+        opened_at[opened] = i
+    still = np.flatnonzero(alerts.is_open(state))  # open at the end of the recording
+    peaks[still, opened_at[still]] = state[still, alerts.PEAK]
+    return opens, peaks
 
 
 def windows_in_top_alerts(ts: np.ndarray, alert_peak: np.ndarray, windows: list[tuple[float, float]],
@@ -189,7 +189,10 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]], hold_s: float = 3600
         return {n: (r["ts"], r[key], r["windows"]) for n, r in recordings.items()}
 
     report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}, "swept_events": {}}
-    opens = {n: openings(r["ts"], r["alert"], hold_s) for n, r in recordings.items()}
+    # Alert events at each swept threshold (what a pager receives at each false-alarm rate).
+    opens = {n: alert_events(r["ts"], np.isfinite(r["shipped"]),
+                             r["alert"][None, :] >= EVENT_THRESHOLDS[:, None], r["alert"], hold_s)[0]
+             for n, r in recordings.items()}
     for name in PROFILE_NAMES:
         profile = nab.PROFILES[name]
         report["shipped"][name] = _corpus(nab.score_corpus(files("shipped"), profile, 1.0))
