@@ -65,8 +65,8 @@ class Column:
         return np.full((n, self.width) if self.width else (n,), self.fill, self.dtype)
 
     def is_fill(self, row: np.ndarray) -> bool:
-        fresh = self.rows(1, len(row) if self.width == HORIZON else 0)[0]
-        return bool(np.array_equal(row, fresh, equal_nan=True))
+        """Every element of ``row`` is the column's fill (NaN counts as equal to a NaN fill)."""
+        return bool(np.isnan(row).all() if np.isnan(self.fill) else (row == self.fill).all())
 
     def to_extra(self, row: np.ndarray) -> dict[str, float]:
         """A row as snapshot extras (nothing for a sparse column at its fill)."""

@@ -6,8 +6,9 @@ batch gathers and scatters rows instead of moving per-device objects. Everything
 lives in numpy arrays indexed by the same slot: the normalizer statistics, the rolling
 window, the experts, and the columns declared in state/columns.py (timestamps, the forecast
 corrections, the anomaly likelihood, the open alert), which the table grows, clears,
-snapshots and restores from their declarations alone. Capacity doubles when needed, up to ``max_devices``; beyond that the least
-recently seen device leaves memory (the caller decides where its snapshot goes).
+snapshots and restores from their declarations alone. Capacity doubles when needed, up to
+``max_devices``; beyond that the least recently seen device leaves memory (the caller
+decides where its snapshot goes).
 
 >>> import numpy as np
 >>> t = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
@@ -216,7 +217,7 @@ class DeviceTable:
         self.h[:, slot] = 0.0
         self.c[:, slot] = 0.0
         for col in self.columns:
-            getattr(self, col.name)[slot] = col.rows(1, self.horizon)[0]
+            getattr(self, col.name)[slot] = col.fill  # the scalar fills the whole row
         self.experts[slot] = self._fresh_experts(1)[0]
         self.model_version[slot] = ""
 
@@ -288,7 +289,7 @@ class DeviceTable:
                 table[slot] = col.from_extra(snap.extra)
             elif col.width == HORIZON:
                 # Another horizon than the served model's: no drift score for H readings.
-                table[slot] = getattr(snap, col.name) if ring == self.horizon else col.rows(1, self.horizon)[0]
+                table[slot] = getattr(snap, col.name) if ring == self.horizon else col.fill
             elif col.keep_newer:
                 table[slot] = max(table[slot], getattr(snap, col.name))
             else:
