@@ -31,10 +31,7 @@ def rss_mb():
 def test_flood_of_device_ids_keeps_memory_bounded(settings_factory, topic_name):
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
                          group_id=f"{topic_name}-g", window=8, hidden_size=8, horizon=2, min_history=1,
-                         max_devices=10_000, processing_guarantee="at_least_once",
-                         # Experts and blend off: 200k evictions with their 3.5 KB expert state
-                         # hung once past 900 s on a fresh clone (see the issue 16 note).
-                         blend_rate=0.0, expert_rate=0.0)
+                         max_devices=10_000, processing_guarantee="at_least_once")
     t0 = 1_700_000_000.0
     producer = make_producer(s, linger_ms=20)
     for i in range(N):
