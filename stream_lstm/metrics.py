@@ -121,6 +121,9 @@ class Metrics:
 
         # --- Transactions and liveness --------------------------------------------------------
         self.transactions = counter("transactions", "Batches committed or aborted", ("outcome",))
+        self.kafka_stalls = counter("kafka_stalls", "kafka-python polls that waited past "
+                                    "max.poll.interval.ms on their own IO thread and were ended "
+                                    "(kafka/stall.py)")
         self.ready = gauge("ready", "1 when the worker is ready (see /readyz), else 0")
         self.up_info = Info(p + "up", "Version and instance of this stream-lstm process", registry=r)
 

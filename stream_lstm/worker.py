@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm import alerts, experts
@@ -34,6 +35,7 @@ from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.kafka.stall import StallGuard
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.startup import ensure_worker_topics, load_served_model
@@ -93,6 +95,7 @@ class Worker:
         self.consumer: KafkaConsumer | None = None
         self.publisher: BatchPublisher | None = None
         self.heartbeat: GroupHeartbeat | None = None
+        self.stall_guard: StallGuard | None = None
         self.assigned: set[int] = set()
         self._next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
         self.totals = BatchCounts()
@@ -145,6 +148,7 @@ class Worker:
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
         self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
+        self.stall_guard = StallGuard(self.consumer)
         self.publisher = self._new_publisher()
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.lifecycle.version)
@@ -160,10 +164,7 @@ class Worker:
         try:
             while not self._stop.is_set():
                 self._restore_some()
-                polled = self.consumer.poll(
-                    timeout_ms=self.settings.poll_timeout_ms,
-                    max_records=self.settings.poll_max_records,
-                )
+                polled = self._poll()
                 self.health.beat()
                 consumed = self.process(polled).consumed if polled else 0
                 self.lifecycle.tick(consumed)
@@ -177,8 +178,26 @@ class Worker:
             self.close(clean)
         return self.totals
 
+    def _poll(self) -> dict:
+        """One ``consumer.poll``; a poll stuck inside kafka-python is ended and counts as empty."""
+        s = self.settings
+        # The broker evicts a member that has not polled within max.poll.interval.ms, so no
+        # poll (rebalance callbacks included) legitimately takes longer than that.
+        limit_s = (s.max_poll_interval_ms + s.session_timeout_ms + s.poll_timeout_ms) / 1000
+        assert self.consumer is not None and self.stall_guard is not None
+        try:
+            with self.stall_guard.limit("consumer.poll", limit_s):
+                return self.consumer.poll(timeout_ms=s.poll_timeout_ms, max_records=s.poll_max_records)
+        except KafkaTimeoutError as exc:
+            self.metrics.kafka_stalls.inc()
+            log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
+            return {}
+
     def close(self, clean: bool = True) -> None:
         self.lifecycle.close()
+        if self.stall_guard is not None:
+            self.stall_guard.close()
+            self.stall_guard = None
         self.state.close(self.table, clean=clean)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)

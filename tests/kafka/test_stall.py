@@ -1,0 +1,91 @@
+"""A poll stuck inside kafka-python is ended, counted, and the worker goes on (kafka/stall.py).
+
+The stall is made the way it happens: the consumer's fetch is queued on its real IO thread but
+never completes, so ``poll`` waits on kafka-python's ``Event().wait()`` with no timeout.
+"""
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+from kafka.future import Future
+from kafka.structs import TopicPartition
+
+from stream_lstm.encoding import encode_reading
+from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.stall import StallGuard
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.startup import fresh_model
+from stream_lstm.worker import Worker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+def hang_next_fetch(consumer):
+    """The consumer's next fetch never completes: its waiter pends on a future nobody resolves."""
+    net = consumer._net
+    real_run = net.run
+    fetch = consumer._fetcher._send_fetches_async
+
+    async def never():
+        return await Future()
+
+    def run(coro, *args):
+        if coro == fetch:
+            net.run = real_run  # only once
+            return real_run(never)
+        return real_run(coro, *args)
+
+    net.run = run
+
+
+def send(settings, topic, devices, ts):
+    producer = make_producer(settings)
+    for dev in devices:
+        producer.send(topic, encode_reading(dev, ts, [1.0]), key=dev.encode())
+    producer.flush()
+    producer.close()
+
+
+def test_a_stuck_poll_raises_and_the_consumer_still_reads(settings_factory, topic_name):
+    s = settings_factory(input_topic=topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    send(s, topic_name, ["a", "b"], 1_700_000_000.0)
+    consumer = make_consumer(s, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic_name, 0)])
+    guard = StallGuard(consumer, check_every_s=0.05)
+    try:
+        hang_next_fetch(consumer)
+        with pytest.raises(KafkaTimeoutError, match="kafka-python#3121"):
+            with guard.limit("consumer.poll", 1.0):
+                consumer.poll(timeout_ms=100)
+        assert guard.stalls == 1
+        got = 0
+        for _ in range(100):
+            got += sum(len(v) for v in consumer.poll(timeout_ms=200).values())
+            if got == 2:
+                break
+        assert got == 2
+    finally:
+        guard.close()
+        consumer.close(autocommit=False)
+
+
+def test_the_worker_counts_a_stuck_poll_and_processes_every_reading(settings_factory, topic_name):
+    # The stall limit is max.poll.interval + session timeout + poll timeout: 7.1 s here.
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g",
+                         max_poll_interval_ms=1000, session_timeout_ms=6000)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    send(s, topic_name, [f"d{i}" for i in range(10)], 1_700_000_000.0)
+    armed = []
+
+    def until(w):
+        if w.totals.consumed >= 10 and not armed:
+            armed.append(True)
+            hang_next_fetch(w.consumer)
+            send(s, topic_name, [f"d{i}" for i in range(10)], 1_700_000_060.0)
+        return w.totals.consumed >= 20
+
+    worker.run(until=until)
+    assert worker.totals.consumed == 20
+    assert worker.metrics.kafka_stalls._value.get() == 1
