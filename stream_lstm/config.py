@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="Replication for topics the worker creates")
     poll_max_records: int = Field(2000, ge=1, description="Most readings handled in one batch")
     poll_timeout_ms: int = Field(100, ge=1, description="How long one poll waits for readings")
+    commit_interval_ms: int = Field(
+        100, ge=0, description="How often the open transaction commits (forecasts, changed "
+        "device state, input offsets); 0 commits every poll. Longer: fewer, larger commits and "
+        "less state written; forecasts reach read_committed readers up to this much later")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="Kafka max.poll.interval.ms")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka session.timeout.ms")
 

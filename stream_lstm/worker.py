@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
 from kafka.errors import KafkaTimeoutError
@@ -44,6 +45,24 @@ from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle, Served
 
 log = logging.getLogger("stream_lstm.worker")
+
+
+@dataclass
+class OpenTransaction:
+    """What the open transaction holds: since when, the offsets to commit, and its counts."""
+
+    began: float  # time.monotonic()
+    offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+    consumed: dict[TopicPartition, int] = field(default_factory=dict)
+    counts: BatchCounts = field(default_factory=BatchCounts)
+    oldest_ts: float = float("inf")
+
+    def add(self, polled: dict[TopicPartition, list], counts: BatchCounts, oldest_ts: float) -> None:
+        for tp, records in polled.items():
+            self.offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+            self.consumed[tp] = self.consumed.get(tp, 0) + len(records)
+        self.counts.add(counts)
+        self.oldest_ts = min(self.oldest_ts, oldest_ts)
 
 
 class Worker:
@@ -96,6 +115,8 @@ class Worker:
         self.publisher: BatchPublisher | None = None
         self.heartbeat: GroupHeartbeat | None = None
         self.stall_guard: StallGuard | None = None
+        self._open: OpenTransaction | None = None
+        self._failed_in_callback: Exception | None = None
         self.assigned: set[int] = set()
         self._next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
         self.totals = BatchCounts()
@@ -165,8 +186,12 @@ class Worker:
             while not self._stop.is_set():
                 self._restore_some()
                 polled = self._poll()
+                if self._failed_in_callback is not None:  # a commit on revocation failed
+                    self._rollback(self._failed_in_callback)
                 self.health.beat()
                 consumed = self.process(polled).consumed if polled else 0
+                if self._commit_due():
+                    self.commit()
                 self.lifecycle.tick(consumed)
                 self._update_lag()
                 self._count_device_gauges()
@@ -187,13 +212,16 @@ class Worker:
         assert self.consumer is not None and self.stall_guard is not None
         try:
             with self.stall_guard.limit("consumer.poll", limit_s):
-                return self.consumer.poll(timeout_ms=s.poll_timeout_ms, max_records=s.poll_max_records)
+                return self.consumer.poll(timeout_ms=self._poll_wait_ms(),
+                                          max_records=s.poll_max_records)
         except KafkaTimeoutError as exc:
             self.metrics.kafka_stalls.inc()
             log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
             return {}
 
     def close(self, clean: bool = True) -> None:
+        if clean and self._open is not None and self.publisher is not None:
+            self.commit()
         self.lifecycle.close()
         if self.stall_guard is not None:
             self.stall_guard.close()
@@ -219,8 +247,17 @@ class Worker:
         self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
 
     def on_revoked(self, partitions: set[int]) -> None:
-        # kafka-python calls this inside poll(): the previous batch is already committed,
-        # so only memory remains to drop.
+        # kafka-python calls this inside poll(), on its IO thread. The open transaction holds
+        # readings of these partitions: under exactly-once it commits now, before another
+        # member takes them (as Kafka Streams does); a failure is rolled back after the poll,
+        # where the consumer may be used. At-least-once cannot commit offsets from this
+        # thread: those readings are left to the new owner, which reads them again.
+        if self._open is not None and self.publisher is not None:
+            if self.publisher.exactly_once:
+                self.commit(on_failure=self._fail_in_callback)
+            else:
+                for tp in self._tps(partitions):
+                    self._open.offsets.pop(tp, None)
         gone = len(self.table.devices_in_partitions(partitions))
         self.state.revoke(self.table, partitions)
         self.assigned -= partitions
@@ -228,6 +265,15 @@ class Worker:
             self._next_offsets.pop(tp, None)
         log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": gone})
         self._update_readiness()
+
+    def _fail_in_callback(self, exc: Exception) -> None:
+        try:
+            assert self.publisher is not None
+            self.publisher.abort()
+        except Exception as abort_exc:  # noqa: BLE001 - the broker may be gone
+            log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+        self._open = None
+        self._failed_in_callback = exc
 
     def _restore_some(self) -> None:
         if not self.state.restoring:
@@ -259,56 +305,93 @@ class Worker:
         self.state.on_evict(snap)
         self.metrics.evicted_devices.inc()
 
-    # ---- one batch -------------------------------------------------------------------------
+    # ---- one batch, one transaction -------------------------------------------------------
     def process(self, polled: dict[TopicPartition, list]) -> BatchCounts:
-        """Run one polled batch through the pipeline, publish it, and commit it.
+        """Run one polled batch through the pipeline and send what it produced.
 
-        If publishing fails, the batch is aborted (exactly-once) or left uncommitted
-        (at-least-once): the consumer rewinds to the committed offsets and the touched
-        partitions' state is restored again from the changelog, so nothing is lost and no
-        state runs ahead of what was published.
+        The records join the open transaction (begun by the first batch after a commit); the
+        transaction commits, with the state of every device it changed and the input offsets,
+        once it is ``STREAM_LSTM_COMMIT_INTERVAL_MS`` old (``_commit_if_due``). If publishing
+        fails, it is aborted (exactly-once) or left uncommitted (at-least-once): the consumer
+        rewinds to the committed offsets and the assigned partitions' state is restored again
+        from the changelog, so nothing is lost and no state runs ahead of what was published.
         """
         t0 = time.perf_counter()
         if self.first_batch_at is None:
             self.first_batch_at = t0
-        m = self.metrics
-        assert self.publisher is not None and self.consumer is not None
-        commit: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp, records in polled.items():
-            commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        assert self.publisher is not None
         records = [rec for recs in polled.values() for rec in recs]
-        now = time.time()
         ti = time.perf_counter()
-        out = self.pipeline.handle(records, now)
-        m.inference_seconds.observe(time.perf_counter() - ti)
+        out = self.pipeline.handle(records, time.time())
+        self.metrics.inference_seconds.observe(time.perf_counter() - ti)
         try:
-            self.publisher.begin()
+            if self._open is None:
+                self.publisher.begin()
+                self._open = OpenTransaction(time.monotonic())
             send = self.publisher.send
             for topic, key, value, headers in out.records:
                 send(topic, value, key=key, headers=headers)
-            for topic, key, value, headers, partition in self._changelog(out.touched, now):
-                send(topic, value, key=key, headers=headers, partition=partition)
-            tc = time.perf_counter()
-            written = self.publisher.commit(commit, self.consumer)
-            m.commit_seconds.observe(time.perf_counter() - tc)
-        except Exception as exc:  # noqa: BLE001 - any publish failure: roll the batch back
+        except Exception as exc:  # noqa: BLE001 - any publish failure: roll everything back
             self._rollback(exc)
             return BatchCounts()
-        self.state.committed(written)
-        self._next_offsets.update((tp, om.offset) for tp, om in commit.items())
-        m.transactions.labels("committed").inc()
-        for tp, recs in polled.items():
-            m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(len(recs))
-        if out.counts.forecasts:
-            m.end_to_end_latency_seconds.observe(max(0.0, time.time() - out.oldest_ts))
-        m.count_batch(out.counts, active_devices=len(self.table))
-        self.totals.add(out.counts)
-        m.batch_size.observe(out.counts.consumed)
-        m.batch_seconds.observe(time.perf_counter() - t0)
+        self.state.touch(self.table, out.touched)
+        self._open.add(polled, out.counts, out.oldest_ts)
+        self.metrics.batch_size.observe(out.counts.consumed)
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         return out.counts
 
-    def _changelog(self, touched, now: float) -> list:  # noqa: ANN001
-        records = self.state.records_for(self.table, touched)
+    def _commit_due(self) -> bool:
+        """Whether the open transaction should commit now: it is old enough, or its changed
+        devices fill half the table (evicting more of them would only hold them in memory)."""
+        if self._open is None:
+            return False
+        age_ms = (time.monotonic() - self._open.began) * 1000
+        return (age_ms >= self.settings.commit_interval_ms
+                or len(self.state.dirty) >= self.settings.max_devices // 2)
+
+    def _poll_wait_ms(self) -> int:
+        """A poll waits no longer than the open transaction has left, so a quiet input never
+        holds a commit back."""
+        wait = self.settings.poll_timeout_ms
+        if self._open is not None:
+            left = self.settings.commit_interval_ms - (time.monotonic() - self._open.began) * 1000
+            wait = min(wait, max(0, int(left)))
+        return wait
+
+    def commit(self, on_failure: Callable[[Exception], None] | None = None) -> bool:
+        """Commit the open transaction: forecasts sent so far, the state of every device they
+        changed, and the input offsets. Returns False when it was rolled back instead
+        (``on_failure(exc)`` instead of the rollback, where one cannot run)."""
+        unit = self._open
+        if unit is None:
+            return True
+        assert self.publisher is not None and self.consumer is not None
+        m = self.metrics
+        now = time.time()
+        try:
+            send = self.publisher.send
+            for topic, key, value, headers, partition in self._changelog(now):
+                send(topic, value, key=key, headers=headers, partition=partition)
+            tc = time.perf_counter()
+            written = self.publisher.commit(unit.offsets, self.consumer)
+            m.commit_seconds.observe(time.perf_counter() - tc)
+        except Exception as exc:  # noqa: BLE001 - any publish failure: roll everything back
+            (on_failure or self._rollback)(exc)
+            return False
+        self._open = None
+        self.state.committed(written)
+        self._next_offsets.update((tp, om.offset) for tp, om in unit.offsets.items())
+        m.transactions.labels("committed").inc()
+        for tp, k in unit.consumed.items():
+            m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(k)
+        if unit.counts.forecasts:
+            m.end_to_end_latency_seconds.observe(max(0.0, time.time() - unit.oldest_ts))
+        m.count_batch(unit.counts, active_devices=len(self.table))
+        self.totals.add(unit.counts)
+        return True
+
+    def _changelog(self, now: float) -> list:
+        records = self.state.records_for_commit(self.table)
         if now >= self._next_expiry and self.settings.device_ttl_s > 0:
             self._next_expiry = now + min(60.0, self.settings.device_ttl_s / 4)
             expired = self.state.expire(self.table, now, farewell=self.pipeline.farewell)
@@ -325,6 +408,8 @@ class Worker:
         log.error("publishing a batch failed; rolling back to the last commit",
                   extra={"error": repr(exc)[:300]})
         self.metrics.transactions.labels("aborted").inc()
+        self._open = None
+        self._failed_in_callback = None
         self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
         self._update_readiness()
         assert self.publisher is not None and self.consumer is not None

@@ -35,7 +35,7 @@ b'SLS\\x01'
 >>> decode_snapshot(data[:20])
 Traceback (most recent call last):
 ...
-stream_lstm.checkpointing.codec.SnapshotDecodeError: truncated snapshot: 20 bytes, need at least 92
+stream_lstm.checkpointing.codec.SnapshotDecodeError: truncated snapshot: 20 bytes, need at least 94
 """
 
 from __future__ import annotations

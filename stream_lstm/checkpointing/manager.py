@@ -11,8 +11,12 @@ Three tiers, from fastest to most durable:
 Rules that keep the store honest under exactly-once:
 
 * the store only ever receives state that is already committed to the changelog (restored
-  from it with ``read_committed``, or evicted from memory, and every device in memory was
-  committed by an earlier batch), so it is never ahead of the changelog;
+  from it with ``read_committed``, or evicted from memory): a device changed since the last
+  commit (*dirty*) that is evicted waits in memory, beside the table, until the commit that
+  writes it to the changelog, so the store is never ahead of the changelog;
+* one transaction may span several polls (``STREAM_LSTM_COMMIT_INTERVAL_MS``): each dirty
+  device is written to the changelog once, at the commit, however many of its readings the
+  transaction holds;
 * a store not closed cleanly is wiped and rebuilt on the next start (as Kafka Streams does);
 * partitions being restored are paused, and restore proceeds in bounded slices between polls,
   so heartbeats and rebalances go on and a rebalance during restore cannot hang it.
@@ -68,31 +72,57 @@ class StateManager:
         self.restored_records = 0
         # Next changelog offset per partition after our own committed writes.
         self.written: dict[int, int] = {}
+        # Devices changed since the last commit (id -> partition), and those of them evicted
+        # from memory meanwhile, whose snapshots wait for that commit.
+        self.dirty: dict[str, int] = {}
+        self._evicted_dirty: dict[str, DeviceSnapshot] = {}
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
         """A device's state from the store (it was evicted, or restored from the changelog)."""
+        snap = self._evicted_dirty.pop(device_id, None)
+        if snap is not None:
+            return snap  # evicted since the last commit: back in memory, still dirty
         data = self.store.get(device_id)
         return decode_snapshot(data) if data is not None else None
 
     def on_evict(self, snap: DeviceSnapshot) -> None:
-        self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
+        if snap.device_id in self.dirty:
+            self._evicted_dirty[snap.device_id] = snap
+        else:
+            self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
 
-    # ---- per batch -------------------------------------------------------------------------
-    def records_for(self, table: DeviceTable, slots) -> list[ChangelogRecord]:  # noqa: ANN001
-        """Changelog records of the touched devices, to send inside the batch's transaction."""
-        if len(slots) == 0:
+    # ---- per transaction -------------------------------------------------------------------
+    def touch(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
+        """Note the devices a batch changed: the next commit writes them."""
+        for slot in slots.tolist():
+            self.dirty[table.ids[slot]] = int(table.partition[slot])
+
+    def records_for_commit(self, table: DeviceTable) -> list[ChangelogRecord]:
+        """Changelog records of every dirty device, to send inside the committing transaction."""
+        if not self.dirty:
             return []
+        import numpy as np
+
+        index = table.index
+        slots = np.fromiter((index[d] for d in self.dirty if d in index), np.int64)
+        snaps = table.snapshots(slots) if len(slots) else []
         return [
             (self.topic, key, value, None, partition)
-            for key, value, partition in changelog_records(table.snapshots(slots))
+            for key, value, partition in changelog_records([*snaps, *self._evicted_dirty.values()])
         ]
 
     def committed(self, written: dict[tuple[str, int], int]) -> None:
-        """Note the changelog offsets a committed batch wrote (for the clean-stop checkpoint)."""
+        """After a commit: the dirty devices are durable; note the changelog offsets written
+        (for the clean-stop checkpoint)."""
         for (topic, partition), offset in written.items():
             if topic == self.topic:
                 self.written[partition] = offset + 1
+        if self._evicted_dirty:
+            self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
+                                 for s in self._evicted_dirty.values()])
+        self.dirty.clear()
+        self._evicted_dirty.clear()
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
@@ -127,6 +157,9 @@ class StateManager:
     def revoke(self, table: DeviceTable, partitions: set[int]) -> None:
         """Lost partitions: drop their devices from memory (the changelog has them)."""
         table.drop(table.devices_in_partitions(partitions))
+        for dev in [d for d, p in self.dirty.items() if p in partitions]:
+            del self.dirty[dev]
+            self._evicted_dirty.pop(dev, None)
         self.restoring -= partitions
         self.ready -= partitions
         for p in partitions:
@@ -169,6 +202,8 @@ class StateManager:
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""
+        self.dirty.clear()
+        self._evicted_dirty.clear()
         self.revoke(table, partitions)
         self.assign(partitions)
 

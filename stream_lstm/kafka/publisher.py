@@ -46,6 +46,8 @@ class BatchPublisher:
         self.exactly_once = exactly_once
         self.send_timeout_s = send_timeout_s
         self._futures: list[tuple[str, int | None, FutureRecordMetadata]] = []
+        # Key and value bytes sent per topic (benchmarks: state written against forecasts).
+        self.sent_bytes: dict[str, int] = {}
         self._in_txn = False
         # key -> partition per topic. kafka-python hashes every key in Python (murmur2) on each
         # send; the mapping never changes for a topic, so we remember it: sends ~1.8x faster.
@@ -73,6 +75,8 @@ class BatchPublisher:
             partition = self._partition_for(topic, key)
         fut = self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
         self._futures.append((topic, partition, fut))
+        sent = self.sent_bytes
+        sent[topic] = sent.get(topic, 0) + len(value or b"") + len(key or b"")
 
     def _partition_for(self, topic: str, key: bytes) -> int | None:
         """The default partitioner's choice (murmur2 of the key), cached."""

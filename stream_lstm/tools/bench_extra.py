@@ -1,6 +1,9 @@
 """Benchmarks of the later features, each against a baseline measured in the same run.
 
 * ``eos_ratio``: exactly-once pipeline throughput / at-least-once, same topic, same run.
+* ``worker_vs_relay_<devices>``: the worker (defaults, exactly-once) / kafka-python's own
+  transactional relay; ``state_vs_forecast_bytes_<devices>``: changelog bytes written per
+  forecast byte (``bench_relay.py``).
 * ``restore_s_100k``: seconds to restore 100k devices' state from the changelog into the
   local store (``--quick`` restores 25k and reports ``restore_s_25k``).
 * ``retrain_ratio``: in-process pipeline throughput while a background retrain runs / without.
@@ -315,4 +318,11 @@ def _p99_bound(before: dict, after: dict, name: str) -> float:
                 math.inf)
 
 
-BENCHMARKS = [bench_eos, bench_restore, bench_retrain_and_swap, bench_experts, bench_alerts, bench_latency]
+def _bench_relay(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.tools.bench_relay import bench_relay
+
+    return bench_relay(settings, topic, messages, result, quick)
+
+
+BENCHMARKS = [bench_eos, _bench_relay, bench_restore, bench_retrain_and_swap, bench_experts,
+              bench_alerts, bench_latency]
