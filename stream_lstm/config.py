@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="Replication for topics the worker creates")
     poll_max_records: int = Field(2000, ge=1, description="Most readings handled in one batch")
     poll_timeout_ms: int = Field(100, ge=1, description="How long one poll waits for readings")
+    checkpoint_interval_s: float = Field(
+        30.0, ge=0, description="How often a partition's changed devices write their state to "
+        "the changelog; a restore replays the input since then. 0 writes with every commit. "
+        "Longer: less state written, more input replayed on restore; the input topic must keep "
+        "10 intervals (at least 1 h) of readings")
     commit_interval_ms: int = Field(
         100, ge=0, description="How often the open transaction commits (forecasts, changed "
         "device state, input offsets); 0 commits every poll. Longer: fewer, larger commits and "

@@ -117,6 +117,11 @@ class Metrics:
                                             ("partition",))
         self.restored_devices = counter("restored_devices", "Devices whose state was restored")
         self.restored_records = counter("restored_records", "Changelog records read while restoring")
+        self.replayed_readings = counter("replayed_readings", "Input readings applied again "
+                                         "after a restore (since the last checkpoint)")
+        self.replay_missing_readings = counter(
+            "replay_missing_readings", "Readings a replay needed that the input's retention "
+            "had deleted (state resumed from the checkpoint without them)")
         self.restore_seconds = histogram("restore_seconds", "Time to restore an assignment's state", SLOW_BUCKETS)
 
         # --- Transactions and liveness --------------------------------------------------------

@@ -30,6 +30,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm import alerts, experts
 from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.checkpointing.replay import check_retention, log_start, replay_input
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.kafka.clients import make_consumer, make_producer
@@ -106,6 +107,9 @@ class Worker:
         )
         self.table.on_evict = self._evicted
         self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics)
+        # A replay must use the model the readings were served with: checkpoint every changed
+        # device before a swap, so no replay range spans one.
+        self.lifecycle.before_swap = lambda: self.commit(flush=set(self.assigned))
         self.pipeline = BatchPipeline(
             settings, self.table, self.engine, lambda: self.lifecycle.version, self.state.load,
             self.lifecycle.rewarm_stale,
@@ -150,6 +154,9 @@ class Worker:
 
         s = self.settings
         ensure_worker_topics(s)
+        problem = check_retention(s)
+        if problem is not None:
+            raise SystemExit(f"stream-lstm: refusing to start: {problem}")
         self.consumer = make_consumer(
             s,
             group_id=s.group_id,
@@ -220,8 +227,8 @@ class Worker:
             return {}
 
     def close(self, clean: bool = True) -> None:
-        if clean and self._open is not None and self.publisher is not None:
-            self.commit()
+        if clean and self.publisher is not None and self.consumer is not None:
+            self.commit(flush=set(self.assigned))  # every changed device is checkpointed
         self.lifecycle.close()
         if self.stall_guard is not None:
             self.stall_guard.close()
@@ -252,10 +259,11 @@ class Worker:
         # member takes them (as Kafka Streams does); a failure is rolled back after the poll,
         # where the consumer may be used. At-least-once cannot commit offsets from this
         # thread: those readings are left to the new owner, which reads them again.
-        if self._open is not None and self.publisher is not None:
+        if self.publisher is not None and (self._open is not None or self.state.dirty):
             if self.publisher.exactly_once:
-                self.commit(on_failure=self._fail_in_callback)
-            else:
+                # Their changed devices are checkpointed too: the next owner replays less.
+                self.commit(flush=set(partitions), on_failure=self._fail_in_callback)
+            elif self._open is not None:
                 for tp in self._tps(partitions):
                     self._open.offsets.pop(tp, None)
         gone = len(self.table.devices_in_partitions(partitions))
@@ -285,10 +293,46 @@ class Worker:
             self.health.set_ready("broker", False, f"restore failed: {repr(exc)[:200]}")
             time.sleep(1.0)
             return
+        done &= self.assigned
+        try:
+            for p in sorted(done):
+                self._replay(p)
+        except Exception as exc:  # noqa: BLE001 - replay again next turn (it is idempotent)
+            log.warning("replay did not complete; will retry", extra={"error": repr(exc)[:300]})
+            self.state.rollback(self.table, done)
+            time.sleep(1.0)
+            return
         self.health.set_ready("broker", True)
         if done and self.consumer is not None:
-            self.consumer.resume(*self._tps(done & self.assigned))
+            self.consumer.resume(*self._tps(done))
         self._update_readiness()
+
+    def _replay(self, partition: int) -> None:
+        """Apply again the readings committed after ``partition``'s last checkpoint, publishing
+        nothing: memory then holds what an uninterrupted worker would (checkpointing/replay.py)."""
+        assert self.consumer is not None
+        tp = TopicPartition(self.settings.input_topic, partition)
+        start = self.state.replay_from(partition)
+        committed = self.consumer.committed(tp)
+        if committed is not None:
+            self._next_offsets[tp] = committed
+        if start is None:
+            self.state.first_marker(
+                partition, committed if committed is not None else log_start(self.settings, partition))
+            return
+        if committed is None or committed <= start:
+            return
+
+        def apply(records: list) -> None:
+            out = self.pipeline.handle(records, time.time())
+            self.state.touch(self.table, out.touched)
+
+        done = replay_input(self.settings, partition, start, committed, apply)
+        self.metrics.replayed_readings.inc(done.readings)
+        self.metrics.replay_missing_readings.inc(done.missing)
+        log.info("replayed readings since the last checkpoint",
+                 extra={"partition": partition, "from": start, "to": committed,
+                        "readings": done.readings, "seconds": round(done.seconds, 3)})
 
     def _update_readiness(self) -> None:
         if self.state.restoring:
@@ -341,10 +385,11 @@ class Worker:
         return out.counts
 
     def _commit_due(self) -> bool:
-        """Whether the open transaction should commit now: it is old enough, or its changed
-        devices fill half the table (evicting more of them would only hold them in memory)."""
+        """Whether to commit now: the open transaction is old enough, or its changed devices
+        fill half the table (evicting more of them would only hold them in memory), or, with
+        none open, a partition's checkpoint is due (so an idle input still checkpoints)."""
         if self._open is None:
-            return False
+            return bool(self.state.flush_due())
         age_ms = (time.monotonic() - self._open.began) * 1000
         return (age_ms >= self.settings.commit_interval_ms
                 or len(self.state.dirty) >= self.settings.max_devices // 2)
@@ -358,19 +403,28 @@ class Worker:
             wait = min(wait, max(0, int(left)))
         return wait
 
-    def commit(self, on_failure: Callable[[Exception], None] | None = None) -> bool:
-        """Commit the open transaction: forecasts sent so far, the state of every device they
-        changed, and the input offsets. Returns False when it was rolled back instead
+    def commit(self, flush: set[int] | None = None,
+               on_failure: Callable[[Exception], None] | None = None) -> bool:
+        """Commit the open transaction: forecasts sent so far, the input offsets, and the
+        checkpoints due (the state of the changed devices of those partitions, and of
+        ``flush``'s, with their replay markers). Returns False when it was rolled back instead
         (``on_failure(exc)`` instead of the rollback, where one cannot run)."""
-        unit = self._open
-        if unit is None:
-            return True
         assert self.publisher is not None and self.consumer is not None
+        if self._open is None:
+            if not self.state.dirty or not (self.state.flush_due() or flush):
+                return True  # (a first marker waits for the first transaction with readings)
+            try:
+                self.publisher.begin()  # a transaction of checkpoints alone
+            except Exception as exc:  # noqa: BLE001
+                (on_failure or self._rollback)(exc)
+                return False
+            self._open = OpenTransaction(time.monotonic())
+        unit = self._open
         m = self.metrics
         now = time.time()
         try:
             send = self.publisher.send
-            for topic, key, value, headers, partition in self._changelog(now):
+            for topic, key, value, headers, partition in self._changelog(now, unit, flush):
                 send(topic, value, key=key, headers=headers, partition=partition)
             tc = time.perf_counter()
             written = self.publisher.commit(unit.offsets, self.consumer)
@@ -390,8 +444,11 @@ class Worker:
         self.totals.add(unit.counts)
         return True
 
-    def _changelog(self, now: float) -> list:
-        records = self.state.records_for_commit(self.table)
+    def _changelog(self, now: float, unit: OpenTransaction, flush: set[int] | None) -> list:
+        # The replay marker of a partition: the input offset after this transaction.
+        after = {tp.partition: off for tp, off in self._next_offsets.items()}
+        after.update((tp.partition, om.offset) for tp, om in unit.offsets.items())
+        records = self.state.records_for_commit(self.table, after, flush)
         if now >= self._next_expiry and self.settings.device_ttl_s > 0:
             self._next_expiry = now + min(60.0, self.settings.device_ttl_s / 4)
             expired = self.state.expire(self.table, now, farewell=self.pipeline.farewell)

@@ -36,6 +36,7 @@ from kafka.errors import KafkaTimeoutError, OffsetOutOfRangeError
 from kafka.structs import TopicPartition
 
 from stream_lstm.checkpointing.codec import check_snapshot, encode_snapshot
+from stream_lstm.checkpointing.replay import REPLAY_MARKER, decode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin, make_consumer
@@ -334,10 +335,16 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
             continue
         puts: dict[str, tuple[str, int, bytes]] = {}
         deletes: set[str] = set()
+        replay_from: dict[int, int] = {}
         for tp, recs in polled.items():
             part = tp.partition
             for rec in recs:
                 key, value = rec.key, rec.value
+                if key == REPLAY_MARKER:
+                    offset = decode_marker(value)
+                    if offset is not None:
+                        replay_from[part] = offset
+                    continue
                 try:
                     dev = key.decode()  # type: ignore[union-attr]
                 except (AttributeError, UnicodeDecodeError):  # no key, or not UTF-8
@@ -358,7 +365,8 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
         # markers and aborted batches, which poll never returns.
         positions = {tp: consumer.position(tp, timeout_ms=remaining_ms()) for tp in todo}
         moved = moved or any(pos > start[tp] for tp, pos in positions.items())
-        store.apply(puts.values(), deletes, {tp.partition: pos for tp, pos in positions.items()})
+        store.apply(puts.values(), deletes, {tp.partition: pos for tp, pos in positions.items()},
+                    replay_from)
         now = time.monotonic()
         finished = [tp for tp, pos in positions.items() if pos >= end[tp]]
         if finished:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from stream_lstm.checkpointing.changelog import changelog_records, restore, tombstone
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.state.snapshot import DeviceSnapshot
@@ -76,6 +77,14 @@ class StateManager:
         # from memory meanwhile, whose snapshots wait for that commit.
         self.dirty: dict[str, int] = {}
         self._evicted_dirty: dict[str, DeviceSnapshot] = {}
+        # Partitions with dirty devices, and when each is next due to checkpoint them.
+        self._next_flush: dict[int, float] = {}
+        # What the commit being made writes: (partitions checkpointed, devices written).
+        self._writing: tuple[set[int], list[str], dict[int, int]] = (set(), [], {})
+        # The replay marker last committed per partition (for the clean-stop checkpoint), and
+        # the first marker of a partition whose changelog has none, to write on the next commit.
+        self.markers: dict[int, int] = {}
+        self._first_markers: dict[int, int] = {}
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
@@ -94,26 +103,48 @@ class StateManager:
 
     # ---- per transaction -------------------------------------------------------------------
     def touch(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
-        """Note the devices a batch changed: the next commit writes them."""
+        """Note the devices a batch changed: their partition's next checkpoint writes them."""
+        ids, parts, dirty = table.ids, table.partition, self.dirty
         for slot in slots.tolist():
-            self.dirty[table.ids[slot]] = int(table.partition[slot])
+            p = int(parts[slot])
+            dirty[ids[slot]] = p
+            if p not in self._next_flush:
+                self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
 
-    def records_for_commit(self, table: DeviceTable) -> list[ChangelogRecord]:
-        """Changelog records of every dirty device, to send inside the committing transaction."""
-        if not self.dirty:
+    def flush_due(self) -> set[int]:
+        """Partitions whose dirty devices are due to be checkpointed."""
+        now = time.monotonic()
+        return {p for p, due in self._next_flush.items() if now >= due}
+
+    def records_for_commit(self, table: DeviceTable, next_offsets: dict[int, int],
+                           flush: set[int] | None = None) -> list[ChangelogRecord]:
+        """Changelog records for the committing transaction: the dirty devices of the
+        partitions due (and of ``flush``), each with its replay marker (``next_offsets``: the
+        input offset after this transaction), and every dirty device evicted meanwhile."""
+        due = self.flush_due() | (flush or set())
+        if due:
+            devs = [d for d, p in self.dirty.items() if p in due or d in self._evicted_dirty]
+        else:
+            devs = list(self._evicted_dirty)
+        markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
+        self._writing = (due, devs, markers)
+        if not devs and not markers:
             return []
         import numpy as np
 
         index = table.index
-        slots = np.fromiter((index[d] for d in self.dirty if d in index), np.int64)
+        slots = np.fromiter((index[d] for d in devs if d in index), np.int64)
         snaps = table.snapshots(slots) if len(slots) else []
-        return [
+        out: list[ChangelogRecord] = [
             (self.topic, key, value, None, partition)
             for key, value, partition in changelog_records([*snaps, *self._evicted_dirty.values()])
         ]
+        out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
+                   for p, offset in sorted(markers.items()))
+        return out
 
     def committed(self, written: dict[tuple[str, int], int]) -> None:
-        """After a commit: the dirty devices are durable; note the changelog offsets written
+        """After a commit: what it checkpointed is durable; note the changelog offsets written
         (for the clean-stop checkpoint)."""
         for (topic, partition), offset in written.items():
             if topic == self.topic:
@@ -121,8 +152,16 @@ class StateManager:
         if self._evicted_dirty:
             self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
                                  for s in self._evicted_dirty.values()])
-        self.dirty.clear()
-        self._evicted_dirty.clear()
+            self._evicted_dirty.clear()
+        due, devs, markers = self._writing
+        for dev in devs:
+            self.dirty.pop(dev, None)
+        for p in due:
+            self._next_flush.pop(p, None)
+        self.markers.update(markers)
+        for p in markers:
+            self._first_markers.pop(p, None)
+        self._writing = (set(), [], {})
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
@@ -160,6 +199,10 @@ class StateManager:
         for dev in [d for d, p in self.dirty.items() if p in partitions]:
             del self.dirty[dev]
             self._evicted_dirty.pop(dev, None)
+        for p in partitions:
+            self._next_flush.pop(p, None)
+            self.markers.pop(p, None)
+            self._first_markers.pop(p, None)
         self.restoring -= partitions
         self.ready -= partitions
         for p in partitions:
@@ -199,16 +242,29 @@ class StateManager:
                                           "seconds": round(result.seconds, 3)})
         return done
 
+    def replay_from(self, partition: int) -> int | None:
+        """Where the input must be replayed from over ``partition``'s restored state."""
+        return self.store.replay_from(partition)
+
+    def first_marker(self, partition: int, offset: int) -> None:
+        """``partition``'s changelog has no replay marker (a new group, or a changelog written
+        before markers, when every commit carried the state): its state is complete up to
+        ``offset``, the input position it restarts from. Say so in the next commit, so that a
+        restore after it replays from there."""
+        self._first_markers[partition] = offset
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""
-        self.dirty.clear()
-        self._evicted_dirty.clear()
-        self.revoke(table, partitions)
+        self._writing = (set(), [], {})
+        self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 
     def close(self, table: DeviceTable, clean: bool) -> None:
         """On a clean stop, keep every in-memory device in the store for a fast restart."""
+        if self.dirty:
+            # State the changelog does not hold yet (the final checkpoint did not commit):
+            # the store must not vouch for it.
+            clean = False
         if clean and len(table):
             import numpy as np
 
@@ -218,7 +274,9 @@ class StateManager:
         if clean:
             # Every device of a ready partition is now in the store at its latest committed
             # state, so a restart only needs changelog records written after our last one.
-            self.store.set_checkpoints({p: off for p, off in self.written.items() if p in self.ready})
+            self.store.apply(
+                checkpoints={p: off for p, off in self.written.items() if p in self.ready},
+                replay_from={p: off for p, off in self.markers.items() if p in self.ready})
         self.store.close(clean=clean)
 
     def _progress(self, partition: int, ratio: float) -> None:

@@ -38,6 +38,10 @@ def _cp_key(partition: int) -> str:
     return f"checkpoint:{partition}"
 
 
+def _replay_key(partition: int) -> str:
+    return f"replay:{partition}"
+
+
 class StateStore:
     """Encoded snapshots by device id, with per-partition changelog checkpoints.
 
@@ -97,9 +101,10 @@ class StateStore:
         puts: Iterable[tuple[str, int, bytes]] = (),
         deletes: Iterable[str] = (),
         checkpoints: dict[int, int] | None = None,
+        replay_from: dict[int, int] | None = None,
     ) -> None:
-        """Deletes, then puts, then checkpoints, atomically (restore applies a chunk this way,
-        so a checkpoint is never ahead of the rows it vouches for)."""
+        """Deletes, then puts, then checkpoints and replay positions, atomically (restore
+        applies a chunk this way, so a checkpoint is never ahead of the rows it vouches for)."""
         with self.db:  # commits on success, rolls back on an exception
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d in deletes))
@@ -107,14 +112,19 @@ class StateStore:
             if checkpoints:
                 self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                     ((_cp_key(p), int(o)) for p, o in checkpoints.items()))
+            if replay_from:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                    ((_replay_key(p), int(o)) for p, o in replay_from.items()))
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
-        """Forget every device of ``partitions`` and their checkpoints."""
+        """Forget every device of ``partitions``, their checkpoints and replay positions."""
         parts = [(int(p),) for p in partitions]
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM state WHERE partition=?", parts)
             self.db.executemany("DELETE FROM meta WHERE key=?", ((_cp_key(p),) for (p,) in parts))
+            self.db.executemany("DELETE FROM meta WHERE key=?",
+                                ((_replay_key(p),) for (p,) in parts))
 
     def wipe(self) -> None:
         """Forget everything but the clean flag (after an unclean shutdown)."""
@@ -147,6 +157,13 @@ class StateStore:
     def checkpoint(self, partition: int) -> int | None:
         """Next changelog offset of ``partition`` the store already reflects; None if unknown."""
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (_cp_key(partition),)).fetchone()
+        return None if row is None else int(row[0])
+
+    def replay_from(self, partition: int) -> int | None:
+        """The input offset from which readings must be replayed over the stored state of
+        ``partition`` (the changelog's last replay marker); None if it never had one."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?",
+                              (_replay_key(partition),)).fetchone()
         return None if row is None else int(row[0])
 
     # ---- lifecycle -------------------------------------------------------------------------

@@ -77,15 +77,23 @@ def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
     })
     worker = Worker(s, fresh_model(s))
     deadline = time.time() + 300
-    sent: dict[str, int] = {}
+    publishers = []
 
     def until(w: Any) -> bool:
-        sent.update(w.publisher.sent_bytes)
-        return w.totals.consumed >= messages or time.time() > deadline
+        if not publishers or publishers[-1] is not w.publisher:
+            publishers.append(w.publisher)
+        if w.totals.consumed >= messages or time.time() > deadline:
+            publishers.append(time.perf_counter())
+            return True
+        return False
 
-    totals = worker.run(until=until)
+    totals = worker.run(until=until)  # its clean stop checkpoints every changed device
     assert worker.first_batch_at is not None, "the worker processed nothing"
-    rate = totals.consumed / (time.perf_counter() - worker.first_batch_at)
+    rate = totals.consumed / (publishers.pop() - worker.first_batch_at)
+    sent: dict[str, int] = {}
+    for publisher in publishers:  # the bytes of the final checkpoint included
+        for topic, n in publisher.sent_bytes.items():
+            sent[topic] = sent.get(topic, 0) + n
     state = sent.get(s.changelog_topic_name(), 0) / max(1, totals.consumed)
     forecasts = sent.get(s.output_topic, 0) / max(1, totals.consumed)
     return {"rate": rate, "state_bytes": state, "forecast_bytes": forecasts}

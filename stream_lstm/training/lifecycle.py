@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,8 @@ class ModelLifecycle:
         # Slots in memory at the last swap not yet re-warmed by rewarm_idle: built once per swap,
         # so a loop turn does not rescan the fleet.
         self._pending: list[int] = []
+        # Called before a swap takes effect (the worker checkpoints its devices there).
+        self.before_swap: Callable[[], object] | None = None
 
     @property
     def version(self) -> str:
@@ -161,6 +164,8 @@ class ModelLifecycle:
             log.error("refusing a model whose shape differs from the served one",
                       extra={"new": str(loaded.spec), "served": str(self.served.spec)})
             return 0.0
+        if self.before_swap is not None:
+            self.before_swap()
         t0 = time.perf_counter()
         self.engine.swap_model(loaded.model)
         old = self.served.version

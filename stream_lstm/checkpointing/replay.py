@@ -1,0 +1,155 @@
+"""The input topic as the log: replay markers, replaying readings, and the retention check.
+
+Device state is checkpointed to the changelog at most once per ``CHECKPOINT_INTERVAL_S`` per
+partition, not with every commit. With each checkpoint of input partition ``p`` goes, in the
+same transaction, a *replay marker* on changelog partition ``p``: the input offset from which
+the readings since that checkpoint start. A restore loads the checkpoints, then reads the input
+from the marker up to the group's committed offset and applies those readings again, publishing
+nothing. A reading a device's checkpoint already holds has a timestamp at or before the
+device's ``last_ts``, so the replay skips it as a duplicate: replay is idempotent.
+
+Replay needs the input's readings from the marker on. A topic that compacts, or keeps less than
+:data:`MIN_RETENTION_INTERVALS` checkpoint intervals, could delete them: the worker refuses to
+start on one (:func:`check_retention`). If readings are gone anyway (the worker was down for
+longer than the retention), the restore says how many, counts them, and goes on from the
+checkpoint: never silently.
+
+>>> decode_marker(encode_marker(1234))
+1234
+>>> decode_marker(b"short") is None
+True
+>>> REPLAY_MARKER.startswith(b"\\x00")  # device ids cannot hold control characters
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kafka.structs import TopicPartition
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import make_admin, make_consumer
+from stream_lstm.kafka.deadline import call_with_deadline
+
+log = logging.getLogger("stream_lstm.checkpointing")
+
+REPLAY_MARKER = b"\x00replay-from"
+_OFFSET = struct.Struct(">q")
+# Retention must cover this many checkpoint intervals (and at least an hour) of input.
+MIN_RETENTION_INTERVALS = 10
+MIN_RETENTION_MS = 3_600_000
+
+
+def encode_marker(offset: int) -> bytes:
+    return _OFFSET.pack(int(offset))
+
+
+def decode_marker(value: bytes | None) -> int | None:
+    """The offset of a replay marker's value; None for anything else."""
+    if value is None or len(value) != _OFFSET.size:
+        return None
+    return int(_OFFSET.unpack(value)[0])
+
+
+@dataclass
+class Replayed:
+    """What a replay of one partition did: readings applied again, and readings it needed
+    that retention had already deleted."""
+
+    readings: int = 0
+    missing: int = 0
+    seconds: float = 0.0
+
+
+def replay_input(settings: Settings, partition: int, start: int, end: int,
+                 handle: Callable[[list], None], timeout_s: float = 120.0) -> Replayed:
+    """Read input ``partition`` from ``start`` up to (not including) ``end`` under
+    ``read_committed`` and hand the records to ``handle`` poll by poll."""
+    t0 = time.monotonic()
+    out = Replayed()
+    if end <= start:
+        return out
+    tp = TopicPartition(settings.input_topic, partition)
+    # "earliest": readings deleted after the log-start check below are skipped, not waited for.
+    consumer = make_consumer(settings, enable_auto_commit=False, isolation_level="read_committed",
+                             auto_offset_reset="earliest",
+                             fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
+                             fetch_max_wait_ms=20)
+    try:
+        consumer.assign([tp])
+        begin = call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
+                                   "listing the input's log start", on_timeout=consumer.close)
+        if begin > start:
+            out.missing = begin - start
+            log.error("readings needed to replay state were deleted by the input topic's "
+                      "retention; state resumes from the checkpoint without them",
+                      extra={"partition": partition, "missing_offsets": out.missing})
+            start = begin
+        consumer.seek(tp, start)
+        deadline = t0 + timeout_s
+        while consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replaying input partition {partition} did not reach offset "
+                                   f"{end} within {timeout_s:g} s")
+            records = consumer.poll(timeout_ms=200).get(tp, [])
+            records = [r for r in records if start <= r.offset < end]
+            if records:
+                handle(records)
+                out.readings += len(records)
+    finally:
+        consumer.close()
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def log_start(settings: Settings, partition: int) -> int:
+    """The first offset input ``partition`` still holds."""
+    tp = TopicPartition(settings.input_topic, partition)
+    consumer = make_consumer(settings, enable_auto_commit=False)
+    try:
+        return call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
+                                  "listing the input's log start", on_timeout=consumer.close)
+    finally:
+        consumer.close()
+
+
+def check_retention(settings: Settings) -> str | None:
+    """Why the input topic cannot serve replays of ``STREAM_LSTM_CHECKPOINT_INTERVAL_S``, or
+    None when it can (or when checkpoints are written with every commit)."""
+    interval_ms = settings.checkpoint_interval_s * 1000
+    if interval_ms <= 0:
+        return None
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = make_admin(settings)
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, settings.input_topic)
+        response = admin.describe_configs([resource])
+        configs = _config_values(response, settings.input_topic)
+    finally:
+        admin.close()
+    policy = configs.get("cleanup.policy", "delete")
+    retention = int(configs.get("retention.ms", "-1") or -1)
+    need = max(MIN_RETENTION_MS, MIN_RETENTION_INTERVALS * interval_ms)
+    topic = settings.input_topic
+    if "compact" in policy:
+        return (f"input topic {topic!r} has cleanup.policy={policy}: compaction deletes readings "
+                "that a state restore must replay. Use cleanup.policy=delete, or set "
+                "STREAM_LSTM_CHECKPOINT_INTERVAL_S=0 to checkpoint with every commit")
+    if 0 <= retention < need:
+        return (f"input topic {topic!r} keeps readings for retention.ms={retention}, less than "
+                f"the {need} ms a state restore may need to replay "
+                f"({MIN_RETENTION_INTERVALS} x STREAM_LSTM_CHECKPOINT_INTERVAL_S, at least 1 h). "
+                "Raise retention.ms or lower the interval (0 checkpoints with every commit)")
+    return None
+
+
+def _config_values(response: dict, topic: str) -> dict[str, str]:
+    """``{name: value}`` of ``topic`` from kafka-python 3's ``describe_configs`` answer."""
+    entries = response.get("topic", {}).get(topic, {})
+    return {name: entry["value"] for name, entry in entries.items()}

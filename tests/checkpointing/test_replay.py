@@ -1,0 +1,129 @@
+"""Checkpoints plus input replay, through the real broker (checkpointing/replay.py).
+
+The crash, rebalance and continuity tests (tests/integration) run the default settings, so
+every restore there replays the input since the last checkpoint; here: the pieces on their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from stream_lstm.checkpointing.changelog import changelog_records, ensure_changelog_topic
+from stream_lstm.checkpointing.replay import REPLAY_MARKER, check_retention, decode_marker, replay_input
+from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.startup import fresh_model
+from stream_lstm.state.snapshot import DeviceSnapshot
+from stream_lstm.worker import Worker
+from tests.integration.helpers import produce_readings, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+T0 = 1_700_000_000.0
+
+
+def worker_settings(settings_factory, topic, **kw):
+    return settings_factory(input_topic=topic, output_topic=f"{topic}-out", dlq_topic=f"{topic}-dlq",
+                            group_id=f"{topic}-g", window=8, hidden_size=8, horizon=2,
+                            min_history=1, topic_partitions=1, **kw)
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"retention.ms": "60000"}, "retention.ms=60000"),
+    ({"cleanup.policy": "compact"}, "cleanup.policy=compact"),
+])
+def test_an_input_that_may_delete_what_a_replay_needs_is_refused_at_start(
+        settings_factory, topic_name, config, says):
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1, config)])
+    assert says in (check_retention(s) or "")
+    worker = Worker(s, fresh_model(s))
+    with pytest.raises(SystemExit, match="refusing to start.*" + says.replace(".", r"\.")):
+        worker.connect()
+    # With checkpoints in every commit, nothing is replayed: the same topic is fine.
+    assert check_retention(s.model_copy(update={"checkpoint_interval_s": 0})) is None
+
+
+def test_replay_reads_the_range_and_counts_what_retention_deleted(settings_factory, topic_name):
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    produce_readings(s, topic_name, [("d", T0 + i, float(i)) for i in range(50)])
+    got = []
+    done = replay_input(s, 0, 10, 30, lambda recs: got.extend(r.offset for r in recs))
+    assert got == list(range(10, 30)) and done.readings == 20 and done.missing == 0
+    # Delete the first 20 readings, as retention would: a replay from 10 misses 10 of them.
+    from stream_lstm.kafka.clients import make_admin
+
+    admin = make_admin(s)
+    try:
+        admin.delete_records({TopicPartition(topic_name, 0): 20})
+    finally:
+        admin.close()
+    got.clear()
+    done = replay_input(s, 0, 10, 30, lambda recs: got.extend(r.offset for r in recs))
+    assert got == list(range(20, 30)) and done.missing == 10
+
+
+def test_a_changelog_without_markers_restores_as_complete_and_gets_its_first_marker(
+        settings_factory, topic_name):
+    """Today's changelog (written before checkpoints had markers: state with every commit)."""
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    produce_readings(s, topic_name, [("pump", T0 + 60 * i, 20.0 + i) for i in range(5)])
+    # The old worker's legacy: the device after 5 readings, and the group's offsets at 5.
+    ensure_changelog_topic(s, 1)
+    old = DeviceSnapshot.empty("pump", num_layers=1, hidden_size=8, n_features=1, partition=0)
+    old.n_seen, old.last_ts, old.count = 5, T0 + 240, 5
+    producer = make_producer(s)
+    for key, value, partition in changelog_records([old]):
+        producer.send(s.changelog_topic_name(), key=key, value=value, partition=partition)
+    producer.flush()
+    producer.close()
+    committer = make_consumer(s, group_id=s.group_id, enable_auto_commit=False)
+    committer.commit({TopicPartition(topic_name, 0): OffsetAndMetadata(5, "", -1)})
+    committer.close()
+    produce_readings(s, topic_name, [("pump", T0 + 300, 25.0)])
+    torch.manual_seed(1)
+    worker = Worker(s, fresh_model(s))
+    worker.run(until=lambda w: w.totals.consumed >= 1)
+    assert worker.totals.consumed == 1  # nothing replayed, nothing read twice
+    changelog = read_topic(s, s.changelog_topic_name(), idle_s=1)
+    markers = [decode_marker(r.value) for r in changelog if r.key == REPLAY_MARKER]
+    assert markers[0] == 5  # complete up to the old commit
+    latest = [r for r in changelog if r.key == b"pump"][-1]
+    from stream_lstm.checkpointing.codec import decode_snapshot
+
+    assert decode_snapshot(latest.value).n_seen == 6  # the old state, one reading on
+
+
+def test_a_swap_checkpoints_every_changed_device_first(settings_factory, topic_name):
+    """A replay never spans a swap: the readings before it were served by the old model."""
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    produce_readings(s, topic_name, [(f"d{i % 4}", T0 + 60 * (i // 4), float(i)) for i in range(40)])
+    torch.manual_seed(2)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    worker.run(until=lambda w: w.totals.consumed >= 40)
+    assert not worker.state.dirty  # the clean stop checkpointed every changed device
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    produce_readings(s, topic_name, [(f"d{i % 4}", T0 + 3000 + 60 * (i // 4), float(i)) for i in range(8)])
+    swapped = []
+
+    def until(w):
+        if w.totals.consumed >= 8 and not swapped:
+            assert w.state.dirty  # changed since the restore, not yet checkpointed
+            from stream_lstm.models.registry import LoadedModel
+
+            torch.manual_seed(3)
+            new = fresh_model(s)
+            w.lifecycle.swap(LoadedModel(new.model, new.spec, {"version": "v-new"}))
+            swapped.append(dict(w.state.markers))
+            assert not w.state.dirty
+        return bool(swapped)
+
+    worker.run(until=until)
+    assert swapped[0] == {0: 48}  # the checkpoint's marker: replay would start after the swap
