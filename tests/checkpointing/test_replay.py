@@ -11,7 +11,12 @@ import torch
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm.checkpointing.changelog import changelog_records, ensure_changelog_topic
-from stream_lstm.checkpointing.replay import REPLAY_MARKER, check_retention, decode_marker, replay_input
+from stream_lstm.checkpointing.replay import (
+    REPLAY_MARKER,
+    check_retention,
+    decode_marker,
+    replay_input,
+)
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.startup import fresh_model
