@@ -34,6 +34,7 @@ from stream_lstm.checkpointing.replay import check_retention, log_start, replay_
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
@@ -119,6 +120,7 @@ class Worker:
         self.publisher: BatchPublisher | None = None
         self.heartbeat: GroupHeartbeat | None = None
         self.stall_guard: StallGuard | None = None
+        self._unjoined_since: float | None = None
         self._open: OpenTransaction | None = None
         self._failed_in_callback: Exception | None = None
         self.assigned: set[int] = set()
@@ -150,13 +152,23 @@ class Worker:
 
     def connect(self) -> None:
         """Create the topics if missing, the consumer (cooperative-sticky) and the publisher."""
-        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-
         s = self.settings
         ensure_worker_topics(s)
         problem = check_retention(s)
         if problem is not None:
             raise SystemExit(f"stream-lstm: refusing to start: {problem}")
+        self._new_consumer()
+        self.publisher = self._new_publisher()
+        self.health.set_ready("broker", True)
+        self.health.set_ready("model", True, self.lifecycle.version)
+        self.health.set_ready("partitions", False, "waiting for assignment")
+        self.metrics.set_model_version(self.lifecycle.version, time.time())
+
+    def _new_consumer(self) -> None:
+        """The group consumer (cooperative-sticky), its heartbeat watch and its stall guard."""
+        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
+        s = self.settings
         self.consumer = make_consumer(
             s,
             group_id=s.group_id,
@@ -177,11 +189,7 @@ class Worker:
         )
         self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
         self.stall_guard = StallGuard(self.consumer)
-        self.publisher = self._new_publisher()
-        self.health.set_ready("broker", True)
-        self.health.set_ready("model", True, self.lifecycle.version)
-        self.health.set_ready("partitions", False, "waiting for assignment")
-        self.metrics.set_model_version(self.lifecycle.version, time.time())
+        self._unjoined_since = None
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:
         """Poll and process batches until stopped (or ``until(self)`` is true); then close."""
@@ -203,6 +211,7 @@ class Worker:
                 self._update_lag()
                 self._count_device_gauges()
                 self._check_heartbeat()
+                self._check_membership()
                 if until is not None and until(self):
                     break
             clean = True
@@ -505,6 +514,38 @@ class Worker:
         # An idle worker publishes nothing, so no failed publish reports a broker outage.
         if self.heartbeat is not None and self.assigned and self.heartbeat.report(self.health):
             self._update_readiness()
+
+    def _check_membership(self) -> None:
+        """Rebuild a consumer that has not joined its group within the rebalance timeout.
+
+        Seen here under kafka-python 3.0.12: a fresh consumer polling for minutes without ever
+        joining (its group stayed Empty), while a new client joined at once. The broker allows a
+        join max.poll.interval.ms (the rebalance timeout), so a longer wait is never a
+        legitimate one."""
+        if self.assigned or self.consumer is None:
+            self._unjoined_since = None
+            return
+        if self.consumer.group_metadata().generation_id > 0:  # a member, merely unassigned
+            self._unjoined_since = None
+            return
+        now = time.monotonic()
+        if self._unjoined_since is None:
+            self._unjoined_since = now
+            return
+        s = self.settings
+        if now - self._unjoined_since < (s.max_poll_interval_ms + s.session_timeout_ms) / 1000:
+            return
+        log.warning("the consumer has not joined its group; replacing it",
+                    extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
+        self.metrics.kafka_stalls.inc()
+        old, guard = self.consumer, self.stall_guard
+        if guard is not None:
+            guard.close()
+        try:
+            call_with_deadline(lambda: old.close(autocommit=False), 10.0, "closing the consumer")
+        except Exception as exc:  # noqa: BLE001 - it is being replaced either way
+            log.warning("closing the stuck consumer failed", extra={"error": repr(exc)[:200]})
+        self._new_consumer()
 
     def _count_device_gauges(self) -> None:
         if time.monotonic() < self._next_device_count:

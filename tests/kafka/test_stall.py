@@ -89,3 +89,18 @@ def test_the_worker_counts_a_stuck_poll_and_processes_every_reading(settings_fac
     worker.run(until=until)
     assert worker.totals.consumed == 20
     assert worker.metrics.kafka_stalls._value.get() == 1
+
+
+def test_a_consumer_that_never_joins_its_group_is_replaced(settings_factory, topic_name):
+    # The limit is max.poll.interval + session timeout: 7 s here.
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g",
+                         max_poll_interval_ms=1000, session_timeout_ms=6000)
+    send(s, topic_name, [f"d{i}" for i in range(10)], 1_700_000_000.0)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    stuck = worker.consumer
+    stuck._coordinator.ensure_active_group = lambda *a, **kw: False  # polls, never joins
+    worker.run(until=lambda w: w.totals.consumed >= 10)
+    assert worker.totals.consumed == 10
+    assert worker.metrics.kafka_stalls._value.get() == 1

@@ -1,0 +1,225 @@
+"""Live load: CPU a reading and latency of the worker against kafka-python's relay (issue 16).
+
+Readings arrive at a fixed rate from 1,000 devices, with ``ts`` = the time they are sent. The
+load generator and the reader each run in their own process, as does the service measured, so
+none competes with it for the interpreter lock. For the worker (default settings) and for the
+transactional relay of ``bench_relay.py`` (one transaction per poll), in the same run:
+
+* **CPU a reading**: the service process's user + system CPU from the start of the load to the
+  last output record, idle turns included, divided by the readings;
+* **p50 / p99 latency**: from a reading's ``ts`` to its output record seen by a
+  ``read_committed`` reader.
+
+Roles, each ``python -m stream_lstm.tools.bench_live ROLE ...`` (settings from the environment):
+``produce TOPIC RATE SECONDS``, ``relay TOPIC OUT``, ``read TOPIC EXPECT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+DEVICES = 1000
+_PAD = b', "pad": "' + b"x" * 400 + b'"}'
+
+
+def _env(settings: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None and "password" not in name:
+            env[f"STREAM_LSTM_{name.upper()}"] = str(value)
+    return env
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- the roles ---------------------------------------------------------------------------------
+def produce(settings: Any, topic: str, rate: float, seconds: float) -> None:
+    from stream_lstm.encoding import encode_reading
+    from stream_lstm.kafka.clients import make_producer
+
+    producer = make_producer(settings, linger_ms=1)
+    t0, i, n = time.perf_counter(), 0, int(rate * seconds)
+    while i < n:
+        due = t0 + i / rate
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(min(due - now, 0.002))
+            continue
+        dev = f"dev-{i % DEVICES}"
+        producer.send(topic, encode_reading(dev, time.time(), [20.0 + i % 7]), key=dev.encode())
+        i += 1
+    producer.flush()
+    producer.close()
+
+
+def relay(settings: Any, topic: str, out: str) -> None:
+    """kafka-python alone: read_committed in, one ~500 B record out per reading (the reading
+    itself, padded), one transaction per poll with its offsets. Runs until SIGTERM."""
+    import signal
+
+    from kafka.structs import OffsetAndMetadata
+
+    from stream_lstm.kafka.clients import make_consumer, make_producer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    group = f"live-relay-{uuid.uuid4().hex[:6]}"
+    consumer = make_consumer(settings, topic, group_id=group, auto_offset_reset="earliest",
+                             enable_auto_commit=False, isolation_level="read_committed")
+    producer = make_producer(settings, transactional_id=group)
+    producer.init_transactions()
+    while not stop.is_set():
+        polled = consumer.poll(timeout_ms=100)
+        if not polled:
+            continue
+        producer.begin_transaction()
+        offsets = {}
+        for tp, records in polled.items():
+            for rec in records:
+                producer.send(out, rec.value[:-1] + _PAD, key=rec.key)
+            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+        producer.commit_transaction()
+    consumer.close(autocommit=False)
+    producer.close(timeout=5)
+
+
+def read(settings: Any, topic: str, expect: int) -> None:
+    """Print ``ready`` once assigned, then one JSON line: latencies and when the last came."""
+    from stream_lstm.kafka.clients import make_consumer
+
+    consumer = make_consumer(settings, topic, group_id=f"live-read-{uuid.uuid4().hex[:6]}",
+                             auto_offset_reset="latest", isolation_level="read_committed",
+                             fetch_max_wait_ms=10)
+    while not consumer.assignment():
+        consumer.poll(timeout_ms=100)
+    for tp in consumer.assignment():
+        consumer.position(tp)  # pin "latest" now, before the load starts
+    print("ready", flush=True)
+    lat: list[float] = []
+    last, idle_until = time.time(), time.time() + 60
+    while len(lat) < expect and time.time() < idle_until:
+        for recs in consumer.poll(timeout_ms=100).values():
+            seen = time.time()
+            for r in recs:
+                ts = json.loads(r.value).get("ts")
+                if ts is not None and r.key != b"warm":
+                    lat.append(seen - ts)
+            last, idle_until = seen, seen + 15
+    consumer.close()
+    print(json.dumps({"n": len(lat), "last": last, "lat": lat}), flush=True)
+
+
+# ---- the measurement ---------------------------------------------------------------------------
+def _run_one(settings: Any, kind: str, rate: float, seconds: float) -> dict[str, float]:
+    from stream_lstm.encoding import encode_reading
+    from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+    topic = f"live-{kind}-{uuid.uuid4().hex[:6]}"
+    s = settings.model_copy(update={
+        "input_topic": topic, "output_topic": f"{topic}-out", "dlq_topic": f"{topic}-dlq",
+        "group_id": f"live-{kind}-{uuid.uuid4().hex[:6]}", "min_history": 1, "metrics_port": 0})
+    ensure_topics(s, [TopicSpec(topic, 4), TopicSpec(s.output_topic, 4)])
+    env = _env(s)
+    me = [sys.executable, "-m", "stream_lstm.tools.bench_live"]
+    cmd = me + ["relay", topic, s.output_topic] if kind == "relay" else \
+        [sys.executable, "-m", "stream_lstm.cli", "run"]
+    service = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Warm up: until the service answers (joined, restored, first transaction done).
+        warm_reader = make_consumer(s, s.output_topic, group_id=f"w-{uuid.uuid4().hex[:6]}",
+                                    auto_offset_reset="earliest", isolation_level="read_committed")
+        p = make_producer(s, linger_ms=1)
+        deadline = time.time() + 120
+        while time.time() < deadline and not warm_reader.poll(timeout_ms=500):
+            p.send(topic, encode_reading("warm", time.time(), [1.0]), key=b"warm")
+            p.flush()
+        warm_reader.close()
+        p.close()
+        n = int(rate * seconds)
+        reader = subprocess.Popen(me + ["read", s.output_topic, str(n)], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "ready"
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                samples.append((time.time(), _cpu_s(service.pid)))
+
+        threading.Thread(target=sample, daemon=True).start()
+        start = (time.time(), _cpu_s(service.pid))
+        subprocess.run(me + ["produce", topic, str(rate), str(seconds)], env=env, check=True)
+        out = json.loads(reader.stdout.readline())
+        reader.wait(30)
+        done.set()
+    finally:
+        service.terminate()
+        service.wait(60)
+    at_last = [c for t, c in samples if t <= out["last"]]
+    cpu = (at_last[-1] if at_last else samples[-1][1]) - start[1]
+    lat = np.array(out["lat"]) * 1e3
+    return {"cpu_ms_per_reading": 1e3 * cpu / max(1, out["n"]), "readings": out["n"],
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0}
+
+
+def bench_live(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    out: dict[str, Any] = {}
+    seconds = 10.0 if quick else 20.0
+    for rate in (500, 2000):
+        rows = {kind: _run_one(settings, kind, rate, seconds) for kind in ("relay", "worker")}
+        r, w = rows["relay"], rows["worker"]
+        cpu_ratio = w["cpu_ms_per_reading"] / r["cpu_ms_per_reading"] if r["cpu_ms_per_reading"] else 0.0
+        p99_ratio = w["p99_ms"] / r["p99_ms"] if r["p99_ms"] else 0.0
+        print(f"live at {rate}/s: CPU a reading worker {w['cpu_ms_per_reading']:.3f} ms, relay "
+              f"{r['cpu_ms_per_reading']:.3f} ms -> {cpu_ratio:.2f}x; p50/p99 worker "
+              f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f} ms, relay {r['p50_ms']:.0f}/{r['p99_ms']:.0f} ms "
+              f"-> p99 {p99_ratio:.2f}x ({w['readings']} and {r['readings']} readings seen)",
+              file=sys.stderr, flush=True)
+        out.update({
+            f"live_{rate}_worker_cpu_ms_per_reading": round(w["cpu_ms_per_reading"], 4),
+            f"live_{rate}_relay_cpu_ms_per_reading": round(r["cpu_ms_per_reading"], 4),
+            f"live_{rate}_cpu_ratio": round(cpu_ratio, 3),
+            f"live_{rate}_worker_p50_ms": round(w["p50_ms"], 1),
+            f"live_{rate}_worker_p99_ms": round(w["p99_ms"], 1),
+            f"live_{rate}_relay_p50_ms": round(r["p50_ms"], 1),
+            f"live_{rate}_relay_p99_ms": round(r["p99_ms"], 1),
+            f"live_{rate}_p99_ratio": round(p99_ratio, 3),
+        })
+    return out
+
+
+def main(argv: list[str]) -> None:
+    from stream_lstm.config import load_settings
+
+    settings = load_settings()
+    role, args = argv[0], argv[1:]
+    if role == "produce":
+        produce(settings, args[0], float(args[1]), float(args[2]))
+    elif role == "relay":
+        relay(settings, args[0], args[1])
+    elif role == "read":
+        read(settings, args[0], int(args[1]))
+    else:
+        raise SystemExit(f"unknown role {role!r}: produce, relay or read")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
