@@ -4,6 +4,8 @@
 * ``worker_vs_relay_<devices>``: the worker (defaults, exactly-once) / kafka-python's own
   transactional relay; ``state_vs_forecast_bytes_<devices>``: changelog bytes written per
   forecast byte (``bench_relay.py``).
+* ``live_<rate>_cpu_ratio`` / ``live_<rate>_p99_ratio``: CPU a reading and p99 latency of the
+  worker / the relay under a paced live load of 500 and 2,000 readings/s (``bench_live.py``).
 * ``restore_s_100k``: seconds to restore 100k devices' state from the changelog into the
   local store (``--quick`` restores 25k and reports ``restore_s_25k``).
 * ``retrain_ratio``: in-process pipeline throughput while a background retrain runs / without.
@@ -324,5 +326,11 @@ def _bench_relay(settings: Any, topic: str, messages: int, result: dict, quick: 
     return bench_relay(settings, topic, messages, result, quick)
 
 
-BENCHMARKS = [bench_eos, _bench_relay, bench_restore, bench_retrain_and_swap, bench_experts,
+def _bench_live(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.tools.bench_live import bench_live
+
+    return bench_live(settings, topic, messages, result, quick)
+
+
+BENCHMARKS = [bench_eos, _bench_relay, _bench_live, bench_restore, bench_retrain_and_swap, bench_experts,
               bench_alerts, bench_latency]
