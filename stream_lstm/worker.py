@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
 from kafka.errors import KafkaTimeoutError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
 
 from stream_lstm import alerts, experts
 from stream_lstm.checkpointing.manager import StateManager
@@ -195,6 +195,13 @@ class Worker:
             **fetch_shape(s.commit_interval_ms),
             client_id=f"stream-lstm-{self.instance_id}",
         )
+        # The consumer's metadata must know the input's partitions before its first join: a
+        # group leader that joins without them assigns nothing ("No partition metadata") and,
+        # under kafka-python 3.0.12, did not rebalance when they appeared; test_flood sat
+        # there with its freshly created topic until it timed out.
+        deadline = time.monotonic() + 30.0
+        while not self.consumer.partitions_for_topic(s.input_topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
         self.consumer.subscribe(
             [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
         )
@@ -527,16 +534,17 @@ class Worker:
             self._update_readiness()
 
     def _check_membership(self) -> None:
-        """Rebuild a consumer that has not joined its group within the rebalance timeout.
+        """Rebuild a consumer that has been out of its group (not a stable member) for two
+        minutes (or the rebalance timeout, if shorter).
 
-        Seen here under kafka-python 3.0.12: a fresh consumer polling for minutes without ever
-        joining (its group stayed Empty), while a new client joined at once. The broker allows a
-        join max.poll.interval.ms (the rebalance timeout), so a longer wait is never a
-        legitimate one."""
+        Seen here under kafka-python 3.0.12 (test_flood, after test_faults restarted the
+        broker): a consumer polling for minutes outside its group (the group Empty, no member)
+        while a new client joined the same group at once; the stuck one rejoined only when
+        that other member joined."""
         if self.assigned or self.consumer is None:
             self._unjoined_since = None
             return
-        if self.consumer.group_metadata().generation_id > 0:  # a member, merely unassigned
+        if self.consumer.group_metadata().state == MemberState.STABLE:  # merely unassigned
             self._unjoined_since = None
             return
         now = time.monotonic()
@@ -544,7 +552,11 @@ class Worker:
             self._unjoined_since = now
             return
         s = self.settings
-        if now - self._unjoined_since < (s.max_poll_interval_ms + s.session_timeout_ms) / 1000:
+        # The broker allows a join the rebalance timeout (max.poll.interval.ms), but no group of
+        # this service needs minutes: two suffice, and a replacement costs one more rebalance.
+        limit_s = min(s.max_poll_interval_ms + s.session_timeout_ms,
+                      max(120_000, 3 * s.session_timeout_ms)) / 1000
+        if now - self._unjoined_since < limit_s:
             return
         log.warning("the consumer has not joined its group; replacing it",
                     extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
