@@ -25,20 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
-from kafka.errors import KafkaTimeoutError
-from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm import alerts, experts
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import check_retention, log_start, replay_input
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
-from stream_lstm.kafka.clients import make_consumer, make_producer
-from stream_lstm.kafka.deadline import call_with_deadline
-from stream_lstm.kafka.heartbeat import GroupHeartbeat
+from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
-from stream_lstm.kafka.stall import StallGuard
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.startup import ensure_worker_topics, load_served_model
@@ -47,17 +44,6 @@ from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle, Served
 
 log = logging.getLogger("stream_lstm.worker")
-
-
-def fetch_shape(commit_interval_ms: int) -> dict[str, int]:
-    """Fuller turns on a live input: the broker holds a fetch until 64 KiB (about 800
-    readings) or the commit interval has passed, since forecasts wait for the commit anyway.
-    Every loop turn costs the same whatever it carries (a fetch, a batched step, the
-    housekeeping), so nearly empty turns are what made a live reading cost several times a
-    backlog one. With commits every poll, a poll returns as soon as anything arrives."""
-    if commit_interval_ms <= 0:
-        return {"fetch_min_bytes": 1, "fetch_max_wait_ms": 100}
-    return {"fetch_min_bytes": 64 * 1024, "fetch_max_wait_ms": max(10, min(500, commit_interval_ms))}
 
 
 @dataclass
@@ -127,11 +113,8 @@ class Worker:
             self.lifecycle.rewarm_stale,
         )
         self._stop = threading.Event()
-        self.consumer: KafkaConsumer | None = None
+        self.group: GroupConsumer | None = None
         self.publisher: BatchPublisher | None = None
-        self.heartbeat: GroupHeartbeat | None = None
-        self.stall_guard: StallGuard | None = None
-        self._unjoined_since: float | None = None
         self._open: OpenTransaction | None = None
         self._failed_in_callback: Exception | None = None
         self.assigned: set[int] = set()
@@ -176,38 +159,14 @@ class Worker:
         self.metrics.set_model_version(self.lifecycle.version, time.time())
 
     def _new_consumer(self) -> None:
-        """The group consumer (cooperative-sticky), its heartbeat watch and its stall guard."""
-        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+        self.group = GroupConsumer(self.settings, PartitionListener(self.on_assigned, self.on_revoked),
+                                   client_id=f"stream-lstm-{self.instance_id}",
+                                   on_stall=self.metrics.kafka_stalls.inc)
 
-        s = self.settings
-        self.consumer = make_consumer(
-            s,
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.poll_max_records,
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            session_timeout_ms=s.session_timeout_ms,
-            isolation_level="read_committed",
-            partition_assignment_strategy=[CooperativeStickyAssignor()],
-            fetch_max_bytes=16 * 1024 * 1024,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **fetch_shape(s.commit_interval_ms),
-            client_id=f"stream-lstm-{self.instance_id}",
-        )
-        # The consumer's metadata must know the input's partitions before its first join: a
-        # group leader that joins without them assigns nothing ("No partition metadata") and,
-        # under kafka-python 3.0.12, did not rebalance when they appeared; test_flood sat
-        # there with its freshly created topic until it timed out.
-        deadline = time.monotonic() + 30.0
-        while not self.consumer.partitions_for_topic(s.input_topic) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        self.consumer.subscribe(
-            [s.input_topic], listener=PartitionListener(self.on_assigned, self.on_revoked)
-        )
-        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
-        self.stall_guard = StallGuard(self.consumer)
-        self._unjoined_since = None
+    @property
+    def consumer(self) -> KafkaConsumer | None:
+        """The group's current consumer (kafka/group_consumer.py may replace a stuck one)."""
+        return self.group.consumer if self.group is not None else None
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:
         """Poll and process batches until stopped (or ``until(self)`` is true); then close."""
@@ -218,7 +177,7 @@ class Worker:
         try:
             while not self._stop.is_set():
                 self._restore_some()
-                polled = self._poll()
+                polled = self.group.poll(self._poll_wait_ms())
                 if self._failed_in_callback is not None:  # a commit on revocation failed
                     self._rollback(self._failed_in_callback)
                 self.health.beat()
@@ -229,7 +188,7 @@ class Worker:
                 self._update_lag()
                 self._count_device_gauges()
                 self._check_heartbeat()
-                self._check_membership()
+                self.group.check_membership(bool(self.assigned))
                 if until is not None and until(self):
                     break
             clean = True
@@ -237,33 +196,14 @@ class Worker:
             self.close(clean)
         return self.totals
 
-    def _poll(self) -> dict:
-        """One ``consumer.poll``; a poll stuck inside kafka-python is ended and counts as empty."""
-        s = self.settings
-        # The broker evicts a member that has not polled within max.poll.interval.ms, so no
-        # poll (rebalance callbacks included) legitimately takes longer than that.
-        limit_s = (s.max_poll_interval_ms + s.session_timeout_ms + s.poll_timeout_ms) / 1000
-        assert self.consumer is not None and self.stall_guard is not None
-        try:
-            with self.stall_guard.limit("consumer.poll", limit_s):
-                return self.consumer.poll(timeout_ms=self._poll_wait_ms(),
-                                          max_records=s.poll_max_records)
-        except KafkaTimeoutError as exc:
-            self.metrics.kafka_stalls.inc()
-            log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
-            return {}
-
     def close(self, clean: bool = True) -> None:
         if clean and self.publisher is not None and self.consumer is not None:
             self.commit(flush=set(self.assigned))  # every changed device is checkpointed
         self.lifecycle.close()
-        if self.stall_guard is not None:
-            self.stall_guard.close()
-            self.stall_guard = None
         self.state.close(self.table, clean=clean)
-        if self.consumer is not None:
-            self.consumer.close(autocommit=False)
-            self.consumer = None
+        if self.group is not None:
+            self.group.close()
+            self.group = None
         if self.publisher is not None:
             self.publisher.producer.close(timeout=10)
             self.publisher = None
@@ -415,6 +355,8 @@ class Worker:
         """Whether to commit now: the open transaction is old enough, or its changed devices
         fill half the table (evicting more of them would only hold them in memory), or, with
         none open, a partition's checkpoint is due (so an idle input still checkpoints)."""
+        if self.group is not None and self.group.rebalancing():
+            return False  # offsets cannot be committed mid-rebalance: wait for the new generation
         if self._open is None:
             return bool(self.state.flush_due())
         age_ms = (time.monotonic() - self._open.began) * 1000
@@ -530,45 +472,8 @@ class Worker:
 
     def _check_heartbeat(self) -> None:
         # An idle worker publishes nothing, so no failed publish reports a broker outage.
-        if self.heartbeat is not None and self.assigned and self.heartbeat.report(self.health):
+        if self.group is not None and self.assigned and self.group.heartbeat.report(self.health):
             self._update_readiness()
-
-    def _check_membership(self) -> None:
-        """Rebuild a consumer that has been out of its group (not a stable member) for two
-        minutes (or the rebalance timeout, if shorter).
-
-        Seen here under kafka-python 3.0.12 (test_flood, after test_faults restarted the
-        broker): a consumer polling for minutes outside its group (the group Empty, no member)
-        while a new client joined the same group at once; the stuck one rejoined only when
-        that other member joined."""
-        if self.assigned or self.consumer is None:
-            self._unjoined_since = None
-            return
-        if self.consumer.group_metadata().state == MemberState.STABLE:  # merely unassigned
-            self._unjoined_since = None
-            return
-        now = time.monotonic()
-        if self._unjoined_since is None:
-            self._unjoined_since = now
-            return
-        s = self.settings
-        # The broker allows a join the rebalance timeout (max.poll.interval.ms), but no group of
-        # this service needs minutes: two suffice, and a replacement costs one more rebalance.
-        limit_s = min(s.max_poll_interval_ms + s.session_timeout_ms,
-                      max(120_000, 3 * s.session_timeout_ms)) / 1000
-        if now - self._unjoined_since < limit_s:
-            return
-        log.warning("the consumer has not joined its group; replacing it",
-                    extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
-        self.metrics.kafka_stalls.inc()
-        old, guard = self.consumer, self.stall_guard
-        if guard is not None:
-            guard.close()
-        try:
-            call_with_deadline(lambda: old.close(autocommit=False), 10.0, "closing the consumer")
-        except Exception as exc:  # noqa: BLE001 - it is being replaced either way
-            log.warning("closing the stuck consumer failed", extra={"error": repr(exc)[:200]})
-        self._new_consumer()
 
     def _count_device_gauges(self) -> None:
         if time.monotonic() < self._next_device_count:

@@ -80,7 +80,7 @@ class StateManager:
         # Partitions with dirty devices, and when each is next due to checkpoint them.
         self._next_flush: dict[int, float] = {}
         # What the commit being made writes: (partitions checkpointed, devices written).
-        self._writing: tuple[set[int], list[str], dict[int, int]] = (set(), [], {})
+        self._writing: tuple[set[int], list[str], dict[int, int], list] = (set(), [], {}, [])
         # The replay marker last committed per partition (for the clean-stop checkpoint), and
         # the first marker of a partition whose changelog has none, to write on the next commit.
         self.markers: dict[int, int] = {}
@@ -127,7 +127,10 @@ class StateManager:
         else:
             devs = list(self._evicted_dirty)
         markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
-        self._writing = (due, devs, markers)
+        # Evicted devices are encoded once: the same bytes go to the changelog and, after the
+        # commit, to the local store.
+        evicted = changelog_records(list(self._evicted_dirty.values()))
+        self._writing = (due, devs, markers, evicted)
         if not devs and not markers:
             return []
         import numpy as np
@@ -137,7 +140,7 @@ class StateManager:
         snaps = table.snapshots(slots) if len(slots) else []
         out: list[ChangelogRecord] = [
             (self.topic, key, value, None, partition)
-            for key, value, partition in changelog_records([*snaps, *self._evicted_dirty.values()])
+            for key, value, partition in [*changelog_records(snaps), *evicted]
         ]
         out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
                    for p, offset in sorted(markers.items()))
@@ -149,11 +152,12 @@ class StateManager:
         for (topic, partition), offset in written.items():
             if topic == self.topic:
                 self.written[partition] = offset + 1
+        due, devs, markers, evicted = self._writing
         if self._evicted_dirty:
-            self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
-                                 for s in self._evicted_dirty.values()])
+            rows = {key.decode(): (partition, value) for key, value, partition in evicted}
+            self.store.put_many([(d, *rows[d]) if d in rows else (d, s.partition, encode_snapshot(s))
+                                 for d, s in self._evicted_dirty.items()])
             self._evicted_dirty.clear()
-        due, devs, markers = self._writing
         for dev in devs:
             self.dirty.pop(dev, None)
         for p in due:
@@ -161,7 +165,7 @@ class StateManager:
         self.markers.update(markers)
         for p in markers:
             self._first_markers.pop(p, None)
-        self._writing = (set(), [], {})
+        self._writing = (set(), [], {}, [])
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
@@ -255,7 +259,7 @@ class StateManager:
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""
-        self._writing = (set(), [], {})
+        self._writing = (set(), [], {}, [])
         self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 

@@ -82,8 +82,7 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
                              fetch_max_wait_ms=20)
     try:
         consumer.assign([tp])
-        begin = call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
-                                   "listing the input's log start", on_timeout=consumer.close)
+        begin = _beginning(consumer, tp)
         if begin > start:
             out.missing = begin - start
             log.error("readings needed to replay state were deleted by the input topic's "
@@ -112,10 +111,14 @@ def log_start(settings: Settings, partition: int) -> int:
     tp = TopicPartition(settings.input_topic, partition)
     consumer = make_consumer(settings, enable_auto_commit=False)
     try:
-        return call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
-                                  "listing the input's log start", on_timeout=consumer.close)
+        return _beginning(consumer, tp)
     finally:
         consumer.close()
+
+
+def _beginning(consumer, tp: TopicPartition) -> int:  # noqa: ANN001 - a KafkaConsumer
+    return call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
+                              "listing the input's log start", on_timeout=consumer.close)
 
 
 def check_retention(settings: Settings) -> str | None:

@@ -1,0 +1,172 @@
+"""The worker's consumer in its group, with kafka-python 3.0.12's stuck states handled in one place.
+
+``GroupConsumer`` builds the ``KafkaConsumer`` the worker reads with (cooperative-sticky,
+read_committed, manual commits, fuller fetches on a live input) and wraps the one call that can
+hang, ``poll``, with every guard the worker needs against kafka-python 3.0.12:
+
+* the input's partitions are in the consumer's metadata before its first join (a leader that
+  joined without them assigned nothing and never rebalanced when they appeared);
+* a join that finished unapplied is rejoined before the next poll (``join.py``);
+* a poll stuck on the client's own network thread is ended (``stall.py``);
+* a consumer that has been out of its group for minutes is replaced (``check_membership``).
+
+Each of these is counted by ``on_stall`` (``stream_lstm_kafka_stalls_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaTimeoutError
+from kafka.structs import MemberState
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.kafka.deadline import call_with_deadline
+from stream_lstm.kafka.heartbeat import GroupHeartbeat
+from stream_lstm.kafka.join import is_rebalancing, mend_abandoned_join
+from stream_lstm.kafka.stall import StallGuard
+
+log = logging.getLogger(__name__)
+
+
+def fetch_shape(commit_interval_ms: int) -> dict[str, int]:
+    """Fuller turns on a live input: the broker holds a fetch until 64 KiB (about 800
+    readings) or the commit interval has passed, since forecasts wait for the commit anyway.
+    Every loop turn costs the same whatever it carries (a fetch, a batched step, the
+    housekeeping), so nearly empty turns are what made a live reading cost several times a
+    backlog one. With commits every poll, a poll returns as soon as anything arrives.
+
+    >>> fetch_shape(100)
+    {'fetch_min_bytes': 65536, 'fetch_max_wait_ms': 100}
+    >>> fetch_shape(0)
+    {'fetch_min_bytes': 1, 'fetch_max_wait_ms': 100}
+    """
+    if commit_interval_ms <= 0:
+        return {"fetch_min_bytes": 1, "fetch_max_wait_ms": 100}
+    return {"fetch_min_bytes": 64 * 1024, "fetch_max_wait_ms": max(10, min(500, commit_interval_ms))}
+
+
+class GroupConsumer:
+    """Reads the input topic as a member of the worker's consumer group.
+
+    Parameters
+    ----------
+    settings
+        The worker's settings (topic, group, poll and session limits, security).
+    listener
+        The rebalance listener (``rebalance.PartitionListener``); it runs inside ``poll``.
+    client_id
+        The Kafka client id (the worker's instance id, so brokers' logs say which worker).
+    on_stall
+        Called once for every stuck state ended or mended (a metric, in the worker).
+
+    ``consumer`` is the current ``KafkaConsumer``: use it for offsets, pause and resume, but
+    poll through ``poll``. A replaced consumer is a new object.
+    """
+
+    def __init__(self, settings: Settings, listener: Any, client_id: str,
+                 on_stall: Callable[[], None] = lambda: None) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.client_id = client_id
+        self.on_stall = on_stall
+        self.consumer: KafkaConsumer = self._subscribe()
+        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=settings.session_timeout_ms / 1000)
+        self.stall_guard = StallGuard(self.consumer)
+        self._unjoined_since: float | None = None
+
+    def _subscribe(self) -> KafkaConsumer:
+        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
+        s = self.settings
+        consumer = make_consumer(
+            s,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.poll_max_records,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            isolation_level="read_committed",
+            partition_assignment_strategy=[CooperativeStickyAssignor()],
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **fetch_shape(s.commit_interval_ms),
+            client_id=self.client_id,
+        )
+        # The consumer's metadata must know the input's partitions before its first join: a
+        # group leader that joins without them assigns nothing ("No partition metadata") and,
+        # under kafka-python 3.0.12, did not rebalance when they appeared.
+        deadline = time.monotonic() + 30.0
+        while not consumer.partitions_for_topic(s.input_topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        consumer.subscribe([s.input_topic], listener=self.listener)
+        return consumer
+
+    def poll(self, timeout_ms: int) -> dict:
+        """One ``consumer.poll``; a poll stuck inside kafka-python is ended and counts as empty."""
+        s = self.settings
+        if mend_abandoned_join(self.consumer):
+            self.on_stall()
+        # A rebalance completes inside poll: a short poll leaves the join to the next one.
+        if self.rebalancing():
+            timeout_ms = max(timeout_ms, s.poll_timeout_ms)
+        # The broker evicts a member that has not polled within max.poll.interval.ms, so no
+        # poll (rebalance callbacks included) legitimately takes longer than that.
+        limit_s = (s.max_poll_interval_ms + s.session_timeout_ms + s.poll_timeout_ms) / 1000
+        try:
+            with self.stall_guard.limit("consumer.poll", limit_s):
+                return self.consumer.poll(timeout_ms=timeout_ms, max_records=s.poll_max_records)
+        except KafkaTimeoutError as exc:
+            self.on_stall()
+            log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
+            return {}
+
+    def rebalancing(self) -> bool:
+        """Whether the membership is unsettled: offsets cannot be committed until it settles."""
+        return is_rebalancing(self.consumer)
+
+    def check_membership(self, assigned: bool) -> None:
+        """Rebuild a consumer that has been out of its group (not a stable member) for two
+        minutes (or the rebalance timeout, if shorter).
+
+        Seen under kafka-python 3.0.12 (test_flood, after test_faults restarted the broker): a
+        consumer polling for minutes outside its group (the group Empty, no member) while a new
+        client joined the same group at once; the stuck one rejoined only when that other
+        member joined."""
+        if assigned or self.consumer.group_metadata().state == MemberState.STABLE:
+            self._unjoined_since = None  # a member (merely unassigned, perhaps)
+            return
+        now = time.monotonic()
+        if self._unjoined_since is None:
+            self._unjoined_since = now
+            return
+        s = self.settings
+        # The broker allows a join the rebalance timeout (max.poll.interval.ms), but no group of
+        # this service needs minutes: two suffice, and a replacement costs one more rebalance.
+        limit_s = min(s.max_poll_interval_ms + s.session_timeout_ms,
+                      max(120_000, 3 * s.session_timeout_ms)) / 1000
+        if now - self._unjoined_since < limit_s:
+            return
+        log.warning("the consumer has not joined its group; replacing it",
+                    extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
+        self.on_stall()
+        self.close()
+        self.consumer = self._subscribe()
+        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
+        self.stall_guard = StallGuard(self.consumer)
+        self._unjoined_since = None
+
+    def close(self) -> None:
+        """Stop the stall guard and close the consumer without committing (the worker does)."""
+        self.stall_guard.close()
+        old = self.consumer
+        try:
+            call_with_deadline(lambda: old.close(autocommit=False), 10.0, "closing the consumer")
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            log.warning("closing the consumer failed", extra={"error": repr(exc)[:200]})
