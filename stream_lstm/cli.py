@@ -17,13 +17,13 @@ from stream_lstm.config import SettingsError
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("stream_lstm.tools.demo", "Run everything locally: broker, a fleet (or a CSV replay), the worker, live forecasts"),
     "run": ("stream_lstm.worker", "Run the long-lived forecasting worker"),
-    "kafka": ("stream_lstm.kafka.local_broker", "Start or stop a local Apache Kafka broker (KRaft, from Maven jars)"),
+    "kafka": ("stream_lstm.kafka.broker_cli", "Start or stop a local Apache Kafka broker (KRaft, from Maven jars)"),
     "simulate": ("stream_lstm.tools.simulate", "Produce a synthetic sensor fleet into the input topic"),
     "replay": ("stream_lstm.tools.replay", "Replay a real CSV recording into the input topic"),
     "train": ("stream_lstm.training.offline", "Fit an initial model on a CSV and save it (safetensors)"),
     "trainer": ("stream_lstm.training.service", "Run the retrainer as its own process (publishes models)"),
     "models": ("stream_lstm.models.registry_cli", "List the model registry, or roll back to a version"),
-    "bench": ("stream_lstm.tools.bench", "Benchmark throughput, latency and memory against a real broker"),
+    "bench": ("stream_lstm.tools.bench_cli", "Benchmark throughput, latency and memory against a real broker"),
     "evaluate": ("stream_lstm.tools.evaluate", "Replay recordings through the real pipeline and score forecasts"),
 }
 

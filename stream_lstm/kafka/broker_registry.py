@@ -6,7 +6,7 @@ Each broker ``kafka up`` starts is one small file, ``<cache>/brokers/<port>.json
 as for the jars). Two live brokers cannot share a port, so the port is the key. An entry
 whose broker is gone (a dead pid, or a pid now used by another process) is stale: reading the
 registry removes it and says so. :func:`started_brokers` and :func:`broker_for` are what the
-``kafka`` command (:func:`stream_lstm.kafka.local_broker.main`) asks.
+``kafka`` command (:func:`stream_lstm.kafka.broker_cli.main`) asks.
 
 >>> import tempfile; root = Path(tempfile.mkdtemp())   # default: registry_dir()
 >>> record(9192, 4321, "/tmp/my-broker", root=root).name

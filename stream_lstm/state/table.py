@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from stream_lstm import experts
+from stream_lstm.state import expert_state
 from stream_lstm.state.columns import COLUMNS, HORIZON, Column
 from stream_lstm.state.normalizer import OnlineNormalizer
 from stream_lstm.state.snapshot import DeviceSnapshot
@@ -112,7 +112,7 @@ class DeviceTable:
                     setattr(self, col.name, col.rows(self.capacity, horizon))
 
     def _fresh_experts(self, n: int) -> np.ndarray:
-        return experts.init_state(n) if self.with_experts else np.zeros((n, 0))
+        return expert_state.init_state(n) if self.with_experts else np.zeros((n, 0))
 
     @property
     def capacity(self) -> int:
@@ -257,7 +257,7 @@ class DeviceTable:
             count=float(self.norm.count[slot]), mean=self.norm.mean[slot].copy(),
             var=self.norm.var[slot].copy(), window=self.window.ordered(slot),
             model_version=self.model_version[slot],
-            experts=experts.pack(self.experts[slot]) if self.with_experts else np.zeros(0),
+            experts=expert_state.pack(self.experts[slot]) if self.with_experts else np.zeros(0),
             extra=extra, **fields,
         )
 
@@ -296,6 +296,6 @@ class DeviceTable:
                 table[slot] = getattr(snap, col.name)
         # A snapshot from before the experts (or with another layout) starts them afresh.
         if self.with_experts:
-            fresh = snap.experts.shape != (experts.PACKED_SIZE,)
-            self.experts[slot] = self._fresh_experts(1)[0] if fresh else experts.unpack(snap.experts)
+            fresh = snap.experts.shape != (expert_state.PACKED_SIZE,)
+            self.experts[slot] = self._fresh_experts(1)[0] if fresh else expert_state.unpack(snap.experts)
         self.model_version[slot] = snap.model_version if compatible else ""

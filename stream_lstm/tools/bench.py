@@ -1,25 +1,10 @@
-"""``stream-lstm bench``: throughput, latency and memory, measured against a real broker.
-
-Every figure is taken in the same run as its baseline, and reported as a ratio to it,
-because shared machines are noisy:
-
-* ``bare_consume_msgs_per_s``: a plain kafka-python consume loop over a pre-filled topic (the
-  ceiling); ``pipeline_msgs_per_s``: the full worker over the same topic, to acknowledged
-  forecasts and committed offsets; ``ratio`` = pipeline / bare.
-* ``engine_steps_per_s`` (one batched stateful step, 10k devices, W=64, hidden 64) against
-  ``naive_steps_per_s`` (the textbook per-message stateless forward over the whole window)
-  and ``batched_window_steps_per_s`` (the same forward batched across devices).
-* ``p50_ms`` / ``p99_ms``: produce-to-forecast latency with a worker process at about half its
-  measured sustained rate.
-* ``rss_bytes_per_device`` and in-process pipeline throughput at 1k and 100k devices.
-
-Human-readable lines go to stderr; the **last line on stdout is one JSON object**.
-"""
+"""The core benchmarks of ``stream-lstm bench`` (``bench_cli.py`` runs them all): the batched
+engine against per-message forwards, the in-process pipeline at 1k and 100k devices, and a
+plain kafka-python consume loop against the full worker over the same pre-filled topic.
+``bench_extra.py``, ``bench_relay.py`` and ``bench_live.py`` hold the others."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 import uuid
@@ -183,70 +168,3 @@ def bench_pipeline(settings: Any, topic: str, messages: int, guarantee: str) -> 
     # From the first batch (after the group join) to the last commit.
     assert worker.first_batch_at is not None, "the worker processed nothing"
     return totals.consumed / (time.perf_counter() - worker.first_batch_at)
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=10_000, help="fleet size for the engine "
-                        "and Kafka benchmarks (default 10000)")
-    parser.add_argument("--messages", type=int, default=200_000,
-                        help="readings pre-filled for the consume/pipeline comparison")
-    parser.add_argument("--quick", action="store_true", help="smaller runs; finishes in < 2 min")
-    parser.add_argument("--skip-kafka", action="store_true", help="only in-process benchmarks")
-
-
-def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from stream_lstm.config import load_settings
-
-    messages = min(args.messages, 40_000) if args.quick else args.messages
-    devices = args.devices
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    result: dict[str, Any] = {"quick": bool(args.quick), "torch_threads": torch.get_num_threads()}
-
-    say(f"engine: {devices} devices, W=64, hidden=64 ...")
-    result.update(bench_engine(devices))
-    say(f"  engine {result['engine_steps_per_s']:,} steps/s; naive {result['naive_steps_per_s']:,}"
-        f"; batched window {result['batched_window_steps_per_s']:,} -> speedup "
-        f"{result['speedup']}x, {result['speedup_vs_batched_window']}x vs batched window")
-
-    for n in (1_000, 100_000):
-        say(f"pipeline in-process at {n:,} devices ...")
-        r = bench_scale(n, readings_per_device=3 if args.quick else 5)
-        result[f"pipeline_inproc_msgs_per_s_{n}"] = r["msgs_per_s"]
-        result[f"rss_bytes_per_device_{n}"] = r["rss_bytes_per_device"]
-        say(f"  {r['msgs_per_s']:,} msgs/s, {r['rss_bytes_per_device']:,} B/device")
-    result["devices"] = 100_000
-    result["rss_bytes_per_device"] = result["rss_bytes_per_device_100000"]
-    result["scale_ratio_100k_vs_1k"] = round(
-        result["pipeline_inproc_msgs_per_s_100000"] / result["pipeline_inproc_msgs_per_s_1000"], 3)
-
-    if not args.skip_kafka:
-        settings = load_settings()
-        from stream_lstm.kafka.local_broker import ensure_local_broker
-
-        with ensure_local_broker(settings) as bootstrap:
-            s = settings.model_copy(update={"bootstrap_servers": bootstrap})
-            topic = f"bench-{uuid.uuid4().hex[:8]}"
-            say(f"pre-filling {messages:,} readings for {min(devices, messages):,} devices ...")
-            prefill(s, topic, messages, min(devices, messages))
-            bare = bench_bare_consume(s, topic, messages)
-            say(f"  bare consume {bare:,.0f} msgs/s")
-            pipe = bench_pipeline(s, topic, messages, "at_least_once")
-            say(f"  pipeline (at-least-once) {pipe:,.0f} msgs/s -> ratio {pipe / bare:.2f}")
-            result.update({
-                "bare_consume_msgs_per_s": round(bare), "pipeline_msgs_per_s": round(pipe),
-                "ratio": round(pipe / bare, 3),
-            })
-            for extra in _extra_benchmarks():
-                result.update(extra(s, topic, messages, result, args.quick))
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-def _extra_benchmarks() -> list:
-    """Benchmarks added by later features (exactly-once, restore, retrain, latency)."""
-    from stream_lstm.tools import bench_extra
-
-    return bench_extra.BENCHMARKS

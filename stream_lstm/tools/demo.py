@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,21 +31,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from stream_lstm.config import ENV_PREFIX, Settings, load_settings
-
-STOP_GRACE_S = 30.0  # how long a child may take to stop after SIGTERM before SIGKILL
-_OUT_LOCK = threading.Lock()
-
-
-def say(line: str) -> None:
-    """One whole line on stdout, flushed (the relay thread and the main thread both print)."""
-    with _OUT_LOCK, contextlib.suppress(OSError, ValueError):
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+from stream_lstm.tools.children import (
+    Child,
+    StopSignals,
+    say,
+    start_child,
+    stop_children,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,120 +84,6 @@ def ensure_broker(settings: Settings, port: int,
     say(f"starting a local Kafka broker on 127.0.0.1:{port} (first run fetches jars with mvn)")
     broker.start()
     return broker.bootstrap, broker
-
-
-class StopSignals:
-    """SIGINT and SIGTERM for ``up`` (installed in the main thread, restored on exit).
-
-    While ``raising`` (setting up) a signal raises :class:`KeyboardInterrupt`, so the clean-up
-    runs; after that the first one sets ``stop`` (the forecast loop ends) and a later one
-    ``hurry`` (stopping kills what is still running instead of waiting). Nothing is printed
-    from the handler itself: printing there can re-enter a write the main thread is in.
-    """
-
-    def __init__(self) -> None:
-        self.stop = self.hurry = False
-        self.raising = True
-        self._previous: list[tuple[int, Any]] = []
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous.append((sig, signal.getsignal(sig)))
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, _signum: int, _frame: object) -> None:
-        if self.raising:
-            self.raising = False  # one KeyboardInterrupt; later signals hurry the clean-up
-            raise KeyboardInterrupt
-        if self.stop:
-            self.hurry = True
-        self.stop = True
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, handler in self._previous:
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-@dataclass
-class Child:
-    """A process ``up`` started, in its own session (its pid is its process group's id)."""
-
-    name: str
-    proc: subprocess.Popen
-    log: Path | None = None
-    stopped: bool = False  # we sent it SIGTERM
-    killed: bool = False  # we had to SIGKILL its group
-
-
-def start_child(name: str, cmd: list[str], env: dict[str, str], log: Path | None = None,
-                **kw: Any) -> Child:
-    """Start ``cmd`` in a new session: the terminal's Ctrl-C goes to ``up`` only, not to it."""
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
-    return Child(name, proc, log)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc (Linux)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    out = []
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                out.append(int(d.name))
-    return out
-
-
-def stop_children(children: list[Child], signals: StopSignals,
-                  grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM each running child, wait for all (up to ``grace`` s, less on a second signal),
-    SIGKILL the group of any still running, then end whatever is left in each group (the
-    worker's trainer, should the worker not have ended it)."""
-    for c in children:
-        if c.proc.poll() is None:
-            c.stopped = True
-            with contextlib.suppress(ProcessLookupError):
-                c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    told = False
-    for c in children:
-        while c.proc.poll() is None and not signals.hurry and time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=0.2)
-        if c.proc.poll() is None:
-            if signals.hurry and not told:
-                told = True
-                say("stopping now: killing what is still running")
-            c.killed = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            c.proc.wait()
-    for c in children:
-        end_group(c.proc.pid, signals)
-
-
-def end_group(pgid: int, signals: StopSignals, grace: float = 5.0) -> None:
-    """SIGTERM what is left of process group ``pgid``, then SIGKILL it after ``grace`` s."""
-    if not group_members(pgid):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while group_members(pgid) and time.monotonic() < deadline and not signals.hurry:
-        time.sleep(0.05)
-    if group_members(pgid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
 
 
 def summarize_log_line(line: str) -> str | None:

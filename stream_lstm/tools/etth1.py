@@ -28,8 +28,8 @@ def etth1_protocol(path: Path, horizons: list[int], settings: Any, epochs: int) 
     import torch
 
     from stream_lstm.models.lstm import SimpleLSTM
+    from stream_lstm.recordings import load_csv
     from stream_lstm.state.normalizer import normalize_sequence
-    from stream_lstm.tools.replay import load_csv
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import train_tbptt
 

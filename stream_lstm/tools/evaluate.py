@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stream_lstm.tools import scoring
+from stream_lstm.tools.through_worker import load, plots_available, run_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,33 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "swept anomaly likelihood) with NAB's profiles; writes nab.json and plots")
 
 
-def plots_available() -> bool:
-    """Whether matplotlib is installed; says on stderr that there will be no plots if not."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("evaluate: matplotlib is not installed, so no plots "
-              "(pip install 'stream-lstm[plots]')", file=sys.stderr)
-        return False
-    return True
-
-
 # ---- data and training -------------------------------------------------------------------------
-def load(files: list[Path], limit: int,
-         time_column: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{name: (ts, values)}`` of each recording's ``value`` column (first ``limit`` rows);
-    the time column as :func:`~stream_lstm.tools.replay.load_csv` picks it, said on stderr."""
-    from stream_lstm.tools.replay import load_csv, stderr_note
-
-    out = {}
-    for f in files:
-        ts, x = load_csv(f, time_column, note=stderr_note("evaluate"))
-        ts, x = ts[:limit or None], x[:limit or None, 0]
-        keep = np.concatenate([[True], np.diff(ts) > 0])  # the worker drops repeated timestamps
-        out[f.stem] = (ts[keep], x[keep])
-    return out
-
-
 def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]], epochs: int):
     import torch
 
@@ -109,59 +82,6 @@ def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]],
                 patience=4, batch_size=16, progress=progress)
     print(file=sys.stderr)
     return model.eval(), spec
-
-
-# ---- the real pipeline ---------------------------------------------------------------------------
-def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:
-    """Replay every series through broker + worker; return the forecasts read back from the
-    output topic, per device, and that topic's name."""
-    from stream_lstm.encoding import encode_reading
-    from stream_lstm.kafka.clients import make_consumer, make_producer
-    from stream_lstm.tools.simulate import ProgressLine
-    from stream_lstm.training.lifecycle import Served
-    from stream_lstm.worker import Worker
-
-    run = f"eval-{uuid.uuid4().hex[:8]}"
-    s = settings.model_copy(update={
-        "input_topic": run, "output_topic": f"{run}-out", "dlq_topic": f"{run}-dlq",
-        "group_id": run, "min_history": 1, "metrics_port": 0,
-        "state_dir": Path(tempfile.mkdtemp(prefix="stream-lstm-eval-")),
-        "max_future_skew_s": 1e12})
-    events = sorted((t, dev, v) for dev, (ts, x) in series.items() for t, v in zip(ts, x, strict=True))
-    from stream_lstm.startup import ensure_worker_topics
-
-    ensure_worker_topics(s)
-    producer = make_producer(s, linger_ms=20)
-    for t, dev, v in events:
-        producer.send(s.input_topic, encode_reading(dev, float(t), [float(v)]), key=dev.encode())
-    producer.flush()
-    producer.close()
-    worker = Worker(s, Served(model, spec, "eval"))
-    bar = ProgressLine("evaluate: worker", len(events), verb="consumed")
-    t0 = time.monotonic()
-
-    def until(w: Worker) -> bool:
-        bar.update(w.totals.consumed)
-        return w.totals.consumed >= len(events) or time.monotonic() - t0 > 1800
-
-    totals = worker.run(until=until)
-    bar.finish(totals.consumed)
-    rate = totals.consumed / max(time.monotonic() - t0, 1e-9)
-    consumer = make_consumer(s, s.output_topic, group_id=f"{run}-reader", auto_offset_reset="earliest",
-                             isolation_level="read_committed", enable_auto_commit=False)
-    out: dict[str, list[dict]] = {}
-    seen, idle = 0, time.monotonic()
-    while seen < totals.forecasts and time.monotonic() - idle < 15:
-        for recs in consumer.poll(timeout_ms=500).values():
-            idle = time.monotonic()
-            for r in recs:
-                f = json.loads(r.value)
-                out.setdefault(f["device_id"], []).append(f)
-                seen += 1
-    consumer.close()
-    print(f"evaluate: {totals.consumed:,} readings through the worker at {rate:,.0f}/s, "
-          f"{seen:,} forecasts read back from {s.output_topic}", file=sys.stderr)
-    return out, s.output_topic
 
 
 # ---- scoring --------------------------------------------------------------------------------------

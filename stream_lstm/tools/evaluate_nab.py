@@ -2,7 +2,7 @@
 
 NAB's unsupervised setting: no pre-training. A freshly initialised model (the default
 settings, seed 0) serves every row of each recording through a real broker and worker
-(:func:`~stream_lstm.tools.evaluate.run_pipeline`), and every figure is computed from the
+(:func:`~stream_lstm.tools.through_worker.run_pipeline`), and every figure is computed from the
 forecasts topic with NAB's scoring (:mod:`stream_lstm.tools.nab`):
 
 * the shipped alerts: a detection where an alert event opens (``is_anomaly`` with the
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from stream_lstm import alerts
-from stream_lstm.tools import nab
+from stream_lstm.tools import nab, nab_corpus
 
 # The published detectors on the same 19 files (the 2 realKnownCause temperature files and the
 # 17 realAWSCloudwatch files), NAB standard profile: NAB's own result files, each at its best
@@ -159,7 +159,7 @@ def windows_in_top_alerts(ts: np.ndarray, alert_peak: np.ndarray, windows: list[
     return sum(any(start <= ts[r] <= end for r in best) for start, end in windows)
 
 
-def _corpus(c: nab.CorpusScore) -> dict[str, Any]:
+def _corpus(c: nab_corpus.CorpusScore) -> dict[str, Any]:
     return {"score": c.score, "threshold": c.threshold, "raw": c.raw, "null": c.null,
             "perfect": c.perfect, "files": {n: dataclasses.asdict(f) for n, f in c.files.items()}}
 
@@ -195,11 +195,11 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]], hold_s: float = 3600
              for n, r in recordings.items()}
     for name in PROFILE_NAMES:
         profile = nab.PROFILES[name]
-        report["shipped"][name] = _corpus(nab.score_corpus(files("shipped"), profile, 1.0))
+        report["shipped"][name] = _corpus(nab_corpus.score_corpus(files("shipped"), profile, 1.0))
         for key in SCORES:
-            _, corpus = nab.optimise_threshold(files(key), profile)
+            _, corpus = nab_corpus.optimise_threshold(files(key), profile)
             report["swept"][key][name] = _corpus(corpus)
-        by_threshold = [nab.score_corpus({n: (r["ts"], opens[n][j], r["windows"])
+        by_threshold = [nab_corpus.score_corpus({n: (r["ts"], opens[n][j], r["windows"])
                                           for n, r in recordings.items()}, profile, 1.0)
                         for j in range(len(EVENT_THRESHOLDS))]
         best = max(range(len(by_threshold)), key=lambda j: (by_threshold[j].score, j))
@@ -312,8 +312,8 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
 
     from stream_lstm.kafka.local_broker import ensure_local_broker
     from stream_lstm.startup import fresh_model
-    from stream_lstm.tools.evaluate import load, run_pipeline
     from stream_lstm.tools.replay import ReplayError
+    from stream_lstm.tools.through_worker import load, run_pipeline
 
     t0 = time.monotonic()
     windows_json = _windows_json(args.files)
@@ -357,7 +357,7 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
                                       r["ts"], r["alert_peak"], r["windows"])}
                               for n, r in recordings.items()},
                "plots": []}
-    from stream_lstm.tools.evaluate import plots_available
+    from stream_lstm.tools.through_worker import plots_available
 
     can_plot = plots_available()
     if can_plot:

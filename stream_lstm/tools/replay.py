@@ -16,204 +16,23 @@ one (ETTh1's is ``date``) uses its first column whose values are times, and says
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
-import logging
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from stream_lstm.config import Settings, load_settings
+from stream_lstm.recordings import (
+    RecordingError,
+    TimeColumnNote,
+    load_csv,
+)
 
-# Epoch numbers above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
-_EPOCH_MS_THRESHOLD = 1e11
-DEFAULT_TIME_COLUMN = "timestamp"
-# Rows looked at to tell which column holds times, when the file has no `timestamp` column.
-_SNIFF_ROWS = 20
-# A column of plain numbers is taken for epoch times only under a name that says so.
-_TIME_WORDS = {"time", "timestamp", "datetime", "date", "ts", "epoch", "unix"}
-
-#: ``note(column, message)``: told which column was chosen as the time column, and a line saying so.
-TimeColumnNote = Callable[[str, str], None]
-
-logger = logging.getLogger(__name__)
-
-
-class ReplayError(ValueError):
-    """A recording cannot be replayed; the message is one line that says why."""
-
-
-def parse_timestamp(text: str) -> float:
-    """Epoch seconds of a timestamp; a time without a UTC offset is UTC.
-
-    >>> parse_timestamp("2013-12-02 21:15:00")
-    1386018900.0
-    >>> parse_timestamp("2013-12-02T22:15:00+01:00"), parse_timestamp("1386018900")
-    (1386018900.0, 1386018900.0)
-    >>> parse_timestamp("1386018900000")      # milliseconds
-    1386018900.0
-    """
-    text = text.strip()
-    try:
-        number = float(text)
-    except ValueError:
-        pass
-    else:
-        return number / 1000.0 if abs(number) > _EPOCH_MS_THRESHOLD else number
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
-def find_time_column(header: Sequence[str], rows: Sequence[Sequence[str]],
-                     exclude: Sequence[str] = ()) -> str | None:
-    """The column of ``header`` that holds times, judged by the first ``rows``; ``None`` if none.
-
-    The first column whose every cell is a date/time text (``2016-07-01 00:00:00``, ISO 8601);
-    failing that, the first whose name says time (``ts``, ``epoch``, ``event_time``, ...) and
-    whose every cell is an epoch number. Columns in ``exclude`` (the value columns) never count.
-
-    >>> rows = [["2016-07-01 00:00:00", "5.8", "30.5"], ["2016-07-01 01:00:00", "5.7", "27.8"]]
-    >>> find_time_column(["date", "HUFL", "OT"], rows)
-    'date'
-    >>> find_time_column(["value", "ts"], [["1.5", "1388534400"]]), find_time_column(["a", "b"], [["1", "2"]])
-    ('ts', None)
-    """
-    excluded = set(exclude)
-
-    def cells(i: int) -> list[str]:
-        return [row[i].strip() if i < len(row) else "" for row in rows]
-
-    def all_times(texts: list[str], numbers: bool) -> bool:
-        for text in texts:
-            try:
-                float(text)
-            except ValueError:
-                if numbers:
-                    return False
-            else:
-                if not numbers:
-                    return False
-            try:
-                parse_timestamp(text)
-            except (ValueError, OverflowError):
-                return False
-        return bool(texts)
-
-    candidates = [(i, name) for i, name in enumerate(header) if name not in excluded]
-    for i, name in candidates:
-        if all_times(cells(i), numbers=False):
-            return name
-    for i, name in candidates:
-        if _TIME_WORDS & set(re.findall(r"[a-z]+", name.lower())) and all_times(cells(i), numbers=True):
-            return name
-    return None
-
-
-def load_csv(path: str | Path, time_column: str | None = None,
-             value_columns: Sequence[str] = ("value",), *,
-             note: TimeColumnNote | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(ts [T], values [T, F])`` of one recording, sorted by time.
-
-    Every row is kept: repeated timestamps (NAB's machine temperature file repeats an hour)
-    stay, in file order, and the worker ignores the repeats as duplicates.
-
-    ``time_column=None``: ``timestamp`` when the file has it, else the first column whose
-    values are times (:func:`find_time_column`); then ``note(column, message)`` is called with
-    a line that names it (without ``note``, that line is logged at INFO).
-
-    Raises :class:`ReplayError` (one line) when the file cannot be read, a column is missing
-    (the message lists the columns there are; a named time column must be there), no column
-    holds times, or a cell is not a time / a number.
-
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "pump.csv"
-    >>> _ = p.write_text("timestamp,value\\n2014-01-01 00:05:00,2.5\\n2014-01-01 00:00:00,1\\n")
-    >>> ts, values = load_csv(p)
-    >>> ts.tolist(), values.tolist()
-    ([1388534400.0, 1388534700.0], [[1.0], [2.5]])
-    >>> load_csv(p, value_columns=["temp"])
-    Traceback (most recent call last):
-    ...
-    stream_lstm.tools.replay.ReplayError: ...pump.csv: no column 'temp' (columns: timestamp, value)
-    >>> _ = p.write_text("date,value\\n2014-01-01 00:05:00,2.5\\n2014-01-01 00:00:00,1\\n")
-    >>> load_csv(p, note=lambda column, message: print(message))[0].tolist()
-    pump.csv: no column 'timestamp': using 'date', the first column whose values are times (--time-column names another)
-    [1388534400.0, 1388534700.0]
-    """
-    path = Path(path)
-    value_columns = list(value_columns)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
-            reader = csv.reader(f)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise ReplayError(f"{path}: empty file (no header row)")
-            missing = [c for c in value_columns if c not in header]
-            if time_column is not None and time_column not in header:
-                missing.insert(0, time_column)
-            if missing:
-                names = ", ".join(repr(c) for c in missing)
-                raise ReplayError(f"{path}: no column {names} (columns: {', '.join(header)})")
-            rows: Iterator[list[str]] = reader
-            if time_column is None and DEFAULT_TIME_COLUMN in header:
-                time_column = DEFAULT_TIME_COLUMN
-            elif time_column is None:
-                first = [row for row in itertools.islice(reader, _SNIFF_ROWS) if row]
-                rows = itertools.chain(first, reader)
-                time_column = find_time_column(header, first, exclude=value_columns)
-                if time_column is None:
-                    raise ReplayError(
-                        f"{path}: no column {DEFAULT_TIME_COLUMN!r}, and no column whose values "
-                        f"are times (columns: {', '.join(header)}); name one with --time-column")
-                message = (f"{path.name}: no column {DEFAULT_TIME_COLUMN!r}: using {time_column!r}, "
-                           "the first column whose values are times (--time-column names another)")
-                if note is None:
-                    logger.info("%s", message)
-                else:
-                    note(time_column, message)
-            time_at = header.index(time_column)
-            value_at = [header.index(c) for c in value_columns]
-            times: list[str] = []
-            cells: list[list[str]] = []
-            for row in rows:
-                if not row:  # blank line
-                    continue
-                times.append(row[time_at] if time_at < len(row) else "")
-                cells.append([row[i] if i < len(row) else "" for i in value_at])
-    except OSError as exc:
-        raise ReplayError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ReplayError(f"{path}: not a readable CSV file: {exc}") from None
-    ts = np.empty(len(times))
-    for i, text in enumerate(times):
-        try:
-            ts[i] = parse_timestamp(text)
-        except ValueError:
-            raise ReplayError(f"{path}: line {i + 2}: {time_column}={text!r} is not a time") from None
-    try:
-        values = np.array(cells, dtype=np.float64).reshape(len(cells), len(value_columns))
-    except ValueError:
-        line, column, text = _first_bad_number(cells, value_columns)
-        raise ReplayError(f"{path}: line {line}: {column}={text!r} is not a number") from None
-    order = np.argsort(ts, kind="stable")
-    return ts[order], values[order]
-
-
-def _first_bad_number(cells: list[list[str]], columns: list[str]) -> tuple[int, str, str]:
-    for i, row in enumerate(cells):
-        for column, text in zip(columns, row, strict=True):
-            try:
-                float(text)
-            except ValueError:
-                return i + 2, column, text
-    return 0, columns[0], ""
+#: The error a replay reports: a recording that cannot be read, or files that do not fit.
+ReplayError = RecordingError
 
 
 def merge_recordings(files: Sequence[str | Path], time_column: str | None = None,

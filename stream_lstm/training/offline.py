@@ -12,7 +12,7 @@ or pass ``--registry`` to also register and promote it in the model directory.
 Model shape and training knobs come from the settings (``STREAM_LSTM_HIDDEN_SIZE``,
 ``..._TBPTT_K1``, ...); the flags below override them for this run.
 
-The recording is read with :func:`~stream_lstm.tools.replay.load_csv`, as ``replay`` reads it.
+The recording is read with :func:`~stream_lstm.recordings.load_csv`, as ``replay`` reads it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.config import load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
+    from stream_lstm.recordings import DEFAULT_TIME_COLUMN, RecordingError, load_csv
     from stream_lstm.state.normalizer import normalize_sequence
-    from stream_lstm.tools.replay import DEFAULT_TIME_COLUMN, ReplayError, load_csv
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         ts, x = load_csv(args.csv, args.time_column, columns, note=chosen)
-    except ReplayError as exc:
+    except RecordingError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     if args.max_rows:

@@ -20,7 +20,7 @@ import sys
 import pytest
 from kafka import KafkaAdminClient
 
-from stream_lstm.kafka import broker_registry, local_broker
+from stream_lstm.kafka import broker_cli, broker_registry
 from stream_lstm.kafka.jars import KAFKA_VERSION, user_cache_dir
 from stream_lstm.kafka.local_broker import free_port, pid_alive
 
@@ -41,7 +41,7 @@ def own_cache(tmp_path_factory, monkeypatch):
 
 def cli(action, port=None, data_dir=None, timeout=90):
     args = argparse.Namespace(action=action, port=port, data_dir=data_dir, timeout=timeout)
-    return local_broker.main(args)
+    return broker_cli.main(args)
 
 
 def topics(port):

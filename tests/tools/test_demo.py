@@ -21,14 +21,8 @@ from kafka import KafkaAdminClient
 from stream_lstm.config import Settings
 from stream_lstm.kafka.local_broker import LocalBroker, free_port, pid_alive
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.tools.demo import (
-    Child,
-    StopSignals,
-    WorkerLogRelay,
-    ensure_broker,
-    stop_children,
-    summarize_log_line,
-)
+from stream_lstm.tools.children import Child, StopSignals, stop_children
+from stream_lstm.tools.demo import WorkerLogRelay, ensure_broker, summarize_log_line
 
 REPO = Path(__file__).resolve().parents[2]
 

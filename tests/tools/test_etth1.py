@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from stream_lstm.recordings import load_csv
 from stream_lstm.tools.etth1 import etth1_protocol
-from stream_lstm.tools.replay import load_csv
 
 
 def test_etth1_protocol_scores_every_test_window_on_the_train_scaler(shared_data, tmp_path, monkeypatch):

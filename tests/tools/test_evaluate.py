@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.recordings import load_csv
 from stream_lstm.tools import evaluate
-from stream_lstm.tools.replay import load_csv
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 

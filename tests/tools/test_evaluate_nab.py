@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from stream_lstm.tools import evaluate, nab
+from stream_lstm.tools import evaluate, nab, nab_corpus
 from stream_lstm.tools.evaluate_nab import (
     PUBLISHED,
     clip_windows,
@@ -93,7 +93,7 @@ def test_nab_table_by_hand(capsys):
 
     # The same figures through the scorer directly, as a cross-check of the plumbing.
     recs = _recordings()
-    direct = nab.score_corpus({n: (r["ts"], r["shipped"], r["windows"]) for n, r in recs.items()},
+    direct = nab_corpus.score_corpus({n: (r["ts"], r["shipped"], r["windows"]) for n, r in recs.items()},
                               nab.PROFILES["standard"], 1.0)
     assert direct.score == pytest.approx(std["score"])
 
@@ -121,7 +121,7 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
     pytest.importorskip("matplotlib")
     from stream_lstm.config import Settings
     from stream_lstm.kafka.clients import make_consumer
-    from stream_lstm.tools.replay import load_csv
+    from stream_lstm.recordings import load_csv
 
     monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
     aws = shared_data / "nab" / "aws"
@@ -172,5 +172,5 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
             elif t - last_flag >= hold:
                 is_open = False
         corpus[f.stem] = (ts, np.array(opened), windows)
-    expected = nab.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
+    expected = nab_corpus.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
     assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)

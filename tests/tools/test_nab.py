@@ -24,13 +24,11 @@ from stream_lstm.tools.nab import (
     label_rows,
     nab_windows,
     normalised,
-    optimise_threshold,
     probation_length,
     scaled_sigmoid,
-    score_corpus,
     score_file,
-    threshold_curve,
 )
+from stream_lstm.tools.nab_corpus import optimise_threshold, score_corpus, threshold_curve
 
 STANDARD = PROFILES["standard"]
 TS = np.arange(20) * 60.0

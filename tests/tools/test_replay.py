@@ -125,7 +125,7 @@ def test_a_file_without_timestamp_uses_its_first_time_column_and_says_so(tmp_pat
     assert told == [("date", "pump.csv: no column 'timestamp': using 'date', the first column "
                              "whose values are times (--time-column names another)")]
     # Without a note it is a log line (INFO) naming the column.
-    with caplog.at_level(logging.INFO, logger="stream_lstm.tools.replay"):
+    with caplog.at_level(logging.INFO, logger="stream_lstm.recordings"):
         load_csv(p)
     assert [r.getMessage() for r in caplog.records] == [told[0][1]]
     # The same rows through merge_recordings (what replay sends).

@@ -1,0 +1,83 @@
+"""The worker's housekeeping on a clock: device TTL expiry, the per-device gauges, the lag.
+
+Each runs on its own schedule rather than every loop turn: a pass over all devices costs the
+same whatever a turn carried, and a live turn carries few readings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from stream_lstm import alerts, experts
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.config import Settings
+from stream_lstm.metrics import Metrics
+from stream_lstm.state.table import DeviceTable
+
+
+class Housekeeping:
+    """Scheduled chores of a worker.
+
+    Parameters
+    ----------
+    settings
+        ``STREAM_LSTM_DEVICE_TTL_S`` (0: devices never expire).
+    state, table
+        Where devices live.
+    metrics
+        The gauges and counters it sets.
+    farewell
+        Records that close a departing device's open alerts (``BatchPipeline.farewell``).
+    gauge_every_s
+        How often the per-device gauges are recomputed.
+    """
+
+    def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,
+                 metrics: Metrics, farewell: Callable[[list[str]], list],
+                 gauge_every_s: float = 5.0) -> None:
+        self.settings = settings
+        self.state = state
+        self.table = table
+        self.metrics = metrics
+        self.farewell = farewell
+        self.gauge_every_s = gauge_every_s
+        self._next_expiry = 0.0
+        self._next_gauges = 0.0
+
+    def expired(self, now: float) -> list:
+        """Changelog tombstones and alert-closing records of devices idle past the TTL, when an
+        expiry pass is due (at most every minute, or a quarter of the TTL); else nothing.
+        Call it only for a transaction that will be committed: the devices leave memory now."""
+        ttl = self.settings.device_ttl_s
+        if ttl <= 0 or now < self._next_expiry:
+            return []
+        self._next_expiry = now + min(60.0, ttl / 4)
+        records = self.state.expire(self.table, now, farewell=self.farewell)
+        tombstones = sum(r[0] == self.state.topic for r in records)
+        self.metrics.expired_devices.inc(tombstones)
+        self.metrics.alerts_closed.inc(len(records) - tombstones)
+        return records
+
+    def count_devices(self) -> None:
+        """The open-alert and expert-leader gauges: a pass over all devices, so not every turn."""
+        if time.monotonic() < self._next_gauges:
+            return
+        self._next_gauges = time.monotonic() + self.gauge_every_s
+        slots = list(self.table.index.values())
+        self.metrics.alerts_open.set(int(alerts.is_open(self.table.alert[slots]).sum()))
+        if self.table.with_experts:
+            counts = experts.leaders(self.table.experts, slots)
+            self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
+
+    def update_lag(self, consumer: KafkaConsumer, committed: dict[TopicPartition, int]) -> None:
+        """The lag gauge from what the worker committed: ``consumer.position()`` may go to the
+        broker, and raises when it is down, which must not end an idle worker's loop. (Behind a
+        transactional producer, a commit marker after the last reading shows as a lag of 1.)"""
+        for tp in consumer.assignment():
+            high, position = consumer.highwater(tp), committed.get(tp)
+            if high is not None and position is not None:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))

@@ -1,0 +1,179 @@
+"""The worker's partition coordinator: assign, revoke, restore with replay, and readiness.
+
+State moves with partitions. An assigned partition is paused until its devices are restored
+from the changelog (``checkpointing/``) and the readings committed after their checkpoint are
+replayed through the pipeline, publishing nothing; then it is resumed and the worker reports
+ready. A revoked partition's open transaction is committed first under exactly-once (as Kafka
+Streams does), and its devices leave memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kafka.structs import TopicPartition
+
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.checkpointing.replay import log_start, replay_input
+from stream_lstm.config import Settings
+from stream_lstm.metrics import HealthState, Metrics
+from stream_lstm.pipeline import BatchPipeline
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.transaction import TransactionUnit
+
+if TYPE_CHECKING:
+    from stream_lstm.kafka.group_consumer import GroupConsumer
+
+log = logging.getLogger("stream_lstm.worker")
+
+
+class PartitionCoordinator:
+    """Owns which input partitions the worker holds, and brings their state in and out.
+
+    Parameters
+    ----------
+    settings, state, table, pipeline
+        The input topic; the state manager and table the devices live in; the pipeline that
+        replays readings.
+    tx
+        The transaction unit: a revoked partition's readings are committed through it.
+    health, metrics
+        Readiness (``partitions``, ``broker``) and the replay counters.
+
+    ``group`` (the worker's ``GroupConsumer``) is set once the worker has connected; its
+    listener calls ``on_assigned`` and ``on_revoked`` inside ``poll``.
+    """
+
+    def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,
+                 pipeline: BatchPipeline, tx: TransactionUnit, health: HealthState,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.state = state
+        self.table = table
+        self.pipeline = pipeline
+        self.tx = tx
+        self.health = health
+        self.metrics = metrics
+        self.group: GroupConsumer | None = None
+        self.assigned: set[int] = set()
+        # A commit that failed inside on_revoked (kafka-python's IO thread, where the consumer
+        # must not be used): the worker rolls it back after the poll.
+        self.failed_in_callback: Exception | None = None
+
+    def tps(self, partitions: set[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
+
+    def on_assigned(self, partitions: set[int]) -> None:
+        self.assigned |= partitions
+        self.state.assign(partitions)
+        assert self.group is not None
+        # Paused until restored: no reading of theirs is processed against missing state.
+        self.group.consumer.pause(*self.tps(partitions))
+        log.info("partitions assigned; restoring their state",
+                 extra={"partitions": sorted(partitions)})
+        self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        # kafka-python calls this inside poll(), on its IO thread. The open transaction holds
+        # readings of these partitions: under exactly-once it commits now, before another
+        # member takes them (as Kafka Streams does); a failure is rolled back after the poll,
+        # where the consumer may be used. At-least-once cannot commit offsets from this
+        # thread: those readings are left to the new owner, which reads them again.
+        tx = self.tx
+        if tx.publisher is not None and tx.publisher.exactly_once and (tx.open is not None or self.state.dirty):
+            assert self.group is not None
+            try:
+                # Their changed devices are checkpointed too: the next owner replays less.
+                tx.commit(self.group.consumer, flush=set(partitions))
+            except Exception as exc:  # noqa: BLE001 - rolled back after the poll
+                abort_exc = tx.abort()
+                if abort_exc is not None:
+                    log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+                self.failed_in_callback = exc
+        gone = len(self.table.devices_in_partitions(partitions))
+        self.state.revoke(self.table, partitions)
+        self.assigned -= partitions
+        tx.drop_offsets(self.tps(partitions))
+        log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": gone})
+        self.update_readiness()
+
+    def restore_some(self) -> None:
+        """One time-bounded slice of restoring; partitions restored and replayed resume."""
+        if not self.state.restoring:
+            return
+        try:
+            done = self.state.restore_slice(budget_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - e.g. broker down: keep paused, retry
+            log.warning("restore did not complete; will retry", extra={"error": repr(exc)[:300]})
+            self.health.set_ready("broker", False, f"restore failed: {repr(exc)[:200]}")
+            time.sleep(1.0)
+            return
+        done &= self.assigned
+        try:
+            for p in sorted(done):
+                self._replay(p)
+        except Exception as exc:  # noqa: BLE001 - replay again next turn (it is idempotent)
+            log.warning("replay did not complete; will retry", extra={"error": repr(exc)[:300]})
+            self.state.rollback(self.table, done)
+            time.sleep(1.0)
+            return
+        self.health.set_ready("broker", True)
+        if done and self.group is not None:
+            self.group.consumer.resume(*self.tps(done))
+        self.update_readiness()
+
+    def _replay(self, partition: int) -> None:
+        """Apply again the readings committed after ``partition``'s last checkpoint, publishing
+        nothing: memory then holds what an uninterrupted worker would (checkpointing/replay.py)."""
+        assert self.group is not None
+        tp = TopicPartition(self.settings.input_topic, partition)
+        start = self.state.replay_from(partition)
+        committed = self.group.consumer.committed(tp)
+        if committed is not None:
+            self.tx.next_offsets[tp] = committed
+        if start is None:
+            self.state.first_marker(
+                partition, committed if committed is not None else log_start(self.settings, partition))
+            return
+        if committed is None or committed <= start:
+            return
+
+        def apply(records: list) -> None:
+            out = self.pipeline.handle(records, time.time())
+            self.state.touch(self.table, out.touched)
+
+        done = replay_input(self.settings, partition, start, committed, apply)
+        self.metrics.replayed_readings.inc(done.readings)
+        self.metrics.replay_missing_readings.inc(done.missing)
+        log.info("replayed readings since the last checkpoint",
+                 extra={"partition": partition, "from": start, "to": committed,
+                        "readings": done.readings, "seconds": round(done.seconds, 3)})
+
+    def rewind(self) -> None:
+        """After a rollback: every held partition's state comes again from the changelog, and
+        the consumer goes back to the committed offsets (raises while the broker is away)."""
+        assert self.group is not None
+        consumer = self.group.consumer
+        tps = self.tps(self.assigned)
+        for tp in tps:
+            committed = consumer.committed(tp)
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+
+    def forget_state(self) -> None:
+        """Drop the held partitions' state from memory (restored again) and pause them."""
+        self.state.rollback(self.table, set(self.assigned))
+        if self.group is not None:
+            self.group.consumer.pause(*self.tps(self.assigned))
+
+    def update_readiness(self) -> None:
+        if self.state.restoring:
+            self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
+        else:
+            self.health.set_ready("partitions", bool(self.assigned),
+                                  f"assigned {sorted(self.assigned)}")
+        self.metrics.ready.set(1 if self.health.readiness()[0] else 0)

@@ -1,0 +1,175 @@
+"""The worker's transaction unit: what one Kafka transaction carries, and its send, commit, abort.
+
+One transaction (exactly-once) or one flush-and-commit (at-least-once) spans the batches of
+``STREAM_LSTM_COMMIT_INTERVAL_MS``: their forecasts and dead letters, the checkpoints due (with
+their replay markers), and the input offsets after them. Readers with ``read_committed`` see
+all of it or none. A failure raises: the worker rolls back (``worker.py``), since undoing a
+batch needs the partitions and the consumer, which this unit does not own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.config import Settings
+from stream_lstm.kafka.publisher import BatchPublisher
+from stream_lstm.metrics import Metrics
+from stream_lstm.pipeline import BatchCounts, BatchOutput
+from stream_lstm.state.table import DeviceTable
+
+
+@dataclass
+class OpenTransaction:
+    """What the open transaction holds: since when, the offsets to commit, and its counts."""
+
+    began: float  # time.monotonic()
+    offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+    consumed: dict[TopicPartition, int] = field(default_factory=dict)
+    counts: BatchCounts = field(default_factory=BatchCounts)
+    oldest_ts: float = float("inf")
+
+    def add(self, polled: dict[TopicPartition, list], counts: BatchCounts, oldest_ts: float) -> None:
+        for tp, records in polled.items():
+            self.offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+            self.consumed[tp] = self.consumed.get(tp, 0) + len(records)
+        self.counts.add(counts)
+        self.oldest_ts = min(self.oldest_ts, oldest_ts)
+
+
+class TransactionUnit:
+    """Sends batches into the open transaction and commits it with its checkpoints.
+
+    Parameters
+    ----------
+    settings
+        The commit interval and the table size (a commit is due early when half the table
+        is dirty).
+    state, table
+        Where the checkpoints come from (``StateManager.records_for_commit``).
+    metrics
+        Transactions, commit time, consumed readings and the batch counts, counted at commit.
+    new_publisher
+        Makes a ``BatchPublisher`` (transactional under exactly-once); called again after a
+        failure, since a fresh transactional producer fences whatever the old one left open.
+    """
+
+    def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,
+                 metrics: Metrics, new_publisher: Callable[[], BatchPublisher]) -> None:
+        self.settings = settings
+        self.state = state
+        self.table = table
+        self.metrics = metrics
+        self._new_publisher = new_publisher
+        self.publisher: BatchPublisher | None = None
+        self.open: OpenTransaction | None = None
+        self.next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
+        self.totals = BatchCounts()  # what committed transactions carried
+
+    def connect(self) -> None:
+        self.publisher = self._new_publisher()
+
+    def send(self, polled: dict[TopicPartition, list], out: BatchOutput) -> None:
+        """Add one processed batch to the open transaction (begun here if none is open)."""
+        assert self.publisher is not None
+        if self.open is None:
+            self.publisher.begin()
+            self.open = OpenTransaction(time.monotonic())
+        send = self.publisher.send
+        for topic, key, value, headers in out.records:
+            send(topic, value, key=key, headers=headers)
+        self.state.touch(self.table, out.touched)
+        self.open.add(polled, out.counts, out.oldest_ts)
+
+    def due(self) -> bool:
+        """Whether to commit now: the open transaction is old enough, or its changed devices
+        fill half the table (evicting more of them would only hold them in memory), or, with
+        none open, a partition's checkpoint is due (so an idle input still checkpoints)."""
+        if self.open is None:
+            return bool(self.state.flush_due())
+        age_ms = (time.monotonic() - self.open.began) * 1000
+        return (age_ms >= self.settings.commit_interval_ms
+                or len(self.state.dirty) >= self.settings.max_devices // 2)
+
+    def wait_ms(self) -> int:
+        """How long a poll may wait: no longer than the open transaction has left, so a quiet
+        input never holds a commit back."""
+        wait = self.settings.poll_timeout_ms
+        if self.open is not None:
+            left = self.settings.commit_interval_ms - (time.monotonic() - self.open.began) * 1000
+            wait = min(wait, max(0, int(left)))
+        return wait
+
+    def commit(self, consumer: KafkaConsumer, flush: set[int] | None = None,
+               extra: list | None = None) -> None:
+        """Commit the open transaction: the records sent so far, the input offsets, the
+        checkpoints due (the changed devices of those partitions, and of ``flush``'s, with their
+        replay markers), and ``extra`` changelog records (expired devices). Raises on failure,
+        with the transaction left for ``abort``."""
+        assert self.publisher is not None
+        if self.open is None:
+            if not extra and (not self.state.dirty or not (self.state.flush_due() or flush)):
+                return  # (a first marker waits for the first transaction with readings)
+            self.publisher.begin()  # a transaction of checkpoints alone
+            self.open = OpenTransaction(time.monotonic())
+        unit = self.open
+        # The replay marker of a partition: the input offset after this transaction.
+        after = {tp.partition: off for tp, off in self.next_offsets.items()}
+        after.update((tp.partition, om.offset) for tp, om in unit.offsets.items())
+        send = self.publisher.send
+        for topic, key, value, headers, partition in [
+            *self.state.records_for_commit(self.table, after, flush), *(extra or [])
+        ]:
+            send(topic, value, key=key, headers=headers, partition=partition)
+        tc = time.perf_counter()
+        written = self.publisher.commit(unit.offsets, consumer)
+        m = self.metrics
+        m.commit_seconds.observe(time.perf_counter() - tc)
+        self.open = None
+        self.state.committed(written)
+        self.next_offsets.update((tp, om.offset) for tp, om in unit.offsets.items())
+        m.transactions.labels("committed").inc()
+        for tp, k in unit.consumed.items():
+            m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(k)
+        if unit.counts.forecasts:
+            m.end_to_end_latency_seconds.observe(max(0.0, time.time() - unit.oldest_ts))
+        m.count_batch(unit.counts, active_devices=len(self.table))
+        self.totals.add(unit.counts)
+
+    def drop_offsets(self, tps: list[TopicPartition]) -> None:
+        """Forget revoked partitions' offsets: their readings are left to the next owner."""
+        for tp in tps:
+            if self.open is not None:
+                self.open.offsets.pop(tp, None)
+            self.next_offsets.pop(tp, None)
+
+    def abort(self) -> Exception | None:
+        """Give up the open transaction; returns the abort's own failure, if any (the broker
+        may be gone: the next producer's ``init_transactions`` fences it anyway)."""
+        if self.open is not None:
+            self.metrics.transactions.labels("aborted").inc()
+        self.open = None
+        if self.publisher is None:
+            return None
+        try:
+            self.publisher.abort()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            return exc
+        return None
+
+    def reconnect(self) -> None:
+        """A fresh transactional producer after a failure (exactly-once): ``init_transactions``
+        fences the old one and aborts anything it left open, whatever state it is in."""
+        if self.publisher is not None and self.publisher.exactly_once:
+            self.publisher.producer.close(timeout=1)
+            self.publisher = self._new_publisher()
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.producer.close(timeout=10)
+            self.publisher = None
