@@ -1,0 +1,44 @@
+"""The worker's group consumer (kafka/group_consumer.py) on the real broker: it joins through
+its listener, reads, says when its membership is unsettled, and polls long enough to finish a
+rebalance even when the worker asks for a short poll."""
+
+import time
+
+import pytest
+
+from stream_lstm.encoding import encode_reading
+from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.group_consumer import GroupConsumer
+from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+def test_it_joins_reads_and_settles(settings_factory, topic_name):
+    s = settings_factory(input_topic=topic_name, group_id=f"{topic_name}-g", commit_interval_ms=100)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    producer = make_producer(s)
+    for i in range(20):
+        producer.send(topic_name, encode_reading(f"d{i}", 1_700_000_000.0, [1.0]), key=f"d{i}".encode())
+    producer.flush()
+    producer.close()
+    assigned, stalls = set(), []
+    group = GroupConsumer(s, PartitionListener(assigned.update, assigned.difference_update),
+                          client_id="test", on_stall=lambda: stalls.append(1))
+    try:
+        assert group.rebalancing()  # not joined yet
+        # A 64 KiB fetch minimum on a live input (fetch_shape): 20 readings wait for the
+        # commit interval's bounded wait, not forever.
+        assert group.consumer.config["fetch_min_bytes"] == 64 * 1024
+        read, deadline = 0, time.monotonic() + 60
+        while read < 20 and time.monotonic() < deadline:
+            # Polls of 0 ms, as the worker makes when its transaction is due: the rebalance
+            # still completes, since a poll during one waits at least the poll timeout.
+            read += sum(len(v) for v in group.poll(0).values())
+        assert read == 20 and assigned == {0, 1}
+        assert not group.rebalancing() and stalls == []
+        group.check_membership(assigned=True)  # a settled member is left alone
+        assert group._unjoined_since is None
+    finally:
+        group.close()

@@ -1,0 +1,66 @@
+"""The partition coordinator (partitions.py) on the real broker: an assigned partition stays
+paused and not ready until its state is restored, then resumes; a revoked one takes its devices
+out of memory."""
+
+import time
+
+import numpy as np
+import pytest
+
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.engine import BatchedEngine
+from stream_lstm.kafka.group_consumer import GroupConsumer
+from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.metrics import HealthState, Metrics
+from stream_lstm.models import SimpleLSTM
+from stream_lstm.partitions import PartitionCoordinator
+from stream_lstm.pipeline import BatchPipeline
+from stream_lstm.startup import ensure_worker_topics
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.transaction import TransactionUnit
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, topic_name, tmp_path):
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g",
+                         processing_guarantee="at_least_once", window=4, min_history=1, hidden_size=8)
+    ensure_worker_topics(s)
+    table = DeviceTable(16, 4, 1, 1, 8)
+    metrics, health = Metrics(), HealthState()
+    state = StateManager(s, tmp_path / "state.sqlite", metrics)
+    pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table),
+                             lambda: "v1", state.load)
+    tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
+    coordinator = PartitionCoordinator(s, state, table, pipeline, tx, health, metrics)
+    paused_at_assignment: list[set] = []
+
+    def assigned(partitions):
+        coordinator.on_assigned(partitions)
+        paused_at_assignment.append({tp.partition for tp in group.consumer.paused()})
+
+    group = GroupConsumer(s, PartitionListener(assigned, coordinator.on_revoked), client_id="test")
+    coordinator.group = group
+    try:
+        deadline = time.monotonic() + 60
+        while not coordinator.assigned and time.monotonic() < deadline:
+            group.poll(100)
+        assert coordinator.assigned == set(range(s.topic_partitions))
+        assert paused_at_assignment == [coordinator.assigned]  # paused before any fetch
+        ready, detail = health.readiness()
+        assert not ready and detail["partitions"].startswith("restoring")
+
+        while state.restoring and time.monotonic() < deadline:
+            coordinator.restore_some()
+        assert not state.restoring and group.consumer.paused() == set()
+        assert health.readiness()[1]["partitions"] == "ok"
+
+        slots = table.slots_for(["a", "b"], partitions=[0, 1], now=0.0)
+        assert len(slots) == 2
+        coordinator.on_revoked({0})
+        assert list(table.index) == ["b"] and coordinator.assigned == set(range(1, s.topic_partitions))
+        assert np.isfinite(table.last_seen[table.index["b"]])
+    finally:
+        group.close()
+        state.store.close(clean=True)

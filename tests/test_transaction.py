@@ -1,0 +1,98 @@
+"""The transaction unit (transaction.py) on the real broker, exactly-once: what it sent is read
+under read_committed only once committed, an aborted transaction is never read, and after a
+failure a fresh producer commits again."""
+
+import uuid
+
+import numpy as np
+import pytest
+
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.publisher import BatchPublisher
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.metrics import Metrics
+from stream_lstm.pipeline import BatchCounts, BatchOutput
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.transaction import TransactionUnit
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+def make_unit(settings, tmp_path):
+    table = DeviceTable(8, 4, 1, 1, 8)
+    state = StateManager(settings, tmp_path / "state.sqlite")
+    metrics = Metrics()
+    txn_id = f"{settings.group_id}-{uuid.uuid4().hex[:6]}"
+
+    def new_publisher():
+        return BatchPublisher(make_producer(settings, transactional_id=txn_id), True, send_timeout_s=20)
+
+    tx = TransactionUnit(settings, state, table, metrics, new_publisher)
+    tx.connect()
+    return tx, state, metrics
+
+
+def output(topic, values):
+    records = [(topic, b"k", v, None) for v in values]
+    return BatchOutput(records, BatchCounts(consumed=len(values), forecasts=len(values)),
+                       np.zeros(0, np.int64), 0.0)
+
+
+def read_until(settings, topic, last: bytes, timeout_s=60):
+    """Every value read under read_committed, up to and including ``last``."""
+    consumer = make_consumer(settings, topic, group_id=f"r-{uuid.uuid4().hex[:6]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             isolation_level="read_committed")
+    seen: list[bytes] = []
+    try:
+        for _ in range(int(timeout_s / 0.3)):
+            for recs in consumer.poll(timeout_ms=300).values():
+                seen.extend(r.value for r in recs)
+            if last in seen:
+                return seen
+    finally:
+        consumer.close()
+    raise AssertionError(f"{last!r} never became readable; read {seen}")
+
+
+def test_committed_batches_are_read_and_aborted_ones_never(settings_factory, topic_name, tmp_path):
+    s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g")
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    tx, state, metrics = make_unit(s, tmp_path)
+    try:
+        tx.send({}, output(topic_name, [b"a1", b"a2"]))
+        tx.send({}, output(topic_name, [b"a3"]))  # the same open transaction
+        assert tx.open is not None and tx.totals.forecasts == 0  # counted at commit
+        tx.commit(consumer=None)
+        assert tx.open is None and tx.totals.forecasts == 3
+
+        tx.send({}, output(topic_name, [b"lost"]))
+        assert tx.abort() is None
+        assert metrics.transactions.labels("aborted")._value.get() == 1
+        tx.reconnect()  # what the worker does after a failure: a fresh, fencing producer
+        tx.send({}, output(topic_name, [b"b1"]))
+        tx.commit(consumer=None)
+        assert read_until(s, topic_name, b"b1") == [b"a1", b"a2", b"a3", b"b1"]
+        assert metrics.transactions.labels("committed")._value.get() == 2
+    finally:
+        tx.close()
+        state.store.close(clean=True)
+
+
+def test_a_commit_is_due_by_age_and_a_poll_never_outwaits_it(settings_factory, topic_name, tmp_path):
+    s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g", commit_interval_ms=100,
+                         poll_timeout_ms=500)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    tx, state, _ = make_unit(s, tmp_path)
+    try:
+        assert not tx.due() and tx.wait_ms() == 500  # nothing open: a poll waits its full time
+        tx.send({}, output(topic_name, [b"x"]))
+        assert not tx.due() and tx.wait_ms() <= 100
+        tx.open.began -= 0.2  # the interval has passed
+        assert tx.due() and tx.wait_ms() == 0
+        tx.commit(consumer=None)
+        assert not tx.due()
+    finally:
+        tx.close()
+        state.store.close(clean=True)
