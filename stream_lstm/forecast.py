@@ -7,30 +7,9 @@ interval is ``x + scale * (mu -/+ q * b)``, where ``scale`` is the normalizer's 
 deviation at that reading and ``q = ln(1 / (1 - coverage))`` the two-sided Laplace quantile
 of the chosen coverage (``P(|Y - mu| > q b) = exp(-q)``).
 
-The model is one network for the whole fleet, and on some devices its change is worse than
-no change at all (persistence: the last value). Each device therefore keeps a weight ``w`` in
-[0, 1] for the model's change, ``forecast = x + w * scale * mu``, learnt by online gradient
-descent on the absolute error (M. Zinkevich, "Online convex programming and generalized
-infinitesimal gradient ascent", ICML 2003) when a reading arrives, for the one-step forecast
-and for the H-step forecast made for it::
-
-    w <- clip(w + blend_rate * sign(x - forecast) * mu, 0, 1)
-
-``mu`` being the model's (normalized) change in that forecast. A device where the model helps
-keeps ``w`` near 1; one where it hurts drifts towards persistence, so in the long run no
-device is forecast much worse than by its last value. Steps 2..H-1 interpolate ``w``.
-
-The model's scale is one network's judgement for the whole fleet, so each device also tracks
-a correction of it (Gibbs & Candes, "Adaptive conformal inference under distribution shift",
-NeurIPS 2021; Angelopoulos, Candes & Tibshirani, "Conformal PID control", NeurIPS 2023):
-when a reading arrives, for the one-step forecast and for the H-step forecast made for it::
-
-    log_m <- log_m + adapt_rate * (missed - (1 - coverage))
-
-where ``missed`` is 1 if the reading fell outside that forecast's interval. An interval that
-misses too often widens, one that never misses narrows, and in the long run each device's
-intervals miss ``1 - coverage`` of the time. Steps 2..H-1 use ``log_m`` interpolated between
-h=1 and h=H; the scale published (and scored against) is ``b * m``.
+The fleet model's forecast is then corrected for each device by the stages of
+``stages.py``, in order: the blend with persistence, the per-device experts, and the interval
+calibration. Each owns the per-device state it learns.
 
 Each reading is also scored against the one-step forecast made for it at the previous
 reading: ``anomaly_score = |x - forecast_1| / b_1`` (both in the device's units). Under a
@@ -59,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_lstm import experts
+from stream_lstm.stages import Round, Stage, stages_for
 from stream_lstm.state.ingest import StepBatch
 from stream_lstm.state.table import DeviceTable
 
@@ -109,6 +88,7 @@ def assemble(
     adapt_rate: float = 0.0,
     blend_rate: float = 0.0,
     expert_rate: float = 0.0,
+    stages: list[Stage] | None = None,
 ) -> ForecastBatch:
     """De-normalize, add intervals, score anomalies; remember what later readings need.
 
@@ -119,34 +99,32 @@ def assemble(
     mu, log_b
         The engine's output, ``[m, H]`` each.
     table
-        Device state: the one-step forecast (``prev_mu``, ``prev_sigma``), the ring of H-step
-        forecasts and the interval calibration are read and updated.
+        Device state: the one-step forecast (``prev_mu``, ``prev_sigma``) and the ring of H-step
+        forecasts are read and updated here, each stage's own columns by the stage.
     coverage
         Nominal interval coverage, e.g. 0.9.
     min_history
         Readings a device needs before its forecasts are published.
     anomaly_warmup
         Readings after a reset that are not scored (nor used to calibrate).
-    adapt_rate
-        Step of the per-device interval calibration; 0 keeps the model's own scale.
-    blend_rate
-        Step of the per-device blend of the model's change with persistence; 0 keeps the
-        model's change as it is.
-    expert_rate
-        Step of the weights of the per-device one-step experts (experts.py); 0 publishes the
-        (blended) model's forecast.
+    adapt_rate, blend_rate, expert_rate
+        The rates of the stages (``stages.stages_for``): :class:`~stream_lstm.stages.Calibration`,
+        :class:`~stream_lstm.stages.Blend`, :class:`~stream_lstm.stages.Experts`. A rate of 0
+        leaves its stage out: the model's own scale, change, or one-step forecast.
+    stages
+        The stages to run instead of those the rates give.
     """
-    if expert_rate and not table.with_experts:
-        raise ValueError("expert_rate > 0 needs a DeviceTable built with_experts=True")
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
-    scale = batch.scale_target[:, None]
-    change = scale * mu  # the model's change, in the device's units; blended per round below
-    forecast = np.empty_like(change)
-    b_model = np.exp(log_b.astype(np.float64)) * scale
     q = interval_quantile(coverage)
-    m = len(batch)
+    if stages is None:
+        stages = stages_for(blend_rate=blend_rate, expert_rate=expert_rate, adapt_rate=adapt_rate,
+                            coverage=coverage, q=q)
+    change = batch.scale_target[:, None] * mu  # the model's change, in the device's units
+    b_model = np.exp(log_b.astype(np.float64)) * batch.scale_target[:, None]
+    forecast = np.empty_like(change)
     b = np.empty_like(b_model)
+    m = len(batch)
     expected_1, b_1, expected_h, b_h = (np.full(m, np.nan) for _ in range(4))
     # Only forecasts made past the warm-up count: the first readings' scale is degenerate.
     scored_1 = ~batch.reset & (batch.since_reset > anomaly_warmup)
@@ -160,30 +138,16 @@ def assemble(
         x = batch.x_target[rows]
         expected_1[rows], b_1[rows] = table.prev_mu[slots], table.prev_sigma[slots]
         expected_h[rows], b_h[rows] = table.drift_mu[slots, pos], table.drift_b[slots, pos]
-        # The round's expert rows, copied once: read here, stepped and written back below.
-        state = table.experts[slots] if expert_rate else None
-        # The blend learns from its own one-step forecast, which the experts may have changed.
-        blended_1 = experts.previous(state, "model") if state is not None else expected_1[rows]
-        # What this reading says about the forecasts made for it: h=1 (col 0) and h=H (col 1).
-        for col, expected, blended, spread, model_change, scored in (
-                (0, expected_1[rows], blended_1, b_1[rows], table.prev_change[slots], scored_1[rows]),
-                (1, expected_h[rows], expected_h[rows], b_h[rows], table.drift_change[slots, pos],
-                 scored_h[rows])):
-            if blend_rate:  # descend |x - forecast| in w: forecast = level + w * model's change
-                step = blend_rate * np.sign(x - blended) * model_change
-                step = np.where(scored & np.isfinite(step), step, 0.0)
-                table.blend_w[slots, col] = np.clip(table.blend_w[slots, col] + step, 0.0, 1.0)
-            if adapt_rate:
-                miss = np.abs(x - expected) > q * spread
-                table.interval_log_m[slots, col] += np.where(
-                    scored, adapt_rate * (miss - (1.0 - coverage)), 0.0)
-        forecast[rows] = x[:, None] + change[rows] * _between(table.blend_w[slots], along)
-        if state is not None:  # the experts' one-step forecast; their correction fades out by h=H
-            one = experts.step(state, scored_1[rows], x, batch.mean_target[rows], scale[rows, 0],
-                               mu[rows, 0], forecast[rows, 0], rate=expert_rate)
-            table.experts[slots] = state
-            forecast[rows] += (one - forecast[rows, 0])[:, None] * (1.0 - along)
-        b[rows] = b_model[rows] * np.exp(_between(table.interval_log_m[slots], along))
+        r = Round(slots=slots, x=x, mean=batch.mean_target[rows], scale=batch.scale_target[rows],
+                  mu=mu[rows], change=change[rows], along=along, pos=pos,
+                  scored_1=scored_1[rows], scored_h=scored_h[rows],
+                  expected_1=expected_1[rows], b_1=b_1[rows], expected_h=expected_h[rows],
+                  b_h=b_h[rows], forecast=x[:, None] + change[rows], b=b_model[rows])
+        for phase in ("recall", "learn", "predict"):
+            for stage in stages:
+                getattr(stage, phase)(r, table)
+        forecast[rows], b[rows] = r.forecast, r.b
+        # What the next readings are scored against, and the model's own change in it.
         table.prev_mu[slots], table.prev_sigma[slots] = forecast[rows, 0], b[rows, 0]
         table.drift_mu[slots, pos], table.drift_b[slots, pos] = forecast[rows, -1], b[rows, -1]
         table.prev_change[slots], table.drift_change[slots, pos] = mu[rows, 0], mu[rows, -1]
@@ -198,9 +162,3 @@ def assemble(
         forecast_scored=expected_1, anomaly_score=score, expected_b=b_1, drift_score=drift,
         drift_expected=expected_h, drift_b=b_h, publish=batch.n_seen >= min_history, q=q,
     )
-
-
-def _between(ends: np.ndarray, along: np.ndarray) -> np.ndarray:
-    """``[rows, H]``: per-row values at h=1 and h=H (``ends[:, 0]``, ``ends[:, 1]``),
-    linearly interpolated over the steps in between."""
-    return ends[:, :1] + along * (ends[:, 1:] - ends[:, :1])
