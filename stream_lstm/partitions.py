@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kafka.structs import TopicPartition
 
+from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import log_start, replay_input
 from stream_lstm.config import Settings
@@ -34,9 +35,9 @@ class PartitionCoordinator:
 
     Parameters
     ----------
-    settings, state, table, pipeline
+    settings, state, table, pipeline, bring_in
         The input topic; the state manager and table the devices live in; the pipeline that
-        replays readings.
+        replays readings, and the step that brings their devices in first.
     tx
         The transaction unit: a revoked partition's readings are committed through it.
     health, metrics
@@ -47,12 +48,13 @@ class PartitionCoordinator:
     """
 
     def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,
-                 pipeline: BatchPipeline, tx: TransactionUnit, health: HealthState,
-                 metrics: Metrics) -> None:
+                 pipeline: BatchPipeline, bring_in: BringIn, tx: TransactionUnit,
+                 health: HealthState, metrics: Metrics) -> None:
         self.settings = settings
         self.state = state
         self.table = table
         self.pipeline = pipeline
+        self.bring_in = bring_in
         self.tx = tx
         self.health = health
         self.metrics = metrics
@@ -141,7 +143,10 @@ class PartitionCoordinator:
             return
 
         def apply(records: list) -> None:
-            out = self.pipeline.handle(records, time.time())
+            now = time.time()
+            decoded = self.pipeline.decode(records, now)
+            self.bring_in(decoded, now)
+            out = self.pipeline.apply(decoded, now)
             self.state.touch(self.table, out.touched)
 
         done = replay_input(self.settings, partition, start, committed, apply)

@@ -1,9 +1,11 @@
 """BatchPipeline: one polled batch in, the records to publish out. No I/O.
 
-``decode → state → engine → encode``: the pure part of the worker's loop, kept apart from
-Kafka so it can be tested and benchmarked on its own. The worker hands it the records of one
-poll and publishes what comes back (forecasts, alerts, dead letters) in one unit with the
-offsets to commit.
+``decode → state → engine → forecast stages → encode``: the pure part of the worker's loop,
+kept apart from Kafka so it can be tested and benchmarked on its own. The worker decodes the
+records of one poll (:meth:`BatchPipeline.decode`), brings their devices into memory
+(``bring_in.py``: load, evict, re-warm), applies them (:meth:`BatchPipeline.apply`), and
+publishes what comes back (forecasts, alerts, dead letters) in one unit with the offsets to
+commit. :meth:`BatchPipeline.handle` is decode and apply, for devices all in memory.
 
 Every consumed reading ends in exactly one bucket of :class:`BatchCounts`: ``forecasts``,
 ``warmup``, ``late``, ``duplicate`` or ``dlq`` (dead letters, including late readings when
@@ -76,6 +78,19 @@ class BatchOutput:
     oldest_ts: float = float("inf")  # oldest reading ts that was forecast (latency metric)
 
 
+@dataclass
+class Decoded:
+    """A batch's readings, decoded: the valid ones (columns, in batch order) and the dead."""
+
+    consumed: int = 0
+    ids: list[str] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    values: list[tuple[float, ...]] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    sources: list[SourceRecord] = field(default_factory=list)
+    dead: list[tuple[SourceRecord, str, str]] = field(default_factory=list)
+
+
 class BatchPipeline:
     """Decodes, applies state, steps the engine and encodes one batch.
 
@@ -89,63 +104,55 @@ class BatchPipeline:
         The batched engine over ``table``.
     version
         Callable returning the served model version (stamped on forecasts).
-    load
-        Fetches a device's snapshot from the state store when it is not in memory.
-    rewarm_loaded
-        Called with the slots of the batch's devices before their readings are applied, so
-        state from another model (the store, or a hot-swap) is re-warmed under the current one.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        table: DeviceTable,
-        engine: BatchedEngine,
-        version: Any,
-        load: Any = None,
-        rewarm_loaded: Any = None,
-    ) -> None:
+    def __init__(self, settings: Settings, table: DeviceTable, engine: BatchedEngine,
+                 version: Any) -> None:
         self.settings = settings
         self.table = table
         self.engine = engine
         self.version = version
-        self.load = load
-        self.rewarm_loaded = rewarm_loaded
         self.decoder = ReadingDecoder(settings)
         self.target = settings.target_channel
 
     def handle(self, records: Iterable[SourceRecord], now: float) -> BatchOutput:
-        """Run one batch (records in partition order) and return what to publish."""
-        s = self.settings
-        counts = BatchCounts()
-        ids: list[str] = []
-        ts: list[float] = []
-        values: list[tuple[float, ...]] = []
-        parts: list[int] = []
-        sources: list[SourceRecord] = []
-        dead: list[tuple[SourceRecord, str, str]] = []
+        """Decode and apply one batch whose devices need nothing brought in."""
+        return self.apply(self.decode(records, now), now)
+
+    def decode(self, records: Iterable[SourceRecord], now: float) -> Decoded:
+        """Decode a batch (records in partition order); invalid readings become dead letters."""
+        d = Decoded()
         decode = self.decoder.decode
         for rec in records:
-            counts.consumed += 1
+            d.consumed += 1
             try:
                 r = decode(rec.value, rec.key, now)
             except InvalidReading as exc:
-                dead.append((rec, str(exc.code), exc.reason))
+                d.dead.append((rec, str(exc.code), exc.reason))
                 continue
-            ids.append(r.device_id)
-            ts.append(r.ts)
-            values.append(r.values)
-            parts.append(rec.partition)
-            sources.append(rec)
+            d.ids.append(r.device_id)
+            d.ts.append(r.ts)
+            d.values.append(r.values)
+            d.partitions.append(rec.partition)
+            d.sources.append(rec)
+        return d
 
+    def apply(self, d: Decoded, now: float) -> BatchOutput:
+        """Apply decoded readings to state, step the engine, and encode what to publish.
+
+        A device not in memory starts afresh: bring the batch's devices in first
+        (``bring_in.py``) where they may have state elsewhere."""
+        s = self.settings
+        counts = BatchCounts(consumed=d.consumed)
+        ids, ts, sources = d.ids, d.ts, d.sources
+        dead = list(d.dead)
         out: list[OutRecord] = []
         touched = np.zeros(0, np.int64)
         oldest = float("inf")
         if ids:
-            self._bring_in(ids, parts, now)
             batch = ingest(
-                self.table, ids, ts, np.asarray(values, np.float64), parts, now,
-                self.target, s.max_gap_s, self.load,
+                self.table, ids, ts, np.asarray(d.values, np.float64), d.partitions, now,
+                self.target, s.max_gap_s,
             )
             counts.duplicate = int((batch.outcome == DUPLICATE).sum())
             late = np.flatnonzero(batch.outcome == LATE)
@@ -163,21 +170,6 @@ class BatchPipeline:
             counts.dlq_by_reason[code] = counts.dlq_by_reason.get(code, 0) + 1
         counts.dlq = len(dead)
         return BatchOutput(out, counts, touched, oldest)
-
-    def _bring_in(self, ids: list[str], parts: list[int], now: float) -> None:
-        """Load devices that are not in memory, then re-warm any device of this batch whose
-        h/c came from another model (saved under an older one, or still waiting after a swap),
-        before its readings are applied."""
-        index = self.table.index
-        if self.load is not None and any(d not in index for d in ids):
-            # Every device of the batch in one call, so all of them are pinned: loading the
-            # missing ones may evict, but never another device of this batch (which ingest
-            # would then load back without the re-warm below).
-            batch = dict(zip(ids, parts, strict=True))
-            self.table.slots_for(list(batch), list(batch.values()), now, self.load)
-        if self.rewarm_loaded is not None:
-            present = {index[d] for d in ids if d in index}
-            self.rewarm_loaded(np.fromiter(present, np.int64, len(present)))
 
     def _forecast(
         self,

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
+from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import check_retention
 from stream_lstm.config import Settings, load_settings
@@ -99,13 +100,11 @@ class Worker:
         # A replay must use the model the readings were served with: checkpoint every changed
         # device before a swap, so no replay range spans one.
         self.lifecycle.before_swap = lambda: self.commit(flush=set(self.assigned))
-        self.pipeline = BatchPipeline(
-            settings, self.table, self.engine, lambda: self.lifecycle.version, self.state.load,
-            self.lifecycle.rewarm_stale,
-        )
+        self.pipeline = BatchPipeline(settings, self.table, self.engine, lambda: self.lifecycle.version)
+        self.bring_in = BringIn(self.table, self.state, self.lifecycle)
         self.tx = TransactionUnit(settings, self.state, self.table, self.metrics, self._new_publisher)
         self.partitions = PartitionCoordinator(settings, self.state, self.table, self.pipeline,
-                                               self.tx, self.health, self.metrics)
+                                               self.bring_in, self.tx, self.health, self.metrics)
         self.housekeeping = Housekeeping(settings, self.state, self.table, self.metrics,
                                          self.pipeline.farewell)
         self.group: GroupConsumer | None = None
@@ -238,7 +237,10 @@ class Worker:
             self.first_batch_at = t0
         records = [rec for recs in polled.values() for rec in recs]
         ti = time.perf_counter()
-        out = self.pipeline.handle(records, time.time())
+        now = time.time()
+        decoded = self.pipeline.decode(records, now)
+        self.bring_in(decoded, now)  # load, evict, re-warm: the pipeline itself does no I/O
+        out = self.pipeline.apply(decoded, now)
         self.metrics.inference_seconds.observe(time.perf_counter() - ti)
         try:
             self.tx.send(polled, out)

@@ -3,10 +3,12 @@ paused and not ready until its state is restored, then resumes; a revoked one ta
 out of memory."""
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.kafka.group_consumer import GroupConsumer
@@ -31,9 +33,10 @@ def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, 
     metrics, health = Metrics(), HealthState()
     state = StateManager(s, tmp_path / "state.sqlite", metrics)
     pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table),
-                             lambda: "v1", state.load)
+                             lambda: "v1")
+    bring_in = BringIn(table, state, SimpleNamespace(rewarm_stale=lambda slots: None))
     tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
-    coordinator = PartitionCoordinator(s, state, table, pipeline, tx, health, metrics)
+    coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
     paused_at_assignment: list[set] = []
 
     def assigned(partitions):

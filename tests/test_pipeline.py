@@ -1,7 +1,6 @@
 """BatchPipeline pieces that need no broker: the alert events of devices forgotten by TTL."""
 
 import json
-import time
 from pathlib import Path
 
 from stream_lstm.checkpointing.manager import StateManager
@@ -31,41 +30,3 @@ def test_a_device_forgotten_by_ttl_closes_its_open_alert(tmp_path: Path):
     assert event["ts"] == 170.0 and event["peak_likelihood"] == 0.9999 and event["value"] == 42.0
     assert len(table) == 0
     manager.store.close(clean=True)
-
-
-def test_bring_in_never_evicts_a_device_of_the_same_batch_so_every_one_is_rewarmed():
-    """With a full table, loading a batch's missing devices used to be free to evict another
-    device of the same batch; ingest then loaded it back without a re-warm, and after a swap
-    it stepped on the old model's h/c under the new version."""
-    from stream_lstm.encoding import encode_reading
-    from stream_lstm.tools.bench import _Rec
-
-    store = {}
-    s = Settings(max_devices=3, min_history=1, window=4, hidden_size=8)
-    table = DeviceTable(3, 4, 1, 1, 8, initial_capacity=3,
-                        on_evict=lambda snap: store.__setitem__(snap.device_id, snap))
-    rewarmed: list[str] = []
-
-    def rewarm(slots):  # what the lifecycle does: re-warm devices of another model's h/c
-        for slot in slots.tolist():
-            if table.model_version[slot] != "new":
-                rewarmed.append(table.ids[slot])
-                table.model_version[slot] = "new"
-
-    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "new",
-                         load=store.get, rewarm_loaded=rewarm)
-
-    t0 = time.time() - 3600
-
-    def batch(devices, step):
-        return [_Rec(0, step * 10 + i, d.encode(), encode_reading(d, t0 + 60 * step, [1.0 + step]))
-                for i, d in enumerate(devices)]
-
-    for step in range(2):
-        assert pipe.handle(batch(["a", "b", "c"], step), now=t0 + step).counts.forecasts == 3
-    for slot in table.index.values():
-        table.model_version[slot] = "old"  # a hot-swap: every device holds the old model's h/c
-    rewarmed.clear()
-    assert pipe.handle(batch(["a", "d", "e"], 2), now=t0 + 10).counts.forecasts == 3  # a: the LRU
-    assert "a" in rewarmed
-    assert all(table.model_version[slot] == "new" for slot in table.index.values())

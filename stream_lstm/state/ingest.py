@@ -26,12 +26,11 @@ The returned :class:`StepBatch` is everything the engine and the forecast assemb
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
@@ -74,7 +73,6 @@ def ingest(
     now: float,
     target: int,
     max_gap_s: float = 0.0,
-    load: Callable[[str], DeviceSnapshot | None] | None = None,
 ) -> StepBatch:
     """Apply readings (arrival order) to ``table`` and return the batch to step.
 
@@ -90,11 +88,12 @@ def ingest(
         Index of the forecast channel.
     max_gap_s
         A gap longer than this resets the device's h/c; 0 disables.
-    load
-        Fetches a device's snapshot from the state store when it is not in memory.
+
+    A device not in ``table`` starts afresh: bring devices that have state elsewhere in first
+    (``bring_in.py``).
     """
     n = len(device_ids)
-    slot_of = table.slots_for(device_ids, partitions, now, load)
+    slot_of = table.slots_for(device_ids, partitions, now)
     outcome = np.zeros(n, np.int64)
     round_of = np.zeros(n, np.int64)
     reset = np.zeros(n, bool)
