@@ -48,7 +48,6 @@ from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.partitions import PartitionCoordinator
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.startup import ensure_worker_topics, load_served_model
-from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle, Served
 from stream_lstm.transaction import TransactionUnit
@@ -83,19 +82,21 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.inference_threads = set_inference_threads(settings.torch_threads)
         spec = self.served.spec
+        self.state = StateManager(
+            settings, settings.state_dir / f"{settings.group_id}-{self.instance_id}.sqlite",
+            self.metrics,
+        )
+        # A device evicted from memory goes to the state manager (the store, or held until the
+        # next commit when it changed since the last).
         self.table = DeviceTable(
             max_devices=settings.max_devices, window=settings.window,
             n_features=spec.n_features, num_layers=spec.num_layers,
             hidden_size=spec.hidden_size, device=self.device,
             normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
             std_floor=settings.std_floor, with_experts=settings.expert_rate > 0,
+            on_evict=self.state.on_evict,
         )
         self.engine = BatchedEngine(self.served.model, self.table)
-        self.state = StateManager(
-            settings, settings.state_dir / f"{settings.group_id}-{self.instance_id}.sqlite",
-            self.metrics,
-        )
-        self.table.on_evict = self._evicted
         self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics)
         # A replay must use the model the readings were served with: checkpoint every changed
         # device before a swap, so no replay range spans one.
@@ -215,10 +216,6 @@ class Worker:
             self.group = None
         self.tx.close()
         self.health.set_ready("partitions", False, "closed")
-
-    def _evicted(self, snap: DeviceSnapshot) -> None:
-        self.state.on_evict(snap)
-        self.metrics.evicted_devices.inc()
 
     # ---- one batch, one transaction -------------------------------------------------------
     def process(self, polled: dict[TopicPartition, list]) -> BatchCounts:

@@ -53,7 +53,7 @@ class StateManager:
     store_path
         SQLite file of this worker instance.
     metrics
-        Optional :class:`~stream_lstm.metrics.Metrics` for restore progress.
+        Optional :class:`~stream_lstm.metrics.Metrics`: restore progress, evicted devices.
     """
 
     def __init__(self, settings: Settings, store_path: Path, metrics: object | None = None):
@@ -96,6 +96,9 @@ class StateManager:
         return decode_snapshot(data) if data is not None else None
 
     def on_evict(self, snap: DeviceSnapshot) -> None:
+        """A device left memory (the table was full): keep its state where ``load`` finds it."""
+        if self.metrics is not None:
+            self.metrics.evicted_devices.inc()  # type: ignore[attr-defined]
         if snap.device_id in self.dirty:
             self._evicted_dirty[snap.device_id] = snap
         else:
