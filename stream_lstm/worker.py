@@ -18,7 +18,7 @@ The loop is this module; its parts sit below it and never call it:
 Every consumed reading ends in exactly one place: a forecast, the warm-up count, the late or
 duplicate count, or the DLQ. The counts are metrics, so the accounting can be checked live.
 The model served at start and the topics created before the first poll come from
-:mod:`stream_lstm.startup`.
+:mod:`stream_lstm.models.serving` and :func:`stream_lstm.kafka.topics.ensure_worker_topics`.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.kafka.topics import ensure_worker_topics
 from stream_lstm.metrics import HealthState, Metrics
+from stream_lstm.models.registry import LoadedModel
+from stream_lstm.models.serving import load_served_model
 from stream_lstm.partitions import PartitionCoordinator
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
-from stream_lstm.startup import ensure_worker_topics, load_served_model
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.lifecycle import ModelLifecycle, Served
+from stream_lstm.training.lifecycle import ModelLifecycle
 from stream_lstm.transaction import TransactionUnit
 
 log = logging.getLogger("stream_lstm.worker")
@@ -63,7 +65,7 @@ class Worker:
     settings
         All settings.
     served
-        The model to serve; by default :func:`~stream_lstm.startup.load_served_model`.
+        The model to serve; by default :func:`~stream_lstm.models.serving.load_served_model`.
     metrics, health
         Prometheus series and health state; created when not given.
     """
@@ -71,7 +73,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        served: Served | None = None,
+        served: LoadedModel | None = None,
         metrics: Metrics | None = None,
         health: HealthState | None = None,
     ) -> None:

@@ -13,11 +13,11 @@ from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.kafka.topics import ensure_worker_topics
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.partitions import PartitionCoordinator
 from stream_lstm.pipeline import BatchPipeline
-from stream_lstm.startup import ensure_worker_topics
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.transaction import TransactionUnit
 

@@ -12,12 +12,9 @@ a poll returns nothing), gives up with :class:`RestoreTimeout` after ``timeout_s
 returns early with ``complete=False`` when ``cancelled()`` says so (partitions revoked, or
 the caller's time slice is over), asked only once the read has moved, so every slice makes
 progress. Progress is checkpointed chunk by chunk, so an interrupted
-restore resumes where it stopped.
+restore resumes where it stopped. The topic itself is declared with the worker's other topics
+(``kafka/topics.py``: ``changelog_topic_spec``, ``ensure_changelog_topic``).
 
->>> from stream_lstm.config import Settings
->>> spec = changelog_topic_spec(Settings(group_id="g"), partitions=6)
->>> spec.name, spec.partitions, spec.config["cleanup.policy"]
-('g-state-changelog', 6, 'compact')
 >>> from stream_lstm.state.snapshot import DeviceSnapshot
 >>> s = DeviceSnapshot.empty("pump-1", num_layers=1, hidden_size=2, n_features=1, partition=5)
 >>> [(k, p) for k, _, p in changelog_records([s])], tombstone("pump-1", 5)
@@ -41,25 +38,9 @@ from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin, make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
-from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 log = logging.getLogger("stream_lstm.checkpointing")
-
-CHANGELOG_CONFIG = {
-    "cleanup.policy": "compact",
-    # Roll segments often enough (10 min or 64 MiB) that the cleaner, which never touches
-    # the active segment, keeps a restore near one record per device.
-    "segment.ms": "600000",
-    "segment.bytes": str(64 * 1024 * 1024),
-    "min.cleanable.dirty.ratio": "0.1",
-    # Correctness does not need a lag; one minute keeps the cleaner from rewriting a busy
-    # partition's freshly rolled segments over and over, and leaves the very latest history
-    # readable for debugging.
-    "min.compaction.lag.ms": "60000",
-    # Tombstones stay one day: a restore slower than that could resurrect a deleted device.
-    "delete.retention.ms": "86400000",
-}
 
 # Restore consumer tuning. kafka-python parses records in Python, so the cost is per record;
 # big fetches and big poll batches amortise the per-request and per-poll overhead, and a big
@@ -96,10 +77,6 @@ class RestoreTimeout(RuntimeError):
     """Restore did not reach the end offsets in time (progress so far is checkpointed)."""
 
 
-class ChangelogTopicError(RuntimeError):
-    """The changelog topic exists with a different partition count than the input topic."""
-
-
 @dataclass
 class RestoreResult:
     """Outcome of :func:`restore`.
@@ -116,31 +93,6 @@ class RestoreResult:
     complete: bool = True
     skipped: int = 0
     rebuilt: list[int] = field(default_factory=list)
-
-
-# ---- the topic -------------------------------------------------------------------------------
-def changelog_topic_spec(settings: Settings, partitions: int | None = None) -> TopicSpec:
-    """The changelog topic: compacted, ``partitions`` (default ``settings.topic_partitions``)
-    partitions, which must equal the input topic's for co-partitioning."""
-    n = settings.topic_partitions if partitions is None else partitions
-    return TopicSpec(settings.changelog_topic_name(), n, dict(CHANGELOG_CONFIG))
-
-
-def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
-    """Create the changelog topic if missing (idempotent; racing workers are fine).
-
-    Raises :class:`ChangelogTopicError` if it exists with another partition count: state
-    of input partition p would then not be in changelog partition p.
-    """
-    spec = changelog_topic_spec(settings, partitions)
-    ensure_topics(settings, [spec])  # TopicAlreadyExistsError is handled there
-    actual = partition_count(settings, spec.name)
-    if actual != partitions:
-        raise ChangelogTopicError(
-            f"changelog topic {spec.name} has {actual} partitions but the input topic has "
-            f"{partitions}; they must match (state of input partition p lives in changelog "
-            "partition p). Delete the changelog topic or set STREAM_LSTM_CHANGELOG_TOPIC."
-        )
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -63,3 +63,64 @@ def partition_count(settings: Settings, topic: str) -> int:
     finally:
         admin.close()
 
+
+# ---- the worker's topics ---------------------------------------------------------------
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    # Roll segments often enough (10 min or 64 MiB) that the cleaner, which never touches
+    # the active segment, keeps a restore near one record per device.
+    "segment.ms": "600000",
+    "segment.bytes": str(64 * 1024 * 1024),
+    "min.cleanable.dirty.ratio": "0.1",
+    # Correctness does not need a lag; one minute keeps the cleaner from rewriting a busy
+    # partition's freshly rolled segments over and over, and leaves the very latest history
+    # readable for debugging.
+    "min.compaction.lag.ms": "60000",
+    # Tombstones stay one day: a restore slower than that could resurrect a deleted device.
+    "delete.retention.ms": "86400000",
+}
+
+
+class ChangelogTopicError(RuntimeError):
+    """The changelog topic exists with a different partition count than the input topic."""
+
+
+def changelog_topic_spec(settings: Settings, partitions: int | None = None) -> TopicSpec:
+    """The state changelog topic (``checkpointing/changelog.py``): compacted, ``partitions``
+    (default ``settings.topic_partitions``) partitions, which must equal the input topic's for
+    co-partitioning.
+
+    >>> spec = changelog_topic_spec(Settings(group_id="g"), partitions=6)
+    >>> spec.name, spec.partitions, spec.config["cleanup.policy"]
+    ('g-state-changelog', 6, 'compact')
+    """
+    n = settings.topic_partitions if partitions is None else partitions
+    return TopicSpec(settings.changelog_topic_name(), n, dict(CHANGELOG_CONFIG))
+
+
+def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
+    """Create the changelog topic if missing (idempotent; racing workers are fine).
+
+    Raises :class:`ChangelogTopicError` if it exists with another partition count: state
+    of input partition p would then not be in changelog partition p.
+    """
+    spec = changelog_topic_spec(settings, partitions)
+    ensure_topics(settings, [spec])  # TopicAlreadyExistsError is handled there
+    actual = partition_count(settings, spec.name)
+    if actual != partitions:
+        raise ChangelogTopicError(
+            f"changelog topic {spec.name} has {actual} partitions but the input topic has "
+            f"{partitions}; they must match (state of input partition p lives in changelog "
+            "partition p). Delete the changelog topic or set STREAM_LSTM_CHANGELOG_TOPIC."
+        )
+
+
+def ensure_worker_topics(settings: Settings) -> None:
+    """Create the worker's topics when missing; the changelog is compacted and has as many
+    partitions as the input topic (state of input partition p lives in changelog partition p)."""
+    n = settings.topic_partitions
+    names = [settings.input_topic, settings.output_topic, settings.dlq_topic]
+    if settings.alerts_topic:
+        names.append(settings.alerts_topic)
+    ensure_topics(settings, [TopicSpec(t, n, {}) for t in names])
+    ensure_changelog_topic(settings, partition_count(settings, settings.input_topic))

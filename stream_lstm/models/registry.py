@@ -75,6 +75,15 @@ class LoadedModel(NamedTuple):
     def version(self) -> str:
         return str(self.meta.get("version") or "unknown")
 
+    @classmethod
+    def of(cls, model: SimpleLSTM, spec: ModelSpec, version: str) -> LoadedModel:
+        """A model as served: its weights, its spec and its version.
+
+        >>> LoadedModel.of(SimpleLSTM.from_spec(ModelSpec()), ModelSpec(), "v0001").version
+        'v0001'
+        """
+        return cls(model, spec, {"version": version})
+
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

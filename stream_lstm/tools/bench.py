@@ -154,7 +154,7 @@ def bench_bare_consume(settings: Any, topic: str, messages: int) -> float:
 
 
 def bench_pipeline(settings: Any, topic: str, messages: int, guarantee: str) -> float:
-    from stream_lstm.startup import fresh_model
+    from stream_lstm.models.serving import fresh_model
     from stream_lstm.worker import Worker
 
     s = settings.model_copy(update={

@@ -46,13 +46,10 @@ def bench_eos(settings: Any, topic: str, messages: int, result: dict, quick: boo
 
 
 def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
-    from stream_lstm.checkpointing.changelog import (
-        changelog_records,
-        ensure_changelog_topic,
-        restore,
-    )
+    from stream_lstm.checkpointing.changelog import changelog_records, restore
     from stream_lstm.checkpointing.store import StateStore
     from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.kafka.topics import ensure_changelog_topic
     from stream_lstm.state.snapshot import DeviceSnapshot
 
     n = 25_000 if quick else 100_000
@@ -121,7 +118,7 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     from stream_lstm.models.registry import LoadedModel
     from stream_lstm.training.background import BackgroundTrainer, encode_job
     from stream_lstm.training.data import windows_from_table
-    from stream_lstm.training.lifecycle import ModelLifecycle, Served, job_params
+    from stream_lstm.training.lifecycle import ModelLifecycle, job_params
 
     devices = 10_000
     s, table, model, engine, pipe, records = _pipeline_fixture(devices)
@@ -141,7 +138,7 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     _say(f"  pipeline {base:,.0f} msgs/s alone, {during:,.0f} while retraining -> retrain_ratio "
          f"{ratio:.2f}{'' if busy else ' (the retrain finished early)'}")
     spec = _spec(s)
-    life = ModelLifecycle(s, Served(model, spec, "v0"), engine, table, Metrics())
+    life = ModelLifecycle(s, LoadedModel.of(model, spec, "v0"), engine, table, Metrics())
     from stream_lstm.models import SimpleLSTM
 
     new = SimpleLSTM.from_spec(spec)

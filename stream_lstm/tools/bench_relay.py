@@ -67,7 +67,7 @@ def relay(settings: Any, topic: str, messages: int) -> float:
 def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
     """The worker on ``topic`` with the default settings, exactly-once: readings/s and the
     bytes of changelog and forecasts it sent per reading."""
-    from stream_lstm.startup import fresh_model
+    from stream_lstm.models.serving import fresh_model
     from stream_lstm.worker import Worker
 
     s = settings.model_copy(update={

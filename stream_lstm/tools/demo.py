@@ -193,7 +193,7 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
     bootstrap, run["broker"] = ensure_broker(settings, args.port, run_dir / "broker")
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
     env[ENV_PREFIX + "BOOTSTRAP_SERVERS"] = bootstrap
-    from stream_lstm.startup import ensure_worker_topics
+    from stream_lstm.kafka.topics import ensure_worker_topics
 
     ensure_worker_topics(settings)
     exe = [sys.executable, "-m", "stream_lstm.cli"]

@@ -311,7 +311,7 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
     import torch
 
     from stream_lstm.kafka.local_broker import ensure_local_broker
-    from stream_lstm.startup import fresh_model
+    from stream_lstm.models.serving import fresh_model
     from stream_lstm.tools.replay import ReplayError
     from stream_lstm.tools.through_worker import load, run_pipeline
 

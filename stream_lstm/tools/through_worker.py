@@ -50,8 +50,8 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     output topic, per device, and that topic's name."""
     from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.models.registry import LoadedModel
     from stream_lstm.tools.simulate import ProgressLine
-    from stream_lstm.training.lifecycle import Served
     from stream_lstm.worker import Worker
 
     run = f"eval-{uuid.uuid4().hex[:8]}"
@@ -61,7 +61,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
         "state_dir": Path(tempfile.mkdtemp(prefix="stream-lstm-eval-")),
         "max_future_skew_s": 1e12})
     events = sorted((t, dev, v) for dev, (ts, x) in series.items() for t, v in zip(ts, x, strict=True))
-    from stream_lstm.startup import ensure_worker_topics
+    from stream_lstm.kafka.topics import ensure_worker_topics
 
     ensure_worker_topics(s)
     producer = make_producer(s, linger_ms=20)
@@ -69,7 +69,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
         producer.send(s.input_topic, encode_reading(dev, float(t), [float(v)]), key=dev.encode())
     producer.flush()
     producer.close()
-    worker = Worker(s, Served(model, spec, "eval"))
+    worker = Worker(s, LoadedModel.of(model, spec, "eval"))
     bar = ProgressLine("evaluate: worker", len(events), verb="consumed")
     t0 = time.monotonic()
 

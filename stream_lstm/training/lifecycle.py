@@ -18,13 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, model_from_bytes
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, encode_job
@@ -34,15 +32,6 @@ log = logging.getLogger("stream_lstm.training")
 
 # Idle devices re-warmed between two batches after a swap: ~25 ms of work on two CPU cores.
 REWARM_SLICE = 512
-
-
-@dataclass
-class Served:
-    """The model being served and its version."""
-
-    model: SimpleLSTM
-    spec: ModelSpec
-    version: str
 
 
 def job_params(settings: Settings) -> dict:
@@ -68,7 +57,7 @@ class ModelLifecycle:
         :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause).
     """
 
-    def __init__(self, settings: Settings, served: Served, engine: BatchedEngine,
+    def __init__(self, settings: Settings, served: LoadedModel, engine: BatchedEngine,
                  table: DeviceTable, metrics: object) -> None:
         self.settings = settings
         self.served = served
@@ -169,7 +158,7 @@ class ModelLifecycle:
         t0 = time.perf_counter()
         self.engine.swap_model(loaded.model)
         old = self.served.version
-        self.served = Served(loaded.model, loaded.spec, loaded.version)
+        self.served = loaded
         self._pending = list(self.table.index.values())
         pause = time.perf_counter() - t0
         self.swaps += 1

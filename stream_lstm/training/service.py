@@ -18,12 +18,12 @@ import numpy as np
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.messages import InvalidReading, ReadingDecoder
-from stream_lstm.models.registry import ModelRegistry, model_to_bytes
+from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_to_bytes
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import decode_result, encode_job, run_job
 from stream_lstm.training.data import windows_from_table
-from stream_lstm.training.lifecycle import Served, job_params
+from stream_lstm.training.lifecycle import job_params
 
 log = logging.getLogger("stream_lstm.trainer")
 
@@ -39,7 +39,7 @@ class TrainerService:
         The starting champion.
     """
 
-    def __init__(self, settings: Settings, served: Served) -> None:
+    def __init__(self, settings: Settings, served: LoadedModel) -> None:
         from stream_lstm.kafka.clients import make_consumer, make_producer
         from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 
@@ -114,7 +114,7 @@ class TrainerService:
         self.producer.send(self.settings.models_topic, model_to_bytes(loaded.model, loaded.spec, meta),
                            key=b"model")
         self.producer.flush()
-        self.champion = Served(loaded.model, loaded.spec, version)
+        self.champion = LoadedModel.of(loaded.model, loaded.spec, version)
         self.published += 1
         log.info("published model", extra={"version": version, "topic": self.settings.models_topic})
         return True
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from stream_lstm.logs import configure_logging
-    from stream_lstm.startup import load_served_model
+    from stream_lstm.models.serving import load_served_model
 
     settings = load_settings()
     configure_logging(settings.log_level)

@@ -10,11 +10,8 @@ from kafka.structs import TopicPartition
 
 from stream_lstm.checkpointing import changelog
 from stream_lstm.checkpointing.changelog import (
-    CHANGELOG_CONFIG,
-    ChangelogTopicError,
     RestoreTimeout,
     changelog_records,
-    ensure_changelog_topic,
     restore,
     tombstone,
 )
@@ -22,7 +19,14 @@ from stream_lstm.checkpointing.codec import decode_snapshot
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin, make_producer
-from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
+from stream_lstm.kafka.topics import (
+    CHANGELOG_CONFIG,
+    ChangelogTopicError,
+    TopicSpec,
+    ensure_changelog_topic,
+    ensure_topics,
+    partition_count,
+)
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 pytestmark = pytest.mark.kafka

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from stream_lstm.checkpointing.changelog import changelog_records, ensure_changelog_topic
+from stream_lstm.checkpointing.changelog import changelog_records
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.topics import ensure_changelog_topic
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 pytestmark = pytest.mark.kafka

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from stream_lstm.checkpointing.changelog import changelog_records, ensure_changelog_topic
+from stream_lstm.checkpointing.changelog import changelog_records
 from stream_lstm.checkpointing.replay import (
     REPLAY_MARKER,
     check_retention,
@@ -18,8 +18,8 @@ from stream_lstm.checkpointing.replay import (
     replay_input,
 )
 from stream_lstm.kafka.clients import make_consumer, make_producer
-from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.startup import fresh_model
+from stream_lstm.kafka.topics import TopicSpec, ensure_changelog_topic, ensure_topics
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.worker import Worker
 from tests.integration.helpers import produce_readings, read_topic

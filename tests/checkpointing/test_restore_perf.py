@@ -14,10 +14,11 @@ import uuid
 import numpy as np
 import pytest
 
-from stream_lstm.checkpointing.changelog import changelog_records, ensure_changelog_topic, restore
+from stream_lstm.checkpointing.changelog import changelog_records, restore
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.topics import ensure_changelog_topic
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 pytestmark = [

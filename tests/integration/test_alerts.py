@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stream_lstm.forecast import interval_quantile
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import produce_readings, read_topic, served_forecasts

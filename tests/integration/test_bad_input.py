@@ -11,7 +11,7 @@ import time
 import pytest
 
 from stream_lstm.kafka.clients import make_producer
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import read_topic

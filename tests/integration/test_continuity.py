@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import (

@@ -17,7 +17,7 @@ import torch
 
 from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.models.registry import save_model
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic

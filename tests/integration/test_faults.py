@@ -15,7 +15,7 @@ import pytest
 from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.local_broker import LocalBroker, free_port
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import read_topic

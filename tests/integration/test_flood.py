@@ -13,7 +13,7 @@ import torch
 
 from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import ATOL_NORMALIZED, read_topic, served_forecasts

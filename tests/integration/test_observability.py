@@ -12,7 +12,7 @@ import pytest
 
 from stream_lstm.kafka.local_broker import free_port
 from stream_lstm.metrics import serve_metrics
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 from .helpers import produce_readings

@@ -14,7 +14,7 @@ import torch
 
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.registry import save_model
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 
 from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic
 from .workers import start_worker

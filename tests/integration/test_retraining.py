@@ -11,7 +11,7 @@ import torch
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.models.lstm import SimpleLSTM
 from stream_lstm.models.registry import ModelRegistry, model_to_bytes
-from stream_lstm.startup import fresh_model, load_served_model
+from stream_lstm.models.serving import fresh_model, load_served_model
 from stream_lstm.training.service import TrainerService
 from stream_lstm.worker import Worker
 

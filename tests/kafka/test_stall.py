@@ -13,7 +13,7 @@ from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.stall import StallGuard
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.startup import fresh_model
+from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]

@@ -10,7 +10,7 @@ from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.models.registry import LoadedModel
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.lifecycle import REWARM_SLICE, ModelLifecycle, Served
+from stream_lstm.training.lifecycle import REWARM_SLICE, ModelLifecycle
 
 
 def fresh_replay(model, table, slot):
@@ -27,7 +27,7 @@ def test_swap_rewarms_batch_devices_first_and_idle_ones_in_slices(tmp_path):
     table = DeviceTable(n, 6, 1, 1, 8)
     old = SimpleLSTM.from_spec(spec).eval()
     engine = BatchedEngine(old, table)
-    life = ModelLifecycle(s, Served(old, spec, "v1"), engine, table, Metrics())
+    life = ModelLifecycle(s, LoadedModel.of(old, spec, "v1"), engine, table, Metrics())
     ids = [f"d{i}" for i in range(n)]
     rng = np.random.default_rng(0)
     for k in range(8):

@@ -3,7 +3,7 @@
 import logging
 
 from stream_lstm.config import Settings
-from stream_lstm.startup import load_served_model
+from stream_lstm.models.serving import load_served_model
 
 
 def test_empty_registry_serves_a_fresh_model_and_says_so(tmp_path, caplog):
@@ -18,7 +18,7 @@ def test_empty_registry_serves_a_fresh_model_and_says_so(tmp_path, caplog):
 
 def _promote_12_step_model(model_dir):
     from stream_lstm.models.registry import ModelRegistry
-    from stream_lstm.startup import fresh_model
+    from stream_lstm.models.serving import fresh_model
 
     twelve = fresh_model(Settings(hidden_size=8, horizon=12))
     registry = ModelRegistry(model_dir)
@@ -40,7 +40,7 @@ def test_the_served_model_and_its_source_are_logged(tmp_path, caplog):
 def test_a_promoted_model_with_another_horizon_is_refused(tmp_path):
     import pytest
 
-    from stream_lstm.startup import ModelSettingsMismatch
+    from stream_lstm.models.serving import ModelSettingsMismatch
 
     _promote_12_step_model(tmp_path / "models")
     with pytest.raises(ModelSettingsMismatch, match="has horizon=12, but STREAM_LSTM_HORIZON=6"):

@@ -1,9 +1,7 @@
-"""What a worker needs before its first poll: the model to serve and the topics it uses.
+"""The model a worker serves: from STREAM_LSTM_MODEL_PATH, the registry, or a fresh one, and
+checked against the settings before the first poll.
 
-Kept apart from the loop (:mod:`stream_lstm.worker`) because other processes start the same
-way without running it: the trainer service (``stream-lstm trainer``) starts from the same
-served model, and ``stream-lstm up`` and ``evaluate`` create the worker's topics before any
-worker exists.
+The trainer service (``stream-lstm trainer``) starts from the same served model.
 """
 
 from __future__ import annotations
@@ -12,21 +10,21 @@ import logging
 
 from stream_lstm.config import Settings, SettingsError
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-from stream_lstm.training.lifecycle import Served
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, load_model
 
 # Logged under the worker's name (the ``logger`` field of the JSON lines), as these lines
 # always were: they are part of a worker's start-up.
 log = logging.getLogger("stream_lstm.worker")
 
 
-def fresh_model(settings: Settings) -> Served:
+def fresh_model(settings: Settings) -> LoadedModel:
     """A freshly initialized, untrained model shaped by the settings (``v0000-untrained``)."""
     spec = ModelSpec(
         n_features=settings.n_features, hidden_size=settings.hidden_size,
         num_layers=settings.num_layers, horizon=settings.horizon,
         target_channel=settings.target_channel, dropout=settings.dropout,
     )
-    return Served(SimpleLSTM.from_spec(spec), spec, "v0000-untrained")
+    return LoadedModel.of(SimpleLSTM.from_spec(spec), spec, "v0000-untrained")
 
 
 class ModelSettingsMismatch(SettingsError):
@@ -40,7 +38,7 @@ CONTRACT = ("horizon", "n_features", "target_channel")
 ARCHITECTURE = ("hidden_size", "num_layers")
 
 
-def check_model_matches_settings(served: Served, settings: Settings, source: str) -> None:
+def check_model_matches_settings(served: LoadedModel, settings: Settings, source: str) -> None:
     """Refuse a model whose horizon, channels or target differ from the settings; warn when
     only its architecture (hidden size, layers) does.
 
@@ -52,7 +50,7 @@ def check_model_matches_settings(served: Served, settings: Settings, source: str
     >>> check_model_matches_settings(fresh_model(Settings(horizon=12)), s, "the registry")
     Traceback (most recent call last):
     ...
-    stream_lstm.startup.ModelSettingsMismatch: the served model v0000-untrained (from the registry) has horizon=12, but STREAM_LSTM_HORIZON=6; set STREAM_LSTM_HORIZON=12, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or another STREAM_LSTM_MODEL_DIR)
+    stream_lstm.models.serving.ModelSettingsMismatch: the served model v0000-untrained (from the registry) has horizon=12, but STREAM_LSTM_HORIZON=6; set STREAM_LSTM_HORIZON=12, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or another STREAM_LSTM_MODEL_DIR)
     """
     spec = served.spec
     wrong = [(k, getattr(spec, k), getattr(settings, k)) for k in CONTRACT
@@ -72,7 +70,7 @@ def check_model_matches_settings(served: Served, settings: Settings, source: str
                         extra={"model_version": served.version, "source": source})
 
 
-def load_served_model(settings: Settings) -> Served:
+def load_served_model(settings: Settings) -> LoadedModel:
     """The model to serve: STREAM_LSTM_MODEL_PATH, else the registry's promoted version,
     else a freshly initialized model (with a warning). Says which and from where, and refuses
     one that contradicts the settings (:func:`check_model_matches_settings`)."""
@@ -84,12 +82,10 @@ def load_served_model(settings: Settings) -> Served:
     return served
 
 
-def _find_served_model(settings: Settings) -> tuple[Served, str]:
-    from stream_lstm.models.registry import ModelLoadError, ModelRegistry, load_model
-
+def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
     if settings.model_path is not None:
         loaded = load_model(settings.model_path)
-        return Served(loaded.model, loaded.spec, loaded.version), f"STREAM_LSTM_MODEL_PATH={settings.model_path}"
+        return loaded, f"STREAM_LSTM_MODEL_PATH={settings.model_path}"
     registry = ModelRegistry(settings.model_dir)
     promoted = registry.promoted()
     if promoted is None:
@@ -109,22 +105,6 @@ def _find_served_model(settings: Settings) -> tuple[Served, str]:
             continue
         if version != promoted:
             log.warning("serving %s instead of the promoted %s", version, promoted)
-        return (Served(loaded.model, loaded.spec, loaded.version),
+        return (loaded,
                 f"the registry {settings.model_dir}" + (" (promoted)" if version == promoted else ""))
     raise ModelLoadError(f"no loadable model in {settings.model_dir}")
-
-
-def ensure_worker_topics(settings: Settings) -> None:
-    """Create the worker's topics when missing; the changelog is compacted and has as many
-    partitions as the input topic (state of input partition p lives in changelog partition p)."""
-    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-
-    n = settings.topic_partitions
-    names = [settings.input_topic, settings.output_topic, settings.dlq_topic]
-    if settings.alerts_topic:
-        names.append(settings.alerts_topic)
-    ensure_topics(settings, [TopicSpec(t, n, {}) for t in names])
-    from stream_lstm.checkpointing.changelog import ensure_changelog_topic
-    from stream_lstm.kafka.topics import partition_count
-
-    ensure_changelog_topic(settings, partition_count(settings, settings.input_topic))
