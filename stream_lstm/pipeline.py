@@ -91,6 +91,26 @@ class Decoded:
     dead: list[tuple[SourceRecord, str, str]] = field(default_factory=list)
 
 
+def decode_records(decoder: ReadingDecoder, records: Iterable[SourceRecord], now: float) -> Decoded:
+    """Decode records in order: the valid readings as columns, the invalid ones as dead letters
+    with their reason. The worker and the trainer service decode alike."""
+    d = Decoded()
+    decode = decoder.decode
+    for rec in records:
+        d.consumed += 1
+        try:
+            r = decode(rec.value, rec.key, now)
+        except InvalidReading as exc:
+            d.dead.append((rec, str(exc.code), exc.reason))
+            continue
+        d.ids.append(r.device_id)
+        d.ts.append(r.ts)
+        d.values.append(r.values)
+        d.partitions.append(rec.partition)
+        d.sources.append(rec)
+    return d
+
+
 class BatchPipeline:
     """Decodes, applies state, steps the engine and encodes one batch.
 
@@ -121,21 +141,7 @@ class BatchPipeline:
 
     def decode(self, records: Iterable[SourceRecord], now: float) -> Decoded:
         """Decode a batch (records in partition order); invalid readings become dead letters."""
-        d = Decoded()
-        decode = self.decoder.decode
-        for rec in records:
-            d.consumed += 1
-            try:
-                r = decode(rec.value, rec.key, now)
-            except InvalidReading as exc:
-                d.dead.append((rec, str(exc.code), exc.reason))
-                continue
-            d.ids.append(r.device_id)
-            d.ts.append(r.ts)
-            d.values.append(r.values)
-            d.partitions.append(rec.partition)
-            d.sources.append(rec)
-        return d
+        return decode_records(self.decoder, records, now)
 
     def apply(self, d: Decoded, now: float) -> BatchOutput:
         """Apply decoded readings to state, step the engine, and encode what to publish.

@@ -118,7 +118,8 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     from stream_lstm.models.registry import LoadedModel
     from stream_lstm.training.background import BackgroundTrainer, encode_job
     from stream_lstm.training.data import windows_from_table
-    from stream_lstm.training.lifecycle import ModelLifecycle, job_params
+    from stream_lstm.training.lifecycle import ModelLifecycle
+    from stream_lstm.training.retrainer import job_params
 
     devices = 10_000
     s, table, model, engine, pipe, records = _pipeline_fixture(devices)

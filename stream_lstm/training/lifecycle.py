@@ -23,23 +23,15 @@ import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, model_from_bytes
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_bytes
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.background import BackgroundTrainer, encode_job
-from stream_lstm.training.data import windows_from_table
+from stream_lstm.training.background import BackgroundTrainer
+from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
 
 log = logging.getLogger("stream_lstm.training")
 
 # Idle devices re-warmed between two batches after a swap: ~25 ms of work on two CPU cores.
 REWARM_SLICE = 512
-
-
-def job_params(settings: Settings) -> dict:
-    return {"k1": settings.tbptt_k1, "k2": settings.tbptt_k2, "lr": settings.learning_rate,
-            "weight_decay": settings.weight_decay, "grad_clip": settings.grad_clip,
-            "max_epochs": settings.max_epochs, "patience": settings.early_stopping_patience,
-            "batch_size": settings.train_batch_size,
-            "margin": settings.promotion_margin, "dropout": settings.dropout}
 
 
 class ModelLifecycle:
@@ -64,13 +56,10 @@ class ModelLifecycle:
         self.engine = engine
         self.table = table
         self.metrics = metrics
-        self.registry = ModelRegistry(settings.model_dir)
-        scheduled = settings.retrain_every_readings > 0 or settings.retrain_every_s > 0
+        self.retrainer = Retrainer(settings, metrics)
         self.trainer = (BackgroundTrainer(settings.train_threads)
-                        if settings.trainer == "inprocess" and scheduled else None)
+                        if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
         self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
-        self.readings_since = 0
-        self.last_retrain = time.monotonic()
         self.swaps = 0
         # Slots in memory at the last swap not yet re-warmed by rewarm_idle: built once per swap,
         # so a loop turn does not rescan the fleet.
@@ -83,12 +72,14 @@ class ModelLifecycle:
         return self.served.version
 
     def tick(self, consumed: int) -> None:
-        self.readings_since += consumed
+        self.retrainer.count(consumed)
         if self.trainer is not None:
             result = self.trainer.poll()
             if result is not None:
-                self._on_result(result)
-            elif not self.trainer.busy and self._due():
+                promoted = self.retrainer.verdict(result, self.served.version)
+                if promoted is not None:
+                    self.swap(promoted)
+            elif not self.trainer.busy and self.retrainer.due():
                 self.start_retrain()
         if self.follower is not None:
             loaded = self.follower.poll()
@@ -96,49 +87,15 @@ class ModelLifecycle:
                 self.swap(loaded)
         self.rewarm_idle()
 
-    def _due(self) -> bool:
-        s = self.settings
-        by_count = s.retrain_every_readings > 0 and self.readings_since >= s.retrain_every_readings
-        by_time = s.retrain_every_s > 0 and time.monotonic() - self.last_retrain >= s.retrain_every_s
-        return by_count or by_time
-
     def start_retrain(self) -> bool:
         """Hand the fleet's windows to the background trainer; False if there is too little."""
         assert self.trainer is not None
-        self.readings_since = 0
-        self.last_retrain = time.monotonic()
-        min_len = min(self.settings.window, 2 * self.settings.tbptt_k1)
-        seqs = windows_from_table(self.table, min_len)
-        if len(seqs) < 2:
+        job = self.retrainer.job(self.table, self.served)
+        if job is None:
             return False
-        meta = {"version": self.served.version}
-        self.trainer.submit(encode_job(self.served.model, self.served.spec, meta, seqs,
-                                       job_params(self.settings)))
-        log.info("retraining started", extra={"devices": len(seqs), "champion": self.served.version})
+        self.trainer.submit(job[0])
+        log.info("retraining started", extra={"devices": job[1], "champion": self.served.version})
         return True
-
-    def _on_result(self, result) -> None:  # noqa: ANN001
-        m = self.metrics
-        m.retrain_duration_seconds.observe(result.seconds)  # type: ignore[attr-defined]
-        if result.error:
-            m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
-            log.error("retraining failed", extra={"error": result.error[-500:]})
-            return
-        m.retrain_loss.labels("champion").set(result.champion_error)  # type: ignore[attr-defined]
-        m.retrain_loss.labels("challenger").set(result.challenger_error)  # type: ignore[attr-defined]
-        decision = "promote" if result.promote else "reject"
-        m.promotion_decisions.labels(decision).inc()  # type: ignore[attr-defined]
-        m.retrain_runs.labels("promoted" if result.promote else "rejected").inc()  # type: ignore[attr-defined]
-        log.info(f"promotion gate: {decision}: {result.reason}",
-                 extra={"champion": self.served.version, "champion_error": result.champion_error,
-                        "challenger_error": result.challenger_error, "seconds": round(result.seconds, 2)})
-        if result.promote and result.model is not None:
-            loaded = result.model
-            version = self.registry.register(loaded.model, loaded.spec,
-                                             {**loaded.meta, "version": self.registry.next_version()})
-            self.registry.promote(version)
-            loaded.meta["version"] = version
-            self.swap(loaded)
 
     def swap(self, loaded: LoadedModel) -> float:
         """Serve ``loaded`` from the next batch; returns the pause in seconds.
@@ -209,9 +166,7 @@ class ModelsFollower:
         from kafka.structs import TopicPartition
 
         from stream_lstm.kafka.clients import make_consumer
-        from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-
-        ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+        ensure_models_topic(settings)
         self.tp = TopicPartition(settings.models_topic, 0)
         self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
                                       isolation_level="read_committed", fetch_max_bytes=64 * 1024 * 1024,

@@ -17,13 +17,13 @@ import time
 import numpy as np
 
 from stream_lstm.config import Settings, load_settings
-from stream_lstm.messages import InvalidReading, ReadingDecoder
-from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_to_bytes
+from stream_lstm.messages import ReadingDecoder
+from stream_lstm.models.registry import LoadedModel, model_to_bytes
+from stream_lstm.pipeline import decode_records
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.background import decode_result, encode_job, run_job
-from stream_lstm.training.data import windows_from_table
-from stream_lstm.training.lifecycle import job_params
+from stream_lstm.training.background import decode_result, run_job
+from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
 
 log = logging.getLogger("stream_lstm.trainer")
 
@@ -37,86 +37,62 @@ class TrainerService:
         As for the worker; ``retrain_every_readings`` / ``retrain_every_s`` set the schedule.
     served
         The starting champion.
+    metrics, health
+        Where the retrain series and liveness go when an endpoint is served.
     """
 
-    def __init__(self, settings: Settings, served: LoadedModel) -> None:
+    def __init__(self, settings: Settings, served: LoadedModel, metrics: object | None = None,
+                 health: object | None = None) -> None:
         from stream_lstm.kafka.clients import make_consumer, make_producer
-        from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 
         self.settings = settings
         self.champion = served
+        self.metrics, self.health = metrics, health
         self.table = DeviceTable(settings.max_devices, settings.window, served.spec.n_features,
                                  served.spec.num_layers, served.spec.hidden_size,
                                  normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
                                  std_floor=settings.std_floor,
                                  with_experts=False)  # it learns from windows, forecasts nothing
         self.decoder = ReadingDecoder(settings)
-        ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+        self.retrainer = Retrainer(settings, metrics)
+        ensure_models_topic(settings)
         self.consumer = make_consumer(settings, settings.input_topic,
                                       group_id=f"{settings.group_id}-trainer",
                                       auto_offset_reset="earliest", enable_auto_commit=True,
                                       isolation_level="read_committed")
         self.producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
-        self.registry = ModelRegistry(settings.model_dir)
-        self.readings_since = 0
-        self.last = time.monotonic()
         self.published = 0
         self._stop = False
-        self.metrics: object | None = None  # set by main() when the endpoint is served
-        self.health: object | None = None
 
     def stop(self) -> None:
         self._stop = True
 
     def consume_once(self, timeout_ms: int = 500) -> int:
+        """Apply one poll's readings to the windows (invalid ones are the workers' to
+        dead-letter: the trainer skips them)."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.poll_max_records)
-        ids, ts, values, parts = [], [], [], []
         now = time.time()
-        for tp, recs in polled.items():
-            for rec in recs:
-                try:
-                    r = self.decoder.decode(rec.value, rec.key, now)
-                except InvalidReading:
-                    continue  # the workers dead-letter it; the trainer just skips it
-                ids.append(r.device_id)
-                ts.append(r.ts)
-                values.append(r.values)
-                parts.append(tp.partition)
-        if ids:
-            ingest(self.table, ids, ts, np.asarray(values, np.float64), parts, now,
+        d = decode_records(self.decoder, [r for recs in polled.values() for r in recs], now)
+        if d.ids:
+            ingest(self.table, d.ids, d.ts, np.asarray(d.values, np.float64), d.partitions, now,
                    self.champion.spec.target_channel, self.settings.max_gap_s)
-        self.readings_since += len(ids)
-        return len(ids)
-
-    def due(self) -> bool:
-        s = self.settings
-        return ((s.retrain_every_readings > 0 and self.readings_since >= s.retrain_every_readings)
-                or (s.retrain_every_s > 0 and time.monotonic() - self.last >= s.retrain_every_s))
+        self.retrainer.count(len(d.ids))
+        return len(d.ids)
 
     def retrain(self) -> bool:
         """One retrain (in this process); publish when promoted. Returns whether it promoted."""
-        self.readings_since, self.last = 0, time.monotonic()
-        seqs = windows_from_table(self.table, min(self.settings.window, 2 * self.settings.tbptt_k1))
-        if len(seqs) < 2:
+        job = self.retrainer.job(self.table, self.champion)
+        if job is None:
             return False
-        job = encode_job(self.champion.model, self.champion.spec, {"version": self.champion.version},
-                         seqs, job_params(self.settings))
-        result = decode_result(run_job(job))
-        log.info(f"promotion gate: {'promote' if result.promote else 'reject'}: {result.reason}",
-                 extra={"champion": self.champion.version, "seconds": round(result.seconds, 1)})
-        if not (result.promote and result.model is not None):
+        promoted = self.retrainer.verdict(decode_result(run_job(job[0])), self.champion.version)
+        if promoted is None:
             return False
-        loaded = result.model
-        version = self.registry.register(loaded.model, loaded.spec,
-                                         {**loaded.meta, "version": self.registry.next_version()})
-        self.registry.promote(version)
-        meta = {**loaded.meta, "version": version}
-        self.producer.send(self.settings.models_topic, model_to_bytes(loaded.model, loaded.spec, meta),
-                           key=b"model")
+        self.producer.send(self.settings.models_topic,
+                           model_to_bytes(promoted.model, promoted.spec, promoted.meta), key=b"model")
         self.producer.flush()
-        self.champion = LoadedModel.of(loaded.model, loaded.spec, version)
+        self.champion = promoted
         self.published += 1
-        log.info("published model", extra={"version": version, "topic": self.settings.models_topic})
+        log.info("published model", extra={"version": promoted.version, "topic": self.settings.models_topic})
         return True
 
     def run(self) -> None:
@@ -125,17 +101,13 @@ class TrainerService:
                 self.consume_once()
                 if self.health is not None:
                     self.health.beat()  # type: ignore[attr-defined]
-                if self.due():
-                    t0 = time.monotonic()
+                if self.retrainer.due():
                     try:
-                        promoted = self.retrain()
-                        outcome = "promoted" if promoted else "rejected"
+                        self.retrain()
                     except Exception:  # noqa: BLE001 - a failed retrain must not stop the trainer
                         log.exception("retraining failed")
-                        outcome = "failed"
-                    if self.metrics is not None:
-                        self.metrics.retrain_runs.labels(outcome).inc()  # type: ignore[attr-defined]
-                        self.metrics.retrain_duration_seconds.observe(time.monotonic() - t0)  # type: ignore[attr-defined]
+                        if self.metrics is not None:
+                            self.metrics.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
         finally:
             self.consumer.close()
             self.producer.close()
@@ -157,15 +129,15 @@ def main(args: argparse.Namespace) -> int:
     if settings.retrain_every_readings == 0 and settings.retrain_every_s == 0:
         settings = settings.model_copy(update={"retrain_every_s": 900.0})
         log.warning("no retrain schedule set; retraining every 900 s")
-    service = TrainerService(settings, load_served_model(settings))
-    server = None
+    metrics = health = server = None
     if settings.metrics_port:
         from stream_lstm.metrics import HealthState, Metrics, serve_metrics
 
-        service.metrics, service.health = Metrics(), HealthState()
-        service.health.set_ready("model", True, service.champion.version)
-        server = serve_metrics(service.metrics, service.health, settings.metrics_host,
-                               settings.metrics_port)
+        metrics, health = Metrics(), HealthState()
+    service = TrainerService(settings, load_served_model(settings), metrics, health)
+    if metrics is not None and health is not None:
+        health.set_ready("model", True, service.champion.version)
+        server = serve_metrics(metrics, health, settings.metrics_host, settings.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
     log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "

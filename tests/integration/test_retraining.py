@@ -155,7 +155,7 @@ def test_external_trainer_publishes_and_worker_follows(settings_factory, topic_n
     torch.manual_seed(2)
     trainer = TrainerService(s.model_copy(update={"model_dir": s.model_dir / "trainer"}), fresh_model(s))
     deadline = time.time() + 60
-    while trainer.readings_since < 1500 and time.time() < deadline:
+    while trainer.retrainer.readings_since < 1500 and time.time() < deadline:
         trainer.consume_once()
     assert trainer.retrain(), "the trained challenger should beat the untrained champion"
     trainer.consumer.close()

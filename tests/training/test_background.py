@@ -13,7 +13,7 @@ import numpy as np
 from stream_lstm.config import Settings
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.training.background import BackgroundTrainer, encode_job
-from stream_lstm.training.lifecycle import job_params
+from stream_lstm.training.retrainer import job_params
 
 
 def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capfd):

@@ -1,0 +1,119 @@
+"""The one retrainer: schedule → train → gate → register → publish.
+
+The worker's in-process lifecycle (``lifecycle.py``: the job runs in a background process, a
+promoted model is swapped in) and ``stream-lstm trainer`` (``service.py``: the job runs in the
+trainer, a promoted model goes to the models topic) differ only in where the job runs and
+where a promoted model goes. What they share is here, once:
+
+* the schedule (``STREAM_LSTM_RETRAIN_EVERY_READINGS`` / ``_S``);
+* the job: the fleet's normalized windows and the champion, with the TBPTT and gate settings;
+* the verdict: logged, counted, and a promoted challenger registered and promoted in the
+  model registry under the next version;
+* the models topic (compacted, one partition) that external trainers publish to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.models.registry import LoadedModel, ModelRegistry
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.training.background import RetrainResult, encode_job
+from stream_lstm.training.data import windows_from_table
+
+log = logging.getLogger("stream_lstm.training")
+
+
+def job_params(settings: Settings) -> dict:
+    """The TBPTT and gate settings a job carries to the process that runs it."""
+    return {"k1": settings.tbptt_k1, "k2": settings.tbptt_k2, "lr": settings.learning_rate,
+            "weight_decay": settings.weight_decay, "grad_clip": settings.grad_clip,
+            "max_epochs": settings.max_epochs, "patience": settings.early_stopping_patience,
+            "batch_size": settings.train_batch_size,
+            "margin": settings.promotion_margin, "dropout": settings.dropout}
+
+
+def ensure_models_topic(settings: Settings) -> None:
+    """The compacted models topic: its last record is the latest promoted model."""
+    ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+
+
+class Retrainer:
+    """When to retrain, what to train on, and what a verdict does.
+
+    Parameters
+    ----------
+    settings
+        The schedule, TBPTT and gate settings, and the registry directory.
+    metrics
+        A :class:`~stream_lstm.metrics.Metrics` for the retrain series, or None.
+
+    >>> import tempfile
+    >>> r = Retrainer(Settings(retrain_every_readings=100, model_dir=tempfile.mkdtemp()))
+    >>> r.count(99); r.due()
+    False
+    >>> r.count(1); r.due()
+    True
+    """
+
+    def __init__(self, settings: Settings, metrics: object | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = ModelRegistry(settings.model_dir)
+        self.readings_since = 0
+        self.last = time.monotonic()
+
+    @property
+    def scheduled(self) -> bool:
+        s = self.settings
+        return s.retrain_every_readings > 0 or s.retrain_every_s > 0
+
+    def count(self, readings: int) -> None:
+        self.readings_since += readings
+
+    def due(self) -> bool:
+        s = self.settings
+        return ((s.retrain_every_readings > 0 and self.readings_since >= s.retrain_every_readings)
+                or (s.retrain_every_s > 0 and time.monotonic() - self.last >= s.retrain_every_s))
+
+    def job(self, table: DeviceTable, champion: LoadedModel) -> tuple[bytes, int] | None:
+        """A job for the fleet's windows (and the number of devices in it); None when fewer
+        than two devices have enough history. Either way the schedule starts again."""
+        self.readings_since, self.last = 0, time.monotonic()
+        seqs = windows_from_table(table, min(self.settings.window, 2 * self.settings.tbptt_k1))
+        if len(seqs) < 2:
+            return None
+        return (encode_job(champion.model, champion.spec, {"version": champion.version}, seqs,
+                           job_params(self.settings)), len(seqs))
+
+    def verdict(self, result: RetrainResult, champion: str) -> LoadedModel | None:
+        """Count and log a finished job; a promoted challenger is registered and promoted in
+        the registry, and returned with its new version."""
+        m = self.metrics
+        if m is not None:
+            m.retrain_duration_seconds.observe(result.seconds)  # type: ignore[attr-defined]
+        if result.error:
+            if m is not None:
+                m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+            log.error("retraining failed", extra={"error": result.error[-500:]})
+            return None
+        decision = "promote" if result.promote else "reject"
+        if m is not None:
+            m.retrain_loss.labels("champion").set(result.champion_error)  # type: ignore[attr-defined]
+            m.retrain_loss.labels("challenger").set(result.challenger_error)  # type: ignore[attr-defined]
+            m.promotion_decisions.labels(decision).inc()  # type: ignore[attr-defined]
+            m.retrain_runs.labels("promoted" if result.promote else "rejected").inc()  # type: ignore[attr-defined]
+        log.info(f"promotion gate: {decision}: {result.reason}",
+                 extra={"champion": champion, "champion_error": result.champion_error,
+                        "challenger_error": result.challenger_error,
+                        "seconds": round(result.seconds, 2)})
+        if not (result.promote and result.model is not None):
+            return None
+        loaded = result.model
+        version = self.registry.register(loaded.model, loaded.spec,
+                                         {**loaded.meta, "version": self.registry.next_version()})
+        self.registry.promote(version)
+        return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
