@@ -121,7 +121,7 @@ class BatchPublisher:
         kafka-python's ``commit_transaction()`` and ``send_offsets_to_transaction()`` wait without
         a deadline; when the broker disappears mid-commit they can block forever. This does what
         they do, with a deadline, so the worker can roll the batch back and retry instead.
-        The private names it uses are pinned by tests/kafka/test_publisher_contract.py, which
+        The private names it uses are pinned by tests/kafka/test_publisher.py, which
         fails by name if a kafka-python upgrade changes them.
         """
         result = start()
