@@ -45,39 +45,6 @@ def bench_eos(settings: Any, topic: str, messages: int, result: dict, quick: boo
     return {"pipeline_eos_msgs_per_s": round(eos), "eos_ratio": round(ratio, 3)}
 
 
-def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
-    from stream_lstm.checkpointing.changelog import changelog_records, restore
-    from stream_lstm.checkpointing.store import StateStore
-    from stream_lstm.kafka.clients import make_producer
-    from stream_lstm.kafka.topics import ensure_changelog_topic
-    from stream_lstm.state.snapshot import DeviceSnapshot
-
-    n = 25_000 if quick else 100_000
-    s = settings.model_copy(update={"changelog_topic": f"{topic}-changelog"})
-    ensure_changelog_topic(s, 4)
-    rng = np.random.default_rng(0)
-    producer = make_producer(s, linger_ms=20, compression_type=None)
-    template = DeviceSnapshot.empty("x", num_layers=1, hidden_size=64, n_features=1)
-    template.h[:] = rng.normal(size=template.h.shape)
-    template.window = rng.normal(size=(64, 1)).astype(np.float32)
-    _say(f"restore: writing {n:,} device snapshots to the changelog ...")
-    for i in range(n):
-        template.device_id, template.partition = f"dev-{i}", i % 4
-        key, value, part = changelog_records([template])[0]
-        producer.send(s.changelog_topic_name(), value, key=key, partition=part)
-    producer.flush()
-    producer.close()
-    with tempfile.TemporaryDirectory() as d:
-        store = StateStore(Path(d) / "s.sqlite")
-        t0 = time.perf_counter()
-        res = restore(s, s.changelog_topic_name(), [0, 1, 2, 3], store)
-        secs = time.perf_counter() - t0
-        assert res.complete and store.count() == n, (res, store.count())
-        store.close(clean=True)
-    _say(f"  restored {n:,} devices in {secs:.2f} s")
-    return {f"restore_s_{n // 1000}k": round(secs, 2)}
-
-
 def _pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.config import Settings
     from stream_lstm.encoding import encode_reading
@@ -324,11 +291,17 @@ def _bench_relay(settings: Any, topic: str, messages: int, result: dict, quick: 
     return bench_relay(settings, topic, messages, result, quick)
 
 
+def _bench_restore(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+    from stream_lstm.tools.bench_restore import bench_restore
+
+    return bench_restore(settings, topic, messages, result, quick)
+
+
 def _bench_live(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
     from stream_lstm.tools.bench_live import bench_live
 
     return bench_live(settings, topic, messages, result, quick)
 
 
-BENCHMARKS = [bench_eos, _bench_relay, _bench_live, bench_restore, bench_retrain_and_swap, bench_experts,
+BENCHMARKS = [bench_eos, _bench_relay, _bench_live, _bench_restore, bench_retrain_and_swap, bench_experts,
               bench_alerts, bench_latency]
