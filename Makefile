@@ -10,7 +10,7 @@ PYTHON ?= python3.11
 KEY := $(shell { sha256sum pyproject.toml; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(KEY)
 
-.PHONY: venv up test lint bench
+.PHONY: venv up test lint bench gpu-check
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
@@ -37,3 +37,9 @@ lint: venv
 
 bench: venv
 	$(VENV)/bin/stream-lstm bench --quick
+
+# On a CUDA machine (issue 18): no venv needed, only a Python with torch, numpy, kafka-python,
+# prometheus-client and pydantic-settings, and this checkout on the path. A few minutes.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m stream_lstm.cli gpu-check --report gpu-check.md
