@@ -25,6 +25,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "STREAM_LSTM_"
 
 
+# The forecast's per-device corrections, in the order they run (stages.py).
+STAGE_ORDER = ("blend", "experts", "calibration")
+
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names the environment variable."""
 
@@ -121,15 +124,19 @@ class Settings(BaseSettings):
 
     # --- Uncertainty and anomalies ----------------------------------------------------------------
     interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")
+    forecast_stages: str = Field(
+        "blend,experts,calibration",
+        description="The per-device corrections of the model's forecast, in this order (stages.py), "
+                    "comma-separated: any of blend, experts, calibration; empty: the model alone")
     interval_adapt_rate: float = Field(
-        0.02, ge=0.0, le=1.0,
-        description="Per-device interval calibration step (quantile tracking); 0 = model's scale")
+        0.02, gt=0.0, le=1.0,
+        description="Step of the calibration stage's per-device interval factor (quantile tracking)")
     blend_rate: float = Field(
-        0.005, ge=0.0, le=1.0,
-        description="Per-device step of the blend of the model's change with persistence; 0 = model only")
+        0.005, gt=0.0, le=1.0,
+        description="Step of the blend stage's per-device weight of the model's change against persistence")
     expert_rate: float = Field(
-        0.1, ge=0.0, le=10.0,
-        description="Per-device step of the one-step experts' weights (experts.py); 0 = model only")
+        0.1, gt=0.0, le=10.0,
+        description="Step of the experts stage's per-device expert weights (experts.py)")
     anomaly_false_alarm_rate: float = Field(
         1e-3, gt=0.0, lt=1.0,
         description="Flag a reading when 1 - anomaly_likelihood is at most this: the fraction of "
@@ -155,6 +162,9 @@ class Settings(BaseSettings):
     early_stopping_patience: int = Field(3, ge=1, description="Epochs without gain before stopping")
     promotion_margin: float = Field(0.02, ge=0.0, description="Relative gain a challenger needs")
     train_threads: int = Field(1, ge=1, description="Torch threads the background trainer uses")
+    train_nice: int = Field(10, ge=0, le=19, description=(
+        "OS priority (nice) of the background trainer: inference keeps the CPU it needs, the "
+        "retrain takes what is left; 0 shares the CPU equally"))
 
     # --- Observability ------------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz")
@@ -171,6 +181,10 @@ class Settings(BaseSettings):
             raise ValueError(f"min_history ({self.min_history}) must be <= window ({self.window})")
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
+        names = self.stage_names
+        if list(names) != [n for n in STAGE_ORDER if n in names] or len(set(names)) != len(names):
+            raise ValueError(f"forecast_stages {self.forecast_stages!r}: name each of "
+                             f"{', '.join(STAGE_ORDER)} at most once, in that order")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required with a SASL security_protocol")
         home = Path("stream-lstm") / self.group_id
@@ -179,6 +193,11 @@ class Settings(BaseSettings):
         if self.state_dir is None:
             self.state_dir = home / "state"
         return self
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The forecast stages in order (``STREAM_LSTM_FORECAST_STAGES``)."""
+        return tuple(n.strip() for n in self.forecast_stages.split(",") if n.strip())
 
     def changelog_topic_name(self) -> str:
         """The state changelog topic: set explicitly, or derived from the group id."""

@@ -108,18 +108,19 @@ def assemble(
     anomaly_warmup
         Readings after a reset that are not scored (nor used to calibrate).
     adapt_rate, blend_rate, expert_rate
-        The rates of the stages (``stages.stages_for``): :class:`~stream_lstm.stages.Calibration`,
-        :class:`~stream_lstm.stages.Blend`, :class:`~stream_lstm.stages.Experts`. A rate of 0
-        leaves its stage out: the model's own scale, change, or one-step forecast.
+        Without ``stages``: the stages whose rate is above 0 run (:class:`~stream_lstm.stages.Blend`,
+        :class:`~stream_lstm.stages.Experts`, :class:`~stream_lstm.stages.Calibration`).
     stages
-        The stages to run instead of those the rates give.
+        The stages to run, in order (the worker's come from ``STREAM_LSTM_FORECAST_STAGES``).
     """
     horizon = mu.shape[1]
     table.ensure_horizon(horizon)
     q = interval_quantile(coverage)
-    if stages is None:
-        stages = stages_for(blend_rate=blend_rate, expert_rate=expert_rate, adapt_rate=adapt_rate,
-                            coverage=coverage, q=q)
+    if stages is None:  # the stages whose rate is given
+        names = [n for n, rate in (("blend", blend_rate), ("experts", expert_rate),
+                                   ("calibration", adapt_rate)) if rate]
+        stages = stages_for(names, blend_rate=blend_rate, expert_rate=expert_rate,
+                            adapt_rate=adapt_rate, coverage=coverage, q=q)
     change = batch.scale_target[:, None] * mu  # the model's change, in the device's units
     b_model = np.exp(log_b.astype(np.float64)) * batch.scale_target[:, None]
     forecast = np.empty_like(change)

@@ -24,8 +24,9 @@ from stream_lstm import alerts
 from stream_lstm.config import Settings
 from stream_lstm.encoding import dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.forecast import assemble
+from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.messages import InvalidReading, ReadingDecoder
+from stream_lstm.stages import stages_for
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
 
@@ -134,6 +135,11 @@ class BatchPipeline:
         self.version = version
         self.decoder = ReadingDecoder(settings)
         self.target = settings.target_channel
+        self.stages = stages_for(settings.stage_names, blend_rate=settings.blend_rate,
+                                 expert_rate=settings.expert_rate,
+                                 adapt_rate=settings.interval_adapt_rate,
+                                 coverage=settings.interval_coverage,
+                                 q=interval_quantile(settings.interval_coverage))
 
     def handle(self, records: Iterable[SourceRecord], now: float) -> BatchOutput:
         """Decode and apply one batch whose devices need nothing brought in."""
@@ -190,8 +196,7 @@ class BatchPipeline:
         mu, log_b = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
         fb = assemble(
             batch, mu, log_b, self.table, coverage=s.interval_coverage,
-            min_history=s.min_history, anomaly_warmup=s.anomaly_warmup,
-            adapt_rate=s.interval_adapt_rate, blend_rate=s.blend_rate, expert_rate=s.expert_rate,
+            min_history=s.min_history, anomaly_warmup=s.anomaly_warmup, stages=self.stages,
         )
         batch_ts = np.asarray(ts, np.float64)[batch.rows]
         events = alerts.judge(batch, fb, self.table, false_alarm_rate=s.anomaly_false_alarm_rate,

@@ -8,11 +8,12 @@ columns in ``state/columns.py``, or, for the experts, ``state/expert_state.py``)
 2. :class:`Experts`: the per-device one-step experts (``STREAM_LSTM_EXPERT_RATE``);
 3. :class:`Calibration`: the interval's width (``STREAM_LSTM_INTERVAL_ADAPT_RATE``).
 
-``forecast.assemble`` runs them round by round (a device at most once a round), in three
-phases, each over the stages in order: ``recall`` (what earlier forecasts said about this
-reading), ``learn`` (from this reading), ``predict`` (shape the new forecast). A stage whose
-rate is 0 is not in the list, and the forecast is the model's. A new correction is one class
-here, one setting, and one line in :func:`stages_for`.
+``STREAM_LSTM_FORECAST_STAGES`` lists them (all three by default; empty: the model's forecast
+alone). ``forecast.assemble`` runs them round by round (a device at most once a round), in
+three phases, each over the stages in order: ``recall`` (what earlier forecasts said about
+this reading), ``learn`` (from this reading), ``predict`` (shape the new forecast). A new
+correction is one class here, its name in ``config.STAGE_ORDER`` and :func:`stages_for`, and
+its rate setting.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Experts(Stage):
 
     def recall(self, r: Round, table: DeviceTable) -> None:
         if not table.with_experts:
-            raise ValueError("expert_rate > 0 needs a DeviceTable built with_experts=True")
+            raise ValueError("the experts stage needs a DeviceTable built with_experts=True")
         # Copied once a round: read here, stepped and written back in predict.
         r.experts_state = table.experts[r.slots]
         # The model's own one-step forecast: the published one was the experts'.
@@ -220,22 +221,17 @@ class Calibration(Stage):
         r.b = r.b * np.exp(between(table.interval_log_m[r.slots], r.along))
 
 
-def stages_for(*, blend_rate: float, expert_rate: float, adapt_rate: float, coverage: float,
-               q: float) -> list[Stage]:
-    """The corrections in order, each present when its rate is above 0.
+def stages_for(names: tuple[str, ...] | list[str], *, blend_rate: float, expert_rate: float,
+               adapt_rate: float, coverage: float, q: float) -> list[Stage]:
+    """The stages ``names`` lists (``STREAM_LSTM_FORECAST_STAGES``), in that order.
 
-    >>> [type(s).__name__ for s in stages_for(blend_rate=0.01, expert_rate=0.0, adapt_rate=0.02,
-    ...                                        coverage=0.9, q=2.3)]
+    >>> [type(s).__name__ for s in stages_for(("blend", "calibration"), blend_rate=0.01,
+    ...                                        expert_rate=0.1, adapt_rate=0.02, coverage=0.9, q=2.3)]
     ['Blend', 'Calibration']
     """
-    stages: list[Stage] = []
-    if blend_rate:
-        stages.append(Blend(blend_rate))
-    if expert_rate:
-        stages.append(Experts(expert_rate))
-    if adapt_rate:
-        stages.append(Calibration(adapt_rate, coverage, q))
-    return stages
+    make = {"blend": lambda: Blend(blend_rate), "experts": lambda: Experts(expert_rate),
+            "calibration": lambda: Calibration(adapt_rate, coverage, q)}
+    return [make[name]() for name in names]
 
 
 def example_round(slots: np.ndarray, x: float, expected_1: float, horizon: int = 2) -> Round:

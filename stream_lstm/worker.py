@@ -95,7 +95,7 @@ class Worker:
             n_features=spec.n_features, num_layers=spec.num_layers,
             hidden_size=spec.hidden_size, device=self.device,
             normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
-            std_floor=settings.std_floor, with_experts=settings.expert_rate > 0,
+            std_floor=settings.std_floor, with_experts="experts" in settings.stage_names,
             on_evict=self.state.on_evict,
         )
         self.engine = BatchedEngine(self.served.model, self.table)

@@ -3,6 +3,8 @@ list follows the settings, an absent stage leaves the model's forecast, and a ne
 is one class."""
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from stream_lstm.config import Settings
 from stream_lstm.forecast import assemble
@@ -25,12 +27,29 @@ def test_every_stage_owns_state_the_table_declares():
         assert stage.columns and set(stage.columns) <= declared
 
 
-def test_the_default_settings_run_every_stage_in_order():
+def rates(s):
+    return dict(blend_rate=s.blend_rate, expert_rate=s.expert_rate, adapt_rate=s.interval_adapt_rate,
+                coverage=s.interval_coverage, q=2.3)
+
+
+def test_the_stage_list_comes_from_the_settings():
     s = Settings()
-    stages = stages_for(blend_rate=s.blend_rate, expert_rate=s.expert_rate,
-                        adapt_rate=s.interval_adapt_rate, coverage=s.interval_coverage, q=2.3)
-    assert [type(x) for x in stages] == [Blend, Experts, Calibration]
-    assert stages_for(blend_rate=0, expert_rate=0, adapt_rate=0, coverage=0.9, q=2.3) == []
+    assert [type(x) for x in stages_for(s.stage_names, **rates(s))] == [Blend, Experts, Calibration]
+    lstm_only = Settings(forecast_stages="")  # "LSTM only" is a shorter list, not zeroed rates
+    assert stages_for(lstm_only.stage_names, **rates(lstm_only)) == []
+    two = Settings(forecast_stages="blend, calibration")
+    assert [type(x) for x in stages_for(two.stage_names, **rates(two))] == [Blend, Calibration]
+
+
+@pytest.mark.parametrize("bad", ["calibration,blend", "blend,blend", "blend,smoothing"])
+def test_a_stage_list_out_of_order_repeated_or_unknown_is_refused(bad):
+    with pytest.raises(ValidationError, match="name each of blend, experts, calibration at most once"):
+        Settings(forecast_stages=bad)
+
+
+def test_a_rate_of_zero_is_no_longer_an_off_switch():
+    with pytest.raises(ValidationError, match="expert_rate"):
+        Settings(expert_rate=0.0)
 
 
 def test_without_stages_the_forecast_is_the_models():

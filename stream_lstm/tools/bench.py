@@ -90,7 +90,7 @@ def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -
     settings = Settings(max_devices=devices, min_history=1, window=64, hidden_size=64)
     rss0 = _rss_bytes()
     table = DeviceTable(devices, 64, 1, 1, 64, initial_capacity=1024,
-                        with_experts=settings.expert_rate > 0)
+                        with_experts="experts" in settings.stage_names)
     pipe = BatchPipeline(settings, table, BatchedEngine(SimpleLSTM(1, 64, 1, 12), table),
                          lambda: "bench")
     start = time.time() - readings_per_device * 60

@@ -77,7 +77,7 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
         restore_s = time.perf_counter() - t0
         assert res.complete and store.count() == n, (res, store.count())
 
-        table = DeviceTable(n, 64, 1, 1, 64, initial_capacity=1024, with_experts=s.expert_rate > 0)
+        table = DeviceTable(n, 64, 1, 1, 64, initial_capacity=1024, with_experts="experts" in s.stage_names)
         pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 64, 1, s.horizon), table), lambda: "v")
         # The worker's own steps: load each device from the store (it was restored there), and
         # nothing to re-warm (one model).

@@ -86,7 +86,7 @@ def _pipeline(device: Any, devices: int, seed: int = 0):
     torch.manual_seed(seed)
     model = SimpleLSTM(1, 64, 1, s.horizon)
     table = DeviceTable(devices, 64, 1, 1, 64, device=device, initial_capacity=min(devices, 4096),
-                        with_experts=s.expert_rate > 0)
+                        with_experts="experts" in s.stage_names)
     return BatchPipeline(s, table, BatchedEngine(model, table), lambda: "check")
 
 

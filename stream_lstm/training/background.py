@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import signal
 import struct
 import threading
@@ -129,12 +130,16 @@ def decode_result(data: bytes) -> RetrainResult:
                          model, header.get("error"))
 
 
-def _serve(conn: Any, threads: int) -> None:  # the child process
+def _serve(conn: Any, threads: int, nice: int = 0) -> None:  # the child process
     # The parent decides when this process stops (it closes the pipe: EOF below). A Ctrl-C in
     # the terminal reaches the whole foreground process group, this child too; ignoring it
     # keeps it from dying mid-job with a KeyboardInterrupt traceback while the worker shuts
     # down in order. (It is usually ignored already: see BackgroundTrainer.__init__.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Below the worker's priority: on a busy machine the scheduler gives inference the CPU
+    # first, and the retrain what is left (docs/benchmarks.md: retrain_ratio).
+    if nice:
+        os.nice(nice)
     import torch
 
     torch.set_num_threads(threads)
@@ -158,12 +163,14 @@ class BackgroundTrainer:
     ----------
     threads
         Torch threads the child may use (``STREAM_LSTM_TRAIN_THREADS``).
+    nice
+        How much lower than the worker the child runs (``STREAM_LSTM_TRAIN_NICE``).
     """
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, nice: int = 0) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch/Kafka state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, threads), name="stream-lstm-trainer",
+        self._proc = ctx.Process(target=_serve, args=(child, threads, nice), name="stream-lstm-trainer",
                                  daemon=True)
         # SIGINT ignored across the fork+exec: the fresh interpreter then keeps ignoring it from
         # its first instruction (Python installs its KeyboardInterrupt handler only over the

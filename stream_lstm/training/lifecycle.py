@@ -57,7 +57,7 @@ class ModelLifecycle:
         self.table = table
         self.metrics = metrics
         self.retrainer = Retrainer(settings, metrics)
-        self.trainer = (BackgroundTrainer(settings.train_threads)
+        self.trainer = (BackgroundTrainer(settings.train_threads, settings.train_nice)
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
         self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
         self.swaps = 0
