@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stream_lstm.training.offline", "Fit an initial model on a CSV and save it (safetensors)"),
     "trainer": ("stream_lstm.training.service", "Run the retrainer as its own process (publishes models)"),
     "models": ("stream_lstm.models.registry_cli", "List the model registry, or roll back to a version"),
-    "bench": ("stream_lstm.tools.bench_cli", "Benchmark throughput, latency and memory against a real broker"),
+    "bench": ("stream_lstm.tools.bench.cli", "Benchmark throughput, latency and memory against a real broker"),
     "evaluate": ("stream_lstm.tools.evaluate", "Replay recordings through the real pipeline and score forecasts"),
     "gpu-check": ("stream_lstm.tools.gpu_check", "Check and measure the CUDA path (continuity, engine, pipeline, worker)"),
 }

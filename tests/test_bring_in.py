@@ -11,7 +11,7 @@ from stream_lstm.engine import BatchedEngine
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.pipeline import BatchPipeline
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.tools.bench import _Rec
+from stream_lstm.tools.bench.core import Record
 
 
 def test_bring_in_never_evicts_a_device_of_the_same_batch_so_every_one_is_rewarmed():
@@ -35,7 +35,7 @@ def test_bring_in_never_evicts_a_device_of_the_same_batch_so_every_one_is_rewarm
     t0 = time.time() - 3600
 
     def run(devices, step, now):
-        records = [_Rec(0, step * 10 + i, d.encode(), encode_reading(d, t0 + 60 * step, [1.0 + step]))
+        records = [Record(0, step * 10 + i, d.encode(), encode_reading(d, t0 + 60 * step, [1.0 + step]))
                    for i, d in enumerate(devices)]
         decoded = pipe.decode(records, now)
         bring_in(decoded, now)

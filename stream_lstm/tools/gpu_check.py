@@ -61,7 +61,7 @@ def _sync(device: Any) -> None:
 
 def _records(devices: int, readings: int, seed: int = 0) -> list:
     from stream_lstm.encoding import encode_reading
-    from stream_lstm.tools.bench import _Rec
+    from stream_lstm.tools.bench.core import Record
 
     rng = np.random.default_rng(seed)
     out, t0 = [], 1_700_000_000.0
@@ -69,7 +69,7 @@ def _records(devices: int, readings: int, seed: int = 0) -> list:
         values = 50 + 10 * np.sin(k / 5 + np.arange(devices)) + rng.normal(size=devices)
         for d in range(devices):
             dev = f"d{d}"
-            out.append(_Rec(d % 4, len(out), dev.encode(), encode_reading(dev, t0 + 60 * k, [float(values[d])])))
+            out.append(Record(d % 4, len(out), dev.encode(), encode_reading(dev, t0 + 60 * k, [float(values[d])])))
     return out
 
 
@@ -166,8 +166,8 @@ def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000) -> d
     from stream_lstm.config import load_settings
     from stream_lstm.kafka.jars import KAFKA_VERSION, user_cache_dir
     from stream_lstm.kafka.local_broker import ensure_local_broker
-    from stream_lstm.tools.bench import prefill
-    from stream_lstm.tools.bench_relay import worker_run
+    from stream_lstm.tools.bench.core import prefill
+    from stream_lstm.tools.bench.relay import worker_run
 
     if shutil.which("java") is None:
         return {"worker": "skipped: no java"}

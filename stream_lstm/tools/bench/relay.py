@@ -100,7 +100,7 @@ def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
 
 
 def bench_relay(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
-    from stream_lstm.tools.bench import prefill
+    from stream_lstm.tools.bench.core import prefill
 
     out: dict[str, Any] = {}
     for devices in (4_000,) if quick else (1_000, 4_000, 10_000):

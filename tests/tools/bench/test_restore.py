@@ -4,7 +4,7 @@ the pipeline with each device loaded from the restored store."""
 
 import pytest
 
-from stream_lstm.tools.bench_restore import bench_restore
+from stream_lstm.tools.bench.restore import bench_restore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 

@@ -3,7 +3,7 @@
 Readings arrive at a fixed rate from 1,000 devices, with ``ts`` = the time they are sent. The
 load generator and the reader each run in their own process, as does the service measured, so
 none competes with it for the interpreter lock. For the worker (default settings) and for the
-transactional relay of ``bench_relay.py`` (one transaction per poll), in the same run:
+transactional relay of ``relay.py`` (one transaction per poll), in the same run:
 
 * **CPU a reading**: the service process's user + system CPU from the start of the load to the
   last output record, idle turns included, divided by the readings;
@@ -136,7 +136,7 @@ def _run_one(settings: Any, kind: str, rate: float, seconds: float) -> dict[str,
         "group_id": f"live-{kind}-{uuid.uuid4().hex[:6]}", "min_history": 1, "metrics_port": 0})
     ensure_topics(s, [TopicSpec(topic, 4), TopicSpec(s.output_topic, 4)])
     env = _env(s)
-    me = [sys.executable, "-m", "stream_lstm.tools.bench_live"]
+    me = [sys.executable, "-m", "stream_lstm.tools.bench.live"]
     cmd = me + ["relay", topic, s.output_topic] if kind == "relay" else \
         [sys.executable, "-m", "stream_lstm.cli", "run"]
     service = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stream_lstm.tools.bench_live import _run_one
+from stream_lstm.tools.bench.live import _run_one
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(400)]
 

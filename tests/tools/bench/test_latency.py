@@ -1,6 +1,8 @@
+"""The latency benchmark's p99 bound from two scrapes (tools/bench/latency.py)."""
+
 import math
 
-from stream_lstm.tools.bench_extra import _p99_bound
+from stream_lstm.tools.bench.latency import _p99_bound
 
 
 def test_p99_bound_counts_only_the_run_between_two_scrapes():
@@ -13,14 +15,3 @@ def test_p99_bound_counts_only_the_run_between_two_scrapes():
     after[("commit_seconds", 0.5)] = 198.0  # only 98 within 0.5 s: the bound is +Inf
     assert _p99_bound(before, after, "commit_seconds") == math.inf
     assert _p99_bound(before, after, "batch_seconds") == math.inf  # no such histogram
-
-
-def test_bench_alerts_compares_the_pipeline_with_and_without_the_likelihood_stage():
-    from stream_lstm import alerts
-    from stream_lstm.tools.bench_extra import bench_alerts
-
-    real = alerts.judge
-    out = bench_alerts(None, "", 0, {}, quick=True)
-    assert alerts.judge is real  # the stage swapped out for the measurement is put back
-    assert 0.0 < out["alerts_ratio"] < 2.0
-    assert out["alerts_state_bytes"] > 0

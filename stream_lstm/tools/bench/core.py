@@ -1,7 +1,7 @@
-"""The core benchmarks of ``stream-lstm bench`` (``bench_cli.py`` runs them all): the batched
+"""The first benchmarks of ``stream-lstm bench`` (``cli.py`` runs them all): the batched
 engine against per-message forwards, the in-process pipeline at 1k and 100k devices, and a
 plain kafka-python consume loop against the full worker over the same pre-filled topic.
-``bench_extra.py``, ``bench_relay.py`` and ``bench_live.py`` hold the others."""
+The other modules of this package hold the others; ``prefill`` and ``Record`` serve them too."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def bench_engine(devices: int, window: int = 64, hidden: int = 64, repeats: int 
 
 
 # ---- in-process pipeline at fleet scale -------------------------------------------------------
-class _Rec:
+class Record:
     __slots__ = ("topic", "partition", "offset", "key", "value")
 
     def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
@@ -98,7 +98,7 @@ def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -
     def batches(r: int):
         """Pass r over the fleet, in batches, generated lazily (memory is part of the measure)."""
         for lo in range(0, devices, batch):
-            yield [_Rec(d % 8, r * devices + d, f"dev-{d}".encode(),
+            yield [Record(d % 8, r * devices + d, f"dev-{d}".encode(),
                         encode_reading(f"dev-{d}", start + r * 60, [20.0 + (d % 7) + r]))
                    for d in range(lo, min(lo + batch, devices))]
 

@@ -23,7 +23,8 @@ import json
 import uuid
 from typing import Any
 
-from stream_lstm.tools.bench import (
+from stream_lstm.tools.bench.alerts import bench_alerts
+from stream_lstm.tools.bench.core import (
     bench_bare_consume,
     bench_engine,
     bench_pipeline,
@@ -31,7 +32,17 @@ from stream_lstm.tools.bench import (
     prefill,
     say,
 )
-from stream_lstm.tools.bench_extra import BENCHMARKS
+from stream_lstm.tools.bench.eos import bench_eos
+from stream_lstm.tools.bench.experts import bench_experts
+from stream_lstm.tools.bench.latency import bench_latency
+from stream_lstm.tools.bench.live import bench_live
+from stream_lstm.tools.bench.relay import bench_relay
+from stream_lstm.tools.bench.restore import bench_restore
+from stream_lstm.tools.bench.retrain import bench_retrain_and_swap
+
+# Each takes (settings, topic, messages, result so far, quick) and returns its figures.
+BENCHMARKS = [bench_eos, bench_relay, bench_live, bench_restore, bench_retrain_and_swap,
+              bench_experts, bench_alerts, bench_latency]
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""The relay benchmark and the worker beside it, on the real broker (tools/bench_relay.py)."""
+"""The relay benchmark and the worker beside it, on the real broker (tools/bench/relay.py)."""
 
 import uuid
 
 import pytest
 
-from stream_lstm.tools.bench import prefill
-from stream_lstm.tools.bench_relay import bench_relay, relay
+from stream_lstm.tools.bench.core import prefill
+from stream_lstm.tools.bench.relay import bench_relay, relay
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
