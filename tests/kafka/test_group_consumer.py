@@ -32,12 +32,13 @@ def test_it_joins_reads_and_settles(settings_factory, topic_name):
         # commit interval's bounded wait, not forever.
         assert group.consumer.config["fetch_min_bytes"] == 64 * 1024
         read, deadline = 0, time.monotonic() + 60
-        while read < 20 and time.monotonic() < deadline:
-            # Polls of 0 ms, as the worker makes when its transaction is due: the rebalance
-            # still completes, since a poll during one waits at least the poll timeout.
+        # Polls of 0 ms, as the worker makes when its transaction is due: the rebalances (a
+        # start takes two: the first join sees no partitions in its metadata snapshot) still
+        # complete, since a poll during one waits at least the poll timeout.
+        while (read < 20 or group.rebalancing()) and time.monotonic() < deadline:
             read += sum(len(v) for v in group.poll(0).values())
-        assert read == 20 and assigned == {0, 1}
-        assert not group.rebalancing() and stalls == []
+        assert read == 20 and assigned == {0, 1} and not group.rebalancing()
+        assert len(stalls) <= 1  # at most one abandoned join mended (counted, never silent)
         group.check_membership(assigned=True)  # a settled member is left alone
         assert group._unjoined_since is None
     finally:
