@@ -133,6 +133,31 @@ def prefill(settings: Any, topic: str, messages: int, devices: int, partitions: 
     producer.close()
 
 
+def send_paced(producer: Any, topic: str, rate: float, *, count: int | None = None,
+               seconds: float | None = None, devices: int = 1000,
+               while_waiting: Any = None) -> int:
+    """Send readings of ``devices`` devices at ``rate`` a second, each timestamped when sent,
+    until ``count`` are sent or ``seconds`` have passed; ``while_waiting()`` runs in the gaps,
+    at most every 5 ms (the latency benchmark reads forecasts there). Returns how many."""
+    from stream_lstm.encoding import encode_reading
+
+    t0, i, next_idle = time.perf_counter(), 0, 0.0
+    while (count is None or i < count) and (seconds is None or time.perf_counter() - t0 < seconds):
+        due = t0 + i / rate
+        now = time.perf_counter()
+        if due > now:
+            if while_waiting is not None and now >= next_idle:
+                while_waiting()
+                next_idle = time.perf_counter() + 0.005
+            else:
+                time.sleep(min(due - now, 0.002))
+            continue
+        dev = f"dev-{i % devices}"
+        producer.send(topic, encode_reading(dev, time.time(), [20.0 + i % 7]), key=dev.encode())
+        i += 1
+    return i
+
+
 def bench_bare_consume(settings: Any, topic: str, messages: int) -> float:
     from stream_lstm.kafka.clients import make_consumer
 

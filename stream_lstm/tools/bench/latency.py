@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_lstm.tools.bench.core import send_paced
 from stream_lstm.tools.bench.fixture import say
 
 
@@ -56,23 +57,12 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
             p.send(t, encode_reading("warm", time.time(), [1.0]), key=b"warm")
             p.flush()
         before = _scrape(s.metrics_port)
-        t0, i = time.perf_counter(), 0
-        next_poll = 0.0
-        while time.perf_counter() - t0 < duration:
-            due = t0 + i / rate
-            now = time.perf_counter()
-            if due > now:
-                if now >= next_poll:  # read forecasts while pacing the producer
-                    for recs in reader.poll(timeout_ms=0).values():
-                        seen = time.time()
-                        lat.extend(seen - json.loads(r.value)["ts"] for r in recs)
-                    next_poll = time.perf_counter() + 0.005
-                else:
-                    time.sleep(min(due - now, 0.002))
-                continue
-            dev = f"dev-{i % 1000}"
-            p.send(t, encode_reading(dev, time.time(), [20.0 + i % 7]), key=dev.encode())
-            i += 1
+        def read_forecasts() -> None:  # while pacing the producer
+            for recs in reader.poll(timeout_ms=0).values():
+                seen = time.time()
+                lat.extend(seen - json.loads(r.value)["ts"] for r in recs)
+
+        send_paced(p, t, rate, seconds=duration, devices=1000, while_waiting=read_forecasts)
         p.flush()
         p.close()
         t_end = time.time() + 5

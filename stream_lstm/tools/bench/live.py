@@ -48,20 +48,11 @@ def _cpu_s(pid: int) -> float:
 
 # ---- the roles ---------------------------------------------------------------------------------
 def produce(settings: Any, topic: str, rate: float, seconds: float) -> None:
-    from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.tools.bench.core import send_paced
 
     producer = make_producer(settings, linger_ms=1)
-    t0, i, n = time.perf_counter(), 0, int(rate * seconds)
-    while i < n:
-        due = t0 + i / rate
-        now = time.perf_counter()
-        if due > now:
-            time.sleep(min(due - now, 0.002))
-            continue
-        dev = f"dev-{i % DEVICES}"
-        producer.send(topic, encode_reading(dev, time.time(), [20.0 + i % 7]), key=dev.encode())
-        i += 1
+    send_paced(producer, topic, rate, count=int(rate * seconds), devices=DEVICES)
     producer.flush()
     producer.close()
 
