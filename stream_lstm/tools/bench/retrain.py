@@ -46,7 +46,7 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     life = ModelLifecycle(s, LoadedModel.of(model, spec, "v0"), engine, table, Metrics())
     from stream_lstm.models import SimpleLSTM
 
-    new = SimpleLSTM.fromspec(spec)
+    new = SimpleLSTM.from_spec(spec)
     swap = life.swap(LoadedModel(new, spec, {"version": "v1"}))
     # After the swap, the loop re-warms each batch's devices before stepping them, and idle
     # ones in slices between batches. The longest of these is the pause inference sees.
