@@ -7,9 +7,10 @@ from typing import Any
 from stream_lstm.tools.bench.fixture import pipeline_fixture, rate, say
 
 
-def bench_experts(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+def bench_experts(settings: Any, topic: str, messages: int, result: dict, quick: bool,
+                  devices: int = 10_000) -> dict:
     """In-process pipeline throughput with the experts stage, against the same list without it."""
-    devices, rates = 10_000, {}
+    rates = {}
     for stages in ("blend,calibration", "blend,experts,calibration"):
         s, _, _, _, pipe, records = pipeline_fixture(devices, forecast_stages=stages)
         rate(pipe, records, range(20))  # past the warm-up, so the experts learn

@@ -12,7 +12,8 @@ from stream_lstm.tools.bench.fixture import pipeline_fixture, rate, say
 from stream_lstm.tools.bench.fixture import spec as model_spec
 
 
-def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
+def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dict, quick: bool,
+                           devices: int = 10_000) -> dict:
     from stream_lstm.metrics import Metrics
     from stream_lstm.models.registry import LoadedModel
     from stream_lstm.training.background import BackgroundTrainer, encode_job
@@ -20,7 +21,6 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     from stream_lstm.training.lifecycle import ModelLifecycle
     from stream_lstm.training.retrainer import job_params
 
-    devices = 10_000
     s, table, model, engine, pipe, records = pipeline_fixture(devices)
     say(f"retrain/swap: filling windows of {devices:,} devices ...")
     rate(pipe, records, range(s.window))  # full windows everywhere
@@ -50,7 +50,7 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     swap = life.swap(LoadedModel(new, spec, {"version": "v1"}))
     # After the swap, the loop re-warms each batch's devices before stepping them, and idle
     # ones in slices between batches. The longest of these is the pause inference sees.
-    batch_slots = np.arange(2000, dtype=np.int64)
+    batch_slots = np.arange(min(2000, devices), dtype=np.int64)  # one batch's devices
     t0 = time.perf_counter()
     life.rewarm_stale(batch_slots)
     batch_rewarm = time.perf_counter() - t0
@@ -63,7 +63,7 @@ def bench_retrain_and_swap(settings: Any, topic: str, messages: int, result: dic
     rest = time.perf_counter() - t0
     pause = swap + max(batch_rewarm, idle_slice)
     say(f"  hot-swap at {devices:,} devices (W={s.window}): swap {swap * 1e3:.1f} ms; re-warm of one "
-         f"batch's 2,000 devices {batch_rewarm * 1e3:.0f} ms; idle slice {idle_slice * 1e3:.0f} ms; "
+         f"batch's {len(batch_slots):,} devices {batch_rewarm * 1e3:.0f} ms; idle slice {idle_slice * 1e3:.0f} ms; "
          f"whole fleet re-warmed in slices over {rest:.2f} s of loop turns")
     return {"pipeline_inproc_msgs_per_s_10k": round(base), "retrain_ratio": round(ratio, 3),
             "retrain_ratio_nice0": round(ratios[0], 3),
