@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream_lstm.checkpointing.manager import StateManager
-from stream_lstm.pipeline import Decoded
+from stream_lstm.pipeline import BatchOutput, BatchPipeline, Decoded
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle
 
@@ -46,3 +46,9 @@ class BringIn:
             self.table.slots_for(list(devices), list(devices.values()), now, self.state.load)
         present = {index[d] for d in batch.ids if d in index}
         self.lifecycle.rewarm_stale(np.fromiter(present, np.int64, len(present)))
+
+    def handle(self, pipeline: BatchPipeline, records: list, now: float) -> BatchOutput:
+        """Decode, bring in, apply: one batch as the worker and a replay run it."""
+        decoded = pipeline.decode(records, now)
+        self(decoded, now)
+        return pipeline.apply(decoded, now)

@@ -143,10 +143,7 @@ class PartitionCoordinator:
             return
 
         def apply(records: list) -> None:
-            now = time.time()
-            decoded = self.pipeline.decode(records, now)
-            self.bring_in(decoded, now)
-            out = self.pipeline.apply(decoded, now)
+            out = self.bring_in.handle(self.pipeline, records, time.time())
             self.state.touch(self.table, out.touched)
 
         done = replay_input(self.settings, partition, start, committed, apply)

@@ -236,10 +236,7 @@ class Worker:
             self.first_batch_at = t0
         records = [rec for recs in polled.values() for rec in recs]
         ti = time.perf_counter()
-        now = time.time()
-        decoded = self.pipeline.decode(records, now)
-        self.bring_in(decoded, now)  # load, evict, re-warm: the pipeline itself does no I/O
-        out = self.pipeline.apply(decoded, now)
+        out = self.bring_in.handle(self.pipeline, records, time.time())  # the pipeline does no I/O
         self.metrics.inference_seconds.observe(time.perf_counter() - ti)
         try:
             self.tx.send(polled, out)

@@ -130,9 +130,9 @@ class StateManager:
         else:
             devs = list(self._evicted_dirty)
         markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
-        # Evicted devices are encoded once: the same bytes go to the changelog and, after the
+        # Evicted devices are encoded once: the same rows go to the changelog and, after the
         # commit, to the local store.
-        evicted = changelog_records(list(self._evicted_dirty.values()))
+        evicted = [(d, s.partition, encode_snapshot(s)) for d, s in self._evicted_dirty.items()]
         self._writing = (due, devs, markers, evicted)
         if not devs and not markers:
             return []
@@ -143,7 +143,8 @@ class StateManager:
         snaps = table.snapshots(slots) if len(slots) else []
         out: list[ChangelogRecord] = [
             (self.topic, key, value, None, partition)
-            for key, value, partition in [*changelog_records(snaps), *evicted]
+            for key, value, partition in [*changelog_records(snaps),
+                                          *((d.encode(), v, p) for d, p, v in evicted)]
         ]
         out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
                    for p, offset in sorted(markers.items()))
@@ -157,9 +158,9 @@ class StateManager:
                 self.written[partition] = offset + 1
         due, devs, markers, evicted = self._writing
         if self._evicted_dirty:
-            rows = {key.decode(): (partition, value) for key, value, partition in evicted}
-            self.store.put_many([(d, *rows[d]) if d in rows else (d, s.partition, encode_snapshot(s))
-                                 for d, s in self._evicted_dirty.items()])
+            encoded = {d for d, _, _ in evicted}  # (any evicted since are encoded here)
+            self.store.put_many([*evicted, *((d, s.partition, encode_snapshot(s))
+                                             for d, s in self._evicted_dirty.items() if d not in encoded)])
             self._evicted_dirty.clear()
         for dev in devs:
             self.dirty.pop(dev, None)

@@ -75,8 +75,12 @@ class GroupConsumer:
         self.listener = listener
         self.client_id = client_id
         self.on_stall = on_stall
+        self._open()
+
+    def _open(self) -> None:
+        """A subscribed consumer, with its heartbeat watch and its stall guard."""
         self.consumer: KafkaConsumer = self._subscribe()
-        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=settings.session_timeout_ms / 1000)
+        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=self.settings.session_timeout_ms / 1000)
         self.stall_guard = StallGuard(self.consumer)
         self._unjoined_since: float | None = None
 
@@ -157,10 +161,7 @@ class GroupConsumer:
                     extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
         self.on_stall()
         self.close()
-        self.consumer = self._subscribe()
-        self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=s.session_timeout_ms / 1000)
-        self.stall_guard = StallGuard(self.consumer)
-        self._unjoined_since = None
+        self._open()
 
     def close(self) -> None:
         """Stop the stall guard and close the consumer without committing (the worker does)."""

@@ -85,10 +85,7 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
                            SimpleNamespace(rewarm_stale=lambda slots: None))
 
         def apply(records: list) -> None:
-            now = time.time()
-            decoded = pipe.decode(records, now)
-            bring_in(decoded, now)
-            pipe.apply(decoded, now)
+            bring_in.handle(pipe, records, time.time())
 
         ends = _end_offsets(s, make_consumer)
         t1 = time.perf_counter()
