@@ -1,18 +1,14 @@
-"""Metrics registry, the /metrics /healthz /readyz server, and JSON logs with secret masking."""
+"""Metrics registry and the /metrics /healthz /readyz server (JSON logs: test_logs.py)."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from stream_lstm.config import Settings
-from stream_lstm.logs import configure_logging, log_startup, mask_secrets
 from stream_lstm.metrics import HealthState, Metrics, serve_metrics
 
 # attribute -> the series name it must expose (counters with _total, base units)
@@ -175,67 +171,3 @@ def test_server_shutdown_frees_the_port():
     server.shutdown()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
-
-
-@pytest.fixture
-def json_logs():
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    buf = io.StringIO()
-    configure_logging("DEBUG", stream=buf)
-    try:
-        yield buf
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-
-
-def lines(buf: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in buf.getvalue().splitlines()]
-
-
-def test_logs_are_json_lines_with_context_and_masked_secrets(json_logs):
-    log = logging.getLogger("stream_lstm.test")
-    log.info("reading dead-lettered", extra={"device_id": "d-7", "partition": 3, "topic": "sensor-readings"})
-    log.warning("connecting with sasl_plain_password=hunter2 and %s", "token=abc123",
-                extra={"kafka_config": {"sasl_plain_password": "hunter2", "bootstrap_servers": "k:9092"},
-                       "api_token": "abc123"})
-    try:
-        raise RuntimeError('auth failed: {"password": "hunter2"}')
-    except RuntimeError:
-        log.exception("broker error")
-    first, second, third = lines(json_logs)
-    assert set(first) >= {"ts", "level", "logger", "event"}
-    assert first["ts"].endswith("+00:00") and "T" in first["ts"]
-    assert (first["level"], first["logger"], first["event"]) == ("info", "stream_lstm.test", "reading dead-lettered")
-    assert (first["device_id"], first["partition"], first["topic"]) == ("d-7", 3, "sensor-readings")
-    assert second["event"] == "connecting with sasl_plain_password=*** and token=***"
-    assert second["kafka_config"] == {"sasl_plain_password": "***", "bootstrap_servers": "k:9092"}
-    assert second["api_token"] == "***"
-    assert "RuntimeError" in third["exception"]
-    assert "hunter2" not in json_logs.getvalue() and "abc123" not in json_logs.getvalue()
-
-
-def test_log_startup_is_one_line_with_redacted_settings(json_logs):
-    s = Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
-                 sasl_password="hunter2", bootstrap_servers="broker-1:9093")
-    log_startup(logging.getLogger("stream_lstm.worker"), s,
-                {"bootstrap_servers": s.bootstrap_servers, "input_topic": s.input_topic, "model_version": "v0001"})
-    out = lines(json_logs)
-    assert len(out) == 1
-    line = out[0]
-    assert "broker-1:9093" in line["event"] and "sensor-readings" in line["event"] and "v0001" in line["event"]
-    assert line["connected"]["model_version"] == "v0001"
-    assert line["settings"]["sasl_password"] == "***"
-    assert line["settings"]["sasl_username"] == "svc" and line["settings"]["window"] == s.window
-    assert "hunter2" not in json_logs.getvalue()
-
-
-@pytest.mark.parametrize("text, masked", [
-    ("sasl_plain_password=hunter2 user=bob", "sasl_plain_password=*** user=bob"),
-    ('{"sasl_password": "hunter2"}', '{"sasl_password": "***"}'),
-    ("client_secret: s3cr3t, next", "client_secret: ***, next"),
-    ("nothing to hide", "nothing to hide"),
-])
-def test_mask_secrets(text, masked):
-    assert mask_secrets(text) == masked

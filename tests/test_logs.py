@@ -1,0 +1,159 @@
+"""JSON-lines logging (logs.py): one JSON object a line with its context, secrets masked in the
+message, the context (nested too) and exception text, the process-wide set-up, and the one
+start-up line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from stream_lstm.config import Settings
+from stream_lstm.logs import (
+    JsonFormatter,
+    SecretFilter,
+    configure_logging,
+    log_startup,
+    mask_secrets,
+)
+
+
+@pytest.fixture
+def json_logs():
+    root, kafka = logging.getLogger(), logging.getLogger("kafka")
+    saved = root.handlers[:], root.level, kafka.level
+    buf = io.StringIO()
+    configure_logging("DEBUG", stream=buf)
+    try:
+        yield buf
+    finally:
+        root.handlers[:], level, kafka_level = saved
+        root.setLevel(level)
+        kafka.setLevel(kafka_level)
+
+
+def lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_logs_are_json_lines_with_context_and_masked_secrets(json_logs):
+    log = logging.getLogger("stream_lstm.test")
+    log.info("reading dead-lettered", extra={"device_id": "d-7", "partition": 3, "topic": "sensor-readings"})
+    log.warning("connecting with sasl_plain_password=hunter2 and %s", "token=abc123",
+                extra={"kafka_config": {"sasl_plain_password": "hunter2", "bootstrap_servers": "k:9092"},
+                       "api_token": "abc123"})
+    try:
+        raise RuntimeError('auth failed: {"password": "hunter2"}')
+    except RuntimeError:
+        log.exception("broker error")
+    first, second, third = lines(json_logs)
+    assert set(first) >= {"ts", "level", "logger", "event"}
+    assert first["ts"].endswith("+00:00") and "T" in first["ts"]
+    assert (first["level"], first["logger"], first["event"]) == ("info", "stream_lstm.test", "reading dead-lettered")
+    assert (first["device_id"], first["partition"], first["topic"]) == ("d-7", 3, "sensor-readings")
+    assert second["event"] == "connecting with sasl_plain_password=*** and token=***"
+    assert second["kafka_config"] == {"sasl_plain_password": "***", "bootstrap_servers": "k:9092"}
+    assert second["api_token"] == "***"
+    assert "RuntimeError" in third["exception"]
+    assert "hunter2" not in json_logs.getvalue() and "abc123" not in json_logs.getvalue()
+
+
+def test_log_startup_is_one_line_with_redacted_settings(json_logs):
+    s = Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                 sasl_password="hunter2", bootstrap_servers="broker-1:9093")
+    log_startup(logging.getLogger("stream_lstm.worker"), s,
+                {"bootstrap_servers": s.bootstrap_servers, "input_topic": s.input_topic, "model_version": "v0001"})
+    out = lines(json_logs)
+    assert len(out) == 1
+    line = out[0]
+    assert "broker-1:9093" in line["event"] and "sensor-readings" in line["event"] and "v0001" in line["event"]
+    assert line["connected"]["model_version"] == "v0001"
+    assert line["settings"]["sasl_password"] == "***"
+    assert line["settings"]["sasl_username"] == "svc" and line["settings"]["window"] == s.window
+    assert "hunter2" not in json_logs.getvalue()
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("sasl_plain_password=hunter2 user=bob", "sasl_plain_password=*** user=bob"),
+    ('{"sasl_password": "hunter2"}', '{"sasl_password": "***"}'),
+    ("client_secret: s3cr3t, next", "client_secret: ***, next"),
+    ("nothing to hide", "nothing to hide"),
+])
+def test_mask_secrets(text, masked):
+    assert mask_secrets(text) == masked
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("'api_token'='abc' rest", "'api_token'='***' rest"),
+    ("db_passwd = p4ss; next", "db_passwd = ***; next"),
+])
+def test_mask_secrets_more_forms(text, masked):
+    assert mask_secrets(text) == masked
+
+
+def test_nested_lists_in_the_context_are_masked_and_other_values_kept(json_logs):
+    logging.getLogger("stream_lstm.test").info("brokers", extra={
+        "hosts": [{"name": "k1", "password": "pw1"}, "token=abc123", 7],
+        "sasl_password": None,  # nothing to hide: kept as null
+        "retries": 3})
+    (line,) = lines(json_logs)
+    assert line["hosts"] == [{"name": "k1", "password": "***"}, "token=***", 7]
+    assert line["sasl_password"] is None and line["retries"] == 3
+    assert "pw1" not in json_logs.getvalue() and "abc123" not in json_logs.getvalue()
+
+
+def bad_format_line(*args) -> tuple[dict, str]:
+    """What a logger with the JSON formatter and the filter writes for a message whose
+    arguments do not fit its format string."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(SecretFilter())
+    log = logging.getLogger("stream_lstm.test.badformat")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning(*args)
+    finally:
+        log.removeHandler(handler)
+    (line,) = [json.loads(x) for x in buf.getvalue().splitlines()]
+    return line, buf.getvalue()
+
+
+def test_a_bad_format_string_keeps_the_line():
+    line, _ = bad_format_line("count %d of %s", "not-a-number", "pumps")
+    assert line["event"] == "count %d of %s ('not-a-number', 'pumps')"  # the raw text, not lost
+    line, _ = bad_format_line("count %d password=hunter2", "x")
+    assert line["event"] == "count %d password=*** ('x',)"
+
+
+@pytest.mark.xfail(strict=True, reason="logs.SecretFilter: on a bad format string the arguments "
+                   "are appended as a tuple, so a secret passed for a password=%s placeholder "
+                   "is not masked")
+def test_a_secret_argument_of_a_bad_format_string_is_masked():
+    _, text = bad_format_line("count %d password=%s", "not-a-number", "hunter2")
+    assert "hunter2" not in text
+
+
+def test_configure_logging_replaces_its_handler_and_quietens_kafka(json_logs):
+    root = logging.getLogger()
+    configure_logging("info", stream=json_logs)  # again, lower case: still one handler
+    assert len(root.handlers) == 1 and root.level == logging.INFO
+    assert logging.getLogger("kafka").level == logging.WARNING
+    logging.getLogger("kafka.conn").info("connected")  # chatty kafka-python INFO: dropped
+    logging.getLogger("stream_lstm.test").debug("not at INFO")
+    logging.getLogger("stream_lstm.test").info("shown")
+    assert [line["event"] for line in lines(json_logs)] == ["shown"]
+    configure_logging(logging.ERROR, stream=json_logs)  # a number works too
+    assert root.level == logging.ERROR and logging.getLogger("kafka").level == logging.ERROR
+
+
+def test_log_startup_redacts_settings_given_as_a_plain_mapping(json_logs):
+    log_startup(logging.getLogger("stream_lstm.trainer"), {"window": 64, "sasl_password": "hunter2"},
+                {"input_topic": "readings"})
+    (line,) = lines(json_logs)
+    assert line["event"] == "stream-lstm started: input_topic=readings"
+    assert line["settings"] == {"window": 64, "sasl_password": "***"}
+    assert "hunter2" not in json_logs.getvalue()
