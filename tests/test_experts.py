@@ -138,19 +138,6 @@ def test_an_expert_that_cannot_forecast_counts_as_the_last_reading():
     assert np.isfinite(out).all()
 
 
-def test_the_packed_state_restores_bit_for_bit_in_fewer_bytes():
-    rng = np.random.default_rng(6)
-    x = 1e9 + np.cumsum(rng.normal(0, 1e6, 300))  # 10 significant digits
-    _, state = serve(x)
-    experts.history(state)[0, -1] = np.nan  # an unseen slot in the history
-    row = state[0]
-    packed = experts.pack(row)
-    assert packed.shape == (experts.PACKED_SIZE,) and packed.nbytes < 0.7 * row.nbytes
-    np.testing.assert_array_equal(experts.unpack(packed), row)  # NaN included
-    p = row[experts._P].reshape(experts.N_FEATURES, experts.N_FEATURES)
-    assert np.array_equal(p, p.T) and not np.allclose(p, np.diag(np.diag(p)))  # learnt, symmetric
-
-
 def test_leaders_counts_the_expert_each_device_weighs_most():
     state = experts.init_state(3)
     state[1, experts._LOG_W.start + experts.EXPERTS.index("analog")] = 2.0
