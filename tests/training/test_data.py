@@ -1,0 +1,92 @@
+"""Training data from device state (training/data.py): every long-enough window of the table,
+oldest first and in device order; a seeded holdout of whole devices; and the windows of one
+long series, the last always ending at its newest reading."""
+
+import numpy as np
+import pytest
+
+from stream_lstm.state.ingest import ingest
+from stream_lstm.state.table import DeviceTable
+from stream_lstm.training.data import series_windows, split_holdout, windows_from_table
+
+
+def fleet_table(readings: dict[str, int], window: int = 5) -> DeviceTable:
+    """A table whose devices have seen ``readings[dev]`` readings each (values 0, 1, 2, ...)."""
+    table = DeviceTable(max_devices=8, window=window, n_features=1, num_layers=1, hidden_size=2)
+    for k in range(max(readings.values())):
+        devs = [d for d, n in readings.items() if k < n]
+        ingest(table, devs, [1_700_000_000.0 + 60 * k] * len(devs),
+               np.full((len(devs), 1), float(k)), [0] * len(devs), now=0.0, target=0)
+    return table
+
+
+def test_windows_from_table_are_the_long_enough_ones_oldest_first_by_device_id():
+    # Arrival order z, a, m; m has too few readings.
+    table = fleet_table({"z": 7, "a": 3, "m": 2})
+    windows = windows_from_table(table, min_length=3)
+    assert [len(w) for w in windows] == [3, 5]  # a, then z (sorted by id); z's window holds 5
+    assert all(w.shape[1] == 1 and w.dtype == np.float32 for w in windows)
+    np.testing.assert_array_equal(windows[0], table.window.ordered(table.index["a"]))  # oldest first
+    np.testing.assert_array_equal(windows[1], table.window.ordered(table.index["z"]))
+    assert windows_from_table(table, min_length=6) == []  # no window is longer than W
+
+
+def test_the_same_fleet_gives_the_same_windows_whatever_order_it_arrived_in():
+    a = windows_from_table(fleet_table({"x": 4, "y": 5, "w": 4}), 1)
+    b = windows_from_table(fleet_table({"w": 4, "y": 5, "x": 4}), 1)
+    assert len(a) == len(b) == 3
+    for wa, wb in zip(a, b, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def seqs(n: int) -> list[np.ndarray]:
+    return [np.full((3, 1), float(i)) for i in range(n)]
+
+
+def ids(part: list[np.ndarray]) -> list[int]:
+    return [int(s[0, 0]) for s in part]
+
+
+def test_the_holdout_is_a_seeded_fraction_of_whole_sequences():
+    train, hold = split_holdout(seqs(10), fraction=0.2, seed=3)
+    assert len(hold) == 2 and len(train) == 8
+    assert sorted(ids(train) + ids(hold)) == list(range(10))  # disjoint, nothing lost
+    assert ids(train) == sorted(ids(train)) and ids(hold) == sorted(ids(hold))  # order kept
+    again = split_holdout(seqs(10), fraction=0.2, seed=3)
+    assert ids(again[1]) == ids(hold)  # reproducible
+    others = {tuple(ids(split_holdout(seqs(10), 0.2, seed)[1])) for seed in range(10)}
+    assert len(others) > 1  # the seed chooses
+
+
+def test_the_holdout_holds_at_least_one_and_a_single_sequence_serves_both():
+    train, hold = split_holdout(seqs(3), fraction=0.01)
+    assert len(hold) == 1 and len(train) == 2
+    only = seqs(1)
+    assert split_holdout(only) == (only, only)
+    assert split_holdout([]) == ([], [])
+
+
+def test_series_windows_cover_the_series_and_end_at_its_newest_reading():
+    z = np.arange(10.0)[:, None]
+    windows = series_windows(z, 4, 3)
+    assert [w[0, 0] for w in windows] == [0.0, 3.0, 6.0]  # 6..9 ends at the last reading: no extra
+    assert all(len(w) == 4 for w in windows)
+    assert [w[0, 0] for w in series_windows(z, 4, 4)] == [0.0, 4.0, 6.0]  # the last one added
+    assert np.shares_memory(windows[0], z)  # views, not copies of a long series
+
+
+def test_a_series_no_longer_than_a_window_is_one_window_and_one_reading_none():
+    z = np.arange(5.0)[:, None]
+    (whole,) = series_windows(z, 5, 2)
+    np.testing.assert_array_equal(whole, z)
+    assert len(series_windows(z, 9, 2)[0]) == 5
+    assert series_windows(z[:1], 4, 2) == [] and series_windows(z[:0], 4, 2) == []
+
+
+@pytest.mark.xfail(strict=True, reason="training/data.series_windows does not check its arguments: "
+                   "stride 0 fails inside range(), a negative stride with an IndexError, and "
+                   "length 0 returns empty windows")
+@pytest.mark.parametrize("length, stride", [(4, 0), (4, -1), (0, 2)])
+def test_a_bad_length_or_stride_is_a_clear_error(length, stride):
+    with pytest.raises(ValueError, match="length|stride"):
+        series_windows(np.arange(10.0)[:, None], length, stride)
