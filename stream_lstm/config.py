@@ -22,11 +22,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
+
 ENV_PREFIX = "STREAM_LSTM_"
 
-
-# The forecast's per-device corrections, in the order they run (stages.py).
-STAGE_ORDER = ("blend", "experts", "calibration")
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names the environment variable."""
@@ -125,9 +124,9 @@ class Settings(BaseSettings):
     # --- Uncertainty and anomalies ----------------------------------------------------------------
     interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")
     forecast_stages: str = Field(
-        "blend,experts,calibration",
+        ",".join(STAGES),
         description="The per-device corrections of the model's forecast, in this order (stages.py), "
-                    "comma-separated: any of blend, experts, calibration; empty: the model alone")
+                    f"comma-separated: any of {', '.join(STAGES)}; empty: the model alone")
     interval_adapt_rate: float = Field(
         0.02, gt=0.0, le=1.0,
         description="Step of the calibration stage's per-device interval factor (quantile tracking)")
@@ -182,9 +181,9 @@ class Settings(BaseSettings):
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
         names = self.stage_names
-        if list(names) != [n for n in STAGE_ORDER if n in names] or len(set(names)) != len(names):
+        if list(names) != [n for n in STAGES if n in names] or len(set(names)) != len(names):
             raise ValueError(f"forecast_stages {self.forecast_stages!r}: name each of "
-                             f"{', '.join(STAGE_ORDER)} at most once, in that order")
+                             f"{', '.join(STAGES)} at most once, in that order")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ValueError("sasl_mechanism is required with a SASL security_protocol")
         home = Path("stream-lstm") / self.group_id

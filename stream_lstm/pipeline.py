@@ -135,11 +135,7 @@ class BatchPipeline:
         self.version = version
         self.decoder = ReadingDecoder(settings)
         self.target = settings.target_channel
-        self.stages = stages_for(settings.stage_names, blend_rate=settings.blend_rate,
-                                 expert_rate=settings.expert_rate,
-                                 adapt_rate=settings.interval_adapt_rate,
-                                 coverage=settings.interval_coverage,
-                                 q=interval_quantile(settings.interval_coverage))
+        self.stages = stages_for(settings, q=interval_quantile(settings.interval_coverage))
 
     def handle(self, records: Iterable[SourceRecord], now: float) -> BatchOutput:
         """Decode and apply one batch whose devices need nothing brought in."""

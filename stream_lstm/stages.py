@@ -1,29 +1,47 @@
-"""The forecast's per-device corrections, as an ordered list of stages.
+"""The forecast as an ordered list of stages.
 
-The fleet model is one network for every device. Each stage corrects its forecast for one
+The fleet model is one network for every device. Each stage shapes the forecast for one
 device from that device's own readings, and owns the per-device state it learns (declared as
-columns in ``state/columns.py``, or, for the experts, ``state/expert_state.py``):
+columns in ``state/columns.py``, or, for the experts, ``state/expert_state.py``). In the
+order they run:
 
 1. :class:`Blend`: the model's change against persistence (``STREAM_LSTM_BLEND_RATE``);
 2. :class:`Experts`: the per-device one-step experts (``STREAM_LSTM_EXPERT_RATE``);
-3. :class:`Calibration`: the interval's width (``STREAM_LSTM_INTERVAL_ADAPT_RATE``).
+3. :class:`Calibration`: the interval's width (``STREAM_LSTM_INTERVAL_ADAPT_RATE``);
+4. :class:`Scores`: each reading's anomaly and drift scores, and the memory of the published
+   forecasts that later readings are scored against.
 
-``STREAM_LSTM_FORECAST_STAGES`` lists them (all three by default; empty: the model's forecast
-alone). ``forecast.assemble`` runs them round by round (a device at most once a round), in
-three phases, each over the stages in order: ``recall`` (what earlier forecasts said about
-this reading), ``learn`` (from this reading), ``predict`` (shape the new forecast). A new
-correction is one class here, its name in ``config.STAGE_ORDER`` and :func:`stages_for`, and
-its rate setting.
+The first three are corrections, and optional: ``STREAM_LSTM_FORECAST_STAGES`` lists those
+that run (all by default; empty: the model's forecast alone). Scores is not optional (every
+reading is scored, every published forecast remembered), so it is not in that list, but it
+is a stage of the same pipeline: ``forecast.assemble`` always runs it, last, so that it
+remembers the forecast as the corrections left it. ``assemble`` runs the stages round by
+round (a device at most once a round), in three phases, each over all the stages in order:
+``recall`` (what earlier forecasts said about this reading), ``learn`` (from this reading),
+``predict`` (shape the new forecast). Every ``recall`` comes before any ``learn``, so what
+Scores recalls (``Round.expected_1``...) is there for the corrections to learn from.
+
+A new correction is one class here: a :class:`Stage` subclass that declares its ``name`` (the
+word ``STREAM_LSTM_FORECAST_STAGES`` lists it by) and, if it has parameters, how
+``from_settings`` builds it (plus any setting or state column of its own). Its place among
+the named classes of this module is its place in the order: the registry :data:`STAGES`, the
+order ``config``'s validator enforces, the setting's default and its documentation all derive
+from the classes. ``config`` imports this module, so it imports nothing of the package at run
+time but the experts (``experts.py``, ``state/expert_state.py``: numpy only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from stream_lstm import experts
-from stream_lstm.state.table import DeviceTable
+
+if TYPE_CHECKING:  # config imports the registry from here: no import back at run time
+    from stream_lstm.config import Settings
+    from stream_lstm.state.table import DeviceTable
 
 
 def between(ends: np.ndarray, along: np.ndarray) -> np.ndarray:
@@ -36,17 +54,23 @@ def between(ends: np.ndarray, along: np.ndarray) -> np.ndarray:
     return ends[:, :1] + along * (ends[:, 1:] - ends[:, :1])
 
 
+# What Scores recalls (before any stage learns) and what it scores: NaN until then.
+RECALLED = ("expected_1", "b_1", "expected_h", "b_h")
+SCORED = ("residual", "anomaly_score", "drift_score", "drift_expected")
+
+
 @dataclass
 class Round:
     """One round of readings, as the stages see it: arrays of one row per reading.
 
     ``forecast`` and ``b`` start as the model's (``x + change``, its Laplace scale, device
-    units) and leave as what is published; ``model_1`` is the model's own (blended) one-step
-    forecast that was made for this reading, which the blend learns from.
+    units) and leave as what is published. :class:`Scores` recalls the forecasts made for
+    the reading (``RECALLED``) and writes its scores (``SCORED``).
     """
 
     slots: np.ndarray  # [r] table slots
     x: np.ndarray  # [r] the reading (target channel, device units)
+    reset: np.ndarray  # [r] bool: the device's state was reset at this reading
     mean: np.ndarray  # [r] the normalizer's mean there ...
     scale: np.ndarray  # [r] ... and scale
     mu: np.ndarray  # [r, H] the model's change, normalized
@@ -55,26 +79,52 @@ class Round:
     pos: np.ndarray  # [r] the ring slot of the forecast made H readings ago
     scored_1: np.ndarray  # [r] bool: past the warm-up, so the one-step forecast counts
     scored_h: np.ndarray  # [r] bool: the same for the H-step forecast
-    expected_1: np.ndarray  # [r] the one-step forecast made for this reading ...
-    b_1: np.ndarray  # [r] ... and its scale
-    expected_h: np.ndarray  # [r] the H-step forecast made for this reading ...
-    b_h: np.ndarray  # [r] ... and its scale
     forecast: np.ndarray  # [r, H]
     b: np.ndarray  # [r, H]
-    model_1: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # The model's own (blended) one-step forecast made for this reading, which the blend
+    # learns from: set by the experts, whose one-step forecast was published instead.
+    model_1: np.ndarray | None = None
     experts_state: np.ndarray | None = None  # the experts' rows, read once a round
+    expected_1: np.ndarray = field(init=False)  # [r] the one-step forecast made for this reading ...
+    b_1: np.ndarray = field(init=False)  # [r] ... and its scale
+    expected_h: np.ndarray = field(init=False)  # [r] the H-step forecast made for this reading ...
+    b_h: np.ndarray = field(init=False)  # [r] ... and its scale
+    residual: np.ndarray = field(init=False)  # [r] x - expected_1
+    anomaly_score: np.ndarray = field(init=False)  # [r]
+    drift_score: np.ndarray = field(init=False)  # [r]
+    drift_expected: np.ndarray = field(init=False)  # [r] expected_h where it was scored
 
     def __post_init__(self) -> None:
-        if self.model_1 is None:
-            self.model_1 = self.expected_1  # without experts, the published one-step forecast
+        for name in RECALLED + SCORED:
+            setattr(self, name, np.full(len(self.x), np.nan))
+
+
+STAGES: dict[str, type[Stage]] = {}
+"""The optional stages by name, in the order they run: every :class:`Stage` subclass that
+declares a ``name``, in the order the classes were defined."""
 
 
 class Stage:
-    """A per-device correction of the forecast. Every phase is optional.
+    """A step of the forecast, for each device. Every phase is optional.
 
-    ``columns`` names the table state the stage owns: it alone reads and writes it."""
+    ``columns`` names the table state the stage owns: it alone reads and writes it. A subclass that
+    declares a ``name`` is an optional stage (:data:`STAGES`), built by ``from_settings``."""
 
-    columns: tuple[str, ...] = ()
+    name: ClassVar[str] = ""
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name", "")
+        if name:
+            if name in STAGES:
+                raise ValueError(f"two stages named {name!r}: {STAGES[name].__name__}, {cls.__name__}")
+            STAGES[name] = cls
+
+    @classmethod
+    def from_settings(cls, settings: Settings, q: float) -> Stage:
+        """The stage as ``settings`` configure it (``q``: the intervals' Laplace quantile)."""
+        return cls()
 
     def recall(self, r: Round, table: DeviceTable) -> None:
         """Read what this reading needs from the stage's state (before any stage learns)."""
@@ -93,7 +143,8 @@ class Blend(Stage):
     the last value). ``w`` is learnt by online gradient descent on the absolute error (M.
     Zinkevich, "Online convex programming and generalized infinitesimal gradient ascent",
     ICML 2003) when a reading arrives, for the one-step forecast and for the H-step forecast
-    made for it, ``mu`` being the model's change in that forecast::
+    made for it, ``mu`` being the model's change in that forecast (which the blend remembers,
+    ``prev_change`` and the ring ``drift_change``)::
 
         w <- clip(w + rate * sign(x - forecast) * mu, 0, 1)
 
@@ -105,6 +156,7 @@ class Blend(Stage):
     rate
         The step (``STREAM_LSTM_BLEND_RATE``).
 
+    >>> from stream_lstm.state.table import DeviceTable
     >>> table = DeviceTable(2, 4, 1, 1, 8)
     >>> table.ensure_horizon(2)
     >>> slot = table.slots_for(["pump"], [0], now=0.0)
@@ -115,15 +167,21 @@ class Blend(Stage):
     [0.9]
     """
 
-    columns = ("blend_w",)
+    name = "blend"
+    columns = ("blend_w", "prev_change", "drift_change")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
 
+    @classmethod
+    def from_settings(cls, settings: Settings, q: float) -> Blend:
+        return cls(settings.blend_rate)
+
     def learn(self, r: Round, table: DeviceTable) -> None:
         slots = r.slots
+        model_1 = r.expected_1 if r.model_1 is None else r.model_1
         for col, blended, change, scored in (
-                (0, r.model_1, table.prev_change[slots], r.scored_1),
+                (0, model_1, table.prev_change[slots], r.scored_1),
                 (1, r.expected_h, table.drift_change[slots, r.pos], r.scored_h)):
             step = self.rate * np.sign(r.x - blended) * change
             step = np.where(scored & np.isfinite(step), step, 0.0)
@@ -131,6 +189,8 @@ class Blend(Stage):
 
     def predict(self, r: Round, table: DeviceTable) -> None:
         r.forecast = r.x[:, None] + r.change * between(table.blend_w[r.slots], r.along)
+        # The model's own change in this forecast: what the readings it is for learn against.
+        table.prev_change[r.slots], table.drift_change[r.slots, r.pos] = r.mu[:, 0], r.mu[:, -1]
 
 
 class Experts(Stage):
@@ -143,6 +203,7 @@ class Experts(Stage):
     rate
         The step of the experts' weights (``STREAM_LSTM_EXPERT_RATE``).
 
+    >>> from stream_lstm.state.table import DeviceTable
     >>> table = DeviceTable(2, 4, 1, 1, 8)
     >>> slot = table.slots_for(["pump"], [0], now=0.0)
     >>> r = example_round(slot, x=10.0, expected_1=np.nan)
@@ -152,10 +213,15 @@ class Experts(Stage):
     10.0
     """
 
+    name = "experts"
     columns = ("experts",)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
+
+    @classmethod
+    def from_settings(cls, settings: Settings, q: float) -> Experts:
+        return cls(settings.expert_rate)
 
     def recall(self, r: Round, table: DeviceTable) -> None:
         if not table.with_experts:
@@ -196,6 +262,7 @@ class Calibration(Stage):
     q
         Their Laplace quantile: an interval is ``forecast -/+ q * b``.
 
+    >>> from stream_lstm.state.table import DeviceTable
     >>> table = DeviceTable(2, 4, 1, 1, 8)
     >>> slot = table.slots_for(["pump"], [0], now=0.0)
     >>> r = example_round(slot, x=20.0, expected_1=10.0)  # far outside [10 -/+ 2.3]
@@ -204,10 +271,15 @@ class Calibration(Stage):
     0.09
     """
 
+    name = "calibration"
     columns = ("interval_log_m",)
 
     def __init__(self, rate: float, coverage: float, q: float) -> None:
         self.rate, self.coverage, self.q = rate, coverage, q
+
+    @classmethod
+    def from_settings(cls, settings: Settings, q: float) -> Calibration:
+        return cls(settings.interval_adapt_rate, settings.interval_coverage, q)
 
     def learn(self, r: Round, table: DeviceTable) -> None:
         slots = r.slots
@@ -221,26 +293,84 @@ class Calibration(Stage):
         r.b = r.b * np.exp(between(table.interval_log_m[r.slots], r.along))
 
 
-def stages_for(names: tuple[str, ...] | list[str], *, blend_rate: float, expert_rate: float,
-               adapt_rate: float, coverage: float, q: float) -> list[Stage]:
-    """The stages ``names`` lists (``STREAM_LSTM_FORECAST_STAGES``), in that order.
+class Scores(Stage):
+    """Each reading's scores against the forecasts published for it, and the memory of the
+    forecast published now, for the readings it is for. Not optional (no ``name``): it runs
+    after every correction, so it remembers the forecast as they left it.
 
-    >>> [type(s).__name__ for s in stages_for(("blend", "calibration"), blend_rate=0.01,
-    ...                                        expert_rate=0.1, adapt_rate=0.02, coverage=0.9, q=2.3)]
+    A reading is scored against the one-step forecast made for it at the previous reading
+    (``prev_mu``, ``prev_sigma``): ``anomaly_score = |x - forecast_1| / b_1`` (both in the
+    device's units). Under a calibrated Laplace, a score of at least ``s`` has probability
+    ``exp(-s)``: 4.6 is one reading in 100, 6.9 one in 1,000.
+
+    A one-step forecast follows a slow departure (a machine cooling over hours) step by step,
+    so its residuals stay small. Each reading is therefore also scored against the forecast
+    made for it H readings earlier, kept in a ring of the last H readings' H-step forecasts
+    (``drift_mu``, ``drift_b``, slot ``n_seen % H``): ``drift_score = |x - forecast_H| / b_H``,
+    which grows with a sustained departure. On NAB's machine-temperature recording the drift
+    score puts all ten of its highest values inside the labelled failure windows, the
+    one-step score two (docs/evaluation.md). A device's first readings after a reset (or
+    ever) are not scored (NaN; ``Round.scored_1``), since their hidden state is not yet
+    informative, and the drift score waits H readings more (``Round.scored_h``). The residual
+    ``x - forecast_1`` is NaN only at a reset. Whether a reading is anomalous is judged from
+    both scores against the device's own history of them, after the stages (alerts.judge,
+    likelihood.py).
+
+    >>> from stream_lstm.state.table import DeviceTable
+    >>> table = DeviceTable(2, 4, 1, 1, 8)
+    >>> table.ensure_horizon(2)
+    >>> slot = table.slots_for(["pump"], [0], now=0.0)
+    >>> table.prev_mu[slot], table.prev_sigma[slot] = 10.0, 2.0  # "10, Laplace scale 2"
+    >>> r = example_round(slot, x=18.0, expected_1=np.nan)  # ... and the reading is 18
+    >>> stage = Scores()
+    >>> stage.recall(r, table); stage.learn(r, table)
+    >>> r.anomaly_score.tolist()  # 8 away at scale 2: at least this, one reading in e^4 (55)
+    [4.0]
+    >>> stage.predict(r, table); table.prev_mu[slot].tolist()  # what the next reading meets
+    [18.0]
+    """
+
+    columns = ("prev_mu", "prev_sigma", "drift_mu", "drift_b")
+
+    def recall(self, r: Round, table: DeviceTable) -> None:
+        slots, pos = r.slots, r.pos
+        r.expected_1, r.b_1 = table.prev_mu[slots], table.prev_sigma[slots]
+        r.expected_h = table.drift_mu[slots, pos].astype(np.float64)
+        r.b_h = table.drift_b[slots, pos].astype(np.float64)
+
+    def learn(self, r: Round, table: DeviceTable) -> None:
+        r.residual = np.where(r.reset, np.nan, r.x - r.expected_1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r.anomaly_score = np.where(r.scored_1, np.abs(r.residual) / r.b_1, np.nan)
+            r.drift_score = np.where(r.scored_h, np.abs(r.x - r.expected_h) / r.b_h, np.nan)
+        r.drift_expected = np.where(r.scored_h, r.expected_h, np.nan)
+
+    def predict(self, r: Round, table: DeviceTable) -> None:
+        slots, pos = r.slots, r.pos
+        table.prev_mu[slots], table.prev_sigma[slots] = r.forecast[:, 0], r.b[:, 0]
+        table.drift_mu[slots, pos], table.drift_b[slots, pos] = r.forecast[:, -1], r.b[:, -1]
+
+
+def stages_for(settings: Settings, q: float) -> list[Stage]:
+    """The optional stages ``settings`` list (``STREAM_LSTM_FORECAST_STAGES``), in order;
+    ``q`` is the intervals' Laplace quantile.
+
+    >>> from stream_lstm.config import Settings
+    >>> [type(s).__name__ for s in stages_for(Settings(forecast_stages="blend,calibration"), q=2.3)]
     ['Blend', 'Calibration']
     """
-    make = {"blend": lambda: Blend(blend_rate), "experts": lambda: Experts(expert_rate),
-            "calibration": lambda: Calibration(adapt_rate, coverage, q)}
-    return [make[name]() for name in names]
+    return [STAGES[name].from_settings(settings, q) for name in settings.stage_names]
 
 
 def example_round(slots: np.ndarray, x: float, expected_1: float, horizon: int = 2) -> Round:
-    """A one-reading round for the examples: the model says "no change", scale 1, scored."""
+    """A one-reading round for the examples: the model says "no change", scale 1, scored; the
+    one-step forecast recalled for it is ``expected_1``, scale 1."""
     one = np.ones(1)
-    return Round(
-        slots=slots, x=one * x, mean=one * x, scale=one, mu=np.zeros((1, horizon), np.float32),
-        change=np.zeros((1, horizon)), along=np.linspace(0.0, 1.0, horizon), pos=np.zeros(1, np.int64),
-        scored_1=np.ones(1, bool), scored_h=np.zeros(1, bool), expected_1=one * expected_1,
-        b_1=one, expected_h=one * np.nan, b_h=one * np.nan, forecast=np.full((1, horizon), x),
-        b=np.ones((1, horizon)),
+    r = Round(
+        slots=slots, x=one * x, reset=np.zeros(1, bool), mean=one * x, scale=one,
+        mu=np.zeros((1, horizon), np.float32), change=np.zeros((1, horizon)),
+        along=np.linspace(0.0, 1.0, horizon), pos=np.zeros(1, np.int64), scored_1=np.ones(1, bool),
+        scored_h=np.zeros(1, bool), forecast=np.full((1, horizon), x), b=np.ones((1, horizon)),
     )
+    r.expected_1, r.b_1 = one * expected_1, one
+    return r

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from stream_lstm.forecast import assemble, interval_quantile
+from stream_lstm.stages import Blend, Calibration, Experts
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.state.table import DeviceTable
@@ -9,7 +10,7 @@ from stream_lstm.state.table import DeviceTable
 
 def run(table, ids, ts, x, mu, log_b, **kw):
     b = ingest(table, ids, ts, np.array(x, float)[:, None], [0] * len(ids), now=0.0, target=0)
-    opts = dict(coverage=0.9, min_history=2, anomaly_warmup=1) | kw
+    opts = dict(coverage=0.9, min_history=2, anomaly_warmup=1, stages=[]) | kw
     return b, assemble(b, np.array(mu, np.float32), np.array(log_b, np.float32), table, **opts)
 
 
@@ -66,7 +67,11 @@ def test_drift_score_compares_with_the_forecast_made_h_readings_earlier():
     np.testing.assert_allclose(fb.drift_score, drift, rtol=1e-6)
 
 
-def calibration_run(adapt_rate, readings_per_poll=1, n=3000, horizon=3):
+def calibrated():
+    return [Calibration(rate=0.02, coverage=0.9, q=interval_quantile(0.9))]
+
+
+def calibration_run(stages, readings_per_poll=1, n=3000, horizon=3):
     """A model whose scale is 5x too small, on Laplace noise; the intervals it publishes."""
     rng = np.random.default_rng(7)
     x = 50.0 + rng.laplace(0.0, 1.0, n)
@@ -75,7 +80,7 @@ def calibration_run(adapt_rate, readings_per_poll=1, n=3000, horizon=3):
     for s in range(0, n, readings_per_poll):
         k = min(readings_per_poll, n - s)
         _, fb = run(table, ["a"] * k, list(range(s, s + k)), x[s : s + k], np.zeros((k, horizon)),
-                    np.full((k, horizon), np.log(0.2)), adapt_rate=adapt_rate, anomaly_warmup=10)
+                    np.full((k, horizon), np.log(0.2)), stages=stages, anomaly_warmup=10)
         lower.append(fb.lower)
         upper.append(fb.upper)
     return x, np.concatenate(lower), np.concatenate(upper)
@@ -87,27 +92,27 @@ def covered(x, lower, upper, k, start):
 
 
 def test_per_device_calibration_brings_coverage_to_nominal():
-    x, lo, hi = calibration_run(adapt_rate=0.0)
+    x, lo, hi = calibration_run([])
     assert covered(x, lo, hi, 1, 1000) < 0.6  # the model's own scale is far too narrow
-    x, lo, hi = calibration_run(adapt_rate=0.02)
+    x, lo, hi = calibration_run(calibrated())
     assert abs(covered(x, lo, hi, 1, 1000) - 0.9) < 0.03
     assert abs(covered(x, lo, hi, 3, 1000) - 0.9) < 0.03  # h=H has its own factor
 
 
 def test_calibration_does_not_depend_on_how_readings_were_split_into_polls():
-    _, lo1, hi1 = calibration_run(adapt_rate=0.02, n=400)
-    _, lo7, hi7 = calibration_run(adapt_rate=0.02, readings_per_poll=7, n=400)
+    _, lo1, hi1 = calibration_run(calibrated(), n=400)
+    _, lo7, hi7 = calibration_run(calibrated(), readings_per_poll=7, n=400)
     np.testing.assert_array_equal(lo1, lo7)
     np.testing.assert_array_equal(hi1, hi7)
 
 
-def blend_run(x, mu, blend_rate, readings_per_poll=1):
+def blend_run(x, mu, stages, readings_per_poll=1):
     table = DeviceTable(max_devices=2, window=4, n_features=1, num_layers=1, hidden_size=2)
     out = []
     for s in range(0, len(x), readings_per_poll):
         k = min(readings_per_poll, len(x) - s)
         _, fb = run(table, ["a"] * k, list(range(s, s + k)), x[s : s + k], mu[s : s + k],
-                    np.zeros((k, mu.shape[1])), blend_rate=blend_rate, anomaly_warmup=5)
+                    np.zeros((k, mu.shape[1])), stages=stages, anomaly_warmup=5)
         out.append(fb.forecast)
     return np.concatenate(out), table.blend_w[table.index["a"]]
 
@@ -120,8 +125,8 @@ def test_blend_falls_back_to_persistence_where_the_model_only_adds_noise():
     rng = np.random.default_rng(3)
     x = np.cumsum(rng.normal(size=3000))  # a random walk: the last value is the best forecast
     noise = rng.normal(size=(3000, 2))  # a "model" whose change is pure noise
-    model_only, w0 = blend_run(x, noise, 0.0)
-    blended, w = blend_run(x, noise, 0.005)
+    model_only, w0 = blend_run(x, noise, [])
+    blended, w = blend_run(x, noise, [Blend(0.005)])
     persistence = float(np.mean(np.abs(np.diff(x[1999:]))))
     assert w0.tolist() == [1.0, 1.0] and w.max() < 0.2
     assert one_step_mae(x, model_only, 2000) > 1.3 * persistence
@@ -134,14 +139,14 @@ def test_blend_keeps_a_model_that_helps_and_does_not_depend_on_polls():
     _, _, scale = normalize_sequence(x[:, None], "welford")
     exact = np.stack([(np.roll(x, -k) - x) / scale[:, 0] for k in (1, 2)], 1)  # the true change
     exact[-2:] = 0.0
-    forecast, w = blend_run(x, exact, 0.005)
+    forecast, w = blend_run(x, exact, [Blend(0.005)])
     assert w.min() > 0.95  # the model is right: its change keeps its full weight
-    chunked, _ = blend_run(x[:300], exact[:300], 0.005, readings_per_poll=9)
-    np.testing.assert_array_equal(chunked, blend_run(x[:300], exact[:300], 0.005)[0])
+    chunked, _ = blend_run(x[:300], exact[:300], [Blend(0.005)], readings_per_poll=9)
+    np.testing.assert_array_equal(chunked, blend_run(x[:300], exact[:300], [Blend(0.005)])[0])
 
 
 def test_experts_need_a_table_that_holds_them():
     table = DeviceTable(max_devices=2, window=4, n_features=1, num_layers=1, hidden_size=2,
                         with_experts=False)
     with pytest.raises(ValueError, match="with_experts"):
-        run(table, ["a"], [0.0], [1.0], [[0.0, 0.0]], [[0.0, 0.0]], expert_rate=0.1)
+        run(table, ["a"], [0.0], [1.0], [[0.0, 0.0]], [[0.0, 0.0]], stages=[Experts(0.1)])
