@@ -21,7 +21,6 @@ from kafka import KafkaAdminClient
 from stream_lstm.config import Settings
 from stream_lstm.kafka.local_broker import LocalBroker, free_port, pid_alive
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.tools.children import Child, StopSignals, stop_children
 from stream_lstm.tools.demo import WorkerLogRelay, ensure_broker, summarize_log_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,25 +190,3 @@ def test_the_relay_keeps_every_line_in_the_log_file_and_shows_only_short_ones(tm
     assert (tmp_path / "worker.log").read_text().splitlines() == lines
     assert len(shown) == 1 and shown[0].startswith("worker: broker b:1 |")
     assert relay.stopped["forecasts"] == 7
-
-
-def test_a_second_signal_while_stopping_kills_what_is_left_without_a_traceback(capsys):
-    # A child that ignores SIGTERM and, when it gets one, "presses Ctrl-C again" on its parent.
-    code = ("import os, signal, time\n"
-            "signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGINT))\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    assert proc.stdout.readline() == "ready\n"
-    child = Child("stubborn", proc)
-    t0 = time.monotonic()
-    with StopSignals() as signals:
-        signals.raising = False
-        signals.stop = True  # the first Ctrl-C, which ended the forecast loop
-        stop_children([child], signals, grace=60)
-    assert time.monotonic() - t0 < 30  # it did not wait out the grace period
-    assert signals.hurry and child.stopped and child.killed
-    assert proc.returncode == -signal.SIGKILL and not pid_alive(proc.pid)
-    assert "stopping now: killing what is still running" in capsys.readouterr().out
-    proc.stdout.close()
