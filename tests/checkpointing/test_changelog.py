@@ -1,4 +1,5 @@
-"""Changelog topic and restore, against the real local Kafka broker (never mocked)."""
+"""The changelog and restore, against the real local Kafka broker (never mocked); the topic's
+creation and configuration: tests/kafka/test_topics.py."""
 
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin, make_producer
 from stream_lstm.kafka.topics import (
     CHANGELOG_CONFIG,
-    ChangelogTopicError,
     TopicSpec,
     ensure_changelog_topic,
     ensure_topics,
-    partition_count,
 )
 from stream_lstm.state.snapshot import DeviceSnapshot
 
@@ -69,26 +68,6 @@ def produce(settings: Settings, records, transactional: bool = False) -> None:
 
 def stored_versions(store: StateStore) -> dict[str, int]:
     return {d: decode_snapshot(store.get(d)).n_seen for d in store.device_ids()}
-
-
-@pytest.mark.timeout(60, func_only=True)  # the broker fixture may start first
-def test_topic_is_compacted_copartitioned_and_idempotent(settings):
-    ensure_changelog_topic(settings, 3)
-    ensure_changelog_topic(settings, 3)  # existing: fine
-    name = settings.changelog_topic_name()
-    assert partition_count(settings, name) == 3
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    admin = make_admin(settings)
-    try:
-        cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
-    finally:
-        admin.close()
-    values = {k: v["value"] for k, v in cfg["topic"][name].items()}
-    assert values["cleanup.policy"] == "compact"
-    assert values["min.compaction.lag.ms"] == CHANGELOG_CONFIG["min.compaction.lag.ms"]
-    with pytest.raises(ChangelogTopicError, match="3 partitions but the input topic has 4"):
-        ensure_changelog_topic(settings, 4)
 
 
 @pytest.mark.timeout(60, func_only=True)  # the broker fixture may start first
