@@ -72,6 +72,8 @@ from stream_lstm.state.expert_state import (
     history,
     init_state,
     pack,
+    rls_matrix,
+    rls_upper,
     unpack,
 )
 
@@ -181,7 +183,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     s[:, _LOG_W] = np.log((1.0 - SHARE) * w + SHARE / len(EXPERTS))
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
-    p = s[:, _P].reshape(-1, N_FEATURES, N_FEATURES)
+    p = rls_matrix(s)
     target = (x - history(s)[:, -1]) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
@@ -198,10 +200,10 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     new_p *= (np.minimum(1.0, _P_TRACE_MAX / np.maximum(trace, 1e-12)) / FORGETTING)[:, None, None]
     ok = np.isfinite(new_w).all(axis=1) & np.isfinite(trace)
     if ok.all():
-        s[:, _W], s[:, _P] = new_w, new_p.reshape(len(s), -1)
+        s[:, _W], s[:, _P] = new_w, rls_upper(new_p)
     else:
         s[ok, _W] = new_w[ok]
-        s[ok, _P] = new_p[ok].reshape(int(ok.sum()), -1)
+        s[ok, _P] = rls_upper(new_p[ok])
     if not every:
         state[rows] = s
 

@@ -36,8 +36,9 @@ def test_a_fresh_device_has_seen_nothing_and_weighs_every_expert_alike():
     assert np.isnan(history(state)).all()
     w = state[:, expert_state._W]
     assert (w[:, 0] == 1.0).all() and (w[:, 1:] == 0.0).all()  # the ar expert starts as the model's change
-    p = state[:, expert_state._P].reshape(3, N_FEATURES, N_FEATURES)
+    p = expert_state.rls_matrix(state)
     np.testing.assert_array_equal(p, np.broadcast_to(10.0 * np.eye(N_FEATURES), p.shape))
+    assert state.nbytes / 3 < 2800  # P's upper triangle only, the history as float32 (was 3,992 B)
     log_w = state[:, expert_state._LOG_W]
     assert log_w.shape == (3, len(EXPERTS)) and (log_w == 0.0).all()
     assert np.isnan(state[:, expert_state._S_PREV]).all()
@@ -52,17 +53,28 @@ def test_history_is_a_writable_float32_view_of_each_row():
     assert np.shares_memory(view, state)
 
 
-def test_the_packed_state_restores_bit_for_bit_in_fewer_bytes():
+def test_the_packed_state_restores_bit_for_bit():
     rng = np.random.default_rng(6)
     x = 1e9 + np.cumsum(rng.normal(0, 1e6, 300))  # 10 significant digits
     state = learnt_state(x)
     history(state)[0, -1] = np.nan  # an unseen slot in the history
     row = state[0]
     packed = pack(row)
-    assert packed.shape == (PACKED_SIZE,) and packed.nbytes < 0.7 * row.nbytes
+    assert packed.shape == (PACKED_SIZE,) and not np.shares_memory(packed, row)
     np.testing.assert_array_equal(unpack(packed), row)  # NaN included
-    p = row[expert_state._P].reshape(N_FEATURES, N_FEATURES)
+    p = expert_state.rls_matrix(state)[0]
     assert np.array_equal(p, p.T) and not np.allclose(p, np.diag(np.diag(p)))  # learnt, symmetric
+
+
+def test_the_stored_triangle_unfolds_to_the_symmetric_matrix_and_back():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(2, N_FEATURES, N_FEATURES))
+    p = a + a.transpose(0, 2, 1)
+    upper = expert_state.rls_upper(p)
+    assert upper.shape == (2, N_FEATURES * (N_FEATURES + 1) // 2)
+    state = init_state(2)
+    state[:, expert_state._P] = upper
+    np.testing.assert_array_equal(expert_state.rls_matrix(state), p)
 
 
 def test_a_fresh_state_packs_and_unpacks_unchanged():
