@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from stream_lstm.engine import BatchedEngine
+from stream_lstm.engine import FUSE_MIN_ROUNDS, BatchedEngine
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
@@ -77,3 +77,73 @@ def test_rewarm_equals_fresh_replay_of_each_window():
             _, _, (h, c) = new_model(win)
         np.testing.assert_allclose(table.h[:, slot].numpy(), h[:, 0].numpy(), atol=1e-6)
         np.testing.assert_allclose(table.c[:, slot].numpy(), c[:, 0].numpy(), atol=1e-6)
+
+
+def backlog_polls(seed=3, polls=12):
+    """Polls of a small fleet's backlog: many readings per device per poll, in arrival order;
+    devices joining mid-poll, gaps that reset (max_gap_s=50), and a duplicate now and then."""
+    rng = np.random.default_rng(seed)
+    devices = [f"d{i}" for i in range(9)]
+    clock = {d: 0.0 for d in devices}
+    out = []
+    for p in range(polls):
+        # The fleet grows: device 3 + p // 2 and on are not sent yet.
+        ids = list(rng.choice(devices[: 3 + p // 2], size=int(rng.integers(20, 80))))
+        ts = []
+        for d in ids:
+            clock[d] += 100.0 if rng.random() < 0.05 else (0.0 if rng.random() < 0.02 else 1.0)
+            ts.append(clock[d])
+        out.append((ids, ts, rng.normal(size=(len(ids), 2)) * 3 + 10))
+    return out
+
+
+def test_the_fused_path_equals_the_step_path():
+    (_, step_table, stepped), (_, fused_table, fused) = setup(), setup()
+    stepped.fuse_min_rounds, fused.fuse_min_rounds = 10**9, 1
+    paths, resets = set(), 0
+    for ids, ts, x in backlog_polls():
+        outs = []
+        for table, engine in ((step_table, stepped), (fused_table, fused)):
+            b = ingest(table, ids, ts, x, [0] * len(ids), now=0.0, target=0, max_gap_s=50)
+            outs.append(engine.step(b.slots, b.z, b.rounds, b.reset))
+            paths.add(engine.last_path)
+        resets += int(b.reset.sum())
+        for a, f in zip(*outs, strict=True):
+            np.testing.assert_allclose(f, a, atol=1e-5, rtol=0)
+        for a, f in ((step_table.h, fused_table.h), (step_table.c, fused_table.c)):
+            np.testing.assert_allclose(f.numpy(), a.numpy(), atol=1e-5, rtol=0)
+    assert paths == {"step", "fused"} and resets > 3  # both paths ran, across resets
+
+
+def test_a_reset_at_a_devices_first_reading_of_the_poll_starts_it_from_zero():
+    model, table, engine = setup()
+    engine.fuse_min_rounds = 1
+    x = np.ones((3, 2))
+    b = ingest(table, ["a"] * 3, [1.0, 2.0, 3.0], x, [0] * 3, now=0.0, target=0)
+    engine.step(b.slots, b.z, b.rounds, b.reset)
+    b = ingest(table, ["a", "a"], [1e6, 1e6 + 1], x[:2], [0, 0], now=0.0, target=0, max_gap_s=10)
+    assert b.reset.tolist() == [True, False]
+    mu, _ = engine.step(b.slots, b.z, b.rounds, b.reset)
+    with torch.no_grad():
+        mu_ref, _, (h, _) = model(torch.from_numpy(b.z)[None])
+    np.testing.assert_allclose(mu, mu_ref[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(table.h[:, b.slots[0]].numpy(), h[:, 0].numpy(), atol=1e-6)
+
+
+def test_a_poll_of_fuse_min_rounds_rounds_or_more_takes_the_fused_path(monkeypatch):
+    model, table, engine = setup()
+    assert engine.fuse_min_rounds == FUSE_MIN_ROUNDS
+    one_round, deep = [(0, 2000)], [(r, r + 1) for r in range(FUSE_MIN_ROUNDS)]
+    assert engine.path_for(one_round) == "step" and engine.path_for(deep) == "fused"
+    assert engine.path_for(deep[:-1]) == "step"  # a live poll: a few readings per device at most
+    steps = []
+    monkeypatch.setattr(model, "step", lambda *a: steps.append(1) or SimpleLSTM.step(model, *a))
+    ids = ["a"] * FUSE_MIN_ROUNDS + ["b"] * (FUSE_MIN_ROUNDS - 1)
+    ts = [float(t) for t in range(FUSE_MIN_ROUNDS)] + [float(t) for t in range(FUSE_MIN_ROUNDS - 1)]
+    b = ingest(table, ids, ts, np.ones((len(ids), 2)), [0] * len(ids), now=0.0, target=0)
+    assert len(b.rounds) == FUSE_MIN_ROUNDS
+    engine.step(b.slots, b.z, b.rounds, b.reset)
+    assert engine.last_path == "fused" and steps == []  # one packed forward, no step per round
+    b = ingest(table, ["a", "b"], [100.0, 100.0], np.ones((2, 2)), [0, 0], now=0.0, target=0)
+    engine.step(b.slots, b.z, b.rounds, b.reset)
+    assert engine.last_path == "step" and steps == [1]

@@ -1,10 +1,15 @@
-"""BatchPipeline pieces that need no broker: the alert events of devices forgotten by TTL."""
+"""BatchPipeline pieces that need no broker: the alert events of devices forgotten by TTL, and a
+deep backlog through the fused path (one packed forward a poll) forecast as the step path does."""
 
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
+from stream_lstm.encoding import encode_reading
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.pipeline import BatchPipeline
@@ -30,3 +35,78 @@ def test_a_device_forgotten_by_ttl_closes_its_open_alert(tmp_path: Path):
     assert event["ts"] == 170.0 and event["peak_likelihood"] == 0.9999 and event["value"] == 42.0
     assert len(table) == 0
     manager.store.close(clean=True)
+
+
+class Rec:
+    def __init__(self, offset: int, device: str, ts: float, value: float) -> None:
+        self.topic, self.partition, self.offset = "in", 0, offset
+        self.key, self.value = device.encode(), encode_reading(device, ts, [value])
+
+
+def backlog(seed: int = 0) -> list[list[Rec]]:
+    """Polls of a 6-device backlog, 80 to 400 readings a poll (up to ~100 of one device):
+    devices join mid-poll (one more each poll), a device now and then comes back after a gap
+    (a reset), and a reading is sent twice now and then (a duplicate)."""
+    rng = np.random.default_rng(seed)
+    devices = [f"pump-{i}" for i in range(6)]
+    clock = {d: 1e9 for d in devices}
+    polls, offset = [], 0
+    for p in range(8):
+        recs = []
+        for d in rng.choice(devices[: 1 + p], size=int(rng.integers(80, 400))).tolist():
+            roll = rng.random()
+            clock[d] += 3600.0 if roll < 0.01 else (0.0 if roll < 0.02 else 60.0)
+            level = 20.0 + devices.index(d) + 3 * np.sin(clock[d] / 600) + rng.normal(0, 0.3)
+            recs.append(Rec(offset, d, clock[d], level + (15.0 if rng.random() < 0.005 else 0.0)))
+            offset += 1
+        polls.append(recs)
+    return polls
+
+
+def run_backlog(fuse_min_rounds: int) -> tuple[list[dict], DeviceTable, list[str]]:
+    s = Settings(output_topic="forecasts", alerts_topic="alerts", max_gap_s=600.0, min_history=4)
+    torch.manual_seed(0)
+    model = SimpleLSTM(1, 16, 2, s.horizon)
+    table = DeviceTable(16, s.window, 1, 2, 16, with_experts=True)
+    engine = BatchedEngine(model, table, fuse_min_rounds=fuse_min_rounds)
+    pipe = BatchPipeline(s, table, engine, lambda: "v1")
+    published, paths = [], []
+    for recs in backlog():
+        out = pipe.handle(recs, now=2e9)
+        paths.append(engine.last_path)
+        published += [(topic, json.loads(value)) for topic, _, value, _ in out.records]
+    return published, table, paths
+
+
+def assert_close(got, want, where: str) -> None:
+    if isinstance(want, float) or isinstance(got, float):
+        assert got is not None and want is not None, where
+        assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), f"{where}: {got} != {want}"
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def test_a_backlog_through_the_fused_path_publishes_what_the_step_path_does():
+    (stepped, step_table, step_paths), (fused, fused_table, fused_paths) = run_backlog(10**9), run_backlog(1)
+    assert set(step_paths) == {"step"} and set(fused_paths) == {"fused"}
+    forecasts = [r for topic, r in stepped if topic == "forecasts"]
+    # What the backlog covers: resets, scored readings, likelihoods past their warm-up.
+    assert sum(r["reset"] for r in forecasts) >= 3
+    assert sum(r["anomaly_likelihood"] is not None for r in forecasts) > 100
+    assert len(fused) == len(stepped) > 1500
+    for i, ((topic_f, f), (topic_s, s)) in enumerate(zip(fused, stepped, strict=True)):
+        assert topic_f == topic_s and f.keys() == s.keys(), i
+        for name in s:
+            assert_close(f[name], s[name], f"record {i} ({s['device_id']}) {name}")
+    # The device state afterwards: h/c, the normalizer, the window, every column, the experts.
+    assert fused_table.index == step_table.index
+    pairs = [(fused_table.h.numpy(), step_table.h.numpy(), "h"), (fused_table.c.numpy(), step_table.c.numpy(), "c"),
+             (fused_table.experts, step_table.experts, "experts"), (fused_table.window.data, step_table.window.data, "window")]
+    pairs += [(getattr(fused_table.norm, n), getattr(step_table.norm, n), n) for n in ("count", "mean", "var")]
+    pairs += [(getattr(fused_table, c.name), getattr(step_table, c.name), c.name) for c in step_table.columns]
+    for got, want, name in pairs:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=name)

@@ -17,8 +17,10 @@ The network is ``nn.LSTM`` followed by a linear head, exactly like the textbook
   fresh model starts near, and the network only has to learn what persistence misses.
 
 ``forward`` runs whole sequences (training); ``step`` runs one reading for a batch of
-devices whose h/c live outside the module (serving). Both use the same weights, so a
-sequence run through ``forward`` equals the same readings fed one by one through ``step``.
+devices whose h/c live outside the module (serving); ``forward_packed`` runs sequences of
+different lengths packed together (serving a deep backlog: many readings of few devices in
+one poll). All use the same weights, so a sequence run through ``forward`` or
+``forward_packed`` equals the same readings fed one by one through ``step``.
 
 >>> import torch
 >>> spec = ModelSpec(n_features=1, hidden_size=8, num_layers=1, horizon=3)
@@ -40,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 # Keeps exp(log_b) inside a range where the NLL and the intervals stay finite.
 LOG_B_MIN, LOG_B_MAX = -7.0, 5.0
@@ -135,6 +138,28 @@ class SimpleLSTM(nn.Module):
         out, (h, c) = self.lstm(x.unsqueeze(1), (h, c))
         mu, log_b = self._head(out[:, 0])
         return mu, log_b, h, c
+
+    def forward_packed(
+        self, x: PackedSequence, state: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Run sequences of different lengths in one call (one cuDNN call on the GPU).
+
+        ``x`` packs ``S`` sequences (``torch.nn.utils.rnn.pack_sequence`` or built directly:
+        ``x.data`` is ``[N, n_features]``, time-major); ``state`` is each sequence's starting
+        ``(h, c)``, ``[num_layers, S, hidden]``, in the order the sequences were given. Returns ``mu`` and
+        ``log_b``, each ``[N, horizon]`` in the rows of ``x.data``, and each sequence's
+        ``(h, c)`` after its last reading.
+
+        >>> from torch.nn.utils.rnn import pack_sequence
+        >>> model = SimpleLSTM(n_features=1, hidden_size=4, num_layers=1, horizon=2).eval()
+        >>> x = pack_sequence([torch.randn(3, 1), torch.randn(1, 1)])  # 3 readings, then 1
+        >>> mu, log_b, (h, c) = model.forward_packed(x, model.zero_state(2))
+        >>> mu.shape, h.shape
+        (torch.Size([4, 2]), torch.Size([1, 2, 4]))
+        """
+        out, (h, c) = self.lstm(x, state)
+        mu, log_b = self._head(out.data)
+        return mu, log_b, (h, c)
 
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """All-zero (h, c) for ``batch`` devices: the state of a device never seen."""

@@ -1,9 +1,11 @@
-"""SimpleLSTM and ModelSpec (models/lstm.py): a whole sequence through ``forward`` equals the same
-readings one by one through ``step``, ``step`` leaves the caller's state alone, the scale is
-kept in range, and the spec builds the model it describes."""
+"""SimpleLSTM and ModelSpec (models/lstm.py): a whole sequence through ``forward`` (or, with
+others of other lengths, through ``forward_packed``) equals the same readings one by one through
+``step``, ``step`` leaves the caller's state alone, the scale is kept in range, and the spec
+builds the model it describes."""
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_sequence
 
 from stream_lstm.models.lstm import LOG_B_MAX, LOG_B_MIN, ModelSpec, SimpleLSTM
 
@@ -24,6 +26,33 @@ def test_forward_over_a_sequence_equals_stepping_it_from_any_state(layers):
     assert mu.shape == log_b.shape == (4, 7, 3) and h.shape == c.shape == (layers, 4, 8)
     torch.testing.assert_close(h1, h, atol=1e-6, rtol=0)
     torch.testing.assert_close(c1, c, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_sequences_of_other_lengths_packed_together_equal_stepping_each(layers):
+    torch.manual_seed(0)
+    model = SimpleLSTM(n_features=2, hidden_size=8, num_layers=layers, horizon=3).eval()
+    lengths = [2, 6, 1, 6]  # not sorted: pack_sequence sorts them and forward_packed keeps order
+    seqs = [torch.randn(n, 2) for n in lengths]
+    start = (torch.randn(layers, 4, 8), torch.randn(layers, 4, 8))
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    with torch.no_grad():
+        mu, log_b, (h, c) = model.forward_packed(packed, start)
+        assert mu.shape == log_b.shape == (sum(lengths), 3) and h.shape == (layers, 4, 8)
+        # Rows of packed.data: time-major over the sequences sorted longest first.
+        row = {}
+        for t in range(max(lengths)):
+            for k in packed.sorted_indices.tolist():
+                if t < lengths[k]:
+                    row[k, t] = len(row)
+        for k, seq in enumerate(seqs):
+            h1, c1 = start[0][:, k : k + 1], start[1][:, k : k + 1]
+            for t in range(lengths[k]):
+                mu_t, log_b_t, h1, c1 = model.step(seq[t : t + 1], h1, c1)
+                torch.testing.assert_close(mu_t[0], mu[row[k, t]], atol=1e-6, rtol=0)
+                torch.testing.assert_close(log_b_t[0], log_b[row[k, t]], atol=1e-6, rtol=0)
+            torch.testing.assert_close(h1[:, 0], h[:, k], atol=1e-6, rtol=0)
+            torch.testing.assert_close(c1[:, 0], c[:, k], atol=1e-6, rtol=0)
 
 
 def test_step_returns_new_state_and_leaves_the_callers_alone():
