@@ -1,0 +1,64 @@
+"""Recordings through the real worker (tools/through_worker.py), for the offline commands:
+``load`` reads each recording's values (a limit, repeated times dropped as the worker drops
+them, the chosen time column said on stderr); ``run_pipeline`` serves them through a real
+broker and worker and reads back what a read_committed consumer sees; and whether plots can
+be drawn."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stream_lstm.config import Settings
+from stream_lstm.models.serving import fresh_model
+from stream_lstm.tools.through_worker import load, plots_available, run_pipeline
+
+T0 = 1_700_000_000.0
+
+
+def test_load_reads_each_recordings_values_up_to_the_limit_without_repeated_times(tmp_path, capsys):
+    pump = tmp_path / "pump.csv"
+    pump.write_text("timestamp,value\n2014-01-01 00:00:00,1\n2014-01-01 00:05:00,2\n"
+                    "2014-01-01 00:05:00,9\n2014-01-01 00:10:00,3\n")
+    fan = tmp_path / "fan.csv"
+    fan.write_text("when,value\n2014-01-01 00:00:00,5\n2014-01-01 00:01:00,6\n")
+    series = load([pump, fan], limit=0)
+    assert list(series) == ["pump", "fan"]
+    ts, x = series["pump"]
+    assert ts.tolist() == [1388534400.0, 1388534700.0, 1388535000.0]
+    assert x.tolist() == [1.0, 2.0, 3.0]  # the first of a repeated time, as the worker keeps it
+    assert x.ndim == 1 and series["fan"][1].tolist() == [5.0, 6.0]
+    assert capsys.readouterr().err == ("evaluate: fan.csv: no column 'timestamp': using 'when', "
+                                       "the first column whose values are times (--time-column "
+                                       "names another)\n")
+    assert load([pump], limit=2)["pump"][1].tolist() == [1.0, 2.0]
+    assert load([fan], limit=1, time_column="when")["fan"][1].tolist() == [5.0]
+
+
+def test_plots_are_available_with_matplotlib_and_said_when_not(monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    assert plots_available() is True and capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert plots_available() is False
+    assert "matplotlib is not installed, so no plots" in capsys.readouterr().err
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecasts(bootstrap, tmp_path, capsys):
+    s = Settings(bootstrap_servers=bootstrap, model_dir=tmp_path / "models", horizon=3, hidden_size=8,
+                 metrics_port=0)
+    t = T0 + 60.0 * np.arange(40)
+    series = {"a": (t, 20 + np.sin(np.arange(40) / 3)), "b": (t + 30.0, 5 + np.cos(np.arange(40) / 4))}
+    torch.manual_seed(0)
+    served = fresh_model(s)
+    out, topic = run_pipeline(s, series, served.model, served.spec)
+    assert topic.startswith("eval-") and topic.endswith("-out")
+    assert sorted(out) == ["a", "b"]
+    for dev, (ts, x) in series.items():
+        got = sorted(out[dev], key=lambda f: f["ts"])
+        assert [f["ts"] for f in got] == ts.tolist()  # min_history 1: one forecast a reading
+        assert [f["value"] for f in got] == pytest.approx(x.tolist())
+        assert all(len(f["forecast"]) == 3 and f["model_version"] == "eval" for f in got)
+    assert "evaluate: 80 readings through the worker" in capsys.readouterr().err
