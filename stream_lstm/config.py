@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # --- Compute --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the LSTM runs")
     torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto")
+    processes: int | Literal["auto"] = Field(
+        1, description="Worker processes on this host, in the same group (processes.py): a number, "
+        "or auto (the usable CPU cores, at most the input topic's partitions). Each has its own "
+        "instance id <instance>-p<k>, transactional id and state directory <state_dir>/p<k>; "
+        "one supervisor serves the metrics and health endpoints. 1: one process, no supervisor")
 
     # --- Model and per-device state -------------------------------------------------------
     window: int = Field(64, ge=2, description="W: readings kept per device (ring buffer)")
@@ -169,6 +174,17 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz")
     metrics_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: object) -> object:
+        # One message for both forms, where the union would list a complaint for each.
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{value!r}: give a number of processes (1 or more) or auto")
+        return int(text)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -47,6 +47,8 @@ SLOW_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 RETRAIN_OUTCOMES = ("promoted", "rejected", "failed")
 PROMOTION_DECISIONS = ("promote", "reject")
 TRANSACTION_OUTCOMES = ("committed", "aborted")
+# prometheus-client's multiprocess modes that the worker's gauges use (see Metrics.__init__).
+GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
 
 
 class Metrics:
@@ -59,8 +61,11 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(p + name, doc, list(labels), registry=r)
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(p + name, doc, list(labels), registry=r)
+        # How a host with several worker processes (processes.py) combines a gauge of each:
+        # counts of what each holds add up, per-partition figures are the latest owner's, and
+        # all but "all" forget a process that exited. A single process ignores the mode.
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), *, mode: GaugeMode) -> Gauge:
+            return Gauge(p + name, doc, list(labels), registry=r, multiprocess_mode=mode)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(p + name, doc, buckets=buckets, registry=r)
@@ -79,7 +84,7 @@ class Metrics:
         self.anomalies = counter("anomalies", "Readings flagged as anomalies")
         self.alerts_opened = counter("alerts_opened", "Alerts opened (alert events on the alerts topic)")
         self.alerts_closed = counter("alerts_closed", "Alerts closed after their hold time")
-        self.alerts_open = gauge("alerts_open", "Devices in memory with an open alert")
+        self.alerts_open = gauge("alerts_open", "Devices in memory with an open alert", mode="livesum")
 
         # --- Timing ---------------------------------------------------------------------------
         self.batch_size = histogram("batch_size_readings", "Readings per batch", BATCH_BUCKETS)
@@ -93,28 +98,31 @@ class Metrics:
 
         # --- Consumer and per-device state ------------------------------------------------------
         self.consumer_lag = gauge("consumer_lag_messages", "Input messages not yet consumed",
-                                  ("partition",))
-        self.active_devices = gauge("active_devices", "Devices held in memory")
+                                  ("partition",), mode="livemostrecent")
+        self.active_devices = gauge("active_devices", "Devices held in memory", mode="livesum")
         self.expert_leading_devices = gauge(
             "expert_leading_devices", "Devices in memory whose one-step forecast weighs this "
-            "expert most (experts.py): many on 'last' says the model no longer helps", ("expert",))
+            "expert most (experts.py): many on 'last' says the model no longer helps", ("expert",),
+            mode="livesum")
         self.evicted_devices = counter("evicted_devices", "Devices moved from memory to the state store")
         self.expired_devices = counter("expired_devices", "Devices forgotten after their TTL")
 
         # --- Model, retraining, hot swap ---------------------------------------------------------
         self.model_info = Info(p + "model", "The served model version", registry=r)
-        self.model_promoted_timestamp_seconds = gauge("model_promoted_timestamp_seconds",
-                                                      "When the served model was promoted (unix time)")
+        self.model_promoted_timestamp_seconds = gauge(
+            "model_promoted_timestamp_seconds", "When the served model was promoted (unix time)",
+            mode="livemax")
         self.retrain_runs = counter("retrain_runs", "Retraining runs by outcome", ("outcome",))
         self.retrain_duration_seconds = histogram("retrain_duration_seconds", "Retraining time", SLOW_BUCKETS)
-        self.retrain_loss = gauge("retrain_loss", "Holdout loss of the last retrain", ("model",))
+        self.retrain_loss = gauge("retrain_loss", "Holdout loss of the last retrain", ("model",),
+                                  mode="livemostrecent")
         self.promotion_decisions = counter("promotion_decisions", "Promotion gate decisions", ("decision",))
         self.swap_pause_seconds = histogram("swap_pause_seconds", "Inference pause for a hot swap and re-warm",
                                             LATENCY_BUCKETS)
 
         # --- State restore ------------------------------------------------------------------------
         self.restore_progress_ratio = gauge("restore_progress_ratio", "State restore progress per partition",
-                                            ("partition",))
+                                            ("partition",), mode="livemostrecent")
         self.restored_devices = counter("restored_devices", "Devices whose state was restored")
         self.restored_records = counter("restored_records", "Changelog records read while restoring")
         self.replayed_readings = counter("replayed_readings", "Input readings applied again "
@@ -129,7 +137,8 @@ class Metrics:
         self.kafka_stalls = counter("kafka_stalls", "kafka-python polls that waited past "
                                     "max.poll.interval.ms on their own IO thread and were ended "
                                     "(kafka/stall.py)")
-        self.ready = gauge("ready", "1 when the worker is ready (see /readyz), else 0")
+        # A host of several processes exports its own (every process ready), not this one.
+        self.ready = gauge("ready", "1 when the worker is ready (see /readyz), else 0", mode="livemin")
         self.up_info = Info(p + "up", "Version and instance of this stream-lstm process", registry=r)
 
         for outcome in RETRAIN_OUTCOMES:

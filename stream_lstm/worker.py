@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
@@ -300,16 +301,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "forecasts. All settings come from STREAM_LSTM_* environment variables (README)."
     )
     parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")
+    parser.add_argument("--processes", metavar="N|auto", help="override STREAM_LSTM_PROCESSES: "
+                        "worker processes on this host, in the same group, under one supervisor")
+    # Set by the supervisor (processes.py) for its children: where to report health.
+    parser.add_argument("--status-file", type=Path, help=argparse.SUPPRESS)
 
 
 def main(args: argparse.Namespace) -> int:
     from stream_lstm.logs import configure_logging, log_startup
     from stream_lstm.metrics import serve_metrics
+    from stream_lstm.processes import StatusReporter, Supervisor, label_logs, resolve_processes
 
-    overrides = {"metrics_port": args.metrics_port} if args.metrics_port is not None else {}
+    overrides = {k: v for k, v in (("metrics_port", args.metrics_port),
+                                   ("processes", args.processes)) if v is not None}
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
+    if args.status_file is None and (n := resolve_processes(settings)) > 1:
+        return Supervisor(settings, n).run()
     worker = Worker(settings)
+    reporter = None
+    if args.status_file is not None:  # a child of the supervisor
+        label_logs(settings.instance_id)
+        reporter = StatusReporter(args.status_file, worker.health, lambda: {
+            "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
+        }, worker.stop).start()
     server = None
     if settings.metrics_port:
         server = serve_metrics(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
@@ -325,6 +340,8 @@ def main(args: argparse.Namespace) -> int:
     })
     totals = worker.run()
     log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
+    if reporter is not None:
+        reporter.stop()
     if server is not None:
         server.shutdown()
     return 0

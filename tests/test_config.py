@@ -24,11 +24,23 @@ def test_only_prefixed_variables_count(monkeypatch):
 @pytest.mark.parametrize("var,value", [
     ("STREAM_LSTM_DEVICE", "tpu"), ("STREAM_LSTM_METRICS_PORT", "99999"),
     ("STREAM_LSTM_WINDOW", "abc"), ("STREAM_LSTM_PROCESSING_GUARANTEE", "maybe"),
+    ("STREAM_LSTM_PROCESSES", "0"), ("STREAM_LSTM_PROCESSES", "many"),
 ])
 def test_invalid_value_names_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=var):
         load_settings()
+
+
+def test_processes_is_a_number_or_auto(monkeypatch):
+    assert load_settings().processes == 1
+    monkeypatch.setenv("STREAM_LSTM_PROCESSES", "4")
+    assert load_settings().processes == 4
+    monkeypatch.setenv("STREAM_LSTM_PROCESSES", "Auto")
+    assert load_settings().processes == "auto"
+    with pytest.raises(SettingsError, match=r"^invalid setting STREAM_LSTM_PROCESSES: .*'-2': "
+                       r"give a number of processes \(1 or more\) or auto$"):
+        load_settings(processes="-2")
 
 
 def test_inconsistent_settings_are_refused():

@@ -171,3 +171,18 @@ def test_server_shutdown_frees_the_port():
     server.shutdown()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_every_gauge_says_how_a_host_of_processes_combines_it():
+    """With STREAM_LSTM_PROCESSES > 1 the host adds up its children's files (processes.py):
+    a count of what each holds sums, a figure per partition is its latest owner's, and every
+    mode is a live one, so a child that exited leaves the host's gauges."""
+    from prometheus_client import Gauge
+
+    modes = {k: g._multiprocess_mode for k, g in vars(Metrics()).items() if isinstance(g, Gauge)}
+    assert modes == {
+        "alerts_open": "livesum", "active_devices": "livesum", "expert_leading_devices": "livesum",
+        "consumer_lag": "livemostrecent", "restore_progress_ratio": "livemostrecent",
+        "retrain_loss": "livemostrecent", "model_promoted_timestamp_seconds": "livemax",
+        "ready": "livemin",
+    }

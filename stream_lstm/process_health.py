@@ -1,0 +1,217 @@
+"""The health and the metrics of a host of worker processes (``processes.py``).
+
+Each child writes what its own ``/healthz`` and ``/readyz`` would say to a status file every
+second (:class:`StatusReporter`); the supervisor reads them (:class:`HostHealth`):
+
+* **live** while its own loop turns and each child runs and says it is live (or has not said
+  yet: it is starting), or waits to be restarted; a status older than the liveness timeout
+  (30 s) counts as not live;
+* **ready** when each child's status is fresh (at most 10 s old), from its current process,
+  and ready. The components of ``/readyz`` are the children: ``ok``, or why not (``starting``,
+  ``partitions: restoring [2]``, ``not running (exit -9; restart in 1s)``).
+
+The children's series reach the host through prometheus-client's multiprocess mode: each child
+writes its own files to one directory and :class:`HostMetrics` adds them up. Counters and
+histograms sum, also over children that exited (they count what those did); each gauge
+combines as ``metrics.py`` declares. The host adds its own ``stream_lstm_ready``,
+``stream_lstm_processes``, ``stream_lstm_process_running{process}``,
+``stream_lstm_process_restarts_total{process}``, ``stream_lstm_up_info`` and, from the status
+files, ``stream_lstm_model_info{process,version}`` (an Info cannot cross processes).
+
+>>> import tempfile
+>>> d = Path(tempfile.mkdtemp())
+>>> health = HealthState(); health.set_ready("partitions", False, "restoring [2]")
+>>> reporter = StatusReporter(d / "p0.json", health, lambda: {"consumed": 0}, lambda: None)
+>>> reporter.write()
+>>> slot = Slot("p0", d / "p0.json"); slot.proc = type("Running", (), {"pid": os.getpid()})()
+>>> HostHealth([slot]).readiness()
+(False, {'p0': 'partitions: restoring [2]'})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import InfoMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from stream_lstm.metrics import PREFIX, HealthState
+
+log = logging.getLogger("stream_lstm.processes")
+
+STATUS_EVERY_S = 1.0  # how often a child writes its status file
+STATUS_STALE_S = 10.0  # a status this old says nothing: the child is not ready
+BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
+
+
+# ---- in a child ---------------------------------------------------------------------------------
+class StatusReporter:
+    """In a child: every second, writes what its ``/healthz`` and ``/readyz`` would say (and
+    ``details()``) to ``path``, replacing the file whole. If the supervisor is gone (the
+    child's parent changed), calls ``on_orphaned`` once: a worker then stops cleanly."""
+
+    def __init__(self, path: Path, health: HealthState, details: Callable[[], dict[str, Any]],
+                 on_orphaned: Callable[[], None], every_s: float = STATUS_EVERY_S) -> None:
+        self.path, self.health, self.details = Path(path), health, details
+        self.on_orphaned, self.every_s = on_orphaned, every_s
+        self._parent = os.getppid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
+
+    def start(self) -> StatusReporter:
+        self.write()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.write()
+
+    def write(self) -> None:
+        live, liveness = self.health.liveness()
+        ready, components = self.health.readiness()
+        status = {"pid": os.getpid(), "ts": time.time(), "live": live, "liveness": liveness,
+                  "ready": ready, "components": components, **self.details()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, self.path)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.write()
+            except Exception as exc:  # noqa: BLE001 - a full disk must not end the worker
+                log.warning("status file not written", extra={"error": repr(exc)[:200]})
+            if os.getppid() != self._parent:
+                log.error("the supervisor is gone; stopping")
+                self.on_orphaned()
+                self._parent = os.getppid()
+
+
+# ---- in the supervisor ------------------------------------------------------------------------------
+class Slot:
+    """One child: its current process (None while it waits to be restarted) and its history."""
+
+    def __init__(self, name: str, status: Path) -> None:
+        self.name, self.status = name, status
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.backoff = BACKOFF_FIRST_S
+        self.last_exit: int | None = None
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The status the current process wrote, or None (none yet, or the previous one's)."""
+        try:
+            status = json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return None
+        return status if self.proc is not None and status.get("pid") == self.proc.pid else None
+
+
+class HostHealth:
+    """Liveness and readiness of the host, over its children (``serve_metrics`` serves them).
+
+    Live: the supervisor's loop turns, and each child runs and says it is live (or has not
+    said yet), or waits to be restarted. Ready: each child's fresh status says ready; the
+    components of ``/readyz`` are the children, each ``ok`` or why not.
+    """
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+        self.loop = HealthState()
+
+    def liveness(self) -> tuple[bool, str]:
+        ok, detail = self.loop.liveness()
+        problems = [] if ok else [f"supervisor: {detail}"]
+        for slot in self.slots:
+            status = slot.read_status()
+            if slot.proc is not None and status is not None:
+                age = time.time() - status["ts"]
+                if not status["live"] or age > self.loop.liveness_timeout_s:
+                    problems.append(f"{slot.name}: " + (f"no status for {age:.0f}s"
+                                                        if status["live"] else status["liveness"]))
+            elif slot.proc is None and slot.restart_at is None:
+                problems.append(f"{slot.name}: not running")
+        return (not problems), "; ".join(problems) or "every process is live"
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        parts = {slot.name: self._child_readiness(slot) for slot in self.slots}
+        return all(v == "ok" for v in parts.values()), parts
+
+    @staticmethod
+    def _child_readiness(slot: Slot) -> str:
+        if slot.proc is None:
+            wait = max(0.0, (slot.restart_at or time.monotonic()) - time.monotonic())
+            return f"not running (exit {slot.last_exit}; restart in {wait:.0f}s)"
+        status = slot.read_status()
+        if status is None:
+            return "starting"
+        age = time.time() - status["ts"]
+        if age > STATUS_STALE_S:
+            return f"no status for {age:.0f}s"
+        if status["ready"]:
+            return "ok"
+        waiting = "; ".join(f"{k}: {v}" for k, v in status["components"].items() if v != "ok")
+        return waiting or "starting"
+
+
+class _Children:
+    """The children's series from the multiprocess directory, without their ``ready`` (the
+    host exports its own), and the model each serves, from its status file (prometheus'
+    multiprocess mode cannot carry an Info)."""
+
+    def __init__(self, metrics_dir: Path, slots: list[Slot]) -> None:
+        self.metrics_dir, self.slots = metrics_dir, slots
+
+    def collect(self) -> Iterator[Any]:
+        files = [str(p) for p in self.metrics_dir.glob("*.db")]
+        for family in MultiProcessCollector.merge(files, accumulate=True):
+            if family.name != PREFIX + "ready":
+                yield family
+        info = InfoMetricFamily(PREFIX + "model", "The served model version, per worker process",
+                                labels=["process"])
+        for slot in self.slots:
+            status = slot.read_status()
+            if status is not None and status.get("model_version"):
+                info.add_metric([slot.name], {"version": str(status["model_version"])})
+        yield info
+
+
+class HostMetrics:
+    """What the supervisor serves: the children's series added up and its own."""
+
+    def __init__(self, metrics_dir: Path, slots: list[Slot], instance: str) -> None:
+        from stream_lstm import __version__
+
+        r = self.registry = CollectorRegistry()
+        r.register(_Children(metrics_dir, slots))
+        self.ready = Gauge(PREFIX + "ready", "1 when every worker process is ready (see /readyz)",
+                           registry=r)
+        self.processes = Gauge(PREFIX + "processes", "Worker processes this host runs "
+                               "(STREAM_LSTM_PROCESSES)", registry=r)
+        self.running = Gauge(PREFIX + "process_running", "1 while the worker process runs",
+                             ["process"], registry=r)
+        self.restarts = Counter(PREFIX + "process_restarts", "Worker processes restarted "
+                                "after they exited", ["process"], registry=r)
+        Info(PREFIX + "up", "Version and instance of this stream-lstm host", registry=r).info(
+            {"version": __version__, "instance": instance, "processes": str(len(slots))})
+        self.processes.set(len(slots))
+        for slot in slots:
+            self.restarts.labels(slot.name)
+            self.running.labels(slot.name)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,271 @@
+"""Several worker processes on one host: ``STREAM_LSTM_PROCESSES=N|auto`` (``run --processes``).
+
+One worker process keeps about one core busy: kafka-python and the pipeline are Python and
+hold the GIL. To use a bigger machine, ``stream-lstm run`` with N > 1 becomes a **supervisor**
+of N workers of the same consumer group, each a ``stream-lstm run`` child process:
+
+* child ``k`` is ``<instance>-p<k>`` (the host's ``STREAM_LSTM_INSTANCE_ID``, or the
+  hostname), so it has its own transactional id (a restarted child fences its own zombie) and
+  its own state store in ``<state_dir>/p<k>``; with ``TORCH_THREADS=0`` each takes its share
+  of the usable cores. On a GPU host they all pick the same device and share it.
+* A child that dies is restarted after a backoff (1 s, doubling to 30 s; back to 1 s once it
+  has run a minute), logged and counted (``stream_lstm_process_restarts_total``). A child
+  that exits with code 2 refused the configuration (a model that does not fit the
+  settings): restarting cannot help, so the supervisor stops them all and exits 2.
+* SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
+  checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
+  and exits 0 when all stopped cleanly. A second signal kills at once.
+* The supervisor alone serves ``STREAM_LSTM_METRICS_PORT`` (the children serve none): their
+  series added up, and ``/healthz`` and ``/readyz`` over them (``process_health.py``).
+
+``1`` (the default) is one worker and no supervisor, as before.
+
+>>> s = Settings(instance_id="edge-7", state_dir="/data/state", processes=3)
+>>> resolve_processes(s), child_name(2)
+(3, 'p2')
+>>> env = child_env(s, 2, 3, Path("/tmp/m"), {})
+>>> env["STREAM_LSTM_INSTANCE_ID"], env["STREAM_LSTM_STATE_DIR"], env["STREAM_LSTM_PROCESSES"]
+('edge-7-p2', '/data/state/p2', '1')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from stream_lstm.config import Settings
+from stream_lstm.metrics import serve_metrics
+from stream_lstm.process_health import (
+    BACKOFF_FIRST_S,
+    HostHealth,
+    HostMetrics,
+    Slot,
+    StatusReporter,
+)
+
+__all__ = ["StatusReporter", "Supervisor", "child_env", "label_logs", "resolve_processes"]
+
+log = logging.getLogger("stream_lstm.processes")
+
+BACKOFF_MAX_S = 30.0  # restarts wait BACKOFF_FIRST_S, then twice as long each time, to this
+STABLE_AFTER_S = 60.0  # a child that ran this long before it died restarts after BACKOFF_FIRST_S
+STOP_GRACE_S = 45.0  # within k8s's 60 s termination grace
+REFUSED = 2  # the exit code of a worker that refuses its configuration (models/serving.py)
+TICK_S = 0.2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0))
+
+
+def input_partitions(settings: Settings) -> int:
+    """The input topic's partitions, or ``TOPIC_PARTITIONS`` (what the worker will create it
+    with) when it does not exist yet or the broker does not answer within 15 s."""
+    from stream_lstm.kafka.deadline import call_with_deadline
+    from stream_lstm.kafka.topics import partition_count
+
+    try:
+        return call_with_deadline(lambda: partition_count(settings, settings.input_topic), 15.0,
+                                  "describing the input topic")
+    except Exception as exc:  # noqa: BLE001 - any failure: the count it would be created with
+        log.info("input topic not described; assuming STREAM_LSTM_TOPIC_PARTITIONS",
+                 extra={"error": repr(exc)[:200], "partitions": settings.topic_partitions})
+        return settings.topic_partitions
+
+
+def resolve_processes(settings: Settings, partitions: Callable[[], int] | None = None) -> int:
+    """``STREAM_LSTM_PROCESSES`` as a number. ``auto``: the usable CPU cores, but no more than
+    the input topic's partitions (a child with none assigned idles and is never ready)."""
+    if settings.processes != "auto":
+        return int(settings.processes)
+    cpus = usable_cpus()
+    parts = (partitions or (lambda: input_partitions(settings)))()
+    n = max(1, min(cpus, parts))
+    log.info(f"STREAM_LSTM_PROCESSES=auto: {n} worker processes",
+             extra={"usable_cpus": cpus, "input_partitions": parts})
+    return n
+
+
+def child_name(k: int) -> str:
+    return f"p{k}"
+
+
+def child_env(settings: Settings, k: int, n: int, metrics_dir: Path,
+              base: dict[str, str]) -> dict[str, str]:
+    """The environment of child ``k`` of ``n``: ``base`` (the supervisor's) with its identity,
+    its state directory, no endpoint of its own and the shared metrics directory."""
+    host = settings.instance_id or socket.gethostname()
+    assert settings.state_dir is not None  # filled in by Settings
+    env = dict(base)
+    env.update({
+        "STREAM_LSTM_INSTANCE_ID": f"{host}-{child_name(k)}",
+        "STREAM_LSTM_STATE_DIR": str(settings.state_dir / child_name(k)),
+        "STREAM_LSTM_PROCESSES": "1",
+        "STREAM_LSTM_METRICS_PORT": "0",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    })
+    if settings.torch_threads == 0:  # N processes of all the cores each would fight for them
+        env["STREAM_LSTM_TORCH_THREADS"] = str(max(1, usable_cpus() // n))
+    return env
+
+
+def label_logs(instance: str) -> None:
+    """In a child: each of its log lines says ``"instance": instance``, since the children
+    of a host write to the supervisor's stderr, interleaved."""
+
+    class Label(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not hasattr(record, "instance"):
+                record.instance = instance
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(Label())
+
+
+class Supervisor:
+    """Runs ``n`` worker processes (``stream-lstm run`` children) until SIGTERM or SIGINT.
+
+    Parameters
+    ----------
+    settings
+        The host's settings; children inherit the environment with their own identity.
+    n
+        How many children.
+    command
+        How to start one (default: this Python, ``-m stream_lstm.cli run``); the status file's
+        option is appended.
+    """
+
+    def __init__(self, settings: Settings, n: int, command: list[str] | None = None) -> None:
+        self.settings, self.n = settings, n
+        self.command = command or [sys.executable, "-m", "stream_lstm.cli", "run"]
+        self.instance = settings.instance_id or socket.gethostname()
+        self._stop, self._hurry = threading.Event(), False
+        self.refused: Slot | None = None
+
+    def _signal(self, _signum: int, _frame: object) -> None:
+        # Nothing printed here: the main loop may be in the middle of a write.
+        if self._stop.is_set():
+            self._hurry = True
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start the children, keep them running, stop them on a signal; the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._signal)
+        with tempfile.TemporaryDirectory(prefix="stream-lstm-processes-") as tmp:
+            metrics_dir, status_dir = Path(tmp) / "metrics", Path(tmp) / "status"
+            metrics_dir.mkdir()
+            status_dir.mkdir()
+            slots = [Slot(child_name(k), status_dir / f"{child_name(k)}.json") for k in range(self.n)]
+            self.slots, self.metrics_dir = slots, metrics_dir
+            self.health, self.metrics = HostHealth(slots), HostMetrics(metrics_dir, slots, self.instance)
+            s = self.settings
+            server = serve_metrics(self.metrics, self.health, s.metrics_host, s.metrics_port) \
+                if s.metrics_port else None
+            log.info(f"supervising {self.n} worker processes", extra={
+                "processes": self.n, "instance": self.instance, "group_id": s.group_id,
+                "metrics_dir": str(metrics_dir),
+                "metrics": f"http://{s.metrics_host}:{server.port}/metrics" if server else "off"})
+            try:
+                for k, slot in enumerate(slots):
+                    self._start(slot, k)
+                while not self._stop.wait(TICK_S):
+                    self.health.loop.beat()
+                    for k, slot in enumerate(slots):
+                        self._tend(slot, k)
+                    if self.refused is not None:
+                        break
+            finally:  # also when the supervisor itself fails: no child is left behind
+                clean = self._stop_all()
+                if server is not None:
+                    server.shutdown()
+        if self.refused is not None:
+            return REFUSED
+        return 0 if clean else 1
+
+    def _start(self, slot: Slot, k: int) -> None:
+        env = child_env(self.settings, k, self.n, self.metrics_dir, dict(os.environ))
+        Path(env["STREAM_LSTM_STATE_DIR"]).mkdir(parents=True, exist_ok=True)
+        # A session of its own: the terminal's Ctrl-C reaches the supervisor, which stops the
+        # children in order, instead of every process at once.
+        slot.proc = subprocess.Popen([*self.command, "--status-file", str(slot.status)], env=env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        slot.started_at, slot.restart_at = time.monotonic(), None
+        self.metrics.running.labels(slot.name).set(1)
+        log.info(f"started worker process {slot.name}", extra={
+            "child": slot.name, "pid": slot.proc.pid, "instance_id": env["STREAM_LSTM_INSTANCE_ID"]})
+
+    def _tend(self, slot: Slot, k: int) -> None:
+        now = time.monotonic()
+        if slot.proc is not None and (code := slot.proc.poll()) is not None:
+            self._exited(slot, code)
+            if code == REFUSED:
+                log.error(f"worker process {slot.name} refused its configuration (exit 2; see "
+                          "its log): restarting cannot help, stopping", extra={"child": slot.name})
+                self.refused = slot
+                return
+            if now - slot.started_at >= STABLE_AFTER_S:
+                slot.backoff = BACKOFF_FIRST_S
+            slot.restart_at = now + slot.backoff
+            slot.restarts += 1
+            self.metrics.restarts.labels(slot.name).inc()
+            log.error(f"worker process {slot.name} exited; restarting in {slot.backoff:g}s", extra={
+                "child": slot.name, "exit_code": code, "restarts": slot.restarts,
+                "restart_in_s": slot.backoff})
+            slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
+        if slot.proc is None and slot.restart_at is not None and now >= slot.restart_at:
+            self._start(slot, k)
+
+    def _exited(self, slot: Slot, code: int) -> None:
+        assert slot.proc is not None
+        # Its live gauges leave the sums; its counters stay (they count what it did).
+        mark_process_dead(slot.proc.pid, str(self.metrics_dir))
+        slot.proc, slot.last_exit = None, code
+        self.metrics.running.labels(slot.name).set(0)
+
+    def _stop_all(self) -> bool:
+        """SIGTERM every child, wait for all (up to STOP_GRACE_S, or until a second signal),
+        SIGKILL the rest; log what was stopped. True when every child stopped cleanly."""
+        running = [slot for slot in self.slots if slot.proc is not None]
+        pids = {slot.name: slot.proc.pid for slot in running if slot.proc is not None}
+        for slot in running:
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + STOP_GRACE_S
+        outcome: dict[str, str] = {}
+        for slot in running:
+            proc = slot.proc
+            assert proc is not None
+            while proc.poll() is None and not self._hurry and time.monotonic() < deadline:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=TICK_S)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+                outcome[slot.name] = "killed"
+            else:  # our SIGTERM before its handler was set counts as clean: nothing was open
+                code = proc.returncode
+                outcome[slot.name] = "stopped" if code in (0, -signal.SIGTERM) else f"exit {code}"
+            self._exited(slot, proc.returncode)
+        summary = [f"{name} (pid {pids[name]}): {how}" for name, how in outcome.items()]
+        summary += [f"{slot.name}: was waiting to restart" for slot in self.slots
+                    if slot.name not in outcome]
+        log.info(f"stopped {len(outcome)} worker processes: " + ", ".join(summary), extra={
+            "stopped": {name: {"pid": pids[name], "outcome": how} for name, how in outcome.items()}})
+        return all(how == "stopped" for how in outcome.values())

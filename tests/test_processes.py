@@ -1,0 +1,243 @@
+"""Several worker processes on one host (processes.py): how many, each child's identity, and
+the supervisor itself as ``stream-lstm run --processes 2`` through the real broker: a child
+killed with SIGKILL is restarted and nothing is lost or duplicated, SIGTERM stops everything
+cleanly, and the one metrics endpoint adds up the children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import TopicPartition
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.kafka.local_broker import free_port, pid_alive
+from stream_lstm.models.registry import save_model
+from stream_lstm.models.serving import fresh_model
+from stream_lstm.processes import child_env, resolve_processes, usable_cpus
+from tests.integration.helpers import (
+    assert_exactly_once_and_continuous,
+    produce_readings,
+    read_topic,
+)
+from tests.integration.workers import settings_env
+
+# ---- how many, and who each child is ----------------------------------------------------------
+
+
+def test_a_number_is_taken_as_given_and_auto_is_the_usable_cores_up_to_the_partitions():
+    assert resolve_processes(Settings(processes=3), partitions=lambda: 1) == 3
+    assert resolve_processes(Settings(processes="auto"), partitions=lambda: 1000) == usable_cpus()
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    # More children than partitions would idle, never ready.
+    assert resolve_processes(Settings(processes="auto"), partitions=lambda: 1) == 1
+
+
+def test_each_child_has_its_own_identity_state_and_share_of_the_cores(tmp_path):
+    s = Settings(instance_id="rack-3", state_dir=tmp_path / "state", metrics_port=9108)
+    envs = [child_env(s, k, 2, tmp_path / "m", {"KEEP": "me"}) for k in range(2)]
+    assert [e["STREAM_LSTM_INSTANCE_ID"] for e in envs] == ["rack-3-p0", "rack-3-p1"]
+    assert [e["STREAM_LSTM_STATE_DIR"] for e in envs] == [str(tmp_path / "state" / "p0"),
+                                                          str(tmp_path / "state" / "p1")]
+    for e in envs:
+        assert e["KEEP"] == "me" and e["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "m")
+        assert e["STREAM_LSTM_METRICS_PORT"] == "0" and e["STREAM_LSTM_PROCESSES"] == "1"
+        assert e["STREAM_LSTM_TORCH_THREADS"] == str(max(1, usable_cpus() // 2))
+    # A number of torch threads the user set is theirs; the hostname stands in for no instance.
+    e = child_env(Settings(torch_threads=3, state_dir=tmp_path), 0, 2, tmp_path, {})
+    assert "STREAM_LSTM_TORCH_THREADS" not in e
+    assert e["STREAM_LSTM_INSTANCE_ID"].endswith("-p0") and len(e["STREAM_LSTM_INSTANCE_ID"]) > 3
+
+
+# ---- the supervisor through the real broker ----------------------------------------------------
+class Host:
+    """``stream-lstm run --processes n`` as a user starts it, with its endpoint on a free port."""
+
+    def __init__(self, settings: Settings, tmp_path: Path, n: int = 2) -> None:
+        self.port = free_port()
+        self.out, self.err = tmp_path / "host.out", tmp_path / "host.err"
+        env = settings_env(settings, STREAM_LSTM_INSTANCE_ID="host",
+                           STREAM_LSTM_METRICS_PORT=str(self.port))
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_lstm.cli", "run", "--processes", str(n)],
+                env=env, stdout=out, stderr=err)
+
+    def log(self) -> list[dict]:
+        lines = self.err.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def children(self) -> dict[str, int]:
+        """The pid each child was last started with, from the supervisor's log."""
+        return {e["child"]: e["pid"] for e in self.log() if e["event"].startswith("started worker")}
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:  # not serving yet
+            return 0, ""
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` on the endpoint (0 while none)."""
+        status, text = self.get("/metrics")
+        if status != 200:
+            return 0.0
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def wait_for(condition, what: str, host: Host, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert host.proc.poll() is None, f"the supervisor exited while waiting for {what}:\n" \
+                                         + host.err.read_text()[-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n" + host.err.read_text()[-3000:])
+
+
+def fleet(devices: int, readings: int) -> list[tuple[str, float, float]]:
+    rng = np.random.default_rng(3)
+    return [(f"dev-{d}", 1_700_000_000.0 + 60 * k, float(20 + d + 5 * np.sin(k / 6) + rng.normal()))
+            for k in range(readings) for d in range(devices)]
+
+
+def committed_output(settings: Settings) -> int:
+    """The output's last stable offsets, summed: what read_committed readers can see."""
+    probe = make_consumer(settings, isolation_level="read_committed")
+    try:
+        parts = [TopicPartition(settings.output_topic, p)
+                 for p in probe.partitions_for_topic(settings.output_topic) or ()]
+        return sum(probe.end_offsets(parts).values()) if parts else 0
+    finally:
+        probe.close()
+
+
+@pytest.fixture
+def served_settings(settings_factory, topic_name, tmp_path):
+    """Default settings, but each reading is forecast (min_history 1) and both children serve
+    one saved model, which the reference recomputes: ``(settings, that model)``."""
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g", min_history=1,
+                         model_path=tmp_path / "model.safetensors")
+    torch.manual_seed(11)
+    served = fresh_model(s)
+    save_model(served.model, served.spec, s.model_path, {"version": "v-host"})
+    return s, served.model
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_settings, tmp_path):
+    settings, model = served_settings
+    readings = fleet(30, 60)
+    cut = 2 * len(readings) // 3
+    host = Host(settings, tmp_path)
+    try:
+        wait_for(lambda: host.get("/readyz")[0] == 200, "both children ready", host)
+        before = host.children()
+        produce_readings(settings, settings.input_topic, readings[:cut])
+        wait_for(lambda: committed_output(settings) > 0, "the first forecasts", host)
+        os.kill(before["p0"], signal.SIGKILL)
+        produce_readings(settings, settings.input_topic, readings[cut:])
+        wait_for(lambda: host.children()["p0"] != before["p0"], "p0 restarted", host)
+        assert host.children()["p1"] == before["p1"]
+        out = read_topic(settings, settings.output_topic, expect=len(readings), timeout_s=180, idle_s=10)
+        history: dict[str, list[float]] = {}
+        for dev, _, v in readings:
+            history.setdefault(dev, []).append(v)
+        # Exactly one forecast a reading, each equal to an uninterrupted worker's.
+        assert_exactly_once_and_continuous(out, history, model, settings,
+                                           host.err.read_text())
+        exits = [e for e in host.log() if e["event"].startswith("worker process p0 exited")]
+        assert [e["exit_code"] for e in exits] == [-signal.SIGKILL]
+        assert host.metric("stream_lstm_process_restarts_total") == 1
+        wait_for(lambda: host.get("/readyz")[0] == 200, "the host ready again", host)
+    finally:
+        assert host.stop() == 0, host.err.read_text()[-3000:]
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_sigterm_stops_every_child_cleanly_and_the_supervisor_exits_0(served_settings, tmp_path):
+    settings, _ = served_settings
+    readings = fleet(20, 40)
+    host = Host(settings, tmp_path)
+    try:
+        wait_for(lambda: host.get("/readyz")[0] == 200, "both children ready", host)
+        pids = host.children()
+        produce_readings(settings, settings.input_topic, readings)
+        wait_for(lambda: committed_output(settings) > 0, "the first forecasts", host)
+    finally:
+        t0 = time.monotonic()
+        code = host.stop(timeout=90)
+    took = time.monotonic() - t0
+    err = host.err.read_text()
+    assert code == 0, err[-3000:]
+    assert took < 45, f"stopping took {took:.1f}s"
+    assert "Traceback" not in err
+    assert not any(pid_alive(pid) for pid in pids.values())
+    (stopped,) = [e for e in host.log() if e["event"].startswith("stopped 2 worker processes")]
+    assert stopped["stopped"] == {name: {"pid": pid, "outcome": "stopped"} for name, pid in pids.items()}
+    # Each child stopped as a worker does (its last transaction committed, the group left).
+    assert sorted(e["instance"] for e in host.log() if e["event"] == "worker stopped") == [
+        "host-p0", "host-p1"]
+    out = read_topic(settings, settings.output_topic, idle_s=2, timeout_s=30)
+    keys = [(json.loads(r.value)["partition"], json.loads(r.value)["offset"]) for r in out]
+    assert 0 < len(keys) == len(set(keys)) <= len(readings)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_the_host_endpoint_adds_up_the_children(served_settings, tmp_path):
+    settings, _ = served_settings
+    readings = fleet(30, 40)
+    host = Host(settings, tmp_path)
+    try:
+        wait_for(lambda: host.get("/readyz")[0] == 200, "both children ready", host)
+        status, body = host.get("/readyz")
+        assert json.loads(body)["components"] == {"p0": "ok", "p1": "ok"}
+        assert host.get("/healthz")[0] == 200
+        produce_readings(settings, settings.input_topic, readings)
+        read_topic(settings, settings.output_topic, expect=len(readings), timeout_s=120)
+        consumed = "stream_lstm_readings_consumed_total"
+        wait_for(lambda: host.metric(consumed) == len(readings), "every reading counted", host,
+                 timeout=30)
+        # Each child's own counter, from its file in the multiprocess directory.
+        (started,) = [e for e in host.log() if e["event"].startswith("supervising")]
+        per_child = {}
+        for name, pid in host.children().items():
+            files = [str(Path(started["metrics_dir"]) / f"counter_{pid}.db")]
+            per_child[name] = sum(s.value for f in MultiProcessCollector.merge(files)
+                                  for s in f.samples if s.name == consumed)
+        assert all(n > 0 for n in per_child.values()), per_child
+        assert sum(per_child.values()) == host.metric(consumed) == len(readings)
+        # Devices in memory add up too (each device lives in one child; the gauge is "livesum").
+        wait_for(lambda: host.metric("stream_lstm_active_devices") == 30, "30 devices", host,
+                 timeout=30)
+        assert host.metric("stream_lstm_processes") == 2
+    finally:
+        assert host.stop() == 0, host.err.read_text()[-3000:]
