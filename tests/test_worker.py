@@ -1,0 +1,107 @@
+"""The worker (worker.py) on the real broker with a tiny fleet: every consumed reading ends in
+exactly one place (a forecast, the warm-up, late, duplicate or the DLQ), what it published is
+committed, ``stop()`` from another thread ends the loop cleanly, and a new worker of the group
+resumes after the last commit with the devices' state. (Crashes, rebalances, faults and
+retraining through the worker: tests/integration/.)"""
+
+import argparse
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from stream_lstm import worker as worker_module
+from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.models.serving import fresh_model
+from stream_lstm.worker import Worker
+
+from .integration.helpers import produce_readings, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+T0 = 1_700_000_000.0
+
+
+def small(settings_factory, topic, **kw):
+    return settings_factory(input_topic=topic, output_topic=f"{topic}-out", dlq_topic=f"{topic}-dlq",
+                            group_id=f"{topic}-g", topic_partitions=2, window=8, hidden_size=8,
+                            horizon=2, min_history=3, **kw)
+
+
+def fleet(start: int, stop: int, devices: int = 3):
+    return [(f"d{d}", T0 + 60.0 * k, 20.0 + d + 0.1 * k) for k in range(start, stop) for d in range(devices)]
+
+
+def test_every_reading_ends_in_exactly_one_place_and_what_is_published_is_committed(
+        settings_factory, topic_name):
+    s = small(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    readings = fleet(0, 6)
+    readings += [("d0", T0 + 60.0 * 5, 99.0),  # the same time again: a duplicate
+                 ("d1", T0 + 60.0 * 2, 99.0)]  # before its last reading: late
+    produce_readings(s, topic_name, readings)
+    producer = make_producer(s)
+    producer.send(topic_name, b"{not json", key=b"d2")
+    producer.flush()
+    producer.close()
+    n = len(readings) + 1
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    totals = worker.run(until=lambda w: w.totals.consumed >= n)
+    assert totals.consumed == n
+    assert (totals.duplicate, totals.late, totals.dlq) == (1, 1, 1)
+    assert totals.warmup == 3 * (s.min_history - 1) and totals.forecasts == 3 * 6 - totals.warmup
+    assert totals.consumed == totals.forecasts + totals.warmup + totals.late + totals.duplicate + totals.dlq
+    series = worker.metrics.exposition().decode().splitlines()
+    consumed = sum(float(line.rsplit(" ", 1)[1]) for line in series
+                   if line.startswith("stream_lstm_readings_consumed_total{"))
+    assert consumed == n  # what /metrics says
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert len(fcs) == totals.forecasts  # read_committed: all of it committed
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs)
+    dead = read_topic(s, s.dlq_topic, expect=1)
+    assert [r.value for r in dead] == [b"{not json"]
+    # Closed: out of the group, not ready.
+    assert worker.group is None and worker.consumer is None
+    assert worker.health.readiness()[1]["partitions"] == "closed"
+
+
+def test_stop_ends_the_loop_and_the_next_worker_resumes_after_the_commit(settings_factory, topic_name):
+    s = small(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 5))
+    torch.manual_seed(0)
+    served = fresh_model(s)
+    first = Worker(s, served)
+    done = threading.Event()
+    loop = threading.Thread(target=lambda: (first.run(), done.set()), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 60
+    while first.totals.consumed < 15:  # committed transactions only
+        assert time.monotonic() < deadline and loop.is_alive(), f"consumed {first.totals.consumed}"
+        time.sleep(0.05)
+    first.stop()
+    assert done.wait(30), "run() did not return after stop()"
+    assert first.totals.consumed == 15 and first.group is None
+
+    produce_readings(s, topic_name, fleet(5, 8))
+    second = Worker(s, served)
+    totals = second.run(until=lambda w: w.totals.consumed >= 9)
+    assert totals.consumed == 9  # only the new readings: nothing read twice
+    assert totals.warmup == 0 and totals.forecasts == 9  # the devices' state came back with them
+    expected = first.totals.forecasts + 9  # 3 devices: 5 readings, 2 of them warm-up; then 3 more
+    assert expected == 18
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=expected)]
+    assert len(fcs) == expected and not any(f["reset"] for f in fcs)
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == expected
+
+
+def test_the_command_line_overrides_only_the_metrics_port():
+    parser = argparse.ArgumentParser()
+    worker_module.add_arguments(parser)
+    assert parser.parse_args([]).metrics_port is None
+    assert parser.parse_args(["--metrics-port", "9200"]).metrics_port == 9200
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--metrics-port", "high"])
