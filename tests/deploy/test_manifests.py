@@ -93,6 +93,7 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     assert int(config["STREAM_LSTM_METRICS_PORT"]) == PORT
     assert config["STREAM_LSTM_METRICS_HOST"] == "0.0.0.0"
     partitions = int(config["STREAM_LSTM_TOPIC_PARTITIONS"])
+    assert "STREAM_LSTM_PROCESSES" not in config  # one worker process a pod: replicas scale
     sets = [(f, d) for f, d in docs if d["kind"] == "StatefulSet"]
     assert {f.name for f, _ in sets} == {"worker.yaml", "worker-gpu.yaml"}
     for f, d in sets:
