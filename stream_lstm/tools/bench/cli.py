@@ -12,6 +12,8 @@ because shared machines are noisy:
 * ``p50_ms`` / ``p99_ms``: produce-to-forecast latency with a worker process at about half its
   measured sustained rate.
 * ``rss_bytes_per_device`` and in-process pipeline throughput at 1k and 100k devices.
+* ``backlog_ratio``: a deep backlog (10 devices x 2,000 readings) through the in-process
+  pipeline on the fused path (one packed forward a poll) / on the step path (``backlog.py``).
 
 Human-readable lines go to stderr; the **last line on stdout is one JSON object**.
 """
@@ -24,6 +26,7 @@ import uuid
 from typing import Any
 
 from stream_lstm.tools.bench.alerts import bench_alerts
+from stream_lstm.tools.bench.backlog import bench_backlog
 from stream_lstm.tools.bench.core import (
     bench_bare_consume,
     bench_engine,
@@ -43,6 +46,8 @@ from stream_lstm.tools.bench.retrain import bench_retrain_and_swap
 # Each takes (settings, topic, messages, result so far, quick) and returns its figures.
 BENCHMARKS = [bench_eos, bench_relay, bench_live, bench_restore, bench_retrain_and_swap,
               bench_experts, bench_alerts, bench_latency]
+# The same, needing no broker: they run with --skip-kafka too (settings and topic are None).
+IN_PROCESS = [bench_backlog]
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -81,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
     result["rss_bytes_per_device"] = result["rss_bytes_per_device_100000"]
     result["scale_ratio_100k_vs_1k"] = round(
         result["pipeline_inproc_msgs_per_s_100000"] / result["pipeline_inproc_msgs_per_s_1000"], 3)
+    for extra in IN_PROCESS:
+        result.update(extra(None, None, 0, result, args.quick))
 
     if not args.skip_kafka:
         settings = load_settings()

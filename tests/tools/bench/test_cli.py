@@ -29,7 +29,7 @@ def test_the_arguments():
         parse("--devices", "many")
 
 
-@pytest.mark.parametrize("bench", cli.BENCHMARKS, ids=lambda b: b.__name__)
+@pytest.mark.parametrize("bench", cli.BENCHMARKS + cli.IN_PROCESS, ids=lambda b: b.__name__)
 def test_every_benchmark_takes_what_main_passes_it(bench):
     inspect.signature(bench).bind(None, "topic", 1000, {}, True)  # settings, topic, messages, result, quick
 
@@ -43,6 +43,9 @@ def test_a_quick_in_process_run_prints_one_json_object_of_its_figures(monkeypatc
         return real(min(devices, 300), readings_per_device)
 
     monkeypatch.setattr(cli, "bench_scale", smaller)
+    backlog = cli.IN_PROCESS[0]
+    assert backlog is cli.bench_backlog
+    monkeypatch.setattr(cli, "IN_PROCESS", [lambda *a: backlog(*a, devices=2, readings=20)])
     assert cli.main(parse("--skip-kafka", "--quick", "--devices", "200")) == 0
     out, err = capsys.readouterr()
     (line,) = out.splitlines()  # stdout is the JSON alone
@@ -54,5 +57,6 @@ def test_a_quick_in_process_run_prints_one_json_object_of_its_figures(monkeypatc
         assert result[key] > 0, key
     assert result["rss_bytes_per_device"] == result["rss_bytes_per_device_100000"] >= 0
     assert result["speedup"] == pytest.approx(result["engine_steps_per_s"] / result["naive_steps_per_s"], rel=0.05)
+    assert result["backlog_ratio"] > 0  # the in-process benchmarks run without a broker too
     assert "bare_consume_msgs_per_s" not in result  # --skip-kafka: no broker, no Kafka benchmarks
     assert "engine: 200 devices" in err and "pipeline in-process at 100,000 devices" in err
