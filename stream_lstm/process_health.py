@@ -74,9 +74,13 @@ class StatusReporter:
         return self
 
     def stop(self) -> None:
+        """The last status (the worker closed), unless the supervisor's directory is gone."""
         self._stop.set()
         self._thread.join(5.0)
-        self.write()
+        try:
+            self.write()
+        except OSError as exc:
+            log.warning("last status file not written", extra={"error": repr(exc)[:200]})
 
     def write(self) -> None:
         live, liveness = self.health.liveness()
@@ -114,11 +118,12 @@ class Slot:
 
     def read_status(self) -> dict[str, Any] | None:
         """The status the current process wrote, or None (none yet, or the previous one's)."""
+        proc = self.proc  # the supervisor's loop may replace it meanwhile (this is the HTTP thread)
         try:
             status = json.loads(self.status.read_text())
         except (OSError, ValueError):
             return None
-        return status if self.proc is not None and status.get("pid") == self.proc.pid else None
+        return status if proc is not None and status.get("pid") == proc.pid else None
 
 
 class HostHealth:

@@ -14,6 +14,8 @@ because shared machines are noisy:
 * ``rss_bytes_per_device`` and in-process pipeline throughput at 1k and 100k devices.
 * ``backlog_ratio``: a deep backlog (10 devices x 2,000 readings) through the in-process
   pipeline on the fused path (one packed forward a poll) / on the step path (``backlog.py``).
+* ``processes_ratio``: a backlog of 4,000 devices consumed by ``stream-lstm run`` with two
+  worker processes / with one (``processes.py``).
 
 Human-readable lines go to stderr; the **last line on stdout is one JSON object**.
 """
@@ -39,13 +41,14 @@ from stream_lstm.tools.bench.eos import bench_eos
 from stream_lstm.tools.bench.experts import bench_experts
 from stream_lstm.tools.bench.latency import bench_latency
 from stream_lstm.tools.bench.live import bench_live
+from stream_lstm.tools.bench.processes import bench_processes
 from stream_lstm.tools.bench.relay import bench_relay
 from stream_lstm.tools.bench.restore import bench_restore
 from stream_lstm.tools.bench.retrain import bench_retrain_and_swap
 
 # Each takes (settings, topic, messages, result so far, quick) and returns its figures.
 BENCHMARKS = [bench_eos, bench_relay, bench_live, bench_restore, bench_retrain_and_swap,
-              bench_experts, bench_alerts, bench_latency]
+              bench_experts, bench_alerts, bench_latency, bench_processes]
 # The same, needing no broker: they run with --skip-kafka too (settings and topic are None).
 IN_PROCESS = [bench_backlog]
 
