@@ -147,3 +147,17 @@ def test_a_poll_of_fuse_min_rounds_rounds_or_more_takes_the_fused_path(monkeypat
     b = ingest(table, ["a", "b"], [100.0, 100.0], np.ones((2, 2)), [0, 0], now=0.0, target=0)
     engine.step(b.slots, b.z, b.rounds, b.reset)
     assert engine.last_path == "step" and steps == [1]
+
+
+def test_after_a_swap_the_fused_path_steps_with_the_new_weights():
+    model, table, engine = setup()
+    engine.fuse_min_rounds = 1
+    new_model = SimpleLSTM(n_features=2, hidden_size=8, num_layers=2, horizon=3).eval()
+    engine.swap_model(new_model)
+    x = np.random.default_rng(4).normal(size=(5, 2))
+    b = ingest(table, ["a"] * 5, [float(t) for t in range(5)], x, [0] * 5, now=0.0, target=0)
+    mu, _ = engine.step(b.slots, b.z, b.rounds, b.reset)
+    with torch.no_grad():
+        mu_ref, _, _ = new_model(torch.from_numpy(b.z)[None])
+    assert engine.last_path == "fused"
+    np.testing.assert_allclose(mu, mu_ref[0].numpy(), atol=1e-6)
