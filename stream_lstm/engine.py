@@ -116,7 +116,9 @@ class BatchedEngine:
         rounds: list[tuple[int, int]],
         reset: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Advance devices by one reading per row.
+        """Advance devices by one reading per row, round after round: one batched ``step``
+        per round, or, from ``fuse_min_rounds`` rounds on, one packed ``forward`` over every
+        round (the same numbers to float rounding; ``last_path`` says which ran).
 
         Parameters
         ----------
@@ -131,8 +133,7 @@ class BatchedEngine:
 
         Returns ``mu`` and ``log_b``, each ``[N, H]`` float32 numpy arrays.
         """
-        n, f = z.shape
-        if n == 0:
+        if len(z) == 0:
             return np.zeros((0, self.horizon), np.float32), np.zeros((0, self.horizon), np.float32)
         self.last_path = self.path_for(rounds)
         res = self._fused(slots, z, reset) if self.last_path == "fused" else self._stepped(
