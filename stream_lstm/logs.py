@@ -37,6 +37,11 @@ _SECRET_KV = re.compile(
     re.I,
 )
 _MASK = "***"
+# A %-format placeholder: %s, %d, %(name)s, %-8.3f, %*d, %% ...
+_PLACEHOLDER = re.compile(
+    r"%(?:\((?P<name>[^)]*)\))?[#0 +-]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d+))?[hlL]?"
+    r"(?P<conversion>[diouxXeEfFgGcrsa%])"
+)
 
 
 def _mask_value(match: re.Match[str]) -> str:
@@ -61,6 +66,40 @@ def _mask_context(key: str, value: Any) -> Any:
     if isinstance(value, str):
         return mask_secrets(value)
     return value
+
+
+def _mask_secret_args(fmt: str, args: Any) -> Any:
+    """``args`` with those that fill a secret's value in ``fmt`` (``password=%s``) masked.
+
+    For a message whose arguments do not fit its format string: its text keeps the format
+    string and the arguments raw, and masking the text afterwards would only see the
+    ``password=%s`` placeholder, not the argument meant for it. Placeholders are counted as
+    ``%`` formatting counts them (``%%`` takes no argument, a ``*`` width or precision one).
+    """
+    values = [m.span(2) for m in _SECRET_KV.finditer(fmt)]
+
+    def in_a_secret(at: int) -> bool:
+        return any(start <= at < end for start, end in values)
+
+    positions: set[int] = set()
+    names: set[str] = set()
+    index = 0
+    for ph in _PLACEHOLDER.finditer(fmt):
+        if ph.group("conversion") == "%":
+            continue
+        if ph.group("name") is not None:
+            if in_a_secret(ph.start()):
+                names.add(ph.group("name"))
+            continue
+        index += (ph.group("width") == "*") + (ph.group("precision") == "*")
+        if in_a_secret(ph.start()):
+            positions.add(index)
+        index += 1
+    if isinstance(args, Mapping):
+        return {k: _MASK if k in names else _mask_context(str(k), v) for k, v in args.items()}
+    if isinstance(args, tuple):
+        return tuple(_MASK if i in positions else a for i, a in enumerate(args))
+    return args
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,7 +129,7 @@ class SecretFilter(logging.Filter):
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: keep what we have rather than lose the line
-            message = f"{record.msg} {record.args}"
+            message = f"{record.msg} {_mask_secret_args(str(record.msg), record.args)}"
         record.msg = mask_secrets(message)
         record.args = None
         for key in list(vars(record)):
