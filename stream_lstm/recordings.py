@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,13 +154,14 @@ def load_csv(path: str | Path, time_column: str | None = None,
             if missing:
                 names = ", ".join(repr(c) for c in missing)
                 raise RecordingError(f"{path}: no column {names} (columns: {', '.join(header)})")
-            rows: Iterator[list[str]] = reader
+            rows: Iterator[tuple[int, list[str]]] = _numbered_rows(reader)
             if time_column is None and DEFAULT_TIME_COLUMN in header:
                 time_column = DEFAULT_TIME_COLUMN
             elif time_column is None:
-                first = [row for row in itertools.islice(reader, _SNIFF_ROWS) if row]
-                rows = itertools.chain(first, reader)
-                time_column = find_time_column(header, first, exclude=value_columns)
+                first = list(itertools.islice(rows, _SNIFF_ROWS))
+                rows = itertools.chain(first, rows)
+                time_column = find_time_column(header, [row for _, row in first],
+                                               exclude=value_columns)
                 if time_column is None:
                     raise RecordingError(
                         f"{path}: no column {DEFAULT_TIME_COLUMN!r}, and no column whose values "
@@ -174,9 +176,9 @@ def load_csv(path: str | Path, time_column: str | None = None,
             value_at = [header.index(c) for c in value_columns]
             times: list[str] = []
             cells: list[list[str]] = []
-            for row in rows:
-                if not row:  # blank line
-                    continue
+            lines: list[int] = []  # each row's line in the file, for the error messages
+            for line, row in rows:
+                lines.append(line)
                 times.append(row[time_at] if time_at < len(row) else "")
                 cells.append([row[i] if i < len(row) else "" for i in value_at])
     except OSError as exc:
@@ -188,21 +190,33 @@ def load_csv(path: str | Path, time_column: str | None = None,
         try:
             ts[i] = parse_timestamp(text)
         except ValueError:
-            raise RecordingError(f"{path}: line {i + 2}: {time_column}={text!r} is not a time") from None
+            raise RecordingError(f"{path}: line {lines[i]}: {time_column}={text!r} is not a time") from None
     try:
         values = np.array(cells, dtype=np.float64).reshape(len(cells), len(value_columns))
     except ValueError:
-        line, column, text = _first_bad_number(cells, value_columns)
-        raise RecordingError(f"{path}: line {line}: {column}={text!r} is not a number") from None
+        i, column, text = _first_bad_number(cells, value_columns)
+        raise RecordingError(f"{path}: line {lines[i]}: {column}={text!r} is not a number") from None
     order = np.argsort(ts, kind="stable")
     return ts[order], values[order]
 
 
+def _numbered_rows(reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` for each row of a ``csv.reader`` but blank lines, ``line`` being the
+    file's line (1 = the header) where the row starts: counting rows instead would name the
+    wrong line after a blank one, or after a quoted cell that spans lines."""
+    last = reader.line_num
+    for row in reader:
+        start, last = last + 1, reader.line_num
+        if row:
+            yield start, row
+
+
 def _first_bad_number(cells: list[list[str]], columns: list[str]) -> tuple[int, str, str]:
+    """``(row index, column, text)`` of the first cell that is not a number."""
     for i, row in enumerate(cells):
         for column, text in zip(columns, row, strict=True):
             try:
                 float(text)
             except ValueError:
-                return i + 2, column, text
+                return i, column, text
     return 0, columns[0], ""

@@ -178,12 +178,22 @@ def test_a_file_that_is_not_text_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="recordings.load_csv counts data rows, not file lines: "
-                   "after a blank line the line it names is too early")
 def test_the_line_named_in_an_error_is_the_files_line(tmp_path):
     p = tmp_path / "gap.csv"
     p.write_text("timestamp,value\n2014-01-01 00:00:00,1\n\n2014-01-01 00:05:00,oops\n")
     with pytest.raises(RecordingError, match="line 4: value='oops'"):
+        load_csv(p)
+    p.write_text("timestamp,value\n\n\n2014-01-01 00:00:00,1\nyesterday,2\n")
+    with pytest.raises(RecordingError, match="line 5: timestamp='yesterday' is not a time"):
+        load_csv(p)
+
+
+def test_the_line_named_is_where_the_row_starts_after_a_cell_spanning_lines(tmp_path):
+    p = tmp_path / "notes.csv"
+    p.write_text('when,value,note\n2014-01-01 00:00:00,1,"two\nlines"\n\n'
+                 '2014-01-01 00:05:00,oops,x\n')
+    # No `timestamp` column: the rows read to find the time column keep their lines too.
+    with pytest.raises(RecordingError, match="line 5: value='oops'"):
         load_csv(p)
 
 
