@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -50,6 +51,10 @@ def parse_timestamp(text: str) -> float:
     (1386018900.0, 1386018900.0)
     >>> parse_timestamp("1386018900000")      # milliseconds
     1386018900.0
+    >>> parse_timestamp("nan")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'nan' is not a finite epoch time
     """
     text = text.strip()
     try:
@@ -57,6 +62,10 @@ def parse_timestamp(text: str) -> float:
     except ValueError:
         pass
     else:
+        # float() also reads nan, inf and 1e999: no time, and sorting or differencing them
+        # downstream would go quietly wrong.
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is not a finite epoch time")
         return number / 1000.0 if abs(number) > _EPOCH_MS_THRESHOLD else number
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
