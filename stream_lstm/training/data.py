@@ -36,9 +36,18 @@ def series_windows(z: np.ndarray, length: int, stride: int) -> list[np.ndarray]:
     """Windows ``z[i : i + length]`` of one long series every ``stride`` steps, the last one
     ending at ``len(z)`` so the most recent readings are always used.
 
+    A window needs ``length >= 2`` readings (one to read, the next to forecast); ``stride``
+    is at least 1. Raises ``ValueError`` otherwise.
+
     >>> [w[:, 0].tolist() for w in series_windows(np.arange(7.0)[:, None], 4, 2)]
     [[0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 4.0, 5.0], [3.0, 4.0, 5.0, 6.0]]
     """
+    if length < 2:
+        raise ValueError(f"series_windows: length is {length}; a window needs at least 2 readings "
+                         "(one to read, the next to forecast)")
+    if stride < 1:
+        raise ValueError(f"series_windows: stride is {stride}; windows must start at least 1 "
+                         "step apart")
     if len(z) <= length:
         return [z] if len(z) > 1 else []
     starts = list(range(0, len(z) - length + 1, stride))
