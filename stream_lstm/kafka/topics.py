@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import kafka.errors as Errors
 from kafka.errors import TopicAlreadyExistsError
 
 from stream_lstm.config import Settings
@@ -54,14 +55,30 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
         admin.close()
 
 
+class TopicNotFoundError(LookupError):
+    """The topic does not exist (:func:`partition_count`)."""
+
+
 def partition_count(settings: Settings, topic: str) -> int:
-    """Number of partitions of an existing topic."""
+    """Number of partitions of an existing topic.
+
+    Raises :class:`TopicNotFoundError` when there is no such topic: the broker then describes
+    it with an error and no partitions, and a count of 0 would pass for an answer (the
+    supervisor would size its workers by it rather than by the partitions the worker creates
+    the topic with). Any other error the broker reports for the topic (not authorized, say)
+    is raised as kafka-python's error for it, naming the topic.
+    """
     admin = make_admin(settings)
     try:
         (described,) = admin.describe_topics([topic])
-        return len(described["partitions"])
     finally:
         admin.close()
+    error = Errors.for_code(described.get("error_code", 0))
+    if error is Errors.UnknownTopicOrPartitionError:
+        raise TopicNotFoundError(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
+    if error is not Errors.NoError:
+        raise error(f"describing topic {topic!r}")
+    return len(described["partitions"])
 
 
 # ---- the worker's topics ---------------------------------------------------------------

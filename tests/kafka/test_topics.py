@@ -12,6 +12,7 @@ from stream_lstm.kafka.clients import make_admin
 from stream_lstm.kafka.topics import (
     CHANGELOG_CONFIG,
     ChangelogTopicError,
+    TopicNotFoundError,
     TopicSpec,
     changelog_topic_spec,
     ensure_changelog_topic,
@@ -19,6 +20,7 @@ from stream_lstm.kafka.topics import (
     ensure_worker_topics,
     partition_count,
 )
+from stream_lstm.processes import input_partitions
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -117,8 +119,16 @@ def test_the_changelog_spec_is_compacted_and_named_after_the_group():
     assert changelog_topic_spec(Settings(changelog_topic="mine"), partitions=2).name == "mine"
 
 
-@pytest.mark.xfail(strict=True, reason="kafka/topics.partition_count returns 0 for a topic that "
-                   "does not exist instead of raising")
 def test_the_partition_count_of_a_missing_topic_is_an_error(settings, topic_name):
-    with pytest.raises(Exception, match=topic_name):
+    with pytest.raises(TopicNotFoundError, match=f"topic '{topic_name}-missing' does not exist"):
         partition_count(settings, f"{topic_name}-missing")
+    assert f"{topic_name}-missing" not in topics(settings)  # describing it did not create it
+
+
+def test_processes_for_a_missing_input_topic_follow_the_partitions_it_will_be_created_with(
+        bootstrap, topic_name):
+    # The caller that relies on the error: a count of 0 made it size the workers to one.
+    s = Settings(bootstrap_servers=bootstrap, input_topic=f"{topic_name}-missing", topic_partitions=7)
+    assert input_partitions(s) == 7
+    ensure_topics(s, [TopicSpec(s.input_topic, 3)])
+    assert input_partitions(s) == 3
