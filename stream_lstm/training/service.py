@@ -5,6 +5,12 @@ device's normalized rolling window exactly as the workers do (same decoder, same
 rules, same normalizer), and on the same schedule trains a challenger with TBPTT, gates it,
 and publishes each promoted version to the compacted models topic. Workers started with
 ``STREAM_LSTM_TRAINER=external`` follow that topic and hot-swap.
+
+The retrain runs in a child process (:class:`~stream_lstm.training.background.BackgroundTrainer`,
+as the worker's in-process trainer does), not in the loop: a retrain can take minutes, and a
+loop that stopped polling that long would be dropped from its consumer group
+(``max.poll.interval.ms``) and fail its liveness check, then fall behind the readings. The
+child uses ``STREAM_LSTM_TRAIN_THREADS`` torch threads at ``STREAM_LSTM_TRAIN_NICE``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from stream_lstm.models.registry import LoadedModel, model_to_bytes
 from stream_lstm.pipeline import decode_records
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.background import decode_result, run_job
+from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
 from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
 
 log = logging.getLogger("stream_lstm.trainer")
@@ -62,6 +68,8 @@ class TrainerService:
                                       isolation_level="read_committed")
         self.producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
         self.published = 0
+        # The child process that trains, started by run() (the loop is its only user).
+        self.trainer: BackgroundTrainer | None = None
         self._stop = False
 
     def stop(self) -> None:
@@ -80,11 +88,31 @@ class TrainerService:
         return len(d.ids)
 
     def retrain(self) -> bool:
-        """One retrain (in this process); publish when promoted. Returns whether it promoted."""
+        """One retrain now, in this process (it blocks: for one-off use; :meth:`run` trains in
+        the background); publish when promoted. Returns whether it promoted."""
         job = self.retrainer.job(self.table, self.champion)
         if job is None:
             return False
-        promoted = self.retrainer.verdict(decode_result(run_job(job[0])), self.champion.version)
+        return self.publish(decode_result(run_job(job[0])))
+
+    def tick(self) -> None:
+        """Between two polls: collect a finished background retrain (publish it when promoted),
+        and start the next one when due and none runs. Never waits for the training."""
+        if self.trainer is None:
+            self.trainer = BackgroundTrainer(self.settings.train_threads, self.settings.train_nice)
+        result = self.trainer.poll()
+        if result is not None:
+            self.publish(result)
+        elif not self.trainer.busy and self.retrainer.due():
+            job = self.retrainer.job(self.table, self.champion)
+            if job is not None:
+                self.trainer.submit(job[0])
+                log.info("retraining started", extra={"devices": job[1], "champion": self.champion.version})
+
+    def publish(self, result: RetrainResult) -> bool:
+        """The gate's verdict on a finished retrain; a promoted model is registered and published
+        to the models topic, and becomes the champion. Returns whether it promoted."""
+        promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
         self.producer.send(self.settings.models_topic,
@@ -96,21 +124,30 @@ class TrainerService:
         return True
 
     def run(self) -> None:
+        """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running
+        then is abandoned (its child is ended within seconds): the next start trains afresh."""
         try:
             while not self._stop:
                 self.consume_once()
                 if self.health is not None:
                     self.health.beat()  # type: ignore[attr-defined]
-                if self.retrainer.due():
-                    try:
-                        self.retrain()
-                    except Exception:  # noqa: BLE001 - a failed retrain must not stop the trainer
-                        log.exception("retraining failed")
-                        if self.metrics is not None:
-                            self.metrics.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - a failed retrain must not stop the trainer
+                    log.exception("retraining failed")
+                    if self.metrics is not None:
+                        self.metrics.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+                    # Its child may be what failed (killed, say): the next retrain gets a new one.
+                    self._close_trainer()
         finally:
+            self._close_trainer()
             self.consumer.close()
             self.producer.close()
+
+    def _close_trainer(self) -> None:
+        if self.trainer is not None:
+            trainer, self.trainer = self.trainer, None
+            trainer.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,11 +175,13 @@ def main(args: argparse.Namespace) -> int:
     if metrics is not None and health is not None:
         health.set_ready("model", True, service.champion.version)
         server = serve_metrics(metrics, health, settings.metrics_host, settings.metrics_port)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "
-             f"publishing to {settings.models_topic}")
-    service.run()
-    if server is not None:
-        server.shutdown()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: service.stop())
+        log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "
+                 f"publishing to {settings.models_topic}")
+        service.run()
+    finally:  # also when the loop fails: the endpoint's port and thread do not outlive it
+        if server is not None:
+            server.shutdown()
     return 0

@@ -1,9 +1,14 @@
 """``stream-lstm trainer`` (training/service.py) on the real broker: it follows the readings in
 its own group into the same windows the workers keep (invalid readings skipped), a retrain with
-too little history publishes nothing, and its loop beats, survives a failed retrain, stops on
-``stop()`` and leaves its offsets committed. (Publishing a promoted model that a worker follows:
+too little history publishes nothing, and its loop trains in a child process, so it keeps
+polling and beating while a model trains, publishes what the gate promotes, survives a failed
+retrain, stops on ``stop()`` (a retrain still running too) and leaves its offsets committed. (Publishing a promoted model that a worker follows:
 tests/integration/test_retraining.py.)"""
 
+import argparse
+import logging
+import signal
+import socket
 import threading
 import time
 
@@ -12,12 +17,15 @@ import pytest
 import torch
 from kafka.structs import TopicPartition
 
+from stream_lstm import metrics as metrics_module
 from stream_lstm.encoding import encode_reading
-from stream_lstm.kafka.clients import make_admin, make_producer
+from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
+from stream_lstm.kafka.local_broker import free_port
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.normalizer import normalize_sequence
+from stream_lstm.training import service as service_module
 from stream_lstm.training.service import TrainerService
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
@@ -25,8 +33,9 @@ T0 = 1_700_000_000.0
 
 
 def settings(settings_factory, topic, **kw):
+    """Small: 8-reading windows, 8 hidden units, 2 steps ahead, unless ``kw`` says otherwise."""
     return settings_factory(input_topic=topic, group_id=f"{topic}-g", models_topic=f"{topic}-models",
-                            window=8, hidden_size=8, horizon=2, **kw)
+                            **{"window": 8, "hidden_size": 8, "horizon": 2, **kw})
 
 
 def produce(s, readings, invalid=0):
@@ -85,38 +94,146 @@ def test_it_keeps_the_workers_windows_and_skips_invalid_readings(settings_factor
         close(service)
 
 
-def test_its_loop_beats_survives_a_failed_retrain_and_stops_with_its_offsets_committed(
-        settings_factory, topic_name):
-    s = settings(settings_factory, topic_name, retrain_every_readings=10)
-    readings = fleet(2, 10)
-    produce(s, readings)
-    metrics, health = Metrics(), HealthState(liveness_timeout_s=30)
-    service = TrainerService(s, fresh_model(s), metrics, health)
-    failed, beaten = threading.Event(), []
-
-    def broken_retrain():  # a retrain that raises (say, the models topic is gone)
-        # The loop beat since it started: the last beat is younger than the loop.
-        beaten.append(health.liveness(stale_after_s=time.monotonic() - started)[0])
-        failed.set()
-        raise RuntimeError("publish failed")
-
-    service.retrain = broken_retrain
+def run_in_thread(service):
     loop = threading.Thread(target=service.run, daemon=True)
-    started = time.monotonic()
     loop.start()
-    assert failed.wait(60), "no retrain was due"
-    deadline = time.monotonic() + 60
-    while metrics.retrain_runs.labels("failed")._value.get() < 1:  # counted after the raise
-        assert time.monotonic() < deadline
+    return loop
+
+
+def wait_for(condition, what, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
         time.sleep(0.05)
-    assert loop.is_alive()  # a failed retrain does not stop the trainer
-    assert beaten[0] is True
-    service.stop()
-    loop.join(30)
-    assert not loop.is_alive()
+
+
+def committed(s):
     admin = make_admin(s)
     try:
-        committed = admin.list_group_offsets({f"{s.group_id}-trainer": None})[f"{s.group_id}-trainer"]
+        offsets = admin.list_group_offsets({f"{s.group_id}-trainer": None})[f"{s.group_id}-trainer"]
     finally:
         admin.close()
-    assert sum(meta.offset for meta in committed.values()) == len(readings)  # committed on close
+    return sum(meta.offset for meta in offsets.values())
+
+
+def test_its_loop_keeps_polling_and_beating_while_a_model_trains(settings_factory, topic_name):
+    # A retrain that outlasts the test (epochs without end): only a loop that does not wait
+    # for it reads the readings that come meanwhile.
+    s = settings(settings_factory, topic_name, retrain_every_readings=40, tbptt_k1=4,
+                 max_epochs=1_000_000, early_stopping_patience=1_000_000)
+    first = fleet(4, 10)
+    produce(s, first)
+    metrics, health = Metrics(), HealthState(liveness_timeout_s=30)
+    service = TrainerService(s, fresh_model(s), metrics, health)
+    loop = run_in_thread(service)
+    try:
+        wait_for(lambda: service.trainer is not None and service.trainer.busy, "the retrain to start")
+        assert service.retrainer.readings_since == 0  # the job took the 40 readings
+        more = [(dev, ts + 600.0 * 60, v) for dev, ts, v in fleet(4, 5)]
+        produce(s, more)
+        wait_for(lambda: service.retrainer.readings_since == len(more), "the readings sent meanwhile")
+        assert service.trainer is not None and service.trainer.busy  # still training
+        assert health.liveness(stale_after_s=2.0)[0]  # and the loop beats
+        assert service.published == 0
+    finally:
+        service.stop()
+        loop.join(30)
+    assert not loop.is_alive()  # a retrain still running does not hold the stop up
+    assert service.trainer is None  # its child was ended
+    assert committed(s) == len(first) + len(more)  # committed on close
+
+
+def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name):
+    s = settings(settings_factory, topic_name, retrain_every_readings=600, window=32, hidden_size=16,
+                 tbptt_k1=8, tbptt_k2=16, max_epochs=30, early_stopping_patience=5,
+                 learning_rate=5e-3)
+    rng = np.random.default_rng(0)  # AR noise around a drifting level: an untrained model loses
+    produce(s, [(f"d{d}", T0 + 60.0 * k, 50 + d + 0.05 * k + 3 * np.sin(k / 4 + d) + rng.normal())
+                for k in range(60) for d in range(10)])
+    torch.manual_seed(2)
+    metrics = Metrics()
+    service = TrainerService(s, fresh_model(s), metrics)
+    loop = run_in_thread(service)
+    try:
+        wait_for(lambda: service.published == 1, "a promoted model", timeout_s=120)
+    finally:
+        service.stop()
+        loop.join(30)
+    assert service.champion.version == "v0001"
+    assert metrics.retrain_runs.labels("promoted")._value.get() == 1
+    models = TopicPartition(s.models_topic, 0)
+    consumer = make_consumer(s, group_id=None)
+    try:
+        assert consumer.end_offsets([models]) == {models: 1}  # published once
+    finally:
+        consumer.close()
+
+
+def test_its_loop_survives_a_failed_retrain(settings_factory, topic_name):
+    s = settings(settings_factory, topic_name, retrain_every_readings=20, tbptt_k1=4, max_epochs=1)
+    readings = fleet(2, 10)
+    produce(s, readings)
+    metrics = Metrics()
+    service = TrainerService(s, fresh_model(s), metrics)
+    verdicts, children = [], []
+
+    def broken_publish(result):  # the job ran; publishing its verdict raises (say, the topic is gone)
+        verdicts.append(result)
+        children.append(service.trainer)
+        raise RuntimeError("publish failed")
+
+    service.publish = broken_publish
+    loop = run_in_thread(service)
+    try:
+        wait_for(lambda: metrics.retrain_runs.labels("failed")._value.get() == 1, "the failure counted")
+        assert loop.is_alive()  # a failed retrain does not stop the trainer
+        assert verdicts[0].error is None  # the training itself went well, in the child
+        # The child that trained is replaced (it may be what failed) at the next turn.
+        wait_for(lambda: service.trainer is not None and service.trainer is not children[0],
+                 "a new child")
+    finally:
+        service.stop()
+        loop.join(30)
+    assert not loop.is_alive()
+    assert committed(s) == len(readings)
+
+
+@pytest.fixture
+def process_state():
+    """``main`` sets the process's logging and signal handlers: put them back afterwards."""
+    root, kafka_log = logging.getLogger(), logging.getLogger("kafka")
+    saved = root.handlers[:], root.level, kafka_log.level
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        root.handlers[:], level, kafka_level = saved
+        root.setLevel(level)
+        kafka_log.setLevel(kafka_level)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_main_shuts_its_endpoint_down_when_the_loop_fails(settings_factory, topic_name, monkeypatch,
+                                                          process_state):
+    s = settings(settings_factory, topic_name, metrics_port=free_port(), retrain_every_s=900.0)
+    monkeypatch.setattr(service_module, "load_settings", lambda: s)
+    servers, real_serve = [], metrics_module.serve_metrics
+
+    def serve(*args):
+        servers.append(real_serve(*args))
+        return servers[-1]
+
+    monkeypatch.setattr(metrics_module, "serve_metrics", serve)
+
+    def broken_run(service):
+        close(service)
+        raise RuntimeError("the broker went away")
+
+    monkeypatch.setattr(TrainerService, "run", broken_run)
+    with pytest.raises(RuntimeError, match="the broker went away"):
+        service_module.main(argparse.Namespace())
+    (server,) = servers
+    assert server.socket.fileno() == -1  # closed: the port is free again
+    with socket.socket() as again:
+        again.bind((s.metrics_host, s.metrics_port))
