@@ -47,19 +47,31 @@ def load(files: list[Path], limit: int,
 
 def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:
     """Replay every series through broker + worker; return the forecasts read back from the
-    output topic, per device, and that topic's name."""
+    output topic, per device, and that topic's name.
+
+    The worker keeps its state in a temporary directory, removed when the run ends, failed
+    or not: each run has its own, so without that every evaluation would leave one behind.
+    """
+    run = f"eval-{uuid.uuid4().hex[:8]}"
+    # ignore_cleanup_errors: a file that cannot be removed must not hide the run's own result
+    # or error.
+    with tempfile.TemporaryDirectory(prefix="stream-lstm-eval-", ignore_cleanup_errors=True) as state:
+        s = settings.model_copy(update={
+            "input_topic": run, "output_topic": f"{run}-out", "dlq_topic": f"{run}-dlq",
+            "group_id": run, "min_history": 1, "metrics_port": 0, "state_dir": Path(state),
+            "max_future_skew_s": 1e12})
+        return _serve(s, series, model, spec)
+
+
+def _serve(s: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:
+    """:func:`run_pipeline` under ``s``, the run's own topics, group and state directory."""
     from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_consumer, make_producer
     from stream_lstm.models.registry import LoadedModel
     from stream_lstm.tools.simulate import ProgressLine
     from stream_lstm.worker import Worker
 
-    run = f"eval-{uuid.uuid4().hex[:8]}"
-    s = settings.model_copy(update={
-        "input_topic": run, "output_topic": f"{run}-out", "dlq_topic": f"{run}-dlq",
-        "group_id": run, "min_history": 1, "metrics_port": 0,
-        "state_dir": Path(tempfile.mkdtemp(prefix="stream-lstm-eval-")),
-        "max_future_skew_s": 1e12})
+    run = s.group_id
     events = sorted((t, dev, v) for dev, (ts, x) in series.items() for t, v in zip(ts, x, strict=True))
     from stream_lstm.kafka.topics import ensure_worker_topics
 

@@ -12,9 +12,22 @@ import torch
 
 from stream_lstm.config import Settings
 from stream_lstm.models.serving import fresh_model
+from stream_lstm.tools import through_worker
 from stream_lstm.tools.through_worker import load, plots_available, run_pipeline
 
 T0 = 1_700_000_000.0
+
+
+def record_state_dir(seen, then):
+    """A stand-in for the run itself (``_serve``, under the run's settings): notes the run's
+    state directory, there while the run goes on, then does ``then``."""
+
+    def serve(s, *args):
+        assert s.state_dir.is_dir()
+        seen.append(s.state_dir)
+        return then(s, *args)
+
+    return serve
 
 
 def test_load_reads_each_recordings_values_up_to_the_limit_without_repeated_times(tmp_path, capsys):
@@ -46,14 +59,19 @@ def test_plots_are_available_with_matplotlib_and_said_when_not(monkeypatch, caps
 
 @pytest.mark.kafka
 @pytest.mark.timeout(180)
-def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecasts(bootstrap, tmp_path, capsys):
+def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecasts(bootstrap, tmp_path, capsys,
+                                                                                  monkeypatch):
     s = Settings(bootstrap_servers=bootstrap, model_dir=tmp_path / "models", horizon=3, hidden_size=8,
                  metrics_port=0)
     t = T0 + 60.0 * np.arange(40)
     series = {"a": (t, 20 + np.sin(np.arange(40) / 3)), "b": (t + 30.0, 5 + np.cos(np.arange(40) / 4))}
     torch.manual_seed(0)
     served = fresh_model(s)
+    state_dirs = []
+    monkeypatch.setattr(through_worker, "_serve", record_state_dir(state_dirs, through_worker._serve))
     out, topic = run_pipeline(s, series, served.model, served.spec)
+    (state_dir,) = state_dirs
+    assert state_dir.name.startswith("stream-lstm-eval-") and not state_dir.exists()  # removed
     assert topic.startswith("eval-") and topic.endswith("-out")
     assert sorted(out) == ["a", "b"]
     for dev, (ts, x) in series.items():
@@ -62,3 +80,17 @@ def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecast
         assert [f["value"] for f in got] == pytest.approx(x.tolist())
         assert all(len(f["forecast"]) == 3 and f["model_version"] == "eval" for f in got)
     assert "evaluate: 80 readings through the worker" in capsys.readouterr().err
+
+
+def test_run_pipeline_removes_its_state_directory_when_the_run_fails(monkeypatch):
+    def unreachable(s, *args):
+        raise ConnectionError("no broker")
+
+    state_dirs = []
+    monkeypatch.setattr(through_worker, "_serve", record_state_dir(state_dirs, unreachable))
+    s = Settings(bootstrap_servers="127.0.0.1:1", horizon=3, hidden_size=8)
+    served = fresh_model(s)
+    with pytest.raises(ConnectionError, match="no broker"):  # the run's error, not hidden
+        run_pipeline(s, {"a": (np.array([T0]), np.array([1.0]))}, served.model, served.spec)
+    (state_dir,) = state_dirs
+    assert not state_dir.exists()
