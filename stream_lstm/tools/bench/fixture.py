@@ -14,6 +14,12 @@ def say(msg: str) -> None:
 
 
 def pipeline_fixture(devices: int, **settings: Any):
+    """``(settings, table, model, engine, pipeline, records)`` for a fleet of ``devices``;
+    ``records(step)`` is every device's reading at that step, a minute apart.
+
+    ``settings`` are passed to :class:`~stream_lstm.config.Settings`; ``min_history`` is 1
+    unless given (a forecast from each device's first reading: every reading does the work).
+    """
     from stream_lstm.config import Settings
     from stream_lstm.encoding import encode_reading
     from stream_lstm.engine import BatchedEngine
@@ -22,7 +28,8 @@ def pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.state.table import DeviceTable
     from stream_lstm.tools.bench.core import Record
 
-    s = Settings(max_devices=devices, min_history=1, **settings)
+    settings.setdefault("min_history", 1)
+    s = Settings(max_devices=devices, **settings)
     table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices,
                         with_experts="experts" in s.stage_names)
     model = SimpleLSTM(1, s.hidden_size, 1, s.horizon)

@@ -47,6 +47,14 @@ def test_settings_reach_the_pipeline_and_the_spec_is_the_models():
     assert with_experts.experts.nbytes > 0
 
 
+def test_the_callers_min_history_wins():
+    s, _, _, _, pipe, records = pipeline_fixture(3, min_history=2)
+    assert s.min_history == 2
+    counts = pipe.handle(records(0), time.time()).counts
+    assert (counts.forecasts, counts.warmup) == (0, 3)  # one reading each: still warming up
+    assert pipe.handle(records(1), time.time()).counts.forecasts == 3
+
+
 def test_say_writes_one_line_to_stderr(capsys):
     say("engine: 10 devices")
     assert capsys.readouterr() == ("", "engine: 10 devices\n")
