@@ -1,14 +1,16 @@
 """The one step that brings a batch's devices into memory before the pipeline applies it.
 
 In order: **load** the devices that are not in memory from the state store (evicting the
-least recently used when the table is full; the table saves what it evicts), then **re-warm**
-every device of the batch whose h/c came from another model (saved under an older one, or
-waiting since a hot-swap), by replaying its window under the served weights.
+least recently used when the table is full; the table saves what it evicts), then **admit**
+the loaded ones (``ModelLifecycle.admit``): a device whose h/c came from an older model steps
+under that model's weights (loaded by version when the engine does not hold them) until a
+re-warm slice converts it, or, when they cannot be had, is re-warmed under the served weights
+at once. Devices already in memory need nothing: their version is held since the swap.
 
 All of the batch's devices are brought in by one ``slots_for`` call, so every one of them is
 pinned while the missing ones load: loading never evicts another device of the same batch
 (which the pipeline would then have started afresh, or, before this step existed, loaded back
-without the re-warm: after a swap it stepped on the old model's h/c under the new version).
+unadmitted: after a swap it stepped on the old model's h/c under the new weights).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from stream_lstm.training.lifecycle import ModelLifecycle
 
 
 class BringIn:
-    """Loads and re-warms a decoded batch's devices.
+    """Loads a decoded batch's missing devices and admits them (their model version).
 
     Parameters
     ----------
@@ -31,7 +33,7 @@ class BringIn:
     state
         Where evicted and restored devices wait (``StateManager.load``).
     lifecycle
-        The served model (``ModelLifecycle.rewarm_stale``).
+        The served model and the older ones held (``ModelLifecycle.admit``).
     """
 
     def __init__(self, table: DeviceTable, state: StateManager, lifecycle: ModelLifecycle) -> None:
@@ -41,11 +43,12 @@ class BringIn:
 
     def __call__(self, batch: Decoded, now: float) -> None:
         index = self.table.index
-        if any(d not in index for d in batch.ids):
+        missing = {d for d in batch.ids if d not in index}
+        if missing:
             devices = dict(zip(batch.ids, batch.partitions, strict=True))
             self.table.slots_for(list(devices), list(devices.values()), now, self.state.load)
-        present = {index[d] for d in batch.ids if d in index}
-        self.lifecycle.rewarm_stale(np.fromiter(present, np.int64, len(present)))
+            loaded = [index[d] for d in missing if d in index]
+            self.lifecycle.admit(np.array(loaded, np.int64))
 
     def handle(self, pipeline: BatchPipeline, records: list, now: float) -> BatchOutput:
         """Decode, bring in, apply: one batch as the worker and a replay run it."""

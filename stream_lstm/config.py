@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     train_nice: int = Field(10, ge=0, le=19, description=(
         "OS priority (nice) of the background trainer: inference keeps the CPU it needs, the "
         "retrain takes what is left; 0 shares the CPU equally"))
+    rewarm_slice_ms: float = Field(5.0, gt=0.0, description=(
+        "After a hot swap, how long each loop turn re-warms devices still on the older model "
+        "(at least one small batch of devices a turn); they step under their own weights "
+        "meanwhile"))
 
     # --- Observability ------------------------------------------------------------------------
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz")

@@ -18,6 +18,12 @@ new sequence from zero state, as the step path zeroes h/c there. ``forecast.asse
 runs its rounds on the outputs as before. Which path a poll takes is ``path_for(rounds)``:
 fused from :data:`FUSE_MIN_ROUNDS` rounds on.
 
+Weights by version: after a hot swap the engine holds the weights served before beside the new
+ones (``models``, keyed by version). A device steps under the weights its h/c came from
+(``table.model_version[slot]``) until it is re-warmed (:meth:`BatchedEngine.rewarm`, under the
+served weights), so a batch runs in at most two groups, one per version held, each taking the
+batch's path. A device with no version yet (new) steps under the served weights.
+
 >>> import numpy as np, torch
 >>> from stream_lstm.models import SimpleLSTM
 >>> from stream_lstm.state.table import DeviceTable
@@ -93,20 +99,43 @@ class BatchedEngine:
         Holds ``h``/``c`` for all devices; updated in place.
     fuse_min_rounds
         Polls of at least this many rounds take the fused path (one packed ``forward``).
+    version
+        The served model's version: the weights a device of this version, or of none yet, or
+        of a version not held (see :meth:`hold`), steps under.
     """
 
     def __init__(self, model: SimpleLSTM, table: DeviceTable,
-                 fuse_min_rounds: int = FUSE_MIN_ROUNDS) -> None:
+                 fuse_min_rounds: int = FUSE_MIN_ROUNDS, version: str = "") -> None:
         self.table = table
-        self.model = model.to(table.device).eval()
+        self.version = version
+        self.models: dict[str, SimpleLSTM] = {version: model.to(table.device).eval()}
         self.horizon = model.horizon
         self.fuse_min_rounds = fuse_min_rounds
         self.last_path = ""  # the path the last batch took: "step" or "fused"
+        self.last_groups = 0  # how many weight groups the last batch ran in
 
-    def swap_model(self, model: SimpleLSTM) -> None:
-        """Serve new weights from the next batch on (call between batches)."""
-        self.model = model.to(self.table.device).eval()
+    @property
+    def model(self) -> SimpleLSTM:
+        """The served weights (new devices, and re-warms, use them)."""
+        return self.models[self.version]
+
+    def swap_model(self, model: SimpleLSTM, version: str = "") -> None:
+        """Serve ``model`` as ``version`` from the next batch on (call between batches).
+
+        The weights served so far stay held under their version: devices whose h/c they made
+        go on stepping under them until re-warmed; :meth:`release` drops them."""
+        self.hold(version, model)
+        self.version = version
         self.horizon = model.horizon
+
+    def hold(self, version: str, model: SimpleLSTM) -> None:
+        """Hold ``model``'s weights for the devices of ``version`` (not served)."""
+        self.models[version] = model.to(self.table.device).eval()
+
+    def release(self, version: str) -> None:
+        """Drop a version's weights (never the served one's): no device holds its h/c."""
+        if version != self.version:
+            self.models.pop(version, None)
 
     @torch.inference_mode()
     def step(
@@ -135,18 +164,58 @@ class BatchedEngine:
         """
         if len(z) == 0:
             return np.zeros((0, self.horizon), np.float32), np.zeros((0, self.horizon), np.float32)
-        self.last_path = self.path_for(rounds)
-        res = self._fused(slots, z, reset) if self.last_path == "fused" else self._stepped(
-            slots, z, rounds, reset)
+        self.last_path = path = self.path_for(rounds)
+        groups = self.groups(slots)
+        self.last_groups = len(groups)
+        if len(groups) == 1:
+            res = self._run(path, groups[0][0], slots, z, rounds, reset)
+        else:
+            # Devices are independent, so each version's rows run alone, rounds and all: a
+            # round is stepped in one group per version, and a device's rows stay in order.
+            res = np.empty((len(z), 2 * self.horizon), np.float32)
+            for model, rows in groups:
+                ends = np.concatenate([[0], np.cumsum(rows)])
+                sub = [(int(ends[a]), int(ends[b])) for a, b in rounds if ends[b] > ends[a]]
+                res[rows] = self._run(path, model, slots[rows], z[rows], sub,
+                                      None if reset is None else reset[rows])
         return res[:, : self.horizon], res[:, self.horizon :]
+
+    def groups(self, slots: np.ndarray) -> list[tuple[SimpleLSTM, np.ndarray | None]]:
+        """The weights each row steps under: ``[(model, rows)]``, one entry a version held
+        among the rows' devices (``rows`` a boolean mask; ``None``: every row)."""
+        served = self.models[self.version]
+        if len(self.models) == 1:
+            return [(served, None)]
+        mv = self.table.model_version
+        by_version: dict[str, list[int]] = {}
+        for slot in np.unique(slots).tolist():
+            v = mv[slot]
+            if v != self.version and v in self.models:
+                by_version.setdefault(v, []).append(slot)
+        if not by_version:
+            return [(served, None)]
+        out, rest = [], np.ones(len(slots), bool)
+        for v, held in by_version.items():
+            rows = np.isin(slots, held)
+            out.append((self.models[v], rows))
+            rest &= ~rows
+        if rest.any():
+            out.append((served, rest))
+        return out
+
+    def _run(self, path: str, model: SimpleLSTM, slots: np.ndarray, z: np.ndarray,
+             rounds: list[tuple[int, int]], reset: np.ndarray | None) -> np.ndarray:
+        if path == "fused":
+            return self._fused(model, slots, z, reset)
+        return self._stepped(model, slots, z, rounds, reset)
 
     def path_for(self, rounds: list[tuple[int, int]]) -> str:
         """``"fused"`` (one packed forward) for a poll of at least ``fuse_min_rounds`` rounds,
         else ``"step"`` (one batched step per round)."""
         return "fused" if len(rounds) >= self.fuse_min_rounds else "step"
 
-    def _stepped(self, slots: np.ndarray, z: np.ndarray, rounds: list[tuple[int, int]],
-                 reset: np.ndarray | None) -> np.ndarray:
+    def _stepped(self, model: SimpleLSTM, slots: np.ndarray, z: np.ndarray,
+                 rounds: list[tuple[int, int]], reset: np.ndarray | None) -> np.ndarray:
         """One batched ``step`` per round; ``[N, 2H]`` (``mu`` then ``log_b``)."""
         n, f = z.shape
         packed = np.empty((n, f + 2), np.float32)
@@ -164,14 +233,15 @@ class BatchedEngine:
             if any_reset:
                 keep = (x[start:end, f + 1] == 0).to(hr.dtype)[None, :, None]
                 hr, cr = hr * keep, cr * keep
-            mu, log_b, hr, cr = self.model.step(x[start:end, :f], hr, cr)
+            mu, log_b, hr, cr = model.step(x[start:end, :f], hr, cr)
             h.index_copy_(1, sl, hr)
             c.index_copy_(1, sl, cr)
             out[start:end, : self.horizon] = mu
             out[start:end, self.horizon :] = log_b
         return out.cpu().numpy()
 
-    def _fused(self, slots: np.ndarray, z: np.ndarray, reset: np.ndarray | None) -> np.ndarray:
+    def _fused(self, model: SimpleLSTM, slots: np.ndarray, z: np.ndarray,
+               reset: np.ndarray | None) -> np.ndarray:
         """All rounds in one packed ``forward``; ``[N, 2H]`` (``mu`` then ``log_b``).
 
         Each device's rows (in round order) form one sequence, split at each reset: the part
@@ -219,7 +289,7 @@ class BatchedEngine:
             keep = x[i - n_seq : i][None, :, None]
             h0, c0 = h0 * keep, c0 * keep
         data = PackedSequence(x[: n * f].view(n, f), torch.from_numpy(batch_sizes))
-        mu, log_b, (h, c) = self.model.forward_packed(data, (h0, c0))
+        mu, log_b, (h, c) = model.forward_packed(data, (h0, c0))
         cols, dest = x[i : i + k].long(), x[i + k :].long()
         self.table.h.index_copy_(1, dest, h.index_select(1, cols))
         self.table.c.index_copy_(1, dest, c.index_select(1, cols))
@@ -230,9 +300,10 @@ class BatchedEngine:
         """Recompute ``h``/``c`` of ``slots`` by replaying their windows from zero state.
 
         Used after a hot-swap (and for restored state from an older model shape): each
-        device's rolling window goes through the current weights in one batched pass, so no
-        device mixes hidden state from old weights with new ones. Windows are right-aligned;
-        a device joins the pass at its first real reading.
+        device's rolling window goes through the served weights in one batched pass, so no
+        device mixes hidden state from old weights with new ones (the caller then stamps the
+        devices with the served version). Windows are right-aligned; a device joins the pass
+        at its first real reading.
         """
         if len(slots) == 0:
             return

@@ -117,8 +117,20 @@ class Metrics:
         self.retrain_loss = gauge("retrain_loss", "Holdout loss of the last retrain", ("model",),
                                   mode="livemostrecent")
         self.promotion_decisions = counter("promotion_decisions", "Promotion gate decisions", ("decision",))
-        self.swap_pause_seconds = histogram("swap_pause_seconds", "Inference pause for a hot swap and re-warm",
-                                            LATENCY_BUCKETS)
+        self.swap_pause_seconds = histogram(
+            "swap_pause_seconds", "The time a loop turn was held up by a hot swap (devices are "
+            "re-warmed after it, in slices of STREAM_LSTM_REWARM_SLICE_MS)", LATENCY_BUCKETS)
+        self.rewarm_pending_devices = gauge(
+            "rewarm_pending_devices", "Devices in memory that may still step under an older "
+            "model's weights after a hot swap, waiting for their re-warm (0: the swap is "
+            "complete)", mode="livesum")
+        self.rewarm_slice_seconds = histogram(
+            "rewarm_slice_seconds", "The time a loop turn spent re-warming devices after a hot swap",
+            LATENCY_BUCKETS)
+        self.rewarm_fallbacks = counter(
+            "rewarm_fallbacks", "Devices restored with h/c of a model version that could not be "
+            "loaded (another registry, deleted, a third version), re-warmed at once under the "
+            "served model")
 
         # --- State restore ------------------------------------------------------------------------
         self.restore_progress_ratio = gauge("restore_progress_ratio", "State restore progress per partition",

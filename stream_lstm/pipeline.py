@@ -124,7 +124,9 @@ class BatchPipeline:
     engine
         The batched engine over ``table``.
     version
-        Callable returning the served model version (stamped on forecasts).
+        Callable returning the served model version: a device with no h/c yet starts under
+        it. Each forecast and alert event carries its own device's version
+        (``table.model_version``): after a hot swap, the model that made it.
     """
 
     def __init__(self, settings: Settings, table: DeviceTable, engine: BatchedEngine,
@@ -189,6 +191,12 @@ class BatchPipeline:
         out: list[OutRecord],
     ) -> float:
         s = self.settings
+        # A new device starts under the served model; every other keeps the version its h/c
+        # came from until it is re-warmed (the engine steps it under those weights).
+        mv, served = self.table.model_version, self.version()
+        for slot in np.unique(batch.slots).tolist():
+            if not mv[slot]:
+                mv[slot] = served
         mu, log_b = self.engine.step(batch.slots, batch.z, batch.rounds, batch.reset)
         fb = assemble(
             batch, mu, log_b, self.table, coverage=s.interval_coverage,
@@ -197,9 +205,7 @@ class BatchPipeline:
         batch_ts = np.asarray(ts, np.float64)[batch.rows]
         events = alerts.judge(batch, fb, self.table, false_alarm_rate=s.anomaly_false_alarm_rate,
                               hold_s=s.alert_hold_s, ts=batch_ts)
-        version = self.version()
-        for slot in np.unique(batch.slots).tolist():
-            self.table.model_version[slot] = version
+        version = [mv[slot] for slot in batch.slots.tolist()]  # per row: the model that made it
         out_topic, alerts_topic = s.output_topic, s.alerts_topic
         # Plain Python lists: element access is several times faster than numpy scalars.
         fc, lo, up = fb.forecast.tolist(), fb.lower.tolist(), fb.upper.tolist()
@@ -217,7 +223,7 @@ class BatchPipeline:
             src = sources[row]
             record = {
                 "device_id": ids[row], "ts": ts[row], "value": level[j], "forecast": fc[j], "lower": lo[j],
-                "upper": up[j], "step_s": step_s[j], "model_version": version,
+                "upper": up[j], "step_s": step_s[j], "model_version": version[j],
                 "partition": src.partition, "offset": src.offset, "residual": res[j],
                 "anomaly_score": score[j], "drift_score": drift[j], "anomaly_likelihood": lik[j],
                 "is_anomaly": anomaly[j], "reset": reset[j],
@@ -235,7 +241,8 @@ class BatchPipeline:
             counts.alerts_closed += kind == "close"
             if alerts_topic:
                 src = sources[row]
-                event = alert_event(kind, state, ids[row], ts[row], version, src.partition, src.offset)
+                event = alert_event(kind, state, ids[row], ts[row], version[j], src.partition,
+                                    src.offset)
                 out.append((alerts_topic, src.key, encode_forecast(event), None))
         return oldest
 

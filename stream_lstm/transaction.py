@@ -89,9 +89,10 @@ class TransactionUnit:
     def due(self) -> bool:
         """Whether to commit now: the open transaction is old enough, or its changed devices
         fill half the table (evicting more of them would only hold them in memory), or, with
-        none open, a partition's checkpoint is due (so an idle input still checkpoints)."""
+        none open, a partition's checkpoint is due or re-warmed devices wait for theirs (so an
+        idle input still checkpoints)."""
         if self.open is None:
-            return bool(self.state.flush_due())
+            return bool(self.state.flush_due() or self.state.marked)
         age_ms = (time.monotonic() - self.open.began) * 1000
         return (age_ms >= self.settings.commit_interval_ms
                 or len(self.state.dirty) >= self.settings.max_devices // 2)
@@ -113,7 +114,8 @@ class TransactionUnit:
         with the transaction left for ``abort``."""
         assert self.publisher is not None
         if self.open is None:
-            if not extra and (not self.state.dirty or not (self.state.flush_due() or flush)):
+            if not extra and (not self.state.dirty
+                              or not (self.state.flush_due() or flush or self.state.marked)):
                 return  # (a first marker waits for the first transaction with readings)
             self.publisher.begin()  # a transaction of checkpoints alone
             self.open = OpenTransaction(time.monotonic())

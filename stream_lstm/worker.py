@@ -99,11 +99,11 @@ class Worker:
             std_floor=settings.std_floor, with_experts="experts" in settings.stage_names,
             on_evict=self.state.on_evict,
         )
-        self.engine = BatchedEngine(self.served.model, self.table)
+        self.engine = BatchedEngine(self.served.model, self.table, version=self.served.version)
         self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics)
-        # A replay must use the model the readings were served with: checkpoint every changed
-        # device before a swap, so no replay range spans one.
-        self.lifecycle.before_swap = lambda: self.commit(flush=set(self.assigned))
+        # A replay must step each reading under the model that served it: a device re-warmed
+        # after a swap is checkpointed with the next commit (training/lifecycle.py).
+        self.lifecycle.checkpoints = self.state
         self.pipeline = BatchPipeline(settings, self.table, self.engine, lambda: self.lifecycle.version)
         self.bring_in = BringIn(self.table, self.state, self.lifecycle)
         self.tx = TransactionUnit(settings, self.state, self.table, self.metrics, self._new_publisher)
@@ -188,7 +188,10 @@ class Worker:
         try:
             while not self._stop.is_set():
                 self.partitions.restore_some()
-                polled = group.poll(self.tx.wait_ms())
+                wait = self.tx.wait_ms()
+                if self.lifecycle.rewarming:  # devices wait for their re-warm: idle less
+                    wait = min(wait, int(self.settings.rewarm_slice_ms))
+                polled = group.poll(wait)
                 if self.partitions.failed_in_callback is not None:  # a commit on revocation failed
                     self._rollback(self.partitions.failed_in_callback)
                 self.health.beat()

@@ -1,5 +1,6 @@
-"""The bring-in step (bring_in.py): a batch's devices are loaded, then re-warmed, before the
-pipeline applies it; loading never evicts another device of the same batch."""
+"""The bring-in step (bring_in.py): a batch's missing devices are loaded, then admitted (the
+model their h/c came from), before the pipeline applies it; loading never evicts another
+device of the same batch."""
 
 import time
 from types import SimpleNamespace
@@ -14,24 +15,21 @@ from stream_lstm.state.table import DeviceTable
 from stream_lstm.tools.bench.core import Record
 
 
-def test_bring_in_never_evicts_a_device_of_the_same_batch_so_every_one_is_rewarmed():
+def test_bring_in_never_evicts_a_device_of_the_same_batch_and_admits_every_loaded_one():
     """With a full table, loading a batch's missing devices used to be free to evict another
-    device of the same batch; ingest then loaded it back without a re-warm, and after a swap
-    it stepped on the old model's h/c under the new version."""
+    device of the same batch; ingest then loaded it back unadmitted, and after a swap it
+    stepped on the old model's h/c under the new weights."""
     store = {}
     s = Settings(max_devices=3, min_history=1, window=4, hidden_size=8)
     table = DeviceTable(3, 4, 1, 1, 8, initial_capacity=3,
                         on_evict=lambda snap: store.__setitem__(snap.device_id, snap))
-    rewarmed: list[str] = []
+    admitted: list[list[str]] = []
 
-    def rewarm(slots):  # what the lifecycle does: re-warm devices of another model's h/c
-        for slot in slots.tolist():
-            if table.model_version[slot] != "new":
-                rewarmed.append(table.ids[slot])
-                table.model_version[slot] = "new"
+    def admit(slots):  # what the lifecycle is told: these devices were just brought in
+        admitted.append(sorted(table.ids[slot] for slot in slots.tolist()))
 
     pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "new")
-    bring_in = BringIn(table, SimpleNamespace(load=store.get), SimpleNamespace(rewarm_stale=rewarm))
+    bring_in = BringIn(table, SimpleNamespace(load=store.get), SimpleNamespace(admit=admit))
     t0 = time.time() - 3600
 
     def run(devices, step, now):
@@ -43,13 +41,12 @@ def test_bring_in_never_evicts_a_device_of_the_same_batch_so_every_one_is_rewarm
 
     for step in range(2):
         assert run(["a", "b", "c"], step, now=t0 + step).counts.forecasts == 3
-    for slot in table.index.values():
-        table.model_version[slot] = "old"  # a hot-swap: every device holds the old model's h/c
-    rewarmed.clear()
+    assert admitted == [["a", "b", "c"]]  # new devices, once; in memory after that
+    admitted.clear()
     assert run(["a", "d", "e"], 2, now=t0 + 10).counts.forecasts == 3  # a: the LRU
-    assert "a" in rewarmed
-    assert all(table.model_version[slot] == "new" for slot in table.index.values())
-    # An evicted device comes back from the store with its state, not afresh.
+    assert admitted == [["d", "e"]] and "a" in table.index  # a stayed: pinned by its batch
+    assert table.n_seen[table.index["a"]] == 3
+    # An evicted device comes back from the store with its state, not afresh, and is admitted.
     assert store["b"].n_seen == 2
     run(["b"], 3, now=t0 + 20)
-    assert table.n_seen[table.index["b"]] == 3
+    assert table.n_seen[table.index["b"]] == 3 and admitted[-1] == ["b"]

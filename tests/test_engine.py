@@ -161,3 +161,53 @@ def test_after_a_swap_the_fused_path_steps_with_the_new_weights():
         mu_ref, _, _ = new_model(torch.from_numpy(b.z)[None])
     assert engine.last_path == "fused"
     np.testing.assert_allclose(mu, mu_ref[0].numpy(), atol=1e-6)
+
+
+def test_a_batch_of_two_versions_steps_each_device_under_its_own_weights():
+    """After a swap, devices not yet re-warmed step under the old weights and the others under
+    the new ones, in one batch: each group's outputs and h/c equal stepping that group alone
+    with its own weights, on the step path and the fused path, across resets."""
+    torch.manual_seed(7)
+    new = SimpleLSTM(n_features=2, hidden_size=8, num_layers=2, horizon=3).eval()
+    for fuse_min_rounds in (10**9, 1):
+        (old, mixed_table, mixed), (_, alone_table, alone) = setup(), setup()
+        mixed.fuse_min_rounds = alone.fuse_min_rounds = fuse_min_rounds
+        mixed.version = "v1"
+        mixed.models = {"v1": old}
+        mixed.swap_model(new, "v2")
+        assert sorted(mixed.models) == ["v1", "v2"] and mixed.model is new
+        old_engine = BatchedEngine(old, alone_table, fuse_min_rounds=fuse_min_rounds)
+        new_engine = BatchedEngine(new, alone_table, fuse_min_rounds=fuse_min_rounds)
+        groups, resets = set(), 0
+        for ids, ts, x in backlog_polls(seed=5):
+            b = ingest(mixed_table, ids, ts, x, [0] * len(ids), now=0.0, target=0, max_gap_s=50)
+            for slot in np.unique(b.slots).tolist():  # d0, d2, d4... on v1; the rest on v2
+                dev = mixed_table.ids[slot]
+                mixed_table.model_version[slot] = "v1" if int(dev[1:]) % 2 == 0 else "v2"
+            mu, log_b = mixed.step(b.slots, b.z, b.rounds, b.reset)
+            groups.add(mixed.last_groups)
+            resets += int(b.reset.sum())
+            a = ingest(alone_table, ids, ts, x, [0] * len(ids), now=0.0, target=0, max_gap_s=50)
+            on_v1 = np.array([int(alone_table.ids[s][1:]) % 2 == 0 for s in a.slots])
+            for engine, rows in ((old_engine, on_v1), (new_engine, ~on_v1)):
+                if not rows.any():
+                    continue
+                ends = np.concatenate([[0], np.cumsum(rows)])
+                rounds = [(int(ends[s]), int(ends[e])) for s, e in a.rounds if ends[e] > ends[s]]
+                want_mu, want_log_b = engine.step(a.slots[rows], a.z[rows], rounds, a.reset[rows])
+                np.testing.assert_allclose(mu[rows], want_mu, atol=1e-6, rtol=0)
+                np.testing.assert_allclose(log_b[rows], want_log_b, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(mixed_table.h.numpy(), alone_table.h.numpy(), atol=1e-6)
+            np.testing.assert_allclose(mixed_table.c.numpy(), alone_table.c.numpy(), atol=1e-6)
+        assert groups == {2} and resets > 3  # every poll mixes both versions
+
+
+def test_a_device_of_a_version_not_held_steps_under_the_served_weights():
+    model, table, engine = setup()
+    b = ingest(table, ["a", "b"], [1.0, 1.0], np.ones((2, 2)), [0, 0], now=0.0, target=0)
+    table.model_version[b.slots[0]] = "gone"  # the caller re-warms such a device first
+    engine.hold("v0", SimpleLSTM(n_features=2, hidden_size=8, num_layers=2, horizon=3))
+    assert [m is model for m, _ in engine.groups(b.slots)] == [True]
+    engine.release("v0")
+    engine.release("")  # never the served weights
+    assert list(engine.models) == [""]

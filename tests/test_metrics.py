@@ -44,6 +44,9 @@ EXPECTED = {
     "restored_devices": "stream_lstm_restored_devices_total",
     "restore_seconds": "stream_lstm_restore_seconds_bucket",
     "swap_pause_seconds": "stream_lstm_swap_pause_seconds_bucket",
+    "rewarm_slice_seconds": "stream_lstm_rewarm_slice_seconds_bucket",
+    "rewarm_pending_devices": "stream_lstm_rewarm_pending_devices",
+    "rewarm_fallbacks": "stream_lstm_rewarm_fallbacks_total",
     "transactions": "stream_lstm_transactions_total",
     "ready": "stream_lstm_ready",
     "up_info": "stream_lstm_up_info",
@@ -69,10 +72,13 @@ def exercise(m: Metrics) -> None:
         c.inc()
     m.batch_size.observe(500)
     for h in (m.inference_seconds, m.batch_seconds, m.end_to_end_latency_seconds, m.commit_seconds,
-              m.retrain_duration_seconds, m.restore_seconds, m.swap_pause_seconds):
+              m.retrain_duration_seconds, m.restore_seconds, m.swap_pause_seconds,
+              m.rewarm_slice_seconds):
         h.observe(0.01)
     m.consumer_lag.labels("0").set(3)
     m.active_devices.set(200)
+    m.rewarm_pending_devices.set(3)
+    m.rewarm_fallbacks.inc()
     m.set_model_version("v0002", 1_700_000_000.0)
     m.retrain_runs.labels("promoted").inc()
     m.retrain_loss.labels("champion").set(0.5)
@@ -182,6 +188,7 @@ def test_every_gauge_says_how_a_host_of_processes_combines_it():
     modes = {k: g._multiprocess_mode for k, g in vars(Metrics()).items() if isinstance(g, Gauge)}
     assert modes == {
         "alerts_open": "livesum", "active_devices": "livesum", "expert_leading_devices": "livesum",
+        "rewarm_pending_devices": "livesum",
         "consumer_lag": "livemostrecent", "restore_progress_ratio": "livemostrecent",
         "retrain_loss": "livemostrecent", "model_promoted_timestamp_seconds": "livemax",
         "ready": "livemin",

@@ -34,7 +34,7 @@ def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, 
     state = StateManager(s, tmp_path / "state.sqlite", metrics)
     pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table),
                              lambda: "v1")
-    bring_in = BringIn(table, state, SimpleNamespace(rewarm_stale=lambda slots: None))
+    bring_in = BringIn(table, state, SimpleNamespace(admit=lambda slots: None))
     tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
     coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
     paused_at_assignment: list[set] = []

@@ -110,3 +110,19 @@ def test_a_backlog_through_the_fused_path_publishes_what_the_step_path_does():
     pairs += [(getattr(fused_table, c.name), getattr(step_table, c.name), c.name) for c in step_table.columns]
     for got, want, name in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=name)
+
+
+def test_each_forecast_carries_the_version_of_the_model_its_device_stepped_under():
+    """After a swap a device keeps its own version (its h/c's) until it is re-warmed; a new
+    device starts under the served one."""
+    s = Settings(output_topic="forecasts", min_history=1)
+    table = DeviceTable(8, s.window, 1, 1, 8)
+    engine = BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table, version="v1")
+    served = ["v1"]
+    pipe = BatchPipeline(s, table, engine, lambda: served[0])
+    pipe.handle([Rec(0, "old", 1e9, 20.0)], now=2e9)
+    engine.swap_model(SimpleLSTM(1, 8, 1, s.horizon), "v2")
+    served[0] = "v2"
+    out = pipe.handle([Rec(1, "old", 1e9 + 60, 21.0), Rec(2, "new", 1e9 + 60, 5.0)], now=2e9)
+    got = {f["device_id"]: f["model_version"] for f in (json.loads(r[2]) for r in out.records)}
+    assert got == {"old": "v1", "new": "v2"} and engine.last_groups == 2

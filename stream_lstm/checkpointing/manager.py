@@ -77,6 +77,9 @@ class StateManager:
         # from memory meanwhile, whose snapshots wait for that commit.
         self.dirty: dict[str, int] = {}
         self._evicted_dirty: dict[str, DeviceSnapshot] = {}
+        # Dirty devices the next commit writes whatever their partition's schedule: re-warmed
+        # after a hot swap (see mark).
+        self.marked: set[str] = set()
         # Partitions with dirty devices, and when each is next due to checkpoint them.
         self._next_flush: dict[int, float] = {}
         # What the commit being made writes: (partitions checkpointed, devices written).
@@ -114,6 +117,17 @@ class StateManager:
             if p not in self._next_flush:
                 self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
 
+    def mark(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
+        """Checkpoint these devices with the next commit, whatever their partition's schedule.
+
+        For re-warmed devices (a hot swap): their h/c now come from another model, so a replay
+        from their previous checkpoint would step the readings since under the wrong weights
+        once a forecast of the new weights is committed. Written in the commit that follows the
+        re-warm, before or with any such forecast, the checkpoint names the new version."""
+        self.touch(table, slots)
+        ids = table.ids
+        self.marked.update(ids[slot] for slot in slots.tolist())
+
     def flush_due(self) -> set[int]:
         """Partitions whose dirty devices are due to be checkpointed."""
         now = time.monotonic()
@@ -123,12 +137,16 @@ class StateManager:
                            flush: set[int] | None = None) -> list[ChangelogRecord]:
         """Changelog records for the committing transaction: the dirty devices of the
         partitions due (and of ``flush``), each with its replay marker (``next_offsets``: the
-        input offset after this transaction), and every dirty device evicted meanwhile."""
+        input offset after this transaction), every dirty device evicted meanwhile, and the
+        marked ones (:meth:`mark`). A device written without its partition's marker is fine:
+        a replay from the older marker skips its readings up to its ``last_ts``."""
         due = self.flush_due() | (flush or set())
+        marked, evicted_dirty = self.marked, self._evicted_dirty
         if due:
-            devs = [d for d, p in self.dirty.items() if p in due or d in self._evicted_dirty]
+            devs = [d for d, p in self.dirty.items()
+                    if p in due or d in evicted_dirty or d in marked]
         else:
-            devs = list(self._evicted_dirty)
+            devs = [*evicted_dirty, *(d for d in marked if d not in evicted_dirty)]
         markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
         # Evicted devices are encoded once: the same rows go to the changelog and, after the
         # commit, to the local store.
@@ -164,6 +182,7 @@ class StateManager:
             self._evicted_dirty.clear()
         for dev in devs:
             self.dirty.pop(dev, None)
+            self.marked.discard(dev)
         for p in due:
             self._next_flush.pop(p, None)
         self.markers.update(markers)
@@ -207,6 +226,7 @@ class StateManager:
         for dev in [d for d, p in self.dirty.items() if p in partitions]:
             del self.dirty[dev]
             self._evicted_dirty.pop(dev, None)
+            self.marked.discard(dev)
         for p in partitions:
             self._next_flush.pop(p, None)
             self.markers.pop(p, None)

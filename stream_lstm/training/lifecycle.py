@@ -4,34 +4,59 @@ Between two batches the worker calls :meth:`ModelLifecycle.tick`. It
 
 1. collects a finished background retrain; a promoted challenger is registered and swapped in;
 2. follows the compacted models topic when an external trainer publishes (``trainer=external``);
-3. starts a new retrain when ``retrain_every_readings`` or ``retrain_every_s`` says so.
+3. starts a new retrain when ``retrain_every_readings`` or ``retrain_every_s`` says so;
+4. re-warms, for at most ``STREAM_LSTM_REWARM_SLICE_MS``, devices still on an older model.
 
-A swap installs the new weights, and **every device is re-warmed before its next step**: its
-h/c is recomputed by replaying its rolling window through the new model, in batched passes (the
-devices of each batch together; idle devices in slices between batches; devices in the state
-store when they next load). No device mixes hidden state from the old weights with the new
-ones, and forecasts carry the new version from the first batch after the swap.
+A swap holds the loop up for milliseconds whatever the fleet: it installs the new weights
+**beside** the old ones (the engine keeps both, keyed by version) and lists the devices in
+memory. Each device goes on stepping under the weights its h/c came from
+(``table.model_version``) until a slice **re-warms** it: its h/c is recomputed by replaying
+its rolling window through the new weights. No device mixes old hidden state with new
+weights, and each forecast carries the version of the model that made it.
+
+A re-warmed device is checkpointed with the next commit (``checkpoints.mark``), so the
+changelog never holds a re-warm after a device's last checkpoint: replaying a device from its
+checkpoint (restore) steps the readings since under the version the checkpoint names, as they
+were served. A restored device of an older version keeps it: the engine loads those weights
+by version from the registry, and a later slice re-warms the device. When they cannot be
+loaded (another host's registry, deleted, a third version at once), the device is re-warmed
+under the served weights at once (counted in ``stream_lstm_rewarm_fallbacks_total``); its
+replay then matches what was served only up to that re-warm.
+
+At most two versions are live. A swap that arrives while devices still hold the oldest
+re-warms those at once first (rare: two swaps within one re-warm), and logs it. A version's
+weights are dropped once no device in memory holds them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_bytes
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, model_from_bytes
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
 from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
 
+if TYPE_CHECKING:
+    from stream_lstm.checkpointing.manager import StateManager
+
 log = logging.getLogger("stream_lstm.training")
 
-# Idle devices re-warmed between two batches after a swap: ~25 ms of work on two CPU cores.
-REWARM_SLICE = 512
+# Re-warmed devices waiting for the next commit to write their checkpoints, at most: each is
+# one 3.5 KB changelog record (~0.1 ms of kafka-python's send), so this bounds what the
+# re-warm adds to one commit (~25 ms); slices wait for the commit beyond it.
+MAX_UNSAVED = 256
+# The first guess of one device's re-warm time (a 64-reading window, hidden 64, one CPU core);
+# each chunk's measured time replaces it.
+FIRST_COST_S = 50e-6
+# Devices re-warmed in one batched pass at most (a pass is one model forward over their windows).
+MAX_CHUNK = 2048
 
 
 class ModelLifecycle:
@@ -40,13 +65,34 @@ class ModelLifecycle:
     Parameters
     ----------
     settings
-        Retraining schedule, TBPTT and gate settings, registry directory, models topic.
+        Retraining schedule, TBPTT and gate settings, registry directory, models topic, the
+        re-warm slice.
     served
-        The model served at start.
+        The model served at start (the engine serves it from here on).
     engine, table
         Where the swap and the re-warm happen.
     metrics
-        :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause).
+        :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause, re-warm).
+
+    ``checkpoints`` (the worker's :class:`~stream_lstm.checkpointing.manager.StateManager`)
+    is where re-warmed devices are marked for the next commit's checkpoint; ``None`` (tests,
+    benchmarks) marks nothing.
+
+    >>> import tempfile, pathlib
+    >>> from stream_lstm.metrics import Metrics
+    >>> from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+    >>> spec = ModelSpec(hidden_size=4, horizon=2)
+    >>> table = DeviceTable(max_devices=8, window=4, n_features=1, num_layers=1, hidden_size=4)
+    >>> old, new = (LoadedModel.of(SimpleLSTM.from_spec(spec), spec, v) for v in ("v1", "v2"))
+    >>> s = Settings(trainer="off", model_dir=pathlib.Path(tempfile.mkdtemp()))
+    >>> life = ModelLifecycle(s, old, BatchedEngine(old.model, table), table, Metrics())
+    >>> slot = int(table.slots_for(["a"], [0], now=0.0)[0]); table.model_version[slot] = "v1"
+    >>> table.window.push(np.array([slot]), np.zeros((1, 1), np.float32))
+    >>> pause = life.swap(new)  # milliseconds: nothing is re-warmed yet
+    >>> sorted(life.engine.models), table.model_version[slot]
+    (['v1', 'v2'], 'v1')
+    >>> life.rewarm_slice(), table.model_version[slot], sorted(life.engine.models)
+    (1, 'v2', ['v2'])
     """
 
     def __init__(self, settings: Settings, served: LoadedModel, engine: BatchedEngine,
@@ -61,15 +107,27 @@ class ModelLifecycle:
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
         self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
         self.swaps = 0
-        # Slots in memory at the last swap not yet re-warmed by rewarm_idle: built once per swap,
-        # so a loop turn does not rescan the fleet.
+        self.checkpoints: StateManager | None = None
+        self.slice_s = settings.rewarm_slice_ms / 1000
+        self.longest_slice_s = 0.0  # the longest re-warm slice so far (benchmarks)
+        # Slots that may hold an older model's h/c: every device in memory at the last swap,
+        # and each brought in since with an older version. A slot's current version decides.
         self._pending: list[int] = []
-        # Called before a swap takes effect (the worker checkpoints its devices there).
-        self.before_swap: Callable[[], object] | None = None
+        self._cost_s = FIRST_COST_S
+        self._unloadable: set[str] = set()
+        # The engine serves what this lifecycle serves, and holds no other weights yet.
+        engine.swap_model(served.model, served.version)
+        for v in [v for v in engine.models if v != served.version]:
+            engine.release(v)
 
     @property
     def version(self) -> str:
         return self.served.version
+
+    @property
+    def rewarming(self) -> bool:
+        """Whether devices in memory may still hold an older model's h/c."""
+        return bool(self._pending)
 
     def tick(self, consumed: int) -> None:
         self.retrainer.count(consumed)
@@ -85,7 +143,7 @@ class ModelLifecycle:
             loaded = self.follower.poll()
             if loaded is not None and loaded.version != self.served.version:
                 self.swap(loaded)
-        self.rewarm_idle()
+        self.rewarm_slice()
 
     def start_retrain(self) -> bool:
         """Hand the fleet's windows to the background trainer; False if there is too little."""
@@ -98,59 +156,155 @@ class ModelLifecycle:
         return True
 
     def swap(self, loaded: LoadedModel) -> float:
-        """Serve ``loaded`` from the next batch; returns the pause in seconds.
+        """Serve ``loaded`` from the next batch on; returns the time the swap took (the loop
+        turn it held up), in seconds.
 
-        Every in-memory device is re-warmed under the new weights *before its next step*: the
-        devices of each batch first (see :meth:`rewarm_stale`, called by the pipeline), and idle
-        ones in bounded slices between batches (:meth:`tick`). The result is the same as
-        re-warming the whole fleet at once, since a device's window only changes when it is
-        stepped, but no single pause grows with the fleet: serving goes on during the re-warm.
+        Nothing is re-warmed or checkpointed here: the engine keeps the weights served so far
+        beside the new ones, and the devices in memory are listed for :meth:`rewarm_slice`.
+        Only if devices still hold a version older than the one served so far (a swap within
+        a re-warm) are those re-warmed at once, so that two versions at most stay live.
         """
         if loaded.spec != self.served.spec:
             log.error("refusing a model whose shape differs from the served one",
                       extra={"new": str(loaded.spec), "served": str(self.served.spec)})
             return 0.0
-        if self.before_swap is not None:
-            self.before_swap()
         t0 = time.perf_counter()
-        self.engine.swap_model(loaded.model)
         old = self.served.version
+        oldest = [s for s in self._pending if self._holds_other(s, (old, loaded.version))]
+        self.engine.swap_model(loaded.model, loaded.version)
         self.served = loaded
+        for v in [v for v in self.engine.models if v not in (old, loaded.version)]:
+            self.engine.release(v)
+        if oldest:
+            # A re-warm needs only the window and the weights it is made under: the new ones.
+            log.warning("a swap while devices still held an older model: re-warming them at once",
+                        extra={"devices": len(oldest), "served": old, "to": loaded.version})
+            self._rewarm(oldest)
         self._pending = list(self.table.index.values())
         pause = time.perf_counter() - t0
         self.swaps += 1
         self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
         self.metrics.set_model_version(loaded.version, time.time())  # type: ignore[attr-defined]
+        self.metrics.rewarm_pending_devices.set(len(self._pending))  # type: ignore[attr-defined]
         log.info("model swapped", extra={"from": old, "to": loaded.version,
-                                         "devices_to_rewarm": len(self.table)})
+                                         "devices_to_rewarm": len(self._pending),
+                                         "pause_ms": round(pause * 1e3, 2)})
         return pause
 
-    def rewarm_idle(self, budget: int = REWARM_SLICE) -> int:
-        """Re-warm up to ``budget`` in-memory devices still holding the old model's state."""
-        chunk: list[int] = []
-        while self._pending and len(chunk) < budget:
-            slot = self._pending.pop()
-            if self._stale(slot):  # the batch path may have re-warmed it already
-                chunk.append(slot)
-        self._rewarm(chunk)
-        return len(chunk)
+    def rewarm_slice(self) -> int:
+        """Re-warm devices still on an older model for about ``slice_s`` (one chunk at least,
+        sized by the last chunk's time a device); returns how many. Once none is left, the
+        older weights are dropped."""
+        if not self._pending:
+            return 0
+        t0 = time.perf_counter()
+        done = 0
+        while self._pending:
+            left = self.slice_s - (time.perf_counter() - t0)
+            room = MAX_UNSAVED - self._unsaved()
+            if (done and left <= 0) or room <= 0:
+                break
+            chunk = self._take(max(1, min(int(left / self._cost_s), room, MAX_CHUNK)))
+            if chunk:
+                tc = time.perf_counter()
+                self._rewarm(chunk)
+                self._cost_s = (time.perf_counter() - tc) / len(chunk)
+                done += len(chunk)
+        if not self._pending:
+            self._release_unused()
+        took = time.perf_counter() - t0
+        self.longest_slice_s = max(self.longest_slice_s, took)
+        if done:
+            self.metrics.rewarm_slice_seconds.observe(took)  # type: ignore[attr-defined]
+        self.metrics.rewarm_pending_devices.set(len(self._pending))  # type: ignore[attr-defined]
+        return done
 
-    def rewarm_stale(self, slots: np.ndarray) -> None:
-        """Re-warm those of ``slots`` whose h/c came from another model (after a swap, or
-        restored from the store), by replaying their windows under the served weights."""
-        self._rewarm([s for s in slots.tolist() if self._stale(s)])
+    def admit(self, slots: np.ndarray) -> None:
+        """Devices just brought into memory (from the store, or new): each steps under the
+        weights its h/c came from. An older version's are loaded from the registry when the
+        engine does not hold them, and the device waits for a slice's re-warm; a device whose
+        version cannot be stepped (not loadable, a third version, h/c of another shape) is
+        re-warmed under the served weights at once, and checkpointed with the next commit."""
+        mv, served = self.table.model_version, self.served.version
+        now: list[int] = []
+        for slot in slots.tolist():
+            v = mv[slot]
+            if v == served or self.table.ids[slot] is None:
+                continue
+            if not v:  # restored h/c of another shape (zeroed), or a new device (no window)
+                if self.table.window.length[slot] > 0:
+                    now.append(slot)
+            elif v in self.engine.models or self._load(v):
+                self._pending.append(slot)
+            else:
+                now.append(slot)
+                self.metrics.rewarm_fallbacks.inc()  # type: ignore[attr-defined]
+        self._rewarm(now)
 
-    def _stale(self, slot: int) -> bool:
-        """A device is in ``slot`` and its h/c came from another model than the served one."""
+    def _load(self, version: str) -> bool:
+        """Hold ``version``'s weights, from the registry; False if it cannot be (once said)."""
+        if version in self._unloadable:
+            return False
+        if len(self.engine.models) >= 2:
+            log.warning("a device restored with a third model version: re-warmed at once",
+                        extra={"version": version, "held": sorted(self.engine.models)})
+            return False
+        try:
+            loaded = ModelRegistry(self.settings.model_dir).load(version)  # type: ignore[arg-type]
+            if loaded.spec != self.served.spec:
+                raise ModelLoadError(f"its shape {loaded.spec} is not the served one's")
+        except ModelLoadError as exc:
+            self._unloadable.add(version)
+            log.warning("cannot load the model version of restored devices: they are re-warmed "
+                        "under the served model at once (their replay matches only from there)",
+                        extra={"version": version, "error": str(exc)[:300]})
+            return False
+        self.engine.hold(version, loaded.model)
+        log.info("holding an older model for restored devices until they are re-warmed",
+                 extra={"version": version, "served": self.served.version})
+        return True
+
+    def _holds_other(self, slot: int, versions: tuple[str, ...]) -> bool:
         t = self.table
-        return (t.ids[slot] is not None and t.model_version[slot] != self.served.version
-                and t.window.length[slot] > 0)
+        return t.ids[slot] is not None and bool(t.model_version[slot]) and t.model_version[slot] not in versions
+
+    def _take(self, n: int) -> list[int]:
+        """Up to ``n`` pending slots that still hold an older model's h/c."""
+        chunk: list[int] = []
+        served, mv, ids, pending = self.served.version, self.table.model_version, self.table.ids, self._pending
+        while pending and len(chunk) < n:
+            slot = pending.pop()
+            if ids[slot] is not None and mv[slot] and mv[slot] != served:
+                chunk.append(slot)  # (a slot listed twice is re-warmed twice: the same result)
+        return chunk
 
     def _rewarm(self, slots: list[int]) -> None:
-        if slots:
-            self.engine.rewarm(np.array(slots, np.int64))
-            for s in slots:
-                self.table.model_version[s] = self.served.version
+        if not slots:
+            return
+        arr = np.array(slots, np.int64)
+        self.engine.rewarm(arr)
+        for s in slots:
+            self.table.model_version[s] = self.served.version
+        if self.checkpoints is not None:
+            self.checkpoints.mark(self.table, arr)
+
+    def _unsaved(self) -> int:
+        return len(self.checkpoints.marked) if self.checkpoints is not None else 0
+
+    def _release_unused(self) -> None:
+        """No slot is pending: drop the older weights, after one scan that no device in
+        memory holds them (a device that does goes back to pending)."""
+        older = [v for v in self.engine.models if v != self.served.version]
+        if not older:
+            return
+        mv, ids = self.table.model_version, self.table.ids
+        self._pending = [s for s, v in enumerate(mv) if v in older and ids[s] is not None]
+        if self._pending:
+            return
+        for v in older:
+            self.engine.release(v)
+        log.info("re-warm complete: older weights dropped",
+                 extra={"dropped": older, "served": self.served.version})
 
     def close(self) -> None:
         if self.trainer is not None:

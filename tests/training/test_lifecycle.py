@@ -1,58 +1,207 @@
-"""Hot-swap without a fleet-sized pause: every device is re-warmed before its next step."""
+"""Hot-swap with no fleet-sized pause: devices keep stepping under the weights their h/c came
+from until a time-bounded slice re-warms them, and each re-warm is checkpointed with the next
+commit (training/lifecycle.py)."""
 
 import numpy as np
 import torch
 
+from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.metrics import Metrics
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-from stream_lstm.models.registry import LoadedModel
+from stream_lstm.models.registry import LoadedModel, ModelRegistry
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.lifecycle import REWARM_SLICE, ModelLifecycle
+from stream_lstm.training import lifecycle as lifecycle_module
+from stream_lstm.training.lifecycle import ModelLifecycle
+
+SPEC = ModelSpec(hidden_size=8, horizon=2)
 
 
-def fresh_replay(model, table, slot):
+def model(version: str, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    return LoadedModel.of(SimpleLSTM.from_spec(SPEC).eval(), SPEC, version)
+
+
+def fleet(tmp_path, n: int, readings: int = 8, **kw):
+    """``n`` devices (two partitions) that stepped ``readings`` readings under v1."""
+    s = Settings(trainer="off", model_dir=tmp_path / "models", state_dir=tmp_path / "state",
+                 window=6, min_history=2, **kw)
+    table = DeviceTable(n, 6, 1, 1, 8, initial_capacity=n)
+    v1 = model("v1", 0)
+    engine = BatchedEngine(v1.model, table)
+    life = ModelLifecycle(s, v1, engine, table, Metrics())
+    ids = [f"d{i}" for i in range(n)]
+    rng = np.random.default_rng(0)
+    for k in range(readings):
+        b = ingest(table, ids, [float(k)] * n, rng.normal(size=(n, 1)), [i % 2 for i in range(n)],
+                   now=0.0, target=0)
+        for slot in b.slots.tolist():
+            table.model_version[slot] = "v1"
+        engine.step(b.slots, b.z, b.rounds, b.reset)
+    return s, table, engine, life, ids
+
+
+def fresh_replay(m, table, slot):
     with torch.no_grad():
-        _, _, (h, c) = model(torch.from_numpy(table.window.ordered(slot))[None])
+        _, _, (h, c) = m(torch.from_numpy(table.window.ordered(slot))[None])
     return h[:, 0].numpy(), c[:, 0].numpy()
 
 
-def test_swap_rewarms_batch_devices_first_and_idle_ones_in_slices(tmp_path):
-    torch.manual_seed(0)
-    spec = ModelSpec(hidden_size=8, horizon=2)
-    s = Settings(trainer="off", model_dir=tmp_path, window=6, min_history=2)
-    n = REWARM_SLICE * 2 + 100
-    table = DeviceTable(n, 6, 1, 1, 8)
-    old = SimpleLSTM.from_spec(spec).eval()
-    engine = BatchedEngine(old, table)
-    life = ModelLifecycle(s, LoadedModel.of(old, spec, "v1"), engine, table, Metrics())
-    ids = [f"d{i}" for i in range(n)]
-    rng = np.random.default_rng(0)
-    for k in range(8):
-        b = ingest(table, ids, [float(k)] * n, rng.normal(size=(n, 1)), [0] * n, now=0.0, target=0)
-        engine.step(b.slots, b.z, b.rounds, b.reset)
-        for slot in b.slots.tolist():
-            table.model_version[slot] = "v1"
-    new = SimpleLSTM.from_spec(spec).eval()
-    pause = life.swap(LoadedModel(new, spec, {"version": "v2"}))
-    assert pause < 0.05  # no fleet-sized work inside the swap itself
-    assert life.version == "v2" and sum(v == "v1" for v in table.model_version if v) == n
+def versions(table, ids):
+    return [table.model_version[table.index[d]] for d in ids]
 
-    # The pipeline re-warms a batch's devices before stepping them.
-    batch = np.array([table.index[d] for d in ids[:50]])
-    life.rewarm_stale(batch)
-    for slot in batch.tolist():
-        h, c = fresh_replay(new, table, slot)
-        np.testing.assert_allclose(table.h[:, slot].numpy(), h, atol=1e-5)
-        np.testing.assert_allclose(table.c[:, slot].numpy(), c, atol=1e-5)
-        assert table.model_version[slot] == "v2"
 
-    # Idle devices follow in bounded slices between batches, until none is left.
-    done = [life.rewarm_idle() for _ in range(4)]
-    assert done[0] == REWARM_SLICE and sum(done) == n - 50 and done[-1] == 0
-    assert all(v == "v2" for v in table.model_version if v)
-    for slot in [table.index[d] for d in ids[-5:]]:
-        h, _ = fresh_replay(new, table, slot)
-        np.testing.assert_allclose(table.h[:, slot].numpy(), h, atol=1e-5)
+def test_a_swap_keeps_the_old_weights_and_each_device_steps_under_its_own_until_rewarmed(tmp_path):
+    s, table, engine, life, ids = fleet(tmp_path, 50)
+    v2 = model("v2", 1)
+    h_before = table.h.clone()
+    pause = life.swap(v2)
+    assert pause < 0.01  # nothing re-warmed or checkpointed inside the swap
+    assert life.version == "v2" and sorted(engine.models) == ["v1", "v2"] and life.rewarming
+    assert versions(table, ids) == ["v1"] * 50 and torch.equal(table.h, h_before)
+    # A device not yet re-warmed steps under v1, on its v1 h/c: what v1 alone gives.
+    slot = table.index["d0"]
+    h, c = table.h[:, slot : slot + 1].clone(), table.c[:, slot : slot + 1].clone()
+    b = ingest(table, ["d0"], [100.0], np.ones((1, 1)), [0], now=0.0, target=0)
+    mu, _ = engine.step(b.slots, b.z, b.rounds, b.reset)
+    with torch.no_grad():
+        want, _, _, _ = life.engine.models["v1"].step(torch.from_numpy(b.z), h, c)
+    np.testing.assert_allclose(mu, want.numpy(), atol=1e-6)
+    # Once re-warmed, a device's h/c are its window replayed under v2, and it is stamped v2.
+    while life.rewarm_slice():
+        pass
+    assert versions(table, ids) == ["v2"] * 50 and not life.rewarming
+    for d in ("d0", "d49"):
+        h, c = fresh_replay(v2.model, table, table.index[d])
+        np.testing.assert_allclose(table.h[:, table.index[d]].numpy(), h, atol=1e-5)
+        np.testing.assert_allclose(table.c[:, table.index[d]].numpy(), c, atol=1e-5)
+
+
+def test_a_slice_rewarms_for_its_time_budget_and_at_least_one_chunk(tmp_path, monkeypatch):
+    # Binary fractions throughout, so that the test's clock adds up exactly.
+    s, table, engine, life, ids = fleet(tmp_path, 300, rewarm_slice_ms=7.8125)
+    clock = [0.0]
+    monkeypatch.setattr(lifecycle_module.time, "perf_counter", lambda: clock[0])
+    real = engine.rewarm
+
+    def rewarm(slots):  # each device's re-warm "takes" 1/1024 s on the test's clock
+        clock[0] += len(slots) / 1024
+        real(slots)
+
+    monkeypatch.setattr(engine, "rewarm", rewarm)
+    life.swap(model("v2", 1))
+    # The first chunk is sized by a first guess (50 us a device), then by the measured cost:
+    # 8 devices fill the 8/1024 s budget.
+    first = life.rewarm_slice()
+    assert first == int(life.slice_s / lifecycle_module.FIRST_COST_S) == 156
+    assert [life.rewarm_slice() for _ in range(3)] == [8, 8, 8]
+    assert life.longest_slice_s == first / 1024
+    # A budget too small for one device still re-warms one a turn: the swap always completes.
+    life.slice_s = 1e-6
+    assert life.rewarm_slice() == 1
+    done = first + 3 * 8 + 1
+    while life.rewarming:
+        done += life.rewarm_slice()
+    assert done == 300 and versions(table, ids) == ["v2"] * 300
+
+
+def test_rewarmed_devices_are_checkpointed_with_the_next_commit(tmp_path, monkeypatch):
+    s, table, engine, life, ids = fleet(tmp_path, 40)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    life.checkpoints = manager
+    monkeypatch.setattr(lifecycle_module, "MAX_UNSAVED", 16)
+    life.slice_s = 60.0  # only the cap limits a slice here
+    life.swap(model("v2", 1))
+    assert not manager.marked  # the swap itself writes nothing
+    assert life.rewarm_slice() == 16  # no more than MAX_UNSAVED wait for a commit
+    assert life.rewarm_slice() == 0
+    marked = {d for d in ids if table.model_version[table.index[d]] == "v2"}
+    assert manager.marked == marked and set(manager.dirty) >= marked
+    # The next commit writes them, though neither partition's checkpoint is due, and no marker.
+    assert not manager.flush_due()
+    records = manager.records_for_commit(table, {0: 10, 1: 10})
+    written = {r[1].decode() for r in records}
+    assert written == marked
+    manager.committed({})
+    assert not manager.marked and not set(manager.dirty) & marked
+    assert life.rewarm_slice() == 16  # the slices go on after the commit
+    manager.store.close(clean=True)
+
+
+def test_a_third_swap_rewarms_the_devices_still_on_the_oldest_at_once(tmp_path):
+    s, table, engine, life, ids = fleet(tmp_path, 30)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    life.checkpoints = manager
+    life.slice_s = 1e-9  # one chunk a slice
+    life.swap(model("v2", 1))
+    life._cost_s = 1.0  # so that the chunk is one device
+    assert life.rewarm_slice() == 1
+    on_v2 = [d for d in ids if table.model_version[table.index[d]] == "v2"]
+    assert len(on_v2) == 1
+    v3 = model("v3", 2)
+    life.swap(v3)
+    # The 29 devices on v1 were re-warmed under v3 inside the swap; the one on v2 keeps v2.
+    assert sorted(engine.models) == ["v2", "v3"]
+    assert sorted(set(versions(table, ids))) == ["v2", "v3"] and versions(table, ids).count("v3") == 29
+    for d in ids:
+        if d not in on_v2:
+            h, _ = fresh_replay(v3.model, table, table.index[d])
+            np.testing.assert_allclose(table.h[:, table.index[d]].numpy(), h, atol=1e-5)
+    assert len(manager.marked) == 30  # every re-warm is checkpointed with the next commit
+    life.slice_s = 1.0
+    while life.rewarming:
+        life.rewarm_slice()
+    assert versions(table, ids) == ["v3"] * 30 and sorted(engine.models) == ["v3"]
+    manager.store.close(clean=True)
+
+
+def test_older_weights_are_dropped_only_once_no_device_in_memory_holds_them(tmp_path):
+    s, table, engine, life, ids = fleet(tmp_path, 20)
+    life.swap(model("v2", 1))
+    life._pending = life._pending[:-1]  # as if one device had been missed by the listing
+    while life.rewarm_slice():
+        pass
+    # The last slice found no slot pending, scanned the table, and found the missed device.
+    assert not life.rewarming and sorted(engine.models) == ["v2"]
+    assert versions(table, ids) == ["v2"] * 20
+
+
+def test_a_restored_device_of_an_older_version_steps_under_it_loaded_from_the_registry(tmp_path):
+    s, table, engine, life, ids = fleet(tmp_path, 4)
+    registry = ModelRegistry(s.model_dir)
+    v1 = life.served
+    registry.register(v1.model, SPEC, {"version": "v1"})
+    snap = table.snapshot(table.index["d0"])
+    life.swap(model("v2", 1))
+    while life.rewarm_slice():
+        pass
+    assert sorted(engine.models) == ["v2"]  # v1 dropped: nothing in memory holds it
+    table.drop(["d0"])
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    life.checkpoints = manager
+    slot = table.restore(snap)  # back from the store, on v1
+    life.admit(np.array([slot]))
+    assert sorted(engine.models) == ["v1", "v2"] and table.model_version[slot] == "v1"
+    assert torch.equal(table.h[:, slot], torch.from_numpy(snap.h)) and not manager.marked
+    assert life.rewarm_slice() == 1  # a later slice re-warms it, and marks it
+    assert table.model_version[slot] == "v2" and manager.marked == {"d0"}
+    assert sorted(engine.models) == ["v2"]
+    manager.store.close(clean=True)
+
+
+def test_a_restored_device_whose_version_cannot_be_loaded_is_rewarmed_at_once(tmp_path):
+    s, table, engine, life, ids = fleet(tmp_path, 4)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    life.checkpoints = manager
+    snap = table.snapshot(table.index["d1"])
+    snap.model_version = "v0007"  # from another host's registry
+    table.drop(["d1"])
+    slot = table.restore(snap)
+    life.admit(np.array([slot]))
+    assert table.model_version[slot] == "v1" and sorted(engine.models) == ["v1"]
+    h, _ = fresh_replay(life.served.model, table, slot)
+    np.testing.assert_allclose(table.h[:, slot].numpy(), h, atol=1e-5)
+    assert manager.marked == {"d1"} and life.metrics.rewarm_fallbacks._value.get() == 1
+    manager.store.close(clean=True)

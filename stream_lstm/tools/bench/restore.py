@@ -82,7 +82,7 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
         # The worker's own steps: load each device from the store (it was restored there), and
         # nothing to re-warm (one model).
         bring_in = BringIn(table, SimpleNamespace(load=lambda dev: _load(store, dev, decode_snapshot)),
-                           SimpleNamespace(rewarm_stale=lambda slots: None))
+                           SimpleNamespace(admit=lambda slots: None))
 
         def apply(records: list) -> None:
             bring_in.handle(pipe, records, time.time())
