@@ -16,7 +16,7 @@ from stream_lstm.config import SettingsError
 # name -> (module, one-line help). The order is the order of `stream-lstm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("stream_lstm.tools.demo", "Run everything locally: broker, a fleet (or a CSV replay), the worker, live forecasts"),
-    "run": ("stream_lstm.worker", "Run the long-lived forecasting worker"),
+    "run": ("stream_lstm.processes", "Run the long-lived forecasting worker (or N of them: --processes)"),
     "kafka": ("stream_lstm.kafka.broker_cli", "Start or stop a local Apache Kafka broker (KRaft, from Maven jars)"),
     "simulate": ("stream_lstm.tools.simulate", "Produce a synthetic sensor fleet into the input topic"),
     "replay": ("stream_lstm.tools.replay", "Replay a real CSV recording into the input topic"),

@@ -103,6 +103,20 @@ class StatusReporter:
                 self._parent = os.getppid()
 
 
+def label_logs(instance: str) -> None:
+    """In a child: each of its log lines says ``"instance": instance``, since the children
+    of a host write to the supervisor's stderr, interleaved."""
+
+    class Label(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not hasattr(record, "instance"):
+                record.instance = instance
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(Label())
+
+
 # ---- in the supervisor ------------------------------------------------------------------------------
 class Slot:
     """One child: its current process (None while it waits to be restarted) and its history."""

@@ -6,8 +6,9 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
 
 * child ``k`` is ``<instance>-p<k>`` (the host's ``STREAM_LSTM_INSTANCE_ID``, or the
   hostname), so it has its own transactional id (a restarted child fences its own zombie) and
-  its own state store in ``<state_dir>/p<k>``; with ``TORCH_THREADS=0`` each takes its share
-  of the usable cores. On a GPU host they all pick the same device and share it.
+  its own state store in ``<state_dir>/p<k>``. Each takes ``TORCH_THREADS`` inference threads
+  as one worker does: more processes, not threads, use a bigger machine. On a GPU host they all
+  pick the same device and share it.
 * A child that dies is restarted after a backoff (1 s, doubling to 30 s; back to 1 s once it
   has run a minute), logged and counted (``stream_lstm_process_restarts_total``). A child
   that exits with code 2 refused the configuration (a model that does not fit the
@@ -18,18 +19,20 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
 * The supervisor alone serves ``STREAM_LSTM_METRICS_PORT`` (the children serve none): their
   series added up, and ``/healthz`` and ``/readyz`` over them (``process_health.py``).
 
-``1`` (the default) is one worker and no supervisor, as before.
+``1`` (the default) is one worker and no supervisor, as before. The ``run`` command lives here
+so that a supervisor never imports torch (``worker.serve`` runs the one worker).
 
 >>> s = Settings(instance_id="edge-7", state_dir="/data/state", processes=3)
 >>> resolve_processes(s), child_name(2)
 (3, 'p2')
->>> env = child_env(s, 2, 3, Path("/tmp/m"), {})
+>>> env = child_env(s, 2, Path("/tmp/m"), {})
 >>> env["STREAM_LSTM_INSTANCE_ID"], env["STREAM_LSTM_STATE_DIR"], env["STREAM_LSTM_PROCESSES"]
 ('edge-7-p2', '/data/state/p2', '1')
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -45,17 +48,9 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, load_settings
 from stream_lstm.metrics import serve_metrics
-from stream_lstm.process_health import (
-    BACKOFF_FIRST_S,
-    HostHealth,
-    HostMetrics,
-    Slot,
-    StatusReporter,
-)
-
-__all__ = ["StatusReporter", "Supervisor", "child_env", "label_logs", "resolve_processes"]
+from stream_lstm.process_health import BACKOFF_FIRST_S, HostHealth, HostMetrics, Slot
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -103,9 +98,8 @@ def child_name(k: int) -> str:
     return f"p{k}"
 
 
-def child_env(settings: Settings, k: int, n: int, metrics_dir: Path,
-              base: dict[str, str]) -> dict[str, str]:
-    """The environment of child ``k`` of ``n``: ``base`` (the supervisor's) with its identity,
+def child_env(settings: Settings, k: int, metrics_dir: Path, base: dict[str, str]) -> dict[str, str]:
+    """The environment of child ``k``: ``base`` (the supervisor's) with its identity,
     its state directory, no endpoint of its own and the shared metrics directory."""
     host = settings.instance_id or socket.gethostname()
     assert settings.state_dir is not None  # filled in by Settings
@@ -117,23 +111,7 @@ def child_env(settings: Settings, k: int, n: int, metrics_dir: Path,
         "STREAM_LSTM_METRICS_PORT": "0",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     })
-    if settings.torch_threads == 0:  # N processes of all the cores each would fight for them
-        env["STREAM_LSTM_TORCH_THREADS"] = str(max(1, usable_cpus() // n))
     return env
-
-
-def label_logs(instance: str) -> None:
-    """In a child: each of its log lines says ``"instance": instance``, since the children
-    of a host write to the supervisor's stderr, interleaved."""
-
-    class Label(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if not hasattr(record, "instance"):
-                record.instance = instance
-            return True
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(Label())
 
 
 class Supervisor:
@@ -199,7 +177,7 @@ class Supervisor:
         return 0 if clean else 1
 
     def _start(self, slot: Slot, k: int) -> None:
-        env = child_env(self.settings, k, self.n, self.metrics_dir, dict(os.environ))
+        env = child_env(self.settings, k, self.metrics_dir, dict(os.environ))
         Path(env["STREAM_LSTM_STATE_DIR"]).mkdir(parents=True, exist_ok=True)
         # A session of its own: the terminal's Ctrl-C reaches the supervisor, which stops the
         # children in order, instead of every process at once.
@@ -269,3 +247,31 @@ class Supervisor:
         log.info(f"stopped {len(outcome)} worker processes: " + ", ".join(summary), extra={
             "stopped": {name: {"pid": pids[name], "outcome": how} for name, how in outcome.items()}})
         return all(how == "stopped" for how in outcome.values())
+
+
+# ---- CLI: `stream-lstm run` ---------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the forecasting worker: consume readings, keep per-device LSTM state, publish "
+        "forecasts. All settings come from STREAM_LSTM_* environment variables (README); with "
+        "STREAM_LSTM_PROCESSES (or --processes) above 1, that many workers under one supervisor."
+    )
+    parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")
+    parser.add_argument("--processes", metavar="N|auto", help="override STREAM_LSTM_PROCESSES: "
+                        "worker processes on this host, in the same group, under one supervisor")
+    # Set by the supervisor for its children: where to report their health.
+    parser.add_argument("--status-file", type=Path, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    from stream_lstm.logs import configure_logging
+
+    overrides = {k: v for k, v in (("metrics_port", args.metrics_port),
+                                   ("processes", args.processes)) if v is not None}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    if args.status_file is None and (n := resolve_processes(settings)) > 1:
+        return Supervisor(settings, n).run()  # the supervisor never imports torch
+    from stream_lstm.worker import serve
+
+    return serve(settings, args.status_file)

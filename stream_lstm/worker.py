@@ -23,7 +23,6 @@ The model served at start and the topics created before the first poll come from
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import socket
@@ -38,7 +37,7 @@ from kafka.structs import TopicPartition
 from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import check_retention
-from stream_lstm.config import Settings, load_settings
+from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.housekeeping import Housekeeping
 from stream_lstm.kafka.clients import make_producer
@@ -297,35 +296,20 @@ class Worker:
             self.partitions.update_readiness()
 
 
-# ---- CLI: `stream-lstm run` ----------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run the forecasting worker: consume readings, keep per-device LSTM state, publish "
-        "forecasts. All settings come from STREAM_LSTM_* environment variables (README)."
-    )
-    parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")
-    parser.add_argument("--processes", metavar="N|auto", help="override STREAM_LSTM_PROCESSES: "
-                        "worker processes on this host, in the same group, under one supervisor")
-    # Set by the supervisor (processes.py) for its children: where to report health.
-    parser.add_argument("--status-file", type=Path, help=argparse.SUPPRESS)
-
-
-def main(args: argparse.Namespace) -> int:
-    from stream_lstm.logs import configure_logging, log_startup
+# ---- `stream-lstm run` with one process (processes.py holds the command) -------------------
+def serve(settings: Settings, status_file: Path | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT, with its endpoint on ``METRICS_PORT``; as a child
+    of the supervisor (``status_file`` set: processes.py), reporting its health there."""
+    from stream_lstm.logs import log_startup
     from stream_lstm.metrics import serve_metrics
-    from stream_lstm.processes import StatusReporter, Supervisor, label_logs, resolve_processes
+    from stream_lstm.process_health import StatusReporter, label_logs
 
-    overrides = {k: v for k, v in (("metrics_port", args.metrics_port),
-                                   ("processes", args.processes)) if v is not None}
-    settings = load_settings(**overrides)
-    configure_logging(settings.log_level)
-    if args.status_file is None and (n := resolve_processes(settings)) > 1:
-        return Supervisor(settings, n).run()
+    if status_file is not None:  # a child of the supervisor
+        label_logs(settings.instance_id)
     worker = Worker(settings)
     reporter = None
-    if args.status_file is not None:  # a child of the supervisor
-        label_logs(settings.instance_id)
-        reporter = StatusReporter(args.status_file, worker.health, lambda: {
+    if status_file is not None:
+        reporter = StatusReporter(status_file, worker.health, lambda: {
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
         }, worker.stop).start()
     server = None

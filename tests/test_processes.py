@@ -46,20 +46,35 @@ def test_a_number_is_taken_as_given_and_auto_is_the_usable_cores_up_to_the_parti
     assert resolve_processes(Settings(processes="auto"), partitions=lambda: 1) == 1
 
 
-def test_each_child_has_its_own_identity_state_and_share_of_the_cores(tmp_path):
+def test_each_child_has_its_own_identity_and_state_and_the_rest_of_the_environment(tmp_path):
     s = Settings(instance_id="rack-3", state_dir=tmp_path / "state", metrics_port=9108)
-    envs = [child_env(s, k, 2, tmp_path / "m", {"KEEP": "me"}) for k in range(2)]
+    envs = [child_env(s, k, tmp_path / "m", {"KEEP": "me"}) for k in range(2)]
     assert [e["STREAM_LSTM_INSTANCE_ID"] for e in envs] == ["rack-3-p0", "rack-3-p1"]
     assert [e["STREAM_LSTM_STATE_DIR"] for e in envs] == [str(tmp_path / "state" / "p0"),
                                                           str(tmp_path / "state" / "p1")]
     for e in envs:
         assert e["KEEP"] == "me" and e["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "m")
         assert e["STREAM_LSTM_METRICS_PORT"] == "0" and e["STREAM_LSTM_PROCESSES"] == "1"
-        assert e["STREAM_LSTM_TORCH_THREADS"] == str(max(1, usable_cpus() // 2))
-    # A number of torch threads the user set is theirs; the hostname stands in for no instance.
-    e = child_env(Settings(torch_threads=3, state_dir=tmp_path), 0, 2, tmp_path, {})
-    assert "STREAM_LSTM_TORCH_THREADS" not in e
+    # Everything else is the supervisor's (torch threads, the device...); the hostname stands in
+    # for no instance id.
+    e = child_env(Settings(state_dir=tmp_path), 0, tmp_path, {"STREAM_LSTM_TORCH_THREADS": "3"})
+    assert e["STREAM_LSTM_TORCH_THREADS"] == "3"
     assert e["STREAM_LSTM_INSTANCE_ID"].endswith("-p0") and len(e["STREAM_LSTM_INSTANCE_ID"]) > 3
+
+
+def test_a_configuration_the_children_refuse_stops_the_host_with_exit_2(tmp_path):
+    """A 12-step model where the settings say 6: every restart would be refused again."""
+    model = fresh_model(Settings(horizon=12, hidden_size=8))
+    save_model(model.model, model.spec, tmp_path / "m.safetensors", {"version": "v12"})
+    env = dict(os.environ, STREAM_LSTM_MODEL_PATH=str(tmp_path / "m.safetensors"),
+               STREAM_LSTM_HORIZON="6", STREAM_LSTM_HIDDEN_SIZE="8",
+               STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_METRICS_PORT="0",
+               STREAM_LSTM_BOOTSTRAP_SERVERS="127.0.0.1:1")  # never reached
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "run", "--processes", "2"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "refused its configuration" in done.stderr and "STREAM_LSTM_HORIZON=6" in done.stderr
+    assert "restarting in" not in done.stderr and "Traceback" not in done.stderr
 
 
 # ---- the supervisor through the real broker ----------------------------------------------------

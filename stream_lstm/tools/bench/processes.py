@@ -6,8 +6,8 @@ Each run is the command a user starts (a fresh consumer group, default settings 
 metrics endpoint: the readings/s count from the moment ``/readyz`` first answers 200 (every
 process has its partitions, restored) to the moment the consumed counter reaches the backlog,
 so the start-up and the group's first rebalances are left out of both (in a run too small for
-that, from the first readings counted). The seconds from the command's start to the end
-(``processes_<n>_wall_s``) include them.
+that, from the first readings counted). The seconds from the command's start to every process
+ready (``processes_<n>_ready_s``) and to the end (``processes_<n>_wall_s``) include them.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def consumed(port: int) -> float:
 def run_host(settings: Any, topic: str, readings: int, processes: int,
              timeout_s: float = 600) -> dict[str, float]:
     """``stream-lstm run`` with ``processes`` worker processes over the backlog on ``topic``,
-    until it has consumed ``readings``: ``{"rate", "wall_s", "counted"}`` (the readings the
-    rate counts: those consumed after every process was ready)."""
+    until it has consumed ``readings``: ``{"rate", "wall_s", "ready_s", "counted"}`` (seconds
+    from the start to the end and to every process ready; the readings the rate counts)."""
     from stream_lstm.kafka.local_broker import free_port
     from stream_lstm.tools.bench.live import _env
 
@@ -98,11 +98,12 @@ def run_host(settings: Any, topic: str, readings: int, processes: int,
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     assert first is not None and ready_at is not None and done_at is not None
+    ready_s = ready_at - t_start
     if readings - at_ready < readings / 10:  # (small runs) nearly all of it before every process
         ready_at, at_ready = first            # was ready: from the first readings counted
     counted = readings - at_ready
     rate = counted / (done_at - ready_at) if counted > 0 and done_at > ready_at else 0.0
-    return {"rate": rate, "wall_s": done_at - t_start, "counted": counted}
+    return {"rate": rate, "wall_s": done_at - t_start, "ready_s": ready_s, "counted": counted}
 
 
 def bench_processes(settings: Any, topic: str, messages: int, result: dict, quick: bool,
@@ -117,13 +118,15 @@ def bench_processes(settings: Any, topic: str, messages: int, result: dict, quic
     one = run_host(settings, t, n, 1)
     two = run_host(settings, t, n, 2)
     ratio = two["rate"] / one["rate"] if one["rate"] else 0.0
-    say(f"  1 process {one['rate']:,.0f}/s ({one['wall_s']:.1f} s from start), 2 processes "
-        f"{two['rate']:,.0f}/s ({two['wall_s']:.1f} s) -> processes_ratio {ratio:.2f} "
-        f"on {usable_cpus()} CPUs")
+    say(f"  1 process {one['rate']:,.0f}/s (ready after {one['ready_s']:.1f} s, done after "
+        f"{one['wall_s']:.1f} s), 2 processes {two['rate']:,.0f}/s (ready after "
+        f"{two['ready_s']:.1f} s, done after {two['wall_s']:.1f} s) -> processes_ratio "
+        f"{ratio:.2f} on {usable_cpus()} CPUs")
     return {
         "processes_backlog_readings": n, "processes_devices": devices,
         "processes_cpus": usable_cpus(),
         "processes_1_msgs_per_s": round(one["rate"]), "processes_2_msgs_per_s": round(two["rate"]),
         "processes_1_wall_s": round(one["wall_s"], 1), "processes_2_wall_s": round(two["wall_s"], 1),
+        "processes_1_ready_s": round(one["ready_s"], 1), "processes_2_ready_s": round(two["ready_s"], 1),
         "processes_ratio": round(ratio, 3),
     }
