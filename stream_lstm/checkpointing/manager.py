@@ -80,6 +80,10 @@ class StateManager:
         # Dirty devices the next commit writes whatever their partition's schedule: re-warmed
         # after a hot swap (see mark).
         self.marked: set[str] = set()
+        # Devices that came into memory with no state anywhere (new, or rebuilt by a replay)
+        # and are not in the changelog yet: a replay would start them afresh under the served
+        # model (see mark_unwritten).
+        self.unwritten: set[str] = set()
         # Partitions with dirty devices, and when each is next due to checkpoint them.
         self._next_flush: dict[int, float] = {}
         # What the commit being made writes: (partitions checkpointed, devices written).
@@ -96,7 +100,10 @@ class StateManager:
         if snap is not None:
             return snap  # evicted since the last commit: back in memory, still dirty
         data = self.store.get(device_id)
-        return decode_snapshot(data) if data is not None else None
+        if data is None:
+            self.unwritten.add(device_id)
+            return None
+        return decode_snapshot(data)
 
     def on_evict(self, snap: DeviceSnapshot) -> None:
         """A device left memory (the table was full): keep its state where ``load`` finds it."""
@@ -127,6 +134,13 @@ class StateManager:
         self.touch(table, slots)
         ids = table.ids
         self.marked.update(ids[slot] for slot in slots.tolist())
+
+    def mark_unwritten(self) -> None:
+        """Checkpoint, with the next commit, every device not yet in the changelog (a hot
+        swap): a replay starts such a device afresh under the model the restarted worker
+        serves, which after a swap is no longer the one it started under; its checkpoint names
+        that one instead."""
+        self.marked.update(d for d in self.unwritten if d in self.dirty)
 
     def flush_due(self) -> set[int]:
         """Partitions whose dirty devices are due to be checkpointed."""
@@ -183,6 +197,7 @@ class StateManager:
         for dev in devs:
             self.dirty.pop(dev, None)
             self.marked.discard(dev)
+            self.unwritten.discard(dev)
         for p in due:
             self._next_flush.pop(p, None)
         self.markers.update(markers)
@@ -210,6 +225,7 @@ class StateManager:
         if idle:
             table.drop(idle)
             self.store.delete_many(idle)
+            self.unwritten.difference_update(idle)
         return out
 
     # ---- rebalances ------------------------------------------------------------------------
@@ -227,6 +243,7 @@ class StateManager:
             del self.dirty[dev]
             self._evicted_dirty.pop(dev, None)
             self.marked.discard(dev)
+            self.unwritten.discard(dev)
         for p in partitions:
             self._next_flush.pop(p, None)
             self.markers.pop(p, None)

@@ -159,8 +159,10 @@ class ModelLifecycle:
         """Serve ``loaded`` from the next batch on; returns the time the swap took (the loop
         turn it held up), in seconds.
 
-        Nothing is re-warmed or checkpointed here: the engine keeps the weights served so far
-        beside the new ones, and the devices in memory are listed for :meth:`rewarm_slice`.
+        Nothing is re-warmed here: the engine keeps the weights served so far beside the new
+        ones, and the devices in memory are listed for :meth:`rewarm_slice`. Only the devices
+        not yet in the changelog at all are marked for the next commit's checkpoint (a replay
+        would start them afresh under the new model, though they started under the old).
         Only if devices still hold a version older than the one served so far (a swap within
         a re-warm) are those re-warmed at once, so that two versions at most stay live.
         """
@@ -170,6 +172,9 @@ class ModelLifecycle:
             return 0.0
         t0 = time.perf_counter()
         old = self.served.version
+        if self.checkpoints is not None:
+            # A device not yet checkpointed would be replayed afresh under the new model.
+            self.checkpoints.mark_unwritten()
         oldest = [s for s in self._pending if self._holds_other(s, (old, loaded.version))]
         self.engine.swap_model(loaded.model, loaded.version)
         self.served = loaded

@@ -39,3 +39,27 @@ def test_every_restore_slice_makes_progress_even_when_set_up_outlasts_its_budget
     assert not manager.restoring, f"not restored after {slices} slices"
     assert manager.store.count() == 3000
     manager.store.close(clean=True)
+
+
+def test_marked_and_never_written_devices_go_with_the_next_commit(tmp_path):
+    """A hot swap marks every device not yet in the changelog, and each re-warmed one (mark):
+    the next commit writes them, whatever their partition's checkpoint schedule, and without
+    a replay marker (no broker: records_for_commit and committed are the two halves)."""
+    from stream_lstm.state.table import DeviceTable
+
+    s = Settings(state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    table = DeviceTable(8, 4, 1, 1, 4)
+    slots = table.slots_for(["new", "idle-new"], [0, 1], now=0.0, load=manager.load)
+    assert manager.unwritten == {"new", "idle-new"}  # no state anywhere
+    manager.touch(table, slots[:1])  # only "new" has a reading since
+    manager.mark_unwritten()
+    assert manager.marked == {"new"}  # marked devices are dirty ones
+    old = table.slots_for(["old"], [1], now=0.0)  # in memory, as if restored
+    manager.mark(table, old)  # re-warmed
+    assert manager.marked == {"new", "old"} and not manager.flush_due()
+    records = manager.records_for_commit(table, {0: 7, 1: 9})
+    assert sorted(r[1] for r in records) == [b"new", b"old"]  # no marker among them
+    manager.committed({})
+    assert not manager.marked and not manager.dirty and manager.unwritten == {"idle-new"}
+    manager.store.close(clean=True)

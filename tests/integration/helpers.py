@@ -60,11 +60,16 @@ def forecasts_by_device(records) -> dict[str, list[dict]]:
     return out
 
 
-def served_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings):
+def served_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings,
+                     rewarm: tuple[SimpleLSTM, int] | None = None):
     """What the worker publishes for one device's whole history, computed in one uninterrupted
     pass of the recursions forecast.py documents (the model's change, the blend with
     persistence, the interval calibration and the one-step experts), with the default
-    settings or any others: ``(forecast [T, H], scale b [T, H], normalizer scale [T])``."""
+    settings or any others: ``(forecast [T, H], scale b [T, H], normalizer scale [T])``.
+
+    ``rewarm=(new, k)``: a hot swap re-warmed the device before its reading ``k``: its h/c
+    replayed from zero over its window (the last W readings) under ``new``, which steps it
+    from there on."""
     s, H = settings, settings.horizon
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     z, mean, scale = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
@@ -72,6 +77,11 @@ def served_forecasts(model: SimpleLSTM, x: np.ndarray, settings: Settings):
     x, mean, scale = x[:, t_ch], mean[:, t_ch], scale[:, t_ch]
     with torch.no_grad():
         mu, log_b, _ = model(torch.from_numpy(z)[None])
+        if rewarm is not None:
+            new, k = rewarm
+            start = max(0, k - s.window)
+            mu_new, log_b_new, _ = new(torch.from_numpy(z[start:])[None])
+            mu[:, k:], log_b[:, k:] = mu_new[:, k - start :], log_b_new[:, k - start :]
     mu = mu[0].double().numpy()
     b_model = np.exp(log_b[0].double().numpy()) * scale[:, None]
     q, miss_rate = interval_quantile(s.interval_coverage), 1 - s.interval_coverage

@@ -97,14 +97,17 @@ def test_swap_under_load_rewarms_and_loses_nothing(settings_factory, topic_name)
         if w.lifecycle.swaps == 1 and "checked" not in seen:  # runs in the worker thread, between batches
             seen["checked"] = True
             seen["at_consumed"] = w.totals.consumed
+            # The swap's turn ended with a re-warm slice: the devices it converted hold their
+            # windows replayed under the new weights (the others still step under the old).
             model = w.lifecycle.served.model
-            for slot in list(w.table.index.values())[:20]:
+            rewarmed = [slot for slot in w.table.index.values() if w.table.model_version[slot] == "v-new"]
+            assert rewarmed
+            for slot in rewarmed:
                 win = torch.from_numpy(w.table.window.ordered(slot))[None]
                 with torch.no_grad():
                     _, _, (h, c) = model(win)
                 np.testing.assert_allclose(w.table.h[:, slot].numpy(), h[:, 0].numpy(), atol=1e-5)
                 np.testing.assert_allclose(w.table.c[:, slot].numpy(), c[:, 0].numpy(), atol=1e-5)
-                assert w.table.model_version[slot] == "v-new"
         return seen.get("stop", False)
 
     t = threading.Thread(target=lambda: worker.run(until=check_swap), daemon=True)
