@@ -86,7 +86,8 @@ class Settings(BaseSettings):
 
     # --- Compute --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the LSTM runs")
-    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto")
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto (one: "
+                               "the steps are small, and more threads spin; use more processes)")
     processes: int | Literal["auto"] = Field(
         1, description="Worker processes on this host, in the same group (processes.py): a number, "
         "or auto (the usable CPU cores, at most the input topic's partitions). Each has its own "

@@ -75,15 +75,16 @@ def set_inference_threads(threads: int) -> int:
     """Set torch's intra-op threads for this process (``STREAM_LSTM_TORCH_THREADS``); returns
     the number in force.
 
-    ``0`` means the CPUs this process may run on (its affinity mask, which a container's
-    cpuset narrows), where torch by itself would take every core of the host.
+    ``0`` (auto) means one. The worker's steps are small (a poll's devices, hidden 64), and
+    torch's extra intra-op threads spin between them: on the 2-core machine a second thread
+    took a live worker at 500 readings/s from 0.22 to 0.39 ms of CPU a reading, and made a
+    4,000-device backlog no faster (13.2k against 13.1k readings/s; docs/benchmarks.md). A
+    bigger machine is used by more worker processes (``STREAM_LSTM_PROCESSES``), not threads.
 
-    >>> set_inference_threads(1)
+    >>> set_inference_threads(0)
     1
     """
-    import os
-
-    n = threads if threads > 0 else len(os.sched_getaffinity(0))
+    n = threads if threads > 0 else 1
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
