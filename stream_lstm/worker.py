@@ -112,6 +112,9 @@ class Worker:
                                          self.pipeline.farewell)
         self.group: GroupConsumer | None = None
         self._stop = threading.Event()
+        # Set when a stop came while waiting for the broker after a failed publish: the worker
+        # then shuts down without a final commit (there is no broker to commit to).
+        self.broker_lost = False
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
 
     # ---- what callers and tests look at ---------------------------------------------------
@@ -206,7 +209,7 @@ class Worker:
                 group.check_membership(bool(self.assigned))
                 if until is not None and until(self):
                     break
-            clean = True
+            clean = not self.broker_lost
         finally:
             self.close(clean)
         return self.totals
@@ -285,8 +288,15 @@ class Worker:
                 log.warning("broker not reachable; retrying",
                             extra={"error": repr(retry_exc)[:200], "backoff_s": backoff})
                 self.health.beat()  # still alive: waiting on the broker is expected work
-                time.sleep(backoff)
+                self._stop.wait(backoff)  # a stop ends the wait at once
                 backoff = min(backoff * 2, 15.0)
+        else:
+            # Stopped before the broker answered: not reconnected, so still not ready, and the
+            # shutdown must not try to commit against it (run() sees broker_lost).
+            self.broker_lost = True
+            log.warning("stopped while waiting for the broker; nothing after the last commit "
+                        "was published")
+            return
         self.health.set_ready("broker", True)
         log.info("broker reachable again; resuming from the last commit")
 
@@ -313,22 +323,25 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
         }, worker.stop).start()
     server = None
-    if settings.metrics_port:
-        server = serve_metrics(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
-    worker.connect()
-    log_startup(log, settings, {
-        "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
-        "output_topic": settings.output_topic, "group_id": settings.group_id,
-        "compute_device": str(worker.device), "torch_threads": worker.inference_threads,
-        "model_version": worker.lifecycle.version,
-        "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off",
-    })
-    totals = worker.run()
-    log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
-    if reporter is not None:
-        reporter.stop()
-    if server is not None:
-        server.shutdown()
+    try:  # the endpoint and the reporter stop however the worker ends (a refused start too)
+        if settings.metrics_port:
+            server = serve_metrics(worker.metrics, worker.health, settings.metrics_host,
+                                   settings.metrics_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: worker.stop())
+        worker.connect()
+        log_startup(log, settings, {
+            "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
+            "output_topic": settings.output_topic, "group_id": settings.group_id,
+            "compute_device": str(worker.device), "torch_threads": worker.inference_threads,
+            "model_version": worker.lifecycle.version,
+            "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off",
+        })
+        totals = worker.run()
+        log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
+    finally:
+        if reporter is not None:
+            reporter.stop()
+        if server is not None:
+            server.shutdown()
     return 0

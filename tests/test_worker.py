@@ -4,7 +4,6 @@ committed, ``stop()`` from another thread ends the loop cleanly, and a new worke
 resumes after the last commit with the devices' state. (Crashes, rebalances, faults and
 retraining through the worker: tests/integration/.)"""
 
-import argparse
 import json
 import threading
 import time
@@ -12,7 +11,6 @@ import time
 import pytest
 import torch
 
-from stream_lstm import worker as worker_module
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.serving import fresh_model
@@ -98,10 +96,27 @@ def test_stop_ends_the_loop_and_the_next_worker_resumes_after_the_commit(setting
     assert len({(f["partition"], f["offset"]) for f in fcs}) == expected
 
 
-def test_the_command_line_overrides_only_the_metrics_port():
-    parser = argparse.ArgumentParser()
-    worker_module.add_arguments(parser)
-    assert parser.parse_args([]).metrics_port is None
-    assert parser.parse_args(["--metrics-port", "9200"]).metrics_port == 9200
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--metrics-port", "high"])
+def test_a_stop_while_waiting_for_the_broker_leaves_it_not_ready_and_the_shutdown_unclean(
+        settings_factory, topic_name, caplog):
+    # After a failed publish the worker retries the broker until it answers. A stop that comes
+    # first must not report the broker back, nor let the shutdown commit against it.
+    s = small(settings_factory, topic_name)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    attempts = []
+
+    def broker_still_down():
+        attempts.append(time.monotonic())
+        worker.stop()  # e.g. SIGTERM during the outage
+        raise ConnectionError("broker down")
+
+    worker.tx.reconnect = broker_still_down
+    try:
+        with caplog.at_level("INFO", logger="stream_lstm"):
+            worker._rollback(RuntimeError("publish failed"))
+        assert len(attempts) == 1 and worker.broker_lost
+        ready, detail = worker.health.readiness()
+        assert not ready and "broker" in detail
+        assert not any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        worker.close(clean=False)
