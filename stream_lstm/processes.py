@@ -145,7 +145,8 @@ class Supervisor:
         """Start the children, keep them running, stop them on a signal; the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._signal)
-        with tempfile.TemporaryDirectory(prefix="stream-lstm-processes-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="stream-lstm-processes-",
+                                         ignore_cleanup_errors=True) as tmp:
             metrics_dir, status_dir = Path(tmp) / "metrics", Path(tmp) / "status"
             metrics_dir.mkdir()
             status_dir.mkdir()

@@ -116,9 +116,9 @@ class Host:
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                    if s.name == name)
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = 60, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
 
@@ -197,7 +197,10 @@ def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_se
 
 @pytest.mark.kafka
 @pytest.mark.timeout(300)
-def test_sigterm_stops_every_child_cleanly_and_the_supervisor_exits_0(served_settings, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0(served_settings, tmp_path, sig):
+    """SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C: the terminal signals the supervisor
+    alone, its children run in sessions of their own)."""
     settings, _ = served_settings
     readings = fleet(20, 40)
     host = Host(settings, tmp_path)
@@ -208,7 +211,7 @@ def test_sigterm_stops_every_child_cleanly_and_the_supervisor_exits_0(served_set
         wait_for(lambda: committed_output(settings) > 0, "the first forecasts", host)
     finally:
         t0 = time.monotonic()
-        code = host.stop(timeout=90)
+        code = host.stop(timeout=90, sig=sig)
     took = time.monotonic() - t0
     err = host.err.read_text()
     assert code == 0, err[-3000:]
