@@ -16,16 +16,14 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
-from .integration.helpers import produce_readings, read_topic
+from .integration.helpers import produce_readings, read_topic, tiny_worker_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 T0 = 1_700_000_000.0
 
 
 def small(settings_factory, topic, **kw):
-    return settings_factory(input_topic=topic, output_topic=f"{topic}-out", dlq_topic=f"{topic}-dlq",
-                            group_id=f"{topic}-g", topic_partitions=2, window=8, hidden_size=8,
-                            horizon=2, min_history=3, **kw)
+    return tiny_worker_settings(settings_factory, topic, **({"topic_partitions": 2, "min_history": 3} | kw))
 
 
 def fleet(start: int, stop: int, devices: int = 3):

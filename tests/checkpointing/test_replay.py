@@ -22,7 +22,7 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_changelog_topic, ensure_t
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.worker import Worker
-from tests.integration.helpers import produce_readings, read_topic
+from tests.integration.helpers import produce_readings, read_topic, tiny_worker_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -30,9 +30,7 @@ T0 = 1_700_000_000.0
 
 
 def worker_settings(settings_factory, topic, **kw):
-    return settings_factory(input_topic=topic, output_topic=f"{topic}-out", dlq_topic=f"{topic}-dlq",
-                            group_id=f"{topic}-g", window=8, hidden_size=8, horizon=2,
-                            min_history=1, topic_partitions=1, **kw)
+    return tiny_worker_settings(settings_factory, topic, **({"min_history": 1, "topic_partitions": 1} | kw))
 
 
 @pytest.mark.parametrize("config, says", [

@@ -18,6 +18,14 @@ from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
 
 
+def tiny_worker_settings(settings_factory, topic: str, **kw) -> Settings:
+    """Settings for a worker on ``topic`` and its own output, DLQ and group, with a tiny model
+    (window 8, hidden 8, horizon 2) for tests that exercise the worker, not the forecasts."""
+    base = {"input_topic": topic, "output_topic": f"{topic}-out", "dlq_topic": f"{topic}-dlq",
+            "group_id": f"{topic}-g", "window": 8, "hidden_size": 8, "horizon": 2}
+    return settings_factory(**(base | kw))
+
+
 def produce_readings(settings: Settings, topic: str, readings) -> None:
     """readings: iterable of (device_id, ts, value or list of values)."""
     producer = make_producer(settings)
