@@ -5,6 +5,7 @@ cleanly, and the one metrics endpoint adds up the children."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from kafka import TopicPartition
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream_lstm import processes
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.kafka.local_broker import free_port, pid_alive
@@ -259,3 +261,14 @@ def test_the_host_endpoint_adds_up_the_children(served_settings, tmp_path):
         assert host.metric("stream_lstm_processes") == 2
     finally:
         assert host.stop() == 0, host.err.read_text()[-3000:]
+
+
+def test_the_run_command_line_overrides_only_the_metrics_port_and_the_processes():
+    parser = argparse.ArgumentParser()
+    processes.add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert defaults.metrics_port is None and defaults.processes is None  # the settings decide
+    args = parser.parse_args(["--metrics-port", "9200", "--processes", "auto"])
+    assert (args.metrics_port, args.processes) == (9200, "auto")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--metrics-port", "high"])
