@@ -8,11 +8,6 @@ is one line here (as a Kafka Streams state store is one declaration).
 
 The LSTM state (``h``, ``c``), the normalizer, the rolling window and the experts are not
 columns: each has its own module with its own layout and packing.
-
->>> import numpy as np
->>> col = Column("blend_w", width=2, fill=1.0, extra_keys=("blend_w1", "blend_wH"))
->>> col.rows(3, horizon=12).shape, col.to_extra(np.array([0.5, 1.0]))
-((3, 2), {'blend_w1': 0.5, 'blend_wH': 1.0})
 """
 
 from __future__ import annotations
@@ -48,6 +43,13 @@ class Column:
     keep_newer
         On restore, keep the larger of the table's value and the snapshot's (a wall clock
         the table has already moved on).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> col = Column("blend_w", width=2, fill=1.0, extra_keys=("blend_w1", "blend_wH"))
+    >>> col.rows(3, horizon=12).shape, col.to_extra(np.array([0.5, 1.0]))
+    ((3, 2), {'blend_w1': 0.5, 'blend_wH': 1.0})
     """
 
     name: str

@@ -44,6 +44,25 @@ class StepBatch:
 
     ``outcome`` is per input reading (``ACCEPTED``, ``DUPLICATE`` or ``LATE``); every other
     array is per accepted reading, in round order, and ``rows`` maps back to input positions.
+
+    Parameters
+    ----------
+    outcome, rows, slots, rounds
+        Each input's outcome; the accepted inputs' positions and slots in round order; each
+        round's ``(start, end)`` in those arrays.
+    z, x_target, mean_target, scale_target
+        Normalized inputs ``[m, F]``; the target channel's raw value and the mean and scale
+        it was normalized with.
+    reset, n_seen, since_reset, step_s, ts
+        Per accepted reading: h/c reset by a gap, the device's counters after it, its
+        sampling interval estimate and its event time.
+
+    Examples
+    --------
+    >>> t = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    >>> b = ingest(t, ["a", "a"], [1.0, 2.0], np.array([[1.0], [3.0]]), [0, 0], now=0.0, target=0)
+    >>> len(b), b.rounds, b.n_seen.tolist(), b.step_s.tolist()
+    (2, [(0, 1), (1, 2)], [1, 2], [nan, 1.0])
     """
 
     outcome: np.ndarray

@@ -22,15 +22,6 @@ start biased towards its first value.
 The statistics are float64 and vectorised over *slots* (rows), so one call updates a whole
 batch of devices. The same code normalizes a single offline sequence (:func:`normalize_sequence`),
 which is how training and the continuity test reproduce serving exactly.
-
->>> import numpy as np
->>> norm = OnlineNormalizer(capacity=2, n_features=1)
->>> for v in [1.0, 2.0, 3.0]:
-...     z, mean, scale = norm.update(np.array([0]), np.array([[v]]))
->>> float(norm.mean[0, 0]), round(float(norm.var[0, 0]), 6)     # mean and population var
-(2.0, 0.666667)
->>> round(float(z[0, 0]), 4)                                        # (3 - 2) / sqrt(2/3)
-1.2247
 """
 
 from __future__ import annotations
@@ -53,6 +44,17 @@ class OnlineNormalizer:
         EWM weight of a new reading; ignored for Welford.
     std_floor
         Smallest scale used, so a flat channel does not divide by zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> norm = OnlineNormalizer(capacity=2, n_features=1)
+    >>> for v in [1.0, 2.0, 3.0]:
+    ...     z, mean, scale = norm.update(np.array([0]), np.array([[v]]))
+    >>> float(norm.mean[0, 0]), round(float(norm.var[0, 0]), 6)     # mean and population var
+    (2.0, 0.666667)
+    >>> round(float(z[0, 0]), 4)                                        # (3 - 2) / sqrt(2/3)
+    1.2247
     """
 
     def __init__(

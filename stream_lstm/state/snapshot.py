@@ -2,11 +2,6 @@
 
 This is the unit that leaves memory: it is what the changelog topic and the local state
 store hold, and what eviction and restore move between the in-memory table and disk.
-
->>> import numpy as np
->>> s = DeviceSnapshot.empty("pump-1", num_layers=1, hidden_size=4, n_features=2)
->>> s.h.shape, s.window.shape, s.mean.dtype
-((1, 4), (0, 2), dtype('float64'))
 """
 
 from __future__ import annotations
@@ -56,6 +51,15 @@ class DeviceSnapshot:
         by ``experts.pack``: ``float64 [PACKED_SIZE]``; empty when none.
     last_seen
         Wall-clock time the device last sent (for the TTL).
+    extra
+        The declared columns saved under their own keys (state/columns.py ``extra_keys``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = DeviceSnapshot.empty("pump-1", num_layers=1, hidden_size=4, n_features=2)
+    >>> s.h.shape, s.window.shape, s.mean.dtype
+    ((1, 4), (0, 2), dtype('float64'))
     """
 
     device_id: str

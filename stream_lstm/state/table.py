@@ -9,14 +9,6 @@ corrections, the anomaly likelihood, the open alert), which the table grows, cle
 snapshots and restores from their declarations alone. Capacity doubles when needed, up to
 ``max_devices``; beyond that the least recently seen device leaves memory (the caller
 decides where its snapshot goes).
-
->>> import numpy as np
->>> t = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
->>> slots = t.slots_for(["a", "b", "a"], partitions=[0, 0, 0], now=0.0)
->>> slots.tolist(), len(t)
-([0, 1, 0], 2)
->>> t.snapshot(0).device_id
-'a'
 """
 
 from __future__ import annotations
@@ -57,6 +49,16 @@ class DeviceTable:
     columns
         The per-device numeric state (state/columns.py): each becomes ``table.<name>``, grown,
         cleared, snapshotted and restored from its declaration alone.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
+    >>> slots = t.slots_for(["a", "b", "a"], partitions=[0, 0, 0], now=0.0)
+    >>> slots.tolist(), len(t)
+    ([0, 1, 0], 2)
+    >>> t.snapshot(0).device_id
+    'a'
     """
 
     def __init__(

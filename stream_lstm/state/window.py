@@ -3,13 +3,6 @@
 The window holds the *normalized* readings exactly as they were fed to the model. That is
 what retraining learns from, and what a hot-swap replays through new weights to re-warm a
 device's hidden state, so no device mixes old state with new weights.
-
->>> import numpy as np
->>> win = RollingWindow(capacity=1, size=3, n_features=1)
->>> for v in [1, 2, 3, 4]:
-...     win.push(np.array([0]), np.array([[v]], np.float32))
->>> win.ordered(0)[:, 0].tolist()     # oldest first; 1 fell out
-[2.0, 3.0, 4.0]
 """
 
 from __future__ import annotations
@@ -28,6 +21,15 @@ class RollingWindow:
         W, readings kept per device.
     n_features
         Channels per reading.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> win = RollingWindow(capacity=1, size=3, n_features=1)
+    >>> for v in [1, 2, 3, 4]:
+    ...     win.push(np.array([0]), np.array([[v]], np.float32))
+    >>> win.ordered(0)[:, 0].tolist()     # oldest first; 1 fell out
+    [2.0, 3.0, 4.0]
     """
 
     def __init__(self, capacity: int, size: int, n_features: int) -> None:
