@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from stream_lstm.metrics import Metrics
+from stream_lstm.process_health import HostMetrics, Slot
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "stream-lstm.json"
@@ -17,8 +19,11 @@ NAME = re.compile(r"\bstream_lstm_[a-zA-Z0-9_]+")
 
 
 def exported_names() -> set[str]:
-    """Every series name a scrape of Metrics() can hold, from its # TYPE lines."""
-    text = Metrics().exposition().decode()
+    """Every series name a scrape can hold, from the # TYPE lines of a worker's Metrics() and
+    of a host supervisor's HostMetrics (STREAM_LSTM_PROCESSES > 1)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        host = HostMetrics(Path(tmp), [Slot("p0", Path(tmp) / "p0.json")], "host")
+        text = Metrics().exposition().decode() + host.exposition().decode()
     out: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         out.add(name)
@@ -65,7 +70,8 @@ def test_dashboard_parses_and_has_the_panels():
                    "stream_lstm_retrain_runs_total", "stream_lstm_retrain_loss",
                    "stream_lstm_restore_progress_ratio", "stream_lstm_anomalies_total",
                    "stream_lstm_alerts_open", "stream_lstm_alerts_opened_total",
-                   "stream_lstm_expert_leading_devices"):
+                   "stream_lstm_expert_leading_devices", "stream_lstm_rewarm_pending_devices",
+                   "stream_lstm_process_restarts_total", "stream_lstm_process_running"):
         assert series in text, f"no panel shows {series}"
     for p in panels(dash["panels"]):
         if p["type"] != "row":
