@@ -59,7 +59,25 @@ def decode_marker(value: bytes | None) -> int | None:
 @dataclass
 class Replayed:
     """What a replay of one partition did: readings applied again, and readings it needed
-    that retention had already deleted."""
+    that retention had already deleted.
+
+    Parameters
+    ----------
+    readings
+        Records handed to the replay's ``handle``.
+    missing
+        Offsets from the start that the input topic no longer held.
+    seconds
+        Wall time of the replay.
+
+    Examples
+    --------
+    An empty range (``end <= start``) reads nothing and needs no broker:
+
+    >>> r = replay_input(Settings(), partition=0, start=5, end=5, handle=print)
+    >>> r.readings, r.missing
+    (0, 0)
+    """
 
     readings: int = 0
     missing: int = 0

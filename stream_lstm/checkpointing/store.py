@@ -9,20 +9,6 @@ A ``clean_shutdown`` flag is set only by ``close(clean=True)`` and cleared on op
 exactly-once a store opened after a crash (``opened_clean`` is False) may hold state of a
 batch whose transaction never committed, so the caller wipes it and rebuilds it from the
 changelog.
-
->>> import tempfile, pathlib
->>> path = pathlib.Path(tempfile.mkdtemp()) / "state.sqlite"
->>> st = StateStore(path)
->>> st.put_many([("a", 0, b"x"), ("b", 1, b"y")])
->>> st.set_checkpoints({0: 10})
->>> st.get("a"), st.count(), st.device_ids({1}), st.checkpoint(0), st.checkpoint(1)
-(b'x', 2, ['b'], 10, None)
->>> st.close(clean=True)
->>> st = StateStore(path); st.opened_clean
-True
->>> st.close(clean=False)
->>> StateStore(path).opened_clean
-False
 """
 
 from __future__ import annotations
@@ -52,6 +38,24 @@ class StateStore:
 
     Every write method runs in one transaction, so a batch is applied entirely or not at all.
     One connection, used by one thread at a time (the worker loop).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "state.sqlite"
+    >>> st = StateStore(path)
+    >>> st.put_many([("a", 0, b"x"), ("b", 1, b"y")])
+    >>> st.set_checkpoints({0: 10})
+    >>> st.get("a"), st.count(), st.device_ids({1}), st.checkpoint(0), st.checkpoint(1)
+    (b'x', 2, ['b'], 10, None)
+    >>> st.close(clean=True)
+    >>> st = StateStore(path); st.opened_clean
+    True
+    >>> st.close(clean=False)
+    >>> st = StateStore(path); st.opened_clean
+    False
+    >>> st.close(clean=True); tmp.cleanup()
     """
 
     def __init__(self, path: Path) -> None:
