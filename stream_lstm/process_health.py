@@ -129,6 +129,7 @@ class Slot:
         self.restart_at: float | None = None
         self.backoff = BACKOFF_FIRST_S
         self.last_exit: int | None = None
+        self.not_live_since: float | None = None  # monotonic time its status first said not live
 
     def read_status(self) -> dict[str, Any] | None:
         """The status the current process wrote, or None (none yet, or the previous one's)."""

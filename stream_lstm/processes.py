@@ -59,6 +59,10 @@ STABLE_AFTER_S = 60.0  # a child that ran this long before it died restarts afte
 STOP_GRACE_S = 45.0  # within k8s's 60 s termination grace
 REFUSED = 2  # the exit code of a worker that refuses its configuration (models/serving.py)
 TICK_S = 0.2
+# A child whose own status has said "not live" (its loop stopped turning for longer than the
+# worker's liveness timeout) for this long is hung, not busy: it is killed, then restarted like
+# a child that died. A pod's liveness probe would restart the whole host; this restarts one.
+HUNG_AFTER_S = 120.0
 
 
 def usable_cpus() -> int:
@@ -207,8 +211,26 @@ class Supervisor:
                 "child": slot.name, "exit_code": code, "restarts": slot.restarts,
                 "restart_in_s": slot.backoff})
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
+        if slot.proc is not None:
+            self._kill_if_hung(slot, now)
         if slot.proc is None and slot.restart_at is not None and now >= slot.restart_at:
             self._start(slot, k)
+
+    def _kill_if_hung(self, slot: Slot, now: float) -> None:
+        status = slot.read_status()
+        stale = status is not None and time.time() - float(status["ts"]) > HUNG_AFTER_S
+        if status is None or (status["live"] and not stale):
+            slot.not_live_since = None
+            return
+        if slot.not_live_since is None:
+            slot.not_live_since = now
+        if stale or now - slot.not_live_since >= HUNG_AFTER_S:
+            log.error(f"worker process {slot.name} has not been live for {HUNG_AFTER_S:g}s "
+                      f"({status['liveness']}); killing it to restart it",
+                      extra={"child": slot.name, "pid": status["pid"]})
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.kill()  # type: ignore[union-attr]
+            slot.not_live_since = None
 
     def _exited(self, slot: Slot, code: int) -> None:
         assert slot.proc is not None

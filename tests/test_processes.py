@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -272,3 +273,41 @@ def test_the_run_command_line_overrides_only_the_metrics_port_and_the_processes(
     assert (args.metrics_port, args.processes) == (9200, "auto")
     with pytest.raises(SystemExit):
         parser.parse_args(["--metrics-port", "high"])
+
+
+HUNG_CHILD = """
+import json, os, sys, time
+status = sys.argv[sys.argv.index("--status-file") + 1]
+while True:  # up, but its loop never turns: every status says not live
+    with open(status + ".tmp", "w") as f:
+        json.dump({"pid": os.getpid(), "ts": time.time(), "live": False, "ready": False,
+                   "liveness": "main loop silent for 99s", "components": {}}, f)
+    os.replace(status + ".tmp", status)
+    time.sleep(0.1)
+"""
+
+
+def test_a_hung_child_is_killed_and_restarted(tmp_path, monkeypatch):
+    # The supervisor's own behaviour, with a stand-in child that runs but never reports live.
+    monkeypatch.setattr(processes, "HUNG_AFTER_S", 0.5)
+    s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="h")
+    sup = processes.Supervisor(s, 1, command=[sys.executable, "-c", HUNG_CHILD])
+    restarted = []
+
+    def watch():  # stop the supervisor once the hung child has been killed and started again
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not restarted:
+            slots = getattr(sup, "slots", [])
+            if slots and slots[0].restarts >= 1 and slots[0].proc is not None:
+                restarted.append(slots[0].last_exit)
+            time.sleep(0.05)
+        sup._signal(signal.SIGTERM, None)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        sup.run()
+    finally:  # run() installs the supervisor's handlers in this (pytest's) process
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert restarted == [-signal.SIGKILL]  # killed by the supervisor, then started again
