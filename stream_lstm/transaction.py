@@ -92,7 +92,7 @@ class TransactionUnit:
         none open, a partition's checkpoint is due or re-warmed devices wait for theirs (so an
         idle input still checkpoints)."""
         if self.open is None:
-            return bool(self.state.flush_due() or self.state.marked)
+            return bool(self.state.flush_due() or self.state.waiting())
         age_ms = (time.monotonic() - self.open.began) * 1000
         return (age_ms >= self.settings.commit_interval_ms
                 or len(self.state.dirty) >= self.settings.max_devices // 2)
@@ -115,7 +115,7 @@ class TransactionUnit:
         assert self.publisher is not None
         if self.open is None:
             if not extra and (not self.state.dirty
-                              or not (self.state.flush_due() or flush or self.state.marked)):
+                              or not (self.state.flush_due() or flush or self.state.waiting())):
                 return  # (a first marker waits for the first transaction with readings)
             self.publisher.begin()  # a transaction of checkpoints alone
             self.open = OpenTransaction(time.monotonic())

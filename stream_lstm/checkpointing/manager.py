@@ -82,8 +82,10 @@ class StateManager:
         self.marked: set[str] = set()
         # Devices that came into memory with no state anywhere (new, or rebuilt by a replay)
         # and are not in the changelog yet: a replay would start them afresh under the served
-        # model (see mark_unwritten).
+        # model. After a swap the next commit writes them all (mark_unwritten).
         self.unwritten: set[str] = set()
+        self._unwritten_due = False
+        self._writing_unwritten = False
         # Partitions with dirty devices, and when each is next due to checkpoint them.
         self._next_flush: dict[int, float] = {}
         # What the commit being made writes: (partitions checkpointed, devices written).
@@ -139,8 +141,12 @@ class StateManager:
         """Checkpoint, with the next commit, every device not yet in the changelog (a hot
         swap): a replay starts such a device afresh under the model the restarted worker
         serves, which after a swap is no longer the one it started under; its checkpoint names
-        that one instead."""
-        self.marked.update(d for d in self.unwritten if d in self.dirty)
+        that one instead. (A flag: the swap itself does nothing a device.)"""
+        self._unwritten_due = True
+
+    def waiting(self) -> int:
+        """Devices the next commit writes whatever their partitions' schedule (at most)."""
+        return len(self.marked) + (len(self.unwritten) if self._unwritten_due else 0)
 
     def flush_due(self) -> set[int]:
         """Partitions whose dirty devices are due to be checkpointed."""
@@ -155,12 +161,13 @@ class StateManager:
         marked ones (:meth:`mark`). A device written without its partition's marker is fine:
         a replay from the older marker skips its readings up to its ``last_ts``."""
         due = self.flush_due() | (flush or set())
-        marked, evicted_dirty = self.marked, self._evicted_dirty
+        evicted_dirty, dirty = self._evicted_dirty, self.dirty
+        forced = self.marked | self.unwritten if self._unwritten_due else self.marked
+        self._writing_unwritten = self._unwritten_due
         if due:
-            devs = [d for d, p in self.dirty.items()
-                    if p in due or d in evicted_dirty or d in marked]
+            devs = [d for d, p in dirty.items() if p in due or d in evicted_dirty or d in forced]
         else:
-            devs = [*evicted_dirty, *(d for d in marked if d not in evicted_dirty)]
+            devs = [*evicted_dirty, *(d for d in forced if d not in evicted_dirty and d in dirty)]
         markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
         # Evicted devices are encoded once: the same rows go to the changelog and, after the
         # commit, to the local store.
@@ -198,6 +205,8 @@ class StateManager:
             self.dirty.pop(dev, None)
             self.marked.discard(dev)
             self.unwritten.discard(dev)
+        if self._writing_unwritten:
+            self._unwritten_due = self._writing_unwritten = False
         for p in due:
             self._next_flush.pop(p, None)
         self.markers.update(markers)
@@ -301,6 +310,7 @@ class StateManager:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""
         self._writing = (set(), [], {}, [])
+        self._writing_unwritten = False
         self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 

@@ -57,6 +57,8 @@ MAX_UNSAVED = 256
 FIRST_COST_S = 50e-6
 # Devices re-warmed in one batched pass at most (a pass is one model forward over their windows).
 MAX_CHUNK = 2048
+# Slots looked at in one step of the scan for devices on an older model (~0.5 ms of Python).
+SCAN_STEP = 4096
 
 
 class ModelLifecycle:
@@ -110,9 +112,13 @@ class ModelLifecycle:
         self.checkpoints: StateManager | None = None
         self.slice_s = settings.rewarm_slice_ms / 1000
         self.longest_slice_s = 0.0  # the longest re-warm slice so far (benchmarks)
-        # Slots that may hold an older model's h/c: every device in memory at the last swap,
-        # and each brought in since with an older version. A slot's current version decides.
-        self._pending: list[int] = []
+        # Where the devices on an older model are: the slots below the cursor (a pass over
+        # the table after each swap, downwards, so that a swap costs nothing a device), and
+        # those brought in since with an older version. A slot's current version decides.
+        self._cursor = 0
+        self._extra: list[int] = []
+        self._found = 0  # devices re-warmed in the current pass
+        self._checking = False  # a pass that checks that the one before left nothing behind
         self._cost_s = FIRST_COST_S
         self._unloadable: set[str] = set()
         # The engine serves what this lifecycle serves, and holds no other weights yet.
@@ -127,7 +133,14 @@ class ModelLifecycle:
     @property
     def rewarming(self) -> bool:
         """Whether devices in memory may still hold an older model's h/c."""
-        return bool(self._pending)
+        return self._cursor > 0 or bool(self._extra)
+
+    @property
+    def pending(self) -> int:
+        """Devices in memory that may still hold an older model's h/c, at most (the gauge
+        ``stream_lstm_rewarm_pending_devices``)."""
+        listed = 0 if self._checking else min(self._cursor, len(self.table))
+        return listed + len(self._extra)
 
     def tick(self, consumed: int) -> None:
         self.retrainer.count(consumed)
@@ -159,12 +172,12 @@ class ModelLifecycle:
         """Serve ``loaded`` from the next batch on; returns the time the swap took (the loop
         turn it held up), in seconds.
 
-        Nothing is re-warmed here: the engine keeps the weights served so far beside the new
-        ones, and the devices in memory are listed for :meth:`rewarm_slice`. Only the devices
-        not yet in the changelog at all are marked for the next commit's checkpoint (a replay
-        would start them afresh under the new model, though they started under the old).
-        Only if devices still hold a version older than the one served so far (a swap within
-        a re-warm) are those re-warmed at once, so that two versions at most stay live.
+        Nothing is re-warmed here, and nothing is done a device: the engine keeps the weights
+        served so far beside the new ones, and :meth:`rewarm_slice` passes over the table.
+        The devices not yet in the changelog at all are checkpointed with the next commit (a
+        replay would start them afresh under the new model, though they started under the
+        old). Only if devices still hold a version older than the one served so far (a swap
+        within a re-warm) are those re-warmed at once, so that two versions at most stay live.
         """
         if loaded.spec != self.served.spec:
             log.error("refusing a model whose shape differs from the served one",
@@ -175,7 +188,9 @@ class ModelLifecycle:
         if self.checkpoints is not None:
             # A device not yet checkpointed would be replayed afresh under the new model.
             self.checkpoints.mark_unwritten()
-        oldest = [s for s in self._pending if self._holds_other(s, (old, loaded.version))]
+        oldest: list[int] = []
+        if len(self.engine.models) > 1:  # a swap within a re-warm (rare): a scan of the table
+            oldest = [s for s in range(self.table.capacity) if self._holds_other(s, (old, loaded.version))]
         self.engine.swap_model(loaded.model, loaded.version)
         self.served = loaded
         for v in [v for v in self.engine.models if v not in (old, loaded.version)]:
@@ -185,43 +200,44 @@ class ModelLifecycle:
             log.warning("a swap while devices still held an older model: re-warming them at once",
                         extra={"devices": len(oldest), "served": old, "to": loaded.version})
             self._rewarm(oldest)
-        self._pending = list(self.table.index.values())
+        self._cursor, self._extra, self._found, self._checking = self.table.capacity, [], 0, False
         pause = time.perf_counter() - t0
         self.swaps += 1
         self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
         self.metrics.set_model_version(loaded.version, time.time())  # type: ignore[attr-defined]
-        self.metrics.rewarm_pending_devices.set(len(self._pending))  # type: ignore[attr-defined]
+        self.metrics.rewarm_pending_devices.set(self.pending)  # type: ignore[attr-defined]
         log.info("model swapped", extra={"from": old, "to": loaded.version,
-                                         "devices_to_rewarm": len(self._pending),
+                                         "devices_to_rewarm": self.pending,
                                          "pause_ms": round(pause * 1e3, 2)})
         return pause
 
     def rewarm_slice(self) -> int:
         """Re-warm devices still on an older model for about ``slice_s`` (one chunk at least,
-        sized by the last chunk's time a device); returns how many. Once none is left, the
-        older weights are dropped."""
-        if not self._pending:
+        sized by the last chunk's time a device); returns how many. Once a pass over the
+        table finds none left, the older weights are dropped."""
+        if not self.rewarming:
             return 0
         t0 = time.perf_counter()
-        done = 0
-        while self._pending:
+        done, took_one = 0, False
+        while self.rewarming:
             left = self.slice_s - (time.perf_counter() - t0)
             room = MAX_UNSAVED - self._unsaved()
-            if (done and left <= 0) or room <= 0:
+            if (took_one and left <= 0) or room <= 0:
                 break
             chunk = self._take(max(1, min(int(left / self._cost_s), room, MAX_CHUNK)))
+            took_one = True
             if chunk:
                 tc = time.perf_counter()
                 self._rewarm(chunk)
                 self._cost_s = (time.perf_counter() - tc) / len(chunk)
                 done += len(chunk)
-        if not self._pending:
-            self._release_unused()
+            if not self.rewarming:
+                self._pass_done()
         took = time.perf_counter() - t0
         self.longest_slice_s = max(self.longest_slice_s, took)
         if done:
             self.metrics.rewarm_slice_seconds.observe(took)  # type: ignore[attr-defined]
-        self.metrics.rewarm_pending_devices.set(len(self._pending))  # type: ignore[attr-defined]
+        self.metrics.rewarm_pending_devices.set(self.pending)  # type: ignore[attr-defined]
         return done
 
     def admit(self, slots: np.ndarray) -> None:
@@ -240,7 +256,7 @@ class ModelLifecycle:
                 if self.table.window.length[slot] > 0:
                     now.append(slot)
             elif v in self.engine.models or self._load(v):
-                self._pending.append(slot)
+                self._extra.append(slot)
             else:
                 now.append(slot)
                 self.metrics.rewarm_fallbacks.inc()  # type: ignore[attr-defined]
@@ -274,13 +290,23 @@ class ModelLifecycle:
         return t.ids[slot] is not None and bool(t.model_version[slot]) and t.model_version[slot] not in versions
 
     def _take(self, n: int) -> list[int]:
-        """Up to ``n`` pending slots that still hold an older model's h/c."""
+        """Up to ``n`` slots that still hold an older model's h/c, from at most ``SCAN_STEP``
+        looked at (the slots brought in since the swap, then the pass's cursor)."""
         chunk: list[int] = []
-        served, mv, ids, pending = self.served.version, self.table.model_version, self.table.ids, self._pending
-        while pending and len(chunk) < n:
-            slot = pending.pop()
+        served, mv, ids, extra = self.served.version, self.table.model_version, self.table.ids, self._extra
+        for _ in range(SCAN_STEP):
+            if len(chunk) >= n:
+                break
+            if extra:
+                slot = extra.pop()
+            elif self._cursor > 0:
+                self._cursor -= 1
+                slot = self._cursor
+            else:
+                break
             if ids[slot] is not None and mv[slot] and mv[slot] != served:
                 chunk.append(slot)  # (a slot listed twice is re-warmed twice: the same result)
+        self._found += len(chunk)
         return chunk
 
     def _rewarm(self, slots: list[int]) -> None:
@@ -294,22 +320,22 @@ class ModelLifecycle:
             self.checkpoints.mark(self.table, arr)
 
     def _unsaved(self) -> int:
-        return len(self.checkpoints.marked) if self.checkpoints is not None else 0
+        return self.checkpoints.waiting() if self.checkpoints is not None else 0
 
-    def _release_unused(self) -> None:
-        """No slot is pending: drop the older weights, after one scan that no device in
-        memory holds them (a device that does goes back to pending)."""
+    def _pass_done(self) -> None:
+        """A pass over the table is over. One that re-warmed devices is followed by one more
+        (a check, spread over slices as well), so the older weights are dropped only once a
+        whole pass finds no device in memory holding them."""
+        if self._found:
+            self._cursor, self._found, self._checking = self.table.capacity, 0, True
+            return
+        self._checking = False
         older = [v for v in self.engine.models if v != self.served.version]
-        if not older:
-            return
-        mv, ids = self.table.model_version, self.table.ids
-        self._pending = [s for s, v in enumerate(mv) if v in older and ids[s] is not None]
-        if self._pending:
-            return
         for v in older:
             self.engine.release(v)
-        log.info("re-warm complete: older weights dropped",
-                 extra={"dropped": older, "served": self.served.version})
+        if older:
+            log.info("re-warm complete: older weights dropped",
+                     extra={"dropped": older, "served": self.served.version})
 
     def close(self) -> None:
         if self.trainer is not None:

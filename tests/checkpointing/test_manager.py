@@ -53,13 +53,14 @@ def test_marked_and_never_written_devices_go_with_the_next_commit(tmp_path):
     slots = table.slots_for(["new", "idle-new"], [0, 1], now=0.0, load=manager.load)
     assert manager.unwritten == {"new", "idle-new"}  # no state anywhere
     manager.touch(table, slots[:1])  # only "new" has a reading since
-    manager.mark_unwritten()
-    assert manager.marked == {"new"}  # marked devices are dirty ones
+    manager.mark_unwritten()  # a swap: a flag, nothing a device
+    assert manager.waiting() == 2  # at most ("idle-new" has nothing new to write)
     old = table.slots_for(["old"], [1], now=0.0)  # in memory, as if restored
     manager.mark(table, old)  # re-warmed
-    assert manager.marked == {"new", "old"} and not manager.flush_due()
+    assert manager.marked == {"old"} and manager.waiting() == 3 and not manager.flush_due()
     records = manager.records_for_commit(table, {0: 7, 1: 9})
     assert sorted(r[1] for r in records) == [b"new", b"old"]  # no marker among them
     manager.committed({})
     assert not manager.marked and not manager.dirty and manager.unwritten == {"idle-new"}
+    assert manager.waiting() == 0
     manager.store.close(clean=True)

@@ -70,8 +70,8 @@ def test_a_swap_keeps_the_old_weights_and_each_device_steps_under_its_own_until_
         want, _, _, _ = life.engine.models["v1"].step(torch.from_numpy(b.z), h, c)
     np.testing.assert_allclose(mu, want.numpy(), atol=1e-6)
     # Once re-warmed, a device's h/c are its window replayed under v2, and it is stamped v2.
-    while life.rewarm_slice():
-        pass
+    while life.rewarming:
+        life.rewarm_slice()
     assert versions(table, ids) == ["v2"] * 50 and not life.rewarming
     for d in ("d0", "d49"):
         h, c = fresh_replay(v2.model, table, table.index[d])
@@ -157,15 +157,20 @@ def test_a_third_swap_rewarms_the_devices_still_on_the_oldest_at_once(tmp_path):
     manager.store.close(clean=True)
 
 
-def test_older_weights_are_dropped_only_once_no_device_in_memory_holds_them(tmp_path):
+def test_older_weights_are_dropped_only_once_a_pass_finds_no_device_holding_them(tmp_path):
     s, table, engine, life, ids = fleet(tmp_path, 20)
     life.swap(model("v2", 1))
-    life._pending = life._pending[:-1]  # as if one device had been missed by the listing
-    while life.rewarm_slice():
-        pass
-    # The last slice found no slot pending, scanned the table, and found the missed device.
+    life.slice_s = 1e-9  # one device a slice
+    life._cost_s = 1.0
+    assert [life.rewarm_slice() for _ in range(20)] == [1] * 20
+    assert versions(table, ids) == ["v2"] * 20 and life.rewarming  # a check pass follows
+    # A device back on v1 behind the first pass (restored without being admitted, say).
+    straggler = table.index["d19"]
+    table.model_version[straggler] = "v1"
+    while life.rewarming:
+        life.rewarm_slice()
     assert not life.rewarming and sorted(engine.models) == ["v2"]
-    assert versions(table, ids) == ["v2"] * 20
+    assert versions(table, ids) == ["v2"] * 20  # the check pass found it
 
 
 def test_a_restored_device_of_an_older_version_steps_under_it_loaded_from_the_registry(tmp_path):
@@ -175,8 +180,8 @@ def test_a_restored_device_of_an_older_version_steps_under_it_loaded_from_the_re
     registry.register(v1.model, SPEC, {"version": "v1"})
     snap = table.snapshot(table.index["d0"])
     life.swap(model("v2", 1))
-    while life.rewarm_slice():
-        pass
+    while life.rewarming:
+        life.rewarm_slice()
     assert sorted(engine.models) == ["v2"]  # v1 dropped: nothing in memory holds it
     table.drop(["d0"])
     manager = StateManager(s, tmp_path / "state.sqlite")
