@@ -34,6 +34,19 @@ class BringIn:
         Where evicted and restored devices wait (``StateManager.load``).
     lifecycle
         The served model and the older ones held (``ModelLifecycle.admit``).
+
+    Examples
+    --------
+    Any ``load`` (a store) and ``admit`` (a lifecycle) will do:
+
+    >>> from types import SimpleNamespace
+    >>> table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    >>> admitted = []
+    >>> bring_in = BringIn(table, SimpleNamespace(load=lambda device: None),
+    ...                    SimpleNamespace(admit=admitted.append))
+    >>> bring_in(Decoded(consumed=2, ids=["a", "b"], partitions=[0, 1]), now=0.0)
+    >>> sorted(table.index), sorted(admitted[0].tolist())  # both new: allocated, admitted
+    (['a', 'b'], [0, 1])
     """
 
     def __init__(self, table: DeviceTable, state: StateManager, lifecycle: ModelLifecycle) -> None:

@@ -4,14 +4,6 @@ One flat :class:`Settings` object is built once at start-up and passed down. Eac
 environment variable is ``STREAM_LSTM_`` + the field name in upper case, so
 ``window`` is ``STREAM_LSTM_WINDOW``. An invalid value stops start-up with a message that
 names the variable (see :func:`load_settings`).
-
->>> s = Settings(window=32)
->>> s.window, s.input_topic
-(32, 'sensor-readings')
->>> s.changelog_topic_name()
-'stream-lstm-state-changelog'
->>> str(s.model_dir), str(Settings(group_id="plant-7").state_dir)
-('stream-lstm/stream-lstm/models', 'stream-lstm/plant-7/state')
 """
 
 from __future__ import annotations
@@ -32,7 +24,25 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    """All settings of stream-lstm. Defaults suit a laptop with the local broker."""
+    """All settings of stream-lstm. Defaults suit a laptop with the local broker.
+
+    Parameters
+    ----------
+    **fields
+        Any field below by name (a keyword overrides its ``STREAM_LSTM_<NAME>`` variable);
+        each field's ``description`` says what it does, and docs/settings.md lists them all
+        (:func:`settings_markdown`).
+
+    Examples
+    --------
+    >>> s = Settings(window=32)
+    >>> s.window, s.input_topic
+    (32, 'sensor-readings')
+    >>> s.changelog_topic_name()
+    'stream-lstm-state-changelog'
+    >>> str(s.model_dir), str(Settings(group_id="plant-7").state_dir)
+    ('stream-lstm/stream-lstm/models', 'stream-lstm/plant-7/state')
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", validate_default=True

@@ -23,22 +23,6 @@ ones (``models``, keyed by version). A device steps under the weights its h/c ca
 (``table.model_version[slot]``) until it is re-warmed (:meth:`BatchedEngine.rewarm`, under the
 served weights), so a batch runs in at most two groups, one per version held, each taking the
 batch's path. A device with no version yet (new) steps under the served weights.
-
->>> import numpy as np, torch
->>> from stream_lstm.models import SimpleLSTM
->>> from stream_lstm.state.table import DeviceTable
->>> model = SimpleLSTM(n_features=1, hidden_size=8, num_layers=1, horizon=2)
->>> table = DeviceTable(max_devices=10, window=4, n_features=1, num_layers=1, hidden_size=8)
->>> slots = table.slots_for(["a", "b"], [0, 0], now=0.0)
->>> engine = BatchedEngine(model, table)
->>> mu, log_b = engine.step(slots, np.zeros((2, 1), np.float32), [(0, 2)])
->>> mu.shape, engine.last_path
-((2, 2), 'step')
->>> slots = table.slots_for(["a", "b"] * 4, [0] * 8, now=0.0)  # a backlog: 4 readings each
->>> rounds = [(0, 2), (2, 4), (4, 6), (6, 8)]
->>> mu, log_b = engine.step(slots, np.zeros((8, 1), np.float32), rounds)
->>> mu.shape, engine.last_path
-((8, 2), 'fused')
 """
 
 from __future__ import annotations
@@ -103,6 +87,24 @@ class BatchedEngine:
     version
         The served model's version: the weights a device of this version, or of none yet, or
         of a version not held (see :meth:`hold`), steps under.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from stream_lstm.models import SimpleLSTM
+    >>> from stream_lstm.state.table import DeviceTable
+    >>> model = SimpleLSTM(n_features=1, hidden_size=8, num_layers=1, horizon=2)
+    >>> table = DeviceTable(max_devices=10, window=4, n_features=1, num_layers=1, hidden_size=8)
+    >>> slots = table.slots_for(["a", "b"], [0, 0], now=0.0)
+    >>> engine = BatchedEngine(model, table)
+    >>> mu, log_b = engine.step(slots, np.zeros((2, 1), np.float32), [(0, 2)])
+    >>> mu.shape, engine.last_path
+    ((2, 2), 'step')
+    >>> slots = table.slots_for(["a", "b"] * 4, [0] * 8, now=0.0)  # a backlog: 4 readings each
+    >>> rounds = [(0, 2), (2, 4), (4, 6), (6, 8)]
+    >>> mu, log_b = engine.step(slots, np.zeros((8, 1), np.float32), rounds)
+    >>> mu.shape, engine.last_path
+    ((8, 2), 'fused')
     """
 
     def __init__(self, model: SimpleLSTM, table: DeviceTable,

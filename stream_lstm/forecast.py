@@ -40,21 +40,50 @@ def interval_quantile(coverage: float) -> float:
 
 @dataclass
 class ForecastBatch:
-    """Per accepted reading (batch row order): forecasts in original units and scores."""
+    """Per accepted reading (batch row order): forecasts in original units and scores.
 
-    forecast: np.ndarray  # [m, H]
-    lower: np.ndarray  # [m, H]
-    upper: np.ndarray  # [m, H]
-    residual: np.ndarray  # [m]; NaN when there was no earlier forecast to compare with
-    forecast_scored: np.ndarray  # [m]: the one-step forecast it was compared with
-    anomaly_score: np.ndarray  # [m]; NaN when not scored
-    expected_b: np.ndarray  # [m]: scale b of the one-step forecast scored against
-    drift_score: np.ndarray  # [m]; NaN when not scored
-    drift_expected: np.ndarray  # [m]: the forecast made H readings earlier
-    drift_b: np.ndarray  # [m]: its scale b
-    publish: np.ndarray  # [m] bool: past warm-up (min_history readings)
-    q: float  # the interval's quantile: a range is expected -/+ q * b
-    # Filled in by the next stage (alerts.judge): [m] in [0, 1] (NaN when not judged), [m] bool.
+    Parameters
+    ----------
+    forecast, lower, upper
+        ``[m, H]``: the forecast of each step ahead and its interval.
+    residual, forecast_scored, anomaly_score, expected_b
+        ``[m]``: the reading minus the one-step forecast made for it, that forecast, the
+        score ``|residual| / b`` and that forecast's scale ``b`` (NaN where not scored).
+    drift_score, drift_expected, drift_b
+        ``[m]``: the same against the forecast made H readings earlier (NaN where not scored).
+    publish
+        ``[m]`` bool: past warm-up (``min_history`` readings).
+    q
+        The interval's quantile: a range is expected -/+ ``q * b``.
+    anomaly_likelihood, is_anomaly
+        Filled in by the next stage (``alerts.judge``): ``[m]`` in [0, 1] (NaN when not
+        judged), and ``[m]`` bool.
+
+    Examples
+    --------
+    With the model's change at zero the forecast is the last reading (persistence):
+
+    >>> from stream_lstm.state.ingest import ingest
+    >>> table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    >>> batch = ingest(table, ["a", "a"], [1.0, 2.0], np.array([[10.0], [11.0]]), [0, 0], 0.0, 0)
+    >>> fb = assemble(batch, np.zeros((2, 2)), np.zeros((2, 2)), table, coverage=0.9,
+    ...               min_history=1, anomaly_warmup=0, stages=[])
+    >>> fb.forecast.tolist(), fb.residual.tolist(), fb.forecast_scored.tolist()
+    ([[10.0, 10.0], [11.0, 11.0]], [nan, 1.0], [nan, 10.0])
+    """
+
+    forecast: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    residual: np.ndarray
+    forecast_scored: np.ndarray
+    anomaly_score: np.ndarray
+    expected_b: np.ndarray
+    drift_score: np.ndarray
+    drift_expected: np.ndarray
+    drift_b: np.ndarray
+    publish: np.ndarray
+    q: float
     anomaly_likelihood: np.ndarray | None = None
     is_anomaly: np.ndarray | None = None
 

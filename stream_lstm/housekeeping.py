@@ -34,6 +34,20 @@ class Housekeeping:
         Records that close a departing device's open alerts (``BatchPipeline.farewell``).
     gauge_every_s
         How often the per-device gauges are recomputed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tmp, s = tempfile.TemporaryDirectory(), Settings(device_ttl_s=600.0)
+    >>> state = StateManager(s, Path(tmp.name) / "state.sqlite")
+    >>> table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    >>> chores = Housekeeping(s, state, table, Metrics(), farewell=lambda devices: [])
+    >>> _ = table.slots_for(["old"], [0], now=1000.0), table.slots_for(["new"], [0], now=1900.0)
+    >>> [(key, value) for topic, key, value, *_ in chores.expired(now=2000.0)]  # a tombstone
+    [(b'old', None)]
+    >>> list(table.index); state.store.close(clean=True); tmp.cleanup()
+    ['new']
     """
 
     def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,

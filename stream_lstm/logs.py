@@ -103,7 +103,15 @@ def _mask_secret_args(fmt: str, args: Any) -> Any:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, event, and any context fields."""
+    """One JSON object per line: ts, level, logger, event, and any context fields.
+
+    Examples
+    --------
+    >>> record = logging.makeLogRecord({"name": "worker", "levelname": "INFO", "created": 0.0,
+    ...                                 "msg": "assigned %s", "args": ([0, 1],), "group": "g"})
+    >>> JsonFormatter().format(record)
+    '{"ts": "1970-01-01T00:00:00.000+00:00", "level": "info", "logger": "worker", "event": "assigned [0, 1]", "group": "g"}'
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
@@ -123,7 +131,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class SecretFilter(logging.Filter):
-    """Masks values of password/secret/token keys in the message and the context."""
+    """Masks values of password/secret/token keys in the message and the context.
+
+    Examples
+    --------
+    >>> record = logging.makeLogRecord({"msg": "login password=%s", "args": ("hunter2",),
+    ...                                 "token": "abc", "partition": 3})
+    >>> SecretFilter().filter(record), record.getMessage(), record.token, record.partition
+    (True, 'login password=***', '***', 3)
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

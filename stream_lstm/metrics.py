@@ -4,19 +4,6 @@ All series are prefixed ``stream_lstm_`` and use base units (``_seconds``, ``_to
 Each :class:`Metrics` owns its own registry, so several workers can live in one process
 (tests, benchmarks). ``/healthz`` is liveness (the main loop is turning), ``/readyz`` is
 readiness (partitions assigned and restored, broker reachable, model loaded).
-
->>> m = Metrics(instance="w-0")
->>> m.forecasts_published.inc(3)
->>> b"stream_lstm_forecasts_published_total 3.0" in m.exposition()
-True
->>> h = HealthState()
->>> h.readiness()
-(False, {})
->>> h.set_ready("model", True); h.set_ready("partitions", False, "restoring [0]")
->>> h.readiness()
-(False, {'model': 'ok', 'partitions': 'restoring [0]'})
->>> h.beat(); h.liveness()[0]
-True
 """
 
 from __future__ import annotations
@@ -52,7 +39,20 @@ GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
 
 
 class Metrics:
-    """Every series the worker (and the trainer) exports, in a private registry."""
+    """Every series the worker (and the trainer) exports, in a private registry.
+
+    Parameters
+    ----------
+    instance
+        This process's instance id on ``stream_lstm_up_info``; default: the host name.
+
+    Examples
+    --------
+    >>> m = Metrics(instance="w-0")
+    >>> m.forecasts_published.inc(3)
+    >>> b"stream_lstm_forecasts_published_total 3.0" in m.exposition()
+    True
+    """
 
     def __init__(self, instance: str | None = None) -> None:
         r = self.registry = CollectorRegistry()
@@ -202,6 +202,22 @@ class HealthState:
 
     Readiness needs at least one registered component and all of them ok; the worker
     registers ``broker``, ``model``, ``partitions`` (and ``restored``) as it starts.
+
+    Parameters
+    ----------
+    liveness_timeout_s
+        How old the last heartbeat may be while the process counts as live.
+
+    Examples
+    --------
+    >>> h = HealthState()
+    >>> h.readiness()
+    (False, {})
+    >>> h.set_ready("model", True); h.set_ready("partitions", False, "restoring [0]")
+    >>> h.readiness()
+    (False, {'model': 'ok', 'partitions': 'restoring [0]'})
+    >>> h.beat(); h.liveness()[0]
+    True
     """
 
     def __init__(self, liveness_timeout_s: float = 30.0) -> None:
@@ -236,7 +252,10 @@ class HealthState:
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """The HTTP server :func:`serve_metrics` returns: ``.port`` and ``.shutdown()``."""
+    """The HTTP server :func:`serve_metrics` returns: ``.port`` and ``.shutdown()``.
+
+    Example: see tests/test_metrics.py::test_server_shutdown_frees_the_port
+    """
 
     daemon_threads = True
     allow_reuse_address = True

@@ -45,6 +45,8 @@ class PartitionCoordinator:
 
     ``group`` (the worker's ``GroupConsumer``) is set once the worker has connected; its
     listener calls ``on_assigned`` and ``on_revoked`` inside ``poll``.
+
+    Example: see tests/test_partitions.py::test_assigned_partitions_wait_for_their_state_then_resume
     """
 
     def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,

@@ -32,7 +32,23 @@ from stream_lstm.state.table import DeviceTable
 
 
 class SourceRecord(Protocol):
-    """What the pipeline needs of a consumed record (kafka-python's ConsumerRecord fits)."""
+    """What the pipeline needs of a consumed record (kafka-python's ConsumerRecord fits).
+
+    Parameters
+    ----------
+    topic, partition, offset
+        Where the record was read (dead letters name it).
+    key, value
+        The device id's UTF-8 bytes and the reading (either may be ``None``).
+
+    Examples
+    --------
+    >>> from collections import namedtuple
+    >>> Rec = namedtuple("Rec", "topic partition offset key value")
+    >>> rec = Rec("sensor-readings", 0, 7, b"a", b'{"device_id": "a", "ts": 1, "value": 2.0}')
+    >>> decode_records(ReadingDecoder(Settings()), [rec], now=1.0).sources[0].offset
+    7
+    """
 
     topic: str
     partition: int
@@ -47,7 +63,27 @@ OutRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | Non
 
 @dataclass
 class BatchCounts:
-    """Where the readings of a batch went; ``consumed`` equals the sum of the others."""
+    """Where the readings of a batch went; ``consumed`` equals the sum of the others.
+
+    Parameters
+    ----------
+    consumed
+        Records read; each is counted once more in ``forecasts``, ``warmup``, ``late``,
+        ``duplicate`` or ``dlq``.
+    anomalies, resets
+        Forecasts flagged anomalous; readings whose gap reset the device's h/c.
+    alerts_opened, alerts_closed
+        Alert events of the batch.
+    dlq_by_reason
+        Dead letters by error code.
+
+    Examples
+    --------
+    >>> total = BatchCounts(consumed=2, forecasts=1, dlq=1, dlq_by_reason={"not_json": 1})
+    >>> total.add(BatchCounts(consumed=1, duplicate=1))
+    >>> total.consumed, total.duplicate, total.dlq_by_reason
+    (3, 1, {'not_json': 1})
+    """
 
     consumed: int = 0
     forecasts: int = 0
@@ -71,7 +107,25 @@ class BatchCounts:
 
 @dataclass
 class BatchOutput:
-    """What one batch produced: records to publish, counts, and the slots it touched."""
+    """What one batch produced: records to publish, counts, and the slots it touched.
+
+    Parameters
+    ----------
+    records
+        ``(topic, key, value, headers)`` to publish, in order.
+    counts
+        Where the batch's readings went.
+    touched
+        Slots whose state changed (for the changelog).
+    oldest_ts
+        Oldest event time that was forecast (the latency metric); ``inf`` when none.
+
+    Examples
+    --------
+    >>> out = BatchOutput([("sensor-forecasts", b"a", b"{}", None)], BatchCounts(1, 1), np.array([0]))
+    >>> out.counts.forecasts, len(out.records), out.oldest_ts
+    (1, 1, inf)
+    """
 
     records: list[OutRecord]
     counts: BatchCounts
@@ -81,7 +135,28 @@ class BatchOutput:
 
 @dataclass
 class Decoded:
-    """A batch's readings, decoded: the valid ones (columns, in batch order) and the dead."""
+    """A batch's readings, decoded: the valid ones (columns, in batch order) and the dead.
+
+    Parameters
+    ----------
+    consumed
+        Records decoded.
+    ids, ts, values, partitions, sources
+        Per valid reading: device id, event time, channel values, partition and record.
+    dead
+        ``(record, error code, reason)`` per invalid one.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from stream_lstm.encoding import encode_reading
+    >>> reading = encode_reading("a", 1.0, [2.0])
+    >>> good = SimpleNamespace(topic="t", partition=0, offset=0, key=b"a", value=reading)
+    >>> bad = SimpleNamespace(topic="t", partition=0, offset=1, key=b"a", value=b"oops")
+    >>> d = decode_records(ReadingDecoder(Settings()), [good, bad], now=1.0)
+    >>> d.consumed, d.ids, d.values, [code for _, code, _ in d.dead]
+    (2, ['a'], [(2.0,)], ['not_json'])
+    """
 
     consumed: int = 0
     ids: list[str] = field(default_factory=list)
@@ -127,6 +202,20 @@ class BatchPipeline:
         Callable returning the served model version: a device with no h/c yet starts under
         it. Each forecast and alert event carries its own device's version
         (``table.model_version``): after a hot swap, the model that made it.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from stream_lstm.encoding import encode_reading
+    >>> from stream_lstm.models.lstm import SimpleLSTM
+    >>> table = DeviceTable(max_devices=8, window=4, n_features=1, num_layers=1, hidden_size=4)
+    >>> engine = BatchedEngine(SimpleLSTM(n_features=1, hidden_size=4, num_layers=1, horizon=2), table)
+    >>> pipe = BatchPipeline(Settings(min_history=1, window=4, hidden_size=4), table, engine, lambda: "v1")
+    >>> reading = encode_reading("a", 1.0, [2.0])
+    >>> rec = SimpleNamespace(topic="t", partition=0, offset=0, key=b"a", value=reading)
+    >>> out = pipe.handle([rec, rec], now=1.0)  # the second is a duplicate
+    >>> out.counts.forecasts, out.counts.duplicate, [topic for topic, *_ in out.records]
+    (1, 1, ['sensor-forecasts'])
     """
 
     def __init__(self, settings: Settings, table: DeviceTable, engine: BatchedEngine,

@@ -66,25 +66,41 @@ class Round:
     ``forecast`` and ``b`` start as the model's (``x + change``, its Laplace scale, device
     units) and leave as what is published. :class:`Scores` recalls the forecasts made for
     the reading (``RECALLED``) and writes its scores (``SCORED``).
+
+    Parameters
+    ----------
+    slots, x, reset, mean, scale, pos, scored_1, scored_h
+        ``[r]``: table slots; the reading (target channel, device units); whether the device's
+        state was reset at it; the normalizer's mean and scale there; the ring slot of the
+        forecast made H readings ago; past the warm-up, the one-step (H-step) forecast counts.
+    mu, change, forecast, b
+        ``[r, H]``: the model's change, normalized and in device units; the forecast, its scale.
+    along
+        ``[H]``: where each step lies between h=1 (0) and h=H (1).
+    model_1, experts_state
+        Set by the experts: the model's own (blended) one-step forecast made for this reading,
+        which the blend learns from (the experts' was published); the experts' rows.
+
+    >>> r = example_round(np.array([0]), x=10.0, expected_1=11.0)
+    >>> r.forecast.tolist(), r.expected_1.tolist(), r.residual.tolist()  # not scored yet
+    ([[10.0, 10.0]], [11.0], [nan])
     """
 
-    slots: np.ndarray  # [r] table slots
-    x: np.ndarray  # [r] the reading (target channel, device units)
-    reset: np.ndarray  # [r] bool: the device's state was reset at this reading
-    mean: np.ndarray  # [r] the normalizer's mean there ...
-    scale: np.ndarray  # [r] ... and scale
-    mu: np.ndarray  # [r, H] the model's change, normalized
-    change: np.ndarray  # [r, H] the same in device units
-    along: np.ndarray  # [H] where each step lies between h=1 (0) and h=H (1)
-    pos: np.ndarray  # [r] the ring slot of the forecast made H readings ago
-    scored_1: np.ndarray  # [r] bool: past the warm-up, so the one-step forecast counts
-    scored_h: np.ndarray  # [r] bool: the same for the H-step forecast
-    forecast: np.ndarray  # [r, H]
-    b: np.ndarray  # [r, H]
-    # The model's own (blended) one-step forecast made for this reading, which the blend
-    # learns from: set by the experts, whose one-step forecast was published instead.
+    slots: np.ndarray
+    x: np.ndarray
+    reset: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    mu: np.ndarray
+    change: np.ndarray
+    along: np.ndarray
+    pos: np.ndarray
+    scored_1: np.ndarray
+    scored_h: np.ndarray
+    forecast: np.ndarray
+    b: np.ndarray
     model_1: np.ndarray | None = None
-    experts_state: np.ndarray | None = None  # the experts' rows, read once a round
+    experts_state: np.ndarray | None = None
     expected_1: np.ndarray = field(init=False)  # [r] the one-step forecast made for this reading ...
     b_1: np.ndarray = field(init=False)  # [r] ... and its scale
     expected_h: np.ndarray = field(init=False)  # [r] the H-step forecast made for this reading ...
@@ -108,7 +124,11 @@ class Stage:
     """A step of the forecast, for each device. Every phase is optional.
 
     ``columns`` names the table state the stage owns: it alone reads and writes it. A subclass that
-    declares a ``name`` is an optional stage (:data:`STAGES`), built by ``from_settings``."""
+    declares a ``name`` is an optional stage (:data:`STAGES`), built by ``from_settings``.
+
+    >>> list(STAGES)  # the optional stages, in the order they run
+    ['blend', 'experts', 'calibration']
+    """
 
     name: ClassVar[str] = ""
     columns: ClassVar[tuple[str, ...]] = ()

@@ -68,6 +68,8 @@ class Worker:
         The model to serve; by default :func:`~stream_lstm.models.serving.load_served_model`.
     metrics, health
         Prometheus series and health state; created when not given.
+
+    Example: see tests/test_worker.py::test_every_reading_ends_in_exactly_one_place_and_what_is_published_is_committed
     """
 
     def __init__(
