@@ -26,9 +26,29 @@ from stream_lstm.state.table import DeviceTable
 
 @dataclass
 class OpenTransaction:
-    """What the open transaction holds: since when, the offsets to commit, and its counts."""
+    """What the open transaction holds: since when, the offsets to commit, and its counts.
 
-    began: float  # time.monotonic()
+    Parameters
+    ----------
+    began
+        When it was begun (``time.monotonic()``).
+    offsets, consumed
+        Per input partition: the offset to commit (after its last record), and the records
+        its batches read.
+    counts, oldest_ts
+        Where its readings went, and the oldest event time it forecast (``inf``: none).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> tp, tx = TopicPartition("sensor-readings", 0), OpenTransaction(began=0.0)
+    >>> polled = {tp: [SimpleNamespace(offset=41), SimpleNamespace(offset=42)]}
+    >>> tx.add(polled, BatchCounts(consumed=2, forecasts=2), oldest_ts=100.0)
+    >>> tx.offsets[tp].offset, tx.consumed[tp], tx.counts.forecasts, tx.oldest_ts
+    (43, 2, 2, 100.0)
+    """
+
+    began: float
     offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
     consumed: dict[TopicPartition, int] = field(default_factory=dict)
     counts: BatchCounts = field(default_factory=BatchCounts)
@@ -57,6 +77,8 @@ class TransactionUnit:
     new_publisher
         Makes a ``BatchPublisher`` (transactional under exactly-once); called again after a
         failure, since a fresh transactional producer fences whatever the old one left open.
+
+    Example: see tests/test_transaction.py::test_committed_batches_are_read_and_aborted_ones_never
     """
 
     def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,

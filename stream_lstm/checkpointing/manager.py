@@ -54,6 +54,22 @@ class StateManager:
         SQLite file of this worker instance.
     metrics
         Optional :class:`~stream_lstm.metrics.Metrics`: restore progress, evicted devices.
+
+    Examples
+    --------
+    One commit's checkpoint, with no broker (the records go into the worker's transaction):
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> state = StateManager(Settings(), Path(tmp.name) / "state.sqlite")
+    >>> table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    >>> state.touch(table, table.slots_for(["a"], [0], now=0.0))  # a batch changed device a
+    >>> records = state.records_for_commit(table, next_offsets={0: 42}, flush={0})
+    >>> [(key, partition) for topic, key, value, headers, partition in records]
+    [(b'a', 0), (b'\\x00replay-from', 0)]
+    >>> state.committed({}); state.dirty, state.markers
+    ({}, {0: 42})
+    >>> state.store.close(clean=True); tmp.cleanup()
     """
 
     def __init__(self, settings: Settings, store_path: Path, metrics: object | None = None):
