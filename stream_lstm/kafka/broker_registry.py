@@ -31,7 +31,26 @@ from stream_lstm.kafka.local_broker import DEFAULT_PORT, LocalBroker, default_da
 
 @dataclass(frozen=True)
 class Entry:
-    """One broker ``kafka up`` started: its client port, JVM pid and data directory."""
+    """One broker ``kafka up`` started: its client port, JVM pid and data directory.
+
+    Parameters
+    ----------
+    port
+        The broker's client port (the registry's key).
+    pid
+        Its JVM's process id (a dead one makes the entry stale).
+    data_dir
+        Its data directory.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = record(9192, 4321, "/srv/kafka", root=Path(d))
+    ...     entry = find(9192, root=Path(d))
+    >>> entry.port, entry.pid, entry.data_dir.name
+    (9192, 4321, 'kafka')
+    """
 
     port: int
     pid: int

@@ -67,6 +67,8 @@ class GroupConsumer:
 
     ``consumer`` is the current ``KafkaConsumer``: use it for offsets, pause and resume, but
     poll through ``poll``. A replaced consumer is a new object.
+
+    Example: see tests/kafka/test_group_consumer.py::test_it_joins_reads_and_settles
     """
 
     def __init__(self, settings: Settings, listener: Any, client_id: str,

@@ -80,12 +80,28 @@ def pid_alive(pid: int) -> bool:
 class LocalBroker:
     """A single-node KRaft broker+controller on 127.0.0.1.
 
-    ``port`` is the PLAINTEXT client port; ``data_dir`` holds storage (``kraft/``), config,
-    logs (``logs/server.log``), TLS files (``tls/``) and the ``broker.json`` state file.
-    ``sasl_users`` ``{user: password}`` opens a SASL_PLAINTEXT listener (``sasl_bootstrap``)
-    with SCRAM-SHA-256 and -512 credentials made at format time; ``tls=True`` opens an SSL
-    listener (``ssl_bootstrap``) whose certificate is signed by ``ca_file``. Controller and
-    inter-broker traffic stay PLAINTEXT: only clients need the secured listeners.
+    Controller and inter-broker traffic stay PLAINTEXT: only clients need the secured listeners.
+
+    Parameters
+    ----------
+    port
+        The PLAINTEXT client port (``bootstrap``).
+    data_dir
+        Storage (``kraft/``), config, logs (``logs/server.log``), TLS files (``tls/``) and the
+        ``broker.json`` state file.
+    controller_port
+        The KRaft controller's port; default: a free one at start.
+    sasl_users
+        ``{user: password}``: opens a SASL_PLAINTEXT listener (``sasl_bootstrap``) with
+        SCRAM-SHA-256 and -512 credentials made at format time.
+    tls
+        Opens an SSL listener (``ssl_bootstrap``) whose certificate is signed by ``ca_file``.
+    sasl_port, ssl_port
+        Those listeners' ports; default: free ones at start.
+    log_level
+        The broker's log4j level.
+
+    Example: see tests/integration/test_faults.py::test_broker_stop_and_restart_mid_stream
     """
 
     def __init__(self, port: int, data_dir: str | Path, controller_port: int | None = None,

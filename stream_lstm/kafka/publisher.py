@@ -39,6 +39,8 @@ class BatchPublisher:
         Use transactions.
     send_timeout_s
         How long a flush may take before the batch counts as failed.
+
+    Example: see tests/test_transaction.py::test_committed_batches_are_read_and_aborted_ones_never
     """
 
     def __init__(self, producer: KafkaProducer, exactly_once: bool, send_timeout_s: float = 30.0):

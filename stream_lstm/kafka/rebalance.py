@@ -20,6 +20,18 @@ class PartitionListener(ConsumerRebalanceListener):
     ----------
     on_assigned, on_revoked
         Called with a set of partition numbers of the input topic.
+
+    Examples
+    --------
+    kafka-python calls it inside ``poll``; called by hand it shows what the worker is told:
+
+    >>> tps = [TopicPartition("sensor-readings", p) for p in (1, 0)]
+    >>> listener = PartitionListener(lambda p: print("assigned", sorted(p)),
+    ...                              lambda p: print("revoked", sorted(p)))
+    >>> listener.on_partitions_assigned(tps)
+    assigned [0, 1]
+    >>> listener.on_partitions_lost(tps[:1])  # lost (not cleanly revoked): dropped all the same
+    revoked [1]
     """
 
     def __init__(

@@ -11,25 +11,6 @@ one, and the rebalance callbacks run inside ``poll``.
 outlasts its limit gets what the upstream fix gives it: the client's pending waits are failed
 with ``KafkaTimeoutError``, which the caller sees and survives. The client itself stays usable:
 each later call queues a fresh wait.
-
->>> import threading
->>> class Net:  # the one piece of a kafka-python client the guard touches
-...     def __init__(self): self.waiting = threading.Event()
-...     def _fail_pending_waiters(self, exc): self.error = exc; self.waiting.set()
->>> class Client:
-...     _net = Net()
->>> client = Client()
->>> guard = StallGuard(client, check_every_s=0.01)
->>> try:
-...     with guard.limit("a wait that never ends", 0.05):
-...         _ = client._net.waiting.wait()
-...         raise client._net.error
-... except KafkaTimeoutError as exc:
-...     print(exc)
-KafkaTimeoutError: a wait that never ends did not finish within 0.05 s (dpkp/kafka-python#3121)
->>> guard.stalls
-1
->>> guard.close()
 """
 
 from __future__ import annotations
@@ -56,6 +37,27 @@ class StallGuard:
         kafka-python 3.0's selector does). Without one the guard only logs the stall.
     check_every_s
         How often the watching thread looks at the clock.
+
+    Examples
+    --------
+    >>> import threading
+    >>> class Net:  # the one piece of a kafka-python client the guard touches
+    ...     def __init__(self): self.waiting = threading.Event()
+    ...     def _fail_pending_waiters(self, exc): self.error = exc; self.waiting.set()
+    >>> class Client:
+    ...     _net = Net()
+    >>> client = Client()
+    >>> guard = StallGuard(client, check_every_s=0.01)
+    >>> try:
+    ...     with guard.limit("a wait that never ends", 0.05):
+    ...         _ = client._net.waiting.wait()
+    ...         raise client._net.error
+    ... except KafkaTimeoutError as exc:
+    ...     print(exc)
+    KafkaTimeoutError: a wait that never ends did not finish within 0.05 s (dpkp/kafka-python#3121)
+    >>> guard.stalls
+    1
+    >>> guard.close()
     """
 
     def __init__(self, client: Any, *, check_every_s: float = 1.0) -> None:

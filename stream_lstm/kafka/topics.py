@@ -1,8 +1,4 @@
-"""Topic creation: idempotent, safe when several workers race, and waits until topics are usable.
-
->>> TopicSpec("readings", 4, {"retention.ms": "86400000"}).partitions
-4
-"""
+"""Topic creation: idempotent, safe when several workers race, and waits until topics are usable."""
 
 from __future__ import annotations
 
@@ -17,7 +13,23 @@ from stream_lstm.kafka.clients import make_admin
 
 @dataclass(frozen=True)
 class TopicSpec:
-    """A topic to create: name, partitions and topic configs (e.g. ``cleanup.policy``)."""
+    """A topic to create: name, partitions and topic configs (e.g. ``cleanup.policy``).
+
+    Parameters
+    ----------
+    name
+        The topic.
+    partitions
+        Its partition count when created (an existing topic keeps its own).
+    config
+        Topic configs, e.g. ``{"cleanup.policy": "compact"}``.
+
+    Examples
+    --------
+    >>> spec = TopicSpec("sensor-readings", 4, {"retention.ms": "86400000"})
+    >>> spec.partitions, spec.config["retention.ms"]
+    (4, '86400000')
+    """
 
     name: str
     partitions: int
