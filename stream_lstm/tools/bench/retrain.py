@@ -97,6 +97,7 @@ def swap_figures(s: Any, table: Any, engine: Any, pipe: Any, step: int, devices:
             f"{sorted(groups)} weight group(s)")
         return took / batches
 
+    batch_seconds(-1)  # a warm-up: the devices' first readings through the pipeline
     before = batch_seconds(0)
     index = table.index
     t0 = time.perf_counter()
