@@ -21,19 +21,6 @@ devices whose h/c live outside the module (serving); ``forward_packed`` runs seq
 different lengths packed together (serving a deep backlog: many readings of few devices in
 one poll). All use the same weights, so a sequence run through ``forward`` or
 ``forward_packed`` equals the same readings fed one by one through ``step``.
-
->>> import torch
->>> spec = ModelSpec(n_features=1, hidden_size=8, num_layers=1, horizon=3)
->>> model = SimpleLSTM.from_spec(spec).eval()
->>> x = torch.randn(2, 5, 1)                       # 2 devices, 5 readings each
->>> mu, log_b, (h, c) = model(x)
->>> mu.shape, h.shape
-(torch.Size([2, 5, 3]), torch.Size([1, 2, 8]))
->>> h1, c1 = model.zero_state(2)
->>> for t in range(5):
-...     mu_t, ls_t, h1, c1 = model.step(x[:, t], h1, c1)
->>> bool(torch.allclose(mu_t, mu[:, -1], atol=1e-6))
-True
 """
 
 from __future__ import annotations
@@ -66,6 +53,14 @@ class ModelSpec:
         Which input channel is forecast.
     dropout
         Dropout between stacked layers and before the head (training only).
+
+    Examples
+    --------
+    >>> spec = ModelSpec(hidden_size=8, horizon=3)
+    >>> spec.to_dict()
+    {'n_features': 1, 'hidden_size': 8, 'num_layers': 1, 'horizon': 3, 'target_channel': 0, 'dropout': 0.0}
+    >>> SimpleLSTM.from_spec(spec).lstm.hidden_size
+    8
     """
 
     n_features: int = 1
@@ -86,6 +81,21 @@ class SimpleLSTM(nn.Module):
     ----------
     n_features, hidden_size, num_layers, horizon, dropout
         As in :class:`ModelSpec`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> spec = ModelSpec(n_features=1, hidden_size=8, num_layers=1, horizon=3)
+    >>> model = SimpleLSTM.from_spec(spec).eval()
+    >>> x = torch.randn(2, 5, 1)                       # 2 devices, 5 readings each
+    >>> mu, log_b, (h, c) = model(x)
+    >>> mu.shape, h.shape
+    (torch.Size([2, 5, 3]), torch.Size([1, 2, 8]))
+    >>> h1, c1 = model.zero_state(2)
+    >>> for t in range(5):
+    ...     mu_t, ls_t, h1, c1 = model.step(x[:, t], h1, c1)
+    >>> bool(torch.allclose(mu_t, mu[:, -1], atol=1e-6))
+    True
     """
 
     def __init__(
