@@ -161,7 +161,10 @@ class StateManager:
         self._unwritten_due = True
 
     def waiting(self) -> int:
-        """Devices the next commit writes whatever their partitions' schedule (at most)."""
+        """Devices the next commit writes whatever their partitions' schedule (at most; none
+        when no device is dirty: only a dirty device is written)."""
+        if not self.dirty:
+            return 0
         return len(self.marked) + (len(self.unwritten) if self._unwritten_due else 0)
 
     def flush_due(self) -> set[int]:

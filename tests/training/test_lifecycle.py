@@ -210,3 +210,19 @@ def test_a_restored_device_whose_version_cannot_be_loaded_is_rewarmed_at_once(tm
     np.testing.assert_allclose(table.h[:, slot].numpy(), h, atol=1e-5)
     assert manager.marked == {"d1"} and life.metrics.rewarm_fallbacks._value.get() == 1
     manager.store.close(clean=True)
+
+
+def test_a_restored_device_of_a_third_version_is_rewarmed_at_once(tmp_path):
+    """Two versions live (a re-warm under way) and a device comes back on a third: it cannot
+    step under its own weights, so it is re-warmed under the served ones at once."""
+    s, table, engine, life, ids = fleet(tmp_path, 4)
+    registry = ModelRegistry(s.model_dir)
+    registry.register(model("v0", 3).model, SPEC, {"version": "v0"})
+    snap = table.snapshot(table.index["d3"])
+    snap.model_version = "v0"
+    life.swap(model("v2", 1))  # v1 and v2 live, nothing re-warmed yet
+    table.drop(["d3"])
+    slot = table.restore(snap)
+    life.admit(np.array([slot]))
+    assert sorted(engine.models) == ["v1", "v2"] and table.model_version[slot] == "v2"
+    assert life.metrics.rewarm_fallbacks._value.get() == 1
