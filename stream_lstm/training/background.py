@@ -75,6 +75,29 @@ def decode_job(data: bytes) -> tuple[LoadedModel, list[np.ndarray], dict[str, An
 
 @dataclass
 class RetrainResult:
+    """What a retraining job sent back (:func:`decode_result`).
+
+    Parameters
+    ----------
+    promote, reason
+        The promotion gate's decision and why.
+    champion_error, challenger_error
+        Both models' error on the held-out devices.
+    seconds, train_loss
+        The job's wall time and the challenger's last training loss.
+    model
+        The challenger's weights, when promoted.
+    error
+        What went wrong, when the job failed.
+
+    Examples
+    --------
+    >>> r = RetrainResult(promote=False, reason="challenger does not beat champion",
+    ...                   champion_error=0.40, challenger_error=0.42, seconds=12.5, train_loss=0.9)
+    >>> r.promote, r.model is None, r.error is None  # no weights travel back when not promoted
+    (False, True, True)
+    """
+
     promote: bool
     reason: str
     champion_error: float
@@ -165,6 +188,8 @@ class BackgroundTrainer:
         Torch threads the child may use (``STREAM_LSTM_TRAIN_THREADS``).
     nice
         How much lower than the worker the child runs (``STREAM_LSTM_TRAIN_NICE``).
+
+    Example: see tests/training/test_background.py::test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close
     """
 
     def __init__(self, threads: int = 1, nice: int = 0) -> None:

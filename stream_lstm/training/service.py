@@ -45,6 +45,8 @@ class TrainerService:
         The starting champion.
     metrics, health
         Where the retrain series and liveness go when an endpoint is served.
+
+    Example: see tests/training/test_service.py::test_its_loop_publishes_what_the_gate_promotes
     """
 
     def __init__(self, settings: Settings, served: LoadedModel, metrics: object | None = None,

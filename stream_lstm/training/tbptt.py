@@ -28,16 +28,6 @@ and early stopping that restores the best weights (the starting weights count as
 candidate, so training never hands back a model worse on validation than it was given).
 Sequences of different lengths are padded at the end and masked: the network is causal, so
 padding after a sequence never changes its outputs.
-
->>> import numpy as np, torch
->>> from stream_lstm.models import SimpleLSTM
->>> _ = torch.manual_seed(0)
->>> t = np.arange(400, dtype=np.float32)
->>> seqs = [np.sin(t[i:i + 64] / 4)[:, None] for i in range(0, 320, 16)]
->>> model = SimpleLSTM(1, 8, 1, 2)
->>> res = train_tbptt(model, seqs[:16], seqs[16:], k1=16, k2=32, lr=2e-2, max_epochs=2)
->>> res.best_val < res.initial_val, res.epochs
-(True, 2)
 """
 
 from __future__ import annotations
@@ -60,17 +50,46 @@ ProgressFn = Callable[[int, float, float], None]
 
 @dataclass
 class TrainResult:
-    """What :func:`train_tbptt` did. ``model`` holds the best weights (already restored)."""
+    """What :func:`train_tbptt` did. ``model`` holds the best weights (already restored).
+
+    Parameters
+    ----------
+    model
+        The trained model, with the best weights.
+    train_losses, val_losses
+        Mean NLL per epoch.
+    epochs, seconds
+        Epochs run, and the wall time.
+    best_val, best_epoch, initial_val
+        The best validation NLL and its epoch (0: the starting weights were never beaten);
+        the starting weights' validation NLL.
+    stopped
+        ``should_stop()`` ended training early.
+    skipped_updates
+        Chunks whose loss was not finite (no update made).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from stream_lstm.models import SimpleLSTM
+    >>> _ = torch.manual_seed(0)
+    >>> t = np.arange(400, dtype=np.float32)
+    >>> seqs = [np.sin(t[i:i + 64] / 4)[:, None] for i in range(0, 320, 16)]
+    >>> model = SimpleLSTM(1, 8, 1, 2)
+    >>> res = train_tbptt(model, seqs[:16], seqs[16:], k1=16, k2=32, lr=2e-2, max_epochs=2)
+    >>> res.best_val < res.initial_val, res.epochs
+    (True, 2)
+    """
 
     model: SimpleLSTM
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     epochs: int = 0
     best_val: float = math.inf
-    best_epoch: int = 0  # 0 = the starting weights were never beaten
+    best_epoch: int = 0
     initial_val: float = math.nan
-    stopped: bool = False  # should_stop() ended training early
-    skipped_updates: int = 0  # chunks whose loss was not finite (no update made)
+    stopped: bool = False
+    skipped_updates: int = 0
     seconds: float = 0.0
 
 
