@@ -36,6 +36,8 @@ class StopSignals:
     runs; after that the first one sets ``stop`` (the forecast loop ends) and a later one
     ``hurry`` (stopping kills what is still running instead of waiting). Nothing is printed
     from the handler itself: printing there can re-enter a write the main thread is in.
+
+    Example: see tests/tools/test_children.py::test_stop_signals_raise_once_while_setting_up_then_stop_then_hurry
     """
 
     def __init__(self) -> None:
@@ -65,13 +67,31 @@ class StopSignals:
 
 @dataclass
 class Child:
-    """A process ``up`` started, in its own session (its pid is its process group's id)."""
+    """A process ``up`` started, in its own session (its pid is its process group's id).
+
+    Parameters
+    ----------
+    name
+        What ``up`` calls it when it reports.
+    proc
+        The process (:func:`start_child`).
+    log
+        Where its output goes, if to a file.
+    stopped, killed
+        ``up`` sent it SIGTERM; ``up`` had to SIGKILL its group.
+
+    Examples
+    --------
+    >>> child = start_child("quick", [sys.executable, "-c", "pass"], env=dict(os.environ))
+    >>> child.name, child.proc.wait(), child.stopped, child.killed  # it ended by itself
+    ('quick', 0, False, False)
+    """
 
     name: str
     proc: subprocess.Popen
     log: Path | None = None
-    stopped: bool = False  # we sent it SIGTERM
-    killed: bool = False  # we had to SIGKILL its group
+    stopped: bool = False
+    killed: bool = False
 
 
 def start_child(name: str, cmd: list[str], env: dict[str, str], log: Path | None = None,

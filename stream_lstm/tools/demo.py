@@ -131,7 +131,30 @@ def summarize_log_line(line: str) -> str | None:
 
 
 class WorkerLogRelay(threading.Thread):
-    """Copies the worker's output (JSON lines) to its log file and prints their short form."""
+    """Copies the worker's output (JSON lines) to its log file and prints their short form.
+
+    Parameters
+    ----------
+    stream
+        The worker's stdout/stderr, read to its end.
+    path
+        The log file, appended to.
+    show
+        Told the short form of each line worth showing (:func:`summarize_log_line`).
+
+    Examples
+    --------
+    >>> import io
+    >>> out = io.BytesIO(b'{"level": "info", "event": "model swapped", "from": "v1", "to": "v2"}\\n'
+    ...                  b'{"level": "info", "event": "worker stopped", "forecasts": 42}\\n')
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     relay = WorkerLogRelay(out, Path(d) / "worker.log", show=print)
+    ...     relay.run()  # start() runs it in its own thread
+    ...     kept = len((Path(d) / "worker.log").read_bytes().splitlines())
+    worker: model swapped: now serving v2 (was v1)
+    >>> kept, relay.stopped["forecasts"]
+    (2, 42)
+    """
 
     def __init__(self, stream: IO[bytes], path: Path, show: Callable[[str], None] = say) -> None:
         super().__init__(name="stream-lstm-up-worker-log", daemon=True)

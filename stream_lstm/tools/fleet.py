@@ -9,16 +9,6 @@ Each device has its own level, daily amplitude and phase, noise level, random-wa
 optional linear trend. Now and then a device goes silent for a stretch (a gap, recorded in
 :attr:`Fleet.gaps`), shows a spike, or shifts its level for a while (both recorded in
 :attr:`Fleet.anomalies`, the ground truth for evaluation).
-
->>> fleet = Fleet(n_devices=3, seed=1, step_s=300, start_ts=1_700_000_000)
->>> batch = fleet.readings(4)           # 4 time steps, interleaved across devices
->>> len(batch), batch.device_ids[0], bool((batch.ts[1:] > batch.ts[:-1]).all())
-(12, 'sim-0000', True)
->>> first = next(iter(batch))
->>> first[0], first[1], len(first[2])
-('sim-0000', 1700000000.0, 1)
->>> next(iter(Fleet(3, seed=1, step_s=300, start_ts=1_700_000_000).stream())) == first
-True
 """
 
 from __future__ import annotations
@@ -42,8 +32,24 @@ _MAX_BLOCK_STEPS = 1024
 class Anomaly:
     """One injected anomaly: a ``spike`` (one reading) or a ``level_shift`` (a stretch).
 
-    ``start_ts``/``end_ts`` are the event times of the first and last affected reading
-    (equal for a spike); ``magnitude`` is the offset added to channel 0, in value units.
+    Parameters
+    ----------
+    device_id, kind
+        The device, and ``"spike"`` or ``"level_shift"``.
+    start_ts, end_ts
+        Event times of the first and last affected reading (equal for a spike).
+    magnitude
+        The offset added to channel 0, in value units.
+    step
+        The fleet's time step it starts at.
+
+    Examples
+    --------
+    >>> fleet = Fleet(n_devices=2, seed=1, step_s=60, start_ts=1_700_000_000, spike_prob=0.02)
+    >>> _ = fleet.readings(100)  # ground truth is known for the steps handed out
+    >>> a = fleet.anomalies[0]
+    >>> a.device_id, a.kind, a.start_ts == a.end_ts, round(float(a.magnitude), 2)
+    ('sim-0001', 'spike', True, 9.7)
     """
 
     device_id: str
@@ -56,7 +62,27 @@ class Anomaly:
 
 @dataclass(frozen=True)
 class Gap:
-    """A stretch of missing readings of one device: first and last missing event time."""
+    """A stretch of missing readings of one device: first and last missing event time.
+
+    Parameters
+    ----------
+    device_id
+        The silent device.
+    start_ts, end_ts
+        Event times of its first and last missing reading.
+    n_missing
+        Readings missed.
+    step
+        The fleet's time step it starts at.
+
+    Examples
+    --------
+    >>> fleet = Fleet(n_devices=2, seed=1, step_s=60, start_ts=1_700_000_000, gap_prob=0.02)
+    >>> _ = fleet.readings(100)
+    >>> g = fleet.gaps[0]
+    >>> g.device_id, g.n_missing, (g.end_ts - g.start_ts) / 60 + 1  # one reading a minute
+    ('sim-0001', 25, 25.0)
+    """
 
     device_id: str
     start_ts: float
@@ -67,12 +93,33 @@ class Gap:
 
 @dataclass
 class FleetReadings:
-    """Readings in time order as arrays; iterating yields ``(device_id, ts, values)``."""
+    """Readings in time order as arrays; iterating yields ``(device_id, ts, values)``.
 
-    device_ids: list[str]           # id of each reading
-    device_index: np.ndarray        # [N] int: index of the device in the fleet
-    ts: np.ndarray                  # [N] event time, epoch seconds
-    values: np.ndarray              # [N, F]
+    Parameters
+    ----------
+    device_ids
+        The device id of each reading.
+    device_index
+        ``[N]`` int: each reading's device, as its index in the fleet.
+    ts
+        ``[N]`` event times, epoch seconds.
+    values
+        ``[N, F]`` channel values.
+
+    Examples
+    --------
+    >>> batch = Fleet(n_devices=2, seed=1, step_s=60, start_ts=1_700_000_000).readings(2)
+    >>> len(batch), batch.device_ids  # devices interleaved in time order
+    (4, ['sim-0000', 'sim-0001', 'sim-0000', 'sim-0001'])
+    >>> device, ts, values = next(iter(batch))
+    >>> device, ts, len(values), float(batch.ts[1] - ts)  # devices spread within the step
+    ('sim-0000', 1700000000.0, 1, 30.0)
+    """
+
+    device_ids: list[str]
+    device_index: np.ndarray
+    ts: np.ndarray
+    values: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -118,6 +165,20 @@ class Fleet:
         Chance per reading of a spike of 6 to 10 times the device's noise level.
     shift_prob
         Chance per step of a level shift of 4 to 8 noise levels lasting 30 to 300 steps.
+    id_prefix
+        What each device id starts with.
+
+    Examples
+    --------
+    >>> fleet = Fleet(n_devices=3, seed=1, step_s=300, start_ts=1_700_000_000)
+    >>> batch = fleet.readings(4)           # 4 time steps, interleaved across devices
+    >>> len(batch), batch.device_ids[0], bool((batch.ts[1:] > batch.ts[:-1]).all())
+    (12, 'sim-0000', True)
+    >>> first = next(iter(batch))
+    >>> first[0], first[1], len(first[2])
+    ('sim-0000', 1700000000.0, 1)
+    >>> next(iter(Fleet(3, seed=1, step_s=300, start_ts=1_700_000_000).stream())) == first
+    True
     """
 
     def __init__(self, n_devices: int, seed: int = 0, step_s: float = 60.0,

@@ -39,6 +39,28 @@ class ProgressLine:
 
     On a terminal it is redrawn in place (``\\r``) a few times a second; elsewhere (logs, CI)
     a plain line is written every ``log_interval_s`` seconds so logs are not flooded.
+
+    Parameters
+    ----------
+    label, verb
+        What the line says: ``<label>: <count> <verb>, <rate>/s, <elapsed>s``.
+    total
+        The count expected, shown as ``done/total``; ``None``: unknown.
+    enabled
+        ``False`` writes nothing.
+    stream
+        Where the line goes; default stderr.
+    log_interval_s
+        Seconds between lines when ``stream`` is not a terminal.
+
+    Examples
+    --------
+    >>> import io
+    >>> progress = ProgressLine("readings", total=5000, stream=io.StringIO())  # not a terminal
+    >>> progress.update(1000)  # within log_interval_s of the start: nothing written
+    >>> progress.finish(5000)
+    >>> print(progress.stream.getvalue(), end="")
+    readings: 5,000/5,000 sent, .../s, ...s
     """
 
     def __init__(self, label: str, total: int | None = None, enabled: bool = True,
