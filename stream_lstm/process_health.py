@@ -58,7 +58,17 @@ BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
 class StatusReporter:
     """In a child: every second, writes what its ``/healthz`` and ``/readyz`` would say (and
     ``details()``) to ``path``, replacing the file whole. If the supervisor is gone (the
-    child's parent changed), calls ``on_orphaned`` once: a worker then stops cleanly."""
+    child's parent changed), calls ``on_orphaned`` once: a worker then stops cleanly.
+
+    >>> import tempfile
+    >>> from stream_lstm.metrics import HealthState
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     StatusReporter(Path(tmp) / "p0.json", HealthState(), lambda: {"consumed": 7},
+    ...                    lambda: None).write()
+    ...     status = json.loads((Path(tmp) / "p0.json").read_text())
+    >>> status["live"], status["consumed"], status["pid"] == os.getpid()
+    (True, 7, True)
+    """
 
     def __init__(self, path: Path, health: HealthState, details: Callable[[], dict[str, Any]],
                  on_orphaned: Callable[[], None], every_s: float = STATUS_EVERY_S) -> None:
@@ -119,7 +129,12 @@ def label_logs(instance: str) -> None:
 
 # ---- in the supervisor ------------------------------------------------------------------------------
 class Slot:
-    """One child: its current process (None while it waits to be restarted) and its history."""
+    """One child: its current process (None while it waits to be restarted) and its history.
+
+    >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
+    >>> slot.name, slot.proc, slot.restarts, slot.read_status()  # no process, no status yet
+    ('p0', None, 0, None)
+    """
 
     def __init__(self, name: str, status: Path) -> None:
         self.name, self.status = name, status
@@ -147,6 +162,13 @@ class HostHealth:
     Live: the supervisor's loop turns, and each child runs and says it is live (or has not
     said yet), or waits to be restarted. Ready: each child's fresh status says ready; the
     components of ``/readyz`` are the children, each ``ok`` or why not.
+
+    >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
+    >>> slot.restart_at, slot.last_exit = time.monotonic() + 5.0, 1  # died, restarts soon
+    >>> HostHealth([slot]).readiness()
+    (False, {'p0': 'not running (exit 1; restart in 5s)'})
+    >>> HostHealth([slot]).liveness()  # waiting for a restart is live
+    (True, 'every process is live')
     """
 
     def __init__(self, slots: list[Slot]) -> None:
@@ -211,7 +233,14 @@ class _Children:
 
 
 class HostMetrics:
-    """What the supervisor serves: the children's series added up and its own."""
+    """What the supervisor serves: the children's series added up and its own.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     text = HostMetrics(Path(tmp), [Slot("p0", Path(tmp) / "p0.json")], "host").exposition()
+    >>> b"stream_lstm_process_running" in text and b"stream_lstm_processes" in text
+    True
+    """
 
     def __init__(self, metrics_dir: Path, slots: list[Slot], instance: str) -> None:
         from stream_lstm import __version__

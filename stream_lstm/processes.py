@@ -130,6 +130,8 @@ class Supervisor:
     command
         How to start one (default: this Python, ``-m stream_lstm.cli run``); the status file's
         option is appended.
+
+    Example: see tests/test_processes.py::test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0
     """
 
     def __init__(self, settings: Settings, n: int, command: list[str] | None = None) -> None:

@@ -35,9 +35,6 @@ SEE_TEST = re.compile(r"^Example: see (tests/[\w/]+\.py)::(\w+)\s*$", re.M)
 # Pending: classes in modules that other work was changing when the examples were added. Each
 # is checked as soon as its docstring has an example or names a test; remove it from here then.
 PENDING = {
-    "stream_lstm.process_health": {"StatusReporter", "Slot", "HostHealth", "HostMetrics"},
-    "stream_lstm.processes": {"Supervisor"},
-    "stream_lstm.tools.bench.core": {"Record"},
     "stream_lstm.training.lifecycle": {"ModelsFollower"},
 }
 

@@ -64,6 +64,14 @@ def bench_engine(devices: int, window: int = 64, hidden: int = 64, repeats: int 
 
 # ---- in-process pipeline at fleet scale -------------------------------------------------------
 class Record:
+    """A consumed record as the pipeline reads it (topic, partition, offset, key, value),
+    for benchmarks that feed the pipeline without Kafka.
+
+    >>> r = Record(2, 10, b"dev-1", b"{}")
+    >>> r.topic, r.partition, r.offset, r.key
+    ('bench', 2, 10, b'dev-1')
+    """
+
     __slots__ = ("topic", "partition", "offset", "key", "value")
 
     def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
