@@ -7,9 +7,9 @@ Between two batches the worker calls :meth:`ModelLifecycle.tick`. It
 3. starts a new retrain when ``retrain_every_readings`` or ``retrain_every_s`` says so;
 4. re-warms, for at most ``STREAM_LSTM_REWARM_SLICE_MS``, devices still on an older model.
 
-A swap holds the loop up for milliseconds whatever the fleet: it installs the new weights
-**beside** the old ones (the engine keeps both, keyed by version) and lists the devices in
-memory. Each device goes on stepping under the weights its h/c came from
+A swap holds the loop up for a fraction of a millisecond whatever the fleet: it installs the
+new weights **beside** the old ones (the engine keeps both, keyed by version) and starts a
+pass over the table. Each device goes on stepping under the weights its h/c came from
 (``table.model_version``) until a slice **re-warms** it: its h/c is recomputed by replaying
 its rolling window through the new weights. No device mixes old hidden state with new
 weights, and each forecast carries the version of the model that made it.
@@ -17,7 +17,9 @@ weights, and each forecast carries the version of the model that made it.
 A re-warmed device is checkpointed with the next commit (``checkpoints.mark``), so the
 changelog never holds a re-warm after a device's last checkpoint: replaying a device from its
 checkpoint (restore) steps the readings since under the version the checkpoint names, as they
-were served. A restored device of an older version keeps it: the engine loads those weights
+were served. So is every device not yet in the changelog at all, whose replay would otherwise
+start it afresh under the new model (``checkpoints.mark_unwritten``, at the swap). A restored
+device of an older version keeps it: the engine loads those weights
 by version from the registry, and a later slice re-warms the device. When they cannot be
 loaded (another host's registry, deleted, a third version at once), the device is re-warmed
 under the served weights at once (counted in ``stream_lstm_rewarm_fallbacks_total``); its
@@ -25,7 +27,7 @@ replay then matches what was served only up to that re-warm.
 
 At most two versions are live. A swap that arrives while devices still hold the oldest
 re-warms those at once first (rare: two swaps within one re-warm), and logs it. A version's
-weights are dropped once no device in memory holds them.
+weights are dropped once a whole pass over the table finds no device in memory holding them.
 """
 
 from __future__ import annotations
@@ -90,11 +92,15 @@ class ModelLifecycle:
     >>> life = ModelLifecycle(s, old, BatchedEngine(old.model, table), table, Metrics())
     >>> slot = int(table.slots_for(["a"], [0], now=0.0)[0]); table.model_version[slot] = "v1"
     >>> table.window.push(np.array([slot]), np.zeros((1, 1), np.float32))
-    >>> pause = life.swap(new)  # milliseconds: nothing is re-warmed yet
+    >>> pause = life.swap(new)  # nothing is re-warmed yet
     >>> sorted(life.engine.models), table.model_version[slot]
     (['v1', 'v2'], 'v1')
-    >>> life.rewarm_slice(), table.model_version[slot], sorted(life.engine.models)
-    (1, 'v2', ['v2'])
+    >>> life.rewarm_slice(), table.model_version[slot]
+    (1, 'v2')
+    >>> while life.rewarming:  # a checking pass, then the old weights go
+    ...     _ = life.rewarm_slice()
+    >>> sorted(life.engine.models)
+    ['v2']
     """
 
     def __init__(self, settings: Settings, served: LoadedModel, engine: BatchedEngine,
