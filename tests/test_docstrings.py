@@ -11,6 +11,7 @@ import importlib
 import pathlib
 import pkgutil
 import re
+import tempfile
 
 import pytest
 
@@ -20,7 +21,10 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(stream_lstm.__path__, "st
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    # Examples make scratch files with tempfile (mkdtemp): here they land in pytest's tmp_path,
+    # which pytest removes, rather than accumulate in /tmp run after run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed"
