@@ -104,22 +104,21 @@ class Feed:
     """Sends readings a round (one a device) at a time, from the worker's own thread."""
 
     def __init__(self, s, readings, devices):
-        self.s, self.producer = s, make_producer(s)
+        self.s, self.producer, self.sent = s, make_producer(s), 0
         self.rounds = [readings[i : i + devices] for i in range(0, len(readings), devices)]
 
     def send(self, rounds):
         for _ in range(min(rounds, len(self.rounds))):
             for dev, ts, v in self.rounds.pop(0):
                 self.producer.send(self.s.input_topic, encode_reading(dev, ts, [v]), key=dev.encode())
+                self.sent += 1
         self.producer.flush()
 
 
-def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(settings_factory, topic_name,
-                                                                             monkeypatch):
-    # A slice re-warms one device a loop turn (its budget is below one device's re-warm) and
-    # at most two wait for a commit; readings keep coming: two rounds of the fleet after each
-    # device converts. So devices switch at different readings, in batches of both versions.
-    monkeypatch.setattr(lifecycle, "MAX_UNSAVED", 2)
+def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(settings_factory, topic_name):
+    # A slice re-warms one device (its budget is below one device's re-warm), and the test
+    # lets the next slice run only once two more rounds of the fleet's readings are committed:
+    # devices switch one by one at different readings, in batches of both versions.
     s = one_partition(settings_factory, topic_name, poll_max_records=10, rewarm_slice_ms=0.001)
     before, after = phase(12, 20, 0, seed=1), phase(12, 30, 20, seed=2)
     torch.manual_seed(5)
@@ -129,6 +128,7 @@ def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(set
     produce_readings(s, s.input_topic, before)
     feed = Feed(s, after, 12)
     seen = {"groups": set(), "pending": [12]}
+    gate = {"open": False}
 
     def until(w):
         seen["groups"].add(w.engine.last_groups)
@@ -137,12 +137,16 @@ def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(set
             feed.send(2)
         if "pause" in seen:
             on_old = sum(v == old.version for v in w.table.model_version)
-            if on_old < seen["pending"][-1]:
-                feed.send(2 if on_old else len(after))  # then the rest
+            if on_old < seen["pending"][-1]:  # a slice re-warmed one: two rounds before the next
+                feed.send(2 if on_old else len(after))  # (then the rest)
+                gate["open"] = False
             seen["pending"].append(on_old)
+            gate["open"] = gate["open"] or w.totals.consumed >= len(before) + feed.sent
         return all_committed(w, len(before) + len(after)) and not w.lifecycle.rewarming
 
     worker = Worker(s, old)
+    rewarm_slice = worker.lifecycle.rewarm_slice
+    worker.lifecycle.rewarm_slice = lambda: rewarm_slice() if gate["open"] else 0
     worker.run(until=until)
     feed.producer.close()
     assert seen["pause"] < 0.05 and 2 in seen["groups"]  # batches of both versions
@@ -151,7 +155,7 @@ def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(set
     assert len(set(seen["pending"])) == 13  # one device at a time, between batches
     got = forecasts_by_device(read_topic(s, s.output_topic))
     switched_at = assert_continuous_across_the_swap(s, before + after, old, new, got)
-    assert len(switched_at) == 12 and len(set(switched_at.values())) > 3  # at different readings
+    assert len(switched_at) == 12 and len(set(switched_at.values())) == 12  # each at its own reading
 
 
 def test_a_kill_between_rewarm_slices_keeps_every_device_continuous(settings_factory, topic_name,
