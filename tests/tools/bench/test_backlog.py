@@ -1,6 +1,8 @@
 """The backlog benchmark (tools/bench/backlog.py) at a small scale: the same backlog through the
 fused and the step path, the same forecasts from both, and where the time went."""
 
+import math
+
 from stream_lstm import alerts, pipeline
 from stream_lstm.tools.bench.backlog import PARTS, backlog_records, bench_backlog, run_backlog
 
@@ -28,7 +30,7 @@ def test_the_benchmark_reports_the_fused_paths_speed_up():
     out = bench_backlog(None, "", 0, {}, quick=True, devices=3, readings=60)
     assert out["backlog_max_forecast_diff"] < 1e-5
     assert out["backlog_engine_ratio"] > 1.0  # 60 rounds: one packed forward against 60 steps
-    assert 0.0 < out["backlog_ratio"] < 100.0
+    assert 0.0 < out["backlog_ratio"] < math.inf  # a timing ratio: its sense, not its size
     for path in ("step", "fused"):
         shares = [out[f"backlog_{path}_{part}_share"] for part in PARTS]
         assert all(s > 0 for s in shares) and sum(shares) < 1.0
