@@ -351,7 +351,16 @@ class ModelLifecycle:
 
 
 class ModelsFollower:
-    """Follows the compacted models topic; returns each newly published model."""
+    """Follows the compacted models topic; returns each newly published model.
+
+    Parameters
+    ----------
+    settings
+        The broker and ``STREAM_LSTM_MODELS_TOPIC`` (created if missing); it starts at the latest
+        published model.
+
+    Example: see tests/integration/test_retraining.py::test_external_trainer_publishes_and_worker_follows
+    """
 
     def __init__(self, settings: Settings) -> None:
         from kafka.structs import TopicPartition
