@@ -36,8 +36,6 @@ ROOT = PACKAGE.parent
 # A class that needs a live broker or process to be useful names, instead of a doctest, the test
 # that shows it, on a line of its own: "Example: see tests/<file>.py::<test>".
 SEE_TEST = re.compile(r"^Example: see (tests/[\w/]+\.py)::(\w+)\s*$", re.M)
-# Pending: classes that may go without an example for now (none left; kept for work in flight).
-PENDING: dict[str, set[str]] = {}
 
 
 def public_classes():
@@ -70,7 +68,7 @@ def test_every_public_class_has_a_runnable_example_or_names_the_test_that_shows_
         refs = SEE_TEST.findall(doc)
         broken += [f"{module}.{name}: {file}::{test}" for file, test in refs
                    if not defines_test(ROOT / file, test)]
-        if ">>>" not in doc and not refs and name not in PENDING.get(module, ()):
+        if ">>>" not in doc and not refs:
             missing.append(f"{module}.{name}")
     assert not missing, ("public classes without a '>>>' example or an 'Example: see "
                          f"tests/<file>.py::<test>' line in their own docstring: {missing}")
