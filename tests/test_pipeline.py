@@ -1,5 +1,6 @@
-"""BatchPipeline pieces that need no broker: the alert events of devices forgotten by TTL, and a
-deep backlog through the fused path (one packed forward a poll) forecast as the step path does."""
+"""BatchPipeline pieces that need no broker: the alert events of devices forgotten by TTL, a
+deep backlog through the fused path (one packed forward a poll) forecast as the step path does,
+and the model version on forecasts and alert events after a hot swap."""
 
 import json
 from pathlib import Path
@@ -126,3 +127,20 @@ def test_each_forecast_carries_the_version_of_the_model_its_device_stepped_under
     out = pipe.handle([Rec(1, "old", 1e9 + 60, 21.0), Rec(2, "new", 1e9 + 60, 5.0)], now=2e9)
     got = {f["device_id"]: f["model_version"] for f in (json.loads(r[2]) for r in out.records)}
     assert got == {"old": "v1", "new": "v2"} and engine.last_groups == 2
+
+
+def test_an_alert_that_opens_after_a_swap_carries_its_devices_version():
+    """An alert event is stamped like the forecast it rode on: the device's own model."""
+    s = Settings(output_topic="forecasts", alerts_topic="alerts", min_history=1)
+    table = DeviceTable(8, s.window, 1, 1, 8)
+    engine = BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table, version="v1")
+    served = ["v1"]
+    pipe = BatchPipeline(s, table, engine, lambda: served[0])
+    rng = np.random.default_rng(3)
+    for k in range(200):  # past the likelihood's warm-up, ordinary noise
+        pipe.handle([Rec(k, "old", 1e9 + 60 * k, 20.0 + rng.normal(0, 0.1))], now=2e9)
+    engine.swap_model(SimpleLSTM(1, 8, 1, s.horizon), "v2")
+    served[0] = "v2"
+    out = pipe.handle([Rec(200, "old", 1e9 + 60 * 200, 500.0)], now=2e9)  # far off: an alert opens
+    events = [json.loads(r[2]) for r in out.records if r[0] == "alerts"]
+    assert [(e["event"], e["model_version"]) for e in events] == [("open", "v1")]
