@@ -151,13 +151,11 @@ class ModelLifecycle:
     def tick(self, consumed: int) -> None:
         self.retrainer.count(consumed)
         if self.trainer is not None:
-            result = self.trainer.poll()
+            result = self.retrainer.turn(self.trainer, self.table, self.served)
             if result is not None:
                 promoted = self.retrainer.verdict(result, self.served.version)
                 if promoted is not None:
                     self.swap(promoted)
-            elif not self.trainer.busy and self.retrainer.due():
-                self.start_retrain()
         if self.follower is not None:
             loaded = self.follower.poll()
             if loaded is not None and loaded.version != self.served.version:
@@ -167,12 +165,7 @@ class ModelLifecycle:
     def start_retrain(self) -> bool:
         """Hand the fleet's windows to the background trainer; False if there is too little."""
         assert self.trainer is not None
-        job = self.retrainer.job(self.table, self.served)
-        if job is None:
-            return False
-        self.trainer.submit(job[0])
-        log.info("retraining started", extra={"devices": job[1], "champion": self.served.version})
-        return True
+        return self.retrainer.start(self.trainer, self.table, self.served)
 
     def swap(self, loaded: LoadedModel) -> float:
         """Serve ``loaded`` from the next batch on; returns the time the swap took (the loop

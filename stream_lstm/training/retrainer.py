@@ -21,7 +21,7 @@ from stream_lstm.config import Settings
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.registry import LoadedModel, ModelRegistry
 from stream_lstm.state.table import DeviceTable
-from stream_lstm.training.background import RetrainResult, encode_job
+from stream_lstm.training.background import BackgroundTrainer, RetrainResult, encode_job
 from stream_lstm.training.data import windows_from_table
 
 log = logging.getLogger("stream_lstm.training")
@@ -88,6 +88,24 @@ class Retrainer:
             return None
         return (encode_job(champion.model, champion.spec, {"version": champion.version}, seqs,
                            job_params(self.settings)), len(seqs))
+
+    def start(self, trainer: BackgroundTrainer, table: DeviceTable, champion: LoadedModel) -> bool:
+        """Hand a job for the fleet's windows to ``trainer``; False if there is too little."""
+        job = self.job(table, champion)
+        if job is None:
+            return False
+        trainer.submit(job[0])
+        log.info("retraining started", extra={"devices": job[1], "champion": champion.version})
+        return True
+
+    def turn(self, trainer: BackgroundTrainer, table: DeviceTable,
+             champion: LoadedModel) -> RetrainResult | None:
+        """Between two polls: a finished job's result (for :meth:`verdict`), or else the next
+        job started when one is due and none runs. Never waits for the training."""
+        result = trainer.poll()
+        if result is None and not trainer.busy and self.due():
+            self.start(trainer, table, champion)
+        return result
 
     def verdict(self, result: RetrainResult, champion: str) -> LoadedModel | None:
         """Count and log a finished job; a promoted challenger is registered and promoted in

@@ -102,14 +102,9 @@ class TrainerService:
         and start the next one when due and none runs. Never waits for the training."""
         if self.trainer is None:
             self.trainer = BackgroundTrainer(self.settings.train_threads, self.settings.train_nice)
-        result = self.trainer.poll()
+        result = self.retrainer.turn(self.trainer, self.table, self.champion)
         if result is not None:
             self.publish(result)
-        elif not self.trainer.busy and self.retrainer.due():
-            job = self.retrainer.job(self.table, self.champion)
-            if job is not None:
-                self.trainer.submit(job[0])
-                log.info("retraining started", extra={"devices": job[1], "champion": self.champion.version})
 
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published
