@@ -52,6 +52,9 @@ log = logging.getLogger("stream_lstm.processes")
 STATUS_EVERY_S = 1.0  # how often a child writes its status file
 STATUS_STALE_S = 10.0  # a status this old says nothing: the child is not ready
 BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
+# What a child's ``partitions`` component says while it holds none: more processes than
+# partitions, a rebalance under way, or it is stopping. Not ready, and rightly so.
+HOLDS_NONE = ("waiting for assignment", "assigned []", "closed")
 
 
 # ---- in a child ---------------------------------------------------------------------------------
@@ -145,6 +148,11 @@ class Slot:
         self.backoff = BACKOFF_FIRST_S
         self.last_exit: int | None = None
         self.not_live_since: float | None = None  # monotonic time its status first said not live
+        # Since when (monotonic) the current process has been not ready for these same reasons
+        # of its own (own_unready), and since when it has been asked to stop for that.
+        self.unready_since: float | None = None
+        self.unready_reasons: str | None = None
+        self.stopping_since: float | None = None
 
     def read_status(self) -> dict[str, Any] | None:
         """The status the current process wrote, or None (none yet, or the previous one's)."""
@@ -154,6 +162,60 @@ class Slot:
         except (OSError, ValueError):
             return None
         return status if proc is not None and status.get("pid") == proc.pid else None
+
+    def unready_for(self, status: dict[str, Any] | None, now: float) -> tuple[float, str]:
+        """How long (seconds, up to the monotonic ``now``) the current process has been not
+        ready for the same reasons of its own (:func:`own_unready`; with no ``status`` yet:
+        still starting), and those reasons; ``(0.0, "")`` while it is not waiting on itself.
+        Other reasons restart the clock: they are progress (``restoring [0, 1]``, then
+        ``restoring [1]``).
+
+        >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
+        >>> restoring = {"ts": time.time(), "live": True, "ready": False,
+        ...              "components": {"broker": "ok", "partitions": "restoring [1]"}}
+        >>> slot.unready_for(restoring, now=10.0), slot.unready_for(restoring, now=25.0)
+        ((0.0, 'partitions: restoring [1]'), (15.0, 'partitions: restoring [1]'))
+        >>> outage = dict(restoring, components={"broker": "publish failed", "partitions": "restoring [1]"})
+        >>> slot.unready_for(outage, now=30.0)  # waiting on the broker: not its own doing
+        (0.0, '')
+        """
+        reasons = "no status yet" if status is None else own_unready(status)
+        if reasons is None:
+            self.unready_since = self.unready_reasons = None
+            return 0.0, ""
+        if reasons != self.unready_reasons or self.unready_since is None:
+            self.unready_since, self.unready_reasons = now, reasons
+        return now - self.unready_since, reasons
+
+
+def own_unready(status: dict[str, Any]) -> str | None:
+    """Why a child that says it is live is not ready, when the reason is its own and a
+    restart may help (``partitions: restoring [2]``, or ``starting`` before it reports any
+    component); None when it is ready, not live or silent (the hung rule's), or waits on
+    something outside it that a restart cannot fix: the broker (an outage makes every child
+    unready at once), or partitions it does not hold (:data:`HOLDS_NONE`: a child with none
+    assigned idles unready when there are more processes than partitions).
+
+    >>> status = {"ts": time.time(), "live": True, "ready": False,
+    ...           "components": {"broker": "ok", "model": "ok", "partitions": "restoring [2]"}}
+    >>> own_unready(status)
+    'partitions: restoring [2]'
+    >>> own_unready(dict(status, components={"broker": "ok", "partitions": "waiting for assignment"})) is None
+    True
+    >>> own_unready(dict(status, components={"broker": "no consumer-group heartbeat for 40s",
+    ...                                      "partitions": "restoring [2]"})) is None
+    True
+    """
+    if status["ready"] or not status["live"] or time.time() - float(status["ts"]) > STATUS_STALE_S:
+        return None
+    components = status.get("components") or {}
+    if not components:
+        return "starting"
+    if components.get("broker", "ok") != "ok":
+        return None
+    own = [f"{k}: {v}" for k, v in components.items()
+           if v != "ok" and not (k == "partitions" and v in HOLDS_NONE)]
+    return "; ".join(own) or None
 
 
 class HostHealth:

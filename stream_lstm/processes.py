@@ -13,6 +13,11 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
   has run a minute), logged and counted (``stream_lstm_process_restarts_total``). A child
   that exits with code 2 refused the configuration (a model that does not fit the
   settings): restarting cannot help, so the supervisor stops them all and exits 2.
+* A child that stops turning its loop (not live for ``HUNG_AFTER_S``, 2 min) is killed, and
+  one that turns it but stays not ready for a reason of its own, unchanged, for
+  ``STUCK_AFTER_S`` (10 min) is stopped (SIGTERM, SIGKILL after 45 s); both then restart as a
+  child that died. Not ready because it holds no partitions (more processes than partitions,
+  a rebalance) or because of the broker (an outage) does not count: a restart cannot help.
 * SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
   checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
   and exits 0 when all stopped cleanly. A second signal kills at once.
@@ -63,6 +68,14 @@ TICK_S = 0.2
 # worker's liveness timeout) for this long is hung, not busy: it is killed, then restarted like
 # a child that died. A pod's liveness probe would restart the whole host; this restarts one.
 HUNG_AFTER_S = 120.0
+# A child whose loop turns but that has been not ready for this long, for the same reasons of
+# its own (process_health.own_unready: e.g. a restore that never completes, or no status at all
+# since it started), is stopped and restarted. Not counted: holding no partitions (a child with
+# none assigned idles unready by design) and the broker (an outage makes every child unready;
+# restarting them all would only add rebalances and restores once it is back). A change of
+# reason is progress and restarts the clock. 10 min: a restore of some 2 million devices'
+# snapshots into one process (100k take 25 s), with room to spare.
+STUCK_AFTER_S = 600.0
 
 
 def usable_cpus() -> int:
@@ -131,6 +144,15 @@ class Supervisor:
         How to start one (default: this Python, ``-m stream_lstm.cli run``); the status file's
         option is appended.
 
+    A child is restarted when it exits (after a backoff), when it is hung (its status has
+    said "not live" for ``HUNG_AFTER_S``: killed) and when it is stuck (live, but not ready
+    for ``STUCK_AFTER_S`` for the same reasons of its own: stopped with SIGTERM, so that it
+    commits and leaves its group, and killed if still running ``STOP_GRACE_S`` later). A
+    child is never restarted for being unready while it holds no partitions (``waiting for
+    assignment``: there may be more processes than partitions) or while its broker component
+    is not ok (an outage: a restart cannot fix the broker, and restarting every child at once
+    would add a rebalance and a restore to the outage). A reason that changes is progress.
+
     Example: see tests/test_processes.py::test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0
     """
 
@@ -191,6 +213,7 @@ class Supervisor:
         slot.proc = subprocess.Popen([*self.command, "--status-file", str(slot.status)], env=env,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         slot.started_at, slot.restart_at = time.monotonic(), None
+        slot.unready_since = slot.unready_reasons = slot.stopping_since = None
         self.metrics.running.labels(slot.name).set(1)
         log.info(f"started worker process {slot.name}", extra={
             "child": slot.name, "pid": slot.proc.pid, "instance_id": env["STREAM_LSTM_INSTANCE_ID"]})
@@ -214,12 +237,13 @@ class Supervisor:
                 "restart_in_s": slot.backoff})
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
         if slot.proc is not None:
-            self._kill_if_hung(slot, now)
+            status = slot.read_status()
+            self._kill_if_hung(slot, status, now)
+            self._stop_if_stuck(slot, status, now)
         if slot.proc is None and slot.restart_at is not None and now >= slot.restart_at:
             self._start(slot, k)
 
-    def _kill_if_hung(self, slot: Slot, now: float) -> None:
-        status = slot.read_status()
+    def _kill_if_hung(self, slot: Slot, status: dict | None, now: float) -> None:
         stale = status is not None and time.time() - float(status["ts"]) > HUNG_AFTER_S
         if status is None or (status["live"] and not stale):
             slot.not_live_since = None
@@ -233,6 +257,27 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 slot.proc.kill()  # type: ignore[union-attr]
             slot.not_live_since = None
+
+    def _stop_if_stuck(self, slot: Slot, status: dict | None, now: float) -> None:
+        """Stop a child that has been not ready for ``STUCK_AFTER_S`` for the same reasons of
+        its own (``Slot.unready_for``); kill it if it has not stopped ``STOP_GRACE_S`` later."""
+        assert slot.proc is not None
+        if slot.stopping_since is not None:
+            if now - slot.stopping_since >= STOP_GRACE_S and slot.proc.poll() is None:
+                log.error(f"worker process {slot.name} did not stop in {STOP_GRACE_S:g}s; "
+                          "killing it", extra={"child": slot.name, "pid": slot.proc.pid})
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.kill()
+            return
+        took, reasons = slot.unready_for(status, now)
+        if took < STUCK_AFTER_S:
+            return
+        log.error(f"worker process {slot.name} has not been ready for {took:.0f}s ({reasons}); "
+                  "stopping it to restart it", extra={
+                      "child": slot.name, "pid": slot.proc.pid, "not_ready": reasons})
+        with contextlib.suppress(ProcessLookupError):
+            slot.proc.send_signal(signal.SIGTERM)
+        slot.stopping_since = now
 
     def _exited(self, slot: Slot, code: int) -> None:
         assert slot.proc is not None

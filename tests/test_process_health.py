@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +22,7 @@ from stream_lstm.process_health import (
     HostMetrics,
     Slot,
     StatusReporter,
+    own_unready,
 )
 
 
@@ -115,6 +117,63 @@ def test_the_host_is_live_while_every_child_is_or_waits_for_its_restart(tmp_path
     host.loop.liveness_timeout_s = 0.0  # the supervisor's own loop is stuck
     time.sleep(0.01)
     assert host.liveness()[1].startswith("supervisor: last loop iteration")
+
+
+def status_of(health: HealthState, ts: float | None = None) -> dict:
+    """What a child's status file would hold for ``health``."""
+    live, liveness = health.liveness()
+    ready, components = health.readiness()
+    return {"pid": os.getpid(), "ts": time.time() if ts is None else ts, "live": live,
+            "liveness": liveness, "ready": ready, "components": components}
+
+
+def test_only_reasons_of_its_own_that_a_restart_may_fix_count_against_a_child():
+    health = HealthState()
+    assert own_unready(status_of(health)) == "starting"  # live, no component reported yet
+    health.set_ready("broker", True)
+    health.set_ready("model", True, "v1")
+    health.set_ready("partitions", False, "restoring [0, 2]")
+    assert own_unready(status_of(health)) == "partitions: restoring [0, 2]"
+    # Holding no partitions is no fault: more processes than partitions, a rebalance, a stop.
+    for idle in ("waiting for assignment", "assigned []", "closed"):
+        health.set_ready("partitions", False, idle)
+        assert own_unready(status_of(health)) is None, idle
+    # Nor is an outage, whatever else waits on it.
+    health.set_ready("partitions", False, "restoring [2]")
+    for outage in ("publish failed: KafkaTimeoutError()", "restore failed: NoBrokersAvailable()",
+                   "no consumer-group heartbeat for 40s"):
+        health.set_ready("broker", False, outage)
+        assert own_unready(status_of(health)) is None, outage
+    health.set_ready("broker", True)
+    health.set_ready("partitions", True, "assigned [2]")
+    assert own_unready(status_of(health)) is None  # ready
+    # Not live, or silent: the hung rule's business, not this one's.
+    health.set_ready("partitions", False, "restoring [2]")
+    assert own_unready(status_of(health, ts=time.time() - STATUS_STALE_S - 1)) is None
+    health.liveness_timeout_s = 0.0
+    time.sleep(0.01)
+    assert own_unready(status_of(health)) is None
+
+
+def test_a_child_is_stuck_for_as_long_as_its_own_reasons_stay_the_same():
+    slot = Slot("p0", Path("/nonexistent/p0.json"))
+    health = HealthState()
+    assert slot.unready_for(None, now=0.0) == (0.0, "no status yet")  # from its start
+    assert slot.unready_for(None, now=4.0) == (4.0, "no status yet")
+    health.set_ready("broker", True)
+    health.set_ready("partitions", False, "restoring [0, 1]")
+    assert slot.unready_for(status_of(health), now=5.0) == (0.0, "partitions: restoring [0, 1]")
+    assert slot.unready_for(status_of(health), now=65.0)[0] == 60.0
+    health.set_ready("partitions", False, "restoring [1]")  # progress: the clock starts again
+    assert slot.unready_for(status_of(health), now=70.0)[0] == 0.0
+    assert slot.unready_for(status_of(health), now=90.0)[0] == 20.0
+    health.set_ready("broker", False, "restore failed: KafkaTimeoutError()")  # an outage
+    assert slot.unready_for(status_of(health), now=95.0) == (0.0, "")
+    health.set_ready("broker", True)  # back: restoring [1] again, counted from now
+    assert slot.unready_for(status_of(health), now=100.0)[0] == 0.0
+    assert slot.unready_for(status_of(health), now=700.0)[0] == 600.0
+    health.set_ready("partitions", False, "waiting for assignment")  # its partitions went
+    assert slot.unready_for(status_of(health), now=701.0) == (0.0, "")
 
 
 CHILD = """

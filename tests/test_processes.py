@@ -275,6 +275,43 @@ def test_the_run_command_line_overrides_only_the_metrics_port_and_the_processes(
         parser.parse_args(["--metrics-port", "high"])
 
 
+def supervise(sup: processes.Supervisor, done) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Run ``sup`` (in this thread, as the CLI does) until ``done(starts)`` holds for the
+    count of starts of each child, then stop it; return those counts and each child's exit
+    codes before the stop. The supervisor's own calls say when: no polling of its state."""
+    starts: dict[str, int] = {}
+    exits: dict[str, list[int]] = {}
+    enough = threading.Event()
+    start, exited = sup._start, sup._exited
+
+    def counted_start(slot, k):
+        start(slot, k)
+        starts[slot.name] = starts.get(slot.name, 0) + 1
+        if done(starts):
+            enough.set()
+
+    def counted_exit(slot, code):
+        if not enough.is_set():  # the supervisor's own stop at the end is not counted
+            exits.setdefault(slot.name, []).append(code)
+        exited(slot, code)
+
+    sup._start, sup._exited = counted_start, counted_exit
+
+    def stop_when_done():
+        enough.wait(60)
+        sup._signal(signal.SIGTERM, None)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=stop_when_done, daemon=True).start()
+    try:
+        sup.run()
+    finally:  # run() installs the supervisor's handlers in this (pytest's) process
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert enough.is_set(), f"timed out: started {starts}, exits {exits}"
+    return starts, exits
+
+
 HUNG_CHILD = """
 import json, os, sys, time
 status = sys.argv[sys.argv.index("--status-file") + 1]
@@ -292,22 +329,60 @@ def test_a_hung_child_is_killed_and_restarted(tmp_path, monkeypatch):
     monkeypatch.setattr(processes, "HUNG_AFTER_S", 0.5)
     s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="h")
     sup = processes.Supervisor(s, 1, command=[sys.executable, "-c", HUNG_CHILD])
-    restarted = []
+    starts, exits = supervise(sup, lambda starts: starts.get("p0", 0) >= 2)
+    assert exits == {"p0": [-signal.SIGKILL]}  # killed by the supervisor, then started again
 
-    def watch():  # stop the supervisor once the hung child has been killed and started again
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not restarted:
-            slots = getattr(sup, "slots", [])
-            if slots and slots[0].restarts >= 1 and slots[0].proc is not None:
-                restarted.append(slots[0].last_exit)
-            time.sleep(0.05)
-        sup._signal(signal.SIGTERM, None)
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        sup.run()
-    finally:  # run() installs the supervisor's handlers in this (pytest's) process
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    assert restarted == [-signal.SIGKILL]  # killed by the supervisor, then started again
+# Children that are live (their loop turns) but not ready, each for its own reason; the
+# supervisor's stand-ins are told apart by their status file's name.
+UNREADY_CHILD = """
+import json, os, signal, sys, time
+status = sys.argv[sys.argv.index("--status-file") + 1]
+name = os.path.basename(status).removesuffix(".json")
+components = {
+    # Stuck restoring: stops cleanly on SIGTERM, as a worker does.
+    "p0": {"broker": "ok", "model": "ok", "partitions": "restoring [0]"},
+    # More processes than partitions: none assigned.
+    "p1": {"broker": "ok", "model": "ok", "partitions": "waiting for assignment"},
+    # A broker outage, in the middle of a restore.
+    "p2": {"broker": "no consumer-group heartbeat for 40s", "model": "ok",
+           "partitions": "restoring [2]"},
+    # Stuck restoring, and deaf to SIGTERM.
+    "p3": {"broker": "ok", "model": "ok", "partitions": "restoring [3]"},
+}.get(name)  # p4: stuck before its first status (an import, a device's initialisation)
+if name == "p0":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+elif name == "p3":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    if components is not None:
+        with open(status + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "ts": time.time(), "live": True, "ready": False,
+                       "liveness": "last loop iteration 0.1s ago", "components": components}, f)
+        os.replace(status + ".tmp", status)
+    time.sleep(0.1)
+"""
+
+
+def test_a_child_stuck_unready_for_a_reason_of_its_own_is_restarted_and_no_other(tmp_path, monkeypatch,
+                                                                                 caplog):
+    """Stopped (SIGTERM, then SIGKILL if it does not go) and restarted: a child that stays not
+    ready for the same reason of its own, and one that never reports at all. Left alone: one
+    that holds no partitions, and one waiting on the broker."""
+    monkeypatch.setattr(processes, "STUCK_AFTER_S", 1.5)  # a child starts well within it
+    monkeypatch.setattr(processes, "STOP_GRACE_S", 0.5)
+    s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="h")
+    sup = processes.Supervisor(s, 5, command=[sys.executable, "-c", UNREADY_CHILD])
+    with caplog.at_level("ERROR", logger="stream_lstm.processes"):
+        # p0 restarted twice: each of the others has been unready for 2 * STUCK_AFTER_S by then.
+        starts, exits = supervise(sup, lambda starts: starts.get("p0", 0) >= 3
+                                  and starts.get("p3", 0) >= 2 and starts.get("p4", 0) >= 2)
+    assert starts["p1"] == starts["p2"] == 1 and "p1" not in exits and "p2" not in exits
+    assert exits["p0"] == [0, 0]  # stopped cleanly, twice
+    assert exits["p3"][0] == -signal.SIGKILL  # killed STOP_GRACE_S after its SIGTERM
+    assert exits["p4"][0] == -signal.SIGTERM
+    stuck = {r.child: r.not_ready for r in caplog.records if "stopping it to restart it" in r.getMessage()}
+    assert stuck == {"p0": "partitions: restoring [0]", "p3": "partitions: restoring [3]",
+                     "p4": "no status yet"}
+    assert any(r.getMessage() == "worker process p3 did not stop in 0.5s; killing it"
+               for r in caplog.records)
