@@ -119,6 +119,12 @@ def _full_meta(meta: dict[str, Any], spec: ModelSpec, weights: bytes) -> dict[st
             "sha256": hashlib.sha256(weights).hexdigest()}
 
 
+def model_files(model: SimpleLSTM, spec: ModelSpec, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The two files :func:`save_model` writes: the safetensors weights and their JSON metadata."""
+    weights = _weights_bytes(model, spec)
+    return weights, _dumps(_full_meta(meta, spec, weights))
+
+
 def _looks_pickled(data: bytes) -> bool:
     """Heuristic, for the error message only (a file is refused unless it parses as safetensors)."""
     protocol_2_to_5 = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
@@ -182,11 +188,10 @@ def save_model(model: SimpleLSTM, spec: ModelSpec, path: Path, meta: dict[str, A
     Both files are replaced atomically (temporary file + rename), weights first.
     """
     weights_path = _weights_path(Path(path))
-    weights = _weights_bytes(model, spec)
-    full = _full_meta({"version": weights_path.stem, **meta}, spec, weights)
+    weights, meta_json = model_files(model, spec, {"version": weights_path.stem, **meta})
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(weights_path, weights)
-    atomic_write(weights_path.with_suffix(".json"), _dumps(full))
+    atomic_write(weights_path.with_suffix(".json"), meta_json)
     return weights_path
 
 

@@ -11,6 +11,7 @@ import logging
 from stream_lstm.config import Settings, SettingsError
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, load_model
+from stream_lstm.models.served_models import ServedModels
 
 # Logged under the worker's name (the ``logger`` field of the JSON lines), as these lines
 # always were: they are part of a worker's start-up.
@@ -93,7 +94,7 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
             "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
             "freshly initialized, untrained model", settings.model_dir,
         )
-        return fresh_model(settings), "a fresh initialization (untrained)"
+        return _host_fresh_model(settings)
     # The promoted version first, then older ones: a damaged file never stops the service.
     candidates = [promoted] + [m["version"] for m in reversed(registry.versions())
                                if m.get("version") and m.get("version") != promoted]
@@ -108,3 +109,18 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
         return (loaded,
                 f"the registry {settings.model_dir}" + (" (promoted)" if version == promoted else ""))
     raise ModelLoadError(f"no loadable model in {settings.model_dir}")
+
+
+def _host_fresh_model(settings: Settings) -> tuple[LoadedModel, str]:
+    """The untrained model this host served before (kept beside the registry), else a new
+    one, kept: ``v0000-untrained`` then names one set of weights in every worker process of
+    the host and across restarts, as a checkpoint that names it needs."""
+    new = fresh_model(settings)
+    try:
+        served, before = ServedModels(settings.model_dir).fresh(new)  # type: ignore[arg-type]
+    except OSError as exc:  # e.g. a read-only model dir: this process's own
+        log.warning("the fresh model could not be kept: %s", exc)
+        return new, "a fresh initialization (untrained)"
+    if before:
+        return served, f"this host's untrained model (kept in {settings.model_dir}/served)"
+    return served, "a fresh initialization (untrained)"

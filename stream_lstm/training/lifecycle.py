@@ -19,11 +19,13 @@ changelog never holds a re-warm after a device's last checkpoint: replaying a de
 checkpoint (restore) steps the readings since under the version the checkpoint names, as they
 were served. So is every device not yet in the changelog at all, whose replay would otherwise
 start it afresh under the new model (``checkpoints.mark_unwritten``, at the swap). A restored
-device of an older version keeps it: the engine loads those weights
-by version from the registry, and a later slice re-warms the device. When they cannot be
-loaded (another host's registry, deleted, a third version at once), the device is re-warmed
-under the served weights at once (counted in ``stream_lstm_rewarm_fallbacks_total``); its
-replay then matches what was served only up to that re-warm.
+device of an older version keeps it: the engine loads those weights by version, and a later
+slice re-warms the device. Every version served is kept for that beside the registry, as the
+worker starts serving it and right after each swap (models/served_models.py: a fresh model, a
+file, a models-topic model are in no registry). When they cannot be loaded (another host's, pruned
+long since, a third version at once), the device is re-warmed under the served weights at
+once (counted in ``stream_lstm_rewarm_fallbacks_total``); its replay then matches what was
+served only up to that re-warm.
 
 At most two versions are live. A swap that arrives while devices still hold the oldest
 re-warms those at once first (rare: two swaps within one re-warm), and logs it. A version's
@@ -40,7 +42,8 @@ import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, model_from_bytes
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_bytes
+from stream_lstm.models.served_models import ServedModels
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
 from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
@@ -131,6 +134,8 @@ class ModelLifecycle:
         engine.swap_model(served.model, served.version)
         for v in [v for v in engine.models if v != served.version]:
             engine.release(v)
+        self.kept = ServedModels(settings.model_dir)  # type: ignore[arg-type]
+        self.kept.keep(served, wait=True)  # before the first checkpoint can name it
 
     @property
     def version(self) -> str:
@@ -201,6 +206,7 @@ class ModelLifecycle:
             self._rewarm(oldest)
         self._cursor, self._extra, self._found, self._checking = self.table.capacity, [], 0, False
         pause = time.perf_counter() - t0
+        self.kept.keep(loaded, holding=self.engine.models)  # by a thread: the turn does not wait
         self.swaps += 1
         self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
         self.metrics.set_model_version(loaded.version, time.time())  # type: ignore[attr-defined]
@@ -270,7 +276,7 @@ class ModelLifecycle:
                         extra={"version": version, "held": sorted(self.engine.models)})
             return False
         try:
-            loaded = ModelRegistry(self.settings.model_dir).load(version)  # type: ignore[arg-type]
+            loaded = self.kept.load(version)
             if loaded.spec != self.served.spec:
                 raise ModelLoadError(f"its shape {loaded.spec} is not the served one's")
         except ModelLoadError as exc:
@@ -337,6 +343,7 @@ class ModelLifecycle:
                      extra={"dropped": older, "served": self.served.version})
 
     def close(self) -> None:
+        self.kept.close()
         if self.trainer is not None:
             self.trainer.close()
         if self.follower is not None:

@@ -17,7 +17,7 @@ from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.lstm import SimpleLSTM
-from stream_lstm.models.registry import LoadedModel, ModelRegistry
+from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_from_bytes, model_to_bytes
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.training import lifecycle
 from stream_lstm.worker import Worker
@@ -158,22 +158,30 @@ def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(set
     assert len(switched_at) == 12 and len(set(switched_at.values())) == 12  # each at its own reading
 
 
+@pytest.mark.parametrize("registered", [True, False], ids=["registered", "unregistered"])
 def test_a_kill_between_rewarm_slices_keeps_every_device_continuous(settings_factory, topic_name,
-                                                                    monkeypatch):
+                                                                    monkeypatch, registered):
     """Killed while some devices are re-warmed (some of them committed, some not) and others
     still step under the old model: the next worker restores each device's checkpoint, loads
-    the old weights from the registry for those that name them, replays the readings since
-    under the model each checkpoint names, and re-warms the rest itself."""
+    the old weights by version for those that name them (from the registry, or, for a model
+    in no registry, from the served models kept beside it), replays the readings since under
+    the model each checkpoint names, and re-warms the rest itself."""
     s = one_partition(settings_factory, topic_name, poll_max_records=10, rewarm_slice_ms=0.001)
     # At most two re-warmed devices wait for a commit: the conversion spans several commits.
     monkeypatch.setattr(lifecycle, "MAX_UNSAVED", 2)
     registry = ModelRegistry(s.model_dir)
     torch.manual_seed(5)
     spec = fresh_model(s).spec
-    for seed in (5, 6):
-        torch.manual_seed(seed)
-        registry.register(SimpleLSTM.from_spec(spec), spec, {})
-    old, new = registry.load("v0001"), registry.load("v0002")
+    if registered:
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            registry.register(SimpleLSTM.from_spec(spec), spec, {})
+        old, new = registry.load("v0001"), registry.load("v0002")
+    else:  # the fresh model a worker starts with, then one from the models topic
+        torch.manual_seed(5)
+        old = fresh_model(s)
+        torch.manual_seed(6)
+        new = model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v0002"}))
     a, b, c = phase(12, 20, 0, seed=1), phase(12, 30, 20, seed=2), phase(12, 10, 50, seed=3)
     produce_readings(s, s.input_topic, a)
     feed = Feed(s, b, 12)  # two rounds of the fleet after each device converts
@@ -206,7 +214,8 @@ def test_a_kill_between_rewarm_slices_keeps_every_device_continuous(settings_fac
     second = Worker(s, new)
     second.run(until=lambda w: all_committed(w, len(a + b + c)) and not w.lifecycle.rewarming)
     assert second.metrics.replayed_readings._value.get() > 0  # readings since the checkpoints
-    assert second.metrics.rewarm_fallbacks._value.get() == 0  # v0001 came from the registry
+    assert second.metrics.rewarm_fallbacks._value.get() == 0  # the old weights were found
+    assert registered or not registry.versions()  # (in no registry)
     got = forecasts_by_device(read_topic(s, s.output_topic))
     assert_continuous_across_the_swap(s, a + b + c, old, new, got)
 

@@ -2,6 +2,8 @@
 
 import logging
 
+import torch
+
 from stream_lstm.config import Settings
 from stream_lstm.models.serving import load_served_model
 
@@ -14,6 +16,22 @@ def test_empty_registry_serves_a_fresh_model_and_says_so(tmp_path, caplog):
     assert (served.spec.hidden_size, served.spec.horizon) == (8, 3)
     assert [r.name for r in caplog.records] == ["stream_lstm.worker"]
     assert "freshly initialized, untrained model" in caplog.records[0].getMessage()
+
+
+def test_a_host_serves_one_untrained_model_across_restarts_and_processes(tmp_path, caplog):
+    """``v0000-untrained`` names one set of weights on a host (a checkpoint names a version):
+    a worker that starts again, or a sibling process, serves the untrained model kept
+    beside the registry. Another model directory is another host's."""
+    s = Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=3)
+    first = load_served_model(s)
+    with caplog.at_level(logging.INFO, logger="stream_lstm.worker"):
+        again = load_served_model(s)
+    weights = [m.model.state_dict() for m in (first, load_served_model(s), again)]
+    assert all(torch.equal(w[k], weights[0][k]) for w in weights for k in w)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
+    assert line == f"serving model v0000-untrained from this host's untrained model (kept in {tmp_path / 'models'}/served)"
+    other = load_served_model(Settings(model_dir=tmp_path / "elsewhere", hidden_size=8, horizon=3))
+    assert not torch.equal(other.model.state_dict()["head.weight"], weights[0]["head.weight"])
 
 
 def _promote_12_step_model(model_dir):

@@ -2,7 +2,10 @@
 from until a time-bounded slice re-warms them, and each re-warm is checkpointed with the next
 commit (training/lifecycle.py)."""
 
+import copy
+
 import numpy as np
+import pytest
 import torch
 
 from stream_lstm.checkpointing.manager import StateManager
@@ -10,7 +13,8 @@ from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.metrics import Metrics
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-from stream_lstm.models.registry import LoadedModel, ModelRegistry
+from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_from_bytes, model_to_bytes
+from stream_lstm.models.serving import load_served_model
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training import lifecycle as lifecycle_module
@@ -228,3 +232,51 @@ def test_a_restored_device_of_a_third_version_is_rewarmed_at_once(tmp_path):
     life.admit(np.array([slot]))
     assert sorted(engine.models) == ["v1", "v2"] and table.model_version[slot] == "v2"
     assert life.metrics.rewarm_fallbacks._value.get() == 1
+
+
+@pytest.mark.parametrize("source", ["fresh", "models topic"])
+def test_a_device_restored_after_a_swap_from_an_unregistered_model_steps_as_if_uninterrupted(tmp_path,
+                                                                                            source):
+    """The model a worker swaps away from was in no registry: the fresh one it starts with
+    when none is given, or one from the models topic. It was kept as it was served, so a
+    restarted worker (a new lifecycle, the same model dir) that restores a device checkpointed
+    under it steps the device under those weights: its forecasts are an uninterrupted run's."""
+    s = Settings(trainer="off", model_dir=tmp_path / "models", window=6, min_history=2,
+                 hidden_size=8, horizon=2)
+    torch.manual_seed(4)
+    if source == "fresh":
+        old = load_served_model(s)  # no model given, none promoted
+    else:
+        spec = load_served_model(s).spec
+        old = model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v0005"}))
+    assert not ModelRegistry(s.model_dir).versions()
+    torch.manual_seed(5)
+    new = LoadedModel.of(SimpleLSTM.from_spec(old.spec).eval(), old.spec, "v0006")
+    ids, rng = ["d0", "d1", "d2"], np.random.default_rng(0)
+    readings = rng.normal(size=(14, 3, 1))
+
+    def worker(served):
+        table = DeviceTable(4, 6, 1, 1, 8, initial_capacity=4)
+        engine = BatchedEngine(served.model, table, version=served.version)
+        return table, engine, ModelLifecycle(s, served, engine, table, Metrics())
+
+    def step(table, engine, k):
+        b = ingest(table, ids, [float(k)] * 3, readings[k], [0, 0, 1], now=0.0, target=0)
+        for slot in b.slots.tolist():  # a new device starts under the served model (the pipeline's)
+            table.model_version[slot] = table.model_version[slot] or old.version
+        return engine.step(b.slots, b.z, b.rounds, b.reset)[0]
+
+    table, engine, life = worker(old)
+    for k in range(8):
+        step(table, engine, k)
+    life.swap(new)  # no device re-warmed yet: each checkpoint names the old version
+    checkpoints = [table.snapshot(table.index[d]) for d in ids]
+    want = [step(table, engine, k) for k in range(8, 14)]  # the first worker goes on
+
+    table2, engine2, life2 = worker(copy.deepcopy(new))  # a restart, serving the new model
+    life2.admit(np.array([table2.restore(snap) for snap in checkpoints]))
+    assert versions(table2, ids) == [old.version] * 3 and sorted(engine2.models) == sorted([old.version, "v0006"])
+    got = [step(table2, engine2, k) for k in range(8, 14)]
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6)
+    assert life2.metrics.rewarm_fallbacks._value.get() == 0
+    assert versions(table2, ids) == versions(table, ids) == [old.version] * 3  # until a re-warm
