@@ -86,7 +86,8 @@ class PartitionCoordinator:
         # where the consumer may be used. At-least-once cannot commit offsets from this
         # thread: those readings are left to the new owner, which reads them again.
         tx = self.tx
-        if tx.publisher is not None and tx.publisher.exactly_once and (tx.open is not None or self.state.dirty):
+        if tx.publisher is not None and tx.publisher.exactly_once and (
+                tx.open is not None or tx.committing or self.state.dirty):
             assert self.group is not None
             try:
                 # Their changed devices are checkpointed too: the next owner replays less.

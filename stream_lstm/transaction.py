@@ -92,6 +92,8 @@ class TransactionUnit:
         self.open: OpenTransaction | None = None
         self.next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
         self.totals = BatchCounts()  # what committed transactions carried
+        # A commit begun and not yet settled: (its transaction, when its commit began).
+        self._committing: tuple[OpenTransaction, float] | None = None
 
     def connect(self) -> None:
         self.publisher = self._new_publisher()
@@ -99,6 +101,7 @@ class TransactionUnit:
     def send(self, polled: dict[TopicPartition, list], out: BatchOutput) -> None:
         """Add one processed batch to the open transaction (begun here if none is open)."""
         assert self.publisher is not None
+        self.settle()
         if self.open is None:
             self.publisher.begin()
             self.open = OpenTransaction(time.monotonic())
@@ -129,12 +132,17 @@ class TransactionUnit:
         return wait
 
     def commit(self, consumer: KafkaConsumer, flush: set[int] | None = None,
-               extra: list | None = None) -> None:
+               extra: list | None = None, wait: bool = True) -> None:
         """Commit the open transaction: the records sent so far, the input offsets, the
         checkpoints due (the changed devices of those partitions, and of ``flush``'s, with their
         replay markers), and ``extra`` changelog records (expired devices). Raises on failure,
-        with the transaction left for ``abort``."""
+        with the transaction left for ``abort``.
+
+        ``wait=False`` returns once the commit is begun: the worker polls and computes the
+        next batch while the broker completes it, and :meth:`settle` (called by every other
+        method here that needs the producer) waits for it and does its bookkeeping."""
         assert self.publisher is not None
+        self.settle()
         if self.open is None:
             if not extra and (not self.state.dirty
                               or not (self.state.flush_due() or flush or self.state.waiting())):
@@ -150,11 +158,38 @@ class TransactionUnit:
             *self.state.records_for_commit(self.table, after, flush), *(extra or [])
         ]:
             send(topic, value, key=key, headers=headers, partition=partition)
-        tc = time.perf_counter()
-        written = self.publisher.commit(unit.offsets, consumer)
+        self._committing = (unit, time.perf_counter())
+        self.open = None
+        self.state.commit_started()
+        self.publisher.start_commit(unit.offsets, consumer)
+        if wait:
+            self.settle()
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.settings.processing_guarantee == "exactly_once"
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit is in flight (begun with ``wait=False``, not yet settled)."""
+        return self._committing is not None
+
+    def in_flight(self) -> BatchCounts:
+        """What the commit in flight carries (nothing when none is)."""
+        return self._committing[0].counts if self._committing is not None else BatchCounts()
+
+    def settle(self) -> None:
+        """Wait for the commit in flight, if any, and account for it: the checkpoints it
+        wrote are durable, its offsets are the partitions' next, its counts reach the metrics.
+        Raises if it failed (the caller rolls back)."""
+        if self._committing is None:
+            return
+        assert self.publisher is not None
+        unit, tc = self._committing
+        self._committing = None
+        written = self.publisher.finish_commit()
         m = self.metrics
         m.commit_seconds.observe(time.perf_counter() - tc)
-        self.open = None
         self.state.committed(written)
         self.next_offsets.update((tp, om.offset) for tp, om in unit.offsets.items())
         m.transactions.labels("committed").inc()
@@ -175,9 +210,9 @@ class TransactionUnit:
     def abort(self) -> Exception | None:
         """Give up the open transaction; returns the abort's own failure, if any (the broker
         may be gone: the next producer's ``init_transactions`` fences it anyway)."""
-        if self.open is not None:
+        if self.open is not None or self._committing is not None:
             self.metrics.transactions.labels("aborted").inc()
-        self.open = None
+        self.open = self._committing = None
         if self.publisher is None:
             return None
         try:

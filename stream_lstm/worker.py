@@ -200,10 +200,15 @@ class Worker:
                     self._rollback(self.partitions.failed_in_callback)
                 self.health.beat()
                 consumed = self.process(polled).consumed if polled else 0
+                if not polled:
+                    self.settle()
                 # Offsets cannot be committed mid-rebalance: the open transaction waits for the
-                # new generation rather than failing and rolling back.
+                # new generation rather than failing and rolling back. Under exactly-once the
+                # commit completes while the next poll and batch are computed (settled before
+                # that batch is sent); at-least-once commits offsets through the consumer,
+                # which cannot wait for the next poll's rebalance callbacks.
                 if not group.rebalancing() and self.tx.due():
-                    self.commit(expire=True)
+                    self.commit(expire=True, wait=not self.tx.exactly_once)
                 self.lifecycle.tick(consumed)
                 self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
                 self.housekeeping.count_devices()
@@ -255,13 +260,24 @@ class Worker:
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         return out.counts
 
-    def commit(self, flush: set[int] | None = None, expire: bool = False) -> bool:
+    def commit(self, flush: set[int] | None = None, expire: bool = False, wait: bool = True) -> bool:
         """Commit the open transaction (``TransactionUnit.commit``), with the devices expired by
-        the TTL when ``expire``; on failure roll back and return False."""
+        the TTL when ``expire``; on failure roll back and return False. ``wait=False``: the
+        commit is only begun (``settle`` or the next send waits for it)."""
         assert self.group is not None
         try:
+            self.tx.settle()  # (the TTL's devices leave memory only for a commit that can happen)
             extra = self.housekeeping.expired(time.time()) if expire else None
-            self.tx.commit(self.group.consumer, flush=flush, extra=extra)
+            self.tx.commit(self.group.consumer, flush=flush, extra=extra, wait=wait)
+        except Exception as exc:  # noqa: BLE001 - any publish failure: roll everything back
+            self._rollback(exc)
+            return False
+        return True
+
+    def settle(self) -> bool:
+        """Wait for the commit in flight, if any; on failure roll back and return False."""
+        try:
+            self.tx.settle()
         except Exception as exc:  # noqa: BLE001 - any publish failure: roll everything back
             self._rollback(exc)
             return False

@@ -96,3 +96,24 @@ def test_a_commit_is_due_by_age_and_a_poll_never_outwaits_it(settings_factory, t
     finally:
         tx.close()
         state.store.close(clean=True)
+
+
+def test_a_commit_in_flight_is_settled_before_the_next_batch_is_sent(settings_factory, topic_name, tmp_path):
+    s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g")
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    tx, state, metrics = make_unit(s, tmp_path)
+    try:
+        tx.send({}, output(topic_name, [b"a1", b"a2"]))
+        tx.commit(consumer=None, wait=False)  # begun: the worker polls and computes meanwhile
+        assert tx.committing and tx.open is None
+        assert tx.in_flight().forecasts == 2 and tx.totals.forecasts == 0
+        tx.send({}, output(topic_name, [b"b1"]))  # waits for it, then opens the next
+        assert not tx.committing and tx.totals.forecasts == 2
+        assert metrics.transactions.labels("committed")._value.get() == 1
+        tx.commit(consumer=None, wait=False)
+        tx.settle()
+        assert tx.totals.forecasts == 3 and tx.in_flight().forecasts == 0
+        assert read_until(s, topic_name, b"b1") == [b"a1", b"a2", b"b1"]
+    finally:
+        tx.close()
+        state.store.close(clean=True)

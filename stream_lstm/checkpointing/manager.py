@@ -110,11 +110,19 @@ class StateManager:
         # the first marker of a partition whose changelog has none, to write on the next commit.
         self.markers: dict[int, int] = {}
         self._first_markers: dict[int, int] = {}
+        # Between records_for_commit and committed, the commit is in flight while the worker
+        # polls and computes the next batch: what that batch does to the bookkeeping (devices
+        # changed, marked, evicted) waits here and is applied after the commit's own, so the
+        # commit does not count as written what changed after its snapshots were taken.
+        self._in_flight = False
+        self._later_touched: list[tuple[str, int]] = []
+        self._later_marked: set[str] = set()
+        self._later_evicted: dict[str, DeviceSnapshot] = {}
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
         """A device's state from the store (it was evicted, or restored from the changelog)."""
-        snap = self._evicted_dirty.pop(device_id, None)
+        snap = self._evicted_dirty.pop(device_id, None) or self._later_evicted.pop(device_id, None)
         if snap is not None:
             return snap  # evicted since the last commit: back in memory, still dirty
         data = self.store.get(device_id)
@@ -127,7 +135,9 @@ class StateManager:
         """A device left memory (the table was full): keep its state where ``load`` finds it."""
         if self.metrics is not None:
             self.metrics.evicted_devices.inc()  # type: ignore[attr-defined]
-        if snap.device_id in self.dirty:
+        if self._in_flight:
+            self._later_evicted[snap.device_id] = snap
+        elif snap.device_id in self.dirty:
             self._evicted_dirty[snap.device_id] = snap
         else:
             self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
@@ -136,6 +146,9 @@ class StateManager:
     def touch(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
         """Note the devices a batch changed: their partition's next checkpoint writes them."""
         ids, parts, dirty = table.ids, table.partition, self.dirty
+        if self._in_flight:
+            self._later_touched.extend((ids[slot], int(parts[slot])) for slot in slots.tolist())
+            return
         for slot in slots.tolist():
             p = int(parts[slot])
             dirty[ids[slot]] = p
@@ -151,7 +164,8 @@ class StateManager:
         re-warm, before or with any such forecast, the checkpoint names the new version."""
         self.touch(table, slots)
         ids = table.ids
-        self.marked.update(ids[slot] for slot in slots.tolist())
+        (self._later_marked if self._in_flight else self.marked).update(
+            ids[slot] for slot in slots.tolist())
 
     def mark_unwritten(self) -> None:
         """Checkpoint, with the next commit, every device not yet in the changelog (a hot
@@ -208,9 +222,14 @@ class StateManager:
                    for p, offset in sorted(markers.items()))
         return out
 
+    def commit_started(self) -> None:
+        """The records of :meth:`records_for_commit` are being committed: until
+        :meth:`committed` (or a rollback), devices changed, marked or evicted are noted apart."""
+        self._in_flight = True
+
     def committed(self, written: dict[tuple[str, int], int]) -> None:
         """After a commit: what it checkpointed is durable; note the changelog offsets written
-        (for the clean-stop checkpoint)."""
+        (for the clean-stop checkpoint). Then what happened while it was in flight."""
         for (topic, partition), offset in written.items():
             if topic == self.topic:
                 self.written[partition] = offset + 1
@@ -232,6 +251,19 @@ class StateManager:
         for p in markers:
             self._first_markers.pop(p, None)
         self._writing = (set(), [], {}, [])
+        self._in_flight = False
+        for dev, p in self._later_touched:
+            self.dirty[dev] = p
+            if p not in self._next_flush:
+                self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
+        self.marked |= self._later_marked
+        later_evicted = list(self._later_evicted.values())
+        self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
+        for snap in later_evicted:  # (counted when evicted)
+            if snap.device_id in self.dirty:
+                self._evicted_dirty[snap.device_id] = snap
+            else:
+                self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
@@ -330,6 +362,9 @@ class StateManager:
         partitions again from the changelog (the store is never ahead of it)."""
         self._writing = (set(), [], {}, [])
         self._writing_unwritten = False
+        # (the next batch's changes are dropped with it; its evictions are in the changelog)
+        self._in_flight = False
+        self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
         self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 

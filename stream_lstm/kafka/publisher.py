@@ -14,6 +14,7 @@ Two guarantees, chosen by ``STREAM_LSTM_PROCESSING_GUARANTEE``:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -51,6 +52,9 @@ class BatchPublisher:
         # Key and value bytes sent per topic (benchmarks: state written against forecasts).
         self.sent_bytes: dict[str, int] = {}
         self._in_txn = False
+        # A commit started and not yet finished: (its sends' futures, the transaction's
+        # commit result or None, its offsets, the consumer, its deadline).
+        self._committing: tuple | None = None
         # key -> partition per topic. kafka-python hashes every key in Python (murmur2) on each
         # send; the mapping never changes for a topic, so we remember it: sends ~1.8x faster.
         self._partitions: dict[str, tuple[int, dict[bytes, int]]] = {}
@@ -101,20 +105,57 @@ class BatchPublisher:
     ) -> dict[tuple[str, int], int]:
         """Make the batch durable, then commit ``offsets``. Returns the last offset written
         per (topic, partition), e.g. for state-store checkpoints of the changelog."""
+        self.start_commit(offsets, consumer)
+        return self.finish_commit()
+
+    def start_commit(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], consumer: KafkaConsumer
+    ) -> None:
+        """Begin committing the batch and return without waiting for the broker: the caller
+        may poll and compute the next batch meanwhile, and must call :meth:`finish_commit`
+        before it sends again (kafka-python cannot send into a transaction being committed).
+
+        Exactly-once: the offsets join the transaction (a short, bounded wait) and its commit
+        is begun. At-least-once: nothing to begin; the sender thread is already sending, and
+        ``finish_commit`` flushes, checks every send, then commits the offsets."""
+        if self._committing is not None:
+            raise RuntimeError("a commit is already in flight: finish it first")
+        result = None
         if self.exactly_once:
             tm = self.producer._transaction_manager
             if offsets:
                 self._bounded(lambda: tm.send_offsets_to_transaction(offsets, consumer.group_metadata()),
                               "sending offsets to the transaction")
-            self._bounded(tm.begin_commit, "committing the transaction")
+            result = tm.begin_commit()
+            self.producer._sender.wakeup()
             self._in_txn = False
-            written = self._written()
-        else:
-            self.producer.flush(timeout=self.send_timeout_s)
-            written = self._written()  # raises before the offsets are committed
-            if offsets:
-                consumer.commit(offsets)
-        self._futures.clear()
+        self._committing = (self._futures, result, offsets, consumer,
+                            time.monotonic() + self.send_timeout_s)
+        self._futures = []
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit was started and not yet finished."""
+        return self._committing is not None
+
+    def finish_commit(self) -> dict[tuple[str, int], int]:
+        """Wait for the commit begun by :meth:`start_commit` (at most ``send_timeout_s`` from
+        its start). Returns the last offset written per (topic, partition); raises
+        :class:`PublishError` if the batch did not become durable (its offsets not committed)."""
+        if self._committing is None:
+            raise RuntimeError("no commit in flight")
+        futures, result, offsets, consumer, deadline = self._committing
+        self._committing = None
+        if result is not None:  # exactly-once: the transaction's commit
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not result.wait(timeout_ms=left_ms):  # (raises the commit's own error)
+                raise PublishError(f"committing the transaction did not finish within "
+                                   f"{self.send_timeout_s:.0f}s")
+            return self._written(futures)
+        self.producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+        written = self._written(futures)  # raises before the offsets are committed
+        if offsets:
+            consumer.commit(offsets)
         return written
 
     def _bounded(self, start: Any, what: str) -> None:
@@ -134,15 +175,16 @@ class BatchPublisher:
     def abort(self) -> None:
         """Give up the current batch (exactly-once: abort the transaction)."""
         self._futures.clear()
+        self._committing = None
         if self.exactly_once and self._in_txn:
             try:
                 self._bounded(self.producer._transaction_manager.begin_abort, "aborting the transaction")
             finally:
                 self._in_txn = False
 
-    def _written(self) -> dict[tuple[str, int], int]:
+    def _written(self, futures: list) -> dict[tuple[str, int], int]:
         last: dict[tuple[str, int], int] = {}
-        for topic, _, fut in self._futures:
+        for topic, _, fut in futures:
             if not fut.is_done:
                 raise PublishError(f"send to {topic} not acknowledged in {self.send_timeout_s}s")
             if fut.failed():

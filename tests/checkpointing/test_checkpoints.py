@@ -102,3 +102,35 @@ def test_revoking_a_partition_forgets_its_dirty_devices(tmp_path):
     manager.revoke(table, {0})
     devices, _ = written(manager.records_for_commit(table, {1: 1}))
     assert devices == ["b"] and np.all([d != "a" for d in manager.dirty])
+
+
+def test_changes_made_while_a_commit_is_in_flight_wait_for_the_next_one(tmp_path):
+    # The worker computes the next batch while the broker completes a commit (transaction.py,
+    # wait=False). What that batch changes must not count as written by the commit in flight.
+    manager, table = setup(tmp_path, interval_s=0, max_devices=2)
+    touch(manager, table, ["a", "b"])
+    devices, _ = written(manager.records_for_commit(table, {0: 2}))
+    assert devices == ["a", "b"]
+    manager.commit_started()
+    touch(manager, table, ["a"])  # changed again after its snapshot was taken
+    touch(manager, table, ["c"])  # evicts "b", clean once the commit lands
+    assert manager.store.get("b") is None  # not before the commit that wrote it
+    manager.committed({})
+    assert decode_snapshot(manager.store.get("b")).n_seen == 1
+    assert sorted(manager.dirty) == ["a", "c"]
+    devices, _ = written(records := manager.records_for_commit(table, {0: 4}))
+    assert devices == ["a", "c"]
+    snaps = {k: decode_snapshot(v) for _, k, v, _, _ in records if k != REPLAY_MARKER}
+    assert snaps[b"a"].n_seen == 2
+
+
+def test_a_rollback_forgets_what_happened_while_a_commit_was_in_flight(tmp_path):
+    manager, table = setup(tmp_path, interval_s=0, max_devices=1)
+    touch(manager, table, ["a"])
+    manager.records_for_commit(table, {0: 1})
+    manager.commit_started()
+    touch(manager, table, ["b"])  # evicts "a"
+    manager.rollback(table, {0})  # the commit failed: memory goes back to the changelog
+    assert manager.dirty == {} and manager.store.get("a") is None
+    manager.committed({})  # (a later commit) sees nothing of the lost batch
+    assert manager.dirty == {}

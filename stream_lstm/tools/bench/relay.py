@@ -82,7 +82,9 @@ def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
     def until(w: Any) -> bool:
         if not publishers or publishers[-1] is not w.publisher:
             publishers.append(w.publisher)
-        if w.totals.consumed >= messages or time.time() > deadline:
+        # (a commit may still be in flight: the time is taken once it has completed)
+        if w.totals.consumed + w.tx.in_flight().consumed >= messages or time.time() > deadline:
+            w.settle()
             publishers.append(time.perf_counter())
             return True
         return False
