@@ -49,8 +49,10 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     """Replay every series through broker + worker; return the forecasts read back from the
     output topic, per device, and that topic's name.
 
-    The worker keeps its state in a temporary directory, removed when the run ends, failed
-    or not: each run has its own, so without that every evaluation would leave one behind.
+    The worker keeps its state and its model directory (the served model's weights are kept
+    there, and a retrain registers there) in a temporary directory, removed when the run ends,
+    failed or not: each run has its own, so without that every evaluation would leave one
+    behind, and its models in the user's registry.
     """
     run = f"eval-{uuid.uuid4().hex[:8]}"
     # ignore_cleanup_errors: a file that cannot be removed must not hide the run's own result
@@ -59,7 +61,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
         s = settings.model_copy(update={
             "input_topic": run, "output_topic": f"{run}-out", "dlq_topic": f"{run}-dlq",
             "group_id": run, "min_history": 1, "metrics_port": 0, "state_dir": Path(state),
-            "max_future_skew_s": 1e12})
+            "model_dir": Path(state) / "models", "max_future_skew_s": 1e12})
         return _serve(s, series, model, spec)
 
 

@@ -72,6 +72,7 @@ def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecast
     out, topic = run_pipeline(s, series, served.model, served.spec)
     (state_dir,) = state_dirs
     assert state_dir.name.startswith("stream-lstm-eval-") and not state_dir.exists()  # removed
+    assert not (tmp_path / "models").exists()  # nothing of the run's in the user's model dir
     assert topic.startswith("eval-") and topic.endswith("-out")
     assert sorted(out) == ["a", "b"]
     for dev, (ts, x) in series.items():
