@@ -4,7 +4,10 @@ devices): ``swap_pause_ms``, the loop turn the swap holds up, and the re-warm sl
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,7 +77,10 @@ def swap_figures(s: Any, table: Any, engine: Any, pipe: Any, step: int, devices:
     from stream_lstm.training.lifecycle import ModelLifecycle
 
     spec = model_spec(s)
-    life = ModelLifecycle(s, LoadedModel.of(engine.model, spec, "v0"), engine, table, Metrics())
+    # The served models are kept in a model dir of the run's own, removed after it.
+    models = tempfile.mkdtemp(prefix="stream-lstm-bench-models-")
+    life = ModelLifecycle(s.model_copy(update={"model_dir": Path(models)}),
+                          LoadedModel.of(engine.model, spec, "v0"), engine, table, Metrics())
     pipe.version = lambda: life.version
     for slot in table.index.values():
         table.model_version[slot] = "v0"
@@ -117,6 +123,8 @@ def swap_figures(s: Any, table: Any, engine: Any, pipe: Any, step: int, devices:
     mixed = batch_seconds(1)
     rewarm(0)
     after = batch_seconds(2)
+    life.close()
+    shutil.rmtree(models, ignore_errors=True)
     p50, p99 = np.percentile(slice_s, [50, 99]) * 1e3
     say(f"  hot swap at {devices:,} devices (W={s.window}): the swap held the loop {pause * 1e3:.2f} ms "
         f"(a batch's re-warm before this change: {old_batch_rewarm * 1e3:.0f} ms for {size:,} devices); "

@@ -24,8 +24,10 @@ def test_the_benchmark_runs_and_reports_its_figures():
     assert all(0 < out[k] < math.inf for k in ("retrain_ratio", "retrain_ratio_nice0"))
 
 
-def test_the_swap_alone_converts_the_fleet_in_slices():
+def test_the_swap_alone_converts_the_fleet_in_slices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default (relative) state and model dirs would go
     out = bench_swap(devices=600, batches=1)
+    assert list(tmp_path.iterdir()) == []  # the models it served were kept in a dir of its own
     assert set(out) == SWAP_FIGURES and out["swap_devices"] == 600
     assert out["rewarm_slices"] >= 1 and out["rewarm_longest_slice_ms"] > 0
     assert 0 < out["two_versions_batch_ratio"] < math.inf
