@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from kafka.errors import KafkaTimeoutError, OffsetOutOfRangeError
 from kafka.structs import TopicPartition
 
-from stream_lstm.checkpointing.codec import check_snapshot, encode_snapshot
+from stream_lstm.checkpointing.codec import (
+    SCHEMA_ID,
+    check_snapshot,
+    encode_snapshot,
+    snapshot_schema,
+)
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, decode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
@@ -95,6 +100,11 @@ class RestoreResult:
     rebuilt
         Partitions read from the log start because the store's checkpoint was missing, below
         the log start (truncated changelog) or past the log end.
+    other_schemas
+        Snapshots stored that another version wrote, by the state schema in their header
+        (``codec.SCHEMA_ID`` as 8 hex digits; ``00000000``: format 1): their columns this
+        version does not declare are ignored, and the columns it declares that they lack
+        restore to their fill (logged once at the end).
 
     Examples
     --------
@@ -116,6 +126,7 @@ class RestoreResult:
     complete: bool = True
     skipped: int = 0
     rebuilt: list[int] = field(default_factory=list)
+    other_schemas: dict[str, int] = field(default_factory=dict)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -192,6 +203,10 @@ def restore(
         for tp in todo:
             consumer.seek(tp, start[tp])
         _read(settings, consumer, todo, start, begin, end, store, result, progress, cancelled, remaining_ms)
+        if result.other_schemas:
+            log.info("restored state written under other state schemas: their columns this "
+                     "version lacks restore to their fill", extra={
+                         "schemas": result.other_schemas, "schema": f"{SCHEMA_ID:08x}"})
     finally:
         _close(consumer)
         result.seconds = time.monotonic() - t0
@@ -336,6 +351,9 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
                 elif check_snapshot(value) is None:
                     puts[dev] = (dev, part, value)  # later records of a key win
                     deletes.discard(dev)
+                    if (schema := snapshot_schema(value)) != SCHEMA_ID:
+                        key = f"{schema:08x}"
+                        result.other_schemas[key] = result.other_schemas.get(key, 0) + 1
                 else:
                     # Unreadable value: keep what the store had rather than storing bytes
                     # that would fail when the device is loaded.

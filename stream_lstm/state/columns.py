@@ -1,10 +1,16 @@
 """Per-device numeric state, declared once.
 
 Each :class:`Column` is one piece of a device's state: a numpy array with one row per slot
-of the :class:`~stream_lstm.state.table.DeviceTable`. Its declaration says its shape, dtype,
-what a new device starts with and how it is saved in the device's snapshot; the table grows,
-clears, snapshots and restores every column from this list alone, so adding a piece of state
-is one line here (as a Kafka Streams state store is one declaration).
+of the :class:`~stream_lstm.state.table.DeviceTable`. Its declaration says its name, shape,
+dtype and what a new device starts with; from it alone the table grows, clears, snapshots and
+restores the column, the :class:`~stream_lstm.state.snapshot.DeviceSnapshot` carries it (in
+``columns``, readable as an attribute of the same name) and the snapshot codec writes it as a
+self-describing section (checkpointing/codec.py). Adding a piece of state is one line here (as
+a Kafka Streams state store is one declaration); :data:`SCHEMA_ID` changes with it.
+
+Every column is checkpointed: none can be re-derived by replaying the input since the
+checkpoint (each folds the device's whole history, or, for ``partition`` and ``last_seen``,
+says where the device's state belongs and when it was last seen), so there is no flag for it.
 
 The LSTM state (``h``, ``c``), the normalizer, the rolling window and the experts are not
 columns: each has its own module with its own layout and packing.
@@ -12,6 +18,7 @@ columns: each has its own module with its own layout and packing.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +36,16 @@ class Column:
     Parameters
     ----------
     name
-        The table's attribute (``table.<name>[slot]``) and, for ``field`` columns, the
-        :class:`~stream_lstm.state.snapshot.DeviceSnapshot` attribute of the same name.
+        The table's attribute (``table.<name>[slot]``), the key in a snapshot's ``columns``
+        and the name of its section in the snapshot's bytes (at most 255 UTF-8 bytes).
     width
         ``0``: one value a device; ``k``: ``k`` values; ``HORIZON``: one per forecast step.
+        A snapshot whose row has another width (the horizon changed, or ``k`` did) restores
+        to ``fill``: to change what a column holds, change its name too.
     dtype, fill
-        Element type, and a new device's value of every element.
-    extra_keys
-        Saved in the snapshot's extras under these keys, one per element (absent from an
-        older snapshot: ``fill``). Empty: saved as the snapshot field ``name``.
+        Element type (a numpy float, int, unsigned or bool type), and a new device's value of
+        every element; a column absent from a snapshot (written before it existed) restores
+        to ``fill``.
     sparse
         Saved only while it differs from ``fill`` (an open alert: most devices have none).
     keep_newer
@@ -47,16 +55,15 @@ class Column:
     Examples
     --------
     >>> import numpy as np
-    >>> col = Column("blend_w", width=2, fill=1.0, extra_keys=("blend_w1", "blend_wH"))
-    >>> col.rows(3, horizon=12).shape, col.to_extra(np.array([0.5, 1.0]))
-    ((3, 2), {'blend_w1': 0.5, 'blend_wH': 1.0})
+    >>> col = Column("blend_w", width=2, fill=1.0)
+    >>> col.rows(3, horizon=12).shape, col.is_fill(np.array([1.0, 1.0]))
+    ((3, 2), True)
     """
 
     name: str
     width: int = 0
     dtype: type = np.float64
     fill: float = _NAN
-    extra_keys: tuple[str, ...] = ()
     sparse: bool = False
     keep_newer: bool = False
 
@@ -70,15 +77,23 @@ class Column:
         """Every element of ``row`` is the column's fill (NaN counts as equal to a NaN fill)."""
         return bool(np.isnan(row).all() if np.isnan(self.fill) else (row == self.fill).all())
 
-    def to_extra(self, row: np.ndarray) -> dict[str, float]:
-        """A row as snapshot extras (nothing for a sparse column at its fill)."""
-        if self.sparse and self.is_fill(row):
-            return {}
-        return dict(zip(self.extra_keys, np.atleast_1d(row).tolist(), strict=True))
+    def absent(self) -> np.ndarray | np.generic:
+        """The value a snapshot without this column reads as: the fill (no elements for a
+        ``HORIZON`` column: a device without a ring)."""
+        if self.width == 0:
+            return np.dtype(self.dtype).type(self.fill)
+        return np.full(max(self.width, 0), self.fill, self.dtype)
 
-    def from_extra(self, extra: dict[str, float]) -> list[float] | float:
-        values = [extra.get(key, self.fill) for key in self.extra_keys]
-        return values if self.width else values[0]
+
+def schema_id(columns: tuple[Column, ...]) -> int:
+    """A stable 32-bit fingerprint of the columns' names, dtypes and declared widths (in
+    order): what a snapshot's header says it was written under.
+
+    >>> schema_id((Column("a"),)) == schema_id((Column("a", fill=0.0),)), schema_id(()) == 0
+    (True, True)
+    """
+    text = ";".join(f"{c.name}:{np.dtype(c.dtype).str}:{c.width}" for c in columns)
+    return zlib.crc32(text.encode())
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -94,16 +109,19 @@ COLUMNS: tuple[Column, ...] = (
     Column("drift_mu", width=HORIZON, dtype=np.float32),
     Column("drift_b", width=HORIZON, dtype=np.float32),
     Column("drift_change", width=HORIZON, dtype=np.float32),
-    Column("prev_change", extra_keys=("prev_change",)),  # the model's one-step change
+    Column("prev_change"),  # the model's one-step change
     # Weight of the model's change against persistence at h=1 and h=H (forecast.py).
-    Column("blend_w", width=2, fill=1.0, extra_keys=("blend_w1", "blend_wH")),
+    Column("blend_w", width=2, fill=1.0),
     # Log of the factor on the model's scale b at h=1 and h=H, so intervals cover what they
     # claim (forecast.py).
-    Column("interval_log_m", width=2, fill=0.0, extra_keys=("interval_log_m1", "interval_log_mH")),
+    Column("interval_log_m", width=2, fill=0.0),
     # The model of the device's own scores behind its anomaly likelihood (likelihood.py).
-    Column("likelihood", width=len(likelihood.FIELDS), fill=0.0, extra_keys=likelihood.FIELDS),
+    Column("likelihood", width=len(likelihood.FIELDS), fill=0.0),
     # Its open alert, if any (alerts.py).
-    Column("alert", width=len(alerts.FIELDS), extra_keys=alerts.FIELDS, sparse=True),
+    Column("alert", width=len(alerts.FIELDS), sparse=True),
     Column("partition", dtype=np.int64, fill=0),
     Column("last_seen", fill=0.0, keep_newer=True),  # wall clock, for the TTL
 )
+
+SCHEMA_ID = schema_id(COLUMNS)
+"""The state schema this version writes (in each snapshot's header; checkpointing/codec.py)."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stream_lstm.state import expert_state
-from stream_lstm.state.columns import COLUMNS, HORIZON, Column
+from stream_lstm.state.columns import COLUMNS, HORIZON, Column, schema_id
 from stream_lstm.state.normalizer import OnlineNormalizer
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.window import RollingWindow
@@ -48,7 +48,9 @@ class DeviceTable:
         a restored device's expert state is dropped.
     columns
         The per-device numeric state (state/columns.py): each becomes ``table.<name>``, grown,
-        cleared, snapshotted and restored from its declaration alone.
+        cleared, snapshotted (``DeviceSnapshot.columns``) and restored from its declaration
+        alone; a snapshot's columns the table does not declare are ignored, and a declared
+        one the snapshot lacks, or holds with another width, restores to its fill.
 
     Examples
     --------
@@ -87,6 +89,7 @@ class DeviceTable:
         self.h = torch.zeros(num_layers, cap, hidden_size, device=self.device)
         self.c = torch.zeros(num_layers, cap, hidden_size, device=self.device)
         self.columns = columns
+        self.schema = schema_id(columns)
         self.horizon = 0  # width of the HORIZON columns: the served model's (ensure_horizon)
         for col in columns:
             setattr(self, col.name, col.rows(cap, self.horizon))
@@ -246,28 +249,27 @@ class DeviceTable:
         dev = self.ids[slot]
         assert dev is not None, f"slot {slot} is free"
         empty = np.zeros((0,), np.float32)
-        fields: dict = {}
-        extra: dict[str, float] = {}
+        columns: dict = {}
         for col in self.columns:
             row = getattr(self, col.name)[slot]
-            if col.extra_keys:
-                extra.update(col.to_extra(row))
-            else:
-                fields[col.name] = row.copy() if row.ndim else row.item()
+            if row.ndim == 0:
+                columns[col.name] = row  # a numpy scalar: immutable, no copy needed
+            elif row.size and not (col.sparse and col.is_fill(row)):
+                columns[col.name] = row.copy()
         return DeviceSnapshot(
             device_id=dev, h=empty, c=empty,
             count=float(self.norm.count[slot]), mean=self.norm.mean[slot].copy(),
             var=self.norm.var[slot].copy(), window=self.window.ordered(slot),
             model_version=self.model_version[slot],
             experts=expert_state.pack(self.experts[slot]) if self.with_experts else np.zeros(0),
-            extra=extra, **fields,
+            columns=columns, schema=self.schema,
         )
 
     def restore(self, snap: DeviceSnapshot) -> int:
         """Put a snapshot into memory (restore on assignment, or a device coming back)."""
         slot = self.index.get(snap.device_id)
         if slot is None:
-            slot = self._allocate(snap.device_id, snap.partition, {snap.device_id})
+            slot = self._allocate(snap.device_id, int(snap.partition), {snap.device_id})
         self._restore_into(slot, snap)
         return slot
 
@@ -282,20 +284,24 @@ class DeviceTable:
         self.norm.mean[slot] = snap.mean
         self.norm.var[slot] = snap.var
         self.window.load(slot, snap.window)
-        ring = len(snap.drift_mu)
-        if self.horizon == 0 and ring:
-            self.ensure_horizon(ring)
+        saved = snap.columns
+        if self.horizon == 0:  # a table that serves no model yet adopts the snapshot's horizon
+            ring = next((np.size(saved[c.name]) for c in self.columns
+                         if c.width == HORIZON and c.name in saved), 0)
+            if ring:
+                self.ensure_horizon(ring)
         for col in self.columns:
             table = getattr(self, col.name)
-            if col.extra_keys:  # absent from an older snapshot: the column's fill
-                table[slot] = col.from_extra(snap.extra)
-            elif col.width == HORIZON:
-                # Another horizon than the served model's: no drift score for H readings.
-                table[slot] = getattr(snap, col.name) if ring == self.horizon else col.fill
-            elif col.keep_newer:
-                table[slot] = max(table[slot], getattr(snap, col.name))
-            else:
-                table[slot] = getattr(snap, col.name)
+            value = saved.get(col.name)
+            # Absent (written before the column existed, or sparse at its fill) or of another
+            # width (e.g. another horizon than the served model's: no drift score for H
+            # readings): the column's fill.
+            shape = getattr(value, "shape", None)  # numpy values have one; a plain float: ()
+            if (shape if shape is not None or value is None else np.shape(value)) != table.shape[1:]:
+                value = col.fill
+            if col.keep_newer:  # the larger of the two
+                value = np.fmax(table[slot], value) if col.width else max(table[slot], value)
+            table[slot] = value
         # A snapshot from before the experts (or with another layout) starts them afresh.
         if self.with_experts:
             fresh = snap.experts.shape != (expert_state.PACKED_SIZE,)

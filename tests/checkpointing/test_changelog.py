@@ -93,13 +93,16 @@ def test_restore_keeps_latest_value_per_key_and_applies_tombstones(settings, sto
     gone = devs[::7]
     records += [tombstone(d, i % 2) for i, d in enumerate(devs) if d in set(gone)]
     records += [(b"dev-bad", b"not a snapshot", 0), (b"\xff\xfe", records[0][1], 1)]
+    newer = snap("dev-newer", 1, 2)
+    newer.schema = 0x1234ABCD  # written by a version that declares other columns
+    records += changelog_records([newer])
     produce(settings, records)
     progress = []
     r = restore(settings, settings.changelog_topic_name(), [0, 1], store,
                 progress=lambda *a: progress.append(a))
-    assert r.complete and r.skipped == 2
+    assert r.complete and r.skipped == 2 and r.other_schemas == {"1234abcd": 1}
     assert sum(r.restored.values()) == len(records)
-    expected = {d: 2 for d in devs if d not in set(gone)}
+    expected = {d: 2 for d in devs if d not in set(gone)} | {"dev-newer": 2}
     assert stored_versions(store) == expected
     assert set(store.device_ids({0})) == {d for i, d in enumerate(devs) if i % 2 == 0} - set(gone)
     # The last report per partition says done == total, and checkpoints are at the end.

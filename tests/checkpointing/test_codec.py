@@ -1,4 +1,5 @@
-"""Snapshot codec: bit-exact round trips, schema-change tolerance, clear errors."""
+"""Snapshot codec, format 2: bit-exact round trips of every column whatever its name and dtype,
+schema-change tolerance (newer and older writers), clear errors. Format 1: test_codec_v1.py."""
 
 from __future__ import annotations
 
@@ -13,21 +14,38 @@ from hypothesis.extra import numpy as hnp
 from stream_lstm.checkpointing.codec import (
     FORMAT,
     MAGIC,
+    SCHEMA_ID,
     SnapshotDecodeError,
     check_snapshot,
     decode_snapshot,
     encode_snapshot,
+    snapshot_schema,
 )
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 pytestmark = pytest.mark.timeout(120)
 
 _PREFIX = struct.Struct("<3sBH")
+_HEADER = struct.Struct("<IHHHIHHHHHId")
 any_f64 = st.floats(allow_nan=True, allow_infinity=True)  # NaNs of either sign
+DTYPES = [np.dtype(d) for d in ("<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "<u8", "<u1", "?")]
 
 
 def _bits(x: float) -> bytes:
     return struct.pack("<d", x)
+
+
+@st.composite
+def column_values(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(st.sampled_from([(), (0,), (1,), (2,), (12,), (28,)]))
+    # Any bit pattern of the dtype (NaN payloads included), read back as that dtype.
+    raw = draw(st.binary(min_size=dtype.itemsize * int(np.prod(shape)),
+                         max_size=dtype.itemsize * int(np.prod(shape))))
+    if dtype.kind == "b":
+        raw = bytes(b & 1 for b in raw)
+    value = np.frombuffer(raw, dtype).reshape(shape).copy()
+    return value[()] if shape == () else value  # a numpy scalar for a width-0 column
 
 
 @st.composite
@@ -36,126 +54,164 @@ def snapshots(draw) -> DeviceSnapshot:
     hidden = draw(st.integers(0, 16)) if layers else 0
     nf = draw(st.integers(1, 4))
     w = draw(st.integers(0, 8))
-    ring = draw(st.integers(0, 12))
     f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
     arr32 = lambda shape: hnp.arrays(np.float32, shape, elements=f32)  # noqa: E731
     arr64 = lambda shape: hnp.arrays(np.float64, shape, elements=any_f64)  # noqa: E731
+    names = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= 255)
     return DeviceSnapshot(
         device_id=draw(st.text(min_size=0, max_size=40)),
-        partition=draw(st.integers(0, 2**31 - 1)),
         h=draw(arr32((layers, hidden))), c=draw(arr32((layers, hidden))),
         count=draw(any_f64), mean=draw(arr64((nf,))), var=draw(arr64((nf,))),
-        window=draw(arr32((w, nf))),
-        last_ts=draw(any_f64), step_s=draw(any_f64),
-        n_seen=draw(st.integers(-(2**63), 2**63 - 1)),
-        since_reset=draw(st.integers(-(2**63), 2**63 - 1)),
-        prev_mu=draw(any_f64), prev_sigma=draw(any_f64),
-        model_version=draw(st.text(max_size=12)), last_seen=draw(any_f64),
-        extra=draw(st.dictionaries(st.text(max_size=20), any_f64, max_size=3)),
-        drift_mu=draw(arr32((ring,))), drift_b=draw(arr32((ring,))),
-        drift_change=draw(arr32((ring,))), experts=draw(arr64((draw(st.integers(0, 24)),))),
+        window=draw(arr32((w, nf))), model_version=draw(st.text(max_size=12)),
+        experts=draw(arr64((draw(st.integers(0, 24)),))),
+        columns=draw(st.dictionaries(names, column_values(), max_size=20)),
+        schema=draw(st.integers(0, 2**32 - 1)),
     )
 
 
 def assert_bit_exact(a: DeviceSnapshot, b: DeviceSnapshot) -> None:
-    assert (a.device_id, a.partition, a.model_version) == (b.device_id, b.partition, b.model_version)
-    assert (a.n_seen, a.since_reset) == (b.n_seen, b.since_reset)
-    for name in ("count", "last_ts", "step_s", "prev_mu", "prev_sigma", "last_seen"):
-        assert _bits(getattr(a, name)) == _bits(getattr(b, name)), name
-    for name in ("h", "c", "mean", "var", "window", "drift_mu", "drift_b", "drift_change",
-                 "experts"):
+    assert (a.device_id, a.model_version, a.schema) == (b.device_id, b.model_version, b.schema)
+    assert _bits(a.count) == _bits(b.count)
+    for name in ("h", "c", "mean", "var", "window", "experts"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), name
-    assert a.extra.keys() == b.extra.keys()
-    assert all(_bits(a.extra[k]) == _bits(b.extra[k]) for k in a.extra)
+    assert list(a.columns) == list(b.columns)
+    for name, x in a.columns.items():
+        y = b.columns[name]
+        assert x.dtype == y.dtype and x.shape == y.shape and type(x) is type(y), name
+        assert x.tobytes() == y.tobytes(), name
 
 
 @settings(max_examples=300, deadline=None)
 @given(snapshots())
 def test_round_trip_is_bit_exact(snap):
     data = encode_snapshot(snap)
-    assert check_snapshot(data) is None
+    assert check_snapshot(data) is None and snapshot_schema(data) == snap.schema
     back = decode_snapshot(data)
     assert_bit_exact(snap, back)
     assert encode_snapshot(back) == data
     # Decoded arrays own their memory: writable, and not views of the input bytes.
     assert back.h.flags.writeable and back.window.flags.writeable
+    assert all(v.flags.writeable for v in back.columns.values() if isinstance(v, np.ndarray))
 
 
 def test_nan_payloads_survive():
     odd_nan = struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\xff")[0]  # negative, payload 1
     s = DeviceSnapshot.empty("d", num_layers=1, hidden_size=2, n_features=1)
     s.h[0] = np.frombuffer(b"\x01\x00\xc0\x7f\x02\x00\x80\xff", np.float32)  # quiet + signalling
-    s.prev_mu = odd_nan
+    s.prev_mu = odd_nan  # a float64 scalar (written through struct)
+    s.drift_mu = np.frombuffer(b"\x02\x00\x80\xff\x03\x00\xc0\x7f", np.float32)
+    s.columns["f4_scalar"] = np.frombuffer(b"\x02\x00\x80\xff", np.float32)[0]
     back = decode_snapshot(encode_snapshot(s))
     assert _bits(back.prev_mu) == _bits(odd_nan)
-    assert back.h.tobytes() == s.h.tobytes()
+    assert back.h.tobytes() == s.h.tobytes() and back.drift_mu.tobytes() == s.drift_mu.tobytes()
+    assert back.columns["f4_scalar"].tobytes() == b"\x02\x00\x80\xff"
 
 
 def _sample() -> DeviceSnapshot:
     s = DeviceSnapshot.empty("pump-7", num_layers=2, hidden_size=3, n_features=2, partition=5)
     s.h[:] = 0.25
     s.window = np.arange(8, dtype=np.float32).reshape(4, 2)
-    s.model_version, s.n_seen, s.extra = "v0002", 17, {"k": 2.5}
+    s.model_version, s.n_seen, s.last_ts, s.blend_w = "v0002", 17, 1.7e9, [0.5, 0.75]
+    s.drift_mu = [1.0, 2.0, 3.0]
+    s.experts = np.arange(5, dtype=np.float64)
     return s
 
 
-def test_newer_writer_with_longer_header_and_trailing_section_decodes():
+def test_the_header_carries_the_format_and_the_schema_and_plain_values_are_accepted():
+    data = encode_snapshot(_sample())
+    assert data[:4] == MAGIC + bytes([FORMAT]) and snapshot_schema(data) == SCHEMA_ID
+    assert snapshot_schema(b"nope") is None and snapshot_schema(b"SLS\x07" + bytes(60)) is None
+    s = _sample()
+    s.columns["plain"] = 2.5  # not a numpy value: written as numpy would hold it
+    s.columns["big_endian"] = np.array([1.0, -2.0], ">f8")  # written little-endian
+    back = decode_snapshot(encode_snapshot(s))
+    assert back.columns["plain"].dtype == np.float64 and back.columns["plain"] == 2.5
+    assert back.columns["big_endian"].dtype == np.dtype("<f8")
+    assert back.columns["big_endian"].tolist() == [1.0, -2.0]
+
+
+def _directory_entry(name: str, code: int, n: int) -> bytes:
+    return bytes([len(name.encode())]) + name.encode() + struct.pack("<BH", code, n)
+
+
+def _with_columns(data: bytes, entries: bytes, values: bytes, n: int, *, append=True) -> bytes:
+    """``data`` with directory entries and their values added (after its own, or instead)."""
+    _, fmt, header_len = _PREFIX.unpack_from(data)
+    fields = list(_HEADER.unpack_from(data, 6))
+    dir_len, data_len = fields[9], fields[10]
+    end = len(data) - dir_len - data_len
+    old_dir, old_data = data[end : end + dir_len], data[end + dir_len :]
+    if not append:
+        old_dir, old_data, fields[8] = b"", b"", 0
+    fields[8] += n
+    fields[9], fields[10] = len(old_dir + entries), len(old_data + values)
+    return (data[:6] + _HEADER.pack(*fields) + data[6 + header_len : end] + old_dir + entries
+            + old_data + values)
+
+
+def test_a_column_of_a_kind_this_version_does_not_know_is_skipped():
+    data = encode_snapshot(_sample())
+    # A newer writer's column of kind 7 (8-byte items), then a float64 pair after it.
+    newer = _with_columns(data, _directory_entry("quaternion", 0x78, 2)
+                          + _directory_entry("after", 0x08, 2),
+                          bytes(range(16)) + np.array([4.5, -1.0]).tobytes(), 2)
+    back = decode_snapshot(newer)
+    assert "quaternion" not in back.columns and back.columns["after"].tolist() == [4.5, -1.0]
+    assert_bit_exact(_sample(), decode_snapshot(data))
+    assert back.n_seen == 17 and back.blend_w.tolist() == [0.5, 0.75]
+
+
+def test_an_older_writer_without_some_columns_leaves_them_absent_and_they_read_as_the_fill():
+    only = _with_columns(encode_snapshot(_sample()), _directory_entry("n_seen", 0x98, 1),
+                         np.int64(4).tobytes(), 1, append=False)
+    back = decode_snapshot(only)
+    assert list(back.columns) == ["n_seen"] and back.n_seen == 4
+    assert back.partition == 0 and np.isnan(back.last_ts) and back.blend_w.tolist() == [1.0, 1.0]
+
+
+def test_newer_writer_with_longer_header_and_trailing_bytes_decodes():
     data = encode_snapshot(_sample())
     _, fmt, header_len = _PREFIX.unpack_from(data)
-    # A newer writer appended 12 bytes of header fields and a trailing section.
+    # A newer writer appended 12 bytes of header fields and something after the columns.
     newer = (_PREFIX.pack(MAGIC, fmt, header_len + 12) + data[6 : 6 + header_len] + b"\xab" * 12
              + data[6 + header_len :] + b"future section")
     assert_bit_exact(_sample(), decode_snapshot(newer))
 
 
-def test_older_writer_without_appended_fields_decodes_with_defaults():
-    s = _sample()
-    s.extra = {}
-    data = encode_snapshot(s)
-    _, fmt, header_len = _PREFIX.unpack_from(data)
-    base = header_len - 6  # the first format-1 header had no n_extra, n_ring or n_experts
-    older = _PREFIX.pack(MAGIC, fmt, base) + data[6 : 6 + base] + data[6 + header_len :]
-    back = decode_snapshot(older)
-    assert back.extra == {} and len(back.drift_mu) == 0
-    assert_bit_exact(s, back)
-
-
-def test_writer_from_before_the_drift_ring_keeps_its_extras():
-    s = _sample()
-    s.extra = {"gain": 2.5}
-    data = encode_snapshot(s)  # no drift ring: nothing trails the extras
-    _, fmt, header_len = _PREFIX.unpack_from(data)
-    v010 = header_len - 4  # 0.1.0 wrote n_extra but not n_ring or n_experts
-    older = _PREFIX.pack(MAGIC, fmt, v010) + data[6 : 6 + v010] + data[6 + header_len :]
-    back = decode_snapshot(older)
-    assert back.extra == {"gain": 2.5} and len(back.drift_mu) == 0
-
-
-def test_writer_from_before_the_experts_keeps_its_drift_ring():
-    s = _sample()
-    s.drift_mu = s.drift_b = s.drift_change = np.array([1.0, 2.0, 3.0], np.float32)
-    data = encode_snapshot(s)  # no experts: nothing trails the drift ring
-    _, fmt, header_len = _PREFIX.unpack_from(data)
-    v011 = header_len - 2  # 0.1.1 wrote n_extra and n_ring but not n_experts
-    older = _PREFIX.pack(MAGIC, fmt, v011) + data[6 : 6 + v011] + data[6 + header_len :]
-    back = decode_snapshot(older)
-    assert back.drift_change.tolist() == [1.0, 2.0, 3.0] and len(back.experts) == 0
-
-
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: b"XYZ" + d[3:], "not a stream-lstm snapshot"),
     (lambda d: d[:3] + bytes([FORMAT + 1]) + d[4:], f"format {FORMAT + 1} is not supported"),
+    (lambda d: d[:3] + b"\x00" + d[4:], "format 0 is not supported"),
     (lambda d: d[:4] + struct.pack("<H", 10) + d[6:], "header of 10 bytes"),
     (lambda d: d[:4] + struct.pack("<H", 60_000) + d[6:], "truncated"),
     (lambda d: b"", "truncated"),
+    (lambda d: d + b"\x00" * 4, None),  # trailing bytes: fine
 ])
 def test_bad_bytes_raise_decode_error(mutate, message):
     data = mutate(encode_snapshot(_sample()))
+    if message is None:
+        assert check_snapshot(data) is None
+        assert_bit_exact(_sample(), decode_snapshot(data))
+        return
     with pytest.raises(SnapshotDecodeError, match=message):
         decode_snapshot(data)
     assert check_snapshot(data) is not None
+
+
+def test_a_corrupt_column_directory_raises_decode_error():
+    data = encode_snapshot(_sample())
+    with pytest.raises(SnapshotDecodeError, match="directory describes 24 bytes of values, the header 16"):
+        decode_snapshot(_with_columns(data, _directory_entry("x", 0x08, 3), bytes(16), 1, append=False))
+    with pytest.raises(SnapshotDecodeError, match="column directory unreadable"):
+        decode_snapshot(_with_columns(data, b"\x20xy", b"", 1))  # a name running past the end
+    with pytest.raises(SnapshotDecodeError, match="column directory unreadable"):
+        decode_snapshot(_with_columns(data, _directory_entry("x", 0x03, 1), bytes(3), 1))  # float24
+    with pytest.raises(SnapshotDecodeError, match="column directory unreadable"):
+        decode_snapshot(_with_columns(data, b"\x02\xff\xfe" + b"\x08\x01\x00", bytes(8), 1))  # not UTF-8
+    with pytest.raises(SnapshotDecodeError, match="holds 5 bytes of 1 entries"):
+        decode_snapshot(_with_columns(data, _directory_entry("x", 0x08, 0) + b"\x00", b"", 1, append=False))
 
 
 def test_every_truncation_raises_decode_error():
@@ -163,6 +219,7 @@ def test_every_truncation_raises_decode_error():
     for n in range(len(data)):
         with pytest.raises(SnapshotDecodeError):
             decode_snapshot(data[:n])
+        assert check_snapshot(data[:n]) is not None
 
 
 def test_invalid_utf8_device_id_raises_decode_error():
@@ -173,7 +230,7 @@ def test_invalid_utf8_device_id_raises_decode_error():
         decode_snapshot(bytes(data))
 
 
-def test_encode_refuses_inconsistent_shapes():
+def test_encode_refuses_inconsistent_shapes_and_values_the_format_cannot_hold():
     s = _sample()
     s.c = np.zeros((1, 3), np.float32)
     with pytest.raises(ValueError, match="h .* and c"):
@@ -186,3 +243,12 @@ def test_encode_refuses_inconsistent_shapes():
     s.device_id = "x" * 70_000
     with pytest.raises(ValueError, match="does not fit"):
         encode_snapshot(s)
+    for name, value, message in (("x" * 256, np.float64(1.0), "does not fit"),
+                                 ("grid", np.zeros((2, 2)), "does not fit"),
+                                 ("long", np.zeros(70_000), "does not fit"),
+                                 ("z", np.array([1j]), "cannot be saved"),
+                                 ("s", np.array(["a"]), "cannot be saved")):
+        s = _sample()
+        s.columns[name] = value
+        with pytest.raises(ValueError, match=message):
+            encode_snapshot(s)

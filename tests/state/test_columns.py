@@ -1,13 +1,13 @@
 """Per-device state columns (state/columns.py): what a new device starts with, which rows count
-as untouched, how a row goes into a snapshot's extras and back, and that the declared columns
-fit the snapshot they are saved in."""
+as untouched, what a snapshot without a column reads as, the schema id, and that the declared
+columns fit the snapshot and the codec they are saved with."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from stream_lstm.state.columns import COLUMNS, HORIZON, Column
+from stream_lstm.state.columns import COLUMNS, HORIZON, SCHEMA_ID, Column, schema_id
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 
@@ -27,42 +27,32 @@ def test_is_fill_treats_nan_as_equal_to_a_nan_fill():
     assert not zero_fill.is_fill(np.array([np.nan, 0.0]))
 
 
-def test_a_row_goes_to_its_extra_keys_and_back():
-    col = Column("gain", width=2, fill=1.0, extra_keys=("gain_a", "gain_b"))
-    extra = col.to_extra(np.array([0.25, 3.0]))
-    assert extra == {"gain_a": 0.25, "gain_b": 3.0}
-    assert all(type(v) is float for v in extra.values())  # plain floats for the codec
-    assert col.from_extra(extra) == [0.25, 3.0]
-    assert col.to_extra(np.ones(2)) == {"gain_a": 1.0, "gain_b": 1.0}  # not sparse: saved at its fill
-    # A key absent from an older snapshot reads as the fill.
-    assert col.from_extra({"gain_a": 0.5}) == [0.5, 1.0] and col.from_extra({}) == [1.0, 1.0]
-    one = Column("prev_change", extra_keys=("prev_change",))
-    assert one.to_extra(np.float64(-0.5)) == {"prev_change": -0.5}
-    assert one.from_extra({"prev_change": -0.5}) == -0.5 and np.isnan(one.from_extra({}))
+def test_a_column_absent_from_a_snapshot_reads_as_its_fill():
+    n = Column("n", dtype=np.int64, fill=3).absent()
+    assert n.dtype == np.int64 and n.shape == () and n == 3  # a numpy scalar, in the column's dtype
+    gain = Column("gain", width=2, dtype=np.float32, fill=0.5).absent()
+    assert gain.dtype == np.float32 and gain.tolist() == [0.5, 0.5]
+    assert Column("ring", width=HORIZON).absent().shape == (0,)  # no ring
 
 
-def test_a_sparse_column_is_saved_only_while_it_differs_from_its_fill():
-    alert = Column("alert", width=2, extra_keys=("since", "peak"), sparse=True)
-    assert alert.to_extra(np.array([np.nan, np.nan])) == {}
-    assert alert.to_extra(np.array([100.0, np.nan]))["since"] == 100.0
+def test_the_schema_id_follows_names_dtypes_and_widths_not_fills():
+    base = (Column("a"), Column("b", width=2))
+    assert schema_id(base) == schema_id((Column("a", fill=0.0), Column("b", width=2, sparse=True)))
+    for changed in ((Column("a"),), (Column("a"), Column("b", width=3)),
+                    (Column("a"), Column("b", width=2, dtype=np.float32)),
+                    (Column("b", width=2), Column("a")), (*base, Column("c"))):
+        assert schema_id(changed) != schema_id(base), changed
+    assert SCHEMA_ID == schema_id(COLUMNS) and 0 < SCHEMA_ID < 2**32
+    # Stable across runs and versions of Python (a CRC, not hash()).
+    assert schema_id((Column("a"),)) == 0x46D81B41
 
 
-def test_a_row_that_does_not_fit_its_keys_is_an_error():
-    with pytest.raises(ValueError):
-        Column("gain", width=2, extra_keys=("only_one",)).to_extra(np.array([1.0, 2.0]))
-
-
-def test_the_declared_columns_fit_the_snapshot():
+def test_the_declared_columns_fit_the_snapshot_and_its_bytes():
     names = [c.name for c in COLUMNS]
     assert len(set(names)) == len(names)
-    keys = [k for c in COLUMNS for k in c.extra_keys]
-    assert len(set(keys)) == len(keys), "two columns would overwrite each other's extras"
     fields = {f.name for f in dataclasses.fields(DeviceSnapshot)}
     for col in COLUMNS:
-        if col.extra_keys:
-            width = len(col.rows(1, horizon=4)[0]) if col.width else 1
-            assert len(col.extra_keys) == width, col.name  # one key per element
-            assert not set(col.extra_keys) & fields, col.name
-        else:  # saved as the snapshot field of the same name
-            assert col.name in fields, col.name
-        assert not (col.sparse and not col.extra_keys), col.name  # only extras can be left out
+        assert col.name not in fields, col.name  # the attribute would hide the field
+        assert 0 < len(col.name.encode()) <= 255, col.name  # the codec's name length
+        assert np.dtype(col.dtype).kind in "fiub", col.name  # what the codec can write
+        assert col.width == HORIZON or 0 <= col.width <= 0xFFFF, col.name

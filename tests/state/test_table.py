@@ -113,7 +113,7 @@ def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_c
     t.likelihood[[a, b]] = state
     t.alert[a] = [100.0, 160.0, 0.99999, 130.0, 42.0, 1.0, 2.0]
     snaps = {s.device_id: decode_snapshot(encode_snapshot(s)) for s in t.snapshots(np.array([a, b]))}
-    assert not any(k in snaps["calm"].extra for k in alerts.FIELDS)  # no alert: nothing to carry
+    assert "alert" not in snaps["calm"].columns and "alert" in snaps["open"].columns  # sparse
     fresh = DeviceTable(max_devices=4, window=3, n_features=1, num_layers=1, hidden_size=2)
     for dev, slot in (("open", a), ("calm", b)):
         restored = fresh.restore(snaps[dev])
@@ -130,22 +130,53 @@ def test_a_newly_declared_column_survives_growth_eviction_the_codec_and_restore_
     from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
     from stream_lstm.state.columns import COLUMNS, Column
 
-    gain = Column("gain", width=3, fill=0.5, extra_keys=("gain_a", "gain_b", "gain_c"))
+    # Declared here, and nowhere else: no snapshot attribute, no codec change.
+    gain = Column("gain", width=3, dtype=np.float32, fill=0.5)
+    hits = Column("hits", dtype=np.int32, fill=-1)
     evicted = []
     t = DeviceTable(max_devices=2, window=3, n_features=1, num_layers=1, hidden_size=2,
                     initial_capacity=1, on_evict=lambda s: evicted.append(decode_snapshot(encode_snapshot(s))),
-                    columns=(*COLUMNS, gain))
+                    columns=(*COLUMNS, gain, hits))
     (a,) = t.slots_for(["a"], [0], now=1.0)
-    t.gain[a] = [1.0, 2.0, 3.0]
+    t.gain[a] = [1.0, 2.0, np.nan]
+    t.hits[a] = 2**31 - 1
     t.slots_for(["b"], [0], now=2.0)  # grows from 1 slot to 2
-    assert t.capacity == 2 and t.gain[a].tolist() == [1.0, 2.0, 3.0]
+    assert t.capacity == 2 and t.gain[a].tolist()[:2] == [1.0, 2.0] and t.hits[a] == 2**31 - 1
     t.slots_for(["c"], [0], now=3.0)  # evicts a, through the codec
-    assert evicted[0].extra["gain_b"] == 2.0
-    assert t.gain[t.index["c"]].tolist() == [0.5, 0.5, 0.5]  # a new device starts at the fill
-    t.slots_for(["a"], [0], now=4.0, load=lambda dev: evicted[0] if dev == "a" else None)
-    assert t.gain[t.index["a"]].tolist() == [1.0, 2.0, 3.0]
-    # A snapshot from before the column existed restores to the fill.
+    back = evicted[0]
+    assert back.columns["gain"].dtype == np.float32 and back.columns["gain"].tolist()[:2] == [1.0, 2.0]
+    assert back.columns["hits"].dtype == np.int32 and back.columns["hits"] == 2**31 - 1
+    assert back.schema == t.schema != DeviceTable(1, 2, 1, 1, 1).schema  # the header says which
+    assert t.gain[t.index["c"]].tolist() == [0.5, 0.5, 0.5] and t.hits[t.index["c"]] == -1  # fills
+    t.slots_for(["a"], [0], now=4.0, load=lambda dev: back if dev == "a" else None)
+    slot = t.index["a"]
+    assert t.gain[slot].tobytes() == np.array([1.0, 2.0, np.nan], np.float32).tobytes()
+    assert t.hits[slot] == 2**31 - 1
+    # A snapshot from before the columns existed (an older writer) restores them to the fill ...
     plain = DeviceTable(max_devices=2, window=3, n_features=1, num_layers=1, hidden_size=2)
     (p,) = plain.slots_for(["old"], [0], now=1.0)
-    slot = t.restore(plain.snapshot(p))
-    assert t.gain[slot].tolist() == [0.5, 0.5, 0.5]
+    plain.n_seen[p] = 9
+    slot = t.restore(decode_snapshot(encode_snapshot(plain.snapshot(p))))
+    assert t.gain[slot].tolist() == [0.5, 0.5, 0.5] and t.hits[slot] == -1 and t.n_seen[slot] == 9
+    # ... and a table without them (an older reader) ignores them and restores the rest.
+    (a,) = plain.slots_for(["a"], [0], now=5.0, load=lambda dev: back)
+    assert plain.n_seen[a] == back.n_seen and not hasattr(plain, "gain")
+
+
+def test_a_row_of_another_width_restores_to_the_fill_and_keep_newer_keeps_the_later_clock():
+    t = make()
+    (a,) = t.slots_for(["a"], [0], now=100.0)
+    snap = t.snapshot(a)
+    snap.columns["blend_w"] = np.array([0.5, 0.5, 0.5])  # three values where two are declared
+    snap.columns["interval_log_m"] = np.float64(0.25)  # one value where two are declared
+    snap.columns["n_seen"] = np.array([3, 4])  # two values where one is declared
+    snap.last_seen = 50.0
+    other = make()
+    other.slots_for(["x"], [0], now=80.0)
+    slot = other.restore(snap)
+    assert other.blend_w[slot].tolist() == [1.0, 1.0] and other.interval_log_m[slot].tolist() == [0.0, 0.0]
+    assert other.n_seen[slot] == 0
+    assert other.last_seen[slot] == 50.0  # a new slot: the snapshot's
+    other.last_seen[slot] = 120.0
+    other.restore(snap)  # the table's clock has moved on: kept
+    assert other.last_seen[slot] == 120.0
