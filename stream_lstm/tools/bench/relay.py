@@ -70,10 +70,14 @@ def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
     from stream_lstm.models.serving import fresh_model
     from stream_lstm.worker import Worker
 
+    import tempfile
+    from pathlib import Path
+
+    home = Path(tempfile.mkdtemp(prefix="bench-worker-"))  # not the user's model or state dir
     s = settings.model_copy(update={
         "input_topic": topic, "output_topic": f"{topic}-out", "dlq_topic": f"{topic}-dlq",
         "group_id": f"bench-w-{uuid.uuid4().hex[:8]}", "processing_guarantee": "exactly_once",
-        "metrics_port": 0, "min_history": 1,
+        "metrics_port": 0, "min_history": 1, "model_dir": home / "models", "state_dir": home / "state",
     })
     worker = Worker(s, fresh_model(s))
     deadline = time.time() + 300
@@ -98,6 +102,9 @@ def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
             sent[topic] = sent.get(topic, 0) + n
     state = sent.get(s.changelog_topic_name(), 0) / max(1, totals.consumed)
     forecasts = sent.get(s.output_topic, 0) / max(1, totals.consumed)
+    import shutil
+
+    shutil.rmtree(home, ignore_errors=True)
     return {"rate": rate, "state_bytes": state, "forecast_bytes": forecasts}
 
 
