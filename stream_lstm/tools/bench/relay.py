@@ -67,11 +67,11 @@ def relay(settings: Any, topic: str, messages: int) -> float:
 def worker_run(settings: Any, topic: str, messages: int) -> dict[str, float]:
     """The worker on ``topic`` with the default settings, exactly-once: readings/s and the
     bytes of changelog and forecasts it sent per reading."""
-    from stream_lstm.models.serving import fresh_model
-    from stream_lstm.worker import Worker
-
     import tempfile
     from pathlib import Path
+
+    from stream_lstm.models.serving import fresh_model
+    from stream_lstm.worker import Worker
 
     home = Path(tempfile.mkdtemp(prefix="bench-worker-"))  # not the user's model or state dir
     s = settings.model_copy(update={
