@@ -25,6 +25,12 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 log = logging.getLogger(__name__)
 
 
+# The lean path takes records up to this size (the producer's max.request.size is 1 MiB; a
+# forecast is ~1 KB, a device's checkpoint ~4 KB); larger ones take send()'s size check.
+_LEAN_MAX_BYTES = 256 * 1024
+_NO_HEADERS: list = []
+
+
 class PublishError(RuntimeError):
     """A batch could not be published; its offsets were not committed."""
 
@@ -58,6 +64,10 @@ class BatchPublisher:
         # key -> partition per topic. kafka-python hashes every key in Python (murmur2) on each
         # send; the mapping never changes for a topic, so we remember it: sends ~1.8x faster.
         self._partitions: dict[str, tuple[int, dict[bytes, int]]] = {}
+        # The lean path's partitions, and those already added to the open transaction.
+        self._tps: dict[tuple[str, int], TopicPartition] = {}
+        self._joined: set[TopicPartition] = set()
+        self._lean_topics: set[str] = set()
         if exactly_once:
             # Fences any earlier producer with the same transactional id and aborts its
             # unfinished transaction, so a restarted worker never sees a zombie's writes.
@@ -65,6 +75,7 @@ class BatchPublisher:
 
     def begin(self) -> None:
         self._futures.clear()
+        self._joined.clear()
         if self.exactly_once and not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
@@ -79,10 +90,49 @@ class BatchPublisher:
     ) -> None:
         if partition is None and key is not None:
             partition = self._partition_for(topic, key)
-        fut = self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        size = len(value or b"") + len(key or b"")
+        if (partition is None or headers or size > _LEAN_MAX_BYTES or value is None
+                or not self._has_metadata(topic)):
+            fut = self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        else:
+            fut = self._lean_send(topic, partition, key, value)
         self._futures.append((topic, partition, fut))
         sent = self.sent_bytes
-        sent[topic] = sent.get(topic, 0) + len(value or b"") + len(key or b"")
+        sent[topic] = sent.get(topic, 0) + size
+
+    def _has_metadata(self, topic: str) -> bool:
+        """Whether the producer tracks ``topic``'s metadata (its sender fetches only the
+        topics it was asked for; ``send()`` asks on each call, the lean path once)."""
+        if topic in self._lean_topics:
+            return True
+        if self.producer.partitions_for(topic):  # waits for it, as send() would
+            self._lean_topics.add(topic)
+            return True
+        return False
+
+    def _lean_send(self, topic: str, partition: int, key: bytes | None, value: bytes) -> Any:
+        """``KafkaProducer.send`` for the records the worker makes itself, less what they
+        never need: validating, serialising and sizing bytes it made, asking the partitioner,
+        metadata it already has (``_partition_for``), and adding the partition to the
+        transaction on every record rather than once per transaction (``_joined``). That is
+        about 40% of ``send()`` (docs/benchmarks.md, issue 16). The record goes to the same
+        accumulator, so batching, ordering, idempotence and the transaction are kafka-python's
+        own. Records with headers, tombstones, large ones, and those whose partition is not
+        known yet take the full ``send()``. The private names are pinned by
+        tests/kafka/test_publisher.py."""
+        tp = self._tps.get((topic, partition))
+        if tp is None:
+            tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)
+        if tp not in self._joined:
+            tm = self.producer._transaction_manager
+            if tm is not None and tm.is_transactional():
+                tm.maybe_add_partition_to_transaction(tp)  # also fails if not ready to send
+            self._joined.add(tp)
+        future, full, new_batch, _ = self.producer._accumulator.append(
+            tp, int(time.time() * 1000), key, value, _NO_HEADERS)
+        if full or new_batch:
+            self.producer._sender.wakeup()
+        return future
 
     def _partition_for(self, topic: str, key: bytes) -> int | None:
         """The default partitioner's choice (murmur2 of the key), cached."""

@@ -8,7 +8,9 @@ renames them must fail here, by name, rather than in production the first time a
 
 import inspect
 
+import pytest
 from kafka.producer.kafka import KafkaProducer
+from kafka.producer.record_accumulator import RecordAccumulator
 from kafka.producer.sender import Sender
 from kafka.producer.transaction_manager import TransactionalRequestResult, TransactionManager
 
@@ -32,3 +34,68 @@ def test_the_private_pieces_have_the_shapes_the_publisher_calls():
     assert callable(Sender.wakeup)
     init = inspect.getsource(KafkaProducer.__init__)
     assert "self._transaction_manager" in init and "self._sender" in init
+
+
+def test_the_lean_send_path_does_what_send_does_with_its_records():
+    # BatchPublisher._lean_send calls the accumulator and the transaction manager as send() does.
+    send = inspect.getsource(KafkaProducer.send)
+    assert "self._accumulator.append(tp, timestamp_ms, key_bytes, value_bytes, headers" in send
+    assert "self._transaction_manager.maybe_add_partition_to_transaction(tp)" in send
+    assert "self._sender.wakeup()" in send
+    append = inspect.signature(RecordAccumulator.append).parameters
+    assert list(append)[:6] == ["self", "tp", "timestamp_ms", "key", "value", "headers"]
+    assert "future, batch_is_full, new_batch_created, abort_for_new_batch = result" in send
+    assert callable(TransactionManager.maybe_add_partition_to_transaction)
+    assert callable(TransactionManager.is_transactional)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_lean_and_full_sends_share_one_transaction_and_its_fate(settings_factory, topic_name):
+    from kafka.structs import TopicPartition
+
+    from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.kafka.publisher import BatchPublisher
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+    s = settings_factory()
+    other = f"{topic_name}-o"
+    ensure_topics(s, [TopicSpec(topic_name, 2), TopicSpec(other, 1)])
+    publisher = BatchPublisher(make_producer(s, transactional_id=f"{topic_name}-tx"), True,
+                               send_timeout_s=20)
+    try:
+        publisher.begin()
+        publisher.send(other, b"x", key=b"k")  # the producer now fetches this topic's metadata
+        # These name a topic the producer has no metadata for: it must ask (else their
+        # batches wait for leaders it never learns, and the commit times out).
+        publisher.send(topic_name, b"lean-0", key=b"a", partition=0)
+        publisher.send(topic_name, b"lean-1", key=b"b", partition=1)
+        written = publisher.commit({}, consumer=None)
+        assert written == {(topic_name, 0): 0, (topic_name, 1): 0, (other, 0): 0}
+        publisher.begin()
+        publisher.send(topic_name, b"full", key=b"c", partition=1, headers=[("h", b"1")])
+        publisher.send(topic_name, None, key=b"d", partition=0)  # a tombstone: send()
+        publisher.send(topic_name, b"lean-2", key=b"e", partition=0)
+        assert publisher.commit({}, consumer=None) == {(topic_name, 0): 3, (topic_name, 1): 2}
+        publisher.begin()
+        publisher.send(topic_name, b"aborted", key=b"a", partition=0)
+        publisher.abort()
+    finally:
+        publisher.producer.close(timeout=5)
+    reader = make_consumer(s, group_id=None, isolation_level="read_committed",
+                           enable_auto_commit=False)
+    tps = [TopicPartition(topic_name, p) for p in (0, 1)]
+    reader.assign(tps)
+    reader.seek_to_beginning(*tps)
+    seen = []
+    try:
+        for _ in range(100):
+            for recs in reader.poll(timeout_ms=200).values():
+                seen.extend((r.partition, r.key, r.value, list(r.headers or [])) for r in recs)
+            if len(seen) >= 5:
+                break
+    finally:
+        reader.close()
+    assert sorted(seen, key=lambda r: r[1]) == [
+        (0, b"a", b"lean-0", []), (1, b"b", b"lean-1", []), (1, b"c", b"full", [("h", b"1")]),
+        (0, b"d", None, []), (0, b"e", b"lean-2", [])]
