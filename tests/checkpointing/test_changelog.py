@@ -25,6 +25,7 @@ from stream_lstm.kafka.topics import (
     TopicSpec,
     ensure_changelog_topic,
     ensure_topics,
+    partition_count,
 )
 from stream_lstm.state.snapshot import DeviceSnapshot
 
@@ -64,6 +65,27 @@ def produce(settings: Settings, records, transactional: bool = False) -> None:
         prod.commit_transaction()
     prod.flush()
     prod.close()
+    if transactional:
+        wait_for_markers(settings, topic)
+
+
+def wait_for_markers(settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
+    """Until read_committed readers see the committed transaction whole.
+
+    ``commit_transaction`` returns once the coordinator has decided; it writes the commit
+    markers into the partitions after that, and until then a read_committed reader's end (the
+    last stable offset) is still before the transaction. On a loaded machine a restore run at
+    once could stop there. (The worker does not depend on this: a restore short of a
+    transaction also misses its replay marker, and replays the input from the older one.)"""
+    tps = [TopicPartition(topic, p) for p in range(partition_count(settings, topic))]
+    deadline = time.monotonic() + timeout_s
+
+    def ends(committed: bool) -> dict[TopicPartition, int]:
+        return changelog._list_offsets(settings, tps, ("latest",), 15_000, committed)[0]
+
+    while ends(True) != ends(False):
+        assert time.monotonic() < deadline, "the transaction's markers never arrived"
+        time.sleep(0.05)  # (no event to wait on: the broker writes the markers)
 
 
 def stored_versions(store: StateStore) -> dict[str, int]:
