@@ -120,25 +120,42 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     Returns ``(row, "open" | "close", alert state)`` per event, in reading order.
     """
     evidence = np.fmax(fb.anomaly_score, fb.drift_score)  # NaN only where neither was scored
-    lik, flagged = np.full(len(batch), np.nan), np.zeros(len(batch), bool)
     # The range of whichever forecast the reading departed from more: one-step or H-step.
     low_1, high_1, low_h, high_h = fb.expected_range()
     one_step = ~(np.nan_to_num(fb.drift_score, nan=-1.0) > np.nan_to_num(fb.anomaly_score, nan=-1.0))
     q_low, q_high = np.where(one_step, low_1, low_h), np.where(one_step, high_1, high_h)
     events: list[tuple[int, str, np.ndarray]] = []
-    # Round by round: a device's readings in one poll are judged in order.
+    x, slots_all, n = batch.x_target, batch.slots, len(batch)
+    # Round by round, a device's readings in one poll are observed in order (the recursion);
+    # their likelihoods then come from what was observed, for every round at once.
+    before = np.empty((n, len(likelihood.CHANNELS), len(likelihood.CHANNEL_FIELDS)))
+    run, threshold = np.empty((n, len(likelihood.CHANNELS))), np.empty((n, len(likelihood.CHANNELS)))
+    judged = np.empty((n, len(likelihood.CHANNELS)), bool)
     for start, end in batch.rounds:
-        slots = batch.slots[start:end]
+        slots = slots_all[start:end]
         state = table.likelihood[slots]
-        lik[start:end] = likelihood.judge(state, evidence[start:end], batch.x_target[start:end])
+        (before[start:end], run[start:end], threshold[start:end],
+         judged[start:end]) = likelihood.observe(state, evidence[start:end], x[start:end])
         table.likelihood[slots] = state
-        flagged[start:end] = (1.0 - np.nan_to_num(lik[start:end], nan=0.0)) <= false_alarm_rate
+    lik = likelihood.combine(likelihood.conclude(before, run, threshold, judged))
+    flagged = (1.0 - np.nan_to_num(lik, nan=0.0)) <= false_alarm_rate
+    # Only a device with an alert open, or a reading flagged in this poll, has alert work:
+    # for any other, step() changes nothing and reports nothing.
+    active = np.isin(slots_all, np.union1d(slots_all[flagged], slots_all[is_open(table.alert[slots_all])]))
+    if not active.any():
+        rounds: list[tuple[int, int]] = []
+    elif active.all():
+        rounds = batch.rounds
+    else:
+        rounds = [(start, end) for start, end in batch.rounds if active[start:end].any()]
+    for start, end in rounds:
+        rows = np.arange(start, end) if active[start:end].all() else start + np.flatnonzero(active[start:end])
+        slots = slots_all[rows]
         alert = table.alert[slots]
-        opened, closed = step(alert, ts=ts[start:end], flagged=flagged[start:end], lik=lik[start:end],
-                              value=batch.x_target[start:end], low=q_low[start:end],
-                              high=q_high[start:end], hold_s=hold_s)
+        opened, closed = step(alert, ts=ts[rows], flagged=flagged[rows], lik=lik[rows], value=x[rows],
+                              low=q_low[rows], high=q_high[rows], hold_s=hold_s)
         for i in sorted([*opened.tolist(), *closed.tolist()]):
-            events.append((start + i, "open" if i in opened else "close", alert[i].copy()))
+            events.append((int(rows[i]), "open" if i in opened else "close", alert[i].copy()))
         clear(alert, closed)
         table.alert[slots] = alert
     fb.anomaly_likelihood, fb.is_anomaly = lik, flagged

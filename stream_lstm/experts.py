@@ -59,6 +59,7 @@ import numpy as np
 from stream_lstm.state.expert_state import (
     _E_PREV,
     _F_PREV,
+    _HISTORY,
     _LOG_W,
     _P,
     _S_PREV,
@@ -81,7 +82,7 @@ from stream_lstm.state.expert_state import (
 __all__ = [
     "EXPERTS", "N_HISTORY", "N_LAGS", "N_FEATURES", "STATE_SIZE", "PACKED_SIZE", "init_state",
     "history", "pack", "unpack", "PATTERN", "N_NEIGHBOURS", "FORGETTING", "HUBER", "SHARE",
-    "previous", "weights", "leaders", "step",
+    "previous", "weights", "leaders", "step", "prepare",
 ]
 
 PATTERN = 4  # readings compared when looking for analogues
@@ -128,6 +129,7 @@ def step(
     model_forecast: np.ndarray,
     *,
     rate: float,
+    prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Learn from readings ``x`` and forecast the next one, for one reading per row.
 
@@ -146,6 +148,8 @@ def step(
         The ``model`` expert's forecast of the next reading, device units.
     rate
         Step of the expert weights.
+    prepared
+        This round's rows of :func:`prepare` for the poll, if computed (else computed here).
     """
     learn = learn & np.isfinite(state[:, _S_PREV]) & np.isfinite(x)
     if learn.any():
@@ -154,6 +158,54 @@ def step(
     readings = history(state)
     readings[:, :-1] = readings[:, 1:]
     readings[:, -1] = x
+    analog, median, feats = _from_readings(readings, x, mean, scale, model_change) if prepared is None else prepared
+    ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
+    experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
+    # An expert that cannot forecast (NaN) counts as the last reading.
+    experts = np.where(np.isfinite(experts), experts, x[:, None])
+    state[:, _F_PREV], state[:, _E_PREV], state[:, _S_PREV] = feats, experts, scale
+    return np.einsum("mk,mk->m", weights(state), experts)
+
+
+def prepare(state: np.ndarray, slots: np.ndarray, x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+            model_change: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`step` computes from the readings alone (the analog and median forecasts and
+    the ``ar`` expert's features), for many readings of each device at once: ``slots`` ``[n]``
+    (a device's rows in reading order, as a poll's rounds hold them; ``state`` its rows in the
+    table, before the first), the rest as :func:`step` takes them. Pass each round's rows of
+    the result to :func:`step` as ``prepared``: the same numbers as without.
+
+    >>> state = init_state(1)
+    >>> x = np.array([1.0, 2.0, 3.0]); ones = np.ones(3)
+    >>> analog, median, feats = prepare(state, np.zeros(3, np.int64), x, ones, ones, np.zeros(3))
+    >>> median.tolist(), analog.tolist()  # a new device: mostly its latest reading; no analogues yet
+    ([1.0, 2.0, 3.0], [nan, nan, nan])
+    """
+    n = len(x)
+    order = np.argsort(slots, kind="stable")
+    by_device = slots[order]
+    first = np.ones(n, bool)
+    first[1:] = by_device[1:] != by_device[:-1]
+    starts = np.flatnonzero(first)
+    device = np.cumsum(first) - 1
+    k = np.arange(n) - starts[device]  # each row's place among its device's readings
+    counts = np.diff(np.append(starts, n))
+    # One block a device: its history before the poll, then its readings of the poll; the
+    # history at its k-th reading is the N_HISTORY values ending with that reading.
+    block = np.concatenate([[0], np.cumsum(N_HISTORY + counts)])
+    buf = np.empty(int(block[-1]), np.float32)
+    buf[block[:-1, None] + np.arange(N_HISTORY)] = state[by_device[starts], _HISTORY].view(np.float32)
+    at = block[device] + k
+    buf[at + N_HISTORY] = x[order]
+    readings = np.empty((n, N_HISTORY), np.float32)
+    readings[order] = np.lib.stride_tricks.sliding_window_view(buf, N_HISTORY)[at + 1]
+    return _from_readings(readings, x, mean, scale, model_change)
+
+
+def _from_readings(readings: np.ndarray, x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                   model_change: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The analog and median forecasts and the ``ar`` features, from each row's history
+    (``readings``, ending with ``x``)."""
     analog = _analog(readings)
     lags = readings[:, N_HISTORY - N_LAGS :].astype(np.float64)
     lags = np.where(np.isnan(lags), x[:, None], lags)
@@ -162,13 +214,7 @@ def step(
         feats = np.concatenate([
             model_change[:, None], ((mean - x) / scale)[:, None], ((median - x) / scale)[:, None],
             (lags[:, :-1] - x[:, None]) / scale[:, None]], axis=1)
-    feats = np.clip(np.nan_to_num(feats), -_FEATURE_MAX, _FEATURE_MAX)
-    ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
-    experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
-    # An expert that cannot forecast (NaN) counts as the last reading.
-    experts = np.where(np.isfinite(experts), experts, x[:, None])
-    state[:, _F_PREV], state[:, _E_PREV], state[:, _S_PREV] = feats, experts, scale
-    return np.einsum("mk,mk->m", weights(state), experts)
+    return analog, median, np.clip(np.nan_to_num(feats), -_FEATURE_MAX, _FEATURE_MAX)
 
 
 def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> None:

@@ -141,6 +141,10 @@ def assemble(
     ring_pos = batch.n_seen % horizon  # the slot written H readings ago
     along = np.arange(horizon) / max(horizon - 1, 1)  # where each step lies between h=1 and h=H
     pipeline = [*stages, Scores()]
+    # Each stage's phases, in order (those it leaves to Stage, which do nothing, left out).
+    phases = [getattr(stage, phase) for phase in ("recall", "learn", "predict") for stage in pipeline
+              if getattr(type(stage), phase) is not getattr(Stage, phase)]
+    prepared = {name: values for stage in pipeline for name, values in stage.prepare(batch, mu, table).items()}
     # Round by round: a device with several readings in this poll sees what its earlier ones
     # wrote, so the numbers do not depend on how readings were split into polls.
     for start, end in batch.rounds:
@@ -149,10 +153,10 @@ def assemble(
         r = Round(slots=batch.slots[rows], x=x, reset=batch.reset[rows], mean=batch.mean_target[rows],
                   scale=batch.scale_target[rows], mu=mu[rows], change=change[rows], along=along,
                   pos=ring_pos[rows], scored_1=scored_1[rows], scored_h=scored_h[rows],
-                  forecast=x[:, None] + change[rows], b=b_model[rows])
-        for phase in ("recall", "learn", "predict"):
-            for stage in pipeline:
-                getattr(stage, phase)(r, table)
+                  forecast=x[:, None] + change[rows], b=b_model[rows],
+                  prepared={name: values[rows] for name, values in prepared.items()})
+        for run in phases:
+            run(r, table)
         forecast[rows], b[rows] = r.forecast, r.b
         for name, values in out.items():
             values[rows] = getattr(r, name)

@@ -127,6 +127,14 @@ def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray
     value
         ``[rows]``: the reading, in the device's units.
     """
+    return combine(conclude(*observe(state, score, value)))
+
+
+def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed:
+    """:func:`judge`'s recursion alone: fold each row's reading into all three channels (state
+    in place) and return what the likelihood is then computed from (:func:`conclude`,
+    :func:`combine`), ``[rows, 3, ...]``. Only this part is sequential: a poll of many rounds
+    observes round by round and concludes once for all of them (``alerts.judge``)."""
     n = state[:, LEVEL_N]
     a = np.maximum(1.0 / (n + 1.0), LEVEL_RATE)
     mu, var = _running(state[:, LEVEL_MU], state[:, LEVEL_VAR], value, a)
@@ -135,11 +143,25 @@ def judge(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> np.ndarray
     # bounds the distance by about 1 / sqrt(a), so a device's first readings, when the mean
     # knows little, cannot swamp the channel's model with distances in the thousands.
     spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
-    level = np.where((n >= 1) & np.isfinite(score), np.abs(value - mu) / spread, np.nan)
-    step = np.where(np.isfinite(score), np.abs(value - state[:, PREVIOUS]), np.nan)
+    scored = np.isfinite(score)
+    evidence = np.empty((len(state), len(CHANNELS)))
+    evidence[:, 0] = score
+    evidence[:, 1] = np.where((n >= 1) & scored, np.abs(value - mu) / spread, np.nan)
+    evidence[:, 2] = np.where(scored, np.abs(value - state[:, PREVIOUS]), np.nan)
     state[:, PREVIOUS] = value
-    tail_score = 1.0 - update(state[:, SCORE], score)
-    t_level, t_step = 1.0 - update(state[:, LEVEL], level), 1.0 - update(state[:, STEP], step)
+    # The three channels side by side: a [rows, 3, fields] view of the state.
+    width = len(CHANNELS) * len(CHANNEL_FIELDS)
+    channels = state[:, :width].reshape(len(state), len(CHANNELS), len(CHANNEL_FIELDS))
+    observed = advance(channels, evidence)
+    state[:, :width] = channels.reshape(len(state), width)  # a no-op where the view was one
+    return observed
+
+
+def combine(lik: np.ndarray) -> np.ndarray:
+    """``[rows]``: the likelihood of the rarest channel of ``lik`` (``[rows, 3]``), each tail
+    divided by its channel's share of the false-alarm budget; NaN where the scores were not
+    judged."""
+    tail_score, t_level, t_step = (1.0 - lik[:, i] for i in range(len(CHANNELS)))
     w_score, w_level, w_step = WEIGHTS
     tail = np.minimum(1.0, np.fmin(tail_score / w_score, np.fmin(t_level / w_level, t_step / w_step)))
     return np.where(np.isfinite(tail_score), 1.0 - tail, np.nan)
@@ -163,31 +185,47 @@ def update(state: np.ndarray, evidence: np.ndarray) -> np.ndarray:
 
     Returns ``[rows]`` likelihoods in [0, 1], NaN where not scored or still warming up.
     """
+    return conclude(*advance(state, evidence))
+
+
+# What a channel's likelihood is computed from, per row: its state before the reading, the run
+# after it, the threshold, and whether it is judged (scored, past the warm-up).
+Observed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def advance(state: np.ndarray, evidence: np.ndarray) -> Observed:
+    """:func:`update`'s recursion alone (state in place, ``[..., len(CHANNEL_FIELDS)]``);
+    :func:`conclude` turns what it returns into the likelihoods."""
+    before = state.copy()
     scored = ~np.isnan(evidence)
-    n = state[:, COUNT]
-    cap = np.where(state[:, MEAN] > 0, EVIDENCE_CAP * state[:, MEAN], 1e12)
+    n = before[..., COUNT]
+    mean, var = before[..., MEAN], before[..., VAR]
+    cap = np.where(mean > 0, EVIDENCE_CAP * mean, 1e12)
     e = np.minimum(np.where(scored, evidence, 0.0), cap)
-    run = np.where(n > 0, state[:, RUN] + (2.0 / (SHORT_RUN + 1)) * (e - state[:, RUN]), e)
-    mean, var = state[:, MEAN], state[:, VAR]
+    run = np.where(n > 0, before[..., RUN] + (2.0 / (SHORT_RUN + 1)) * (e - before[..., RUN]), e)
     threshold = mean + TAIL_Z * np.sqrt(var)
-    lik = np.where(scored & (n >= WARMUP), 1.0 - _survival(run, threshold, state), np.nan)
 
     a = np.maximum(1.0 / (n + 1.0), 1.0 / LONG_RUN)
-    new = state.copy()
-    new[:, RUN], new[:, COUNT] = run, n + 1.0
-    new[:, MEAN], new[:, VAR] = _running(mean, var, run, a)
+    state[..., RUN], state[..., COUNT] = run, n + 1.0
+    state[..., MEAN], state[..., VAR] = _running(mean, var, run, a)
     over = run > threshold
-    new[:, RATE] = state[:, RATE] + a * (over - state[:, RATE])
+    state[..., RATE] = before[..., RATE] + a * (over - before[..., RATE])
     # Excesses learn at the rate they come: about one in TAIL_Z's tail of the readings.
-    xn = state[:, XCOUNT]
+    xn = before[..., XCOUNT]
     ax = np.maximum(1.0 / (xn + 1.0), 1.0 / (LONG_RUN * 0.05))
-    xmean, xvar = _running(state[:, XMEAN], state[:, XVAR], run - threshold, ax)
+    xmean, xvar = _running(before[..., XMEAN], before[..., XVAR], run - threshold, ax)
     learns_tail = scored & over & (n > 0)
-    new[:, XMEAN] = np.where(learns_tail, xmean, state[:, XMEAN])
-    new[:, XVAR] = np.where(learns_tail, xvar, state[:, XVAR])
-    new[:, XCOUNT] = xn + learns_tail
-    state[:] = np.where(scored[:, None], new, state)
-    return lik
+    state[..., XMEAN] = np.where(learns_tail, xmean, before[..., XMEAN])
+    state[..., XVAR] = np.where(learns_tail, xvar, before[..., XVAR])
+    state[..., XCOUNT] = xn + learns_tail
+    if not scored.all():
+        state[~scored] = before[~scored]
+    return before, run, threshold, scored & (n >= WARMUP)
+
+
+def conclude(before: np.ndarray, run: np.ndarray, threshold: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """The likelihoods (any shape) of what :func:`advance` returned; NaN where not judged."""
+    return np.where(judged, 1.0 - _survival(run, threshold, before), np.nan)
 
 
 def _running(mean: np.ndarray, var: np.ndarray, x: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,9 +236,9 @@ def _running(mean: np.ndarray, var: np.ndarray, x: np.ndarray, a: np.ndarray) ->
 
 def _survival(run: np.ndarray, threshold: np.ndarray, state: np.ndarray) -> np.ndarray:
     """``P(run' >= run)`` under each device's model: gamma body, generalized Pareto tail."""
-    body = 1.0 - gamma_cdf(run, state[:, MEAN], state[:, VAR])
-    rate, m, s2 = state[:, RATE], state[:, XMEAN], state[:, XVAR]
-    ok = (state[:, XCOUNT] >= TAIL_MIN) & (m > 0) & (s2 > 0)
+    body = 1.0 - gamma_cdf(run, state[..., MEAN], state[..., VAR])
+    rate, m, s2 = state[..., RATE], state[..., XMEAN], state[..., XVAR]
+    ok = (state[..., XCOUNT] >= TAIL_MIN) & (m > 0) & (s2 > 0)
     ratio = np.where(ok, m * m / np.where(ok, s2, 1.0), 1.0)
     # Shapes outside [-1/2, 1/2) have no finite variance or moment estimate: clip.
     shape = np.clip(0.5 * (1.0 - ratio), -0.5, 0.45)

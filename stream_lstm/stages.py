@@ -32,87 +32,19 @@ time but the experts (``experts.py``, ``state/expert_state.py``: numpy only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from stream_lstm import experts
 
+# The round the stages see (rounds.py); the names stay importable from here.
+from stream_lstm.rounds import RECALLED, SCORED, Round, between, example_round, pair  # noqa: F401
+
 if TYPE_CHECKING:  # config imports the registry from here: no import back at run time
     from stream_lstm.config import Settings
+    from stream_lstm.state.ingest import StepBatch
     from stream_lstm.state.table import DeviceTable
-
-
-def between(ends: np.ndarray, along: np.ndarray) -> np.ndarray:
-    """``[rows, H]``: per-row values at h=1 and h=H (``ends[:, 0]``, ``ends[:, 1]``),
-    linearly interpolated over the steps in between.
-
-    >>> between(np.array([[1.0, 0.0]]), np.array([0.0, 0.5, 1.0])).tolist()
-    [[1.0, 0.5, 0.0]]
-    """
-    return ends[:, :1] + along * (ends[:, 1:] - ends[:, :1])
-
-
-# What Scores recalls (before any stage learns) and what it scores: NaN until then.
-RECALLED = ("expected_1", "b_1", "expected_h", "b_h")
-SCORED = ("residual", "anomaly_score", "drift_score", "drift_expected")
-
-
-@dataclass
-class Round:
-    """One round of readings, as the stages see it: arrays of one row per reading.
-
-    ``forecast`` and ``b`` start as the model's (``x + change``, its Laplace scale, device
-    units) and leave as what is published. :class:`Scores` recalls the forecasts made for
-    the reading (``RECALLED``) and writes its scores (``SCORED``).
-
-    Parameters
-    ----------
-    slots, x, reset, mean, scale, pos, scored_1, scored_h
-        ``[r]``: table slots; the reading (target channel, device units); whether the device's
-        state was reset at it; the normalizer's mean and scale there; the ring slot of the
-        forecast made H readings ago; past the warm-up, the one-step (H-step) forecast counts.
-    mu, change, forecast, b
-        ``[r, H]``: the model's change, normalized and in device units; the forecast, its scale.
-    along
-        ``[H]``: where each step lies between h=1 (0) and h=H (1).
-    model_1, experts_state
-        Set by the experts: the model's own (blended) one-step forecast made for this reading,
-        which the blend learns from (the experts' was published); the experts' rows.
-
-    >>> r = example_round(np.array([0]), x=10.0, expected_1=11.0)
-    >>> r.forecast.tolist(), r.expected_1.tolist(), r.residual.tolist()  # not scored yet
-    ([[10.0, 10.0]], [11.0], [nan])
-    """
-
-    slots: np.ndarray
-    x: np.ndarray
-    reset: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-    mu: np.ndarray
-    change: np.ndarray
-    along: np.ndarray
-    pos: np.ndarray
-    scored_1: np.ndarray
-    scored_h: np.ndarray
-    forecast: np.ndarray
-    b: np.ndarray
-    model_1: np.ndarray | None = None
-    experts_state: np.ndarray | None = None
-    expected_1: np.ndarray = field(init=False)  # [r] the one-step forecast made for this reading ...
-    b_1: np.ndarray = field(init=False)  # [r] ... and its scale
-    expected_h: np.ndarray = field(init=False)  # [r] the H-step forecast made for this reading ...
-    b_h: np.ndarray = field(init=False)  # [r] ... and its scale
-    residual: np.ndarray = field(init=False)  # [r] x - expected_1
-    anomaly_score: np.ndarray = field(init=False)  # [r]
-    drift_score: np.ndarray = field(init=False)  # [r]
-    drift_expected: np.ndarray = field(init=False)  # [r] expected_h where it was scored
-
-    def __post_init__(self) -> None:
-        for name in RECALLED + SCORED:
-            setattr(self, name, np.full(len(self.x), np.nan))
 
 
 STAGES: dict[str, type[Stage]] = {}
@@ -145,6 +77,12 @@ class Stage:
     def from_settings(cls, settings: Settings, q: float) -> Stage:
         """The stage as ``settings`` configure it (``q``: the intervals' Laplace quantile)."""
         return cls()
+
+    def prepare(self, batch: StepBatch, mu: np.ndarray, table: DeviceTable) -> dict[str, np.ndarray]:
+        """Per-row values (batch row order) that depend on the readings and the model's output
+        alone, not on what any stage learns in this poll: computed once for the whole poll (a
+        backlog's many rounds at once), each round sees its rows in ``Round.prepared``."""
+        return {}
 
     def recall(self, r: Round, table: DeviceTable) -> None:
         """Read what this reading needs from the stage's state (before any stage learns)."""
@@ -200,12 +138,11 @@ class Blend(Stage):
     def learn(self, r: Round, table: DeviceTable) -> None:
         slots = r.slots
         model_1 = r.expected_1 if r.model_1 is None else r.model_1
-        for col, blended, change, scored in (
-                (0, model_1, table.prev_change[slots], r.scored_1),
-                (1, r.expected_h, table.drift_change[slots, r.pos], r.scored_h)):
-            step = self.rate * np.sign(r.x - blended) * change
-            step = np.where(scored & np.isfinite(step), step, 0.0)
-            table.blend_w[slots, col] = np.clip(table.blend_w[slots, col] + step, 0.0, 1.0)
+        # Both columns at once: the one-step forecast's, then the H-step one's.
+        blended, change = pair(model_1, r.expected_h), pair(table.prev_change[slots], table.drift_change[slots, r.pos])
+        step = self.rate * np.sign(r.x[:, None] - blended) * change
+        step = np.where(pair(r.scored_1, r.scored_h) & np.isfinite(step), step, 0.0)
+        table.blend_w[slots] = np.clip(table.blend_w[slots] + step, 0.0, 1.0)
 
     def predict(self, r: Round, table: DeviceTable) -> None:
         r.forecast = r.x[:, None] + r.change * between(table.blend_w[r.slots], r.along)
@@ -243,6 +180,15 @@ class Experts(Stage):
     def from_settings(cls, settings: Settings, q: float) -> Experts:
         return cls(settings.expert_rate)
 
+    def prepare(self, batch: StepBatch, mu: np.ndarray, table: DeviceTable) -> dict[str, np.ndarray]:
+        # A poll of one round computes them inside step(), as cheaply: only several rounds
+        # (a device's history moves on within the poll) gain from doing it once.
+        if len(batch.rounds) < 2 or not table.with_experts:
+            return {}
+        analog, median, feats = experts.prepare(table.experts, batch.slots, batch.x_target,
+                                                batch.mean_target, batch.scale_target, mu[:, 0])
+        return {"experts_analog": analog, "experts_median": median, "experts_feats": feats}
+
     def recall(self, r: Round, table: DeviceTable) -> None:
         if not table.with_experts:
             raise ValueError("the experts stage needs a DeviceTable built with_experts=True")
@@ -254,8 +200,10 @@ class Experts(Stage):
     def predict(self, r: Round, table: DeviceTable) -> None:
         state = r.experts_state
         assert state is not None
+        p = r.prepared
         one = experts.step(state, r.scored_1, r.x, r.mean, r.scale, r.mu[:, 0], r.forecast[:, 0],
-                           rate=self.rate)
+                           rate=self.rate, prepared=(p["experts_analog"], p["experts_median"],
+                                                     p["experts_feats"]) if "experts_feats" in p else None)
         table.experts[r.slots] = state
         r.forecast += (one - r.forecast[:, 0])[:, None] * (1.0 - r.along)
 
@@ -302,12 +250,10 @@ class Calibration(Stage):
         return cls(settings.interval_adapt_rate, settings.interval_coverage, q)
 
     def learn(self, r: Round, table: DeviceTable) -> None:
-        slots = r.slots
-        for col, expected, spread, scored in ((0, r.expected_1, r.b_1, r.scored_1),
-                                              (1, r.expected_h, r.b_h, r.scored_h)):
-            miss = np.abs(r.x - expected) > self.q * spread
-            table.interval_log_m[slots, col] += np.where(
-                scored, self.rate * (miss - (1.0 - self.coverage)), 0.0)
+        # Both columns at once: the one-step forecast's, then the H-step one's.
+        miss = np.abs(r.x[:, None] - pair(r.expected_1, r.expected_h)) > self.q * pair(r.b_1, r.b_h)
+        table.interval_log_m[r.slots] += np.where(
+            pair(r.scored_1, r.scored_h), self.rate * (miss - (1.0 - self.coverage)), 0.0)
 
     def predict(self, r: Round, table: DeviceTable) -> None:
         r.b = r.b * np.exp(between(table.interval_log_m[r.slots], r.along))
@@ -380,17 +326,3 @@ def stages_for(settings: Settings, q: float) -> list[Stage]:
     ['Blend', 'Calibration']
     """
     return [STAGES[name].from_settings(settings, q) for name in settings.stage_names]
-
-
-def example_round(slots: np.ndarray, x: float, expected_1: float, horizon: int = 2) -> Round:
-    """A one-reading round for the examples: the model says "no change", scale 1, scored; the
-    one-step forecast recalled for it is ``expected_1``, scale 1."""
-    one = np.ones(1)
-    r = Round(
-        slots=slots, x=one * x, reset=np.zeros(1, bool), mean=one * x, scale=one,
-        mu=np.zeros((1, horizon), np.float32), change=np.zeros((1, horizon)),
-        along=np.linspace(0.0, 1.0, horizon), pos=np.zeros(1, np.int64), scored_1=np.ones(1, bool),
-        scored_h=np.zeros(1, bool), forecast=np.full((1, horizon), x), b=np.ones((1, horizon)),
-    )
-    r.expected_1, r.b_1 = one * expected_1, one
-    return r

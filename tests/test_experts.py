@@ -146,3 +146,32 @@ def test_leaders_counts_the_expert_each_device_weighs_most():
     assert dict(zip(experts.EXPERTS, experts.leaders(state).tolist(), strict=True)) == {
         "model": 1, "ar": 0, "median": 0, "last": 1, "analog": 1}
     assert experts.leaders(state, [1, 2]).tolist() == [0, 0, 0, 1, 1]  # only those rows
+
+
+def test_prepare_gives_what_step_computes_from_the_readings_for_a_poll_of_many_rounds():
+    # Three devices, one with history from an earlier poll; their readings in rounds.
+    rng = np.random.default_rng(4)
+    state = experts.init_state(3)
+    slots = np.array([0, 1, 2])
+    for x in 20 + rng.normal(size=(300, 3)):
+        experts.step(state, np.ones(3, bool), x, x, np.ones(3), np.zeros(3), x, rate=0.1)
+    state[2] = experts.init_state(1)[0]  # a new device: no history yet
+    rounds = [slots, slots, slots[:2], slots[:1]]
+    poll = np.concatenate(rounds)
+    x = 20 + rng.normal(size=len(poll))
+    mean, scale, change = x + 0.5, rng.uniform(0.5, 2.0, len(poll)), rng.normal(size=len(poll))
+    prepared = experts.prepare(state, poll, x, mean, scale, change)
+    plain, ahead = state.copy(), state.copy()
+    start = 0
+    for rnd in rounds:
+        rows = slice(start, start + len(rnd))
+        start += len(rnd)
+        args = (np.ones(len(rnd), bool), x[rows], mean[rows], scale[rows], change[rows], x[rows])
+        sub = plain[rnd]
+        want = experts.step(sub, *args, rate=0.1)
+        plain[rnd] = sub
+        sub = ahead[rnd]
+        got = experts.step(sub, *args, rate=0.1, prepared=tuple(p[rows] for p in prepared))
+        ahead[rnd] = sub
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ahead, plain)

@@ -150,3 +150,39 @@ def test_experts_need_a_table_that_holds_them():
                         with_experts=False)
     with pytest.raises(ValueError, match="with_experts"):
         run(table, ["a"], [0.0], [1.0], [[0.0, 0.0]], [[0.0, 0.0]], stages=[Experts(0.1)])
+
+
+def test_every_stage_gives_the_same_forecasts_whatever_the_polls_a_backlog_comes_in():
+    # A backlog of three devices with uneven runs (the experts prepare their readings' part for
+    # a poll of several rounds at once, alerts and likelihood conclude once a poll): polls of
+    # 37 readings give what one reading a poll gives.
+    from stream_lstm import alerts
+
+    rng = np.random.default_rng(11)
+    n = 600
+    ids = [["a", "b", "c"][i] for i in rng.choice(3, n, p=[0.5, 0.3, 0.2])]
+    x = 20 + np.sin(np.arange(n) / 7) + rng.normal(0, 0.2, n)
+    x[450] += 15.0  # a spike: an alert opens
+    mu, log_b = rng.normal(0, 0.1, (n, 3)), rng.normal(-1, 0.1, (n, 3))
+    results = []
+    for per_poll in (1, 37):
+        table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+        stages = [Blend(0.01), Experts(0.1), Calibration(0.05, 0.9, interval_quantile(0.9))]
+        fcs, liks, events = [], [], []
+        for s in range(0, n, per_poll):
+            rows = slice(s, min(s + per_poll, n))
+            b = ingest(table, ids[rows], [60.0 * i for i in range(s, rows.stop)], x[rows, None],
+                       [0] * len(ids[rows]), now=0.0, target=0)
+            fb = assemble(b, mu[rows][b.rows].astype(np.float32), log_b[rows][b.rows].astype(np.float32),
+                          table, coverage=0.9, min_history=1, anomaly_warmup=1, stages=stages)
+            ev = alerts.judge(b, fb, table, false_alarm_rate=1e-2, hold_s=600.0,
+                              ts=60.0 * (s + b.rows))
+            order = np.argsort(b.rows)  # back to reading order
+            fcs.append(fb.forecast[order])
+            liks.append(fb.anomaly_likelihood[order])
+            events += [(s + int(b.rows[row]), kind) for row, kind, _ in ev]
+        results.append((np.concatenate(fcs), np.concatenate(liks), sorted(events)))
+    (f1, l1, e1), (f37, l37, e37) = results
+    np.testing.assert_allclose(f37, f1, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(l37, l1, rtol=0, atol=1e-9)
+    assert e37 == e1 and any(kind == "open" for _, kind in e1)

@@ -71,3 +71,18 @@ def test_all_channels_together_flag_no_more_than_the_stated_rate_on_noise():
     for rate in (1e-2, 1e-3):
         observed = ((1.0 - liks) <= rate).mean(axis=0)
         assert np.all(observed <= 2 * rate) and np.all(observed >= rate / 4), (rate, observed / rate)
+
+
+def test_observing_round_by_round_then_concluding_once_is_judging_each_round():
+    rng = np.random.default_rng(9)
+    one, many = (np.tile(likelihood.initial_state(), (3, 1)) for _ in range(2))
+    scores, values = rng.exponential(1.0, (400, 3)), 5 + rng.normal(size=(400, 3))
+    scores[::17, 1] = np.nan  # unscored readings
+    judged = np.array([likelihood.judge(one, s, v) for s, v in zip(scores, values, strict=True)])
+    observed = [likelihood.observe(many, s, v) for s, v in zip(scores, values, strict=True)]
+    stacked = [np.stack([o[i] for o in observed]) for i in range(4)]  # [rounds, rows, ...]
+    concluded = likelihood.combine(likelihood.conclude(*stacked).reshape(-1, 3)).reshape(400, 3)
+    # The same numbers, but for the last bits of torch's gamma function over longer arrays.
+    np.testing.assert_allclose(concluded, judged, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(many, one)
+    assert np.isfinite(judged[-1]).all()
