@@ -19,7 +19,9 @@ remembers the forecast as the corrections left it. ``assemble`` runs the stages 
 round (a device at most once a round), in three phases, each over all the stages in order:
 ``recall`` (what earlier forecasts said about this reading), ``learn`` (from this reading),
 ``predict`` (shape the new forecast). Every ``recall`` comes before any ``learn``, so what
-Scores recalls (``Round.expected_1``...) is there for the corrections to learn from.
+Scores recalls (``Round.expected_1``...) is there for the corrections to learn from. Before
+the rounds, a stage may ``prepare`` what it needs from the readings and the model's outputs
+alone, once for the whole poll (a backlog's many rounds at once; ``Round.prepared``).
 
 A new correction is one class here: a :class:`Stage` subclass that declares its ``name`` (the
 word ``STREAM_LSTM_FORECAST_STAGES`` lists it by) and, if it has parameters, how
