@@ -6,8 +6,9 @@ Each run is the command a user starts (a fresh consumer group, default settings 
 metrics endpoint: the readings/s count from the moment ``/readyz`` first answers 200 (every
 process has its partitions, restored) to the moment the consumed counter reaches the backlog,
 so the start-up and the group's first rebalances are left out of both (in a run too small for
-that, from the first readings counted). The seconds from the command's start to every process
-ready (``processes_<n>_ready_s``) and to the end (``processes_<n>_wall_s``) include them.
+that, from the last look that saw nothing consumed yet: never a rate of 0). The seconds from
+the command's start to every process ready (``processes_<n>_ready_s``) and to the end
+(``processes_<n>_wall_s``) include them.
 """
 
 from __future__ import annotations
@@ -75,14 +76,17 @@ def run_host(settings: Any, topic: str, readings: int, processes: int,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         ready_at, at_ready, first, done_at = None, 0.0, None, None
+        before_first = t_start  # the last look that saw nothing consumed
         while done_at is None:
             if proc.poll() is not None or time.perf_counter() - t_start > timeout_s:
                 raise RuntimeError(f"stream-lstm run ({processes} processes) "
                                    + ("exited" if proc.poll() is not None else "timed out")
                                    + ":\n" + log_path.read_text()[-3000:])
             now, n = time.perf_counter(), consumed(s.metrics_port)
-            if first is None and n > 0:
-                first = (now, n)
+            if n == 0:
+                before_first = now
+            elif first is None:
+                first = (before_first, 0)
             if ready_at is None and (n >= readings or _get(s.metrics_port, "/readyz")[0] == 200):
                 ready_at, at_ready = now, n
             if n >= readings:
@@ -100,7 +104,7 @@ def run_host(settings: Any, topic: str, readings: int, processes: int,
     assert first is not None and ready_at is not None and done_at is not None
     ready_s = ready_at - t_start
     if readings - at_ready < readings / 10:  # (small runs) nearly all of it before every process
-        ready_at, at_ready = first            # was ready: from the first readings counted
+        ready_at, at_ready = first            # was ready: from the last look at nothing counted
     counted = readings - at_ready
     rate = counted / (done_at - ready_at) if counted > 0 and done_at > ready_at else 0.0
     return {"rate": rate, "wall_s": done_at - t_start, "ready_s": ready_s, "counted": counted}
