@@ -103,4 +103,6 @@ def test_a_consumer_that_never_joins_its_group_is_replaced(settings_factory, top
     stuck._coordinator.ensure_active_group = lambda *a, **kw: False  # polls, never joins
     worker.run(until=lambda w: w.totals.consumed >= 10)
     assert worker.totals.consumed == 10
-    assert worker.metrics.kafka_stalls._value.get() == 1
+    # The stuck consumer is replaced (at least once: on a loaded machine its replacement may
+    # itself outlast the 7 s and be replaced in turn, which is the same rule at work).
+    assert worker.metrics.kafka_stalls._value.get() >= 1
