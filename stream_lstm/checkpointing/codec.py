@@ -270,22 +270,11 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
             raise SnapshotDecodeError(str(exc)) from None
     (schema, layers, hidden, nf, w_len, n_exp, id_len, ver_len, n_columns, dir_len, data_len,
      count) = fields
-    n_state = layers * hidden
-    try:
-        dev = bytes(data[pos : pos + id_len]).decode()
-        ver = bytes(data[pos + id_len : pos + id_len + ver_len]).decode()
-    except UnicodeDecodeError:
-        raise SnapshotDecodeError("corrupt snapshot: device id or model version is not UTF-8") from None
-    pos += id_len + ver_len
-    # frombuffer + copy: one small memcpy per array, and the copies are aligned and writable.
-    h = np.frombuffer(data, "<f4", n_state, pos).reshape(layers, hidden).copy()
-    c = np.frombuffer(data, "<f4", n_state, pos + 4 * n_state).reshape(layers, hidden).copy()
-    pos += 8 * n_state
-    mean = np.frombuffer(data, "<f8", nf, pos).copy()
-    var = np.frombuffer(data, "<f8", nf, pos + 8 * nf).copy()
-    pos += 16 * nf
-    window = np.frombuffer(data, "<f4", w_len * nf, pos).reshape(w_len, nf).copy()
-    pos += 4 * w_len * nf
+    try:  # (the fixed part, laid out as in format 1)
+        dev, ver, h, c, mean, var, window, pos = codec_v1.read_core(
+            data, pos, id_len, ver_len, layers, hidden, nf, w_len)
+    except ValueError as exc:
+        raise SnapshotDecodeError(str(exc)) from None
     experts = np.frombuffer(data, "<f8", n_exp, pos).copy()
     pos += 8 * n_exp
     plan, total = _plan(bytes(data[pos : pos + dir_len]), n_columns)

@@ -81,6 +81,29 @@ def _header(data: bytes | bytearray | memoryview) -> tuple[tuple, tuple, int]:
     return fields, ext, pos + header_len
 
 
+def read_core(data: bytes | bytearray | memoryview, pos: int, id_len: int, ver_len: int,
+              layers: int, hidden: int, nf: int, w_len: int) -> tuple:
+    """The part formats 1 and 2 lay out alike, from ``pos``: device id and model version
+    (UTF-8), h and c (f32), the normalizer's mean and var (f64), the window (f32). Returns them
+    and the position after. The arrays are fresh copies (one small memcpy each: aligned and
+    writable). Raises ``ValueError`` on a device id or version that is not UTF-8."""
+    try:
+        dev = bytes(data[pos : pos + id_len]).decode()
+        ver = bytes(data[pos + id_len : pos + id_len + ver_len]).decode()
+    except UnicodeDecodeError:
+        raise ValueError("corrupt snapshot: device id or model version is not UTF-8") from None
+    pos += id_len + ver_len
+    n_state = layers * hidden
+    h = np.frombuffer(data, "<f4", n_state, pos).reshape(layers, hidden).copy()
+    c = np.frombuffer(data, "<f4", n_state, pos + 4 * n_state).reshape(layers, hidden).copy()
+    pos += 8 * n_state
+    mean = np.frombuffer(data, "<f8", nf, pos).copy()
+    var = np.frombuffer(data, "<f8", nf, pos + 8 * nf).copy()
+    pos += 16 * nf
+    window = np.frombuffer(data, "<f4", w_len * nf, pos).reshape(w_len, nf).copy()
+    return dev, ver, h, c, mean, var, window, pos + 4 * w_len * nf
+
+
 def check(data: bytes | bytearray | memoryview) -> str | None:
     """Why ``data`` is not a readable format-1 snapshot (header and lengths), or None."""
     try:
@@ -96,21 +119,9 @@ def decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     fields, (n_extra, n_ring, n_experts), pos = _header(data)
     (layers, hidden, nf, w_len, partition, n_seen, since_reset, id_len, ver_len,
      count, last_ts, step_s, prev_mu, prev_sigma, last_seen) = fields
-    size, n_state = len(data), layers * hidden
-    try:
-        dev = bytes(data[pos : pos + id_len]).decode()
-        ver = bytes(data[pos + id_len : pos + id_len + ver_len]).decode()
-    except UnicodeDecodeError:
-        raise ValueError("corrupt snapshot: device id or model version is not UTF-8") from None
-    pos += id_len + ver_len
-    h = np.frombuffer(data, "<f4", n_state, pos).reshape(layers, hidden).copy()
-    c = np.frombuffer(data, "<f4", n_state, pos + 4 * n_state).reshape(layers, hidden).copy()
-    pos += 8 * n_state
-    mean = np.frombuffer(data, "<f8", nf, pos).copy()
-    var = np.frombuffer(data, "<f8", nf, pos + 8 * nf).copy()
-    pos += 16 * nf
-    window = np.frombuffer(data, "<f4", w_len * nf, pos).reshape(w_len, nf).copy()
-    pos += 4 * w_len * nf
+    size = len(data)
+    dev, ver, h, c, mean, var, window, pos = read_core(data, pos, id_len, ver_len, layers,
+                                                       hidden, nf, w_len)
     extra: dict[str, float] = {}
     try:
         for _ in range(n_extra):
