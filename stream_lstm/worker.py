@@ -195,8 +195,10 @@ class Worker:
         # in a backlog, ~90 ms each: 20-30% of the worker's time (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
+        last_turn_ms = 0.0
         try:
             while not self._stop.is_set():
+                turn_began = time.monotonic()
                 self.partitions.restore_some()
                 wait = self.tx.wait_ms()
                 if self.lifecycle.rewarming:  # devices wait for their re-warm: idle less
@@ -213,7 +215,7 @@ class Worker:
                 # commit completes while the next poll and batch are computed (settled before
                 # that batch is sent); at-least-once commits offsets through the consumer,
                 # which cannot wait for the next poll's rebalance callbacks.
-                if not group.rebalancing() and self.tx.due():
+                if not group.rebalancing() and self.tx.due(next_turn_ms=last_turn_ms):
                     self.commit(expire=True, wait=not self.tx.exactly_once)
                 self.lifecycle.tick(consumed)
                 self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
@@ -222,6 +224,7 @@ class Worker:
                 group.check_membership(bool(self.assigned))
                 if until is not None and until(self):
                     break
+                last_turn_ms = (time.monotonic() - turn_began) * 1000
             clean = not self.broker_lost
         finally:
             gc.unfreeze()  # (a process that goes on, e.g. a test, collects them again)

@@ -89,6 +89,8 @@ def test_a_commit_is_due_by_age_and_a_poll_never_outwaits_it(settings_factory, t
         assert not tx.due() and tx.wait_ms() == 500  # nothing open: a poll waits its full time
         tx.send({}, output(topic_name, [b"x"]))
         assert not tx.due() and tx.wait_ms() <= 100
+        # The next turn would carry it past the interval: due now, rather than a turn late.
+        assert not tx.due(next_turn_ms=50) and tx.due(next_turn_ms=100)
         tx.open.began -= 0.2  # the interval has passed
         assert tx.due() and tx.wait_ms() == 0
         tx.commit(consumer=None)
