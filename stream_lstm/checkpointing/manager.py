@@ -137,7 +137,12 @@ class StateManager:
             self.metrics.evicted_devices.inc()  # type: ignore[attr-defined]
         if self._in_flight:
             self._later_evicted[snap.device_id] = snap
-        elif snap.device_id in self.dirty:
+        else:
+            self._keep_evicted(snap)
+
+    def _keep_evicted(self, snap: DeviceSnapshot) -> None:
+        """A dirty device waits beside the table for the commit; a clean one goes to the store."""
+        if snap.device_id in self.dirty:
             self._evicted_dirty[snap.device_id] = snap
         else:
             self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
@@ -145,13 +150,17 @@ class StateManager:
     # ---- per transaction -------------------------------------------------------------------
     def touch(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
         """Note the devices a batch changed: their partition's next checkpoint writes them."""
-        ids, parts, dirty = table.ids, table.partition, self.dirty
+        ids, parts = table.ids, table.partition
+        changed = [(ids[slot], int(parts[slot])) for slot in slots.tolist()]
         if self._in_flight:
-            self._later_touched.extend((ids[slot], int(parts[slot])) for slot in slots.tolist())
-            return
-        for slot in slots.tolist():
-            p = int(parts[slot])
-            dirty[ids[slot]] = p
+            self._later_touched.extend(changed)
+        else:
+            self._note_dirty(changed)
+
+    def _note_dirty(self, changed: list[tuple[str, int]]) -> None:
+        dirty = self.dirty
+        for dev, p in changed:
+            dirty[dev] = p
             if p not in self._next_flush:
                 self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
 
@@ -252,18 +261,12 @@ class StateManager:
             self._first_markers.pop(p, None)
         self._writing = (set(), [], {}, [])
         self._in_flight = False
-        for dev, p in self._later_touched:
-            self.dirty[dev] = p
-            if p not in self._next_flush:
-                self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
+        self._note_dirty(self._later_touched)
         self.marked |= self._later_marked
         later_evicted = list(self._later_evicted.values())
         self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
         for snap in later_evicted:  # (counted when evicted)
-            if snap.device_id in self.dirty:
-                self._evicted_dirty[snap.device_id] = snap
-            else:
-                self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
+            self._keep_evicted(snap)
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:

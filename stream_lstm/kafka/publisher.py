@@ -75,10 +75,10 @@ class BatchPublisher:
 
     def begin(self) -> None:
         self._futures.clear()
-        self._joined.clear()
         if self.exactly_once and not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
+            self._joined.clear()  # a new transaction: each partition joins it again
 
     def send(
         self,
