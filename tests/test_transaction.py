@@ -3,6 +3,7 @@ under read_committed only once committed, an aborted transaction is never read, 
 failure a fresh producer commits again."""
 
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -19,7 +20,11 @@ from stream_lstm.transaction import TransactionUnit
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
 
-def make_unit(settings, tmp_path):
+@contextmanager
+def transaction_unit(settings, tmp_path):
+    """A transaction unit (exactly-once) writing to ``settings.output_topic``, made here;
+    yields ``(tx, state, metrics)`` and closes them after."""
+    ensure_topics(settings, [TopicSpec(settings.output_topic, 1)])
     table = DeviceTable(8, 4, 1, 1, 8)
     state = StateManager(settings, tmp_path / "state.sqlite")
     metrics = Metrics()
@@ -30,7 +35,11 @@ def make_unit(settings, tmp_path):
 
     tx = TransactionUnit(settings, state, table, metrics, new_publisher)
     tx.connect()
-    return tx, state, metrics
+    try:
+        yield tx, state, metrics
+    finally:
+        tx.close()
+        state.store.close(clean=True)
 
 
 def output(topic, values):
@@ -58,9 +67,7 @@ def read_until(settings, topic, last: bytes, timeout_s=60):
 
 def test_committed_batches_are_read_and_aborted_ones_never(settings_factory, topic_name, tmp_path):
     s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g")
-    ensure_topics(s, [TopicSpec(topic_name, 1)])
-    tx, state, metrics = make_unit(s, tmp_path)
-    try:
+    with transaction_unit(s, tmp_path) as (tx, state, metrics):
         tx.send({}, output(topic_name, [b"a1", b"a2"]))
         tx.send({}, output(topic_name, [b"a3"]))  # the same open transaction
         assert tx.open is not None and tx.totals.forecasts == 0  # counted at commit
@@ -75,17 +82,12 @@ def test_committed_batches_are_read_and_aborted_ones_never(settings_factory, top
         tx.commit(consumer=None)
         assert read_until(s, topic_name, b"b1") == [b"a1", b"a2", b"a3", b"b1"]
         assert metrics.transactions.labels("committed")._value.get() == 2
-    finally:
-        tx.close()
-        state.store.close(clean=True)
 
 
 def test_a_commit_is_due_by_age_and_a_poll_never_outwaits_it(settings_factory, topic_name, tmp_path):
     s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g", commit_interval_ms=100,
                          poll_timeout_ms=500)
-    ensure_topics(s, [TopicSpec(topic_name, 1)])
-    tx, state, _ = make_unit(s, tmp_path)
-    try:
+    with transaction_unit(s, tmp_path) as (tx, state, _):
         assert not tx.due() and tx.wait_ms() == 500  # nothing open: a poll waits its full time
         tx.send({}, output(topic_name, [b"x"]))
         assert not tx.due() and tx.wait_ms() <= 100
@@ -95,16 +97,11 @@ def test_a_commit_is_due_by_age_and_a_poll_never_outwaits_it(settings_factory, t
         assert tx.due() and tx.wait_ms() == 0
         tx.commit(consumer=None)
         assert not tx.due()
-    finally:
-        tx.close()
-        state.store.close(clean=True)
 
 
 def test_a_commit_in_flight_is_settled_before_the_next_batch_is_sent(settings_factory, topic_name, tmp_path):
     s = settings_factory(output_topic=topic_name, group_id=f"{topic_name}-g")
-    ensure_topics(s, [TopicSpec(topic_name, 1)])
-    tx, state, metrics = make_unit(s, tmp_path)
-    try:
+    with transaction_unit(s, tmp_path) as (tx, state, metrics):
         tx.send({}, output(topic_name, [b"a1", b"a2"]))
         tx.commit(consumer=None, wait=False)  # begun: the worker polls and computes meanwhile
         assert tx.committing and tx.open is None
@@ -116,6 +113,3 @@ def test_a_commit_in_flight_is_settled_before_the_next_batch_is_sent(settings_fa
         tx.settle()
         assert tx.totals.forecasts == 3 and tx.in_flight().forecasts == 0
         assert read_until(s, topic_name, b"b1") == [b"a1", b"a2", b"b1"]
-    finally:
-        tx.close()
-        state.store.close(clean=True)
