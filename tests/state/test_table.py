@@ -1,4 +1,9 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from stream_lstm.state.table import DeviceTable
@@ -180,3 +185,34 @@ def test_a_row_of_another_width_restores_to_the_fill_and_keep_newer_keeps_the_la
     other.last_seen[slot] = 120.0
     other.restore(snap)  # the table's clock has moved on: kept
     assert other.last_seen[slot] == 120.0
+
+
+_GROWTH_RSS = """
+import os
+from stream_lstm.state.table import DeviceTable
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+n = 60_000
+ids = [f"dev-{d}" for d in range(n)]
+start = rss()
+table = DeviceTable(n, 64, 1, 1, 64, initial_capacity=1024)
+table.ensure_horizon(12)
+for lo in range(0, n, 2000):
+    table.slots_for(ids[lo:lo + 2000], [0] * len(ids[lo:lo + 2000]), now=0.0)
+arrays = (table.h.numel() + table.c.numel()) * 4 + table.window.data.nbytes + table.experts.nbytes
+arrays += sum(getattr(table, c.name).nbytes for c in table.columns)
+print((rss() - start) / n, arrays / n)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_growth_gives_the_replaced_arrays_back_to_the_os():
+    # In a fresh interpreter (a clean heap): a table grown by doubling from 1,024 slots to 60k
+    # devices holds little more than its arrays. Without malloc_trim after each growth, glibc
+    # kept the replaced arrays in its heap: ~640 B a device more (docs/benchmarks.md).
+    out = subprocess.run([sys.executable, "-c", _GROWTH_RSS], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    per_device, arrays = map(float, out.stdout.split())
+    assert per_device < arrays + 400, (per_device, arrays)
