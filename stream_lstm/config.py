@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     commit_interval_ms: int = Field(
         100, ge=0, description="How often the open transaction commits (forecasts, changed "
         "device state, input offsets); 0 commits every poll. Longer: fewer, larger commits and "
-        "less state written; forecasts reach read_committed readers up to this much later")
+        "less state written; forecasts reach read_committed readers up to this much later. "
+        "A live poll waits up to this long for a fuller fetch (half of it at-least-once, where "
+        "forecasts are readable once sent)")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="Kafka max.poll.interval.ms")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka session.timeout.ms")
 

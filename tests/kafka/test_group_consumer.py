@@ -31,6 +31,7 @@ def test_it_joins_reads_and_settles(settings_factory, topic_name):
         # A 64 KiB fetch minimum on a live input (fetch_shape): 20 readings wait for the
         # commit interval's bounded wait, not forever.
         assert group.consumer.config["fetch_min_bytes"] == 64 * 1024
+        assert group.consumer.config["fetch_max_wait_ms"] == 100  # exactly-once: the interval
         read, deadline = 0, time.monotonic() + 60
         # Polls of 0 ms, as the worker makes when its transaction is due: the rebalances (a
         # start takes two: the first join sees no partitions in its metadata snapshot) still
@@ -41,5 +42,19 @@ def test_it_joins_reads_and_settles(settings_factory, topic_name):
         assert len(stalls) <= 1  # at most one abandoned join mended (counted, never silent)
         group.check_membership(assigned=True)  # a settled member is left alone
         assert group._unjoined_since is None
+    finally:
+        group.close()
+
+
+def test_an_at_least_once_fetch_waits_half_the_commit_interval(settings_factory, topic_name):
+    # At-least-once forecasts are readable once sent: the fetch's wait is all the latency the
+    # fuller turns add, so it is half the interval (fetch_shape; docs/benchmarks.md).
+    s = settings_factory(input_topic=topic_name, group_id=f"{topic_name}-g", commit_interval_ms=100,
+                         processing_guarantee="at_least_once")
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    group = GroupConsumer(s, PartitionListener(lambda _: None, lambda _: None), client_id="test")
+    try:
+        assert group.consumer.config["fetch_min_bytes"] == 64 * 1024
+        assert group.consumer.config["fetch_max_wait_ms"] == 50
     finally:
         group.close()
