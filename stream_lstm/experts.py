@@ -38,9 +38,9 @@ Its loss is then close to that of the best expert on each device, whichever that
 beating deep-river's online LSTM on 8 recordings to 12, and the analogues took them further
 (docs/evaluation.md).
 
-All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (4 KB),
-held in the device table. It moves with the device in its snapshot, packed into
-:data:`PACKED_SIZE` values (2.8 KB, :func:`pack`).
+All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (2.3 KB,
+the history float16 under the device's scale: state/expert_state.py), held in the device
+table. It moves with the device in its snapshot as it is in memory (:func:`pack`).
 
 >>> import numpy as np
 >>> state = init_state(1)
@@ -59,7 +59,6 @@ import numpy as np
 from stream_lstm.state.expert_state import (
     _E_PREV,
     _F_PREV,
-    _HISTORY,
     _LOG_W,
     _P,
     _S_PREV,
@@ -72,9 +71,12 @@ from stream_lstm.state.expert_state import (
     STATE_SIZE,
     history,
     init_state,
+    last_reading,
     pack,
+    push_history,
     rls_matrix,
     rls_upper,
+    rounded,
     unpack,
 )
 
@@ -155,9 +157,8 @@ def step(
     if learn.any():
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
+    push_history(state, x)
     readings = history(state)
-    readings[:, :-1] = readings[:, 1:]
-    readings[:, -1] = x
     analog, median, feats = _from_readings(readings, x, mean, scale, model_change) if prepared is None else prepared
     ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
     experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
@@ -194,9 +195,9 @@ def prepare(state: np.ndarray, slots: np.ndarray, x: np.ndarray, mean: np.ndarra
     # history at its k-th reading is the N_HISTORY values ending with that reading.
     block = np.concatenate([[0], np.cumsum(N_HISTORY + counts)])
     buf = np.empty(int(block[-1]), np.float32)
-    buf[block[:-1, None] + np.arange(N_HISTORY)] = state[by_device[starts], _HISTORY].view(np.float32)
+    buf[block[:-1, None] + np.arange(N_HISTORY)] = history(state[by_device[starts]])
     at = block[device] + k
-    buf[at + N_HISTORY] = x[order]
+    buf[at + N_HISTORY] = rounded(x[order])  # as push_history will store them
     readings = np.empty((n, N_HISTORY), np.float32)
     readings[order] = np.lib.stride_tricks.sliding_window_view(buf, N_HISTORY)[at + 1]
     return _from_readings(readings, x, mean, scale, model_change)
@@ -230,7 +231,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
     p = rls_matrix(s)
-    target = (x - history(s)[:, -1]) / scale  # the change, in the last forecast's units
+    target = (x - last_reading(s)) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)

@@ -46,7 +46,7 @@ class DeviceTable:
     initial_capacity
         Slots allocated up front (grows by doubling).
     with_experts
-        Hold the per-device one-step experts (2.8 KB a device, see experts.py). Without them,
+        Hold the per-device one-step experts (2.3 KB a device, see experts.py). Without them,
         a restored device's expert state is dropped.
     columns
         The per-device numeric state (state/columns.py): each becomes ``table.<name>``, grown,
@@ -305,9 +305,9 @@ class DeviceTable:
             if col.keep_newer:  # the larger of the two
                 value = np.fmax(table[slot], value) if col.width else max(table[slot], value)
             table[slot] = value
-        # A snapshot from before the experts (or with another layout) starts them afresh.
+        # A snapshot from before the experts (or with an unknown layout) starts them afresh.
         if self.with_experts:
-            fresh = snap.experts.shape != (expert_state.PACKED_SIZE,)
+            fresh = not expert_state.readable(snap.experts)
             self.experts[slot] = self._fresh_experts(1)[0] if fresh else expert_state.unpack(snap.experts)
         self.model_version[slot] = snap.model_version if compatible else ""
 

@@ -1,5 +1,6 @@
 """The layout of a device's expert state (state/expert_state.py): a fresh device's state, the
-float32 history view, and the snapshot packing that restores it bit for bit."""
+float16 history under each device's scale, the snapshot packing that restores it bit for bit,
+and the conversion of the layout before."""
 
 import numpy as np
 import pytest
@@ -12,9 +13,12 @@ from stream_lstm.state.expert_state import (
     N_HISTORY,
     PACKED_SIZE,
     STATE_SIZE,
+    V1_PACKED_SIZE,
     history,
     init_state,
     pack,
+    push_history,
+    rounded,
     unpack,
 )
 from stream_lstm.state.normalizer import normalize_sequence
@@ -38,26 +42,34 @@ def test_a_fresh_device_has_seen_nothing_and_weighs_every_expert_alike():
     assert (w[:, 0] == 1.0).all() and (w[:, 1:] == 0.0).all()  # the ar expert starts as the model's change
     p = expert_state.rls_matrix(state)
     np.testing.assert_array_equal(p, np.broadcast_to(10.0 * np.eye(N_FEATURES), p.shape))
-    assert state.nbytes / 3 < 2800  # P's upper triangle only, the history as float32 (was 3,992 B)
+    assert state.nbytes / 3 < 2300  # P's upper triangle only, the history as float16 (was 3,992 B)
     log_w = state[:, expert_state._LOG_W]
     assert log_w.shape == (3, len(EXPERTS)) and (log_w == 0.0).all()
     assert np.isnan(state[:, expert_state._S_PREV]).all()
 
 
-def test_history_is_a_writable_float32_view_of_each_row():
+def test_the_history_keeps_11_significant_bits_under_each_rows_own_scale():
     state = init_state(2)
-    view = history(state)
-    assert view.shape == (2, N_HISTORY) and view.dtype == np.float32
-    view[1, -1] = 21.5  # written through the view: the state holds it, the other row does not
-    assert history(state)[1, -1] == np.float32(21.5) and np.isnan(history(state)[0]).all()
-    assert np.shares_memory(view, state)
+    readings = [0.0, 21.5, 7.7e9, -3.3e9, 0.1234567, np.nan, 1234.567]
+    for v in readings:  # row 0 sees them; row 1 only 5.0s
+        push_history(state, np.array([v, 5.0]))
+    got = history(state)
+    assert got.shape == (2, N_HISTORY) and got.dtype == np.float32
+    assert np.isnan(got[0, : -len(readings)]).all() and np.isnan(got[0, -2])  # unseen, and NaN
+    # The scale grew with 7.7e9 (2**32.8: k = 33 - 15 = 18) and kept 21.5 read before it.
+    # Readings down to 2**(18 - 14) = 16 keep 11 significant bits, as rounded() says ...
+    kept = np.array([0.0, 21.5, 7.7e9, -3.3e9, 1234.567])
+    np.testing.assert_array_equal(got[0, [-7, -6, -5, -4, -1]], rounded(kept))
+    assert abs(got[0, -3] - 0.1234567) <= 2.0 ** (18 - 24)  # ... smaller ones 2**(k - 24) absolute
+    assert (got[1, -len(readings):] == 5.0).all()  # the other row: its own scale, untouched
+    assert np.all(np.abs(rounded(kept) - kept) <= np.abs(kept) * 2.0 ** -11)
 
 
 def test_the_packed_state_restores_bit_for_bit():
     rng = np.random.default_rng(6)
     x = 1e9 + np.cumsum(rng.normal(0, 1e6, 300))  # 10 significant digits
     state = learnt_state(x)
-    history(state)[0, -1] = np.nan  # an unseen slot in the history
+    push_history(state, np.array([np.nan]))  # an unseen slot in the history
     row = state[0]
     packed = pack(row)
     assert packed.shape == (PACKED_SIZE,) and not np.shares_memory(packed, row)
@@ -82,9 +94,26 @@ def test_a_fresh_state_packs_and_unpacks_unchanged():
     np.testing.assert_array_equal(unpack(pack(row)), row)
 
 
+def test_a_snapshot_of_the_float32_history_before_is_converted_not_dropped():
+    # Changelogs written before the float16 history: its float32 readings two to a word, no
+    # scale, then the rest as now.
+    x = 1e3 + np.cumsum(np.random.default_rng(4).normal(0, 1, 300))
+    state = learnt_state(x)[0]
+    readings = np.full(N_HISTORY, np.nan, np.float32)
+    readings[-300:] = x[-N_HISTORY:].astype(np.float32) if len(x) < N_HISTORY else x[-N_HISTORY:]
+    old = np.concatenate([readings.view(np.float64), state[expert_state._W.start:]])
+    assert old.shape == (V1_PACKED_SIZE,) and expert_state.readable(old)
+    new = unpack(old)
+    assert new.shape == (STATE_SIZE,)
+    np.testing.assert_array_equal(history(new[None])[0], rounded(readings.astype(np.float64)))
+    np.testing.assert_array_equal(new[expert_state._W.start:], state[expert_state._W.start:])
+    np.testing.assert_array_equal(history(new[None]), history(state[None]))  # what it had learnt from
+
+
 @pytest.mark.parametrize("size", [PACKED_SIZE - 1, PACKED_SIZE + 1, 0])
 def test_a_packed_state_of_another_size_is_refused(size):
     # The table starts such a device afresh (a snapshot of another layout); unpack itself
     # never turns it into a state silently.
+    assert not expert_state.readable(np.zeros(size))
     with pytest.raises(ValueError):
         unpack(np.zeros(size))
