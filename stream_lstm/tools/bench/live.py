@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 DEVICES = 1000
+READER_JOIN_S = 60.0  # how long the reader may take to get its partitions
 _PAD = b', "pad": "' + b"x" * 400 + b'"}'
 
 
@@ -99,7 +100,14 @@ def read(settings: Any, topic: str, expect: int) -> None:
     consumer = make_consumer(settings, topic, group_id=f"live-read-{uuid.uuid4().hex[:6]}",
                              auto_offset_reset="latest", isolation_level="read_committed",
                              fetch_max_wait_ms=10)
+    # Bounded: a reader that never gets its partitions (once seen: kafka-python spinning on
+    # its group coordinator for 15 minutes) must fail the run, not hang the benchmark.
+    deadline = time.time() + READER_JOIN_S
     while not consumer.assignment():
+        if time.time() > deadline:
+            consumer.close()
+            print("no partitions", flush=True)
+            return
         consumer.poll(timeout_ms=100)
     for tp in consumer.assignment():
         consumer.position(tp)  # pin "latest" now, before the load starts
@@ -149,7 +157,10 @@ def _run_one(settings: Any, kind: str, rate: float, seconds: float) -> dict[str,
         reader = subprocess.Popen(me + ["read", s.output_topic, str(n)], env=env,
                                   stdout=subprocess.PIPE, text=True)
         assert reader.stdout is not None
-        assert reader.stdout.readline().strip() == "ready"
+        said = reader.stdout.readline().strip()
+        if said != "ready":
+            raise RuntimeError(f"the live reader got no partitions of {s.output_topic} within "
+                               f"{READER_JOIN_S:.0f} s ({said or 'it exited'})")
         samples: list[tuple[float, float]] = []
         done = threading.Event()
 

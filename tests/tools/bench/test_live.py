@@ -14,3 +14,17 @@ def test_a_short_paced_load_is_seen_through_and_measured(settings_factory, kind,
     assert row["readings"] == 300  # every reading came out, read_committed
     assert row["cpu_ms_per_reading"] > 0
     assert 0 < row["p50_ms"] <= row["p99_ms"] < 60_000
+
+
+def test_a_reader_that_gets_no_partitions_says_so_instead_of_hanging(settings_factory, topic_name,
+                                                                     monkeypatch, capsys):
+    # Once seen: a reader whose consumer spun on its group coordinator held `bench` for 15
+    # minutes. The wait is bounded; here the bound has passed before the first poll.
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+    from stream_lstm.tools.bench import live
+
+    s = settings_factory()
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    monkeypatch.setattr(live, "READER_JOIN_S", 0.0)
+    live.read(s, topic_name, expect=1)
+    assert capsys.readouterr().out.strip() == "no partitions"
