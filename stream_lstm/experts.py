@@ -158,8 +158,8 @@ def step(
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
     push_history(state, x)
-    readings = history(state)
-    analog, median, feats = _from_readings(readings, x, mean, scale, model_change) if prepared is None else prepared
+    # (Decoded only when not prepared: a fused poll's prepare() decoded it once for all rounds.)
+    analog, median, feats = _from_readings(history(state), x, mean, scale, model_change) if prepared is None else prepared
     ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
     experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
     # An expert that cannot forecast (NaN) counts as the last reading.

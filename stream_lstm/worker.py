@@ -158,15 +158,14 @@ class Worker:
         exactly_once = s.processing_guarantee == "exactly_once"
         # A stable transactional id per instance: a restarted instance fences its own zombie;
         # the group generation sent with the offsets fences a member that lost partitions.
-        producer_kw: dict[str, object] = {"transactional_id": f"{s.group_id}-{self.instance_id}"} if exactly_once else {}
-        # Exactly-once: kafka-python's sender sleeps the producer's retry_backoff_ms before it
-        # retries a transactional request, and the next transaction's first request is
-        # refused (CONCURRENT_TRANSACTIONS) while the broker still completes the last commit:
-        # 100 ms by default, with every send held behind it. Its own handler asks for 20 ms
-        # there, as the Java client uses; measured: commits over 100 ms 8 -> 1 in 12 s at
-        # 2,000 readings/s, p99 466 -> 341 ms (docs/benchmarks.md).
-        if exactly_once:
-            producer_kw["retry_backoff_ms"] = 20
+        # retry_backoff_ms: kafka-python's sender sleeps it before it retries a transactional
+        # request, and the next transaction's first request is refused
+        # (CONCURRENT_TRANSACTIONS) while the broker still completes the last commit: 100 ms
+        # by default, with every send held behind it. Its own handler asks for 20 ms there, as
+        # the Java client uses; measured: commits over 100 ms 8 -> 1 in 12 s at 2,000
+        # readings/s, p99 466 -> 341 ms (docs/benchmarks.md).
+        producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20}
+                       if exactly_once else {})
         # Fail a send within 15 s rather than the default minute: the batch is rolled back
         # and retried, and readiness reports the outage meanwhile.
         producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000,

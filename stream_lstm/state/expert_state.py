@@ -81,7 +81,15 @@ def history(state: np.ndarray) -> np.ndarray:
 
 def last_reading(state: np.ndarray) -> np.ndarray:
     """``[m]``: each row's newest reading in its history (NaN if none)."""
-    return state[:, _HISTORY.stop - 1 : _HISTORY.stop].view(np.float16)[:, -1] * np.exp2(state[:, _SCALE])
+    return _stored(state)[:, -1] * np.exp2(state[:, _SCALE])
+
+
+def _exponent_for(x: np.ndarray) -> np.ndarray:
+    """The scale exponent that stores ``|x|`` in [2**14, 2**15) (NaN for a non-finite x)."""
+    with np.errstate(invalid="ignore"):
+        need = np.frexp(np.abs(x))[1].astype(np.float64) - _HEADROOM
+    need[~np.isfinite(x)] = np.nan
+    return need
 
 
 def rounded(x: np.ndarray) -> np.ndarray:
@@ -105,11 +113,8 @@ def push_history(state: np.ndarray, x: np.ndarray) -> None:
     >>> history(state)[0, -3:].tolist()  # 11 significant bits: 1e6 is kept as 999,936
     [3.0, 999936.0, 2.5]
     """
-    with np.errstate(invalid="ignore"):
-        need = np.frexp(np.abs(x))[1].astype(np.float64) - _HEADROOM
-    need[~np.isfinite(x)] = np.nan
     k = state[:, _SCALE]
-    new_k = np.fmax(k, need)  # a row with neither (no reading yet, a NaN one) stays NaN
+    new_k = np.fmax(k, _exponent_for(x))  # a row with neither (no reading yet, a NaN one) stays NaN
     stored = _stored(state)
     grown = new_k > k  # (False where k is NaN: nothing stored to rescale)
     if grown.any():
@@ -157,10 +162,10 @@ def unpack(packed: np.ndarray) -> np.ndarray:
     if packed.shape == (V1_PACKED_SIZE,):
         state = init_state(1)
         readings = np.ascontiguousarray(packed[: N_HISTORY // 2]).view(np.float32).astype(np.float64)
-        seen = readings[np.isfinite(readings)]
-        if len(seen):  # the scale push_history would have reached, then every reading under it
-            state[0, _SCALE] = float(np.frexp(np.abs(seen))[1].max() - _HEADROOM)
-            _stored(state)[0] = (readings * np.exp2(-state[0, _SCALE])).astype(np.float16)
+        k = np.fmax.reduce(_exponent_for(readings))  # the scale push_history would have reached
+        if np.isfinite(k):  # then every reading stored under it
+            state[0, _SCALE] = k
+            _stored(state)[0] = (readings * np.exp2(-k)).astype(np.float16)
         state[0, _W.start :] = packed[N_HISTORY // 2 :]
         return state[0]
     if packed.shape != (PACKED_SIZE,):
