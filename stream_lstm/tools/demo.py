@@ -321,7 +321,7 @@ def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[]
                              auto_offset_reset="latest", isolation_level="read_committed")
     t_end = time.time() + duration if duration else float("inf")
     shown_at, seen, anomalies, t_status = 0.0, 0, 0, time.time()
-    say(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} score")
+    say(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} p-value")
     alive = True
     try:
         while time.time() < t_end and not should_stop():
@@ -350,7 +350,10 @@ def format_forecast(f: dict) -> str:
         f"{m:.1f}[{lo:.1f},{hi:.1f}]" for m, lo, hi in
         zip(f["forecast"][:3], f["lower"][:3], f["upper"][:3], strict=False)
     )
-    score = f.get("anomaly_score")
+    # 1 - the likelihood, not the raw score: the flag is this p-value at or below the
+    # false-alarm rate, and it means the same on every device (null for a device's first
+    # scored readings).
+    likelihood = f.get("anomaly_likelihood")
     flag = " ANOMALY" if f.get("is_anomaly") else ""
     return (f"{ts}  {f['device_id'][:14]:14} {f['value']:9.2f}  {steps:44} "
-            f"{'-' if score is None else f'{score:.1f}'}{flag}")
+            f"{'-' if likelihood is None else f'{1.0 - likelihood:.0e}'}{flag}")

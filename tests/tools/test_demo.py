@@ -190,3 +190,15 @@ def test_the_relay_keeps_every_line_in_the_log_file_and_shows_only_short_ones(tm
     assert (tmp_path / "worker.log").read_text().splitlines() == lines
     assert len(shown) == 1 and shown[0].startswith("worker: broker b:1 |")
     assert relay.stopped["forecasts"] == 7
+
+
+def test_the_live_table_shows_the_likelihood_the_flag_reads():
+    from stream_lstm.tools.demo import format_forecast
+
+    forecast = {"ts": 0.0, "device_id": "pump-1", "value": 1.0, "forecast": [1.0] * 3,
+                "lower": [0.5] * 3, "upper": [1.5] * 3, "anomaly_score": 2.7,
+                "anomaly_likelihood": 0.99995, "is_anomaly": True}
+    line = format_forecast(forecast)
+    assert line.endswith(" 5e-05 ANOMALY"), line  # 1 - the likelihood, not the raw score
+    assert format_forecast({**forecast, "anomaly_likelihood": None,
+                            "is_anomaly": False}).endswith(" -")
