@@ -63,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # No broker at the address given, or refused credentials: one line that says where and
+        # what to check (clients.py writes it), not kafka-python's traceback. Imported here so
+        # `--help` does not load the Kafka client.
+        from stream_lstm.kafka.clients import KafkaConnectError
+
+        if not isinstance(exc, KafkaConnectError):
+            raise
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -203,6 +206,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r}: give a number of processes (1 or more) or auto")
         return int(text)
 
+    @field_validator("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
+                     "ssl_cafile", "ssl_certfile", "ssl_keyfile", "model_path", "model_dir",
+                     "state_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Templating (Helm, ConfigMaps) often renders an unset value as an empty string; as a
+        # path that would be ".", and an empty password would hide the password file.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.target_channel >= self.n_features:
@@ -217,14 +229,35 @@ class Settings(BaseSettings):
         if list(names) != [n for n in STAGES if n in names] or len(set(names)) != len(names):
             raise ValueError(f"forecast_stages {self.forecast_stages!r}: name each of "
                              f"{', '.join(STAGES)} at most once, in that order")
-        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
-            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+        if self.security_protocol.startswith("SASL"):
+            self._check_sasl()
+        if self.tbptt_k2 < self.tbptt_k1:
+            raise ValueError(f"tbptt_k2 ({self.tbptt_k2}) must be >= tbptt_k1 "
+                             f"({self.tbptt_k1}): each update backpropagates through at least "
+                             "the steps run since the last one")
         home = Path("stream-lstm") / self.group_id
         if self.model_dir is None:
             self.model_dir = home / "models"
         if self.state_dir is None:
             self.state_dir = home / "state"
         return self
+
+    def _check_sasl(self) -> None:
+        # Caught here, a missing credential is one line at start-up, not a traceback or a
+        # bootstrap timeout minutes later.
+        if not self.sasl_mechanism:
+            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+        if not self.sasl_username:
+            raise ValueError("sasl_username is required with a SASL security_protocol")
+        if self.sasl_password is None and self.sasl_password_file is None:
+            raise ValueError("sasl_password or sasl_password_file is required with a SASL "
+                             "security_protocol")
+        if self.sasl_password is None and self.sasl_password_file is not None:
+            try:
+                self.sasl_password_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"sasl_password_file cannot be read: {exc.strerror} "
+                                 f"({self.sasl_password_file})") from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -276,6 +309,29 @@ def load_settings(**overrides: object) -> Settings:
             var = ENV_PREFIX + loc[0].upper() if loc else "STREAM_LSTM_* (combination)"
             lines.append(f"invalid setting {var}: {err['msg']}")
         raise SettingsError("\n".join(lines)) from None
+
+
+# Read by the tools, not settings of the service (kafka/jars.py, the CI script, bench).
+OTHER_VARIABLES = frozenset({"CACHE_DIR", "KAFKA_POM", "CI_VENV", "BENCH"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``STREAM_LSTM_*`` variables that name no setting: most likely misspelt, and ignored.
+
+    >>> unknown_variables({"STREAM_LSTM_WINDOWS": "32", "STREAM_LSTM_WINDOW": "32", "HOME": "/"})
+    ['STREAM_LSTM_WINDOWS']
+    """
+    known = {name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(var for var in environ
+                  if var.upper().startswith(ENV_PREFIX)
+                  and var.upper()[len(ENV_PREFIX):] not in known)
+
+
+def warn_unknown_variables(logger: logging.Logger) -> None:
+    """Log each misspelt ``STREAM_LSTM_*`` variable of this process (start-up of a service)."""
+    for var in unknown_variables(os.environ):
+        logger.warning(f"{var} names no setting and is ignored: misspelt? "
+                       "(`python -m stream_lstm.config` lists the settings)")
 
 
 def settings_markdown() -> str:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from stream_lstm.config import Settings, load_settings
+from stream_lstm.config import Settings, load_settings, warn_unknown_variables
 from stream_lstm.metrics import serve_metrics
 from stream_lstm.process_health import BACKOFF_FIRST_S, HostHealth, HostMetrics, Slot
 
@@ -340,6 +340,8 @@ def main(args: argparse.Namespace) -> int:
                                    ("processes", args.processes)) if v is not None}
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
+    if args.status_file is None:  # the supervisor or a single worker; not again in each child
+        warn_unknown_variables(log)
     if args.status_file is None and (n := resolve_processes(settings)) > 1:
         return Supervisor(settings, n).run()  # the supervisor never imports torch
     from stream_lstm.worker import serve

@@ -13,3 +13,21 @@ def test_a_bad_setting_names_its_variable_and_exits_2(command, monkeypatch, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(f"{command}: invalid setting STREAM_LSTM_WINDOW")
+
+
+def test_no_broker_at_the_address_is_one_clear_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "METRICS_PORT": "0",
+                        "STATE_DIR": str(tmp_path / "state"),
+                        "MODEL_DIR": str(tmp_path / "models")}.items():
+        monkeypatch.setenv(f"STREAM_LSTM_{name}", value)
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the JSON log lines, then this one
+    assert err[-1:] == [f"run: cannot connect to Kafka at 127.0.0.1:{port} over PLAINTEXT: "
+                   f"KafkaTimeoutError: Unable to bootstrap from ['127.0.0.1:{port}']; "
+                   "is the broker running and reachable?"]
+    assert not any("Traceback" in line for line in err)

@@ -48,6 +48,42 @@ def test_inconsistent_settings_are_refused():
         load_settings(n_features=2, target_channel=2)
     with pytest.raises(SettingsError, match="sasl_mechanism"):
         load_settings(security_protocol="SASL_SSL")
+    with pytest.raises(SettingsError, match=r"tbptt_k2 \(8\) must be >= tbptt_k1 \(64\)"):
+        load_settings(tbptt_k1=64, tbptt_k2=8)
+
+
+def test_sasl_without_credentials_is_one_clear_line_at_start(tmp_path):
+    sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
+    with pytest.raises(SettingsError, match="sasl_username is required"):
+        load_settings(**sasl, sasl_password="pw")
+    with pytest.raises(SettingsError, match="sasl_password or sasl_password_file is required"):
+        load_settings(**sasl, sasl_username="svc")
+    missing = tmp_path / "nowhere" / "pw"
+    with pytest.raises(SettingsError, match=f"sasl_password_file cannot be read: .*{missing}"):
+        load_settings(**sasl, sasl_username="svc", sasl_password_file=missing)
+    assert load_settings(**sasl, sasl_username="svc", sasl_password="pw").sasl_username == "svc"
+
+
+def test_an_empty_variable_means_unset(tmp_path, monkeypatch):
+    # Helm and ConfigMaps render unset values as "": not the path ".", not an empty password
+    # that hides the password file.
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    for name in ("MODEL_PATH", "SSL_CAFILE", "STATE_DIR", "SASL_PASSWORD"):
+        monkeypatch.setenv(f"STREAM_LSTM_{name}", "")
+    monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD_FILE", str(pw))
+    s = load_settings()
+    assert s.model_path is None and s.ssl_cafile is None and s.sasl_password is None
+    assert s.state_dir == s.model_dir.parent / "state"  # the default, not "."
+    assert s.resolved_sasl_password() == "from-file"
+
+
+def test_misspelt_variables_are_named():
+    from stream_lstm.config import unknown_variables
+
+    env = {"STREAM_LSTM_WINDOWS": "32", "stream_lstm_horizon": "6", "STREAM_LSTM_CACHE_DIR": "/c",
+           "STREAM_LSTM_WINDOW": "32", "PATH": "/bin"}
+    assert unknown_variables(env) == ["STREAM_LSTM_WINDOWS"]
 
 
 def test_password_file_from_the_environment(tmp_path, monkeypatch):

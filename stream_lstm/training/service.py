@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from stream_lstm.config import Settings, load_settings
+from stream_lstm.config import Settings, load_settings, warn_unknown_variables
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel, model_to_bytes
 from stream_lstm.pipeline import decode_records
@@ -160,6 +160,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    warn_unknown_variables(log)
     if settings.retrain_every_readings == 0 and settings.retrain_every_s == 0:
         settings = settings.model_copy(update={"retrain_every_s": 900.0})
         log.warning("no retrain schedule set; retraining every 900 s")
