@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stream_lstm.worker")
 
+# How long to wait for the group coordinator's committed offsets. Without a bound kafka-python
+# waits until a coordinator answers: through a whole broker outage, deaf to SIGTERM and to the
+# liveness beat. Raising instead, the caller's retry loop (with backoff) goes on.
+COMMITTED_TIMEOUT_MS = 10_000
+
+
+class PartitionsLost(RuntimeError):
+    """This member was dropped from its group; its open transaction was aborted."""
+
 
 class PartitionCoordinator:
     """Owns which input partitions the worker holds, and brings their state in and out.
@@ -63,8 +72,12 @@ class PartitionCoordinator:
         self.group: GroupConsumer | None = None
         self.assigned: set[int] = set()
         # A commit that failed inside on_revoked (kafka-python's IO thread, where the consumer
-        # must not be used): the worker rolls it back after the poll.
+        # must not be used), or a transaction given up for lost partitions: the worker rolls
+        # it back after the poll.
         self.failed_in_callback: Exception | None = None
+        # False while a worker that failed closes: closing the consumer revokes its partitions,
+        # and a commit then would publish the failed batch's state without its forecasts.
+        self.commit_on_revoke = True
 
     def tps(self, partitions: set[int]) -> list[TopicPartition]:
         return [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
@@ -86,7 +99,7 @@ class PartitionCoordinator:
         # where the consumer may be used. At-least-once cannot commit offsets from this
         # thread: those readings are left to the new owner, which reads them again.
         tx = self.tx
-        if tx.publisher is not None and tx.publisher.exactly_once and (
+        if self.commit_on_revoke and tx.publisher is not None and tx.publisher.exactly_once and (
                 tx.open is not None or tx.committing or self.state.dirty):
             assert self.group is not None
             try:
@@ -97,11 +110,32 @@ class PartitionCoordinator:
                 if abort_exc is not None:
                     log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
                 self.failed_in_callback = exc
+        self._drop(partitions, "partitions revoked")
+
+    def on_lost(self, partitions: set[int]) -> None:
+        """Partitions lost without a clean revocation: this member was dropped from its group
+        (its session or poll interval ran out), and another may already be processing them
+        from the last committed offsets. The open transaction must not commit: its offsets
+        would go out with no generation, which a broker accepts for a transactional commit,
+        so the zombie's forecasts would be published twice. It is aborted instead, and the
+        worker rolls back what it held of the other partitions too (after the poll)."""
+        tx = self.tx
+        if tx.publisher is not None and tx.publisher.exactly_once and (
+                tx.open is not None or tx.committing or self.state.dirty):
+            abort_exc = tx.abort()
+            if abort_exc is not None:
+                log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+            self.failed_in_callback = PartitionsLost(
+                f"partitions {sorted(partitions)} lost: their open transaction was aborted")
+        self._drop(partitions, "partitions lost (dropped from the group); nothing committed")
+
+    def _drop(self, partitions: set[int], why: str) -> None:
+        tx = self.tx
         gone = len(self.table.devices_in_partitions(partitions))
         self.state.revoke(self.table, partitions)
         self.assigned -= partitions
         tx.drop_offsets(self.tps(partitions))
-        log.info("partitions revoked", extra={"partitions": sorted(partitions), "devices": gone})
+        log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
         self.update_readiness()
 
     def restore_some(self) -> None:
@@ -135,7 +169,7 @@ class PartitionCoordinator:
         assert self.group is not None
         tp = TopicPartition(self.settings.input_topic, partition)
         start = self.state.replay_from(partition)
-        committed = self.group.consumer.committed(tp)
+        committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
         if committed is not None:
             self.tx.next_offsets[tp] = committed
         if start is None:
@@ -163,7 +197,7 @@ class PartitionCoordinator:
         consumer = self.group.consumer
         tps = self.tps(self.assigned)
         for tp in tps:
-            committed = consumer.committed(tp)
+            committed = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
             if committed is None:
                 consumer.seek_to_beginning(tp)
             else:

@@ -149,6 +149,9 @@ class Worker:
     def on_revoked(self, partitions: set[int]) -> None:
         self.partitions.on_revoked(partitions)
 
+    def on_lost(self, partitions: set[int]) -> None:
+        self.partitions.on_lost(partitions)
+
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
@@ -180,7 +183,8 @@ class Worker:
         if problem is not None:
             raise SystemExit(f"stream-lstm: refusing to start: {problem}")
         # The listener calls the worker's on_assigned/on_revoked (tests wrap them).
-        self.group = GroupConsumer(s, PartitionListener(self.on_assigned, self.on_revoked),
+        self.group = GroupConsumer(s, PartitionListener(self.on_assigned, self.on_revoked,
+                                                               self.on_lost),
                                    client_id=f"stream-lstm-{self.instance_id}",
                                    on_stall=self.metrics.kafka_stalls.inc)
         self.partitions.group = self.group
@@ -205,6 +209,11 @@ class Worker:
         try:
             while not self._stop.is_set():
                 turn_began = time.monotonic()
+                # A replay that fails rolls back its partitions' bookkeeping; with a commit in
+                # flight that would drop what the commit still has to settle (devices changed
+                # or evicted since it began). Restoring is rare: let the commit finish first.
+                if self.state.restoring and not self.settle():
+                    continue
                 self.partitions.restore_some()
                 wait = self.tx.wait_ms()
                 if self.lifecycle.rewarming:  # devices wait for their re-warm: idle less
@@ -212,6 +221,7 @@ class Worker:
                 polled = group.poll(wait)
                 if self.partitions.failed_in_callback is not None:  # a commit on revocation failed
                     self._rollback(self.partitions.failed_in_callback)
+                    polled = {}  # read past the rewind, against state just forgotten
                 self.health.beat()
                 consumed = self.process(polled).consumed if polled else 0
                 if not polled:
@@ -240,6 +250,13 @@ class Worker:
     def close(self, clean: bool = True) -> None:
         if clean and self.publisher is not None and self.group is not None:
             self.commit(flush=set(self.assigned))  # every changed device is checkpointed
+        if not clean:
+            # Closing the consumer revokes its partitions; a commit there would publish state
+            # that the failed batch already changed, with offsets from before it.
+            self.partitions.commit_on_revoke = False
+            abort_exc = self.tx.abort()
+            if abort_exc is not None:
+                log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
         self.lifecycle.close()
         self.state.close(self.table, clean=clean)
         if self.group is not None:

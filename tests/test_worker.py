@@ -134,3 +134,86 @@ def test_a_transactional_producer_retries_a_refused_transaction_start_after_20_m
         assert worker.publisher.producer.config["retry_backoff_ms"] == backoff_ms
     finally:
         worker.close(clean=False)
+
+
+def aborted(worker) -> float:
+    return worker.metrics.transactions.labels("aborted")._value.get()
+
+
+def test_a_member_dropped_from_its_group_aborts_its_transaction_and_loses_nothing(
+        settings_factory, topic_name, caplog):
+    # The worker stalls past max.poll.interval.ms with a transaction open: kafka-python's
+    # heartbeat thread leaves the group, and the next poll reports the partitions lost. The
+    # transaction must be aborted, not committed (its offsets would carry no generation, which
+    # the broker accepts for a transactional commit: a zombie's forecasts published twice once
+    # another member holds them). Rejoined, the worker restores, replays and publishes every
+    # reading once.
+    s = small(settings_factory, topic_name, max_poll_interval_ms=3000, session_timeout_ms=6000,
+              commit_interval_ms=60_000)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 6))
+    n = 18
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    stalled = []
+
+    def stall_once_with_a_transaction_open(w) -> bool:
+        if not stalled and w.tx.open is not None:
+            # A stuck turn (a long GC pause, a slow disk) until the heartbeat thread has left
+            # the group (kafka-python's coordinator: its generation is gone).
+            stalled.append(time.monotonic())
+            coordinator = w.group.consumer._coordinator
+            while not coordinator._generation.is_lost():
+                assert time.monotonic() - stalled[0] < 30, "the member never left its group"
+                time.sleep(0.1)
+        return w.totals.consumed >= n
+
+    with caplog.at_level("INFO", logger="stream_lstm"):
+        totals = worker.run(until=stall_once_with_a_transaction_open)
+    assert stalled and aborted(worker) >= 1
+    assert any(r.getMessage().startswith("partitions lost") for r in caplog.records)
+    assert totals.consumed == n and totals.forecasts == 3 * (6 - (s.min_history - 1))
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert len(fcs) == totals.forecasts
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs)
+
+
+def test_a_worker_that_fails_closes_without_committing_the_failed_batch(settings_factory, topic_name):
+    # A batch fails after it changed the devices' state (e.g. CUDA out of memory). Closing the
+    # consumer revokes the partitions; the open transaction must not commit there, or its
+    # checkpoints would carry the failed batch's state with offsets from before it, and a
+    # restart would drop those readings as duplicates.
+    s = small(settings_factory, topic_name, commit_interval_ms=60_000)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 4))
+    torch.manual_seed(0)
+    served = fresh_model(s)
+    first = Worker(s, served)
+    handle, calls = first.bring_in.handle, []
+
+    def fail_the_second_batch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return handle(*args, **kw)
+
+    first.bring_in.handle = fail_the_second_batch
+    produce_more = [False]
+
+    def until(w) -> bool:
+        if w.tx.open is not None and not produce_more[0]:  # a second batch for the failure
+            produce_more[0] = True
+            produce_readings(s, topic_name, fleet(4, 5))
+        return False
+
+    with pytest.raises(RuntimeError, match="stand-in"):
+        first.run(until=until)
+    assert read_topic(s, s.output_topic, timeout_s=5, idle_s=1) == []  # nothing committed
+    assert len(calls) == 2 and aborted(first) == 1
+
+    second = Worker(s, served)
+    totals = second.run(until=lambda w: w.totals.consumed >= 15)
+    assert totals.consumed == 15 and totals.duplicate == 0 and totals.late == 0
+    assert totals.forecasts == 3 * (5 - (s.min_history - 1))
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts

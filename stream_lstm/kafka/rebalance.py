@@ -20,6 +20,10 @@ class PartitionListener(ConsumerRebalanceListener):
     ----------
     on_assigned, on_revoked
         Called with a set of partition numbers of the input topic.
+    on_lost
+        Called instead of ``on_revoked`` for partitions lost without a clean revocation (the
+        member was dropped from its group); default ``on_revoked``. The member's generation is
+        gone by then, so nothing may be committed for them.
 
     Examples
     --------
@@ -38,9 +42,11 @@ class PartitionListener(ConsumerRebalanceListener):
         self,
         on_assigned: Callable[[set[int]], None],
         on_revoked: Callable[[set[int]], None],
+        on_lost: Callable[[set[int]], None] | None = None,
     ) -> None:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
+        self._on_lost = on_lost or on_revoked
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if assigned:
@@ -52,4 +58,5 @@ class PartitionListener(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
         # Lost (not cleanly revoked): another member may already own them; drop state too.
-        self.on_partitions_revoked(lost)
+        if lost:
+            self._on_lost({tp.partition for tp in lost})
