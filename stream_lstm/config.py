@@ -138,7 +138,9 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of now -> DLQ")
     max_gap_s: float = Field(0.0, ge=0.0, description="Gap that resets h/c; 0 = never reset")
     max_message_bytes: int = Field(65_536, ge=64, description="Larger readings -> DLQ unparsed")
-    max_device_id_length: int = Field(128, ge=1, description="Longer device ids -> DLQ")
+    # At most 16,383 characters: 65,532 bytes of UTF-8 at worst, within the snapshot's u16
+    # length of the id (a longer one would fail every commit of its partition).
+    max_device_id_length: int = Field(128, ge=1, le=16_383, description="Longer device ids -> DLQ")
     value_min: float = Field(-1e12, description="Physical range: smaller values -> DLQ")
     value_max: float = Field(1e12, description="Physical range: larger values -> DLQ")
 

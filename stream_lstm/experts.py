@@ -38,8 +38,8 @@ Its loss is then close to that of the best expert on each device, whichever that
 beating deep-river's online LSTM on 8 recordings to 12, and the analogues took them further
 (docs/evaluation.md).
 
-All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (2.3 KB,
-the history float16 under the device's scale: state/expert_state.py), held in the device
+All of a device's expert state is one float64 vector of :data:`STATE_SIZE` values (2.8 KB,
+the history float32: state/expert_state.py), held in the device
 table. It moves with the device in its snapshot as it is in memory (:func:`pack`).
 
 >>> import numpy as np

@@ -137,6 +137,9 @@ class Metrics:
                                             ("partition",), mode="livemostrecent")
         self.restored_devices = counter("restored_devices", "Devices whose state was restored")
         self.restored_records = counter("restored_records", "Changelog records read while restoring")
+        self.unreadable_snapshots = counter(
+            "unreadable_snapshots", "Stored device states that could not be used (corrupt, or "
+            "of other settings): the device started afresh; the log names it")
         self.replayed_readings = counter("replayed_readings", "Input readings applied again "
                                          "after a restore (since the last checkpoint)")
         self.replay_missing_readings = counter(

@@ -148,8 +148,10 @@ def test_a_member_dropped_from_its_group_aborts_its_transaction_and_loses_nothin
     # the broker accepts for a transactional commit: a zombie's forecasts published twice once
     # another member holds them). Rejoined, the worker restores, replays and publishes every
     # reading once.
+    # (A 2 s commit interval: the first batch's transaction is still open when the turn that
+    # processed it stalls; the stall is what makes the member lose its partitions.)
     s = small(settings_factory, topic_name, max_poll_interval_ms=3000, session_timeout_ms=6000,
-              commit_interval_ms=60_000)
+              commit_interval_ms=2000)
     ensure_topics(s, [TopicSpec(topic_name, 2)])
     produce_readings(s, topic_name, fleet(0, 6))
     n = 18
@@ -183,7 +185,7 @@ def test_a_worker_that_fails_closes_without_committing_the_failed_batch(settings
     # consumer revokes the partitions; the open transaction must not commit there, or its
     # checkpoints would carry the failed batch's state with offsets from before it, and a
     # restart would drop those readings as duplicates.
-    s = small(settings_factory, topic_name, commit_interval_ms=60_000)
+    s = small(settings_factory, topic_name, commit_interval_ms=10_000)  # open through both batches
     ensure_topics(s, [TopicSpec(topic_name, 2)])
     produce_readings(s, topic_name, fleet(0, 4))
     torch.manual_seed(0)
@@ -211,7 +213,7 @@ def test_a_worker_that_fails_closes_without_committing_the_failed_batch(settings
     assert read_topic(s, s.output_topic, timeout_s=5, idle_s=1) == []  # nothing committed
     assert len(calls) == 2 and aborted(first) == 1
 
-    second = Worker(s, served)
+    second = Worker(s.model_copy(update={"commit_interval_ms": 100}), served)
     totals = second.run(until=lambda w: w.totals.consumed >= 15)
     assert totals.consumed == 15 and totals.duplicate == 0 and totals.late == 0
     assert totals.forecasts == 3 * (5 - (s.min_history - 1))

@@ -256,12 +256,23 @@ def snapshot_schema(data: bytes | bytearray | memoryview) -> int | None:
     return 0 if data[3] == 1 else int.from_bytes(data[6:10], "little")
 
 
-def decode_snapshot(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
-    """The snapshot encoded in ``data``; :class:`SnapshotDecodeError` if it cannot be read.
+def decode_snapshot(data: bytes | bytearray | memoryview, n_features: int | None = None
+                    ) -> DeviceSnapshot:
+    """The snapshot encoded in ``data``; :class:`SnapshotDecodeError` if it cannot be read, or
+    if it holds another number of channels than ``n_features`` (when given).
 
     The arrays are fresh, writable copies (not views of ``data``), so callers may modify them
     or hand them to ``torch.from_numpy``.
     """
+    snap = _decode(data)
+    if n_features is not None and (snap.mean.shape != (n_features,) or (
+            snap.window.size and snap.window.shape[-1] != n_features)):
+        raise SnapshotDecodeError(f"a snapshot of {snap.mean.size} channels; the settings "
+                                  f"say {n_features} (STREAM_LSTM_N_FEATURES)")
+    return snap
+
+
+def _decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     fmt, fields, pos = _parse_header(data)
     if fmt == 1:
         try:

@@ -10,13 +10,11 @@ Three tiers, from fastest to most durable:
 
 Rules that keep the store honest under exactly-once:
 
-* the store only ever receives state that is already committed to the changelog (restored
-  from it with ``read_committed``, or evicted from memory): a device changed since the last
-  commit (*dirty*) that is evicted waits in memory, beside the table, until the commit that
-  writes it to the changelog, so the store is never ahead of the changelog;
+* the store only receives state already committed to the changelog (restored with
+  ``read_committed``, or evicted): a device changed since the last commit (*dirty*) that is
+  evicted waits beside the table until the commit that writes it to the changelog;
 * one transaction may span several polls (``STREAM_LSTM_COMMIT_INTERVAL_MS``): each dirty
-  device is written to the changelog once, at the commit, however many of its readings the
-  transaction holds;
+  device is written to the changelog once, at the commit;
 * a store not closed cleanly is wiped and rebuilt on the next start (as Kafka Streams does);
 * partitions being restored are paused, and restore proceeds in bounded slices between polls,
   so heartbeats and rebalances go on and a rebalance during restore cannot hang it.
@@ -28,6 +26,8 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from stream_lstm.checkpointing.changelog import changelog_records, restore, tombstone
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
@@ -78,8 +78,7 @@ class StateManager:
         store_path.parent.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(store_path)
         if not self.store.opened_clean:
-            # After a crash the store may hold state from a batch whose transaction never
-            # committed; only the changelog is trustworthy.
+            # After a crash it may hold state of an uncommitted batch; the changelog is truth.
             log.warning("state store was not closed cleanly: wiping it, will restore from %s",
                         self.topic)
             self.store.wipe()
@@ -89,16 +88,13 @@ class StateManager:
         self.restored_records = 0
         # Next changelog offset per partition after our own committed writes.
         self.written: dict[int, int] = {}
-        # Devices changed since the last commit (id -> partition), and those of them evicted
-        # from memory meanwhile, whose snapshots wait for that commit.
+        # Devices changed since the last commit (id -> partition); those evicted meanwhile.
         self.dirty: dict[str, int] = {}
         self._evicted_dirty: dict[str, DeviceSnapshot] = {}
-        # Dirty devices the next commit writes whatever their partition's schedule: re-warmed
-        # after a hot swap (see mark).
+        # Dirty devices the next commit writes whatever the schedule: re-warmed (see mark).
         self.marked: set[str] = set()
-        # Devices that came into memory with no state anywhere (new, or rebuilt by a replay)
-        # and are not in the changelog yet: a replay would start them afresh under the served
-        # model. After a swap the next commit writes them all (mark_unwritten).
+        # Devices in memory that are in no changelog yet (new, or rebuilt by a replay): a
+        # replay starts them afresh; after a swap the next commit writes them (mark_unwritten).
         self.unwritten: set[str] = set()
         self._unwritten_due = False
         self._writing_unwritten = False
@@ -110,10 +106,9 @@ class StateManager:
         # the first marker of a partition whose changelog has none, to write on the next commit.
         self.markers: dict[int, int] = {}
         self._first_markers: dict[int, int] = {}
-        # Between records_for_commit and committed, the commit is in flight while the worker
-        # polls and computes the next batch: what that batch does to the bookkeeping (devices
-        # changed, marked, evicted) waits here and is applied after the commit's own, so the
-        # commit does not count as written what changed after its snapshots were taken.
+        # While a commit is in flight (records_for_commit to committed), what the next batch
+        # changes, marks or evicts waits here and is applied after the commit's own: the
+        # commit must not count as written what changed after its snapshots were taken.
         self._in_flight = False
         self._later_touched: list[tuple[str, int]] = []
         self._later_marked: set[str] = set()
@@ -126,10 +121,20 @@ class StateManager:
         if snap is not None:
             return snap  # evicted since the last commit: back in memory, still dirty
         data = self.store.get(device_id)
-        if data is None:
+        try:  # restore checks only a snapshot's header and lengths: never crash on it here
+            snap = None if data is None else decode_snapshot(data, self.settings.n_features)
+        except ValueError as exc:  # (SnapshotDecodeError is one) counted, logged, afresh
+            self._unusable(1, "a device's stored state cannot be used; it starts afresh",
+                           device=device_id[:128], error=str(exc)[:300])
+            snap = None
+        if snap is None:
             self.unwritten.add(device_id)
-            return None
-        return decode_snapshot(data)
+        return snap
+
+    def _unusable(self, n: int, why: str, **extra: object) -> None:
+        log.warning(why, extra=extra)
+        if self.metrics is not None:
+            self.metrics.unreadable_snapshots.inc(n)  # type: ignore[attr-defined]
 
     def on_evict(self, snap: DeviceSnapshot) -> None:
         """A device left memory (the table was full): keep its state where ``load`` finds it."""
@@ -211,14 +216,11 @@ class StateManager:
         else:
             devs = [*evicted_dirty, *(d for d in forced if d not in evicted_dirty and d in dirty)]
         markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
-        # Evicted devices are encoded once: the same rows go to the changelog and, after the
-        # commit, to the local store.
+        # Evicted devices are encoded once: the rows go to the changelog, then to the store.
         evicted = [(d, s.partition, encode_snapshot(s)) for d, s in self._evicted_dirty.items()]
         self._writing = (due, devs, markers, evicted)
         if not devs and not markers:
             return []
-        import numpy as np
-
         index = table.index
         slots = np.fromiter((index[d] for d in devs if d in index), np.int64)
         snaps = table.snapshots(slots) if len(slots) else []
@@ -232,13 +234,13 @@ class StateManager:
         return out
 
     def commit_started(self) -> None:
-        """The records of :meth:`records_for_commit` are being committed: until
-        :meth:`committed` (or a rollback), devices changed, marked or evicted are noted apart."""
+        """The records are being committed: until :meth:`committed` (or a rollback), devices
+        changed, marked or evicted are noted apart."""
         self._in_flight = True
 
     def committed(self, written: dict[tuple[str, int], int]) -> None:
-        """After a commit: what it checkpointed is durable; note the changelog offsets written
-        (for the clean-stop checkpoint). Then what happened while it was in flight."""
+        """After a commit: what it checkpointed is durable (its offsets noted for the clean
+        stop). Then what happened while it was in flight."""
         for (topic, partition), offset in written.items():
             if topic == self.topic:
                 self.written[partition] = offset + 1
@@ -271,7 +273,6 @@ class StateManager:
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
         """Forget devices idle past the TTL: tombstones to send, and gone from memory + store.
-
         ``farewell(devices)``, called before they go, returns ``(topic, key, value, headers)``
         records to send with the tombstones (the close events of their open alerts)."""
         ttl = self.settings.device_ttl_s
@@ -324,9 +325,8 @@ class StateManager:
         began: list[float] = []
 
         def over_budget() -> bool:
-            # The budget starts at restore's first question, which it asks only once the slice
-            # has read something: a set-up or a first fetch slower than the budget, as on a
-            # loaded machine, otherwise cancelled every slice before it read a record, for ever.
+            # From restore's first question, asked once the slice has read something: a set-up
+            # slower than the budget (a loaded machine) had cancelled every slice for ever.
             now = time.monotonic()
             if not began:
                 began.append(now)
@@ -338,6 +338,9 @@ class StateManager:
             cancelled=over_budget,
         )
         self.restored_records += sum(result.restored.values())
+        if result.skipped:
+            self._unusable(result.skipped, "unreadable changelog records skipped: their devices "
+                           "keep what the store had, or start afresh", partitions=parts)
         if not result.complete:
             return set()
         done = set(parts)
@@ -360,6 +363,7 @@ class StateManager:
         ``offset``, the input position it restarts from. Say so in the next commit, so that a
         restore after it replays from there."""
         self._first_markers[partition] = offset
+
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""

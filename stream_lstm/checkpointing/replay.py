@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from kafka.structs import TopicPartition
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.clients import make_admin, make_consumer
+from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
+from stream_lstm.kafka.topics import topic_config
 
 log = logging.getLogger("stream_lstm.checkpointing")
 
@@ -145,15 +146,7 @@ def check_retention(settings: Settings) -> str | None:
     interval_ms = settings.checkpoint_interval_s * 1000
     if interval_ms <= 0:
         return None
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    admin = make_admin(settings)
-    try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, settings.input_topic)
-        response = admin.describe_configs([resource])
-        configs = _config_values(response, settings.input_topic)
-    finally:
-        admin.close()
+    configs = topic_config(settings, settings.input_topic)
     policy = configs.get("cleanup.policy", "delete")
     retention = int(configs.get("retention.ms", "-1") or -1)
     need = max(MIN_RETENTION_MS, MIN_RETENTION_INTERVALS * interval_ms)
@@ -167,10 +160,10 @@ def check_retention(settings: Settings) -> str | None:
                 f"the {need} ms a state restore may need to replay "
                 f"({MIN_RETENTION_INTERVALS} x STREAM_LSTM_CHECKPOINT_INTERVAL_S, at least 1 h). "
                 "Raise retention.ms or lower the interval (0 checkpoints with every commit)")
+    size = int(configs.get("retention.bytes", "-1") or -1)
+    if size >= 0:  # cannot be checked against a rate at start: said, not refused
+        log.warning(f"input topic {topic!r} also deletes by size (retention.bytes={size} a "
+                    "partition): a partition that fills it within the replay window loses "
+                    "readings a state restore must replay; they are logged and counted "
+                    "(stream_lstm_replay_missing_readings_total). Prefer retention.bytes=-1")
     return None
-
-
-def _config_values(response: dict, topic: str) -> dict[str, str]:
-    """``{name: value}`` of ``topic`` from kafka-python 3's ``describe_configs`` answer."""
-    entries = response.get("topic", {}).get(topic, {})
-    return {name: entry["value"] for name, entry in entries.items()}

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 # The lean path takes records up to this size (the producer's max.request.size is 1 MiB; a
-# forecast is ~1 KB, a device's checkpoint ~3.8 KB); larger ones take send()'s size check.
+# forecast is ~1 KB, a device's checkpoint ~4.3 KB); larger ones take send()'s size check.
 _LEAN_MAX_BYTES = 256 * 1024
 _NO_HEADERS: list = []
 

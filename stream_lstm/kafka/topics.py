@@ -111,7 +111,21 @@ CHANGELOG_CONFIG = {
 
 
 class ChangelogTopicError(RuntimeError):
-    """The changelog topic exists with a different partition count than the input topic."""
+    """The changelog topic exists with a different partition count than the input topic, or
+    without compaction."""
+
+
+def topic_config(settings: Settings, topic: str) -> dict[str, str]:
+    """``{name: value}`` of ``topic``'s configuration, the broker's defaults included."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = make_admin(settings)
+    try:
+        response = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        admin.close()
+    entries = response.get("topic", {}).get(topic, {})  # kafka-python 3's answer
+    return {name: entry["value"] for name, entry in entries.items()}
 
 
 def changelog_topic_spec(settings: Settings, partitions: int | None = None) -> TopicSpec:
@@ -141,6 +155,16 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
             f"changelog topic {spec.name} has {actual} partitions but the input topic has "
             f"{partitions}; they must match (state of input partition p lives in changelog "
             "partition p). Delete the changelog topic or set STREAM_LSTM_CHANGELOG_TOPIC."
+        )
+    # Created by someone else (or auto-created with the broker's defaults), it may delete
+    # instead: a device quiet for longer than its retention would lose its only checkpoint.
+    policy = topic_config(settings, spec.name).get("cleanup.policy", "delete")
+    if "compact" not in policy:
+        raise ChangelogTopicError(
+            f"changelog topic {spec.name} has cleanup.policy={policy}: it must be compacted "
+            "(cleanup.policy=compact), or the checkpoints of quiet devices are deleted. Alter "
+            "the topic, delete it (the worker creates it compacted) or set "
+            "STREAM_LSTM_CHANGELOG_TOPIC."
         )
 
 

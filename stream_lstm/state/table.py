@@ -46,7 +46,7 @@ class DeviceTable:
     initial_capacity
         Slots allocated up front (grows by doubling).
     with_experts
-        Hold the per-device one-step experts (2.3 KB a device, see experts.py). Without them,
+        Hold the per-device one-step experts (2.8 KB a device, see experts.py). Without them,
         a restored device's expert state is dropped.
     columns
         The per-device numeric state (state/columns.py): each becomes ``table.<name>``, grown,

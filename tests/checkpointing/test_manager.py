@@ -64,3 +64,55 @@ def test_marked_and_never_written_devices_go_with_the_next_commit(tmp_path):
     assert not manager.marked and not manager.dirty and manager.unwritten == {"idle-new"}
     assert manager.waiting() == 0
     manager.store.close(clean=True)
+
+
+def test_stored_state_that_cannot_be_used_starts_the_device_afresh_counted_and_logged(
+        tmp_path, caplog):
+    """Restore checks only a snapshot's header and lengths: a value corrupt past them, or of
+    another number of channels, must not crash the worker when its device's next reading
+    arrives (a crash loop: the same record restored again after every restart)."""
+    import numpy as np
+
+    from stream_lstm.checkpointing.codec import (
+        SnapshotDecodeError,
+        check_snapshot,
+        decode_snapshot,
+        encode_snapshot,
+    )
+    from stream_lstm.metrics import Metrics
+    from stream_lstm.state.table import DeviceTable
+
+    def corrupt_past_the_header(data: bytes) -> bytes:
+        # The first single flipped byte that the cheap check lets through and decode refuses
+        # (in the column directory).
+        for i in range(len(data)):
+            bad = bytearray(data)
+            bad[i] ^= 0xFF
+            if check_snapshot(bad) is None:
+                try:
+                    decode_snapshot(bad)
+                except SnapshotDecodeError:
+                    return bytes(bad)
+        raise AssertionError("no such byte")
+
+    metrics = Metrics()
+    manager = StateManager(Settings(state_dir=tmp_path), tmp_path / "state.sqlite", metrics)
+    two = DeviceTable(4, 4, 2, 1, 4)  # a snapshot of two channels; the settings say one
+    two.slots_for(["two-channels"], [0], now=0.0)
+    good = DeviceTable(4, 4, 1, 1, 4)
+    good.slots_for(["flipped", "fine"], [0, 0], now=0.0)
+    flipped = corrupt_past_the_header(encode_snapshot(good.snapshot(good.index["flipped"])))
+    rows = [("two-channels", 0, encode_snapshot(two.snapshot(0))), ("flipped", 0, bytes(flipped)),
+            ("fine", 0, encode_snapshot(good.snapshot(good.index["fine"])))]
+    assert all(check_snapshot(value) is None for _, _, value in rows)  # restore stores them
+    manager.store.put_many(rows)
+    table = DeviceTable(8, 4, 1, 1, 4)
+    with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
+        slots = table.slots_for(["two-channels", "flipped", "fine"], [0, 0, 0], now=1.0,
+                                load=manager.load)
+    assert len(slots) == 3 and np.isfinite(table.last_seen[slots]).all()
+    assert manager.unwritten == {"two-channels", "flipped"}  # afresh; "fine" came back
+    assert metrics.unreadable_snapshots._value.get() == 2
+    named = [r.device for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert sorted(named) == ["flipped", "two-channels"]
+    manager.store.close(clean=True)

@@ -49,6 +49,22 @@ def test_an_input_that_may_delete_what_a_replay_needs_is_refused_at_start(
     assert check_retention(s.model_copy(update={"checkpoint_interval_s": 0})) is None
 
 
+def test_an_input_that_also_deletes_by_size_is_said_at_start(settings_factory, topic_name, caplog):
+    # A size limit cannot be checked against the replay window without the rate: said, not
+    # refused; what a replay then misses is counted (test below).
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1, {"retention.bytes": "1073741824"})])
+    with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
+        assert check_retention(s) is None
+    said = [r.getMessage() for r in caplog.records if "retention.bytes" in r.getMessage()]
+    assert len(said) == 1 and "retention.bytes=1073741824 a partition" in said[0]
+    caplog.clear()
+    ensure_topics(s, [TopicSpec(f"{topic_name}-2", 1, {})])
+    with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
+        assert check_retention(s.model_copy(update={"input_topic": f"{topic_name}-2"})) is None
+    assert not [r for r in caplog.records if "retention.bytes" in r.getMessage()]
+
+
 def test_replay_reads_the_range_and_counts_what_retention_deleted(settings_factory, topic_name):
     s = worker_settings(settings_factory, topic_name)
     ensure_topics(s, [TopicSpec(topic_name, 1)])

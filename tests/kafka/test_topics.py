@@ -19,6 +19,7 @@ from stream_lstm.kafka.topics import (
     ensure_topics,
     ensure_worker_topics,
     partition_count,
+    topic_config,
 )
 from stream_lstm.processes import input_partitions
 
@@ -36,7 +37,9 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
         cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
     finally:
         admin.close()
-    return {k: v["value"] for k, v in cfg["topic"][name].items()}
+    values = {k: v["value"] for k, v in cfg["topic"][name].items()}
+    assert topic_config(settings, name) == values  # the project's own reader
+    return values
 
 
 def topics(settings: Settings) -> set[str]:
@@ -57,6 +60,16 @@ def test_topic_is_compacted_copartitioned_and_idempotent(settings):
     assert values["min.compaction.lag.ms"] == CHANGELOG_CONFIG["min.compaction.lag.ms"]
     with pytest.raises(ChangelogTopicError, match="3 partitions but the input topic has 4"):
         ensure_changelog_topic(settings, 4)
+
+
+def test_a_changelog_that_deletes_instead_of_compacting_is_refused(settings):
+    # Created by someone else with the broker's defaults: a quiet device's only checkpoint
+    # would be deleted with its segment.
+    name = settings.changelog_topic_name()
+    ensure_topics(settings, [TopicSpec(name, 2, {"cleanup.policy": "delete"})])
+    with pytest.raises(ChangelogTopicError, match=f"changelog topic {name} has "
+                       "cleanup.policy=delete: it must be compacted"):
+        ensure_changelog_topic(settings, 2)
 
 
 

@@ -1,6 +1,6 @@
 """The layout of a device's expert state (state/expert_state.py): a fresh device's state, the
-float16 history under each device's scale, the snapshot packing that restores it bit for bit,
-and the conversion of the layout before."""
+float32 history, the snapshot packing that restores it bit for bit, and the conversion of the
+float16 layout that was briefly current."""
 
 import numpy as np
 import pytest
@@ -9,11 +9,11 @@ from stream_lstm import experts
 from stream_lstm.state import expert_state
 from stream_lstm.state.expert_state import (
     EXPERTS,
+    F16_PACKED_SIZE,
     N_FEATURES,
     N_HISTORY,
     PACKED_SIZE,
     STATE_SIZE,
-    V1_PACKED_SIZE,
     history,
     init_state,
     pack,
@@ -24,14 +24,16 @@ from stream_lstm.state.expert_state import (
 from stream_lstm.state.normalizer import normalize_sequence
 
 
-def learnt_state(x: np.ndarray) -> np.ndarray:
-    """One device's state after the experts (experts.py) learnt from ``x``, persistence as the model."""
+def learnt_state(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One device's state after the experts (experts.py) learnt from ``x``, persistence as the
+    model; and their forecast of each next reading."""
     _, mean, scale = normalize_sequence(x[:, None], "ewm", 0.02, 1e-3)
     state = init_state(1)
+    forecasts = np.empty(len(x))
     for t in range(len(x)):
-        experts.step(state, np.ones(1, bool), x[t : t + 1], mean[t : t + 1, 0], scale[t : t + 1, 0],
-                     np.zeros(1), x[t : t + 1], rate=0.1)
-    return state
+        forecasts[t] = experts.step(state, np.ones(1, bool), x[t : t + 1], mean[t : t + 1, 0],
+                                    scale[t : t + 1, 0], np.zeros(1), x[t : t + 1], rate=0.1)[0]
+    return state, forecasts
 
 
 def test_a_fresh_device_has_seen_nothing_and_weighs_every_expert_alike():
@@ -42,33 +44,46 @@ def test_a_fresh_device_has_seen_nothing_and_weighs_every_expert_alike():
     assert (w[:, 0] == 1.0).all() and (w[:, 1:] == 0.0).all()  # the ar expert starts as the model's change
     p = expert_state.rls_matrix(state)
     np.testing.assert_array_equal(p, np.broadcast_to(10.0 * np.eye(N_FEATURES), p.shape))
-    assert state.nbytes / 3 < 2300  # P's upper triangle only, the history as float16 (was 3,992 B)
+    assert state.nbytes / 3 < 2800  # P's upper triangle only, the history as float32 (was 3,992 B)
     log_w = state[:, expert_state._LOG_W]
     assert log_w.shape == (3, len(EXPERTS)) and (log_w == 0.0).all()
     assert np.isnan(state[:, expert_state._S_PREV]).all()
 
 
-def test_the_history_keeps_11_significant_bits_under_each_rows_own_scale():
+def test_the_history_keeps_each_readings_own_precision_whatever_came_before():
     state = init_state(2)
-    readings = [0.0, 21.5, 7.7e9, -3.3e9, 0.1234567, np.nan, 1234.567]
-    for v in readings:  # row 0 sees them; row 1 only 5.0s
+    readings = [0.0, 21.5, 1e12, -3.3e9, 0.1234567, np.nan, 101325.37]
+    for v in readings:  # row 0 sees them, a spike among them; row 1 only 5.0s
         push_history(state, np.array([v, 5.0]))
     got = history(state)
     assert got.shape == (2, N_HISTORY) and got.dtype == np.float32
     assert np.isnan(got[0, : -len(readings)]).all() and np.isnan(got[0, -2])  # unseen, and NaN
-    # The scale grew with 7.7e9 (2**32.8: k = 33 - 15 = 18) and kept 21.5 read before it.
-    # Readings down to 2**(18 - 14) = 16 keep 11 significant bits, as rounded() says ...
-    kept = np.array([0.0, 21.5, 7.7e9, -3.3e9, 1234.567])
-    np.testing.assert_array_equal(got[0, [-7, -6, -5, -4, -1]], rounded(kept))
-    assert abs(got[0, -3] - 0.1234567) <= 2.0 ** (18 - 24)  # ... smaller ones 2**(k - 24) absolute
-    assert (got[1, -len(readings):] == 5.0).all()  # the other row: its own scale, untouched
-    assert np.all(np.abs(rounded(kept) - kept) <= np.abs(kept) * 2.0 ** -11)
+    kept = np.array([0.0, 21.5, 1e12, -3.3e9, 0.1234567, 101325.37])
+    np.testing.assert_array_equal(got[0, [-7, -6, -5, -4, -3, -1]], rounded(kept))
+    assert abs(got[0, -1] - 101325.37) < 0.01  # air pressure in Pa after a 1e12 spike
+    assert abs(got[0, -3] - 0.1234567) < 1e-8
+    assert (got[1, -len(readings):] == 5.0).all()  # the other row, untouched
+
+
+@pytest.mark.parametrize("level", [0.0, 101_325.0, 1e6])
+def test_the_experts_forecast_as_well_around_a_large_level(level):
+    # A sensor that varies little around a large level (air pressure in Pa): the experts must
+    # forecast its variation as they do around zero (the float16 history kept such readings
+    # to 64 Pa, and the experts' error rose 37 % at 101,325).
+    rng = np.random.default_rng(3)
+    t = np.arange(1500)
+    x = 10.0 * np.sin(2 * np.pi * t / 50) + rng.normal(0, 3, len(t))
+    errors = {}
+    for shift in (0.0, level):
+        _, forecast = learnt_state(x + shift)
+        errors[shift] = np.mean(np.abs(forecast[500:-1] - (x + shift)[501:]))
+    assert errors[level] <= errors[0.0] * 1.02, errors
 
 
 def test_the_packed_state_restores_bit_for_bit():
     rng = np.random.default_rng(6)
     x = 1e9 + np.cumsum(rng.normal(0, 1e6, 300))  # 10 significant digits
-    state = learnt_state(x)
+    state, _ = learnt_state(x)
     push_history(state, np.array([np.nan]))  # an unseen slot in the history
     row = state[0]
     packed = pack(row)
@@ -94,20 +109,23 @@ def test_a_fresh_state_packs_and_unpacks_unchanged():
     np.testing.assert_array_equal(unpack(pack(row)), row)
 
 
-def test_a_snapshot_of_the_float32_history_before_is_converted_not_dropped():
-    # Changelogs written before the float16 history: its float32 readings two to a word, no
-    # scale, then the rest as now.
+def test_a_snapshot_of_the_float16_layout_is_converted_not_dropped():
+    # Changelogs written while the history was float16: four readings to a word, times 2**k
+    # (k in the word after them), then the rest as now.
     x = 1e3 + np.cumsum(np.random.default_rng(4).normal(0, 1, 300))
-    state = learnt_state(x)[0]
-    readings = np.full(N_HISTORY, np.nan, np.float32)
-    readings[-300:] = x[-N_HISTORY:].astype(np.float32) if len(x) < N_HISTORY else x[-N_HISTORY:]
-    old = np.concatenate([readings.view(np.float64), state[expert_state._W.start:]])
-    assert old.shape == (V1_PACKED_SIZE,) and expert_state.readable(old)
+    state, _ = learnt_state(x)
+    k = 10.0 - 15  # 1e3 < 2**10: the largest reading stored in [2**14, 2**15)
+    halves = (x[-N_HISTORY:] * 2.0 ** -k).astype(np.float16)
+    old = np.concatenate([halves.view(np.float64), [k], state[0, expert_state._W.start:]])
+    assert old.shape == (F16_PACKED_SIZE,) and expert_state.readable(old)
     new = unpack(old)
     assert new.shape == (STATE_SIZE,)
-    np.testing.assert_array_equal(history(new[None])[0], rounded(readings.astype(np.float64)))
-    np.testing.assert_array_equal(new[expert_state._W.start:], state[expert_state._W.start:])
-    np.testing.assert_array_equal(history(new[None]), history(state[None]))  # what it had learnt from
+    np.testing.assert_array_equal(history(new[None])[0], halves.astype(np.float64) * 2.0 ** k)
+    assert np.max(np.abs(history(new[None])[0] - x[-N_HISTORY:])) <= 2.0 ** (10 - 11)
+    np.testing.assert_array_equal(new[expert_state._W.start:], state[0, expert_state._W.start:])
+    unseen = np.concatenate([np.full(N_HISTORY // 4, np.nan), [np.nan],
+                             state[0, expert_state._W.start:]])  # before the first reading
+    assert np.isnan(history(unpack(unseen)[None])).all()
 
 
 @pytest.mark.parametrize("size", [PACKED_SIZE - 1, PACKED_SIZE + 1, 0])
