@@ -166,10 +166,11 @@ class TransactionUnit:
         # The replay marker of a partition: the input offset after this transaction.
         after = {tp.partition: off for tp, off in self.next_offsets.items()}
         after.update((tp.partition, om.offset) for tp, om in unit.offsets.items())
+        records = [*self.state.records_for_commit(self.table, after, flush), *(extra or [])]
+        if records:
+            self.publisher.confirm_sent()  # at-least-once: the forecasts land first
         send = self.publisher.send
-        for topic, key, value, headers, partition in [
-            *self.state.records_for_commit(self.table, after, flush), *(extra or [])
-        ]:
+        for topic, key, value, headers, partition in records:
             send(topic, value, key=key, headers=headers, partition=partition)
         self._committing = (unit, time.perf_counter())
         self.open = None
@@ -235,13 +236,15 @@ class TransactionUnit:
         return None
 
     def reconnect(self) -> None:
-        """A fresh transactional producer after a failure (exactly-once): ``init_transactions``
-        fences the old one and aborts anything it left open, whatever state it is in."""
-        if self.publisher is not None and self.publisher.exactly_once:
-            self.publisher.producer.close(timeout=1)
+        """A fresh producer after a failure. Exactly-once: ``init_transactions`` fences the old
+        one and aborts anything it left open, whatever state it is in. At-least-once too: an
+        idempotent producer that met a fatal error (a record the topic refuses) refuses every
+        later send, so the worker would retry against it for ever."""
+        if self.publisher is not None:
+            self.publisher.close(timeout=1)
             self.publisher = self._new_publisher()
 
     def close(self) -> None:
         if self.publisher is not None:
-            self.publisher.producer.close(timeout=10)
+            self.publisher.close(timeout=10)
             self.publisher = None

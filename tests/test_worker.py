@@ -219,3 +219,42 @@ def test_a_worker_that_fails_closes_without_committing_the_failed_batch(settings
     assert totals.forecasts == 3 * (5 - (s.min_history - 1))
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
     assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts
+
+
+def test_at_least_once_never_checkpoints_readings_whose_forecasts_failed(
+        settings_factory, topic_name, caplog):
+    # The forecasts topic refuses every forecast (max.message.bytes 100) while the changelog
+    # takes the checkpoints. A checkpoint sent beside the failed forecasts would land; the
+    # rollback would restore it, and the readings, read again, would be duplicates with no
+    # forecast. Once the topic takes them, every reading gets its forecast.
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from stream_lstm.kafka.clients import make_admin
+
+    s = small(settings_factory, topic_name, processing_guarantee="at_least_once",
+              checkpoint_interval_s=0)  # a checkpoint with every commit
+    ensure_topics(s, [TopicSpec(topic_name, 2), TopicSpec(s.output_topic, 2, {"max.message.bytes": "100"})])
+    produce_readings(s, topic_name, fleet(0, 5))
+    n = 15
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    refused = []
+
+    def until(w) -> bool:
+        if not refused and aborted(w) >= 1:  # a batch was refused and rolled back
+            refused.append(aborted(w))
+            admin = make_admin(s)  # the topic takes forecasts again
+            try:
+                admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.output_topic,
+                                                    configs={"max.message.bytes": "1048588"})])
+            finally:
+                admin.close()
+        return bool(refused) and w.totals.consumed >= n
+
+    with caplog.at_level("ERROR", logger="stream_lstm.worker"):
+        totals = worker.run(until=until)
+    assert refused and any("rolling back" in r.getMessage() for r in caplog.records)
+    assert totals.duplicate == 0 and totals.consumed == n
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert {(f["device_id"], f["ts"]) for f in fcs} == {
+        (d, ts) for d, ts, _ in fleet(0, 5) if ts >= T0 + 60.0 * (s.min_history - 1)}

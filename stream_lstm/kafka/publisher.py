@@ -183,6 +183,28 @@ class BatchPublisher:
                             time.monotonic() + self.send_timeout_s)
         self._futures = []
 
+    def close(self, timeout: float) -> None:
+        """Close the producer. One in a fatal state (an idempotent producer after a record its
+        topic refused) fails its own flush in ``close()`` and keeps its sender thread: that
+        thread is stopped here, or every reconnect would leave one behind."""
+        try:
+            self.producer.close(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - whatever the flush raised, the thread goes
+            log.warning("the producer did not close cleanly; stopping its sender",
+                        extra={"error": repr(exc)[:300]})
+            self.producer._sender.force_close()
+
+    def confirm_sent(self) -> None:
+        """At-least-once: wait for what was sent so far and check every send (raises
+        :class:`PublishError`). Before a commit's checkpoints are sent, so that a changelog
+        never holds the state of readings whose forecasts failed: a restore from it would take
+        them, when read again, for duplicates. (Exactly-once: the transaction does this.)"""
+        if self.exactly_once or not self._futures:
+            return
+        self.producer.flush(timeout=self.send_timeout_s)
+        self._written(self._futures)
+        self._futures = []
+
     @property
     def committing(self) -> bool:
         """Whether a commit was started and not yet finished."""
