@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     # --- Model and per-device state -------------------------------------------------------
     window: int = Field(64, ge=2, description="W: readings kept per device (ring buffer)")
     horizon: int = Field(12, ge=1, description="H: steps ahead forecast for the target channel")
-    min_history: int = Field(8, ge=1, description="Readings per device before it is forecast")
+    min_history: int = Field(8, ge=1, description="A device's first forecast is at its reading "
+                             "number MIN_HISTORY (the ones before are its warm-up)")
     hidden_size: int = Field(64, ge=1, description="LSTM hidden units")
     num_layers: int = Field(1, ge=1, description="Stacked LSTM layers")
     n_features: int = Field(1, ge=1, description="Channels per reading")

@@ -3,7 +3,9 @@
 The registry directory is ``--model-dir`` or ``STREAM_LSTM_MODEL_DIR``. ``list`` prints one
 row per version (``*`` marks the promoted one); ``rollback`` promotes an existing version
 again (it must load and verify) and logs it in ``promotions.jsonl``. Workers pick the
-promoted version up on their next start or model swap.
+promoted version up on their next start or model swap; workers that follow an external
+trainer (``STREAM_LSTM_TRAINER=external``) serve what the models topic says, so there
+``rollback --publish`` also publishes the version to it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="registry directory (default: STREAM_LSTM_MODEL_DIR)")
     parser.add_argument("--reason", default="", help="rollback: why (kept in the log)")
+    parser.add_argument("--publish", action="store_true",
+                        help="rollback: also publish VERSION to STREAM_LSTM_MODELS_TOPIC, which "
+                             "workers with STREAM_LSTM_TRAINER=external follow (they swap to "
+                             "it); run it against the trainer's registry, then restart the "
+                             "trainer so that it gates later models against VERSION")
 
 
 def _created(value: Any) -> str:
@@ -100,4 +107,26 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"promoted {args.version} (was {previous or 'none'}); workers serve it after their "
           "next start or model swap")
+    if args.publish:
+        topic = publish(reg.load(args.version))
+        print(f"published {args.version} to {topic}: workers following it swap to it")
     return 0
+
+
+def publish(loaded: Any) -> str:
+    """Send a model to the models topic, as the trainer publishes a promotion (partition 0);
+    returns the topic's name."""
+    from stream_lstm.config import load_settings
+    from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.models.registry import model_to_bytes
+    from stream_lstm.training.retrainer import ensure_models_topic
+
+    settings = load_settings()
+    ensure_models_topic(settings)
+    producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
+    try:
+        producer.send(settings.models_topic, model_to_bytes(*loaded), key=b"model", partition=0)
+        producer.flush()
+    finally:
+        producer.close()
+    return settings.models_topic

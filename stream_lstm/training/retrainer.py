@@ -37,7 +37,8 @@ def job_params(settings: Settings) -> dict:
 
 
 def ensure_models_topic(settings: Settings) -> None:
-    """The compacted models topic: its last record is the latest promoted model."""
+    """The compacted models topic: the last record of its partition 0 is the latest promoted
+    model (the trainer writes there, workers read there, whatever the partition count)."""
     ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
 
 

@@ -112,8 +112,11 @@ class TrainerService:
         promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
+        # Partition 0, where workers follow it (lifecycle.ModelsFollower), however many
+        # partitions a topic created by someone else has (the key alone hashes elsewhere).
         self.producer.send(self.settings.models_topic,
-                           model_to_bytes(promoted.model, promoted.spec, promoted.meta), key=b"model")
+                           model_to_bytes(promoted.model, promoted.spec, promoted.meta), key=b"model",
+                           partition=0)
         self.producer.flush()
         self.champion = promoted
         self.published += 1

@@ -55,10 +55,12 @@ def test_compose_stack():
     assert "healthcheck" in kafka
     init = "\n".join(services["kafka-init"]["command"])
     assert "/opt/kafka/bin/kafka-topics.sh" in init
-    for topic in ("sensor-readings", "sensor-forecasts", "sensor-readings-dlq",
-                  "stream-lstm-state-changelog", "stream-lstm-models"):
+    for topic in ("sensor-readings", "sensor-forecasts", "sensor-readings-dlq"):
         assert topic in init
-    assert "cleanup.policy=compact" in init
+    # The changelog and the models topic: created by the worker and the trainer, with their
+    # full configs (not a compacted topic of 4 partitions, where a model keyed "model" landed
+    # on a partition no worker reads).
+    assert "stream-lstm-state-changelog" not in init and "stream-lstm-models" not in init
     for name in ("simulator", "worker", "trainer"):
         svc = services[name]
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -114,6 +116,10 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     trainer = next(d for _, d in docs if d["kind"] == "Deployment")
     (c,) = containers(trainer)
     assert c["args"] == ["trainer"] and trainer["spec"]["replicas"] == 1
+    # Its registry outlives the pod (an empty one restarts from a fresh model at v0001).
+    (volume,) = trainer["spec"]["template"]["spec"]["volumes"]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for _, d in docs)
     service = next(d for _, d in docs if d["kind"] == "Service")
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["ports"][0]["port"] == PORT

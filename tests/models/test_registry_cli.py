@@ -1,3 +1,6 @@
+import time
+
+import pytest
 import torch
 
 from stream_lstm.cli import main as cli
@@ -58,3 +61,31 @@ def test_rollback_to_a_damaged_version_is_refused(tmp_path, capsys):
     assert cli(["models", "rollback", "v0001", "--model-dir", str(tmp_path)]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert reg.promoted() == "v0002"
+
+
+@pytest.mark.kafka
+def test_rollback_publish_sends_the_version_where_following_workers_read(
+        tmp_path, capsys, monkeypatch, bootstrap, topic_name):
+    # Workers that follow an external trainer serve the models topic, not a registry: the
+    # rollback reaches them only through it (partition 0, as the trainer publishes).
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+    from stream_lstm.training.lifecycle import ModelsFollower
+
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("STREAM_LSTM_MODELS_TOPIC", topic_name)
+    s = Settings()
+    ensure_topics(s, [TopicSpec(topic_name, 4, {"cleanup.policy": "compact"})])  # made by someone else
+    reg = registry_with_two(tmp_path)
+    follower = ModelsFollower(s)
+    try:
+        assert cli(["models", "rollback", "v0001", "--publish", "--model-dir", str(tmp_path)]) == 0
+        assert f"published v0001 to {topic_name}" in capsys.readouterr().out
+        got, deadline = None, time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:
+            got = follower.poll()  # (returns at once: the fetch goes on in the background)
+        assert got is not None and got.version == "v0001" and reg.promoted() == "v0001"
+        want = reg.load("v0001").model.state_dict()
+        assert all(torch.equal(got.model.state_dict()[k], want[k]) for k in want)
+    finally:
+        follower.close()
