@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     # registry or a state store (they did with ./models and ./state).
     model_dir: Path | None = Field(
         None, description="Model registry directory; default ./stream-lstm/<group_id>/models")
-    max_devices: int = Field(100_000, ge=1, description="Devices held in memory at most")
+    # At most 2**24: the engine packs slot numbers into float32 beside the inputs.
+    max_devices: int = Field(100_000, ge=1, le=2**24, description="Devices held in memory at most")
     device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices idle this long; 0=never")
     state_dir: Path | None = Field(
         None, description="Local on-disk state store directory; default ./stream-lstm/<group_id>/state")
@@ -142,8 +143,9 @@ class Settings(BaseSettings):
     # At most 16,383 characters: 65,532 bytes of UTF-8 at worst, within the snapshot's u16
     # length of the id (a longer one would fail every commit of its partition).
     max_device_id_length: int = Field(128, ge=1, le=16_383, description="Longer device ids -> DLQ")
-    value_min: float = Field(-1e12, description="Physical range: smaller values -> DLQ")
-    value_max: float = Field(1e12, description="Physical range: larger values -> DLQ")
+    # Bounded so that a reading's square (the normalizer's variance) stays finite.
+    value_min: float = Field(-1e12, ge=-1e150, description="Physical range: smaller values -> DLQ")
+    value_max: float = Field(1e12, le=1e150, description="Physical range: larger values -> DLQ")
 
     # --- Uncertainty and anomalies ----------------------------------------------------------------
     interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")

@@ -210,6 +210,9 @@ class Experts(Stage):
         r.forecast += (one - r.forecast[:, 0])[:, None] * (1.0 - r.along)
 
 
+LOG_M_BOUND = float(np.log(1000.0))  # the interval factor stays within 1/1000 to 1000
+
+
 class Calibration(Stage):
     """A per-device factor ``m`` on the model's scale, so intervals cover what they claim.
 
@@ -254,8 +257,12 @@ class Calibration(Stage):
     def learn(self, r: Round, table: DeviceTable) -> None:
         # Both columns at once: the one-step forecast's, then the H-step one's.
         miss = np.abs(r.x[:, None] - pair(r.expected_1, r.expected_h)) > self.q * pair(r.b_1, r.b_h)
-        table.interval_log_m[r.slots] += np.where(
+        log_m = table.interval_log_m[r.slots] + np.where(
             pair(r.scored_1, r.scored_h), self.rate * (miss - (1.0 - self.coverage)), 0.0)
+        # Bounded: on a flat spell a forecast that is exactly right shrinks the factor every
+        # reading, and unbounded it reached widths of 1e-15 that then covered nothing for
+        # ~2,000 readings of the next noise (each miss only climbs back by rate x coverage).
+        table.interval_log_m[r.slots] = np.clip(log_m, -LOG_M_BOUND, LOG_M_BOUND)
 
     def predict(self, r: Round, table: DeviceTable) -> None:
         r.b = r.b * np.exp(between(table.interval_log_m[r.slots], r.along))

@@ -143,3 +143,14 @@ def test_every_setting_is_read_by_some_code_path():
                     read.add(node.attr)
     unread = sorted(set(Settings.model_fields) - read)
     assert not unread, f"settings accepted but never read: {unread}"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("max_devices", 2**24 + 1),  # slots travel as float32 in the engine
+    ("value_max", 1e200),  # its square, the normalizer's variance, would be infinite
+    ("value_min", -1e200),
+    ("max_device_id_length", 16_384),  # the snapshot keeps an id's length in 16 bits
+])
+def test_limits_the_service_cannot_honour_are_refused_at_start(name, value):
+    with pytest.raises(SettingsError, match=f"STREAM_LSTM_{name.upper()}"):
+        load_settings(**{name: value})

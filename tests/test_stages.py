@@ -171,3 +171,26 @@ def test_two_stages_of_one_name_are_refused():
     with pytest.raises(ValueError, match="two stages named 'blend'"):
         type("AnotherBlend", (Stage,), {"name": "blend"})
     assert STAGES["blend"] is Blend
+
+
+def test_the_calibration_factor_stays_bounded_through_a_flat_spell():
+    # A forecast exactly right, reading after reading (a flat signal, persistence): every
+    # covered reading shrinks the interval. Unbounded, 20,000 of them left widths of 1e-15
+    # that covered nothing for ~2,000 readings of the noise that followed.
+    from stream_lstm.stages import LOG_M_BOUND
+
+    table = DeviceTable(4, 4, 1, 1, 2, with_experts=False)
+    table.ensure_horizon(2)
+    slots = table.slots_for(["flat"], [0], now=0.0)
+    stage = Calibration(0.02, 0.9, 1.645)
+    for _ in range(20_000):
+        r = example_round(slots, x=5.0, expected_1=5.0)  # covered: |5 - 5| <= q b
+        r.expected_h, r.b_h = r.expected_1, r.b_1
+        r.scored_h = np.ones(1, bool)
+        stage.learn(r, table)
+    assert table.interval_log_m[slots].min() == pytest.approx(-LOG_M_BOUND)
+    for _ in range(400):  # then misses: it recovers from the bound, not from -40
+        r = example_round(slots, x=50.0, expected_1=5.0)
+        r.expected_h, r.b_h, r.scored_h = r.expected_1, r.b_1, np.ones(1, bool)
+        stage.learn(r, table)
+    assert (table.interval_log_m[slots] > 0).all()

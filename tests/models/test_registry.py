@@ -219,3 +219,20 @@ def test_registry_numbers_sort_numerically_and_skip_damaged_metadata(tmp_path):
     assert [m["version"] for m in rows] == ["v0009", "v0010", "v0011", "v10000"]
     assert "error" in rows[2]
     assert reg.next_version() == "v10001"
+
+
+def test_weights_that_are_finite_only_in_float64_are_refused():
+    # Served as float32, 1e300 is infinity: checked as it will be served.
+    import struct
+
+    from safetensors.torch import save
+
+    from stream_lstm.models.registry import WIRE_MAGIC, _dumps, _full_meta, model_from_bytes
+
+    spec = ModelSpec(hidden_size=2, horizon=1)
+    weights = {k: v.double() for k, v in SimpleLSTM.from_spec(spec).state_dict().items()}
+    weights["head.bias"][0] = 1e300
+    raw = save(weights)
+    header = _dumps(_full_meta({"version": "v0001"}, spec, raw), indent=None)
+    with pytest.raises(ModelLoadError, match=r"head\.bias contains NaN or infinity \(as float32\)"):
+        model_from_bytes(WIRE_MAGIC + struct.pack("<I", len(header)) + header + raw)
