@@ -137,7 +137,8 @@ class Settings(BaseSettings):
 
     # --- Event-time rules and input limits ---------------------------------------------------
     late_policy: Literal["drop", "dlq"] = Field("drop", description="What happens to late readings")
-    max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of now -> DLQ")
+    max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of its Kafka "
+                                     "record's timestamp -> DLQ (a replay decides as live did)")
     max_gap_s: float = Field(0.0, ge=0.0, description="Gap that resets h/c; 0 = never reset")
     max_message_bytes: int = Field(65_536, ge=64, description="Larger readings -> DLQ unparsed")
     # At most 16,383 characters: 65,532 bytes of UTF-8 at worst, within the snapshot's u16

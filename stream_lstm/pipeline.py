@@ -169,13 +169,18 @@ class Decoded:
 
 def decode_records(decoder: ReadingDecoder, records: Iterable[SourceRecord], now: float) -> Decoded:
     """Decode records in order: the valid readings as columns, the invalid ones as dead letters
-    with their reason. The worker and the trainer service decode alike."""
+    with their reason. The worker and the trainer service decode alike.
+
+    A reading's far-future check is against its record's Kafka timestamp where it has one
+    (``now`` otherwise): a replay after a restart then decides as the live pass did, where the
+    clock of the moment would accept a reading once sent to the DLQ."""
     d = Decoded()
     decode = decoder.decode
     for rec in records:
         d.consumed += 1
+        stamp = getattr(rec, "timestamp", -1) or -1
         try:
-            r = decode(rec.value, rec.key, now)
+            r = decode(rec.value, rec.key, stamp / 1000.0 if stamp > 0 else now)
         except InvalidReading as exc:
             d.dead.append((rec, str(exc.code), exc.reason))
             continue

@@ -144,3 +144,25 @@ def test_an_alert_that_opens_after_a_swap_carries_its_devices_version():
     out = pipe.handle([Rec(200, "old", 1e9 + 60 * 200, 500.0)], now=2e9)  # far off: an alert opens
     events = [json.loads(r[2]) for r in out.records if r[0] == "alerts"]
     assert [(e["event"], e["model_version"]) for e in events] == [("open", "v1")]
+
+
+def test_the_far_future_check_reads_the_records_timestamp_so_a_replay_decides_alike():
+    # A device clock 310 s ahead (the limit is 300 s): sent to the DLQ live. Replayed after a
+    # restart 20 s later, the worker's clock would have accepted it, and the device's later
+    # readings would then have been dropped as late.
+    from collections import namedtuple
+
+    from stream_lstm.messages import ReadingDecoder
+    from stream_lstm.pipeline import decode_records
+
+    Record = namedtuple("Record", "topic partition offset key value timestamp")
+    sent = 1_764_000_000.0
+    ahead = Record("in", 0, 7, b"d", encode_reading("d", sent + 310.0, [1.0]), int(sent * 1000))
+    decoder = ReadingDecoder(Settings())
+    for now in (sent + 0.1, sent + 20.0):  # live, then the replay
+        d = decode_records(decoder, [ahead], now)
+        assert d.ids == [] and d.dead[0][1] == "ts_far_future"
+    on_time = ahead._replace(value=encode_reading("d", sent + 200.0, [1.0]))
+    assert decode_records(decoder, [on_time], now=sent - 500.0).ids == ["d"]  # the stamp, not now
+    unstamped = ahead._replace(timestamp=-1)  # no Kafka timestamp: the worker's clock
+    assert decode_records(decoder, [unstamped], now=sent + 20.0).ids == ["d"]

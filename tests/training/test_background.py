@@ -9,6 +9,7 @@ import os
 import signal
 
 import numpy as np
+import torch
 
 from stream_lstm.config import Settings
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
@@ -39,3 +40,22 @@ def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capf
     assert trainer._proc.exitcode == 0  # it ended by itself, not by terminate() or a signal
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_early_stopping_and_the_gate_judge_on_different_devices():
+    # The best epoch chosen on the gate's own holdout looks better there than it is: the gate
+    # then promoted challengers worse on fresh data. Each has its own devices now.
+    from stream_lstm.models.registry import model_from_bytes
+    from stream_lstm.training.background import _unframe, run_job
+
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 3, "patience": 3, "lr": 0.05}
+    champion = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        champion.head.bias.fill_(5.0)  # far off: any training beats it, and the meta comes back
+    header, parts = _unframe(run_job(encode_job(champion, spec, {"version": "v1"}, seqs, params)))
+    assert header["promote"]
+    data = model_from_bytes(parts[0]).meta["training_data"]
+    assert (data["devices"], data["validation_devices"], data["holdout_devices"]) == (6, 2, 2)
