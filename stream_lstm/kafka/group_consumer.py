@@ -88,9 +88,9 @@ class GroupConsumer:
         self.on_stall = on_stall
         self._open()
 
-    def _open(self) -> None:
+    def _open(self, consumer: KafkaConsumer | None = None) -> None:
         """A subscribed consumer, with its heartbeat watch and its stall guard."""
-        self.consumer: KafkaConsumer = self._subscribe()
+        self.consumer: KafkaConsumer = consumer or self._subscribe()
         self.heartbeat = GroupHeartbeat(self.consumer, stale_after_s=self.settings.session_timeout_ms / 1000)
         self.stall_guard = StallGuard(self.consumer)
         self._unjoined_since: float | None = None
@@ -171,8 +171,15 @@ class GroupConsumer:
         log.warning("the consumer has not joined its group; replacing it",
                     extra={"group_id": s.group_id, "waited_s": round(now - self._unjoined_since)})
         self.on_stall()
+        try:  # the new one first: with the broker away now, the old one stays for a later try
+            fresh = self._subscribe()
+        except Exception as exc:  # noqa: BLE001 - e.g. KafkaConnectError: never end the worker
+            log.warning("could not open a replacement consumer; trying again later",
+                        extra={"error": repr(exc)[:200]})
+            self._unjoined_since = now
+            return
         self.close()
-        self._open()
+        self._open(fresh)
 
     def close(self) -> None:
         """Stop the stall guard and close the consumer without committing (the worker does)."""

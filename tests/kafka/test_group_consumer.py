@@ -58,3 +58,25 @@ def test_an_at_least_once_fetch_waits_half_the_commit_interval(settings_factory,
         assert group.consumer.config["fetch_max_wait_ms"] == 50
     finally:
         group.close()
+
+
+def test_a_replacement_that_cannot_connect_keeps_the_old_consumer_and_tries_later(
+        settings_factory, topic_name, caplog):
+    # The stuck consumer's replacement is due just as the broker goes away: the worker must
+    # go on (and try again later), not end with the connect error.
+    from stream_lstm.kafka.local_broker import free_port
+
+    s = settings_factory(input_topic=topic_name, group_id=f"{topic_name}-g")
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    group = GroupConsumer(s, PartitionListener(lambda _: None, lambda _: None), client_id="test")
+    old = group.consumer
+    try:
+        group.settings = s.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
+        group._unjoined_since = time.monotonic() - 3600  # never joined, for an hour
+        with caplog.at_level("WARNING", logger="stream_lstm"):
+            group.check_membership(assigned=False)
+        assert group.consumer is old and group._unjoined_since > time.monotonic() - 60
+        assert any("trying again later" in r.getMessage() for r in caplog.records)
+    finally:
+        group.settings = s
+        group.close()
