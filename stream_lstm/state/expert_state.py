@@ -44,7 +44,7 @@ _LOG_W = slice(_E_PREV.stop, _E_PREV.stop + len(EXPERTS))
 _S_PREV = _LOG_W.stop  # the scale at the last forecast; NaN before the first
 STATE_SIZE = _S_PREV + 1
 PACKED_SIZE = STATE_SIZE  # the snapshot carries the state as it is in memory
-# The float16 layout (2026-12-05, 12:26 to the next day): the history as float16, four to a
+# The float16 layout (2026-12-05, 12:26 to 14:10): the history as float16, four to a
 # word, times 2**k for the device's exponent k in the word after it; then W, P, F, E, log W and
 # the scale as here. A snapshot of it is converted on restore.
 F16_PACKED_SIZE = N_HISTORY // 4 + 1 + (STATE_SIZE - _W.start)
