@@ -34,10 +34,13 @@ from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
+from stream_lstm.kafka.topics import CHANGELOG_CONFIG
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.checkpointing")
+# Rows of a partition released longer ago than half the tombstones' retention are not reused.
+STALE_STORE_S = int(CHANGELOG_CONFIG["delete.retention.ms"]) / 2000
 
 # (topic, key, value, headers, partition); no partition: the topic's partitioner decides
 ChangelogRecord = tuple[str, bytes | None, bytes | None, None, int | None]
@@ -85,7 +88,6 @@ class StateManager:
         self.metrics = metrics
         self.restoring: set[int] = set()
         self.ready: set[int] = set()
-        self.restored_records = 0
         # Next changelog offset per partition after our own committed writes.
         self.written: dict[int, int] = {}
         # Devices changed since the last commit (id -> partition); those evicted meanwhile.
@@ -170,22 +172,19 @@ class StateManager:
                 self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
 
     def mark(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
-        """Checkpoint these devices with the next commit, whatever their partition's schedule.
-
-        For re-warmed devices (a hot swap): their h/c now come from another model, so a replay
-        from their previous checkpoint would step the readings since under the wrong weights
-        once a forecast of the new weights is committed. Written in the commit that follows the
-        re-warm, before or with any such forecast, the checkpoint names the new version."""
+        """Checkpoint these devices with the next commit, whatever their partition's schedule:
+        re-warmed after a hot swap, their h/c are another model's, and a replay from their last
+        checkpoint would step the readings since under the wrong weights. Written with (or
+        before) the first forecast of the new weights, the checkpoint names the new version."""
         self.touch(table, slots)
         ids = table.ids
         (self._later_marked if self._in_flight else self.marked).update(
             ids[slot] for slot in slots.tolist())
 
     def mark_unwritten(self) -> None:
-        """Checkpoint, with the next commit, every device not yet in the changelog (a hot
-        swap): a replay starts such a device afresh under the model the restarted worker
-        serves, which after a swap is no longer the one it started under; its checkpoint names
-        that one instead. (A flag: the swap itself does nothing a device.)"""
+        """Checkpoint, with the next commit, every device not yet in the changelog (a hot swap:
+        a replay would start such a device afresh under the served model, no longer the one it
+        started under). A flag: the swap itself does nothing a device."""
         self._unwritten_due = True
 
     def waiting(self) -> int:
@@ -294,7 +293,9 @@ class StateManager:
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:
-        """New partitions: they stay paused until their state is restored."""
+        """New partitions: paused until restored (from the changelog alone if stale)."""
+        if stale := self.store.forget_stale(partitions, time.time(), STALE_STORE_S):
+            log.info("the store's copy is stale; restoring from the changelog", extra={"partitions": stale})
         self.restoring |= partitions
         self.ready -= partitions
         for p in partitions:
@@ -314,6 +315,7 @@ class StateManager:
             self._first_markers.pop(p, None)
         self.restoring -= partitions
         self.ready -= partitions
+        self.store.release(partitions, time.time())
         for p in partitions:
             self.written.pop(p, None)
 
@@ -337,7 +339,6 @@ class StateManager:
             progress=lambda p, done, total: self._progress(p, done / total if total else 1.0),
             cancelled=over_budget,
         )
-        self.restored_records += sum(result.restored.values())
         if result.skipped:
             self._unusable(result.skipped, "unreadable changelog records skipped: their devices "
                            "keep what the store had, or start afresh", partitions=parts)
@@ -382,8 +383,6 @@ class StateManager:
             # the store must not vouch for it.
             clean = False
         if clean and len(table):
-            import numpy as np
-
             slots = np.fromiter(table.index.values(), np.int64)
             self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
                                  for s in table.snapshots(slots)])
@@ -393,6 +392,7 @@ class StateManager:
             self.store.apply(
                 checkpoints={p: off for p, off in self.written.items() if p in self.ready},
                 replay_from={p: off for p, off in self.markers.items() if p in self.ready})
+            self.store.release(self.ready, time.time())
         self.store.close(clean=clean)
 
     def _progress(self, partition: int, ratio: float) -> None:

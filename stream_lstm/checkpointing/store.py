@@ -28,6 +28,10 @@ def _replay_key(partition: int) -> str:
     return f"replay:{partition}"
 
 
+def _released_key(partition: int) -> str:
+    return f"released:{partition}"
+
+
 class StateStore:
     """Encoded snapshots by device id, with per-partition changelog checkpoints.
 
@@ -129,6 +133,29 @@ class StateStore:
             self.db.executemany("DELETE FROM meta WHERE key=?", ((_cp_key(p),) for (p,) in parts))
             self.db.executemany("DELETE FROM meta WHERE key=?",
                                 ((_replay_key(p),) for (p,) in parts))
+
+    def release(self, partitions: Iterable[int], when: float) -> None:
+        """Note that ``partitions`` stopped being kept current at ``when`` (epoch seconds): a
+        revocation, or a clean stop."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                ((_released_key(p), int(when)) for p in partitions))
+
+    def forget_stale(self, partitions: Iterable[int], now: float, max_age_s: float) -> list[int]:
+        """Drop ``partitions`` released more than ``max_age_s`` before ``now`` (the changelog's
+        cleaner may have removed tombstones their rows predate: a device deleted meanwhile
+        would come back); the rest are held again. Returns those dropped."""
+        stale = []
+        for p in partitions:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (_released_key(p),)).fetchone()
+            if row is not None and now - row[0] > max_age_s:
+                stale.append(p)
+        self.drop_partitions(stale)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM meta WHERE key=?", ((_released_key(p),) for p in partitions))
+        return stale
 
     def wipe(self) -> None:
         """Forget everything but the clean flag (after an unclean shutdown)."""

@@ -75,3 +75,38 @@ def test_clean_flag(tmp_path):
     assert st.opened_clean and st.count() == 0
     st.close(clean=True)
     st.close(clean=True)  # idempotent
+
+
+def test_partitions_released_too_long_ago_are_dropped_when_held_again(tmp_path):
+    # Past the changelog's tombstone retention, rows kept since a revocation may name devices
+    # deleted meanwhile (their tombstones compacted away): that partition restores afresh.
+    st = StateStore(tmp_path / "state.sqlite")
+    st.put_many([("old", 0, b"x"), ("recent", 1, b"y"), ("held", 2, b"z")])
+    st.set_checkpoints({0: 10, 1: 20, 2: 30})
+    st.release([0], when=1_000.0)
+    st.release([1], when=1_000.0 + 86_000)
+    assert st.forget_stale([0, 1, 2], now=1_000.0 + 90_000, max_age_s=43_200) == [0]
+    assert st.device_ids() == ["held", "recent"] and st.checkpoint(0) is None
+    assert st.checkpoint(1) == 20
+    # Held again: no longer released, so a later look keeps them whatever the time.
+    assert st.forget_stale([1], now=1e12, max_age_s=43_200) == []
+    st.close(clean=True)
+
+
+def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path):
+    from stream_lstm.checkpointing import manager as manager_module
+    from stream_lstm.checkpointing.manager import StateManager
+    from stream_lstm.config import Settings
+    from stream_lstm.state.table import DeviceTable
+
+    m = StateManager(Settings(state_dir=tmp_path), tmp_path / "m.sqlite")
+    m.store.put_many([("a", 0, b"x")])
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})
+    m.assign({0})  # straight back (a cooperative rebalance): the rows are reused
+    assert m.store.device_ids() == ["a"]
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})
+    m.store.release([0], when=0.0)  # as if revoked in 1970
+    assert manager_module.STALE_STORE_S == 43_200.0  # half of delete.retention.ms, 1 day
+    m.assign({0})
+    assert m.store.device_ids() == [] and m.restoring == {0}
+    m.store.close(clean=True)
