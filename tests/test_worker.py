@@ -157,7 +157,7 @@ def test_a_member_dropped_from_its_group_aborts_its_transaction_and_loses_nothin
     n = 18
     torch.manual_seed(0)
     worker = Worker(s, fresh_model(s))
-    stalled = []
+    stalled, refused_commits = [], []
 
     def stall_once_with_a_transaction_open(w) -> bool:
         if not stalled and w.tx.open is not None:
@@ -168,11 +168,15 @@ def test_a_member_dropped_from_its_group_aborts_its_transaction_and_loses_nothin
             while not coordinator._generation.is_lost():
                 assert time.monotonic() - stalled[0] < 30, "the member never left its group"
                 time.sleep(0.1)
+            # A commit now (its interval due before the next poll reports the loss) must not
+            # go out with no generation: it is refused and rolled back.
+            refused_commits.append(not w.commit())
         return w.totals.consumed >= n
 
     with caplog.at_level("INFO", logger="stream_lstm"):
         totals = worker.run(until=stall_once_with_a_transaction_open)
-    assert stalled and aborted(worker) >= 1
+    assert stalled and refused_commits == [True] and aborted(worker) >= 1
+    assert any("generation lost" in getattr(r, "error", "") for r in caplog.records)
     assert any(r.getMessage().startswith("partitions lost") for r in caplog.records)
     assert totals.consumed == n and totals.forecasts == 3 * (6 - (s.min_history - 1))
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]

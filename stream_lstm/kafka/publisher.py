@@ -174,7 +174,14 @@ class BatchPublisher:
         if self.exactly_once:
             tm = self.producer._transaction_manager
             if offsets:
-                self._bounded(lambda: tm.send_offsets_to_transaction(offsets, consumer.group_metadata()),
+                group = consumer.group_metadata()
+                if group.generation_id < 0 or not group.member_id:
+                    # Dropped from the group: a broker accepts a transactional offset commit
+                    # with no generation, which would publish a zombie's batch beside the new
+                    # owner's. The caller rolls back instead.
+                    raise PublishError("this member is no longer in its group (generation "
+                                       "lost): its transaction is not committed")
+                self._bounded(lambda: tm.send_offsets_to_transaction(offsets, group),
                               "sending offsets to the transaction")
             result = tm.begin_commit()
             self.producer._sender.wakeup()
