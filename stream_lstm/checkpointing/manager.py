@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_lstm.checkpointing.changelog import changelog_records, restore, tombstone
+from stream_lstm.checkpointing.changelog import changelog_records, restore
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+from stream_lstm.checkpointing.expiry import Expiry
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
@@ -86,6 +87,7 @@ class StateManager:
                         self.topic)
             self.store.wipe()
         self.metrics = metrics
+        self._expiry = Expiry(self)
         self.restoring: set[int] = set()
         self.ready: set[int] = set()
         # Next changelog offset per partition after our own committed writes.
@@ -271,25 +273,9 @@ class StateManager:
 
     def expire(self, table: DeviceTable, now: float,
                farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
-        """Forget devices idle past the TTL: tombstones to send, and gone from memory + store.
-        ``farewell(devices)``, called before they go, returns ``(topic, key, value, headers)``
-        records to send with the tombstones (the close events of their open alerts)."""
-        ttl = self.settings.device_ttl_s
-        if ttl <= 0:
-            return []
-        idle = table.idle_devices(now - ttl)
-        out: list[ChangelogRecord] = []
-        if farewell is not None and idle:
-            out.extend((topic, key, value, headers, None) for topic, key, value, headers in farewell(idle))
-        for dev in idle:
-            partition = int(table.partition[table.index[dev]])
-            key, value, part = tombstone(dev, partition)
-            out.append((self.topic, key, value, None, part))
-        if idle:
-            table.drop(idle)
-            self.store.delete_many(idle)
-            self.unwritten.difference_update(idle)
-        return out
+        """Forget devices idle past the TTL, in memory and in the store: tombstones to send,
+        and ``farewell``'s records (checkpointing/expiry.py)."""
+        return self._expiry.records(table, now, farewell)
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:

@@ -181,6 +181,12 @@ class StateStore:
                                    "ORDER BY device_id", parts)
         return [d for (d,) in rows]
 
+    def scan(self, after: str, limit: int) -> list[tuple[str, int, bytes]]:
+        """Up to ``limit`` rows ``(device_id, partition, data)`` with ids after ``after``, in
+        id order (a cursor over the store: pass the last id read)."""
+        return self.db.execute("SELECT device_id, partition, data FROM state WHERE device_id > ? "
+                               "ORDER BY device_id LIMIT ?", (after, int(limit))).fetchall()
+
     def count(self) -> int:
         """Number of devices stored."""
         return int(self.db.execute("SELECT COUNT(*) FROM state").fetchone()[0])

@@ -1,0 +1,59 @@
+"""The TTL (checkpointing/expiry.py): devices idle past it are forgotten whether memory or only
+the local store holds them (evicted, or restored after a restart and not seen since), and an
+open alert of theirs closes."""
+
+import json
+from pathlib import Path
+
+from stream_lstm.checkpointing import expiry
+from stream_lstm.checkpointing.codec import encode_snapshot
+from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.config import Settings
+from stream_lstm.engine import BatchedEngine
+from stream_lstm.models import SimpleLSTM
+from stream_lstm.pipeline import BatchPipeline
+from stream_lstm.state.table import DeviceTable
+
+
+def stored(devices: dict[str, float], open_alert: str) -> list[tuple[str, int, bytes]]:
+    """Store rows of devices last seen at the given times, one with an open alert."""
+    other = DeviceTable(8, 8, 1, 1, 8)
+    rows = []
+    for dev, seen in devices.items():
+        (slot,) = other.slots_for([dev], [3], now=seen)
+        if dev == open_alert:
+            other.alert[slot] = [100.0, 160.0, 0.9999, 130.0, 42.0, 1.0, 2.0]
+        rows.append((dev, 3, encode_snapshot(other.snapshot(slot))))
+    return rows
+
+
+def test_idle_devices_in_the_store_expire_too(tmp_path: Path):
+    s = Settings(alerts_topic="alerts", device_ttl_s=60.0, state_dir=tmp_path)
+    table = DeviceTable(8, 8, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.store.put_many(stored({"evicted-idle": 100.0, "evicted-recent": 990.0}, "evicted-idle"))
+    table.slots_for(["in-memory-idle"], [3], now=0.0)
+    records = manager.expire(table, now=1000.0, farewell=pipe.farewell)
+    gone = sorted(r[1] for r in records if r[0] == manager.topic and r[2] is None)
+    assert gone == [b"evicted-idle", b"in-memory-idle"]
+    (close,) = [json.loads(r[2]) for r in records if r[0] == "alerts"]
+    assert (close["device_id"], close["event"], close["reason"]) == ("evicted-idle", "close", "expired")
+    assert manager.store.device_ids() == ["evicted-recent"] and len(table) == 0
+    manager.store.close(clean=True)
+
+
+def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(expiry, "SWEEP_ROWS", 2)
+    s = Settings(device_ttl_s=60.0, state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.store.put_many(stored({f"d{i}": 0.0 for i in range(5)}, open_alert=""))
+    table = DeviceTable(8, 8, 1, 1, 8)
+    passes = [sorted(r[1] for r in manager.expire(table, now=1000.0)) for _ in range(3)]
+    assert passes == [[b"d0", b"d1"], [b"d2", b"d3"], [b"d4"]]  # then a new round
+    manager.store.put_many(stored({"late": 0.0}, open_alert=""))
+    full = DeviceTable(2, 8, 1, 1, 8)
+    full.slots_for(["a", "b"], [0, 0], now=999.0)  # memory full of recent devices
+    assert manager.expire(full, now=1000.0) == [] and sorted(full.index) == ["a", "b"]
+    assert manager.store.device_ids() == ["late"]
+    manager.store.close(clean=True)
