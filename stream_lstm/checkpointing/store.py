@@ -135,8 +135,12 @@ class StateStore:
                                 ((_replay_key(p),) for (p,) in parts))
 
     def release(self, partitions: Iterable[int], when: float) -> None:
-        """Note that ``partitions`` stopped being kept current at ``when`` (epoch seconds): a
-        revocation, or a clean stop."""
+        """Note that ``partitions`` stopped being kept current at ``when`` (epoch seconds), at
+        a revocation or a clean stop. Once closed, it has nothing to note: closing the
+        consumer after the store (a worker's stop) revokes every partition, which the clean
+        stop has already stamped."""
+        if self._closed:
+            return
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",

@@ -91,6 +91,7 @@ def test_partitions_released_too_long_ago_are_dropped_when_held_again(tmp_path):
     # Held again: no longer released, so a later look keeps them whatever the time.
     assert st.forget_stale([1], now=1e12, max_age_s=43_200) == []
     st.close(clean=True)
+    st.release([1], when=2e12)  # a revocation after the stop closed the store: nothing to note
 
 
 def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path):
