@@ -71,12 +71,10 @@ from stream_lstm.state.expert_state import (
     STATE_SIZE,
     history,
     init_state,
-    last_reading,
     pack,
     push_history,
     rls_matrix,
     rls_upper,
-    rounded,
     unpack,
 )
 
@@ -158,7 +156,6 @@ def step(
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
     push_history(state, x)
-    # (Decoded only when not prepared: a fused poll's prepare() decoded it once for all rounds.)
     analog, median, feats = _from_readings(history(state), x, mean, scale, model_change) if prepared is None else prepared
     ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
     experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
@@ -197,7 +194,7 @@ def prepare(state: np.ndarray, slots: np.ndarray, x: np.ndarray, mean: np.ndarra
     buf = np.empty(int(block[-1]), np.float32)
     buf[block[:-1, None] + np.arange(N_HISTORY)] = history(state[by_device[starts]])
     at = block[device] + k
-    buf[at + N_HISTORY] = rounded(x[order])  # as push_history will store them
+    buf[at + N_HISTORY] = x[order]  # (float32: as push_history stores them)
     readings = np.empty((n, N_HISTORY), np.float32)
     readings[order] = np.lib.stride_tricks.sliding_window_view(buf, N_HISTORY)[at + 1]
     return _from_readings(readings, x, mean, scale, model_change)
@@ -231,7 +228,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
     p = rls_matrix(s)
-    target = (x - last_reading(s)) / scale  # the change, in the last forecast's units
+    target = (x - history(s)[:, -1]) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)

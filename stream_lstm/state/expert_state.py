@@ -54,7 +54,7 @@ def init_state(n: int) -> np.ndarray:
     """``[n, STATE_SIZE]``: devices that have seen nothing. The ``ar`` expert starts as the
     model's change (weight 1 on it), and all experts weigh the same."""
     state = np.zeros((n, STATE_SIZE))
-    _stored(state)[:] = np.nan
+    history(state)[:] = np.nan
     state[:, _W.start] = 1.0
     state[:, _P] = (_P0 * np.eye(N_FEATURES))[_UPPER]
     state[:, _F_PREV] = np.nan
@@ -63,28 +63,10 @@ def init_state(n: int) -> np.ndarray:
     return state
 
 
-def _stored(state: np.ndarray) -> np.ndarray:
-    """``[m, N_HISTORY]`` float32: a writable view of each row's stored readings."""
-    return state[:, _HISTORY].view(np.float32)
-
-
 def history(state: np.ndarray) -> np.ndarray:
-    """``[m, N_HISTORY]`` float32: each row's last readings, newest last (a new array)."""
-    return _stored(state).copy()
-
-
-def last_reading(state: np.ndarray) -> np.ndarray:
-    """``[m]``: each row's newest reading in its history (NaN if none)."""
-    return _stored(state)[:, -1].astype(np.float64)
-
-
-def rounded(x: np.ndarray) -> np.ndarray:
-    """``x`` as the history keeps it (float32), the same numbers :func:`push_history` stores.
-
-    >>> rounded(np.array([1.0, 101325.37, 1e9 + 12.0, np.nan])).tolist()
-    [1.0, 101325.3671875, 1000000000.0, nan]
-    """
-    return np.asarray(x, np.float64).astype(np.float32).astype(np.float64)
+    """``[m, N_HISTORY]`` float32: a view of each row's last readings, newest last (no copy:
+    written only by :func:`push_history`)."""
+    return state[:, _HISTORY].view(np.float32)
 
 
 def push_history(state: np.ndarray, x: np.ndarray) -> None:
@@ -97,7 +79,7 @@ def push_history(state: np.ndarray, x: np.ndarray) -> None:
     >>> history(state)[0, -3:].tolist()  # each reading's own 24 bits, whatever came before
     [3.0, 999999995904.0, 101325.25]
     """
-    stored = _stored(state)
+    stored = history(state)
     stored[:, :-1] = stored[:, 1:]
     stored[:, -1] = x
 
@@ -142,7 +124,7 @@ def unpack(packed: np.ndarray) -> np.ndarray:
         k = packed[n16]  # NaN before the device's first reading: the history stays unseen
         if np.isfinite(k):
             halves = np.ascontiguousarray(packed[:n16]).view(np.float16).astype(np.float64)
-            _stored(state)[0] = halves * np.exp2(k)
+            history(state)[0] = halves * np.exp2(k)
         state[0, _W.start :] = packed[n16 + 1 :]
         return state[0]
     if packed.shape != (PACKED_SIZE,):
