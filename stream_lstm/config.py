@@ -214,14 +214,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r}: give a number of processes (1 or more) or auto")
         return int(text)
 
-    @field_validator("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
-                     "ssl_cafile", "ssl_certfile", "ssl_keyfile", "model_path", "model_dir",
-                     "state_dir", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, data: object) -> object:
         # Templating (Helm, ConfigMaps) often renders an unset value as an empty string; as a
-        # path that would be ".", and an empty password would hide the password file.
-        return None if isinstance(value, str) and not value.strip() else value
+        # path that would be ".", and an empty password would hide the password file. So for
+        # every setting whose default is "unset" (None), an empty value means unset.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: None if (isinstance(v, str) and not v.strip() and k in fields
+                            and fields[k].default is None) else v
+                for k, v in data.items()}
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -257,15 +261,14 @@ class Settings(BaseSettings):
             raise ValueError("sasl_mechanism is required with a SASL security_protocol")
         if not self.sasl_username:
             raise ValueError("sasl_username is required with a SASL security_protocol")
-        if self.sasl_password is None and self.sasl_password_file is None:
+        try:
+            password = self.resolved_sasl_password()  # the file read as the clients will
+        except OSError as exc:
+            raise ValueError(f"sasl_password_file cannot be read: {exc.strerror} "
+                             f"({self.sasl_password_file})") from None
+        if password is None:
             raise ValueError("sasl_password or sasl_password_file is required with a SASL "
                              "security_protocol")
-        if self.sasl_password is None and self.sasl_password_file is not None:
-            try:
-                self.sasl_password_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"sasl_password_file cannot be read: {exc.strerror} "
-                                 f"({self.sasl_password_file})") from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:

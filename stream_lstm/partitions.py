@@ -99,16 +99,13 @@ class PartitionCoordinator:
         # where the consumer may be used. At-least-once cannot commit offsets from this
         # thread: those readings are left to the new owner, which reads them again.
         tx = self.tx
-        if self.commit_on_revoke and tx.publisher is not None and tx.publisher.exactly_once and (
-                tx.open is not None or tx.committing or self.state.dirty):
+        if self.commit_on_revoke and self._uncommitted():
             assert self.group is not None
             try:
                 # Their changed devices are checkpointed too: the next owner replays less.
                 tx.commit(self.group.consumer, flush=set(partitions))
             except Exception as exc:  # noqa: BLE001 - rolled back after the poll
-                abort_exc = tx.abort()
-                if abort_exc is not None:
-                    log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+                tx.abort()
                 self.failed_in_callback = exc
         self._drop(partitions, "partitions revoked")
 
@@ -119,15 +116,18 @@ class PartitionCoordinator:
         would go out with no generation, which a broker accepts for a transactional commit,
         so the zombie's forecasts would be published twice. It is aborted instead, and the
         worker rolls back what it held of the other partitions too (after the poll)."""
-        tx = self.tx
-        if tx.publisher is not None and tx.publisher.exactly_once and (
-                tx.open is not None or tx.committing or self.state.dirty):
-            abort_exc = tx.abort()
-            if abort_exc is not None:
-                log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+        if self._uncommitted():
+            self.tx.abort()
             self.failed_in_callback = PartitionsLost(
                 f"partitions {sorted(partitions)} lost: their open transaction was aborted")
         self._drop(partitions, "partitions lost (dropped from the group); nothing committed")
+
+    def _uncommitted(self) -> bool:
+        """Exactly-once with something not yet committed: an open transaction, one being
+        committed, or changed devices waiting for their checkpoint."""
+        tx = self.tx
+        return bool(tx.publisher is not None and tx.publisher.exactly_once and (
+            tx.open is not None or tx.committing or self.state.dirty))
 
     def _drop(self, partitions: set[int], why: str) -> None:
         tx = self.tx

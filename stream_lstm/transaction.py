@@ -9,6 +9,7 @@ batch needs the partitions and the consumer, which this unit does not own.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.metrics import Metrics
 from stream_lstm.pipeline import BatchCounts, BatchOutput
 from stream_lstm.state.table import DeviceTable
+
+log = logging.getLogger("stream_lstm.worker")
 
 
 @dataclass
@@ -222,8 +225,8 @@ class TransactionUnit:
             self.next_offsets.pop(tp, None)
 
     def abort(self) -> Exception | None:
-        """Give up the open transaction; returns the abort's own failure, if any (the broker
-        may be gone: the next producer's ``init_transactions`` fences it anyway)."""
+        """Give up the open transaction; returns (and logs) the abort's own failure, if any:
+        the broker may be gone, and the next producer's ``init_transactions`` fences it anyway."""
         if self.open is not None or self._committing is not None:
             self.metrics.transactions.labels("aborted").inc()
         self.open = self._committing = None
@@ -231,7 +234,8 @@ class TransactionUnit:
             return None
         try:
             self.publisher.abort()
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
+        except Exception as exc:  # noqa: BLE001 - nothing to undo: said, and the caller goes on
+            log.warning("abort failed", extra={"error": repr(exc)[:300]})
             return exc
         return None
 

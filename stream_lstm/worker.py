@@ -254,9 +254,7 @@ class Worker:
             # Closing the consumer revokes its partitions; a commit there would publish state
             # that the failed batch already changed, with offsets from before it.
             self.partitions.commit_on_revoke = False
-            abort_exc = self.tx.abort()
-            if abort_exc is not None:
-                log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+            self.tx.abort()
         self.lifecycle.close()
         self.state.close(self.table, clean=clean)
         if self.group is not None:
@@ -325,9 +323,7 @@ class Worker:
         self.partitions.failed_in_callback = None
         self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
         self.partitions.update_readiness()
-        abort_exc = self.tx.abort()
-        if abort_exc is not None:
-            log.warning("abort failed", extra={"error": repr(abort_exc)[:300]})
+        self.tx.abort()
         self.partitions.forget_state()
         backoff = 0.5
         while not self._stop.is_set():

@@ -114,18 +114,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def publish(loaded: Any) -> str:
-    """Send a model to the models topic, as the trainer publishes a promotion (partition 0);
-    returns the topic's name."""
+    """Send a model to the models topic, as the trainer publishes a promotion; returns the
+    topic's name."""
     from stream_lstm.config import load_settings
     from stream_lstm.kafka.clients import make_producer
-    from stream_lstm.models.registry import model_to_bytes
-    from stream_lstm.training.retrainer import ensure_models_topic
+    from stream_lstm.training.retrainer import ensure_models_topic, send_model
 
     settings = load_settings()
     ensure_models_topic(settings)
     producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
     try:
-        producer.send(settings.models_topic, model_to_bytes(*loaded), key=b"model", partition=0)
+        send_model(producer, settings, loaded)
         producer.flush()
     finally:
         producer.close()

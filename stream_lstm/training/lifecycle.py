@@ -46,7 +46,7 @@ from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_
 from stream_lstm.models.served_models import ServedModels
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
-from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
+from stream_lstm.training.retrainer import MODELS_PARTITION, Retrainer, ensure_models_topic
 
 if TYPE_CHECKING:
     from stream_lstm.checkpointing.manager import StateManager
@@ -367,7 +367,7 @@ class ModelsFollower:
 
         from stream_lstm.kafka.clients import make_consumer
         ensure_models_topic(settings)
-        self.tp = TopicPartition(settings.models_topic, 0)
+        self.tp = TopicPartition(settings.models_topic, MODELS_PARTITION)
         self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
                                       isolation_level="read_committed", fetch_max_bytes=64 * 1024 * 1024,
                                       max_partition_fetch_bytes=64 * 1024 * 1024)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.models.registry import LoadedModel, ModelRegistry
+from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_to_bytes
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, encode_job
 from stream_lstm.training.data import windows_from_table
@@ -36,10 +37,22 @@ def job_params(settings: Settings) -> dict:
             "margin": settings.promotion_margin, "dropout": settings.dropout}
 
 
+# The models topic's partition that carries the models: the trainer (or a rollback) writes
+# there and workers read there, whatever partition count a topic created by someone else has
+# (the record's key alone hashes elsewhere).
+MODELS_PARTITION = 0
+
+
 def ensure_models_topic(settings: Settings) -> None:
-    """The compacted models topic: the last record of its partition 0 is the latest promoted
-    model (the trainer writes there, workers read there, whatever the partition count)."""
+    """The compacted models topic: the last record of :data:`MODELS_PARTITION` is the latest
+    promoted model."""
     ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+
+
+def send_model(producer: Any, settings: Settings, model: LoadedModel) -> None:
+    """Send ``model`` to the models topic, where workers following it read (not flushed)."""
+    producer.send(settings.models_topic, model_to_bytes(*model), key=b"model",
+                  partition=MODELS_PARTITION)
 
 
 class Retrainer:

@@ -24,12 +24,12 @@ import numpy as np
 
 from stream_lstm.config import Settings, load_settings, warn_unknown_variables
 from stream_lstm.messages import ReadingDecoder
-from stream_lstm.models.registry import LoadedModel, model_to_bytes
+from stream_lstm.models.registry import LoadedModel
 from stream_lstm.pipeline import decode_records
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
-from stream_lstm.training.retrainer import Retrainer, ensure_models_topic
+from stream_lstm.training.retrainer import Retrainer, ensure_models_topic, send_model
 
 log = logging.getLogger("stream_lstm.trainer")
 
@@ -112,11 +112,7 @@ class TrainerService:
         promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
-        # Partition 0, where workers follow it (lifecycle.ModelsFollower), however many
-        # partitions a topic created by someone else has (the key alone hashes elsewhere).
-        self.producer.send(self.settings.models_topic,
-                           model_to_bytes(promoted.model, promoted.spec, promoted.meta), key=b"model",
-                           partition=0)
+        send_model(self.producer, self.settings, promoted)
         self.producer.flush()
         self.champion = promoted
         self.published += 1
