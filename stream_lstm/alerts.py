@@ -131,13 +131,16 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     before = np.empty((n, len(likelihood.CHANNELS), len(likelihood.CHANNEL_FIELDS)))
     run, threshold = np.empty((n, len(likelihood.CHANNELS))), np.empty((n, len(likelihood.CHANNELS)))
     judged = np.empty((n, len(likelihood.CHANNELS)), bool)
+    outside = np.empty(n, bool)
     for start, end in batch.rounds:
         slots = slots_all[start:end]
-        state = table.likelihood[slots]
+        state, value_range = table.likelihood[slots], table.value_range[slots]
         (before[start:end], run[start:end], threshold[start:end],
          judged[start:end]) = likelihood.observe(state, evidence[start:end], x[start:end])
-        table.likelihood[slots] = state
-    lik = likelihood.combine(likelihood.conclude(before, run, threshold, judged))
+        outside[start:end] = likelihood.beyond_range(value_range, x[start:end])
+        table.likelihood[slots], table.value_range[slots] = state, value_range
+    lik = likelihood.overrule(likelihood.combine(likelihood.conclude(before, run, threshold, judged)),
+                              outside)
     flagged = (1.0 - np.nan_to_num(lik, nan=0.0)) <= false_alarm_rate
     # Only a device with an alert open, or a reading flagged in this poll, has alert work:
     # for any other, step() changes nothing and reports nothing.

@@ -6,7 +6,7 @@ runs the likelihood and the alerts over a stepped batch, round by round, in read
 import numpy as np
 import pytest
 
-from stream_lstm import alerts
+from stream_lstm import alerts, likelihood
 from stream_lstm.alerts import HIGH, LAST_ABOVE, LOW, PEAK, PEAK_TS, SINCE, VALUE
 from stream_lstm.forecast import ForecastBatch
 from stream_lstm.state.ingest import ingest
@@ -155,3 +155,19 @@ def test_judge_takes_a_devices_readings_of_one_poll_in_order(warmed):
     assert batch.rounds == [(0, 1), (1, 2)]
     assert [(int(batch.rows[row]), kind) for row, kind, _ in events] == [(0, "open"), (1, "close")]
     assert events[0][2][SINCE] == events[1][2][SINCE] == t
+
+
+def test_judge_flags_a_reading_past_the_devices_whole_range_and_keeps_the_range_in_the_table():
+    table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
+    rng = np.random.default_rng(2)
+    for k in range(300):
+        judged(table, ["a", "b"], [T0 + 60 * k] * 2, rng.uniform(19.0, 21.0, 2), rng.uniform(0.5, 1.5, 2))
+    a, b = table.index["a"], table.index["b"]
+    assert table.value_range[a, 0] >= 19.0 and table.value_range[a, 1] <= 21.0
+    assert table.value_range[a, 2] == 300
+    # Ordinary scores, an ordinary step; only a's value leaves everything it has shown.
+    _, fb, events = judged(table, ["a", "b"], [T0 + 60 * 300] * 2, [21.4, 20.5], [1.0, 1.0])
+    assert fb.is_anomaly.tolist() == [True, False]
+    assert fb.anomaly_likelihood[0] >= 1 - likelihood.RANGE_TAIL
+    assert [kind for _, kind, _ in events] == ["open"]
+    assert table.value_range[a, 1] == 21.4 and table.value_range[b, 1] <= 21.0

@@ -86,3 +86,30 @@ def test_observing_round_by_round_then_concluding_once_is_judging_each_round():
     np.testing.assert_allclose(concluded, judged, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(many, one)
     assert np.isfinite(judged[-1]).all()
+
+
+@pytest.mark.parametrize("shape", ["normal", "lognormal", "student_t3"])
+def test_the_range_rule_adds_at_most_a_tenth_of_the_default_rate_on_noise(shape):
+    rng = np.random.default_rng(11)
+    draw = {"normal": lambda: rng.standard_normal(20), "lognormal": lambda: rng.lognormal(0.0, 1.0, 20),
+            "student_t3": lambda: rng.standard_t(3, 20)}[shape]
+    state = np.full((20, len(likelihood.RANGE_FIELDS)), np.nan)
+    outside = np.array([likelihood.beyond_range(state, 5.0 * draw()) for _ in range(30_000)])[3_000:]
+    assert outside.mean() <= 1.5e-4, outside.mean()  # per reading, over the 20 devices
+
+
+def test_a_reading_past_the_devices_whole_range_is_flagged_whatever_the_channels_say():
+    rng = np.random.default_rng(4)
+    state, value_range = np.tile(likelihood.initial_state(), (2, 1)), np.full((2, 3), np.nan)
+    for _ in range(likelihood.RANGE_WARMUP + 200):
+        values = rng.uniform(19.0, 21.0, 2)
+        lik = likelihood.overrule(likelihood.judge(state, rng.exponential(1.0, 2), values),
+                                  likelihood.beyond_range(value_range, values))
+    # 21.3 is past the range [~19, ~21] by more than 10% of it, yet only ~2 sd from the mean:
+    # the channels alone do not flag it; 20.9, inside, stays ordinary.
+    channels = state.copy()
+    alone = likelihood.judge(channels, np.array([1.0, 1.0]), np.array([21.3, 20.9]))
+    assert (1 - alone > 1e-3).all()
+    lik = likelihood.overrule(likelihood.judge(state, np.array([1.0, 1.0]), np.array([21.3, 20.9])),
+                              likelihood.beyond_range(value_range, np.array([21.3, 20.9])))
+    assert lik[0] >= 1 - likelihood.RANGE_TAIL and 1 - lik[1] > 1e-3

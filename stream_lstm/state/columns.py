@@ -117,6 +117,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("interval_log_m", width=2, fill=0.0),
     # The model of the device's own scores behind its anomaly likelihood (likelihood.py).
     Column("likelihood", width=len(likelihood.FIELDS), fill=0.0),
+    # The lowest and highest reading it has shown, for the likelihood's range rule.
+    Column("value_range", width=len(likelihood.RANGE_FIELDS)),
     # Its open alert, if any (alerts.py).
     Column("alert", width=len(alerts.FIELDS), sparse=True),
     Column("partition", dtype=np.int64, fill=0),

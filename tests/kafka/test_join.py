@@ -44,11 +44,6 @@ def test_an_abandoned_join_is_rejoined_and_offsets_commit_again(settings_factory
                              session_timeout_ms=6000,
                              partition_assignment_strategy=[CooperativeStickyAssignor()])
     try:
-        # Metadata first, as the worker's group consumer waits for it (a first join without
-        # the partitions assigns nothing and is not redone under kafka-python 3.0.12).
-        deadline = time.monotonic() + 30
-        while not consumer.partitions_for_topic(topic_name):
-            assert time.monotonic() < deadline, "the topic never reached the consumer's metadata"
         consumer.subscribe([topic_name])
         assert poll_until(consumer, lambda: len(consumer.assignment()) == 2 and not is_rebalancing(consumer))
         assert not mend_abandoned_join(consumer)  # a settled member is left alone
