@@ -1,7 +1,10 @@
-"""Alert events (alerts.py): an alert opens at the first flagged reading, keeps its peak, closes
-after ``hold_s`` of event time below the threshold, and has one id from open to close; ``judge``
+"""Alert events (alerts.py): an alert opens at two flagged readings in a row, or at one sure
+alone, keeps its peak, closes after ``hold_s`` of event time below the threshold, and has one
+id from open to close; ``judge``
 runs the likelihood and the alerts over a stepped batch, round by round, in reading order.
 (Through the real worker and the alerts topic: tests/integration/test_alerts.py.)"""
+
+import copy
 
 import numpy as np
 import pytest
@@ -16,8 +19,9 @@ T0 = 1_700_000_000.0
 HOLD = 600.0
 
 
-def one(state, ts, lik, flagged=None, value=5.0, low=0.0, high=1.0, hold_s=HOLD):
-    """Step every row by one reading (the same for all rows unless arrays are given)."""
+def one(state, ts, lik, flagged=None, value=5.0, low=0.0, high=1.0, hold_s=HOLD, sure=None):
+    """Step every row by one reading (the same for all rows unless arrays are given); a flagged
+    reading is sure alone (opens an alert by itself) unless ``sure`` says otherwise."""
     n = len(state)
 
     def arr(v):
@@ -25,7 +29,8 @@ def one(state, ts, lik, flagged=None, value=5.0, low=0.0, high=1.0, hold_s=HOLD)
 
     lik = arr(lik)
     flagged = lik >= 0.9999 if flagged is None else np.broadcast_to(flagged, (n,))
-    opened, closed = alerts.step(state, ts=arr(ts), flagged=flagged, lik=lik, value=arr(value),
+    sure = flagged if sure is None else np.broadcast_to(sure, (n,))
+    opened, closed = alerts.step(state, ts=arr(ts), flagged=flagged, lik=lik, sure=sure, value=arr(value),
                                  low=arr(low), high=arr(high), hold_s=hold_s)
     return opened.tolist(), closed.tolist()
 
@@ -54,6 +59,32 @@ def test_an_alert_opens_once_keeps_its_peak_and_closes_after_the_hold():
     assert alerts.is_open(s).tolist() == [True]  # kept until the close event is out ...
     alerts.clear(s, np.array([0]))
     assert not alerts.is_open(s).any() and np.isnan(s).all()  # ... then forgotten
+
+
+def test_a_marginal_flag_arms_the_device_and_a_calm_reading_next_disarms_it():
+    s = fresh()
+    assert one(s, T0, 0.99995, sure=False) == ([], [])
+    assert alerts.is_armed(s).tolist() == [True] and not alerts.is_open(s).any()
+    assert one(s, T0 + 60, 0.2) == ([], [])  # the next reading is calm: forgotten
+    assert not alerts.is_armed(s).any() and np.isnan(s).all()
+    assert one(s, T0 + 120, 0.99995, sure=False) == ([], [])  # armed again, from scratch ...
+    assert one(s, T0 + 180, np.nan, flagged=np.array([False])) == ([], [])  # ... unscored: calm
+    assert np.isnan(s).all()
+
+
+def test_two_marginal_flags_in_a_row_open_an_alert_from_the_first_with_the_peak_of_both():
+    s = fresh()
+    assert one(s, T0, 0.99998, value=9.0, sure=False) == ([], [])
+    assert one(s, T0 + 60, 0.99995, value=7.0, sure=False) == ([0], [])
+    assert s[0, SINCE] == T0 and s[0, LAST_ABOVE] == T0 + 60
+    assert s[0, [PEAK, PEAK_TS, VALUE]].tolist() == [0.99998, T0, 9.0]  # the first was higher
+
+
+def test_a_sure_reading_opens_alone_and_an_armed_device_opens_from_its_first_flag():
+    s = fresh(2)
+    one(s, T0, [0.2, 0.99995], sure=np.array([False, False]))  # row 1 armed
+    assert one(s, T0 + 60, [0.9999999, 0.9999999], sure=np.array([True, True])) == ([0, 1], [])
+    assert s[:, SINCE].tolist() == [T0 + 60, T0]
 
 
 def test_a_flagged_reading_during_the_hold_starts_the_hold_again():
@@ -146,6 +177,35 @@ def test_judge_opens_on_a_spike_with_its_expected_range_and_closes_after_the_hol
     assert kind == "close" and state[SINCE] == t
     assert t + 60 * (k - 1) - state[LAST_ABOVE] >= HOLD > t + 60 * (k - 2) - state[LAST_ABOVE]
     assert not alerts.is_open(table.alert[[table.index["a"]]]).any()  # cleared in the table
+
+
+def test_judge_opens_on_a_marginal_reading_only_when_the_next_one_is_flagged_too(warmed):
+    table, t = warmed
+    a = table.index["a"]
+
+    def marginal(at):
+        """A score past the threshold at rate 1e-4 but not sure alone (1e-6) at ``at``, found on
+        a copy of the table (the likelihood's tail is steep: a grid of scores)."""
+        for score in np.arange(1.5, 20.0, 0.05):
+            _, fb, _ = judged(copy.deepcopy(table), ["a"], [at], [20.0], [score])
+            if 1e-6 < 1 - fb.anomaly_likelihood[0] <= 1e-4:
+                return score
+        raise AssertionError("no marginal score")
+
+    # One marginal flag arms ...
+    _, fb, events = judged(table, ["a"], [t], [20.0], [marginal(t)])
+    assert fb.is_anomaly.tolist() == [True] and events == []
+    assert alerts.is_armed(table.alert[[a]]).tolist() == [True]
+    # ... the next poll's calm reading (the device is still stepped: it is armed) disarms ...
+    _, fb, events = judged(table, ["a"], [t + 60], [20.0], [1.0])
+    assert events == [] and not alerts.is_armed(table.alert[[a]]).any()
+    # ... and two in a row, across two polls, open one alert from the first.
+    _, fb, events = judged(table, ["a"], [t + 120], [20.0], [marginal(t + 120)])
+    assert fb.is_anomaly.tolist() == [True] and events == []
+    _, fb, events = judged(table, ["a"], [t + 180], [20.0], [marginal(t + 180)])
+    assert fb.is_anomaly.tolist() == [True]
+    ((_, kind, state),) = events
+    assert kind == "open" and state[SINCE] == t + 120
 
 
 def test_judge_takes_a_devices_readings_of_one_poll_in_order(warmed):

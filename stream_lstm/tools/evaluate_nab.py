@@ -65,28 +65,30 @@ def surprise(likelihood: np.ndarray) -> np.ndarray:
         return -np.log10(np.maximum(1.0 - likelihood, 1e-300))
 
 
-def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str, np.ndarray]:
+def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
+               false_alarm_rate: float) -> dict[str, np.ndarray]:
     """Per-row scores from one recording's forecasts, aligned by ``ts``: ``anomaly_score``,
     ``drift_score``, ``raw`` (their max; NaN where both are), ``alert`` (the likelihood's
     :func:`surprise`), ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
     forecast was published) and ``alert_peak`` (at each opening row, the surprise of that
-    alert's peak likelihood; NaN elsewhere).
+    alert's peak likelihood; NaN elsewhere). Alerts open as the worker opens them at
+    ``false_alarm_rate``: on two flagged readings in a row, or on one sure alone.
 
     >>> a = nab_inputs(np.array([0.0, 60.0, 120.0, 180.0]),
     ...                [{"ts": 60.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": True,
-    ...                  "anomaly_likelihood": 0.99999},
+    ...                  "anomaly_likelihood": 0.9999},
     ...                 {"ts": 120.0, "anomaly_score": 1.0, "drift_score": 9.0, "is_anomaly": True,
     ...                  "anomaly_likelihood": 0.999999},
     ...                 {"ts": 180.0, "anomaly_score": 1.0, "drift_score": 1.0, "is_anomaly": False,
-    ...                  "anomaly_likelihood": 0.5}], hold_s=3600.0)
+    ...                  "anomaly_likelihood": 0.5}], hold_s=3600.0, false_alarm_rate=1e-3)
     >>> a["raw"].tolist(), a["shipped"].tolist(), a["alert"].round(3).tolist()
-    ([nan, 2.0, 9.0, 1.0], [nan, 1.0, 0.0, 0.0], [nan, 5.0, 6.0, 0.301])
+    ([nan, 2.0, 9.0, 1.0], [nan, 0.0, 1.0, 0.0], [nan, 4.0, 6.0, 0.301])
     >>> a["alert_peak"].round(3).tolist()
-    [nan, 6.0, nan, nan]
+    [nan, nan, 6.0, nan]
     """
     pos = {t: i for i, t in enumerate(ts.tolist())}
     out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert")}
-    published, flagged = np.zeros(len(ts), bool), np.zeros(len(ts), bool)
+    published, flagged, tail = np.zeros(len(ts), bool), np.zeros(len(ts), bool), np.ones(len(ts))
     for f in forecasts:
         i = pos.get(f["ts"])
         if i is None:
@@ -97,8 +99,10 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
                 out[k][i] = f[k]
         if f.get("anomaly_likelihood") is not None:
             out["alert"][i] = surprise(np.array(f["anomaly_likelihood"]))
+            tail[i] = 1.0 - f["anomaly_likelihood"]
     # Where the pager would have been called: the alert events, as the worker opens them.
-    opens, peaks = alert_events(ts, published, flagged[None], out["alert"], hold_s)
+    sure = flagged & (tail <= false_alarm_rate * alerts.SURE)
+    opens, peaks = alert_events(ts, published, flagged[None], sure[None], out["alert"], hold_s)
     out["shipped"], out["alert_peak"] = opens[0], peaks[0]
     out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
     for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
@@ -110,21 +114,24 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float) -> dict[str
 EVENT_THRESHOLDS = np.arange(2.0, 6.01, 0.25)
 
 
-def alert_events(ts: np.ndarray, published: np.ndarray, flags: np.ndarray, score: np.ndarray,
-                 hold_s: float) -> tuple[np.ndarray, np.ndarray]:
+def alert_events(ts: np.ndarray, published: np.ndarray, flags: np.ndarray, sure: np.ndarray,
+                 score: np.ndarray, hold_s: float) -> tuple[np.ndarray, np.ndarray]:
     """The alert events of one recording, as alerts.py opens and closes them, for ``k`` ways
     of flagging its readings at once.
 
     ``published [rows]``: rows with a forecast (the others are skipped); ``flags [k, rows]``:
-    the flagged readings; ``score [rows]``: what an alert's peak is measured in. Returns
+    the flagged readings, and ``sure [k, rows]`` those sure enough to open an alert alone (the
+    others open one only on the second flagged reading in a row); ``score [rows]``: what an
+    alert's peak is measured in. Returns
     ``opens [k, rows]`` (1.0 where an alert opens, 0.0 elsewhere, NaN where nothing was
     published) and ``peaks [k, rows]`` (at each opening row, that alert's peak score).
 
-    >>> opens, peaks = alert_events(np.arange(4) * 600.0, np.array([False, True, True, True]),
-    ...                             np.array([[False, True, False, True]]),
-    ...                             np.array([np.nan, 5.0, 3.0, 6.0]), hold_s=500.0)
-    >>> opens.tolist(), peaks.tolist()
-    ([[nan, 1.0, 0.0, 1.0]], [[nan, 5.0, nan, 6.0]])
+    >>> opens, peaks = alert_events(np.arange(5) * 600.0, np.array([False, True, True, True, True]),
+    ...                             np.array([[False, True, False, True, True]]),
+    ...                             np.array([[False, True, False, False, False]]),
+    ...                             np.array([np.nan, 5.0, 3.0, 4.0, 3.5]), hold_s=500.0)
+    >>> opens.tolist(), peaks.tolist()  # row 1 sure alone; rows 3 and 4 two in a row
+    ([[nan, 1.0, 0.0, 0.0, 1.0]], [[nan, 5.0, nan, nan, 4.0]])
     """
     k = len(flags)
     state = np.tile(alerts.initial_state(), (k, 1))
@@ -132,7 +139,7 @@ def alert_events(ts: np.ndarray, published: np.ndarray, flags: np.ndarray, score
     opened_at = np.zeros(k, np.int64)
     nothing = np.zeros(k)
     for i in np.flatnonzero(published).tolist():
-        opened, closed = alerts.step(state, ts=np.full(k, ts[i]), flagged=flags[:, i],
+        opened, closed = alerts.step(state, ts=np.full(k, ts[i]), flagged=flags[:, i], sure=sure[:, i],
                                      lik=np.full(k, score[i]), value=nothing, low=nothing,
                                      high=nothing, hold_s=hold_s)
         peaks[closed, opened_at[closed]] = state[closed, alerts.PEAK]
@@ -189,9 +196,12 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]], hold_s: float = 3600
         return {n: (r["ts"], r[key], r["windows"]) for n, r in recordings.items()}
 
     report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}, "swept_events": {}}
-    # Alert events at each swept threshold (what a pager receives at each false-alarm rate).
+    # Alert events at each swept threshold (what a pager receives at each false-alarm rate;
+    # a reading is sure alone at SURE of the rate, a surprise -log10(SURE) above it).
+    above = -np.log10(alerts.SURE)
     opens = {n: alert_events(r["ts"], np.isfinite(r["shipped"]),
-                             r["alert"][None, :] >= EVENT_THRESHOLDS[:, None], r["alert"], hold_s)[0]
+                             r["alert"][None, :] >= EVENT_THRESHOLDS[:, None],
+                             r["alert"][None, :] >= EVENT_THRESHOLDS[:, None] + above, r["alert"], hold_s)[0]
              for n, r in recordings.items()}
     for name in PROFILE_NAMES:
         profile = nab.PROFILES[name]
@@ -338,7 +348,8 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
         forecasts, output_topic = run_pipeline(s, series, served.model, served.spec)
     note("scoring (NAB profiles, threshold sweeps)")
     recordings = {n: {"ts": ts, "x": x, "windows": windows[n]}
-                  | nab_inputs(ts, forecasts.get(n, []), settings.alert_hold_s)
+                  | nab_inputs(ts, forecasts.get(n, []), settings.alert_hold_s,
+                               settings.anomaly_false_alarm_rate)
                   for n, (ts, x) in series.items()}
     try:
         report = nab_report(recordings, settings.alert_hold_s)

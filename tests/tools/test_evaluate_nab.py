@@ -22,7 +22,7 @@ T0 = 1_400_000_000.0
 def _forecasts(n: int, special: dict[int, tuple], warmup: int = 5) -> list[dict]:
     """Forecast records as the topic carries them: none for the first ``warmup`` rows; else
     anomaly 1, drift 2, likelihood 0.5, except ``special[row] = (anomaly, drift, likelihood)``;
-    flagged as the worker flags, at the default false-alarm rate 1e-4."""
+    flagged as the worker flags, at a false-alarm rate of 1e-4 (sure alone at 1e-6)."""
     out = []
     for i in range(warmup, n):
         a, d, lik = special.get(i, (1.0, 2.0, 0.5))
@@ -34,10 +34,11 @@ def _forecasts(n: int, special: dict[int, tuple], warmup: int = 5) -> list[dict]
 def _recordings() -> dict:
     ts = T0 + 60 * np.arange(100.0)   # 100 rows: probation floor(0.15 * 100) = 15 rows
     specs = {  # a: one detection at its window's first row; b: one false alert, a missed window
-        "a": ([(T0 + 60 * 50, T0 + 60 * 59)], {50: (10.0, None, 0.99999)}),
-        "b": ([(T0 + 60 * 70, T0 + 60 * 79)], {30: (1.0, 5.0, 0.9999)}),
-    }
-    return {name: {"ts": ts, "windows": w} | nab_inputs(ts, _forecasts(100, special), hold_s=3600.0)
+        "a": ([(T0 + 60 * 50, T0 + 60 * 59)], {50: (10.0, None, 0.9999999)}),
+        "b": ([(T0 + 60 * 70, T0 + 60 * 79)], {30: (1.0, 5.0, 0.9999995)}),
+    }  # (each sure alone: 1 - likelihood below 1e-6)
+    return {name: {"ts": ts, "windows": w} | nab_inputs(ts, _forecasts(100, special), hold_s=3600.0,
+                                                        false_alarm_rate=1e-4)
             for name, (w, special) in specs.items()}
 
 
@@ -45,7 +46,7 @@ def test_nab_inputs_leave_rows_without_a_forecast_nan():
     rec = _recordings()["a"]
     assert np.isnan(rec["alert"][:5]).all() and np.isnan(rec["shipped"][:5]).all()
     assert rec["raw"][50] == 10.0 and rec["drift_score"][50] != rec["drift_score"][50]  # NaN
-    assert rec["alert"][50] == pytest.approx(5.0) and rec["alert"][6] == pytest.approx(np.log10(2))
+    assert rec["alert"][50] == pytest.approx(7.0) and rec["alert"][6] == pytest.approx(np.log10(2))
     assert rec["shipped"].tolist().count(1.0) == 1 and rec["raw"][6] == 2.0
 
 
@@ -53,9 +54,19 @@ def test_the_shipped_detections_are_alert_openings_not_flagged_rows():
     ts = T0 + 60 * np.arange(200.0)
     # Flagged on rows 50-52 (one alert), again on 80 (within the hour's hold: the same alert),
     # and on 190 (after more than an hour below: a new alert).
-    special = {i: (9.0, 9.0, 0.99999) for i in (50, 51, 52, 80, 190)}
-    rec = nab_inputs(ts, _forecasts(200, special), hold_s=3600.0)
+    special = {i: (9.0, 9.0, 0.9999999) for i in (50, 51, 52, 80, 190)}
+    rec = nab_inputs(ts, _forecasts(200, special), hold_s=3600.0, false_alarm_rate=1e-4)
     assert np.flatnonzero(rec["shipped"] == 1.0).tolist() == [50, 190]
+
+
+def test_a_marginal_flag_opens_an_alert_only_when_the_next_reading_is_flagged_too():
+    ts = T0 + 60 * np.arange(200.0)
+    # Flagged but not sure alone (1 - likelihood 1e-5, the rate 1e-4): row 50 alone, then rows
+    # 120-121 in a row (opens at 121), then 160 alone again.
+    special = {i: (9.0, 9.0, 0.99999) for i in (50, 120, 121, 160)}
+    rec = nab_inputs(ts, _forecasts(200, special), hold_s=3600.0, false_alarm_rate=1e-4)
+    assert np.flatnonzero(rec["shipped"] == 1.0).tolist() == [121]
+    assert rec["alert_peak"][121] == pytest.approx(5.0)
 
 
 def test_nab_table_by_hand(capsys):
@@ -77,9 +88,9 @@ def test_nab_table_by_hand(capsys):
     low_fn = report["shipped"]["reward_low_FN_rate"]   # fn = 2: null -4, perfect 2
     assert low_fn["score"] == pytest.approx(100 * (1.0 - 0.11 - 2 + 4) / 6)
 
-    # Swept likelihood: surprise 5 keeps a's hit and drops b's false alert (4): raw 0 -> 50.
+    # Swept likelihood: surprise 7 keeps a's hit and drops b's false alert (6.3): raw 0 -> 50.
     swept = report["swept"]["alert"]["standard"]
-    assert swept["threshold"] == pytest.approx(5.0) and swept["raw"] == pytest.approx(0.0)
+    assert swept["threshold"] == pytest.approx(7.0) and swept["raw"] == pytest.approx(0.0)
     assert swept["score"] == pytest.approx(50.0)
     # The raw max(anomaly, drift) the same at 10 (b's false alert scores 5).
     assert report["swept"]["raw"]["standard"]["threshold"] == 10.0
@@ -100,12 +111,13 @@ def test_nab_table_by_hand(capsys):
     print_nab_table(report, 1e-4)
     out = capsys.readouterr().out
     assert "shipped alerts (alert events opened, false-alarm rate 0.0001): standard 47.2" in out
-    assert "swept alert score -log10(1 - anomaly_likelihood): standard 50.0 at threshold 5" in out
+    assert "swept alert score -log10(1 - anomaly_likelihood): standard 50.0 at threshold 7" in out
     assert "swept raw score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
     assert "ARTime 72.6" in out
-    # Alert events swept: a's opening (surprise 5) alone is best, as for the swept rows.
+    # Alert events swept: a's opening alone is best, as for the swept rows: from a threshold of
+    # 4.5 on, b's single reading (6.3) is no longer sure enough (2 above it) to open alone.
     events = report["swept_events"]["standard"]
-    assert events["score"] == pytest.approx(50.0) and 4.0 < events["threshold"] <= 5.0
+    assert events["score"] == pytest.approx(50.0) and 4.25 < events["threshold"] <= 5.0
     assert "NAB score, swept alert events" in out
 
 
