@@ -159,30 +159,38 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
     assert "NAB score, shipped alerts" in out and "elb_request_count_8c0756" in out
 
     # Independently: the shipped alerts' score from the records on the forecasts topic, an alert
-    # opening at a flagged reading unless one is open (flagged within the hold time before).
+    # opening at a flagged reading unless one is open (flagged within the hold time before),
+    # when the reading before was flagged too or this one is sure alone (1 - likelihood at most
+    # a hundredth of the false-alarm rate).
     consumer = make_consumer(Settings(bootstrap_servers=bootstrap), report["output_topic"],
                              group_id="independent-nab-check", auto_offset_reset="earliest",
                              isolation_level="read_committed")
-    flags: dict[str, dict[float, bool]] = {}
+    flags: dict[str, dict[float, tuple[bool, bool]]] = {}
+    sure_tail = Settings().anomaly_false_alarm_rate / 100
     while sum(map(len, flags.values())) < 1800:
         for recs in consumer.poll(timeout_ms=1000).values():
             for r in recs:
                 f = json.loads(r.value)
-                flags.setdefault(f["device_id"], {})[f["ts"]] = bool(f["is_anomaly"])
+                lik = f["anomaly_likelihood"]
+                flags.setdefault(f["device_id"], {})[f["ts"]] = (
+                    bool(f["is_anomaly"]), bool(f["is_anomaly"]) and 1 - lik <= sure_tail)
     consumer.close()
     corpus = {}
     for f in files:
         ts = load_csv(f)[0][:900]
         windows = [w for w in nab.nab_windows(shared_data / "nab" / "combined_windows.json", f.name)
                    if w[0] <= ts[-1]]
-        hold, is_open, last_flag, opened = Settings().alert_hold_s, False, -np.inf, []
+        hold, is_open, last_flag, opened, before = Settings().alert_hold_s, False, -np.inf, [], False
         for t in ts.tolist():
-            flagged = flags[f.stem].get(t, False)
-            opened.append(flagged and not is_open)
+            flagged, sure = flags[f.stem].get(t, (False, False))
+            opened.append(flagged and not is_open and (sure or before))
+            if opened[-1]:
+                is_open = True
             if flagged:
-                is_open, last_flag = True, t
+                last_flag = t
             elif t - last_flag >= hold:
                 is_open = False
+            before = flagged
         corpus[f.stem] = (ts, np.array(opened), windows)
     expected = nab_corpus.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
     assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)
