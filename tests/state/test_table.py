@@ -125,6 +125,13 @@ def test_likelihood_model_and_an_open_alert_move_with_the_snapshot_through_the_c
         np.testing.assert_array_equal(fresh.likelihood[restored], t.likelihood[slot])
         np.testing.assert_array_equal(fresh.alert[restored], t.alert[slot])
     assert alerts.is_open(fresh.alert[[fresh.index["open"], fresh.index["calm"]]]).tolist() == [True, False]
+    # An armed device (one marginal flag, no alert open yet) restores armed, its range with it.
+    (d,) = t.slots_for(["armed"], partitions=[0], now=0.0)
+    t.alert[d] = [np.nan, 160.0, 0.9995, 160.0, 42.0, 1.0, 2.0]
+    t.value_range[d] = [1.0, 9.0, 250.0]
+    back = fresh.restore(decode_snapshot(encode_snapshot(t.snapshot(d))))
+    assert alerts.is_armed(fresh.alert[[back]]).tolist() == [True]
+    np.testing.assert_array_equal(fresh.value_range[back], [1.0, 9.0, 250.0])
     # A slot handed to a new device starts with no alert and an unscored model.
     t.drop(["open"])
     (c,) = t.slots_for(["new"], partitions=[0], now=1.0)
