@@ -7,9 +7,10 @@ flag *arms* the device, and its next reading opens the alert if flagged too, els
 (Prometheus' alerting rules wait the same way, ``for:``, before they fire). The alert
 **closes** at the first reading after the likelihood has stayed below the threshold for
 ``hold_s`` seconds of event time. An alert that opened on its second reading starts at the
-first (its ``alert_since``), and its peak counts both. While open, it keeps the peak likelihood and the value and expected
-range at the peak. Its id, ``<device>@<start ms>``, is the same in both events and across
-restarts (the state moves with the device), so a pager deduplicates on it.
+first (its ``alert_since``), and its peak counts both. While open, it keeps the peak
+likelihood and the value and expected range at the peak. Its id, ``<device>@<start ms>``, is
+the same in both events and across restarts (the state moves with the device), so a pager
+deduplicates on it.
 
 This is the model Prometheus' Alertmanager and on-call tools expect: a firing alert, then a
 resolved one, with a stable identity.
