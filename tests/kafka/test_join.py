@@ -40,8 +40,13 @@ def abandon_a_join(consumer):
 def test_an_abandoned_join_is_rejoined_and_offsets_commit_again(settings_factory, topic_name):
     s = settings_factory(input_topic=topic_name)
     ensure_topics(s, [TopicSpec(topic_name, 2)])
+    # metadata_max_age_ms: should the first join come before the consumer's metadata holds the
+    # new topic (and assign nothing), the next refresh, a second later rather than kafka-python's
+    # 5 minutes, changes the leader's metadata snapshot and so makes it rejoin. (The worker and
+    # test_rebalance wait for the metadata before subscribing instead; here the abandoned join
+    # needs the snapshot taken after the subscription.)
     consumer = make_consumer(s, group_id=f"{topic_name}-g", enable_auto_commit=False,
-                             session_timeout_ms=6000,
+                             session_timeout_ms=6000, metadata_max_age_ms=1000,
                              partition_assignment_strategy=[CooperativeStickyAssignor()])
     try:
         consumer.subscribe([topic_name])
