@@ -4,8 +4,8 @@ A device idle that long gets a tombstone on the changelog, leaves memory and the
 and its open alert closes (``reason: expired``). Memory holds only part of a large fleet:
 devices evicted to the store, or restored there after a restart and not seen since, never
 pass through memory again, so each expiry pass also reads a slice of the store (a cursor over
-its rows, :data:`SWEEP_ROWS` at a time) and brings the idle ones in for their farewell, as if
-they had just been loaded.
+its rows, :data:`SWEEP_ROWS` at a time) and brings the idle ones of the partitions this worker
+owns and has restored in for their farewell, as if they had just been loaded.
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ class Expiry:
         rows = m.store.scan(self._after, limit)
         self._after = rows[-1][0] if len(rows) == limit else ""  # a short slice ends a round
         brought = []
-        for dev, _, data in rows:
+        for dev, partition, data in rows:
             if dev in table.index or dev in m.dirty:
                 continue  # in memory: the pass over memory judges it
+            if partition not in m.ready:
+                # A revoked partition's rows stay in the store for a later reassignment, and a
+                # restoring one's are not current yet: another worker may own the device now
+                # and have seen it since, so its tombstone (and alert close) are not ours.
+                continue
             try:
                 snap = decode_snapshot(data, m.settings.n_features)
             except ValueError:

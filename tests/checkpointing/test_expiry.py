@@ -32,6 +32,7 @@ def test_idle_devices_in_the_store_expire_too(tmp_path: Path):
     table = DeviceTable(8, 8, 1, 1, 8)
     pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
     manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)  # the stored devices' partition is ours, restored
     manager.store.put_many(stored({"evicted-idle": 100.0, "evicted-recent": 990.0}, "evicted-idle"))
     table.slots_for(["in-memory-idle"], [3], now=0.0)
     records = manager.expire(table, now=1000.0, farewell=pipe.farewell)
@@ -47,6 +48,7 @@ def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_pa
     monkeypatch.setattr(expiry, "SWEEP_ROWS", 2)
     s = Settings(device_ttl_s=60.0, state_dir=tmp_path)
     manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)
     manager.store.put_many(stored({f"d{i}": 0.0 for i in range(5)}, open_alert=""))
     table = DeviceTable(8, 8, 1, 1, 8)
     passes = [sorted(r[1] for r in manager.expire(table, now=1000.0)) for _ in range(3)]
@@ -56,4 +58,20 @@ def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_pa
     full.slots_for(["a", "b"], [0, 0], now=999.0)  # memory full of recent devices
     assert manager.expire(full, now=1000.0) == [] and sorted(full.index) == ["a", "b"]
     assert manager.store.device_ids() == ["late"]
+    manager.store.close(clean=True)
+
+
+def test_stored_devices_of_partitions_not_ours_or_still_restoring_are_left_alone(tmp_path: Path):
+    s = Settings(alerts_topic="alerts", device_ttl_s=60.0, state_dir=tmp_path)
+    table = DeviceTable(8, 8, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    # Partition 3 was revoked (its rows kept for a later reassignment): its new owner may have
+    # seen the device since, so no tombstone and no close event from here; nor while it is
+    # being restored, when the rows are not current yet.
+    manager.store.put_many(stored({"theirs-idle": 100.0}, "theirs-idle"))
+    assert manager.expire(table, now=1000.0, farewell=pipe.farewell) == []
+    manager.restoring.add(3)
+    assert manager.expire(table, now=1000.0, farewell=pipe.farewell) == []
+    assert manager.store.device_ids() == ["theirs-idle"] and len(table) == 0
     manager.store.close(clean=True)
