@@ -378,7 +378,9 @@ class StateManager:
             self.store.apply(
                 checkpoints={p: off for p, off in self.written.items() if p in self.ready},
                 replay_from={p: off for p, off in self.markers.items() if p in self.ready})
-            self.store.release(self.ready, time.time())
+            # Restoring partitions too: assign() removed their earlier stamp, and unstamped
+            # rows would be trusted however old they are when next assigned.
+            self.store.release(self.ready | self.restoring, time.time())
         self.store.close(clean=clean)
 
     def _progress(self, partition: int, ratio: float) -> None:

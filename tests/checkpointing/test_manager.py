@@ -116,3 +116,20 @@ def test_stored_state_that_cannot_be_used_starts_the_device_afresh_counted_and_l
     named = [r.device for r in caplog.records if "cannot be used" in r.getMessage()]
     assert sorted(named) == ["flipped", "two-channels"]
     manager.store.close(clean=True)
+
+
+def test_a_clean_stop_stamps_the_partitions_still_restoring_as_well_as_the_ready_ones(tmp_path):
+    """assign() removed their earlier stamp: left unstamped, a restoring partition's rows would
+    be trusted however long the worker stayed away (no broker needed)."""
+    import time
+
+    from stream_lstm.state.table import DeviceTable
+
+    s = Settings(state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready, manager.restoring = {0}, {1}
+    manager.close(DeviceTable(8, 4, 1, 1, 4), clean=True)
+    again = StateManager(s, tmp_path / "state.sqlite")
+    # A day later, both are older than the half-day a store row may wait: both restore afresh.
+    assert again.store.forget_stale([0, 1, 2], now=time.time() + 86_400, max_age_s=43_200) == [0, 1]
+    again.store.close(clean=True)
