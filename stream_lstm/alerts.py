@@ -62,6 +62,18 @@ def initial_state() -> np.ndarray:
     return np.full(len(FIELDS), np.nan)
 
 
+def flags(lik: np.ndarray, false_alarm_rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(flagged, sure)`` per reading of likelihood ``lik``: past the threshold
+    (``1 - lik <= false_alarm_rate``), and sure enough to open an alert alone (:data:`SURE`
+    of the rate). A reading not judged (NaN) is neither.
+
+    >>> flags(np.array([0.5, 0.9995, 0.999999, np.nan]), 1e-3)
+    (array([False,  True,  True, False]), array([False, False,  True, False]))
+    """
+    tail = 1.0 - np.nan_to_num(lik, nan=0.0)
+    return tail <= false_alarm_rate, tail <= false_alarm_rate * SURE
+
+
 def is_open(state: np.ndarray) -> np.ndarray:
     """``[rows]`` bool: the device has an open alert."""
     return np.isfinite(state[:, SINCE])
@@ -163,8 +175,7 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
         table.likelihood[slots], table.value_range[slots] = state, value_range
     lik = likelihood.overrule(likelihood.combine(likelihood.conclude(before, run, threshold, judged)),
                               outside)
-    tail = 1.0 - np.nan_to_num(lik, nan=0.0)
-    flagged, sure = tail <= false_alarm_rate, tail <= false_alarm_rate * SURE
+    flagged, sure = flags(lik, false_alarm_rate)
     # Only a device with an alert open or armed, or a reading flagged in this poll, has alert
     # work: for any other, step() changes nothing and reports nothing.
     waiting = np.isfinite(table.alert[slots_all, LAST_ABOVE])  # open or armed

@@ -88,7 +88,7 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
     """
     pos = {t: i for i, t in enumerate(ts.tolist())}
     out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert")}
-    published, flagged, tail = np.zeros(len(ts), bool), np.zeros(len(ts), bool), np.ones(len(ts))
+    published, flagged, lik = np.zeros(len(ts), bool), np.zeros(len(ts), bool), np.full(len(ts), np.nan)
     for f in forecasts:
         i = pos.get(f["ts"])
         if i is None:
@@ -99,9 +99,9 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
                 out[k][i] = f[k]
         if f.get("anomaly_likelihood") is not None:
             out["alert"][i] = surprise(np.array(f["anomaly_likelihood"]))
-            tail[i] = 1.0 - f["anomaly_likelihood"]
+            lik[i] = f["anomaly_likelihood"]
     # Where the pager would have been called: the alert events, as the worker opens them.
-    sure = flagged & (tail <= false_alarm_rate * alerts.SURE)
+    sure = flagged & alerts.flags(lik, false_alarm_rate)[1]
     opens, peaks = alert_events(ts, published, flagged[None], sure[None], out["alert"], hold_s)
     out["shipped"], out["alert_peak"] = opens[0], peaks[0]
     out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
