@@ -222,7 +222,8 @@ class ReadingDecoder:
     def decode(self, value: bytes | None, key: bytes | None, now: float) -> Reading:
         """Return the reading in ``value`` (keyed by ``key``) or raise :class:`InvalidReading`.
 
-        ``now`` is the worker's clock (epoch seconds), for the far-future check.
+        ``now`` (epoch seconds) is what the far-future check measures against: the record's
+        Kafka timestamp, or the worker's clock for a record without one (``decode_records``).
         """
         # Fast path: clean common readings only. Anything else, every error included, falls
         # through to the careful path, which alone decides what is rejected and why.
@@ -331,7 +332,7 @@ class ReadingDecoder:
         if not math.isfinite(ts) or ts < 0:
             raise InvalidReading(ErrorCode.BAD_TS, f"ts {_short(raw)} is negative or not finite")
         if ts > now + self.max_skew:
-            raise InvalidReading(ErrorCode.TS_FAR_FUTURE, f"ts {ts:.6g} is {ts - now:.6g}s ahead of the worker's clock (max {self.max_skew:g}s)")
+            raise InvalidReading(ErrorCode.TS_FAR_FUTURE, f"ts {ts:.6g} is {ts - now:.6g}s ahead of its record's time (max {self.max_skew:g}s)")
         return ts
 
     def _values(self, obj: dict) -> tuple[float, ...]:

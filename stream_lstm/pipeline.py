@@ -358,8 +358,8 @@ class BatchPipeline:
 
 def alert_event(kind: str, state: np.ndarray, device_id: str, ts: float, version: str,
                 partition: int, offset: int | None, reason: str = "recovered") -> dict:
-    """An alert event (docs/wire-contract.md): ``open`` at its first reading over the
-    threshold, ``close`` at the first reading after ``STREAM_LSTM_ALERT_HOLD_S`` below it
+    """An alert event (docs/wire-contract.md): ``open`` at the second flagged reading in a row
+    or at one sure alone (``alerts.step``), ``close`` at the first reading after ``STREAM_LSTM_ALERT_HOLD_S`` below it
     (``reason`` "recovered") or when the device is forgotten after its TTL ("expired").
     Both carry the stable ``alert_id``, the start, and the peak so far: its likelihood, time,
     value and the range that value was expected in."""
