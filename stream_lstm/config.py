@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
 
 ENV_PREFIX = "STREAM_LSTM_"
+# The most devices a worker may hold: the engine packs slot numbers into float32 beside the
+# inputs, and float32 holds every integer below 2**24 exactly.
+MAX_PACKED_SLOT = 2**24
 
 
 class SettingsError(ValueError):
@@ -124,8 +127,7 @@ class Settings(BaseSettings):
     # registry or a state store (they did with ./models and ./state).
     model_dir: Path | None = Field(
         None, description="Model registry directory; default ./stream-lstm/<group_id>/models")
-    # At most 2**24: the engine packs slot numbers into float32 beside the inputs.
-    max_devices: int = Field(100_000, ge=1, le=2**24, description="Devices held in memory at most")
+    max_devices: int = Field(100_000, ge=1, le=MAX_PACKED_SLOT, description="Devices held in memory at most")
     device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices idle this long; 0=never")
     state_dir: Path | None = Field(
         None, description="Local on-disk state store directory; default ./stream-lstm/<group_id>/state")

@@ -35,8 +35,7 @@ from stream_lstm.models.lstm import SimpleLSTM
 from stream_lstm.state.table import DeviceTable
 
 # Slots travel packed as float32 beside the inputs (one copy per batch); float32 holds
-# every integer below 2**24 exactly.
-MAX_PACKED_SLOT = 2**24
+# every integer below 2**24 exactly, so settings bound max_devices by config.MAX_PACKED_SLOT.
 # A poll with at least this many rounds runs through one packed forward (the fused path).
 # Measured on CPU (docs/benchmarks.md, "Deep backlogs"): each step costs about 0.1 ms of calls
 # whatever its size, and the packed forward of a 2,000-reading poll about 0.3 ms more than
