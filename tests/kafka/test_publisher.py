@@ -32,6 +32,8 @@ def test_the_private_pieces_have_the_shapes_the_publisher_calls():
         "self", "offsets", "group_metadata"]
     assert "timeout_ms" in inspect.signature(TransactionalRequestResult.wait).parameters
     assert callable(Sender.wakeup)
+    # BatchPublisher.close stops the sender thread of a producer whose own close() failed.
+    assert list(inspect.signature(Sender.force_close).parameters) == ["self"]
     init = inspect.getsource(KafkaProducer.__init__)
     assert "self._transaction_manager" in init and "self._sender" in init
 
