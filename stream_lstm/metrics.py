@@ -135,8 +135,10 @@ class Metrics:
         # --- State restore ------------------------------------------------------------------------
         self.restore_progress_ratio = gauge("restore_progress_ratio", "State restore progress per partition",
                                             ("partition",), mode="livemostrecent")
-        self.restored_devices = counter("restored_devices", "Devices whose state was restored")
-        self.restored_records = counter("restored_records", "Changelog records read while restoring")
+        self.restored_devices = counter("restored_devices", "Devices whose state was restored "
+                                        "(in the local store when their partition's restore ended)")
+        self.restored_records = counter("restored_records", "Changelog records read while restoring "
+                                        "(snapshots, tombstones and replay markers)")
         self.unreadable_snapshots = counter(
             "unreadable_snapshots", "Stored device states that could not be used (corrupt, or "
             "of other settings): the device started afresh; the log names it")
@@ -145,7 +147,10 @@ class Metrics:
         self.replay_missing_readings = counter(
             "replay_missing_readings", "Readings a replay needed that the input's retention "
             "had deleted (state resumed from the checkpoint without them)")
-        self.restore_seconds = histogram("restore_seconds", "Time to restore an assignment's state", SLOW_BUCKETS)
+        self.restore_seconds = histogram(
+            "restore_seconds", "Time from a partition's assignment (or a rollback) to its "
+            "resuming: its state restored from the changelog and the input replayed since its "
+            "checkpoint", SLOW_BUCKETS)
 
         # --- Transactions and liveness --------------------------------------------------------
         self.transactions = counter("transactions", "Batches committed or aborted", ("outcome",))

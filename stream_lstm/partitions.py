@@ -78,6 +78,8 @@ class PartitionCoordinator:
         # False while a worker that failed closes: closing the consumer revokes its partitions,
         # and a commit then would publish the failed batch's state without its forecasts.
         self.commit_on_revoke = True
+        # When each partition still paused began restoring (restore_seconds).
+        self._restoring_since: dict[int, float] = {}
 
     def tps(self, partitions: set[int]) -> list[TopicPartition]:
         return [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
@@ -85,6 +87,7 @@ class PartitionCoordinator:
     def on_assigned(self, partitions: set[int]) -> None:
         self.assigned |= partitions
         self.state.assign(partitions)
+        self._restoring_since.update(dict.fromkeys(partitions, time.monotonic()))
         assert self.group is not None
         # Paused until restored: no reading of theirs is processed against missing state.
         self.group.consumer.pause(*self.tps(partitions))
@@ -134,6 +137,8 @@ class PartitionCoordinator:
         gone = len(self.table.devices_in_partitions(partitions))
         self.state.revoke(self.table, partitions)
         self.assigned -= partitions
+        for p in partitions:
+            self._restoring_since.pop(p, None)
         tx.drop_offsets(self.tps(partitions))
         log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
         self.update_readiness()
@@ -161,6 +166,9 @@ class PartitionCoordinator:
         self.health.set_ready("broker", True)
         if done and self.group is not None:
             self.group.consumer.resume(*self.tps(done))
+        now = time.monotonic()
+        for p in done:  # from assignment (or a rollback) to resuming, replay included
+            self.metrics.restore_seconds.observe(now - self._restoring_since.pop(p, now))
         self.update_readiness()
 
     def _replay(self, partition: int) -> None:
@@ -206,6 +214,7 @@ class PartitionCoordinator:
     def forget_state(self) -> None:
         """Drop the held partitions' state from memory (restored again) and pause them."""
         self.state.rollback(self.table, set(self.assigned))
+        self._restoring_since.update(dict.fromkeys(self.assigned, time.monotonic()))
         if self.group is not None:
             self.group.consumer.pause(*self.tps(self.assigned))
 

@@ -57,6 +57,9 @@ def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, 
         while state.restoring and time.monotonic() < deadline:
             coordinator.restore_some()
         assert not state.restoring and group.consumer.paused() == set()
+        (count,) = [x.value for x in metrics.restore_seconds.collect()[0].samples
+                    if x.name.endswith("_count")]
+        assert count == s.topic_partitions  # one per partition, assignment to resume
         assert health.readiness()[1]["partitions"] == "ok"
 
         slots = table.slots_for(["a", "b"], partitions=[0, 1], now=0.0)

@@ -43,7 +43,8 @@ class Expiry:
     def records(self, table: DeviceTable, now: float,
                 farewell: Callable[[list[str]], list] | None = None) -> list[Any]:
         """Tombstones (and ``farewell``'s alert-closing records) for the devices idle past the
-        TTL; they are gone from memory and store."""
+        TTL; they are gone from memory, and from the store when the commit carrying the
+        tombstones succeeds (``StateManager.committed``)."""
         m = self.manager
         ttl = m.settings.device_ttl_s
         if ttl <= 0:
@@ -57,7 +58,7 @@ class Expiry:
             out.append((m.topic, key, value, None, part))
         if idle:
             table.drop(idle)
-            m.store.delete_many(idle)
+            m.expiring.update(idle)  # out of the store once the tombstones commit
             m.unwritten.difference_update(idle)
         return out
 

@@ -117,6 +117,9 @@ class StateManager:
         self._later_touched: list[tuple[str, int]] = []
         self._later_marked: set[str] = set()
         self._later_evicted: dict[str, DeviceSnapshot] = {}
+        # Devices the TTL forgot, gone from memory; their store rows go once their tombstones
+        # commit (a rollback would otherwise lose them with no tombstone and no alert close).
+        self.expiring: set[str] = set()
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
@@ -124,7 +127,7 @@ class StateManager:
         snap = self._evicted_dirty.pop(device_id, None) or self._later_evicted.pop(device_id, None)
         if snap is not None:
             return snap  # evicted since the last commit: back in memory, still dirty
-        data = self.store.get(device_id)
+        data = None if device_id in self.expiring else self.store.get(device_id)
         try:  # restore checks only a snapshot's header and lengths: never crash on it here
             snap = None if data is None else decode_snapshot(data, self.settings.n_features)
         except ValueError as exc:  # (SnapshotDecodeError is one) counted, logged, afresh
@@ -245,6 +248,9 @@ class StateManager:
         for (topic, partition), offset in written.items():
             if topic == self.topic:
                 self.written[partition] = offset + 1
+        if self.expiring:  # (before any row put since: a device back meanwhile is new)
+            self.store.delete_many(self.expiring)
+            self.expiring.clear()
         due, devs, markers, evicted = self._writing
         if self._evicted_dirty:
             encoded = {d for d, _, _ in evicted}  # (any evicted since are encoded here)
@@ -325,12 +331,16 @@ class StateManager:
             progress=lambda p, done, total: self._progress(p, done / total if total else 1.0),
             cancelled=over_budget,
         )
+        if self.metrics is not None:
+            self.metrics.restored_records.inc(sum(result.restored.values()))  # type: ignore[attr-defined]
         if result.skipped:
             self._unusable(result.skipped, "unreadable changelog records skipped: their devices "
                            "keep what the store had, or start afresh", partitions=parts)
         if not result.complete:
             return set()
         done = set(parts)
+        if self.metrics is not None:
+            self.metrics.restored_devices.inc(self.store.count(done))  # type: ignore[attr-defined]
         self.restoring -= done
         self.ready |= done
         for p in done:
@@ -356,6 +366,7 @@ class StateManager:
         partitions again from the changelog (the store is never ahead of it)."""
         self._writing = (set(), [], {}, [])
         self._writing_unwritten = False
+        self.expiring.clear()  # (still in the store: a later pass expires them again)
         # (the next batch's changes are dropped with it; its evictions are in the changelog)
         self._in_flight = False
         self._later_touched, self._later_marked, self._later_evicted = [], set(), {}

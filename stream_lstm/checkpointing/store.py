@@ -191,9 +191,14 @@ class StateStore:
         return self.db.execute("SELECT device_id, partition, data FROM state WHERE device_id > ? "
                                "ORDER BY device_id LIMIT ?", (after, int(limit))).fetchall()
 
-    def count(self) -> int:
-        """Number of devices stored."""
-        return int(self.db.execute("SELECT COUNT(*) FROM state").fetchone()[0])
+    def count(self, partitions: Iterable[int] | None = None) -> int:
+        """Number of devices stored; only those of ``partitions`` when given."""
+        if partitions is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM state").fetchone()[0])
+        parts = sorted({int(p) for p in partitions})
+        marks = ",".join("?" * len(parts))
+        return int(self.db.execute(f"SELECT COUNT(*) FROM state WHERE partition IN ({marks})",
+                                   parts).fetchone()[0])
 
     def checkpoint(self, partition: int) -> int | None:
         """Next changelog offset of ``partition`` the store already reflects; None if unknown."""

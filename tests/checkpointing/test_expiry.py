@@ -40,7 +40,9 @@ def test_idle_devices_in_the_store_expire_too(tmp_path: Path):
     assert gone == [b"evicted-idle", b"in-memory-idle"]
     (close,) = [json.loads(r[2]) for r in records if r[0] == "alerts"]
     assert (close["device_id"], close["event"], close["reason"]) == ("evicted-idle", "close", "expired")
-    assert manager.store.device_ids() == ["evicted-recent"] and len(table) == 0
+    assert len(table) == 0 and manager.store.count() == 2  # the rows stay until the commit
+    manager.committed({})  # the tombstones committed
+    assert manager.store.device_ids() == ["evicted-recent"]
     manager.store.close(clean=True)
 
 
@@ -51,12 +53,16 @@ def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_pa
     manager.ready.add(3)
     manager.store.put_many(stored({f"d{i}": 0.0 for i in range(5)}, open_alert=""))
     table = DeviceTable(8, 8, 1, 1, 8)
-    passes = [sorted(r[1] for r in manager.expire(table, now=1000.0)) for _ in range(3)]
+    passes = []
+    for _ in range(3):
+        passes.append(sorted(r[1] for r in manager.expire(table, now=1000.0)))
+        manager.committed({})
     assert passes == [[b"d0", b"d1"], [b"d2", b"d3"], [b"d4"]]  # then a new round
     manager.store.put_many(stored({"late": 0.0}, open_alert=""))
     full = DeviceTable(2, 8, 1, 1, 8)
     full.slots_for(["a", "b"], [0, 0], now=999.0)  # memory full of recent devices
     assert manager.expire(full, now=1000.0) == [] and sorted(full.index) == ["a", "b"]
+    manager.committed({})
     assert manager.store.device_ids() == ["late"]
     manager.store.close(clean=True)
 
@@ -74,4 +80,25 @@ def test_stored_devices_of_partitions_not_ours_or_still_restoring_are_left_alone
     manager.restoring.add(3)
     assert manager.expire(table, now=1000.0, farewell=pipe.farewell) == []
     assert manager.store.device_ids() == ["theirs-idle"] and len(table) == 0
+    manager.store.close(clean=True)
+
+
+def test_an_expired_device_leaves_the_store_only_when_its_tombstone_commits(tmp_path: Path):
+    """Deleted at once, a rolled-back commit would lose the device with no tombstone on the
+    changelog and no close for its open alert. Until the commit it is gone all the same: a
+    reading of it meanwhile starts it afresh, not from the expired state."""
+    s = Settings(device_ttl_s=60.0, state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)
+    manager.store.put_many(stored({"idle": 0.0, "back": 0.0}, open_alert=""))
+    table = DeviceTable(8, 8, 1, 1, 8)
+    assert len(manager.expire(table, now=1000.0)) == 2
+    manager.rollback(table, {3})  # the commit failed
+    assert manager.store.device_ids() == ["back", "idle"] and not manager.expiring
+    manager.ready.add(3)  # (restored again)
+    assert len(manager.expire(table, now=2000.0)) == 2  # the next pass expires them again
+    (slot,) = table.slots_for(["back"], [3], now=2001.0, load=manager.load)
+    assert "back" in manager.unwritten and table.last_seen[slot] == 2001.0  # afresh
+    manager.committed({})
+    assert manager.store.count() == 0 and not manager.expiring
     manager.store.close(clean=True)

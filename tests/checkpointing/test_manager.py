@@ -9,6 +9,7 @@ from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.topics import ensure_changelog_topic
+from stream_lstm.metrics import Metrics
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 pytestmark = pytest.mark.kafka
@@ -30,14 +31,18 @@ def test_every_restore_slice_makes_progress_even_when_set_up_outlasts_its_budget
         producer.send(topic_name, key=key, value=value, partition=partition)
     producer.flush()
     producer.close()
-    manager = StateManager(s, tmp_path / "state.sqlite")
+    metrics = Metrics()
+    manager = StateManager(s, tmp_path / "state.sqlite", metrics)
     manager.assign({0})
     slices = 0
     while manager.restoring and slices < 200:
         manager.restore_slice(budget_s=0.0)
         slices += 1
     assert not manager.restoring, f"not restored after {slices} slices"
-    assert manager.store.count() == 3000
+    assert manager.store.count() == manager.store.count({0}) == 3000
+    assert manager.store.count({1}) == 0
+    assert metrics.restored_records._value.get() == 3000  # over every slice
+    assert metrics.restored_devices._value.get() == 3000
     manager.store.close(clean=True)
 
 
