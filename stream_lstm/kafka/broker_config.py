@@ -87,7 +87,7 @@ def server_properties(data_dir: Path, port: int, controller_port: int, *,
         "auto.create.topics.enable": "true", "delete.topic.enable": "true",
         # The changelog and models topics are compacted.
         "log.cleaner.enable": "true", "log.cleaner.backoff.ms": 1000,
-        # Models travel as messages: as large as the producer's max_request_size.
+        # (The models topic sets its own max.message.bytes: a model is one record.)
         "message.max.bytes": 4194304, "replica.fetch.max.bytes": 4194304,
         # Transactions left open by a killed worker are aborted in seconds, not minutes.
         "transaction.abort.timed.out.transaction.cleanup.interval.ms": 5000,

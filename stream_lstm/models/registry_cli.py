@@ -108,7 +108,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"promoted {args.version} (was {previous or 'none'}); workers serve it after their "
           "next start or model swap")
     if args.publish:
-        topic = publish(reg.load(args.version))
+        from stream_lstm.training.retrainer import ModelPublishError
+
+        try:
+            topic = publish(reg.load(args.version))
+        except ModelPublishError as exc:
+            print(f"models rollback: {args.version} is promoted in the registry but not "
+                  f"published: {exc}", file=sys.stderr)
+            return 2
         print(f"published {args.version} to {topic}: workers following it swap to it")
     return 0
 
@@ -118,11 +125,15 @@ def publish(loaded: Any) -> str:
     topic's name."""
     from stream_lstm.config import load_settings
     from stream_lstm.kafka.clients import make_producer
-    from stream_lstm.training.retrainer import ensure_models_topic, send_model
+    from stream_lstm.training.retrainer import (
+        MODEL_RECORD_MAX_BYTES,
+        ensure_models_topic,
+        send_model,
+    )
 
     settings = load_settings()
     ensure_models_topic(settings)
-    producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
+    producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES)
     try:
         send_model(producer, settings, loaded)
         producer.flush()

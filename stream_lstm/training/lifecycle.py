@@ -46,7 +46,12 @@ from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_
 from stream_lstm.models.served_models import ServedModels
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
-from stream_lstm.training.retrainer import MODELS_PARTITION, Retrainer, ensure_models_topic
+from stream_lstm.training.retrainer import (
+    MODEL_RECORD_MAX_BYTES,
+    MODELS_PARTITION,
+    Retrainer,
+    ensure_models_topic,
+)
 
 if TYPE_CHECKING:
     from stream_lstm.checkpointing.manager import StateManager
@@ -369,8 +374,8 @@ class ModelsFollower:
         ensure_models_topic(settings)
         self.tp = TopicPartition(settings.models_topic, MODELS_PARTITION)
         self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
-                                      isolation_level="read_committed", fetch_max_bytes=64 * 1024 * 1024,
-                                      max_partition_fetch_bytes=64 * 1024 * 1024)
+                                      isolation_level="read_committed", fetch_max_bytes=MODEL_RECORD_MAX_BYTES,
+                                      max_partition_fetch_bytes=MODEL_RECORD_MAX_BYTES)
         self.consumer.assign([self.tp])
         end = self.consumer.end_offsets([self.tp])[self.tp]
         self.consumer.seek(self.tp, max(0, end - 1))  # the latest published model

@@ -18,6 +18,8 @@ import logging
 import time
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from stream_lstm.config import Settings
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_to_bytes
@@ -43,16 +45,37 @@ def job_params(settings: Settings) -> dict:
 MODELS_PARTITION = 0
 
 
+# A model is one record. A broker refuses a record over its message.max.bytes (1 MiB by
+# default, which a model of hidden size 256 already passes), so the models topic is created
+# with its own limit, and the clients that write and read it are sized to match.
+MODEL_RECORD_MAX_BYTES = 16 * 1024 * 1024
+
+
+class ModelPublishError(RuntimeError):
+    """The broker did not take a model (too large for the topic, not authorised, away)."""
+
+
 def ensure_models_topic(settings: Settings) -> None:
     """The compacted models topic: the last record of :data:`MODELS_PARTITION` is the latest
-    promoted model."""
-    ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {"cleanup.policy": "compact"})])
+    promoted model. An existing topic is left as it is."""
+    ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {
+        "cleanup.policy": "compact", "max.message.bytes": MODEL_RECORD_MAX_BYTES})])
 
 
-def send_model(producer: Any, settings: Settings, model: LoadedModel) -> None:
-    """Send ``model`` to the models topic, where workers following it read (not flushed)."""
-    producer.send(settings.models_topic, model_to_bytes(*model), key=b"model",
-                  partition=MODELS_PARTITION)
+def send_model(producer: Any, settings: Settings, model: LoadedModel, timeout_s: float = 60.0) -> None:
+    """Send ``model`` to the models topic, where workers following it read, and wait until the
+    broker has it; raises :class:`ModelPublishError` saying why not. (A flush alone does not
+    say: a refused record only fails its own future.)"""
+    data = model_to_bytes(*model)
+    try:
+        producer.send(settings.models_topic, data, key=b"model",
+                      partition=MODELS_PARTITION).get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise ModelPublishError(
+            f"publishing model {model.version} ({len(data):,} bytes) to {settings.models_topic} "
+            f"failed: {exc!r}. A model must fit the topic's max.message.bytes "
+            f"({MODEL_RECORD_MAX_BYTES:,} when stream-lstm creates it; a topic created "
+            "otherwise has the broker's, 1 MiB by default)") from exc
 
 
 class Retrainer:

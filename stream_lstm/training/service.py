@@ -29,7 +29,12 @@ from stream_lstm.pipeline import decode_records
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
-from stream_lstm.training.retrainer import Retrainer, ensure_models_topic, send_model
+from stream_lstm.training.retrainer import (
+    MODEL_RECORD_MAX_BYTES,
+    Retrainer,
+    ensure_models_topic,
+    send_model,
+)
 
 log = logging.getLogger("stream_lstm.trainer")
 
@@ -68,7 +73,7 @@ class TrainerService:
                                       group_id=f"{settings.group_id}-trainer",
                                       auto_offset_reset="earliest", enable_auto_commit=True,
                                       isolation_level="read_committed")
-        self.producer = make_producer(settings, max_request_size=64 * 1024 * 1024)
+        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES)
         self.published = 0
         # The child process that trains, started by run() (the loop is its only user).
         self.trainer: BackgroundTrainer | None = None

@@ -89,3 +89,21 @@ def test_rollback_publish_sends_the_version_where_following_workers_read(
         assert all(torch.equal(got.model.state_dict()[k], want[k]) for k in want)
     finally:
         follower.close()
+
+
+@pytest.mark.kafka
+def test_rollback_publish_to_a_topic_too_small_for_the_model_says_so(
+        tmp_path, capsys, monkeypatch, bootstrap, topic_name):
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("STREAM_LSTM_MODELS_TOPIC", topic_name)
+    ensure_topics(Settings(), [TopicSpec(topic_name, 1, {"cleanup.policy": "compact",
+                                                         "max.message.bytes": 200})])  # by hand
+    reg = registry_with_two(tmp_path)
+    assert cli(["models", "rollback", "v0001", "--publish", "--model-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "v0001 is promoted in the registry but not published" in err
+    assert "max.message.bytes" in err and topic_name in err
+    assert reg.promoted() == "v0001"

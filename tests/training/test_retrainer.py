@@ -1,6 +1,10 @@
 """The one retrainer (training/retrainer.py): its schedule, its job, and what a verdict does."""
 
+import time
+
 import numpy as np
+import pytest
+import torch
 
 from stream_lstm.config import Settings
 from stream_lstm.metrics import Metrics
@@ -50,3 +54,39 @@ def test_a_promoted_challenger_is_registered_promoted_and_counted(tmp_path):
     assert registry.promoted() == "v0001"  # a rejection changes nothing
     runs = {k: metrics.retrain_runs.labels(k)._value.get() for k in ("promoted", "rejected", "failed")}
     assert runs == {"promoted": 1, "rejected": 1, "failed": 1}
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_a_model_over_the_brokers_record_limit_still_travels_on_the_models_topic(settings_factory, topic_name):
+    """A model is one record: one of hidden size 600 (5.8 MB) is over this broker's
+    message.max.bytes (4 MiB; a real broker's default is 1 MiB), so the models topic carries
+    its own limit. One over that fails with an error that says so, not a silent flush."""
+    from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.models.registry import model_to_bytes
+    from stream_lstm.training.lifecycle import ModelsFollower
+    from stream_lstm.training.retrainer import MODEL_RECORD_MAX_BYTES, ModelPublishError, send_model
+
+    s = settings_factory(models_topic=f"{topic_name}-models")
+    spec = ModelSpec(hidden_size=600, horizon=2)
+    big = LoadedModel.of(SimpleLSTM.from_spec(spec), spec, "v0002")
+    assert 4 * 1024 * 1024 < len(model_to_bytes(*big)) < MODEL_RECORD_MAX_BYTES
+    follower = ModelsFollower(s)  # creates the topic
+    producer = make_producer(s, max_request_size=MODEL_RECORD_MAX_BYTES)
+    try:
+        send_model(producer, s, big)
+        got = None
+        for _ in range(100):
+            got = got or follower.poll()
+            if got is not None:
+                break
+            time.sleep(0.1)  # (the follower's poll does not wait)
+        assert got is not None and got.version == "v0002"
+        assert torch.equal(got.model.state_dict()["head.weight"], big.model.state_dict()["head.weight"])
+        huge_spec = ModelSpec(hidden_size=1100, horizon=2)
+        huge = LoadedModel.of(SimpleLSTM.from_spec(huge_spec), huge_spec, "v0003")
+        with pytest.raises(ModelPublishError, match="max.message.bytes"):
+            send_model(producer, s, huge)
+    finally:
+        producer.close()
+        follower.close()
