@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream_lstm.checkpointing.manager import StateManager
-from stream_lstm.pipeline import BatchOutput, BatchPipeline, Decoded
+from stream_lstm.pipeline import BatchCounts, BatchOutput, BatchPipeline, Decoded
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle
 
@@ -64,7 +64,48 @@ class BringIn:
             self.lifecycle.admit(np.array(loaded, np.int64))
 
     def handle(self, pipeline: BatchPipeline, records: list, now: float) -> BatchOutput:
-        """Decode, bring in, apply: one batch as the worker and a replay run it."""
+        """Decode, bring in, apply: one batch as the worker and a replay run it.
+
+        A batch of more devices than memory holds (``STREAM_LSTM_MAX_DEVICES`` below
+        ``STREAM_LSTM_POLL_MAX_RECORDS``, and a flood of new ids) is applied in consecutive
+        parts that each fit: failing instead, every restart would fail on the same poll. Each
+        part's devices are marked changed (``StateManager.touch``) before the next part may
+        evict them; the output's ``touched`` is the last part's."""
         decoded = pipeline.decode(records, now)
-        self(decoded, now)
-        return pipeline.apply(decoded, now)
+        parts = split_to_fit(decoded, self.table.max_devices)
+        total = BatchOutput([], BatchCounts(), np.zeros(0, np.int64))
+        for k, part in enumerate(parts):
+            self(part, now)
+            out = pipeline.apply(part, now)
+            total.records.extend(out.records)
+            total.counts.add(out.counts)
+            total.oldest_ts = min(total.oldest_ts, out.oldest_ts)
+            if k + 1 < len(parts):
+                self.state.touch(self.table, out.touched)
+            total.touched = out.touched
+        return total
+
+
+def split_to_fit(d: Decoded, max_devices: int) -> list[Decoded]:
+    """``d`` as consecutive parts of at most ``max_devices`` distinct devices each (one part,
+    ``d`` itself, when it fits); the dead letters and the count of records go with the first.
+
+    >>> d = Decoded(consumed=4, ids=["a", "b", "a", "c"], ts=[1.0, 1.0, 2.0, 1.0],
+    ...             values=[(0.0,)] * 4, partitions=[0] * 4, sources=[None] * 4)
+    >>> [(p.consumed, p.ids) for p in split_to_fit(d, 2)]
+    [(3, ['a', 'b', 'a']), (1, ['c'])]
+    """
+    if len(set(d.ids)) <= max_devices:
+        return [d]
+    parts, start, seen = [], 0, set()
+    for i, dev in enumerate(d.ids):
+        if dev not in seen and len(seen) == max_devices:
+            parts.append((start, i))
+            start, seen = i, set()
+        seen.add(dev)
+    parts.append((start, len(d.ids)))
+    out = [Decoded(consumed=b - a, ids=d.ids[a:b], ts=d.ts[a:b], values=d.values[a:b],
+                   partitions=d.partitions[a:b], sources=d.sources[a:b]) for a, b in parts]
+    out[0].consumed += len(d.dead)
+    out[0].dead = list(d.dead)
+    return out

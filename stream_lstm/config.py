@@ -72,14 +72,18 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
     replication_factor: int = Field(1, ge=1, description="Replication for topics the worker creates")
     poll_max_records: int = Field(2000, ge=1, description="Most readings handled in one batch")
-    poll_timeout_ms: int = Field(100, ge=1, description="How long one poll waits for readings")
+    # At most 10 s: an idle worker's loop turns once a poll, and /healthz calls a loop that has
+    # not turned for 30 s stuck.
+    poll_timeout_ms: int = Field(100, ge=1, le=10_000, description="How long one poll waits for readings")
     checkpoint_interval_s: float = Field(
         30.0, ge=0, description="How often a partition's changed devices write their state to "
         "the changelog; a restore replays the input since then. 0 writes with every commit. "
         "Longer: less state written, more input replayed on restore; the input topic must keep "
         "10 intervals (at least 1 h) of readings")
+    # At most 30 s: an exactly-once transaction stays open this long, and the producer's
+    # transaction timeout (after which the broker aborts it) is set from it (worker.py).
     commit_interval_ms: int = Field(
-        100, ge=0, description="How often the open transaction commits (forecasts, changed "
+        100, ge=0, le=30_000, description="How often the open transaction commits (forecasts, changed "
         "device state, input offsets); 0 commits every poll. Longer: fewer, larger commits and "
         "less state written; forecasts reach read_committed readers up to this much later. "
         "A live poll waits up to this long for a fuller fetch (half of it at-least-once, where "
@@ -144,13 +148,18 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, gt=0.0, description="ts this far ahead of its Kafka "
                                      "record's timestamp -> DLQ (a replay decides as live did)")
     max_gap_s: float = Field(0.0, ge=0.0, description="Gap that resets h/c; 0 = never reset")
-    max_message_bytes: int = Field(65_536, ge=64, description="Larger readings -> DLQ unparsed")
+    # At most 900,000: a dead letter carries the reading (up to this many bytes of an oversized
+    # one) plus its headers, and must fit a topic at Kafka's default limit of 1 MiB.
+    max_message_bytes: int = Field(65_536, ge=64, le=900_000, description="Larger readings -> DLQ "
+                                   "unparsed, with their first this many bytes")
     # At most 16,383 characters: 65,532 bytes of UTF-8 at worst, within the snapshot's u16
     # length of the id (a longer one would fail every commit of its partition).
     max_device_id_length: int = Field(128, ge=1, le=16_383, description="Longer device ids -> DLQ")
-    # Bounded so that a reading's square (the normalizer's variance) stays finite.
-    value_min: float = Field(-1e12, ge=-1e150, description="Physical range: smaller values -> DLQ")
-    value_max: float = Field(1e12, le=1e150, description="Physical range: larger values -> DLQ")
+    # Bounded so that every state column can hold a reading: some are float32 (the drift ring,
+    # the experts' history), whose largest value is 3.4e38 (and a reading's square, in the
+    # float64 variances, stays finite).
+    value_min: float = Field(-1e12, ge=-1e30, description="Physical range: smaller values -> DLQ")
+    value_max: float = Field(1e12, le=1e30, description="Physical range: larger values -> DLQ")
 
     # --- Uncertainty and anomalies ----------------------------------------------------------------
     interval_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal interval coverage")
@@ -237,6 +246,26 @@ class Settings(BaseSettings):
             )
         if self.min_history > self.window:
             raise ValueError(f"min_history ({self.min_history}) must be <= window ({self.window})")
+        topics = {"input_topic": self.input_topic, "output_topic": self.output_topic,
+                  "dlq_topic": self.dlq_topic, "alerts_topic": self.alerts_topic,
+                  "changelog_topic": self.changelog_topic_name(), "models_topic": self.models_topic}
+        named = [(k, v) for k, v in topics.items() if v]
+        for i, (k, v) in enumerate(named):
+            if clash := [k2 for k2, v2 in named[i + 1:] if v2 == v]:
+                # e.g. a DLQ that is the input: each dead letter would be read and dead-lettered
+                # again, for ever.
+                raise ValueError(f"{k} and {clash[0]} are the same topic ({v!r}): each must be its own")
+        if not self.security_protocol.startswith("SASL"):
+            if given := [k for k in ("sasl_mechanism", "sasl_username", "sasl_password",
+                                     "sasl_password_file") if getattr(self, k) is not None]:
+                # Ignored, the connection would be unauthenticated: likely a forgotten protocol.
+                raise ValueError(f"{', '.join(given)} set but security_protocol is "
+                                 f"{self.security_protocol}: set SASL_SSL or SASL_PLAINTEXT to use them")
+        if not self.security_protocol.endswith("SSL"):
+            if given := [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+                         if getattr(self, k) is not None]:
+                raise ValueError(f"{', '.join(given)} set but security_protocol is "
+                                 f"{self.security_protocol}: set SSL or SASL_SSL to use them")
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
         names = self.stage_names

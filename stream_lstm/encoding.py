@@ -43,6 +43,25 @@ def encode_reading(device_id: str, ts: float, values: Sequence[float]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def dead_letter_value(value: bytes | None, key: bytes | None, limit: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The value a dead letter carries, and the headers that say how it differs from the
+    original: at most ``limit`` bytes of it (an oversized reading), with ``source.value_bytes``
+    its full length, so a message as large as the input topic takes still fits the DLQ topic;
+    and ``b""`` for a message with neither key nor value (``source.value_null``), which Kafka
+    clients refuse to send.
+
+    >>> dead_letter_value(b"abcdef", b"k", 4)
+    (b'abcd', [('source.value_bytes', b'6')])
+    >>> dead_letter_value(None, None, 4), dead_letter_value(None, b"k", 4)
+    ((b'', [('source.value_null', b'1')]), (None, []))
+    """
+    if value is None:
+        return (b"", [("source.value_null", b"1")]) if key is None else (None, [])
+    if len(value) > limit:
+        return value[:limit], [("source.value_bytes", str(len(value)).encode())]
+    return value, []
+
+
 def dlq_headers(code: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     """Dead-letter headers: error code and reason, and where the message came from.
 

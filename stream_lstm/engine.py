@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from stream_lstm.config import SettingsError
 from stream_lstm.models.lstm import SimpleLSTM
 from stream_lstm.state.table import DeviceTable
 
@@ -50,7 +51,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("STREAM_LSTM_DEVICE=cuda but torch sees no CUDA device")
+        # (a SettingsError: the CLI says it in one line, not a traceback)
+        raise SettingsError("invalid setting STREAM_LSTM_DEVICE: cuda, but torch sees no CUDA "
+                            "device (set auto or cpu, or check the driver and the torch build)")
     return torch.device(name)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from stream_lstm import alerts
 from stream_lstm.config import Settings
-from stream_lstm.encoding import dlq_headers, encode_forecast
+from stream_lstm.encoding import dead_letter_value, dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.messages import InvalidReading, ReadingDecoder
@@ -269,8 +269,9 @@ class BatchPipeline:
             oldest = self._forecast(batch, ids, ts, sources, counts, out)
             touched = np.unique(batch.slots)
         for rec, code, reason in dead:
-            headers = dlq_headers(code, reason, rec.topic, rec.partition, rec.offset)
-            out.append((s.dlq_topic, rec.key, rec.value, headers))
+            value, changed = dead_letter_value(rec.value, rec.key, s.max_message_bytes)
+            headers = dlq_headers(code, reason, rec.topic, rec.partition, rec.offset) + changed
+            out.append((s.dlq_topic, rec.key, value, headers))
             counts.dlq_by_reason[code] = counts.dlq_by_reason.get(code, 0) + 1
         counts.dlq = len(dead)
         return BatchOutput(out, counts, touched, oldest)

@@ -167,7 +167,10 @@ class Worker:
         # by default, with every send held behind it. Its own handler asks for 20 ms there, as
         # the Java client uses; measured: commits over 100 ms 8 -> 1 in 12 s at 2,000
         # readings/s, p99 466 -> 341 ms (docs/benchmarks.md).
-        producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20}
+        # A transaction is open for up to a commit interval (and a turn): the broker must not
+        # abort it first (kafka-python's default timeout is 60 s).
+        producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20,
+                        "transaction_timeout_ms": 60_000 + 2 * s.commit_interval_ms}
                        if exactly_once else {})
         # Fail a send within 15 s rather than the default minute: the batch is rolled back
         # and retried, and readiness reports the outage meanwhile.

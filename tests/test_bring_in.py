@@ -50,3 +50,30 @@ def test_bring_in_never_evicts_a_device_of_the_same_batch_and_admits_every_loade
     assert store["b"].n_seen == 2
     run(["b"], 3, now=t0 + 20)
     assert table.n_seen[table.index["b"]] == 3 and admitted[-1] == ["b"]
+
+
+def test_a_poll_of_more_new_devices_than_memory_holds_is_applied_in_parts(tmp_path):
+    """max_devices below poll_max_records and a flood of new ids: the table could not hold the
+    poll's devices at once and raised, and the worker failed on the same poll at every start.
+    Now the poll is applied in parts that fit; every reading ends as a forecast or warm-up, and
+    the parts' devices pushed out of memory before their commit wait for it (dirty)."""
+    from stream_lstm.checkpointing.manager import StateManager
+
+    s = Settings(max_devices=4, min_history=1, window=4, hidden_size=8, state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    table = DeviceTable(4, 4, 1, 1, 8, initial_capacity=4, on_evict=manager.on_evict)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    bring_in = BringIn(table, manager, SimpleNamespace(admit=lambda slots: None))
+    t0 = time.time() - 3600
+    devices = [f"d{i}" for i in range(10)]
+    records = [Record(0, k, d.encode(), encode_reading(d, t0 + k, [float(k)]))
+               for k, d in enumerate(devices + devices[:3])]  # three come back at the end
+    records.append(Record(0, 99, b"bad", b"not json"))
+    out = bring_in.handle(pipe, records, now=t0 + 100)
+    c = out.counts
+    assert c.consumed == len(records) == c.forecasts + c.warmup + c.dlq and c.dlq == 1
+    manager.touch(table, out.touched)  # as the transaction does with the last part
+    assert set(manager.dirty) == set(devices)  # every device's new state waits for the commit
+    assert set(table.index) | set(manager._evicted_dirty) == set(devices)
+    assert table.n_seen[table.index["d0"]] == 2  # d0 came back with its state, not afresh
+    manager.store.close(clean=True)

@@ -52,6 +52,29 @@ def test_inconsistent_settings_are_refused():
         load_settings(tbptt_k1=64, tbptt_k2=8)
 
 
+def test_two_roles_on_one_topic_are_refused():
+    # A DLQ that is the input would read each dead letter back and dead-letter it again.
+    with pytest.raises(SettingsError, match="input_topic and dlq_topic are the same topic"):
+        load_settings(dlq_topic="sensor-readings")
+    with pytest.raises(SettingsError, match="output_topic and changelog_topic"):
+        load_settings(output_topic="stream-lstm-state-changelog")
+    assert load_settings(alerts_topic="").alerts_topic == ""  # (unset: no alerts)
+
+
+def test_tls_or_sasl_settings_the_protocol_would_ignore_are_refused(tmp_path):
+    # Ignored, they would leave an unauthenticated (or unencrypted) connection where one
+    # was meant: most likely STREAM_LSTM_SECURITY_PROTOCOL was forgotten.
+    with pytest.raises(SettingsError, match="sasl_username, sasl_password set but security_protocol is PLAINTEXT"):
+        load_settings(sasl_username="svc", sasl_password="pw")
+    with pytest.raises(SettingsError, match="ssl_cafile set but security_protocol is SASL_PLAINTEXT"):
+        load_settings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="svc",
+                      sasl_password="pw", ssl_cafile=tmp_path / "ca.pem")
+    with pytest.raises(SettingsError, match="sasl_mechanism set but security_protocol is SSL"):
+        load_settings(security_protocol="SSL", sasl_mechanism="PLAIN")
+    assert load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc",
+                         sasl_password="pw", ssl_cafile=tmp_path / "ca.pem").ssl_cafile
+
+
 def test_sasl_without_credentials_is_one_clear_line_at_start(tmp_path):
     sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
     with pytest.raises(SettingsError, match="sasl_username is required"):
@@ -72,7 +95,7 @@ def test_an_empty_variable_means_unset(tmp_path, monkeypatch):
     for name in ("MODEL_PATH", "SSL_CAFILE", "STATE_DIR", "SASL_PASSWORD"):
         monkeypatch.setenv(f"STREAM_LSTM_{name}", "")
     monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD_FILE", str(pw))
-    s = load_settings()
+    s = load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc")
     assert s.model_path is None and s.ssl_cafile is None and s.sasl_password is None
     assert s.state_dir == s.model_dir.parent / "state"  # the default, not "."
     assert s.resolved_sasl_password() == "from-file"
@@ -90,9 +113,10 @@ def test_password_file_from_the_environment(tmp_path, monkeypatch):
     f = tmp_path / "pw"
     f.write_text("from-file\n")
     monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD_FILE", str(f))
-    assert load_settings().resolved_sasl_password() == "from-file"
+    sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "svc"}
+    assert load_settings(**sasl).resolved_sasl_password() == "from-file"
     monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD", "from-env")  # the variable wins
-    s = load_settings()
+    s = load_settings(**sasl)
     assert s.resolved_sasl_password() == "from-env"
     assert "from-env" not in str(s.redacted()) and "from-env" not in repr(s)
 
@@ -100,9 +124,10 @@ def test_password_file_from_the_environment(tmp_path, monkeypatch):
 def test_secrets_masked_and_password_file(tmp_path):
     f = tmp_path / "pw"
     f.write_text("s3cret\n")
-    s = Settings(sasl_password_file=f, sasl_username="u")
+    s = Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_password_file=f, sasl_username="u")
     assert s.resolved_sasl_password() == "s3cret"
-    s2 = Settings(sasl_password="hunter2")
+    s2 = Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
+                  sasl_password="hunter2")
     assert "hunter2" not in str(s2.redacted()) and s2.redacted()["sasl_password"] == "***"
     assert "hunter2" not in repr(s2)
 
@@ -147,8 +172,11 @@ def test_every_setting_is_read_by_some_code_path():
 
 @pytest.mark.parametrize(("name", "value"), [
     ("max_devices", 2**24 + 1),  # slots travel as float32 in the engine
-    ("value_max", 1e200),  # its square, the normalizer's variance, would be infinite
-    ("value_min", -1e200),
+    ("value_max", 1e31),  # over float32 state columns' reach (3.4e38) once forecast
+    ("value_min", -1e31),
+    ("max_message_bytes", 1_000_000),  # its dead letter must fit a 1 MiB topic
+    ("poll_timeout_ms", 20_000),  # an idle worker would look stuck to /healthz
+    ("commit_interval_ms", 60_000),  # a transaction open that long risks the broker's abort
     ("max_device_id_length", 16_384),  # the snapshot keeps an id's length in 16 bits
 ])
 def test_limits_the_service_cannot_honour_are_refused_at_start(name, value):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from stream_lstm.engine import FUSE_MIN_ROUNDS, BatchedEngine
@@ -211,3 +212,14 @@ def test_a_device_of_a_version_not_held_steps_under_the_served_weights():
     engine.release("v0")
     engine.release("")  # never the served weights
     assert list(engine.models) == [""]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_asked_for_without_one_is_a_settings_error():
+    """A SettingsError: the CLI says it in one line naming the variable, not a traceback."""
+    from stream_lstm.config import SettingsError
+    from stream_lstm.engine import resolve_device
+
+    with pytest.raises(SettingsError, match="STREAM_LSTM_DEVICE: cuda, but torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

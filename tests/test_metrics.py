@@ -193,3 +193,28 @@ def test_every_gauge_says_how_a_host_of_processes_combines_it():
         "retrain_loss": "livemostrecent", "model_promoted_timestamp_seconds": "livemax",
         "ready": "livemin",
     }
+
+
+def test_every_series_is_updated_by_some_code_path():
+    """A series declared (and dashboarded) but never set reads 0 for ever, and an operator
+    trusts it: the restore series were, until 2026-12-05. Each attribute Metrics.__init__
+    declares must be read somewhere in the package outside its own declaration."""
+    import ast
+    from pathlib import Path
+
+    import stream_lstm
+
+    root = Path(stream_lstm.__file__).parent
+    tree = ast.parse((root / "metrics.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Metrics"]
+    (init,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    declared = {t.attr for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    declared -= {"registry", "instance"} | {a for a in declared if a.startswith("_")}
+    used: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                used.add(node.attr)
+    assert len(declared) > 30
+    assert not sorted(declared - used), "series declared but never updated"

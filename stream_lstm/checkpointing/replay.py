@@ -98,7 +98,9 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
     consumer = make_consumer(settings, enable_auto_commit=False, isolation_level="read_committed",
                              auto_offset_reset="earliest",
                              fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
-                             fetch_max_wait_ms=20)
+                             fetch_max_wait_ms=20,
+                             # (at most one poll's devices in memory at once, as live)
+                             max_poll_records=settings.poll_max_records)
     try:
         consumer.assign([tp])
         begin = _beginning(consumer, tp)

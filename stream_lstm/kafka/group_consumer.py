@@ -107,6 +107,8 @@ class GroupConsumer:
             max_poll_records=s.poll_max_records,
             max_poll_interval_ms=s.max_poll_interval_ms,
             session_timeout_ms=s.session_timeout_ms,
+            # kafka-python's 3 s heartbeat would refuse a session timeout of 3 s or less.
+            heartbeat_interval_ms=min(3000, s.session_timeout_ms // 3),
             isolation_level="read_committed",
             partition_assignment_strategy=[CooperativeStickyAssignor()],
             fetch_max_bytes=16 * 1024 * 1024,

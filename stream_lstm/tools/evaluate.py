@@ -30,15 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Replay recordings through the real pipeline (broker, worker, forecasts "
                           "topic) and score the forecasts against simple baselines; writes a table, "
                           "a JSON report and PNG plots. Or run the standard ETTh1 protocol.")
-    parser.add_argument("files", nargs="*", type=Path, help="CSV recordings (timestamp,value)")
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="CSV recordings: a time column (see --time-column) and a value column")
     parser.add_argument("--time-column", default=None, metavar="NAME",
                         help="time column of the recordings (default: 'timestamp'; in a file "
                              "without one, the first column whose values are times)")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
-    parser.add_argument("--epochs", type=int, default=30, help="most training epochs (first halves); early stopping usually ends sooner")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default: reports)")
+    parser.add_argument("--epochs", type=int, default=30, help="most training epochs (first halves; default 30); early stopping usually ends sooner")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each recording")
     parser.add_argument("--etth1", type=Path, default=None, help="ETTh1.csv: run the standard protocol")
-    parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons")
+    parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons (default: 24 48)")
     parser.add_argument("--peer", action="store_true",
                         help="also run the deep-river peer (an online LSTM per recording, "
                              "one-step) on the same recordings; needs stream-lstm[peer]")

@@ -42,15 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="last fraction of the recording used for validation")
     parser.add_argument("--window", type=int, default=None,
                         help="W: training sequences are 2*W readings (default: STREAM_LSTM_WINDOW)")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: setting)")
-    parser.add_argument("--hidden-size", type=int, default=None)
-    parser.add_argument("--num-layers", type=int, default=None)
-    parser.add_argument("--horizon", type=int, default=None)
-    parser.add_argument("--k1", type=int, default=None, help="TBPTT k1 (default: setting)")
-    parser.add_argument("--k2", type=int, default=None, help="TBPTT k2 (default: setting)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: setting)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="most epochs; early stopping usually ends sooner (default: STREAM_LSTM_MAX_EPOCHS)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="LSTM hidden units (default: STREAM_LSTM_HIDDEN_SIZE)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="stacked LSTM layers (default: STREAM_LSTM_NUM_LAYERS)")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="H, steps ahead forecast (default: STREAM_LSTM_HORIZON); a worker "
+                             "refuses a model whose H differs from its own")
+    parser.add_argument("--k1", type=int, default=None,
+                        help="TBPTT: steps between updates (default: STREAM_LSTM_TBPTT_K1)")
+    parser.add_argument("--k2", type=int, default=None,
+                        help="TBPTT: steps each update backpropagates through (default: STREAM_LSTM_TBPTT_K2)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: STREAM_LSTM_LEARNING_RATE)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per update (default: STREAM_LSTM_TRAIN_BATCH_SIZE)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="torch seed for the initial weights and the shuffling (default 0)")
     parser.add_argument("--version", default="v0001", help="version stamped on the saved model")
     parser.add_argument("--parent", default=None, help="parent version stamped on the model")
     parser.add_argument("--registry", action="store_true",
@@ -122,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     knobs = {"k1": args.k1 or s.tbptt_k1, "k2": args.k2 or s.tbptt_k2,
              "lr": args.lr or s.learning_rate, "weight_decay": s.weight_decay,
              "grad_clip": s.grad_clip, "max_epochs": args.epochs or s.max_epochs,
-             "patience": s.early_stopping_patience, "batch_size": args.batch_size,
+             "patience": s.early_stopping_patience, "batch_size": args.batch_size or s.train_batch_size,
              "seed": args.seed}
     torch.manual_seed(args.seed)
     model = SimpleLSTM.from_spec(spec)

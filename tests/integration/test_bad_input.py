@@ -53,6 +53,7 @@ BAD = [
     ("duplicate_json_keys", b"bad", b'{"device_id": "bad", "ts": %d, "value": 1, "value": 2}' % int(T)),
     ("ts_far_future", b"bad", json.dumps({"device_id": "bad", "ts": NOW + 86400, "value": 1.0}).encode()),
     ("tombstone", b"bad", None),
+    ("tombstone", None, None),  # no key either: clients refuse to send that as a dead letter
     ("missing_value", b"bad", json.dumps({"device_id": "bad", "ts": T}).encode()),
 ]
 
@@ -97,8 +98,15 @@ def test_every_bad_class_goes_to_dlq_and_good_ones_are_forecast(settings_factory
         assert headers["error.reason"] and headers["source.topic"].decode() == topic_name
         assert headers["source.partition"] == b"0" and int(headers["source.offset"]) >= 0
     assert codes == [code for code, _, _ in BAD] + ["late"]  # in order, nothing lost
-    for rec, (_, key, value) in zip(dlq, BAD, strict=False):
-        assert rec.value == value and rec.key == key  # the original bytes
+    for rec, (code, key, value) in zip(dlq, BAD, strict=False):
+        headers = dict(rec.headers)
+        assert rec.key == key
+        if code == "oversized":  # its first max_message_bytes, and its full length
+            assert rec.value == value[:4096] and headers["source.value_bytes"] == str(len(value)).encode()
+        elif key is None and value is None:
+            assert rec.value == b"" and headers["source.value_null"] == b"1"
+        else:
+            assert rec.value == value and "source.value_bytes" not in headers  # the original bytes
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=sent_good + 1)]
     assert len(fcs) == sent_good + 1
     text = worker.metrics.exposition().decode()
