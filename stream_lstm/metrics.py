@@ -180,6 +180,15 @@ class Metrics:
         self.model_info.info({"version": str(version)})
         self.model_promoted_timestamp_seconds.set(promoted_at)
 
+    def forget_partitions(self, partitions: Any) -> None:
+        """Drop the per-partition series of partitions this worker no longer holds: left, their
+        last value would be summed with their new owner's (``sum(consumer_lag)``) for ever.
+        (Zeroed first: under a host's several processes the most recent write is shown.)"""
+        for gauge in (self.consumer_lag, self.restore_progress_ratio):
+            for p in partitions:
+                gauge.labels(str(p)).set(0)
+                gauge.remove(str(p))
+
     def count_batch(self, c: Any, active_devices: int) -> None:
         """Add one batch's :class:`~stream_lstm.pipeline.BatchCounts`: where each reading ended."""
         self.forecasts_published.inc(c.forecasts)

@@ -33,6 +33,10 @@ log = logging.getLogger("stream_lstm.worker")
 # waits until a coordinator answers: through a whole broker outage, deaf to SIGTERM and to the
 # liveness beat. Raising instead, the caller's retry loop (with backoff) goes on.
 COMMITTED_TIMEOUT_MS = 10_000
+# How long one loop turn replays input at most: a long replay (a large fleet's checkpoint
+# interval) goes on over several turns, and the loop keeps beating (/healthz), polling (the
+# group's max.poll.interval.ms) and hearing SIGTERM in between.
+REPLAY_SLICE_S = 2.0
 
 
 class PartitionsLost(RuntimeError):
@@ -80,6 +84,9 @@ class PartitionCoordinator:
         self.commit_on_revoke = True
         # When each partition still paused began restoring (restore_seconds).
         self._restoring_since: dict[int, float] = {}
+        # Per partition restored and replaying its input (state.replaying): the offsets left,
+        # [next, end), once read.
+        self._replay_left: dict[int, tuple[int, int]] = {}
 
     def tps(self, partitions: set[int]) -> list[TopicPartition]:
         return [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
@@ -138,29 +145,38 @@ class PartitionCoordinator:
         self.state.revoke(self.table, partitions)
         self.assigned -= partitions
         for p in partitions:
+            self._replay_left.pop(p, None)
+        self.metrics.forget_partitions(partitions)
+        for p in partitions:
             self._restoring_since.pop(p, None)
         tx.drop_offsets(self.tps(partitions))
         log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
         self.update_readiness()
 
+    def busy(self) -> bool:
+        """Whether some partition is still restoring or replaying (paused)."""
+        return bool(self.state.restoring or self.state.replaying)
+
     def restore_some(self) -> None:
-        """One time-bounded slice of restoring; partitions restored and replayed resume."""
-        if not self.state.restoring:
+        """One time-bounded slice of restoring, then of replaying; partitions restored and
+        replayed resume."""
+        if not self.busy():
             return
         try:
-            done = self.state.restore_slice(budget_s=1.0)
+            restored = self.state.restore_slice(budget_s=1.0) if self.state.restoring else set()
         except Exception as exc:  # noqa: BLE001 - e.g. broker down: keep paused, retry
             log.warning("restore did not complete; will retry", extra={"error": repr(exc)[:300]})
             self.health.set_ready("broker", False, f"restore failed: {repr(exc)[:200]}")
             time.sleep(1.0)
             return
-        done &= self.assigned
+        self.state.replaying |= restored & self.assigned
         try:
-            for p in sorted(done):
-                self._replay(p)
+            done = self._replay_some(REPLAY_SLICE_S)
         except Exception as exc:  # noqa: BLE001 - replay again next turn (it is idempotent)
             log.warning("replay did not complete; will retry", extra={"error": repr(exc)[:300]})
-            self.state.rollback(self.table, done)
+            failed = set(self.state.replaying)
+            self._replay_left.clear()
+            self.state.rollback(self.table, failed)
             time.sleep(1.0)
             return
         self.health.set_ready("broker", True)
@@ -171,32 +187,56 @@ class PartitionCoordinator:
             self.metrics.restore_seconds.observe(now - self._restoring_since.pop(p, now))
         self.update_readiness()
 
-    def _replay(self, partition: int) -> None:
-        """Apply again the readings committed after ``partition``'s last checkpoint, publishing
-        nothing: memory then holds what an uninterrupted worker would (checkpointing/replay.py)."""
+    def _replay_some(self, budget_s: float) -> set[int]:
+        """Replay the restored partitions' input for about ``budget_s``; return those done."""
+        done: set[int] = set()
+        began, replayed = time.monotonic(), False
+        for p in sorted(self.state.replaying):
+            if replayed and time.monotonic() - began >= budget_s:
+                break  # (a turn replays one poll at least)
+            if p not in self._replay_left and not self._replay_range(p):
+                done.add(p)
+                continue
+            start, end = self._replay_left[p]
+
+            def apply(records: list) -> None:
+                out = self.bring_in.handle(self.pipeline, records, time.time())
+                self.state.touch(self.table, out.touched)
+
+            r = replay_input(self.settings, p, start, end, apply,
+                             budget_s=max(0.0, budget_s - (time.monotonic() - began)))
+            replayed = True
+            self.metrics.replayed_readings.inc(r.readings)
+            self.metrics.replay_missing_readings.inc(r.missing)
+            if r.position < end:
+                self._replay_left[p] = (r.position, end)
+                continue
+            del self._replay_left[p]
+            done.add(p)
+            # Only now may a commit name the committed offset as this partition's position
+            # (and its replay marker): every reading before it is in memory again.
+            self.tx.next_offsets[TopicPartition(self.settings.input_topic, p)] = end
+            log.info("replayed readings since the last checkpoint",
+                     extra={"partition": p, "from": self.state.replay_from(p), "to": end})
+        self.state.replaying -= done
+        return done
+
+    def _replay_range(self, partition: int) -> bool:
+        """Read where ``partition``'s replay starts and ends (its last checkpoint's marker, the
+        group's committed offset); False when there is nothing to replay."""
         assert self.group is not None
         tp = TopicPartition(self.settings.input_topic, partition)
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
-        if committed is not None:
-            self.tx.next_offsets[tp] = committed
-        if start is None:
-            self.state.first_marker(
-                partition, committed if committed is not None else log_start(self.settings, partition))
-            return
-        if committed is None or committed <= start:
-            return
-
-        def apply(records: list) -> None:
-            out = self.bring_in.handle(self.pipeline, records, time.time())
-            self.state.touch(self.table, out.touched)
-
-        done = replay_input(self.settings, partition, start, committed, apply)
-        self.metrics.replayed_readings.inc(done.readings)
-        self.metrics.replay_missing_readings.inc(done.missing)
-        log.info("replayed readings since the last checkpoint",
-                 extra={"partition": partition, "from": start, "to": committed,
-                        "readings": done.readings, "seconds": round(done.seconds, 3)})
+        if start is None or committed is None or committed <= start:
+            if committed is not None:
+                self.tx.next_offsets[tp] = committed
+            if start is None:
+                self.state.first_marker(
+                    partition, committed if committed is not None else log_start(self.settings, partition))
+            return False
+        self._replay_left[partition] = (start, committed)
+        return True
 
     def rewind(self) -> None:
         """After a rollback: every held partition's state comes again from the changelog, and
@@ -214,13 +254,15 @@ class PartitionCoordinator:
     def forget_state(self) -> None:
         """Drop the held partitions' state from memory (restored again) and pause them."""
         self.state.rollback(self.table, set(self.assigned))
+        self._replay_left.clear()
         self._restoring_since.update(dict.fromkeys(self.assigned, time.monotonic()))
         if self.group is not None:
             self.group.consumer.pause(*self.tps(self.assigned))
 
     def update_readiness(self) -> None:
-        if self.state.restoring:
-            self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
+        if self.busy():
+            paused = sorted(self.state.restoring | self.state.replaying)
+            self.health.set_ready("partitions", False, f"restoring {paused}")
         else:
             self.health.set_ready("partitions", bool(self.assigned),
                                   f"assigned {sorted(self.assigned)}")

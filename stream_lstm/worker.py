@@ -215,7 +215,7 @@ class Worker:
                 # A replay that fails rolls back its partitions' bookkeeping; with a commit in
                 # flight that would drop what the commit still has to settle (devices changed
                 # or evicted since it began). Restoring is rare: let the commit finish first.
-                if self.state.restoring and not self.settle():
+                if self.partitions.busy() and not self.settle():
                     continue
                 self.partitions.restore_some()
                 wait = self.tx.wait_ms()

@@ -64,8 +64,14 @@ def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, 
 
         slots = table.slots_for(["a", "b"], partitions=[0, 1], now=0.0)
         assert len(slots) == 2
+        metrics.consumer_lag.labels("0").set(7)  # as housekeeping.update_lag sets it
         coordinator.on_revoked({0})
         assert list(table.index) == ["b"] and coordinator.assigned == set(range(1, s.topic_partitions))
+        # The revoked partition's series are gone (its new owner reports them now).
+        series = {(x.name, x.labels.get("partition")) for m in metrics.registry.collect() for x in m.samples}
+        assert ("stream_lstm_consumer_lag_messages", "0") not in series
+        assert ("stream_lstm_restore_progress_ratio", "0") not in series
+        assert ("stream_lstm_restore_progress_ratio", "1") in series
         assert np.isfinite(table.last_seen[table.index["b"]])
     finally:
         group.close()

@@ -75,10 +75,11 @@ class Expiry:
         for dev, partition, data in rows:
             if dev in table.index or dev in m.dirty:
                 continue  # in memory: the pass over memory judges it
-            if partition not in m.ready:
+            if partition not in m.ready or partition in m.replaying:
                 # A revoked partition's rows stay in the store for a later reassignment, and a
-                # restoring one's are not current yet: another worker may own the device now
-                # and have seen it since, so its tombstone (and alert close) are not ours.
+                # restoring or replaying one's are not current yet: another worker may own the
+                # device now, or the replay bring readings of it, so its tombstone (and alert
+                # close) are not ours, or not yet.
                 continue
             try:
                 snap = decode_snapshot(data, m.settings.n_features)

@@ -90,6 +90,7 @@ class StateManager:
         self._expiry = Expiry(self)
         self.restoring: set[int] = set()
         self.ready: set[int] = set()
+        self.replaying: set[int] = set()  # ready ones whose input replay is not done (partitions.py)
         # Next changelog offset per partition after our own committed writes.
         self.written: dict[int, int] = {}
         # Devices changed since the last commit (id -> partition); those evicted meanwhile.
@@ -305,8 +306,8 @@ class StateManager:
             self._next_flush.pop(p, None)
             self.markers.pop(p, None)
             self._first_markers.pop(p, None)
-        self.restoring -= partitions
-        self.ready -= partitions
+        self.restoring, self.ready, self.replaying = (
+            self.restoring - partitions, self.ready - partitions, self.replaying - partitions)
         self.store.release(partitions, time.time())
         for p in partitions:
             self.written.pop(p, None)

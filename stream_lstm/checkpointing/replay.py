@@ -70,27 +70,32 @@ class Replayed:
         Offsets from the start that the input topic no longer held.
     seconds
         Wall time of the replay.
+    position
+        The next offset not replayed yet: ``end`` once the replay is complete.
 
     Examples
     --------
     An empty range (``end <= start``) reads nothing and needs no broker:
 
     >>> r = replay_input(Settings(), partition=0, start=5, end=5, handle=print)
-    >>> r.readings, r.missing
-    (0, 0)
+    >>> r.readings, r.missing, r.position
+    (0, 0, 5)
     """
 
     readings: int = 0
     missing: int = 0
     seconds: float = 0.0
+    position: int = 0
 
 
 def replay_input(settings: Settings, partition: int, start: int, end: int,
-                 handle: Callable[[list], None], timeout_s: float = 120.0) -> Replayed:
+                 handle: Callable[[list], None], timeout_s: float = 120.0,
+                 budget_s: float | None = None) -> Replayed:
     """Read input ``partition`` from ``start`` up to (not including) ``end`` under
-    ``read_committed`` and hand the records to ``handle`` poll by poll."""
+    ``read_committed`` and hand the records to ``handle`` poll by poll. With ``budget_s``, stop
+    after the first poll that ends past it: ``position`` says where to go on from."""
     t0 = time.monotonic()
-    out = Replayed()
+    out = Replayed(position=max(start, end))
     if end <= start:
         return out
     tp = TopicPartition(settings.input_topic, partition)
@@ -112,7 +117,10 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
             start = begin
         consumer.seek(tp, start)
         deadline = t0 + timeout_s
-        while consumer.position(tp) < end:
+        while (position := consumer.position(tp)) < end:
+            if budget_s is not None and out.readings and time.monotonic() - t0 > budget_s:
+                out.position = position  # (every record before it was handled)
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"replaying input partition {partition} did not reach offset "
                                    f"{end} within {timeout_s:g} s")

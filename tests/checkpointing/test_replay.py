@@ -85,6 +85,20 @@ def test_replay_reads_the_range_and_counts_what_retention_deleted(settings_facto
     assert got == list(range(20, 30)) and done.missing == 10
 
 
+def test_a_replay_in_time_slices_hands_on_every_record_once(settings_factory, topic_name):
+    """A long replay goes on over several loop turns: each slice stops after the poll that
+    passes its budget and says where the next one starts."""
+    s = worker_settings(settings_factory, topic_name).model_copy(update={"poll_max_records": 7})
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    produce_readings(s, topic_name, [("d", T0 + i, float(i)) for i in range(50)])
+    got, start, slices = [], 10, 0
+    while start < 40:
+        done = replay_input(s, 0, start, 40, lambda recs: got.extend(r.offset for r in recs), budget_s=0.0)
+        assert start < done.position <= 40 and done.position - start == done.readings <= 7
+        start, slices = done.position, slices + 1
+    assert got == list(range(10, 40)) and slices >= 5
+
+
 def test_a_changelog_without_markers_restores_as_complete_and_gets_its_first_marker(
         settings_factory, topic_name):
     """Today's changelog (written before checkpoints had markers: state with every commit)."""

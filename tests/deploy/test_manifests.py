@@ -27,7 +27,7 @@ def settings_vars() -> set[str]:
 
 def k8s_docs() -> list[tuple[Path, dict]]:
     out = []
-    for f in sorted(K8S.glob("*.yaml")):
+    for f in sorted(K8S.rglob("*.yaml")):
         out += [(f, d) for d in yaml.safe_load_all(f.read_text()) if d]
     return out
 
@@ -39,7 +39,7 @@ def containers(doc: dict) -> list[dict]:
 
 def test_every_stream_lstm_variable_is_a_setting():
     real = settings_vars()
-    for f in [COMPOSE, DOCKERFILE, *sorted(K8S.glob("*.yaml"))]:
+    for f in [COMPOSE, DOCKERFILE, *sorted(K8S.rglob("*.yaml"))]:
         used = set(ENV_RE.findall(f.read_text()))
         assert used <= real, f"{f.relative_to(REPO)}: not settings: {sorted(used - real)}"
 
@@ -110,6 +110,11 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
         assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         refs = [r.get("configMapRef", r.get("secretRef", {})).get("name") for r in c["envFrom"]]
         assert refs == ["stream-lstm", "stream-lstm-kafka"]
+    # What `kubectl apply -f deploy/k8s/` applies (not recursive): one set of workers, and no
+    # example Secret whose placeholder credentials would replace a working connection.
+    applied = [(f, d) for f, d in docs if f.parent == K8S]
+    assert [f.name for f, d in applied if d["kind"] == "StatefulSet"] == ["worker.yaml"]
+    assert not [f for f, d in applied if d["kind"] == "Secret"]
     gpu = next(d for f, d in sets if f.name == "worker-gpu.yaml")
     (c,) = containers(gpu)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda" in c["image"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stream_lstm import partitions
 from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
@@ -169,6 +170,9 @@ def test_a_kill_between_rewarm_slices_keeps_every_device_continuous(settings_fac
     s = one_partition(settings_factory, topic_name, poll_max_records=10, rewarm_slice_ms=0.001)
     # At most two re-warmed devices wait for a commit: the conversion spans several commits.
     monkeypatch.setattr(lifecycle, "MAX_UNSAVED", 2)
+    # And the second worker's replay spans many loop turns (one poll of 10 readings a turn),
+    # the partition paused and not ready until it is done.
+    monkeypatch.setattr(partitions, "REPLAY_SLICE_S", 0.0)
     registry = ModelRegistry(s.model_dir)
     torch.manual_seed(5)
     spec = fresh_model(s).spec
@@ -212,8 +216,17 @@ def test_a_kill_between_rewarm_slices_keeps_every_device_continuous(settings_fac
     feed.producer.close()
     produce_readings(s, s.input_topic, c)
     second = Worker(s, new)
-    second.run(until=lambda w: all_committed(w, len(a + b + c)) and not w.lifecycle.rewarming)
-    assert second.metrics.replayed_readings._value.get() > 0  # readings since the checkpoints
+    turns = {"replaying": 0}
+
+    def replayed_and_done(w):
+        if w.state.replaying:
+            turns["replaying"] += 1
+            assert not w.health.readiness()[0]  # paused: not ready while it replays
+        return all_committed(w, len(a + b + c)) and not w.lifecycle.rewarming
+
+    second.run(until=replayed_and_done)
+    replayed = second.metrics.replayed_readings._value.get()
+    assert replayed > 50 and turns["replaying"] >= replayed // 10 - 1  # one poll of 10 a turn
     assert second.metrics.rewarm_fallbacks._value.get() == 0  # the old weights were found
     assert registered or not registry.versions()  # (in no registry)
     got = forecasts_by_device(read_topic(s, s.output_topic))
