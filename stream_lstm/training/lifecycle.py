@@ -122,6 +122,9 @@ class ModelLifecycle:
         self.trainer = (BackgroundTrainer(settings.train_threads, settings.train_nice)
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
         self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
+        if settings.trainer == "off" and self.retrainer.scheduled:  # (a trainer process reads them)
+            log.warning("STREAM_LSTM_RETRAIN_EVERY_* is set but STREAM_LSTM_TRAINER=off: this "
+                        "worker never retrains")
         self.swaps = 0
         self.checkpoints: StateManager | None = None
         self.slice_s = settings.rewarm_slice_ms / 1000

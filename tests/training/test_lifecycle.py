@@ -280,3 +280,15 @@ def test_a_device_restored_after_a_swap_from_an_unregistered_model_steps_as_if_u
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6)
     assert life2.metrics.rewarm_fallbacks._value.get() == 0
     assert versions(table2, ids) == versions(table, ids) == [old.version] * 3  # until a re-warm
+
+
+def test_a_retrain_schedule_with_the_trainer_off_is_said_at_start(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="stream_lstm.training"):
+        *_, life, _ = fleet(tmp_path, 2, readings=1, retrain_every_readings=1000)
+    assert life.trainer is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["STREAM_LSTM_RETRAIN_EVERY_* is set but STREAM_LSTM_TRAINER=off: this worker never retrains"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stream_lstm.training"):
+        fleet(tmp_path, 2, readings=1)  # no schedule: nothing to say
+    assert not caplog.records
