@@ -73,6 +73,9 @@ class BringIn:
         evict them; the output's ``touched`` is the last part's."""
         decoded = pipeline.decode(records, now)
         parts = split_to_fit(decoded, self.table.max_devices)
+        if len(parts) == 1:  # (the normal case)
+            self(decoded, now)
+            return pipeline.apply(decoded, now)
         total = BatchOutput([], BatchCounts(), np.zeros(0, np.int64))
         for k, part in enumerate(parts):
             self(part, now)
