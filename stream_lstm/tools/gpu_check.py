@@ -186,11 +186,12 @@ def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000) -> d
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from stream_lstm.config import SettingsError
     from stream_lstm.engine import resolve_device
 
     try:
         device = resolve_device(args.device)
-    except RuntimeError as exc:
+    except SettingsError as exc:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
