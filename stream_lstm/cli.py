@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
         print(f"{args.command}: {exc}", file=sys.stderr)
-        return 2
+        return 2  # (a refusal: the supervisor, processes.py, does not restart it)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         # what to check (clients.py writes it), not kafka-python's traceback. Imported here so
         # `--help` does not load the Kafka client.
         from stream_lstm.kafka.clients import KafkaConnectError
+        from stream_lstm.models.registry import ModelLoadError
 
+        if isinstance(exc, ModelLoadError):  # no loadable model: a restart cannot help
+            print(f"{args.command}: {exc}", file=sys.stderr)
+            return 2
         if not isinstance(exc, KafkaConnectError):
             raise
         print(f"{args.command}: {exc}", file=sys.stderr)
-        return 2
+        return 3  # the broker may come back: the supervisor restarts it, with backoff
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Streams does), and its devices leave memory.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -166,7 +167,9 @@ class PartitionCoordinator:
             restored = self.state.restore_slice(budget_s=1.0) if self.state.restoring else set()
         except Exception as exc:  # noqa: BLE001 - e.g. broker down: keep paused, retry
             log.warning("restore did not complete; will retry", extra={"error": repr(exc)[:300]})
-            self.health.set_ready("broker", False, f"restore failed: {repr(exc)[:200]}")
+            # (the broker, or the local store: a full disk is not an outage to wait out)
+            what = "state_store" if isinstance(exc, sqlite3.Error) else "broker"
+            self.health.set_ready(what, False, f"restore failed: {repr(exc)[:200]}")
             time.sleep(1.0)
             return
         self.state.replaying |= restored & self.assigned
@@ -180,6 +183,8 @@ class PartitionCoordinator:
             time.sleep(1.0)
             return
         self.health.set_ready("broker", True)
+        if "state_store" in self.health.readiness()[1]:
+            self.health.set_ready("state_store", True)
         if done and self.group is not None:
             self.group.consumer.resume(*self.tps(done))
         now = time.monotonic()

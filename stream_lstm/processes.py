@@ -10,9 +10,11 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
   as one worker does: more processes, not threads, use a bigger machine. On a GPU host they all
   pick the same device and share it.
 * A child that dies is restarted after a backoff (1 s, doubling to 30 s; back to 1 s once it
-  has run a minute), logged and counted (``stream_lstm_process_restarts_total``). A child
-  that exits with code 2 refused the configuration (a model that does not fit the
-  settings): restarting cannot help, so the supervisor stops them all and exits 2.
+  has run a minute), logged and counted (``stream_lstm_process_restarts_total``), including
+  one that could not reach the broker (exit 3). A child that exits with code 2 refused its
+  configuration (a setting, a model that does not fit the settings or cannot be loaded, an
+  input topic whose retention a restore cannot trust, a state store another worker holds):
+  restarting cannot help, so the supervisor stops them all and exits 2.
 * A child that stops turning its loop (not live for ``HUNG_AFTER_S``, 2 min) is killed, and
   one that turns it but stays not ready for a reason of its own, unchanged, for
   ``STUCK_AFTER_S`` (10 min) is stopped (SIGTERM, SIGKILL after 45 s); both then restart as a

@@ -38,7 +38,7 @@ from kafka.structs import TopicPartition
 from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import check_retention
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, SettingsError
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.housekeeping import Housekeeping
 from stream_lstm.kafka.clients import make_producer
@@ -184,7 +184,7 @@ class Worker:
         ensure_worker_topics(s)
         problem = check_retention(s)
         if problem is not None:
-            raise SystemExit(f"stream-lstm: refusing to start: {problem}")
+            raise SettingsError(f"refusing to start: {problem}")
         # The listener calls the worker's on_assigned/on_revoked (tests wrap them).
         self.group = GroupConsumer(s, PartitionListener(self.on_assigned, self.on_revoked,
                                                                self.on_lost),
@@ -259,7 +259,11 @@ class Worker:
             self.partitions.commit_on_revoke = False
             self.tx.abort()
         self.lifecycle.close()
-        self.state.close(self.table, clean=clean)
+        try:
+            self.state.close(self.table, clean=clean)
+        except Exception as exc:  # noqa: BLE001 - a full disk, say: still leave the group
+            log.error("closing the state store failed; it is rebuilt from the changelog at the "
+                      "next start", extra={"error": repr(exc)[:300]})
         if self.group is not None:
             self.group.close()
             self.group = None

@@ -15,7 +15,8 @@ def test_a_bad_setting_names_its_variable_and_exits_2(command, monkeypatch, caps
     assert err[0].startswith(f"{command}: invalid setting STREAM_LSTM_WINDOW")
 
 
-def test_no_broker_at_the_address_is_one_clear_line_and_exit_2(monkeypatch, capsys, tmp_path):
+def test_no_broker_at_the_address_is_one_clear_line_and_exit_3(monkeypatch, capsys, tmp_path):
+    """Exit 3, not 2: the broker may come back, so a supervisor restarts it (processes.py)."""
     import socket
 
     with socket.socket() as s:  # a port with nothing listening
@@ -25,9 +26,21 @@ def test_no_broker_at_the_address_is_one_clear_line_and_exit_2(monkeypatch, caps
                         "STATE_DIR": str(tmp_path / "state"),
                         "MODEL_DIR": str(tmp_path / "models")}.items():
         monkeypatch.setenv(f"STREAM_LSTM_{name}", value)
-    assert main(["run"]) == 2
+    assert main(["run"]) == 3
     err = capsys.readouterr().err.strip().splitlines()  # the JSON log lines, then this one
     assert err[-1:] == [f"run: cannot connect to Kafka at 127.0.0.1:{port} over PLAINTEXT: "
                    f"KafkaTimeoutError: Unable to bootstrap from ['127.0.0.1:{port}']; "
                    "is the broker running and reachable?"]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    """A refusal (exit 2): no restart can load it, and the supervisor stops (processes.py)."""
+    bad = tmp_path / "m.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    for name, value in {"MODEL_PATH": str(bad), "METRICS_PORT": "0", "BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                        "STATE_DIR": str(tmp_path / "state")}.items():
+        monkeypatch.setenv(f"STREAM_LSTM_{name}", value)
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("run: ") and not any("Traceback" in line for line in err)

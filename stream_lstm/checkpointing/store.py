@@ -13,9 +13,16 @@ changelog.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from stream_lstm.config import SettingsError
+
+log = logging.getLogger("stream_lstm.checkpointing")
 
 _CLEAN = "clean_shutdown"
 
@@ -64,7 +71,36 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close
+        except OSError as exc:
+            raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
+                                f"store there: {exc.strerror}: {self.path.parent}") from None
+        try:
+            # One holder at a time: a second worker with the same instance id and state
+            # directory would wipe this one's store and fence its producer, back and forth.
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SettingsError(f"the state store {self.path} is held by another worker (two "
+                                "workers with the same STREAM_LSTM_INSTANCE_ID and "
+                                "STREAM_LSTM_STATE_DIR?)") from None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            # The store is a cache of the changelog: a damaged file is set aside and rebuilt.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("the state store is damaged; set aside, rebuilding from the changelog",
+                        extra={"path": str(self.path), "aside": str(aside), "error": str(exc)})
+            self.db.close()
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._open()
+        self._closed = False
+
+    def _open(self) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
         # check_same_thread=False only because the worker may open the store on one thread
         # and run its loop on another; it is never used by two threads at once.
@@ -75,6 +111,8 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache (restore bursts)
+        # The WAL shrinks back to this after each checkpoint instead of keeping its largest size.
+        self.db.execute("PRAGMA journal_size_limit=67108864")
         self.db.execute("CREATE TABLE IF NOT EXISTS state (device_id TEXT PRIMARY KEY, "
                         "partition INTEGER NOT NULL, data BLOB NOT NULL)")
         self.db.execute("CREATE INDEX IF NOT EXISTS state_partition ON state(partition)")
@@ -86,7 +124,6 @@ class StateStore:
         fresh = row is None and self._empty()
         self.opened_clean: bool = fresh or (row is not None and bool(row[0]))
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 0)", (_CLEAN,))
-        self._closed = False
 
     def _empty(self) -> bool:
         return self.db.execute("SELECT 1 FROM state LIMIT 1").fetchone() is None
@@ -217,9 +254,14 @@ class StateStore:
         """Close; ``clean=True`` vouches that the contents are committed state (see module)."""
         if self._closed:
             return
-        if clean:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 1)", (_CLEAN,))
-            # Fold the WAL into the main file so the next open starts with a small WAL.
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.db.close()
-        self._closed = True
+        try:
+            if clean:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 1)", (_CLEAN,))
+                # Fold the WAL into the main file so the next open starts with a small WAL.
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a full disk, say: the next start rebuilds, if need be
+            log.warning("the state store did not close cleanly", extra={"error": str(exc)})
+        finally:
+            self.db.close()
+            self._lock.close()  # (releases the lock)
+            self._closed = True

@@ -168,7 +168,14 @@ class Retrainer:
         if not (result.promote and result.model is not None):
             return None
         loaded = result.model
-        version = self.registry.register(loaded.model, loaded.spec,
-                                         {**loaded.meta, "version": self.registry.next_version()})
-        self.registry.promote(version)
+        try:
+            version = self.registry.register(loaded.model, loaded.spec,
+                                             {**loaded.meta, "version": self.registry.next_version()})
+            self.registry.promote(version)
+        except OSError as exc:  # a full or read-only model directory: serve on, say so
+            if m is not None:
+                m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+            log.error("the promoted model could not be registered; serving the champion on",
+                      extra={"model_dir": str(self.registry.root), "error": repr(exc)[:300]})
+            return None
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})

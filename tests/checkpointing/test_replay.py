@@ -17,6 +17,7 @@ from stream_lstm.checkpointing.replay import (
     decode_marker,
     replay_input,
 )
+from stream_lstm.config import SettingsError
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_changelog_topic, ensure_topics
 from stream_lstm.models.serving import fresh_model
@@ -43,7 +44,7 @@ def test_an_input_that_may_delete_what_a_replay_needs_is_refused_at_start(
     ensure_topics(s, [TopicSpec(topic_name, 1, config)])
     assert says in (check_retention(s) or "")
     worker = Worker(s, fresh_model(s))
-    with pytest.raises(SystemExit, match="refusing to start.*" + says.replace(".", r"\.")):
+    with pytest.raises(SettingsError, match="refusing to start.*" + says.replace(".", r"\.")):
         worker.connect()
     # With checkpoints in every commit, nothing is replayed: the same topic is fine.
     assert check_retention(s.model_copy(update={"checkpoint_interval_s": 0})) is None

@@ -67,6 +67,7 @@ def test_clean_flag(tmp_path):
     assert not st.opened_clean
     # Opening clears the flag: a crash now (no close at all) also reads as unclean.
     st.db.close()
+    st._lock.close()  # (the OS releases a dead process's lock)
     st = StateStore(path)
     assert not st.opened_clean
     st.wipe()
@@ -111,3 +112,35 @@ def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path)
     m.assign({0})
     assert m.store.device_ids() == [] and m.restoring == {0}
     m.store.close(clean=True)
+
+
+def test_one_holder_at_a_time(tmp_path):
+    """Two workers with the same instance id and state directory: the second is refused (it
+    would have wiped the first's store, and their producers fenced each other)."""
+    from stream_lstm.config import SettingsError
+
+    first = StateStore(tmp_path / "s.sqlite")
+    with pytest.raises(SettingsError, match="held by another worker"):
+        StateStore(tmp_path / "s.sqlite")
+    first.close(clean=True)
+    StateStore(tmp_path / "s.sqlite").close(clean=True)  # free again
+
+
+def test_a_damaged_store_is_set_aside_and_rebuilt(tmp_path, caplog):
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
+        st = StateStore(path)
+    assert st.count() == 0 and st.checkpoint(0) is None  # restored from the changelog
+    (aside,) = tmp_path.glob("s.sqlite.corrupt-*")
+    assert aside.read_bytes().startswith(b"this is not")
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    st.close(clean=True)
+
+
+def test_a_state_dir_that_cannot_be_written_is_one_line(tmp_path):
+    from stream_lstm.config import SettingsError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SettingsError, match="STREAM_LSTM_STATE_DIR: cannot write the state store there"):
+        StateStore(tmp_path / "file" / "s.sqlite")  # (its parent is a file)

@@ -56,6 +56,18 @@ def test_a_promoted_challenger_is_registered_promoted_and_counted(tmp_path):
     assert runs == {"promoted": 1, "rejected": 1, "failed": 1}
 
 
+def test_a_model_directory_that_cannot_be_written_fails_the_retrain_not_the_worker(tmp_path, caplog):
+    """A full or read-only registry: the promotion is lost, said and counted; the worker
+    serves its champion on (it had raised out of the loop, at every retrain after a restart)."""
+    metrics = Metrics()
+    (tmp_path / "models").write_text("")  # a file where the directory should be
+    r = Retrainer(Settings(model_dir=tmp_path / "models"), metrics)
+    with caplog.at_level("ERROR", logger="stream_lstm.training"):
+        assert r.verdict(result(promote=True), champion="v0001") is None
+    assert any("could not be registered" in rec.getMessage() for rec in caplog.records)
+    assert metrics.retrain_runs.labels("failed")._value.get() == 1
+
+
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
 def test_a_model_over_the_brokers_record_limit_still_travels_on_the_models_topic(settings_factory, topic_name):
