@@ -168,11 +168,11 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     outside = np.empty(n, bool)
     for start, end in batch.rounds:
         slots = slots_all[start:end]
-        state, value_range = table.likelihood[slots], table.value_range[slots]
+        state, value_range, held = table.likelihood[slots], table.value_range[slots], table.range_held[slots]
         (before[start:end], run[start:end], threshold[start:end],
          judged[start:end]) = likelihood.observe(state, evidence[start:end], x[start:end])
-        outside[start:end] = likelihood.beyond_range(value_range, x[start:end])
-        table.likelihood[slots], table.value_range[slots] = state, value_range
+        outside[start:end] = likelihood.beyond_range(value_range, x[start:end], held)
+        table.likelihood[slots], table.value_range[slots], table.range_held[slots] = state, value_range, held
     lik = likelihood.overrule(likelihood.combine(likelihood.conclude(before, run, threshold, judged)),
                               outside)
     flagged, sure = flags(lik, false_alarm_rate)

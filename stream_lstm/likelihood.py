@@ -117,6 +117,11 @@ RANGE_WARMUP = WARMUP
 # A device's range columns: its lowest and highest reading, and how many it has seen (NaN, a
 # new device's fill, reads as none).
 RANGE_FIELDS = ("range_low", "range_high", "range_n")
+# A reading beyond the range by more than this many times its width (a sensor's glitch: 1e12,
+# -9999) is not taken into the range until the next reading is outside it too: one glitch
+# would otherwise widen the range for good, and the rule would never fire on that device
+# again. On the NAB recordings this changes nothing at 10 (3: 61.9 shipped, not 64.5).
+RANGE_ABSURD = 10.0
 
 
 def initial_state() -> np.ndarray:
@@ -189,11 +194,13 @@ def combine(lik: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(tail_score), 1.0 - tail, np.nan)
 
 
-def beyond_range(state: np.ndarray, value: np.ndarray) -> np.ndarray:
+def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.ndarray:
     """``[rows]``: whether each reading lies outside its device's range so far, widened by
     :data:`RANGE_TOLERANCE` of it each way (the range then takes the reading in; state in
     place). A device with fewer than :data:`RANGE_WARMUP` readings, or whose readings never
-    differed, has no range to leave.
+    differed, has no range to leave. A reading past the range by :data:`RANGE_ABSURD` times
+    its width is *held* out of it: taken in, with the held one, only if the next reading is
+    outside too (a new regime), else forgotten (a glitch).
 
     Parameters
     ----------
@@ -201,20 +208,35 @@ def beyond_range(state: np.ndarray, value: np.ndarray) -> np.ndarray:
         ``float64 [rows, len(RANGE_FIELDS)]``, one distinct device per row; NaN for a new one.
     value
         ``[rows]``: the reading, in the device's units.
+    held
+        ``float64 [rows]``: each device's held reading, NaN for none (in place).
 
-    >>> state = np.full((1, len(RANGE_FIELDS)), np.nan)
+    >>> state, held = np.full((1, len(RANGE_FIELDS)), np.nan), np.full(1, np.nan)
     >>> for v in np.linspace(0.0, 10.0, RANGE_WARMUP):
-    ...     _ = beyond_range(state, np.array([v]))
-    >>> beyond_range(state, np.array([10.9])), beyond_range(state, np.array([12.1]))  # 10% of 10.9
+    ...     _ = beyond_range(state, np.array([v]), held)
+    >>> beyond_range(state, np.array([10.9]), held), beyond_range(state, np.array([12.1]), held)
     (array([False]), array([ True]))
-    >>> state.tolist()
+    >>> state.tolist()  # 12.1 is 10% of 10.9 past the range: taken in
     [[0.0, 12.1, 102.0]]
+    >>> beyond_range(state, np.array([1e12]), held), float(state[0, 1]), held  # a glitch: held out
+    (array([ True]), 12.1, array([1.e+12]))
+    >>> beyond_range(state, np.array([5.0]), held), float(state[0, 1]), held  # and forgotten
+    (array([False]), 12.1, array([nan]))
     """
     low, high, n = state[:, 0], state[:, 1], np.nan_to_num(state[:, 2])
-    margin = RANGE_TOLERANCE * (high - low)
+    width = high - low
     with np.errstate(invalid="ignore"):
-        outside = (n >= RANGE_WARMUP) & (high > low) & ((value > high + margin) | (value < low - margin))
-    state[:, 0], state[:, 1], state[:, 2] = np.fmin(low, value), np.fmax(high, value), n + 1.0
+        ranged = (n >= RANGE_WARMUP) & (width > 0)
+        outside = ranged & ((value > high + RANGE_TOLERANCE * width) | (value < low - RANGE_TOLERANCE * width))
+        absurd = ranged & ((value > high + RANGE_ABSURD * width) | (value < low - RANGE_ABSURD * width))
+    had = np.isfinite(held)
+    hold = absurd & ~had
+    taken = np.where(hold, np.nan, value)
+    confirmed = np.where(had & outside, held, np.nan)  # the held reading, confirmed by this one
+    state[:, 0] = np.fmin(np.fmin(low, taken), confirmed)
+    state[:, 1] = np.fmax(np.fmax(high, taken), confirmed)
+    state[:, 2] = n + 1.0
+    held[:] = np.where(hold, value, np.nan)
     return outside
 
 

@@ -93,23 +93,40 @@ def test_the_range_rule_adds_at_most_a_tenth_of_the_default_rate_on_noise(shape)
     rng = np.random.default_rng(11)
     draw = {"normal": lambda: rng.standard_normal(20), "lognormal": lambda: rng.lognormal(0.0, 1.0, 20),
             "student_t3": lambda: rng.standard_t(3, 20)}[shape]
-    state = np.full((20, len(likelihood.RANGE_FIELDS)), np.nan)
-    outside = np.array([likelihood.beyond_range(state, 5.0 * draw()) for _ in range(30_000)])[3_000:]
+    state, held = np.full((20, len(likelihood.RANGE_FIELDS)), np.nan), np.full(20, np.nan)
+    outside = np.array([likelihood.beyond_range(state, 5.0 * draw(), held) for _ in range(30_000)])[3_000:]
     assert outside.mean() <= 1.5e-4, outside.mean()  # per reading, over the 20 devices
 
 
 def test_a_reading_past_the_devices_whole_range_is_flagged_whatever_the_channels_say():
     rng = np.random.default_rng(4)
     state, value_range = np.tile(likelihood.initial_state(), (2, 1)), np.full((2, 3), np.nan)
+    held = np.full(2, np.nan)
     for _ in range(likelihood.RANGE_WARMUP + 200):
         values = rng.uniform(19.0, 21.0, 2)
         lik = likelihood.overrule(likelihood.judge(state, rng.exponential(1.0, 2), values),
-                                  likelihood.beyond_range(value_range, values))
+                                  likelihood.beyond_range(value_range, values, held))
     # 21.3 is past the range [~19, ~21] by more than 10% of it, yet only ~2 sd from the mean:
     # the channels alone do not flag it; 20.9, inside, stays ordinary.
     channels = state.copy()
     alone = likelihood.judge(channels, np.array([1.0, 1.0]), np.array([21.3, 20.9]))
     assert (1 - alone > 1e-3).all()
     lik = likelihood.overrule(likelihood.judge(state, np.array([1.0, 1.0]), np.array([21.3, 20.9])),
-                              likelihood.beyond_range(value_range, np.array([21.3, 20.9])))
+                              likelihood.beyond_range(value_range, np.array([21.3, 20.9]), held))
     assert lik[0] >= 1 - likelihood.RANGE_TAIL and 1 - lik[1] > 1e-3
+
+
+def test_one_absurd_glitch_does_not_switch_the_range_rule_off_but_a_new_regime_is_learnt():
+    """A sensor's 1e12 glitch used to widen the device's range for good: no reading would
+    ever be outside it again. Held out until the next reading confirms it, it is forgotten;
+    two in a row (a device that really moved) are taken in."""
+    rng = np.random.default_rng(5)
+    value_range, held = np.full((2, 3), np.nan), np.full(2, np.nan)
+    for _ in range(likelihood.RANGE_WARMUP + 200):
+        likelihood.beyond_range(value_range, rng.uniform(19.0, 21.0, 2), held)
+    assert likelihood.beyond_range(value_range, np.array([1e12, 1e12]), held).all()
+    # Device 0 comes back to normal: the glitch is forgotten, and 21.5 is outside again.
+    assert likelihood.beyond_range(value_range, np.array([20.0, 2e12]), held).tolist() == [False, True]
+    assert value_range[0, 1] < 21.0 and value_range[1, 1] == 2e12  # device 1 moved: learnt
+    assert likelihood.beyond_range(value_range, np.array([21.5, 1.5e12]), held).tolist() == [True, False]
+    assert np.isnan(held).all()

@@ -255,9 +255,11 @@ class DeviceTable:
         columns: dict = {}
         for col in self.columns:
             row = getattr(self, col.name)[slot]
+            if col.sparse and col.is_fill(row):
+                continue
             if row.ndim == 0:
                 columns[col.name] = row  # a numpy scalar: immutable, no copy needed
-            elif row.size and not (col.sparse and col.is_fill(row)):
+            elif row.size:
                 columns[col.name] = row.copy()
         return DeviceSnapshot(
             device_id=dev, h=empty, c=empty,

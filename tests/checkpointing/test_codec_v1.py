@@ -21,7 +21,7 @@ from stream_lstm.state.table import DeviceTable
 
 _PREFIX = struct.Struct("<3sBH")
 # Columns declared after format 1 was last written: never in its bytes.
-AFTER_FORMAT_1 = ("value_range",)
+AFTER_FORMAT_1 = ("value_range", "range_held")
 # The header fields appended, in turn, to the first format-1 header (u16 each).
 APPENDED = ("n_extra", "n_ring", "n_experts")
 
@@ -110,7 +110,7 @@ def _table_snapshot() -> DeviceSnapshot:
     t.experts[a, :4] = 1.0
     snap = t.snapshot(a)
     for name in AFTER_FORMAT_1:  # a format-1 writer had no such column
-        del snap.columns[name]
+        snap.columns.pop(name, None)  # (a sparse one at its fill is not there anyway)
     return snap
 
 
