@@ -262,8 +262,7 @@ class Worker:
         try:
             self.state.close(self.table, clean=clean)
         except Exception as exc:  # noqa: BLE001 - a full disk, say: still leave the group
-            log.error("closing the state store failed; it is rebuilt from the changelog at the "
-                      "next start", extra={"error": repr(exc)[:300]})
+            log.error("closing the state store failed (rebuilt at the next start)", extra={"error": repr(exc)[:300]})
         if self.group is not None:
             self.group.close()
             self.group = None
