@@ -17,8 +17,6 @@ The loop is this module; its parts sit below it and never call it:
 
 Every consumed reading ends in exactly one place: a forecast, the warm-up count, the late or
 duplicate count, or the DLQ. The counts are metrics, so the accounting can be checked live.
-The model served at start and the topics created before the first poll come from
-:mod:`stream_lstm.models.serving` and :func:`stream_lstm.kafka.topics.ensure_worker_topics`.
 """
 
 from __future__ import annotations
@@ -161,19 +159,15 @@ class Worker:
         exactly_once = s.processing_guarantee == "exactly_once"
         # A stable transactional id per instance: a restarted instance fences its own zombie;
         # the group generation sent with the offsets fences a member that lost partitions.
-        # retry_backoff_ms: kafka-python's sender sleeps it before it retries a transactional
-        # request, and the next transaction's first request is refused
-        # (CONCURRENT_TRANSACTIONS) while the broker still completes the last commit: 100 ms
-        # by default, with every send held behind it. Its own handler asks for 20 ms there, as
-        # the Java client uses; measured: commits over 100 ms 8 -> 1 in 12 s at 2,000
-        # readings/s, p99 466 -> 341 ms (docs/benchmarks.md).
-        # A transaction is open for up to a commit interval (and a turn): the broker must not
-        # abort it first (kafka-python's default timeout is 60 s).
+        # retry_backoff_ms: the next transaction's first request is refused while the broker
+        # completes the last commit, and kafka-python's sender sleeps 100 ms before it retries,
+        # every send held behind it; 20 ms, as the Java client: commits over 100 ms 8 -> 1 in
+        # 12 s at 2,000 readings/s, p99 466 -> 341 ms (docs/benchmarks.md). The transaction
+        # timeout: one is open for up to a commit interval, and the broker must not abort it.
         producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20,
                         "transaction_timeout_ms": 60_000 + 2 * s.commit_interval_ms}
                        if exactly_once else {})
-        # Fail a send within 15 s rather than the default minute: the batch is rolled back
-        # and retried, and readiness reports the outage meanwhile.
+        # Fail a send within 15 s, not a minute: the batch is rolled back, readiness says why.
         producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000,
                                  delivery_timeout_ms=14_000, **producer_kw)
         return BatchPublisher(producer, exactly_once, send_timeout_s=20.0)
@@ -380,16 +374,22 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         if settings.metrics_port:
             server = serve_metrics(worker.metrics, worker.health, settings.metrics_host,
                                    settings.metrics_port)
+        connecting = [True]
+
+        def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
+            worker.stop()
+            if connecting[0]:
+                raise KeyboardInterrupt
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: worker.stop())
+            signal.signal(sig, on_signal)
         worker.connect()
+        connecting[0] = False
         log_startup(log, settings, {
             "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
             "output_topic": settings.output_topic, "group_id": settings.group_id,
             "compute_device": str(worker.device), "torch_threads": worker.inference_threads,
             "model_version": worker.lifecycle.version,
-            "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off",
-        })
+            "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off"})
         totals = worker.run()
         log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
     finally:

@@ -262,3 +262,30 @@ def test_at_least_once_never_checkpoints_readings_whose_forecasts_failed(
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
     assert {(f["device_id"], f["ts"]) for f in fcs} == {
         (d, ts) for d, ts, _ in fleet(0, 5) if ts >= T0 + 60.0 * (s.min_history - 1)}
+
+
+def test_ctrl_c_while_the_broker_cannot_be_reached_at_start_exits_at_once(tmp_path):
+    """connect()'s waits for a broker take ~30 s each and the signal only set a flag: three
+    Ctrl-Cs went unheard for 27 s. While connecting, a signal now interrupts at once (exit 130)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port: nothing listens there (the "broker")
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_LSTM_METRICS_PORT="0",
+               STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_MODEL_DIR=str(tmp_path / "models"))
+    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # inside connect(): the client tries the broker and fails
+            if "Bootstrap connection" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        proc.kill()
+        proc.wait()
