@@ -224,13 +224,13 @@ class Worker:
                 if not polled:
                     self.settle()
                 # Offsets cannot be committed mid-rebalance: the open transaction waits for the
-                # new generation rather than failing and rolling back. Under exactly-once the
-                # commit completes while the next poll and batch are computed (settled before
-                # that batch is sent); at-least-once commits offsets through the consumer,
-                # which cannot wait for the next poll's rebalance callbacks.
+                # new generation. Under exactly-once the commit completes while the next poll and
+                # batch are computed (settled before that batch is sent); at-least-once commits
+                # offsets through the consumer, which cannot wait for the next poll's callbacks.
                 if not group.rebalancing() and self.tx.due():
                     self.commit(expire=True, wait=not self.tx.exactly_once)
-                self.lifecycle.tick(consumed)
+                if not self.partitions.busy():  # no swap or re-warm amid a replay (the
+                    self.lifecycle.tick(consumed)  # replay steps each reading as it was live)
                 self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
                 self.housekeeping.count_devices()
                 self._check_heartbeat()
