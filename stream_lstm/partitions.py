@@ -147,9 +147,8 @@ class PartitionCoordinator:
         self.assigned -= partitions
         for p in partitions:
             self._replay_left.pop(p, None)
-        self.metrics.forget_partitions(partitions)
-        for p in partitions:
             self._restoring_since.pop(p, None)
+        self.metrics.forget_partitions(partitions)
         tx.drop_offsets(self.tps(partitions))
         log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
         self.update_readiness()
@@ -194,6 +193,10 @@ class PartitionCoordinator:
 
     def _replay_some(self, budget_s: float) -> set[int]:
         """Replay the restored partitions' input for about ``budget_s``; return those done."""
+        def apply(records: list) -> None:
+            out = self.bring_in.handle(self.pipeline, records, time.time())
+            self.state.touch(self.table, out.touched)
+
         done: set[int] = set()
         began, replayed = time.monotonic(), False
         for p in sorted(self.state.replaying):
@@ -203,11 +206,6 @@ class PartitionCoordinator:
                 done.add(p)
                 continue
             start, end = self._replay_left[p]
-
-            def apply(records: list) -> None:
-                out = self.bring_in.handle(self.pipeline, records, time.time())
-                self.state.touch(self.table, out.touched)
-
             r = replay_input(self.settings, p, start, end, apply,
                              budget_s=max(0.0, budget_s - (time.monotonic() - began)))
             replayed = True

@@ -35,6 +35,14 @@ def _replay_key(partition: int) -> str:
     return f"replay:{partition}"
 
 
+def _of_partitions(partitions: Iterable[int] | None) -> tuple[str, list[int]]:
+    """A ``WHERE`` clause (and its parameters) for the rows of ``partitions``; none for None."""
+    if partitions is None:
+        return "", []
+    parts = sorted({int(p) for p in partitions})
+    return f" WHERE partition IN ({','.join('?' * len(parts))})", parts
+
+
 def _released_key(partition: int) -> str:
     return f"released:{partition}"
 
@@ -213,14 +221,8 @@ class StateStore:
 
     def device_ids(self, partitions: Iterable[int] | None = None) -> list[str]:
         """Device ids, sorted; only those of ``partitions`` when given."""
-        if partitions is None:
-            rows = self.db.execute("SELECT device_id FROM state ORDER BY device_id")
-        else:
-            parts = sorted({int(p) for p in partitions})
-            marks = ",".join("?" * len(parts))
-            rows = self.db.execute(f"SELECT device_id FROM state WHERE partition IN ({marks}) "
-                                   "ORDER BY device_id", parts)
-        return [d for (d,) in rows]
+        where, parts = _of_partitions(partitions)
+        return [d for (d,) in self.db.execute(f"SELECT device_id FROM state{where} ORDER BY device_id", parts)]
 
     def scan(self, after: str, limit: int) -> list[tuple[str, int, bytes]]:
         """Up to ``limit`` rows ``(device_id, partition, data)`` with ids after ``after``, in
@@ -230,12 +232,8 @@ class StateStore:
 
     def count(self, partitions: Iterable[int] | None = None) -> int:
         """Number of devices stored; only those of ``partitions`` when given."""
-        if partitions is None:
-            return int(self.db.execute("SELECT COUNT(*) FROM state").fetchone()[0])
-        parts = sorted({int(p) for p in partitions})
-        marks = ",".join("?" * len(parts))
-        return int(self.db.execute(f"SELECT COUNT(*) FROM state WHERE partition IN ({marks})",
-                                   parts).fetchone()[0])
+        where, parts = _of_partitions(partitions)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM state{where}", parts).fetchone()[0])
 
     def checkpoint(self, partition: int) -> int | None:
         """Next changelog offset of ``partition`` the store already reflects; None if unknown."""

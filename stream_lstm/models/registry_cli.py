@@ -135,8 +135,7 @@ def publish(loaded: Any) -> str:
     ensure_models_topic(settings)
     producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES)
     try:
-        send_model(producer, settings, loaded)
-        producer.flush()
+        send_model(producer, settings, loaded)  # (waits until the broker has it)
     finally:
         producer.close()
     return settings.models_topic

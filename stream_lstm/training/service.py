@@ -117,8 +117,7 @@ class TrainerService:
         promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
-        send_model(self.producer, self.settings, promoted)
-        self.producer.flush()
+        send_model(self.producer, self.settings, promoted)  # (waits until the broker has it)
         self.champion = promoted
         self.published += 1
         log.info("published model", extra={"version": promoted.version, "topic": self.settings.models_topic})
