@@ -39,7 +39,7 @@ from stream_lstm.checkpointing.replay import check_retention
 from stream_lstm.config import Settings, SettingsError
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.housekeeping import Housekeeping
-from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_producer
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
@@ -168,8 +168,8 @@ class Worker:
                         "transaction_timeout_ms": 60_000 + 2 * s.commit_interval_ms}
                        if exactly_once else {})
         # Fail a send within 15 s, not a minute: the batch is rolled back, readiness says why.
-        producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000,
-                                 delivery_timeout_ms=14_000, **producer_kw)
+        producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000, delivery_timeout_ms=14_000,
+                                 bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS, **producer_kw)
         return BatchPublisher(producer, exactly_once, send_timeout_s=20.0)
 
     def connect(self) -> None:

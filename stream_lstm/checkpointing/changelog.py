@@ -41,7 +41,7 @@ from stream_lstm.checkpointing.codec import (
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, decode_marker
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
-from stream_lstm.kafka.clients import make_admin, make_consumer
+from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_admin, make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.state.snapshot import DeviceSnapshot
 
@@ -180,7 +180,8 @@ def restore(
         settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed",
         client_id=f"stream-lstm-restore-{uuid.uuid4().hex[:8]}",
         # 'none': a log truncated under us raises instead of silently jumping ahead.
-        auto_offset_reset="none", check_crcs=CHECK_CRCS, **_FETCH,
+        auto_offset_reset="none", check_crcs=CHECK_CRCS, bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS,
+        **_FETCH,
     )
     try:
         try:
@@ -241,7 +242,7 @@ def _list_offsets(settings: Settings, tps: list[TopicPartition], specs: tuple[st
 
     timeout_ms = min(remaining, int(LIST_OFFSETS_DEADLINE_S * 1000))
     level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
-    admin = make_admin(settings, request_timeout_ms=timeout_ms)
+    admin = make_admin(settings, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS)
 
     def listing() -> list[dict[TopicPartition, int]]:
         out = []

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from kafka.structs import TopicPartition
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.topics import topic_config
 
@@ -44,6 +44,12 @@ _OFFSET = struct.Struct(">q")
 # Retention must cover this many checkpoint intervals (and at least an hour) of input.
 MIN_RETENTION_INTERVALS = 10
 MIN_RETENTION_MS = 3_600_000
+# A slice with a budget that has read nothing for this long gives up until the caller's next
+# turn (the broker went away mid-replay): it used to wait out the whole replay timeout.
+FIRST_READ_GRACE_S = 10.0
+# Listing a log start takes milliseconds; past this the call is stuck, and a fresh consumer on
+# the next turn does better.
+LOG_START_DEADLINE_S = 10.0
 
 
 def encode_marker(offset: int) -> bytes:
@@ -101,7 +107,7 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
     tp = TopicPartition(settings.input_topic, partition)
     # "earliest": readings deleted after the log-start check below are skipped, not waited for.
     consumer = make_consumer(settings, enable_auto_commit=False, isolation_level="read_committed",
-                             auto_offset_reset="earliest",
+                             auto_offset_reset="earliest", bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS,
                              fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
                              fetch_max_wait_ms=20,
                              # (at most one poll's devices in memory at once, as live)
@@ -118,7 +124,8 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
         consumer.seek(tp, start)
         deadline = t0 + timeout_s
         while (position := consumer.position(tp)) < end:
-            if budget_s is not None and out.readings and time.monotonic() - t0 > budget_s:
+            if budget_s is not None and time.monotonic() - t0 > budget_s and (
+                    out.readings or position > start or time.monotonic() - t0 > FIRST_READ_GRACE_S):
                 out.position = position  # (every record before it was handled)
                 break
             if time.monotonic() > deadline:
@@ -138,7 +145,7 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
 def log_start(settings: Settings, partition: int) -> int:
     """The first offset input ``partition`` still holds."""
     tp = TopicPartition(settings.input_topic, partition)
-    consumer = make_consumer(settings, enable_auto_commit=False)
+    consumer = make_consumer(settings, enable_auto_commit=False, bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS)
     try:
         return _beginning(consumer, tp)
     finally:
@@ -146,7 +153,7 @@ def log_start(settings: Settings, partition: int) -> int:
 
 
 def _beginning(consumer, tp: TopicPartition) -> int:  # noqa: ANN001 - a KafkaConsumer
-    return call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], 30.0,
+    return call_with_deadline(lambda: consumer.beginning_offsets([tp])[tp], LOG_START_DEADLINE_S,
                               "listing the input's log start", on_timeout=consumer.close)
 
 

@@ -38,6 +38,14 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+# How long a client made while the worker's loop runs (a restore, a replay slice, a fresh
+# producer after a failure) waits for its first broker. kafka-python's default is 30 s, the
+# liveness limit itself: with the broker down, each such client held the loop, /healthz and
+# SIGTERM for 30 s. Bootstrapping takes milliseconds to a few round trips; the caller retries
+# on its next turn with a fresh client.
+LOOP_BOOTSTRAP_TIMEOUT_MS = 10_000
+
+
 class KafkaConnectError(RuntimeError):
     """Could not connect to Kafka; the message says where, how, and what to check."""
 

@@ -23,6 +23,7 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_changelog_topic, ensure_t
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.worker import Worker
+from tests.conftest import free_port
 from tests.integration.helpers import produce_readings, read_topic, tiny_worker_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
@@ -175,3 +176,44 @@ def test_a_swap_writes_nothing_and_each_rewarm_is_checkpointed_with_the_next_com
     # checkpoint at the end writes the marker at the input's end.
     markers = [decode_marker(r.value) for r in after if r.key == REPLAY_MARKER]
     assert markers in ([], [48])
+
+
+def test_a_replay_slice_that_reads_nothing_gives_the_turn_back(settings_factory, topic_name, monkeypatch):
+    """A slice whose range never arrives (here: past the log end, as when the broker goes
+    away mid-replay) returns where it started once the grace is over, instead of holding the
+    loop, /healthz and SIGTERM for the whole replay timeout."""
+    from stream_lstm.checkpointing import replay
+
+    monkeypatch.setattr(replay, "FIRST_READ_GRACE_S", 1.0)
+    s = worker_settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    produce_readings(s, topic_name, [("d", T0 + i, float(i)) for i in range(5)])
+    done = replay_input(s, 0, 5, 50, lambda recs: None, timeout_s=60.0, budget_s=0.0)
+    assert done.position == 5 and done.readings == 0 and done.seconds < 30.0
+
+
+def test_a_replay_or_restore_against_a_broker_that_is_down_fails_within_the_liveness_limit(tmp_path):
+    """Clients made while the loop runs bootstrap within LOOP_BOOTSTRAP_TIMEOUT_MS, not
+    kafka-python's 30 s, which is the liveness limit itself: the loop then beats, and hears
+    SIGTERM, between attempts."""
+    import time
+
+    from stream_lstm.checkpointing.changelog import restore
+    from stream_lstm.checkpointing.store import StateStore
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.clients import KafkaConnectError
+    from stream_lstm.metrics import HealthState
+
+    s = Settings(bootstrap_servers=f"127.0.0.1:{free_port()}",  # nothing listens there
+                 state_dir=tmp_path / "state", model_dir=tmp_path / "m")
+    limit = HealthState().liveness_timeout_s / 2
+    store = StateStore(tmp_path / "store.db")
+    try:
+        for attempt in (lambda: restore(s, "x-changelog", [0], store),
+                        lambda: replay_input(s, 0, 0, 10, lambda recs: None, budget_s=1.0)):
+            began = time.monotonic()
+            with pytest.raises(KafkaConnectError):
+                attempt()
+            assert time.monotonic() - began < limit
+    finally:
+        store.close(clean=True)
