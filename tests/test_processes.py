@@ -34,6 +34,7 @@ from stream_lstm.processes import child_env, resolve_processes, usable_cpus
 from tests.integration.helpers import (
     assert_exactly_once_and_continuous,
     produce_readings,
+    published,
     read_topic,
 )
 from tests.integration.workers import settings_env
@@ -156,10 +157,10 @@ def committed_output(settings: Settings) -> int:
 
 @pytest.fixture
 def served_settings(settings_factory, topic_name, tmp_path):
-    """Default settings, but each reading is forecast (min_history 1) and both children serve
-    one saved model, which the reference recomputes: ``(settings, that model)``."""
+    """The default settings, and both children serve one saved model, which the reference
+    recomputes: ``(settings, that model)``."""
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
-                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g", min_history=1,
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g",
                          model_path=tmp_path / "model.safetensors")
     torch.manual_seed(11)
     served = fresh_model(s)
@@ -183,10 +184,11 @@ def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_se
         produce_readings(settings, settings.input_topic, readings[cut:])
         wait_for(lambda: host.children()["p0"] != before["p0"], "p0 restarted", host)
         assert host.children()["p1"] == before["p1"]
-        out = read_topic(settings, settings.output_topic, expect=len(readings), timeout_s=180, idle_s=10)
         history: dict[str, list[float]] = {}
         for dev, _, v in readings:
             history.setdefault(dev, []).append(v)
+        out = read_topic(settings, settings.output_topic, expect=published(history, settings),
+                         timeout_s=180, idle_s=10)
         # Exactly one forecast a reading, each equal to an uninterrupted worker's.
         assert_exactly_once_and_continuous(out, history, model, settings,
                                            host.err.read_text())
@@ -243,7 +245,10 @@ def test_the_host_endpoint_adds_up_the_children(served_settings, tmp_path):
         assert json.loads(body)["components"] == {"p0": "ok", "p1": "ok"}
         assert host.get("/healthz")[0] == 200
         produce_readings(settings, settings.input_topic, readings)
-        read_topic(settings, settings.output_topic, expect=len(readings), timeout_s=120)
+        history: dict[str, list[float]] = {}
+        for dev, _, v in readings:
+            history.setdefault(dev, []).append(v)
+        read_topic(settings, settings.output_topic, expect=published(history, settings), timeout_s=120)
         consumed = "stream_lstm_readings_consumed_total"
         wait_for(lambda: host.metric(consumed) == len(readings), "every reading counted", host,
                  timeout=30)

@@ -121,7 +121,7 @@ def test_a_stop_while_waiting_for_the_broker_leaves_it_not_ready_and_the_shutdow
 
 
 @pytest.mark.parametrize(("guarantee", "backoff_ms"), [("exactly_once", 20), ("at_least_once", 100)])
-def test_a_transactional_producer_retries_a_refused_transaction_start_after_20_ms(
+def test_the_transactional_producer_is_configured_to_retry_a_refused_start_after_20_ms(
         settings_factory, topic_name, guarantee, backoff_ms):
     # kafka-python's sender sleeps the producer's retry_backoff_ms before it retries a
     # transactional request; the next transaction's first one is refused while the broker

@@ -26,6 +26,22 @@ def tiny_worker_settings(settings_factory, topic: str, **kw) -> Settings:
     return settings_factory(**(base | kw))
 
 
+def guarantee_settings(settings_factory, topic: str, **kw) -> Settings:
+    """The settings a user runs (every default: model size, history, polls, timeouts), on
+    ``topic`` with its own output, DLQ and group, for the guarantee tests (crash, rebalance,
+    outage, continuity). ``kw`` is for infrastructure only (partitions, a model path, the
+    guarantee under test), never to make the test easier."""
+    base = {"input_topic": topic, "output_topic": f"{topic}-out", "dlq_topic": f"{topic}-dlq",
+            "group_id": f"{topic}-g"}
+    return settings_factory(**(base | kw))
+
+
+def published(history: dict[str, list], settings: Settings) -> int:
+    """How many forecasts a worker publishes for ``history``: one per reading from each
+    device's ``min_history``-th on (the readings before are its warm-up)."""
+    return sum(max(0, len(v) - settings.min_history + 1) for v in history.values())
+
+
 def produce_readings(settings: Settings, topic: str, readings) -> None:
     """readings: iterable of (device_id, ts, value or list of values)."""
     producer = make_producer(settings)
@@ -122,12 +138,13 @@ ATOL_NORMALIZED = 1e-5
 
 
 def assert_exactly_once_and_continuous(records, history: dict[str, list[float]], model, settings, log_text=""):
-    """Each reading has exactly one forecast, and each device's forecasts equal what an
-    uninterrupted worker publishes (served_forecasts, within ATOL_NORMALIZED)."""
+    """Each reading from a device's ``min_history``-th on has exactly one forecast, and each
+    device's forecasts equal what an uninterrupted worker publishes (served_forecasts, within
+    ATOL_NORMALIZED)."""
     fcs = [json.loads(r.value) for r in records]
     keys = [(f["partition"], f["offset"]) for f in fcs]
     assert len(keys) == len(set(keys)), "a forecast was published twice"
-    expected = sum(len(v) for v in history.values())
+    expected = published(history, settings)
     assert len(fcs) == expected, f"{expected - len(fcs)} readings have no forecast\n{log_text[-3000:]}"
     by_dev: dict[str, list[dict]] = {}
     for f in fcs:
@@ -136,6 +153,9 @@ def assert_exactly_once_and_continuous(records, history: dict[str, list[float]],
         got = sorted(by_dev[dev], key=lambda f: f["ts"])
         x = np.array(xs)
         ref, _, scale = served_forecasts(model, x, settings)
+        warm = settings.min_history - 1  # the first forecast is for this reading
+        assert len(got) == len(xs) - warm, dev
         fc = np.array([f["forecast"] for f in got])
-        np.testing.assert_allclose((fc - ref) / scale[:, None], 0.0, atol=ATOL_NORMALIZED, err_msg=dev)
+        np.testing.assert_allclose((fc - ref[warm:]) / scale[warm:, None], 0.0, atol=ATOL_NORMALIZED,
+                                   err_msg=dev)
     return by_dev

@@ -133,11 +133,24 @@ def test_poison_topic_never_crash_loops(settings_factory, topic_name):
     for k, (_, key, value) in enumerate(BAD * 3):
         send(producer, topic_name, value, key, partition=k % s.topic_partitions)
     producer.flush()
+    def caught_up(w) -> bool:
+        """Every partition assigned, restored, and read up to its end."""
+        if len(w.assigned) < s.topic_partitions or w.partitions.busy():
+            return False
+        consumer = w.group.consumer
+        tps = w.partitions.tps(w.assigned)
+        ends = consumer.end_offsets(tps)
+        return all(consumer.position(tp) >= ends[tp] for tp in tps)
+
     for attempt in range(3):  # restart over the same poison, as a supervisor would
         worker = Worker(s, fresh_model(s))
-        deadline = time.time() + (30 if attempt == 0 else 8)
-        totals = worker.run(until=lambda w, d=deadline: w.totals.consumed >= len(BAD) * 3 or time.time() > d)
+        deadline = time.time() + 60
         if attempt == 0:
+            totals = worker.run(until=lambda w, d=deadline: w.totals.consumed >= len(BAD) * 3 or time.time() > d)
             assert totals.dlq == len(BAD) * 3
         else:
+            reached = []
+            totals = worker.run(until=lambda w, d=deadline, r=reached: (caught_up(w) and not r.append(True))
+                                or time.time() > d)
+            assert reached, "the restarted worker never caught up with the topic"
             assert totals.consumed == 0  # everything was committed the first time: no replay

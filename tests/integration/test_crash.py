@@ -1,14 +1,18 @@
-"""Crash recovery: kill -9 the worker at random points; exactly-once output and exact state.
+"""Crash recovery: kill -9 the worker at chosen moments; exactly-once output and exact state.
 
-Every reading must have exactly one forecast under read_committed, none missing, and each
-device's forecasts and final h/c must equal an uninterrupted run (the offline reference) within
-1e-5. Half the kills land mid-stream, half early (while the worker joins, restores its
-checkpoints or replays the input since them); with the default 30 s checkpoint interval most
-restores here replay.
+The default settings, as users run them, with readings arriving live. Every reading from a
+device's ``min_history``-th on must have exactly one forecast under read_committed, none
+missing, and each device's forecasts and final h/c must equal an uninterrupted run (the offline
+reference) within 1e-5. The kills are placed by the worker's own events, not by sleeps: half
+while it restores its checkpoints or replays the input since them (right after it logs
+"partitions assigned" or "restored state"), half mid-stream (after this incarnation has
+committed output of its own); with the default 30 s checkpoint interval most restores replay.
+Each kill's moment is checked afterwards from that incarnation's log.
 """
 
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -20,13 +24,24 @@ from stream_lstm.models.registry import save_model
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 
-from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic
+from .helpers import (
+    assert_exactly_once_and_continuous,
+    guarantee_settings,
+    produce_readings,
+    published,
+    read_topic,
+)
 from .workers import start_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
 
 KILLS = 8
+# Where each kill lands, in turn: while restoring or replaying (placed by a log line), or
+# mid-stream (after this incarnation's own committed output).
+MOMENTS = ("partitions assigned", "mid-stream", "restored state", "mid-stream") * 2
+N_DEVICES, N_READINGS = 30, 100
+ROUND_S = 0.3  # one reading from every device this often: ~100 readings/s, live
 
 
 def fleet(n_devices, n_readings, seed=0):
@@ -46,69 +61,89 @@ def output_end(probe, topic) -> int:
     return sum(probe.end_offsets(parts).values()) if parts else 0
 
 
-def wait_for_progress(probe, topic, after: int, timeout=60):
-    """Until the worker has committed more output than ``after`` (so kills land mid-stream).
-
-    End offsets answer in milliseconds; reading the topic back through a consumer group takes
-    seconds, long enough for the worker to finish the whole stream before the kill. The probe
-    is read_committed, so an open transaction (which a kill aborts) does not count.
-    """
-    deadline = time.time() + timeout
+def wait_for(check, what: str, timeout_s: float = 90.0) -> None:
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if output_end(probe, topic) > after:
+        if check():
             return
-        time.sleep(0.05)
-    raise AssertionError("the worker made no progress")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill_9_eight_times_then_finish(settings_factory, topic_name, tmp_path):
-    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
-                         group_id=f"{topic_name}-g", window=16, hidden_size=16, horizon=3, min_history=1,
-                         poll_max_records=40, processing_guarantee="exactly_once",
-                         model_path=tmp_path / "model.safetensors")
+    s = guarantee_settings(settings_factory, topic_name, processing_guarantee="exactly_once",
+                           model_path=tmp_path / "model.safetensors")
     torch.manual_seed(5)
     served = fresh_model(s)
     save_model(served.model, served.spec, s.model_path, {"version": "v-crash"})
-    readings = fleet(30, 100)
-    produce_readings(s, topic_name, readings)
+    readings = fleet(N_DEVICES, N_READINGS)
+    produce_readings(s, topic_name, readings[:N_DEVICES])  # the topic exists before the worker
+    # The rest arrives live, paced, and spread over the incarnations: each kill lets the next
+    # share of rounds through, so every incarnation has new readings to work on.
+    per_kill = N_READINGS // (KILLS + 1)
+    allowed = threading.Semaphore(per_kill)
+
+    def feed():
+        for i in range(N_DEVICES, len(readings), N_DEVICES):
+            assert allowed.acquire(timeout=300)
+            time.sleep(ROUND_S)
+            produce_readings(s, topic_name, readings[i : i + N_DEVICES])
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     rng = random.Random(7)
     log = tmp_path / "worker.log"
-    kills = 0
-    at_kill = []
+    log.touch()
+    landed = []
     probe = make_consumer(s, isolation_level="read_committed")  # no group; end offsets = LSO
-    for _ in range(KILLS):
-        before = output_end(probe, s.output_topic)
+    for moment in MOMENTS:
+        mark = log.stat().st_size  # this incarnation's lines start here
+
+        def own(mark=mark):
+            return log.read_text()[mark:]
         proc = start_worker(s, "w0", log)
         try:
-            if kills % 2:
-                wait_for_progress(probe, s.output_topic, before)
-                time.sleep(rng.uniform(0.0, 0.5))
-            else:  # early: while it joins, restores or replays
-                time.sleep(rng.uniform(0.5, 3.0))
+            if moment == "mid-stream":
+                # Its producer aborted the last incarnation's open transaction when it started
+                # (which moves the end offsets too): count only output after its assignment.
+                wait_for(lambda own=own: "partitions assigned" in own(), "the assignment")
+                before = output_end(probe, s.output_topic)
+                wait_for(lambda before=before: output_end(probe, s.output_topic) > before, "output of its own")
+                time.sleep(rng.uniform(0.0, 0.3))  # (somewhere in its next transactions)
+            else:
+                wait_for(lambda own=own, moment=moment: moment in own(), moment)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            kills += 1
-        at_kill.append(len(read_topic(s, s.output_topic, idle_s=0.5, timeout_s=3)))
+            for _ in range(per_kill):
+                allowed.release()
+        text = own()
+        landed.append((moment, "restored state" in text, "replayed readings since" in text))
+    for _ in range(N_READINGS):
+        allowed.release()
     probe.close()
-    assert kills == KILLS
-    assert sum(0 < n < len(readings) for n in at_kill) >= 3, at_kill  # the kills landed mid-stream
+    feeder.join(120)
+    assert not feeder.is_alive()
+    # The kills landed where they were meant to: one at least before its restore finished, and
+    # the mid-stream ones after it.
+    assert any(not restored for m, restored, _ in landed if m == "partitions assigned"), landed
+    assert all(restored for m, restored, _ in landed if m == "mid-stream"), landed
     proc = start_worker(s, "w0", log)
-    try:
-        out = read_topic(s, s.output_topic, expect=len(readings), timeout_s=240, idle_s=10)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     history = {}
     for dev, _, v in readings:
         history.setdefault(dev, []).append(v)
+    try:
+        out = read_topic(s, s.output_topic, expect=published(history, s), timeout_s=240, idle_s=10)
+    finally:
+        proc.terminate()
+        proc.wait(60)
     assert_exactly_once_and_continuous(out, history, served.model, s, log.read_text())
     # The state a restore ends with (checkpoints, then the input replayed since them) equals
     # the uninterrupted run's: restored by a fresh worker, which publishes nothing new.
     restored = {}
 
     def until(w):
-        if w.assigned and not w.state.restoring and not restored:
+        if w.assigned and not w.partitions.busy() and not restored:  # restored and replayed
             for dev in history:
                 slot = w.table.index.get(dev)
                 restored[dev] = (w.table.snapshot(slot) if slot is not None else w.state.load(dev))

@@ -1,7 +1,8 @@
 """Scale-out: 1 worker, then 3, then 2, under load. State moves with the partitions.
 
 Per device, the forecasts must equal an uninterrupted run (the offline reference), with no
-gaps and no duplicates, while partitions move between worker processes.
+gaps and no duplicates, while partitions move between worker processes. The default settings,
+as users run them (session timeout, model, history, polls).
 """
 
 import signal
@@ -16,17 +17,21 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.registry import save_model
 from stream_lstm.models.serving import fresh_model
 
-from .helpers import assert_exactly_once_and_continuous, produce_readings, read_topic
+from .helpers import (
+    assert_exactly_once_and_continuous,
+    guarantee_settings,
+    produce_readings,
+    published,
+    read_topic,
+)
 from .workers import start_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
 
 def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path):
-    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
-                         group_id=f"{topic_name}-g", window=16, hidden_size=16, horizon=3, min_history=1,
-                         poll_max_records=50, topic_partitions=6, session_timeout_ms=6000,
-                         model_path=tmp_path / "model.safetensors")
+    s = guarantee_settings(settings_factory, topic_name, topic_partitions=6,
+                           model_path=tmp_path / "model.safetensors")
     ensure_topics(s, [TopicSpec(topic_name, 6)])
     torch.manual_seed(9)
     served = fresh_model(s)
@@ -36,6 +41,7 @@ def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path)
     values = 30 + rng.normal(size=(n_steps, n_dev)).cumsum(axis=0)
     readings = [(f"dev-{d}", 1_700_000_000.0 + 60 * k, float(values[k, d])) for k in range(n_steps) for d in range(n_dev)]
 
+    history = {f"dev-{d}": list(values[:, d]) for d in range(n_dev)}
     chunks = [readings[i : i + 400] for i in range(0, len(readings), 400)]
     logs = {name: tmp_path / f"{name}.log" for name in ("w0", "w1", "w2")}
     sent = threading.Semaphore(0)  # one release per chunk on the topic
@@ -71,7 +77,7 @@ def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path)
         leaving.set()
         feeder.join(120)
         assert not feeder.is_alive()
-        out = read_topic(s, s.output_topic, expect=len(readings), timeout_s=240, idle_s=15)
+        out = read_topic(s, s.output_topic, expect=published(history, s), timeout_s=240, idle_s=15)
     finally:
         joined.set()
         leaving.set()
@@ -80,10 +86,9 @@ def test_one_then_three_then_two_workers(settings_factory, topic_name, tmp_path)
         for p in procs.values():
             p.wait(60)
     log_text = "".join(path.read_text() for path in logs.values() if path.exists())
-    history = {f"dev-{d}": list(values[:, d]) for d in range(n_dev)}
     by_dev = assert_exactly_once_and_continuous(out, history, served.model, s, log_text)
-    for fs in by_dev.values():  # no gaps: every step, in order
-        assert sorted(f["ts"] for f in fs) == [1_700_000_000.0 + 60 * k for k in range(n_steps)]
+    for fs in by_dev.values():  # no gaps: every step from the first forecast on, in order
+        assert sorted(f["ts"] for f in fs) == [1_700_000_000.0 + 60 * k for k in range(s.min_history - 1, n_steps)]
     assert "partitions revoked" in logs["w0"].read_text()  # partitions really moved
     assert "restored state" in logs["w1"].read_text()
 

@@ -65,11 +65,15 @@ def test_burst_lag_grows_then_drains_without_rebalances(settings_factory, topic_
                          group_id=f"{topic_name}-g", min_history=1, window=8, hidden_size=8,
                          processing_guarantee="at_least_once")
     worker = Worker(s, fresh_model(s))
-    revoked = []
-    original = worker.on_revoked
+    revoked, assigned = [], []
+    original_revoked, original_lost, original_assigned = worker.on_revoked, worker.on_lost, worker.on_assigned
     stop = threading.Event()
-    # Revocations while running (closing at the end revokes everything, which does not count).
-    worker.on_revoked = lambda parts: (None if stop.is_set() else revoked.append(parts), original(parts))  # type: ignore[method-assign]
+    # Revocations while running (closing at the end revokes everything, which does not count),
+    # and partitions lost: a member thrown out of its group (what a burst that stalls the poll
+    # would cause) loses them without a revocation.
+    worker.on_revoked = lambda parts: (None if stop.is_set() else revoked.append(parts), original_revoked(parts))  # type: ignore[method-assign]
+    worker.on_lost = lambda parts: (revoked.append(("lost", parts)), original_lost(parts))  # type: ignore[method-assign]
+    worker.on_assigned = lambda parts: (parts and assigned.append(parts), original_assigned(parts))  # type: ignore[method-assign]
     lags = []
 
     def watch():
@@ -106,7 +110,7 @@ def test_burst_lag_grows_then_drains_without_rebalances(settings_factory, topic_
     assert worker.totals.consumed == n
     assert max(lags) > 2000, "the burst should build a backlog"
     assert lags[-1] == 0, "and the backlog drains"
-    assert not revoked, "no rebalance during the burst"
+    assert not revoked and len(assigned) == 1, f"no rebalance during the burst: {revoked} {assigned}"
     assert rss_mb() - rss0 < 300
     fcs = read_topic(s, s.output_topic, expect=n, timeout_s=120)
     assert len({(json.loads(r.value)["partition"], json.loads(r.value)["offset"]) for r in fcs}) == n
