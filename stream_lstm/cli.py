@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("stream_lstm.tools.replay", "Replay a real CSV recording into the input topic"),
     "train": ("stream_lstm.training.offline", "Fit an initial model on a CSV and save it (safetensors)"),
     "trainer": ("stream_lstm.training.service", "Run the retrainer as its own process (publishes models)"),
+    "alert-relay": ("stream_lstm.relay.service", "Post the alerts topic's events to Prometheus' Alertmanager"),
     "models": ("stream_lstm.models.registry_cli", "List the model registry, or roll back to a version"),
     "bench": ("stream_lstm.tools.bench.cli", "Benchmark throughput, latency and memory against a real broker"),
     "evaluate": ("stream_lstm.tools.evaluate", "Replay recordings through the real pipeline and score forecasts"),

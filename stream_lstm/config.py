@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     alert_hold_s: float = Field(
         3600.0, ge=0.0,
         description="Event-time seconds below the threshold before a device's alert closes")
+    alertmanager_url: str = Field(
+        "", description="Alertmanager base URL (http[s]://host:9093) that `stream-lstm alert-relay` "
+                        "posts the alerts topic's events to")
     anomaly_warmup: int = Field(10, ge=0, description="Readings after a reset never flagged")
 
     # --- Retraining -------------------------------------------------------------------------

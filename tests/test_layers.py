@@ -129,3 +129,11 @@ def test_no_import_cycles():
 def test_no_module_is_over_400_lines():
     long = sorted((m, n) for m, p in FILES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES)
     assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+
+
+def test_only_the_cli_imports_the_relay():
+    # The relay reads what the worker wrote; nothing of the worker may depend on it.
+    broken = sorted(f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
+                    if layer(d) == "relay" and layer(m) not in ("relay", "cli"))
+    assert not broken, f"only cli.py may import relay/: {broken}"
+    assert any(layer(d) == "kafka" for d in GRAPH["stream_lstm.relay.service"])  # (the scan sees it)

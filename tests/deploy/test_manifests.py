@@ -76,6 +76,17 @@ def test_compose_stack():
     prom = services["prometheus"]
     assert any(v.startswith("./deploy/prometheus:/etc/prometheus") for v in prom["volumes"])
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    # The devices' alerts reach the stack's Alertmanager through the relay, the rules' directly.
+    relay, am = services["alert-relay"], services["alertmanager"]
+    assert relay["command"] == ["alert-relay"]
+    assert relay["environment"]["STREAM_LSTM_ALERTS_TOPIC"] in init
+    assert relay["environment"]["STREAM_LSTM_ALERTMANAGER_URL"] == "http://alertmanager:9093"
+    assert "9093:9093" in am["ports"] and any(v.startswith("./deploy/alertmanager:/etc/alertmanager") for v in am["volumes"])
+    routes = yaml.safe_load((REPO / "deploy/alertmanager/alertmanager.yml").read_text())
+    names = {r["name"] for r in routes["receivers"]}
+    assert routes["route"]["receiver"] in names and all(r["receiver"] in names for r in routes["route"]["routes"])
+    prom_cfg = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    assert prom_cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
 
 
 def test_prometheus_scrapes_the_compose_worker_on_the_metrics_port():
@@ -118,7 +129,7 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     gpu = next(d for f, d in sets if f.name == "worker-gpu.yaml")
     (c,) = containers(gpu)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda" in c["image"]
-    trainer = next(d for _, d in docs if d["kind"] == "Deployment")
+    trainer = next(d for f, d in docs if d["kind"] == "Deployment" and f.name == "trainer.yaml")
     (c,) = containers(trainer)
     assert c["args"] == ["trainer"] and trainer["spec"]["replicas"] == 1
     # Its registry outlives the pod (an empty one restarts from a fresh model at v0001).
@@ -129,6 +140,10 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["ports"][0]["port"] == PORT
     assert "HorizontalPodAutoscaler" in (K8S / "worker.yaml").read_text()  # the HPA notes
+    relay = next(d for f, d in docs if f.name == "alert-relay.yaml")
+    (c,) = containers(relay)
+    assert c["args"] == ["alert-relay"]
+    assert any(e["name"] == "STREAM_LSTM_ALERTMANAGER_URL" for e in c["env"])
 
 
 def test_dockerfile_exposes_the_metrics_port_and_runs_the_cli():

@@ -1,0 +1,127 @@
+"""Alert events as Alertmanager alerts: the mapping, and posting them.
+
+Alertmanager's API (``POST /api/v2/alerts``) takes a list of alerts, each a set of labels (its
+identity), annotations, ``startsAt`` and ``endsAt``. A firing alert must be sent again before
+its ``endsAt`` passes, or Alertmanager resolves it: Prometheus re-sends its firing alerts every
+minute with ``endsAt`` four minutes ahead, and the relay does the same (:data:`RESEND_S`,
+:data:`FIRING_FOR_S`). A resolved alert is the same labels with ``endsAt`` at or before now.
+The labels hold the worker's stable ``alert_id``, so one incident is one Alertmanager alert,
+however often it is sent.
+
+>>> event = {"event": "open", "alert_id": "pump-1@1700000000000", "device_id": "pump-1",
+...          "start_ts": 1700000000.0, "ts": 1700000060.0, "peak_likelihood": 0.99999,
+...          "peak_ts": 1700000060.0, "value": 91.5, "expected_low": 60.0, "expected_high": 75.0,
+...          "model_version": "v3"}
+>>> alert = to_alert(event, now=1700000100.0)
+>>> alert["labels"]
+{'alertname': 'StreamLstmDeviceAnomaly', 'device_id': 'pump-1', 'alert_id': 'pump-1@1700000000000'}
+>>> alert["startsAt"], alert["endsAt"]   # firing: ends four minutes from now unless sent again
+('2023-11-14T22:13:20Z', '2023-11-14T22:19:00Z')
+>>> alert["annotations"]["summary"]
+'pump-1: anomalous since 2023-11-14T22:13:20Z; 91.5 at the peak, expected 60 to 75'
+>>> to_alert(event | {"event": "close", "ts": 1700000090.0}, now=1700000100.0)["endsAt"]
+'2023-11-14T22:14:50Z'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+ALERTNAME = "StreamLstmDeviceAnomaly"
+# As Prometheus: firing alerts again every minute, each valid for four.
+RESEND_S = 60.0
+FIRING_FOR_S = 4 * RESEND_S
+# One request takes milliseconds; past this Alertmanager is not answering, and the relay retries.
+POST_TIMEOUT_S = 10.0
+
+
+class AlertmanagerError(RuntimeError):
+    """Alertmanager did not accept the alerts (unreachable, or an error status)."""
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.6g}"
+
+
+def to_alert(event: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """One alert event (docs/wire-contract.md) as an Alertmanager alert: firing for ``open``,
+    resolved for ``close`` (at the close's event time, or now if that is later than now)."""
+    now = time.time() if now is None else now
+    firing = event["event"] == "open"
+    ends = now + FIRING_FOR_S if firing else min(float(event["ts"]), now)
+    start = float(event["start_ts"])
+    summary = (f"{event['device_id']}: anomalous since {_iso(start)}; {_num(event.get('value'))} at "
+               f"the peak, expected {_num(event.get('expected_low'))} to {_num(event.get('expected_high'))}")
+    return {
+        "labels": {"alertname": ALERTNAME, "device_id": str(event["device_id"]),
+                   "alert_id": str(event["alert_id"])},
+        "annotations": {
+            "summary": summary,
+            "peak_likelihood": _num(event.get("peak_likelihood")),
+            "peak_at": _iso(float(event["peak_ts"])) if event.get("peak_ts") is not None else "n/a",
+            "model_version": str(event.get("model_version", "")),
+            **({"closed_because": str(event.get("reason", "recovered"))} if not firing else {}),
+        },
+        "startsAt": _iso(start),
+        "endsAt": _iso(max(ends, start)),
+    }
+
+
+def redacted(url: str) -> str:
+    """``url`` without credentials, for logs.
+
+    >>> redacted("https://relay:s3cret@am.example:9093/x")
+    'https://am.example:9093/x'
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_url(url: str) -> str:
+    """The base URL, or ``ValueError`` saying what is wrong with it.
+
+    >>> check_url("http://alertmanager:9093/")
+    'http://alertmanager:9093'
+    >>> check_url("alertmanager:9093")
+    Traceback (most recent call last):
+    ...
+    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host, not 'alertmanager:9093'
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host, "
+                         f"not {redacted(url)!r}")
+    return url.rstrip("/")
+
+
+def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = POST_TIMEOUT_S) -> None:
+    """``POST {base_url}/api/v2/alerts``; raises :class:`AlertmanagerError` unless it answers 2xx.
+    Credentials in the URL (``https://user:password@host``) go as HTTP basic authentication."""
+    parts = urllib.parse.urlsplit(base_url)
+    request = urllib.request.Request(redacted(base_url) + "/api/v2/alerts", data=json.dumps(alerts).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    if parts.username is not None:
+        import base64
+
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            response.read()
+    except urllib.error.HTTPError as exc:
+        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.read()[:200]!r}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} not reachable: {reason}") from None

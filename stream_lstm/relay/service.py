@@ -1,0 +1,206 @@
+"""``stream-lstm alert-relay``: the alerts topic into Prometheus' Alertmanager.
+
+The worker writes one record when a device's alert opens and one when it closes. On-call
+tooling mostly reads Alertmanager, which wants a firing alert re-sent until it resolves. The
+relay reads the alerts topic (read_committed, in its own consumer group, so several relays
+share the partitions), posts each event as an Alertmanager alert (``alertmanager.to_alert``),
+and re-sends the alerts still open every minute.
+
+What it commits says where a restart must read again: per partition, the offset of the oldest
+*open* event it holds (or its position, when none is open), and only once Alertmanager has
+accepted everything before it. A relay that restarts, or that takes over a partition, reads
+the events again from there: its open alerts come back, and the events re-sent are the same
+labels, which Alertmanager deduplicates. Alertmanager down: the events wait, the partitions are
+paused (the consumer stays in its group), and the relay retries with backoff; nothing is
+committed past what was not delivered.
+
+Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from stream_lstm.config import Settings, SettingsError
+from stream_lstm.kafka.group_consumer import GroupConsumer
+from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.relay.alertmanager import (
+    RESEND_S,
+    AlertmanagerError,
+    check_url,
+    post_alerts,
+    redacted,
+    to_alert,
+)
+
+log = logging.getLogger("stream_lstm.relay")
+
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
+
+
+class AlertRelay:
+    """Posts the alerts topic's events to Alertmanager (see the module's docstring).
+
+    Parameters
+    ----------
+    settings
+        ``alerts_topic``, ``alertmanager_url``, the group (the relay's is ``<group_id>-alertmanager``)
+        and the connection settings.
+    post
+        How a list of alerts is delivered (``post_alerts(url, alerts)``).
+    clock
+        Wall-clock seconds, for ``endsAt`` and the re-send schedule.
+
+    Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
+    """
+
+    def __init__(self, settings: Settings, post: Callable[[str, list[dict[str, Any]]], None] = post_alerts,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not settings.alerts_topic:
+            raise SettingsError("STREAM_LSTM_ALERTS_TOPIC is empty: the worker writes no alert events to relay")
+        if not settings.alertmanager_url:
+            raise SettingsError("STREAM_LSTM_ALERTMANAGER_URL is empty: set it (or --url) to Alertmanager's address")
+        try:
+            self.url = check_url(settings.alertmanager_url)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        self.settings = settings
+        self.post, self.clock = post, clock
+        self.group_id = f"{settings.group_id}-alertmanager"
+        # Open alerts: id -> (partition, offset of its open event, the event).
+        self.open: dict[str, tuple[int, int, dict[str, Any]]] = {}
+        self.assigned: set[int] = set()
+        self.waiting: list[dict[str, Any]] = []  # events not yet accepted by Alertmanager
+        self._resend = False  # the open alerts are due to be sent again
+        self.delivered = 0
+        self._next_resend = clock() + RESEND_S  # (what a start reads again is sent as read)
+        self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
+        self._stop = threading.Event()
+        self.group: GroupConsumer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_assigned(self, partitions: set[int]) -> None:
+        self.assigned |= partitions
+
+    def _on_revoked(self, partitions: set[int]) -> None:
+        # Their open alerts go with them: the next owner reads them again from the committed
+        # offset, which is no later than the oldest of them.
+        self.assigned -= partitions
+        self.open = {k: v for k, v in self.open.items() if v[0] not in partitions}
+
+    def connect(self) -> None:
+        s = self.settings
+        consumed = s.model_copy(update={"input_topic": s.alerts_topic, "group_id": self.group_id,
+                                        "commit_interval_ms": 0})  # (a fetch answers at once)
+        self.group = GroupConsumer(consumed, PartitionListener(self._on_assigned, self._on_revoked),
+                                   client_id=f"stream-lstm-alert-relay-{s.instance_id}")
+        log.info(f"alert relay started: {s.alerts_topic} at {s.bootstrap_servers} -> Alertmanager at "
+                 f"{redacted(self.url)} (group {self.group_id})")
+
+    def run(self, until: Callable[[AlertRelay], bool] | None = None) -> None:
+        if self.group is None:
+            self.connect()
+        assert self.group is not None
+        try:
+            while not self._stop.is_set() and not (until is not None and until(self)):
+                self.turn()
+        finally:
+            self.group.close()
+
+    def turn(self) -> None:
+        """One poll, then delivery (or a retry) and the commit it allows."""
+        assert self.group is not None
+        consumer = self.group.consumer
+        polled = self.group.poll(200)
+        for tp, records in polled.items():
+            for rec in records:
+                self._take(tp.partition, rec.offset, rec.value)
+        now = self.clock()
+        if now >= self._next_resend and self.open:
+            self._resend = True  # still firing: say so again, before Alertmanager's endsAt
+            self._next_resend = now + RESEND_S
+        if not (self.waiting or self._resend) or now < self._retry_at:
+            if not (self.waiting or self._resend):
+                self._commit(consumer)
+            return
+        still_open = [e for _, _, e in self.open.values()] if self._resend else []
+        alerts = [to_alert(e, now) for e in [*self.waiting, *still_open]]
+        try:
+            self.post(self.url, alerts)
+        except AlertmanagerError as exc:
+            self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, RETRY_MAX_S)
+            consumer.pause(*[TopicPartition(self.settings.alerts_topic, p) for p in self.assigned])
+            log.warning("Alertmanager did not take the alerts; will retry",
+                        extra={"error": str(exc)[:300], "alerts": len(alerts), "retry_in_s": round(self._retry_at - now, 1)})
+            return
+        self.delivered += len(alerts)
+        for e in self.waiting:
+            log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
+        self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
+        consumer.resume(*consumer.paused())
+        self._commit(consumer)
+
+    def _take(self, partition: int, offset: int, value: bytes | None) -> None:
+        try:
+            event = json.loads(value or b"")
+            kind, alert_id = event["event"], event["alert_id"]
+            to_alert(event, 0.0)  # every field it needs is there
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("skipping an alert event that cannot be read",
+                      extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})
+            return
+        if kind == "open":
+            self.open[alert_id] = (partition, offset, event)
+        else:
+            self.open.pop(alert_id, None)
+        self.waiting.append(event)
+
+    def _commit(self, consumer: Any) -> None:
+        """Per held partition: the oldest open event's offset, else the position."""
+        offsets = {}
+        for p in self.assigned:
+            tp = TopicPartition(self.settings.alerts_topic, p)
+            held = [offset for part, offset, _ in self.open.values() if part == p]
+            offsets[tp] = OffsetAndMetadata(min(held) if held else consumer.position(tp), "", -1)
+        if offsets and not self.group.rebalancing():  # type: ignore[union-attr]
+            try:
+                consumer.commit(offsets)
+            except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends
+                log.warning("committing the relay's offsets failed", extra={"error": repr(exc)[:200]})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Post the alerts topic's events (STREAM_LSTM_ALERTS_TOPIC) to Prometheus' Alertmanager as "
+        "alerts: firing when a device's alert opens, re-sent every minute while open, resolved "
+        "when it closes. Labels: alertname=StreamLstmDeviceAnomaly, device_id, alert_id. Reads in "
+        "the consumer group <STREAM_LSTM_GROUP_ID>-alertmanager; run one or more.")
+    parser.add_argument("--url", help="Alertmanager's base URL, e.g. http://alertmanager:9093 "
+                        "(default: STREAM_LSTM_ALERTMANAGER_URL; user:password@ in it is sent as basic auth)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from stream_lstm.config import load_settings, warn_unknown_variables
+    from stream_lstm.logs import configure_logging
+
+    overrides = {"alertmanager_url": args.url} if getattr(args, "url", None) else {}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    warn_unknown_variables(log)
+    relay = AlertRelay(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: relay.stop())
+    relay.run()
+    log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": len(relay.open)})
+    return 0

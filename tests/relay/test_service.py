@@ -1,0 +1,115 @@
+"""``stream-lstm alert-relay`` against the real broker and an Alertmanager stand-in."""
+
+import json
+import time
+
+import pytest
+
+from stream_lstm.config import SettingsError
+from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.relay import service
+from stream_lstm.relay.alertmanager import RESEND_S
+from stream_lstm.relay.service import AlertRelay
+from tests.relay.alertmanager_stub import AlertmanagerStub
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+T0 = 1_700_000_000.0
+
+
+def event(kind, device, start, ts):
+    return {"event": kind, "alert_id": f"{device}@{int(start * 1000)}", "device_id": device,
+            "start_ts": start, "ts": ts, "peak_likelihood": 0.999999, "peak_ts": start, "value": 9.0,
+            "expected_low": 1.0, "expected_high": 2.0, "last_above_ts": start, "model_version": "v1",
+            "partition": 0, "offset": 0, **({"reason": "recovered"} if kind == "close" else {})}
+
+
+def send(s, *events):
+    producer = make_producer(s)
+    for e in events:
+        producer.send(s.alerts_topic, json.dumps(e).encode(), key=e["device_id"].encode())
+    producer.flush()
+    producer.close()
+
+
+@pytest.fixture
+def stub():
+    am = AlertmanagerStub()
+    yield am
+    am.close()
+
+
+@pytest.fixture
+def relay_settings(settings_factory, topic_name, stub):
+    s = settings_factory(alerts_topic=f"{topic_name}-alerts", group_id=f"{topic_name}-g",
+                         alertmanager_url=stub.url)
+    ensure_topics(s, [TopicSpec(s.alerts_topic, 2)])
+    return s
+
+
+def run_until(relay, check, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    relay.run(until=lambda r: check() or time.monotonic() > deadline)
+    assert check(), "timed out"
+
+
+def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings, stub):
+    s = relay_settings
+    send(s, event("open", "pump-1", T0, T0), event("open", "pump-2", T0 + 60, T0 + 60),
+         event("close", "pump-2", T0 + 60, T0 + 4000))
+    run_until(AlertRelay(s), lambda: len(stub.alerts()) >= 3)
+    by_device = {}
+    for a in stub.alerts():
+        by_device.setdefault(a["labels"]["device_id"], []).append(a)
+    assert by_device["pump-1"][0]["labels"]["alert_id"] == f"pump-1@{int(T0 * 1000)}"
+    assert by_device["pump-1"][0]["endsAt"] > time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # firing
+    assert by_device["pump-2"][-1]["endsAt"] < "2024"  # resolved at its close
+    # A restarted relay (same group) has pump-1's alert open again, from the events it reads
+    # again: Alertmanager hears that it still fires, with no new event.
+    stub.received.clear()
+    run_until(AlertRelay(s), lambda: any(a["labels"]["device_id"] == "pump-1" for a in stub.alerts()))
+    # Then it closes; a relay after that has nothing left to say.
+    send(s, event("close", "pump-1", T0, T0 + 7200))
+    stub.received.clear()
+    run_until(AlertRelay(s), lambda: any(a["endsAt"] < "2024" and a["labels"]["device_id"] == "pump-1"
+                                         for a in stub.alerts()))
+    stub.received.clear()
+    quiet = AlertRelay(s)
+    turns = []
+    quiet.run(until=lambda r: len(turns) > 20 and r.assigned or turns.append(1) and False)
+    assert stub.alerts() == [] and quiet.open == {}
+
+
+def test_alertmanager_down_holds_the_events_and_they_go_when_it_answers(relay_settings, stub, monkeypatch):
+    monkeypatch.setattr(service, "RETRY_FIRST_S", 0.2)
+    s = relay_settings
+    stub.fail = 2
+    send(s, event("open", "pump-3", T0, T0))
+    relay = AlertRelay(s)
+    run_until(relay, lambda: stub.alerts() != [])
+    assert stub.fail == 0 and [a["labels"]["device_id"] for a in stub.alerts()] == ["pump-3"]
+
+
+def test_open_alerts_are_sent_again_before_alertmanager_would_resolve_them(relay_settings, stub):
+    s = relay_settings
+    send(s, event("open", "pump-4", T0, T0))
+    now = [T0 + 10_000]
+
+    def a_minute_after_the_first():
+        if len(stub.alerts()) == 1 and now[0] == T0 + 10_000:
+            now[0] += RESEND_S + 1  # the relay's clock moves on; no new event arrives
+        return len(stub.alerts()) >= 2
+
+    run_until(AlertRelay(s, clock=lambda: now[0]), a_minute_after_the_first)
+    first, again = stub.alerts()
+    assert first["labels"] == again["labels"] and again["endsAt"] > first["endsAt"]
+
+
+def test_it_refuses_to_start_without_a_topic_or_an_address(settings_factory):
+    with pytest.raises(SettingsError, match="ALERTS_TOPIC"):
+        AlertRelay(settings_factory(alertmanager_url="http://am:9093"))
+    with pytest.raises(SettingsError, match="ALERTMANAGER_URL"):
+        AlertRelay(settings_factory(alerts_topic="a"))
+    with pytest.raises(SettingsError, match="http"):
+        AlertRelay(settings_factory(alerts_topic="a", alertmanager_url="am:9093"))
