@@ -171,19 +171,36 @@ def served_settings(settings_factory, topic_name, tmp_path):
 @pytest.mark.kafka
 @pytest.mark.timeout(300)
 def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_settings, tmp_path):
+    """p0 is killed while readings arrive, after it has committed output of its own: its
+    restart restores and replays, and nothing is lost or published twice."""
     settings, model = served_settings
     readings = fleet(30, 60)
-    cut = 2 * len(readings) // 3
     host = Host(settings, tmp_path)
     try:
         wait_for(lambda: host.get("/readyz")[0] == 200, "both children ready", host)
         before = host.children()
-        produce_readings(settings, settings.input_topic, readings[:cut])
-        wait_for(lambda: committed_output(settings) > 0, "the first forecasts", host)
+        allowed = threading.Semaphore(len(readings) // 30 // 2)  # half the rounds before the kill
+
+        def feed():
+            for i in range(0, len(readings), 30):
+                assert allowed.acquire(timeout=120)
+                produce_readings(settings, settings.input_topic, readings[i : i + 30])
+                time.sleep(0.1)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        (started,) = [e for e in host.log() if e["event"].startswith("supervising")]
+        own = [str(Path(started["metrics_dir"]) / f"counter_{before['p0']}.db")]
+        published_by_p0 = "stream_lstm_forecasts_published_total"
+        wait_for(lambda: sum(x.value for f in MultiProcessCollector.merge(own) for x in f.samples
+                             if x.name == published_by_p0) > 0, "p0's own committed forecasts", host)
         os.kill(before["p0"], signal.SIGKILL)
-        produce_readings(settings, settings.input_topic, readings[cut:])
+        for _ in range(len(readings)):
+            allowed.release()
         wait_for(lambda: host.children()["p0"] != before["p0"], "p0 restarted", host)
         assert host.children()["p1"] == before["p1"]
+        feeder.join(120)
+        assert not feeder.is_alive()
         history: dict[str, list[float]] = {}
         for dev, _, v in readings:
             history.setdefault(dev, []).append(v)
@@ -195,6 +212,8 @@ def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_se
         exits = [e for e in host.log() if e["event"].startswith("worker process p0 exited")]
         assert [e["exit_code"] for e in exits] == [-signal.SIGKILL]
         assert host.metric("stream_lstm_process_restarts_total") == 1
+        # The new p0 replayed what its predecessor had committed since its last checkpoint.
+        assert host.metric("stream_lstm_replayed_readings_total") > 0
         wait_for(lambda: host.get("/readyz")[0] == 200, "the host ready again", host)
     finally:
         assert host.stop() == 0, host.err.read_text()[-3000:]
