@@ -323,6 +323,12 @@ def serve_metrics(metrics: Metrics, health: HealthState, host: str, port: int) -
         def log_message(self, *args: object) -> None:  # scrapes and probes are not worth a line
             pass
 
-    server = MetricsServer((host, port), Handler)
+    try:
+        server = MetricsServer((host, port), Handler)
+    except OSError as exc:  # taken (a second worker on the host), or a host name that is not one
+        from stream_lstm.config import SettingsError
+
+        raise SettingsError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc} (set "
+                            "STREAM_LSTM_METRICS_PORT, or STREAM_LSTM_METRICS_HOST; 0 turns it off)") from None
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

@@ -369,12 +369,10 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         reporter = StatusReporter(status_file, worker.health, lambda: {
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
         }, worker.stop).start()
-    server = None
+    server, connecting = None, [True]
     try:  # the endpoint and the reporter stop however the worker ends (a refused start too)
         if settings.metrics_port:
-            server = serve_metrics(worker.metrics, worker.health, settings.metrics_host,
-                                   settings.metrics_port)
-        connecting = [True]
+            server = serve_metrics(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
 
         def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
             worker.stop()
@@ -383,7 +381,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         worker.connect()
-        connecting[0] = False
+        connecting[0] = False  # (run() closes the store from here on)
         log_startup(log, settings, {
             "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
             "output_topic": settings.output_topic, "group_id": settings.group_id,
@@ -393,6 +391,8 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         totals = worker.run()
         log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
     finally:
+        if connecting[0]:  # never ran (no broker, a refusal, Ctrl-C): its store is as it was,
+            worker.state.close(worker.table, clean=True)  # not wiped as unclean at the next start
         if reporter is not None:
             reporter.stop()
         if server is not None:

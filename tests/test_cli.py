@@ -32,6 +32,16 @@ def test_no_broker_at_the_address_is_one_clear_line_and_exit_3(monkeypatch, caps
                    f"KafkaTimeoutError: Unable to bootstrap from ['127.0.0.1:{port}']; "
                    "is the broker running and reachable?"]
     assert not any("Traceback" in line for line in err)
+    # Its state store is left as it was, marked clean: the next start (the supervisor's retry
+    # during an outage) does not wipe it and restore everything from the changelog.
+    from stream_lstm.checkpointing.store import StateStore
+
+    (path,) = [p for p in (tmp_path / "state").rglob("*") if p.suffix in (".db", ".sqlite")]
+    store = StateStore(path)
+    try:
+        assert store.opened_clean
+    finally:
+        store.close(clean=True)
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):

@@ -218,3 +218,17 @@ def test_every_series_is_updated_by_some_code_path():
                 used.add(node.attr)
     assert len(declared) > 30
     assert not sorted(declared - used), "series declared but never updated"
+
+
+def test_a_metrics_port_in_use_is_a_clear_refusal_not_a_traceback():
+    """Two workers on one host, or `make up` beside a worker: one line naming the setting."""
+    import socket
+
+    from stream_lstm.config import SettingsError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SettingsError, match=f"cannot serve /metrics on 127.0.0.1:{port}.*STREAM_LSTM_METRICS_PORT"):
+            serve_metrics(Metrics(), HealthState(), "127.0.0.1", port)

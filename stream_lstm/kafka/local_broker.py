@@ -301,12 +301,14 @@ def ensure_local_broker(settings: object) -> Iterator[str]:
     from stream_lstm.kafka.clients import make_admin
 
     try:
-        make_admin(settings, request_timeout_ms=3000).close()  # type: ignore[arg-type]
+        make_admin(settings, request_timeout_ms=3000, bootstrap_timeout_ms=3000).close()  # type: ignore[arg-type]
+        answers = True
+    except Exception:  # noqa: BLE001 - nothing answers there: start our own
+        answers = False
+    if answers:  # (the body's own errors are not "no broker": they propagate as they are)
         print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
         yield settings.bootstrap_servers  # type: ignore[attr-defined]
         return
-    except Exception:  # noqa: BLE001 - nothing answers there: start our own
-        pass
     with tempfile.TemporaryDirectory(prefix="stream-lstm-broker-") as d:
         broker = LocalBroker(port=free_port(), data_dir=d)
         print(f"no broker at {settings.bootstrap_servers}; starting a local one ...", file=sys.stderr)  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from stream_lstm.config import ENV_PREFIX, Settings, load_settings
+from stream_lstm.config import ENV_PREFIX, Settings, SettingsError, load_settings
 from stream_lstm.tools.children import (
     Child,
     StopSignals,
@@ -63,21 +63,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave the broker running afterwards (and keep the run's directory)")
 
 
-def ensure_broker(settings: Settings, port: int,
-                  data_dir: str | Path | None = None) -> tuple[str, object | None]:
-    """The broker the settings point at if it answers, else a local one on ``port``.
+def ensure_broker(settings: Settings, port: int, data_dir: str | Path | None = None,
+                  use_existing: bool = True) -> tuple[str, object | None]:
+    """A fresh local broker on ``port`` (its data in ``data_dir``, default a new temporary
+    directory); with ``use_existing``, the broker the settings name instead if it answers.
 
-    The local one keeps its data in ``data_dir`` (default: a new temporary directory).
+    ``up`` passes ``use_existing`` only when ``STREAM_LSTM_BOOTSTRAP_SERVERS`` was set: probing
+    the default address found the broker a ``stream-lstm kafka up`` had left on 9092, whose
+    state from earlier runs made every reading late (0 forecasts, and nothing said why).
     """
     from stream_lstm.kafka.clients import make_admin
+    from stream_lstm.kafka.local_broker import LocalBroker, port_in_use
 
-    try:
-        make_admin(settings, request_timeout_ms=3000).close()
-        return settings.bootstrap_servers, None
-    except Exception:  # noqa: BLE001 - nothing there: start our own
-        pass
-    from stream_lstm.kafka.local_broker import LocalBroker
-
+    if use_existing:
+        try:
+            make_admin(settings, request_timeout_ms=3000, bootstrap_timeout_ms=3000).close()
+            return settings.bootstrap_servers, None
+        except Exception:  # noqa: BLE001 - nothing there: start our own
+            say(f"no broker answers at {settings.bootstrap_servers} (STREAM_LSTM_BOOTSTRAP_SERVERS): "
+                f"starting a local one on port {port}")
+    if port_in_use(port):
+        raise SettingsError(f"port {port} is in use (a broker left by `stream-lstm kafka up`?): pass "
+                            f"--port N for a fresh broker, or STREAM_LSTM_BOOTSTRAP_SERVERS=127.0.0.1:{port} "
+                            "to run on that one")
     # A fresh broker each run: the fleet's event times restart about 30 days back, so the state
     # a previous run left in a kept broker would be ahead of them, and every reading late.
     broker = LocalBroker(port=port, data_dir=data_dir or tempfile.mkdtemp(prefix="stream-lstm-up-"))
@@ -188,6 +196,14 @@ def _env_has(name: str) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    if args.csv:  # before any broker starts: a mistyped path is one line, not a silent run
+        from stream_lstm.recordings import RecordingError, load_csv
+
+        for path in args.csv:
+            try:
+                load_csv(path)
+            except RecordingError as exc:
+                raise SettingsError(str(exc)) from None
     run_dir = Path(tempfile.mkdtemp(prefix="stream-lstm-up-"))
     env = dict(os.environ)
     # Models and state are this run's own, next to the broker's data, unless the user says so.
@@ -213,9 +229,18 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
          run: dict[str, Any], signals: StopSignals) -> None:
     say(f"this run's directory: {run_dir} (broker data, models, state, logs; "
         f"{'kept' if args.keep_broker else 'removed'} at the end)")
-    bootstrap, run["broker"] = ensure_broker(settings, args.port, run_dir / "broker")
+    chosen = _env_has(ENV_PREFIX + "BOOTSTRAP_SERVERS")
+    bootstrap, run["broker"] = ensure_broker(settings, args.port, run_dir / "broker", use_existing=chosen)
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
     env[ENV_PREFIX + "BOOTSTRAP_SERVERS"] = bootstrap
+    if run["broker"] is None:
+        # Your broker may hold an earlier run's state (its changelog, its group's offsets): a
+        # group of this run's own starts afresh, and reads the input topic from its start.
+        group = f"{settings.group_id}-up-{run_dir.name.rsplit('-', 1)[-1]}"
+        settings = settings.model_copy(update={"group_id": group})
+        env[ENV_PREFIX + "GROUP_ID"] = group
+        say(f"using your broker at {bootstrap} (STREAM_LSTM_BOOTSTRAP_SERVERS), in a consumer "
+            f"group of this run's own: {group}")
     from stream_lstm.kafka.topics import ensure_worker_topics
 
     ensure_worker_topics(settings)
@@ -224,7 +249,7 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
         feed = exe + ["replay", *map(str, args.csv), "--speedup", str(args.speedup)]
     else:
         feed = exe + ["simulate", "--devices", str(args.devices), "--rate", str(args.rate)]
-    worker_log, feed_log = run_dir / "worker.log", run_dir / "simulator.log"
+    worker_log, feed_log = run_dir / "worker.log", run_dir / ("replay.log" if args.csv else "simulator.log")
     signals.raising = False  # from here a signal only asks to stop: no child is half-recorded
     if signals.stop:
         return
@@ -234,13 +259,13 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
     relay = run["relay"] = WorkerLogRelay(worker.proc.stdout, worker_log)  # type: ignore[arg-type]
     relay.start()
     with open(feed_log, "ab") as out:
-        run["children"].append(start_child("simulator", feed, env, feed_log,
+        run["children"].append(start_child("replay" if args.csv else "simulator", feed, env, feed_log,
                                            stdout=out, stderr=subprocess.STDOUT))
     say(f"broker {bootstrap} | worker pid {worker.proc.pid} (log: {worker_log}) | feeding "
         f"{'replay of ' + ', '.join(map(str, args.csv)) if args.csv else f'{args.devices} simulated devices'}")
     say("live forecasts (Ctrl-C to stop):")
-    run["worker_exited"] = not show_forecasts(settings, args.duration,
-                                              lambda: signals.stop, worker.proc)
+    run["worker_exited"] = not show_forecasts(settings, args.duration, lambda: signals.stop, worker.proc,
+                                              run["children"][-1].proc, feed_log)
     if run["worker_exited"]:
         relay.join(timeout=5)  # the log file has all the worker wrote
         say(f"the worker exited with code {worker.proc.returncode}; the end of its log "
@@ -309,8 +334,10 @@ def describe(c: Child, relay: WorkerLogRelay | None) -> str:
 
 
 def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[], bool],
-                   worker: subprocess.Popen) -> bool:
-    """Print forecasts from the output topic as they arrive (a few lines per second).
+                   worker: subprocess.Popen, feed: subprocess.Popen | None = None,
+                   feed_log: Path | None = None) -> bool:
+    """Print forecasts from the output topic as they arrive (a few lines per second); stop
+    early, saying why, when the feed fails (its log's end is shown).
 
     Returns False when the worker exited by itself, True otherwise.
     """
@@ -327,6 +354,10 @@ def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[]
         while time.time() < t_end and not should_stop():
             if worker.poll() is not None:
                 alive = False
+                break
+            if feed is not None and feed.poll() not in (None, 0):
+                say(f"the feed exited with code {feed.returncode}; the end of its log:\n"
+                    f"{tail(feed_log) if feed_log else ''}")
                 break
             for recs in consumer.poll(timeout_ms=500).values():
                 for rec in recs:

@@ -110,3 +110,15 @@ def test_missing_java_or_mvn_says_what_to_install(tmp_path, monkeypatch, capsys)
     assert cli("fetch", free_port(), tmp_path / "data") == 2
     assert capsys.readouterr().err == ("stream-lstm kafka fetch: mvn not found: install "
                                        "Apache Maven (apt install maven)\n")
+
+
+def test_ensure_local_broker_lets_the_bodys_own_error_through(bootstrap):
+    """With a broker at the address, an error raised by the caller's work is that error, not a
+    second broker started behind it."""
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.local_broker import ensure_local_broker
+
+    with pytest.raises(ValueError, match="the real error"):
+        with ensure_local_broker(Settings(bootstrap_servers=bootstrap)) as got:
+            assert got == bootstrap
+            raise ValueError("the real error")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient
 
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, SettingsError
 from stream_lstm.kafka.local_broker import LocalBroker, free_port, pid_alive
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.tools.demo import WorkerLogRelay, ensure_broker, summarize_log_line
@@ -202,3 +202,26 @@ def test_the_live_table_shows_the_likelihood_the_flag_reads():
     assert line.endswith(" 5e-05 ANOMALY"), line  # 1 - the likelihood, not the raw score
     assert format_forecast({**forecast, "anomaly_likelihood": None,
                             "is_anomaly": False}).endswith(" -")
+
+
+def test_up_refuses_a_port_in_use_rather_than_running_on_a_broker_it_did_not_choose():
+    """Without STREAM_LSTM_BOOTSTRAP_SERVERS, `up` never reuses what answers on a port: a broker
+    left by `kafka up` held earlier runs' state, and every reading came out late."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SettingsError, match=f"port {port} is in use"):
+            ensure_broker(Settings(bootstrap_servers=f"127.0.0.1:{port}"), port, use_existing=False)
+
+
+def test_up_with_a_csv_it_cannot_read_says_so_before_starting_anything(tmp_path):
+    env = dict(os.environ, STREAM_LSTM_METRICS_PORT="0", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "up", "--port", str(free_port()),
+                           str(tmp_path / "nosuch.csv")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "nosuch.csv" in done.stderr and "Traceback" not in done.stderr
+    assert "starting a local Kafka broker" not in done.stdout
