@@ -184,10 +184,14 @@ class Metrics:
         """Drop the per-partition series of partitions this worker no longer holds: left, their
         last value would be summed with their new owner's (``sum(consumer_lag)``) for ever.
         (Zeroed first: under a host's several processes the most recent write is shown.)"""
-        for gauge in (self.consumer_lag, self.restore_progress_ratio):
+        import os
+
+        shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # (removal is not implemented
+        for gauge in (self.consumer_lag, self.restore_progress_ratio):  # there: a warning a call)
             for p in partitions:
                 gauge.labels(str(p)).set(0)
-                gauge.remove(str(p))
+                if not shared:
+                    gauge.remove(str(p))
 
     def count_batch(self, c: Any, active_devices: int) -> None:
         """Add one batch's :class:`~stream_lstm.pipeline.BatchCounts`: where each reading ended."""

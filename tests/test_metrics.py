@@ -232,3 +232,19 @@ def test_a_metrics_port_in_use_is_a_clear_refusal_not_a_traceback():
         port = taken.getsockname()[1]
         with pytest.raises(SettingsError, match=f"cannot serve /metrics on 127.0.0.1:{port}.*STREAM_LSTM_METRICS_PORT"):
             serve_metrics(Metrics(), HealthState(), "127.0.0.1", port)
+
+
+def test_forgotten_partitions_are_zeroed_and_removed_except_where_removal_is_not_implemented(monkeypatch):
+    """Under a host's several processes (PROMETHEUS_MULTIPROC_DIR) prometheus-client cannot
+    remove a labelled series and says so with a Python warning per call, raw in the JSON log:
+    there the series is zeroed only."""
+    for shared in (False, True):
+        m = Metrics()
+        m.consumer_lag.labels("3").set(7)
+        removed = []
+        monkeypatch.setattr(m.consumer_lag, "remove", lambda *labels, r=removed: r.append(labels))
+        if shared:
+            monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+        m.forget_partitions({3})
+        assert m.consumer_lag.labels("3")._value.get() == 0
+        assert removed == ([] if shared else [("3",)])

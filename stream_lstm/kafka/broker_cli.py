@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stream_lstm.kafka import broker_registry
 from stream_lstm.kafka.jars import KAFKA_VERSION, BrokerError, fetch_jars
-from stream_lstm.kafka.local_broker import DEFAULT_PORT, LocalBroker
+from stream_lstm.kafka.local_broker import DEFAULT_PORT, LocalBroker, tcp_port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="up: start one and wait until ready; down: stop every broker `up` "
                              "started (or only the one of --port/--data-dir); status: list them "
                              "(or that one); fetch: the jars only")
-    parser.add_argument("--port", type=int, default=None,
+    parser.add_argument("--port", type=tcp_port, default=None,
                         help=f"client port (up: default {DEFAULT_PORT}; down/status: only the "
                              "broker on this port)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -90,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
             broker.start(args.timeout)
             broker_registry.record(broker.port, broker.pid, broker.data_dir)
             print(f"Kafka {KAFKA_VERSION} broker ready at {broker.bootstrap} (pid {broker.pid}, "
-                  f"data: {broker.data_dir}, logs: {broker.log_file}); `stream-lstm kafka down` "
-                  "stops it")
+                  f"data: {broker.data_dir}, logs: {broker.log_file}); `stream-lstm kafka down "
+                  f"--port {broker.port}` stops it")
         elif args.action == "down":
             print(_stop(broker_registry.broker_for(port, data_dir)))
         else:

@@ -57,6 +57,27 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def tcp_port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1 to 65535.
+
+    >>> tcp_port("9092")
+    9092
+    >>> tcp_port("70000")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: 70000 is not a TCP port (1 to 65535)
+    """
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1 to 65535)")
+    return port
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
     with socket.socket() as s:

@@ -59,7 +59,10 @@ def format_table(rows: list[dict[str, Any]], promoted: str | None) -> str:
     * v0001    -         2024-01-02 03:04:05   -1.0000    0.2500    0.5000
       v0002    v0001     -                           -    0.2000         -
     """
-    lines = [f"  {'version':8} {'parent':9} {'created (UTC)':19} {'val nll':>9} {'val mae':>9} "
+    # Columns as wide as their longest name (offline-... and v0000-untrained are long).
+    wv = max([8, *(len(str(m.get("version", "?"))) for m in rows)])
+    wp = max([9, *(len(str(m.get("parent") or "-")) for m in rows)])
+    lines = [f"  {'version':{wv}} {'parent':{wp}} {'created (UTC)':19} {'val nll':>9} {'val mae':>9} "
              f"{'baseline':>9}"]
     for m in rows:
         metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
@@ -68,7 +71,7 @@ def format_table(rows: list[dict[str, Any]], promoted: str | None) -> str:
         # the error this version was compared with: persistence, or the champion it replaced
         base = metrics.get("persistence_mae", metrics.get("champion_error"))
         mark = "*" if m.get("version") == promoted else " "
-        line = (f"{mark} {str(m.get('version', '?')):8} {str(m.get('parent') or '-'):9} "
+        line = (f"{mark} {str(m.get('version', '?')):{wv}} {str(m.get('parent') or '-'):{wp}} "
                 f"{_created(m.get('created_at')):19} {_num(nll):>9} {_num(mae):>9} {_num(base):>9}")
         if m.get("error"):
             line += f"  ({m['error']})"
@@ -83,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
     model_dir = args.model_dir
     if model_dir is None:
         model_dir = load_settings().model_dir
+    if not Path(model_dir).is_dir():  # a mistyped directory is not "no models"
+        print(f"models: no model directory at {model_dir} (--model-dir, or STREAM_LSTM_MODEL_DIR)",
+              file=sys.stderr)
+        return 2
     reg = ModelRegistry(model_dir)
     if args.action == "list":
         rows = reg.versions()

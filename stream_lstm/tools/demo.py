@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from stream_lstm.config import ENV_PREFIX, Settings, SettingsError, load_settings
+from stream_lstm.kafka.local_broker import tcp_port
 from stream_lstm.tools.children import (
     Child,
     StopSignals,
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="readings per second, all devices together (default 40)")
     parser.add_argument("--speedup", type=float, default=3600.0,
                         help="replay speed-up of a CSV's own timing (default 3600)")
-    parser.add_argument("--port", type=int, default=9092, help="local broker port (default 9092)")
+    parser.add_argument("--port", type=tcp_port, default=9092, help="local broker port (default 9092)")
     parser.add_argument("--duration", type=float, default=0.0,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--keep-broker", action="store_true",

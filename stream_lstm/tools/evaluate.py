@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons (default: 24 48)")
     parser.add_argument("--peer", action="store_true",
                         help="also run the deep-river peer (an online LSTM per recording, "
-                             "one-step) on the same recordings; needs stream-lstm[peer]")
+                             "one-step) on the same recordings; needs the [peer] extra: pip install -e '.[peer]'")
     parser.add_argument("--nab", action="store_true",
                         help="NAB's unsupervised setting instead: serve a fresh, untrained model "
                              "over every row and score its alerts (the alert events opened, and the "
@@ -245,9 +245,14 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.etth1:
+        from stream_lstm.recordings import RecordingError
         from stream_lstm.tools.etth1 import etth1_protocol
 
-        report = etth1_protocol(args.etth1, args.horizons, settings, args.epochs)
+        try:
+            report = etth1_protocol(args.etth1, args.horizons, settings, args.epochs)
+        except RecordingError as exc:  # (a mistyped path: one line, as for the recordings)
+            print(f"evaluate: {exc}", file=sys.stderr)
+            return 2
         (args.out / "etth1.json").write_text(json.dumps(report, indent=2))
         print(f"report: {args.out / 'etth1.json'}")
         return 0

@@ -27,7 +27,7 @@ Details of deep-river 0.3.4 that shape the numbers:
 * ``LSTMForecaster`` builds its LSTM before it seeds torch, so the weights are seeded here, inside
   ``torch.random.fork_rng``; the caller's global torch RNG is left as it was.
 
-Installation. deep-river is optional: ``pip install 'stream-lstm[peer]'``. Every deep-river
+Installation. deep-river is optional: ``pip install -e '.[peer]'`` in the repository. Every deep-river
 release pins an old torch (0.3.4: ``torch>=2.5,<2.6``), so in an environment whose torch must
 stay as it is, install it without its dependencies and add the two it imports::
 
@@ -65,7 +65,7 @@ __all__ = ["INSTALL_HINT", "peer_available", "peer_one_step"]
 
 INSTALL_HINT = (
     "the deep-river peer baseline needs the optional package deep-river: "
-    "pip install 'stream-lstm[peer]'  (deep-river pins an old torch; to keep yours, use "
+    "pip install -e '.[peer]' in the repository (the package's [peer] extra; deep-river pins an old torch; to keep yours, use "
     "pip install --no-deps 'deep-river==0.3.4' && pip install 'river>=0.25,<0.26' 'pandas>=2.2')"
 )
 

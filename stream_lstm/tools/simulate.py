@@ -271,9 +271,12 @@ def main(args: argparse.Namespace) -> int:
 def ensure_topic(settings: Settings, topic: str) -> None:
     """Create the topic with the worker's partition count if missing (best effort: a client
     without create rights still produces, to a topic that an operator created)."""
-    try:
-        from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+    from stream_lstm.kafka.clients import KafkaConnectError
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 
+    try:
         ensure_topics(settings, [TopicSpec(topic, settings.topic_partitions)], timeout_s=10.0)
-    except Exception as exc:  # noqa: BLE001
+    except KafkaConnectError:
+        raise  # no broker there: the command's one line (exit 3), not a note and a second error
+    except Exception as exc:  # noqa: BLE001 - e.g. no right to create: produce all the same
         print(f"note: could not check/create topic {topic}: {exc}", file=sys.stderr)

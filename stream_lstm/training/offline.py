@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences per update (default: STREAM_LSTM_TRAIN_BATCH_SIZE)")
     parser.add_argument("--seed", type=int, default=0,
                         help="torch seed for the initial weights and the shuffling (default 0)")
-    parser.add_argument("--version", default="v0001", help="version stamped on the saved model")
+    parser.add_argument("--version", default=None,
+                        help="version stamped on the saved model (default: offline-<UTC time>, never a "
+                             "registry's vNNNN: a worker that later follows a trainer's v0001 must not "
+                             "take it for the same weights)")
     parser.add_argument("--parent", default=None, help="parent version stamped on the model")
     parser.add_argument("--registry", action="store_true",
                         help="also register (next version) and promote it in the model directory")
@@ -147,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     meta = {
-        "version": args.version, "parent": args.parent,
+        "version": args.version or time.strftime("offline-%Y%m%dT%H%M%SZ", time.gmtime()), "parent": args.parent,
         "source": {"csv": str(args.csv), "columns": columns, "time_column": time_column},
         "training_data": {"first_ts": float(ts[0]), "last_ts": float(ts[split - 1]),
                           "first": _iso(ts[0]), "last": _iso(ts[split - 1]), "rows": split},

@@ -32,6 +32,10 @@ def test_list_shows_versions_metrics_and_the_promoted_marker(tmp_path, capsys):
 
 
 def test_list_reads_the_directory_from_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path / "missing"))
+    assert cli(["models", "list"]) == 2  # a mistyped directory is said, not "no models"
+    assert "no model directory at" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path / "empty"))
     assert cli(["models", "list"]) == 0
     assert "no models in" in capsys.readouterr().out
@@ -107,3 +111,13 @@ def test_rollback_publish_to_a_topic_too_small_for_the_model_says_so(
     assert "v0001 is promoted in the registry but not published" in err
     assert "max.message.bytes" in err and topic_name in err
     assert reg.promoted() == "v0001"
+
+
+def test_the_table_widens_for_long_version_names():
+    from stream_lstm.models.registry_cli import format_table
+
+    lines = format_table([{"version": "v0001", "parent": "v0000-untrained", "metrics": {"mae": 0.2}},
+                          {"version": "offline-20261205T101010Z", "metrics": {"mae": 0.3}}], "v0001").splitlines()
+    end = lines[0].index("val mae") + len("val mae")  # the column's right edge in the header
+    assert [line[end - 6 : end] for line in lines[1:]] == ["0.2000", "0.3000"]  # aligned under it
+    assert len({len(line) for line in lines}) == 1

@@ -24,7 +24,7 @@ def test_missing_deep_river_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "deep_river", None)
     monkeypatch.setitem(sys.modules, "deep_river.forecasting", None)
     assert not peer_available()
-    with pytest.raises(ImportError, match=r"pip install 'stream-lstm\[peer\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[peer\]'"):
         peer_one_step(np.zeros(5))
 
 
@@ -89,4 +89,4 @@ def test_rejects_a_2d_series():
 
 
 def test_install_hint_names_the_extra():
-    assert "stream-lstm[peer]" in peer.INSTALL_HINT
+    assert "pip install -e '.[peer]'" in peer.INSTALL_HINT  # (not on PyPI: from the repository)

@@ -130,3 +130,16 @@ def test_cli_replays_a_merged_fleet_with_a_speedup(shared_data, bootstrap, setti
         body = json.loads(r.value)
         assert r.key.decode() == body["device_id"] and body["device_id"] in {"a", "b"}
 
+
+
+def test_no_broker_is_the_one_line_exit_3_of_every_command(tmp_path, monkeypatch, capsys):
+    """Not a note about the topic, then the same error again as a failure (exit 1)."""
+    from stream_lstm.cli import main
+    from stream_lstm.kafka.local_broker import free_port
+
+    csv = tmp_path / "r.csv"
+    csv.write_text("timestamp,value\n2024-01-01 00:00:00,1\n2024-01-01 00:05:00,2\n")
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
+    assert main(["replay", str(csv)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("cannot connect to Kafka") == 1 and "note:" not in err and "Traceback" not in err

@@ -27,7 +27,7 @@ def test_train_on_nab_saves_a_loadable_model_and_reports_val_mae(tmp_path, monke
 
     model, spec, meta = load_model(out)
     assert (spec.hidden_size, spec.horizon, spec.n_features) == (8, 4, 1)
-    assert meta["version"] == "v0001" and meta["parent"] is None
+    assert meta["version"].startswith("offline-20") and meta["parent"] is None  # never a registry's vNNNN
     assert meta["training_data"]["first"] == "2013-12-02T21:15:00Z"
     assert meta["training_data"]["rows"] == 1600 and meta["validation_data"]["rows"] == 400
     assert meta["metrics"]["epochs"] == 1
