@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -269,6 +270,9 @@ class Settings(BaseSettings):
                          if getattr(self, k) is not None]:
                 raise ValueError(f"{', '.join(given)} set but security_protocol is "
                                  f"{self.security_protocol}: set SSL or SASL_SSL to use them")
+        for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):  # at start, not a TLS timeout later
+            if (path := getattr(self, k)) is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{k} cannot be read: {path}")
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
         names = self.stage_names
@@ -350,9 +354,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = [str(p) for p in err["loc"]]
-            var = ENV_PREFIX + loc[0].upper() if loc else "STREAM_LSTM_* (combination)"
-            lines.append(f"invalid setting {var}: {err['msg']}")
+            loc, msg = [str(p) for p in err["loc"]], err["msg"].removeprefix("Value error, ")
+            if not loc:  # a rule across settings: each named by its variable, as users set it
+                msg = re.sub(r"\b[a-z][a-z0-9_]*\b", lambda m: ENV_PREFIX + m[0].upper() if m[0] in Settings.model_fields
+                             and ("_" in m[0] or m[0] == "window") else m[0], msg)
+            lines.append(f"invalid setting{' ' + ENV_PREFIX + loc[0].upper() if loc else 's'}: {msg}")
         raise SettingsError("\n".join(lines)) from None
 
 

@@ -44,19 +44,19 @@ def test_processes_is_a_number_or_auto(monkeypatch):
 
 
 def test_inconsistent_settings_are_refused():
-    with pytest.raises(SettingsError, match="target_channel"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_TARGET_CHANNEL"):
         load_settings(n_features=2, target_channel=2)
-    with pytest.raises(SettingsError, match="sasl_mechanism"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_MECHANISM"):
         load_settings(security_protocol="SASL_SSL")
-    with pytest.raises(SettingsError, match=r"tbptt_k2 \(8\) must be >= tbptt_k1 \(64\)"):
+    with pytest.raises(SettingsError, match=r"STREAM_LSTM_TBPTT_K2 \(8\) must be >= STREAM_LSTM_TBPTT_K1 \(64\)"):
         load_settings(tbptt_k1=64, tbptt_k2=8)
 
 
 def test_two_roles_on_one_topic_are_refused():
     # A DLQ that is the input would read each dead letter back and dead-letter it again.
-    with pytest.raises(SettingsError, match="input_topic and dlq_topic are the same topic"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_INPUT_TOPIC and STREAM_LSTM_DLQ_TOPIC are the same topic"):
         load_settings(dlq_topic="sensor-readings")
-    with pytest.raises(SettingsError, match="output_topic and changelog_topic"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_OUTPUT_TOPIC and STREAM_LSTM_CHANGELOG_TOPIC"):
         load_settings(output_topic="stream-lstm-state-changelog")
     assert load_settings(alerts_topic="").alerts_topic == ""  # (unset: no alerts)
 
@@ -64,25 +64,29 @@ def test_two_roles_on_one_topic_are_refused():
 def test_tls_or_sasl_settings_the_protocol_would_ignore_are_refused(tmp_path):
     # Ignored, they would leave an unauthenticated (or unencrypted) connection where one
     # was meant: most likely STREAM_LSTM_SECURITY_PROTOCOL was forgotten.
-    with pytest.raises(SettingsError, match="sasl_username, sasl_password set but security_protocol is PLAINTEXT"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_USERNAME, STREAM_LSTM_SASL_PASSWORD set but STREAM_LSTM_SECURITY_PROTOCOL is PLAINTEXT"):
         load_settings(sasl_username="svc", sasl_password="pw")
-    with pytest.raises(SettingsError, match="ssl_cafile set but security_protocol is SASL_PLAINTEXT"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SSL_CAFILE set but STREAM_LSTM_SECURITY_PROTOCOL is SASL_PLAINTEXT"):
         load_settings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="svc",
                       sasl_password="pw", ssl_cafile=tmp_path / "ca.pem")
-    with pytest.raises(SettingsError, match="sasl_mechanism set but security_protocol is SSL"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_MECHANISM set but STREAM_LSTM_SECURITY_PROTOCOL is SSL"):
         load_settings(security_protocol="SSL", sasl_mechanism="PLAIN")
+    # A CA file that is not there: said at start, not after a TLS bootstrap timeout.
+    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_CAFILE cannot be read: {tmp_path / 'ca.pem'}"):
+        load_settings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem")
+    (tmp_path / "ca.pem").write_text("(a PEM)")
     assert load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc",
                          sasl_password="pw", ssl_cafile=tmp_path / "ca.pem").ssl_cafile
 
 
 def test_sasl_without_credentials_is_one_clear_line_at_start(tmp_path):
     sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
-    with pytest.raises(SettingsError, match="sasl_username is required"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_USERNAME is required"):
         load_settings(**sasl, sasl_password="pw")
-    with pytest.raises(SettingsError, match="sasl_password or sasl_password_file is required"):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_PASSWORD or STREAM_LSTM_SASL_PASSWORD_FILE is required"):
         load_settings(**sasl, sasl_username="svc")
     missing = tmp_path / "nowhere" / "pw"
-    with pytest.raises(SettingsError, match=f"sasl_password_file cannot be read: .*{missing}"):
+    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SASL_PASSWORD_FILE cannot be read: .*{missing}"):
         load_settings(**sasl, sasl_username="svc", sasl_password_file=missing)
     assert load_settings(**sasl, sasl_username="svc", sasl_password="pw").sasl_username == "svc"
 

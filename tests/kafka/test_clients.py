@@ -108,6 +108,8 @@ def test_plaintext_has_only_the_servers_and_the_protocol():
 
 
 def test_ssl_passes_the_ca_the_client_certificate_and_the_hostname_check(tmp_path):
+    for name in ("ca.pem", "me.pem", "me.key"):
+        (tmp_path / name).write_text("(PEM)")  # (settings refuse files they cannot read)
     kw = connection_kwargs(Settings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem",
                                     ssl_certfile=tmp_path / "me.pem", ssl_keyfile=tmp_path / "me.key",
                                     ssl_check_hostname=False))
@@ -121,6 +123,7 @@ def test_ssl_passes_the_ca_the_client_certificate_and_the_hostname_check(tmp_pat
 def test_sasl_ssl_has_both_and_the_password_comes_from_its_file(tmp_path):
     pw = tmp_path / "password"
     pw.write_text("s3cret\n")
+    (tmp_path / "ca").write_text("(PEM)")
     kw = connection_kwargs(Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
                                     sasl_username="svc", sasl_password_file=pw, ssl_cafile=tmp_path / "ca"))
     assert (kw["sasl_mechanism"], kw["sasl_plain_username"], kw["sasl_plain_password"]) == (
