@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -154,6 +155,38 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a kafka-python message through once per ``every_s`` seconds per logger and template: it
+    logs each reconnect attempt of each client (about a line a second a client through a broker
+    outage, a dozen before a start-up's one-line "cannot connect"). Who it was and what failed
+    is said once; the worker's own lines say the rest.
+
+    Examples
+    --------
+    >>> f, now = RepeatFilter(every_s=60.0, clock=lambda: now[0]), [0.0]
+    >>> def line(msg):
+    ...     return f.filter(logging.makeLogRecord({"name": "kafka.conn", "msg": msg, "args": ("x",)}))
+    >>> line("Connection failed: %s"), line("Connection failed: %s"), line("Bootstrap failed: %s")
+    (True, False, True)
+    >>> now[0] = 61.0; line("Connection failed: %s")
+    True
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.every_s, self.clock = every_s, clock
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kafka"):  # (the project's own lines all go through)
+            return True
+        key, now = (record.name, str(record.msg)), self.clock()
+        if now - self._last.get(key, -float("inf")) < self.every_s:
+            return False
+        self._last[key] = now
+        return True
+
+
 def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     """JSON lines on stderr (or ``stream``) for the whole process; safe to call again."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -162,8 +195,11 @@ def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
-    # kafka-python is chatty at INFO (every connection, every metadata refresh).
+    # kafka-python is chatty at INFO (every connection, every metadata refresh), and repeats
+    # itself at WARNING and ERROR through an outage.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    if root.level > logging.DEBUG:  # (a filter on the handler: "kafka"'s own would miss its children)
+        handler.filters.insert(0, RepeatFilter())  # (before SecretFilter formats the template)
 
 
 def log_startup(logger: logging.Logger, settings: Any, connected: Mapping[str, object]) -> None:

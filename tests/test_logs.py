@@ -180,3 +180,20 @@ def test_log_startup_redacts_settings_given_as_a_plain_mapping(json_logs):
     assert line["event"] == "stream-lstm started: input_topic=readings"
     assert line["settings"] == {"window": 64, "sasl_password": "***"}
     assert "hunter2" not in json_logs.getvalue()
+
+
+def test_kafka_pythons_repeats_are_said_once_and_ours_always():
+    from stream_lstm.logs import configure_logging
+
+    out = io.StringIO()
+    configure_logging("INFO", stream=out)
+    try:
+        for backoff in (0.1, 0.4, 1.5, 7.5):  # as kafka-python logs each bootstrap retry
+            logging.getLogger("kafka.net.manager").warning("Bootstrap %s not ready; waiting %.2f secs",
+                                                           "bootstrap-0", backoff)
+            logging.getLogger("stream_lstm.worker").warning("broker not reachable; retrying")
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [x["logger"] for x in lines].count("kafka.net.manager") == 1
+        assert [x["logger"] for x in lines].count("stream_lstm.worker") == 4
+    finally:
+        configure_logging("INFO")
