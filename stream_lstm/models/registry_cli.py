@@ -115,11 +115,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"promoted {args.version} (was {previous or 'none'}); workers serve it after their "
           "next start or model swap")
     if args.publish:
+        from stream_lstm.kafka.clients import KafkaConnectError
         from stream_lstm.training.retrainer import ModelPublishError
 
         try:
             topic = publish(reg.load(args.version))
-        except ModelPublishError as exc:
+        except (ModelPublishError, KafkaConnectError) as exc:  # (no broker: said the same way)
             print(f"models rollback: {args.version} is promoted in the registry but not "
                   f"published: {exc}", file=sys.stderr)
             return 2

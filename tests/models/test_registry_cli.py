@@ -121,3 +121,14 @@ def test_the_table_widens_for_long_version_names():
     end = lines[0].index("val mae") + len("val mae")  # the column's right edge in the header
     assert [line[end - 6 : end] for line in lines[1:]] == ["0.2000", "0.3000"]  # aligned under it
     assert len({len(line) for line in lines}) == 1
+
+
+def test_rollback_publish_with_no_broker_says_what_it_did_and_did_not_do(tmp_path, capsys, monkeypatch):
+    from stream_lstm.kafka.local_broker import free_port
+
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
+    reg = registry_with_two(tmp_path)
+    assert cli(["models", "rollback", "v0001", "--publish", "--model-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "v0001 is promoted in the registry but not published" in err and "cannot connect" in err
+    assert reg.promoted() == "v0001"
