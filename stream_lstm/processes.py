@@ -309,9 +309,9 @@ class Supervisor:
                     proc.kill()
                 proc.wait()
                 outcome[slot.name] = "killed"
-            else:  # our SIGTERM before its handler was set counts as clean: nothing was open
-                code = proc.returncode
-                outcome[slot.name] = "stopped" if code in (0, -signal.SIGTERM) else f"exit {code}"
+            else:  # our SIGTERM before its handler was set, or while it connected (130), counts
+                code = proc.returncode  # as clean: nothing was open
+                outcome[slot.name] = "stopped" if code in (0, 130, -signal.SIGTERM) else f"exit {code}"
             self._exited(slot, proc.returncode)
         summary = [f"{name} (pid {pids[name]}): {how}" for name, how in outcome.items()]
         summary += [f"{slot.name}: was waiting to restart" for slot in self.slots

@@ -410,3 +410,18 @@ def test_a_child_stuck_unready_for_a_reason_of_its_own_is_restarted_and_no_other
                      "p4": "no status yet"}
     assert any(r.getMessage() == "worker process p3 did not stop in 0.5s; killing it"
                for r in caplog.records)
+
+
+def test_a_stop_while_the_children_connect_is_a_clean_stop(settings_factory, tmp_path):
+    """Ctrl-C before the broker answers: each child ends its connect at once (130), which is a
+    clean stop (nothing was open), and so is the supervisor's (0)."""
+    s = settings_factory().model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})  # no one there
+    host = Host(s, tmp_path)
+    try:  # each child says which model it serves, then connects
+        wait_for(lambda: {e.get("instance") for e in host.log() if e["event"].startswith("serving model")}
+                 >= {"host-p0", "host-p1"}, "both children connecting", host)
+    finally:
+        code = host.stop(timeout=90, sig=signal.SIGINT)
+    assert code == 0, host.err.read_text()[-3000:]
+    (stopped,) = [e for e in host.log() if e["event"].startswith("stopped 2 worker processes")]
+    assert {v["outcome"] for v in stopped["stopped"].values()} == {"stopped"}
