@@ -93,22 +93,39 @@ def relay(settings: Any, topic: str, out: str) -> None:
     producer.close(timeout=5)
 
 
-def read(settings: Any, topic: str, expect: int) -> None:
-    """Print ``ready`` once assigned, then one JSON line: latencies and when the last came."""
+def assigned_reader(settings: Any, topic: str, from_end: bool) -> Any:
+    """A read_committed consumer of every partition of ``topic``, assigned by hand, from its
+    end or its start; None if the topic's partitions are not known within READER_JOIN_S.
+
+    No consumer group: a reader needs no membership, and a group join is where kafka-python
+    3.0.12 has hung (once spinning on its coordinator for 15 minutes; in CI, no partitions
+    within 60 s)."""
+    from kafka.structs import TopicPartition
+
     from stream_lstm.kafka.clients import make_consumer
 
-    consumer = make_consumer(settings, topic, group_id=f"live-read-{uuid.uuid4().hex[:6]}",
-                             auto_offset_reset="latest", isolation_level="read_committed",
-                             fetch_max_wait_ms=10)
-    # Bounded: a reader that never gets its partitions (once seen: kafka-python spinning on
-    # its group coordinator for 15 minutes) must fail the run, not hang the benchmark.
+    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed",
+                             auto_offset_reset="latest" if from_end else "earliest", fetch_max_wait_ms=10)
     deadline = time.time() + READER_JOIN_S
-    while not consumer.assignment():
+    while not (parts := consumer.partitions_for_topic(topic)):
         if time.time() > deadline:
             consumer.close()
-            print("no partitions", flush=True)
-            return
-        consumer.poll(timeout_ms=100)
+            return None
+        time.sleep(0.1)
+    consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+    if from_end:
+        consumer.seek_to_end()
+    else:
+        consumer.seek_to_beginning()
+    return consumer
+
+
+def read(settings: Any, topic: str, expect: int) -> None:
+    """Print ``ready`` once assigned, then one JSON line: latencies and when the last came."""
+    consumer = assigned_reader(settings, topic, from_end=True)
+    if consumer is None:
+        print("no partitions", flush=True)
+        return
     for tp in consumer.assignment():
         consumer.position(tp)  # pin "latest" now, before the load starts
     print("ready", flush=True)
@@ -129,7 +146,7 @@ def read(settings: Any, topic: str, expect: int) -> None:
 # ---- the measurement ---------------------------------------------------------------------------
 def _run_one(settings: Any, kind: str, rate: float, seconds: float) -> dict[str, float]:
     from stream_lstm.encoding import encode_reading
-    from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.kafka.clients import make_producer
     from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 
     topic = f"live-{kind}-{uuid.uuid4().hex[:6]}"
@@ -144,8 +161,9 @@ def _run_one(settings: Any, kind: str, rate: float, seconds: float) -> dict[str,
     service = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Warm up: until the service answers (joined, restored, first transaction done).
-        warm_reader = make_consumer(s, s.output_topic, group_id=f"w-{uuid.uuid4().hex[:6]}",
-                                    auto_offset_reset="earliest", isolation_level="read_committed")
+        warm_reader = assigned_reader(s, s.output_topic, from_end=False)
+        if warm_reader is None:
+            raise RuntimeError(f"no partitions of {s.output_topic} within {READER_JOIN_S:.0f} s")
         p = make_producer(s, linger_ms=1)
         deadline = time.time() + 120
         while time.time() < deadline and not warm_reader.poll(timeout_ms=500):

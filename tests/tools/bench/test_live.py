@@ -19,12 +19,18 @@ def test_a_short_paced_load_is_seen_through_and_measured(settings_factory, kind,
 def test_a_reader_that_gets_no_partitions_says_so_instead_of_hanging(settings_factory, topic_name,
                                                                      monkeypatch, capsys):
     # Once seen: a reader whose consumer spun on its group coordinator held `bench` for 15
-    # minutes. The wait is bounded; here the bound has passed before the first poll.
+    # minutes. Readers join no group now (every partition assigned by hand), and the wait for a
+    # topic's partitions is bounded.
     from stream_lstm.kafka.topics import TopicSpec, ensure_topics
     from stream_lstm.tools.bench import live
 
     s = settings_factory()
-    ensure_topics(s, [TopicSpec(topic_name, 1)])
-    monkeypatch.setattr(live, "READER_JOIN_S", 0.0)
-    live.read(s, topic_name, expect=1)
+    ensure_topics(s, [TopicSpec(topic_name, 3)])
+    reader = live.assigned_reader(s, topic_name, from_end=True)
+    try:
+        assert reader.config["group_id"] is None and {tp.partition for tp in reader.assignment()} == {0, 1, 2}
+    finally:
+        reader.close()
+    monkeypatch.setattr(live, "READER_JOIN_S", 1.0)
+    live.read(s, f"{topic_name}-never-created", expect=1)
     assert capsys.readouterr().out.strip() == "no partitions"
