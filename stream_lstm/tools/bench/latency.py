@@ -15,6 +15,7 @@ import numpy as np
 
 from stream_lstm.tools.bench.core import send_paced
 from stream_lstm.tools.bench.fixture import say
+from stream_lstm.tools.bench.live import READER_JOIN_S, assigned_reader
 
 
 def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick: bool) -> dict:
@@ -28,7 +29,7 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
     import sys
 
     from stream_lstm.encoding import encode_reading
-    from stream_lstm.kafka.clients import make_consumer, make_producer
+    from stream_lstm.kafka.clients import make_producer
     from stream_lstm.kafka.local_broker import free_port
 
     rate = 0.5 * (result.get("pipeline_eos_msgs_per_s") or result["pipeline_msgs_per_s"])
@@ -45,9 +46,10 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
             env[f"STREAM_LSTM_{name.upper()}"] = str(value)
     worker = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    reader = make_consumer(s, s.output_topic, group_id=f"lat-{uuid.uuid4().hex[:6]}",
-                           auto_offset_reset="latest", isolation_level="read_committed",
-                           fetch_max_wait_ms=20)
+    reader = assigned_reader(s, s.output_topic, from_end=True)  # (no group join to hang in)
+    if reader is None:
+        worker.terminate()
+        raise RuntimeError(f"no partitions of {s.output_topic} within {READER_JOIN_S:.0f} s")
     lat: list[float] = []
     try:
         # Warm up: wait until the worker answers with forecasts before measuring.

@@ -104,8 +104,11 @@ def assigned_reader(settings: Any, topic: str, from_end: bool) -> Any:
 
     from stream_lstm.kafka.clients import make_consumer
 
+    # allow_auto_create_topics off: asking for a topic's partitions must not create it (with the
+    # broker's default count) before its writer creates it as it means to.
     consumer = make_consumer(settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed",
-                             auto_offset_reset="latest" if from_end else "earliest", fetch_max_wait_ms=10)
+                             auto_offset_reset="latest" if from_end else "earliest", fetch_max_wait_ms=10,
+                             allow_auto_create_topics=False)
     deadline = time.time() + READER_JOIN_S
     while not (parts := consumer.partitions_for_topic(topic)):
         if time.time() > deadline:
