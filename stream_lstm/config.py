@@ -331,8 +331,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if "password" in name and value is not None:
                 value = "***"
-            elif isinstance(value, Path):
-                value = str(value)
+            elif isinstance(value, Path | str):  # (a URL's user:password@ too)
+                value = re.sub(r"://.*@", "://***@", str(value))
             out[name] = value
         return out
 
@@ -356,7 +356,7 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc, msg = [str(p) for p in err["loc"]], err["msg"].removeprefix("Value error, ")
             if not loc:  # a rule across settings: each named by its variable, as users set it
-                msg = re.sub(r"\b[a-z][a-z0-9_]*\b", lambda m: ENV_PREFIX + m[0].upper() if m[0] in Settings.model_fields
+                msg = re.sub(r"(?<![\w/.-])[a-z][a-z0-9_]*\b", lambda m: ENV_PREFIX + m[0].upper() if m[0] in Settings.model_fields
                              and ("_" in m[0] or m[0] == "window") else m[0], msg)
             lines.append(f"invalid setting{' ' + ENV_PREFIX + loc[0].upper() if loc else 's'}: {msg}")
         raise SettingsError("\n".join(lines)) from None

@@ -186,3 +186,11 @@ def test_every_setting_is_read_by_some_code_path():
 def test_limits_the_service_cannot_honour_are_refused_at_start(name, value):
     with pytest.raises(SettingsError, match=f"STREAM_LSTM_{name.upper()}"):
         load_settings(**{name: value})
+
+
+def test_a_urls_credentials_never_reach_the_logged_settings_and_paths_keep_their_names(tmp_path):
+    s = Settings(alertmanager_url="https://relay:s3cret@am.example:9093")
+    assert s.redacted()["alertmanager_url"] == "https://***@am.example:9093"
+    named = tmp_path / "ssl_cafile"  # a file named like a setting: its path is said as it is
+    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_CAFILE cannot be read: {named}$"):
+        load_settings(security_protocol="SSL", ssl_cafile=named)

@@ -26,6 +26,7 @@ however often it is sent.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -42,7 +43,16 @@ POST_TIMEOUT_S = 10.0
 
 
 class AlertmanagerError(RuntimeError):
-    """Alertmanager did not accept the alerts (unreachable, or an error status)."""
+    """Alertmanager did not accept the alerts (unreachable: ``status`` None, or an error status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        """Refused for what was sent (a 4xx other than 408 and 429): sending it again cannot help."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
 
 
 def _iso(ts: float) -> str:
@@ -55,11 +65,16 @@ def _num(x: Any) -> str:
 
 def to_alert(event: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """One alert event (docs/wire-contract.md) as an Alertmanager alert: firing for ``open``,
-    resolved for ``close`` (at the close's event time, or now if that is later than now)."""
+    resolved for ``close`` (at the close's event time, or now if that is later than now).
+    Event time is the device's clock: a start ahead of ours is sent as now (Alertmanager would
+    hold a resolved alert active until then). ``ValueError`` for times that are not times."""
     now = time.time() if now is None else now
     firing = event["event"] == "open"
-    ends = now + FIRING_FOR_S if firing else min(float(event["ts"]), now)
-    start = float(event["start_ts"])
+    start, ts = float(event["start_ts"]), float(event["ts"])
+    if not (0.0 <= start <= 1e11 and 0.0 <= ts <= 1e11):  # (also NaN and infinities: json allows them)
+        raise ValueError(f"alert times out of range: start_ts {start}, ts {ts}")
+    ends = now + FIRING_FOR_S if firing else min(ts, now)
+    start = min(start, ends, now)
     summary = (f"{event['device_id']}: anomalous since {_iso(start)}; {_num(event.get('value'))} at "
                f"the peak, expected {_num(event.get('expected_low'))} to {_num(event.get('expected_high'))}")
     return {
@@ -73,20 +88,19 @@ def to_alert(event: dict[str, Any], now: float | None = None) -> dict[str, Any]:
             **({"closed_because": str(event.get("reason", "recovered"))} if not firing else {}),
         },
         "startsAt": _iso(start),
-        "endsAt": _iso(max(ends, start)),
+        "endsAt": _iso(ends),
     }
 
 
 def redacted(url: str) -> str:
     """``url`` without credentials, for logs.
 
-    >>> redacted("https://relay:s3cret@am.example:9093/x")
-    'https://am.example:9093/x'
+    >>> redacted("https://relay:s3cret@am.example:9093/x"), redacted("http://relay:pa#s@s@am:9093")
+    ('https://am.example:9093/x', 'http://am:9093')
     """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    # On the text, not a parse: a password with an unencoded '#', '/' or '?' moves the parser's
+    # idea of where the host starts. Everything up to the last '@' goes.
+    return re.sub(r"://.*@", "://", url)
 
 
 def check_url(url: str) -> str:
@@ -97,13 +111,33 @@ def check_url(url: str) -> str:
     >>> check_url("alertmanager:9093")
     Traceback (most recent call last):
     ...
-    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host, not 'alertmanager:9093'
+    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?' and '@' in a password), not 'alertmanager:9093'
+    >>> check_url("http://relay:pa#ss@am:9093")  # the password's '#' ends the URL there: said, not echoed
+    Traceback (most recent call last):
+    ...
+    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?' and '@' in a password), not 'http://am:9093'
     """
     parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number (a '#' or '/' in a password)
+    except ValueError:
+        parts = urllib.parse.urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host, "
-                         f"not {redacted(url)!r}")
+        raise ValueError("STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host "
+                         "(percent-encode '#', '/', '?' and '@' in a password), not "
+                         f"{redacted(url)!r}")
     return url.rstrip("/")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib follows a redirect of a POST as a GET without the body (and with our credentials):
+    # a 200 from a login page would count as delivered. A redirect is an error here.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201, PLR0913
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {redacted(newurl)}: give "
+                                     "Alertmanager's own address", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = POST_TIMEOUT_S) -> None:
@@ -118,10 +152,11 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
         pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+        with _OPENER.open(request, timeout=timeout_s) as response:  # http(s) only (check_url)
             response.read()
     except urllib.error.HTTPError as exc:
-        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.read()[:200]!r}") from None
+        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {exc.read()[:200]!r}",
+                                status=exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} not reachable: {reason}") from None

@@ -33,6 +33,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from stream_lstm.config import Settings, SettingsError
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.relay.alertmanager import (
     RESEND_S,
     AlertmanagerError,
@@ -45,6 +46,8 @@ from stream_lstm.relay.alertmanager import (
 log = logging.getLogger("stream_lstm.relay")
 
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
+CHUNK = 100  # alerts a request at most: a proxy's body limit (nginx: 1 MiB) must not stall us
+COMMIT_TIMEOUT_MS = 5_000  # a commit that cannot finish (the broker away) is tried next turn
 
 
 class AlertRelay:
@@ -58,13 +61,16 @@ class AlertRelay:
     post
         How a list of alerts is delivered (``post_alerts(url, alerts)``).
     clock
-        Wall-clock seconds, for ``endsAt`` and the re-send schedule.
+        Wall-clock seconds, for ``endsAt``.
+    ticker
+        Monotonic seconds, for the re-send and retry schedules (a wall clock stepped back must
+        not hold the re-sends past Alertmanager's ``endsAt``).
 
     Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
     """
 
     def __init__(self, settings: Settings, post: Callable[[str, list[dict[str, Any]]], None] = post_alerts,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, ticker: Callable[[], float] = time.monotonic) -> None:
         if not settings.alerts_topic:
             raise SettingsError("STREAM_LSTM_ALERTS_TOPIC is empty: the worker writes no alert events to relay")
         if not settings.alertmanager_url:
@@ -74,15 +80,18 @@ class AlertRelay:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         self.settings = settings
-        self.post, self.clock = post, clock
+        self.post, self.clock, self.ticker = post, clock, ticker
         self.group_id = f"{settings.group_id}-alertmanager"
         # Open alerts: id -> (partition, offset of its open event, the event).
         self.open: dict[str, tuple[int, int, dict[str, Any]]] = {}
         self.assigned: set[int] = set()
-        self.waiting: list[dict[str, Any]] = []  # events not yet accepted by Alertmanager
+        # Events not yet accepted by Alertmanager, with their partition.
+        self.waiting: list[tuple[int, dict[str, Any]]] = []
+        self.read_to: dict[int, int] = {}  # per partition: the offset after the last event read
+        self._committed: dict[int, int] = {}
         self._resend = False  # the open alerts are due to be sent again
         self.delivered = 0
-        self._next_resend = clock() + RESEND_S  # (what a start reads again is sent as read)
+        self._next_resend = ticker() + RESEND_S  # (what a start reads again is sent as read)
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
         self._stop = threading.Event()
         self.group: GroupConsumer | None = None
@@ -94,13 +103,21 @@ class AlertRelay:
         self.assigned |= partitions
 
     def _on_revoked(self, partitions: set[int]) -> None:
-        # Their open alerts go with them: the next owner reads them again from the committed
-        # offset, which is no later than the oldest of them.
+        # Everything of theirs goes with them, undelivered events too: the next owner reads
+        # them again from the committed offset, which is before the oldest of them. (Sent late
+        # from here, an open could re-fire an alert the new owner has already resolved.)
         self.assigned -= partitions
         self.open = {k: v for k, v in self.open.items() if v[0] not in partitions}
+        self.waiting = [(p, e) for p, e in self.waiting if p not in partitions]
+        for p in partitions:
+            self.read_to.pop(p, None)
+            self._committed.pop(p, None)
 
     def connect(self) -> None:
         s = self.settings
+        # The topic as the worker creates it (a relay that starts first must not subscribe to a
+        # topic without partitions: kafka-python 3.0.12 then never assigned them).
+        ensure_topics(s, [TopicSpec(s.alerts_topic, s.topic_partitions, {})])
         consumed = s.model_copy(update={"input_topic": s.alerts_topic, "group_id": self.group_id,
                                         "commit_interval_ms": 0})  # (a fetch answers at once)
         self.group = GroupConsumer(consumed, PartitionListener(self._on_assigned, self._on_revoked),
@@ -121,42 +138,68 @@ class AlertRelay:
     def turn(self) -> None:
         """One poll, then delivery (or a retry) and the commit it allows."""
         assert self.group is not None
-        consumer = self.group.consumer
-        polled = self.group.poll(200)
-        for tp, records in polled.items():
+        for tp, records in self.group.poll(200).items():
             for rec in records:
                 self._take(tp.partition, rec.offset, rec.value)
-        now = self.clock()
-        if now >= self._next_resend and self.open:
+                self.read_to[tp.partition] = rec.offset + 1
+        self.group.check_membership(bool(self.assigned))  # (a consumer left outside its group)
+        tick = self.ticker()
+        if tick >= self._next_resend and self.open:
             self._resend = True  # still firing: say so again, before Alertmanager's endsAt
-            self._next_resend = now + RESEND_S
-        if not (self.waiting or self._resend) or now < self._retry_at:
-            if not (self.waiting or self._resend):
-                self._commit(consumer)
+            self._next_resend = tick + RESEND_S
+        if (self.waiting or self._resend) and tick >= self._retry_at and not self._deliver(tick):
             return
-        still_open = [e for _, _, e in self.open.values()] if self._resend else []
-        alerts = [to_alert(e, now) for e in [*self.waiting, *still_open]]
-        try:
-            self.post(self.url, alerts)
-        except AlertmanagerError as exc:
-            self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, RETRY_MAX_S)
-            consumer.pause(*[TopicPartition(self.settings.alerts_topic, p) for p in self.assigned])
-            log.warning("Alertmanager did not take the alerts; will retry",
-                        extra={"error": str(exc)[:300], "alerts": len(alerts), "retry_in_s": round(self._retry_at - now, 1)})
-            return
+        if not (self.waiting or self._resend):
+            self._commit()
+
+    def _deliver(self, tick: float) -> bool:
+        """Post what waits (and the open alerts, when due), in chunks; False to retry later."""
+        consumer = self.group.consumer  # type: ignore[union-attr]
+        now = self.clock()
+        events = [e for _, e in self.waiting] + ([e for _, _, e in self.open.values()] if self._resend else [])
+        alerts = [to_alert(e, now) for e in events]
+        for i in range(0, len(alerts), CHUNK):
+            chunk = alerts[i : i + CHUNK]
+            try:
+                self._post(chunk)
+            except AlertmanagerError as exc:
+                self._retry_at, self._backoff = tick + self._backoff, min(self._backoff * 2, RETRY_MAX_S)
+                consumer.pause(*[TopicPartition(self.settings.alerts_topic, p) for p in self.assigned])
+                log.warning("Alertmanager did not take the alerts; will retry", extra={
+                    "error": str(exc)[:300], "alerts": len(alerts) - i, "retry_in_s": round(self._retry_at - tick, 1)})
+                return False
         self.delivered += len(alerts)
-        for e in self.waiting:
+        for _, e in self.waiting:
             log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
         self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
         consumer.resume(*consumer.paused())
-        self._commit(consumer)
+        return True
+
+    def _post(self, chunk: list[dict[str, Any]]) -> None:
+        """One request; an alert Alertmanager refuses for what it is (a 4xx) is logged and
+        skipped, alone, so that it cannot hold up every other alert for ever."""
+        try:
+            self.post(self.url, chunk)
+        except AlertmanagerError as exc:
+            if not exc.refused:
+                raise
+            for alert in chunk:
+                try:
+                    self.post(self.url, [alert])
+                except AlertmanagerError as one:
+                    if not one.refused:
+                        raise
+                    log.error("Alertmanager refused an alert; skipped", extra={
+                        "labels": alert["labels"], "error": str(one)[:300]})
 
     def _take(self, partition: int, offset: int, value: bytes | None) -> None:
         try:
             event = json.loads(value or b"")
             kind, alert_id = event["event"], event["alert_id"]
-            to_alert(event, 0.0)  # every field it needs is there
-        except (ValueError, KeyError, TypeError) as exc:
+            if kind not in ("open", "close"):
+                raise ValueError(f"event {kind!r} is neither open nor close")
+            to_alert(event, 0.0)  # every field it needs is there, and its times are times
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
             log.error("skipping an alert event that cannot be read",
                       extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})
             return
@@ -164,20 +207,23 @@ class AlertRelay:
             self.open[alert_id] = (partition, offset, event)
         else:
             self.open.pop(alert_id, None)
-        self.waiting.append(event)
+        self.waiting.append((partition, event))
 
-    def _commit(self, consumer: Any) -> None:
-        """Per held partition: the oldest open event's offset, else the position."""
+    def _commit(self) -> None:
+        """Per held partition: the oldest open event's offset, else past the last one read."""
         offsets = {}
         for p in self.assigned:
-            tp = TopicPartition(self.settings.alerts_topic, p)
             held = [offset for part, offset, _ in self.open.values() if part == p]
-            offsets[tp] = OffsetAndMetadata(min(held) if held else consumer.position(tp), "", -1)
+            at = min(held) if held else self.read_to.get(p)
+            if at is not None and at != self._committed.get(p):
+                offsets[TopicPartition(self.settings.alerts_topic, p)] = OffsetAndMetadata(at, "", -1)
         if offsets and not self.group.rebalancing():  # type: ignore[union-attr]
             try:
-                consumer.commit(offsets)
+                self.group.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends
                 log.warning("committing the relay's offsets failed", extra={"error": repr(exc)[:200]})
+                return
+            self._committed.update({tp.partition: om.offset for tp, om in offsets.items()})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,8 +245,16 @@ def main(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     warn_unknown_variables(log)
     relay = AlertRelay(settings)
+    connecting = [True]
+
+    def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
+        relay.stop()
+        if connecting[0]:
+            raise KeyboardInterrupt
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: relay.stop())
+        signal.signal(sig, on_signal)
+    relay.connect()
+    connecting[0] = False
     relay.run()
     log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": len(relay.open)})
     return 0

@@ -2,7 +2,9 @@
 
 Not a mock of the relay: a stand-in for Alertmanager's API (v2, ``postableAlerts``), checking
 each alert as Alertmanager validates it (labels, RFC 3339 times, ``endsAt`` not before
-``startsAt``). ``fail`` answers that many requests with 503 first.
+``startsAt``). ``fail`` answers that many requests with 503 first; ``redirect`` answers every
+request with a 302 to a login page (which itself would answer a GET with 200); ``refuse`` names
+device ids whose alerts are refused with 400, as Alertmanager refuses an alert it cannot take.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class AlertmanagerStub:
         self.received: list[list[dict]] = []
         self.headers: list[dict] = []
         self.fail = 0
+        self.redirect = False
+        self.refuse: set[str] = set()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,13 +32,23 @@ class AlertmanagerStub:
                 if stub.fail > 0:
                     stub.fail -= 1
                     return self._answer(503)
+                if stub.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", "/login")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 alerts = json.loads(body)
+                if any(a["labels"].get("device_id") in stub.refuse for a in alerts):
+                    return self._answer(400)
                 for a in alerts:
                     assert a["labels"] and all(isinstance(v, str) for v in a["labels"].values()), a
                     starts, ends = (datetime.fromisoformat(a[k].replace("Z", "+00:00")) for k in ("startsAt", "endsAt"))
                     assert ends >= starts, a
                 stub.headers.append(dict(self.headers))
                 stub.received.append(alerts)
+                self._answer(200)
+
+            def do_GET(self) -> None:  # noqa: N802 - the login page a redirect would lead to
                 self._answer(200)
 
             def _answer(self, code: int) -> None:

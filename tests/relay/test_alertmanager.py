@@ -45,3 +45,32 @@ def test_an_error_status_is_an_error(stub):
     with pytest.raises(AlertmanagerError, match="503"):
         post_alerts(stub.url, [to_alert(EVENT)])
     assert stub.received == []
+
+
+def test_a_redirect_is_not_a_delivery(stub):
+    """urllib would follow it as a GET without the alerts (and with the credentials), and the
+    login page's 200 would count as delivered."""
+    stub.redirect = True
+    with pytest.raises(AlertmanagerError, match="302"):
+        post_alerts(stub.url.replace("http://", "http://relay:pw@"), [to_alert(EVENT)])
+    assert stub.received == []
+
+
+def test_times_from_a_device_clock_never_hold_an_alert_open_or_break_the_mapping():
+    ahead = EVENT | {"start_ts": 1700000500.0, "ts": 1700000600.0}  # a device clock 400 s ahead
+    resolved = to_alert(ahead | {"event": "close"}, now=1700000100.0)
+    assert resolved["startsAt"] == resolved["endsAt"] == "2023-11-14T22:15:00Z"  # now: resolved now
+    for bad in (float("inf"), float("nan"), 1e20, -5.0):
+        with pytest.raises(ValueError, match="out of range"):
+            to_alert(EVENT | {"start_ts": bad})
+
+
+def test_an_error_status_says_whether_sending_again_could_help(stub):
+    stub.refuse = {"pump-1"}
+    with pytest.raises(AlertmanagerError) as err:
+        post_alerts(stub.url, [to_alert(EVENT)])
+    assert err.value.status == 400 and err.value.refused
+    stub.fail = 1
+    with pytest.raises(AlertmanagerError) as err:
+        post_alerts(stub.url, [to_alert(EVENT | {"device_id": "pump-2"})])
+    assert err.value.status == 503 and not err.value.refused

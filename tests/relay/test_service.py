@@ -84,11 +84,42 @@ def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings,
 def test_alertmanager_down_holds_the_events_and_they_go_when_it_answers(relay_settings, stub, monkeypatch):
     monkeypatch.setattr(service, "RETRY_FIRST_S", 0.2)
     s = relay_settings
-    stub.fail = 2
-    send(s, event("open", "pump-3", T0, T0))
-    relay = AlertRelay(s)
-    run_until(relay, lambda: stub.alerts() != [])
-    assert stub.fail == 0 and [a["labels"]["device_id"] for a in stub.alerts()] == ["pump-3"]
+    stub.fail = 10**6  # down
+    send(s, event("open", "pump-3", T0, T0), event("open", "pump-5", T0, T0), event("close", "pump-5", T0, T0 + 60))
+    down, held = AlertRelay(s), []
+
+    def refused_twice() -> bool:  # two attempts refused: it holds the events, and retries
+        held.append(len(down.waiting))
+        return stub.fail < 10**6 - 2
+
+    run_until(down, refused_twice)
+    assert stub.alerts() == [] and max(held) == 3, held
+    # Stopped while Alertmanager is down: nothing was committed past the undelivered events, so
+    # the next relay delivers them all, the closed alert included.
+    stub.fail = 0
+    run_until(AlertRelay(s), lambda: len(stub.alerts()) >= 3)
+    assert sorted(a["labels"]["device_id"] for a in stub.alerts()) == ["pump-3", "pump-5", "pump-5"]
+
+
+def test_a_revoked_partitions_events_go_with_it_and_bad_events_are_skipped(relay_settings, stub):
+    """Sent late from the old owner, an open could re-fire an alert the new owner resolved."""
+    relay = AlertRelay(relay_settings)
+    relay._on_assigned({0, 1})
+    relay._take(0, 10, json.dumps(event("open", "pump-6", T0, T0)).encode())
+    relay._take(1, 11, json.dumps(event("open", "pump-7", T0, T0)).encode())
+    for bad in (b"not json", json.dumps(event("opened", "x", T0, T0)).encode(),
+                json.dumps(event("open", "y", T0, T0)).replace(str(T0), "Infinity", 1).encode()):
+        relay._take(0, 12, bad)  # logged and skipped: never a crash loop on one record
+    relay._on_revoked({0})
+    assert [e["device_id"] for _, e in relay.waiting] == ["pump-7"] and list(relay.open) == [f"pump-7@{int(T0 * 1000)}"]
+
+
+def test_an_alert_alertmanager_refuses_is_skipped_alone(relay_settings, stub):
+    s = relay_settings
+    stub.refuse = {"pump-bad"}
+    send(s, event("open", "pump-bad", T0, T0), event("open", "pump-8", T0, T0))
+    run_until(AlertRelay(s), lambda: any(a["labels"]["device_id"] == "pump-8" for a in stub.alerts()))
+    assert [a["labels"]["device_id"] for a in stub.alerts()] == ["pump-8"]
 
 
 def test_open_alerts_are_sent_again_before_alertmanager_would_resolve_them(relay_settings, stub):
@@ -101,7 +132,7 @@ def test_open_alerts_are_sent_again_before_alertmanager_would_resolve_them(relay
             now[0] += RESEND_S + 1  # the relay's clock moves on; no new event arrives
         return len(stub.alerts()) >= 2
 
-    run_until(AlertRelay(s, clock=lambda: now[0]), a_minute_after_the_first)
+    run_until(AlertRelay(s, clock=lambda: now[0], ticker=lambda: now[0]), a_minute_after_the_first)
     first, again = stub.alerts()
     assert first["labels"] == again["labels"] and again["endsAt"] > first["endsAt"]
 
