@@ -235,13 +235,16 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
     settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
     env[ENV_PREFIX + "BOOTSTRAP_SERVERS"] = bootstrap
     if run["broker"] is None:
-        # Your broker may hold an earlier run's state (its changelog, its group's offsets): a
-        # group of this run's own starts afresh, and reads the input topic from its start.
-        group = f"{settings.group_id}-up-{run_dir.name.rsplit('-', 1)[-1]}"
-        settings = settings.model_copy(update={"group_id": group})
-        env[ENV_PREFIX + "GROUP_ID"] = group
-        say(f"using your broker at {bootstrap} (STREAM_LSTM_BOOTSTRAP_SERVERS), in a consumer "
-            f"group of this run's own: {group}")
+        # Your broker may hold an earlier run's readings and state: replayed first, they would
+        # make this run's every reading late or a duplicate. The run gets topics and a group
+        # of its own (its changelog follows the group).
+        tag = f"up-{run_dir.name.rsplit('-', 1)[-1]}"
+        own = {k: f"{getattr(settings, k)}-{tag}" for k in ("input_topic", "output_topic", "dlq_topic",
+                                                              "alerts_topic", "group_id") if getattr(settings, k)}
+        settings = settings.model_copy(update=own)
+        env.update({ENV_PREFIX + k.upper(): v for k, v in own.items()})
+        say(f"using your broker at {bootstrap} (STREAM_LSTM_BOOTSTRAP_SERVERS), with topics and a "
+            f"consumer group of this run's own: {settings.input_topic} -> {settings.output_topic}")
     from stream_lstm.kafka.topics import ensure_worker_topics
 
     ensure_worker_topics(settings)

@@ -144,6 +144,37 @@ def test_up_starts_a_fresh_broker_shows_a_short_worker_line_and_stops_quietly_on
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_up_on_your_broker_runs_on_topics_of_its_own_and_forecasts(bootstrap, tmp_path):
+    """STREAM_LSTM_BOOTSTRAP_SERVERS set: that broker, but an earlier run's readings (here, the
+    fleet's devices a year ahead on the configured input topic) cannot make this run's late."""
+    from stream_lstm.encoding import encode_reading
+    from stream_lstm.kafka.clients import make_producer
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap, STREAM_LSTM_METRICS_PORT="0",
+               STREAM_LSTM_INPUT_TOPIC=f"in-{tmp_path.name}", STREAM_LSTM_OUTPUT_TOPIC=f"out-{tmp_path.name}",
+               PYTHONUNBUFFERED="1")
+    producer = make_producer(Settings(bootstrap_servers=bootstrap))
+    for d in range(5):  # the fleet's devices, each a year ahead
+        dev = f"sim-{d:04d}"
+        producer.send(env["STREAM_LSTM_INPUT_TOPIC"], encode_reading(dev, time.time() + 86_400 * 365, [1.0]),
+                      key=dev.encode())
+    producer.flush()
+    producer.close()
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "up", "--devices", "5", "--duration", "45"],
+                          env=env, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    own = re.search(r"^using your broker at \S+ \(STREAM_LSTM_BOOTSTRAP_SERVERS\), with topics and a consumer "
+                    r"group of this run's own: (\S+) -> (\S+)$", done.stdout, re.MULTILINE)
+    assert own and own.group(1).startswith(env["STREAM_LSTM_INPUT_TOPIC"] + "-up-"), done.stdout[-3000:]
+    forecasts = re.search(r"^stopped: worker \(pid \d+, ([\d,]+) forecasts\)", done.stdout, re.MULTILINE)
+    assert forecasts and int(forecasts.group(1).replace(",", "")) > 0, done.stdout[-3000:]
+    assert "starting a local Kafka broker" not in done.stdout
+
+
 # ---- pieces, without Kafka ---------------------------------------------------------------
 def test_the_start_up_line_and_model_events_are_short_and_other_info_lines_are_not_shown():
     start = {"ts": "t", "level": "info", "logger": "stream_lstm.worker",
