@@ -34,6 +34,7 @@ from stream_lstm.config import Settings, SettingsError
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.metrics import HealthState, serve_metrics
 from stream_lstm.relay.alertmanager import (
     RESEND_S,
     AlertmanagerError,
@@ -48,6 +49,33 @@ log = logging.getLogger("stream_lstm.relay")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 CHUNK = 100  # alerts a request at most: a proxy's body limit (nginx: 1 MiB) must not stall us
 COMMIT_TIMEOUT_MS = 5_000  # a commit that cannot finish (the broker away) is tried next turn
+
+
+class RelayMetrics:
+    """The relay's own series on its ``/metrics`` (not the worker's: a relay has no readings).
+
+    >>> m = RelayMetrics(); m.relayed.inc(3)
+    >>> b"stream_lstm_alerts_relayed_total 3.0" in m.exposition()
+    True
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry()
+        self.relayed = Counter("stream_lstm_alerts_relayed", "Alerts Alertmanager accepted (events and "
+                               "re-sends of open ones)", registry=r)
+        self.refused = Counter("stream_lstm_alerts_refused", "Alerts Alertmanager refused (4xx): skipped",
+                               registry=r)
+        self.failures = Counter("stream_lstm_alertmanager_failures", "Requests Alertmanager did not take "
+                                "(unreachable, 5xx): retried", registry=r)
+        self.open_alerts = Gauge("stream_lstm_relay_open_alerts", "Open alerts the relay holds", registry=r)
+        self.ready = Gauge("stream_lstm_ready", "1 when the relay is ready (see /readyz), else 0", registry=r)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 class AlertRelay:
@@ -95,6 +123,8 @@ class AlertRelay:
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
         self._stop = threading.Event()
         self.group: GroupConsumer | None = None
+        self.metrics, self.health = RelayMetrics(), HealthState()
+        self.health.set_ready("alertmanager", True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,6 +168,7 @@ class AlertRelay:
     def turn(self) -> None:
         """One poll, then delivery (or a retry) and the commit it allows."""
         assert self.group is not None
+        self.health.beat()
         for tp, records in self.group.poll(200).items():
             for rec in records:
                 self._take(tp.partition, rec.offset, rec.value)
@@ -162,13 +193,18 @@ class AlertRelay:
             chunk = alerts[i : i + CHUNK]
             try:
                 self._post(chunk)
+                self.health.beat()  # (a slow Alertmanager is not a stuck relay)
             except AlertmanagerError as exc:
+                self.metrics.failures.inc()
+                self.health.set_ready("alertmanager", False, str(exc)[:200])
                 self._retry_at, self._backoff = tick + self._backoff, min(self._backoff * 2, RETRY_MAX_S)
                 consumer.pause(*[TopicPartition(self.settings.alerts_topic, p) for p in self.assigned])
                 log.warning("Alertmanager did not take the alerts; will retry", extra={
                     "error": str(exc)[:300], "alerts": len(alerts) - i, "retry_in_s": round(self._retry_at - tick, 1)})
                 return False
         self.delivered += len(alerts)
+        self.metrics.relayed.inc(len(alerts))
+        self.health.set_ready("alertmanager", True)
         for _, e in self.waiting:
             log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
         self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
@@ -189,6 +225,7 @@ class AlertRelay:
                 except AlertmanagerError as one:
                     if not one.refused:
                         raise
+                    self.metrics.refused.inc()
                     log.error("Alertmanager refused an alert; skipped", extra={
                         "labels": alert["labels"], "error": str(one)[:300]})
 
@@ -208,6 +245,7 @@ class AlertRelay:
         else:
             self.open.pop(alert_id, None)
         self.waiting.append((partition, event))
+        self.metrics.open_alerts.set(len(self.open))
 
     def _commit(self) -> None:
         """Per held partition: the oldest open event's offset, else past the last one read."""
@@ -245,6 +283,8 @@ def main(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     warn_unknown_variables(log)
     relay = AlertRelay(settings)
+    server = (serve_metrics(relay.metrics, relay.health, settings.metrics_host, settings.metrics_port)  # type: ignore[arg-type]
+              if settings.metrics_port else None)  # /healthz beats each turn: a stuck relay is restarted
     connecting = [True]
 
     def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
@@ -253,8 +293,12 @@ def main(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    relay.connect()
-    connecting[0] = False
-    relay.run()
+    try:
+        relay.connect()
+        connecting[0] = False
+        relay.run()
+    finally:
+        if server is not None:
+            server.shutdown()
     log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": len(relay.open)})
     return 0

@@ -144,6 +144,7 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     (c,) = containers(relay)
     assert c["args"] == ["alert-relay"]
     assert any(e["name"] == "STREAM_LSTM_ALERTMANAGER_URL" for e in c["env"])
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": PORT}
 
 
 def test_dockerfile_exposes_the_metrics_port_and_runs_the_cli():

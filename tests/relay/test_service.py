@@ -94,11 +94,18 @@ def test_alertmanager_down_holds_the_events_and_they_go_when_it_answers(relay_se
 
     run_until(down, refused_twice)
     assert stub.alerts() == [] and max(held) == 3, held
+    # Said on its endpoint: not ready, why, and the failures counted; alive all the while.
+    ready, parts = down.health.readiness()
+    assert not ready and "503" in parts["alertmanager"] and down.health.liveness()[0]
+    assert down.metrics.failures._value.get() >= 2 and down.metrics.relayed._value.get() == 0
     # Stopped while Alertmanager is down: nothing was committed past the undelivered events, so
     # the next relay delivers them all, the closed alert included.
     stub.fail = 0
-    run_until(AlertRelay(s), lambda: len(stub.alerts()) >= 3)
+    up = AlertRelay(s)
+    run_until(up, lambda: len(stub.alerts()) >= 3)
     assert sorted(a["labels"]["device_id"] for a in stub.alerts()) == ["pump-3", "pump-5", "pump-5"]
+    assert up.health.readiness()[0] and up.metrics.relayed._value.get() == 3
+    assert up.metrics.open_alerts._value.get() == 1  # pump-3
 
 
 def test_a_revoked_partitions_events_go_with_it_and_bad_events_are_skipped(relay_settings, stub):
@@ -144,3 +151,35 @@ def test_it_refuses_to_start_without_a_topic_or_an_address(settings_factory):
         AlertRelay(settings_factory(alerts_topic="a"))
     with pytest.raises(SettingsError, match="http"):
         AlertRelay(settings_factory(alerts_topic="a", alertmanager_url="am:9093"))
+
+
+def test_the_command_serves_its_health_and_stops_on_sigterm(relay_settings, stub, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from stream_lstm.kafka.local_broker import free_port
+    from tests.integration.workers import settings_env
+
+    port, log = free_port(), tmp_path / "relay.log"
+    env = settings_env(relay_settings, STREAM_LSTM_METRICS_PORT=str(port))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "alert-relay"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "alert relay started" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert "stream_lstm_alerts_relayed_total" in r.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # (connected: the loop ends, the group is left)
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert "Traceback" not in text and "alert relay stopped" in text
