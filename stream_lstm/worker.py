@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
 import socket
 import threading
 import time
@@ -360,6 +359,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
     from stream_lstm.logs import log_startup
     from stream_lstm.metrics import serve_metrics
     from stream_lstm.process_health import StatusReporter, label_logs
+    from stream_lstm.signals import StopOnSignal
 
     if status_file is not None:  # a child of the supervisor
         label_logs(settings.instance_id)
@@ -369,19 +369,12 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         reporter = StatusReporter(status_file, worker.health, lambda: {
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
         }, worker.stop).start()
-    server, connecting = None, [True]
+    server, guard = None, StopOnSignal(worker.stop)
     try:  # the endpoint and the reporter stop however the worker ends (a refused start too)
         if settings.metrics_port:
             server = serve_metrics(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
-
-        def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
-            worker.stop()
-            if connecting[0]:
-                raise KeyboardInterrupt
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
         worker.connect()
-        connecting[0] = False  # (run() closes the store from here on)
+        guard.connected()  # (run() closes the store from here on)
         log_startup(log, settings, {
             "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
             "output_topic": settings.output_topic, "group_id": settings.group_id,
@@ -391,7 +384,8 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         totals = worker.run()
         log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
     finally:
-        if connecting[0]:  # never ran (no broker, a refusal, Ctrl-C): its store is as it was,
+        guard.restore()
+        if guard.connecting:  # never ran (no broker, a refusal, Ctrl-C): its store is as it was,
             worker.state.close(worker.table, clean=True)  # not wiped as unclean at the next start
         if reporter is not None:
             reporter.stop()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from stream_lstm.relay.alertmanager import (
     redacted,
     to_alert,
 )
+from stream_lstm.signals import StopOnSignal
 
 log = logging.getLogger("stream_lstm.relay")
 
@@ -285,19 +285,13 @@ def main(args: argparse.Namespace) -> int:
     relay = AlertRelay(settings)
     server = (serve_metrics(relay.metrics, relay.health, settings.metrics_host, settings.metrics_port)  # type: ignore[arg-type]
               if settings.metrics_port else None)  # /healthz beats each turn: a stuck relay is restarted
-    connecting = [True]
-
-    def on_signal(*_: object) -> None:  # while connecting, at once: its waits take ~30 s
-        relay.stop()
-        if connecting[0]:
-            raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    guard = StopOnSignal(relay.stop)
     try:
         relay.connect()
-        connecting[0] = False
+        guard.connected()
         relay.run()
     finally:
+        guard.restore()
         if server is not None:
             server.shutdown()
     log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": len(relay.open)})
