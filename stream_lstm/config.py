@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream_lstm.logs import mask_secrets
 from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
 
 ENV_PREFIX = "STREAM_LSTM_"
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
             if "password" in name and value is not None:
                 value = "***"
             elif isinstance(value, Path | str):  # (a URL's user:password@ too)
-                value = re.sub(r"://.*@", "://***@", str(value))
+                value = mask_secrets(str(value))
             out[name] = value
         return out
 

@@ -52,9 +52,19 @@ def _mask_value(match: re.Match[str]) -> str:
     return match.group(1) + _MASK
 
 
+# A URL's credentials, ``scheme://user:password@host``: everything up to its last '@' (a password
+# with an unencoded '#', '/' or '?' would end a parser's idea of the user part early).
+_URL_USERINFO = re.compile(r"://[^\s\"']*@")
+
+
 def mask_secrets(text: str) -> str:
-    """``text`` with the values of secret-looking ``key=value`` / ``"key": "value"`` masked."""
-    return _SECRET_KV.sub(_mask_value, text)
+    """``text`` with the values of secret-looking ``key=value`` / ``"key": "value"`` masked, and
+    the credentials of any URL in it.
+
+    >>> mask_secrets("posting to https://relay:s3cret@am:9093 with token=abc")
+    'posting to https://***@am:9093 with token=***'
+    """
+    return _URL_USERINFO.sub("://***@", _SECRET_KV.sub(_mask_value, text))
 
 
 def _mask_context(key: str, value: Any) -> Any:
