@@ -313,20 +313,25 @@ class LocalBroker:
 
 
 # ---- CLI: stream-lstm kafka up|down|status|fetch -------------------------------------------
+def broker_answers(settings: object) -> bool:
+    """Whether a broker answers at ``settings.bootstrap_servers`` within about 3 s."""
+    from stream_lstm.kafka.clients import make_admin
+
+    try:
+        make_admin(settings, request_timeout_ms=3000, bootstrap_timeout_ms=3000).close()  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - whatever it is, nothing there to use
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def ensure_local_broker(settings: object) -> Iterator[str]:
     """The broker at ``settings.bootstrap_servers`` when one answers; otherwise a throw-away
     local broker on a free port, stopped on exit. Yields the bootstrap address."""
     import tempfile
 
-    from stream_lstm.kafka.clients import make_admin
 
-    try:
-        make_admin(settings, request_timeout_ms=3000, bootstrap_timeout_ms=3000).close()  # type: ignore[arg-type]
-        answers = True
-    except Exception:  # noqa: BLE001 - nothing answers there: start our own
-        answers = False
-    if answers:  # (the body's own errors are not "no broker": they propagate as they are)
+    if broker_answers(settings):  # (the body's own errors are not "no broker": they propagate)
         print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
         yield settings.bootstrap_servers  # type: ignore[attr-defined]
         return

@@ -73,16 +73,13 @@ def ensure_broker(settings: Settings, port: int, data_dir: str | Path | None = N
     the default address found the broker a ``stream-lstm kafka up`` had left on 9092, whose
     state from earlier runs made every reading late (0 forecasts, and nothing said why).
     """
-    from stream_lstm.kafka.clients import make_admin
-    from stream_lstm.kafka.local_broker import LocalBroker, port_in_use
+    from stream_lstm.kafka.local_broker import LocalBroker, broker_answers, port_in_use
 
     if use_existing:
-        try:
-            make_admin(settings, request_timeout_ms=3000, bootstrap_timeout_ms=3000).close()
+        if broker_answers(settings):
             return settings.bootstrap_servers, None
-        except Exception:  # noqa: BLE001 - nothing there: start our own
-            say(f"no broker answers at {settings.bootstrap_servers} (STREAM_LSTM_BOOTSTRAP_SERVERS): "
-                f"starting a local one on port {port}")
+        say(f"no broker answers at {settings.bootstrap_servers} (STREAM_LSTM_BOOTSTRAP_SERVERS): "
+            f"starting a local one on port {port}")
     if port_in_use(port):
         raise SettingsError(f"port {port} is in use (a broker left by `stream-lstm kafka up`?): pass "
                             f"--port N for a fresh broker, or STREAM_LSTM_BOOTSTRAP_SERVERS=127.0.0.1:{port} "
