@@ -42,6 +42,14 @@ def published(history: dict[str, list], settings: Settings) -> int:
     return sum(max(0, len(v) - settings.min_history + 1) for v in history.values())
 
 
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Until ``condition()`` holds (polled every 20 ms); fails saying ``what`` it waited for."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(0.02)
+
+
 def produce_readings(settings: Settings, topic: str, readings) -> None:
     """readings: iterable of (device_id, ts, value or list of values)."""
     producer = make_producer(settings)

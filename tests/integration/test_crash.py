@@ -30,6 +30,7 @@ from .helpers import (
     produce_readings,
     published,
     read_topic,
+    wait_for,
 )
 from .workers import start_worker
 
@@ -42,6 +43,7 @@ KILLS = 8
 MOMENTS = ("partitions assigned", "mid-stream", "restored state", "mid-stream") * 2
 N_DEVICES, N_READINGS = 30, 100
 ROUND_S = 0.3  # one reading from every device this often: ~100 readings/s, live
+WAIT_S = 90.0  # for the moment a kill waits for
 
 
 def fleet(n_devices, n_readings, seed=0):
@@ -59,15 +61,6 @@ def output_end(probe, topic) -> int:
 
     parts = [TopicPartition(topic, p) for p in probe.partitions_for_topic(topic) or ()]
     return sum(probe.end_offsets(parts).values()) if parts else 0
-
-
-def wait_for(check, what: str, timeout_s: float = 90.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill_9_eight_times_then_finish(settings_factory, topic_name, tmp_path):
@@ -106,12 +99,12 @@ def test_kill_9_eight_times_then_finish(settings_factory, topic_name, tmp_path):
             if moment == "mid-stream":
                 # Its producer aborted the last incarnation's open transaction when it started
                 # (which moves the end offsets too): count only output after its assignment.
-                wait_for(lambda own=own: "partitions assigned" in own(), "the assignment")
+                wait_for(lambda own=own: "partitions assigned" in own(), "the assignment", WAIT_S)
                 before = output_end(probe, s.output_topic)
-                wait_for(lambda before=before: output_end(probe, s.output_topic) > before, "output of its own")
+                wait_for(lambda before=before: output_end(probe, s.output_topic) > before, "output of its own", WAIT_S)
                 time.sleep(rng.uniform(0.0, 0.3))  # (somewhere in its next transactions)
             else:
-                wait_for(lambda own=own, moment=moment: moment in own(), moment)
+                wait_for(lambda own=own, moment=moment: moment in own(), moment, WAIT_S)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -27,6 +27,7 @@ from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.training import service as service_module
 from stream_lstm.training.service import TrainerService
+from tests.integration.helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 T0 = 1_700_000_000.0
@@ -98,13 +99,6 @@ def run_in_thread(service):
     loop = threading.Thread(target=service.run, daemon=True)
     loop.start()
     return loop
-
-
-def wait_for(condition, what, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
-        time.sleep(0.05)
 
 
 def committed(s):
