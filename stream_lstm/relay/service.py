@@ -6,13 +6,15 @@ relay reads the alerts topic (read_committed, in its own consumer group, so seve
 share the partitions), posts each event as an Alertmanager alert (``alertmanager.to_alert``),
 and re-sends the alerts still open every minute.
 
-What it commits says where a restart must read again: per partition, the offset of the oldest
-*open* event it holds (or its position, when none is open), and only once Alertmanager has
-accepted everything before it. A relay that restarts, or that takes over a partition, reads
-the events again from there: its open alerts come back, and the events re-sent are the same
-labels, which Alertmanager deduplicates. Alertmanager down: the events wait, the partitions are
-paused (the consumer stays in its group), and the relay retries with backoff; nothing is
-committed past what was not delivered.
+What it commits says where a restart must read again: per partition, past the last event that
+Alertmanager has accepted and whose open alert is written to the relay's store
+(``open_store``: a compacted topic of the alerts still open, so that an alert open for longer
+than the alerts topic's retention is not lost). A relay that restarts, or that takes over a
+partition, loads that partition's open alerts from the store, sends them again (Alertmanager
+may have resolved them while no relay ran), and reads on from the committed offset. The events
+it sends again are the same labels, which Alertmanager deduplicates. Alertmanager down: the
+events wait, the partitions are paused (the consumer stays in its group), and the relay
+retries with backoff; nothing is committed past what was not delivered.
 
 Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
 """
@@ -42,6 +44,7 @@ from stream_lstm.relay.alertmanager import (
     redacted,
     to_alert,
 )
+from stream_lstm.relay.open_store import OpenAlertStore
 from stream_lstm.signals import StopOnSignal
 
 log = logging.getLogger("stream_lstm.relay")
@@ -110,33 +113,67 @@ class AlertRelay:
         self.settings = settings
         self.post, self.clock, self.ticker = post, clock, ticker
         self.group_id = f"{settings.group_id}-alertmanager"
-        # Open alerts: id -> (partition, offset of its open event, the event).
-        self.open: dict[str, tuple[int, int, dict[str, Any]]] = {}
+        # Open alerts: id -> (partition, its open event).
+        self.open: dict[str, tuple[int, dict[str, Any]]] = {}
         self.assigned: set[int] = set()
+        self.unloaded: set[int] = set()  # assigned, paused until their open alerts are loaded
         # Events not yet accepted by Alertmanager, with their partition.
         self.waiting: list[tuple[int, dict[str, Any]]] = []
         self.read_to: dict[int, int] = {}  # per partition: the offset after the last event read
         self._committed: dict[int, int] = {}
         self._resend = False  # the open alerts are due to be sent again
-        self.delivered = 0
         self._next_resend = ticker() + RESEND_S  # (what a start reads again is sent as read)
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
         self._stop = threading.Event()
         self.group: GroupConsumer | None = None
+        self.store: OpenAlertStore | None = None
         self.metrics, self.health = RelayMetrics(), HealthState()
         self.health.set_ready("alertmanager", True)
 
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def delivered(self) -> int:
+        """Alerts Alertmanager accepted (the counter on ``/metrics``)."""
+        return int(self.metrics.registry.get_sample_value("stream_lstm_alerts_relayed_total") or 0)
+
     def _on_assigned(self, partitions: set[int]) -> None:
+        # Nothing of theirs is read before their open alerts are loaded (``_load``): a close
+        # read again must come after the store's open, not before.
         self.assigned |= partitions
+        self.unloaded |= partitions
+        if self.group is not None:
+            self.group.consumer.pause(*self._tps(partitions))
+
+    def _tps(self, partitions: set[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.settings.alerts_topic, p) for p in partitions]
+
+    def _load(self) -> None:
+        """Load the open alerts of the partitions assigned since; resume them. Tried again next
+        turn if the store cannot be read (the partitions stay paused)."""
+        try:
+            found = self.store.load(self.unloaded)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - the broker away, say: next turn
+            log.warning("loading the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
+            return
+        self.open.update(found)
+        self._resend = self._resend or bool(found)  # (Alertmanager may have resolved them meanwhile)
+        self.metrics.open_alerts.set(len(self.open))
+        if self._retry_at <= self.ticker():  # (else they resume with the next delivery)
+            self.group.consumer.resume(*self._tps(self.unloaded))  # type: ignore[union-attr]
+        if found:
+            log.info("open alerts loaded", extra={"partitions": sorted(self.unloaded), "open": len(found)})
+        self.unloaded = set()
 
     def _on_revoked(self, partitions: set[int]) -> None:
         # Everything of theirs goes with them, undelivered events too: the next owner reads
         # them again from the committed offset, which is before the oldest of them. (Sent late
         # from here, an open could re-fire an alert the new owner has already resolved.)
         self.assigned -= partitions
+        self.unloaded -= partitions
+        if self.store is not None:
+            self.store.drop(partitions)
         self.open = {k: v for k, v in self.open.items() if v[0] not in partitions}
         self.waiting = [(p, e) for p, e in self.waiting if p not in partitions]
         for p in partitions:
@@ -148,6 +185,7 @@ class AlertRelay:
         # The topic as the worker creates it (a relay that starts first must not subscribe to a
         # topic without partitions: kafka-python 3.0.12 then never assigned them).
         ensure_topics(s, [TopicSpec(s.alerts_topic, s.topic_partitions, {})])
+        self.store = OpenAlertStore(s, f"{self.group_id}-open-alerts", s.alerts_topic)
         consumed = s.model_copy(update={"input_topic": s.alerts_topic, "group_id": self.group_id,
                                         "commit_interval_ms": 0})  # (a fetch answers at once)
         self.group = GroupConsumer(consumed, PartitionListener(self._on_assigned, self._on_revoked),
@@ -164,6 +202,8 @@ class AlertRelay:
                 self.turn()
         finally:
             self.group.close()
+            if self.store is not None:
+                self.store.close()
 
     def turn(self) -> None:
         """One poll, then delivery (or a retry) and the commit it allows."""
@@ -174,6 +214,8 @@ class AlertRelay:
                 self._take(tp.partition, rec.offset, rec.value)
                 self.read_to[tp.partition] = rec.offset + 1
         self.group.check_membership(bool(self.assigned))  # (a consumer left outside its group)
+        if self.unloaded:
+            self._load()
         tick = self.ticker()
         if tick >= self._next_resend and self.open:
             self._resend = True  # still firing: say so again, before Alertmanager's endsAt
@@ -187,7 +229,7 @@ class AlertRelay:
         """Post what waits (and the open alerts, when due), in chunks; False to retry later."""
         consumer = self.group.consumer  # type: ignore[union-attr]
         now = self.clock()
-        events = [e for _, e in self.waiting] + ([e for _, _, e in self.open.values()] if self._resend else [])
+        events = [e for _, e in self.waiting] + ([e for _, e in self.open.values()] if self._resend else [])
         alerts = [to_alert(e, now) for e in events]
         for i in range(0, len(alerts), CHUNK):
             chunk = alerts[i : i + CHUNK]
@@ -202,13 +244,16 @@ class AlertRelay:
                 log.warning("Alertmanager did not take the alerts; will retry", extra={
                     "error": str(exc)[:300], "alerts": len(alerts) - i, "retry_in_s": round(self._retry_at - tick, 1)})
                 return False
-        self.delivered += len(alerts)
         self.metrics.relayed.inc(len(alerts))
         self.health.set_ready("alertmanager", True)
-        for _, e in self.waiting:
+        for p, e in self.waiting:
             log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
+            if e["event"] == "open":  # (written before the commit that passes the event)
+                self.store.opened(p, e)  # type: ignore[union-attr]
+            else:
+                self.store.closed(p, str(e["alert_id"]))  # type: ignore[union-attr]
         self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
-        consumer.resume(*consumer.paused())
+        consumer.resume(*(set(consumer.paused()) - set(self._tps(self.unloaded))))
         return True
 
     def _post(self, chunk: list[dict[str, Any]]) -> None:
@@ -241,27 +286,28 @@ class AlertRelay:
                       extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})
             return
         if kind == "open":
-            self.open[alert_id] = (partition, offset, event)
+            self.open[alert_id] = (partition, event)
         else:
             self.open.pop(alert_id, None)
         self.waiting.append((partition, event))
         self.metrics.open_alerts.set(len(self.open))
 
     def _commit(self) -> None:
-        """Per held partition: the oldest open event's offset, else past the last one read."""
+        """Per held partition, past the last event read: once everything read is delivered and
+        the store holds what it changed."""
         offsets = {}
-        for p in self.assigned:
-            held = [offset for part, offset, _ in self.open.values() if part == p]
-            at = min(held) if held else self.read_to.get(p)
+        for p in self.assigned - self.unloaded:
+            at = self.read_to.get(p)
             if at is not None and at != self._committed.get(p):
                 offsets[TopicPartition(self.settings.alerts_topic, p)] = OffsetAndMetadata(at, "", -1)
-        if offsets and not self.group.rebalancing():  # type: ignore[union-attr]
-            try:
-                self.group.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends
-                log.warning("committing the relay's offsets failed", extra={"error": repr(exc)[:200]})
-                return
-            self._committed.update({tp.partition: om.offset for tp, om in offsets.items()})
+        if not offsets or self.group.rebalancing() or not self.store.flush():  # type: ignore[union-attr]
+            return
+        try:
+            self.group.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends
+            log.warning("committing the relay's offsets failed", extra={"error": repr(exc)[:200]})
+            return
+        self._committed.update({tp.partition: om.offset for tp, om in offsets.items()})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

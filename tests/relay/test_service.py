@@ -81,6 +81,50 @@ def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings,
     assert stub.alerts() == [] and quiet.open == {}
 
 
+def committed(s, group_id, partitions):
+    from kafka.structs import TopicPartition
+
+    from stream_lstm.kafka.clients import make_consumer
+
+    consumer = make_consumer(s, group_id=group_id, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(s.alerts_topic, p)) for p in partitions}
+    finally:
+        consumer.close()
+
+
+def test_an_alert_open_longer_than_the_topics_retention_still_fires_after_a_restart(relay_settings, stub):
+    """Its open event deleted from the alerts topic (as retention would), the alert is kept."""
+    from kafka.structs import TopicPartition
+
+    from stream_lstm.kafka.clients import make_admin
+
+    s = relay_settings
+    send(s, event("open", "pump-9", T0, T0), event("open", "pump-10", T0, T0),
+         event("close", "pump-10", T0, T0 + 60))
+    first = AlertRelay(s)
+    seen = []  # (the revocation when it stops clears what it holds)
+    run_until(first, lambda: seen or (len(stub.alerts()) >= 3 and sum(first._committed.values()) == 3
+                                      and not seen.append(1)))
+    # Committed past everything delivered, the open alert's event included (not held at it).
+    ends = {p: off for p, off in committed(s, first.group_id, [0, 1]).items() if off}
+    assert sum(ends.values()) == 3
+    admin = make_admin(s)
+    admin.delete_records({TopicPartition(s.alerts_topic, p): off for p, off in ends.items()})
+    admin.close()
+    stub.received.clear()
+    restarted = AlertRelay(s)
+    run_until(restarted, lambda: any(a["labels"]["device_id"] == "pump-9" for a in stub.alerts()))
+    assert [a["labels"]["device_id"] for a in stub.alerts()] == ["pump-9"]  # pump-10 stayed closed
+    assert stub.alerts()[0]["endsAt"] > time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # firing
+    # It closes; the relay after that holds nothing open.
+    send(s, event("close", "pump-9", T0, T0 + 7200))
+    run_until(AlertRelay(s), lambda: any(a["endsAt"] < "2024" for a in stub.alerts()))
+    quiet, turns = AlertRelay(s), []
+    quiet.run(until=lambda r: len(turns) > 20 and r.assigned and not r.unloaded or turns.append(1) and False)
+    assert quiet.open == {}
+
+
 def test_alertmanager_down_holds_the_events_and_they_go_when_it_answers(relay_settings, stub, monkeypatch):
     monkeypatch.setattr(service, "RETRY_FIRST_S", 0.2)
     s = relay_settings

@@ -1,0 +1,139 @@
+"""The relay's open alerts, kept where the alerts topic's retention cannot take them.
+
+An alert can stay open for longer than the alerts topic keeps its records (a sensor stuck
+high for a fortnight on a topic kept for a week). A relay that learnt its open alerts only by
+reading that topic again would lose such an alert on a restart: it would stop re-sending it,
+and Alertmanager would resolve an incident that is still going on. So the relay keeps them in
+a compacted topic of its own, ``<group>-open-alerts``, like a Kafka Streams state store's
+changelog: one record per open alert, keyed by its ``alert_id``, and a tombstone when it
+closes. Compaction keeps the latest record of each key, so the topic holds the open alerts and
+little else, however long they stay open.
+
+The relay writes an event's record before it commits the event's offset (:meth:`flush`, then
+the commit): a relay that dies in between reads the event again and writes the same record,
+which changes nothing. A relay that is assigned partitions reads the whole store
+(:meth:`load`) and keeps the alerts of those partitions.
+
+Example: see tests/relay/test_open_store.py::test_open_alerts_survive_and_closed_ones_are_gone
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from kafka.structs import TopicPartition
+
+from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
+
+log = logging.getLogger("stream_lstm.relay")
+
+FLUSH_TIMEOUT_S = 10.0  # past this the broker is away: the writes wait for the next turn
+LOAD_TIMEOUT_S = 60.0  # a store that cannot be read in this long is an error, not an empty store
+
+
+class OpenAlertStore:
+    """Open alerts by ``alert_id``, durable in a compacted topic (see the module's docstring).
+
+    Parameters
+    ----------
+    settings
+        The connection settings.
+    topic
+        The compacted topic (created with as many partitions as ``alerts_topic`` if missing).
+    alerts_topic
+        The topic whose events the store follows.
+
+    Example: see tests/relay/test_open_store.py::test_open_alerts_survive_and_closed_ones_are_gone
+    """
+
+    def __init__(self, settings: Settings, topic: str, alerts_topic: str) -> None:
+        self.settings, self.topic = settings, topic
+        ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic),
+                                           {"cleanup.policy": "compact"})])
+        # One request in flight: a retried put must not land after the tombstone that followed it.
+        self.producer = make_producer(settings, max_in_flight_requests_per_connection=1,
+                                      client_id=f"stream-lstm-alert-relay-store-{settings.instance_id}")
+        # Written and not yet acknowledged: (alerts partition, alert id, record or None).
+        self.pending: list[tuple[int, str, bytes | None]] = []
+
+    def opened(self, partition: int, event: dict[str, Any]) -> None:
+        """An alert of ``partition`` opened: keep its event."""
+        record = json.dumps({"partition": partition, "event": event}).encode()
+        self.pending.append((partition, str(event["alert_id"]), record))
+
+    def closed(self, partition: int, alert_id: str) -> None:
+        """An alert closed: forget it (a tombstone; compaction removes the key)."""
+        self.pending.append((partition, alert_id, None))
+
+    def drop(self, partitions: set[int]) -> None:
+        """Partitions revoked: what is in flight goes out now, what is not is the next owner's.
+
+        Their next owner reads the events again from the committed offset and writes the same
+        records. One still in flight from here must land before that owner reads the store, or
+        an open could come after its close."""
+        self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        self.pending = [w for w in self.pending if w[0] not in partitions]
+
+    def flush(self) -> bool:
+        """Write what is pending and wait for it; False (kept, to write again) if the broker did
+        not take all of it. Records are written again in order, so the last one of a key wins."""
+        if not self.pending:
+            return True
+        futures = [self.producer.send(self.topic, key=alert_id.encode(), value=record)
+                   for _, alert_id, record in self.pending]
+        try:
+            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            for f in futures:
+                f.get(timeout=0)  # raises the send's own error
+        except Exception as exc:  # noqa: BLE001 - the broker away, say: the next turn tries again
+            log.warning("writing the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
+            return False
+        self.pending = []
+        return True
+
+    def load(self, partitions: set[int]) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The open alerts of ``partitions`` (alerts-topic partitions): ``alert_id`` ->
+        (partition, open event). Reads every partition of the store to its end."""
+        consumer = make_consumer(self.settings, enable_auto_commit=False, auto_offset_reset="earliest",
+                                 bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS)
+        try:
+            tps = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic) or ()]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            ends = consumer.end_offsets(tps)
+            found: dict[str, tuple[int, dict[str, Any]]] = {}
+            left = {tp for tp in tps if ends[tp] > 0}
+            deadline = time.monotonic() + LOAD_TIMEOUT_S
+            while left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading the relay's open alerts ({self.topic}) took over {LOAD_TIMEOUT_S:g} s")
+                for records in consumer.poll(timeout_ms=500).values():
+                    for rec in records:
+                        self._read(found, rec.key, rec.value)
+                for tp in list(left):
+                    if consumer.position(tp) >= ends[tp]:
+                        left.discard(tp)
+        finally:
+            consumer.close()
+        return {k: v for k, v in found.items() if v[0] in partitions}
+
+    @staticmethod
+    def _read(found: dict[str, tuple[int, dict[str, Any]]], key: bytes | None, value: bytes | None) -> None:
+        alert_id = (key or b"").decode(errors="replace")
+        if value is None:
+            found.pop(alert_id, None)
+            return
+        try:
+            body = json.loads(value)
+            found[alert_id] = (int(body["partition"]), dict(body["event"]))
+        except (ValueError, KeyError, TypeError) as exc:  # (written by us: only a damaged record)
+            log.error("skipping an unreadable record of the relay's open alerts",
+                      extra={"alert_id": alert_id, "error": repr(exc)[:200]})
+
+    def close(self) -> None:
+        self.producer.close(timeout=FLUSH_TIMEOUT_S)

@@ -1,0 +1,71 @@
+"""The relay's store of open alerts (stream_lstm/relay/open_store.py), on the real broker."""
+
+import json
+
+import pytest
+
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics, topic_config
+from stream_lstm.relay.open_store import OpenAlertStore
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+
+def opened(alert_id):
+    return {"event": "open", "alert_id": alert_id, "device_id": alert_id.split("@")[0]}
+
+
+@pytest.fixture
+def store_settings(settings_factory, topic_name):
+    s = settings_factory(alerts_topic=f"{topic_name}-alerts")
+    ensure_topics(s, [TopicSpec(s.alerts_topic, 2)])
+    return s
+
+
+def test_open_alerts_survive_and_closed_ones_are_gone(store_settings, topic_name):
+    s, topic = store_settings, f"{topic_name}-open"
+    store = OpenAlertStore(s, topic, s.alerts_topic)
+    assert topic_config(s, topic)["cleanup.policy"] == "compact"
+    store.opened(0, opened("a@1"))
+    store.opened(1, opened("b@2"))
+    store.opened(0, opened("c@3"))
+    assert store.flush() and store.pending == []
+    store.closed(0, "a@1")
+    assert store.flush()
+    store.close()
+    # Another store (a restarted relay) on the same topic: the open ones, by partition.
+    again = OpenAlertStore(s, topic, s.alerts_topic)
+    try:
+        assert again.load({0, 1}) == {"b@2": (1, opened("b@2")), "c@3": (0, opened("c@3"))}
+        assert list(again.load({1})) == ["b@2"] and again.load(set()) == {}
+    finally:
+        again.close()
+
+
+def test_a_revoked_partitions_unwritten_records_are_dropped_and_sent_ones_land(store_settings, topic_name):
+    s, topic = store_settings, f"{topic_name}-open"
+    store = OpenAlertStore(s, topic, s.alerts_topic)
+    try:
+        store.opened(0, opened("a@1"))
+        store.opened(1, opened("b@2"))
+        store.drop({0})  # the next owner of partition 0 writes a@1 again when it reads the event
+        assert [alert_id for _, alert_id, _ in store.pending] == ["b@2"]
+        assert store.flush()
+        assert list(store.load({0, 1})) == ["b@2"]
+    finally:
+        store.close()
+
+
+def test_a_damaged_record_is_skipped_not_a_crash(store_settings, topic_name):
+    from stream_lstm.kafka.clients import make_producer
+
+    s, topic = store_settings, f"{topic_name}-open"
+    store = OpenAlertStore(s, topic, s.alerts_topic)
+    try:
+        producer = make_producer(s)
+        producer.send(topic, key=b"x@1", value=b"not json")
+        producer.send(topic, key=b"y@2", value=json.dumps({"partition": 0, "event": opened("y@2")}).encode())
+        producer.flush()
+        producer.close()
+        assert list(store.load({0, 1})) == ["y@2"]
+    finally:
+        store.close()
