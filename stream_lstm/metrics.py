@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ PROMOTION_DECISIONS = ("promote", "reject")
 TRANSACTION_OUTCOMES = ("committed", "aborted")
 # prometheus-client's multiprocess modes that the worker's gauges use (see Metrics.__init__).
 GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
+
+
+# What `stream-lstm trainer` updates: its retrains, the gate's decisions, the model it would
+# promote against, readiness and identity.
+TRAINER_SERIES = ("retrain_runs", "retrain_duration_seconds", "retrain_loss", "promotion_decisions",
+                  "model_info", "model_promoted_timestamp_seconds", "ready", "up_info")
 
 
 class Metrics:
@@ -174,6 +181,20 @@ class Metrics:
         from stream_lstm import __version__
 
         self.up_info.info({"version": __version__, "instance": instance})
+
+    def only(self, names: tuple[str, ...]) -> Metrics:
+        """Export only the series named (attribute names, e.g. :data:`TRAINER_SERIES`); the
+        others stay usable and are left out of ``/metrics``. A process that is not a worker
+        must not export the worker's series: its zeros would read as a worker that does nothing.
+
+        >>> text = Metrics().only(TRAINER_SERIES).exposition()
+        >>> b"stream_lstm_retrain_runs_total" in text, b"stream_lstm_forecasts_published" in text
+        (True, False)
+        """
+        for name, series in vars(self).items():
+            if isinstance(series, MetricWrapperBase) and name not in names:
+                self.registry.unregister(series)
+        return self
 
     def set_model_version(self, version: str, promoted_at: float) -> None:
         """Expose the served model: ``stream_lstm_model_info{version=...}`` and its promotion time."""

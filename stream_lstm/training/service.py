@@ -120,6 +120,8 @@ class TrainerService:
         send_model(self.producer, self.settings, promoted)  # (waits until the broker has it)
         self.champion = promoted
         self.published += 1
+        if self.metrics is not None:
+            self.metrics.set_model_version(promoted.version, time.time())  # type: ignore[attr-defined]
         log.info("published model", extra={"version": promoted.version, "topic": self.settings.models_topic})
         return True
 
@@ -169,12 +171,13 @@ def main(args: argparse.Namespace) -> int:
         log.warning("no retrain schedule set; retraining every 900 s")
     metrics = health = server = None
     if settings.metrics_port:
-        from stream_lstm.metrics import HealthState, Metrics, serve_metrics
+        from stream_lstm.metrics import TRAINER_SERIES, HealthState, Metrics, serve_metrics
 
-        metrics, health = Metrics(), HealthState()
+        metrics, health = Metrics(settings.instance_id or None).only(TRAINER_SERIES), HealthState()
     service = TrainerService(settings, load_served_model(settings), metrics, health)
     if metrics is not None and health is not None:
         health.set_ready("model", True, service.champion.version)
+        metrics.set_model_version(service.champion.version, time.time())  # (the gate's champion)
         server = serve_metrics(metrics, health, settings.metrics_host, settings.metrics_port)
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):

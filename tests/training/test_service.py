@@ -231,3 +231,26 @@ def test_main_shuts_its_endpoint_down_when_the_loop_fails(settings_factory, topi
     assert server.socket.fileno() == -1  # closed: the port is free again
     with socket.socket() as again:
         again.bind((s.metrics_host, s.metrics_port))
+
+
+def test_main_exports_the_trainers_series_not_the_workers(settings_factory, topic_name, monkeypatch,
+                                                          process_state):
+    """A trainer's zero forecasts and lag would read as a worker that does nothing."""
+    import urllib.request
+
+    s = settings(settings_factory, topic_name, metrics_port=free_port(), retrain_every_s=900.0)
+    monkeypatch.setattr(service_module, "load_settings", lambda: s)
+    scraped = []
+
+    def scrape_then_stop(service):
+        with urllib.request.urlopen(f"http://{s.metrics_host}:{s.metrics_port}/metrics", timeout=10) as r:
+            scraped.append(r.read().decode())
+        close(service)
+
+    monkeypatch.setattr(TrainerService, "run", scrape_then_stop)
+    assert service_module.main(argparse.Namespace()) == 0
+    (text,) = scraped
+    assert 'stream_lstm_retrain_runs_total{outcome="promoted"} 0.0' in text
+    assert "stream_lstm_model_info{version=" in text and "stream_lstm_ready 1.0" in text
+    for worker_only in ("forecasts_published", "consumer_lag", "alerts_open", "active_devices", "swap_pause"):
+        assert f"stream_lstm_{worker_only}" not in text
