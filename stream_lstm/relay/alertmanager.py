@@ -14,7 +14,7 @@ however often it is sent.
 ...          "model_version": "v3"}
 >>> alert = to_alert(event, now=1700000100.0)
 >>> alert["labels"]
-{'alertname': 'StreamLstmDeviceAnomaly', 'device_id': 'pump-1', 'alert_id': 'pump-1@1700000000000'}
+{'alertname': 'StreamLstmDeviceAnomaly', 'device_id': 'pump-1', 'alert_id': 'pump-1@1700000000000', 'severity': 'warning'}
 >>> alert["startsAt"], alert["endsAt"]   # firing: ends four minutes from now unless sent again
 ('2023-11-14T22:13:20Z', '2023-11-14T22:19:00Z')
 >>> alert["annotations"]["summary"]
@@ -35,6 +35,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 ALERTNAME = "StreamLstmDeviceAnomaly"
+# Labels every relayed alert carries unless the relay is told otherwise (``--label``): routing
+# trees commonly page on ``severity``, as the service's own rules set it (deploy/prometheus).
+DEFAULT_LABELS = {"severity": "warning"}
+_OWN_LABELS = ("alertname", "device_id", "alert_id")
 # As Prometheus: firing alerts again every minute, each valid for four.
 RESEND_S = 60.0
 FIRING_FOR_S = 4 * RESEND_S
@@ -63,9 +67,33 @@ def _num(x: Any) -> str:
     return "n/a" if x is None else f"{x:.6g}"
 
 
-def to_alert(event: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs as labels added to every alert, over :data:`DEFAULT_LABELS`;
+    ``ValueError`` for a malformed pair or one of the relay's own labels.
+
+    >>> parse_labels(["severity=critical", "team=sensors"])
+    {'severity': 'critical', 'team': 'sensors'}
+    >>> parse_labels(["device_id=x"])
+    Traceback (most recent call last):
+    ...
+    ValueError: --label device_id: the relay sets alertname, device_id and alert_id itself
+    """
+    labels = dict(DEFAULT_LABELS)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("__"):
+            raise ValueError(f"--label {pair!r}: want NAME=VALUE, NAME a Prometheus label name")
+        if name in _OWN_LABELS:
+            raise ValueError(f"--label {name}: the relay sets alertname, device_id and alert_id itself")
+        labels[name] = value
+    return labels
+
+
+def to_alert(event: dict[str, Any], now: float | None = None,
+             labels: dict[str, str] | None = None) -> dict[str, Any]:
     """One alert event (docs/wire-contract.md) as an Alertmanager alert: firing for ``open``,
-    resolved for ``close`` (at the close's event time, or now if that is later than now).
+    resolved for ``close`` (at the close's event time, or now if that is later than now), with
+    ``labels`` (default :data:`DEFAULT_LABELS`) beside its own.
     Event time is the device's clock: a start ahead of ours is sent as now (Alertmanager would
     hold a resolved alert active until then). ``ValueError`` for times that are not times."""
     now = time.time() if now is None else now
@@ -79,7 +107,7 @@ def to_alert(event: dict[str, Any], now: float | None = None) -> dict[str, Any]:
                f"the peak, expected {_num(event.get('expected_low'))} to {_num(event.get('expected_high'))}")
     return {
         "labels": {"alertname": ALERTNAME, "device_id": str(event["device_id"]),
-                   "alert_id": str(event["alert_id"])},
+                   "alert_id": str(event["alert_id"]), **(DEFAULT_LABELS if labels is None else labels)},
         "annotations": {
             "summary": summary,
             "peak_likelihood": _num(event.get("peak_likelihood")),

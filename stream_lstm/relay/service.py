@@ -37,9 +37,11 @@ from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.metrics import HealthState, serve_metrics
 from stream_lstm.relay.alertmanager import (
+    DEFAULT_LABELS,
     RESEND_S,
     AlertmanagerError,
     check_url,
+    parse_labels,
     post_alerts,
     redacted,
     to_alert,
@@ -96,12 +98,15 @@ class AlertRelay:
     ticker
         Monotonic seconds, for the re-send and retry schedules (a wall clock stepped back must
         not hold the re-sends past Alertmanager's ``endsAt``).
+    labels
+        Labels every alert carries beside its own (``--label``; default ``DEFAULT_LABELS``).
 
     Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
     """
 
     def __init__(self, settings: Settings, post: Callable[[str, list[dict[str, Any]]], None] = post_alerts,
-                 clock: Callable[[], float] = time.time, ticker: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, ticker: Callable[[], float] = time.monotonic,
+                 labels: dict[str, str] | None = None) -> None:
         if not settings.alerts_topic:
             raise SettingsError("STREAM_LSTM_ALERTS_TOPIC is empty: the worker writes no alert events to relay")
         if not settings.alertmanager_url:
@@ -112,6 +117,7 @@ class AlertRelay:
             raise SettingsError(str(exc)) from None
         self.settings = settings
         self.post, self.clock, self.ticker = post, clock, ticker
+        self.labels = dict(DEFAULT_LABELS if labels is None else labels)
         self.group_id = f"{settings.group_id}-alertmanager"
         # Open alerts: id -> (partition, its open event).
         self.open: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -230,7 +236,7 @@ class AlertRelay:
         consumer = self.group.consumer  # type: ignore[union-attr]
         now = self.clock()
         events = [e for _, e in self.waiting] + ([e for _, e in self.open.values()] if self._resend else [])
-        alerts = [to_alert(e, now) for e in events]
+        alerts = [to_alert(e, now, self.labels) for e in events]
         for i in range(0, len(alerts), CHUNK):
             chunk = alerts[i : i + CHUNK]
             try:
@@ -314,10 +320,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Post the alerts topic's events (STREAM_LSTM_ALERTS_TOPIC) to Prometheus' Alertmanager as "
         "alerts: firing when a device's alert opens, re-sent every minute while open, resolved "
-        "when it closes. Labels: alertname=StreamLstmDeviceAnomaly, device_id, alert_id. Reads in "
+        "when it closes. Labels: alertname=StreamLstmDeviceAnomaly, device_id, alert_id, and those "
+        "of --label (default severity=warning). Reads in "
         "the consumer group <STREAM_LSTM_GROUP_ID>-alertmanager; run one or more.")
     parser.add_argument("--url", help="Alertmanager's base URL, e.g. http://alertmanager:9093 "
                         "(default: STREAM_LSTM_ALERTMANAGER_URL; user:password@ in it is sent as basic auth)")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
+                        help="a label every alert carries, for Alertmanager's routing (repeat for "
+                        "more; default severity=warning, as the service's own rules; e.g. --label "
+                        "severity=critical --label team=sensors)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -328,7 +339,11 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
     warn_unknown_variables(log)
-    relay = AlertRelay(settings)
+    try:
+        labels = parse_labels(getattr(args, "label", None) or [])
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    relay = AlertRelay(settings, labels=labels)
     server = (serve_metrics(relay.metrics, relay.health, settings.metrics_host, settings.metrics_port)  # type: ignore[arg-type]
               if settings.metrics_port else None)  # /healthz beats each turn: a stuck relay is restarted
     guard = StopOnSignal(relay.stop)

@@ -142,7 +142,14 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     assert "HorizontalPodAutoscaler" in (K8S / "worker.yaml").read_text()  # the HPA notes
     relay = next(d for f, d in docs if f.name == "alert-relay.yaml")
     (c,) = containers(relay)
-    assert c["args"] == ["alert-relay"]
+    assert c["args"][0] == "alert-relay"  # and the rest are the command's own arguments
+    import argparse
+
+    from stream_lstm.relay import service as relay_service
+
+    parser = argparse.ArgumentParser()
+    relay_service.add_arguments(parser)
+    assert relay_service.parse_labels(parser.parse_args(c["args"][1:]).label)["severity"]
     assert any(e["name"] == "STREAM_LSTM_ALERTMANAGER_URL" for e in c["env"])
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": PORT}
 

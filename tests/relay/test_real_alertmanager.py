@@ -86,5 +86,5 @@ def test_an_alert_fires_in_alertmanager_while_open_and_resolves_when_closed(sett
     assert seen and closed, (seen, closed)
     (alert,) = seen
     assert alert["labels"] == {"alertname": "StreamLstmDeviceAnomaly", "device_id": "pump-9",
-                               "alert_id": f"pump-9@{int(T0 * 1000)}"}
+                               "alert_id": f"pump-9@{int(T0 * 1000)}", "severity": "warning"}
     assert alert["status"]["state"] == "active" and alert["startsAt"].startswith("2023-11-14T22:13:20")

@@ -227,3 +227,24 @@ def test_the_command_serves_its_health_and_stops_on_sigterm(relay_settings, stub
     text = log.read_text()
     assert proc.returncode == 0, text[-2000:]
     assert "Traceback" not in text and "alert relay stopped" in text
+
+
+def test_alerts_carry_the_labels_it_is_given_for_routing(relay_settings, stub):
+    s = relay_settings
+    send(s, event("open", "pump-11", T0, T0))
+    run_until(AlertRelay(s, labels=service.parse_labels(["severity=critical", "team=sensors"])),
+              lambda: len(stub.alerts()) >= 1)
+    (alert,) = stub.alerts()
+    assert alert["labels"] == {"alertname": "StreamLstmDeviceAnomaly", "device_id": "pump-11",
+                               "alert_id": f"pump-11@{int(T0 * 1000)}", "severity": "critical",
+                               "team": "sensors"}
+
+
+def test_a_bad_label_is_one_line_and_exit_2(monkeypatch, capsys):
+    from stream_lstm.cli import main
+
+    monkeypatch.setenv("STREAM_LSTM_ALERTS_TOPIC", "a")
+    monkeypatch.setenv("STREAM_LSTM_ALERTMANAGER_URL", "http://am:9093")
+    assert main(["alert-relay", "--label", "no-equals-sign"]) == 2
+    err = capsys.readouterr().err
+    assert "--label 'no-equals-sign'" in err and "Traceback" not in err
