@@ -38,6 +38,8 @@ COMMITTED_TIMEOUT_MS = 10_000
 # interval) goes on over several turns, and the loop keeps beating (/healthz), polling (the
 # group's max.poll.interval.ms) and hearing SIGTERM in between.
 REPLAY_SLICE_S = 2.0
+# How often a state store that cannot write tries again with no write of its own to make.
+STORE_RETRY_S = 5.0
 
 
 class PartitionsLost(RuntimeError):
@@ -83,6 +85,8 @@ class PartitionCoordinator:
         # False while a worker that failed closes: closing the consumer revokes its partitions,
         # and a commit then would publish the failed batch's state without its forecasts.
         self.commit_on_revoke = True
+        self._store_error: str | None = None  # the store's write error last reported
+        self._store_retry_at = 0.0
         # When each partition still paused began restoring (restore_seconds).
         self._restoring_since: dict[int, float] = {}
         # Per partition restored and replaying its input (state.replaying): the offsets left,
@@ -270,3 +274,22 @@ class PartitionCoordinator:
             self.health.set_ready("partitions", bool(self.assigned),
                                   f"assigned {sorted(self.assigned)}")
         self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
+
+    def report_store(self) -> None:
+        """Say on /readyz while the state store cannot write (a full disk). The worker goes on
+        (the rows wait in memory, the changelog has them), but someone must make room."""
+        store = self.state.store
+        if store.write_error is not None and time.monotonic() >= self._store_retry_at:
+            self._store_retry_at = time.monotonic() + STORE_RETRY_S  # (room made: ready again
+            store.write_unwritten()  # without waiting for the next eviction)
+        error = store.write_error
+        if error == self._store_error:
+            return
+        self._store_error = error
+        if error is not None:
+            held = len(self.state.store.unwritten)
+            self.health.set_ready("state_store", False, f"cannot write ({error}); {held} rows held in memory")
+        elif not self.busy():  # (a restore that fails says so itself)
+            self.health.set_ready("state_store", True)
+        self.update_readiness()
+

@@ -193,7 +193,7 @@ def own_unready(status: dict[str, Any]) -> str | None:
     restart may help (``partitions: restoring [2]``, or ``starting`` before it reports any
     component); None when it is ready, not live or silent (the hung rule's), or waits on
     something outside it that a restart cannot fix: the broker (an outage makes every child
-    unready at once), or partitions it does not hold (:data:`HOLDS_NONE`: a child with none
+    unready at once), its state store's disk (full), or partitions it does not hold (:data:`HOLDS_NONE`: a child with none
     assigned idles unready when there are more processes than partitions).
 
     >>> status = {"ts": time.time(), "live": True, "ready": False,
@@ -205,14 +205,16 @@ def own_unready(status: dict[str, Any]) -> str | None:
     >>> own_unready(dict(status, components={"broker": "no consumer-group heartbeat for 40s",
     ...                                      "partitions": "restoring [2]"})) is None
     True
+    >>> own_unready(dict(status, components={"state_store": "cannot write (database or disk is full)"})) is None
+    True
     """
     if status["ready"] or not status["live"] or time.time() - float(status["ts"]) > STATUS_STALE_S:
         return None
     components = status.get("components") or {}
     if not components:
         return "starting"
-    if components.get("broker", "ok") != "ok":
-        return None
+    if components.get("broker", "ok") != "ok" or components.get("state_store", "ok") != "ok":
+        return None  # (nor can a restart make room on a full disk)
     own = [f"{k}: {v}" for k, v in components.items()
            if v != "ok" and not (k == "partitions" and v in HOLDS_NONE)]
     return "; ".join(own) or None

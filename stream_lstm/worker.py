@@ -232,6 +232,7 @@ class Worker:
                     self.lifecycle.tick(consumed)  # replay steps each reading as it was live)
                 self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
                 self.housekeeping.count_devices()
+                self.partitions.report_store()  # (a full disk: said on /readyz, the loop goes on)
                 self._check_heartbeat()
                 group.check_membership(bool(self.assigned))
                 if until is not None and until(self):

@@ -23,6 +23,7 @@ Rules that keep the store honest under exactly-once:
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,7 @@ class StateManager:
         self.metrics = metrics
         self._expiry = Expiry(self)
         self.restoring: set[int] = set()
+        self._unchecked: set[int] = set()  # assigned, their store rows' age not yet checked
         self.ready: set[int] = set()
         self.replaying: set[int] = set()  # ready ones whose input replay is not done (partitions.py)
         # Next changelog offset per partition after our own committed writes.
@@ -118,9 +120,8 @@ class StateManager:
         self._later_touched: list[tuple[str, int]] = []
         self._later_marked: set[str] = set()
         self._later_evicted: dict[str, DeviceSnapshot] = {}
-        # Devices the TTL forgot, gone from memory; their store rows go once their tombstones
-        # commit (a rollback would otherwise lose them with no tombstone and no alert close).
-        self.expiring: set[str] = set()
+        # TTL-forgotten devices: their rows go once their tombstones commit (a rollback would
+        self.expiring: set[str] = set()  # otherwise lose them with no tombstone, no alert close)
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
@@ -286,11 +287,10 @@ class StateManager:
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:
-        """New partitions: paused until restored (from the changelog alone if stale)."""
-        if stale := self.store.forget_stale(partitions, time.time(), STALE_STORE_S):
-            log.info("the store's copy is stale; restoring from the changelog", extra={"partitions": stale})
-        self.restoring |= partitions
-        self.ready -= partitions
+        """New partitions: paused until restored (from the changelog alone if stale). Nothing
+        is written here (a rebalance callback): a full disk must not leave them unpaused."""
+        self._unchecked |= partitions  # (their store rows' age: checked as their restore begins)
+        self.restoring, self.ready = self.restoring | partitions, self.ready - partitions
         for p in partitions:
             self._progress(p, 0.0)
 
@@ -308,7 +308,8 @@ class StateManager:
             self._first_markers.pop(p, None)
         self.restoring, self.ready, self.replaying = (
             self.restoring - partitions, self.ready - partitions, self.replaying - partitions)
-        self.store.release(partitions, time.time())
+        self.store.release(partitions - self._unchecked, time.time())  # (unchecked: as old as before)
+        self._unchecked -= partitions
         for p in partitions:
             self.written.pop(p, None)
 
@@ -316,16 +317,16 @@ class StateManager:
         """Restore paused partitions for at most ``budget_s``; return those now complete."""
         if not self.restoring:
             return set()
+        if check := self._unchecked & self.restoring:
+            if stale := self.store.forget_stale(check, time.time(), STALE_STORE_S):
+                log.info("the store's copy is stale; restoring from the changelog", extra={"partitions": stale})
+            self._unchecked -= check
         parts = sorted(self.restoring)
-        began: list[float] = []
+        began: list[float] = []  # at restore's first question, once the slice has read something:
 
-        def over_budget() -> bool:
-            # From restore's first question, asked once the slice has read something: a set-up
-            # slower than the budget (a loaded machine) had cancelled every slice for ever.
-            now = time.monotonic()
-            if not began:
-                began.append(now)
-            return now - began[0] > budget_s
+        def over_budget() -> bool:  # a set-up slower than the budget had cancelled every slice
+            began[:] = began or [time.monotonic()]
+            return time.monotonic() - began[0] > budget_s
 
         result = restore(
             self.settings, self.topic, parts, self.store,
@@ -346,8 +347,7 @@ class StateManager:
         self.ready |= done
         for p in done:
             self._progress(p, 1.0)
-        log.info("restored state", extra={"partitions": sorted(done),
-                                          "records": sum(result.restored.values()),
+        log.info("restored state", extra={"partitions": sorted(done), "records": sum(result.restored.values()),
                                           "seconds": round(result.seconds, 3)})
         return done
 
@@ -358,8 +358,7 @@ class StateManager:
     def first_marker(self, partition: int, offset: int) -> None:
         """``partition``'s changelog has no replay marker (a new group, or a changelog written
         before markers, when every commit carried the state): its state is complete up to
-        ``offset``, the input position it restarts from. Say so in the next commit, so that a
-        restore after it replays from there."""
+        ``offset``, where it restarts. The next commit says so, for a restore's replay."""
         self._first_markers[partition] = offset
 
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
@@ -368,31 +367,32 @@ class StateManager:
         self._writing = (set(), [], {}, [])
         self._writing_unwritten = False
         self.expiring.clear()  # (still in the store: a later pass expires them again)
-        # (the next batch's changes are dropped with it; its evictions are in the changelog)
-        self._in_flight = False
+        self._in_flight = False  # (the next batch's changes go with it; its evictions are in the changelog)
         self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
         self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 
     def close(self, table: DeviceTable, clean: bool) -> None:
-        """On a clean stop, keep every in-memory device in the store for a fast restart."""
-        if self.dirty:
-            # State the changelog does not hold yet (the final checkpoint did not commit):
-            # the store must not vouch for it.
+        """On a clean stop, keep every in-memory device in the store for a fast restart. (Not
+        with dirty devices: the final checkpoint did not commit, the store must not vouch.)"""
+        clean = clean and not self.dirty
+        try:
+            if clean and len(table):
+                slots = np.fromiter(table.index.values(), np.int64)
+                self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
+                                     for s in table.snapshots(slots)])
+            if clean:
+                # Every device of a ready partition is now in the store at its latest committed
+                # state, so a restart only needs changelog records written after our last one.
+                self.store.apply(
+                    checkpoints={p: off for p, off in self.written.items() if p in self.ready},
+                    replay_from={p: off for p, off in self.markers.items() if p in self.ready})
+                # Restoring partitions too: their earlier stamp is gone (restore_slice), and
+                # unstamped rows would be trusted however old they are when next assigned.
+                self.store.release((self.ready | self.restoring) - self._unchecked, time.time())
+        except sqlite3.OperationalError as exc:  # a full disk: rebuilt from the changelog next start
+            log.warning("the state store could not be closed clean", extra={"error": str(exc)})
             clean = False
-        if clean and len(table):
-            slots = np.fromiter(table.index.values(), np.int64)
-            self.store.put_many([(s.device_id, s.partition, encode_snapshot(s))
-                                 for s in table.snapshots(slots)])
-        if clean:
-            # Every device of a ready partition is now in the store at its latest committed
-            # state, so a restart only needs changelog records written after our last one.
-            self.store.apply(
-                checkpoints={p: off for p, off in self.written.items() if p in self.ready},
-                replay_from={p: off for p, off in self.markers.items() if p in self.ready})
-            # Restoring partitions too: assign() removed their earlier stamp, and unstamped
-            # rows would be trusted however old they are when next assigned.
-            self.store.release(self.ready | self.restoring, time.time())
         self.store.close(clean=clean)
 
     def _progress(self, partition: int, ratio: float) -> None:

@@ -9,6 +9,12 @@ A ``clean_shutdown`` flag is set only by ``close(clean=True)`` and cleared on op
 exactly-once a store opened after a crash (``opened_clean`` is False) may hold state of a
 batch whose transaction never committed, so the caller wipes it and rebuilds it from the
 changelog.
+
+A write the disk refuses (full, or an I/O error) must not stop the worker: the rows of
+:meth:`put_many` and :meth:`delete_many` (evictions and commits) then wait in memory, where
+:meth:`get` finds them, and go with the next write (:attr:`write_error` says why meanwhile,
+for readiness). The changelog holds everything they hold, so a store that could not write
+them is not closed clean, and the next start rebuilds it.
 """
 
 from __future__ import annotations
@@ -107,6 +113,10 @@ class StateStore:
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             self._open()
         self._closed = False
+        # Rows the file refused (device -> (partition, data), None to delete), and why.
+        self.unwritten: dict[str, tuple[int, bytes] | None] = {}
+        self.write_error: str | None = None
+        self._refused_meta = False  # a release stamp went unwritten: not clean at close
 
     def _open(self) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
@@ -138,12 +148,38 @@ class StateStore:
 
     # ---- writes ----------------------------------------------------------------------------
     def put_many(self, rows: Iterable[tuple[str, int, bytes]]) -> None:
-        """Insert or replace ``(device_id, partition, data)`` rows, in one transaction."""
-        self.apply(puts=rows)
+        """Insert or replace ``(device_id, partition, data)`` rows, in one transaction (kept in
+        memory if the disk refuses them: see the module's docstring)."""
+        rows = list(rows)
+        try:
+            self.apply(puts=rows)
+        except sqlite3.OperationalError as exc:
+            self._refused(exc)
+            self.unwritten.update((d, (p, data)) for d, p, data in rows)
 
     def delete_many(self, device_ids: Iterable[str]) -> None:
-        """Remove devices (missing ones are ignored), in one transaction."""
-        self.apply(deletes=device_ids)
+        """Remove devices (missing ones are ignored), in one transaction (as :meth:`put_many`)."""
+        device_ids = list(device_ids)
+        try:
+            self.apply(deletes=device_ids)
+        except sqlite3.OperationalError as exc:
+            self._refused(exc)
+            self.unwritten.update(dict.fromkeys(device_ids))
+
+    def write_unwritten(self) -> bool:
+        """Write the rows the disk refused before (any write does); whether none is left."""
+        if self.unwritten:
+            try:
+                self.apply()
+            except sqlite3.OperationalError as exc:
+                self._refused(exc)
+        return not self.unwritten
+
+    def _refused(self, exc: sqlite3.Error) -> None:
+        if self.write_error is None:
+            log.error("the state store cannot write; its rows wait in memory (the changelog has "
+                      "them) and are written once it can", extra={"path": str(self.path), "error": str(exc)})
+        self.write_error = str(exc)
 
     def set_checkpoints(self, offsets: dict[int, int]) -> None:
         """Record, per changelog partition, the next offset whose effect the store holds."""
@@ -157,9 +193,15 @@ class StateStore:
         replay_from: dict[int, int] | None = None,
     ) -> None:
         """Deletes, then puts, then checkpoints and replay positions, atomically (restore
-        applies a chunk this way, so a checkpoint is never ahead of the rows it vouches for)."""
+        applies a chunk this way, so a checkpoint is never ahead of the rows it vouches for).
+        Rows the disk refused before go first, in the same transaction: they are older."""
+        held = self.unwritten
         with self.db:  # commits on success, rolls back on an exception
             self.db.execute("BEGIN")
+            if held:
+                self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d, v in held.items() if v is None))
+                self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)",
+                                    ((d, *v) for d, v in held.items() if v is not None))
             self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d in deletes))
             self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", puts)
             if checkpoints:
@@ -168,10 +210,15 @@ class StateStore:
             if replay_from:
                 self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                     ((_replay_key(p), int(o)) for p, o in replay_from.items()))
+        if held or self.write_error:
+            log.info("the state store writes again", extra={"rows": len(held)})
+            self.unwritten, self.write_error = {}, None
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget every device of ``partitions``, their checkpoints and replay positions."""
         parts = [(int(p),) for p in partitions]
+        dropped = {p for (p,) in parts}
+        self.unwritten = {d: v for d, v in self.unwritten.items() if v is None or v[0] not in dropped}
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM state WHERE partition=?", parts)
@@ -186,10 +233,14 @@ class StateStore:
         stop has already stamped."""
         if self._closed:
             return
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                ((_released_key(p), int(when)) for p in partitions))
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                    ((_released_key(p), int(when)) for p in partitions))
+        except sqlite3.OperationalError as exc:  # (in a revocation: never raise there)
+            log.warning("the state store could not note a release", extra={"error": str(exc)})
+            self._refused_meta = True  # without the stamp, rows could be trusted however old
 
     def forget_stale(self, partitions: Iterable[int], now: float, max_age_s: float) -> list[int]:
         """Drop ``partitions`` released more than ``max_age_s`` before ``now`` (the changelog's
@@ -208,6 +259,7 @@ class StateStore:
 
     def wipe(self) -> None:
         """Forget everything but the clean flag (after an unclean shutdown)."""
+        self.unwritten = {}
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM state")
@@ -216,6 +268,9 @@ class StateStore:
     # ---- reads -----------------------------------------------------------------------------
     def get(self, device_id: str) -> bytes | None:
         """The encoded snapshot of ``device_id``, or None."""
+        if device_id in self.unwritten:
+            kept = self.unwritten[device_id]
+            return None if kept is None else kept[1]
         row = self.db.execute("SELECT data FROM state WHERE device_id=?", (device_id,)).fetchone()
         return row[0] if row else None
 
@@ -253,6 +308,9 @@ class StateStore:
         if self._closed:
             return
         try:
+            if clean and (not self.write_unwritten() or self._refused_meta):
+                clean = False  # (the store lacks what the changelog has: rebuilt next start)
+                log.warning("the state store could not write everything; it is rebuilt at the next start")
             if clean:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 1)", (_CLEAN,))
                 # Fold the WAL into the main file so the next open starts with a small WAL.

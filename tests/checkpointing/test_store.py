@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stream_lstm.checkpointing.store import StateStore
+from tests.checkpointing.store_full import fill, make_room
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,23 +96,84 @@ def test_partitions_released_too_long_ago_are_dropped_when_held_again(tmp_path):
     st.release([1], when=2e12)  # a revocation after the stop closed the store: nothing to note
 
 
-def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path):
+@pytest.mark.kafka
+def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path, bootstrap, topic_name):
     from stream_lstm.checkpointing import manager as manager_module
     from stream_lstm.checkpointing.manager import StateManager
     from stream_lstm.config import Settings
+    from stream_lstm.kafka.topics import ensure_changelog_topic
     from stream_lstm.state.table import DeviceTable
 
-    m = StateManager(Settings(state_dir=tmp_path), tmp_path / "m.sqlite")
+    s = Settings(state_dir=tmp_path, bootstrap_servers=bootstrap, changelog_topic=topic_name)
+    ensure_changelog_topic(s, 1)
+    m = StateManager(s, tmp_path / "m.sqlite")
     m.store.put_many([("a", 0, b"x")])
+    m.store.set_checkpoints({0: 0})  # (the store holds the changelog up to its start)
     m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})
     m.assign({0})  # straight back (a cooperative rebalance): the rows are reused
+    m.restore_slice()  # (the age is checked as the restore begins: assign writes nothing)
     assert m.store.device_ids() == ["a"]
     m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})
     m.store.release([0], when=0.0)  # as if revoked in 1970
     assert manager_module.STALE_STORE_S == 43_200.0  # half of delete.retention.ms, 1 day
     m.assign({0})
-    assert m.store.device_ids() == [] and m.restoring == {0}
+    assert m.store.device_ids() == ["a"] and m.restoring == {0}
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})  # gone again before its restore began: still 1970's
+    m.assign({0})
+    m.restore_slice()
+    assert m.store.device_ids() == [] and m.restoring == set()
     m.store.close(clean=True)
+
+
+def test_rows_a_full_disk_refuses_wait_in_memory_and_go_with_the_next_write(tmp_path, caplog):
+    path = tmp_path / "s.sqlite"
+    st = StateStore(path)
+    st.put_many([("a", 0, b"old"), ("gone", 1, b"x")])
+    fill(st)
+    st.put_many([("a", 0, b"a" * 50_000), ("b", 1, b"b" * 50_000)])  # no exception: an eviction
+    st.delete_many(["gone"])
+    assert "full" in st.write_error and set(st.unwritten) == {"a", "b", "gone"}
+    assert st.get("a") == b"a" * 50_000 and st.get("b") == b"b" * 50_000 and st.get("gone") is None
+    assert not st.write_unwritten()  # still full
+    assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1  # said once
+    make_room(st)
+    st.put_many([("c", 0, b"c")])  # the next write takes them along, older first
+    assert st.unwritten == {} and st.write_error is None
+    assert st.device_ids() == ["a", "b", "c"] and st.get("a") == b"a" * 50_000
+    st.close(clean=True)
+    again = StateStore(path)
+    assert again.opened_clean and again.get("b") == b"b" * 50_000
+    again.close(clean=True)
+
+
+def test_a_store_that_could_not_write_everything_is_not_closed_clean(tmp_path):
+    path = tmp_path / "s.sqlite"
+    st = StateStore(path)
+    st.put_many([("a", 0, b"x")])
+    fill(st)
+    st.put_many([("b", 0, b"b" * 50_000)])
+    st.close(clean=True)  # the file lacks b: the next start must rebuild it from the changelog
+    again = StateStore(path)
+    assert not again.opened_clean
+    fill(again)
+    again.release([0], when=5.0)  # a revocation on a full disk: no exception, and not clean either
+    again.close(clean=True)
+    assert not StateStore(path).opened_clean
+
+
+def test_a_full_disk_never_leaves_assigned_partitions_unpaused(tmp_path):
+    """assign runs in a rebalance callback: it writes nothing, so it cannot fail there."""
+    from stream_lstm.checkpointing.manager import StateManager
+    from stream_lstm.config import Settings
+    from stream_lstm.state.table import DeviceTable
+
+    m = StateManager(Settings(state_dir=tmp_path), tmp_path / "m.sqlite")
+    m.store.put_many([("a", 0, b"x" * 10_000)])
+    fill(m.store)
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0, 1})
+    m.assign({0, 1})
+    assert m.restoring == {0, 1}
+    m.close(DeviceTable(4, 4, 1, 1, 2), clean=True)
 
 
 def test_one_holder_at_a_time(tmp_path):

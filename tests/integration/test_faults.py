@@ -147,3 +147,58 @@ def idle_outage(broker, settings_factory, topic_name):
                                                    timeout_s=60)]
     # nothing lost, nothing twice: one forecast a reading from the min_history-th on
     assert sorted(f["offset"] for f in fcs) == list(range(s.min_history - 1, 20))
+
+
+def test_a_full_state_disk_is_reported_and_loses_nothing(settings_factory, topic_name):
+    """The state store's disk fills up while readings arrive and devices are evicted to it (20
+    devices, memory for 8). The worker goes on, says on /readyz why it is not ready, and once
+    there is room again it is ready and has lost nothing: every reading has exactly one forecast,
+    equal to an uninterrupted run's."""
+    from tests.checkpointing.store_full import fill, make_room
+
+    s = guarantee_settings(settings_factory, topic_name, max_devices=8)  # (evictions: the store is written)
+    served = fresh_model(s)
+    worker = Worker(s, served)
+    stop, actions = threading.Event(), []
+
+    def between_turns(w):  # in the worker's own thread, as a disk fills between two writes
+        while actions:
+            actions.pop(0)(w.state.store)
+        return stop.is_set()
+
+    wt = threading.Thread(target=lambda: worker.run(until=between_turns), daemon=True)
+    wt.start()
+    producer = make_producer(s, linger_ms=5)
+    t0, total = 1_700_000_000.0, 1200
+    history: dict[str, list[float]] = {}
+
+    def send():
+        for i in range(total):
+            dev, value = f"d{i % 20}", float((i * 7) % 11)
+            producer.send(topic_name, encode_reading(dev, t0 + 60 * (i // 20), [value]), key=dev.encode())
+            history.setdefault(dev, []).append(value)
+            time.sleep(0.004)
+
+    feeder = threading.Thread(target=send, daemon=True)
+    feeder.start()
+    try:
+        assert wait_for(lambda: worker.totals.consumed >= 300, 120), worker.totals
+        actions.append(fill)
+        assert wait_for(lambda: "state_store" in worker.health.readiness()[1], 60), "the full disk was never reported"
+        ready, parts = worker.health.readiness()
+        assert not ready and "cannot write" in parts["state_store"] and "full" in parts["state_store"], parts
+        feeder.join(120)  # the rest arrives while the disk is full, and is served
+        producer.flush()
+        assert wait_for(lambda: worker.totals.consumed >= total, 120), worker.totals
+        assert worker.state.store.unwritten and not worker.health.readiness()[0]
+        # Room again, and no reading left to bring a write: the store tries again by itself.
+        actions.append(make_room)
+        assert wait_for(lambda: worker.health.readiness()[0], 60), worker.health.readiness()
+        assert worker.state.store.unwritten == {}
+    finally:
+        stop.set()
+        wt.join(60)
+        producer.close()
+    assert worker.totals.consumed == total and worker.table.evictions > 0
+    out = read_topic(s, s.output_topic, expect=published(history, s), timeout_s=120)
+    assert_exactly_once_and_continuous(out, history, served.model, s)
