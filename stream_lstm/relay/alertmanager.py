@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -170,7 +171,9 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = POST_TIMEOUT_S) -> None:
     """``POST {base_url}/api/v2/alerts``; raises :class:`AlertmanagerError` unless it answers 2xx.
-    Credentials in the URL (``https://user:password@host``) go as HTTP basic authentication."""
+    Credentials in the URL (``https://user:password@host``) go as HTTP basic authentication.
+    ``https`` is verified against the system's CAs, or the bundle ``SSL_CERT_FILE`` names
+    (OpenSSL reads it for each connection)."""
     parts = urllib.parse.urlsplit(base_url)
     request = urllib.request.Request(redacted(base_url) + "/api/v2/alerts", data=json.dumps(alerts).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -187,4 +190,6 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
                                 status=exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} not reachable: {reason}") from None
+        hint = ("; signed by a private CA? point SSL_CERT_FILE at its certificate"
+                if isinstance(reason, ssl.SSLCertVerificationError) else "")
+        raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} not reachable: {reason}{hint}") from None

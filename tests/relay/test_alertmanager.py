@@ -74,3 +74,26 @@ def test_an_error_status_says_whether_sending_again_could_help(stub):
     with pytest.raises(AlertmanagerError) as err:
         post_alerts(stub.url, [to_alert(EVENT | {"device_id": "pump-2"})])
     assert err.value.status == 503 and not err.value.refused
+
+
+def test_https_with_a_private_ca_is_refused_with_a_hint_then_taken_with_ssl_cert_file(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "am.pem", tmp_path / "am.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    am = AlertmanagerStub(tls=(str(cert), str(key)))
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        with pytest.raises(AlertmanagerError, match="SSL_CERT_FILE") as err:
+            post_alerts(am.url, [to_alert(EVENT)], timeout_s=5.0)
+        assert err.value.status is None and not am.received  # unreachable, retried: not refused
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        post_alerts(am.url, [to_alert(EVENT)], timeout_s=5.0)
+        assert am.alerts()[0]["labels"]["device_id"] == "pump-1"
+    finally:
+        am.close()
