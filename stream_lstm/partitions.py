@@ -187,7 +187,9 @@ class PartitionCoordinator:
             return
         self.health.set_ready("broker", True)
         if "state_store" in self.health.readiness()[1]:
-            self.health.set_ready("state_store", True)
+            if self.state.store.write_error is None:
+                self.health.set_ready("state_store", True)
+            self._store_error = None  # (a full disk: report_store says so again next turn)
         if done and self.group is not None:
             self.group.consumer.resume(*self.tps(done))
         now = time.monotonic()

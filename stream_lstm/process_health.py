@@ -207,14 +207,17 @@ def own_unready(status: dict[str, Any]) -> str | None:
     True
     >>> own_unready(dict(status, components={"state_store": "cannot write (database or disk is full)"})) is None
     True
+    >>> own_unready(dict(status, components={"state_store": "restore failed: DatabaseError('malformed')"}))
+    "state_store: restore failed: DatabaseError('malformed')"
     """
     if status["ready"] or not status["live"] or time.time() - float(status["ts"]) > STATUS_STALE_S:
         return None
     components = status.get("components") or {}
     if not components:
         return "starting"
-    if components.get("broker", "ok") != "ok" or components.get("state_store", "ok") != "ok":
-        return None  # (nor can a restart make room on a full disk)
+    store = components.get("state_store", "ok")
+    if components.get("broker", "ok") != "ok" or store.startswith("cannot write") or "disk is full" in store:
+        return None  # (nor can a restart make room on a full disk; a damaged file it may fix)
     own = [f"{k}: {v}" for k, v in components.items()
            if v != "ok" and not (k == "partitions" and v in HOLDS_NONE)]
     return "; ".join(own) or None

@@ -75,6 +75,8 @@ class Expiry:
         for dev, partition, data in rows:
             if dev in table.index or dev in m.dirty:
                 continue  # in memory: the pass over memory judges it
+            if dev in m.store.unwritten:
+                continue  # its row on disk is older than what waits for a full disk to clear
             if partition not in m.ready or partition in m.replaying:
                 # A revoked partition's rows stay in the store for a later reassignment, and a
                 # restoring or replaying one's are not current yet: another worker may own the

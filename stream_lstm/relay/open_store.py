@@ -55,11 +55,25 @@ class OpenAlertStore:
         self.settings, self.topic = settings, topic
         ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic),
                                            {"cleanup.policy": "compact"})])
-        # One request in flight: a retried put must not land after the tombstone that followed it.
-        self.producer = make_producer(settings, max_in_flight_requests_per_connection=1,
-                                      client_id=f"stream-lstm-alert-relay-store-{settings.instance_id}")
+        self.producer = self._producer()
         # Written and not yet acknowledged: (alerts partition, alert id, record or None).
         self.pending: list[tuple[int, str, bytes | None]] = []
+
+    def _producer(self) -> Any:
+        # One request in flight: a retried put must not land after the tombstone that followed
+        # it. A send may wait for metadata no longer than a flush may take.
+        return make_producer(self.settings, max_in_flight_requests_per_connection=1,
+                             max_block_ms=int(FLUSH_TIMEOUT_S * 1000),
+                             client_id=f"stream-lstm-alert-relay-store-{self.settings.instance_id}")
+
+    def _abandon(self) -> None:
+        """Give up what the producer still holds (it must not land after a later owner's
+        records, or be sent twice beside a retry) and start a fresh one."""
+        try:
+            self.producer.close(timeout=0)
+        except Exception:  # noqa: BLE001 - closing a producer the broker left: nothing to keep
+            pass
+        self.producer = self._producer()
 
     def opened(self, partition: int, event: dict[str, Any]) -> None:
         """An alert of ``partition`` opened: keep its event."""
@@ -75,8 +89,14 @@ class OpenAlertStore:
 
         Their next owner reads the events again from the committed offset and writes the same
         records. One still in flight from here must land before that owner reads the store, or
-        an open could come after its close."""
-        self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        an open could come after its close. (Not sent within the flush's time, they are given
+        up: this runs in a rebalance callback, which must not raise.)"""
+        try:
+            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the broker away, say
+            log.warning("the relay's open-alert writes were given up at a revocation",
+                        extra={"error": repr(exc)[:200]})
+            self._abandon()
         self.pending = [w for w in self.pending if w[0] not in partitions]
 
     def flush(self) -> bool:
@@ -84,14 +104,15 @@ class OpenAlertStore:
         not take all of it. Records are written again in order, so the last one of a key wins."""
         if not self.pending:
             return True
-        futures = [self.producer.send(self.topic, key=alert_id.encode(), value=record)
-                   for _, alert_id, record in self.pending]
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
         try:
-            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
-            for f in futures:
-                f.get(timeout=0)  # raises the send's own error
+            futures = [self.producer.send(self.topic, key=alert_id.encode(), value=record)
+                       for _, alert_id, record in self.pending]
+            for f in futures:  # (one deadline for all: the turn, and /healthz, wait no longer)
+                f.get(timeout=max(0.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - the broker away, say: the next turn tries again
             log.warning("writing the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
+            self._abandon()  # (the retry sends them all again, in order)
             return False
         self.pending = []
         return True
@@ -103,6 +124,8 @@ class OpenAlertStore:
                                  bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS)
         try:
             tps = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic) or ()]
+            if not tps:  # (created at start: no metadata is not an empty store)
+                raise LookupError(f"no partitions of {self.topic} known yet")
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             ends = consumer.end_offsets(tps)

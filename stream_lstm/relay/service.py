@@ -160,9 +160,11 @@ class AlertRelay:
         turn if the store cannot be read (the partitions stay paused)."""
         try:
             found = self.store.load(self.unloaded)  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - the broker away, say: next turn
+        except Exception as exc:  # noqa: BLE001 - the broker away, or no read ACL: next turn
             log.warning("loading the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
+            self.health.set_ready("open_alerts", False, f"cannot read {self.store.topic}: {repr(exc)[:200]}")  # type: ignore[union-attr]
             return
+        self.health.set_ready("open_alerts", True)
         self.open.update(found)
         self._resend = self._resend or bool(found)  # (Alertmanager may have resolved them meanwhile)
         self.metrics.open_alerts.set(len(self.open))
@@ -226,8 +228,9 @@ class AlertRelay:
         if tick >= self._next_resend and self.open:
             self._resend = True  # still firing: say so again, before Alertmanager's endsAt
             self._next_resend = tick + RESEND_S
-        if (self.waiting or self._resend) and tick >= self._retry_at and not self._deliver(tick):
-            return
+        unheard = self.health.readiness()[1].get("alertmanager", "ok") != "ok"
+        if (self.waiting or self._resend or unheard) and tick >= self._retry_at and not self._deliver(tick):
+            return  # (unheard with nothing to send: an empty post asks whether it answers again)
         if not (self.waiting or self._resend):
             self._commit()
 
@@ -237,7 +240,7 @@ class AlertRelay:
         now = self.clock()
         events = [e for _, e in self.waiting] + ([e for _, e in self.open.values()] if self._resend else [])
         alerts = [to_alert(e, now, self.labels) for e in events]
-        for i in range(0, len(alerts), CHUNK):
+        for i in range(0, len(alerts), CHUNK) or [0]:  # (nothing: an empty list, as a probe)
             chunk = alerts[i : i + CHUNK]
             try:
                 self._post(chunk)

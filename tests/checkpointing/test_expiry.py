@@ -102,3 +102,24 @@ def test_an_expired_device_leaves_the_store_only_when_its_tombstone_commits(tmp_
     manager.committed({})
     assert manager.store.count() == 0 and not manager.expiring
     manager.store.close(clean=True)
+
+
+def test_a_stored_device_whose_newer_row_waits_for_a_full_disk_is_not_judged_by_its_old_one(tmp_path: Path):
+    from tests.checkpointing.store_full import fill, make_room
+
+    s = Settings(alerts_topic="alerts", device_ttl_s=60.0, state_dir=tmp_path)
+    table = DeviceTable(8, 8, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)
+    manager.store.put_many(stored({"busy": 100.0}, "busy"))  # on disk: idle since 100
+    fill(manager.store)
+    # Evicted again, seen at 990, with another device (a batch's evictions): held, both.
+    newer, other = stored({"busy": 990.0, "other": 995.0}, "busy")
+    manager.store.put_many([newer, (other[0], other[1], other[2] + b"\0" * 50_000)])
+    assert "busy" in manager.store.unwritten
+    assert manager.expire(table, now=1000.0, farewell=pipe.farewell) == []  # not expired, no close
+    make_room(manager.store)
+    assert manager.store.write_unwritten() and manager.expire(table, now=1000.0, farewell=pipe.farewell) == []
+    assert manager.store.device_ids() == ["busy", "other"]
+    manager.store.close(clean=True)

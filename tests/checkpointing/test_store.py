@@ -162,17 +162,20 @@ def test_a_store_that_could_not_write_everything_is_not_closed_clean(tmp_path):
 
 
 def test_a_full_disk_never_leaves_assigned_partitions_unpaused(tmp_path):
-    """assign runs in a rebalance callback: it writes nothing, so it cannot fail there."""
+    """assign runs in a rebalance callback: it writes nothing (a full disk refuses even a
+    delete, whose pages go to the write-ahead log first), so it cannot fail there."""
     from stream_lstm.checkpointing.manager import StateManager
     from stream_lstm.config import Settings
     from stream_lstm.state.table import DeviceTable
 
     m = StateManager(Settings(state_dir=tmp_path), tmp_path / "m.sqlite")
     m.store.put_many([("a", 0, b"x" * 10_000)])
-    fill(m.store)
-    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0, 1})
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0, 1})  # stamped: the next assign has rows to judge
+    writes = m.store.db.total_changes
     m.assign({0, 1})
-    assert m.restoring == {0, 1}
+    assert m.store.db.total_changes == writes and m.restoring == {0, 1}
+    fill(m.store)
+    m.revoke(DeviceTable(4, 4, 1, 1, 2), {0, 1})  # a release stamp refused: no exception
     m.close(DeviceTable(4, 4, 1, 1, 2), clean=True)
 
 

@@ -69,3 +69,21 @@ def test_a_damaged_record_is_skipped_not_a_crash(store_settings, topic_name):
         assert list(store.load({0, 1})) == ["y@2"]
     finally:
         store.close()
+
+
+def test_writes_the_broker_refuses_are_kept_to_write_again_and_a_revocation_never_raises(store_settings, topic_name):
+    s, topic = store_settings, f"{topic_name}-open"
+    store = OpenAlertStore(s, topic, s.alerts_topic)
+    try:
+        store.topic = "not a valid topic name!"  # every send fails, as against a broker away
+        store.opened(0, opened("a@1"))
+        assert not store.flush() and [w[1] for w in store.pending] == ["a@1"]  # kept, in order
+        store.drop({1})  # (in a rebalance callback: must not raise)
+        store.topic = topic
+        assert store.flush() and store.pending == []
+        assert list(store.load({0})) == ["a@1"]
+        store.topic = "not a valid topic name!"
+        with pytest.raises(Exception):  # noqa: B017 - not an empty store: an error, retried
+            store.load({0})
+    finally:
+        store.close()

@@ -248,3 +248,36 @@ def test_a_bad_label_is_one_line_and_exit_2(monkeypatch, capsys):
     assert main(["alert-relay", "--label", "no-equals-sign"]) == 2
     err = capsys.readouterr().err
     assert "--label 'no-equals-sign'" in err and "Traceback" not in err
+
+
+def test_partitions_paused_for_a_down_alertmanager_resume_when_it_answers_with_nothing_left_to_send(
+        relay_settings, stub, monkeypatch):
+    """Its waiting events went with a revocation: an empty post asks whether Alertmanager is back."""
+    monkeypatch.setattr(service, "RETRY_FIRST_S", 0.2)
+    s = relay_settings
+    stub.fail = 10**6
+    send(s, event("close", "pump-12", T0, T0))
+    relay, phase = AlertRelay(s), []
+
+    def steps():
+        if not phase and relay.metrics.failures._value.get() >= 1:  # down, its event waiting
+            assert relay.waiting and relay.group.consumer.paused()
+            relay._on_revoked(set(relay.assigned))  # (a rebalance takes the event's partition)
+            stub.fail = 0
+            phase.append("revoked")
+        if phase == ["revoked"] and relay.health.readiness()[0] and not relay.group.consumer.paused():
+            phase.append("resumed")
+        return phase == ["revoked", "resumed"]
+
+    run_until(relay, steps)
+    assert stub.received[-1] == []  # what asked: an empty list of alerts
+
+
+def test_an_open_alert_store_it_cannot_read_is_said_on_readyz(relay_settings, stub):
+    relay = AlertRelay(relay_settings)
+    relay.connect()
+    relay.store.topic = "not a valid topic name!"  # (as a missing read ACL would)
+    turns = []
+    relay.run(until=lambda r: len(turns) > 3 and r.assigned or turns.append(1) and False)
+    ready, parts = relay.health.readiness()
+    assert not ready and "cannot read" in parts["open_alerts"]
