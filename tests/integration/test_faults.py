@@ -36,6 +36,23 @@ def own_broker():
             broker.stop()
 
 
+def live_feed(producer, topic: str, total: int, devices: int, history: dict, gap_s: float) -> threading.Thread:
+    """Send ``total`` readings of ``devices`` devices, one every ``gap_s``, from a thread (started);
+    each device's values go into ``history`` as they are sent."""
+    t0 = 1_700_000_000.0
+
+    def send():
+        for i in range(total):
+            dev, value = f"d{i % devices}", float((i * 7) % 13)
+            producer.send(topic, encode_reading(dev, t0 + 60 * (i // devices), [value]), key=dev.encode())
+            history.setdefault(dev, []).append(value)
+            time.sleep(gap_s)
+
+    feeder = threading.Thread(target=send, daemon=True)
+    feeder.start()
+    return feeder
+
+
 def test_broker_stop_and_restart_mid_stream(settings_factory, topic_name):
     with own_broker() as broker:
         run(broker, settings_factory, topic_name)
@@ -59,18 +76,9 @@ def run(broker, settings_factory, topic_name):
     wt.start()
     producer = make_producer(s, linger_ms=5, delivery_timeout_ms=300_000, request_timeout_ms=10_000,
                              max_block_ms=120_000)
-    t0, total = 1_700_000_000.0, 1200
-    history: dict[str, list[float]] = {}
-
-    def send():  # live readings, still arriving while the broker is away (the producer buffers)
-        for i in range(total):
-            dev, value = f"d{i % 10}", float(i % 13)
-            producer.send(topic_name, encode_reading(dev, t0 + 60 * (i // 10), [value]), key=dev.encode())
-            history.setdefault(dev, []).append(value)
-            time.sleep(0.005)
-
-    feeder = threading.Thread(target=send, daemon=True)
-    feeder.start()
+    total, history = 1200, {}
+    # Live readings, still arriving while the broker is away (the producer buffers).
+    feeder = live_feed(producer, topic_name, total, 10, history, gap_s=0.005)
     try:
         # The outage hits a worker at work: readings flowing and transactions being committed.
         assert wait_for(lambda: worker.totals.consumed >= 300, 120), worker.totals
@@ -169,18 +177,8 @@ def test_a_full_state_disk_is_reported_and_loses_nothing(settings_factory, topic
     wt = threading.Thread(target=lambda: worker.run(until=between_turns), daemon=True)
     wt.start()
     producer = make_producer(s, linger_ms=5)
-    t0, total = 1_700_000_000.0, 1200
-    history: dict[str, list[float]] = {}
-
-    def send():
-        for i in range(total):
-            dev, value = f"d{i % 20}", float((i * 7) % 11)
-            producer.send(topic_name, encode_reading(dev, t0 + 60 * (i // 20), [value]), key=dev.encode())
-            history.setdefault(dev, []).append(value)
-            time.sleep(0.004)
-
-    feeder = threading.Thread(target=send, daemon=True)
-    feeder.start()
+    total, history = 1200, {}
+    feeder = live_feed(producer, topic_name, total, 20, history, gap_s=0.004)
     try:
         assert wait_for(lambda: worker.totals.consumed >= 300, 120), worker.totals
         actions.append(fill)

@@ -21,6 +21,13 @@ def store_settings(settings_factory, topic_name):
     return s
 
 
+@pytest.fixture
+def store(store_settings, topic_name):
+    st = OpenAlertStore(store_settings, f"{topic_name}-open", store_settings.alerts_topic)
+    yield st
+    st.close()
+
+
 def test_open_alerts_survive_and_closed_ones_are_gone(store_settings, topic_name):
     s, topic = store_settings, f"{topic_name}-open"
     store = OpenAlertStore(s, topic, s.alerts_topic)
@@ -41,49 +48,35 @@ def test_open_alerts_survive_and_closed_ones_are_gone(store_settings, topic_name
         again.close()
 
 
-def test_a_revoked_partitions_unwritten_records_are_dropped_and_sent_ones_land(store_settings, topic_name):
-    s, topic = store_settings, f"{topic_name}-open"
-    store = OpenAlertStore(s, topic, s.alerts_topic)
-    try:
-        store.opened(0, opened("a@1"))
-        store.opened(1, opened("b@2"))
-        store.drop({0})  # the next owner of partition 0 writes a@1 again when it reads the event
-        assert [alert_id for _, alert_id, _ in store.pending] == ["b@2"]
-        assert store.flush()
-        assert list(store.load({0, 1})) == ["b@2"]
-    finally:
-        store.close()
+def test_a_revoked_partitions_unwritten_records_are_dropped_and_sent_ones_land(store):
+    store.opened(0, opened("a@1"))
+    store.opened(1, opened("b@2"))
+    store.drop({0})  # the next owner of partition 0 writes a@1 again when it reads the event
+    assert [alert_id for _, alert_id, _ in store.pending] == ["b@2"]
+    assert store.flush()
+    assert list(store.load({0, 1})) == ["b@2"]
 
 
-def test_a_damaged_record_is_skipped_not_a_crash(store_settings, topic_name):
+def test_a_damaged_record_is_skipped_not_a_crash(store, store_settings):
     from stream_lstm.kafka.clients import make_producer
 
-    s, topic = store_settings, f"{topic_name}-open"
-    store = OpenAlertStore(s, topic, s.alerts_topic)
-    try:
-        producer = make_producer(s)
-        producer.send(topic, key=b"x@1", value=b"not json")
-        producer.send(topic, key=b"y@2", value=json.dumps({"partition": 0, "event": opened("y@2")}).encode())
-        producer.flush()
-        producer.close()
-        assert list(store.load({0, 1})) == ["y@2"]
-    finally:
-        store.close()
+    producer = make_producer(store_settings)
+    producer.send(store.topic, key=b"x@1", value=b"not json")
+    producer.send(store.topic, key=b"y@2", value=json.dumps({"partition": 0, "event": opened("y@2")}).encode())
+    producer.flush()
+    producer.close()
+    assert list(store.load({0, 1})) == ["y@2"]
 
 
-def test_writes_the_broker_refuses_are_kept_to_write_again_and_a_revocation_never_raises(store_settings, topic_name):
-    s, topic = store_settings, f"{topic_name}-open"
-    store = OpenAlertStore(s, topic, s.alerts_topic)
-    try:
-        store.topic = "not a valid topic name!"  # every send fails, as against a broker away
-        store.opened(0, opened("a@1"))
-        assert not store.flush() and [w[1] for w in store.pending] == ["a@1"]  # kept, in order
-        store.drop({1})  # (in a rebalance callback: must not raise)
-        store.topic = topic
-        assert store.flush() and store.pending == []
-        assert list(store.load({0})) == ["a@1"]
-        store.topic = "not a valid topic name!"
-        with pytest.raises(Exception):  # noqa: B017 - not an empty store: an error, retried
-            store.load({0})
-    finally:
-        store.close()
+def test_writes_the_broker_refuses_are_kept_to_write_again_and_a_revocation_never_raises(store):
+    topic = store.topic
+    store.topic = "not a valid topic name!"  # every send fails, as against a broker away
+    store.opened(0, opened("a@1"))
+    assert not store.flush() and [w[1] for w in store.pending] == ["a@1"]  # kept, in order
+    store.drop({1})  # (in a rebalance callback: must not raise)
+    store.topic = topic
+    assert store.flush() and store.pending == []
+    assert list(store.load({0})) == ["a@1"]
+    store.topic = "not a valid topic name!"
+    with pytest.raises(Exception):  # noqa: B017 - not an empty store: an error, retried
+        store.load({0})
