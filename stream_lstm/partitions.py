@@ -14,12 +14,14 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING
 
+from kafka.errors import UnknownTopicOrPartitionError
 from kafka.structs import TopicPartition
 
 from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import log_start, replay_input
 from stream_lstm.config import Settings
+from stream_lstm.kafka.topics import ensure_changelog_topic, partition_count
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.pipeline import BatchPipeline
 from stream_lstm.state.table import DeviceTable
@@ -170,6 +172,8 @@ class PartitionCoordinator:
             restored = self.state.restore_slice(budget_s=1.0) if self.state.restoring else set()
         except Exception as exc:  # noqa: BLE001 - e.g. broker down: keep paused, retry
             log.warning("restore did not complete; will retry", extra={"error": repr(exc)[:300]})
+            if isinstance(exc, UnknownTopicOrPartitionError) and self._grow_changelog():
+                return  # (input partitions added while running: restored next turn)
             # (the broker, or the local store: a full disk is not an outage to wait out)
             what = "state_store" if isinstance(exc, sqlite3.Error) else "broker"
             self.health.set_ready(what, False, f"restore failed: {repr(exc)[:200]}")
@@ -196,6 +200,20 @@ class PartitionCoordinator:
         for p in done:  # from assignment (or a rollback) to resuming, replay included
             self.metrics.restore_seconds.observe(now - self._restoring_since.pop(p, now))
         self.update_readiness()
+
+    def _grow_changelog(self) -> bool:
+        """A partition the changelog lacks was assigned: the input topic has grown (someone
+        added partitions). Grow the changelog to match (``ensure_changelog_topic``)."""
+        s = self.settings
+        try:  # (a changelog deleted meanwhile is not recreated here: its absence is said)
+            wanted = partition_count(s, s.input_topic)
+            if partition_count(s, s.changelog_topic_name()) >= wanted:
+                return False
+            ensure_changelog_topic(s, wanted)
+        except Exception as exc:  # noqa: BLE001 - said; the restore tries again
+            log.error("the changelog could not grow with the input topic", extra={"error": repr(exc)[:300]})
+            return False
+        return True
 
     def _replay_some(self, budget_s: float) -> set[int]:
         """Replay the restored partitions' input for about ``budget_s``; return those done."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import kafka.errors as Errors
@@ -9,6 +10,8 @@ from kafka.errors import TopicAlreadyExistsError
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_admin
+
+log = logging.getLogger("stream_lstm.kafka")
 
 
 @dataclass(frozen=True)
@@ -144,13 +147,22 @@ def changelog_topic_spec(settings: Settings, partitions: int | None = None) -> T
 def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
     """Create the changelog topic if missing (idempotent; racing workers are fine).
 
-    Raises :class:`ChangelogTopicError` if it exists with another partition count: state
-    of input partition p would then not be in changelog partition p.
+    One with fewer partitions grows to ``partitions``: someone added partitions to the input
+    topic (Kafka cannot take them away), and a new input partition's state needs its changelog
+    partition. The others keep theirs. (A device whose readings now land on another partition
+    starts afresh there: Kafka moves no records when partitions are added.) Raises
+    :class:`ChangelogTopicError` if it has more partitions than ``partitions``: state of input
+    partition p would then not be in changelog partition p.
     """
     spec = changelog_topic_spec(settings, partitions)
     ensure_topics(settings, [spec])  # TopicAlreadyExistsError is handled there
     actual = partition_count(settings, spec.name)
-    if actual != partitions:
+    if actual < partitions:
+        log.warning(f"the input topic {settings.input_topic} has grown to {partitions} partitions "
+                    f"(the changelog {spec.name} had {actual}): the changelog grows with it; "
+                    "devices whose readings now land on another partition start afresh there")
+        _grow(settings, spec.name, partitions)
+    elif actual > partitions:
         raise ChangelogTopicError(
             f"changelog topic {spec.name} has {actual} partitions but the input topic has "
             f"{partitions}; they must match (state of input partition p lives in changelog "
@@ -166,6 +178,18 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
             "the topic, delete it (the worker creates it compacted) or set "
             "STREAM_LSTM_CHANGELOG_TOPIC."
         )
+
+
+def _grow(settings: Settings, topic: str, partitions: int) -> None:
+    from kafka.admin import NewPartitions
+
+    admin = make_admin(settings)
+    try:
+        admin.create_partitions({topic: NewPartitions(total_count=partitions)})
+    except Errors.InvalidPartitionsError:  # (another worker grew it first)
+        pass
+    finally:
+        admin.close()
 
 
 def ensure_worker_topics(settings: Settings) -> None:

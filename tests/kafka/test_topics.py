@@ -58,8 +58,19 @@ def test_topic_is_compacted_copartitioned_and_idempotent(settings):
     values = topic_configs(settings, name)
     assert values["cleanup.policy"] == "compact"
     assert values["min.compaction.lag.ms"] == CHANGELOG_CONFIG["min.compaction.lag.ms"]
-    with pytest.raises(ChangelogTopicError, match="3 partitions but the input topic has 4"):
-        ensure_changelog_topic(settings, 4)
+    ensure_changelog_topic(settings, 4)  # (the input grew: see the next test)
+    with pytest.raises(ChangelogTopicError, match="4 partitions but the input topic has 3"):
+        ensure_changelog_topic(settings, 3)  # more than the input: not its changelog
+
+
+def test_a_changelog_grows_when_the_input_topic_has_grown(settings, caplog):
+    """Partitions added to the input topic: the changelog follows, the old ones keep theirs."""
+    ensure_changelog_topic(settings, 2)
+    name = settings.changelog_topic_name()
+    ensure_changelog_topic(settings, 5)
+    assert partition_count(settings, name) == 5
+    assert any("has grown to 5 partitions" in r.getMessage() for r in caplog.records)
+    assert topic_configs(settings, name)["cleanup.policy"] == "compact"
 
 
 def test_a_changelog_that_deletes_instead_of_compacting_is_refused(settings):
