@@ -1,4 +1,5 @@
-"""A state store whose disk is full, for tests: SQLite answers as for a full disk (SQLITE_FULL)."""
+"""A state store whose disk refuses writes, for tests: full (SQLite answers SQLITE_FULL, as for
+a full disk) or read-only (SQLITE_READONLY, as a volume remounted read-only after I/O errors)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,15 @@ def fill(st: StateStore) -> None:
 
 def make_room(st: StateStore) -> None:
     st.db.execute("PRAGMA max_page_count=1073741823")
+
+
+def read_only(st: StateStore) -> None:
+    """Every write refused from now on. (A full file still takes a row that replaces one of the
+    same size in place: under a worker that re-evicts the same devices, writes would fail and
+    succeed by turns.)"""
+    st.db.execute("PRAGMA query_only=ON")
+
+
+def writable(st: StateStore) -> None:
+    st.db.execute("PRAGMA query_only=OFF")
+

@@ -157,12 +157,13 @@ def idle_outage(broker, settings_factory, topic_name):
     assert sorted(f["offset"] for f in fcs) == list(range(s.min_history - 1, 20))
 
 
-def test_a_full_state_disk_is_reported_and_loses_nothing(settings_factory, topic_name):
-    """The state store's disk fills up while readings arrive and devices are evicted to it (20
-    devices, memory for 8). The worker goes on, says on /readyz why it is not ready, and once
-    there is room again it is ready and has lost nothing: every reading has exactly one forecast,
-    equal to an uninterrupted run's."""
-    from tests.checkpointing.store_full import fill, make_room
+def test_a_state_disk_that_refuses_writes_is_reported_and_loses_nothing(settings_factory, topic_name):
+    """The state store's disk refuses every write (a volume remounted read-only; a full one
+    behaves alike, tests/checkpointing/test_store.py) while readings arrive and devices are
+    evicted to it (20 devices, memory for 8). The worker goes on, says on /readyz why it is not
+    ready, and once the disk takes writes again it is ready and has lost nothing: every reading
+    has exactly one forecast, equal to an uninterrupted run's."""
+    from tests.checkpointing.store_full import read_only, writable
 
     s = guarantee_settings(settings_factory, topic_name, max_devices=8)  # (evictions: the store is written)
     served = fresh_model(s)
@@ -181,16 +182,16 @@ def test_a_full_state_disk_is_reported_and_loses_nothing(settings_factory, topic
     feeder = live_feed(producer, topic_name, total, 20, history, gap_s=0.004)
     try:
         assert wait_for(lambda: worker.totals.consumed >= 300, 120), worker.totals
-        actions.append(fill)
-        assert wait_for(lambda: "state_store" in worker.health.readiness()[1], 60), "the full disk was never reported"
+        actions.append(read_only)
+        assert wait_for(lambda: "state_store" in worker.health.readiness()[1], 60), "the refusal was never reported"
         ready, parts = worker.health.readiness()
-        assert not ready and "cannot write" in parts["state_store"] and "full" in parts["state_store"], parts
+        assert not ready and "cannot write" in parts["state_store"] and "readonly" in parts["state_store"], parts
         feeder.join(120)  # the rest arrives while the disk is full, and is served
         producer.flush()
         assert wait_for(lambda: worker.totals.consumed >= total, 120), worker.totals
         assert worker.state.store.unwritten and not worker.health.readiness()[0]
-        # Room again, and no reading left to bring a write: the store tries again by itself.
-        actions.append(make_room)
+        # Writable again, and no reading left to bring a write: the store tries again by itself.
+        actions.append(writable)
         assert wait_for(lambda: worker.health.readiness()[0], 60), worker.health.readiness()
         assert worker.state.store.unwritten == {}
     finally:
