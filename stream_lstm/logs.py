@@ -54,7 +54,7 @@ def _mask_value(match: re.Match[str]) -> str:
 
 # A URL's credentials, ``scheme://user:password@host``: everything up to its last '@' (a password
 # with an unencoded '#', '/' or '?' would end a parser's idea of the user part early).
-_URL_USERINFO = re.compile(r"://[^\s\"']*@")
+URL_USERINFO = re.compile(r"://[^\s\"']*@")
 
 
 def mask_secrets(text: str) -> str:
@@ -64,7 +64,7 @@ def mask_secrets(text: str) -> str:
     >>> mask_secrets("posting to https://relay:s3cret@am:9093 with token=abc")
     'posting to https://***@am:9093 with token=***'
     """
-    return _URL_USERINFO.sub("://***@", _SECRET_KV.sub(_mask_value, text))
+    return URL_USERINFO.sub("://***@", _SECRET_KV.sub(_mask_value, text))
 
 
 def _mask_context(key: str, value: Any) -> Any:

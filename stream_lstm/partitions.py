@@ -307,8 +307,7 @@ class PartitionCoordinator:
             return
         self._store_error = error
         if error is not None:
-            held = len(self.state.store.unwritten)
-            self.health.set_ready("state_store", False, f"cannot write ({error}); {held} rows held in memory")
+            self.health.set_ready("state_store", False, f"cannot write ({error}); {len(store.unwritten)} rows held in memory")
         elif not self.busy():  # (a restore that fails says so itself)
             self.health.set_ready("state_store", True)
         self.update_readiness()

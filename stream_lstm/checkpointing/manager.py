@@ -120,8 +120,9 @@ class StateManager:
         self._later_touched: list[tuple[str, int]] = []
         self._later_marked: set[str] = set()
         self._later_evicted: dict[str, DeviceSnapshot] = {}
-        # TTL-forgotten devices: their rows go once their tombstones commit (a rollback would
-        self.expiring: set[str] = set()  # otherwise lose them with no tombstone, no alert close)
+        # Devices the TTL forgot, gone from memory; their store rows go once their tombstones
+        # commit (a rollback would otherwise lose them with no tombstone and no alert close).
+        self.expiring: set[str] = set()
 
     # ---- the table's view ------------------------------------------------------------------
     def load(self, device_id: str) -> DeviceSnapshot | None:
@@ -387,8 +388,7 @@ class StateManager:
                 self.store.apply(
                     checkpoints={p: off for p, off in self.written.items() if p in self.ready},
                     replay_from={p: off for p, off in self.markers.items() if p in self.ready})
-                # Restoring partitions too: their earlier stamp is gone (restore_slice), and
-                # unstamped rows would be trusted however old they are when next assigned.
+                # Restoring ones too: unstamped rows would be trusted however old when next assigned.
                 self.store.release((self.ready | self.restoring) - self._unchecked, time.time())
         except sqlite3.OperationalError as exc:  # a full disk: rebuilt from the changelog next start
             log.warning("the state store could not be closed clean", extra={"error": str(exc)})

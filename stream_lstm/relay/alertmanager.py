@@ -35,6 +35,8 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
+from stream_lstm.logs import URL_USERINFO
+
 ALERTNAME = "StreamLstmDeviceAnomaly"
 # Labels every relayed alert carries unless the relay is told otherwise (``--label``): routing
 # trees commonly page on ``severity``, as the service's own rules set it (deploy/prometheus).
@@ -127,9 +129,7 @@ def redacted(url: str) -> str:
     >>> redacted("https://relay:s3cret@am.example:9093/x"), redacted("http://relay:pa#s@s@am:9093")
     ('https://am.example:9093/x', 'http://am:9093')
     """
-    # On the text, not a parse: a password with an unencoded '#', '/' or '?' moves the parser's
-    # idea of where the host starts. Everything up to the last '@' goes.
-    return re.sub(r"://.*@", "://", url)
+    return URL_USERINFO.sub("://", url)  # (on the text, not a parse: see URL_USERINFO)
 
 
 def check_url(url: str) -> str:

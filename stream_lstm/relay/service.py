@@ -249,7 +249,7 @@ class AlertRelay:
                 self.metrics.failures.inc()
                 self.health.set_ready("alertmanager", False, str(exc)[:200])
                 self._retry_at, self._backoff = tick + self._backoff, min(self._backoff * 2, RETRY_MAX_S)
-                consumer.pause(*[TopicPartition(self.settings.alerts_topic, p) for p in self.assigned])
+                consumer.pause(*self._tps(self.assigned))
                 log.warning("Alertmanager did not take the alerts; will retry", extra={
                     "error": str(exc)[:300], "alerts": len(alerts) - i, "retry_in_s": round(self._retry_at - tick, 1)})
                 return False
