@@ -324,8 +324,10 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
                 end[tp] = max(end[tp], start[tp])
                 consumer.seek(tp, start[tp])
             continue
-        puts: dict[str, tuple[str, int, bytes]] = {}
-        deletes: set[str] = set()
+        # By device and partition: a device that moved partitions (some were added to the
+        # input) has a row in each, and the store keeps the later state (StateStore.restore_chunk).
+        puts: dict[tuple[str, int], tuple[str, int, bytes]] = {}
+        deletes: set[tuple[str, int]] = set()
         replay_from: dict[int, int] = {}
         for tp, recs in polled.items():
             part = tp.partition
@@ -347,11 +349,11 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
                     result.skipped += 1
                     continue
                 if value is None:
-                    deletes.add(dev)
-                    puts.pop(dev, None)
+                    deletes.add((dev, part))
+                    puts.pop((dev, part), None)
                 elif check_snapshot(value) is None:
-                    puts[dev] = (dev, part, value)  # later records of a key win
-                    deletes.discard(dev)
+                    puts[dev, part] = (dev, part, value)  # later records of a key win
+                    deletes.discard((dev, part))
                     if (schema := snapshot_schema(value)) != SCHEMA_ID:
                         key = f"{schema:08x}"
                         result.other_schemas[key] = result.other_schemas.get(key, 0) + 1
@@ -364,8 +366,8 @@ def _read(settings, consumer, todo, start, begin, end, store, result, progress, 
         # markers and aborted batches, which poll never returns.
         positions = {tp: consumer.position(tp, timeout_ms=remaining_ms()) for tp in todo}
         moved = moved or any(pos > start[tp] for tp, pos in positions.items())
-        store.apply(puts.values(), deletes, {tp.partition: pos for tp, pos in positions.items()},
-                    replay_from)
+        store.restore_chunk(puts.values(), deletes, {tp.partition: pos for tp, pos in positions.items()},
+                            replay_from)
         now = time.monotonic()
         finished = [tp for tp, pos in positions.items() if pos >= end[tp]]
         if finished:

@@ -3,7 +3,13 @@
 It holds the state of the assigned partitions beyond what fits in memory, and, per changelog
 partition, the next changelog offset whose effect it already holds (its *checkpoint*), so a
 restart only replays newer changelog records. Values are opaque bytes (the codec's output):
-the store never decodes, which keeps restore and eviction cheap.
+the store decodes none on its hot paths, which keeps restore and eviction cheap.
+
+One row a device, under the partition it was written for. After partitions are added to the
+input topic a device's readings move to another partition, and its old row stays in the old
+partition's changelog; a worker that restores both keeps the row with the later last reading,
+whichever it reads first (:meth:`restore_chunk`: the one place the store decodes, and only for
+such a pair), and a tombstone deletes only its own partition's row.
 
 A ``clean_shutdown`` flag is set only by ``close(clean=True)`` and cleared on open. Under
 exactly-once a store opened after a crash (``opened_clean`` is False) may hold state of a
@@ -26,6 +32,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from stream_lstm.checkpointing.codec import decode_snapshot
 from stream_lstm.config import SettingsError
 
 log = logging.getLogger("stream_lstm.checkpointing")
@@ -51,6 +58,40 @@ def _of_partitions(partitions: Iterable[int] | None) -> tuple[str, list[int]]:
 
 def _released_key(partition: int) -> str:
     return f"released:{partition}"
+
+
+# A changelog row replaces the store's row of its device when both are of one partition (the
+# later offset wins, as compaction keeps it), or when it is the later state of a device that
+# moved partitions. SQLite evaluates the function only when the partitions differ.
+_RESTORED_PUT = ("INSERT INTO state VALUES (?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                 "partition=excluded.partition, data=excluded.data "
+                 "WHERE state.partition = excluded.partition OR later_state(excluded.data, state.data)")
+
+
+def _reading_times(data: bytes) -> tuple[float, float]:
+    """A snapshot's last reading's event time and its wall clock (NaN counts as never)."""
+    try:
+        snap = decode_snapshot(data)
+    except ValueError:  # (SnapshotDecodeError is one) an unreadable row loses to any other
+        return (float("-inf"), float("-inf"))
+    times = (float(snap.last_ts), float(snap.last_seen))
+    return tuple(float("-inf") if t != t else t for t in times)  # type: ignore[return-value]
+
+
+def later_state(incoming: bytes, existing: bytes) -> bool:
+    """Whether ``incoming`` is a later state of its device than ``existing``: its last reading
+    is later in event time, or as late and seen later (wall clock).
+
+    >>> from stream_lstm.checkpointing.codec import encode_snapshot
+    >>> from stream_lstm.state.snapshot import DeviceSnapshot
+    >>> def at(ts):
+    ...     s = DeviceSnapshot.empty("d", num_layers=1, hidden_size=2, n_features=1)
+    ...     s.last_ts = ts
+    ...     return encode_snapshot(s)
+    >>> later_state(at(200.0), at(100.0)), later_state(at(100.0), at(200.0)), later_state(at(1.0), b"junk")
+    (True, False, True)
+    """
+    return _reading_times(incoming) > _reading_times(existing)
 
 
 class StateStore:
@@ -123,6 +164,7 @@ class StateStore:
         # check_same_thread=False only because the worker may open the store on one thread
         # and run its loop on another; it is never used by two threads at once.
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db.create_function("later_state", 2, later_state, deterministic=True)
         # WAL + synchronous=NORMAL: a commit is an append to the WAL without fsync. A power
         # loss may lose the last commits but never corrupts the file; and losing them is
         # harmless because such a store was not closed cleanly and is rebuilt anyway.
@@ -198,21 +240,51 @@ class StateStore:
         held = self.unwritten
         with self.db:  # commits on success, rolls back on an exception
             self.db.execute("BEGIN")
-            if held:
-                self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d, v in held.items() if v is None))
-                self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)",
-                                    ((d, *v) for d, v in held.items() if v is not None))
+            self._write_held(held)
             self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d in deletes))
             self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", puts)
-            if checkpoints:
-                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                    ((_cp_key(p), int(o)) for p, o in checkpoints.items()))
-            if replay_from:
-                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                    ((_replay_key(p), int(o)) for p, o in replay_from.items()))
+            self._write_meta(checkpoints, replay_from)
+        self._held_written(held)
+
+    def _write_held(self, held: dict[str, tuple[int, bytes] | None]) -> None:
+        if held:
+            self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d, v in held.items() if v is None))
+            self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)",
+                                ((d, *v) for d, v in held.items() if v is not None))
+
+    def _write_meta(self, checkpoints: dict[int, int] | None, replay_from: dict[int, int] | None) -> None:
+        if checkpoints:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                ((_cp_key(p), int(o)) for p, o in checkpoints.items()))
+        if replay_from:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                ((_replay_key(p), int(o)) for p, o in replay_from.items()))
+
+    def _held_written(self, held: dict[str, tuple[int, bytes] | None]) -> None:
+        """After a transaction that wrote ``held``: the store writes again."""
         if held or self.write_error:
             log.info("the state store writes again", extra={"rows": len(held)})
             self.unwritten, self.write_error = {}, None
+
+    def restore_chunk(
+        self,
+        puts: Iterable[tuple[str, int, bytes]],
+        deletes: Iterable[tuple[str, int]],
+        checkpoints: dict[int, int],
+        replay_from: dict[int, int],
+    ) -> None:
+        """A chunk of changelog records, as :meth:`apply` takes it, but as records of their
+        partitions: a row replaces another partition's row of its device only if it is the
+        later state (:func:`later_state`), and a tombstone ``(device_id, partition)`` deletes
+        only its partition's row (see the module's docstring)."""
+        held = self.unwritten
+        with self.db:
+            self.db.execute("BEGIN")
+            self._write_held(held)
+            self.db.executemany("DELETE FROM state WHERE device_id=? AND partition=?", deletes)
+            self.db.executemany(_RESTORED_PUT, puts)
+            self._write_meta(checkpoints, replay_from)
+        self._held_written(held)
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget every device of ``partitions``, their checkpoints and replay positions."""

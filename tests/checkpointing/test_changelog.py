@@ -241,6 +241,28 @@ def test_incremental_restore_reads_only_new_records(settings, store):
     assert store.checkpoint(1) == cp1 and store.count() == 400
 
 
+@pytest.mark.timeout(90, func_only=True)  # the broker fixture may start first
+def test_a_device_that_moved_partitions_restores_its_later_state(settings, store, tmp_path):
+    # Partitions were added to the input: "moved"'s readings went from partition 0 to 1, where a
+    # worker wrote its later state; its old row stays in partition 0 (until that partition's TTL
+    # tombstone, which must not delete the later row). Whichever partition a worker restores
+    # last, it keeps the later state (the old code kept whichever it read last).
+    ensure_changelog_topic(settings, 2)
+    topic = settings.changelog_topic_name()
+    old, new = snap("moved", 0, 1), snap("moved", 1, 2)
+    old.last_ts, new.last_ts = 1000.0, 2000.0
+    produce(settings, changelog_records([new]) + changelog_records([old]) + [tombstone("moved", 0)]
+            + changelog_records([old]))  # (an older row again: a worker restored before the TTL)
+    assert restore(settings, topic, [1], store).complete and restore(settings, topic, [0], store).complete
+    assert stored_versions(store) == {"moved": 2} and store.device_ids({1}) == ["moved"]
+    both = StateStore(tmp_path / "both.sqlite")  # a worker that restores both at once
+    try:
+        assert restore(settings, topic, [0, 1], both).complete
+        assert stored_versions(both) == {"moved": 2}
+    finally:
+        both.close(clean=False)
+
+
 @pytest.mark.timeout(60, func_only=True)  # the broker fixture may start first
 def test_restore_gives_up_after_its_timeout(settings, store):
     ensure_changelog_topic(settings, 1)

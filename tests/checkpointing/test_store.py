@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from stream_lstm.checkpointing import store as store_module
+from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
 from stream_lstm.checkpointing.store import StateStore
+from stream_lstm.state.snapshot import DeviceSnapshot
 from tests.checkpointing.store_full import fill, make_room
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,6 +55,41 @@ def test_apply_is_atomic(store):
     assert store.get("a") == b"old" and store.checkpoint(0) is None
     store.apply(puts=[("b", 0, b"b")], deletes=["a"], checkpoints={0: 5})
     assert store.device_ids() == ["b"] and store.checkpoint(0) == 5
+
+
+def at(dev: str, partition: int, last_ts: float) -> tuple[str, int, bytes]:
+    s = DeviceSnapshot.empty(dev, num_layers=1, hidden_size=2, n_features=1, partition=partition)
+    s.last_ts = last_ts
+    return dev, partition, encode_snapshot(s)
+
+
+def test_a_device_that_moved_partitions_keeps_its_later_state_whichever_is_restored_first(store, monkeypatch):
+    # Partitions were added to the input: "m"'s readings moved from partition 0 to 1, and its old
+    # row stays in partition 0's changelog. Same-partition records replace (the later offset).
+    calls = []
+    real = store_module.later_state
+    store.db.create_function("later_state", 2, lambda a, b: calls.append(1) or real(a, b))
+    old, new = at("m", 0, 100.0), at("m", 1, 200.0)
+    store.restore_chunk([new, at("s", 0, 50.0)], [], {1: 5}, {})
+    store.restore_chunk([old, at("s", 0, 40.0)], [], {0: 7}, {})  # partition 0 read after
+    assert decode_snapshot(store.get("m")).last_ts == 200.0 and store.device_ids({1}) == ["m"]
+    assert decode_snapshot(store.get("s")).last_ts == 40.0  # one partition: the later record
+    assert len(calls) == 1  # decoded only for the pair of partitions
+    store.wipe()
+    store.restore_chunk([old, new], [], {0: 7, 1: 5}, {})  # both in one chunk, either order
+    assert decode_snapshot(store.get("m")).last_ts == 200.0
+    store.restore_chunk([old], [], {}, {})
+    assert decode_snapshot(store.get("m")).last_ts == 200.0
+    # A tombstone deletes only its own partition's row: the old partition's TTL leaves the
+    # moved device's current state alone; its own partition's tombstone deletes it.
+    store.restore_chunk([], [("m", 0)], {}, {})
+    assert store.get("m") == new[2]
+    store.restore_chunk([], [("m", 1)], {}, {})
+    assert store.get("m") is None
+    # The worker's own writes are its current state: they replace whatever was there.
+    store.restore_chunk([new], [], {}, {})
+    store.put_many([old])
+    assert store.get("m") == old[2] and store.checkpoint(0) == 7
 
 
 def test_clean_flag(tmp_path):
