@@ -187,6 +187,7 @@ class PartitionCoordinator:
             failed = set(self.state.replaying)
             self._replay_left.clear()
             self.state.rollback(self.table, failed)
+            self.tx.drop_offsets(self.tps(failed))  # (set again when their replay completes)
             time.sleep(1.0)
             return
         self.health.set_ready("broker", True)
@@ -281,6 +282,9 @@ class PartitionCoordinator:
     def forget_state(self) -> None:
         """Drop the held partitions' state from memory (restored again) and pause them."""
         self.state.rollback(self.table, set(self.assigned))
+        # Their positions are set again when their replay completes: until then a commit must
+        # not name them as replay markers (the readings before them are not in memory).
+        self.tx.drop_offsets(self.tps(self.assigned))
         self._replay_left.clear()
         self._restoring_since.update(dict.fromkeys(self.assigned, time.monotonic()))
         if self.group is not None:

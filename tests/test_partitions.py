@@ -76,3 +76,27 @@ def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, 
     finally:
         group.close()
         state.store.close(clean=True)
+
+
+def test_a_rollback_forgets_its_partitions_positions_until_their_replay_completes(settings_factory, tmp_path):
+    """After a rollback the partitions are restored and replayed again. Their last commit's
+    positions must not outlive it: a commit during the replay would write them as the
+    partitions' replay markers, and a later restore from there would skip the readings the
+    replay had not reached (their devices' state silently older than what was published)."""
+    from kafka.structs import TopicPartition
+
+    s = settings_factory(window=4, min_history=1, hidden_size=8)
+    table = DeviceTable(16, 4, 1, 1, 8)
+    metrics, health = Metrics(), HealthState()
+    state = StateManager(s, tmp_path / "state.sqlite", metrics)
+    pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table), lambda: "v1")
+    bring_in = BringIn(table, state, SimpleNamespace(admit=lambda slots: None))
+    tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
+    coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
+    try:
+        coordinator.assigned, state.ready = {0, 1}, {0, 1}
+        tx.next_offsets = {TopicPartition(s.input_topic, p): 1000 for p in (0, 1)}
+        coordinator.forget_state()  # what Worker._rollback does after a failed commit
+        assert state.restoring == {0, 1} and tx.next_offsets == {}
+    finally:
+        state.store.close(clean=False)

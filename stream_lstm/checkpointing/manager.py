@@ -30,19 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_lstm.checkpointing.changelog import changelog_records, restore
+from stream_lstm.checkpointing.changelog import changelog_records
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
 from stream_lstm.checkpointing.expiry import Expiry
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
+from stream_lstm.checkpointing.restoring import restore_slice
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
-from stream_lstm.kafka.topics import CHANGELOG_CONFIG
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.checkpointing")
-# Rows of a partition released longer ago than half the tombstones' retention are not reused.
-STALE_STORE_S = int(CHANGELOG_CONFIG["delete.retention.ms"]) / 2000
 
 # (topic, key, value, headers, partition); no partition: the topic's partitioner decides
 ChangelogRecord = tuple[str, bytes | None, bytes | None, None, int | None]
@@ -175,6 +173,11 @@ class StateManager:
     def _note_dirty(self, changed: list[tuple[str, int]]) -> None:
         dirty = self.dirty
         for dev, p in changed:
+            if dirty.get(dev, p) != p:
+                # Its readings moved partitions (some were added to the input) while readings
+                # of the old one were not yet checkpointed: the old partition's next marker
+                # vouches for them, so the device goes with the next commit (to the new one's).
+                self.marked.add(dev)
             dirty[dev] = p
             if p not in self._next_flush:
                 self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
@@ -222,7 +225,9 @@ class StateManager:
             devs = [d for d, p in dirty.items() if p in due or d in evicted_dirty or d in forced]
         else:
             devs = [*evicted_dirty, *(d for d in forced if d not in evicted_dirty and d in dirty)]
-        markers = {**self._first_markers, **{p: next_offsets[p] for p in due if p in next_offsets}}
+        # (never for a partition still restoring or replaying: its readings are not all in memory)
+        current = {p for p in due if p in next_offsets and p not in self.restoring | self.replaying}
+        markers = {**self._first_markers, **{p: next_offsets[p] for p in current}}
         # Evicted devices are encoded once: the rows go to the changelog, then to the store.
         evicted = [(d, s.partition, encode_snapshot(s)) for d, s in self._evicted_dirty.items()]
         self._writing = (due, devs, markers, evicted)
@@ -315,42 +320,9 @@ class StateManager:
             self.written.pop(p, None)
 
     def restore_slice(self, budget_s: float = 1.0) -> set[int]:
-        """Restore paused partitions for at most ``budget_s``; return those now complete."""
-        if not self.restoring:
-            return set()
-        if check := self._unchecked & self.restoring:
-            if stale := self.store.forget_stale(check, time.time(), STALE_STORE_S):
-                log.info("the store's copy is stale; restoring from the changelog", extra={"partitions": stale})
-            self._unchecked -= check
-        parts = sorted(self.restoring)
-        began: list[float] = []  # at restore's first question, once the slice has read something:
-
-        def over_budget() -> bool:  # a set-up slower than the budget had cancelled every slice
-            began[:] = began or [time.monotonic()]
-            return time.monotonic() - began[0] > budget_s
-
-        result = restore(
-            self.settings, self.topic, parts, self.store,
-            progress=lambda p, done, total: self._progress(p, done / total if total else 1.0),
-            cancelled=over_budget,
-        )
-        if self.metrics is not None:
-            self.metrics.restored_records.inc(sum(result.restored.values()))  # type: ignore[attr-defined]
-        if result.skipped:
-            self._unusable(result.skipped, "unreadable changelog records skipped: their devices "
-                           "keep what the store had, or start afresh", partitions=parts)
-        if not result.complete:
-            return set()
-        done = set(parts)
-        if self.metrics is not None:
-            self.metrics.restored_devices.inc(self.store.count(done))  # type: ignore[attr-defined]
-        self.restoring -= done
-        self.ready |= done
-        for p in done:
-            self._progress(p, 1.0)
-        log.info("restored state", extra={"partitions": sorted(done), "records": sum(result.restored.values()),
-                                          "seconds": round(result.seconds, 3)})
-        return done
+        """Restore paused partitions for at most ``budget_s``; return those now complete
+        (checkpointing/restoring.py)."""
+        return restore_slice(self, budget_s)
 
     def replay_from(self, partition: int) -> int | None:
         """Where the input must be replayed from over ``partition``'s restored state."""

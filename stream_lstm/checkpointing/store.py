@@ -143,6 +143,15 @@ class StateStore:
                                 "STREAM_LSTM_STATE_DIR?)") from None
         try:
             self._open()
+        except sqlite3.OperationalError as exc:
+            # A full or read-only volume, not damage: the file is left as it is (setting it aside
+            # would lose a good store and keep its bytes on the full disk).
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            self._lock.close()
+            raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
+                                f"store {self.path}: {exc} (make room on its volume, or make it "
+                                "writable; the store is kept)") from None
         except sqlite3.DatabaseError as exc:
             # The store is a cache of the changelog: a damaged file is set aside and rebuilt.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")

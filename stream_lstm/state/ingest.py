@@ -146,6 +146,7 @@ def ingest(
     x = np.asarray(values, np.float64)[order]
     t_arr = np.asarray(ts, np.float64)[order]
     rst = reset[order]
+    part = np.asarray(partitions, np.int64)[order]
     m = len(order)
     batch = StepBatch(
         outcome=outcome, rows=order, slots=slots, rounds=rounds,
@@ -168,6 +169,10 @@ def ingest(
             np.isnan(gap), old, np.where(np.isnan(old), gap, old + STEP_ALPHA * (gap - old))
         )
         table.last_ts[s] = t_arr[start:end]
+        # A device's state belongs to the partition its readings come on: after partitions are
+        # added to the input, the producers' partitioner moves some devices, and their state
+        # must then be checkpointed (and its replay marked) with the new partition's.
+        table.partition[s] = part[start:end]
         table.n_seen[s] += 1
         table.since_reset[s] = np.where(rst[start:end], 1, table.since_reset[s] + 1)
         batch.n_seen[start:end] = table.n_seen[s]

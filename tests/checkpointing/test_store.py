@@ -7,6 +7,7 @@ import pytest
 from stream_lstm.checkpointing import store as store_module
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
 from stream_lstm.checkpointing.store import StateStore
+from stream_lstm.config import SettingsError
 from stream_lstm.state.snapshot import DeviceSnapshot
 from tests.checkpointing.store_full import fill, make_room
 
@@ -136,7 +137,7 @@ def test_partitions_released_too_long_ago_are_dropped_when_held_again(tmp_path):
 
 @pytest.mark.kafka
 def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path, bootstrap, topic_name):
-    from stream_lstm.checkpointing import manager as manager_module
+    from stream_lstm.checkpointing import restoring
     from stream_lstm.checkpointing.manager import StateManager
     from stream_lstm.config import Settings
     from stream_lstm.kafka.topics import ensure_changelog_topic
@@ -153,7 +154,7 @@ def test_a_revoked_partition_is_stamped_and_an_old_one_restored_afresh(tmp_path,
     assert m.store.device_ids() == ["a"]
     m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})
     m.store.release([0], when=0.0)  # as if revoked in 1970
-    assert manager_module.STALE_STORE_S == 43_200.0  # half of delete.retention.ms, 1 day
+    assert restoring.STALE_STORE_S == 43_200.0  # half of delete.retention.ms, 1 day
     m.assign({0})
     assert m.store.device_ids() == ["a"] and m.restoring == {0}
     m.revoke(DeviceTable(4, 4, 1, 1, 2), {0})  # gone again before its restore began: still 1970's
@@ -247,3 +248,29 @@ def test_a_state_dir_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SettingsError, match="STREAM_LSTM_STATE_DIR: cannot write the state store there"):
         StateStore(tmp_path / "file" / "s.sqlite")  # (its parent is a file)
+
+
+def test_a_store_that_cannot_be_written_at_start_is_one_line_and_kept(tmp_path, monkeypatch):
+    """A full or read-only volume at start is not damage: the store used to be set aside as
+    corrupt (a good store lost, its bytes still on the full disk) and a second open raised."""
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    st = StateStore(path)
+    st.put_many([("a", 0, b"x")])
+    st.close(clean=True)
+    real = sqlite3.connect
+
+    def read_only_volume(*args, **kwargs):  # what SQLite answers on a volume that refuses writes
+        db = real(*args, **kwargs)
+        db.execute("PRAGMA query_only=ON")
+        return db
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", read_only_volume)
+    with pytest.raises(SettingsError, match="cannot write the state store .*readonly.*the store is kept"):
+        StateStore(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.sqlite", "state.sqlite.lock"]
+    again = StateStore(path)  # room again: the same store, still clean
+    assert again.opened_clean and again.get("a") == b"x"
+    again.close(clean=True)

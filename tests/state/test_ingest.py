@@ -43,3 +43,16 @@ def test_gap_marks_reset_and_step_estimate():
                max_gap_s=3600.0)
     assert b.reset.tolist() == [True, False]
     assert b.since_reset.tolist() == [1, 2]
+
+
+def test_a_device_belongs_to_the_partition_its_accepted_readings_come_on():
+    # Partitions were added to the input and the device's readings moved from 0 to 1: its
+    # state is checkpointed with partition 1's from then on. A late or duplicate reading on
+    # the old partition (a replay of it) moves nothing.
+    t = table()
+    ingest(t, ["a", "b"], [10.0, 10.0], np.ones((2, 1)), [0, 0], now=0.0, target=0)
+    ingest(t, ["a"], [20.0], np.ones((1, 1)), [1], now=0.0, target=0)
+    assert t.partition[t.index["a"]] == 1 and t.partition[t.index["b"]] == 0
+    b = ingest(t, ["a", "a"], [15.0, 20.0], np.ones((2, 1)), [0, 0], now=0.0, target=0)
+    assert b.outcome.tolist() == [LATE, DUPLICATE] and t.partition[t.index["a"]] == 1
+    assert t.devices_in_partitions({1}) == ["a"]
