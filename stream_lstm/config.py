@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stream_lstm.logs import mask_secrets
+from stream_lstm.logs import mask_secrets, url_without_credentials
 from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
 
 ENV_PREFIX = "STREAM_LSTM_"
@@ -332,8 +332,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if "password" in name and value is not None:
                 value = "***"
-            elif isinstance(value, Path | str):  # (a URL's user:password@ too)
-                value = mask_secrets(str(value))
+            elif isinstance(value, Path | str):  # (a URL's user:password@ too, whatever it holds)
+                value = url_without_credentials(str(value)) if "://" in str(value) else mask_secrets(str(value))
             out[name] = value
         return out
 

@@ -24,6 +24,7 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -53,8 +54,24 @@ def _mask_value(match: re.Match[str]) -> str:
 
 
 # A URL's credentials, ``scheme://user:password@host``: everything up to its last '@' (a password
-# with an unencoded '#', '/' or '?' would end a parser's idea of the user part early).
-URL_USERINFO = re.compile(r"://[^\s\"']*@")
+# with an unencoded '#', '/' or '?' would end a parser's idea of the user part early; one with a
+# "'" is legal, so a quote does not end it: a quoted URL followed by another '@' is masked too far,
+# which is safe). Whitespace and '"' end it (JSON log lines): url_without_credentials, for one URL.
+URL_USERINFO = re.compile(r"://[^\s\"]*@")
+
+
+def url_without_credentials(url: str, mask: str = "***@") -> str:
+    """One URL with its ``user:password@`` replaced by ``mask`` ("" drops it), whatever its
+    password holds (a space or a '"' too, which end :data:`URL_USERINFO` in free text).
+
+    >>> url_without_credentials("http://relay:pa ss@am:9093/x"), url_without_credentials("http://am", "")
+    ('http://***@am:9093/x', 'http://am')
+    """
+    url = URL_USERINFO.sub("://" + mask, url)
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=mask + parts.netloc.rpartition("@")[2]))
 
 
 def mask_secrets(text: str) -> str:

@@ -35,7 +35,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from stream_lstm.logs import URL_USERINFO
+from stream_lstm.logs import url_without_credentials
 
 ALERTNAME = "StreamLstmDeviceAnomaly"
 # Labels every relayed alert carries unless the relay is told otherwise (``--label``): routing
@@ -129,7 +129,7 @@ def redacted(url: str) -> str:
     >>> redacted("https://relay:s3cret@am.example:9093/x"), redacted("http://relay:pa#s@s@am:9093")
     ('https://am.example:9093/x', 'http://am:9093')
     """
-    return URL_USERINFO.sub("://", url)  # (on the text, not a parse: see URL_USERINFO)
+    return url_without_credentials(url, "")
 
 
 def check_url(url: str) -> str:
@@ -140,20 +140,20 @@ def check_url(url: str) -> str:
     >>> check_url("alertmanager:9093")
     Traceback (most recent call last):
     ...
-    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?' and '@' in a password), not 'alertmanager:9093'
+    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?', '@', '"' and spaces in a password), not 'alertmanager:9093'
     >>> check_url("http://relay:pa#ss@am:9093")  # the password's '#' ends the URL there: said, not echoed
     Traceback (most recent call last):
     ...
-    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?' and '@' in a password), not 'http://am:9093'
+    ValueError: STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host (percent-encode '#', '/', '?', '@', '"' and spaces in a password), not 'http://am:9093'
     """
     parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number (a '#' or '/' in a password)
     except ValueError:
         parts = urllib.parse.urlsplit("")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"[\s\"<>]", parts.netloc):
         raise ValueError("STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host "
-                         "(percent-encode '#', '/', '?' and '@' in a password), not "
+                         "(percent-encode '#', '/', '?', '@', '\"' and spaces in a password), not "
                          f"{redacted(url)!r}")
     return url.rstrip("/")
 
@@ -188,7 +188,7 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
     except urllib.error.HTTPError as exc:
         raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {exc.read()[:200]!r}",
                                 status=exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # (ValueError: http.client's InvalidURL)
         reason = getattr(exc, "reason", exc)
         hint = ("; signed by a private CA? point SSL_CERT_FILE at its certificate"
                 if isinstance(reason, ssl.SSLCertVerificationError) else "")
