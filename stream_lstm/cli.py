@@ -74,10 +74,39 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ModelLoadError):  # no loadable model: a restart cannot help
             print(f"{args.command}: {exc}", file=sys.stderr)
             return 2
+        if (refused := broker_refusal(exc)) is not None:  # a restart cannot help either
+            print(f"{args.command}: {refused}", file=sys.stderr)
+            return 2
         if not isinstance(exc, KafkaConnectError):
             raise
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 3  # the broker may come back: the supervisor restarts it, with backoff
+
+
+def broker_refusal(exc: Exception) -> str | None:
+    """One line for a broker that refuses what the settings ask (a changelog of another shape,
+    more replicas than brokers, a session timeout outside its bounds, its ACLs), naming what to
+    change; None for any other error."""
+    from kafka import errors
+
+    from stream_lstm.kafka.topics import ChangelogTopicError
+
+    hints = (
+        (ChangelogTopicError, ""),
+        (errors.InvalidReplicationFactorError, "STREAM_LSTM_REPLICATION_FACTOR is more than the "
+         "cluster's brokers"),
+        (errors.InvalidSessionTimeoutError, "STREAM_LSTM_SESSION_TIMEOUT_MS is outside the broker's "
+         "group.min.session.timeout.ms and group.max.session.timeout.ms (6000 and 1800000 by default)"),
+        (errors.AuthorizationError, "the broker's ACLs refuse this principal: grant it the topics, "
+         "the group and the transactional ids (README, Security)"),
+        (errors.PolicyViolationError, "the cluster's policy refuses the topics' settings"),
+        (errors.InvalidConfigurationError, "the broker refuses a setting"),
+    )
+    for kind, hint in hints:
+        if isinstance(exc, kind):
+            said = str(exc) or type(exc).__name__
+            return f"{said}; {hint}" if hint else said
+    return None
 
 
 if __name__ == "__main__":

@@ -54,3 +54,23 @@ def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(monkeypatch, capsy
     assert main(["run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("run: ") and not any("Traceback" in line for line in err)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("REPLICATION_FACTOR", "3", "STREAM_LSTM_REPLICATION_FACTOR is more than the cluster's brokers"),
+    ("SESSION_TIMEOUT_MS", "2000", "STREAM_LSTM_SESSION_TIMEOUT_MS is outside the broker's"),
+])
+def test_a_setting_the_broker_refuses_is_one_line_naming_it_and_exit_2(
+        name, value, said, bootstrap, topic_name, monkeypatch, capsys, tmp_path):
+    """Was kafka-python's traceback and exit 1, which a supervisor restarts for ever."""
+    for key, v in {"BOOTSTRAP_SERVERS": bootstrap, "METRICS_PORT": "0", "INPUT_TOPIC": topic_name,
+                   "OUTPUT_TOPIC": f"{topic_name}-out", "DLQ_TOPIC": f"{topic_name}-dlq",
+                   "GROUP_ID": f"{topic_name}-g", "STATE_DIR": str(tmp_path / "state"),
+                   "MODEL_DIR": str(tmp_path / "models"), name: value}.items():
+        monkeypatch.setenv(f"STREAM_LSTM_{key}", v)
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("run: ") and said in err[-1]
+    assert not any("Traceback" in line for line in err)
