@@ -67,7 +67,7 @@ from stream_lstm.state.columns import SCHEMA_ID
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 __all__ = ["FORMAT", "MAGIC", "SCHEMA_ID", "SnapshotDecodeError", "check_snapshot",
-           "decode_snapshot", "encode_snapshot", "snapshot_schema"]
+           "decode_snapshot", "encode_snapshot", "later_state", "snapshot_schema"]
 
 MAGIC = b"SLS"
 FORMAT = 2  # major version; bump only for a layout an older reader cannot skip over
@@ -301,3 +301,28 @@ def _decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     return DeviceSnapshot(device_id=dev, h=h, c=c, count=count, mean=mean, var=var,
                           window=window, model_version=ver, experts=experts, columns=columns,
                           schema=schema)
+
+
+def _reading_times(data: bytes) -> tuple[float, float]:
+    """A snapshot's last reading's event time and its wall clock (NaN counts as never)."""
+    try:
+        snap = decode_snapshot(data)
+    except ValueError:  # (SnapshotDecodeError is one) an unreadable row loses to any other
+        return (float("-inf"), float("-inf"))
+    times = (float(snap.last_ts), float(snap.last_seen))
+    return tuple(float("-inf") if t != t else t for t in times)  # type: ignore[return-value]
+
+
+def later_state(incoming: bytes, existing: bytes) -> bool:
+    """Whether ``incoming`` is a later state of its device than ``existing``: its last reading
+    is later in event time, or as late and seen later (wall clock).
+
+    >>> from stream_lstm.state.snapshot import DeviceSnapshot
+    >>> def at(ts):
+    ...     s = DeviceSnapshot.empty("d", num_layers=1, hidden_size=2, n_features=1)
+    ...     s.last_ts = ts
+    ...     return encode_snapshot(s)
+    >>> later_state(at(200.0), at(100.0)), later_state(at(100.0), at(200.0)), later_state(at(1.0), b"junk")
+    (True, False, True)
+    """
+    return _reading_times(incoming) > _reading_times(existing)

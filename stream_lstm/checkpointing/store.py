@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from stream_lstm.checkpointing.codec import decode_snapshot
+from stream_lstm.checkpointing.codec import later_state
 from stream_lstm.config import SettingsError
 
 log = logging.getLogger("stream_lstm.checkpointing")
@@ -66,32 +66,6 @@ def _released_key(partition: int) -> str:
 _RESTORED_PUT = ("INSERT INTO state VALUES (?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
                  "partition=excluded.partition, data=excluded.data "
                  "WHERE state.partition = excluded.partition OR later_state(excluded.data, state.data)")
-
-
-def _reading_times(data: bytes) -> tuple[float, float]:
-    """A snapshot's last reading's event time and its wall clock (NaN counts as never)."""
-    try:
-        snap = decode_snapshot(data)
-    except ValueError:  # (SnapshotDecodeError is one) an unreadable row loses to any other
-        return (float("-inf"), float("-inf"))
-    times = (float(snap.last_ts), float(snap.last_seen))
-    return tuple(float("-inf") if t != t else t for t in times)  # type: ignore[return-value]
-
-
-def later_state(incoming: bytes, existing: bytes) -> bool:
-    """Whether ``incoming`` is a later state of its device than ``existing``: its last reading
-    is later in event time, or as late and seen later (wall clock).
-
-    >>> from stream_lstm.checkpointing.codec import encode_snapshot
-    >>> from stream_lstm.state.snapshot import DeviceSnapshot
-    >>> def at(ts):
-    ...     s = DeviceSnapshot.empty("d", num_layers=1, hidden_size=2, n_features=1)
-    ...     s.last_ts = ts
-    ...     return encode_snapshot(s)
-    >>> later_state(at(200.0), at(100.0)), later_state(at(100.0), at(200.0)), later_state(at(1.0), b"junk")
-    (True, False, True)
-    """
-    return _reading_times(incoming) > _reading_times(existing)
 
 
 class StateStore:

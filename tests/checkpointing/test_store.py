@@ -68,7 +68,7 @@ def test_a_device_that_moved_partitions_keeps_its_later_state_whichever_is_resto
     # Partitions were added to the input: "m"'s readings moved from partition 0 to 1, and its old
     # row stays in partition 0's changelog. Same-partition records replace (the later offset).
     calls = []
-    real = store_module.later_state
+    from stream_lstm.checkpointing.codec import later_state as real
     store.db.create_function("later_state", 2, lambda a, b: calls.append(1) or real(a, b))
     old, new = at("m", 0, 100.0), at("m", 1, 200.0)
     store.restore_chunk([new, at("s", 0, 50.0)], [], {1: 5}, {})
