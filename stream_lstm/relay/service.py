@@ -75,7 +75,9 @@ class RelayMetrics:
         self.failures = Counter("stream_lstm_alertmanager_failures", "Requests Alertmanager did not take "
                                 "(unreachable, 5xx): retried", registry=r)
         self.open_alerts = Gauge("stream_lstm_relay_open_alerts", "Open alerts the relay holds", registry=r)
-        self.ready = Gauge("stream_lstm_ready", "1 when the relay is ready (see /readyz), else 0", registry=r)
+        # (not the workers' stream_lstm_ready: a dashboard's count of ready workers would count it)
+        self.ready = Gauge("stream_lstm_relay_ready", "1 when the relay is ready (see /readyz), else 0",
+                           registry=r)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest

@@ -11,6 +11,7 @@ import yaml
 
 from stream_lstm.metrics import Metrics
 from stream_lstm.process_health import HostMetrics, Slot
+from stream_lstm.relay.service import RelayMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "stream-lstm.json"
@@ -19,11 +20,11 @@ NAME = re.compile(r"\bstream_lstm_[a-zA-Z0-9_]+")
 
 
 def exported_names() -> set[str]:
-    """Every series name a scrape can hold, from the # TYPE lines of a worker's Metrics() and
-    of a host supervisor's HostMetrics (STREAM_LSTM_PROCESSES > 1)."""
+    """Every series name a scrape can hold, from the # TYPE lines of a worker's Metrics(), of a
+    host supervisor's HostMetrics (STREAM_LSTM_PROCESSES > 1) and of the alert relay's."""
     with tempfile.TemporaryDirectory() as tmp:
         host = HostMetrics(Path(tmp), [Slot("p0", Path(tmp) / "p0.json")], "host")
-        text = Metrics().exposition().decode() + host.exposition().decode()
+        text = Metrics().exposition().decode() + host.exposition().decode() + RelayMetrics().exposition().decode()
     out: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         out.add(name)

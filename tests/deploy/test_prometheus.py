@@ -48,7 +48,7 @@ def test_promtool_check_rules():
 
 ALERTS = {"StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
           "StreamLstmRetrainFailures", "StreamLstmAlertStormFleetWide", "StreamLstmNotReady",
-          "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps"}
+          "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps", "StreamLstmAlertRelayNotDelivering"}
 
 
 def test_alert_rules_cover_the_runbook():
