@@ -327,9 +327,11 @@ def broker_answers(settings: object) -> bool:
 @contextlib.contextmanager
 def ensure_local_broker(settings: object) -> Iterator[str]:
     """The broker at ``settings.bootstrap_servers`` when one answers; otherwise a throw-away
-    local broker on a free port, stopped on exit. Yields the bootstrap address."""
+    local broker on a free port, stopped on exit, on Ctrl-C and on SIGTERM (a ``timeout`` or a
+    cancelled CI job: Python's default would die without stopping it, leaving a JVM behind).
+    Yields the bootstrap address."""
     import tempfile
-
+    import threading
 
     if broker_answers(settings):  # (the body's own errors are not "no broker": they propagate)
         print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
@@ -338,8 +340,19 @@ def ensure_local_broker(settings: object) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="stream-lstm-broker-") as d:
         broker = LocalBroker(port=free_port(), data_dir=d)
         print(f"no broker at {settings.bootstrap_servers}; starting a local one ...", file=sys.stderr)  # type: ignore[attr-defined]
-        broker.start()
+        # SIGTERM as Ctrl-C while it runs, unless the command handles SIGTERM itself.
+        mine = (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        if mine:
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
+            broker.start()
             yield broker.bootstrap
         finally:
             broker.stop()
+            if mine:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

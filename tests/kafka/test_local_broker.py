@@ -122,3 +122,31 @@ def test_ensure_local_broker_lets_the_bodys_own_error_through(bootstrap):
         with ensure_local_broker(Settings(bootstrap_servers=bootstrap)) as got:
             assert got == bootstrap
             raise ValueError("the real error")
+
+
+def test_a_throw_away_broker_is_stopped_when_its_command_is_terminated(tmp_path):
+    """evaluate, bench and gpu-check start one when no broker answers; a SIGTERM (a `timeout`,
+    a cancelled CI job) used to kill Python without stopping it, leaving its JVM running."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from stream_lstm.config import Settings\n"
+        "from stream_lstm.kafka.local_broker import ensure_local_broker\n"
+        f"with ensure_local_broker(Settings(bootstrap_servers='127.0.0.1:{free_port()}')) as b:\n"
+        "    print(b, flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        bootstrap = child.stdout.readline().strip()  # the broker answers: it is up
+        port = int(bootstrap.rsplit(":", 1)[1])
+        child.terminate()
+        assert child.wait(timeout=60) != 0
+    finally:
+        child.kill()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the broker outlived its command"
+    assert not list(tmp_path.glob("stream-lstm-broker-*")), "its data directory was left"
