@@ -78,8 +78,7 @@ class StateManager:
     def __init__(self, settings: Settings, store_path: Path, metrics: object | None = None):
         self.settings = settings
         self.topic = settings.changelog_topic_name()
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(store_path)
+        self.store = StateStore(store_path)  # (makes its directory, or says why it cannot)
         if not self.store.opened_clean:
             # After a crash it may hold state of an uncommitted batch; the changelog is truth.
             log.warning("state store was not closed cleanly: wiping it, will restore from %s",

@@ -7,6 +7,7 @@ logged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,13 +15,37 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, SettingsError
+
+# host, host:port, [IPv6]:port; kafka-python's default port is 9092.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]/@]+)(?::(\d{1,5}))?")
+
+
+def bootstrap_list(servers: str) -> list[str]:
+    """``STREAM_LSTM_BOOTSTRAP_SERVERS`` as kafka-python takes it, or :class:`SettingsError`
+    saying what is wrong (kafka-python's own error is a traceback from deep inside, or a 30 s
+    wait for a blank one).
+
+    >>> bootstrap_list("kafka-0:9092, kafka-1:9092")
+    ['kafka-0:9092', 'kafka-1:9092']
+    >>> bootstrap_list("kafka:abc")
+    Traceback (most recent call last):
+    ...
+    stream_lstm.config.SettingsError: invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: 'kafka:abc' is not host:port (a comma-separated list of them)
+    """
+    entries = [e.strip() for e in servers.split(",")]
+    for entry in entries:
+        m = _HOST_PORT.fullmatch(entry)
+        if m is None or not 0 < int(m[2] or 9092) < 65536:
+            raise SettingsError(f"invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: {entry!r} is not "
+                                "host:port (a comma-separated list of them)")
+    return entries
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """kafka-python connection arguments (bootstrap, TLS, SASL) for any client."""
     kw: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "bootstrap_servers": bootstrap_list(settings.bootstrap_servers),
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):

@@ -150,3 +150,12 @@ def test_a_device_that_moves_partitions_with_readings_unwritten_goes_with_the_ne
         assert [(key, p) for _, key, _, _, p in records] == [(b"moved", 1)]
     finally:
         state.store.close(clean=False)
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path):
+    # The manager made the directory itself before the store could say so: a traceback.
+    from stream_lstm.config import SettingsError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SettingsError, match="STREAM_LSTM_STATE_DIR: cannot write the state store there"):
+        StateManager(Settings(), tmp_path / "a-file" / "state" / "s.sqlite")

@@ -162,3 +162,14 @@ def test_the_factories_connect_with_their_defaults(settings_factory, topic_name)
         assert topic_name in admin.list_topics() and admin.config["client_id"] == "stream-lstm-admin"
     finally:
         admin.close()
+
+
+@pytest.mark.parametrize("servers", ["kafka:abc", "kafka:", "", "a:9092,,b:9092", "kafka:70000", "kafka 1:9092"])
+def test_a_malformed_bootstrap_list_is_one_line_naming_the_variable(servers):
+    # kafka-python raised a ValueError from deep inside (a traceback, exit 1), or waited 30 s.
+    from stream_lstm.config import SettingsError
+
+    with pytest.raises(SettingsError, match="invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: .* is not host:port"):
+        connection_kwargs(Settings(bootstrap_servers=servers))
+    ok = Settings(bootstrap_servers="kafka-0:9092, kafka-1, [::1]:9093")
+    assert connection_kwargs(ok)["bootstrap_servers"] == ["kafka-0:9092", "kafka-1", "[::1]:9093"]
