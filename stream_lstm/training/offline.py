@@ -24,6 +24,22 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+# The options that stand for a setting (option's dest -> setting): passed to load_settings, so
+# they are held to the settings' own rules (a negative size, k2 below k1).
+# (Not --window: a training sequence's length, which the serving rules around it do not bind.)
+SETTING_OF = {"epochs": "max_epochs", "hidden_size": "hidden_size",
+              "num_layers": "num_layers", "horizon": "horizon", "k1": "tbptt_k1", "k2": "tbptt_k2",
+              "lr": "learning_rate", "batch_size": "train_batch_size", "threads": "train_threads"}
+
+
+def _at_least(least: int):  # noqa: ANN202 - an argparse type
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
+        return value
+    return parse
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fit an initial model offline on a CSV recording (TBPTT, with a "
@@ -38,10 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'timestamp'; in a file without one, the first column whose values "
                              "are times (ETTh1: 'date'), named on stderr")
     parser.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
-    parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows")
+    parser.add_argument("--max-rows", type=_at_least(1), default=None, help="use only the first N rows")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="last fraction of the recording used for validation")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--window", type=_at_least(2), default=None,
                         help="W: training sequences are 2*W readings (default: STREAM_LSTM_WINDOW)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="most epochs; early stopping usually ends sooner (default: STREAM_LSTM_MAX_EPOCHS)")
@@ -83,7 +99,7 @@ def _iso(ts: float) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from stream_lstm.config import load_settings
+    from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import ModelRegistry, save_model
     from stream_lstm.recordings import DEFAULT_TIME_COLUMN, RecordingError, load_csv
@@ -91,7 +107,17 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import evaluate, train_tbptt
 
-    s = load_settings()
+    try:
+        s = load_settings(**{name: getattr(args, dest) for dest, name in SETTING_OF.items()
+                             if getattr(args, dest) is not None})
+    except SettingsError as exc:  # name the option the user gave, beside its variable
+        said = str(exc)
+        for dest, name in SETTING_OF.items():
+            if getattr(args, dest) is not None:
+                variable = f"STREAM_LSTM_{name.upper()}"
+                said = said.replace(variable, f"--{dest.replace('_', '-')} ({variable})")
+        print(f"train: {said}", file=sys.stderr)
+        return 2
     columns = args.columns or ["value"]
     if args.target_column is not None and args.target_column not in columns:
         print(f"train: --target-column {args.target_column} is not one of {columns}", file=sys.stderr)
@@ -102,6 +128,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not 0.0 < args.val_fraction < 1.0:
         print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    try:  # said before the training, not after it
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     time_column = args.time_column or DEFAULT_TIME_COLUMN
 
@@ -130,20 +161,20 @@ def main(args: argparse.Namespace) -> int:
     length = 2 * window
     train_seqs = series_windows(z[:split], length, window)
     val_seqs = series_windows(z[split:], length, length)
-    spec = ModelSpec(n_features=len(columns), hidden_size=args.hidden_size or s.hidden_size,
-                     num_layers=args.num_layers or s.num_layers, horizon=args.horizon or s.horizon,
+    spec = ModelSpec(n_features=len(columns), hidden_size=s.hidden_size,
+                     num_layers=s.num_layers, horizon=s.horizon,
                      target_channel=target, dropout=s.dropout)
-    knobs = {"k1": args.k1 or s.tbptt_k1, "k2": args.k2 or s.tbptt_k2,
-             "lr": args.lr or s.learning_rate, "weight_decay": s.weight_decay,
-             "grad_clip": s.grad_clip, "max_epochs": args.epochs or s.max_epochs,
-             "patience": s.early_stopping_patience, "batch_size": args.batch_size or s.train_batch_size,
+    knobs = {"k1": s.tbptt_k1, "k2": s.tbptt_k2,
+             "lr": s.learning_rate, "weight_decay": s.weight_decay,
+             "grad_clip": s.grad_clip, "max_epochs": s.max_epochs,
+             "patience": s.early_stopping_patience, "batch_size": s.train_batch_size,
              "seed": args.seed}
     torch.manual_seed(args.seed)
     model = SimpleLSTM.from_spec(spec)
     print(f"training on {args.csv.name}: {split:,} rows ({len(train_seqs)} windows of {length}), "
           f"validating on {len(x) - split:,} ({len(val_seqs)} windows)", file=sys.stderr)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads or s.train_threads))  # small models: 1 is fastest
+    torch.set_num_threads(max(1, s.train_threads))  # small models: 1 is fastest
     try:
         result = train_tbptt(model, train_seqs, val_seqs, target=target,
                              progress=not args.quiet, **knobs)
@@ -164,7 +195,11 @@ def main(args: argparse.Namespace) -> int:
                      "normalizer_alpha": s.normalizer_alpha, "std_floor": s.std_floor,
                      "dropout": s.dropout, **knobs},
     }
-    path = save_model(model, spec, args.out, meta)
+    try:
+        path = save_model(model, spec, args.out, meta)
+    except OSError as exc:
+        print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     mae, base = metrics["mae"], metrics["persistence_mae"]
     gain = f" ({(1 - mae / base):+.1%} vs persistence)" if base and math.isfinite(base) else ""
     print(f"saved {path} (+ {path.with_suffix('.json').name}) after {result.epochs} epoch(s), "

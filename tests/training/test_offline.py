@@ -93,3 +93,31 @@ def test_train_without_a_time_column_says_which_columns_there_are(tmp_path, caps
     assert capsys.readouterr().err == (f"train: {csv}: no column 'timestamp', and no column whose "
                                        "values are times (columns: site, value); name one with "
                                        "--time-column\n")
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    (["--hidden-size", "-3"], "--hidden-size (STREAM_LSTM_HIDDEN_SIZE)"),
+    (["--k1", "40", "--k2", "8"], "STREAM_LSTM_TBPTT_K2"),
+    (["--epochs", "-1"], "--epochs (STREAM_LSTM_MAX_EPOCHS)"),
+])
+def test_options_are_held_to_the_settings_rules_in_one_line(tmp_path, capsys, options, said):
+    # They skipped them: tracebacks, and k2 below k1 or a window of 1 accepted.
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"), *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("train: invalid setting") and said in err[0]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_max_rows_window_or_out_that_cannot_be_is_one_line(tmp_path, capsys):
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    for option, value, said in (("--max-rows", "-5", "must be 1 or more"),  # (it dropped the last 5 rows)
+                                ("--window", "1", "must be 2 or more")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's own one line
+            cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"), option, value])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "a-file" / "m")]) == 2
+    assert "train: cannot write --out" in capsys.readouterr().err
