@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     # EWM by default: real sensors drift and change regime, and a Welford scale fitted on an
     # old burst leaves later readings near zero (measured in docs/evaluation.md).
     normalizer: Literal["welford", "ewm"] = Field("ewm", description="Online normalizer")
-    normalizer_alpha: float = Field(0.02, gt=0.0, le=1.0, description="EWM weight of a reading")
+    normalizer_alpha: float = Field(0.02, gt=0.0, lt=1.0, description="EWM weight of a reading")
     std_floor: float = Field(1e-3, gt=0.0, description="Smallest std used to scale a channel, "
                              "in the devices' units: lower it for sensors that vary by less "
                              "(e.g. 1e-9 for readings in the 1e-6 range)")

@@ -25,6 +25,8 @@ def test_only_prefixed_variables_count(monkeypatch):
     ("STREAM_LSTM_DEVICE", "tpu"), ("STREAM_LSTM_METRICS_PORT", "99999"),
     ("STREAM_LSTM_WINDOW", "abc"), ("STREAM_LSTM_PROCESSING_GUARANTEE", "maybe"),
     ("STREAM_LSTM_PROCESSES", "0"), ("STREAM_LSTM_PROCESSES", "many"),
+    # 1 makes each reading its own mean with no variance: every z is 0, the model blind.
+    ("STREAM_LSTM_NORMALIZER_ALPHA", "1.0"),
 ])
 def test_invalid_value_names_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)

@@ -166,3 +166,25 @@ def test_the_far_future_check_reads_the_records_timestamp_so_a_replay_decides_al
     assert decode_records(decoder, [on_time], now=sent - 500.0).ids == ["d"]  # the stamp, not now
     unstamped = ahead._replace(timestamp=-1)  # no Kafka timestamp: the worker's clock
     assert decode_records(decoder, [unstamped], now=sent + 20.0).ids == ["d"]
+
+
+def test_the_drift_score_and_h_step_interval_mean_the_same_at_any_level():
+    """The H-step forecasts a reading's drift score meets were kept in float32: a device at 5e11
+    with a noise of 1 had them rounded by far more than its noise, and published drift scores
+    of about 120 (a p-value of e^-120 on ordinary readings) and H-step intervals ~50x wider."""
+    def medians(level: float) -> tuple[float, float]:
+        s = Settings(output_topic="forecasts")
+        torch.manual_seed(0)
+        table = DeviceTable(4, s.window, 1, 1, 8, with_experts=True)
+        pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table), lambda: "v1")
+        rng = np.random.default_rng(0)
+        recs = [Rec(i, "m", 1e9 + 60 * i, level + rng.normal(0, 1.0)) for i in range(600)]
+        out = [json.loads(v) for k in range(0, 600, 50)
+               for topic, _, v, _ in pipe.handle(recs[k : k + 50], now=2e9).records
+               if topic == "forecasts"][200:]
+        return (float(np.median([f["drift_score"] for f in out if f.get("drift_score") is not None])),
+                float(np.median([f["upper"][-1] - f["lower"][-1] for f in out])))
+
+    (score_20, width_20), (score_big, width_big) = medians(20.0), medians(5e11)
+    assert score_20 < 1.5 and score_big < 1.5  # |x - forecast| / b is about 1 either way
+    assert width_big < 2 * width_20

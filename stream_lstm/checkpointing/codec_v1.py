@@ -32,7 +32,10 @@ import struct
 
 import numpy as np
 
+from stream_lstm.state.columns import COLUMNS
 from stream_lstm.state.snapshot import DeviceSnapshot
+
+DTYPES = {c.name: c.dtype for c in COLUMNS}  # a format-1 value read as today's column holds it
 
 _PREFIX = struct.Struct("<3sBH")  # magic, format, header_len
 # layers, hidden, n_features, window_len, partition, n_seen, since_reset, id_len, version_len,
@@ -142,7 +145,8 @@ def decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     }
     if n_ring:
         for i, name in enumerate(("drift_mu", "drift_b", "drift_change")):
-            columns[name] = np.frombuffer(data, "<f4", n_ring, pos + 4 * i * n_ring).copy()
+            ring = np.frombuffer(data, "<f4", n_ring, pos + 4 * i * n_ring)
+            columns[name] = ring.astype(DTYPES[name])  # (drift_mu is float64 since)
     pos += 12 * n_ring
     if size < pos + 8 * n_experts:
         raise ValueError(f"truncated snapshot: {n_experts} expert values announced, {size - pos} bytes left")

@@ -105,8 +105,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("prev_sigma"),  # ... and its scale b
     # The H-step forecasts (location, scale b, the model's own normalized change) of the
     # device's last H readings, a ring indexed by reading count: what a reading's drift score
-    # compares it with. float32 is plenty for a score.
-    Column("drift_mu", width=HORIZON, dtype=np.float32),
+    # compares it with. The location in float64, as the readings: in float32 a device at 1e8
+    # with a noise of 0.1 (or at 1e12 with 1) has forecasts rounded by more than its noise, and
+    # its drift score and H-step interval measured the rounding. The scale and the normalized
+    # change are magnitudes: float32 is plenty for them.
+    Column("drift_mu", width=HORIZON),
     Column("drift_b", width=HORIZON, dtype=np.float32),
     Column("drift_change", width=HORIZON, dtype=np.float32),
     Column("prev_change"),  # the model's one-step change

@@ -24,8 +24,8 @@ def test_an_empty_snapshot_is_a_device_never_seen():
     assert math.isnan(s.prev_mu) and math.isnan(s.prev_sigma)
     assert (s.n_seen, s.since_reset, s.model_version, s.last_seen) == (0, 0, "", 0.0)
     assert list(s.columns) == ["partition"]  # every other column is at its fill
-    for ring in (s.drift_mu, s.drift_b, s.drift_change):
-        assert ring.shape == (0,) and ring.dtype == np.float32
+    for ring, dtype in ((s.drift_mu, np.float64), (s.drift_b, np.float32), (s.drift_change, np.float32)):
+        assert ring.shape == (0,) and ring.dtype == dtype
     assert s.experts.shape == (0,) and s.experts.dtype == np.float64
     assert DeviceSnapshot.empty("d", num_layers=1, hidden_size=2, n_features=1).partition == 0
 
@@ -41,10 +41,10 @@ def test_every_declared_column_is_an_attribute_that_reads_its_fill_until_set():
             assert value.dtype == col.dtype, col.name
             assert value.shape == ((0,) if col.width == HORIZON else (col.width,)), col.name
     assert s.alert.tolist() != s.alert.tolist()  # NaN: no open alert
-    s.n_seen, s.blend_w, s.drift_mu = 17, [0.5, 1.0], [1.0, 2.0, 3.0]
+    s.n_seen, s.blend_w, s.drift_b = 17, [0.5, 1.0], [1.0, 2.0, 3.0]
     assert type(s.columns["n_seen"]) is np.int64 and s.n_seen == 17
     assert s.columns["blend_w"].dtype == np.float64 and s.blend_w.tolist() == [0.5, 1.0]
-    assert s.columns["drift_mu"].dtype == np.float32  # the column's dtype, not the value's
+    assert s.columns["drift_b"].dtype == np.float32  # the column's dtype, not the value's
     with pytest.raises(AttributeError):
         s.not_a_column  # noqa: B018
 
