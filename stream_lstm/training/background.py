@@ -199,10 +199,16 @@ class BackgroundTrainer:
     """
 
     def __init__(self, threads: int = 1, nice: int = 0) -> None:
+        self._threads, self._nice = threads, nice
+        self._start()
+        self.busy = False
+        self.started_at = 0.0
+
+    def _start(self) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch/Kafka state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, threads, nice), name="stream-lstm-trainer",
-                                 daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, self._threads, self._nice),
+                                 name="stream-lstm-trainer", daemon=True)
         # SIGINT ignored across the fork+exec: the fresh interpreter then keeps ignoring it from
         # its first instruction (Python installs its KeyboardInterrupt handler only over the
         # default disposition), so a Ctrl-C during its start-up cannot kill it either.
@@ -215,8 +221,16 @@ class BackgroundTrainer:
             if main:
                 signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         child.close()
-        self.busy = False
-        self.started_at = 0.0
+
+    def _restart(self) -> str:
+        """The child is gone (the kernel's OOM killer, a crash): a new one takes the next job.
+        Returns how the old one ended, for the failed job's error."""
+        self._conn.close()
+        self._proc.join(timeout=5)
+        code = self._proc.exitcode
+        log.warning("the retraining process died; a new one takes the next job", extra={"exit_code": code})
+        self._start()
+        return f"the retraining process died (exit code {code})"
 
     @property
     def pid(self) -> int | None:
@@ -225,16 +239,26 @@ class BackgroundTrainer:
 
     def submit(self, job: bytes) -> None:
         assert not self.busy, "one retraining job at a time"
-        self._conn.send_bytes(job)
+        try:
+            self._conn.send_bytes(job)
+        except OSError:  # (BrokenPipeError) it died between jobs: a new one takes this one
+            self._restart()
+            self._conn.send_bytes(job)
         self.busy = True
         self.started_at = time.monotonic()
 
     def poll(self) -> RetrainResult | None:
-        """The finished job's result, or ``None`` while it runs (never blocks)."""
+        """The finished job's result, or ``None`` while it runs (never blocks). A child that
+        died is a failed job (a closed pipe reads as ready), and a new child is started."""
         if not self.busy or not self._conn.poll():
             return None
         self.busy = False
-        return decode_result(self._conn.recv_bytes())
+        try:
+            return decode_result(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            error = self._restart()
+        return RetrainResult(False, "training failed", float("nan"), float("nan"),
+                             time.monotonic() - self.started_at, float("nan"), error=error)
 
     def wait(self, timeout: float) -> RetrainResult | None:
         if self.busy and self._conn.poll(timeout):

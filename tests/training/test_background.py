@@ -59,3 +59,29 @@ def test_early_stopping_and_the_gate_judge_on_different_devices():
     assert header["promote"]
     data = model_from_bytes(parts[0]).meta["training_data"]
     assert (data["devices"], data["validation_devices"], data["holdout_devices"]) == (6, 2, 2)
+
+
+def test_a_trainer_that_dies_is_a_failed_job_and_a_new_one_takes_the_next():
+    """The kernel's OOM killer or a crash ended the child: the worker's next tick raised
+    (ConnectionResetError, then BrokenPipeError on the next submit) and the worker stopped, a
+    crash loop when the same job kills it every time."""
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(0)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(6)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 1, "patience": 1}
+    job = encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
+    trainer = BackgroundTrainer(threads=1)
+    try:
+        first = trainer.pid
+        trainer.submit(job)
+        os.kill(first, signal.SIGKILL)  # mid-job
+        result = trainer.wait(timeout=60)
+        assert result is not None and not result.promote and "died (exit code -9)" in result.error
+        assert not trainer.busy and trainer.pid != first
+        os.kill(trainer.pid, signal.SIGKILL)  # between jobs: the next submit starts another
+        trainer._proc.join(timeout=10)
+        trainer.submit(job)
+        result = trainer.wait(timeout=120)
+        assert result is not None and result.error is None, result
+    finally:
+        trainer.close()
