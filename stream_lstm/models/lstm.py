@@ -25,7 +25,7 @@ one poll). All use the same weights, so a sequence run through ``forward`` or
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,15 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
+
+    def serving_shape(self) -> ModelSpec:
+        """This spec without what only training reads (``dropout``): two models of one serving
+        shape step the same h/c and forecast the same fields, so a worker may swap between them.
+
+        >>> ModelSpec(dropout=0.1).serving_shape() == ModelSpec().serving_shape()
+        True
+        """
+        return replace(self, dropout=0.0)
 
 
 class SimpleLSTM(nn.Module):

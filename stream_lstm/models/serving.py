@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from stream_lstm.config import Settings, SettingsError
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry, load_model
@@ -19,13 +21,27 @@ log = logging.getLogger("stream_lstm.worker")
 
 
 def fresh_model(settings: Settings) -> LoadedModel:
-    """A freshly initialized, untrained model shaped by the settings (``v0000-untrained``)."""
+    """A freshly initialized, untrained model shaped by the settings (``v0000-untrained``).
+
+    Its weights follow from its shape alone (a fixed seed, the caller's random state left as it
+    was): every host's ``v0000-untrained`` of one shape is the same model, so a device whose
+    partition moves to another worker before any trained model exists keeps stepping under the
+    weights its state was made with (each pod used to draw its own, under the same name).
+
+    >>> s = Settings(hidden_size=4, horizon=2)
+    >>> a, b = fresh_model(s), fresh_model(s)
+    >>> a.version, bool(torch.equal(a.model.head.weight, b.model.head.weight))
+    ('v0000-untrained', True)
+    """
     spec = ModelSpec(
         n_features=settings.n_features, hidden_size=settings.hidden_size,
         num_layers=settings.num_layers, horizon=settings.horizon,
         target_channel=settings.target_channel, dropout=settings.dropout,
     )
-    return LoadedModel.of(SimpleLSTM.from_spec(spec), spec, "v0000-untrained")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SimpleLSTM.from_spec(spec)
+    return LoadedModel.of(model, spec, "v0000-untrained")
 
 
 class ModelSettingsMismatch(SettingsError):

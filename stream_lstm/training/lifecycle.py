@@ -191,7 +191,7 @@ class ModelLifecycle:
         old). Only if devices still hold a version older than the one served so far (a swap
         within a re-warm) are those re-warmed at once, so that two versions at most stay live.
         """
-        if loaded.spec != self.served.spec:
+        if loaded.spec.serving_shape() != self.served.spec.serving_shape():  # (dropout aside)
             log.error("refusing a model whose shape differs from the served one",
                       extra={"new": str(loaded.spec), "served": str(self.served.spec)})
             return 0.0
@@ -285,7 +285,7 @@ class ModelLifecycle:
             return False
         try:
             loaded = self.kept.load(version)
-            if loaded.spec != self.served.spec:
+            if loaded.spec.serving_shape() != self.served.spec.serving_shape():
                 raise ModelLoadError(f"its shape {loaded.spec} is not the served one's")
         except ModelLoadError as exc:
             self._unloadable.add(version)

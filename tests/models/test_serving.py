@@ -21,7 +21,8 @@ def test_empty_registry_serves_a_fresh_model_and_says_so(tmp_path, caplog):
 def test_a_host_serves_one_untrained_model_across_restarts_and_processes(tmp_path, caplog):
     """``v0000-untrained`` names one set of weights on a host (a checkpoint names a version):
     a worker that starts again, or a sibling process, serves the untrained model kept
-    beside the registry. Another model directory is another host's."""
+    beside the registry. Another model directory is another host's: since 2026-12-06 it holds
+    the same weights (an untrained model's follow from its shape)."""
     s = Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=3)
     first = load_served_model(s)
     with caplog.at_level(logging.INFO, logger="stream_lstm.worker"):
@@ -31,7 +32,7 @@ def test_a_host_serves_one_untrained_model_across_restarts_and_processes(tmp_pat
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
     assert line == f"serving model v0000-untrained from this host's untrained model (kept in {tmp_path / 'models'}/served)"
     other = load_served_model(Settings(model_dir=tmp_path / "elsewhere", hidden_size=8, horizon=3))
-    assert not torch.equal(other.model.state_dict()["head.weight"], weights[0]["head.weight"])
+    assert torch.equal(other.model.state_dict()["head.weight"], weights[0]["head.weight"])
 
 
 def _promote_12_step_model(model_dir):
@@ -94,3 +95,20 @@ def test_default_directories_are_named_after_the_group():
     a, b = Settings(group_id="plant-a"), Settings(group_id="plant-b")
     assert a.model_dir != b.model_dir and a.state_dir != b.state_dir
     assert "plant-a" in str(a.model_dir) and "plant-a" in str(a.state_dir)
+
+
+def test_every_hosts_untrained_model_of_one_shape_is_the_same_model():
+    """Each pod drew its own random v0000-untrained: a device that moved to another pod before
+    any trained model existed stepped its h/c under other weights of the same name."""
+    from stream_lstm.models.serving import fresh_model
+
+    s = Settings(hidden_size=8, horizon=3)
+    torch.manual_seed(1)
+    a = fresh_model(s)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = fresh_model(s)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state left alone
+    assert a.version == b.version == "v0000-untrained"
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

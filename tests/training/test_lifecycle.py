@@ -291,3 +291,17 @@ def test_a_retrain_schedule_with_the_trainer_off_is_said_at_start(tmp_path, capl
     with caplog.at_level("WARNING", logger="stream_lstm.training"):
         fleet(tmp_path, 2, readings=1)  # no schedule: nothing to say
     assert not caplog.records
+
+
+def test_a_model_that_differs_only_in_training_dropout_is_served(tmp_path):
+    """Dropout is read only by training: a trainer started with STREAM_LSTM_DROPOUT (a setting
+    given to the trainer alone) published models every worker refused, and the fleet kept
+    serving its untrained model."""
+    s, table, engine, life, ids = fleet(tmp_path, 4)
+    torch.manual_seed(1)
+    spec = ModelSpec(hidden_size=8, horizon=2, dropout=0.1)
+    assert life.swap(LoadedModel.of(SimpleLSTM.from_spec(spec).eval(), spec, "v2")) > 0.0
+    assert life.version == "v2"
+    other = ModelSpec(hidden_size=16, horizon=2)  # another shape is still refused
+    assert life.swap(LoadedModel.of(SimpleLSTM.from_spec(other).eval(), other, "v3")) == 0.0
+    assert life.version == "v2"
