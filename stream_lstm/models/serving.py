@@ -100,11 +100,24 @@ def load_served_model(settings: Settings) -> LoadedModel:
 
 
 def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
-    if settings.model_path is not None:
-        loaded = load_model(settings.model_path)
-        return loaded, f"STREAM_LSTM_MODEL_PATH={settings.model_path}"
     registry = ModelRegistry(settings.model_dir)
     promoted = registry.promoted()
+    if settings.model_path is not None:
+        loaded = load_model(settings.model_path)
+        source = f"STREAM_LSTM_MODEL_PATH={settings.model_path}"
+        if promoted is None or promoted == loaded.version:
+            return loaded, source
+        # A promotion retrained from the file's model (its parent chain leads there) is what
+        # this worker served before its restart: going back to the file would take the fleet's
+        # versions backwards and drop every promotion. An unrelated promotion: the file wins.
+        if loaded.version in _ancestors(registry, promoted):
+            try:
+                return registry.load(promoted), f"the registry {settings.model_dir} (promoted, retrained from {source})"
+            except ModelLoadError as exc:
+                log.error("cannot load model %s: %s", promoted, exc)
+        log.warning("STREAM_LSTM_MODEL_PATH wins over the registry's promoted %s, which was not "
+                    "retrained from it (unset it to serve the registry's)", promoted)
+        return loaded, source
     if promoted is None:
         log.warning(
             "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
@@ -125,6 +138,15 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
         return (loaded,
                 f"the registry {settings.model_dir}" + (" (promoted)" if version == promoted else ""))
     raise ModelLoadError(f"no loadable model in {settings.model_dir}")
+
+
+def _ancestors(registry: ModelRegistry, version: str) -> list[str]:
+    """The versions ``version`` was retrained from, nearest first (its metadata's ``parent``)."""
+    parents = {m["version"]: m.get("parent") for m in registry.versions()}
+    out: list[str] = []
+    while (version := parents.get(version)) and version not in out and len(out) < 1000:  # type: ignore[assignment]
+        out.append(version)
+    return out
 
 
 def _host_fresh_model(settings: Settings) -> tuple[LoadedModel, str]:

@@ -169,8 +169,9 @@ class Retrainer:
             return None
         loaded = result.model
         try:
-            version = self.registry.register(loaded.model, loaded.spec,
-                                             {**loaded.meta, "version": self.registry.next_version()})
+            # (No version of our own: register takes the next free one, exclusively, so two
+            # processes promoting at once both land, each under its own number.)
+            version = self.registry.register(loaded.model, loaded.spec, {**loaded.meta, "version": None})
             self.registry.promote(version)
         except OSError as exc:  # a full or read-only model directory: serve on, say so
             if m is not None:

@@ -112,3 +112,24 @@ def test_every_hosts_untrained_model_of_one_shape_is_the_same_model():
     assert a.version == b.version == "v0000-untrained"
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_a_model_path_gives_way_to_a_promotion_retrained_from_it_and_says_when_it_does_not(tmp_path, caplog):
+    """MODEL_PATH always won: a worker that had retrained and promoted v0002 went back to the
+    file's model at its restart (the fleet's versions backwards, every promotion dropped)."""
+    from stream_lstm.models.registry import ModelRegistry, save_model
+    from stream_lstm.models.serving import fresh_model
+
+    base = fresh_model(Settings(hidden_size=8, horizon=12))
+    path = save_model(base.model, base.spec, tmp_path / "offline.safetensors", {"version": "offline-1"})
+    registry = ModelRegistry(tmp_path / "models")
+    v1 = registry.register(base.model, base.spec, {"parent": "offline-1"})
+    v2 = registry.register(base.model, base.spec, {"parent": v1})
+    registry.promote(v2)
+    s = Settings(model_path=path, model_dir=tmp_path / "models", hidden_size=8, horizon=12)
+    assert load_served_model(s).version == v2
+    unrelated = registry.register(base.model, base.spec, {"parent": None})
+    registry.promote(unrelated)
+    with caplog.at_level(logging.WARNING, logger="stream_lstm.worker"):
+        assert load_served_model(s).version == "offline-1"
+    assert any("STREAM_LSTM_MODEL_PATH wins over the registry's promoted" in r.getMessage() for r in caplog.records)

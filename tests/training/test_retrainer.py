@@ -56,6 +56,19 @@ def test_a_promoted_challenger_is_registered_promoted_and_counted(tmp_path):
     assert runs == {"promoted": 1, "rejected": 1, "failed": 1}
 
 
+def test_two_processes_promoting_at_once_both_land(tmp_path, monkeypatch):
+    """Another process registered v0001 between this one's choice of a number and its write
+    (STREAM_LSTM_PROCESSES, each child retraining): the promotion was dropped as 'could not be
+    registered'."""
+    registry = ModelRegistry(tmp_path)
+    registry.register(champion().model, champion().spec, {})  # v0001, the other process's
+    r = Retrainer(Settings(model_dir=tmp_path), Metrics())
+    answers = iter(["v0001", "v0002"])  # this process looked before the other wrote
+    monkeypatch.setattr(ModelRegistry, "next_version", lambda self: next(answers))
+    promoted = r.verdict(result(promote=True), champion="v0000")
+    assert promoted is not None and promoted.version == "v0002" == registry.promoted()
+
+
 def test_a_model_directory_that_cannot_be_written_fails_the_retrain_not_the_worker(tmp_path, caplog):
     """A full or read-only registry: the promotion is lost, said and counted; the worker
     serves its champion on (it had raised out of the loop, at every retrain after a restart)."""
