@@ -236,3 +236,21 @@ def test_weights_that_are_finite_only_in_float64_are_refused():
     header = _dumps(_full_meta({"version": "v0001"}, spec, raw), indent=None)
     with pytest.raises(ModelLoadError, match=r"head\.bias contains NaN or infinity \(as float32\)"):
         model_from_bytes(WIRE_MAGIC + struct.pack("<I", len(header)) + header + raw)
+
+
+def test_a_spec_asking_for_a_huge_model_is_refused_without_allocating_it(tmp_path):
+    """A record off the models topic is checked against its spec before anything is built: the
+    spec's shapes used to be found by building the model it names (hidden_size=10**6: terabytes)."""
+    import json
+
+    from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+    from stream_lstm.models.registry import ModelLoadError, load_model, save_model
+
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    path = save_model(SimpleLSTM.from_spec(spec), spec, tmp_path / "m.safetensors", {"version": "x"})
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["hidden_size"] = 10**6
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="the spec needs"):
+        load_model(path)
