@@ -239,6 +239,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# A process whose loop has not turned for this long is not live (/healthz 503): its pod is
+# restarted, a host's supervisor kills it. Anything that may hold the loop ends sooner.
+LIVENESS_TIMEOUT_S = 30.0
+
+
 class HealthState:
     """Liveness (a heartbeat from the main loop) and readiness (named components). Thread-safe.
 
@@ -262,7 +267,7 @@ class HealthState:
     True
     """
 
-    def __init__(self, liveness_timeout_s: float = 30.0) -> None:
+    def __init__(self, liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> None:
         self._lock = threading.Lock()
         self._last_beat = time.monotonic()
         self._components: dict[str, tuple[bool, str]] = {}

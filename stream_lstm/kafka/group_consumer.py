@@ -30,6 +30,7 @@ from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.join import is_rebalancing, mend_abandoned_join
 from stream_lstm.kafka.stall import StallGuard
+from stream_lstm.metrics import LIVENESS_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,23 @@ def fetch_shape(commit_interval_ms: int, exactly_once: bool = True) -> dict[str,
         return {"fetch_min_bytes": 1, "fetch_max_wait_ms": 100}
     wait = commit_interval_ms if exactly_once else commit_interval_ms // 2
     return {"fetch_min_bytes": 64 * 1024, "fetch_max_wait_ms": max(10, min(500, wait))}
+
+
+def poll_limit_s(settings: Settings) -> float:
+    """How long one ``poll`` may take before the stall guard ends it (kafka-python's known hang
+    inside it, dpkp/kafka-python#3121): the broker evicts a member that has not polled within
+    max.poll.interval.ms, so no poll (rebalance callbacks included) legitimately takes longer;
+    and a loop that has not turned for :data:`~stream_lstm.metrics.LIVENESS_TIMEOUT_S` is not
+    live, its pod or process killed, so a stuck poll must end well before that (it was ~310 s:
+    the guard never acted, and a hang cost a restart, restore and replay instead).
+
+    >>> from stream_lstm.config import Settings
+    >>> poll_limit_s(Settings()), poll_limit_s(Settings(max_poll_interval_ms=10_000, session_timeout_ms=6_000))
+    (20.0, 16.1)
+    """
+    s = settings
+    return min((s.max_poll_interval_ms + s.session_timeout_ms + s.poll_timeout_ms) / 1000,
+               LIVENESS_TIMEOUT_S * 2 / 3)
 
 
 class GroupConsumer:
@@ -133,11 +151,8 @@ class GroupConsumer:
         # A rebalance completes inside poll: a short poll leaves the join to the next one.
         if self.rebalancing():
             timeout_ms = max(timeout_ms, s.poll_timeout_ms)
-        # The broker evicts a member that has not polled within max.poll.interval.ms, so no
-        # poll (rebalance callbacks included) legitimately takes longer than that.
-        limit_s = (s.max_poll_interval_ms + s.session_timeout_ms + s.poll_timeout_ms) / 1000
         try:
-            with self.stall_guard.limit("consumer.poll", limit_s):
+            with self.stall_guard.limit("consumer.poll", poll_limit_s(s)):
                 return self.consumer.poll(timeout_ms=timeout_ms, max_records=s.poll_max_records)
         except KafkaTimeoutError as exc:
             self.on_stall()

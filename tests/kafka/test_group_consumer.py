@@ -80,3 +80,15 @@ def test_a_replacement_that_cannot_connect_keeps_the_old_consumer_and_tries_late
     finally:
         group.settings = s
         group.close()
+
+
+def test_a_stuck_poll_ends_before_the_worker_stops_being_live():
+    """The guard's limit was ~310 s with the default settings, the liveness limit 30 s: a
+    hang inside poll restarted the pod (a restore and a replay) before the guard could end it,
+    and stream_lstm_kafka_stalls_total never counted one."""
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.group_consumer import poll_limit_s
+    from stream_lstm.metrics import HealthState
+
+    for s in (Settings(), Settings(max_poll_interval_ms=900_000, session_timeout_ms=45_000)):
+        assert poll_limit_s(s) < HealthState().liveness_timeout_s
