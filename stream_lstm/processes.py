@@ -57,7 +57,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from stream_lstm.config import Settings, load_settings, warn_unknown_variables
 from stream_lstm.metrics import serve_metrics
-from stream_lstm.process_health import BACKOFF_FIRST_S, HostHealth, HostMetrics, Slot
+from stream_lstm.process_health import BACKOFF_FIRST_S, HostHealth, HostMetrics, Slot, status_age
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -246,7 +246,7 @@ class Supervisor:
             self._start(slot, k)
 
     def _kill_if_hung(self, slot: Slot, status: dict | None, now: float) -> None:
-        stale = status is not None and time.time() - float(status["ts"]) > HUNG_AFTER_S
+        stale = status is not None and status_age(status) > HUNG_AFTER_S
         if status is None or (status["live"] and not stale):
             slot.not_live_since = None
             return

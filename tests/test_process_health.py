@@ -88,7 +88,7 @@ def test_the_host_is_ready_when_every_child_is(tmp_path):
     slots[1].proc = Running(os.getpid())
     # A stale status is no readiness.
     status = json.loads(slots[0].status.read_text())
-    status["ts"] -= STATUS_STALE_S + 5
+    status["mono"] -= STATUS_STALE_S + 5
     slots[0].status.write_text(json.dumps(status))
     assert host.readiness()[1]["p0"].startswith("no status for 1")
     # A child waiting to be restarted.

@@ -425,3 +425,22 @@ def test_a_stop_while_the_children_connect_is_a_clean_stop(settings_factory, tmp
     assert code == 0, host.err.read_text()[-3000:]
     (stopped,) = [e for e in host.log() if e["event"].startswith("stopped 2 worker processes")]
     assert {v["outcome"] for v in stopped["stopped"].values()} == {"stopped"}
+
+
+def test_a_wall_clock_step_kills_no_child(tmp_path):
+    """Ages were read on the wall clock: an NTP step or a VM resume of over two minutes made
+    every live child's status look two minutes old, and the supervisor SIGKILLed them at once."""
+    from stream_lstm.process_health import Slot
+
+    s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="c")
+    sup = processes.Supervisor(s, 1, command=[sys.executable, "-c", "pass"])
+    killed = []
+    slot = Slot("p0", tmp_path / "p0.json")
+    slot.proc = type("Running", (), {"pid": 1, "kill": lambda self: killed.append(True)})()
+    stepped = {"pid": 1, "ts": time.time() - 200.0, "mono": time.monotonic(), "live": True,
+               "liveness": "ok", "ready": True, "components": {}}
+    sup._kill_if_hung(slot, stepped, time.monotonic())
+    assert killed == []
+    silent = dict(stepped, ts=time.time(), mono=time.monotonic() - processes.HUNG_AFTER_S - 1)
+    sup._kill_if_hung(slot, silent, time.monotonic())  # a status not rewritten for that long
+    assert killed == [True]
