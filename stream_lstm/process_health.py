@@ -132,6 +132,16 @@ def label_logs(instance: str) -> None:
         handler.addFilter(Label())
 
 
+def name_metric_files(name: str) -> None:
+    """In a child, before its metrics exist: its multiprocess files are named by its slot
+    (``p0``), not by its pid, so a restarted child takes over its predecessor's files (a
+    counter goes on from what they counted) instead of adding two more: a child restarted every
+    minute through an outage had left thousands, each read at every scrape."""
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue(lambda: name)
+
+
 # ---- in the supervisor ------------------------------------------------------------------------------
 class Slot:
     """One child: its current process (None while it waits to be restarted) and its history.

@@ -57,7 +57,14 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from stream_lstm.config import Settings, load_settings, warn_unknown_variables
 from stream_lstm.metrics import serve_metrics
-from stream_lstm.process_health import BACKOFF_FIRST_S, HostHealth, HostMetrics, Slot, status_age
+from stream_lstm.process_health import (
+    BACKOFF_FIRST_S,
+    HostHealth,
+    HostMetrics,
+    Slot,
+    name_metric_files,
+    status_age,
+)
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -283,8 +290,9 @@ class Supervisor:
 
     def _exited(self, slot: Slot, code: int) -> None:
         assert slot.proc is not None
-        # Its live gauges leave the sums; its counters stay (they count what it did).
-        mark_process_dead(slot.proc.pid, str(self.metrics_dir))
+        # Its live gauges leave the sums; its counters stay (they count what it did), in files
+        # named by the slot, which its successor takes over (process_health.name_metric_files).
+        mark_process_dead(slot.name, str(self.metrics_dir))
         slot.proc, slot.last_exit = None, code
         self.metrics.running.labels(slot.name).set(0)
 
@@ -346,6 +354,8 @@ def main(args: argparse.Namespace) -> int:
         warn_unknown_variables(log)
     if args.status_file is None and (n := resolve_processes(settings)) > 1:
         return Supervisor(settings, n).run()  # the supervisor never imports torch
+    if args.status_file is not None:
+        name_metric_files(args.status_file.stem)
     from stream_lstm.worker import serve
 
     return serve(settings, args.status_file)

@@ -190,7 +190,7 @@ def test_a_killed_child_is_restarted_and_each_reading_is_forecast_once(served_se
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
         (started,) = [e for e in host.log() if e["event"].startswith("supervising")]
-        own = [str(Path(started["metrics_dir"]) / f"counter_{before['p0']}.db")]
+        own = [str(Path(started["metrics_dir"]) / "counter_p0.db")]  # (named by its slot)
         published_by_p0 = "stream_lstm_forecasts_published_total"
         wait_for(lambda: sum(x.value for f in MultiProcessCollector.merge(own) for x in f.samples
                              if x.name == published_by_p0) > 0, "p0's own committed forecasts", host)
@@ -271,11 +271,12 @@ def test_the_host_endpoint_adds_up_the_children(served_settings, tmp_path):
         consumed = "stream_lstm_readings_consumed_total"
         wait_for(lambda: host.metric(consumed) == len(readings), "every reading counted", host,
                  timeout=30)
-        # Each child's own counter, from its file in the multiprocess directory.
+        # Each child's own counter, from its file in the multiprocess directory (named by its
+        # slot, which a restarted child takes over: process_health.name_metric_files).
         (started,) = [e for e in host.log() if e["event"].startswith("supervising")]
         per_child = {}
-        for name, pid in host.children().items():
-            files = [str(Path(started["metrics_dir"]) / f"counter_{pid}.db")]
+        for name in host.children():
+            files = [str(Path(started["metrics_dir"]) / f"counter_{name}.db")]
             per_child[name] = sum(s.value for f in MultiProcessCollector.merge(files)
                                   for s in f.samples if s.name == consumed)
         assert all(n > 0 for n in per_child.values()), per_child
@@ -444,3 +445,41 @@ def test_a_wall_clock_step_kills_no_child(tmp_path):
     silent = dict(stepped, ts=time.time(), mono=time.monotonic() - processes.HUNG_AFTER_S - 1)
     sup._kill_if_hung(slot, silent, time.monotonic())  # a status not rewritten for that long
     assert killed == [True]
+
+
+COUNTING_CHILD = """
+import sys
+from pathlib import Path
+from stream_lstm.process_health import name_metric_files
+name_metric_files(Path(sys.argv[sys.argv.index("--status-file") + 1]).stem)
+from stream_lstm.metrics import Metrics
+m = Metrics()
+m.forecasts_published.inc()
+m.active_devices.set(7)  # a live gauge: it leaves the host's sum when the child dies
+sys.exit(3)  # the broker away: restarted, again and again
+"""
+
+
+def test_a_child_restarted_again_and_again_leaves_one_set_of_metric_files(tmp_path, monkeypatch):
+    """Each child wrote files named by its pid, kept after it died (its counters count what it
+    did): a child restarted every minute through an outage left thousands, every one read at
+    each scrape. Named by the slot, a restarted child takes its predecessor's over."""
+    from stream_lstm import process_health
+
+    monkeypatch.setattr(process_health, "BACKOFF_FIRST_S", 0.05)
+    monkeypatch.setattr(processes, "BACKOFF_MAX_S", 0.05)
+    s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="m")
+    sup = processes.Supervisor(s, 1, command=[sys.executable, "-c", COUNTING_CHILD])
+    seen = {}
+
+    def done(starts):
+        if starts.get("p0", 0) < 6:
+            return False
+        seen["files"] = sorted(p.name for p in Path(sup.metrics_dir).glob("*.db"))
+        seen["exposition"] = sup.metrics.exposition().decode()
+        return True
+
+    supervise(sup, done)
+    assert seen["files"] and all(name.endswith("_p0.db") for name in seen["files"]), seen["files"]
+    assert "stream_lstm_forecasts_published_total 5.0" in seen["exposition"]  # five children's
+    assert "stream_lstm_active_devices 7.0" not in seen["exposition"]  # none of them live
