@@ -77,11 +77,14 @@ class Housekeeping:
         return records
 
     def count_devices(self) -> None:
-        """The open-alert and expert-leader gauges: a pass over all devices, so not every turn."""
+        """The device gauges: a pass over all devices, so not every turn. (The devices held
+        too, which commits also set: a worker left with no partitions commits no more, and its
+        last count, with the revoked devices, stayed in the fleet's sum.)"""
         if time.monotonic() < self._next_gauges:
             return
         self._next_gauges = time.monotonic() + self.gauge_every_s
         slots = list(self.table.index.values())
+        self.metrics.active_devices.set(len(slots))
         self.metrics.alerts_open.set(int(alerts.is_open(self.table.alert[slots]).sum()))
         if self.table.with_experts:
             counts = experts.leaders(self.table.experts, slots)

@@ -59,4 +59,9 @@ def test_the_device_gauges_are_a_pass_on_a_clock_not_every_turn(tmp_path):
     chores.gauge_every_s, chores._next_gauges = 0.0, 0.0
     chores.count_devices()
     assert metrics.alerts_open._value.get() == 0
+    # The devices held too: a worker whose partitions were revoked commits no more, and its last
+    # commit's count stayed in the fleet's sum.
+    metrics.active_devices.set(1)
+    chores.count_devices()
+    assert metrics.active_devices._value.get() == 0
     manager.store.close(clean=True)
