@@ -188,7 +188,9 @@ class Worker:
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.lifecycle.version)
         self.health.set_ready("partitions", False, "waiting for assignment")
-        self.metrics.set_model_version(self.lifecycle.version, time.time())
+        # When the served model was made (promoted with it), not when this process connected:
+        # a restart is no promotion on the dashboard.
+        self.metrics.set_model_version(self.lifecycle.version, self.lifecycle.served.created_ts or time.time())
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:
         """Poll and process batches until stopped (or ``until(self)`` is true); then close."""

@@ -136,6 +136,21 @@ def test_the_transactional_producer_is_configured_to_retry_a_refused_start_after
         worker.close(clean=False)
 
 
+def test_the_promotion_time_is_the_served_models_not_the_start_of_the_process(settings_factory, topic_name):
+    """It was set to the time the worker connected: each restart read as a promotion."""
+    from stream_lstm.models.registry import LoadedModel
+
+    s = small(settings_factory, topic_name)
+    fresh = fresh_model(s)
+    served = LoadedModel(fresh.model, fresh.spec, {"version": "v0007", "created_at": "2026-01-02T03:04:05Z"})
+    worker = Worker(s, served)
+    worker.connect()
+    try:
+        assert worker.metrics.model_promoted_timestamp_seconds._value.get() == 1767323045.0
+    finally:
+        worker.close(clean=False)
+
+
 def aborted(worker) -> float:
     return worker.metrics.transactions.labels("aborted")._value.get()
 

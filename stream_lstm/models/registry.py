@@ -28,6 +28,7 @@ The same format travels over the Kafka models topic as one message
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -74,6 +75,18 @@ class LoadedModel(NamedTuple):
     @property
     def version(self) -> str:
         return str(self.meta.get("version") or "unknown")
+
+    @property
+    def created_ts(self) -> float | None:
+        """When it was made (its metadata's ``created_at``), in epoch seconds; None if unsaid.
+
+        >>> LoadedModel(None, ModelSpec(), {"created_at": "2026-12-06T03:00:00Z"}).created_ts
+        1796526000.0
+        """
+        try:
+            return float(calendar.timegm(time.strptime(str(self.meta["created_at"]), "%Y-%m-%dT%H:%M:%SZ")))
+        except (KeyError, ValueError):
+            return None
 
     @classmethod
     def of(cls, model: SimpleLSTM, spec: ModelSpec, version: str) -> LoadedModel:
