@@ -140,6 +140,23 @@ def child_env(settings: Settings, k: int, metrics_dir: Path, base: dict[str, str
     return env
 
 
+def reap_orphans(own: set[int]) -> None:
+    """Reap the exited processes that are not the children in ``own``. As a container's PID 1
+    with no init, the supervisor inherits every orphan of the host's processes (each child's
+    retraining ``resource_tracker``, a trainer left by a child killed as hung): unreaped, each
+    stayed a zombie. Its own children are left to ``Popen``, which reads their exit codes.
+    Elsewhere nothing but its own children can exit under it, and this reaps nothing."""
+    while True:
+        try:  # (WNOWAIT: looked at, not reaped)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in own:
+            return  # (one of ours: its Popen reaps it, and the others wait a tick)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+
+
 class Supervisor:
     """Runs ``n`` worker processes (``stream-lstm run`` children) until SIGTERM or SIGINT.
 
@@ -202,6 +219,7 @@ class Supervisor:
                     self._start(slot, k)
                 while not self._stop.wait(TICK_S):
                     self.health.loop.beat()
+                    reap_orphans({slot.proc.pid for slot in slots if slot.proc is not None})
                     for k, slot in enumerate(slots):
                         self._tend(slot, k)
                     if self.refused is not None:

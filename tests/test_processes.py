@@ -483,3 +483,39 @@ def test_a_child_restarted_again_and_again_leaves_one_set_of_metric_files(tmp_pa
     assert seen["files"] and all(name.endswith("_p0.db") for name in seen["files"]), seen["files"]
     assert "stream_lstm_forecasts_published_total 5.0" in seen["exposition"]  # five children's
     assert "stream_lstm_active_devices 7.0" not in seen["exposition"]  # none of them live
+
+
+def test_the_supervisor_reaps_the_orphans_it_inherits_and_leaves_its_children_to_popen():
+    """As a container's PID 1 it inherits every orphan (a child's resource_tracker, a trainer
+    left by a child killed as hung), and left each a zombie. A subreaper stands in for PID 1."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        ours = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        # A process that leaves an orphan behind, which exits at once: re-parented to us.
+        subprocess.run(["sh", "-c", "sh -c 'exit 0' & exit 0"], check=True)
+        ours_done = time.monotonic() + 10
+        while time.monotonic() < ours_done:  # both exited: ours, and the orphan
+            zombies = [p for p in Path("/proc").iterdir() if p.name.isdigit() and zombie_of(p, os.getpid())]
+            if len(zombies) >= 2:
+                break
+            time.sleep(0.05)  # (no event to wait on: the kernel re-parents and they exit)
+        assert len(zombies) >= 2, zombies
+        processes.reap_orphans({ours.pid})
+        assert ours.wait(timeout=5) == 3  # ours left to Popen: its exit code there to read
+        processes.reap_orphans(set())  # (the next tick, as the supervisor's loop turns)
+        left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and zombie_of(p, os.getpid())]
+        assert left == []  # the orphan reaped too
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def zombie_of(proc_dir, parent: int) -> bool:
+    try:
+        fields = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] == "Z" and int(fields[1]) == parent
