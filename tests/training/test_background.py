@@ -17,12 +17,17 @@ from stream_lstm.training.background import BackgroundTrainer, encode_job
 from stream_lstm.training.retrainer import job_params
 
 
-def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capfd):
+def small_job() -> bytes:
+    """A one-epoch job on six short sequences."""
     spec = ModelSpec(hidden_size=4, horizon=2)
     rng = np.random.default_rng(0)
     seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(6)]
     params = job_params(Settings(trainer="off")) | {"max_epochs": 1, "patience": 1}
-    job = encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
+    return encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
+
+
+def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capfd):
+    job = small_job()
     trainer = BackgroundTrainer(threads=1)
     try:
         # At once: the child ignores SIGINT from its first instruction (inherited SIG_IGN).
@@ -65,11 +70,7 @@ def test_a_trainer_that_dies_is_a_failed_job_and_a_new_one_takes_the_next():
     """The kernel's OOM killer or a crash ended the child: the worker's next tick raised
     (ConnectionResetError, then BrokenPipeError on the next submit) and the worker stopped, a
     crash loop when the same job kills it every time."""
-    spec = ModelSpec(hidden_size=4, horizon=2)
-    rng = np.random.default_rng(0)
-    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(6)]
-    params = job_params(Settings(trainer="off")) | {"max_epochs": 1, "patience": 1}
-    job = encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
+    job = small_job()
     trainer = BackgroundTrainer(threads=1)
     try:
         first = trainer.pid
