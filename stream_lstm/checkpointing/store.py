@@ -25,6 +25,7 @@ them is not closed clean, and the next start rebuilds it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import sqlite3
@@ -66,6 +67,11 @@ def _released_key(partition: int) -> str:
 _RESTORED_PUT = ("INSERT INTO state VALUES (?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
                  "partition=excluded.partition, data=excluded.data "
                  "WHERE state.partition = excluded.partition OR later_state(excluded.data, state.data)")
+
+
+def _refused_write(exc: sqlite3.Error) -> bool:
+    """SQLite's answer for a full or read-only volume (not damage, nor a passing lock)."""
+    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_READONLY"))
 
 
 class StateStore:
@@ -117,22 +123,22 @@ class StateStore:
                                 "STREAM_LSTM_STATE_DIR?)") from None
         try:
             self._open()
-        except sqlite3.OperationalError as exc:
-            # A full or read-only volume, not damage: the file is left as it is (setting it aside
-            # would lose a good store and keep its bytes on the full disk).
+        except sqlite3.DatabaseError as exc:
             if getattr(self, "db", None) is not None:
                 self.db.close()
-            self._lock.close()
-            raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
-                                f"store {self.path}: {exc} (make room on its volume, or make it "
-                                "writable; the store is kept)") from None
-        except sqlite3.DatabaseError as exc:
+            if _refused_write(exc):
+                # A full or read-only volume, not damage: the file is left as it is (setting it
+                # aside would lose a good store and keep its bytes on the full disk).
+                self._lock.close()
+                raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
+                                    f"store {self.path}: {exc} (make room on its volume, or make it "
+                                    "writable; the store is kept)") from None
             # The store is a cache of the changelog: a damaged file is set aside and rebuilt.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.warning("the state store is damaged; set aside, rebuilding from the changelog",
                         extra={"path": str(self.path), "aside": str(aside), "error": str(exc)})
-            self.db.close()
-            self.path.rename(aside)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.rename(aside)
             for suffix in ("-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             self._open()

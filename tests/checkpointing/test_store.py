@@ -274,3 +274,22 @@ def test_a_store_that_cannot_be_written_at_start_is_one_line_and_kept(tmp_path, 
     again = StateStore(path)  # room again: the same store, still clean
     assert again.opened_clean and again.get("a") == b"x"
     again.close(clean=True)
+
+
+def test_only_a_full_or_read_only_volume_is_a_refusal_at_start(tmp_path, monkeypatch):
+    """Any other error at open (a passing lock, an I/O error) is not a refusal (exit 2 stops a
+    whole host of processes): the store is set aside and rebuilt from the changelog, as before."""
+    import sqlite3
+
+    real, calls = StateStore._open, []
+
+    def locked_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        real(self)
+
+    monkeypatch.setattr(StateStore, "_open", locked_once)
+    st = StateStore(tmp_path / "state.sqlite")
+    assert len(calls) == 2 and st.count() == 0
+    st.close(clean=True)
