@@ -217,7 +217,7 @@ class ModelLifecycle:
         self.kept.keep(loaded, holding=self.engine.models)  # by a thread: the turn does not wait
         self.swaps += 1
         self.metrics.swap_pause_seconds.observe(pause)  # type: ignore[attr-defined]
-        self.metrics.set_model_version(loaded.version, time.time())  # type: ignore[attr-defined]
+        self.metrics.set_model_version(loaded.version, loaded.created_ts or time.time())  # type: ignore[attr-defined]
         self.metrics.rewarm_pending_devices.set(self.pending)  # type: ignore[attr-defined]
         log.info("model swapped", extra={"from": old, "to": loaded.version,
                                          "devices_to_rewarm": self.pending,

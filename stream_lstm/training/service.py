@@ -121,7 +121,7 @@ class TrainerService:
         self.champion = promoted
         self.published += 1
         if self.metrics is not None:
-            self.metrics.set_model_version(promoted.version, time.time())  # type: ignore[attr-defined]
+            self.metrics.set_model_version(promoted.version, promoted.created_ts or time.time())  # type: ignore[attr-defined]
         log.info("published model", extra={"version": promoted.version, "topic": self.settings.models_topic})
         return True
 
@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
     service = TrainerService(settings, load_served_model(settings), metrics, health)
     if metrics is not None and health is not None:
         health.set_ready("model", True, service.champion.version)
-        metrics.set_model_version(service.champion.version, time.time())  # (the gate's champion)
+        metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
         server = serve_metrics(metrics, health, settings.metrics_host, settings.metrics_port)
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -305,3 +305,13 @@ def test_a_model_that_differs_only_in_training_dropout_is_served(tmp_path):
     other = ModelSpec(hidden_size=16, horizon=2)  # another shape is still refused
     assert life.swap(LoadedModel.of(SimpleLSTM.from_spec(other).eval(), other, "v3")) == 0.0
     assert life.version == "v2"
+
+
+def test_a_swap_says_when_the_model_was_made_as_a_restart_does(tmp_path):
+    """A swap set the promotion time to the swap's, a restart to the model's created_at: the
+    restart after a swap moved it back, and the dashboard drew a promotion there."""
+    s, table, engine, life, ids = fleet(tmp_path, 2)
+    v2 = model("v2", 1)
+    v2.meta["created_at"] = "2026-01-02T03:04:05Z"
+    life.swap(v2)
+    assert life.metrics.model_promoted_timestamp_seconds._value.get() == 1767323045.0
