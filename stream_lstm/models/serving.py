@@ -112,7 +112,8 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
         # versions backwards and drop every promotion. An unrelated promotion: the file wins.
         if loaded.version in _ancestors(registry, promoted):
             try:
-                return registry.load(promoted), f"the registry {settings.model_dir} (promoted, retrained from {source})"
+                return registry.load(promoted), (f"the registry {settings.model_dir} (promoted, retrained from "
+                                                 f"{source}; remove its PROMOTED to serve the file)")
             except ModelLoadError as exc:
                 log.error("cannot load model %s: %s", promoted, exc)
         log.warning("STREAM_LSTM_MODEL_PATH wins over the registry's promoted %s, which was not "

@@ -133,3 +133,6 @@ def test_a_model_path_gives_way_to_a_promotion_retrained_from_it_and_says_when_i
     with caplog.at_level(logging.WARNING, logger="stream_lstm.worker"):
         assert load_served_model(s).version == "offline-1"
     assert any("STREAM_LSTM_MODEL_PATH wins over the registry's promoted" in r.getMessage() for r in caplog.records)
+    registry.promote(v2)
+    (tmp_path / "models" / "PROMOTED").unlink()  # the way back to the file, as the README says
+    assert load_served_model(s).version == "offline-1"
