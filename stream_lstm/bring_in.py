@@ -84,8 +84,8 @@ class BringIn:
             total.counts.add(out.counts)
             total.oldest_ts = min(total.oldest_ts, out.oldest_ts)
             if k + 1 < len(parts):
-                self.state.touch(self.table, out.touched)
-            total.touched = out.touched
+                self.state.touch(self.table, out.touched, out.moved)
+            total.touched, total.moved = out.touched, out.moved
         return total
 
 

@@ -220,7 +220,7 @@ class PartitionCoordinator:
         """Replay the restored partitions' input for about ``budget_s``; return those done."""
         def apply(records: list) -> None:
             out = self.bring_in.handle(self.pipeline, records, time.time())
-            self.state.touch(self.table, out.touched)
+            self.state.touch(self.table, out.touched, out.moved)
 
         done: set[int] = set()
         began, replayed = time.monotonic(), False

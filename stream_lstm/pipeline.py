@@ -119,6 +119,8 @@ class BatchOutput:
         Slots whose state changed (for the changelog).
     oldest_ts
         Oldest event time that was forecast (the latency metric); ``inf`` when none.
+    moved
+        ``(device id, old partition)`` of the devices whose readings moved partitions.
 
     Examples
     --------
@@ -131,6 +133,7 @@ class BatchOutput:
     counts: BatchCounts
     touched: np.ndarray  # slots whose state changed (for the changelog)
     oldest_ts: float = float("inf")  # oldest reading ts that was forecast (latency metric)
+    moved: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -252,7 +255,7 @@ class BatchPipeline:
         dead = list(d.dead)
         out: list[OutRecord] = []
         touched = np.zeros(0, np.int64)
-        oldest = float("inf")
+        oldest, moved = float("inf"), []
         if ids:
             batch = ingest(
                 self.table, ids, ts, np.asarray(d.values, np.float64), d.partitions, now,
@@ -268,13 +271,14 @@ class BatchPipeline:
                 counts.late = len(late)
             oldest = self._forecast(batch, ids, ts, sources, counts, out)
             touched = np.unique(batch.slots)
+            moved = [(self.table.ids[slot], old) for slot, old in batch.moved]
         for rec, code, reason in dead:
             value, changed = dead_letter_value(rec.value, rec.key, s.max_message_bytes)
             headers = dlq_headers(code, reason, rec.topic, rec.partition, rec.offset) + changed
             out.append((s.dlq_topic, rec.key, value, headers))
             counts.dlq_by_reason[code] = counts.dlq_by_reason.get(code, 0) + 1
         counts.dlq = len(dead)
-        return BatchOutput(out, counts, touched, oldest)
+        return BatchOutput(out, counts, touched, oldest, moved)
 
     def _forecast(
         self,

@@ -112,7 +112,7 @@ class TransactionUnit:
         send = self.publisher.send
         for topic, key, value, headers in out.records:
             send(topic, value, key=key, headers=headers)
-        self.state.touch(self.table, out.touched)
+        self.state.touch(self.table, out.touched, out.moved)
         self.open.add(polled, out.counts, out.oldest_ts)
 
     def turn_ended(self, ms: float) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_lstm.checkpointing.changelog import changelog_records
+from stream_lstm.checkpointing.changelog import changelog_records, tombstone
 from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
 from stream_lstm.checkpointing.expiry import Expiry
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
@@ -101,6 +101,11 @@ class StateManager:
         # replay starts them afresh; after a swap the next commit writes them (mark_unwritten).
         self.unwritten: set[str] = set()
         self._unwritten_due = False
+        # (device, old partition) of devices whose readings moved partitions (some were added
+        # to the input): the next commit writes each device and a tombstone for its old row,
+        # so a restore cannot bring that older state back once the new one is gone (the TTL).
+        self.moved: set[tuple[str, int]] = set()
+        self._writing_moved: list[tuple[str, int]] = []
         self._writing_unwritten = False
         # Partitions with dirty devices, and when each is next due to checkpoint them.
         self._next_flush: dict[int, float] = {}
@@ -116,6 +121,7 @@ class StateManager:
         self._in_flight = False
         self._later_touched: list[tuple[str, int]] = []
         self._later_marked: set[str] = set()
+        self._later_moved: set[tuple[str, int]] = set()
         self._later_evicted: dict[str, DeviceSnapshot] = {}
         # Devices the TTL forgot, gone from memory; their store rows go once their tombstones
         # commit (a rollback would otherwise lose them with no tombstone and no alert close).
@@ -160,23 +166,24 @@ class StateManager:
             self.store.put_many([(snap.device_id, snap.partition, encode_snapshot(snap))])
 
     # ---- per transaction -------------------------------------------------------------------
-    def touch(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
-        """Note the devices a batch changed: their partition's next checkpoint writes them."""
+    def touch(self, table: DeviceTable, slots, moved=()) -> None:  # noqa: ANN001
+        """Note the devices a batch changed: their partition's next checkpoint writes them.
+        Those that ``moved`` (``(device, old partition)``: their readings came on another
+        partition) go with the next commit, beside a tombstone for their old row: the old
+        partition's next marker vouches for their readings there."""
         ids, parts = table.ids, table.partition
         changed = [(ids[slot], int(parts[slot])) for slot in slots.tolist()]
         if self._in_flight:
             self._later_touched.extend(changed)
         else:
             self._note_dirty(changed)
+        if moved:
+            (self._later_moved if self._in_flight else self.moved).update(moved)
+            (self._later_marked if self._in_flight else self.marked).update(d for d, _ in moved)
 
     def _note_dirty(self, changed: list[tuple[str, int]]) -> None:
         dirty = self.dirty
         for dev, p in changed:
-            if dirty.get(dev, p) != p:
-                # Its readings moved partitions (some were added to the input) while readings
-                # of the old one were not yet checkpointed: the old partition's next marker
-                # vouches for them, so the device goes with the next commit (to the new one's).
-                self.marked.add(dev)
             dirty[dev] = p
             if p not in self._next_flush:
                 self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
@@ -230,7 +237,8 @@ class StateManager:
         # Evicted devices are encoded once: the rows go to the changelog, then to the store.
         evicted = [(d, s.partition, encode_snapshot(s)) for d, s in self._evicted_dirty.items()]
         self._writing = (due, devs, markers, evicted)
-        if not devs and not markers:
+        self._writing_moved = sorted(self.moved)
+        if not devs and not markers and not self._writing_moved:
             return []
         index = table.index
         slots = np.fromiter((index[d] for d in devs if d in index), np.int64)
@@ -240,6 +248,8 @@ class StateManager:
             for key, value, partition in [*changelog_records(snaps),
                                           *((d.encode(), v, p) for d, p, v in evicted)]
         ]
+        out.extend((self.topic, key, None, None, p)
+                   for key, _, p in (tombstone(d, p) for d, p in self._writing_moved))
         out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
                    for p, offset in sorted(markers.items()))
         return out
@@ -275,12 +285,15 @@ class StateManager:
         self.markers.update(markers)
         for p in markers:
             self._first_markers.pop(p, None)
-        self._writing = (set(), [], {}, [])
+        self.moved.difference_update(self._writing_moved)
+        self._writing, self._writing_moved = (set(), [], {}, []), []
         self._in_flight = False
         self._note_dirty(self._later_touched)
         self.marked |= self._later_marked
+        self.moved |= self._later_moved
         later_evicted = list(self._later_evicted.values())
         self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
+        self._later_moved = set()
         for snap in later_evicted:  # (counted when evicted)
             self._keep_evicted(snap)
 
@@ -302,11 +315,15 @@ class StateManager:
     def revoke(self, table: DeviceTable, partitions: set[int]) -> None:
         """Lost partitions: drop their devices from memory (the changelog has them)."""
         table.drop(table.devices_in_partitions(partitions))
-        for dev in [d for d, p in self.dirty.items() if p in partitions]:
+        dropped = [d for d, p in self.dirty.items() if p in partitions]
+        for dev in dropped:
             del self.dirty[dev]
             self._evicted_dirty.pop(dev, None)
             self.marked.discard(dev)
             self.unwritten.discard(dev)
+        if self.moved and dropped:  # (their new partition's next owner replays the move)
+            gone = set(dropped)
+            self.moved = {m for m in self.moved if m[0] not in gone}
         for p in partitions:
             self._next_flush.pop(p, None)
             self.markers.pop(p, None)
@@ -336,11 +353,12 @@ class StateManager:
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:
         """After an aborted batch: memory may hold uncommitted state. Drop it and restore the
         partitions again from the changelog (the store is never ahead of it)."""
-        self._writing = (set(), [], {}, [])
+        self._writing, self._writing_moved = (set(), [], {}, []), []
         self._writing_unwritten = False
         self.expiring.clear()  # (still in the store: a later pass expires them again)
         self._in_flight = False  # (the next batch's changes go with it; its evictions are in the changelog)
         self._later_touched, self._later_marked, self._later_evicted = [], set(), {}
+        self._later_moved = set()
         self.revoke(table, partitions)  # drops their dirty devices too
         self.assign(partitions)
 

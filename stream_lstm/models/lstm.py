@@ -25,7 +25,10 @@ one poll). All use the same weights, so a sequence run through ``forward`` or
 
 from __future__ import annotations
 
+import calendar
+import time
 from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -188,3 +191,43 @@ class SimpleLSTM(nn.Module):
     def _head(self, out: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_b = self.head(self.dropout(out)).chunk(2, dim=-1)
         return mu, log_b.clamp(LOG_B_MIN, LOG_B_MAX)
+
+
+class LoadedModel(NamedTuple):
+    """A loaded model, its spec and its metadata (``models/registry.py`` reads and writes
+    them); unpacks as ``model, spec, meta``.
+
+    >>> spec = ModelSpec(hidden_size=2, horizon=1)
+    >>> model, spec2, meta = LoadedModel(SimpleLSTM.from_spec(spec), spec, {"version": "v0007"})
+    >>> spec2 == spec, meta["version"]
+    (True, 'v0007')
+    """
+
+    model: SimpleLSTM
+    spec: ModelSpec
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version") or "unknown")
+
+    @property
+    def created_ts(self) -> float | None:
+        """When it was made (its metadata's ``created_at``), in epoch seconds; None if unsaid.
+
+        >>> LoadedModel(None, ModelSpec(), {"created_at": "2026-12-06T03:00:00Z"}).created_ts
+        1796526000.0
+        """
+        try:
+            return float(calendar.timegm(time.strptime(str(self.meta["created_at"]), "%Y-%m-%dT%H:%M:%SZ")))
+        except (KeyError, ValueError):
+            return None
+
+    @classmethod
+    def of(cls, model: SimpleLSTM, spec: ModelSpec, version: str) -> LoadedModel:
+        """A model as served: its weights, its spec and its version.
+
+        >>> LoadedModel.of(SimpleLSTM.from_spec(ModelSpec()), ModelSpec(), "v0001").version
+        'v0001'
+        """
+        return cls(model, spec, {"version": version})

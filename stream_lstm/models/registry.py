@@ -18,7 +18,7 @@ The same format travels over the Kafka models topic as one message
 (uint32, little-endian), the JSON header, then the safetensors bytes.
 
 >>> import tempfile, pathlib
->>> from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+>>> from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM  # (LoadedModel: its home before)
 >>> reg = ModelRegistry(pathlib.Path(tempfile.mkdtemp()))
 >>> spec = ModelSpec(hidden_size=4, horizon=2)
 >>> v = reg.register(SimpleLSTM.from_spec(spec), spec, {"metrics": {"val_mae": 0.5}})
@@ -28,7 +28,6 @@ The same format travels over the Kafka models topic as one message
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import json
 import os
@@ -37,14 +36,18 @@ import struct
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.models.lstm import (  # (LoadedModel: its home before)
+    LoadedModel,
+    ModelSpec,
+    SimpleLSTM,
+)
 
 FORMAT = "stream-lstm-model"
 FORMAT_VERSION = 1
@@ -56,46 +59,6 @@ _NUMBERED_RE = re.compile(r"^v(\d+)$")
 
 class ModelLoadError(ValueError):
     """A model file or message could not be loaded safely (the message says why)."""
-
-
-class LoadedModel(NamedTuple):
-    """A loaded model, its spec and its metadata; unpacks as ``model, spec, meta``.
-
-    >>> spec = ModelSpec(hidden_size=2, horizon=1)
-    >>> model, spec2, meta = model_from_bytes(
-    ...     model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v0007"}))
-    >>> spec2 == spec, meta["version"]
-    (True, 'v0007')
-    """
-
-    model: SimpleLSTM
-    spec: ModelSpec
-    meta: dict[str, Any]
-
-    @property
-    def version(self) -> str:
-        return str(self.meta.get("version") or "unknown")
-
-    @property
-    def created_ts(self) -> float | None:
-        """When it was made (its metadata's ``created_at``), in epoch seconds; None if unsaid.
-
-        >>> LoadedModel(None, ModelSpec(), {"created_at": "2026-12-06T03:00:00Z"}).created_ts
-        1796526000.0
-        """
-        try:
-            return float(calendar.timegm(time.strptime(str(self.meta["created_at"]), "%Y-%m-%dT%H:%M:%SZ")))
-        except (KeyError, ValueError):
-            return None
-
-    @classmethod
-    def of(cls, model: SimpleLSTM, spec: ModelSpec, version: str) -> LoadedModel:
-        """A model as served: its weights, its spec and its version.
-
-        >>> LoadedModel.of(SimpleLSTM.from_spec(ModelSpec()), ModelSpec(), "v0001").version
-        'v0001'
-        """
-        return cls(model, spec, {"version": version})
 
 
 def _utc_now() -> str:

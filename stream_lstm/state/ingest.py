@@ -27,7 +27,7 @@ The returned :class:`StepBatch` is everything the engine and the forecast assemb
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +56,9 @@ class StepBatch:
     reset, n_seen, since_reset, step_s, ts
         Per accepted reading: h/c reset by a gap, the device's counters after it, its
         sampling interval estimate and its event time.
+    moved
+        ``(slot, old partition)`` of each device whose readings came on another partition
+        than its state's (partitions were added to the input): its state is now the new one's.
 
     Examples
     --------
@@ -78,6 +81,7 @@ class StepBatch:
     since_reset: np.ndarray
     step_s: np.ndarray
     ts: np.ndarray
+    moved: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,7 +176,10 @@ def ingest(
         # A device's state belongs to the partition its readings come on: after partitions are
         # added to the input, the producers' partitioner moves some devices, and their state
         # must then be checkpointed (and its replay marked) with the new partition's.
-        table.partition[s] = part[start:end]
+        was, now_on = table.partition[s], part[start:end]
+        if (moved := was != now_on).any():
+            batch.moved.extend(zip(s[moved].tolist(), was[moved].tolist(), strict=True))
+        table.partition[s] = now_on
         table.n_seen[s] += 1
         table.since_reset[s] = np.where(rst[start:end], 1, table.since_reset[s] + 1)
         batch.n_seen[start:end] = table.n_seen[s]

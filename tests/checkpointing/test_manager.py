@@ -129,11 +129,13 @@ def test_no_replay_marker_names_a_partition_still_replaying(tmp_path):
         state.store.close(clean=False)
 
 
-def test_a_device_that_moves_partitions_with_readings_unwritten_goes_with_the_next_commit(tmp_path):
+def test_a_device_that_moves_partitions_goes_with_the_next_commit_beside_a_tombstone_for_its_old_row(tmp_path):
     """Partitions were added to the input and a device's readings moved from 0 to 1 while some
     of partition 0's were not yet checkpointed. Partition 0's next marker vouches for them, so
     the device is written with the next commit, not on partition 1's later schedule (a crash
-    in between would restore partition 0 past readings that no checkpoint holds)."""
+    in between would restore partition 0 past readings that no checkpoint holds); and its old
+    row gets a tombstone (once the TTL had tombstoned its new row, a restore from the
+    changelog brought the old one back)."""
     from stream_lstm.state.table import DeviceTable
 
     state = StateManager(Settings(state_dir=tmp_path), tmp_path / "state.sqlite")
@@ -145,9 +147,12 @@ def test_a_device_that_moves_partitions_with_readings_unwritten_goes_with_the_ne
         assert state.records_for_commit(table, next_offsets={0: 5, 1: 5}) == []  # none due
         state.committed({})
         table.partition[slots[0]] = 1  # as ingest files it, its next reading having come on 1
-        state.touch(table, slots[:1])
+        state.touch(table, slots[:1], moved=[("moved", 0)])
         records = state.records_for_commit(table, next_offsets={0: 5, 1: 5})
-        assert [(key, p) for _, key, _, _, p in records] == [(b"moved", 1)]
+        assert [(key, value is None, p) for _, key, value, _, p in records] == [
+            (b"moved", False, 1), (b"moved", True, 0)]  # its new row, its old one's tombstone
+        state.committed({})
+        assert state.moved == set() and state.records_for_commit(table, next_offsets={0: 5, 1: 5}) == []
     finally:
         state.store.close(clean=False)
 

@@ -51,8 +51,9 @@ def test_a_device_belongs_to_the_partition_its_accepted_readings_come_on():
     # the old partition (a replay of it) moves nothing.
     t = table()
     ingest(t, ["a", "b"], [10.0, 10.0], np.ones((2, 1)), [0, 0], now=0.0, target=0)
-    ingest(t, ["a"], [20.0], np.ones((1, 1)), [1], now=0.0, target=0)
+    moved = ingest(t, ["a"], [20.0], np.ones((1, 1)), [1], now=0.0, target=0).moved
     assert t.partition[t.index["a"]] == 1 and t.partition[t.index["b"]] == 0
+    assert moved == [(t.index["a"], 0)]  # (its old partition's row gets a tombstone)
     b = ingest(t, ["a", "a"], [15.0, 20.0], np.ones((2, 1)), [0, 0], now=0.0, target=0)
-    assert b.outcome.tolist() == [LATE, DUPLICATE] and t.partition[t.index["a"]] == 1
+    assert b.outcome.tolist() == [LATE, DUPLICATE] and t.partition[t.index["a"]] == 1 and b.moved == []
     assert t.devices_in_partitions({1}) == ["a"]
