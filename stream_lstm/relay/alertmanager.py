@@ -58,8 +58,12 @@ class AlertmanagerError(RuntimeError):
 
     @property
     def refused(self) -> bool:
-        """Refused for what was sent (a 4xx other than 408 and 429): sending it again cannot help."""
-        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+        """Refused for what was sent (400, 413, 422: this alert is malformed or too large, and
+        sending it again cannot help), so it is skipped alone. Any other status is about the
+        relay or the path, not the alert (401/403: its credentials; 404/405: a wrong URL;
+        408/429, 5xx: passing): every alert waits, retried, and the relay is not ready. (All
+        4xx once counted as refused: a rotated password dropped every alert, reported ready.)"""
+        return self.status in (400, 413, 422)
 
 
 def _iso(ts: float) -> str:

@@ -23,6 +23,7 @@ class AlertmanagerStub:
         self.fail = 0
         self.redirect = False
         self.refuse: set[str] = set()
+        self.status_for_all: int | None = None  # every POST answered with it (401: bad credentials)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +31,8 @@ class AlertmanagerStub:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.path != "/api/v2/alerts":
                     return self._answer(404)
+                if stub.status_for_all is not None:
+                    return self._answer(stub.status_for_all)
                 if stub.fail > 0:
                     stub.fail -= 1
                     return self._answer(503)

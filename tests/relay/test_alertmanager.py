@@ -74,6 +74,13 @@ def test_an_error_status_says_whether_sending_again_could_help(stub):
     with pytest.raises(AlertmanagerError) as err:
         post_alerts(stub.url, [to_alert(EVENT | {"device_id": "pump-2"})])
     assert err.value.status == 503 and not err.value.refused
+    # About the relay or its URL, not the alert: every alert waits (all 4xx counted as refused,
+    # and a rotated password dropped every alert while the relay said it was ready).
+    for status in (401, 403, 404, 405):
+        stub.status_for_all = status
+        with pytest.raises(AlertmanagerError) as err:
+            post_alerts(stub.url, [to_alert(EVENT)])
+        assert err.value.status == status and not err.value.refused
 
 
 def test_https_with_a_private_ca_is_refused_with_a_hint_then_taken_with_ssl_cert_file(tmp_path, monkeypatch):
