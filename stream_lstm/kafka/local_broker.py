@@ -340,18 +340,20 @@ def ensure_local_broker(settings: object) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="stream-lstm-broker-") as d:
         broker = LocalBroker(port=free_port(), data_dir=d)
         print(f"no broker at {settings.bootstrap_servers}; starting a local one ...", file=sys.stderr)  # type: ignore[attr-defined]
-        # SIGTERM as Ctrl-C while it runs, unless the command handles SIGTERM itself.
-        mine = (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
-        if mine:
-            signal.signal(signal.SIGTERM, _interrupt)
+        # SIGTERM and SIGHUP (a closed terminal) as Ctrl-C while it runs, unless the command
+        # handles them itself: the broker runs in a session of its own and hears neither.
+        mine = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
+                if threading.current_thread() is threading.main_thread()
+                and signal.getsignal(sig) is signal.SIG_DFL]
+        for sig in mine:
+            signal.signal(sig, _interrupt)
         try:
             broker.start()
             yield broker.bootstrap
         finally:
             broker.stop()
-            if mine:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sig in mine:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 def _interrupt(*_: object) -> None:

@@ -47,7 +47,10 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            # SIGHUP too: a closed terminal or a dropped ssh session. The children run in
+            # sessions of their own and never hear it; Python's default dies without the
+            # clean-up, and left the broker, the worker and the simulator running.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._previous.append((sig, signal.getsignal(sig)))
                 signal.signal(sig, self._handle)
         return self

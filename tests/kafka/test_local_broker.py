@@ -11,6 +11,7 @@ linked from the real cache), so the registry and default data directories are ne
 import json
 import os
 import shutil
+import signal
 import socket
 
 import pytest
@@ -124,9 +125,11 @@ def test_ensure_local_broker_lets_the_bodys_own_error_through(bootstrap):
             raise ValueError("the real error")
 
 
-def test_a_throw_away_broker_is_stopped_when_its_command_is_terminated(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_throw_away_broker_is_stopped_when_its_command_is_terminated(tmp_path, sig):
     """evaluate, bench and gpu-check start one when no broker answers; a SIGTERM (a `timeout`,
-    a cancelled CI job) used to kill Python without stopping it, leaving its JVM running."""
+    a cancelled CI job) or a SIGHUP (a closed terminal) used to kill Python without stopping it,
+    leaving its JVM running."""
     import subprocess
     import sys
 
@@ -143,7 +146,7 @@ def test_a_throw_away_broker_is_stopped_when_its_command_is_terminated(tmp_path)
     try:
         bootstrap = child.stdout.readline().strip()  # the broker answers: it is up
         port = int(bootstrap.rsplit(":", 1)[1])
-        child.terminate()
+        child.send_signal(sig)
         assert child.wait(timeout=60) != 0
     finally:
         child.kill()

@@ -138,3 +138,16 @@ def test_a_second_signal_while_stopping_kills_what_is_left_without_a_traceback(c
     assert proc.returncode == -signal.SIGKILL and not pid_alive(proc.pid)
     assert "stopping now: killing what is still running" in capsys.readouterr().out
     proc.stdout.close()
+
+
+def test_a_closed_terminal_stops_up_as_ctrl_c_does():
+    """SIGHUP (the terminal closed, ssh dropped) killed `up` without its clean-up: the broker,
+    the worker and the simulator, each in a session of its own, ran on."""
+    before = signal.getsignal(signal.SIGHUP)
+    with StopSignals() as signals:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler runs before this ends
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: signals.stop)
+    assert signal.getsignal(signal.SIGHUP) is before
