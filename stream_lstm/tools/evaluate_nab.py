@@ -323,7 +323,7 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
     from stream_lstm.kafka.local_broker import ensure_local_broker
     from stream_lstm.models.serving import fresh_model
     from stream_lstm.tools.replay import ReplayError
-    from stream_lstm.tools.through_worker import load, run_pipeline
+    from stream_lstm.tools.through_worker import load, require_readings, run_pipeline
 
     t0 = time.monotonic()
     windows_json = _windows_json(args.files)
@@ -333,6 +333,7 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
         return 2
     try:
         series = load(args.files, args.limit, getattr(args, "time_column", None))
+        require_readings(series)
         windows = {n: clip_windows(ts, nab.nab_windows(windows_json, n + ".csv"))
                    for n, (ts, _) in series.items()}
     except (ReplayError, KeyError) as exc:

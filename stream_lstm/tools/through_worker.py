@@ -30,6 +30,9 @@ def plots_available() -> bool:
     return True
 
 
+MIN_READINGS = 100
+
+
 def load(files: list[Path], limit: int,
          time_column: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{name: (ts, values)}`` of each recording's ``value`` column (first ``limit`` rows);
@@ -40,9 +43,21 @@ def load(files: list[Path], limit: int,
     for f in files:
         ts, x = load_csv(f, time_column, note=stderr_note("evaluate"))
         ts, x = ts[:limit or None], x[:limit or None, 0]
-        keep = np.concatenate([[True], np.diff(ts) > 0])  # the worker drops repeated timestamps
+        keep = np.concatenate([[True], np.diff(ts) > 0]) if len(ts) else np.zeros(0, bool)
         out[f.stem] = (ts[keep], x[keep])
     return out
+
+
+def require_readings(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """:class:`~stream_lstm.tools.replay.ReplayError` for a recording too short to evaluate (a
+    header alone, or one row, was a traceback from deep inside the training)."""
+    from stream_lstm.tools.replay import ReplayError
+
+    for name, (ts, _) in series.items():
+        if len(ts) < MIN_READINGS:
+            raise ReplayError(f"{name}: {len(ts)} readings with increasing timestamps; evaluate "
+                              f"needs at least {MIN_READINGS} a recording (it trains on the first "
+                              "half and scores forecasts after a warm-up)")
 
 
 def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:

@@ -95,3 +95,20 @@ def test_run_pipeline_removes_its_state_directory_when_the_run_fails(monkeypatch
         run_pipeline(s, {"a": (np.array([T0]), np.array([1.0]))}, served.model, served.spec)
     (state_dir,) = state_dirs
     assert not state_dir.exists()
+
+
+def test_a_recording_too_short_to_evaluate_is_one_line(tmp_path):
+    """A header alone was an IndexError from inside load, one row a ValueError from inside the
+    training: tracebacks, after minutes of work for a longer file beside it."""
+    from stream_lstm.tools.replay import ReplayError
+    from stream_lstm.tools.through_worker import MIN_READINGS, require_readings
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("timestamp,value\n")
+    one = tmp_path / "one.csv"
+    one.write_text("timestamp,value\n2014-01-01 00:00:00,1\n")
+    series = load([empty, one], limit=0)
+    assert [len(ts) for ts, _ in series.values()] == [0, 1]
+    with pytest.raises(ReplayError, match=f"empty: 0 readings .* at least {MIN_READINGS}"):
+        require_readings(series)
+    require_readings({"long": (np.arange(MIN_READINGS, dtype=float), np.zeros(MIN_READINGS))})
