@@ -187,9 +187,24 @@ def produce_fleet(settings: Settings, fleet: Fleet, *, rate: float | None = None
     """
     if rate is not None and rate <= 0:
         raise ValueError("rate must be > 0 (or None for as fast as possible)")
-    due = None if rate is None else (lambda i, _ts: i / rate)
-    return send_readings(settings, fleet.stream(), topic=topic, due_after_s=due, total=total,
-                         duration_s=duration_s, progress=progress, label="simulate")
+    return send_readings(settings, fleet.stream(), topic=topic, due_after_s=schedule(rate, time.time()),
+                         total=total, duration_s=duration_s, progress=progress, label="simulate")
+
+
+def schedule(rate: float | None, started: float):
+    """When reading ``i`` (event time ``ts``) is due, in seconds after ``started`` (the wall
+    clock at the start): at ``rate``, and never before its own event time. An open-ended run
+    plays its 30 days of history at ``rate``, then runs in real time (a device a reading each
+    ``--step-s``): it used to run on into the future, and after ~6 hours at `up`'s rate every
+    reading was a dead letter (further ahead than STREAM_LSTM_MAX_FUTURE_SKEW_S).
+
+    >>> due = schedule(10.0, started=1000.0)
+    >>> due(5, 900.0), due(5, 1060.0)  # history: by the rate; past the start: not before its time
+    (0.5, 60.0)
+    """
+    def due(i: int, ts: float) -> float:
+        return max(0.0 if rate is None else i / rate, ts - started)
+    return due
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
