@@ -130,6 +130,7 @@ class AlertRelay:
         self.read_to: dict[int, int] = {}  # per partition: the offset after the last event read
         self._committed: dict[int, int] = {}
         self._resend = False  # the open alerts are due to be sent again
+        self._store_stuck = False  # its open-alert store could not be written: reading paused
         self._next_resend = ticker() + RESEND_S  # (what a start reads again is sent as read)
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
         self._stop = threading.Event()
@@ -264,7 +265,8 @@ class AlertRelay:
             else:
                 self.store.closed(p, str(e["alert_id"]))  # type: ignore[union-attr]
         self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
-        consumer.resume(*(set(consumer.paused()) - set(self._tps(self.unloaded))))
+        if not self._store_stuck:  # (its open-alert store cannot be written: read no more)
+            consumer.resume(*(set(consumer.paused()) - set(self._tps(self.unloaded))))
         return True
 
     def _post(self, chunk: list[dict[str, Any]]) -> None:
@@ -311,8 +313,20 @@ class AlertRelay:
             at = self.read_to.get(p)
             if at is not None and at != self._committed.get(p):
                 offsets[TopicPartition(self.settings.alerts_topic, p)] = OffsetAndMetadata(at, "", -1)
-        if not offsets or self.group.rebalancing() or not self.store.flush():  # type: ignore[union-attr]
+        if not offsets or self.group.rebalancing():  # type: ignore[union-attr]
             return
+        if not self.store.flush():  # type: ignore[union-attr]
+            # Nothing past its alerts may be committed, so nothing more is read meanwhile (what
+            # waits would grow for ever), and /readyz says why (a missing write ACL, say).
+            self.health.set_ready("open_alerts", False, f"cannot write {self.store.topic}; "  # type: ignore[union-attr]
+                                  "nothing read is committed, reading paused")
+            self.group.consumer.pause(*self._tps(self.assigned))  # type: ignore[union-attr]
+            self._store_stuck = True
+            return
+        if self._store_stuck:
+            self._store_stuck = False
+            self.health.set_ready("open_alerts", True)
+            self.group.consumer.resume(*self._tps(self.assigned - self.unloaded))  # type: ignore[union-attr]
         try:
             self.group.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends

@@ -281,3 +281,29 @@ def test_an_open_alert_store_it_cannot_read_is_said_on_readyz(relay_settings, st
     relay.run(until=lambda r: len(turns) > 3 and r.assigned or turns.append(1) and False)
     ready, parts = relay.health.readiness()
     assert not ready and "cannot read" in parts["open_alerts"]
+
+
+def test_an_open_alert_store_it_cannot_write_pauses_reading_and_is_said_on_readyz(relay_settings, stub):
+    """It kept reading, committed nothing and said nothing (a missing write ACL on the store
+    topic): what waited to be written grew for ever, and /readyz stayed ok."""
+    relay = AlertRelay(relay_settings)
+    relay.connect()
+    writes = relay.store.flush
+    relay.store.flush = lambda: False  # the store topic refuses every write
+    send(relay_settings, event("open", "pump-1", 1e9, 1e9))
+    seen = {}
+
+    def stuck_then_writable(r) -> bool:
+        parts = r.health.readiness()[1]
+        if "stuck" not in seen:
+            if "cannot write" in parts.get("open_alerts", ""):
+                seen["stuck"] = (bool(r.group.consumer.paused()), dict(r._committed))
+                r.store.flush = writes  # writable again
+            return False
+        seen["after"] = (bool(r._committed), parts.get("open_alerts"), bool(r.group.consumer.paused()))
+        return seen["after"] == (True, "ok", False)
+
+    deadline = time.monotonic() + 60
+    relay.run(until=lambda r: stuck_then_writable(r) or time.monotonic() > deadline)
+    assert seen["stuck"] == (True, {})  # paused, nothing committed, while it could not write
+    assert seen["after"] == (True, "ok", False)  # then committed, ready and reading again
