@@ -248,8 +248,8 @@ class StateManager:
             for key, value, partition in [*changelog_records(snaps),
                                           *((d.encode(), v, p) for d, p, v in evicted)]
         ]
-        out.extend((self.topic, key, None, None, p)
-                   for key, _, p in (tombstone(d, p) for d, p in self._writing_moved))
+        out.extend((self.topic, key, value, None, part)
+                   for key, value, part in (tombstone(d, p) for d, p in self._writing_moved))
         out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
                    for p, offset in sorted(markers.items()))
         return out

@@ -61,6 +61,9 @@ def _released_key(partition: int) -> str:
     return f"released:{partition}"
 
 
+_PUT = "INSERT OR REPLACE INTO state VALUES (?, ?, ?)"
+_DELETE = "DELETE FROM state WHERE device_id=?"
+_DELETE_OF_PARTITION = "DELETE FROM state WHERE device_id=? AND partition=?"
 # A changelog row replaces the store's row of its device when both are of one partition (the
 # later offset wins, as compaction keeps it), or when it is the later state of a device that
 # moved partitions. SQLite evaluates the function only when the partitions differ.
@@ -223,37 +226,9 @@ class StateStore:
         checkpoints: dict[int, int] | None = None,
         replay_from: dict[int, int] | None = None,
     ) -> None:
-        """Deletes, then puts, then checkpoints and replay positions, atomically (restore
-        applies a chunk this way, so a checkpoint is never ahead of the rows it vouches for).
-        Rows the disk refused before go first, in the same transaction: they are older."""
-        held = self.unwritten
-        with self.db:  # commits on success, rolls back on an exception
-            self.db.execute("BEGIN")
-            self._write_held(held)
-            self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d in deletes))
-            self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", puts)
-            self._write_meta(checkpoints, replay_from)
-        self._held_written(held)
-
-    def _write_held(self, held: dict[str, tuple[int, bytes] | None]) -> None:
-        if held:
-            self.db.executemany("DELETE FROM state WHERE device_id=?", ((d,) for d, v in held.items() if v is None))
-            self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)",
-                                ((d, *v) for d, v in held.items() if v is not None))
-
-    def _write_meta(self, checkpoints: dict[int, int] | None, replay_from: dict[int, int] | None) -> None:
-        if checkpoints:
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                ((_cp_key(p), int(o)) for p, o in checkpoints.items()))
-        if replay_from:
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                ((_replay_key(p), int(o)) for p, o in replay_from.items()))
-
-    def _held_written(self, held: dict[str, tuple[int, bytes] | None]) -> None:
-        """After a transaction that wrote ``held``: the store writes again."""
-        if held or self.write_error:
-            log.info("the state store writes again", extra={"rows": len(held)})
-            self.unwritten, self.write_error = {}, None
+        """Deletes, then puts, then checkpoints and replay positions, atomically. Rows the disk
+        refused before go first, in the same transaction: they are older."""
+        self._transaction(_DELETE, ((d,) for d in deletes), _PUT, puts, checkpoints, replay_from)
 
     def restore_chunk(
         self,
@@ -262,18 +237,33 @@ class StateStore:
         checkpoints: dict[int, int],
         replay_from: dict[int, int],
     ) -> None:
-        """A chunk of changelog records, as :meth:`apply` takes it, but as records of their
-        partitions: a row replaces another partition's row of its device only if it is the
-        later state (:func:`later_state`), and a tombstone ``(device_id, partition)`` deletes
-        only its partition's row (see the module's docstring)."""
+        """A chunk of changelog records, atomically as :meth:`apply` writes (so a checkpoint is
+        never ahead of the rows it vouches for), but as records of their partitions: a row
+        replaces another partition's row of its device only if it is the later state
+        (:func:`later_state`), and a tombstone ``(device_id, partition)`` deletes only its
+        partition's row (see the module's docstring)."""
+        self._transaction(_DELETE_OF_PARTITION, deletes, _RESTORED_PUT, puts, checkpoints, replay_from)
+
+    def _transaction(self, delete_sql: str, deletes: Iterable[tuple], put_sql: str,
+                     puts: Iterable[tuple[str, int, bytes]], checkpoints: dict[int, int] | None,
+                     replay_from: dict[int, int] | None) -> None:
         held = self.unwritten
-        with self.db:
+        with self.db:  # commits on success, rolls back on an exception
             self.db.execute("BEGIN")
-            self._write_held(held)
-            self.db.executemany("DELETE FROM state WHERE device_id=? AND partition=?", deletes)
-            self.db.executemany(_RESTORED_PUT, puts)
-            self._write_meta(checkpoints, replay_from)
-        self._held_written(held)
+            if held:
+                self.db.executemany(_DELETE, ((d,) for d, v in held.items() if v is None))
+                self.db.executemany(_PUT, ((d, *v) for d, v in held.items() if v is not None))
+            self.db.executemany(delete_sql, deletes)
+            self.db.executemany(put_sql, puts)
+            if checkpoints:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                    ((_cp_key(p), int(o)) for p, o in checkpoints.items()))
+            if replay_from:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                    ((_replay_key(p), int(o)) for p, o in replay_from.items()))
+        if held or self.write_error:
+            log.info("the state store writes again", extra={"rows": len(held)})
+            self.unwritten, self.write_error = {}, None
 
     def drop_partitions(self, partitions: Iterable[int]) -> None:
         """Forget every device of ``partitions``, their checkpoints and replay positions."""
