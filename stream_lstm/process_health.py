@@ -183,7 +183,7 @@ class Slot:
         ``restoring [1]``).
 
         >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
-        >>> restoring = {"ts": time.time(), "live": True, "ready": False,
+        >>> restoring = {"ts": time.time(), "mono": time.monotonic(), "live": True, "ready": False,
         ...              "components": {"broker": "ok", "partitions": "restoring [1]"}}
         >>> slot.unready_for(restoring, now=10.0), slot.unready_for(restoring, now=25.0)
         ((0.0, 'partitions: restoring [1]'), (15.0, 'partitions: restoring [1]'))
@@ -208,7 +208,7 @@ def own_unready(status: dict[str, Any]) -> str | None:
     unready at once), its state store's disk (full), or partitions it does not hold (:data:`HOLDS_NONE`: a child with none
     assigned idles unready when there are more processes than partitions).
 
-    >>> status = {"ts": time.time(), "live": True, "ready": False,
+    >>> status = {"ts": time.time(), "mono": time.monotonic(), "live": True, "ready": False,
     ...           "components": {"broker": "ok", "model": "ok", "partitions": "restoring [2]"}}
     >>> own_unready(status)
     'partitions: restoring [2]'
@@ -237,15 +237,12 @@ def own_unready(status: dict[str, Any]) -> str | None:
 
 def status_age(status: dict) -> float:
     """Seconds since a child wrote ``status``, on the host's monotonic clock (a wall clock
-    stepped by two minutes made every child look hung at once, and the supervisor killed them);
-    the wall clock only for a status without it.
+    stepped by two minutes made every child look hung at once, and the supervisor killed them).
 
     >>> status_age({"mono": time.monotonic() - 5.0, "ts": time.time() + 3600}) < 6
     True
     """
-    if "mono" in status:
-        return time.monotonic() - float(status["mono"])
-    return time.time() - float(status["ts"])
+    return time.monotonic() - float(status["mono"])
 
 
 class HostHealth:

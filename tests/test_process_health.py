@@ -119,12 +119,12 @@ def test_the_host_is_live_while_every_child_is_or_waits_for_its_restart(tmp_path
     assert host.liveness()[1].startswith("supervisor: last loop iteration")
 
 
-def status_of(health: HealthState, ts: float | None = None) -> dict:
-    """What a child's status file would hold for ``health``."""
+def status_of(health: HealthState, age: float = 0.0) -> dict:
+    """What a child's status file would hold for ``health``, written ``age`` seconds ago."""
     live, liveness = health.liveness()
     ready, components = health.readiness()
-    return {"pid": os.getpid(), "ts": time.time() if ts is None else ts, "live": live,
-            "liveness": liveness, "ready": ready, "components": components}
+    return {"pid": os.getpid(), "ts": time.time() - age, "mono": time.monotonic() - age,
+            "live": live, "liveness": liveness, "ready": ready, "components": components}
 
 
 def test_only_reasons_of_its_own_that_a_restart_may_fix_count_against_a_child():
@@ -149,7 +149,7 @@ def test_only_reasons_of_its_own_that_a_restart_may_fix_count_against_a_child():
     assert own_unready(status_of(health)) is None  # ready
     # Not live, or silent: the hung rule's business, not this one's.
     health.set_ready("partitions", False, "restoring [2]")
-    assert own_unready(status_of(health, ts=time.time() - STATUS_STALE_S - 1)) is None
+    assert own_unready(status_of(health, age=STATUS_STALE_S + 1)) is None
     health.liveness_timeout_s = 0.0
     time.sleep(0.01)
     assert own_unready(status_of(health)) is None

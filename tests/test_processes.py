@@ -342,7 +342,7 @@ import json, os, sys, time
 status = sys.argv[sys.argv.index("--status-file") + 1]
 while True:  # up, but its loop never turns: every status says not live
     with open(status + ".tmp", "w") as f:
-        json.dump({"pid": os.getpid(), "ts": time.time(), "live": False, "ready": False,
+        json.dump({"pid": os.getpid(), "ts": time.time(), "mono": time.monotonic(), "live": False, "ready": False,
                    "liveness": "main loop silent for 99s", "components": {}}, f)
     os.replace(status + ".tmp", status)
     time.sleep(0.1)
@@ -382,7 +382,7 @@ elif name == "p3":
 while True:
     if components is not None:
         with open(status + ".tmp", "w") as f:
-            json.dump({"pid": os.getpid(), "ts": time.time(), "live": True, "ready": False,
+            json.dump({"pid": os.getpid(), "ts": time.time(), "mono": time.monotonic(), "live": True, "ready": False,
                        "liveness": "last loop iteration 0.1s ago", "components": components}, f)
         os.replace(status + ".tmp", status)
     time.sleep(0.1)
