@@ -18,7 +18,7 @@ The same format travels over the Kafka models topic as one message
 (uint32, little-endian), the JSON header, then the safetensors bytes.
 
 >>> import tempfile, pathlib
->>> from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM  # (LoadedModel: its home before)
+>>> from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 >>> reg = ModelRegistry(pathlib.Path(tempfile.mkdtemp()))
 >>> spec = ModelSpec(hidden_size=4, horizon=2)
 >>> v = reg.register(SimpleLSTM.from_spec(spec), spec, {"metrics": {"val_mae": 0.5}})
@@ -43,11 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from stream_lstm.models.lstm import (  # (LoadedModel: its home before)
-    LoadedModel,
-    ModelSpec,
-    SimpleLSTM,
-)
+# (LoadedModel lives beside SimpleLSTM; imported from here too, where it lived before.)
+from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM
 
 FORMAT = "stream-lstm-model"
 FORMAT_VERSION = 1
