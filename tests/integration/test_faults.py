@@ -63,15 +63,7 @@ def run(broker, settings_factory, topic_name):
     s = s.model_copy(update={"bootstrap_servers": broker.bootstrap})
     served = fresh_model(s)
     worker = Worker(s, served)
-    ready_seen = []
     stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            ready_seen.append(worker.health.readiness()[0])
-            time.sleep(0.1)
-
-    threading.Thread(target=sample, daemon=True).start()
     wt = threading.Thread(target=lambda: worker.run(until=lambda w: stop.is_set()), daemon=True)
     wt.start()
     producer = make_producer(s, linger_ms=5, delivery_timeout_ms=300_000, request_timeout_ms=10_000,
@@ -82,6 +74,7 @@ def run(broker, settings_factory, topic_name):
     try:
         # The outage hits a worker at work: readings flowing and transactions being committed.
         assert wait_for(lambda: worker.totals.consumed >= 300, 120), worker.totals
+        assert wait_for(lambda: worker.health.readiness()[0], 30), worker.health.readiness()
         broker.stop()  # a real outage: the broker process is gone
         assert wait_for(lambda: not worker.health.readiness()[0], 60), "the outage was never reported"
         _, parts = worker.health.readiness()
@@ -90,6 +83,10 @@ def run(broker, settings_factory, topic_name):
         feeder.join(180)
         producer.flush()
         assert wait_for(lambda: worker.totals.consumed >= total, 180), worker.totals
+        # Ready again. (Not necessarily by the last reading: the heartbeat check may still say
+        # "no consumer-group heartbeat" for a second after the group is back; a sampler that
+        # stopped at the last reading made this test fail now and then.)
+        assert wait_for(lambda: worker.health.readiness()[0], 60), worker.health.readiness()
     finally:
         stop.set()
         wt.join(60)
@@ -99,9 +96,6 @@ def run(broker, settings_factory, topic_name):
     assert worker.totals.consumed == total
     out = read_topic(s, s.output_topic, expect=published(history, s), timeout_s=120)
     assert_exactly_once_and_continuous(out, history, served.model, s)
-    # Ready, then not ready for the outage, then ready again.
-    first_down = ready_seen.index(False, ready_seen.index(True))
-    assert True in ready_seen[first_down:]
 
 
 def test_an_idle_worker_reports_a_broker_outage_and_recovers(settings_factory, topic_name):
