@@ -23,7 +23,7 @@ $(STAMP):
 venv: $(STAMP)
 
 up: venv
-	$(VENV)/bin/stream-lstm up
+	$(VENV)/bin/stream-lstm up $(UP_ARGS)
 
 # make turns any failing recipe into exit 2, so say here why pytest failed when it found
 # no tests at all (exit 5): a wrong path or a broken conftest, never a pass.

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         "", description="Stable worker id (transactional id suffix); default: the hostname"
     )
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
-        "exactly_once", description="exactly_once: one transaction per batch; or at_least_once"
+        "exactly_once", description="exactly_once: one transaction per commit interval; or at_least_once"
     )
     changelog_topic: str = Field("", description="State changelog; default <group_id>-state-changelog")
     models_topic: str = Field("stream-lstm-models", description="Compacted topic of promoted models")

@@ -80,6 +80,9 @@ class PartitionCoordinator:
         self.metrics = metrics
         self.group: GroupConsumer | None = None
         self.assigned: set[int] = set()
+        # Holding none, but a settled member of the group: more workers than partitions. Such
+        # a worker is ready (a spare); one still joining is not.
+        self.idle_member = False
         # A commit that failed inside on_revoked (kafka-python's IO thread, where the consumer
         # must not be used), or a transaction given up for lost partitions: the worker rolls
         # it back after the poll.
@@ -100,6 +103,7 @@ class PartitionCoordinator:
 
     def on_assigned(self, partitions: set[int]) -> None:
         self.assigned |= partitions
+        self.idle_member = False  # (if all go again, the group must settle again first)
         self.state.assign(partitions)
         self._restoring_since.update(dict.fromkeys(partitions, time.monotonic()))
         assert self.group is not None
@@ -290,13 +294,30 @@ class PartitionCoordinator:
         if self.group is not None:
             self.group.consumer.pause(*self.tps(self.assigned))
 
+    def check_group(self) -> None:
+        """Readiness from the group itself: a heartbeat gone silent (an idle worker publishes
+        nothing, so no failed publish reports an outage), and, holding none, whether the group
+        has settled with none for this worker (a spare: more workers than partitions)."""
+        if self.group is None:
+            return
+        changed = self.group.heartbeat.report(self.health)
+        if not self.assigned and self.group.stable_member() != self.idle_member:
+            self.idle_member, changed = not self.idle_member, True
+            if self.idle_member:
+                log.info("no partition assigned in a settled group: idle, a spare (more "
+                         "workers than input partitions)", extra={"group_id": self.settings.group_id})
+        if changed:
+            self.update_readiness()
+
     def update_readiness(self) -> None:
         if self.busy():
             paused = sorted(self.state.restoring | self.state.replaying)
             self.health.set_ready("partitions", False, f"restoring {paused}")
         else:
-            self.health.set_ready("partitions", bool(self.assigned),
-                                  f"assigned {sorted(self.assigned)}")
+            # A spare is ready: a pod that would never be ready pages (StreamLstmNotReady),
+            # holds up a rolling update and counts against the disruption budget.
+            self.health.set_ready("partitions", bool(self.assigned) or self.idle_member,
+                                  "waiting for assignment")
         self.metrics.ready.set(1 if self.health.readiness()[0] else 0)
 
     def report_store(self) -> None:

@@ -52,9 +52,9 @@ log = logging.getLogger("stream_lstm.processes")
 STATUS_EVERY_S = 1.0  # how often a child writes its status file
 STATUS_STALE_S = 10.0  # a status this old says nothing: the child is not ready
 BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
-# What a child's ``partitions`` component says while it holds none: more processes than
-# partitions, a rebalance under way, or it is stopping. Not ready, and rightly so.
-HOLDS_NONE = ("waiting for assignment", "assigned []", "closed")
+# What a child's ``partitions`` component says while it holds none and is not a settled spare:
+# joining its group, a rebalance under way, or it is stopping.
+HOLDS_NONE = ("waiting for assignment", "closed")
 
 
 # ---- in a child ---------------------------------------------------------------------------------
@@ -205,8 +205,8 @@ def own_unready(status: dict[str, Any]) -> str | None:
     restart may help (``partitions: restoring [2]``, or ``starting`` before it reports any
     component); None when it is ready, not live or silent (the hung rule's), or waits on
     something outside it that a restart cannot fix: the broker (an outage makes every child
-    unready at once), its state store's disk (full), or partitions it does not hold (:data:`HOLDS_NONE`: a child with none
-    assigned idles unready when there are more processes than partitions).
+    unready at once), its state store's disk (full), or partitions it does not hold (:data:`HOLDS_NONE`: a child waits
+    unready for its group to settle, joining or in a rebalance).
 
     >>> status = {"ts": time.time(), "mono": time.monotonic(), "live": True, "ready": False,
     ...           "components": {"broker": "ok", "model": "ok", "partitions": "restoring [2]"}}

@@ -18,8 +18,9 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
 * A child that stops turning its loop (not live for ``HUNG_AFTER_S``, 2 min) is killed, and
   one that turns it but stays not ready for a reason of its own, unchanged, for
   ``STUCK_AFTER_S`` (10 min) is stopped (SIGTERM, SIGKILL after 45 s); both then restart as a
-  child that died. Not ready because it holds no partitions (more processes than partitions,
-  a rebalance) or because of the broker (an outage) does not count: a restart cannot help.
+  child that died. Not ready because it holds no partitions yet (joining, a rebalance) or
+  because of the broker (an outage) does not count: a restart cannot help. (A child the
+  settled group gave no partition, with more processes than partitions, is a ready spare.)
 * SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
   checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
   and exits 0 when all stopped cleanly. A second signal kills at once.
@@ -79,8 +80,8 @@ TICK_S = 0.2
 HUNG_AFTER_S = 120.0
 # A child whose loop turns but that has been not ready for this long, for the same reasons of
 # its own (process_health.own_unready: e.g. a restore that never completes, or no status at all
-# since it started), is stopped and restarted. Not counted: holding no partitions (a child with
-# none assigned idles unready by design) and the broker (an outage makes every child unready;
+# since it started), is stopped and restarted. Not counted: holding no partitions (a child
+# waits for its group to settle; then, given none, it is a ready spare) and the broker (an outage makes every child unready;
 # restarting them all would only add rebalances and restores once it is back). A change of
 # reason is progress and restarts the clock. 10 min: a restore of some 2 million devices'
 # snapshots into one process (100k take 25 s), with room to spare.
@@ -109,7 +110,7 @@ def input_partitions(settings: Settings) -> int:
 
 def resolve_processes(settings: Settings, partitions: Callable[[], int] | None = None) -> int:
     """``STREAM_LSTM_PROCESSES`` as a number. ``auto``: the usable CPU cores, but no more than
-    the input topic's partitions (a child with none assigned idles and is never ready)."""
+    the input topic's partitions (a child with none assigned would only idle as a spare)."""
     if settings.processes != "auto":
         return int(settings.processes)
     cpus = usable_cpus()
@@ -175,7 +176,7 @@ class Supervisor:
     for ``STUCK_AFTER_S`` for the same reasons of its own: stopped with SIGTERM, so that it
     commits and leaves its group, and killed if still running ``STOP_GRACE_S`` later). A
     child is never restarted for being unready while it holds no partitions (``waiting for
-    assignment``: there may be more processes than partitions) or while its broker component
+    assignment``: joining, or a rebalance) or while its broker component
     is not ok (an outage: a restart cannot fix the broker, and restarting every child at once
     would add a rebalance and a restore to the outage). A reason that changes is progress.
 

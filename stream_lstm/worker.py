@@ -235,7 +235,7 @@ class Worker:
                 self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
                 self.housekeeping.count_devices()
                 self.partitions.report_store()  # (a full disk: said on /readyz, the loop goes on)
-                self._check_heartbeat()
+                self.partitions.check_group()
                 group.check_membership(bool(self.assigned))
                 if until is not None and until(self):
                     break
@@ -348,11 +348,6 @@ class Worker:
             return
         self.health.set_ready("broker", True)
         log.info("broker reachable again; resuming from the last commit")
-
-    def _check_heartbeat(self) -> None:
-        # An idle worker publishes nothing, so no failed publish reports a broker outage.
-        if self.group is not None and self.assigned and self.group.heartbeat.report(self.health):
-            self.partitions.update_readiness()
 
 
 # ---- `stream-lstm run` with one process (processes.py holds the command) -------------------

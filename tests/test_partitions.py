@@ -24,19 +24,25 @@ from stream_lstm.transaction import TransactionUnit
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
 
+def coordinator_for(s, store_path):
+    """A partition coordinator wired as the worker wires it (no publisher: nothing is sent)."""
+    table = DeviceTable(16, 4, 1, 1, 8)
+    metrics, health = Metrics(), HealthState()
+    state = StateManager(s, store_path, metrics)
+    pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table), lambda: "v1")
+    bring_in = BringIn(table, state, SimpleNamespace(admit=lambda slots: None))
+    tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
+    coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
+    return coordinator, SimpleNamespace(table=table, metrics=metrics, health=health, state=state, tx=tx)
+
+
 def test_assigned_partitions_wait_for_their_state_then_resume(settings_factory, topic_name, tmp_path):
     s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
                          dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g",
                          processing_guarantee="at_least_once", window=4, min_history=1, hidden_size=8)
     ensure_worker_topics(s)
-    table = DeviceTable(16, 4, 1, 1, 8)
-    metrics, health = Metrics(), HealthState()
-    state = StateManager(s, tmp_path / "state.sqlite", metrics)
-    pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table),
-                             lambda: "v1")
-    bring_in = BringIn(table, state, SimpleNamespace(admit=lambda slots: None))
-    tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
-    coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
+    coordinator, parts = coordinator_for(s, tmp_path / "state.sqlite")
+    table, metrics, health, state = parts.table, parts.metrics, parts.health, parts.state
     paused_at_assignment: list[set] = []
 
     def assigned(partitions):
@@ -86,13 +92,8 @@ def test_a_rollback_forgets_its_partitions_positions_until_their_replay_complete
     from kafka.structs import TopicPartition
 
     s = settings_factory(window=4, min_history=1, hidden_size=8)
-    table = DeviceTable(16, 4, 1, 1, 8)
-    metrics, health = Metrics(), HealthState()
-    state = StateManager(s, tmp_path / "state.sqlite", metrics)
-    pipeline = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table), lambda: "v1")
-    bring_in = BringIn(table, state, SimpleNamespace(admit=lambda slots: None))
-    tx = TransactionUnit(s, state, table, metrics, new_publisher=lambda: None)
-    coordinator = PartitionCoordinator(s, state, table, pipeline, bring_in, tx, health, metrics)
+    coordinator, parts = coordinator_for(s, tmp_path / "state.sqlite")
+    state, tx = parts.state, parts.tx
     try:
         coordinator.assigned, state.ready = {0, 1}, {0, 1}
         tx.next_offsets = {TopicPartition(s.input_topic, p): 1000 for p in (0, 1)}
@@ -100,3 +101,61 @@ def test_a_rollback_forgets_its_partitions_positions_until_their_replay_complete
         assert state.restoring == {0, 1} and tx.next_offsets == {}
     finally:
         state.store.close(clean=False)
+
+
+def test_a_spare_worker_holding_no_partition_is_ready_once_its_group_has_settled(settings_factory, topic_name, tmp_path):
+    """More workers than partitions: the one left without a partition is a spare, and ready
+    (a pod that is never ready pages StreamLstmNotReady, holds up a StatefulSet's rolling
+    update and counts against the disruption budget). While it has not joined it is not. Once
+    the partition comes to it (the other worker leaves) it restores first, as any worker."""
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out",
+                         dlq_topic=f"{topic_name}-dlq", group_id=f"{topic_name}-g", topic_partitions=1,
+                         processing_guarantee="at_least_once", window=4, min_history=1, hidden_size=8)
+    ensure_worker_topics(s)
+    members = []
+    for name in ("first", "spare"):
+        coordinator, parts = coordinator_for(s, tmp_path / f"{name}.sqlite")
+        parts.health.set_ready("partitions", False, "waiting for assignment")  # as Worker.run does
+        coordinator.group = GroupConsumer(s, PartitionListener(coordinator.on_assigned, coordinator.on_revoked),
+                                          client_id=name)
+        members.append((coordinator, parts))
+    (first, first_parts), (spare, spare_parts) = members
+
+    left = []  # the coordinators whose consumer has closed
+
+    def turn(coordinator):
+        if coordinator in left:
+            return
+        coordinator.group.poll(100)
+        if coordinator.state.restoring or coordinator.state.replaying:
+            coordinator.restore_some()
+        coordinator.check_group()
+
+    def until(condition, what):
+        deadline = time.monotonic() + 90
+        while not condition():
+            assert time.monotonic() < deadline, what
+            turn(first)
+            turn(spare)
+
+    def leave(coordinator, parts):
+        left.append(coordinator)
+        coordinator.group.close()
+        parts.state.store.close(clean=True)
+
+    try:
+        until(lambda: first.assigned == {0}, "the first worker's assignment")
+        until(lambda: spare.idle_member, "the spare to settle in the group with no partition")
+        until(lambda: first_parts.health.readiness()[0], "the first worker's restore")
+        assert spare.assigned == set()
+        assert spare_parts.health.readiness() == (True, {"partitions": "ok"})
+        assert spare_parts.metrics.ready.collect()[0].samples[0].value == 1
+        leave(first, first_parts)  # the first worker leaves: its partition goes to the spare
+        until(lambda: spare.assigned == {0}, "the partition to move to the spare")
+        assert not spare.idle_member  # holding one now: ready once it is restored, not before
+        until(lambda: spare_parts.health.readiness()[0], "the spare's restore")
+        assert spare_parts.health.readiness()[1]["partitions"] == "ok"
+    finally:
+        for coordinator, parts in members:
+            if coordinator not in left:
+                leave(coordinator, parts)

@@ -163,6 +163,10 @@ class GroupConsumer:
         """Whether the membership is unsettled: offsets cannot be committed until it settles."""
         return is_rebalancing(self.consumer)
 
+    def stable_member(self) -> bool:
+        """Whether the consumer is a settled member of its group (holding partitions or not)."""
+        return self.consumer.group_metadata().state == MemberState.STABLE
+
     def check_membership(self, assigned: bool) -> None:
         """Rebuild a consumer that has been out of its group (not a stable member) for two
         minutes (or the rebalance timeout, if shorter).
@@ -171,7 +175,7 @@ class GroupConsumer:
         consumer polling for minutes outside its group (the group Empty, no member) while a new
         client joined the same group at once; the stuck one rejoined only when that other
         member joined."""
-        if assigned or self.consumer.group_metadata().state == MemberState.STABLE:
+        if assigned or self.stable_member():
             self._unjoined_since = None  # a member (merely unassigned, perhaps)
             return
         now = time.monotonic()

@@ -132,6 +132,8 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     trainer = next(d for f, d in docs if d["kind"] == "Deployment" and f.name == "trainer.yaml")
     (c,) = containers(trainer)
     assert c["args"] == ["trainer"] and trainer["spec"]["replicas"] == 1
+    # Its endpoint starts after the model load and the connect: the liveness probe waits.
+    assert c["startupProbe"]["httpGet"] == c["livenessProbe"]["httpGet"]
     # Its registry outlives the pod (an empty one restarts from a fresh model at v0001).
     (volume,) = trainer["spec"]["template"]["spec"]["volumes"]
     claim = volume["persistentVolumeClaim"]["claimName"]
