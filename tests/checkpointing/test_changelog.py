@@ -151,6 +151,7 @@ def test_aborted_and_open_transactions_are_skipped_without_hanging(settings, sto
     txn([snap(f"d{i}", 0, 99) for i in range(100)] + [snap("ghost", 0, 99)], commit=False)
     txn([snap(f"d{i}", 0, 2) for i in range(50)], commit=True)
     txn([snap(f"d{i}", 0, 98) for i in range(100)], commit=False)  # the log ends in an abort
+    wait_for_markers(settings, topic)
     t0 = time.monotonic()
     r = restore(settings, topic, [0], store, timeout_s=30)
     assert r.complete and time.monotonic() - t0 < 10
@@ -171,6 +172,7 @@ def test_aborted_and_open_transactions_are_skipped_without_hanging(settings, sto
     assert r.complete and r.restored[0] == 0 and stored_versions(store)["d0"] == 2
     prod.abort_transaction()
     prod.close()
+    wait_for_markers(settings, topic)
     r = restore(settings, topic, [0], store, timeout_s=30)
     assert r.complete and r.restored[0] == 1
     assert stored_versions(store)["d0"] == 2 and stored_versions(store)["late"] == 5

@@ -36,7 +36,7 @@ def round_trip(settings: Settings, topic: str, n: int = 5) -> list[bytes]:
     finally:
         producer.close()
     consumer = make_consumer(settings, topic, group_id=f"{topic}-g", auto_offset_reset="earliest",
-                             consumer_timeout_ms=10_000)
+                             consumer_timeout_ms=60_000)
     try:
         return [m.value for _, m in zip(range(n), consumer, strict=False)]
     finally:
@@ -152,7 +152,7 @@ def test_the_factories_connect_with_their_defaults(settings_factory, topic_name)
     finally:
         producer.close()
     consumer = make_consumer(s, topic_name, group_id=f"{topic_name}-g", auto_offset_reset="earliest",
-                             consumer_timeout_ms=10_000)
+                             consumer_timeout_ms=60_000)
     try:
         assert [m.value for _, m in zip(range(1), consumer, strict=False)] == [b"v"]
     finally:

@@ -100,12 +100,11 @@ def test_a_model_over_the_brokers_record_limit_still_travels_on_the_models_topic
     producer = make_producer(s, max_request_size=MODEL_RECORD_MAX_BYTES)
     try:
         send_model(producer, s, big)
-        got = None
-        for _ in range(100):
-            got = got or follower.poll()
-            if got is not None:
-                break
-            time.sleep(0.1)  # (the follower's poll does not wait)
+        got, deadline = None, time.monotonic() + 60  # (a new consumer fetching 5.8 MB)
+        while got is None and time.monotonic() < deadline:
+            got = follower.poll()
+            if got is None:
+                time.sleep(0.1)  # (the follower's poll does not wait)
         assert got is not None and got.version == "v0002"
         assert torch.equal(got.model.state_dict()["head.weight"], big.model.state_dict()["head.weight"])
         huge_spec = ModelSpec(hidden_size=1100, horizon=2)
