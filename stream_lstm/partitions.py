@@ -42,6 +42,10 @@ COMMITTED_TIMEOUT_MS = 10_000
 REPLAY_SLICE_S = 2.0
 # How often a state store that cannot write tries again with no write of its own to make.
 STORE_RETRY_S = 5.0
+# Holding none, settled this long: a spare. (The first round of a cooperative rebalance leaves
+# a joining member settled with none until a heartbeat, up to 3 s later, tells it of the second
+# round that gives it partitions: it must not flicker ready in between.)
+SPARE_AFTER_S = 10.0
 
 
 class PartitionsLost(RuntimeError):
@@ -83,6 +87,7 @@ class PartitionCoordinator:
         # Holding none, but a settled member of the group: more workers than partitions. Such
         # a worker is ready (a spare); one still joining is not.
         self.idle_member = False
+        self._settled_none_since: float | None = None
         # A commit that failed inside on_revoked (kafka-python's IO thread, where the consumer
         # must not be used), or a transaction given up for lost partitions: the worker rolls
         # it back after the poll.
@@ -103,7 +108,7 @@ class PartitionCoordinator:
 
     def on_assigned(self, partitions: set[int]) -> None:
         self.assigned |= partitions
-        self.idle_member = False  # (if all go again, the group must settle again first)
+        self.idle_member, self._settled_none_since = False, None  # (if all go, it settles again)
         self.state.assign(partitions)
         self._restoring_since.update(dict.fromkeys(partitions, time.monotonic()))
         assert self.group is not None
@@ -301,11 +306,19 @@ class PartitionCoordinator:
         if self.group is None:
             return
         changed = self.group.heartbeat.report(self.health)
-        if not self.assigned and self.group.stable_member() != self.idle_member:
-            self.idle_member, changed = not self.idle_member, True
-            if self.idle_member:
-                log.info("no partition assigned in a settled group: idle, a spare (more "
-                         "workers than input partitions)", extra={"group_id": self.settings.group_id})
+        if not self.assigned:
+            now = time.monotonic()
+            if not self.group.stable_member():
+                self._settled_none_since = None
+            elif self._settled_none_since is None:
+                self._settled_none_since = now
+            spare = (self._settled_none_since is not None
+                     and now - self._settled_none_since >= SPARE_AFTER_S)
+            if spare != self.idle_member:
+                self.idle_member, changed = spare, True
+                if spare:
+                    log.info("no partition assigned in a settled group: idle, a spare (more "
+                             "workers than input partitions)", extra={"group_id": self.settings.group_id})
         if changed:
             self.update_readiness()
 
