@@ -95,7 +95,10 @@ class PartitionCoordinator:
         # False while a worker that failed closes: closing the consumer revokes its partitions,
         # and a commit then would publish the failed batch's state without its forecasts.
         self.commit_on_revoke = True
-        self._store_error: str | None = None  # the store's write error last reported
+        self._store_error: tuple | None = (None, False)  # the write error last said, held_back
+        # Input paused: the disk refuses writes and the rows it refused, held in memory, have
+        # reached max_devices (a table's worth again); resumed once the store writes.
+        self.held_back = False
         self._store_retry_at = 0.0
         # When each partition still paused began restoring (restore_seconds).
         self._restoring_since: dict[int, float] = {}
@@ -204,7 +207,7 @@ class PartitionCoordinator:
             if self.state.store.write_error is None:
                 self.health.set_ready("state_store", True)
             self._store_error = None  # (a full disk: report_store says so again next turn)
-        if done and self.group is not None:
+        if done and self.group is not None and not self.held_back:
             self.group.consumer.resume(*self.tps(done))
         now = time.monotonic()
         for p in done:  # from assignment (or a rollback) to resuming, replay included
@@ -341,12 +344,30 @@ class PartitionCoordinator:
             self._store_retry_at = time.monotonic() + STORE_RETRY_S  # (room made: ready again
             store.write_unwritten()  # without waiting for the next eviction)
         error = store.write_error
-        if error == self._store_error:
+        # Bounded: each device evicted while the disk refuses adds a row held in memory (a
+        # fleet larger than the table would fill it without end), so at a table's worth again
+        # the input pauses, and nothing is lost: the readings wait in Kafka.
+        held_back = error is not None and len(store.unwritten) >= self.settings.max_devices
+        if held_back != self.held_back:
+            self._hold_back(held_back)
+        if (error, held_back) == self._store_error:
             return
-        self._store_error = error
+        self._store_error = (error, held_back)
         if error is not None:
-            self.health.set_ready("state_store", False, f"cannot write ({error}); {len(store.unwritten)} rows held in memory")
+            paused = "; input paused until it can" if held_back else ""
+            self.health.set_ready("state_store", False, f"cannot write ({error}); "
+                                  f"{len(store.unwritten)} rows held in memory{paused}")
         elif not self.busy():  # (a restore that fails says so itself)
             self.health.set_ready("state_store", True)
         self.update_readiness()
 
+    def _hold_back(self, on: bool) -> None:
+        self.held_back = on
+        serving = self.assigned - self.state.restoring - self.state.replaying
+        if self.group is not None and serving:
+            (self.group.consumer.pause if on else self.group.consumer.resume)(*self.tps(serving))
+        if on:
+            log.error("the state store still cannot write and holds a table's worth of rows in "
+                      "memory: reading paused until it can", extra={"rows": len(self.state.store.unwritten)})
+        else:
+            log.info("the state store writes again: reading resumed")

@@ -155,16 +155,19 @@ def test_a_state_disk_that_refuses_writes_is_reported_and_loses_nothing(settings
     """The state store's disk refuses every write (a volume remounted read-only; a full one
     behaves alike, tests/checkpointing/test_store.py) while readings arrive and devices are
     evicted to it (20 devices, memory for 8). The worker goes on, says on /readyz why it is not
-    ready, and once the disk takes writes again it is ready and has lost nothing: every reading
-    has exactly one forecast, equal to an uninterrupted run's."""
+    ready, holds the refused rows in memory up to a table's worth (8), then pauses its input
+    (held without bound, a fleet larger than the table would take all memory); once the disk
+    takes writes again it is ready, reads on, and has lost nothing: every reading has exactly
+    one forecast, equal to an uninterrupted run's."""
     from tests.checkpointing.store_full import read_only, writable
 
     s = guarantee_settings(settings_factory, topic_name, max_devices=8)  # (evictions: the store is written)
     served = fresh_model(s)
     worker = Worker(s, served)
-    stop, actions = threading.Event(), []
+    stop, actions, turns = threading.Event(), [], [0]
 
     def between_turns(w):  # in the worker's own thread, as a disk fills between two writes
+        turns[0] += 1
         while actions:
             actions.pop(0)(w.state.store)
         return stop.is_set()
@@ -180,13 +183,19 @@ def test_a_state_disk_that_refuses_writes_is_reported_and_loses_nothing(settings
         assert wait_for(lambda: "state_store" in worker.health.readiness()[1], 60), "the refusal was never reported"
         ready, parts = worker.health.readiness()
         assert not ready and "cannot write" in parts["state_store"] and "readonly" in parts["state_store"], parts
-        feeder.join(120)  # the rest arrives while the disk is full, and is served
+        # Every reading now evicts a device: its row is held, until the table's worth pauses.
+        assert wait_for(lambda: "input paused" in worker.health.readiness()[1].get("state_store", ""), 60), \
+            worker.health.readiness()
+        assert len(worker.state.store.unwritten) >= s.max_devices
+        feeder.join(120)
         producer.flush()
-        assert wait_for(lambda: worker.totals.consumed >= total, 120), worker.totals
-        assert worker.state.store.unwritten and not worker.health.readiness()[0]
+        paused_at, turn = worker.totals.consumed, turns[0]
+        assert wait_for(lambda: turns[0] >= turn + 10, 60)
+        assert worker.totals.consumed == paused_at < total  # nothing read meanwhile
         # Writable again, and no reading left to bring a write: the store tries again by itself.
         actions.append(writable)
         assert wait_for(lambda: worker.health.readiness()[0], 60), worker.health.readiness()
+        assert wait_for(lambda: worker.totals.consumed >= total, 120), worker.totals  # read on
         assert worker.state.store.unwritten == {}
     finally:
         stop.set()
