@@ -227,6 +227,13 @@ class AlertRelay:
         self.group.check_membership(bool(self.assigned))  # (a consumer left outside its group)
         if self.unloaded:
             self._load()
+        self.group.heartbeat.report(self.health)
+        if self.health.readiness()[1].get("broker", "ok") != "ok":
+            # Cut off from its group for longer than the session: its partitions may be another
+            # relay's by now, and an open sent from here could re-fire an alert that relay has
+            # resolved. Nothing goes out until the group hears from it again (or kafka-python
+            # reports the partitions lost); Alertmanager's own endsAt covers the gap.
+            return
         tick = self.ticker()
         if tick >= self._next_resend and self.open:
             self._resend = True  # still firing: say so again, before Alertmanager's endsAt

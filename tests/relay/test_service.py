@@ -307,3 +307,35 @@ def test_an_open_alert_store_it_cannot_write_pauses_reading_and_is_said_on_ready
     relay.run(until=lambda r: stuck_then_writable(r) or time.monotonic() > deadline)
     assert seen["stuck"] == (True, {})  # paused, nothing committed, while it could not write
     assert seen["after"] == (True, "ok", False)  # then committed, ready and reading again
+
+
+def test_a_relay_cut_off_from_its_group_sends_nothing_until_it_is_heard_again(relay_settings, stub):
+    """Its group heartbeat silent past the session timeout (the brokers unreachable, Alertmanager
+    not): its partitions may be another relay's, which may have resolved the alert meanwhile, so
+    the minute's re-send of the open alert waits, and /readyz says why; heard again, it goes."""
+    s = relay_settings
+    send(s, event("open", "pump-6", T0, T0))
+    now, silent = [T0 + 10_000], [None]
+    relay = AlertRelay(s, clock=lambda: now[0], ticker=lambda: now[0])
+    relay.connect()
+    relay.group.heartbeat.silent_for = lambda: silent[0]  # what the consumer's metrics would say
+    seen = {}
+
+    def cut_off_then_heard(r) -> bool:
+        if len(stub.alerts()) == 1 and "cut" not in seen:
+            silent[0] = 45.0  # no heartbeat for 45 s
+            now[0] += RESEND_S + 1  # a re-send is due
+            seen["cut"] = 0
+        elif "cut" in seen and "heard" not in seen:
+            seen["cut"] += 1
+            if seen["cut"] == 20:  # twenty turns cut off
+                seen["during"] = (len(stub.alerts()), r.health.readiness())
+                silent[0], seen["heard"] = None, True
+        return len(stub.alerts()) >= 2
+
+    run_until(relay, lambda: cut_off_then_heard(relay))
+    sent, (ready, parts) = seen["during"]
+    assert sent == 1 and not ready and parts["broker"].startswith("no consumer-group heartbeat"), seen
+    first, again = stub.alerts()
+    assert first["labels"] == again["labels"]  # the re-send, once heard again
+    assert relay.health.readiness()[0]
