@@ -66,6 +66,7 @@ from stream_lstm.process_health import (
     name_metric_files,
     status_age,
 )
+from stream_lstm.signals import again
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -188,12 +189,15 @@ class Supervisor:
         self.command = command or [sys.executable, "-m", "stream_lstm.cli", "run"]
         self.instance = settings.instance_id or socket.gethostname()
         self._stop, self._hurry = threading.Event(), False
+        self._first_signal_at: float | None = None
         self.refused: Slot | None = None
 
     def _signal(self, _signum: int, _frame: object) -> None:
         # Nothing printed here: the main loop may be in the middle of a write.
-        if self._stop.is_set():
-            self._hurry = True
+        now = time.monotonic()
+        if self._stop.is_set() and again(self._first_signal_at, now):
+            self._hurry = True  # (not the same stop delivered twice: `timeout`, a group kill)
+        self._first_signal_at = now if self._first_signal_at is None else self._first_signal_at
         self._stop.set()
 
     def run(self) -> int:

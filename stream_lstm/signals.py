@@ -12,6 +12,21 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+# `timeout` and a kill of the process group deliver one stop twice within microseconds (to the
+# process, then to its group); a person's second Ctrl-C comes later. Closer than this, a second
+# signal is the same stop, not a demand to kill at once.
+SAME_SIGNAL_S = 0.5
+
+
+def again(first_at: float | None, now: float) -> bool:
+    """Whether a stop signal at ``now`` is a second one, after a first at ``first_at`` (None:
+    the stop came another way, long enough ago).
+
+    >>> again(10.0, 10.001), again(10.0, 11.0), again(None, 10.0)
+    (False, True, True)
+    """
+    return first_at is None or now - first_at >= SAME_SIGNAL_S
+
 
 class StopOnSignal:
     """Installs the handlers (SIGTERM, SIGINT) until :meth:`restore`.

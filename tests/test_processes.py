@@ -522,3 +522,16 @@ def zombie_of(proc_dir, parent: int) -> bool:
     except OSError:
         return False
     return fields[0] == "Z" and int(fields[1]) == parent
+
+
+def test_one_stop_delivered_twice_is_one_stop_and_a_later_second_one_hurries(tmp_path):
+    """`timeout` or a kill of the process group signals the supervisor twice at once: that is
+    one clean stop, not the "second signal" that kills the children at once."""
+    sup = processes.Supervisor(Settings(state_dir=tmp_path, metrics_port=0, instance_id="s"), 1,
+                               command=[sys.executable, "-c", "pass"])
+    sup._signal(signal.SIGTERM, None)
+    sup._signal(signal.SIGTERM, None)
+    assert sup._stop.is_set() and not sup._hurry
+    sup._first_signal_at -= 1.0  # a second later: Ctrl-C pressed again
+    sup._signal(signal.SIGINT, None)
+    assert sup._hurry

@@ -70,6 +70,19 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
         admin.close()
 
 
+def delete_topics(settings: Settings, names: list[str]) -> list[str]:
+    """Delete those of ``names`` that exist (a run's own topics, at its end); the ones deleted."""
+    admin = make_admin(settings)
+    try:
+        there = set(admin.list_topics())
+        gone = [n for n in names if n in there]
+        if gone:
+            admin.delete_topics(gone)
+        return gone
+    finally:
+        admin.close()
+
+
 class TopicNotFoundError(LookupError):
     """The topic does not exist (:func:`partition_count`)."""
 

@@ -14,9 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from stream_lstm.signals import again
 
 STOP_GRACE_S = 30.0  # how long a child may take to stop after SIGTERM before SIGKILL
 _OUT_LOCK = threading.Lock()
@@ -34,16 +37,19 @@ class StopSignals:
 
     While ``raising`` (setting up) a signal raises :class:`KeyboardInterrupt`, so the clean-up
     runs; after that the first one sets ``stop`` (the forecast loop ends) and a later one
-    ``hurry`` (stopping kills what is still running instead of waiting). Nothing is printed
+    ``hurry`` (stopping kills what is still running instead of waiting), unless it came within
+    half a second of the first (``signals.again``: `timeout` signals the process and then its
+    group, one stop delivered twice). Nothing is printed
     from the handler itself: printing there can re-enter a write the main thread is in.
 
     Example: see tests/tools/test_children.py::test_stop_signals_raise_once_while_setting_up_then_stop_then_hurry
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.stop = self.hurry = False
         self.raising = True
         self._previous: list[tuple[int, Any]] = []
+        self._clock, self._first_at = clock, None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -56,11 +62,13 @@ class StopSignals:
         return self
 
     def _handle(self, _signum: int, _frame: object) -> None:
+        now = self._clock()
         if self.raising:
-            self.raising = False  # one KeyboardInterrupt; later signals hurry the clean-up
+            self.raising, self._first_at = False, now  # one KeyboardInterrupt; later signals hurry
             raise KeyboardInterrupt
-        if self.stop:
+        if self.stop and again(self._first_at, now):
             self.hurry = True
+        self._first_at = now if self._first_at is None else self._first_at
         self.stop = True
 
     def __exit__(self, *_exc: object) -> None:

@@ -28,8 +28,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -43,12 +41,17 @@ from stream_lstm.tools.children import (
     start_child,
     stop_children,
 )
+from stream_lstm.tools.live_table import show_forecasts, tail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run everything locally: a Kafka broker (from Maven jars), the worker, and a simulated "
-        "fleet (or a replay of real CSV recordings), and show live forecasts. Ctrl-C stops it."
+        "fleet (or a replay of real CSV recordings), and show live forecasts. Ctrl-C stops it. "
+        "With STREAM_LSTM_BOOTSTRAP_SERVERS set, it runs on that broker instead (--port is not "
+        "used), on topics and a consumer group of the run's own (<topic>-up-<run>), deleted at "
+        "the end unless --keep-broker. Exit code 0 after a stop; the worker's own code (or 1) "
+        "when the worker exited by itself; 2 for a setting or a CSV it refuses."
     )
     parser.add_argument("csv", nargs="*", type=Path,
                         help="CSV recordings to replay instead of simulating a fleet")
@@ -57,11 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="readings per second, all devices together (default 40)")
     parser.add_argument("--speedup", type=float, default=3600.0,
                         help="replay speed-up of a CSV's own timing (default 3600)")
-    parser.add_argument("--port", type=tcp_port, default=9092, help="local broker port (default 9092)")
+    parser.add_argument("--port", type=tcp_port, default=9092,
+                        help="local broker port (default 9092; not used with STREAM_LSTM_BOOTSTRAP_SERVERS)")
     parser.add_argument("--duration", type=float, default=0.0,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--keep-broker", action="store_true",
-                        help="leave the broker running afterwards (and keep the run's directory)")
+                        help="leave the broker running afterwards, and keep the run's directory "
+                             "(and, on your broker, the run's topics)")
 
 
 def ensure_broker(settings: Settings, port: int, data_dir: str | Path | None = None,
@@ -181,13 +186,6 @@ class WorkerLogRelay(threading.Thread):
                     self.show(short)
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _env_has(name: str) -> bool:
     return any(k.upper() == name for k in os.environ)  # settings read names case-insensitively
 
@@ -211,7 +209,8 @@ def main(args: argparse.Namespace) -> int:
     # The demo starts from an untrained model; retraining in the background shows a promotion
     # and a hot-swap within minutes (override with the variable itself).
     env.setdefault(ENV_PREFIX + "RETRAIN_EVERY_READINGS", "5000")
-    run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False}
+    run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False,
+                           "own_topics": [], "settings": settings}
     with StopSignals() as signals:
         try:
             _run(args, settings, env, run_dir, run, signals)
@@ -220,6 +219,8 @@ def main(args: argparse.Namespace) -> int:
         finally:
             signals.raising = False
             _stop_all(args, run_dir, run, signals)
+    if run["worker_exited"]:  # (a script that runs `up` must not read this as success)
+        return run["children"][0].proc.returncode or 1
     return 0
 
 
@@ -239,6 +240,8 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
         own = {k: f"{getattr(settings, k)}-{tag}" for k in ("input_topic", "output_topic", "dlq_topic",
                                                               "alerts_topic", "group_id") if getattr(settings, k)}
         settings = settings.model_copy(update=own)
+        run["settings"] = settings
+        run["own_topics"] = [v for k, v in own.items() if k != "group_id"] + [settings.changelog_topic_name()]
         env.update({ENV_PREFIX + k.upper(): v for k, v in own.items()})
         say(f"using your broker at {bootstrap} (STREAM_LSTM_BOOTSTRAP_SERVERS), with topics and a "
             f"consumer group of this run's own: {settings.input_topic} -> {settings.output_topic}")
@@ -296,6 +299,15 @@ def _stop_all(args: argparse.Namespace, run_dir: Path, run: dict[str, Any],
         broker.stop()
         parts.append(f"local broker (pid {pid})")
     say(f"stopped: {', '.join(parts)}" if parts else "stopped while starting up: nothing is left running")
+    if run["own_topics"] and not args.keep_broker:
+        from stream_lstm.kafka.topics import delete_topics
+
+        try:  # (on your broker: a shared cluster must not collect a run's topics)
+            gone = delete_topics(run["settings"], run["own_topics"])
+            if gone:
+                say(f"deleted this run's topics on your broker: {', '.join(gone)}")
+        except Exception as exc:  # noqa: BLE001 - say what is left, never a traceback at the end
+            say(f"could not delete this run's topics ({', '.join(run['own_topics'])}): {exc!r}"[:300])
     if broker is not None and args.keep_broker:
         from stream_lstm.kafka import broker_registry
 
@@ -332,60 +344,3 @@ def describe(c: Child, relay: WorkerLogRelay | None) -> str:
         if m:
             detail = f", sent {m.group(1)} readings"
     return f"{c.name} (pid {c.proc.pid}{detail})"
-
-
-def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[], bool],
-                   worker: subprocess.Popen, feed: subprocess.Popen | None = None,
-                   feed_log: Path | None = None) -> bool:
-    """Print forecasts from the output topic as they arrive (a few lines per second); stop
-    early, saying why, when the feed fails (its log's end is shown).
-
-    Returns False when the worker exited by itself, True otherwise.
-    """
-    from stream_lstm.kafka.clients import make_consumer
-
-    consumer = make_consumer(settings, settings.output_topic,
-                             group_id=f"stream-lstm-up-{uuid.uuid4().hex[:6]}",
-                             auto_offset_reset="latest", isolation_level="read_committed")
-    t_end = time.time() + duration if duration else float("inf")
-    shown_at, seen, anomalies, t_status = 0.0, 0, 0, time.time()
-    say(f"{'time (UTC)':19}  {'device':14} {'now':>9}  {'next 3 steps (90% interval)':44} p-value")
-    alive = True
-    try:
-        while time.time() < t_end and not should_stop():
-            if worker.poll() is not None:
-                alive = False
-                break
-            if feed is not None and feed.poll() not in (None, 0):
-                say(f"the feed exited with code {feed.returncode}; the end of its log:\n"
-                    f"{tail(feed_log) if feed_log else ''}")
-                break
-            for recs in consumer.poll(timeout_ms=500).values():
-                for rec in recs:
-                    seen += 1
-                    f = json.loads(rec.value)
-                    anomalies += bool(f.get("is_anomaly"))
-                    if time.time() - shown_at > 0.25 or f.get("is_anomaly"):
-                        shown_at = time.time()
-                        say(format_forecast(f))
-            if time.time() - t_status > 5:
-                t_status = time.time()
-                say(f"-- {seen} forecasts received, {anomalies} anomalies flagged --")
-    finally:
-        consumer.close()
-    return alive
-
-
-def format_forecast(f: dict) -> str:
-    ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["ts"]))
-    steps = " ".join(
-        f"{m:.1f}[{lo:.1f},{hi:.1f}]" for m, lo, hi in
-        zip(f["forecast"][:3], f["lower"][:3], f["upper"][:3], strict=False)
-    )
-    # 1 - the likelihood, not the raw score: the flag is this p-value at or below the
-    # false-alarm rate, and it means the same on every device (null for a device's first
-    # scored readings).
-    likelihood = f.get("anomaly_likelihood")
-    flag = " ANOMALY" if f.get("is_anomaly") else ""
-    return (f"{ts}  {f['device_id'][:14]:14} {f['value']:9.2f}  {steps:44} "
-            f"{'-' if likelihood is None else f'{1.0 - likelihood:.0e}'}{flag}")

@@ -105,7 +105,8 @@ def test_a_child_that_already_exited_is_neither_stopped_nor_killed():
 
 def test_stop_signals_raise_once_while_setting_up_then_stop_then_hurry():
     before = signal.getsignal(signal.SIGTERM)
-    with StopSignals() as signals:
+    now = [100.0]
+    with StopSignals(clock=lambda: now[0]) as signals:
         with pytest.raises(KeyboardInterrupt):  # during set-up: the clean-up runs
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs before this ends
@@ -113,9 +114,23 @@ def test_stop_signals_raise_once_while_setting_up_then_stop_then_hurry():
         os.kill(os.getpid(), signal.SIGINT)
         wait_until(lambda: signals.stop)
         assert not signals.hurry
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # the same instant: one stop delivered twice
+        now[0] += 2.0  # (the handler has run: signals reach the main thread between bytecodes)
+        assert not signals.hurry
+        os.kill(os.getpid(), signal.SIGTERM)  # two seconds on: a second Ctrl-C
         wait_until(lambda: signals.hurry)
     assert signal.getsignal(signal.SIGTERM) is before  # restored on exit
+
+
+def test_one_stop_that_timeout_delivers_twice_stops_cleanly_not_at_once():
+    """`timeout` signals the process, then its process group: up heard two Ctrl-Cs within
+    microseconds and killed the worker (no final commit) where one clean stop was asked."""
+    with StopSignals() as signals:
+        signals.raising = False
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_until(lambda: signals.stop)
+        assert not signals.hurry
 
 
 def test_a_second_signal_while_stopping_kills_what_is_left_without_a_traceback(capsys):

@@ -173,6 +173,34 @@ def test_up_on_your_broker_runs_on_topics_of_its_own_and_forecasts(bootstrap, tm
     forecasts = re.search(r"^stopped: worker \(pid \d+, ([\d,]+) forecasts\)", done.stdout, re.MULTILINE)
     assert forecasts and int(forecasts.group(1).replace(",", "")) > 0, done.stdout[-3000:]
     assert "starting a local Kafka broker" not in done.stdout
+    # The run's own topics go at the end: a shared cluster must not collect one set a run.
+    deleted = re.search(r"^deleted this run's topics on your broker: (.+)$", done.stdout, re.MULTILINE)
+    assert deleted and own.group(1) in deleted.group(1).split(", "), done.stdout[-3000:]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        assert not {own.group(1), own.group(2)} & set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_up_whose_worker_exits_by_itself_exits_with_its_code(bootstrap):
+    """The worker refused to start (its metrics port taken): `up` said so, and exited 0, so a
+    script running it read a failure as success."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap, STREAM_LSTM_METRICS_HOST="127.0.0.1",
+                   STREAM_LSTM_METRICS_PORT=str(taken.getsockname()[1]), PYTHONUNBUFFERED="1")
+        done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "up", "--devices", "2",
+                               "--duration", "120"], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the worker exited with code 2" in done.stdout and "Address already in use" in done.stdout
 
 
 # ---- pieces, without Kafka ---------------------------------------------------------------
@@ -221,18 +249,6 @@ def test_the_relay_keeps_every_line_in_the_log_file_and_shows_only_short_ones(tm
     assert (tmp_path / "worker.log").read_text().splitlines() == lines
     assert len(shown) == 1 and shown[0].startswith("worker: broker b:1 |")
     assert relay.stopped["forecasts"] == 7
-
-
-def test_the_live_table_shows_the_likelihood_the_flag_reads():
-    from stream_lstm.tools.demo import format_forecast
-
-    forecast = {"ts": 0.0, "device_id": "pump-1", "value": 1.0, "forecast": [1.0] * 3,
-                "lower": [0.5] * 3, "upper": [1.5] * 3, "anomaly_score": 2.7,
-                "anomaly_likelihood": 0.99995, "is_anomaly": True}
-    line = format_forecast(forecast)
-    assert line.endswith(" 5e-05 ANOMALY"), line  # 1 - the likelihood, not the raw score
-    assert format_forecast({**forecast, "anomaly_likelihood": None,
-                            "is_anomaly": False}).endswith(" -")
 
 
 def test_up_refuses_a_port_in_use_rather_than_running_on_a_broker_it_did_not_choose():
