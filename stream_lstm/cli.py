@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2  # (a refusal: the supervisor, processes.py, does not restart it)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a signal before the command's own loop, e.g. while connecting)
+        print(f"{args.command}: stopped by a signal (Ctrl-C or SIGTERM)",
+              file=sys.stderr)
         return 130
     except Exception as exc:
         # No broker at the address given, or refused credentials: one line that says where and

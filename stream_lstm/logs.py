@@ -225,6 +225,10 @@ def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     # kafka-python is chatty at INFO (every connection, every metadata refresh), and repeats
     # itself at WARNING and ERROR through an outage.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # Its event loop warns of every task over 100 ms ("It is blocking the event loop"): a
+    # torch step or a commit on a loaded machine, nothing an operator can act on. (The
+    # rebalance listener's own slowness is warned of by kafka.coordinator, kept.)
+    logging.getLogger("kafka.net.selector").setLevel(max(logging.ERROR, root.level))
     if root.level > logging.DEBUG:  # (a filter on the handler: "kafka"'s own would miss its children)
         handler.filters.insert(0, RepeatFilter())  # (before SecretFilter formats the template)
 

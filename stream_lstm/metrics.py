@@ -84,7 +84,8 @@ class Metrics:
         self.invalid_readings = counter("invalid_readings", "Invalid readings, by error code",
                                         ("reason",))
         self.dlq_messages = counter("dlq_messages", "Messages written to the dead-letter topic")
-        self.late_readings = counter("late_readings", "Readings older than the device's last applied ts")
+        self.late_readings = counter("late_readings", "Readings older than the device's last applied ts, "
+                                     "dropped (LATE_POLICY=dlq counts them as invalid_readings{reason=late})")
         self.duplicate_readings = counter("duplicate_readings", "Readings repeating a device's last ts")
         self.warmup_readings = counter("warmup_readings", "Readings applied before a device's min_history")
         self.gap_resets = counter("gap_resets", "Hidden-state resets after a gap longer than max_gap_s")
@@ -100,7 +101,8 @@ class Metrics:
         self.batch_seconds = histogram("batch_seconds", "Whole batch time, poll to commit", LATENCY_BUCKETS)
         self.commit_seconds = histogram("commit_seconds", "Publish and commit time per batch", LATENCY_BUCKETS)
         self.end_to_end_latency_seconds = histogram(
-            "end_to_end_latency_seconds", "From a reading's event time to its forecast's publication",
+            "end_to_end_latency_seconds", "From a reading's event time to its forecast's publication "
+            "(a backfill's or a replay's old readings count at their age)",
             LATENCY_BUCKETS + (60, 300))
 
         # --- Consumer and per-device state ------------------------------------------------------

@@ -357,7 +357,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run the forecasting worker: consume readings, keep per-device LSTM state, publish "
         "forecasts. All settings come from STREAM_LSTM_* environment variables (README); with "
-        "STREAM_LSTM_PROCESSES (or --processes) above 1, that many workers under one supervisor."
+        "STREAM_LSTM_PROCESSES (or --processes) above 1, that many workers under one supervisor. "
+        "SIGTERM or Ctrl-C stops it cleanly (the last transaction committed, every changed "
+        "device checkpointed); a second one, later, stops at once. Exit codes: 0 after a stop; "
+        "2 for what a restart cannot fix (a setting, a model that cannot be loaded or does not "
+        "fit the settings, a broker that refuses the topics, ACLs or session timeout, an input "
+        "whose retention a restore cannot trust); 3 when no broker answers (a supervisor "
+        "restarts it); 130 for a signal while it was still connecting."
     )
     parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")
     parser.add_argument("--processes", metavar="N|auto", help="override STREAM_LSTM_PROCESSES: "

@@ -74,3 +74,36 @@ def test_a_setting_the_broker_refuses_is_one_line_naming_it_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("run: ") and said in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_signal_while_connecting_says_so_and_exits_130(tmp_path):
+    """It exited 130 without a word: a user could not tell a stop from a crash."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a port with nothing listening: kafka-python waits ~30 s
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_LSTM_METRICS_PORT="0",
+               STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_MODEL_DIR=str(tmp_path / "m"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # until kafka-python says it is trying the address
+            if "ECONNREFUSED" in line or "Connection refused" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rest.strip().splitlines()[-1] == "run: stopped by a signal (Ctrl-C or SIGTERM)", rest[-2000:]
+    assert "Traceback" not in rest

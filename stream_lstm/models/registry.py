@@ -179,6 +179,9 @@ def load_model(path: Path, device: str = "cpu") -> LoadedModel:
     file. The model is returned in eval mode on ``device``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: a directory; give the model's .safetensors file (its .json "
+                             "beside it), e.g. a registry's v0003.safetensors")
     if path.suffix not in (".safetensors", ".json") and path.is_file():
         head = path.read_bytes()[:4]
         kind = "a pickle / torch.save file" if _looks_pickled(head) else "not a .safetensors file"
@@ -190,7 +193,10 @@ def load_model(path: Path, device: str = "cpu") -> LoadedModel:
         weights = weights_path.read_bytes()
         meta_text = meta_path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ModelLoadError(f"{exc.filename}: {exc.strerror or exc}") from None
+        which = ("the metadata that must lie beside the weights" if exc.filename == str(meta_path)
+                 and weights_path.exists() else "the model")
+        raise ModelLoadError(f"{exc.filename}: {exc.strerror or exc} ({which}: a model is "
+                             f"NAME.safetensors and NAME.json together)") from None
     except UnicodeDecodeError:
         raise ModelLoadError(f"{meta_path}: metadata is not UTF-8 text") from None
     try:

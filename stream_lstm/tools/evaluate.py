@@ -29,14 +29,24 @@ from stream_lstm.tools.through_worker import load, plots_available, require_read
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Replay recordings through the real pipeline (broker, worker, forecasts "
                           "topic) and score the forecasts against simple baselines; writes a table, "
-                          "a JSON report and PNG plots. Or run the standard ETTh1 protocol.")
+                          "a JSON report and PNG plots. Or run the standard ETTh1 protocol. It uses "
+                          "the broker STREAM_LSTM_BOOTSTRAP_SERVERS names when one answers (leaving "
+                          "the run's eval-<id> topics there, named in the report, to inspect), "
+                          "else a throw-away local one. The MASE columns: the model's error over "
+                          "that of persistence (1 is no better), then of the baselines: the value a "
+                          "day and a week before (nan when the recording is shorter), an EWMA, "
+                          "and the online peer (--peer).")
     parser.add_argument("files", nargs="*", type=Path,
                         help="CSV recordings: a time column (see --time-column) and a value column")
     parser.add_argument("--time-column", default=None, metavar="NAME",
                         help="time column of the recordings (default: 'timestamp'; in a file "
                              "without one, the first column whose values are times)")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default: reports)")
-    parser.add_argument("--epochs", type=int, default=30, help="most training epochs (first halves; default 30); early stopping usually ends sooner")
+    parser.add_argument("--out", type=Path, default=Path("reports"),
+                        help="report directory (default: reports, under the current directory)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="most epochs of the offline training that comes first, on the first "
+                             "half of each recording; the second halves are scored (default 30; "
+                             "early stopping usually ends sooner)")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each recording")
     parser.add_argument("--etth1", type=Path, default=None, help="ETTh1.csv: run the standard protocol")
     parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons (default: 24 48)")

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
     parser.add_argument("--max-rows", type=_at_least(1), default=None, help="use only the first N rows")
     parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="last fraction of the recording used for validation")
+                        help="last fraction of the recording used for validation (default 0.2)")
     parser.add_argument("--window", type=_at_least(2), default=None,
                         help="W: training sequences are 2*W readings (default: STREAM_LSTM_WINDOW)")
     parser.add_argument("--epochs", type=int, default=None,
@@ -201,9 +201,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     mae, base = metrics["mae"], metrics["persistence_mae"]
-    gain = f" ({(1 - mae / base):+.1%} vs persistence)" if base and math.isfinite(base) else ""
+    gain = ""
+    if base and math.isfinite(base):
+        better = 1 - mae / base
+        gain = f" ({abs(better):.1%} {'better' if better >= 0 else 'worse'} than persistence)"
+    kept = (f"; kept epoch {result.best_epoch}'s weights, the best on validation"
+            if result.best_epoch and result.best_epoch != result.epochs else "")
     print(f"saved {path} (+ {path.with_suffix('.json').name}) after {result.epochs} epoch(s), "
-          f"{result.seconds:.1f}s")
+          f"{result.seconds:.1f}s{kept}")
     print(f"validation one-step MAE {mae:.4f} vs persistence (zero change) {base:.4f} "
           f"in normalized units{gain}")
     if args.registry:

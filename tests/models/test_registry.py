@@ -95,6 +95,13 @@ def test_missing_or_broken_files_are_refused(tmp_path, damage):
     with pytest.raises(ModelLoadError) as err:
         load_model(path)
     assert "\n" not in str(err.value)
+    if damage == "missing json":  # it named a file the user never gave, and not why it matters
+        assert "the metadata that must lie beside the weights" in str(err.value)
+
+
+def test_a_directory_given_as_the_model_says_which_file_to_give(tmp_path):
+    with pytest.raises(ModelLoadError, match="a directory; give the model's .safetensors file"):
+        load_model(tmp_path)
 
 
 def test_wrong_shapes_are_refused_even_with_a_matching_checksum(tmp_path):

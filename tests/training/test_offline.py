@@ -23,6 +23,10 @@ def test_train_on_nab_saves_a_loadable_model_and_reports_val_mae(tmp_path, monke
     text = capsys.readouterr().out
     assert f"saved {out}" in text
     assert "validation one-step MAE" in text and "persistence" in text
+    # Said in words: "+0.1% vs persistence" left the reader to guess which way the sign went.
+    import re
+
+    assert re.search(r"\(\d+\.\d% (better|worse) than persistence\)", text), text
     assert torch.get_num_threads() == threads  # the command restores the thread count
 
     model, spec, meta = load_model(out)

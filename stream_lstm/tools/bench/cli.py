@@ -55,6 +55,13 @@ IN_PROCESS = [bench_backlog]
 
 # ---- CLI -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Benchmarks, printed as ratios against baselines from the same run (the machine is "
+        "noisy): the engine, the in-process pipeline, then through Kafka (the broker "
+        "STREAM_LSTM_BOOTSTRAP_SERVERS names when one answers, else a throw-away local one): "
+        "exactly-once against kafka-python's own relay, live latency, restore, retrain and "
+        "swap, experts, alerts, processes. Ends with one JSON line; docs/benchmarks.md has the "
+        "recorded runs.")
     parser.add_argument("--devices", type=int, default=10_000, help="fleet size for the engine "
                         "and Kafka benchmarks (default 10000)")
     parser.add_argument("--messages", type=int, default=200_000,
