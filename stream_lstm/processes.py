@@ -23,7 +23,8 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
   settled group gave no partition, with more processes than partitions, is a ready spare.)
 * SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
   checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
-  and exits 0 when all stopped cleanly. A second signal kills at once.
+  and exits 0 when all stopped cleanly. A second signal kills at once, unless it came within
+  half a second of the first (``signals.again``: `timeout` or a group kill delivers one stop twice).
 * The supervisor alone serves ``STREAM_LSTM_METRICS_PORT`` (the children serve none): their
   series added up, and ``/healthz`` and ``/readyz`` over them (``process_health.py``).
 
@@ -359,7 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "forecasts. All settings come from STREAM_LSTM_* environment variables (README); with "
         "STREAM_LSTM_PROCESSES (or --processes) above 1, that many workers under one supervisor. "
         "SIGTERM or Ctrl-C stops it cleanly (the last transaction committed, every changed "
-        "device checkpointed); a second one, later, stops at once. Exit codes: 0 after a stop; "
+        "device checkpointed); under the supervisor a second one, half a second or more later, "
+        "kills the children at once. Exit codes: 0 after a stop; "
         "2 for what a restart cannot fix (a setting, a model that cannot be loaded or does not "
         "fit the settings, a broker that refuses the topics, ACLs or session timeout, an input "
         "whose retention a restore cannot trust); 3 when no broker answers (a supervisor "

@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     # and a hot-swap within minutes (override with the variable itself).
     env.setdefault(ENV_PREFIX + "RETRAIN_EVERY_READINGS", "5000")
     run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False,
-                           "own_topics": [], "settings": settings}
+                           "feed_failed": False, "own_topics": [], "settings": settings}
     with StopSignals() as signals:
         try:
             _run(args, settings, env, run_dir, run, signals)
@@ -219,9 +219,13 @@ def main(args: argparse.Namespace) -> int:
         finally:
             signals.raising = False
             _stop_all(args, run_dir, run, signals)
-    if run["worker_exited"]:  # (a script that runs `up` must not read this as success)
-        return run["children"][0].proc.returncode or 1
-    return 0
+    # A worker or a feed that exited by itself: its code (a script running `up` must not read
+    # that as success); one killed by a signal as a shell says it (-9: 137).
+    failed = [c for c, why in ((0, "worker_exited"), (-1, "feed_failed")) if run[why]]
+    if not failed:
+        return 0
+    code = run["children"][failed[0]].proc.returncode
+    return 128 - code if code < 0 else code or 1
 
 
 def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_dir: Path,
@@ -237,11 +241,15 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
         # make this run's every reading late or a duplicate. The run gets topics and a group
         # of its own (its changelog follows the group).
         tag = f"up-{run_dir.name.rsplit('-', 1)[-1]}"
+        # (the changelog too when it is named: derived from the group, it follows it; named, it
+        # would be your worker's own, and the run deletes its topics at the end)
         own = {k: f"{getattr(settings, k)}-{tag}" for k in ("input_topic", "output_topic", "dlq_topic",
-                                                              "alerts_topic", "group_id") if getattr(settings, k)}
+                                                              "alerts_topic", "changelog_topic", "group_id")
+               if getattr(settings, k)}
         settings = settings.model_copy(update=own)
         run["settings"] = settings
-        run["own_topics"] = [v for k, v in own.items() if k != "group_id"] + [settings.changelog_topic_name()]
+        run["own_topics"] = list(dict.fromkeys(  # (a named changelog is among them already)
+            [v for k, v in own.items() if k != "group_id"] + [settings.changelog_topic_name()]))
         env.update({ENV_PREFIX + k.upper(): v for k, v in own.items()})
         say(f"using your broker at {bootstrap} (STREAM_LSTM_BOOTSTRAP_SERVERS), with topics and a "
             f"consumer group of this run's own: {settings.input_topic} -> {settings.output_topic}")
@@ -270,6 +278,7 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
     say("live forecasts (Ctrl-C to stop):")
     run["worker_exited"] = not show_forecasts(settings, args.duration, lambda: signals.stop, worker.proc,
                                               run["children"][-1].proc, feed_log)
+    run["feed_failed"] = run["children"][-1].proc.poll() not in (None, 0)
     if run["worker_exited"]:
         relay.join(timeout=5)  # the log file has all the worker wrote
         say(f"the worker exited with code {worker.proc.returncode}; the end of its log "

@@ -4,6 +4,7 @@ a few lines a second, every flagged one shown."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 import uuid
@@ -65,10 +66,23 @@ def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[]
     return alive
 
 
+def decimals(width: float) -> int:
+    """Decimals that show an interval ``width`` wide to about two significant digits: a value
+    near 1,000 with a narrow interval, or near 0.1, keeps what tells its ends apart.
+
+    >>> decimals(0.7), decimals(2.0), decimals(500.0), decimals(0.0)
+    (2, 1, 0, 2)
+    """
+    if not width > 0 or not math.isfinite(width):
+        return 2
+    return min(6, max(0, 1 - math.floor(math.log10(width))))
+
+
 def format_forecast(f: dict) -> str:
     ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["ts"]))
+    d = decimals(f["upper"][0] - f["lower"][0]) if f["upper"] else 2
     steps = " ".join(
-        f"{m:.3g}[{lo:.3g},{hi:.3g}]" for m, lo, hi in
+        f"{m:.{d}f}[{lo:.{d}f},{hi:.{d}f}]" for m, lo, hi in
         zip(f["forecast"][:3], f["lower"][:3], f["upper"][:3], strict=False)
     )
     # 1 - the likelihood, not the raw score: the flag is this p-value at or below the
@@ -78,5 +92,5 @@ def format_forecast(f: dict) -> str:
     flag = " ANOMALY" if f.get("is_anomaly") else ""
     dev = f["device_id"]  # (ids often share a prefix and differ at the end: keep the end)
     dev = dev if len(dev) <= DEVICE_WIDTH else "…" + dev[-(DEVICE_WIDTH - 1):]
-    return (f"{ts}  {dev:{DEVICE_WIDTH}} {f['value']:9.4g}  {steps:44} "
+    return (f"{ts}  {dev:{DEVICE_WIDTH}} {f['value']:9.{d}f}  {steps:44} "
             f"{'-' if likelihood is None else f'{1.0 - likelihood:.0e}'}{flag}")

@@ -319,6 +319,8 @@ def test_a_relay_cut_off_from_its_group_sends_nothing_until_it_is_heard_again(re
     relay = AlertRelay(s, clock=lambda: now[0], ticker=lambda: now[0])
     relay.connect()
     relay.group.heartbeat.silent_for = lambda: silent[0]  # what the consumer's metrics would say
+    member, stable = relay.group.stable_member, [True]
+    relay.group.stable_member = lambda: stable[0] and member()
     seen = {}
 
     def cut_off_then_heard(r) -> bool:
@@ -330,12 +332,17 @@ def test_a_relay_cut_off_from_its_group_sends_nothing_until_it_is_heard_again(re
             seen["cut"] += 1
             if seen["cut"] == 20:  # twenty turns cut off
                 seen["during"] = (len(stub.alerts()), r.health.readiness())
-                silent[0], seen["heard"] = None, True
+                # A heartbeat went out, but its answer may yet say the member is gone.
+                silent[0], stable[0] = None, False
+            elif seen["cut"] == 40:  # twenty more: heard, not yet a settled member again
+                seen["unsettled"] = len(stub.alerts())
+                stable[0], seen["heard"] = True, True
         return len(stub.alerts()) >= 2
 
     run_until(relay, lambda: cut_off_then_heard(relay))
     sent, (ready, parts) = seen["during"]
     assert sent == 1 and not ready and parts["broker"].startswith("no consumer-group heartbeat"), seen
+    assert seen["unsettled"] == 1, seen
     first, again = stub.alerts()
     assert first["labels"] == again["labels"]  # the re-send, once heard again
     assert relay.health.readiness()[0]
