@@ -85,10 +85,10 @@ def _explained(settings: Settings) -> Iterator[None]:
         hint = "is the broker running and reachable?"
         if how.startswith("SASL"):
             how += f"/{settings.sasl_mechanism} as {settings.sasl_username!r}"
-            hint = ("check that the broker's listener at that address speaks SASL at all, then "
-                    "STREAM_LSTM_SASL_USERNAME / STREAM_LSTM_SASL_PASSWORD and the mechanism "
-                    "(the broker refuses bad credentials, and a plaintext listener a SASL "
-                    "handshake, by closing the connection)")
+            hint = ("check STREAM_LSTM_SASL_USERNAME / STREAM_LSTM_SASL_PASSWORD and the mechanism, "
+                    "and that the broker's listener at that address speaks SASL at all (it "
+                    "refuses bad credentials, and a plaintext listener a SASL handshake, by "
+                    "closing the connection)")
         elif how == "SSL":
             hint = "check STREAM_LSTM_SSL_CAFILE and the broker's certificate"
         raise KafkaConnectError(
