@@ -24,7 +24,7 @@ of N workers of the same consumer group, each a ``stream-lstm run`` child proces
 * SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
   checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
   and exits 0 when all stopped cleanly. A second signal kills at once, unless it came within
-  half a second of the first (``signals.again``: `timeout` or a group kill delivers one stop twice).
+  half a second of the first (``signals.SecondSignal``: `timeout` or a group kill delivers one stop twice).
 * The supervisor alone serves ``STREAM_LSTM_METRICS_PORT`` (the children serve none): their
   series added up, and ``/healthz`` and ``/readyz`` over them (``process_health.py``).
 
@@ -67,7 +67,7 @@ from stream_lstm.process_health import (
     name_metric_files,
     status_age,
 )
-from stream_lstm.signals import again
+from stream_lstm.signals import SecondSignal
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -190,15 +190,13 @@ class Supervisor:
         self.command = command or [sys.executable, "-m", "stream_lstm.cli", "run"]
         self.instance = settings.instance_id or socket.gethostname()
         self._stop, self._hurry = threading.Event(), False
-        self._first_signal_at: float | None = None
+        self._second = SecondSignal()
         self.refused: Slot | None = None
 
     def _signal(self, _signum: int, _frame: object) -> None:
         # Nothing printed here: the main loop may be in the middle of a write.
-        now = time.monotonic()
-        if self._stop.is_set() and again(self._first_signal_at, now):
-            self._hurry = True  # (not the same stop delivered twice: `timeout`, a group kill)
-        self._first_signal_at = now if self._first_signal_at is None else self._first_signal_at
+        # (not the same stop delivered twice: `timeout`, a group kill)
+        self._hurry = self._hurry or self._second.hurries(self._stop.is_set())
         self._stop.set()
 
     def run(self) -> int:

@@ -9,6 +9,7 @@ broker take about 30 s and hear no flag, so a signal then ends the wait at once,
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,14 +19,34 @@ from typing import Any
 SAME_SIGNAL_S = 0.5
 
 
-def again(first_at: float | None, now: float) -> bool:
-    """Whether a stop signal at ``now`` is a second one, after a first at ``first_at`` (None:
-    the stop came another way, long enough ago).
+class SecondSignal:
+    """Tells a second stop signal (stop at once) from the first, and from the first delivered
+    twice: one instance per command, asked from its signal handler.
 
-    >>> again(10.0, 10.001), again(10.0, 11.0), again(None, 10.0)
-    (False, True, True)
+    >>> now = [10.0]
+    >>> second = SecondSignal(clock=lambda: now[0])
+    >>> second.hurries(stopping=False)  # the first: a clean stop
+    False
+    >>> now[0] = 10.001; second.hurries(stopping=True)  # the same, delivered again
+    False
+    >>> now[0] = 11.0; second.hurries(stopping=True)  # pressed again
+    True
+    >>> SecondSignal().hurries(stopping=True)  # stopping already, not by a signal
+    True
     """
-    return first_at is None or now - first_at >= SAME_SIGNAL_S
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.first_at: float | None = None
+
+    def hurries(self, stopping: bool) -> bool:
+        """Note a stop signal; whether it asks to stop at once (``stopping`` already, and not
+        within :data:`SAME_SIGNAL_S` of the first)."""
+        now = self.clock()
+        hurry = stopping and (self.first_at is None or now - self.first_at >= SAME_SIGNAL_S)
+        if self.first_at is None:
+            self.first_at = now
+        return hurry
 
 
 class StopOnSignal:

@@ -532,6 +532,6 @@ def test_one_stop_delivered_twice_is_one_stop_and_a_later_second_one_hurries(tmp
     sup._signal(signal.SIGTERM, None)
     sup._signal(signal.SIGTERM, None)
     assert sup._stop.is_set() and not sup._hurry
-    sup._first_signal_at -= 1.0  # a second later: Ctrl-C pressed again
+    sup._second.first_at -= 1.0  # a second later: Ctrl-C pressed again
     sup._signal(signal.SIGINT, None)
     assert sup._hurry

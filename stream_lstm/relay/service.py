@@ -227,10 +227,10 @@ class AlertRelay:
         self.group.check_membership(bool(self.assigned))  # (a consumer left outside its group)
         if self.unloaded:
             self._load()
-        self.group.heartbeat.report(self.health)
+        self.group.heartbeat.report(self.health)  # (/readyz says why)
         # (Not a settled member either: the heartbeat that first answers after an outage may
         # say the member is gone, and its partitions are reported lost only at the next poll.)
-        if self.health.readiness()[1].get("broker", "ok") != "ok" or not self.group.stable_member():
+        if self.group.heartbeat.silent_for() is not None or not self.group.stable_member():
             # Cut off from its group for longer than the session: its partitions may be another
             # relay's by now, and an open sent from here could re-fire an alert that relay has
             # resolved. Nothing goes out until the group hears from it again (or kafka-python

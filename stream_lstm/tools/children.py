@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_lstm.signals import again
+from stream_lstm.signals import SecondSignal
 
 STOP_GRACE_S = 30.0  # how long a child may take to stop after SIGTERM before SIGKILL
 _OUT_LOCK = threading.Lock()
@@ -38,7 +38,7 @@ class StopSignals:
     While ``raising`` (setting up) a signal raises :class:`KeyboardInterrupt`, so the clean-up
     runs; after that the first one sets ``stop`` (the forecast loop ends) and a later one
     ``hurry`` (stopping kills what is still running instead of waiting), unless it came within
-    half a second of the first (``signals.again``: `timeout` signals the process and then its
+    half a second of the first (``signals.SecondSignal``: `timeout` signals the process and then its
     group, one stop delivered twice). Nothing is printed
     from the handler itself: printing there can re-enter a write the main thread is in.
 
@@ -49,7 +49,7 @@ class StopSignals:
         self.stop = self.hurry = False
         self.raising = True
         self._previous: list[tuple[int, Any]] = []
-        self._clock, self._first_at = clock, None
+        self._second = SecondSignal(clock)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -62,13 +62,11 @@ class StopSignals:
         return self
 
     def _handle(self, _signum: int, _frame: object) -> None:
-        now = self._clock()
+        hurry = self._second.hurries(self.stop)
         if self.raising:
-            self.raising, self._first_at = False, now  # one KeyboardInterrupt; later signals hurry
+            self.raising = False  # one KeyboardInterrupt; later signals hurry the clean-up
             raise KeyboardInterrupt
-        if self.stop and again(self._first_at, now):
-            self.hurry = True
-        self._first_at = now if self._first_at is None else self._first_at
+        self.hurry = self.hurry or hurry
         self.stop = True
 
     def __exit__(self, *_exc: object) -> None:

@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     # and a hot-swap within minutes (override with the variable itself).
     env.setdefault(ENV_PREFIX + "RETRAIN_EVERY_READINGS", "5000")
     run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False,
-                           "feed_failed": False, "own_topics": [], "settings": settings}
+                           "exited": None, "own_topics": [], "settings": settings}
     with StopSignals() as signals:
         try:
             _run(args, settings, env, run_dir, run, signals)
@@ -221,10 +221,9 @@ def main(args: argparse.Namespace) -> int:
             _stop_all(args, run_dir, run, signals)
     # A worker or a feed that exited by itself: its code (a script running `up` must not read
     # that as success); one killed by a signal as a shell says it (-9: 137).
-    failed = [c for c, why in ((0, "worker_exited"), (-1, "feed_failed")) if run[why]]
-    if not failed:
+    if run["exited"] is None:
         return 0
-    code = run["children"][failed[0]].proc.returncode
+    code = run["exited"].returncode
     return 128 - code if code < 0 else code or 1
 
 
@@ -276,9 +275,9 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
     say(f"broker {bootstrap} | worker pid {worker.proc.pid} (log: {worker_log}) | feeding "
         f"{'replay of ' + ', '.join(map(str, args.csv)) if args.csv else f'{args.devices} simulated devices'}")
     say("live forecasts (Ctrl-C to stop):")
-    run["worker_exited"] = not show_forecasts(settings, args.duration, lambda: signals.stop, worker.proc,
-                                              run["children"][-1].proc, feed_log)
-    run["feed_failed"] = run["children"][-1].proc.poll() not in (None, 0)
+    run["exited"] = show_forecasts(settings, args.duration, lambda: signals.stop, worker.proc,
+                                   run["children"][-1].proc, feed_log)
+    run["worker_exited"] = run["exited"] is worker.proc
     if run["worker_exited"]:
         relay.join(timeout=5)  # the log file has all the worker wrote
         say(f"the worker exited with code {worker.proc.returncode}; the end of its log "

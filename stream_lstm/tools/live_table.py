@@ -26,11 +26,12 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[], bool],
                    worker: subprocess.Popen, feed: subprocess.Popen | None = None,
-                   feed_log: Path | None = None) -> bool:
+                   feed_log: Path | None = None) -> subprocess.Popen | None:
     """Print forecasts from the output topic as they arrive (a few lines per second); stop
     early, saying why, when the feed fails (its log's end is shown).
 
-    Returns False when the worker exited by itself, True otherwise.
+    Returns the process whose exit ended the table (the worker, or the feed that failed);
+    None when it ended on a stop or after ``duration``.
     """
     from stream_lstm.kafka.clients import make_consumer
 
@@ -40,15 +41,16 @@ def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[]
     t_end = time.time() + duration if duration else float("inf")
     shown_at, seen, anomalies, t_status = 0.0, 0, 0, time.time()
     say(f"{'time (UTC)':19}  {'device':{DEVICE_WIDTH}} {'now':>9}  {'next 3 steps (90% interval)':44} p-value")
-    alive = True
+    ended = None
     try:
         while time.time() < t_end and not should_stop():
             if worker.poll() is not None:
-                alive = False
+                ended = worker
                 break
             if feed is not None and feed.poll() not in (None, 0):
                 say(f"the feed exited with code {feed.returncode}; the end of its log:\n"
                     f"{tail(feed_log) if feed_log else ''}")
+                ended = feed
                 break
             for recs in consumer.poll(timeout_ms=500).values():
                 for rec in recs:
@@ -63,7 +65,7 @@ def show_forecasts(settings: Settings, duration: float, should_stop: Callable[[]
                 say(f"-- {seen} forecasts received, {anomalies} anomalies flagged --")
     finally:
         consumer.close()
-    return alive
+    return ended
 
 
 def decimals(width: float) -> int:
