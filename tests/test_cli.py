@@ -3,6 +3,7 @@
 import pytest
 
 from stream_lstm.cli import COMMANDS, main
+from stream_lstm.kafka.local_broker import free_port
 
 
 @pytest.mark.parametrize("command", ["run", "simulate", "evaluate", "trainer", "models"])
@@ -17,11 +18,7 @@ def test_a_bad_setting_names_its_variable_and_exits_2(command, monkeypatch, caps
 
 def test_no_broker_at_the_address_is_one_clear_line_and_exit_3(monkeypatch, capsys, tmp_path):
     """Exit 3, not 2: the broker may come back, so a supervisor restarts it (processes.py)."""
-    import socket
-
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port with nothing listening
     for name, value in {"BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "METRICS_PORT": "0",
                         "STATE_DIR": str(tmp_path / "state"),
                         "MODEL_DIR": str(tmp_path / "models")}.items():
@@ -80,14 +77,11 @@ def test_a_signal_while_connecting_says_so_and_exits_130(tmp_path):
     """It exited 130 without a word: a user could not tell a stop from a crash."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:  # a port with nothing listening: kafka-python waits ~30 s
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port with nothing listening: kafka-python waits ~30 s
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
     env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_LSTM_METRICS_PORT="0",
                STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_MODEL_DIR=str(tmp_path / "m"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stream_lstm.kafka.clients import make_producer
+from stream_lstm.kafka.local_broker import free_port
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
@@ -284,13 +285,10 @@ def test_ctrl_c_while_the_broker_cannot_be_reached_at_start_exits_at_once(tmp_pa
     Ctrl-Cs went unheard for 27 s. While connecting, a signal now interrupts at once (exit 130)."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:  # a free port: nothing listens there (the "broker")
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a free port: nothing listens there (the "broker")
     env = dict(os.environ, STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_LSTM_METRICS_PORT="0",
                STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_MODEL_DIR=str(tmp_path / "models"))
     proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,

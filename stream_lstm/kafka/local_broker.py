@@ -78,9 +78,39 @@ def tcp_port(text: str) -> int:
     return port
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' source ports from (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999  # (Linux's default; elsewhere a guess)
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that is free now, chosen *below* the ephemeral range.
+
+    Why not the kernel's pick (bind to port 0): that is an ephemeral port, which the kernel may
+    give any outgoing connection as its source port before the listener that asked for it
+    binds. Worse, a client reconnecting to a stopped broker on an ephemeral port can connect
+    to itself (TCP's simultaneous open), after which the broker cannot bind its own port again.
+    Below the range neither happens; the same port is not handed out twice by one process.
+
+    >>> port = free_port()
+    >>> 1024 <= port < ephemeral_ports()[0] and not port_in_use(port)
+    True
+    """
+    import random
+
+    low = ephemeral_ports()[0]
+    candidates = range(max(1024, low - 12_000), low)
+    for port in random.sample(candidates, min(200, len(candidates))):
+        if port not in _handed_out and not port_in_use(port):
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # (an unusual range with nothing free below it: the kernel's pick)
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

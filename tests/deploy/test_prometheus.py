@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_lstm.kafka.local_broker import free_port
 from stream_lstm.metrics import HealthState, Metrics, serve_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,12 +64,6 @@ def test_alert_rules_cover_the_runbook():
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"], name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(prom: str, expr: str) -> list[dict]:
