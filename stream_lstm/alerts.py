@@ -165,16 +165,17 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
     before = np.empty((n, len(likelihood.CHANNELS), len(likelihood.CHANNEL_FIELDS)))
     run, threshold = np.empty((n, len(likelihood.CHANNELS))), np.empty((n, len(likelihood.CHANNELS)))
     judged = np.empty((n, len(likelihood.CHANNELS)), bool)
-    outside = np.empty(n, bool)
     for start, end in batch.rounds:
         slots = slots_all[start:end]
-        state, value_range, held = table.likelihood[slots], table.value_range[slots], table.range_held[slots]
+        state = table.likelihood[slots]
         (before[start:end], run[start:end], threshold[start:end],
          judged[start:end]) = likelihood.observe(state, evidence[start:end], x[start:end])
-        outside[start:end] = likelihood.beyond_range(value_range, x[start:end], held)
-        table.likelihood[slots], table.value_range[slots], table.range_held[slots] = state, value_range, held
+        if (glitch := batch.glitch[start:end]).any():  # judged as it came, but not learnt from
+            state[glitch] = table.likelihood[slots[glitch]]
+        table.likelihood[slots] = state
+    # (the range each reading is judged against is the state's: ingest.py tracks it)
     lik = likelihood.overrule(likelihood.combine(likelihood.conclude(before, run, threshold, judged)),
-                              outside)
+                              batch.outside)
     flagged, sure = flags(lik, false_alarm_rate)
     # Only a device with an alert open or armed, or a reading flagged in this poll, has alert
     # work: for any other, step() changes nothing and reports nothing.

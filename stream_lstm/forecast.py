@@ -149,8 +149,8 @@ def assemble(
     # wrote, so the numbers do not depend on how readings were split into polls.
     for start, end in batch.rounds:
         rows = slice(start, end)
-        x = batch.x_target[rows]
-        r = Round(slots=batch.slots[rows], x=x, reset=batch.reset[rows], mean=batch.mean_target[rows],
+        x = batch.x_taken[rows]
+        r = Round(slots=batch.slots[rows], x=x, actual=batch.x_target[rows], reset=batch.reset[rows], mean=batch.mean_target[rows],
                   scale=batch.scale_target[rows], mu=mu[rows], change=change[rows], along=along,
                   pos=ring_pos[rows], scored_1=scored_1[rows], scored_h=scored_h[rows],
                   forecast=x[:, None] + change[rows], b=b_model[rows],

@@ -53,7 +53,8 @@ class Round:
     Parameters
     ----------
     slots, x, reset, mean, scale, pos, scored_1, scored_h
-        ``[r]``: table slots; the reading (target channel, device units); whether the device's
+        ``[r]``: table slots; the reading the state takes in (target channel, device units);
+        whether the device's
         state was reset at it; the normalizer's mean and scale there; the ring slot of the
         forecast made H readings ago; past the warm-up, the one-step (H-step) forecast counts.
     mu, change, forecast, b
@@ -65,6 +66,9 @@ class Round:
         which the blend learns from (the experts' was published); the experts' rows.
     prepared
         This round's rows of what the stages prepared for the whole poll (``Stage.prepare``).
+    actual
+        ``[r]``: the reading as it came, which the scores judge; ``x`` unless the reading is a
+        glitch the state does not take in (``state/ingest.py``). Default: ``x``.
 
     >>> r = example_round(np.array([0]), x=10.0, expected_1=11.0)
     >>> r.forecast.tolist(), r.expected_1.tolist(), r.residual.tolist()  # not scored yet
@@ -87,6 +91,7 @@ class Round:
     model_1: np.ndarray | None = None
     experts_state: np.ndarray | None = None
     prepared: dict[str, np.ndarray] = field(default_factory=dict)  # this round's rows of them
+    actual: np.ndarray | None = None
     expected_1: np.ndarray = field(init=False)  # [r] the one-step forecast made for this reading ...
     b_1: np.ndarray = field(init=False)  # [r] ... and its scale
     expected_h: np.ndarray = field(init=False)  # [r] the H-step forecast made for this reading ...
@@ -97,6 +102,8 @@ class Round:
     drift_expected: np.ndarray = field(init=False)  # [r] expected_h where it was scored
 
     def __post_init__(self) -> None:
+        if self.actual is None:
+            self.actual = self.x
         nan = np.full(len(self.x), np.nan)  # one array: the stages replace these, never write into them
         for name in RECALLED + SCORED:
             setattr(self, name, nan)

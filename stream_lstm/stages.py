@@ -187,7 +187,7 @@ class Experts(Stage):
         # (a device's history moves on within the poll) gain from doing it once.
         if len(batch.rounds) < 2 or not table.with_experts:
             return {}
-        analog, median, feats = experts.prepare(table.experts, batch.slots, batch.x_target,
+        analog, median, feats = experts.prepare(table.experts, batch.slots, batch.x_taken,
                                                 batch.mean_target, batch.scale_target, mu[:, 0])
         return {"experts_analog": analog, "experts_median": median, "experts_feats": feats}
 
@@ -314,10 +314,11 @@ class Scores(Stage):
         r.b_h = table.drift_b[slots, pos].astype(np.float64)
 
     def learn(self, r: Round, table: DeviceTable) -> None:
-        r.residual = np.where(r.reset, np.nan, r.x - r.expected_1)
+        x = r.actual  # (as it came: a glitch the state did not take in is scored all the same)
+        r.residual = np.where(r.reset, np.nan, x - r.expected_1)
         with np.errstate(invalid="ignore", divide="ignore"):
             r.anomaly_score = np.where(r.scored_1, np.abs(r.residual) / r.b_1, np.nan)
-            r.drift_score = np.where(r.scored_h, np.abs(r.x - r.expected_h) / r.b_h, np.nan)
+            r.drift_score = np.where(r.scored_h, np.abs(x - r.expected_h) / r.b_h, np.nan)
         r.drift_expected = np.where(r.scored_h, r.expected_h, np.nan)
 
     def predict(self, r: Round, table: DeviceTable) -> None:

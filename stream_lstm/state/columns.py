@@ -123,6 +123,7 @@ COLUMNS: tuple[Column, ...] = (
     # The lowest and highest reading it has shown, for the likelihood's range rule.
     Column("value_range", width=len(likelihood.RANGE_FIELDS)),
     Column("range_held", sparse=True),  # a reading held out of it until the next confirms it
+    Column("last_value"),  # the last reading the state took in (a glitch's stand-in; ingest.py)
     # Its open alert, if any (alerts.py).
     Column("alert", width=len(alerts.FIELDS), sparse=True),
     Column("partition", dtype=np.int64, fill=0),

@@ -8,8 +8,21 @@ This is the *state* stage of the pipeline. Given decoded readings in arrival ord
    gap longer than ``max_gap_s`` marks the reading as a **reset** (its h/c start from zero);
 3. orders the accepted readings into *rounds* (round ``r`` = each device's ``r``-th reading
    of this poll) so the engine can run one batched step per round;
-4. updates the normalizer, rolling window, timestamps and counters, one vectorised call per
+4. tracks each device's range (:func:`~stream_lstm.likelihood.beyond_range`): a reading
+   absurdly far outside it is a **glitch** until the next reading confirms it, and the state
+   takes in the device's previous reading in its place (below);
+5. updates the normalizer, rolling window, timestamps and counters, one vectorised call per
    round.
+
+Why a glitch is kept out of the state: one reading of 1e11 on a device near 21 moves the
+normalizer's variance by about 1e22 and the experts' history and regression with it, and the
+device's forecasts and alerts are worthless for about 2,000 readings after. Clipping every
+large deviation instead cost accuracy on bursty devices, whose bursts are tens of standard
+deviations (docs/evaluation.md); a glitch here is past the device's whole range by
+:data:`~stream_lstm.likelihood.RANGE_ABSURD` times its width, once the device has shown
+:data:`GLITCH_WARMUP` readings. The reading is still published
+as it came, scored against its forecast and judged anomalous (it is outside the range), and a
+second such reading in a row is taken in as it is, with the range (a new regime).
 
 The returned :class:`StepBatch` is everything the engine and the forecast assembly need.
 
@@ -31,11 +44,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream_lstm.likelihood import beyond_range
 from stream_lstm.state.table import DeviceTable
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
 # Weight of the newest gap in the sampling-interval estimate (an EWMA).
 STEP_ALPHA = 0.1
+# Readings a device must have shown before one far outside its range is taken for a glitch.
+GLITCH_WARMUP = 1000
 
 
 @dataclass
@@ -51,8 +67,12 @@ class StepBatch:
         Each input's outcome; the accepted inputs' positions and slots in round order; each
         round's ``(start, end)`` in those arrays.
     z, x_target, mean_target, scale_target
-        Normalized inputs ``[m, F]``; the target channel's raw value and the mean and scale
-        it was normalized with.
+        Normalized inputs ``[m, F]``; the target channel's value as it came, and the mean and
+        scale it was normalized with.
+    x_taken, outside, glitch
+        The target channel's value the state took in (``x_target``, or for a glitch the
+        device's previous one); whether the reading is outside the device's range so far, and
+        whether it is a glitch held out of the state.
     reset, n_seen, since_reset, step_s, ts
         Per accepted reading: h/c reset by a gap, the device's counters after it, its
         sampling interval estimate and its event time.
@@ -81,6 +101,9 @@ class StepBatch:
     since_reset: np.ndarray
     step_s: np.ndarray
     ts: np.ndarray
+    x_taken: np.ndarray
+    outside: np.ndarray
+    glitch: np.ndarray
     moved: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -155,13 +178,15 @@ def ingest(
     batch = StepBatch(
         outcome=outcome, rows=order, slots=slots, rounds=rounds,
         z=np.empty((m, x.shape[1] if x.ndim == 2 else 1), np.float32),
-        x_target=x[:, target] if m else np.zeros(0), mean_target=np.empty(m),
+        x_target=x[:, target].copy() if m else np.zeros(0), mean_target=np.empty(m),
         scale_target=np.empty(m), reset=rst,
         n_seen=np.empty(m, np.int64), since_reset=np.empty(m, np.int64),
-        step_s=np.empty(m), ts=t_arr,
+        step_s=np.empty(m), ts=t_arr, x_taken=x[:, target] if m else np.zeros(0),
+        outside=np.zeros(m, bool), glitch=np.zeros(m, bool),
     )
     for start, end in rounds:
         s = slots[start:end]
+        keep_glitches_out(table, s, x[start:end], target, batch.outside[start:end], batch.glitch[start:end])
         z, mean, scale = table.norm.update(s, x[start:end])
         batch.z[start:end] = z
         batch.mean_target[start:end] = mean[:, target]
@@ -186,3 +211,26 @@ def ingest(
         batch.since_reset[start:end] = table.since_reset[s]
         batch.step_s[start:end] = table.step_s[s]
     return batch
+
+
+def keep_glitches_out(table: DeviceTable, slots: np.ndarray, x: np.ndarray, target: int,
+                      outside: np.ndarray, glitch: np.ndarray) -> None:
+    """One round: note which readings are outside their device's range and which are glitches
+    (both in place), and put each glitch's device's previous reading (target channel) in its
+    place in ``x`` (in place), so that the state never takes it in.
+
+    A device restored from a snapshot written before ``last_value`` existed has none: the
+    normalizer's mean stands in.
+    """
+    value_range, held = table.value_range[slots], table.range_held[slots]
+    outside[:] = beyond_range(value_range, x[:, target], held)
+    table.value_range[slots], table.range_held[slots] = value_range, held
+    # Held out of the range until the next reading confirms it, on a device whose range has
+    # had time to mean something: on the 19 NAB recordings, real bursts and level changes come
+    # 12 to 1,000 widths past the range of a device's first 1,000 readings, never later.
+    glitch[:] = np.isfinite(held) & (table.n_seen[slots] >= GLITCH_WARMUP)
+    if glitch.any():
+        last = table.last_value[slots]
+        last = np.where(np.isnan(last), table.norm.mean[slots, target], last)
+        x[:, target] = np.where(glitch, last, x[:, target])
+    table.last_value[slots] = x[:, target]

@@ -21,7 +21,7 @@ from stream_lstm.state.table import DeviceTable
 
 _PREFIX = struct.Struct("<3sBH")
 # Columns declared after format 1 was last written: never in its bytes.
-AFTER_FORMAT_1 = ("value_range", "range_held")
+AFTER_FORMAT_1 = ("value_range", "range_held", "last_value")
 # The header fields appended, in turn, to the first format-1 header (u16 each).
 APPENDED = ("n_extra", "n_ring", "n_experts")
 
