@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from stream_lstm.checkpointing import codec_v1
-from stream_lstm.state.columns import SCHEMA_ID
+from stream_lstm.state.columns import COLUMNS, SCHEMA_ID
 from stream_lstm.state.snapshot import DeviceSnapshot
 
 __all__ = ["FORMAT", "MAGIC", "SCHEMA_ID", "SnapshotDecodeError", "check_snapshot",
@@ -265,11 +265,47 @@ def decode_snapshot(data: bytes | bytearray | memoryview, n_features: int | None
     or hand them to ``torch.from_numpy``.
     """
     snap = _decode(data)
+    _check_columns(snap.columns)
     if n_features is not None and (snap.mean.shape != (n_features,) or (
             snap.window.size and snap.window.shape[-1] != n_features)):
         raise SnapshotDecodeError(f"a snapshot of {snap.mean.size} channels; the settings "
                                   f"say {n_features} (STREAM_LSTM_N_FEATURES)")
     return snap
+
+
+_DECLARED = {c.name: np.dtype(c.dtype) for c in COLUMNS}
+_MAX_PARTITION = 2**31 - 1  # (a Kafka partition number is an int32)
+
+
+def _check_columns(columns: dict[str, Any]) -> None:
+    """Refuse a snapshot whose declared columns the table could not take in: a value that does
+    not convert exactly to the column's type (a NaN where a count belongs, 1e300 for a
+    partition) is a corrupt or forged snapshot. Refused here, it starts its device afresh;
+    failing the restore into the table instead stopped the worker at every start. (Values
+    stay as written: the codec round-trips any snapshot bit for bit.)
+
+    >>> _check_columns({"n_seen": np.array(3.0), "partition": np.int64(2)})
+    >>> _check_columns({"n_seen": np.float64("nan")})
+    Traceback (most recent call last):
+    ...
+    stream_lstm.checkpointing.codec.SnapshotDecodeError: corrupt snapshot: its n_seen holds nan, not int64 values
+    """
+    for name, value in columns.items():
+        want = _DECLARED.get(name)
+        arr = np.asarray(value)
+        if want is None or arr.dtype == want:
+            continue
+        ok = arr.dtype.kind in "biuf"
+        if ok and want.kind in "iu":
+            limits = np.iinfo(want)
+            with np.errstate(all="ignore"):
+                ok = bool(np.all(np.isfinite(arr) & (arr == np.round(arr)) & (arr >= limits.min) & (arr <= limits.max)))
+        if not ok:
+            shown = np.array2string(arr.ravel()[:3], threshold=3)[1:-1] if arr.dtype.kind in "biufc" else arr.dtype
+            raise SnapshotDecodeError(f"corrupt snapshot: its {name} holds {shown}, not {want} values")
+    partition = columns.get("partition")
+    if partition is not None and not (np.ndim(partition) == 0 and 0 <= partition <= _MAX_PARTITION):
+        raise SnapshotDecodeError(f"corrupt snapshot: partition {partition}")
 
 
 def _decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:

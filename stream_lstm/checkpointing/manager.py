@@ -133,13 +133,18 @@ class StateManager:
         snap = self._evicted_dirty.pop(device_id, None) or self._later_evicted.pop(device_id, None)
         if snap is not None:
             return snap  # evicted since the last commit: back in memory, still dirty
-        data = None if device_id in self.expiring else self.store.get(device_id)
+        row = None if device_id in self.expiring else self.store.get(device_id)
         try:  # restore checks only a snapshot's header and lengths: never crash on it here
-            snap = None if data is None else decode_snapshot(data, self.settings.n_features)
-        except ValueError as exc:  # (SnapshotDecodeError is one) counted, logged, afresh
+            snap = None if row is None else decode_snapshot(row[1], self.settings.n_features)
+        except (ValueError, TypeError) as exc:  # (SnapshotDecodeError is one) counted, logged, afresh
             self._unusable(1, "a device's stored state cannot be used; it starts afresh",
                            device=device_id[:128], error=str(exc)[:300])
             snap = None
+        if snap is not None and row is not None:
+            # Its state belongs to the changelog partition it was checkpointed to (the store's
+            # row says which), whatever the record claims: a forged number there made every
+            # transaction of the partition fail, tombstoning it on a partition that does not exist.
+            snap.partition = row[0]
         if snap is None:
             self.unwritten.add(device_id)
         return snap

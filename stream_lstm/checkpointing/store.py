@@ -97,7 +97,7 @@ class StateStore:
     >>> st.put_many([("a", 0, b"x"), ("b", 1, b"y")])
     >>> st.set_checkpoints({0: 10})
     >>> st.get("a"), st.count(), st.device_ids({1}), st.checkpoint(0), st.checkpoint(1)
-    (b'x', 2, ['b'], 10, None)
+    ((0, b'x'), 2, ['b'], 10, None)
     >>> st.close(clean=True)
     >>> st = StateStore(path); st.opened_clean
     True
@@ -317,13 +317,12 @@ class StateStore:
             self.db.execute("DELETE FROM meta WHERE key<>?", (_CLEAN,))
 
     # ---- reads -----------------------------------------------------------------------------
-    def get(self, device_id: str) -> bytes | None:
-        """The encoded snapshot of ``device_id``, or None."""
+    def get(self, device_id: str) -> tuple[int, bytes] | None:
+        """``(partition, encoded snapshot)`` of ``device_id``, or None."""
         if device_id in self.unwritten:
-            kept = self.unwritten[device_id]
-            return None if kept is None else kept[1]
-        row = self.db.execute("SELECT data FROM state WHERE device_id=?", (device_id,)).fetchone()
-        return row[0] if row else None
+            return self.unwritten[device_id]
+        row = self.db.execute("SELECT partition, data FROM state WHERE device_id=?", (device_id,)).fetchone()
+        return (int(row[0]), row[1]) if row else None
 
     def device_ids(self, partitions: Iterable[int] | None = None) -> list[str]:
         """Device ids, sorted; only those of ``partitions`` when given."""

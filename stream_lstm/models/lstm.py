@@ -86,6 +86,32 @@ class ModelSpec:
         return replace(self, dropout=0.0)
 
 
+# What a model's metadata may ask for: far past any model this service serves, and small
+# enough that checking the weights' shapes against it is instant (a models-topic record asking
+# for 20,000 layers held the worker's loop for a minute, at every start).
+SPEC_LIMITS = {"n_features": 4096, "hidden_size": 65_536, "num_layers": 64, "horizon": 100_000}
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Raise ``ValueError`` unless ``spec`` is one this service could serve.
+
+    >>> check_spec(ModelSpec(num_layers=20_000))
+    Traceback (most recent call last):
+    ...
+    ValueError: num_layers is 20000: at most 64
+    """
+    for name, most in SPEC_LIMITS.items():
+        value = getattr(spec, name)
+        if type(value) is not int or not 1 <= value <= most:
+            raise ValueError(f"{name} is {value!r}: at most {most}" if type(value) is int and value > most
+                             else f"{name} is {value!r}, not a whole number from 1 to {most}")
+    if type(spec.target_channel) is not int or not 0 <= spec.target_channel < spec.n_features:
+        raise ValueError(f"target_channel is {spec.target_channel!r}, not a channel of {spec.n_features}")
+    if not isinstance(spec.dropout, int | float) or not 0.0 <= spec.dropout < 1.0:
+        raise ValueError(f"dropout is {spec.dropout!r}, not in [0, 1)")
+
+
+
 class SimpleLSTM(nn.Module):
     """``nn.LSTM`` + linear head giving a Laplace (location, log-scale) per horizon step.
 

@@ -44,13 +44,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 # (LoadedModel lives beside SimpleLSTM; imported from here too, where it lived before.)
-from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM
+from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM, check_spec
 
 FORMAT = "stream-lstm-model"
 FORMAT_VERSION = 1
 WIRE_MAGIC = b"SLM1"
 _MAX_HEADER = 16 << 20
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # (a file name too)
 _NUMBERED_RE = re.compile(r"^v(\d+)$")
 
 
@@ -116,6 +116,10 @@ def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> Loade
     if not isinstance(fmt_version, int) or fmt_version > FORMAT_VERSION:
         raise ModelLoadError(f"{source}: format_version {fmt_version!r} is newer than this "
                              f"stream-lstm understands ({FORMAT_VERSION})")
+    version = meta.get("version")  # (it names the model in every checkpoint and metric)
+    if version is not None and not (isinstance(version, str) and VERSION_RE.match(version)):
+        raise ModelLoadError(f"{source}: version {str(version)[:80]!r} is not a version name "
+                             "(letters, digits, '.', '_', '-'; at most 64)")
     digest = meta.get("sha256")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ModelLoadError(f"{source}: metadata has no valid sha256")
@@ -124,6 +128,7 @@ def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> Loade
                              f"({len(weights)} bytes)")
     try:
         spec = ModelSpec(**meta["spec"])
+        check_spec(spec)
         expected = _expected_shapes(spec)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{source}: metadata has no valid spec ({exc})") from None
@@ -276,7 +281,7 @@ class ModelRegistry:
 
     def path(self, version: str) -> Path:
         """The weights file of ``version`` (the name is checked: no path tricks)."""
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not VERSION_RE.match(version):
             raise ModelLoadError(f"invalid model version name {version!r}")
         return self.root / f"{version}.safetensors"
 
@@ -284,7 +289,7 @@ class ModelRegistry:
         """Metadata of every version, oldest first (``{"version", "error"}`` if unreadable)."""
         out = []
         for p in self.root.glob("*.json"):
-            if not _VERSION_RE.match(p.stem):
+            if not VERSION_RE.match(p.stem):
                 continue
             try:
                 meta = json.loads(p.read_text(encoding="utf-8"))
@@ -343,7 +348,7 @@ class ModelRegistry:
             text = (self.root / self.PROMOTED).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
-        return text if _VERSION_RE.match(text) else None
+        return text if VERSION_RE.match(text) else None
 
     def promote(self, version: str, *, action: str = "promote", reason: str = "") -> None:
         """Make workers serve ``version``: verify it loads, then replace ``PROMOTED`` atomically."""

@@ -89,7 +89,7 @@ def wait_for_markers(settings: Settings, topic: str, timeout_s: float = 30.0) ->
 
 
 def stored_versions(store: StateStore) -> dict[str, int]:
-    return {d: decode_snapshot(store.get(d)).n_seen for d in store.device_ids()}
+    return {d: decode_snapshot(store.get(d)[1]).n_seen for d in store.device_ids()}
 
 
 @pytest.mark.timeout(60, func_only=True)  # the broker fixture may start first

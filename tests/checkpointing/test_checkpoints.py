@@ -70,7 +70,7 @@ def test_a_dirty_device_evicted_waits_for_the_next_commit_not_the_store(tmp_path
     devices, markers = written(manager.records_for_commit(table, {0: 3}))
     assert devices == ["a"] and markers == {}  # written, but its partition is not checkpointed
     manager.committed({})
-    assert decode_snapshot(manager.store.get("a")).n_seen == 1
+    assert decode_snapshot(manager.store.get("a")[1]).n_seen == 1
     assert sorted(manager.dirty) == ["b", "c"]
 
 
@@ -116,7 +116,7 @@ def test_changes_made_while_a_commit_is_in_flight_wait_for_the_next_one(tmp_path
     touch(manager, table, ["c"])  # evicts "b", clean once the commit lands
     assert manager.store.get("b") is None  # not before the commit that wrote it
     manager.committed({})
-    assert decode_snapshot(manager.store.get("b")).n_seen == 1
+    assert decode_snapshot(manager.store.get("b")[1]).n_seen == 1
     assert sorted(manager.dirty) == ["a", "c"]
     devices, _ = written(records := manager.records_for_commit(table, {0: 4}))
     assert devices == ["a", "c"]
@@ -134,3 +134,21 @@ def test_a_rollback_forgets_what_happened_while_a_commit_was_in_flight(tmp_path)
     assert manager.dirty == {} and manager.store.get("a") is None
     manager.committed({})  # (a later commit) sees nothing of the lost batch
     assert manager.dirty == {}
+
+
+def test_a_forged_stored_snapshot_starts_its_device_afresh_and_its_partition_is_the_stores(tmp_path):
+    """A changelog record holding a NaN count stopped the worker at every start (the table
+    could not take it in); one naming partition 999 made every transaction of its partition
+    fail (a tombstone for a partition that does not exist)."""
+    from stream_lstm.checkpointing.codec import encode_snapshot
+
+    manager, table = setup(tmp_path, interval_s=30)
+    touch(manager, table, ["nan", "far", "fine"], partition=2)
+    snaps = {d: table.snapshot(table.index[d]) for d in ("nan", "far", "fine")}
+    snaps["nan"].columns["n_seen"] = np.float64("nan")
+    snaps["far"].columns["partition"] = np.int64(999)
+    manager.store.put_many([(d, 2, encode_snapshot(s)) for d, s in snaps.items()])
+    fresh, _ = setup(tmp_path / "again", interval_s=30)
+    fresh.store = manager.store
+    assert fresh.load("nan") is None and "nan" in fresh.unwritten  # afresh (counted, logged)
+    assert fresh.load("far").partition == 2 and fresh.load("fine").n_seen == 1

@@ -25,7 +25,7 @@ def test_crud(store):
     assert store.get("a") is None and store.count() == 0
     store.put_many([("a", 0, b"a1"), ("b", 1, b"b1"), ("c", 1, b"c1")])
     store.put_many([("a", 0, b"a2")])  # replace
-    assert store.get("a") == b"a2" and store.count() == 3
+    assert store.get("a")[1] == b"a2" and store.count() == 3
     assert store.device_ids() == ["a", "b", "c"]
     assert store.device_ids({1}) == ["b", "c"] and store.device_ids([]) == []
     store.delete_many(["b", "missing"])
@@ -53,7 +53,7 @@ def test_apply_is_atomic(store):
 
     with pytest.raises(RuntimeError):
         store.apply(puts=rows(), checkpoints={0: 99})
-    assert store.get("a") == b"old" and store.checkpoint(0) is None
+    assert store.get("a")[1] == b"old" and store.checkpoint(0) is None
     store.apply(puts=[("b", 0, b"b")], deletes=["a"], checkpoints={0: 5})
     assert store.device_ids() == ["b"] and store.checkpoint(0) == 5
 
@@ -73,24 +73,24 @@ def test_a_device_that_moved_partitions_keeps_its_later_state_whichever_is_resto
     old, new = at("m", 0, 100.0), at("m", 1, 200.0)
     store.restore_chunk([new, at("s", 0, 50.0)], [], {1: 5}, {})
     store.restore_chunk([old, at("s", 0, 40.0)], [], {0: 7}, {})  # partition 0 read after
-    assert decode_snapshot(store.get("m")).last_ts == 200.0 and store.device_ids({1}) == ["m"]
-    assert decode_snapshot(store.get("s")).last_ts == 40.0  # one partition: the later record
+    assert decode_snapshot(store.get("m")[1]).last_ts == 200.0 and store.device_ids({1}) == ["m"]
+    assert decode_snapshot(store.get("s")[1]).last_ts == 40.0  # one partition: the later record
     assert len(calls) == 1  # decoded only for the pair of partitions
     store.wipe()
     store.restore_chunk([old, new], [], {0: 7, 1: 5}, {})  # both in one chunk, either order
-    assert decode_snapshot(store.get("m")).last_ts == 200.0
+    assert decode_snapshot(store.get("m")[1]).last_ts == 200.0
     store.restore_chunk([old], [], {}, {})
-    assert decode_snapshot(store.get("m")).last_ts == 200.0
+    assert decode_snapshot(store.get("m")[1]).last_ts == 200.0
     # A tombstone deletes only its own partition's row: the old partition's TTL leaves the
     # moved device's current state alone; its own partition's tombstone deletes it.
     store.restore_chunk([], [("m", 0)], {}, {})
-    assert store.get("m") == new[2]
+    assert store.get("m")[1] == new[2]
     store.restore_chunk([], [("m", 1)], {}, {})
     assert store.get("m") is None
     # The worker's own writes are its current state: they replace whatever was there.
     store.restore_chunk([new], [], {}, {})
     store.put_many([old])
-    assert store.get("m") == old[2] and store.checkpoint(0) == 7
+    assert store.get("m")[1] == old[2] and store.checkpoint(0) == 7
 
 
 def test_clean_flag(tmp_path):
@@ -101,7 +101,7 @@ def test_clean_flag(tmp_path):
     st.set_checkpoints({0: 3})
     st.close(clean=True)
     st = StateStore(path)
-    assert st.opened_clean and st.get("a") == b"x" and st.checkpoint(0) == 3
+    assert st.opened_clean and st.get("a")[1] == b"x" and st.checkpoint(0) == 3
     st.close(clean=False)
     st = StateStore(path)
     assert not st.opened_clean
@@ -172,16 +172,16 @@ def test_rows_a_full_disk_refuses_wait_in_memory_and_go_with_the_next_write(tmp_
     st.put_many([("a", 0, b"a" * 50_000), ("b", 1, b"b" * 50_000)])  # no exception: an eviction
     st.delete_many(["gone"])
     assert "full" in st.write_error and set(st.unwritten) == {"a", "b", "gone"}
-    assert st.get("a") == b"a" * 50_000 and st.get("b") == b"b" * 50_000 and st.get("gone") is None
+    assert st.get("a")[1] == b"a" * 50_000 and st.get("b")[1] == b"b" * 50_000 and st.get("gone") is None
     assert not st.write_unwritten()  # still full
     assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1  # said once
     make_room(st)
     st.put_many([("c", 0, b"c")])  # the next write takes them along, older first
     assert st.unwritten == {} and st.write_error is None
-    assert st.device_ids() == ["a", "b", "c"] and st.get("a") == b"a" * 50_000
+    assert st.device_ids() == ["a", "b", "c"] and st.get("a")[1] == b"a" * 50_000
     st.close(clean=True)
     again = StateStore(path)
-    assert again.opened_clean and again.get("b") == b"b" * 50_000
+    assert again.opened_clean and again.get("b")[1] == b"b" * 50_000
     again.close(clean=True)
 
 
@@ -272,7 +272,7 @@ def test_a_store_that_cannot_be_written_at_start_is_one_line_and_kept(tmp_path, 
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.sqlite", "state.sqlite.lock"]
     again = StateStore(path)  # room again: the same store, still clean
-    assert again.opened_clean and again.get("a") == b"x"
+    assert again.opened_clean and again.get("a")[1] == b"x"
     again.close(clean=True)
 
 

@@ -259,5 +259,26 @@ def test_a_spec_asking_for_a_huge_model_is_refused_without_allocating_it(tmp_pat
     meta = json.loads(meta_path.read_text())
     meta["spec"]["hidden_size"] = 10**6
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="the spec needs"):
+    with pytest.raises(ModelLoadError, match="no valid spec .hidden_size is 1000000: at most 65536"):
         load_model(path)
+    # 20,000 layers: checking the shapes of what it asks for held a worker's loop for a minute.
+    meta["spec"].update(hidden_size=4, num_layers=20_000)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="num_layers is 20000: at most 64"):
+        load_model(path)
+    meta["spec"].update(num_layers="2")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="num_layers is '2', not a whole number"):
+        load_model(path)
+
+
+def test_a_version_that_is_not_a_version_name_is_refused():
+    """A 70,000-character version off the models topic loaded, and then no checkpoint naming it
+    could be encoded (a length of at most 65,535): every transaction failed."""
+    spec = ModelSpec(hidden_size=2, horizon=1)
+    model = SimpleLSTM.from_spec(spec)
+    with pytest.raises(ModelLoadError, match="is not a version name"):
+        model_from_bytes(model_to_bytes(model, spec, {"version": "v" * 70_000}))
+    with pytest.raises(ModelLoadError, match="is not a version name"):
+        model_from_bytes(model_to_bytes(model, spec, {"version": "../v1"}))
+    assert model_from_bytes(model_to_bytes(model, spec, {"version": "offline-2026.12_a"})).version == "offline-2026.12_a"

@@ -125,3 +125,13 @@ def test_a_max_rows_window_or_out_that_cannot_be_is_one_line(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "a-file" / "m")]) == 2
     assert "train: cannot write --out" in capsys.readouterr().err
+
+
+def test_a_version_that_no_worker_would_load_is_refused_before_training(tmp_path, capsys):
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"),
+                "--version", "my model"]) == 2
+    assert capsys.readouterr().err == ("train: --version 'my model' is not a version name (letters, "
+                                       "digits, '.', '_', '-'; at most 64)\n")
+    assert not (tmp_path / "m.safetensors").exists()

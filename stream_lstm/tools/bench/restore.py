@@ -101,8 +101,8 @@ def bench_restore(settings: Any, topic: str, messages: int, result: dict, quick:
 
 
 def _load(store: Any, device_id: str, decode: Any) -> Any:
-    data = store.get(device_id)
-    return decode(data) if data is not None else None
+    row = store.get(device_id)
+    return decode(row[1]) if row is not None else None
 
 
 def _end_offsets(settings: Any, make_consumer: Any) -> dict[int, int]:
