@@ -43,23 +43,37 @@ def encode_reading(device_id: str, ts: float, values: Sequence[float]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def dead_letter_value(value: bytes | None, key: bytes | None, limit: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-    """The value a dead letter carries, and the headers that say how it differs from the
-    original: at most ``limit`` bytes of it (an oversized reading), with ``source.value_bytes``
-    its full length, so a message as large as the input topic takes still fits the DLQ topic;
-    and ``b""`` for a message with neither key nor value (``source.value_null``), which Kafka
+# The most of a message's key a dead letter keeps. A valid reading's key is its device id (at
+# most STREAM_LSTM_MAX_DEVICE_ID_LENGTH characters); a key of megabytes kept whole made the
+# dead letter larger than the producer may send, and the transaction failed on every retry.
+DLQ_KEY_BYTES = 1024
+
+
+def dead_letter(key: bytes | None, value: bytes | None, limit: int
+                ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The key and value a dead letter carries, and the headers that say how they differ from
+    the original: at most ``limit`` bytes of the value (an oversized reading) and
+    :data:`DLQ_KEY_BYTES` of the key, with ``source.value_bytes`` / ``source.key_bytes`` their
+    full lengths, so a message as large as the input topic takes still fits the DLQ topic; and
+    ``b""`` for a message with neither key nor value (``source.value_null``), which Kafka
     clients refuse to send.
 
-    >>> dead_letter_value(b"abcdef", b"k", 4)
-    (b'abcd', [('source.value_bytes', b'6')])
-    >>> dead_letter_value(None, None, 4), dead_letter_value(None, b"k", 4)
-    ((b'', [('source.value_null', b'1')]), (None, []))
+    >>> dead_letter(b"k", b"abcdef", 4)
+    (b'k', b'abcd', [('source.value_bytes', b'6')])
+    >>> dead_letter(None, None, 4), dead_letter(b"k", None, 4)
+    ((None, b'', [('source.value_null', b'1')]), (b'k', None, []))
+    >>> key, value, headers = dead_letter(b"x" * 5_000_000, b"{}", 4); len(key), headers
+    (1024, [('source.key_bytes', b'5000000')])
     """
+    headers: list[tuple[str, bytes]] = []
+    if key is not None and len(key) > DLQ_KEY_BYTES:
+        headers.append(("source.key_bytes", str(len(key)).encode()))
+        key = key[:DLQ_KEY_BYTES]
     if value is None:
-        return (b"", [("source.value_null", b"1")]) if key is None else (None, [])
+        return (key, b"", [*headers, ("source.value_null", b"1")]) if key is None else (key, None, headers)
     if len(value) > limit:
-        return value[:limit], [("source.value_bytes", str(len(value)).encode())]
-    return value, []
+        return key, value[:limit], [*headers, ("source.value_bytes", str(len(value)).encode())]
+    return key, value, headers
 
 
 def dlq_headers(code: str, reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from stream_lstm import alerts
 from stream_lstm.config import Settings
-from stream_lstm.encoding import dead_letter_value, dlq_headers, encode_forecast
+from stream_lstm.encoding import dead_letter, dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.messages import InvalidReading, ReadingDecoder
@@ -273,9 +273,9 @@ class BatchPipeline:
             touched = np.unique(batch.slots)
             moved = [(self.table.ids[slot], old) for slot, old in batch.moved]
         for rec, code, reason in dead:
-            value, changed = dead_letter_value(rec.value, rec.key, s.max_message_bytes)
+            key, value, changed = dead_letter(rec.key, rec.value, s.max_message_bytes)
             headers = dlq_headers(code, reason, rec.topic, rec.partition, rec.offset) + changed
-            out.append((s.dlq_topic, rec.key, value, headers))
+            out.append((s.dlq_topic, key, value, headers))
             counts.dlq_by_reason[code] = counts.dlq_by_reason.get(code, 0) + 1
         counts.dlq = len(dead)
         return BatchOutput(out, counts, touched, oldest, moved)

@@ -46,7 +46,14 @@ def test_promtool_check_rules():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-ALERTS = {"StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
+@need_promtool
+def test_the_alert_rules_unit_tests_pass():
+    # deploy/prometheus/alerts_test.yml: what fires for whom (a worker that only rolls back).
+    out = promtool("test", "rules", str(PROM_DIR / "alerts_test.yml"))
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+
+
+ALERTS = {"StreamLstmCommitsFailing", "StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
           "StreamLstmRetrainFailures", "StreamLstmAlertStormFleetWide", "StreamLstmNotReady",
           "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps", "StreamLstmAlertRelayNotDelivering"}
 

@@ -154,3 +154,27 @@ def test_poison_topic_never_crash_loops(settings_factory, topic_name):
                                 or time.time() > d)
             assert reached, "the restarted worker never caught up with the topic"
             assert totals.consumed == 0  # everything was committed the first time: no replay
+
+
+def test_a_key_of_megabytes_is_dead_lettered_in_part_and_stops_nothing(settings_factory, topic_name):
+    """A not-JSON record with a 6 MB key (gzip let the broker take it): kept whole, its dead letter
+    was larger than the producer may send, the transaction failed, and the worker retried the
+    same poll for ever, every partition stalled. Now the dead letter keeps 1,024 bytes of it."""
+    s = settings(settings_factory, topic_name)
+    big = make_producer(s, compression_type="gzip", max_request_size=16 * 1024 * 1024)
+    big.send(topic_name, b"not json", key=b"k" * 6_000_000, partition=0).get(timeout=60)
+    big.close()
+    producer = make_producer(s)
+    for k in range(5):
+        for dev, partition in (("g1", 0), ("g2", 1)):
+            key, value = good(dev, k)
+            producer.send(topic_name, value, key=key, partition=partition)
+    producer.flush()
+    worker = Worker(s, fresh_model(s))
+    totals = worker.run(until=lambda w: w.totals.consumed >= 11)
+    assert totals.dlq == 1 and totals.forecasts == 10
+    (dead,) = read_topic(s, s.dlq_topic, expect=1)
+    headers = dict(dead.headers)
+    assert dead.key == b"k" * 1024 and headers["source.key_bytes"] == b"6000000"
+    assert headers["error.code"] == b"not_json" and dead.value == b"not json"
+    assert len(read_topic(s, s.output_topic, expect=10)) == 10
