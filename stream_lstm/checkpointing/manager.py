@@ -253,8 +253,13 @@ class StateManager:
             for key, value, partition in [*changelog_records(snaps),
                                           *((d.encode(), v, p) for d, p, v in evicted)]
         ]
+        # A device back on the partition it left (its readings came on two, p0 -> p1 -> p0, in
+        # one transaction) keeps its state there: a tombstone after its snapshot deleted it.
+        now_on = {d: p for d, p, _ in evicted} | {d: int(table.partition[index[d]]) for d, _ in
+                                                  self._writing_moved if d in index}
         out.extend((self.topic, key, value, None, part)
-                   for key, value, part in (tombstone(d, p) for d, p in self._writing_moved))
+                   for key, value, part in (tombstone(d, p) for d, p in self._writing_moved
+                                            if now_on.get(d) != p))
         out.extend((self.topic, REPLAY_MARKER, encode_marker(offset), None, p)
                    for p, offset in sorted(markers.items()))
         return out

@@ -3,6 +3,7 @@ slices: test_restoring.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from stream_lstm.checkpointing.manager import StateManager
@@ -153,6 +154,29 @@ def test_a_device_that_moves_partitions_goes_with_the_next_commit_beside_a_tombs
             (b"moved", False, 1), (b"moved", True, 0)]  # its new row, its old one's tombstone
         state.committed({})
         assert state.moved == set() and state.records_for_commit(table, next_offsets={0: 5, 1: 5}) == []
+    finally:
+        state.store.close(clean=False)
+
+
+def test_a_device_back_on_the_partition_it_left_within_a_commit_keeps_its_row(tmp_path):
+    """Readings of one device came on partitions 0, 1, then 0 again within one transaction
+    (two producers with different partitioners): its snapshot went to partition 0 and then a
+    tombstone for its "old" row on partition 0 deleted it; a crash later lost its state."""
+    from stream_lstm.state.table import DeviceTable
+
+    state = StateManager(Settings(state_dir=tmp_path), tmp_path / "state.sqlite")
+    table = DeviceTable(4, 4, 1, 1, 2)
+    try:
+        state.ready = {0, 1}
+        (slot,) = table.slots_for(["x"], [0], now=0.0)
+        state.touch(table, np.array([slot]))
+        state.committed({})
+        state.touch(table, np.array([slot]), moved=[("x", 0), ("x", 1)])  # 0 -> 1 -> 0, as ingest files it
+        records = state.records_for_commit(table, next_offsets={0: 5, 1: 5})
+        assert [(key, value is None, p) for _, key, value, _, p in records] == [
+            (b"x", False, 0), (b"x", True, 1)]  # its row on 0, and only 1's tombstone
+        state.committed({})
+        assert state.moved == set()
     finally:
         state.store.close(clean=False)
 
