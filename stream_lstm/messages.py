@@ -371,5 +371,6 @@ class ReadingDecoder:
         if not math.isfinite(v):  # NaN / Infinity literals, or 1e999
             raise InvalidReading(ErrorCode.VALUE_NOT_FINITE, f"{name} is {v}, not a finite number")
         if not self.lo <= v <= self.hi:
-            raise InvalidReading(ErrorCode.VALUE_OUT_OF_RANGE, f"{name}={v:g} is outside [{self.lo:g}, {self.hi:g}]")
+            # (repr: the shortest text that is this number; %g said 1.0000001e12 was 1e+12)
+            raise InvalidReading(ErrorCode.VALUE_OUT_OF_RANGE, f"{name}={v!r} is outside [{self.lo:g}, {self.hi:g}]")
         return v

@@ -308,6 +308,28 @@ class MetricsServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # A thread a connection: an idle or half-sent request held one for ever (200 such connections
+    # were 200 threads). A request must come within REQUEST_TIMEOUT_S, and at most MAX_CONNECTIONS
+    # are served at once; more are closed at once (a scraper or probe retries).
+    MAX_CONNECTIONS = 64
+    REQUEST_TIMEOUT_S = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.REQUEST_TIMEOUT_S)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def port(self) -> int:

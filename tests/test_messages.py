@@ -205,3 +205,9 @@ def test_encode_reading_nan_is_dead_lettered():
 def test_invalid_reading_pickles():
     e = pickle.loads(pickle.dumps(InvalidReading(ErrorCode.BAD_TS, "ts 'x' is not ISO-8601")))
     assert e.code is ErrorCode.BAD_TS and e.reason == "ts 'x' is not ISO-8601"
+
+
+def test_an_out_of_range_reason_shows_the_number_itself():
+    # "%g" rounded it: "value=1e+12 is outside [-1e+12, 1e+12]" contradicted itself.
+    with pytest.raises(InvalidReading, match=r"value=1000000100000\.0 is outside \[-1e\+12, 1e\+12\]"):
+        dec().decode(body(value=1.0000001e12), KEY, NOW)

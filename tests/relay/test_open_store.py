@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
 def opened(alert_id):
-    return {"event": "open", "alert_id": alert_id, "device_id": alert_id.split("@")[0]}
+    return {"event": "open", "alert_id": alert_id, "device_id": alert_id.split("@")[0],
+            "start_ts": 1.7e9, "ts": 1.7e9 + 60}
 
 
 @pytest.fixture
@@ -62,6 +63,8 @@ def test_a_damaged_record_is_skipped_not_a_crash(store, store_settings):
 
     producer = make_producer(store_settings)
     producer.send(store.topic, key=b"x@1", value=b"not json")
+    # JSON, but an event the relay could not send again (it died at its first re-send, at every start)
+    producer.send(store.topic, key=b"z@3", value=json.dumps({"partition": 0, "event": {"event": "open"}}).encode())
     producer.send(store.topic, key=b"y@2", value=json.dumps({"partition": 0, "event": opened("y@2")}).encode())
     producer.flush()
     producer.close()
