@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     VALUE_NOT_FINITE = "value_not_finite"
     VALUE_OUT_OF_RANGE = "value_out_of_range"
     LATE = "late"  # set by the worker (late_policy=dlq), never by the decoder
+    NO_RECORD_TIME = "no_record_time"  # set by decode_records (pipeline.py), never by the decoder
 
 
 class InvalidReading(ValueError):

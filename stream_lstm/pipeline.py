@@ -14,6 +14,7 @@ Every consumed reading ends in exactly one bucket of :class:`BatchCounts`: ``for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from stream_lstm.config import Settings
 from stream_lstm.encoding import dead_letter, dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.forecast import assemble, interval_quantile
-from stream_lstm.messages import InvalidReading, ReadingDecoder
+from stream_lstm.messages import ErrorCode, InvalidReading, ReadingDecoder
 from stream_lstm.stages import stages_for
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
@@ -174,16 +175,24 @@ def decode_records(decoder: ReadingDecoder, records: Iterable[SourceRecord], now
     """Decode records in order: the valid readings as columns, the invalid ones as dead letters
     with their reason. The worker and the trainer service decode alike.
 
-    A reading's far-future check is against its record's Kafka timestamp where it has one
-    (``now`` otherwise): a replay after a restart then decides as the live pass did, where the
-    clock of the moment would accept a reading once sent to the DLQ."""
+    A reading's far-future check is against its record's Kafka timestamp: a replay after a
+    restart then decides as the live pass did, where the clock of the moment would accept a
+    reading once sent to the DLQ. A Kafka record without a timestamp (CreateTime 0 or -1, which
+    no client writes unless told to) cannot be checked alike twice: once dead-lettered live, its
+    reading was taken in on a replay, and the device's later readings counted late. It is a
+    dead letter (``no_record_time``) on every pass. (``now``: records with no timestamp field
+    at all, as the offline tools make them.)"""
     d = Decoded()
     decode = decoder.decode
     for rec in records:
         d.consumed += 1
-        stamp = getattr(rec, "timestamp", -1) or -1
+        stamp = getattr(rec, "timestamp", None)
+        untimed = stamp is not None and stamp <= 0
         try:
-            r = decode(rec.value, rec.key, stamp / 1000.0 if stamp > 0 else now)
+            r = decode(rec.value, rec.key, math.inf if untimed else now if stamp is None else stamp / 1000.0)
+            if untimed:
+                raise InvalidReading(ErrorCode.NO_RECORD_TIME, f"its Kafka record has no timestamp "
+                                     f"({stamp}), so its ts cannot be checked against when it was sent")
         except InvalidReading as exc:
             d.dead.append((rec, str(exc.code), exc.reason))
             continue

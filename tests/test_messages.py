@@ -129,7 +129,7 @@ def test_error_classes(value, key, kw, code):
 
 def test_every_decoder_code_has_a_case():
     covered = {c[-1] for c in ERROR_CASES}
-    assert covered == set(ErrorCode) - {ErrorCode.LATE}
+    assert covered == set(ErrorCode) - {ErrorCode.LATE, ErrorCode.NO_RECORD_TIME}  # (not the decoder's)
     assert len(covered) >= 20
     assert all(c.value == c.value.lower() and " " not in c.value for c in ErrorCode)
 

@@ -170,8 +170,16 @@ def test_the_far_future_check_reads_the_records_timestamp_so_a_replay_decides_al
         assert d.ids == [] and d.dead[0][1] == "ts_far_future"
     on_time = ahead._replace(value=encode_reading("d", sent + 200.0, [1.0]))
     assert decode_records(decoder, [on_time], now=sent - 500.0).ids == ["d"]  # the stamp, not now
-    unstamped = ahead._replace(timestamp=-1)  # no Kafka timestamp: the worker's clock
-    assert decode_records(decoder, [unstamped], now=sent + 20.0).ids == ["d"]
+    # No Kafka timestamp (0 or -1): dead-lettered on every pass, whatever the clock says (it was
+    # checked against the worker's clock: dead-lettered live, taken in by a replay 130 s later).
+    for stamp in (0, -1):
+        for now in (sent + 0.1, sent + 400.0):
+            d = decode_records(decoder, [ahead._replace(timestamp=stamp)], now)
+            assert d.ids == [] and d.dead[0][1] == "no_record_time", (stamp, now)
+    d = decode_records(decoder, [ahead._replace(timestamp=0, value=b"nope")], sent)
+    assert d.dead[0][1] == "not_json"  # what is wrong with the reading itself comes first
+    Bare = namedtuple("Bare", "topic partition offset key value")  # (the offline tools' records)
+    assert decode_records(decoder, [Bare("in", 0, 7, b"d", on_time.value)], now=sent).ids == ["d"]
 
 
 def test_the_drift_score_and_h_step_interval_mean_the_same_at_any_level():
