@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     num_layers: int = Field(1, ge=1, description="Stacked LSTM layers")
     n_features: int = Field(1, ge=1, description="Channels per reading")
     target_channel: int = Field(0, ge=0, description="Channel that is forecast")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between layers in training")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in training: before the head and between layers")
     model_path: Path | None = Field(None, description="Model file (safetensors) to serve")
     # Defaults under the group id: two deployments started from one directory do not share a
     # registry or a state store (they did with ./models and ./state).

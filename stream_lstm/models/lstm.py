@@ -163,6 +163,16 @@ class SimpleLSTM(nn.Module):
     def from_spec(cls, spec: ModelSpec) -> SimpleLSTM:
         return cls(spec.n_features, spec.hidden_size, spec.num_layers, spec.horizon, spec.dropout)
 
+    def set_dropout(self, p: float) -> None:
+        """Dropout ``p`` before the head and between stacked layers (a retrain sets it on a copy
+        of the served model, whose own spec may say another).
+
+        >>> m = SimpleLSTM(1, 4, 2, 3); m.set_dropout(0.3); m.dropout.p, m.lstm.dropout
+        (0.3, 0.3)
+        """
+        self.dropout.p = p
+        self.lstm.dropout = p if self.num_layers > 1 else 0.0
+
     def forward(
         self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:

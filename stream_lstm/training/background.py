@@ -125,14 +125,15 @@ def run_job(data: bytes) -> bytes:
     # promoted challengers that were worse on fresh data (7 of 7 promotions in one study).
     fit, validation = split_holdout(train, 0.2, seed=seed + 1) if len(train) >= 4 else (train, holdout)
     challenger = copy.deepcopy(champion.model)
-    if p.get("dropout"):
-        challenger.dropout.p = float(p["dropout"])
+    # The setting's dropout, between layers too: the champion's spec (a model file, the
+    # registry) may have been trained with another, and the copy carries it.
+    challenger.set_dropout(float(p.get("dropout") or 0.0))
     result = train_tbptt(challenger, fit, validation, k1=p["k1"], k2=p["k2"], lr=p["lr"],
                          weight_decay=p["weight_decay"], grad_clip=p["grad_clip"],
                          max_epochs=p["max_epochs"], patience=p["patience"],
                          batch_size=int(p.get("batch_size", 16)),
                          target=champion.spec.target_channel)
-    challenger.dropout.p = 0.0
+    challenger.set_dropout(0.0)
     decision = decide(champion.model, challenger, holdout, p["margin"], champion.spec.target_channel)
     header = {"promote": decision.promote, "reason": decision.reason,
               "champion_error": decision.champion_error, "challenger_error": decision.challenger_error,

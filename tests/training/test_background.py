@@ -86,3 +86,24 @@ def test_a_trainer_that_dies_is_a_failed_job_and_a_new_one_takes_the_next():
         assert result is not None and result.error is None, result
     finally:
         trainer.close()
+
+
+def test_the_dropout_setting_reaches_every_layer_of_a_retrain(monkeypatch):
+    """STREAM_LSTM_DROPOUT set only the head's dropout of the copy of the served model: between
+    its stacked layers it kept the served model's own (0 for a model built without it)."""
+    import stream_lstm.training.tbptt as tbptt
+    from stream_lstm.training.background import run_job
+
+    seen, real = [], tbptt.train_tbptt  # (run_job imports it when it runs)
+
+    def spy(model, *args, **kwargs):
+        seen.append((model.dropout.p, model.lstm.dropout))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(tbptt, "train_tbptt", spy)
+    spec = ModelSpec(hidden_size=4, num_layers=2, horizon=2)  # served: trained without dropout
+    rng = np.random.default_rng(0)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(6)]
+    params = job_params(Settings(trainer="off", dropout=0.3)) | {"max_epochs": 1, "patience": 1}
+    run_job(encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params))
+    assert seen == [(0.3, 0.3)]
