@@ -367,6 +367,14 @@ def ensure_local_broker(settings: object) -> Iterator[str]:
         print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
         yield settings.bootstrap_servers  # type: ignore[attr-defined]
         return
+    if getattr(settings, "security_protocol", "PLAINTEXT") != "PLAINTEXT":
+        # A secured broker was meant: a local plaintext one would hide why it did not answer
+        # (refused credentials, say). Ask again, and let its own one line say so.
+        from stream_lstm.kafka.clients import make_admin
+
+        make_admin(settings, request_timeout_ms=10_000, bootstrap_timeout_ms=10_000).close()  # type: ignore[arg-type]
+        yield settings.bootstrap_servers  # type: ignore[attr-defined]  # (it answered after all)
+        return
     with tempfile.TemporaryDirectory(prefix="stream-lstm-broker-") as d:
         broker = LocalBroker(port=free_port(), data_dir=d)
         print(f"no broker at {settings.bootstrap_servers}; starting a local one ...", file=sys.stderr)  # type: ignore[attr-defined]

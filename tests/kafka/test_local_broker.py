@@ -125,6 +125,20 @@ def test_ensure_local_broker_lets_the_bodys_own_error_through(bootstrap):
             raise ValueError("the real error")
 
 
+def test_a_secured_broker_that_does_not_answer_is_said_not_replaced_by_a_local_one():
+    """With TLS/SASL settings and no answer, evaluate, bench and gpu-check started a local
+    plaintext broker and kept the secured settings: its failure then hid the real cause."""
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.clients import KafkaConnectError
+    from stream_lstm.kafka.local_broker import ensure_local_broker
+
+    s = Settings(bootstrap_servers=f"127.0.0.1:{free_port()}", security_protocol="SASL_PLAINTEXT",
+                 sasl_mechanism="PLAIN", sasl_username="u", sasl_password="p")
+    with pytest.raises(KafkaConnectError, match="127.0.0.1"):
+        with ensure_local_broker(s):
+            pytest.fail("no broker: the body must not run")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_throw_away_broker_is_stopped_when_its_command_is_terminated(tmp_path, sig):
     """evaluate, bench and gpu-check start one when no broker answers; a SIGTERM (a `timeout`,
