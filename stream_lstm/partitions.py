@@ -268,6 +268,11 @@ class PartitionCoordinator:
         tp = TopicPartition(self.settings.input_topic, partition)
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+        if start is not None and committed is not None and start > committed:
+            log.warning("the changelog's replay marker is past the group's committed offset: no "
+                        "commit of this group wrote it (another group's changelog, or a forged "
+                        "record); nothing is replayed", extra={"partition": partition,
+                                                               "marker": start, "committed": committed})
         if start is None or committed is None or committed <= start:
             if committed is not None:
                 self.tx.next_offsets[tp] = committed

@@ -57,10 +57,12 @@ def encode_marker(offset: int) -> bytes:
 
 
 def decode_marker(value: bytes | None) -> int | None:
-    """The offset of a replay marker's value; None for anything else."""
+    """The offset of a replay marker's value; None for anything else (a negative offset too:
+    no commit writes one, and replaying from it would report readings lost to retention)."""
     if value is None or len(value) != _OFFSET.size:
         return None
-    return int(_OFFSET.unpack(value)[0])
+    offset = int(_OFFSET.unpack(value)[0])
+    return offset if offset >= 0 else None
 
 
 @dataclass

@@ -217,3 +217,11 @@ def test_a_replay_or_restore_against_a_broker_that_is_down_fails_within_the_live
             assert time.monotonic() - began < limit
     finally:
         store.close(clean=True)
+
+
+def test_a_marker_no_commit_could_write_is_no_marker():
+    # A negative offset (a forged record) made a replay report readings lost to retention.
+    from stream_lstm.checkpointing.replay import encode_marker
+
+    assert decode_marker(encode_marker(42)) == 42 and decode_marker(encode_marker(0)) == 0
+    assert decode_marker(encode_marker(-5)) is None and decode_marker(b"\x01") is None
