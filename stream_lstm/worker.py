@@ -45,11 +45,14 @@ from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import ensure_worker_topics
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.registry import LoadedModel
-from stream_lstm.models.serving import load_served_model
+from stream_lstm.models.serving import (
+    load_served_model,
+)
 from stream_lstm.partitions import PartitionCoordinator
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle
+from stream_lstm.training.models_follower import ModelsFollower
 from stream_lstm.transaction import TransactionUnit
 
 log = logging.getLogger("stream_lstm.worker")
@@ -78,7 +81,8 @@ class Worker:
         health: HealthState | None = None,
     ) -> None:
         self.settings = settings
-        self.served = served or load_served_model(settings)
+        follower = ModelsFollower(settings) if settings.trainer == "external" else None
+        self.served = served or (follower and follower.to_serve(settings)) or load_served_model(settings)
         self.metrics = metrics or Metrics()
         self.health = health or HealthState()
         self.device = resolve_device(settings.device)
@@ -99,7 +103,7 @@ class Worker:
             on_evict=self.state.on_evict,
         )
         self.engine = BatchedEngine(self.served.model, self.table, version=self.served.version)
-        self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics)
+        self.lifecycle = ModelLifecycle(settings, self.served, self.engine, self.table, self.metrics, follower)
         # A replay must step each reading under the model that served it: a device re-warmed
         # after a swap is checkpointed with the next commit (training/lifecycle.py).
         self.lifecycle.checkpoints = self.state

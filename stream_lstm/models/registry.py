@@ -51,7 +51,7 @@ FORMAT_VERSION = 1
 WIRE_MAGIC = b"SLM1"
 _MAX_HEADER = 16 << 20
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # (a file name too)
-_NUMBERED_RE = re.compile(r"^v(\d+)$")
+NUMBERED_RE = re.compile(r"^v(\d+)$")
 
 
 class ModelLoadError(ValueError):
@@ -251,7 +251,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _version_key(version: str) -> tuple[int, int, str]:
-    m = _NUMBERED_RE.match(version)
+    m = NUMBERED_RE.match(version)
     return (0, int(m.group(1)), "") if m else (1, 0, version)
 
 
@@ -304,7 +304,7 @@ class ModelRegistry:
     def next_version(self) -> str:
         """``v0001``, ``v0002``, ...: one past the highest numbered version present."""
         numbers = [int(m.group(1)) for p in self.root.glob("v*.*")
-                   if p.suffix in (".json", ".safetensors") and (m := _NUMBERED_RE.match(p.stem))]
+                   if p.suffix in (".json", ".safetensors") and (m := NUMBERED_RE.match(p.stem))]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def register(self, model: SimpleLSTM, spec: ModelSpec, meta: dict[str, Any]) -> str:

@@ -125,9 +125,12 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
             "freshly initialized, untrained model", settings.model_dir,
         )
         return _host_fresh_model(settings)
-    # The promoted version first, then older ones: a damaged file never stops the service.
-    candidates = [promoted] + [m["version"] for m in reversed(registry.versions())
-                               if m.get("version") and m.get("version") != promoted]
+    # The promoted version first, then the ones before it, newest first (the version a rollback
+    # would go back to), then any later: a damaged file never stops the service. (Newest first
+    # overall put back the very version a rollback had left.)
+    versions = [m["version"] for m in registry.versions() if m.get("version")]
+    before = versions[: versions.index(promoted)] if promoted in versions else []
+    candidates = [promoted, *reversed(before), *(v for v in reversed(versions) if v != promoted and v not in before)]
     for version in candidates:
         try:
             loaded = registry.load(version)

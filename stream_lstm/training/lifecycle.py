@@ -42,16 +42,12 @@ import numpy as np
 
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
-from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_bytes
+from stream_lstm.models.registry import LoadedModel, ModelLoadError
 from stream_lstm.models.served_models import ServedModels
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
-from stream_lstm.training.retrainer import (
-    MODEL_RECORD_MAX_BYTES,
-    MODELS_PARTITION,
-    Retrainer,
-    ensure_models_topic,
-)
+from stream_lstm.training.models_follower import ModelsFollower
+from stream_lstm.training.retrainer import Retrainer
 
 if TYPE_CHECKING:
     from stream_lstm.checkpointing.manager import StateManager
@@ -85,6 +81,9 @@ class ModelLifecycle:
         Where the swap and the re-warm happen.
     metrics
         :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause, re-warm).
+    follower
+        The models topic's :class:`ModelsFollower` the worker started from, if it has one
+        (else one is made when ``STREAM_LSTM_TRAINER=external``).
 
     ``checkpoints`` (the worker's :class:`~stream_lstm.checkpointing.manager.StateManager`)
     is where re-warmed devices are marked for the next commit's checkpoint; ``None`` (tests,
@@ -112,7 +111,7 @@ class ModelLifecycle:
     """
 
     def __init__(self, settings: Settings, served: LoadedModel, engine: BatchedEngine,
-                 table: DeviceTable, metrics: object) -> None:
+                 table: DeviceTable, metrics: object, follower: ModelsFollower | None = None) -> None:
         self.settings = settings
         self.served = served
         self.engine = engine
@@ -121,7 +120,7 @@ class ModelLifecycle:
         self.retrainer = Retrainer(settings, metrics)
         self.trainer = (BackgroundTrainer(settings.train_threads, settings.train_nice)
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
-        self.follower = ModelsFollower(settings) if settings.trainer == "external" else None
+        self.follower = follower or (ModelsFollower(settings) if settings.trainer == "external" else None)
         if settings.trainer == "off" and self.retrainer.scheduled:  # (a trainer process reads them)
             log.warning("STREAM_LSTM_RETRAIN_EVERY_* is set but STREAM_LSTM_TRAINER=off: this "
                         "worker never retrains")
@@ -192,7 +191,8 @@ class ModelLifecycle:
         within a re-warm) are those re-warmed at once, so that two versions at most stay live.
         """
         if loaded.spec.serving_shape() != self.served.spec.serving_shape():  # (dropout aside)
-            log.error("refusing a model whose shape differs from the served one",
+            log.error(f"refusing model {loaded.version}: its shape differs from the served "
+                      f"{self.served.version}'s (a worker starts on it, but swaps only within a shape)",
                       extra={"new": str(loaded.spec), "served": str(self.served.spec)})
             return 0.0
         t0 = time.perf_counter()
@@ -356,43 +356,3 @@ class ModelLifecycle:
             self.trainer.close()
         if self.follower is not None:
             self.follower.close()
-
-
-class ModelsFollower:
-    """Follows the compacted models topic; returns each newly published model.
-
-    Parameters
-    ----------
-    settings
-        The broker and ``STREAM_LSTM_MODELS_TOPIC`` (created if missing); it starts at the latest
-        published model.
-
-    Example: see tests/integration/test_retraining.py::test_external_trainer_publishes_and_worker_follows
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        from kafka.structs import TopicPartition
-
-        from stream_lstm.kafka.clients import make_consumer
-        ensure_models_topic(settings)
-        self.tp = TopicPartition(settings.models_topic, MODELS_PARTITION)
-        self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
-                                      isolation_level="read_committed", fetch_max_bytes=MODEL_RECORD_MAX_BYTES,
-                                      max_partition_fetch_bytes=MODEL_RECORD_MAX_BYTES)
-        self.consumer.assign([self.tp])
-        end = self.consumer.end_offsets([self.tp])[self.tp]
-        self.consumer.seek(self.tp, max(0, end - 1))  # the latest published model
-
-    def poll(self) -> LoadedModel | None:
-        latest = None
-        for recs in self.consumer.poll(timeout_ms=0).values():
-            for rec in recs:
-                try:
-                    latest = model_from_bytes(rec.value)
-                except ModelLoadError as exc:
-                    log.error("ignoring an unloadable model from the models topic",
-                              extra={"offset": rec.offset, "error": str(exc)})
-        return latest
-
-    def close(self) -> None:
-        self.consumer.close()

@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
 
     from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-    from stream_lstm.models.registry import VERSION_RE, ModelRegistry, save_model
+    from stream_lstm.models.registry import NUMBERED_RE, VERSION_RE, ModelRegistry, save_model
     from stream_lstm.recordings import DEFAULT_TIME_COLUMN, RecordingError, load_csv
     from stream_lstm.state.normalizer import normalize_sequence
     from stream_lstm.training.data import series_windows
@@ -121,6 +121,11 @@ def main(args: argparse.Namespace) -> int:
     if args.version is not None and not VERSION_RE.match(args.version):
         print(f"train: --version {args.version[:80]!r} is not a version name (letters, digits, "
               "'.', '_', '-'; at most 64)", file=sys.stderr)
+        return 2
+    if args.version is not None and NUMBERED_RE.match(args.version):  # (as its help says)
+        print(f"train: --version {args.version} is a registry's numbering: a worker that later "
+              "follows a trainer's version of that name would take it for the same weights; "
+              "choose another name (--registry numbers it in the registry)", file=sys.stderr)
         return 2
     columns = args.columns or ["value"]
     if args.target_column is not None and args.target_column not in columns:

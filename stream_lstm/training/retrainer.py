@@ -121,7 +121,9 @@ class Retrainer:
         than two devices have enough history. Either way the schedule starts again."""
         self.readings_since, self.last = 0, time.monotonic()
         seqs = windows_from_table(table, min(self.settings.window, 2 * self.settings.tbptt_k1))
-        if len(seqs) < 2:
+        if len(seqs) < 2:  # (said: a due retrain that never came looked like a broken trainer)
+            log.info("a retrain was due but skipped: fewer than two devices have a full window "
+                     "since this process started", extra={"devices": len(seqs), "devices_in_memory": len(table)})
             return None
         return (encode_job(champion.model, champion.spec, {"version": champion.version}, seqs,
                            job_params(self.settings)), len(seqs))

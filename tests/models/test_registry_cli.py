@@ -74,7 +74,7 @@ def test_rollback_publish_sends_the_version_where_following_workers_read(
     # rollback reaches them only through it (partition 0, as the trainer publishes).
     from stream_lstm.config import Settings
     from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-    from stream_lstm.training.lifecycle import ModelsFollower
+    from stream_lstm.training.models_follower import ModelsFollower
 
     monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("STREAM_LSTM_MODELS_TOPIC", topic_name)

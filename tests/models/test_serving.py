@@ -136,3 +136,22 @@ def test_a_model_path_gives_way_to_a_promotion_retrained_from_it_and_says_when_i
     registry.promote(v2)
     (tmp_path / "models" / "PROMOTED").unlink()  # the way back to the file, as the README says
     assert load_served_model(s).version == "offline-1"
+
+
+def test_a_damaged_promoted_model_falls_back_to_the_version_before_it(tmp_path, caplog):
+    """After a rollback from a bad v0003 to v0002, a damaged v0002 put v0003 back: the fallback
+    took the newest other version, not the previous one (README: "the previous loadable")."""
+    from stream_lstm.models.registry import ModelRegistry
+    from stream_lstm.models.serving import fresh_model
+
+    registry = ModelRegistry(tmp_path / "models")
+    model = fresh_model(Settings(hidden_size=8, horizon=12))
+    for _ in range(3):
+        registry.register(model.model, model.spec, {})
+    registry.promote("v0002")
+    weights = next((tmp_path / "models").glob("v0002.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="stream_lstm.worker"):
+        served = load_served_model(Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=12))
+    assert served.version == "v0001"
+    assert "serving v0001 instead of the promoted v0002" in caplog.text

@@ -127,6 +127,24 @@ def test_cli_sends_current_event_times_and_prints_a_summary(bootstrap, settings_
     assert time.time() - 3600 < newest <= time.time()
 
 
+def test_as_fast_as_possible_sends_nothing_ahead_of_the_start(bootstrap, settings_factory, topic_name,
+                                                              monkeypatch, capsys):
+    """Devices miss readings in their gaps, so a --messages run took more steps than planned
+    and its last readings lay ahead of now: each was held until its time (6,000 readings of
+    40 devices took 436 s "as fast as possible")."""
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", bootstrap)
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    args = parser.parse_args(["--devices", "40", "--messages", "6000", "--as-fast-as-possible",
+                              "--topic", topic_name, "--seed", "0", "--no-progress"])
+    started = time.time()
+    assert simulate.main(args) == 0
+    assert "gaps" in capsys.readouterr().err
+    records = consume(settings_factory(), topic_name, 6000)
+    assert len(records) == 6000
+    assert max(json.loads(r.value)["ts"] for r in records) <= started
+
+
 def test_cli_rejects_bad_arguments(capsys):
     parser = argparse.ArgumentParser()
     simulate.add_arguments(parser)

@@ -135,3 +135,6 @@ def test_a_version_that_no_worker_would_load_is_refused_before_training(tmp_path
     assert capsys.readouterr().err == ("train: --version 'my model' is not a version name (letters, "
                                        "digits, '.', '_', '-'; at most 64)\n")
     assert not (tmp_path / "m.safetensors").exists()
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"),
+                "--version", "v0007"]) == 2  # a registry's numbering (the help says why)
+    assert "is a registry's numbering" in capsys.readouterr().err

@@ -27,11 +27,13 @@ def result(promote: bool, error: str | None = None) -> RetrainResult:
     return RetrainResult(promote, "because", 1.0, 0.5, 2.0, 0.4, challenger if promote else None, error)
 
 
-def test_a_job_holds_the_fleets_windows_and_restarts_the_schedule(tmp_path):
+def test_a_job_holds_the_fleets_windows_and_restarts_the_schedule(tmp_path, caplog):
     s = Settings(retrain_every_readings=10, model_dir=tmp_path, window=8, tbptt_k1=2)
     r = Retrainer(s)
     table = DeviceTable(8, 8, 1, 1, 4)
-    assert r.job(table, champion()) is None  # no device has history yet
+    with caplog.at_level("INFO", logger="stream_lstm.training"):
+        assert r.job(table, champion()) is None  # no device has history yet: said
+    assert "a retrain was due but skipped" in caplog.text
     for k in range(6):
         ingest(table, ["a", "b", "c"], [float(k)] * 3, np.ones((3, 1)) * k, [0] * 3, now=0.0, target=0)
     r.count(12)
@@ -89,7 +91,7 @@ def test_a_model_over_the_brokers_record_limit_still_travels_on_the_models_topic
     its own limit. One over that fails with an error that says so, not a silent flush."""
     from stream_lstm.kafka.clients import make_producer
     from stream_lstm.models.registry import model_to_bytes
-    from stream_lstm.training.lifecycle import ModelsFollower
+    from stream_lstm.training.models_follower import ModelsFollower
     from stream_lstm.training.retrainer import MODEL_RECORD_MAX_BYTES, ModelPublishError, send_model
 
     s = settings_factory(models_topic=f"{topic_name}-models")
