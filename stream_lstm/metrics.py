@@ -119,7 +119,8 @@ class Metrics:
         # --- Model, retraining, hot swap ---------------------------------------------------------
         self.model_info = Info(p + "model", "The served model version", registry=r)
         self.model_promoted_timestamp_seconds = gauge(
-            "model_promoted_timestamp_seconds", "When the served model was promoted (unix time)",
+            "model_promoted_timestamp_seconds", "When the served model was made (its created_at, "
+            "unix time): a promotion or rollback changes it, a restart does not",
             mode="livemax")
         self.retrain_runs = counter("retrain_runs", "Retraining runs by outcome", ("outcome",))
         self.retrain_duration_seconds = histogram("retrain_duration_seconds", "Retraining time", SLOW_BUCKETS)
