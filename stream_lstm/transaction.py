@@ -175,10 +175,18 @@ class TransactionUnit:
         send = self.publisher.send
         for topic, key, value, headers, partition in records:
             send(topic, value, key=key, headers=headers, partition=partition)
+        offsets = unit.offsets
+        if records and not offsets and self.exactly_once:
+            # Checkpoints alone still name their partitions' positions (the same offsets again):
+            # the offset commit carries the group's generation, so that of a member dropped
+            # while it was stopped, which does not know it yet, is refused. Unfenced, such a
+            # zombie woke and overwrote the new owner's checkpoints and marker with its older
+            # ones, and a later restore lost the readings in between.
+            offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.next_offsets.items()}
         self._committing = (unit, time.perf_counter())
         self.open = None
         self.state.commit_started()
-        self.publisher.start_commit(unit.offsets, consumer)
+        self.publisher.start_commit(offsets, consumer)
         if wait:
             self.settle()
 

@@ -324,8 +324,11 @@ class Worker:
         """Undo a batch that could not be published, then retry against the broker with
         backoff until it answers. Nothing is lost: offsets were not committed, and state is
         restored again from the changelog, which never holds uncommitted batches."""
-        log.error("publishing a batch failed; rolling back to the last commit",
-                  extra={"error": repr(exc)[:300]})
+        fenced = "ProducerFenced" in repr(exc)  # (another producer took this transactional id)
+        log.error("publishing a batch failed; rolling back to the last commit" + (
+            f": another producer took its transactional id {self.settings.group_id}-{self.instance_id} "
+            f"(this worker restarted, or a second one with STREAM_LSTM_INSTANCE_ID={self.instance_id}: "
+            "each needs its own)" if fenced else ""), extra={"error": repr(exc)[:300]})
         self.partitions.failed_in_callback = None
         self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
         self.partitions.update_readiness()

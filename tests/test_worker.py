@@ -156,6 +156,57 @@ def aborted(worker) -> float:
     return worker.metrics.transactions.labels("aborted")._value.get()
 
 
+def test_two_workers_with_one_instance_id_are_told_so(settings_factory, topic_name, caplog):
+    """Two hosts configured alike fenced each other's transactions for ever, each rollback
+    saying only ProducerFencedError (a faults audit): the line now names the cause."""
+    from kafka.errors import ProducerFencedError
+
+    s = small(settings_factory, topic_name, instance_id="same")
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    worker.stop()  # (no reconnect loop after the line)
+    try:
+        with caplog.at_level("ERROR", logger="stream_lstm.worker"):
+            worker._rollback(ProducerFencedError())
+    finally:
+        worker.close(clean=False)
+    assert f"another producer took its transactional id {s.group_id}-same" in caplog.text
+    assert "STREAM_LSTM_INSTANCE_ID=same: each needs its own" in caplog.text
+
+
+def test_a_member_dropped_from_its_group_writes_no_checkpoints_alone(settings_factory, topic_name):
+    """A worker stopped (SIGSTOP, a long pause) past its session, its partitions taken over,
+    woke and committed a transaction of checkpoints alone: with no offsets it carried no
+    generation, and its older checkpoints and replay marker overwrote the new owner's (a later
+    restore lost the readings in between; found by a faults audit). Such a transaction now
+    names its partitions' positions, and a member that has lost its generation is refused."""
+    from stream_lstm.kafka.publisher import PublishError
+
+    s = small(settings_factory, topic_name, max_poll_interval_ms=3000, session_timeout_ms=6000)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 6))
+    worker = Worker(s, fresh_model(s))
+    refused = []
+
+    def stall_then_checkpoint(w) -> bool:
+        if w.totals.consumed < 18 or w.tx.open is not None or w.tx.committing or not w.state.dirty:
+            return False
+        # Everything committed, the devices' checkpoints not yet due (30 s): a pause now ...
+        coordinator, t0 = w.group.consumer._coordinator, time.monotonic()
+        while not coordinator._generation.is_lost():
+            assert time.monotonic() - t0 < 30, "the member never left its group"
+            time.sleep(0.1)
+        # ... and the checkpoints of its partitions, alone, are not committed.
+        with pytest.raises(PublishError, match="generation lost"):
+            w.tx.commit(w.group.consumer, flush=set(w.assigned))
+        w.tx.abort()
+        refused.append(True)
+        return True
+
+    worker.run(until=stall_then_checkpoint)
+    assert refused == [True]
+
+
 def test_a_member_dropped_from_its_group_aborts_its_transaction_and_loses_nothing(
         settings_factory, topic_name, caplog):
     # The worker stalls past max.poll.interval.ms with a transaction open: kafka-python's
