@@ -79,6 +79,19 @@ def format_table(rows: list[dict[str, Any]], promoted: str | None) -> str:
     return "\n".join(lines)
 
 
+def _weights_problem(root: Path, meta: dict[str, Any]) -> str | None:
+    """Why a version's weights cannot be served (missing, or not the bytes its metadata's
+    sha256 names), or None."""
+    import hashlib
+
+    path = root / f"{meta['version']}.safetensors"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "weights missing"
+    return None if hashlib.sha256(data).hexdigest() == meta.get("sha256") else "weights damaged (sha256 differs)"
+
+
 def main(args: argparse.Namespace) -> int:
     from stream_lstm.config import load_settings
     from stream_lstm.models.registry import ModelLoadError, ModelRegistry
@@ -92,11 +105,21 @@ def main(args: argparse.Namespace) -> int:
         return 2
     reg = ModelRegistry(model_dir)
     if args.action == "list":
+        ignored = [name for name, given in (("VERSION", args.version), ("--reason", args.reason),
+                                            ("--publish", args.publish)) if given]
+        if ignored:  # (they belong to rollback)
+            print(f"models list: ignoring {', '.join(ignored)} (rollback's)", file=sys.stderr)
         rows = reg.versions()
         if not rows:
             print(f"no models in {reg.root}")
             return 0
+        for m in rows:  # what rollback would refuse, said here (the metadata alone looked fine)
+            if not m.get("error"):
+                m["error"] = _weights_problem(reg.root, m)
         promoted = reg.promoted()
+        if promoted is None and (reg.root / reg.PROMOTED).exists():
+            print(f"warning: {reg.root / reg.PROMOTED} holds no version name: nothing is promoted",
+                  file=sys.stderr)
         print(format_table(rows, promoted))
         print(f"(* = promoted; baseline = persistence MAE or the replaced champion's; {reg.root})")
         if promoted is not None and promoted not in {m.get("version") for m in rows}:

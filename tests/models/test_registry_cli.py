@@ -31,6 +31,22 @@ def test_list_shows_versions_metrics_and_the_promoted_marker(tmp_path, capsys):
     assert out[2].split()[:3] == ["*", "v0002", "v0001"]
 
 
+def test_list_says_which_versions_cannot_be_served_and_what_it_ignores(tmp_path, capsys):
+    """It read the metadata alone: a version whose weights were truncated or gone was listed
+    as normal (rollback then refused it), and a PROMOTED of garbage showed nothing promoted."""
+    registry_with_two(tmp_path)
+    weights = tmp_path / "v0001.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    (tmp_path / "v0002.safetensors").unlink()
+    (tmp_path / "PROMOTED").write_text("v00zz/../\n")
+    assert cli(["models", "list", "v0001", "--publish", "--model-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert "(weights damaged (sha256 differs))" in out[1] and "(weights missing)" in out[2]
+    assert "holds no version name: nothing is promoted" in captured.err
+    assert "ignoring VERSION, --publish (rollback's)" in captured.err
+
+
 def test_list_reads_the_directory_from_the_environment(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path / "missing"))
     assert cli(["models", "list"]) == 2  # a mistyped directory is said, not "no models"
