@@ -128,6 +128,9 @@ def main(args: argparse.Namespace) -> int:
               "choose another name (--registry numbers it in the registry)", file=sys.stderr)
         return 2
     columns = args.columns or ["value"]
+    if len(set(columns)) < len(columns):  # (a channel twice: a model of more channels than there are)
+        print(f"train: --column names a column twice ({', '.join(columns)})", file=sys.stderr)
+        return 2
     if args.target_column is not None and args.target_column not in columns:
         print(f"train: --target-column {args.target_column} is not one of {columns}", file=sys.stderr)
         return 2

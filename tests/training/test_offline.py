@@ -138,3 +138,12 @@ def test_a_version_that_no_worker_would_load_is_refused_before_training(tmp_path
     assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"),
                 "--version", "v0007"]) == 2  # a registry's numbering (the help says why)
     assert "is a registry's numbering" in capsys.readouterr().err
+
+
+def test_a_column_named_twice_is_refused(tmp_path, capsys):
+    # It trained a two-channel model of one column, which no reading of one channel fits.
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"),
+                "--column", "value", "--column", "value"]) == 2
+    assert capsys.readouterr().err == "train: --column names a column twice (value, value)\n"
