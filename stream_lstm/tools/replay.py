@@ -130,8 +130,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     topic = args.topic or settings.input_topic
     count = len(ts) if args.limit is None else min(len(ts), args.limit)
+    devices = len(set(device_index[:count].tolist()))  # (--limit may leave some files out)
     pace = f"{args.speedup:g}x speed-up" if args.speedup else "as fast as possible"
-    print(f"replay: {count:,} readings of {len(ids)} device(s) into {topic} at "
+    print(f"replay: {count:,} readings of {devices} device(s) into {topic} at "
           f"{settings.bootstrap_servers}, {pace}", file=sys.stderr)
     from stream_lstm.tools.simulate import ensure_topic
 

@@ -129,6 +129,11 @@ def test_cli_replays_a_merged_fleet_with_a_speedup(shared_data, bootstrap, setti
     for r in records:
         body = json.loads(r.value)
         assert r.key.decode() == body["device_id"] and body["device_id"] in {"a", "b"}
+    # --limit 1 sends one device's reading: said so (it counted every file's device).
+    args = parser.parse_args([str(shared_data / AWS_A), str(shared_data / AWS_B), "--limit", "1",
+                              "--topic", topic_name, "--no-progress"])
+    assert replay.main(args) == 0
+    assert "replay: 1 readings of 1 device(s)" in capsys.readouterr().err
 
 
 
