@@ -13,6 +13,8 @@ True
 'challenger 0.9700 does not beat champion 1.0000 by 5%'
 >>> decide_from_errors(1.0, float("nan"), margin=0.05).promote
 False
+>>> decide_from_errors(1.0, 1.0, margin=0.05).reason
+"challenger 1.0000 does not beat champion 1.0000 by 5% (the same error: no epoch of training improved on the champion's weights)"
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def decide_from_errors(champion: float, challenger: float, margin: float) -> Pro
         reason = f"challenger {challenger:.4f} beats champion {champion:.4f} by more than {margin:.0%}"
         return PromotionDecision(True, champion, challenger, margin, reason)
     reason = f"challenger {challenger:.4f} does not beat champion {champion:.4f} by {margin:.0%}"
+    if challenger == champion:  # (early stopping kept the starting weights: the champion's own)
+        reason += " (the same error: no epoch of training improved on the champion's weights)"
     return PromotionDecision(False, champion, challenger, margin, reason)
 
 
