@@ -165,9 +165,11 @@ def main(args: argparse.Namespace) -> int:
     if split < 4 or len(x) - split < 2:
         print(f"train: {len(x)} rows are too few to train and validate", file=sys.stderr)
         return 2
-    if len(columns) != s.n_features:
-        print(f"train: note: the model has {len(columns)} channel(s) but STREAM_LSTM_N_FEATURES "
-              f"is {s.n_features}; set it to match before serving", file=sys.stderr)
+    if len(columns) != s.n_features or target != s.target_channel:  # (a worker refuses it otherwise)
+        print(f"train: note: the model has {len(columns)} channel(s) and forecasts channel {target}; "
+              f"serving it needs STREAM_LSTM_N_FEATURES={len(columns)} and "
+              f"STREAM_LSTM_TARGET_CHANNEL={target} (now {s.n_features} and {s.target_channel})",
+              file=sys.stderr)
 
     z, _, _ = normalize_sequence(x, s.normalizer, s.normalizer_alpha, s.std_floor)
     length = 2 * window

@@ -65,6 +65,9 @@ def test_train_on_a_small_multichannel_csv(tmp_path, capsys):
     _, spec, meta = load_model(tmp_path / "mc.safetensors")
     assert (spec.n_features, spec.target_channel) == (2, 1)
     assert meta["training_data"]["first_ts"] == 1000.0
+    # What serving it needs, both settings (it named STREAM_LSTM_N_FEATURES only).
+    assert ("train: note: the model has 2 channel(s) and forecasts channel 1; serving it needs "
+            "STREAM_LSTM_N_FEATURES=2 and STREAM_LSTM_TARGET_CHANNEL=1 (now 1 and 0)") in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not ETTH1.exists(), reason=f"{ETTH1} not present")
