@@ -66,7 +66,7 @@ from stream_lstm.checkpointing import codec_v1
 from stream_lstm.state.columns import COLUMNS, SCHEMA_ID
 from stream_lstm.state.snapshot import DeviceSnapshot
 
-__all__ = ["FORMAT", "MAGIC", "SCHEMA_ID", "SnapshotDecodeError", "check_snapshot",
+__all__ = ["FORMAT", "MAGIC", "SCHEMA_ID", "SnapshotDecodeError", "check_snapshot", "decode_for_table",
            "decode_snapshot", "encode_snapshot", "later_state", "snapshot_schema"]
 
 MAGIC = b"SLS"
@@ -265,7 +265,6 @@ def decode_snapshot(data: bytes | bytearray | memoryview, n_features: int | None
     or hand them to ``torch.from_numpy``.
     """
     snap = _decode(data)
-    _check_columns(snap.columns)
     if n_features is not None and (snap.mean.shape != (n_features,) or (
             snap.window.size and snap.window.shape[-1] != n_features)):
         raise SnapshotDecodeError(f"a snapshot of {snap.mean.size} channels; the settings "
@@ -275,6 +274,15 @@ def decode_snapshot(data: bytes | bytearray | memoryview, n_features: int | None
 
 _DECLARED = {c.name: np.dtype(c.dtype) for c in COLUMNS}
 _MAX_PARTITION = 2**31 - 1  # (a Kafka partition number is an int32)
+
+
+def decode_for_table(data: bytes | bytearray | memoryview, n_features: int) -> DeviceSnapshot:
+    """:func:`decode_snapshot`, refusing as well (:class:`SnapshotDecodeError`) a snapshot whose
+    declared columns a :class:`~stream_lstm.state.table.DeviceTable` could not take in: what
+    the worker restores devices from. (The codec itself round-trips any snapshot.)"""
+    snap = decode_snapshot(data, n_features)
+    _check_columns(snap.columns)
+    return snap
 
 
 def _check_columns(columns: dict[str, Any]) -> None:

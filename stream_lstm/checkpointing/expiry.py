@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stream_lstm.checkpointing.changelog import tombstone
-from stream_lstm.checkpointing.codec import decode_snapshot
+from stream_lstm.checkpointing.codec import decode_for_table
 from stream_lstm.state.table import DeviceTable
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Expiry:
                 # close) are not ours, or not yet.
                 continue
             try:
-                snap = decode_snapshot(data, m.settings.n_features)
+                snap = decode_for_table(data, m.settings.n_features)
             except ValueError:
                 continue  # unusable: it starts afresh if it comes back (StateManager.load)
             if snap.last_seen < older_than:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from stream_lstm.checkpointing.changelog import changelog_records, tombstone
-from stream_lstm.checkpointing.codec import decode_snapshot, encode_snapshot
+from stream_lstm.checkpointing.codec import decode_for_table, encode_snapshot
 from stream_lstm.checkpointing.expiry import Expiry
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.restoring import restore_slice
@@ -135,7 +135,7 @@ class StateManager:
             return snap  # evicted since the last commit: back in memory, still dirty
         row = None if device_id in self.expiring else self.store.get(device_id)
         try:  # restore checks only a snapshot's header and lengths: never crash on it here
-            snap = None if row is None else decode_snapshot(row[1], self.settings.n_features)
+            snap = None if row is None else decode_for_table(row[1], self.settings.n_features)
         except (ValueError, TypeError) as exc:  # (SnapshotDecodeError is one) counted, logged, afresh
             self._unusable(1, "a device's stored state cannot be used; it starts afresh",
                            device=device_id[:128], error=str(exc)[:300])
