@@ -45,9 +45,7 @@ from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import ensure_worker_topics
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.registry import LoadedModel
-from stream_lstm.models.serving import (
-    load_served_model,
-)
+from stream_lstm.models.serving import load_served_model
 from stream_lstm.partitions import PartitionCoordinator
 from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.state.table import DeviceTable
