@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from stream_lstm.config import SettingsError
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2  # (a refusal: the supervisor, processes.py, does not restart it)
     except KeyboardInterrupt:  # (a signal before the command's own loop, e.g. while connecting)
+        # kafka-python's own thread may still log a failed connect: not after the last line.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL + 1)
         print(f"{args.command}: stopped by a signal (Ctrl-C or SIGTERM)",
               file=sys.stderr)
         return 130
