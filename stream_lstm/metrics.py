@@ -32,7 +32,7 @@ SLOW_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 # Label values known in advance are created at start so that rate() and the dashboards see
 # a zero series instead of nothing.
-RETRAIN_OUTCOMES = ("promoted", "rejected", "failed")
+RETRAIN_OUTCOMES = ("promoted", "rejected", "superseded", "failed")
 PROMOTION_DECISIONS = ("promote", "reject")
 TRANSACTION_OUTCOMES = ("committed", "aborted")
 # prometheus-client's multiprocess modes that the worker's gauges use (see Metrics.__init__).

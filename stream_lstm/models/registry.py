@@ -28,6 +28,7 @@ The same format travels over the Kafka models topic as one message
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -56,6 +57,13 @@ NUMBERED_RE = re.compile(r"^v(\d+)$")
 
 class ModelLoadError(ValueError):
     """A model file or message could not be loaded safely (the message says why)."""
+
+
+class PromotionConflict(RuntimeError):
+    """Not the promoted version expected (a rollback, or another process promoted): args[0]."""
+
+
+_ANY = object()  # promote(): whatever is promoted now
 
 
 def _utc_now() -> str:
@@ -350,21 +358,29 @@ class ModelRegistry:
             return None
         return text if VERSION_RE.match(text) else None
 
-    def promote(self, version: str, *, action: str = "promote", reason: str = "") -> None:
-        """Make workers serve ``version``: verify it loads, then replace ``PROMOTED`` atomically."""
+    def promote(self, version: str, *, action: str = "promote", reason: str = "",
+                expect: str | None | object = _ANY) -> None:
+        """Make workers serve ``version``: verify it loads, then replace ``PROMOTED`` atomically;
+        with ``expect``, only if that is still the promoted version (else
+        :class:`PromotionConflict`), under a lock: a retrain cannot undo a rollback."""
         self.load(version)  # refuse to promote what cannot be served
-        previous = self.promoted()
-        atomic_write(self.root / self.PROMOTED, (version + "\n").encode())
-        entry = {"at": _utc_now(), "action": action, "version": version, "previous": previous}
-        if reason:
-            entry["reason"] = reason
-        with open(self.root / self.LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+            previous = self.promoted()
+            if expect is not _ANY and previous != expect:
+                raise PromotionConflict(previous)
+            atomic_write(self.root / self.PROMOTED, (version + "\n").encode())
+            entry = {"at": _utc_now(), "action": action, "version": version, "previous": previous}
+            if reason:
+                entry["reason"] = reason
+            with open(self.root / self.LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def rollback(self, version: str, reason: str = "") -> None:
         """Promote an existing (usually older) version again; logged as a rollback.
 
-        Workers pick it up on their next start or model swap.
+        Running workers and a trainer on this registry take it within seconds.
         """
         self.promote(version, action="rollback", reason=reason)
 

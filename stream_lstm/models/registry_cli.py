@@ -2,10 +2,10 @@
 
 The registry directory is ``--model-dir`` or ``STREAM_LSTM_MODEL_DIR``. ``list`` prints one
 row per version (``*`` marks the promoted one); ``rollback`` promotes an existing version
-again (it must load and verify) and logs it in ``promotions.jsonl``. Workers pick the
-promoted version up on their next start or model swap; workers that follow an external
-trainer (``STREAM_LSTM_TRAINER=external``) serve what the models topic says, so there
-``rollback --publish`` also publishes the version to it.
+again (it must load and verify) and logs it in ``promotions.jsonl``. Workers on this registry
+swap to it within seconds (and on their next start); workers that follow an external trainer
+(``STREAM_LSTM_TRAINER=external``) serve what the models topic says: the trainer running on
+this registry publishes the version there, or ``rollback --publish`` does when none runs.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish", action="store_true",
                         help="rollback: also publish VERSION to STREAM_LSTM_MODELS_TOPIC, which "
                              "workers with STREAM_LSTM_TRAINER=external follow (they swap to "
-                             "it); run it against the trainer's registry, then restart the "
-                             "trainer so that it gates later models against VERSION")
+                             "it). Needed only when no trainer runs: a running `stream-lstm "
+                             "trainer` on this registry takes VERSION as its champion within "
+                             "seconds and publishes it itself")
 
 
 def _created(value: Any) -> str:
@@ -129,14 +130,16 @@ def main(args: argparse.Namespace) -> int:
         print("models rollback: give the VERSION to roll back to (see `stream-lstm models list`)",
               file=sys.stderr)
         return 2
+    from stream_lstm.training.retrainer import REGISTRY_CHECK_S
+
     previous = reg.promoted()
     try:
         reg.rollback(args.version, reason=args.reason)
     except ModelLoadError as exc:
         print(f"models rollback: {exc}", file=sys.stderr)
         return 2
-    print(f"promoted {args.version} (was {previous or 'none'}); workers serve it after their "
-          "next start or model swap")
+    print(f"promoted {args.version} (was {previous or 'none'}); running workers and a trainer "
+          f"on this registry take it within {REGISTRY_CHECK_S:.0f} s, others at their next start")
     if args.publish:
         from stream_lstm.kafka.clients import KafkaConnectError
         from stream_lstm.training.retrainer import ModelPublishError

@@ -3,7 +3,8 @@
 Between two batches the worker calls :meth:`ModelLifecycle.tick`. It
 
 1. collects a finished background retrain; a promoted challenger is registered and swapped in;
-2. follows the compacted models topic when an external trainer publishes (``trainer=external``);
+2. follows the compacted models topic when an external trainer publishes (``trainer=external``),
+   else the registry's ``PROMOTED`` (a ``models rollback`` is served within seconds);
 3. starts a new retrain when ``retrain_every_readings`` or ``retrain_every_s`` says so;
 4. re-warms, for at most ``STREAM_LSTM_REWARM_SLICE_MS``, devices still on an older model.
 
@@ -170,8 +171,10 @@ class ModelLifecycle:
                     self.swap(promoted)
         if self.follower is not None:
             loaded = self.follower.poll()
-            if loaded is not None and loaded.version != self.served.version:
-                self.swap(loaded)
+        else:  # the registry is where this worker's models come from: a rollback applies now
+            loaded = self.retrainer.moved(self.served.version)
+        if loaded is not None and loaded.version != self.served.version:
+            self.swap(loaded)
         self.rewarm_slice()
 
     def start_retrain(self) -> bool:

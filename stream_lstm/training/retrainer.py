@@ -8,7 +8,9 @@ where a promoted model goes. What they share is here, once:
 * the schedule (``STREAM_LSTM_RETRAIN_EVERY_READINGS`` / ``_S``);
 * the job: the fleet's normalized windows and the champion, with the TBPTT and gate settings;
 * the verdict: logged, counted, and a promoted challenger registered and promoted in the
-  model registry under the next version;
+  model registry under the next version, unless the registry's promoted version moved while
+  it trained (an operator's rollback, or another process's promotion): then nothing is
+  promoted, and :meth:`Retrainer.moved` hands the registry's version to serve instead;
 * the models topic (compacted, one partition) that external trainers publish to.
 """
 
@@ -22,7 +24,13 @@ from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.models.registry import LoadedModel, ModelRegistry, model_to_bytes
+from stream_lstm.models.registry import (
+    LoadedModel,
+    ModelLoadError,
+    ModelRegistry,
+    PromotionConflict,
+    model_to_bytes,
+)
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, encode_job
 from stream_lstm.training.data import windows_from_table
@@ -49,6 +57,10 @@ MODELS_PARTITION = 0
 # default, which a model of hidden size 256 already passes), so the models topic is created
 # with its own limit, and the clients that write and read it are sized to match.
 MODEL_RECORD_MAX_BYTES = 16 * 1024 * 1024
+
+# How often the registry's PROMOTED file is read for a change made by someone else (a rollback,
+# another process's promotion): one small file read, off the per-poll path.
+REGISTRY_CHECK_S = 5.0
 
 
 class ModelPublishError(RuntimeError):
@@ -102,6 +114,10 @@ class Retrainer:
         self.registry = ModelRegistry(settings.model_dir)
         self.readings_since = 0
         self.last = time.monotonic()
+        # The promoted version as this process last knew it (at start, or its own promotion):
+        # a promotion goes through only if it still is (registry.promote's expect).
+        self.pointer = self.registry.promoted()
+        self._checked = time.monotonic()
 
     @property
     def scheduled(self) -> bool:
@@ -148,13 +164,14 @@ class Retrainer:
 
     def verdict(self, result: RetrainResult, champion: str) -> LoadedModel | None:
         """Count and log a finished job; a promoted challenger is registered and promoted in
-        the registry, and returned with its new version."""
+        the registry, and returned with its new version. Not if the registry's promoted
+        version moved while it trained: a rollback must not be undone by a retrain of the
+        model it rolled back (:meth:`moved` then hands over the registry's version)."""
         m = self.metrics
         if m is not None:
             m.retrain_duration_seconds.observe(result.seconds)  # type: ignore[attr-defined]
         if result.error:
-            if m is not None:
-                m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+            self._count_run("failed")
             log.error("retraining failed", extra={"error": result.error[-500:]})
             return None
         decision = "promote" if result.promote else "reject"
@@ -162,23 +179,61 @@ class Retrainer:
             m.retrain_loss.labels("champion").set(result.champion_error)  # type: ignore[attr-defined]
             m.retrain_loss.labels("challenger").set(result.challenger_error)  # type: ignore[attr-defined]
             m.promotion_decisions.labels(decision).inc()  # type: ignore[attr-defined]
-            m.retrain_runs.labels("promoted" if result.promote else "rejected").inc()  # type: ignore[attr-defined]
         log.info(f"promotion gate: {decision}: {result.reason}",
                  extra={"champion": champion, "champion_error": result.champion_error,
                         "challenger_error": result.challenger_error,
                         "seconds": round(result.seconds, 2)})
         if not (result.promote and result.model is not None):
+            self._count_run("rejected")
             return None
         loaded = result.model
         try:
+            if (now := self.registry.promoted()) != self.pointer:  # (before a version is taken)
+                raise PromotionConflict(now)
             # (No version of our own: register takes the next free one, exclusively, so two
             # processes promoting at once both land, each under its own number.)
             version = self.registry.register(loaded.model, loaded.spec, {**loaded.meta, "version": None})
-            self.registry.promote(version)
+            self.registry.promote(version, expect=self.pointer)
+        except PromotionConflict as exc:
+            self._count_run("superseded")
+            self._checked = 0.0  # moved() looks at once
+            log.warning(f"not promoting the challenger trained from {champion}: the registry's "
+                        f"promoted version moved from {self.pointer} to {exc.args[0]} while it "
+                        "trained (a rollback, or another process's promotion); serving that instead",
+                        extra={"model_dir": str(self.registry.root)})
+            return None
         except OSError as exc:  # a full or read-only model directory: serve on, say so
-            if m is not None:
-                m.retrain_runs.labels("failed").inc()  # type: ignore[attr-defined]
+            self._count_run("failed")
             log.error("the promoted model could not be registered; serving the champion on",
                       extra={"model_dir": str(self.registry.root), "error": repr(exc)[:300]})
             return None
+        self._count_run("promoted")
+        self.pointer = version
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
+
+    def moved(self, served: str) -> LoadedModel | None:
+        """The registry's promoted model, when someone else changed ``PROMOTED`` since this
+        process last looked (read every :data:`REGISTRY_CHECK_S`) and it is not ``served``:
+        ``stream-lstm models rollback`` takes effect without a restart. A version that does not
+        load is said once and not tried again until ``PROMOTED`` changes again."""
+        if time.monotonic() - self._checked < REGISTRY_CHECK_S:
+            return None
+        self._checked = time.monotonic()
+        now = self.registry.promoted()
+        if now is None or now == self.pointer:  # (a removed PROMOTED changes nothing served)
+            return None
+        self.pointer = now
+        if now == served:
+            return None
+        try:
+            loaded = self.registry.load(now)
+        except ModelLoadError as exc:
+            log.error(f"the registry's newly promoted {now} cannot be loaded; serving {served} on: {exc}")
+            return None
+        log.warning(f"the registry's promoted version changed to {now} (a rollback or another "
+                    f"process's promotion): serving it instead of {served}")
+        return loaded
+
+    def _count_run(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.retrain_runs.labels(outcome).inc()  # type: ignore[attr-defined]

@@ -4,7 +4,10 @@ It consumes the input topic in its own consumer group (``<group_id>-trainer``), 
 device's normalized rolling window exactly as the workers do (same decoder, same event-time
 rules, same normalizer), and on the same schedule trains a challenger with TBPTT, gates it,
 and publishes each promoted version to the compacted models topic. Workers started with
-``STREAM_LSTM_TRAINER=external`` follow that topic and hot-swap.
+``STREAM_LSTM_TRAINER=external`` follow that topic and hot-swap. A ``stream-lstm models
+rollback`` of its registry is picked up within seconds: the rolled-back version becomes the
+gate's champion and is published, so the workers swap to it (a retrain that finishes after the
+rollback is not promoted over it).
 
 The retrain runs in a child process (:class:`~stream_lstm.training.background.BackgroundTrainer`,
 as the worker's in-process trainer does), not in the loop: a retrain can take minutes, and a
@@ -110,6 +113,9 @@ class TrainerService:
         result = self.retrainer.turn(self.trainer, self.table, self.champion)
         if result is not None:
             self.publish(result)
+        moved = self.retrainer.moved(self.champion.version)
+        if moved is not None:  # a rollback of this registry: the gate's champion, and the fleet's
+            self._publish(moved)
 
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published
@@ -117,13 +123,17 @@ class TrainerService:
         promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
-        send_model(self.producer, self.settings, promoted)  # (waits until the broker has it)
-        self.champion = promoted
+        self._publish(promoted)
+        return True
+
+    def _publish(self, model: LoadedModel) -> None:
+        """``model`` becomes the champion and goes to the models topic."""
+        send_model(self.producer, self.settings, model)  # (waits until the broker has it)
+        self.champion = model
         self.published += 1
         if self.metrics is not None:
-            self.metrics.set_model_version(promoted.version, promoted.created_ts or time.time())  # type: ignore[attr-defined]
-        log.info("published model", extra={"version": promoted.version, "topic": self.settings.models_topic})
-        return True
+            self.metrics.set_model_version(model.version, model.created_ts or time.time())  # type: ignore[attr-defined]
+        log.info("published model", extra={"version": model.version, "topic": self.settings.models_topic})
 
     def run(self) -> None:
         """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running

@@ -10,6 +10,7 @@ from stream_lstm.models.registry import (
     LoadedModel,
     ModelLoadError,
     ModelRegistry,
+    PromotionConflict,
     load_model,
     model_from_bytes,
     model_to_bytes,
@@ -215,6 +216,21 @@ def test_registry_versions_promote_and_rollback(tmp_path):
     with pytest.raises(ModelLoadError, match="invalid"):
         reg.rollback("../../etc/passwd")
     assert reg.promoted() == "v0001"
+
+
+def test_a_promotion_that_expects_another_promoted_version_is_refused(tmp_path):
+    """``expect``: a retrain that began under v0002 must not undo an operator's rollback."""
+    reg = ModelRegistry(tmp_path / "models")
+    v1, v2, v3 = (reg.register(make_model(k), SPEC, {}) for k in (1, 2, 3))
+    reg.promote(v1, expect=None)  # nothing promoted yet: as expected
+    reg.promote(v2, expect=v1)
+    reg.rollback(v1)
+    with pytest.raises(PromotionConflict) as conflict:
+        reg.promote(v3, expect=v2)
+    assert conflict.value.args == (v1,) and reg.promoted() == v1
+    assert [e["version"] for e in reg.history()] == [v1, v2, v1]  # nothing logged
+    reg.promote(v3, expect=v1)
+    assert reg.promoted() == v3
 
 
 def test_registry_numbers_sort_numerically_and_skip_damaged_metadata(tmp_path):

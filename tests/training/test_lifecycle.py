@@ -315,3 +315,22 @@ def test_a_swap_says_when_the_model_was_made_as_a_restart_does(tmp_path):
     v2.meta["created_at"] = "2026-01-02T03:04:05Z"
     life.swap(v2)
     assert life.metrics.model_promoted_timestamp_seconds._value.get() == 1767323045.0
+
+
+def test_a_running_worker_serves_what_the_registry_is_rolled_back_to(tmp_path, monkeypatch):
+    """``models rollback`` took effect only at the worker's next start: until then it served
+    the model rolled back, and its next retrain promoted a child of it over the rollback."""
+    from stream_lstm.training import retrainer as retrainer_module
+
+    monkeypatch.setattr(retrainer_module, "REGISTRY_CHECK_S", 0.0)
+    s, table, engine, life, ids = fleet(tmp_path, 4)
+    registry = ModelRegistry(s.model_dir)
+    good = registry.register(model("x", 2).model, SPEC, {})
+    life.tick(0)
+    assert life.version == "v1"  # registered, not promoted: nothing to serve
+    registry.rollback(good, reason="v1 drifts")
+    life.tick(0)
+    assert life.version == good and life.swaps == 1
+    assert versions(table, ids) == [good] * 4  # re-warmed by the tick's slice
+    life.tick(0)
+    assert life.swaps == 1  # once

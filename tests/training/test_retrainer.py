@@ -71,6 +71,44 @@ def test_two_processes_promoting_at_once_both_land(tmp_path, monkeypatch):
     assert promoted is not None and promoted.version == "v0002" == registry.promoted()
 
 
+def test_a_retrain_that_finishes_after_a_rollback_is_not_promoted_over_it(tmp_path, caplog, monkeypatch):
+    """An operator rolled v0002 back to v0001 while the worker retrained from v0002: the
+    challenger was promoted, and the rollback undone by the very model it rolled back."""
+    metrics = Metrics()
+    registry = ModelRegistry(tmp_path)
+    v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
+    registry.promote(v2)
+    r = Retrainer(Settings(model_dir=tmp_path), metrics)  # serving v0002, training from it
+    registry.rollback(v1, reason="v0002 drifts")
+    with caplog.at_level("WARNING", logger="stream_lstm.training"):
+        assert r.verdict(result(promote=True), champion=v2) is None
+    assert registry.promoted() == v1 and [m["version"] for m in registry.versions()] == [v1, v2]
+    assert "moved from v0002 to v0001 while it trained" in caplog.text
+    assert metrics.retrain_runs.labels("superseded")._value.get() == 1
+    assert metrics.retrain_runs.labels("promoted")._value.get() == 0
+    moved = r.moved(served=v2)  # looked at once after a conflict
+    assert moved is not None and moved.version == v1
+    assert r.moved(served=v1) is None  # read at most every REGISTRY_CHECK_S
+    promoted = r.verdict(result(promote=True), champion=v1)  # the next retrain gates against v0001
+    assert promoted is not None and promoted.version == "v0003" == registry.promoted()
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)  # later: its own promotion is no news
+    assert r.moved(served="v0003") is None
+
+
+def test_a_promoted_version_that_does_not_load_is_said_once_and_served_on(tmp_path, caplog, monkeypatch):
+    registry = ModelRegistry(tmp_path)
+    v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
+    registry.promote(v1)
+    r = Retrainer(Settings(model_dir=tmp_path))
+    registry.promote(v2)
+    (tmp_path / f"{v2}.safetensors").write_bytes(b"damaged")
+    clock = iter(range(int(time.monotonic()) + 100, int(time.monotonic()) + 10_000, 100))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    with caplog.at_level("ERROR", logger="stream_lstm.training"):
+        assert r.moved(served=v1) is None and r.moved(served=v1) is None
+    assert [rec.getMessage()[:43] for rec in caplog.records] == ["the registry's newly promoted v0002 cannot "]
+
+
 def test_a_model_directory_that_cannot_be_written_fails_the_retrain_not_the_worker(tmp_path, caplog):
     """A full or read-only registry: the promotion is lost, said and counted; the worker
     serves its champion on (it had raised out of the loop, at every retrain after a restart)."""

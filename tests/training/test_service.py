@@ -23,6 +23,7 @@ from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
 from stream_lstm.kafka.local_broker import free_port
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.metrics import HealthState, Metrics
+from stream_lstm.models.registry import model_from_bytes
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.state.normalizer import normalize_sequence
 from stream_lstm.training import service as service_module
@@ -161,6 +162,43 @@ def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name)
         assert consumer.end_offsets([models]) == {models: 1}  # published once
     finally:
         consumer.close()
+
+
+def test_a_rollback_of_its_registry_becomes_the_champion_and_is_published(settings_factory, topic_name,
+                                                                         monkeypatch):
+    """The README said: roll back with --publish, then restart the trainer, or it gates (and
+    publishes) later models against the version rolled back. It now takes the rollback on."""
+    from stream_lstm.models.registry import ModelRegistry
+    from stream_lstm.training import retrainer as retrainer_module
+
+    monkeypatch.setattr(retrainer_module, "REGISTRY_CHECK_S", 0.0)
+    s = settings(settings_factory, topic_name)
+    registry = ModelRegistry(s.model_dir)
+    first, second = fresh_model(s), fresh_model(s)
+    v1, v2 = (registry.register(m.model, m.spec, {}) for m in (first, second))
+    registry.promote(v2)
+    produce(s, fleet(2, 3))
+    service = TrainerService(s, registry.load(v2))
+    loop = run_in_thread(service)
+    try:
+        registry.rollback(v1, reason="v0002 drifts")
+        wait_for(lambda: service.published == 1, "the rolled-back model published", timeout_s=60)
+    finally:
+        service.stop()
+        loop.join(30)
+    assert service.champion.version == v1
+    models = TopicPartition(s.models_topic, 0)
+    consumer = make_consumer(s, group_id=None)
+    try:
+        assert consumer.end_offsets([models]) == {models: 1}  # published once
+        consumer.assign([models])
+        consumer.seek_to_beginning(models)
+        records = []
+        wait_for(lambda: records.extend(r for rs in consumer.poll(200).values() for r in rs) or records,
+                 "the models topic's record", timeout_s=30)
+    finally:
+        consumer.close()
+    assert model_from_bytes(records[0].value).version == v1
 
 
 def test_its_loop_survives_a_failed_retrain(settings_factory, topic_name):
