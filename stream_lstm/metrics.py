@@ -34,6 +34,7 @@ SLOW_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # a zero series instead of nothing.
 RETRAIN_OUTCOMES = ("promoted", "rejected", "superseded", "failed")
 PROMOTION_DECISIONS = ("promote", "reject")
+MODEL_REFUSALS = ("shape", "unloadable")
 TRANSACTION_OUTCOMES = ("committed", "aborted")
 # prometheus-client's multiprocess modes that the worker's gauges use (see Metrics.__init__).
 GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
@@ -41,7 +42,7 @@ GaugeMode = Literal["livesum", "livemax", "livemin", "livemostrecent"]
 
 # What `stream-lstm trainer` updates: its retrains, the gate's decisions, the model it would
 # promote against, readiness and identity.
-TRAINER_SERIES = ("retrain_runs", "retrain_duration_seconds", "retrain_loss", "promotion_decisions",
+TRAINER_SERIES = ("retrain_runs", "retrain_duration_seconds", "retrain_loss", "promotion_decisions", "models_refused",
                   "model_info", "model_promoted_timestamp_seconds", "ready", "up_info")
 
 
@@ -127,6 +128,10 @@ class Metrics:
         self.retrain_loss = gauge("retrain_loss", "Holdout loss of the last retrain", ("model",),
                                   mode="livemostrecent")
         self.promotion_decisions = counter("promotion_decisions", "Promotion gate decisions", ("decision",))
+        self.models_refused = counter(
+            "models_refused", "Models a worker was handed but does not serve: another serving "
+            "shape than its model's (it swaps only within one), or weights that do not load; "
+            "its log says which", ("reason",))
         self.swap_pause_seconds = histogram(
             "swap_pause_seconds", "The time a loop turn was held up by a hot swap (devices are "
             "re-warmed after it, in slices of STREAM_LSTM_REWARM_SLICE_MS)", LATENCY_BUCKETS)
@@ -175,6 +180,8 @@ class Metrics:
             self.retrain_runs.labels(outcome)
         for decision in PROMOTION_DECISIONS:
             self.promotion_decisions.labels(decision)
+        for reason in MODEL_REFUSALS:
+            self.models_refused.labels(reason)
         for outcome in TRANSACTION_OUTCOMES:
             self.transactions.labels(outcome)
         self.set_instance(instance or socket.gethostname())

@@ -197,6 +197,7 @@ class ModelLifecycle:
             log.error(f"refusing model {loaded.version}: its shape differs from the served "
                       f"{self.served.version}'s (a worker starts on it, but swaps only within a shape)",
                       extra={"new": str(loaded.spec), "served": str(self.served.spec)})
+            self.metrics.models_refused.labels("shape").inc()  # type: ignore[attr-defined]
             return 0.0
         t0 = time.perf_counter()
         old = self.served.version

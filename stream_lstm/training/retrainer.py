@@ -229,6 +229,8 @@ class Retrainer:
             loaded = self.registry.load(now)
         except ModelLoadError as exc:
             log.error(f"the registry's newly promoted {now} cannot be loaded; serving {served} on: {exc}")
+            if self.metrics is not None:
+                self.metrics.models_refused.labels("unloadable").inc()  # type: ignore[attr-defined]
             return None
         log.warning(f"the registry's promoted version changed to {now} (a rollback or another "
                     f"process's promotion): serving it instead of {served}")

@@ -55,7 +55,8 @@ def test_the_alert_rules_unit_tests_pass():
 
 ALERTS = {"StreamLstmCommitsFailing", "StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
           "StreamLstmRetrainFailures", "StreamLstmAlertStormFleetWide", "StreamLstmNotReady",
-          "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps", "StreamLstmAlertRelayNotDelivering"}
+          "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps", "StreamLstmAlertRelayNotDelivering",
+          "StreamLstmModelRefused"}
 
 
 def test_alert_rules_cover_the_runbook():

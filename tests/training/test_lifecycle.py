@@ -305,6 +305,7 @@ def test_a_model_that_differs_only_in_training_dropout_is_served(tmp_path):
     other = ModelSpec(hidden_size=16, horizon=2)  # another shape is still refused
     assert life.swap(LoadedModel.of(SimpleLSTM.from_spec(other).eval(), other, "v3")) == 0.0
     assert life.version == "v2"
+    assert life.metrics.models_refused.labels("shape")._value.get() == 1  # (an alert rule pages on it)
 
 
 def test_a_swap_says_when_the_model_was_made_as_a_restart_does(tmp_path):

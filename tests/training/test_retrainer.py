@@ -99,7 +99,8 @@ def test_a_promoted_version_that_does_not_load_is_said_once_and_served_on(tmp_pa
     registry = ModelRegistry(tmp_path)
     v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
     registry.promote(v1)
-    r = Retrainer(Settings(model_dir=tmp_path))
+    metrics = Metrics()
+    r = Retrainer(Settings(model_dir=tmp_path), metrics)
     registry.promote(v2)
     (tmp_path / f"{v2}.safetensors").write_bytes(b"damaged")
     clock = iter(range(int(time.monotonic()) + 100, int(time.monotonic()) + 10_000, 100))
@@ -107,6 +108,7 @@ def test_a_promoted_version_that_does_not_load_is_said_once_and_served_on(tmp_pa
     with caplog.at_level("ERROR", logger="stream_lstm.training"):
         assert r.moved(served=v1) is None and r.moved(served=v1) is None
     assert [rec.getMessage()[:43] for rec in caplog.records] == ["the registry's newly promoted v0002 cannot "]
+    assert metrics.models_refused.labels("unloadable")._value.get() == 1
 
 
 def test_a_model_directory_that_cannot_be_written_fails_the_retrain_not_the_worker(tmp_path, caplog):
