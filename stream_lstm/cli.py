@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from stream_lstm.config import SettingsError
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    # SIGTERM as Ctrl-C: an offline command (train, evaluate, bench) unwinds, stops the local
+    # broker it started and says so, where the default ended it silently with 143. A
+    # long-lived command's loop installs its own handler (signals.StopOnSignal) over this one.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
@@ -86,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 3  # the broker may come back: the supervisor restarts it, with backoff
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # (main() is also called in-process: tests)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def broker_refusal(exc: Exception) -> str | None:

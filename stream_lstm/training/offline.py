@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time column: epoch seconds or ISO 8601 (naive = UTC). Default: "
                              "'timestamp'; in a file without one, the first column whose values "
                              "are times (ETTh1: 'date'), named on stderr")
-    parser.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output path (.safetensors); optional with --registry")
     parser.add_argument("--max-rows", type=_at_least(1), default=None, help="use only the first N rows")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="last fraction of the recording used for validation (default 0.2)")
@@ -82,9 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="version stamped on the saved model (default: offline-<UTC time>, never a "
                              "registry's vNNNN: a worker that later follows a trainer's v0001 must not "
                              "take it for the same weights)")
-    parser.add_argument("--parent", default=None, help="parent version stamped on the model")
+    parser.add_argument("--parent", default=None,
+                        help="the version it was trained from, stamped on the model (a worker "
+                             "started from that version's file follows it after a restart)")
     parser.add_argument("--registry", action="store_true",
-                        help="also register (next version) and promote it in the model directory")
+                        help="register it (next version) and promote it in the model directory: "
+                             "running workers on that directory swap to it within seconds; with "
+                             "--out too, the file holds the same weights under the --version name")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="registry directory for --registry (default: STREAM_LSTM_MODEL_DIR)")
     parser.add_argument("--threads", type=int, default=None,
@@ -122,6 +127,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"train: --version {args.version[:80]!r} is not a version name (letters, digits, "
               "'.', '_', '-'; at most 64)", file=sys.stderr)
         return 2
+    if args.parent is not None and not VERSION_RE.match(args.parent):  # (followed by serving.py)
+        print(f"train: --parent {args.parent[:80]!r} is not a version name", file=sys.stderr)
+        return 2
+    if args.out is None and not args.registry:
+        print("train: say where the model goes: --out PATH, --registry, or both", file=sys.stderr)
+        return 2
     if args.version is not None and NUMBERED_RE.match(args.version):  # (as its help says)
         print(f"train: --version {args.version} is a registry's numbering: a worker that later "
               "follows a trainer's version of that name would take it for the same weights; "
@@ -142,7 +153,8 @@ def main(args: argparse.Namespace) -> int:
         print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
     try:  # said before the training, not after it
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -209,11 +221,6 @@ def main(args: argparse.Namespace) -> int:
                      "normalizer_alpha": s.normalizer_alpha, "std_floor": s.std_floor,
                      "dropout": s.dropout, **knobs},
     }
-    try:
-        path = save_model(model, spec, args.out, meta)
-    except OSError as exc:
-        print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
     mae, base = metrics["mae"], metrics["persistence_mae"]
     gain = ""
     if base and math.isfinite(base):
@@ -221,13 +228,20 @@ def main(args: argparse.Namespace) -> int:
         gain = f" ({abs(better):.1%} {'better' if better >= 0 else 'worse'} than persistence)"
     kept = (f"; kept epoch {result.best_epoch}'s weights, the best on validation"
             if result.best_epoch and result.best_epoch != result.epochs else "")
-    print(f"saved {path} (+ {path.with_suffix('.json').name}) after {result.epochs} epoch(s), "
-          f"{result.seconds:.1f}s{kept}")
+    if args.out is not None:
+        try:
+            path = save_model(model, spec, args.out, meta)
+        except OSError as exc:
+            print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"saved {path} (+ {path.with_suffix('.json').name}) as {meta['version']}")
+    print(f"trained {result.epochs} epoch(s) in {result.seconds:.1f}s{kept}")
     print(f"validation one-step MAE {mae:.4f} vs persistence (zero change) {base:.4f} "
           f"in normalized units{gain}")
     if args.registry:
         reg = ModelRegistry(args.model_dir or s.model_dir)
         version = reg.register(model, spec, {**meta, "version": None})
         reg.promote(version, reason=f"stream-lstm train --csv {args.csv}")
-        print(f"registered and promoted {version} in {reg.root}")
+        also = f" (the same weights as {path.name}, {meta['version']})" if args.out is not None else ""
+        print(f"registered and promoted {version} in {reg.root}{also}")
     return 0

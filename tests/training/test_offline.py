@@ -150,3 +150,54 @@ def test_a_column_named_twice_is_refused(tmp_path, capsys):
     assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"),
                 "--column", "value", "--column", "value"]) == 2
     assert capsys.readouterr().err == "train: --column names a column twice (value, value)\n"
+
+
+def test_sigterm_while_training_says_so_and_saves_nothing(tmp_path):
+    """SIGTERM (a pod's stop, `timeout`) ended `train` silently with 143: now as Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    csv = tmp_path / "r.csv"
+    csv.write_text("timestamp,value\n" + "".join(f"{1_700_000_000 + 60 * k},{k % 7}\n" for k in range(4000)))
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), STREAM_LSTM_MAX_EPOCHS="1000",
+               STREAM_LSTM_EARLY_STOPPING_PATIENCE="1000")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "train", "--csv", str(csv), "--out",
+                             str(tmp_path / "m.safetensors"), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # until it is training
+            if line.startswith("training on"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rest.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)", rest[-2000:]
+    assert "Traceback" not in rest and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_parent_must_be_a_version_name_and_the_registry_alone_is_a_destination(tmp_path, capsys):
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    base = ["train", "--csv", str(tmp_path / "r.csv"), "--epochs", "1", "--window", "8",
+            "--hidden-size", "4", "--quiet", "--model-dir", str(tmp_path / "reg")]
+    assert cli([*base, "--registry", "--parent", "../../etc/passwd"]) == 2  # serving.py follows parents
+    assert capsys.readouterr().err == "train: --parent '../../etc/passwd' is not a version name\n"
+    assert cli(base) == 2  # (--out was required even with --registry: the model got two names)
+    assert capsys.readouterr().err == "train: say where the model goes: --out PATH, --registry, or both\n"
+    assert cli([*base, "--registry", "--parent", "v0003"]) == 0
+    said = capsys.readouterr().out
+    assert "saved" not in said and f"registered and promoted v0001 in {tmp_path / 'reg'}\n" in said
+    reg = ModelRegistry(tmp_path / "reg")
+    assert reg.promoted() == "v0001" and reg.load("v0001").meta["parent"] == "v0003"
+    assert list(tmp_path.glob("*.safetensors")) == []
+    assert cli([*base, "--registry", "--out", str(tmp_path / "m"), "--version", "first"]) == 0
+    assert "registered and promoted v0002 in" in (said := capsys.readouterr().out)
+    assert said.endswith("(the same weights as m.safetensors, first)\n")
