@@ -47,11 +47,11 @@ from stream_lstm.models.registry import LoadedModel, ModelLoadError
 from stream_lstm.models.served_models import ServedModels
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer
-from stream_lstm.training.models_follower import ModelsFollower
 from stream_lstm.training.retrainer import Retrainer
 
 if TYPE_CHECKING:
     from stream_lstm.checkpointing.manager import StateManager
+    from stream_lstm.training.models_follower import ModelsFollower
 
 log = logging.getLogger("stream_lstm.training")
 
@@ -83,8 +83,8 @@ class ModelLifecycle:
     metrics
         :class:`~stream_lstm.metrics.Metrics` (retrain runs, decisions, swap pause, re-warm).
     follower
-        The models topic's :class:`ModelsFollower` the worker started from, if it has one
-        (else one is made when ``STREAM_LSTM_TRAINER=external``).
+        The models topic's :class:`ModelsFollower` the worker started from when
+        ``STREAM_LSTM_TRAINER=external``; without one, the registry's ``PROMOTED`` is followed.
 
     ``checkpoints`` (the worker's :class:`~stream_lstm.checkpointing.manager.StateManager`)
     is where re-warmed devices are marked for the next commit's checkpoint; ``None`` (tests,
@@ -121,7 +121,7 @@ class ModelLifecycle:
         self.retrainer = Retrainer(settings, metrics)
         self.trainer = (BackgroundTrainer(settings.train_threads, settings.train_nice)
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
-        self.follower = follower or (ModelsFollower(settings) if settings.trainer == "external" else None)
+        self.follower = follower  # (the worker decides: it serves the topic's latest from the start)
         if settings.trainer == "off" and self.retrainer.scheduled:  # (a trainer process reads them)
             log.warning("STREAM_LSTM_RETRAIN_EVERY_* is set but STREAM_LSTM_TRAINER=off: this "
                         "worker never retrains")
