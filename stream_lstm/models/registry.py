@@ -214,8 +214,8 @@ def load_model(path: Path, device: str = "cpu") -> LoadedModel:
         raise ModelLoadError(f"{meta_path}: metadata is not UTF-8 text") from None
     try:
         meta = json.loads(meta_text)
-    except ValueError as exc:
-        raise ModelLoadError(f"{meta_path}: metadata is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nested past the parser's depth)
+        raise ModelLoadError(f"{meta_path}: metadata is not valid JSON ({exc!r:.200})") from None
     return _build(weights, meta, str(weights_path), device)
 
 
@@ -236,7 +236,7 @@ def model_from_bytes(data: bytes, device: str = "cpu") -> LoadedModel:
         raise ModelLoadError(f"model message truncated (header of {n} bytes, message of {len(data)})")
     try:
         meta = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # (a forged header nested past the parser's depth)
         raise ModelLoadError("model message header is not valid JSON") from None
     return _build(data[8 + n :], meta, "model message", device)
 
@@ -303,8 +303,8 @@ class ModelRegistry:
                 meta = json.loads(p.read_text(encoding="utf-8"))
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except (OSError, ValueError) as exc:
-                meta = {"error": f"unreadable metadata ({exc})"}
+            except (OSError, ValueError, RecursionError) as exc:
+                meta = {"error": f"unreadable metadata ({exc!r:.200})"}
             meta["version"] = p.stem
             out.append(meta)
         return sorted(out, key=lambda m: _version_key(m["version"]))

@@ -96,6 +96,11 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
+# What reading a damaged or forged event (JSON, then to_alert) can raise: RecursionError for
+# JSON nested past the parser's depth, which a pipeline of `except ValueError` let through.
+UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError)
+
+
 def to_alert(event: dict[str, Any], now: float | None = None,
              labels: dict[str, str] | None = None) -> dict[str, Any]:
     """One alert event (docs/wire-contract.md) as an Alertmanager alert: firing for ``open``,

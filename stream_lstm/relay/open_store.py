@@ -29,7 +29,7 @@ from kafka.structs import TopicPartition
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
-from stream_lstm.relay.alertmanager import to_alert
+from stream_lstm.relay.alertmanager import UNREADABLE, to_alert
 
 log = logging.getLogger("stream_lstm.relay")
 
@@ -157,7 +157,7 @@ class OpenAlertStore:
             event = dict(body["event"])
             to_alert(event, 0.0)  # as the alerts topic's events are checked: re-sent, it must be whole
             found[alert_id] = (int(body["partition"]), event)
-        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:  # (damaged or forged)
+        except UNREADABLE as exc:  # (damaged or forged)
             log.error("skipping an unreadable record of the relay's open alerts",
                       extra={"alert_id": alert_id, "error": repr(exc)[:200]})
 

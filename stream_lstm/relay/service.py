@@ -39,6 +39,7 @@ from stream_lstm.metrics import HealthState, serve_metrics
 from stream_lstm.relay.alertmanager import (
     DEFAULT_LABELS,
     RESEND_S,
+    UNREADABLE,
     AlertmanagerError,
     check_url,
     parse_labels,
@@ -303,7 +304,7 @@ class AlertRelay:
             if kind not in ("open", "close"):
                 raise ValueError(f"event {kind!r} is neither open nor close")
             to_alert(event, 0.0)  # every field it needs is there, and its times are times
-        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
+        except UNREADABLE as exc:
             log.error("skipping an alert event that cannot be read",
                       extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})
             return

@@ -233,6 +233,20 @@ def test_a_promotion_that_expects_another_promoted_version_is_refused(tmp_path):
     assert reg.promoted() == v3
 
 
+def test_json_nested_past_the_parsers_depth_is_a_load_error_not_a_crash(tmp_path):
+    """A forged models-topic record whose header is 100,000 '[': RecursionError, not
+    ModelLoadError, went through the follower at every start (a crash loop)."""
+    header = b"[" * 100_000
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        model_from_bytes(b"SLM1" + struct.pack("<I", len(header)) + header)
+    reg = ModelRegistry(tmp_path)
+    reg.register(make_model(1), SPEC, {})
+    (tmp_path / "v0001.json").write_bytes(header)
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        reg.load("v0001")
+    assert "unreadable metadata" in reg.versions()[0]["error"]
+
+
 def test_registry_numbers_sort_numerically_and_skip_damaged_metadata(tmp_path):
     reg = ModelRegistry(tmp_path)
     for v in ["v0009", "v0010", "v10000"]:

@@ -65,6 +65,7 @@ def test_a_damaged_record_is_skipped_not_a_crash(store, store_settings):
     producer.send(store.topic, key=b"x@1", value=b"not json")
     # JSON, but an event the relay could not send again (it died at its first re-send, at every start)
     producer.send(store.topic, key=b"z@3", value=json.dumps({"partition": 0, "event": {"event": "open"}}).encode())
+    producer.send(store.topic, key=b"w@4", value=b"[" * 100_000)  # nested past json's depth: RecursionError
     producer.send(store.topic, key=b"y@2", value=json.dumps({"partition": 0, "event": opened("y@2")}).encode())
     producer.flush()
     producer.close()

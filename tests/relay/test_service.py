@@ -159,7 +159,8 @@ def test_a_revoked_partitions_events_go_with_it_and_bad_events_are_skipped(relay
     relay._take(0, 10, json.dumps(event("open", "pump-6", T0, T0)).encode())
     relay._take(1, 11, json.dumps(event("open", "pump-7", T0, T0)).encode())
     for bad in (b"not json", json.dumps(event("opened", "x", T0, T0)).encode(),
-                json.dumps(event("open", "y", T0, T0)).replace(str(T0), "Infinity", 1).encode()):
+                json.dumps(event("open", "y", T0, T0)).replace(str(T0), "Infinity", 1).encode(),
+                b"[" * 100_000):  # (nested past json's depth: a RecursionError got through)
         relay._take(0, 12, bad)  # logged and skipped: never a crash loop on one record
     relay._on_revoked({0})
     assert [e["device_id"] for _, e in relay.waiting] == ["pump-7"] and list(relay.open) == [f"pump-7@{int(T0 * 1000)}"]
