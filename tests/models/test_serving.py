@@ -25,11 +25,12 @@ def test_a_host_serves_one_untrained_model_across_restarts_and_processes(tmp_pat
     the same weights (an untrained model's follow from its shape)."""
     s = Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=3)
     first = load_served_model(s)
+    caplog.clear()  # (logged too when an earlier test's configure_logging left INFO on)
     with caplog.at_level(logging.INFO, logger="stream_lstm.worker"):
         again = load_served_model(s)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
     weights = [m.model.state_dict() for m in (first, load_served_model(s), again)]
     assert all(torch.equal(w[k], weights[0][k]) for w in weights for k in w)
-    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
     assert line == f"serving model v0000-untrained from this host's untrained model (kept in {tmp_path / 'models'}/served)"
     other = load_served_model(Settings(model_dir=tmp_path / "elsewhere", hidden_size=8, horizon=3))
     assert torch.equal(other.model.state_dict()["head.weight"], weights[0]["head.weight"])
