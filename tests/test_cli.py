@@ -77,27 +77,18 @@ def test_a_signal_while_connecting_says_so_and_exits_130(tmp_path):
     """It exited 130 without a word: a user could not tell a stop from a crash."""
     import os
     import signal
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from tests.integration.helpers import signal_once_ready
 
     port = free_port()  # a port with nothing listening: kafka-python waits ~30 s
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
     env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_LSTM_METRICS_PORT="0",
                STREAM_LSTM_STATE_DIR=str(tmp_path / "state"), STREAM_LSTM_MODEL_DIR=str(tmp_path / "m"),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:  # until kafka-python says it is trying the address
-            if "ECONNREFUSED" in line or "Connection refused" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        assert proc.wait(timeout=60) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # (until kafka-python says it is trying the address)
+    code, rest = signal_once_ready(["run"], env, lambda line: "ECONNREFUSED" in line or "Connection refused" in line,
+                                   signal.SIGINT)
+    assert code == 130
     assert rest.strip().splitlines()[-1] == "run: stopped by a signal (Ctrl-C or SIGTERM)", rest[-2000:]
     assert "Traceback" not in rest

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,6 +19,25 @@ from stream_lstm.forecast import interval_quantile
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
+
+
+def signal_once_ready(argv: list[str], env: dict[str, str], ready: Callable[[str], bool],
+                      sig: int) -> tuple[int, str]:
+    """Run ``python -m stream_lstm.cli *argv``, send ``sig`` once a line of its stderr is
+    ``ready``; its exit code and the stderr after that line (killed if it hangs for a minute)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if ready(line):
+                break
+        proc.send_signal(sig)
+        rest = proc.stderr.read()  # type: ignore[union-attr]
+        return proc.wait(timeout=60), rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def tiny_worker_settings(settings_factory, topic: str, **kw) -> Settings:

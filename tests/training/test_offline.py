@@ -156,29 +156,17 @@ def test_sigterm_while_training_says_so_and_saves_nothing(tmp_path):
     """SIGTERM (a pod's stop, `timeout`) ended `train` silently with 143: now as Ctrl-C."""
     import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from tests.integration.helpers import signal_once_ready
 
     csv = tmp_path / "r.csv"
     csv.write_text("timestamp,value\n" + "".join(f"{1_700_000_000 + 60 * k},{k % 7}\n" for k in range(4000)))
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), STREAM_LSTM_MAX_EPOCHS="1000",
                STREAM_LSTM_EARLY_STOPPING_PATIENCE="1000")
-    proc = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "train", "--csv", str(csv), "--out",
-                             str(tmp_path / "m.safetensors"), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:  # until it is training
-            if line.startswith("training on"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        assert proc.wait(timeout=60) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code, rest = signal_once_ready(["train", "--csv", str(csv), "--out", str(tmp_path / "m.safetensors"),
+                                    "--quiet"], env, lambda line: line.startswith("training on"), signal.SIGTERM)
+    assert code == 130
     assert rest.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)", rest[-2000:]
     assert "Traceback" not in rest and not (tmp_path / "m.safetensors").exists()
 
