@@ -110,7 +110,7 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
         # A promotion retrained from the file's model (its parent chain leads there) is what
         # this worker served before its restart: going back to the file would take the fleet's
         # versions backwards and drop every promotion. An unrelated promotion: the file wins.
-        if loaded.version in _ancestors(registry, promoted):
+        if descends_from(registry, promoted, loaded.version):
             try:
                 return registry.load(promoted), (f"the registry {settings.model_dir} (promoted, retrained from "
                                                  f"{source}; remove its PROMOTED to serve the file)")
@@ -142,6 +142,13 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
         return (loaded,
                 f"the registry {settings.model_dir}" + (" (promoted)" if version == promoted else ""))
     raise ModelLoadError(f"no loadable model in {settings.model_dir}")
+
+
+def descends_from(registry: ModelRegistry, version: str, ancestor: str) -> bool:
+    """Whether ``version`` was retrained from ``ancestor`` (its parents lead there): with
+    ``STREAM_LSTM_MODEL_PATH`` set, the only promotions a worker serves instead of the file,
+    at start and when one is made while it runs (training/retrainer.py)."""
+    return ancestor in _ancestors(registry, version)
 
 
 def _ancestors(registry: ModelRegistry, version: str) -> list[str]:

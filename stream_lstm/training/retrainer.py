@@ -29,8 +29,10 @@ from stream_lstm.models.registry import (
     ModelLoadError,
     ModelRegistry,
     PromotionConflict,
+    load_model,
     model_to_bytes,
 )
+from stream_lstm.models.serving import descends_from
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, encode_job
 from stream_lstm.training.data import windows_from_table
@@ -225,6 +227,16 @@ class Retrainer:
         self.pointer = now
         if now == served:
             return None
+        if (path := self.settings.model_path) is not None:  # the file wins, as at start
+            try:
+                file_version = load_model(path).version
+            except ModelLoadError:
+                file_version = None
+            if file_version is None or not descends_from(self.registry, now, file_version):
+                log.warning(f"the registry's promoted version changed to {now}, which was not "
+                            f"retrained from STREAM_LSTM_MODEL_PATH's model: not served (unset it "
+                            f"to serve the registry's)")
+                return None
         try:
             loaded = self.registry.load(now)
         except ModelLoadError as exc:

@@ -156,3 +156,24 @@ def test_a_model_over_the_brokers_record_limit_still_travels_on_the_models_topic
     finally:
         producer.close()
         follower.close()
+
+
+def test_with_a_model_file_only_promotions_retrained_from_it_are_followed(tmp_path, caplog, monkeypatch):
+    """As at start (models/serving.py): a promotion not retrained from STREAM_LSTM_MODEL_PATH's
+    model is not served, or a worker would serve it until its next restart and then the file."""
+    from stream_lstm.models.registry import save_model
+    from stream_lstm.training import retrainer as retrainer_module
+
+    monkeypatch.setattr(retrainer_module, "REGISTRY_CHECK_S", 0.0)
+    c = champion()
+    path = save_model(c.model, c.spec, tmp_path / "initial", {"version": "offline-1"})
+    registry = ModelRegistry(tmp_path / "registry")
+    child = registry.register(c.model, c.spec, {"parent": "offline-1"})
+    other = registry.register(c.model, c.spec, {"parent": "elsewhere"})
+    r = Retrainer(Settings(model_dir=tmp_path / "registry", model_path=path))
+    registry.promote(other)
+    with caplog.at_level("WARNING", logger="stream_lstm.training"):
+        assert r.moved(served="offline-1") is None
+    assert f"changed to {other}, which was not retrained from STREAM_LSTM_MODEL_PATH" in caplog.text
+    registry.promote(child)
+    assert r.moved(served="offline-1").version == child
