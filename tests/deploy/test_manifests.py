@@ -156,6 +156,37 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": PORT}
 
 
+def test_scraped_pods_carry_the_job_names_the_alert_rules_use():
+    """The rules and the dashboard select jobs by name; the pods said nothing of them, so under
+    the usual annotation-based scrape four critical alerts could never fire."""
+    rules = (REPO / "deploy" / "prometheus" / "alerts.yml").read_text()
+    named = set(re.findall(r"stream-lstm-[a-z-]+", rules))
+    assert named == {"stream-lstm-worker", "stream-lstm-trainer", "stream-lstm-alert-relay"}
+    scraped = {f.name: d["spec"]["template"]["metadata"] for f, d in k8s_docs()
+               if d["kind"] in ("StatefulSet", "Deployment")}
+    assert set(scraped) == {"worker.yaml", "worker-gpu.yaml", "trainer.yaml", "alert-relay.yaml"}
+    jobs = {f: m["labels"]["app.kubernetes.io/name"] for f, m in scraped.items()}
+    assert set(jobs.values()) == named and jobs["worker-gpu.yaml"] == "stream-lstm-worker"
+    assert all(m["annotations"]["prometheus.io/scrape"] == "true" for m in scraped.values())
+    (monitor,) = [d for _, d in k8s_docs() if d["kind"] == "PodMonitor"]
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= m["labels"].items() for m in scraped.values())
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard():
+    """Kubernetes' "restricted" Pod Security admission refused the trainer, the GPU worker and
+    the relay (no seccomp profile; capabilities and privilege escalation left as they were)."""
+    for f, d in k8s_docs():
+        if d["kind"] not in ("StatefulSet", "Deployment"):
+            continue
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, f.name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, f.name
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, f.name
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, f.name
+
+
 def test_dockerfile_exposes_the_metrics_port_and_runs_the_cli():
     text = DOCKERFILE.read_text()
     assert f"EXPOSE {PORT}" in text

@@ -41,6 +41,28 @@ def test_promtool_check_config():
 
 
 @need_promtool
+def test_the_kubernetes_scrape_config_checks_and_names_the_rules_jobs(tmp_path):
+    """Under the usual annotation-based job the rules that name a job never fired on
+    Kubernetes: this configuration takes the job from the pods' app.kubernetes.io/name."""
+    import yaml
+
+    config = yaml.safe_load((PROM_DIR / "kubernetes.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+    # (Debian's promtool is built without Kubernetes discovery: the rest is checked with a
+    # static target in its place, the relabelling included.)
+    job["static_configs"] = [{"targets": ["worker:9108"]}]
+    config["rule_files"] = [str(PROM_DIR / f) for f in config["rule_files"]]
+    checked = tmp_path / "kubernetes.yml"
+    checked.write_text(yaml.safe_dump(config))
+    out = promtool("check", "config", str(checked))
+    assert out.returncode == 0, out.stdout + out.stderr
+    to_job = [r for r in job["relabel_configs"] if r.get("target_label") == "job"]
+    assert to_job == [{"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
+                       "regex": "(.+)", "target_label": "job"}]
+
+
+@need_promtool
 def test_promtool_check_rules():
     out = promtool("check", "rules", str(PROM_DIR / "alerts.yml"))
     assert out.returncode == 0, out.stdout + out.stderr
