@@ -33,11 +33,18 @@ from typing import Any
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _SECRET_KEY = re.compile(r"password|passwd|secret|token|credential", re.I)
 # key=value, key: value, "key": "value", 'key'='value' where the key looks secret.
+# Every repetition is bounded: unbounded ones backtrack quadratically over a long run of word
+# characters (a 32,000-character device id took 46 s to mask, holding the GIL: the health
+# endpoint stopped answering and liveness restarted the process, which read the record again).
 _SECRET_KV = re.compile(
-    r"""((?:[\w.-]*(?:password|passwd|secret|token|credential)[\w.-]*)["']?\s*[=:]\s*)"""
-    r"""("[^"]*"|'[^']*'|[^\s,;'"}\])]+)""",
+    r"""((?:[\w.-]{0,40}(?:password|passwd|secret|token|credential)[\w.-]{0,40})["']?[ \t]{0,8}[=:][ \t]{0,8})"""
+    r"""("[^"]{0,4096}"?|'[^']{0,4096}'?|[^\s,;'"}\])]{1,4096})""",
     re.I,
 )
+# Longest message and context string a log line keeps (the rest is cut, and said): a forged
+# record's 400 KB id is not worth a 400 KB line, nor the time to mask it.
+MAX_MESSAGE = 8192
+MAX_FIELD = 1024
 _MASK = "***"
 # A %-format placeholder: %s, %d, %(name)s, %-8.3f, %*d, %% ...
 _PLACEHOLDER = re.compile(
@@ -57,7 +64,7 @@ def _mask_value(match: re.Match[str]) -> str:
 # with an unencoded '#', '/' or '?' would end a parser's idea of the user part early; one with a
 # "'" is legal, so a quote does not end it: a quoted URL followed by another '@' is masked too far,
 # which is safe). Whitespace and '"' end it (JSON log lines): url_without_credentials, for one URL.
-URL_USERINFO = re.compile(r"://[^\s\"]*@")
+URL_USERINFO = re.compile(r"://[^\s\"/]{0,512}@")  # (bounded, as _SECRET_KV)
 
 
 def url_without_credentials(url: str, mask: str = "***@") -> str:
@@ -92,8 +99,17 @@ def _mask_context(key: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_mask_context("", v) for v in value]
     if isinstance(value, str):
-        return mask_secrets(value)
+        return mask_secrets(bounded(value, MAX_FIELD))
     return value
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were cut.
+
+    >>> bounded("abcdef", 4), bounded("abc", 4)
+    ('abcd...(2 more characters)', 'abc')
+    """
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit:,} more characters)"
 
 
 def _mask_secret_args(fmt: str, args: Any) -> Any:
@@ -152,7 +168,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_") and key not in out:
                 out[key] = value
         if record.exc_info:
-            out["exception"] = mask_secrets(self.formatException(record.exc_info))
+            out["exception"] = mask_secrets(bounded(self.formatException(record.exc_info), 4 * MAX_MESSAGE))
         if record.stack_info:
             out["stack"] = record.stack_info
         return json.dumps(out, default=str)
@@ -174,7 +190,7 @@ class SecretFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string: keep what we have rather than lose the line
             message = f"{record.msg} {_mask_secret_args(str(record.msg), record.args)}"
-        record.msg = mask_secrets(message)
+        record.msg = mask_secrets(bounded(message, MAX_MESSAGE))
         record.args = None
         for key in list(vars(record)):
             if key not in _STANDARD and not key.startswith("_"):

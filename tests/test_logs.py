@@ -200,3 +200,26 @@ def test_kafka_pythons_repeats_are_said_once_and_ours_always():
         assert [x["logger"] for x in lines].count("stream_lstm.worker") == 4
     finally:
         configure_logging("INFO")
+
+
+def test_secret_patterns_have_no_unbounded_repetition():
+    """`[\\w.-]*password[\\w.-]*` backtracked quadratically: a forged 32,000-character device id
+    in a log line took 46 s to mask, holding the GIL, and the health endpoint went silent."""
+    import re
+
+    from stream_lstm import logs
+
+    for pattern in (logs._SECRET_KV.pattern, logs.URL_USERINFO.pattern):
+        unescaped = re.sub(r"\\.", "", pattern)  # (an escaped \* or \+ is a character)
+        assert not re.search(r"[*+]", unescaped), pattern
+
+
+def test_a_huge_message_or_field_is_cut_and_says_so(json_logs):
+    from stream_lstm import logs
+
+    logging.getLogger("stream_lstm.test").warning("id %s", "d" * 400_000,
+                                                  extra={"alert_id": "a" * 400_000, "token": "t" * 9000})
+    line = lines(json_logs)[-1]
+    assert line["event"] == "id " + "d" * (logs.MAX_MESSAGE - 3) + "...(391,811 more characters)"
+    assert line["alert_id"] == "a" * logs.MAX_FIELD + "...(398,976 more characters)"
+    assert line["token"] == "***"
