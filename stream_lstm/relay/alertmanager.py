@@ -99,6 +99,36 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 # What reading a damaged or forged event (JSON, then to_alert) can raise: RecursionError for
 # JSON nested past the parser's depth, which a pipeline of `except ValueError` let through.
 UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError)
+# The largest alert event a relay takes, and the longest id: the worker's are a few hundred
+# bytes (its device ids are at most STREAM_LSTM_MAX_DEVICE_ID_LENGTH), and what is taken is
+# written to the relay's store, which a broker's record limit bounds.
+MAX_EVENT_BYTES = 64 * 1024
+MAX_ID_CHARS = 1024
+
+
+def readable_event(raw: Any) -> dict[str, Any]:
+    """``raw`` (decoded JSON) as an alert event the relay can post and keep: an ``open`` or a
+    ``close`` whose ``alert_id`` and ``device_id`` are non-empty UTF-8 strings of at most
+    :data:`MAX_ID_CHARS`, with every field :func:`to_alert` needs; else a ``ValueError`` saying
+    why (a list as an id was hashed later, a lone surrogate could never be written: either
+    stopped the relay at every start).
+
+    >>> readable_event({"event": "open", "alert_id": ["x"]})
+    Traceback (most recent call last):
+    ...
+    ValueError: alert_id is not a non-empty string of at most 1024 characters
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    if raw.get("event") not in ("open", "close"):
+        raise ValueError(f"event {str(raw.get('event'))[:40]!r} is neither open nor close")
+    for key in ("alert_id", "device_id"):
+        value = raw.get(key)
+        if not (isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS):
+            raise ValueError(f"{key} is not a non-empty string of at most {MAX_ID_CHARS} characters")
+        value.encode("utf-8")  # (UnicodeEncodeError, a ValueError, for a lone surrogate)
+    to_alert(raw, 0.0)  # every field it needs is there, and its times are times
+    return raw
 
 
 def to_alert(event: dict[str, Any], now: float | None = None,
@@ -192,13 +222,25 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
         pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with _OPENER.open(request, timeout=timeout_s) as response:  # http(s) only (check_url)
-            response.read()
+        # (The body of a 2xx is not read, and of an error only what one read brings: an answer
+        # trickled a byte at a time held the relay's loop, and its health, for ever.)
+        with _OPENER.open(request, timeout=timeout_s):  # http(s) only (check_url)
+            pass
     except urllib.error.HTTPError as exc:
-        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {exc.read()[:200]!r}",
+        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {_first_bytes(exc)!r}",
                                 status=exc.code) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:  # (ValueError: http.client's InvalidURL)
         reason = getattr(exc, "reason", exc)
         hint = ("; signed by a private CA? point SSL_CERT_FILE at its certificate"
                 if isinstance(reason, ssl.SSLCertVerificationError) else "")
         raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} not reachable: {reason}{hint}") from None
+
+
+def _first_bytes(error: urllib.error.HTTPError, n: int = 200) -> bytes:
+    """What one read of an error answer's body brings, at most ``n`` bytes (never a wait for
+    the whole body)."""
+    try:
+        read1 = getattr(error.fp, "read1", None)
+        return read1(n) if read1 is not None else b""
+    except (OSError, ValueError):
+        return b""

@@ -4,7 +4,7 @@ An alert can stay open for longer than the alerts topic keeps its records (a sen
 high for a fortnight on a topic kept for a week). A relay that learnt its open alerts only by
 reading that topic again would lose such an alert on a restart: it would stop re-sending it,
 and Alertmanager would resolve an incident that is still going on. So the relay keeps them in
-a compacted topic of its own, ``<group>-open-alerts``, like a Kafka Streams state store's
+a compacted topic of its own, ``<group>-alertmanager-open-alerts``, like a Kafka Streams state store's
 changelog: one record per open alert, keyed by its ``alert_id``, and a tombstone when it
 closes. Compaction keeps the latest record of each key, so the topic holds the open alerts and
 little else, however long they stay open.
@@ -24,16 +24,25 @@ import logging
 import time
 from typing import Any
 
+from kafka.errors import InvalidRecordError, MessageSizeTooLargeError, RecordListTooLargeError
 from kafka.structs import TopicPartition
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
-from stream_lstm.relay.alertmanager import UNREADABLE, to_alert
+from stream_lstm.relay.alertmanager import UNREADABLE, readable_event
 
 log = logging.getLogger("stream_lstm.relay")
 
 FLUSH_TIMEOUT_S = 10.0  # past this the broker is away: the writes wait for the next turn
+# What a write of one record raises when that record can never be written (too large for the
+# producer or the broker, a key that is not text): given up alone, not retried for ever.
+RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, UnicodeError, TypeError)
+# Compaction never touches the active segment (a week by default): a store that rolls hourly
+# holds about the open alerts, not every open and tombstone of the last week to read at start
+# (tombstones kept a day, as the changelog's: a slow load must not resurrect a closed alert).
+STORE_CONFIG = {"cleanup.policy": "compact", "segment.ms": str(3600 * 1000),
+                "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": str(86400 * 1000)}
 LOAD_TIMEOUT_S = 60.0  # a store that cannot be read in this long is an error, not an empty store
 
 
@@ -54,9 +63,8 @@ class OpenAlertStore:
 
     def __init__(self, settings: Settings, topic: str, alerts_topic: str) -> None:
         self.settings, self.topic = settings, topic
-        ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic),
-                                           {"cleanup.policy": "compact"})])
-        self.producer = self._producer()
+        ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic), STORE_CONFIG)])
+        self.producer: Any = self._producer()
         # Written and not yet acknowledged: (alerts partition, alert id, record or None).
         self.pending: list[tuple[int, str, bytes | None]] = []
 
@@ -69,12 +77,15 @@ class OpenAlertStore:
 
     def _abandon(self) -> None:
         """Give up what the producer still holds (it must not land after a later owner's
-        records, or be sent twice beside a retry) and start a fresh one."""
+        records, or be sent twice beside a retry); the next write starts a fresh one. (Not
+        here: with the broker away, making one raised out of the loop, and the relay exited
+        instead of waiting for the broker, as it does when idle.)"""
+        producer, self.producer = self.producer, None
         try:
-            self.producer.close(timeout=0)
+            if producer is not None:
+                producer.close(timeout=0)
         except Exception:  # noqa: BLE001 - closing a producer the broker left: nothing to keep
             pass
-        self.producer = self._producer()
 
     def opened(self, partition: int, event: dict[str, Any]) -> None:
         """An alert of ``partition`` opened: keep its event."""
@@ -93,7 +104,8 @@ class OpenAlertStore:
         an open could come after its close. (Not sent within the flush's time, they are given
         up: this runs in a rebalance callback, which must not raise.)"""
         try:
-            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            if self.producer is not None:
+                self.producer.flush(timeout=FLUSH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the broker away, say
             log.warning("the relay's open-alert writes were given up at a revocation",
                         extra={"error": repr(exc)[:200]})
@@ -107,10 +119,19 @@ class OpenAlertStore:
             return True
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         try:
-            futures = [self.producer.send(self.topic, key=alert_id.encode(), value=record)
-                       for _, alert_id, record in self.pending]
-            for f in futures:  # (one deadline for all: the turn, and /healthz, wait no longer)
-                f.get(timeout=max(0.0, deadline - time.monotonic()))
+            if self.producer is None:
+                self.producer = self._producer()
+            futures = []
+            for write in self.pending:
+                try:
+                    futures.append((write, self.producer.send(self.topic, key=write[1].encode(), value=write[2])))
+                except RECORD_REFUSED as exc:  # this record can never be written: not a retry
+                    self._give_up(write, exc)
+            for write, f in futures:  # (one deadline for all: the turn, and /healthz, wait no longer)
+                try:
+                    f.get(timeout=max(0.0, deadline - time.monotonic()))
+                except RECORD_REFUSED as exc:
+                    self._give_up(write, exc)
         except Exception as exc:  # noqa: BLE001 - the broker away, say: the next turn tries again
             log.warning("writing the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
             self._abandon()  # (the retry sends them all again, in order)
@@ -118,9 +139,15 @@ class OpenAlertStore:
         self.pending = []
         return True
 
-    def load(self, partitions: set[int]) -> dict[str, tuple[int, dict[str, Any]]]:
+    def _give_up(self, write: tuple[int, str, bytes | None], exc: Exception) -> None:
+        # Retried, it stopped reading and committing for good (every turn failed the same way).
+        log.error("an open alert's record cannot be written to the relay's store; given up (a "
+                  "restart will not re-send it)", extra={"alert_id": write[1], "error": repr(exc)[:200]})
+
+    def load(self, partitions: set[int], beat: Any = None) -> dict[str, tuple[int, dict[str, Any]]]:
         """The open alerts of ``partitions`` (alerts-topic partitions): ``alert_id`` ->
-        (partition, open event). Reads every partition of the store to its end."""
+        (partition, open event). Reads every partition of the store to its end, calling
+        ``beat()`` after each poll (a long read is a relay at work, not a stuck one)."""
         consumer = make_consumer(self.settings, enable_auto_commit=False, auto_offset_reset="earliest",
                                  bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS)
         try:
@@ -139,6 +166,8 @@ class OpenAlertStore:
                 for records in consumer.poll(timeout_ms=500).values():
                     for rec in records:
                         self._read(found, rec.key, rec.value)
+                if beat is not None:
+                    beat()
                 for tp in list(left):
                     if consumer.position(tp) >= ends[tp]:
                         left.discard(tp)
@@ -154,12 +183,12 @@ class OpenAlertStore:
             return
         try:
             body = json.loads(value)
-            event = dict(body["event"])
-            to_alert(event, 0.0)  # as the alerts topic's events are checked: re-sent, it must be whole
+            event = readable_event(body["event"])  # as the alerts topic's are: re-sent, it must be whole
             found[alert_id] = (int(body["partition"]), event)
         except UNREADABLE as exc:  # (damaged or forged)
             log.error("skipping an unreadable record of the relay's open alerts",
                       extra={"alert_id": alert_id, "error": repr(exc)[:200]})
 
     def close(self) -> None:
-        self.producer.close(timeout=FLUSH_TIMEOUT_S)
+        if self.producer is not None:
+            self.producer.close(timeout=FLUSH_TIMEOUT_S)

@@ -38,12 +38,14 @@ from stream_lstm.kafka.topics import TopicSpec, ensure_topics
 from stream_lstm.metrics import HealthState, serve_metrics
 from stream_lstm.relay.alertmanager import (
     DEFAULT_LABELS,
+    MAX_EVENT_BYTES,
     RESEND_S,
     UNREADABLE,
     AlertmanagerError,
     check_url,
     parse_labels,
     post_alerts,
+    readable_event,
     redacted,
     to_alert,
 )
@@ -71,10 +73,11 @@ class RelayMetrics:
         r = self.registry = CollectorRegistry()
         self.relayed = Counter("stream_lstm_alerts_relayed", "Alerts Alertmanager accepted (events and "
                                "re-sends of open ones)", registry=r)
-        self.refused = Counter("stream_lstm_alerts_refused", "Alerts Alertmanager refused (4xx): skipped",
-                               registry=r)
+        self.refused = Counter("stream_lstm_alerts_refused", "Alerts Alertmanager refused for what they "
+                               "are (400, 413, 422): skipped, and an open one not re-sent", registry=r)
         self.failures = Counter("stream_lstm_alertmanager_failures", "Requests Alertmanager did not take "
-                                "(unreachable, 5xx): retried", registry=r)
+                                "(unreachable, no answer, any other error status: 401/403 credentials, "
+                                "404 a wrong URL, 429, 5xx): retried, and the relay not ready", registry=r)
         self.open_alerts = Gauge("stream_lstm_relay_open_alerts", "Open alerts the relay holds", registry=r)
         # (not the workers' stream_lstm_ready: a dashboard's count of ready workers would count it)
         self.ready = Gauge("stream_lstm_relay_ready", "1 when the relay is ready (see /readyz), else 0",
@@ -138,7 +141,11 @@ class AlertRelay:
         self.group: GroupConsumer | None = None
         self.store: OpenAlertStore | None = None
         self.metrics, self.health = RelayMetrics(), HealthState()
-        self.health.set_ready("alertmanager", True)
+        # Not ready until Alertmanager has answered once (an empty post at the first turn), and
+        # asked again every RESEND_S while nothing goes: a wrong URL or a rotated password was
+        # found only when a real alert was held back.
+        self.health.set_ready("alertmanager", False, "not contacted yet")
+        self._next_probe = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -163,7 +170,7 @@ class AlertRelay:
         """Load the open alerts of the partitions assigned since; resume them. Tried again next
         turn if the store cannot be read (the partitions stay paused)."""
         try:
-            found = self.store.load(self.unloaded)  # type: ignore[union-attr]
+            found = self.store.load(self.unloaded, beat=self.health.beat)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - the broker away, or no read ACL: next turn
             log.warning("loading the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
             self.health.set_ready("open_alerts", False, f"cannot read {self.store.topic}: {repr(exc)[:200]}")  # type: ignore[union-attr]
@@ -241,7 +248,7 @@ class AlertRelay:
         if tick >= self._next_resend and self.open:
             self._resend = True  # still firing: say so again, before Alertmanager's endsAt
             self._next_resend = tick + RESEND_S
-        unheard = self.health.readiness()[1].get("alertmanager", "ok") != "ok"
+        unheard = self.health.readiness()[1].get("alertmanager", "ok") != "ok" or tick >= self._next_probe
         if (self.waiting or self._resend or unheard) and tick >= self._retry_at and not self._deliver(tick):
             return  # (unheard with nothing to send: an empty post asks whether it answers again)
         if not (self.waiting or self._resend):
@@ -253,10 +260,11 @@ class AlertRelay:
         now = self.clock()
         events = [e for _, e in self.waiting] + ([e for _, e in self.open.values()] if self._resend else [])
         alerts = [to_alert(e, now, self.labels) for e in events]
+        refused: set[str] = set()
         for i in range(0, len(alerts), CHUNK) or [0]:  # (nothing: an empty list, as a probe)
             chunk = alerts[i : i + CHUNK]
             try:
-                self._post(chunk)
+                refused |= self._post(chunk)
                 self.health.beat()  # (a slow Alertmanager is not a stuck relay)
             except AlertmanagerError as exc:
                 self.metrics.failures.inc()
@@ -266,27 +274,35 @@ class AlertRelay:
                 log.warning("Alertmanager did not take the alerts; will retry", extra={
                     "error": str(exc)[:300], "alerts": len(alerts) - i, "retry_in_s": round(self._retry_at - tick, 1)})
                 return False
-        self.metrics.relayed.inc(len(alerts))
+        self.metrics.relayed.inc(len(alerts) - sum(a["labels"]["alert_id"] in refused for a in alerts))
         self.health.set_ready("alertmanager", True)
+        self._next_probe = tick + RESEND_S
+        for alert_id in refused:  # an open refused is not re-sent (refused every minute, for ever)
+            self.open.pop(alert_id, None)
         for p, e in self.waiting:
+            if e["alert_id"] in refused:
+                continue
             log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
             if e["event"] == "open":  # (written before the commit that passes the event)
                 self.store.opened(p, e)  # type: ignore[union-attr]
             else:
                 self.store.closed(p, str(e["alert_id"]))  # type: ignore[union-attr]
+        self.metrics.open_alerts.set(len(self.open))
         self.waiting, self._resend, self._backoff = [], False, RETRY_FIRST_S
         if not self._store_stuck:  # (its open-alert store cannot be written: read no more)
             consumer.resume(*(set(consumer.paused()) - set(self._tps(self.unloaded))))
         return True
 
-    def _post(self, chunk: list[dict[str, Any]]) -> None:
-        """One request; an alert Alertmanager refuses for what it is (a 4xx) is logged and
-        skipped, alone, so that it cannot hold up every other alert for ever."""
+    def _post(self, chunk: list[dict[str, Any]]) -> set[str]:
+        """One request; an alert Alertmanager refuses for what it is (400, 413, 422) is logged
+        and skipped, alone, so that it cannot hold up every other alert for ever. Returns the
+        ids of the alerts refused."""
         try:
             self.post(self.url, chunk)
         except AlertmanagerError as exc:
             if not exc.refused:
                 raise
+            refused = set()
             for alert in chunk:
                 try:
                     self.post(self.url, [alert])
@@ -294,20 +310,22 @@ class AlertRelay:
                     if not one.refused:
                         raise
                     self.metrics.refused.inc()
+                    refused.add(alert["labels"]["alert_id"])
                     log.error("Alertmanager refused an alert; skipped", extra={
                         "labels": alert["labels"], "error": str(one)[:300]})
+            return refused
+        return set()
 
     def _take(self, partition: int, offset: int, value: bytes | None) -> None:
         try:
-            event = json.loads(value or b"")
-            kind, alert_id = event["event"], event["alert_id"]
-            if kind not in ("open", "close"):
-                raise ValueError(f"event {kind!r} is neither open nor close")
-            to_alert(event, 0.0)  # every field it needs is there, and its times are times
+            if len(value or b"") > MAX_EVENT_BYTES:
+                raise ValueError(f"{len(value or b''):,} bytes, over {MAX_EVENT_BYTES:,}")
+            event = readable_event(json.loads(value or b""))
         except UNREADABLE as exc:
             log.error("skipping an alert event that cannot be read",
                       extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})
             return
+        kind, alert_id = event["event"], event["alert_id"]
         if kind == "open":
             self.open[alert_id] = (partition, event)
         else:

@@ -129,3 +129,35 @@ def test_a_password_with_a_quote_or_a_space_is_delivered_and_never_said(stub, pa
         assert password not in str(err.value)
         post_alerts(stub.url.replace("http://", f"http://relay:{quote(password)}@"), [to_alert(EVENT)])
     assert stub.headers[-1]["Authorization"] == "Basic " + base64.b64encode(f"relay:{password}".encode()).decode()
+
+
+def test_an_answer_trickled_a_byte_at_a_time_does_not_hold_the_post():
+    """A proxy that sent 200 and its headers, then one byte every few seconds, held the relay's
+    loop (and its health) for ever: the body of a 2xx is not read, of an error one read's worth."""
+    import socket
+    import threading
+
+    release = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(status: bytes) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100000\r\n\r\nx")
+            release.wait(60)  # ... and the rest never comes
+
+    try:
+        for status in (b"200 OK", b"503 Service Unavailable"):
+            server = threading.Thread(target=serve, args=(status,), daemon=True)
+            server.start()
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+            if status.startswith(b"200"):
+                post_alerts(url, [])  # returns (before the fix: a 10 s read timeout per byte)
+            else:
+                with pytest.raises(AlertmanagerError, match="answered 503.*b'x'"):
+                    post_alerts(url, [])
+            assert not release.is_set() and server.is_alive()  # it did not wait for the rest
+    finally:
+        release.set()
+        listener.close()

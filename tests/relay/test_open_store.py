@@ -84,3 +84,35 @@ def test_writes_the_broker_refuses_are_kept_to_write_again_and_a_revocation_neve
     store.topic = "not a valid topic name!"
     with pytest.raises(Exception):  # noqa: B017 - not an empty store: an error, retried
         store.load({0})
+
+
+def test_a_store_that_cannot_reach_the_broker_waits_instead_of_raising(store, monkeypatch):
+    """A failed write made a new producer at once: with the broker away that raised out of the
+    relay's loop, and it exited (3) instead of waiting, as it does when idle."""
+    from stream_lstm.kafka.clients import KafkaConnectError
+
+    store.topic, topic = "not a valid topic name!", store.topic
+    store.opened(0, opened("a@1"))
+    assert not store.flush()  # the producer given up; the next write makes a new one
+
+    def away():
+        raise KafkaConnectError("no broker")
+
+    monkeypatch.setattr(store, "_producer", away)
+    assert not store.flush() and store.producer is None  # not written, kept, nothing raised
+    store.drop({1})
+    monkeypatch.undo()
+    store.topic = topic
+    beats = []
+    assert store.flush() and list(store.load({0}, beat=lambda: beats.append(1))) == ["a@1"]
+    assert beats  # (a long read beats the relay's liveness as it goes)
+
+
+def test_a_record_that_can_never_be_written_is_given_up_alone(store, caplog):
+    """Retried, a record too large for any request stopped reading and committing for good."""
+    store.opened(0, opened("a@1") | {"padding": "x" * 5_000_000})  # over any request (4 MiB)
+    store.opened(1, opened("b@2"))
+    with caplog.at_level("ERROR", logger="stream_lstm.relay"):
+        assert store.flush() and store.pending == []
+    assert "cannot be written to the relay's store; given up" in caplog.text
+    assert list(store.load({0, 1})) == ["b@2"]
