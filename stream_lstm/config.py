@@ -8,10 +8,8 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -106,6 +104,8 @@ class Settings(BaseSettings):
     ssl_cafile: Path | None = Field(None, description="PEM file of the CA that signed the broker")
     ssl_certfile: Path | None = Field(None, description="Client certificate (PEM), for mTLS")
     ssl_keyfile: Path | None = Field(None, description="Client private key (PEM), for mTLS")
+    ssl_password: SecretStr | None = Field(None, description="Passphrase of an encrypted ssl_keyfile (never logged)")
+    ssl_password_file: Path | None = Field(None, description="File holding that passphrase")
     ssl_check_hostname: bool = Field(True, description="Verify the broker host name in TLS")
 
     # --- Compute --------------------------------------------------------------------------
@@ -267,13 +267,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{', '.join(given)} set but security_protocol is "
                                  f"{self.security_protocol}: set SASL_SSL or SASL_PLAINTEXT to use them")
         if not self.security_protocol.endswith("SSL"):
-            if given := [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
-                         if getattr(self, k) is not None]:
+            if given := [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password",
+                                     "ssl_password_file") if getattr(self, k) is not None]:
                 raise ValueError(f"{', '.join(given)} set but security_protocol is "
                                  f"{self.security_protocol}: set SSL or SASL_SSL to use them")
-        for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):  # at start, not a TLS timeout later
-            if (path := getattr(self, k)) is not None and not os.access(path, os.R_OK):
+        for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file"):  # at start, not
+            if (path := getattr(self, k)) is not None and not os.access(path, os.R_OK):  # a timeout
                 raise ValueError(f"{k} cannot be read: {path}")
+        if self.ssl_certfile is not None:
+            self._check_client_key()
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
         names = self.stage_names
@@ -301,13 +303,25 @@ class Settings(BaseSettings):
         if not self.sasl_username:
             raise ValueError("sasl_username is required with a SASL security_protocol")
         try:
-            password = self.resolved_sasl_password()  # the file read as the clients will
+            password = self.resolved_password("sasl")  # the file read as the clients will
         except OSError as exc:
             raise ValueError(f"sasl_password_file cannot be read: {exc.strerror} "
                              f"({self.sasl_password_file})") from None
         if password is None:
             raise ValueError("sasl_password or sasl_password_file is required with a SASL "
                              "security_protocol")
+
+    def _check_client_key(self) -> None:
+        # An encrypted key without its passphrase made OpenSSL ask for it on the terminal at
+        # every connect, and the worker gave up 35 s later blaming the CA (issue of a review).
+        import ssl
+
+        try:
+            ssl.create_default_context().load_cert_chain(
+                self.ssl_certfile, self.ssl_keyfile, password=self.resolved_password("ssl") or "")  # type: ignore[arg-type]
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120}): an "
+                             "encrypted key needs ssl_password or ssl_password_file") from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -318,13 +332,13 @@ class Settings(BaseSettings):
         """The state changelog topic: set explicitly, or derived from the group id."""
         return self.changelog_topic or f"{self.group_id}-state-changelog"
 
-    def resolved_sasl_password(self) -> str | None:
-        """The SASL password from the environment or, failing that, from its file."""
-        if self.sasl_password is not None:
-            return self.sasl_password.get_secret_value()
-        if self.sasl_password_file is not None:
-            return self.sasl_password_file.read_text().strip()
-        return None
+    def resolved_password(self, kind: Literal["sasl", "ssl"]) -> str | None:
+        """``<kind>_password`` from the environment or, failing that, from its file."""
+        secret, file = ((self.sasl_password, self.sasl_password_file) if kind == "sasl"
+                        else (self.ssl_password, self.ssl_password_file))
+        if secret is not None:
+            return secret.get_secret_value()
+        return file.read_text().strip() if file is not None else None
 
     def redacted(self) -> dict[str, object]:
         """Settings as a dict that is safe to log: secrets are masked."""
@@ -361,29 +375,6 @@ def load_settings(**overrides: object) -> Settings:
                              and ("_" in m[0] or m[0] == "window") else m[0], msg)
             lines.append(f"invalid setting{' ' + ENV_PREFIX + loc[0].upper() if loc else 's'}: {msg}")
         raise SettingsError("\n".join(lines)) from None
-
-
-# Read by the tools, not settings of the service (kafka/jars.py, the CI script, bench).
-OTHER_VARIABLES = frozenset({"CACHE_DIR", "KAFKA_POM", "CI_VENV", "BENCH"})
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """``STREAM_LSTM_*`` variables that name no setting: most likely misspelt, and ignored.
-
-    >>> unknown_variables({"STREAM_LSTM_WINDOWS": "32", "STREAM_LSTM_WINDOW": "32", "HOME": "/"})
-    ['STREAM_LSTM_WINDOWS']
-    """
-    known = {name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
-    return sorted(var for var in environ
-                  if var.upper().startswith(ENV_PREFIX)
-                  and var.upper()[len(ENV_PREFIX):] not in known)
-
-
-def warn_unknown_variables(logger: logging.Logger) -> None:
-    """Log each misspelt ``STREAM_LSTM_*`` variable of this process (start-up of a service)."""
-    for var in unknown_variables(os.environ):
-        logger.warning(f"{var} names no setting and is ignored: misspelt? "
-                       "(`python -m stream_lstm.config` lists the settings)")
 
 
 def settings_markdown() -> str:

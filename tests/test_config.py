@@ -11,7 +11,7 @@ def test_defaults_and_env_prefix(monkeypatch):
     assert s.bootstrap_servers == "127.0.0.1:9092" and s.output_topic == "sensor-forecasts"
     assert s.dlq_topic == "sensor-readings-dlq" and s.group_id == "stream-lstm"
     assert s.metrics_port == 9108 and s.processing_guarantee == "exactly_once"
-    assert s.security_protocol == "PLAINTEXT" and s.resolved_sasl_password() is None
+    assert s.security_protocol == "PLAINTEXT" and s.resolved_password("sasl") is None
 
 
 def test_only_prefixed_variables_count(monkeypatch):
@@ -104,15 +104,7 @@ def test_an_empty_variable_means_unset(tmp_path, monkeypatch):
     s = load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc")
     assert s.model_path is None and s.ssl_cafile is None and s.sasl_password is None
     assert s.state_dir == s.model_dir.parent / "state"  # the default, not "."
-    assert s.resolved_sasl_password() == "from-file"
-
-
-def test_misspelt_variables_are_named():
-    from stream_lstm.config import unknown_variables
-
-    env = {"STREAM_LSTM_WINDOWS": "32", "stream_lstm_horizon": "6", "STREAM_LSTM_CACHE_DIR": "/c",
-           "STREAM_LSTM_WINDOW": "32", "PATH": "/bin"}
-    assert unknown_variables(env) == ["STREAM_LSTM_WINDOWS"]
+    assert s.resolved_password("sasl") == "from-file"
 
 
 def test_password_file_from_the_environment(tmp_path, monkeypatch):
@@ -120,10 +112,10 @@ def test_password_file_from_the_environment(tmp_path, monkeypatch):
     f.write_text("from-file\n")
     monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD_FILE", str(f))
     sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "svc"}
-    assert load_settings(**sasl).resolved_sasl_password() == "from-file"
+    assert load_settings(**sasl).resolved_password("sasl") == "from-file"
     monkeypatch.setenv("STREAM_LSTM_SASL_PASSWORD", "from-env")  # the variable wins
     s = load_settings(**sasl)
-    assert s.resolved_sasl_password() == "from-env"
+    assert s.resolved_password("sasl") == "from-env"
     assert "from-env" not in str(s.redacted()) and "from-env" not in repr(s)
 
 
@@ -131,7 +123,7 @@ def test_secrets_masked_and_password_file(tmp_path):
     f = tmp_path / "pw"
     f.write_text("s3cret\n")
     s = Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_password_file=f, sasl_username="u")
-    assert s.resolved_sasl_password() == "s3cret"
+    assert s.resolved_password("sasl") == "s3cret"
     s2 = Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
                   sasl_password="hunter2")
     assert "hunter2" not in str(s2.redacted()) and s2.redacted()["sasl_password"] == "***"
@@ -161,7 +153,7 @@ def test_every_setting_is_read_by_some_code_path():
         tree = ast.parse(path.read_text())
         if path.name == "config.py":  # only the methods that hand values on
             methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
-                       and n.name in ("changelog_topic_name", "resolved_sasl_password", "stage_names")]
+                       and n.name in ("changelog_topic_name", "resolved_password", "stage_names")]
             nodes = [a for m in methods for a in ast.walk(m)]
             base_names = {"self"}
         else:

@@ -56,10 +56,12 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
             kw["ssl_certfile"] = str(settings.ssl_certfile)
         if settings.ssl_keyfile:
             kw["ssl_keyfile"] = str(settings.ssl_keyfile)
+        if (passphrase := settings.resolved_password("ssl")) is not None:
+            kw["ssl_password"] = passphrase
     if settings.security_protocol.startswith("SASL"):
         kw["sasl_mechanism"] = settings.sasl_mechanism
         kw["sasl_plain_username"] = settings.sasl_username
-        kw["sasl_plain_password"] = settings.resolved_sasl_password()
+        kw["sasl_plain_password"] = settings.resolved_password("sasl")
     return kw
 
 

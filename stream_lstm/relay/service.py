@@ -49,6 +49,7 @@ from stream_lstm.relay.alertmanager import (
     redacted,
     to_alert,
 )
+from stream_lstm.relay.metrics import RelayMetrics
 from stream_lstm.relay.open_store import OpenAlertStore
 from stream_lstm.signals import StopOnSignal
 
@@ -57,36 +58,6 @@ log = logging.getLogger("stream_lstm.relay")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 CHUNK = 100  # alerts a request at most: a proxy's body limit (nginx: 1 MiB) must not stall us
 COMMIT_TIMEOUT_MS = 5_000  # a commit that cannot finish (the broker away) is tried next turn
-
-
-class RelayMetrics:
-    """The relay's own series on its ``/metrics`` (not the worker's: a relay has no readings).
-
-    >>> m = RelayMetrics(); m.relayed.inc(3)
-    >>> b"stream_lstm_alerts_relayed_total 3.0" in m.exposition()
-    True
-    """
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
-        r = self.registry = CollectorRegistry()
-        self.relayed = Counter("stream_lstm_alerts_relayed", "Alerts Alertmanager accepted (events and "
-                               "re-sends of open ones)", registry=r)
-        self.refused = Counter("stream_lstm_alerts_refused", "Alerts Alertmanager refused for what they "
-                               "are (400, 413, 422): skipped, and an open one not re-sent", registry=r)
-        self.failures = Counter("stream_lstm_alertmanager_failures", "Requests Alertmanager did not take "
-                                "(unreachable, no answer, any other error status: 401/403 credentials, "
-                                "404 a wrong URL, 429, 5xx): retried, and the relay not ready", registry=r)
-        self.open_alerts = Gauge("stream_lstm_relay_open_alerts", "Open alerts the relay holds", registry=r)
-        # (not the workers' stream_lstm_ready: a dashboard's count of ready workers would count it)
-        self.ready = Gauge("stream_lstm_relay_ready", "1 when the relay is ready (see /readyz), else 0",
-                           registry=r)
-
-    def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
 
 
 class AlertRelay:
@@ -379,7 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stream_lstm.config import load_settings, warn_unknown_variables
+    from stream_lstm.config import load_settings
+    from stream_lstm.environment import warn_unknown_variables
     from stream_lstm.logs import configure_logging
 
     overrides = {"alertmanager_url": args.url} if getattr(args, "url", None) else {}

@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from stream_lstm.config import Settings, load_settings, warn_unknown_variables
+from stream_lstm.config import Settings, load_settings
+from stream_lstm.environment import warn_unknown_variables
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel
 from stream_lstm.pipeline import decode_records

@@ -11,7 +11,7 @@ import yaml
 
 from stream_lstm.metrics import Metrics
 from stream_lstm.process_health import HostMetrics, Slot
-from stream_lstm.relay.service import RelayMetrics
+from stream_lstm.relay.metrics import RelayMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "stream-lstm.json"

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from stream_lstm.config import Settings
+from stream_lstm.config import Settings, SettingsError, load_settings
 from stream_lstm.kafka.clients import (
     KafkaConnectError,
     connection_kwargs,
@@ -107,9 +107,39 @@ def test_plaintext_has_only_the_servers_and_the_protocol():
     # was meant) are refused when the settings load (tests/test_config.py).
 
 
+def client_certificate(folder, passphrase=None):
+    """A self-signed client certificate and its key (encrypted with ``passphrase``), by openssl."""
+    import subprocess
+
+    key, cert = folder / "me.key", folder / "me.pem"
+    secret = ["-aes256", "-pass", f"pass:{passphrase}"] if passphrase else []
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    *secret, "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(key), "-subj", "/CN=me", "-days", "1",
+                    *(["-passin", f"pass:{passphrase}"] if passphrase else []), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_an_encrypted_client_key_needs_its_passphrase_said_at_start(tmp_path, monkeypatch):
+    """Without one OpenSSL asked for it on the terminal at every connect, and the worker gave
+    up 35 s later blaming the CA certificate."""
+    cert, key = client_certificate(tmp_path, passphrase="hunter22")
+    tls = {"security_protocol": "SSL", "ssl_certfile": cert, "ssl_keyfile": key}
+    with pytest.raises(SettingsError, match="encrypted key needs STREAM_LSTM_SSL_PASSWORD"):
+        load_settings(**tls)
+    with pytest.raises(SettingsError, match="cannot be loaded"):
+        load_settings(**tls, ssl_password="wrong")
+    (tmp_path / "passphrase").write_text("hunter22\n")
+    kw = connection_kwargs(load_settings(**tls, ssl_password_file=tmp_path / "passphrase"))
+    assert kw["ssl_password"] == "hunter22" and kw["ssl_keyfile"] == str(key)
+    monkeypatch.setenv("STREAM_LSTM_SSL_PASSWORD", "hunter22")
+    assert load_settings(**tls).redacted()["ssl_password"] == "***"
+
+
 def test_ssl_passes_the_ca_the_client_certificate_and_the_hostname_check(tmp_path):
-    for name in ("ca.pem", "me.pem", "me.key"):
-        (tmp_path / name).write_text("(PEM)")  # (settings refuse files they cannot read)
+    (tmp_path / "ca.pem").write_text("(PEM)")  # (settings refuse files they cannot read)
+    client_certificate(tmp_path)  # (a client key and certificate are loaded when the settings are)
     kw = connection_kwargs(Settings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem",
                                     ssl_certfile=tmp_path / "me.pem", ssl_keyfile=tmp_path / "me.key",
                                     ssl_check_hostname=False))
