@@ -169,9 +169,8 @@ class Metrics:
 
         # --- Transactions and liveness --------------------------------------------------------
         self.transactions = counter("transactions", "Batches committed or aborted", ("outcome",))
-        self.kafka_stalls = counter("kafka_stalls", "kafka-python polls that waited past "
-                                    "max.poll.interval.ms on their own IO thread and were ended "
-                                    "(kafka/stall.py)")
+        self.kafka_stalls = counter("kafka_stalls", "kafka-python polls stuck past 20 s (2/3 of the "
+                                    "liveness limit) and ended (kafka/stall.py), or joins mended")
         # A host of several processes exports its own (every process ready), not this one.
         self.ready = gauge("ready", "1 when the worker is ready (see /readyz), else 0", mode="livemin")
         self.up_info = Info(p + "up", "Version and instance of this stream-lstm process", registry=r)
@@ -257,8 +256,7 @@ LIVENESS_TIMEOUT_S = 30.0
 class HealthState:
     """Liveness (a heartbeat from the main loop) and readiness (named components). Thread-safe.
 
-    Readiness needs at least one registered component and all of them ok; the worker
-    registers ``broker``, ``model``, ``partitions`` (and ``restored``) as it starts.
+    Readiness needs one registered component at least, and all ok (``broker``, ``model``...).
 
     Parameters
     ----------
@@ -279,14 +277,20 @@ class HealthState:
 
     def __init__(self, liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> None:
         self._lock = threading.Lock()
-        self._last_beat = time.monotonic()
+        self._last_beat, self._busy_until = time.monotonic(), 0.0
         self._components: dict[str, tuple[bool, str]] = {}
         self.liveness_timeout_s = liveness_timeout_s
 
     def beat(self) -> None:
         """The main loop turned; call once per iteration."""
         with self._lock:
-            self._last_beat = time.monotonic()
+            self._last_beat, self._busy_until = time.monotonic(), 0.0
+
+    def busy(self, up_to_s: float) -> None:
+        """The loop's own long step begins (a revocation's commit, inside a poll): live for up
+        to ``up_to_s`` without a beat; the next beat ends it."""
+        with self._lock:
+            self._busy_until = time.monotonic() + up_to_s
 
     def set_ready(self, component: str, ok: bool, detail: str = "") -> None:
         with self._lock:
@@ -296,8 +300,8 @@ class HealthState:
         """``(ok, detail)``: ok while the last beat is at most ``stale_after_s`` old."""
         limit = self.liveness_timeout_s if stale_after_s is None else stale_after_s
         with self._lock:
-            age = time.monotonic() - self._last_beat
-        ok = age <= limit
+            age, busy = time.monotonic() - self._last_beat, time.monotonic() < self._busy_until
+        ok = age <= limit or busy
         return ok, f"last loop iteration {age:.1f}s ago" + ("" if ok else f" (limit {limit:g}s)")
 
     def readiness(self) -> tuple[bool, dict[str, str]]:

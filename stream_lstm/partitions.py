@@ -130,6 +130,9 @@ class PartitionCoordinator:
         tx = self.tx
         if self.commit_on_revoke and self._uncommitted():
             assert self.group is not None
+            # Live while it commits, for as long as the broker lets a callback take: a large
+            # fleet's checkpoints took longer than the liveness limit, and the pod was killed.
+            self.health.busy(self.settings.max_poll_interval_ms / 1000)
             try:
                 # Their changed devices are checkpointed too: the next owner replays less.
                 tx.commit(self.group.consumer, flush=set(partitions))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import MemberState
 
@@ -140,7 +140,7 @@ class GroupConsumer:
         deadline = time.monotonic() + 30.0
         while not consumer.partitions_for_topic(s.input_topic) and time.monotonic() < deadline:
             time.sleep(0.2)
-        consumer.subscribe([s.input_topic], listener=self.listener)
+        consumer.subscribe([s.input_topic], listener=_Unguarded(self.listener, lambda: self.stall_guard))
         return consumer
 
     def poll(self, timeout_ms: int) -> dict:
@@ -210,3 +210,24 @@ class GroupConsumer:
             call_with_deadline(lambda: old.close(autocommit=False), 10.0, "closing the consumer")
         except Exception as exc:  # noqa: BLE001 - closing is best effort
             log.warning("closing the consumer failed", extra={"error": repr(exc)[:200]})
+
+
+class _Unguarded(ConsumerRebalanceListener):
+    """The worker's listener, run with the stall guard paused: a revocation that commits and
+    checkpoints a large fleet is the worker's own work inside ``poll``, not kafka-python's
+    hang (a handover of 100k changed devices took over the guard's 20 s, and was ended)."""
+
+    def __init__(self, listener: Any, guard: Callable[[], StallGuard]) -> None:
+        self.listener, self.guard = listener, guard
+
+    def on_partitions_assigned(self, assigned: list) -> None:
+        with self.guard().paused():
+            self.listener.on_partitions_assigned(assigned)
+
+    def on_partitions_revoked(self, revoked: list) -> None:
+        with self.guard().paused():
+            self.listener.on_partitions_revoked(revoked)
+
+    def on_partitions_lost(self, lost: list) -> None:
+        with self.guard().paused():
+            self.listener.on_partitions_lost(lost)

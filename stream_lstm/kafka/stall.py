@@ -81,6 +81,19 @@ class StallGuard:
             with self._lock:
                 self._call = None
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Our own code inside a guarded call (a rebalance callback inside ``poll``): not a
+        wait on the client, however long it takes; the call's limit starts again after it."""
+        with self._lock:
+            call, self._call = self._call, None
+        try:
+            yield
+        finally:
+            with self._lock:
+                if call is not None and self._call is None:
+                    self._call = (call[0], call[1], time.monotonic() + call[1])
+
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=5)

@@ -107,3 +107,28 @@ def test_a_consumer_that_never_joins_its_group_is_replaced(settings_factory, top
     # The stuck consumer is replaced (at least once: on a loaded machine its replacement may
     # itself outlast the 7 s and be replaced in turn, which is the same rule at work).
     assert worker.metrics.kafka_stalls._value.get() >= 1
+
+
+def test_a_rebalance_callback_is_not_a_stall_and_the_poll_is_limited_again_after_it():
+    """A revocation that commits a large fleet's checkpoints runs inside poll: past the guard's
+    limit it was ended as kafka-python's hang (and counted as one)."""
+    import time
+
+    from stream_lstm.kafka.group_consumer import _Unguarded
+
+    guard = StallGuard(object(), check_every_s=3600)  # (its watcher idle: the state is checked)
+    seen = []
+
+    class Listener:
+        def on_partitions_revoked(self, revoked):
+            seen.append(guard._call)  # nothing to end while the worker's own code runs
+
+    try:
+        with guard.limit("consumer.poll", 20.0):
+            _Unguarded(Listener(), lambda: guard).on_partitions_revoked([TopicPartition("t", 0)])
+            what, limit, deadline = guard._call
+        assert seen == [None] and (what, limit) == ("consumer.poll", 20.0)
+        assert deadline > time.monotonic() + 19  # the limit starts again after the callback
+        assert guard._call is None and guard.stalls == 0
+    finally:
+        guard.close()
