@@ -78,7 +78,7 @@ def test_the_alert_rules_unit_tests_pass():
 ALERTS = {"StreamLstmCommitsFailing", "StreamLstmConsumerLagGrowing", "StreamLstmNoForecasts", "StreamLstmInvalidReadingRateHigh",
           "StreamLstmRetrainFailures", "StreamLstmAlertStormFleetWide", "StreamLstmNotReady",
           "StreamLstmTargetDown", "StreamLstmModelNoLongerHelps", "StreamLstmAlertRelayNotDelivering",
-          "StreamLstmModelRefused"}
+          "StreamLstmModelRefused", "StreamLstmRestoreSlow"}
 
 
 def test_alert_rules_cover_the_runbook():
