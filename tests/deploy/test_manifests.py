@@ -211,3 +211,37 @@ def test_each_workers_grace_period_covers_the_checkpoints_of_a_clean_stop():
         devices = int(env.get("STREAM_LSTM_MAX_DEVICES") or config["STREAM_LSTM_MAX_DEVICES"])
         grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace >= devices * 0.25e-3 + 15, (f.name, devices, grace)
+
+
+def test_the_images_build_stage_makes_a_wheel_with_the_kafka_pom(tmp_path):
+    """The build stage copied stream_lstm/ but not what its kafka/pom.xml links to: the link
+    dangled and the image's `stream-lstm kafka up` had no jars to fetch. The stage's own COPY
+    lines are replayed here, and the wheel built from what they copy."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    build = DOCKERFILE.read_text().split("AS build", 1)[1].split("\nFROM ", 1)[0]
+    copies = re.findall(r"^COPY (?!--from)(.+) (\S+)$", build, re.M)
+    assert copies, build
+    for sources, dest in copies:
+        for source in sources.split():
+            target = tmp_path / dest / (Path(source).name if dest.endswith("/") else "")
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, target, symlinks=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / source, target)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(tmp_path)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "stream_lstm/kafka/pom.xml" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_the_compose_broker_keeps_its_log_on_its_volume():
+    """apache/kafka writes to /tmp/kraft-combined-logs unless told: recreated, the broker lost
+    the changelog, the models topic and the offsets, while the workers kept their stores."""
+    kafka = yaml.safe_load(COMPOSE.read_text())["services"]["kafka"]
+    (volume,) = kafka["volumes"]
+    assert kafka["environment"]["KAFKA_LOG_DIRS"] == volume.split(":")[1]
