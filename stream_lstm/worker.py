@@ -81,7 +81,7 @@ class Worker:
         self.settings = settings
         follower = ModelsFollower(settings) if settings.trainer == "external" else None
         self.served = served or (follower and follower.to_serve(settings)) or load_served_model(settings)
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.instance_id or None)
         self.health = health or HealthState()
         self.device = resolve_device(settings.device)
         self.inference_threads = set_inference_threads(settings.torch_threads)

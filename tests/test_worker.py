@@ -163,6 +163,8 @@ def test_two_workers_with_one_instance_id_are_told_so(settings_factory, topic_na
 
     s = small(settings_factory, topic_name, instance_id="same")
     worker = Worker(s, fresh_model(s))
+    # (Its /metrics says the instance id too: it said the host name, unlike the trainer's.)
+    assert b'stream_lstm_up_info{instance="same"' in worker.metrics.exposition()
     worker.connect()
     worker.stop()  # (no reconnect loop after the line)
     try:
