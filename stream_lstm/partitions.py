@@ -213,8 +213,12 @@ class PartitionCoordinator:
         if done and self.group is not None and not self.held_back:
             self.group.consumer.resume(*self.tps(done))
         now = time.monotonic()
+        took = {p: now - self._restoring_since.pop(p, now) for p in done}
         for p in done:  # from assignment (or a rollback) to resuming, replay included
-            self.metrics.restore_seconds.observe(now - self._restoring_since.pop(p, now))
+            self.metrics.restore_seconds.observe(took[p])
+        if done:  # (the restore's own lines are per slice)
+            log.info("partitions resumed: restored and replayed", extra={
+                "partitions": sorted(done), "seconds": round(max(took.values()), 3)})
         self.update_readiness()
 
     def _grow_changelog(self) -> bool:

@@ -60,12 +60,15 @@ def restore_slice(m: StateManager, budget_s: float = 1.0) -> set[int]:
     if not result.complete:
         return set()
     done = set(parts)
+    devices = m.store.count(done)
     if m.metrics is not None:
-        m.metrics.restored_devices.inc(m.store.count(done))  # type: ignore[attr-defined]
+        m.metrics.restored_devices.inc(devices)  # type: ignore[attr-defined]
     m.restoring -= done
     m.ready |= done
     for p in done:
         m._progress(p, 1.0)
-    log.info("restored state", extra={"partitions": sorted(done), "records": sum(result.restored.values()),
-                                      "seconds": round(result.seconds, 3)})
+    # (A restore of many slices said only its last slice's records, as if that were all of it.)
+    log.info("restored state", extra={"partitions": sorted(done), "devices": devices,
+                                      "last_slice_records": sum(result.restored.values()),
+                                      "last_slice_seconds": round(result.seconds, 3)})
     return done
