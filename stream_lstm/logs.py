@@ -37,8 +37,8 @@ _SECRET_KEY = re.compile(r"password|passwd|secret|token|credential", re.I)
 # characters (a 32,000-character device id took 46 s to mask, holding the GIL: the health
 # endpoint stopped answering and liveness restarted the process, which read the record again).
 _SECRET_KV = re.compile(
-    r"""((?:[\w.-]{0,40}(?:password|passwd|secret|token|credential)[\w.-]{0,40})["']?[ \t]{0,8}[=:][ \t]{0,8})"""
-    r"""("[^"]{0,4096}"?|'[^']{0,4096}'?|[^\s,;'"}\])]{1,4096})""",
+    r"""((?:[\w.-]{0,64}(?:password|passwd|secret|token|credential)[\w.-]{0,64})["']?[ \t]{0,8}[=:][ \t]{0,8})"""
+    r"""("[^"]{0,8192}"?|'[^']{0,8192}'?|[^\s,;'"}\])]{1,8192})""",
     re.I,
 )
 # Longest message and context string a log line keeps (the rest is cut, and said): a forged
@@ -64,7 +64,7 @@ def _mask_value(match: re.Match[str]) -> str:
 # with an unencoded '#', '/' or '?' would end a parser's idea of the user part early; one with a
 # "'" is legal, so a quote does not end it: a quoted URL followed by another '@' is masked too far,
 # which is safe). Whitespace and '"' end it (JSON log lines): url_without_credentials, for one URL.
-URL_USERINFO = re.compile(r"://[^\s\"/]{0,512}@")  # (bounded, as _SECRET_KV)
+URL_USERINFO = re.compile(r"://[^\s\"]{0,512}@")  # (bounded, as _SECRET_KV; a password may hold '/')
 
 
 def url_without_credentials(url: str, mask: str = "***@") -> str:
@@ -168,7 +168,8 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_") and key not in out:
                 out[key] = value
         if record.exc_info:
-            out["exception"] = mask_secrets(bounded(self.formatException(record.exc_info), 4 * MAX_MESSAGE))
+            text = self.formatException(record.exc_info)  # (its last lines say what was raised)
+            out["exception"] = mask_secrets(text if len(text) <= 4 * MAX_MESSAGE else "..." + text[-4 * MAX_MESSAGE:])
         if record.stack_info:
             out["stack"] = record.stack_info
         return json.dumps(out, default=str)

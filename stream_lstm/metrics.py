@@ -213,13 +213,14 @@ class Metrics:
     def forget_partitions(self, partitions: Any) -> None:
         """Drop the per-partition series of partitions this worker no longer holds: left, their
         last value would be summed with their new owner's (``sum(consumer_lag)``) for ever.
-        (Zeroed first: under a host's several processes the most recent write is shown.)"""
+        (Set idle first: under a host's several processes the most recent write is shown, so a
+        moved partition reads no lag, and restored: 0 kept StreamLstmNotReady quiet for ever.)"""
         import os
 
         shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # (removal is not implemented
-        for gauge in (self.consumer_lag, self.restore_progress_ratio):  # there: a warning a call)
+        for gauge, idle in ((self.consumer_lag, 0), (self.restore_progress_ratio, 1)):  # there)
             for p in partitions:
-                gauge.labels(str(p)).set(0)
+                gauge.labels(str(p)).set(idle)
                 if not shared:
                     gauge.remove(str(p))
 
@@ -277,20 +278,14 @@ class HealthState:
 
     def __init__(self, liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> None:
         self._lock = threading.Lock()
-        self._last_beat, self._busy_until = time.monotonic(), 0.0
+        self._last_beat = time.monotonic()
         self._components: dict[str, tuple[bool, str]] = {}
         self.liveness_timeout_s = liveness_timeout_s
 
     def beat(self) -> None:
         """The main loop turned; call once per iteration."""
         with self._lock:
-            self._last_beat, self._busy_until = time.monotonic(), 0.0
-
-    def busy(self, up_to_s: float) -> None:
-        """The loop's own long step begins (a revocation's commit, inside a poll): live for up
-        to ``up_to_s`` without a beat; the next beat ends it."""
-        with self._lock:
-            self._busy_until = time.monotonic() + up_to_s
+            self._last_beat = time.monotonic()
 
     def set_ready(self, component: str, ok: bool, detail: str = "") -> None:
         with self._lock:
@@ -300,8 +295,8 @@ class HealthState:
         """``(ok, detail)``: ok while the last beat is at most ``stale_after_s`` old."""
         limit = self.liveness_timeout_s if stale_after_s is None else stale_after_s
         with self._lock:
-            age, busy = time.monotonic() - self._last_beat, time.monotonic() < self._busy_until
-        ok = age <= limit or busy
+            age = time.monotonic() - self._last_beat
+        ok = age <= limit
         return ok, f"last loop iteration {age:.1f}s ago" + ("" if ok else f" (limit {limit:g}s)")
 
     def readiness(self) -> tuple[bool, dict[str, str]]:

@@ -20,7 +20,7 @@ from kafka.structs import TopicPartition
 from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import log_start, replay_input
-from stream_lstm.config import Settings
+from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings
 from stream_lstm.kafka.topics import ensure_changelog_topic, partition_count
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.pipeline import BatchPipeline
@@ -130,12 +130,15 @@ class PartitionCoordinator:
         tx = self.tx
         if self.commit_on_revoke and self._uncommitted():
             assert self.group is not None
-            # Live while it commits, for as long as the broker lets a callback take: a large
-            # fleet's checkpoints took longer than the liveness limit, and the pod was killed.
-            self.health.busy(self.settings.max_poll_interval_ms / 1000)
+            # Their changed devices are checkpointed too, so that the next owner replays less:
+            # only if that fits in a third of the session timeout. This runs on kafka-python's
+            # IO loop, which also sends the heartbeats: a large fleet's checkpoints outlasted the
+            # session, and the member was dropped while it committed. Past that, the next owner
+            # replays them from their last checkpoints, as after a crash.
+            changed = sum(p in partitions for p in self.state.dirty.values())
+            fits = changed * CHECKPOINT_S_PER_DEVICE <= self.settings.session_timeout_ms / 3000
             try:
-                # Their changed devices are checkpointed too: the next owner replays less.
-                tx.commit(self.group.consumer, flush=set(partitions))
+                tx.commit(self.group.consumer, flush=set(partitions) if fits else None)
             except Exception as exc:  # noqa: BLE001 - rolled back after the poll
                 tx.abort()
                 self.failed_in_callback = exc

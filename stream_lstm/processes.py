@@ -57,7 +57,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from stream_lstm.config import Settings, load_settings
+from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
 from stream_lstm.metrics import serve_metrics
 from stream_lstm.process_health import (
@@ -74,11 +74,10 @@ log = logging.getLogger("stream_lstm.processes")
 
 BACKOFF_MAX_S = 30.0  # restarts wait BACKOFF_FIRST_S, then twice as long each time, to this
 STABLE_AFTER_S = 60.0  # a child that ran this long before it died restarts after BACKOFF_FIRST_S
-STOP_GRACE_S = 45.0  # within k8s's 60 s termination grace, at the default MAX_DEVICES
-# A clean stop checkpoints each changed device, about 0.25 ms each on one core (a review: 260k
-# devices, 56 s): a child of a large fleet is given that long, not killed mid-stop (its store
+# Within k8s's 60 s termination grace at the default MAX_DEVICES. A clean stop checkpoints each
+# changed device: a child of a larger fleet is given that long, not killed mid-stop (its store
 # then rebuilt from the changelog at the next start).
-CHECKPOINT_S_PER_DEVICE = 0.25e-3
+STOP_GRACE_S = 45.0
 REFUSED = 2  # the exit code of a worker that refuses its configuration (models/serving.py)
 TICK_S = 0.2
 # A child whose own status has said "not live" (its loop stopped turning for longer than the

@@ -223,3 +223,15 @@ def test_a_huge_message_or_field_is_cut_and_says_so(json_logs):
     assert line["event"] == "id " + "d" * (logs.MAX_MESSAGE - 3) + "...(391,811 more characters)"
     assert line["alert_id"] == "a" * logs.MAX_FIELD + "...(398,976 more characters)"
     assert line["token"] == "***"
+
+
+def test_a_password_holding_a_slash_or_a_long_key_is_still_masked():
+    """Bounding the patterns first dropped '/' from a URL's password (base64 secrets hold it)
+    and keys longer than 40 characters after the keyword (a review)."""
+    from stream_lstm.logs import url_without_credentials
+
+    assert mask_secrets("posting to https://relay:pa/ss@am:9093/api") == "posting to https://***@am:9093/api"
+    assert url_without_credentials("https://relay:pa/ss@am:9093/api") == "https://***@am:9093/api"
+    key = "api_token_of_the_grafana_service_account_used_for_dashboards_x"
+    assert mask_secrets(f"{key}=abcdef") == f"{key}=***"
+    assert mask_secrets('password="' + "s" * 5000 + '"') == 'password="***"'

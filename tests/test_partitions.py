@@ -159,3 +159,41 @@ def test_a_spare_worker_holding_no_partition_is_ready_once_its_group_has_settled
         for coordinator, parts in members:
             if coordinator not in left:
                 leave(coordinator, parts)
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["small handover", "large handover"])
+def test_a_revocation_checkpoints_its_changed_devices_only_if_that_fits_in_the_session(
+        settings_factory, topic_name, monkeypatch, fits):
+    """kafka-python runs the revocation on its IO loop, which also heartbeats: a large fleet's
+    checkpoints there outlasted the session timeout and the member was dropped mid-commit (a
+    review). Past a third of the session the revoked partitions are left to their next owner's
+    replay, as after a crash; the open transaction commits either way."""
+    from stream_lstm import partitions
+    from stream_lstm.checkpointing.changelog import REPLAY_MARKER
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+    from stream_lstm.models.serving import fresh_model
+    from stream_lstm.worker import Worker
+    from tests.integration.helpers import produce_readings, read_topic, tiny_worker_settings
+
+    if not fits:  # (every changed device costs more than the whole session)
+        monkeypatch.setattr(partitions, "CHECKPOINT_S_PER_DEVICE", 100.0)
+    # (A transaction held open across the turns: the revocation finds it uncommitted.)
+    s = tiny_worker_settings(settings_factory, topic_name, commit_interval_ms=30_000)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, [(f"d{d}", 1_700_000_000.0 + 60 * k, float(k)) for k in range(12)
+                                     for d in range(8)])
+    worker, seen = Worker(s, fresh_model(s)), {}
+
+    def revoke_mid_transaction(w) -> bool:
+        on_p0 = [d for d, p in w.state.dirty.items() if p == 0]
+        if len(w.state.dirty) == 8 and w.tx.open is not None and on_p0 and not seen:
+            seen["devices"] = set(on_p0)
+            w.partitions.on_revoked({0})  # (as kafka-python calls it inside a poll)
+            seen["failed"] = w.partitions.failed_in_callback
+        return bool(seen)
+
+    worker.run(until=revoke_mid_transaction)  # (then a clean stop: partition 1's checkpoints)
+    assert seen["failed"] is None  # committed
+    changelog = read_topic(s, s.changelog_topic_name(), idle_s=1.0)
+    written = {r.key.decode() for r in changelog if r.partition == 0 and r.key != REPLAY_MARKER and r.value}
+    assert written == (seen["devices"] if fits else set())

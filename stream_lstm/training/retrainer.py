@@ -119,6 +119,7 @@ class Retrainer:
         # The promoted version as this process last knew it (at start, or its own promotion):
         # a promotion goes through only if it still is (registry.promote's expect).
         self.pointer = self.registry.promoted()
+        self.expect, self._before_move = self.pointer, self.pointer
         self._checked = time.monotonic()
 
     @property
@@ -138,6 +139,9 @@ class Retrainer:
         """A job for the fleet's windows (and the number of devices in it); None when fewer
         than two devices have enough history. Either way the schedule starts again."""
         self.readings_since, self.last = 0, time.monotonic()
+        # What its challenger may replace: PROMOTED as the job starts. (Compared with the
+        # pointer at its end instead, a rollback that moved() followed meanwhile passed.)
+        self.expect = self.pointer
         seqs = windows_from_table(table, min(self.settings.window, 2 * self.settings.tbptt_k1))
         if len(seqs) < 2:  # (said: a due retrain that never came looked like a broken trainer)
             log.info("a retrain was due but skipped: fewer than two devices have a full window "
@@ -190,18 +194,18 @@ class Retrainer:
             return None
         loaded = result.model
         try:
-            if (now := self.registry.promoted()) != self.pointer:  # (before a version is taken)
+            if (now := self.registry.promoted()) != self.expect:  # (before a version is taken)
                 raise PromotionConflict(now)
             # (No version of our own: register takes the next free one, exclusively, so two
             # processes promoting at once both land, each under its own number.)
             version = self.registry.register(loaded.model, loaded.spec, {**loaded.meta, "version": None})
-            self.registry.promote(version, expect=self.pointer)
+            self.registry.promote(version, expect=self.expect)
         except PromotionConflict as exc:
             self._count_run("superseded")
             self._checked = 0.0  # moved() looks at once
-            log.warning(f"not promoting the challenger trained from {champion}: the registry's "
-                        f"promoted version moved from {self.pointer} to {exc.args[0]} while it "
-                        "trained (a rollback, or another process's promotion); serving that instead",
+            log.warning(f"not promoting the challenger trained from {loaded.meta.get('parent', champion)}: "
+                        f"the registry's promoted version moved from {self.expect} to {exc.args[0]} "
+                        "while it trained (a rollback, or another process's promotion); serving that",
                         extra={"model_dir": str(self.registry.root)})
             return None
         except OSError as exc:  # a full or read-only model directory: serve on, say so
@@ -210,7 +214,7 @@ class Retrainer:
                       extra={"model_dir": str(self.registry.root), "error": repr(exc)[:300]})
             return None
         self._count_run("promoted")
-        self.pointer = version
+        self.pointer = self.expect = version
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
 
     def moved(self, served: str) -> LoadedModel | None:
@@ -222,11 +226,11 @@ class Retrainer:
             return None
         self._checked = time.monotonic()
         now = self.registry.promoted()
-        if now is None or now == self.pointer:  # (a removed PROMOTED changes nothing served)
+        if now == self.pointer:
             return None
-        self.pointer = now
-        if now == served:
-            return None
+        self._before_move, self.pointer = self.pointer, now
+        if now is None or now == served:  # (a removed PROMOTED changes nothing served; the
+            return None                   # next job's promotion expects none)
         if (path := self.settings.model_path) is not None:  # the file wins, as at start
             try:
                 file_version = load_model(path).version
@@ -247,6 +251,11 @@ class Retrainer:
         log.warning(f"the registry's promoted version changed to {now} (a rollback or another "
                     f"process's promotion): serving it instead of {served}")
         return loaded
+
+    def move_failed(self) -> None:
+        """What :meth:`moved` handed over could not be applied (the trainer could not publish
+        it): it is handed over again at the next look, not dropped."""
+        self.pointer, self._checked = self._before_move, time.monotonic()
 
     def _count_run(self, outcome: str) -> None:
         if self.metrics is not None:

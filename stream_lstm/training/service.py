@@ -35,6 +35,7 @@ from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
 from stream_lstm.training.retrainer import (
     MODEL_RECORD_MAX_BYTES,
+    ModelPublishError,
     Retrainer,
     ensure_models_topic,
     send_model,
@@ -116,7 +117,11 @@ class TrainerService:
             self.publish(result)
         moved = self.retrainer.moved(self.champion.version)
         if moved is not None:  # a rollback of this registry: the gate's champion, and the fleet's
-            self._publish(moved)
+            try:
+                self._publish(moved)
+            except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
+                self.retrainer.move_failed()
+                log.error(f"publishing the registry's {moved.version} failed; trying again", extra={"error": str(exc)[:300]})
 
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published

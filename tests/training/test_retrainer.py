@@ -78,21 +78,38 @@ def test_a_retrain_that_finishes_after_a_rollback_is_not_promoted_over_it(tmp_pa
     registry = ModelRegistry(tmp_path)
     v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
     registry.promote(v2)
-    r = Retrainer(Settings(model_dir=tmp_path), metrics)  # serving v0002, training from it
+    r = Retrainer(Settings(model_dir=tmp_path, retrain_every_readings=1), metrics)  # serving v0002
+    table = DeviceTable(8, 8, 1, 1, 4)
+    r.job(table, champion())  # a retrain from v0002 starts (too little history: the job is empty)
     registry.rollback(v1, reason="v0002 drifts")
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)  # a look at PROMOTED while it trains
+    assert r.moved(served=v2).version == v1  # (a review: it then passed, having moved the pointer)
+    monkeypatch.undo()
     with caplog.at_level("WARNING", logger="stream_lstm.training"):
         assert r.verdict(result(promote=True), champion=v2) is None
     assert registry.promoted() == v1 and [m["version"] for m in registry.versions()] == [v1, v2]
     assert "moved from v0002 to v0001 while it trained" in caplog.text
     assert metrics.retrain_runs.labels("superseded")._value.get() == 1
     assert metrics.retrain_runs.labels("promoted")._value.get() == 0
-    moved = r.moved(served=v2)  # looked at once after a conflict
-    assert moved is not None and moved.version == v1
-    assert r.moved(served=v1) is None  # read at most every REGISTRY_CHECK_S
-    promoted = r.verdict(result(promote=True), champion=v1)  # the next retrain gates against v0001
+    assert r.moved(served=v1) is None  # nothing new
+    r.job(table, champion())  # the next retrain, from v0001
+    promoted = r.verdict(result(promote=True), champion=v1)
     assert promoted is not None and promoted.version == "v0003" == registry.promoted()
-    monkeypatch.setattr(time, "monotonic", lambda: 1e12)  # later: its own promotion is no news
+    monkeypatch.setattr(time, "monotonic", lambda: 2e12)  # later: its own promotion is no news
     assert r.moved(served="v0003") is None
+
+
+def test_a_promoted_file_removed_lets_the_next_promotion_through(tmp_path, monkeypatch):
+    """The README's way back to STREAM_LSTM_MODEL_PATH's model (remove PROMOTED) made every
+    later retrain a conflict, for ever (a review)."""
+    registry = ModelRegistry(tmp_path)
+    registry.promote(registry.register(champion().model, champion().spec, {}))
+    r = Retrainer(Settings(model_dir=tmp_path))
+    (tmp_path / "PROMOTED").unlink()
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)
+    assert r.moved(served="v0001") is None  # nothing to serve instead
+    r.job(DeviceTable(8, 8, 1, 1, 4), champion())
+    assert r.verdict(result(promote=True), champion="v0001").version == "v0002" == registry.promoted()
 
 
 def test_a_promoted_version_that_does_not_load_is_said_once_and_served_on(tmp_path, caplog, monkeypatch):
@@ -177,3 +194,19 @@ def test_with_a_model_file_only_promotions_retrained_from_it_are_followed(tmp_pa
     assert f"changed to {other}, which was not retrained from STREAM_LSTM_MODEL_PATH" in caplog.text
     registry.promote(child)
     assert r.moved(served="offline-1").version == child
+
+
+def test_a_rollback_the_trainer_could_not_publish_is_handed_over_again(tmp_path, monkeypatch):
+    """moved() had advanced past it: a failed publish dropped the rollback for good (a review)."""
+    registry = ModelRegistry(tmp_path)
+    v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
+    registry.promote(v2)
+    r = Retrainer(Settings(model_dir=tmp_path))
+    registry.rollback(v1)
+    clock = [1e12]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    assert r.moved(served=v2).version == v1
+    r.move_failed()  # (the broker away)
+    assert r.moved(served=v2) is None  # not at once: at the next look
+    clock[0] += 10
+    assert r.moved(served=v2).version == v1
