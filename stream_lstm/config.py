@@ -324,8 +324,9 @@ class Settings(BaseSettings):
             ssl.create_default_context().load_cert_chain(
                 self.ssl_certfile, self.ssl_keyfile, password=self.resolved_password("ssl") or "")  # type: ignore[arg-type]
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120}): an "
-                             "encrypted key needs ssl_password or ssl_password_file") from None
+            encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
+            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120})" + (
+                ": an encrypted key needs ssl_password or ssl_password_file" if encrypted else "")) from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:

@@ -248,10 +248,10 @@ class AlertRelay:
         self.metrics.relayed.inc(len(alerts) - sum(a["labels"]["alert_id"] in refused for a in alerts))
         self.health.set_ready("alertmanager", True)
         self._next_probe = tick + RESEND_S
-        for alert_id in refused:  # an open refused is not re-sent (refused every minute, for ever)
-            self.open.pop(alert_id, None)
+        for alert_id in refused & set(self.open):  # not re-sent (refused every minute, for ever),
+            self.store.closed(self.open.pop(alert_id)[0], alert_id)  # type: ignore[union-attr]  # nor kept
         for p, e in self.waiting:
-            if e["alert_id"] in refused:
+            if e["alert_id"] in refused and e["event"] == "open":  # (a close still goes to the store)
                 continue
             log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
             if e["event"] == "open":  # (written before the commit that passes the event)

@@ -32,8 +32,8 @@ def signal_once_ready(argv: list[str], env: dict[str, str], ready: Callable[[str
             if ready(line):
                 break
         proc.send_signal(sig)
-        rest = proc.stderr.read()  # type: ignore[union-attr]
-        return proc.wait(timeout=60), rest
+        rest = proc.communicate(timeout=60)[1]  # (a child that hangs after it is killed below)
+        return proc.returncode, rest
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -135,6 +135,13 @@ def test_an_encrypted_client_key_needs_its_passphrase_said_at_start(tmp_path, mo
     assert kw["ssl_password"] == "hunter22" and kw["ssl_keyfile"] == str(key)
     monkeypatch.setenv("STREAM_LSTM_SSL_PASSWORD", "hunter22")
     assert load_settings(**tls).redacted()["ssl_password"] == "***"
+    monkeypatch.delenv("STREAM_LSTM_SSL_PASSWORD")
+    other = tmp_path / "other"
+    other.mkdir()
+    _, plain_key = client_certificate(other)  # a key that is not the certificate's: said as such
+    with pytest.raises(SettingsError, match="cannot be loaded") as refused:
+        load_settings(security_protocol="SSL", ssl_certfile=cert, ssl_keyfile=plain_key)
+    assert "encrypted" not in str(refused.value)
 
 
 def test_ssl_passes_the_ca_the_client_certificate_and_the_hostname_check(tmp_path):
