@@ -324,9 +324,13 @@ class Settings(BaseSettings):
             ssl.create_default_context().load_cert_chain(
                 self.ssl_certfile, self.ssl_keyfile, password=self.resolved_password("ssl") or "")  # type: ignore[arg-type]
         except (ssl.SSLError, OSError) as exc:
-            encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
+            try:
+                encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
+            except OSError:  # (a directory, say)
+                encrypted = False
+            hint = encrypted and self.resolved_password("ssl") is None
             raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120})" + (
-                ": an encrypted key needs ssl_password or ssl_password_file" if encrypted else "")) from None
+                ": an encrypted key needs ssl_password or ssl_password_file" if hint else "")) from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:

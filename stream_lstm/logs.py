@@ -45,6 +45,7 @@ _SECRET_KV = re.compile(
 # record's 400 KB id is not worth a 400 KB line, nor the time to mask it.
 MAX_MESSAGE = 8192
 MAX_FIELD = 1024
+SECRET_SPAN = 64 + 10 + 64 + 18 + 8192 + 2  # the most _SECRET_KV matches (key, separator, value)
 _MASK = "***"
 # A %-format placeholder: %s, %d, %(name)s, %-8.3f, %*d, %% ...
 _PLACEHOLDER = re.compile(
@@ -168,8 +169,11 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_") and key not in out:
                 out[key] = value
         if record.exc_info:
-            text = self.formatException(record.exc_info)  # (its last lines say what was raised)
-            out["exception"] = mask_secrets(text if len(text) <= 4 * MAX_MESSAGE else "..." + text[-4 * MAX_MESSAGE:])
+            # Its last lines say what was raised: those are kept, masked first over a window
+            # longer by what one secret can span, so that the cut cannot part a key from its value.
+            text, keep = self.formatException(record.exc_info), 4 * MAX_MESSAGE
+            masked = mask_secrets(text[-(keep + SECRET_SPAN):])
+            out["exception"] = masked if len(text) <= keep else "..." + masked[-keep:]
         if record.stack_info:
             out["stack"] = record.stack_info
         return json.dumps(out, default=str)

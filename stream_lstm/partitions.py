@@ -22,7 +22,7 @@ from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import log_start, replay_input
 from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings
 from stream_lstm.kafka.topics import ensure_changelog_topic, partition_count
-from stream_lstm.metrics import HealthState, Metrics
+from stream_lstm.metrics import LIVENESS_TIMEOUT_S, HealthState, Metrics
 from stream_lstm.pipeline import BatchPipeline
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.transaction import TransactionUnit
@@ -130,14 +130,19 @@ class PartitionCoordinator:
         tx = self.tx
         if self.commit_on_revoke and self._uncommitted():
             assert self.group is not None
-            # Their changed devices are checkpointed too, so that the next owner replays less:
-            # only if that fits in a third of the session timeout. This runs on kafka-python's
-            # IO loop, which also sends the heartbeats: a large fleet's checkpoints outlasted the
-            # session, and the member was dropped while it committed. Past that, the next owner
-            # replays them from their last checkpoints, as after a crash.
-            changed = sum(p in partitions for p in self.state.dirty.values())
-            fits = changed * CHECKPOINT_S_PER_DEVICE <= self.settings.session_timeout_ms / 3000
             try:
+                tx.settle()  # (a commit in flight first: its devices are counted below)
+                # Their changed devices are checkpointed too, so that the next owner replays
+                # less: only if that fits in a third of the session timeout (and half the
+                # liveness limit). This runs on kafka-python's IO loop, which also heartbeats:
+                # a large fleet's checkpoints outlasted the session, and the member was dropped
+                # while it committed. Past that, the next owner replays them from their last
+                # checkpoints, as after a crash. (What is due anyway is written either way:
+                # partitions whose interval has passed, re-warmed devices; state.waiting.)
+                state, budget_s = self.state, min(self.settings.session_timeout_ms / 3000, LIVENESS_TIMEOUT_S / 2)
+                due = state.flush_due() | partitions
+                changed = sum(p in due for p in state.dirty.values()) + state.waiting()
+                fits = changed * CHECKPOINT_S_PER_DEVICE <= budget_s
                 tx.commit(self.group.consumer, flush=set(partitions) if fits else None)
             except Exception as exc:  # noqa: BLE001 - rolled back after the poll
                 tx.abort()

@@ -235,3 +235,16 @@ def test_a_password_holding_a_slash_or_a_long_key_is_still_masked():
     key = "api_token_of_the_grafana_service_account_used_for_dashboards_x"
     assert mask_secrets(f"{key}=abcdef") == f"{key}=***"
     assert mask_secrets('password="' + "s" * 5000 + '"') == 'password="***"'
+
+
+def test_a_long_exception_keeps_its_end_and_never_parts_a_key_from_its_value(json_logs):
+    """Cut to its last 32 KB before masking, "...ssword=hunter2 ..." was logged (a review)."""
+    from stream_lstm import logs
+
+    for pad in range(4 * logs.MAX_MESSAGE - 200, 4 * logs.MAX_MESSAGE + 200, 7):  # cuts everywhere near
+        try:
+            raise ValueError("password=hunter2 " + "y" * pad)
+        except ValueError:
+            logging.getLogger("stream_lstm.test").exception("failed")
+    for line in lines(json_logs):
+        assert "hunter2" not in line["exception"] and line["exception"].endswith("y")

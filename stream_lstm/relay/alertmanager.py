@@ -214,7 +214,10 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
     ``https`` is verified against the system's CAs, or the bundle ``SSL_CERT_FILE`` names
     (OpenSSL reads it for each connection)."""
     parts = urllib.parse.urlsplit(base_url)
-    request = urllib.request.Request(redacted(base_url) + "/api/v2/alerts", data=json.dumps(alerts).encode(),
+    # Where it goes, from the URL's own parts (never from the masking of logs, which cuts to the
+    # last '@' anywhere: "https://u:p@gw/tenant@team" posted the credentials to host "team").
+    target = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(target + "/api/v2/alerts", data=json.dumps(alerts).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     if parts.username is not None:
         import base64

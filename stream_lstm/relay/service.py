@@ -253,7 +253,8 @@ class AlertRelay:
         for p, e in self.waiting:
             if e["alert_id"] in refused and e["event"] == "open":  # (a close still goes to the store)
                 continue
-            log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
+            if e["alert_id"] not in refused:
+                log.info(f"relayed alert {e['event']}", extra={"alert_id": e["alert_id"], "device": e.get("device_id")})
             if e["event"] == "open":  # (written before the commit that passes the event)
                 self.store.opened(p, e)  # type: ignore[union-attr]
             else:
@@ -312,7 +313,8 @@ class AlertRelay:
             at = self.read_to.get(p)
             if at is not None and at != self._committed.get(p):
                 offsets[TopicPartition(self.settings.alerts_topic, p)] = OffsetAndMetadata(at, "", -1)
-        if not offsets or self.group.rebalancing():  # type: ignore[union-attr]
+        # (Its store's writes go even with no offset to pass: a refused open's deletion, say.)
+        if (not offsets and not self.store.pending) or self.group.rebalancing():  # type: ignore[union-attr]
             return
         if not self.store.flush():  # type: ignore[union-attr]
             # Nothing past its alerts may be committed, so nothing more is read meanwhile (what
@@ -326,6 +328,8 @@ class AlertRelay:
             self._store_stuck = False
             self.health.set_ready("open_alerts", True)
             self.group.consumer.resume(*self._tps(self.assigned - self.unloaded))  # type: ignore[union-attr]
+        if not offsets:
+            return
         try:
             self.group.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - committed again next turn; a restart re-sends

@@ -126,10 +126,16 @@ class TrainerService:
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published
         to the models topic, and becomes the champion. Returns whether it promoted."""
+        before = self.retrainer.pointer
         promoted = self.retrainer.verdict(result, self.champion.version)
         if promoted is None:
             return False
-        self._publish(promoted)
+        try:
+            self._publish(promoted)
+        except ModelPublishError as exc:  # promoted in the registry, not yet on the topic: the
+            self.retrainer.pointer = before  # registry's look (moved) hands it over again
+            log.error(f"publishing {promoted.version} failed; trying again", extra={"error": str(exc)[:300]})
+            return False
         return True
 
     def _publish(self, model: LoadedModel) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,8 +33,11 @@ def signal_once_ready(argv: list[str], env: dict[str, str], ready: Callable[[str
             if ready(line):
                 break
         proc.send_signal(sig)
-        rest = proc.communicate(timeout=60)[1]  # (a child that hangs after it is killed below)
-        return proc.returncode, rest
+        rest: list[str] = []  # (the file's own buffer first: what came with the ready line)
+        reader = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(60)  # (a child that hangs after the signal is killed below)
+        return proc.wait(timeout=1 if reader.is_alive() else 60), "".join(rest)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -161,3 +161,29 @@ def test_an_answer_trickled_a_byte_at_a_time_does_not_hold_the_post():
     finally:
         release.set()
         listener.close()
+
+
+def test_an_at_sign_in_the_path_does_not_move_the_post_to_another_host():
+    """The request URL was the logs' masked one, which cuts to the last '@' anywhere: once that
+    allowed '/', "https://u:p@gw/tenant@team" posted the credentials to host "team" (a review)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        post_alerts(f"http://relay:s3cret@127.0.0.1:{listener.getsockname()[1]}/tenant@team", [])
+    finally:
+        listener.close()
+    request = got[0].decode()
+    assert request.startswith("POST /tenant@team/api/v2/alerts HTTP/1.1")
+    assert "Authorization: Basic " + base64.b64encode(b"relay:s3cret").decode() in request
