@@ -100,18 +100,28 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 # JSON nested past the parser's depth, which a pipeline of `except ValueError` let through.
 UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError)
 # The largest alert event a relay takes, and the longest id: the worker's are a few hundred
-# bytes (its device ids are at most STREAM_LSTM_MAX_DEVICE_ID_LENGTH), and what is taken is
-# written to the relay's store, which a broker's record limit bounds.
+# bytes (its device ids are at most STREAM_LSTM_MAX_DEVICE_ID_LENGTH, 128 by default, and the
+# relay allows that setting's ids, with their alert ids' "@<ms>"), and what is taken is written
+# to the relay's store, which a broker's record limit bounds.
 MAX_EVENT_BYTES = 64 * 1024
 MAX_ID_CHARS = 1024
 
 
-def readable_event(raw: Any) -> dict[str, Any]:
+def max_id_chars(max_device_id_length: int) -> int:
+    """The longest ``alert_id`` or ``device_id`` a relay takes under that setting.
+
+    >>> max_id_chars(128), max_id_chars(16_383)
+    (1024, 16415)
+    """
+    return max(MAX_ID_CHARS, max_device_id_length + 32)
+
+
+def readable_event(raw: Any, max_chars: int = MAX_ID_CHARS) -> dict[str, Any]:
     """``raw`` (decoded JSON) as an alert event the relay can post and keep: an ``open`` or a
     ``close`` whose ``alert_id`` and ``device_id`` are non-empty UTF-8 strings of at most
-    :data:`MAX_ID_CHARS`, with every field :func:`to_alert` needs; else a ``ValueError`` saying
-    why (a list as an id was hashed later, a lone surrogate could never be written: either
-    stopped the relay at every start).
+    ``max_chars`` (:func:`max_id_chars`), with every field :func:`to_alert` needs; else a
+    ``ValueError`` saying why (a list as an id was hashed later, a lone surrogate could never be
+    written: either stopped the relay at every start).
 
     >>> readable_event({"event": "open", "alert_id": ["x"]})
     Traceback (most recent call last):
@@ -124,8 +134,8 @@ def readable_event(raw: Any) -> dict[str, Any]:
         raise ValueError(f"event {str(raw.get('event'))[:40]!r} is neither open nor close")
     for key in ("alert_id", "device_id"):
         value = raw.get(key)
-        if not (isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS):
-            raise ValueError(f"{key} is not a non-empty string of at most {MAX_ID_CHARS} characters")
+        if not (isinstance(value, str) and 0 < len(value) <= max_chars):
+            raise ValueError(f"{key} is not a non-empty string of at most {max_chars} characters")
         value.encode("utf-8")  # (UnicodeEncodeError, a ValueError, for a lone surrogate)
     to_alert(raw, 0.0)  # every field it needs is there, and its times are times
     return raw

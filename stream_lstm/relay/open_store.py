@@ -30,7 +30,7 @@ from kafka.structs import TopicPartition
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics, partition_count
-from stream_lstm.relay.alertmanager import UNREADABLE, readable_event
+from stream_lstm.relay.alertmanager import UNREADABLE, max_id_chars, readable_event
 
 log = logging.getLogger("stream_lstm.relay")
 
@@ -63,6 +63,7 @@ class OpenAlertStore:
 
     def __init__(self, settings: Settings, topic: str, alerts_topic: str) -> None:
         self.settings, self.topic = settings, topic
+        self.max_chars = max_id_chars(settings.max_device_id_length)
         ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic), STORE_CONFIG)])
         self.producer: Any = self._producer()
         # Written and not yet acknowledged: (alerts partition, alert id, record or None).
@@ -165,7 +166,7 @@ class OpenAlertStore:
                     raise TimeoutError(f"reading the relay's open alerts ({self.topic}) took over {LOAD_TIMEOUT_S:g} s")
                 for records in consumer.poll(timeout_ms=500).values():
                     for rec in records:
-                        self._read(found, rec.key, rec.value)
+                        self._read(found, rec.key, rec.value, self.max_chars)
                 if beat is not None:
                     beat()
                 for tp in list(left):
@@ -176,14 +177,15 @@ class OpenAlertStore:
         return {k: v for k, v in found.items() if v[0] in partitions}
 
     @staticmethod
-    def _read(found: dict[str, tuple[int, dict[str, Any]]], key: bytes | None, value: bytes | None) -> None:
+    def _read(found: dict[str, tuple[int, dict[str, Any]]], key: bytes | None, value: bytes | None,
+              max_chars: int) -> None:
         alert_id = (key or b"").decode(errors="replace")
         if value is None:
             found.pop(alert_id, None)
             return
         try:
             body = json.loads(value)
-            event = readable_event(body["event"])  # as the alerts topic's are: re-sent, it must be whole
+            event = readable_event(body["event"], max_chars)  # as the alerts topic's: re-sent, whole
             found[alert_id] = (int(body["partition"]), event)
         except UNREADABLE as exc:  # (damaged or forged)
             log.error("skipping an unreadable record of the relay's open alerts",

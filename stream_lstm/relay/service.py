@@ -43,6 +43,7 @@ from stream_lstm.relay.alertmanager import (
     UNREADABLE,
     AlertmanagerError,
     check_url,
+    max_id_chars,
     parse_labels,
     post_alerts,
     readable_event,
@@ -93,6 +94,7 @@ class AlertRelay:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         self.settings = settings
+        self.max_id_chars = max_id_chars(settings.max_device_id_length)  # (the worker's ids, whole)
         self.post, self.clock, self.ticker = post, clock, ticker
         self.labels = dict(DEFAULT_LABELS if labels is None else labels)
         self.group_id = f"{settings.group_id}-alertmanager"
@@ -292,7 +294,7 @@ class AlertRelay:
         try:
             if len(value or b"") > MAX_EVENT_BYTES:
                 raise ValueError(f"{len(value or b''):,} bytes, over {MAX_EVENT_BYTES:,}")
-            event = readable_event(json.loads(value or b""))
+            event = readable_event(json.loads(value or b""), self.max_id_chars)
         except UNREADABLE as exc:
             log.error("skipping an alert event that cannot be read",
                       extra={"partition": partition, "offset": offset, "error": repr(exc)[:200]})

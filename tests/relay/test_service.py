@@ -377,3 +377,14 @@ def test_a_relay_cut_off_from_its_group_sends_nothing_until_it_is_heard_again(re
     first, again = stub.alerts()
     assert first["labels"] == again["labels"]  # the re-send, once heard again
     assert relay.health.readiness()[0]
+
+
+def test_the_longest_ids_the_worker_may_write_are_taken(relay_settings):
+    """Its id limit must follow STREAM_LSTM_MAX_DEVICE_ID_LENGTH: a worker allowed longer device
+    ids would have written alerts the relay skipped as unreadable."""
+    long_ids = relay_settings.model_copy(update={"max_device_id_length": 4000})
+    device = "d" * 4000
+    for s, taken in ((relay_settings, False), (long_ids, True)):
+        relay = AlertRelay(s)
+        relay._take(0, 1, json.dumps(event("open", device, T0, T0)).encode())
+        assert bool(relay.waiting) is taken
