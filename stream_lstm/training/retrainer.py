@@ -214,7 +214,8 @@ class Retrainer:
                       extra={"model_dir": str(self.registry.root), "error": repr(exc)[:300]})
             return None
         self._count_run("promoted")
-        self.pointer = self.expect = version
+        self._before_move, self.pointer = self.pointer, version  # (move_failed: handed over again)
+        self.expect = version
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
 
     def moved(self, served: str) -> LoadedModel | None:
@@ -253,8 +254,8 @@ class Retrainer:
         return loaded
 
     def move_failed(self) -> None:
-        """What :meth:`moved` handed over could not be applied (the trainer could not publish
-        it): it is handed over again at the next look, not dropped."""
+        """What :meth:`moved` handed over, or :meth:`verdict` promoted, could not be applied
+        (the trainer could not publish it): :meth:`moved` hands it over at the next look."""
         self.pointer, self._checked = self._before_move, time.monotonic()
 
     def _count_run(self, outcome: str) -> None:

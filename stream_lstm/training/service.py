@@ -117,35 +117,29 @@ class TrainerService:
             self.publish(result)
         moved = self.retrainer.moved(self.champion.version)
         if moved is not None:  # a rollback of this registry: the gate's champion, and the fleet's
-            try:
-                self._publish(moved)
-            except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
-                self.retrainer.move_failed()
-                log.error(f"publishing the registry's {moved.version} failed; trying again", extra={"error": str(exc)[:300]})
+            self._publish(moved)
 
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published
         to the models topic, and becomes the champion. Returns whether it promoted."""
-        before = self.retrainer.pointer
         promoted = self.retrainer.verdict(result, self.champion.version)
-        if promoted is None:
-            return False
-        try:
-            self._publish(promoted)
-        except ModelPublishError as exc:  # promoted in the registry, not yet on the topic: the
-            self.retrainer.pointer = before  # registry's look (moved) hands it over again
-            log.error(f"publishing {promoted.version} failed; trying again", extra={"error": str(exc)[:300]})
-            return False
-        return True
+        return promoted is not None and self._publish(promoted)
 
-    def _publish(self, model: LoadedModel) -> None:
-        """``model`` becomes the champion and goes to the models topic."""
-        send_model(self.producer, self.settings, model)  # (waits until the broker has it)
+    def _publish(self, model: LoadedModel) -> bool:
+        """``model`` becomes the champion and goes to the models topic; False if the broker did
+        not take it (it is in the registry: the registry's next look hands it over again)."""
+        try:
+            send_model(self.producer, self.settings, model)  # (waits until the broker has it)
+        except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
+            self.retrainer.move_failed()
+            log.error(f"publishing {model.version} failed; trying again", extra={"error": str(exc)[:300]})
+            return False
         self.champion = model
         self.published += 1
         if self.metrics is not None:
             self.metrics.set_model_version(model.version, model.created_ts or time.time())  # type: ignore[attr-defined]
         log.info("published model", extra={"version": model.version, "topic": self.settings.models_topic})
+        return True
 
     def run(self) -> None:
         """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from stream_lstm.config import Settings
+from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -210,7 +210,7 @@ def test_each_workers_grace_period_covers_the_checkpoints_of_a_clean_stop():
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         devices = int(env.get("STREAM_LSTM_MAX_DEVICES") or config["STREAM_LSTM_MAX_DEVICES"])
         grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert grace >= devices * 0.25e-3 + 15, (f.name, devices, grace)
+        assert grace >= devices * CHECKPOINT_S_PER_DEVICE + 15, (f.name, devices, grace)
 
 
 def test_the_images_build_stage_makes_a_wheel_with_the_kafka_pom(tmp_path):
