@@ -2,15 +2,15 @@
 
 A pager wants incidents, not flagged readings. A device's alert **opens** when its anomaly
 likelihood reaches the threshold (``1 - likelihood <= rate``) at two readings in a row, or at
-one reading that is sure on its own (``1 - likelihood <= rate * SURE``): a single marginal
-flag *arms* the device, and its next reading opens the alert if flagged too, else disarms it
-(Prometheus' alerting rules wait the same way, ``for:``, before they fire). The alert
-**closes** at the first reading after the likelihood has stayed below the threshold for
-``hold_s`` seconds of event time. An alert that opened on its second reading starts at the
-first (its ``alert_since``), and its peak counts both. While open, it keeps the peak
-likelihood and the value and expected range at the peak. Its id, ``<device>@<start ms>``, is
-the same in both events and across restarts (the state moves with the device), so a pager
-deduplicates on it.
+one reading that is sure on its own (``1 - likelihood <= rate * SURE``, which only a reading
+two views find extreme reaches: :func:`corroborate`): a single marginal flag *arms* the device,
+and its next reading opens the alert if flagged too, else disarms it (Prometheus' alerting
+rules wait the same way, ``for:``, before they fire). The alert **closes** at the first reading
+after the likelihood has stayed below the threshold for ``hold_s`` seconds of event time. An
+alert that opened on its second reading starts at the first (its ``alert_since``), and its peak
+counts both. While open, it keeps the peak likelihood and the value and expected range at the
+peak. Its id, ``<device>@<start ms>``, is the same in both events and across restarts (the
+state moves with the device), so a pager deduplicates on it.
 
 This is the model Prometheus' Alertmanager and on-call tools expect: a firing alert, then a
 resolved one, with a stable identity.
@@ -72,6 +72,18 @@ def flags(lik: np.ndarray, false_alarm_rate: float) -> tuple[np.ndarray, np.ndar
     """
     tail = 1.0 - np.nan_to_num(lik, nan=0.0)
     return tail <= false_alarm_rate, tail <= false_alarm_rate * SURE
+
+
+def corroborate(lik: np.ndarray, agreed: np.ndarray, false_alarm_rate: float) -> np.ndarray:
+    """``lik`` where a second view ``agreed`` (:func:`~stream_lstm.likelihood.corroborated`, or
+    the range rule); elsewhere at most ``1 - 2 * SURE * rate``: still flagged, never sure, so
+    one channel alone opens an alert only with the next reading. Published as it is capped, so
+    a reader of the forecasts sees what the alerts were opened from.
+
+    >>> corroborate(np.array([1 - 1e-9, 1 - 1e-9, 0.5, np.nan]), np.array([True, False, False, False]), 1e-3).tolist()
+    [0.999999999, 0.99998, 0.5, nan]
+    """
+    return np.where(agreed, lik, np.minimum(lik, 1.0 - 2.0 * SURE * false_alarm_rate))  # NaN stays
 
 
 def is_open(state: np.ndarray) -> np.ndarray:
@@ -174,8 +186,9 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
             state[glitch] = table.likelihood[slots[glitch]]
         table.likelihood[slots] = state
     # (the range each reading is judged against is the state's: ingest.py tracks it)
-    lik = likelihood.overrule(likelihood.combine(likelihood.conclude(before, run, threshold, judged)),
-                              batch.outside)
+    channels = likelihood.conclude(before, run, threshold, judged)
+    lik = corroborate(likelihood.overrule(likelihood.combine(channels), batch.outside),
+                      likelihood.corroborated(channels) | batch.outside, false_alarm_rate)
     flagged, sure = flags(lik, false_alarm_rate)
     # Only a device with an alert open or armed, or a reading flagged in this poll, has alert
     # work: for any other, step() changes nothing and reports nothing.

@@ -231,3 +231,20 @@ def test_judge_flags_a_reading_past_the_devices_whole_range_and_keeps_the_range_
     assert fb.anomaly_likelihood[0] >= 1 - likelihood.RANGE_TAIL
     assert [kind for _, kind, _ in events] == ["open"]
     assert table.value_range[a, 1] == 21.4 and table.value_range[b, 1] <= 21.0
+
+
+def test_judge_waits_for_a_second_reading_when_one_channel_alone_is_extreme(warmed):
+    table, t = warmed
+    a = table.index["a"]
+    # A broken forecast on an ordinary value: only the scores' channel is extreme. Flagged, but
+    # not sure alone: its alert needs the next reading flagged too.
+    _, fb, events = judged(table, ["a"], [t], [20.0], [500.0])
+    assert fb.is_anomaly.tolist() == [True] and events == []
+    assert 1 - fb.anomaly_likelihood[0] == pytest.approx(2 * alerts.SURE * 1e-4)
+    assert alerts.is_armed(table.alert[[a]]).tolist() == [True]
+    _, fb, events = judged(table, ["a"], [t + 60], [20.0], [5000.0])  # worse still: flagged again
+    ((_, kind, state),) = events
+    assert kind == "open" and state[SINCE] == t
+    # The same score with the value far off too (the level and the steps agree): opens alone.
+    _, fb, events = judged(table, ["b"], [t], [80.0], [500.0])
+    assert [kind for _, kind, _ in events] == ["open"]
