@@ -112,6 +112,8 @@ def run_job(data: bytes) -> bytes:
     """Train a challenger and gate it (runs in the child process)."""
     import copy
 
+    import torch
+
     from stream_lstm.training.data import split_holdout
     from stream_lstm.training.gate import decide
     from stream_lstm.training.tbptt import train_tbptt
@@ -119,11 +121,13 @@ def run_job(data: bytes) -> bytes:
     t0 = time.monotonic()
     champion, seqs, p = decode_job(data)
     seed = int(p.get("seed", 0))
-    train, holdout = split_holdout(seqs, 0.2, seed=seed)
-    # Early stopping picks the challenger's best epoch on sequences of its own: chosen on the
-    # gate's holdout, the best of ~20 epochs looked better there than it is, and small fleets
-    # promoted challengers that were worse on fresh data (7 of 7 promotions in one study).
-    fit, validation = split_holdout(train, 0.2, seed=seed + 1) if len(train) >= 4 else (train, holdout)
+    torch.manual_seed(seed)  # dropout's masks: the same job trains the same challenger
+    train, holdout = split_holdout(seqs, 0.2)
+    # Early stopping picks the challenger's best epoch on sequences of its own, never on the
+    # gate's holdout: chosen there, the best of ~20 epochs looked better than it is, and small
+    # fleets promoted challengers that were worse on fresh data (7 of 7 promotions in one
+    # study). Too few devices for a validation set of their own: the training loss decides.
+    fit, validation = split_holdout(train, 0.2) if len(train) >= 4 else (train, [])
     challenger = copy.deepcopy(champion.model)
     # The setting's dropout, between layers too: the champion's spec (a model file, the
     # registry) may have been trained with another, and the copy carries it.
@@ -132,7 +136,7 @@ def run_job(data: bytes) -> bytes:
                          weight_decay=p["weight_decay"], grad_clip=p["grad_clip"],
                          max_epochs=p["max_epochs"], patience=p["patience"],
                          batch_size=int(p.get("batch_size", 16)),
-                         target=champion.spec.target_channel)
+                         target=champion.spec.target_channel, seed=seed)
     challenger.set_dropout(0.0)
     decision = decide(champion.model, challenger, holdout, p["margin"], champion.spec.target_channel)
     header = {"promote": decision.promote, "reason": decision.reason,

@@ -308,7 +308,8 @@ def train_tbptt(
         return evaluate(model, val_seqs, target)["nll"] if val_seqs else fallback
 
     result = TrainResult(model=model)
-    result.initial_val = validate(evaluate(model, train_seqs, target)["nll"] if train_seqs else math.nan)
+    first = val_seqs or train_seqs  # (the training set is evaluated only when it is the fallback)
+    result.initial_val = evaluate(model, first, target)["nll"] if first else math.nan
     result.best_val = result.initial_val if math.isfinite(result.initial_val) else math.inf
     best_state = copy.deepcopy(model.state_dict())
     stale = 0

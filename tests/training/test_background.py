@@ -107,3 +107,51 @@ def test_the_dropout_setting_reaches_every_layer_of_a_retrain(monkeypatch):
     params = job_params(Settings(trainer="off", dropout=0.3)) | {"max_epochs": 1, "patience": 1}
     run_job(encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params))
     assert seen == [(0.3, 0.3)]
+
+
+def test_a_small_fleet_stops_early_on_its_training_loss_never_on_the_gates_holdout(monkeypatch):
+    """With fewer than four training devices there is no validation set of their own: the
+    holdout the gate judges on chose the best epoch, and its gains were optimistic there."""
+    import stream_lstm.training.gate as gate
+    import stream_lstm.training.tbptt as tbptt
+    from stream_lstm.training.background import run_job
+
+    seen: dict[str, list] = {}
+    real_train, real_decide = tbptt.train_tbptt, gate.decide
+
+    def train(model, fit, validation, **kwargs):
+        seen["fit"], seen["validation"] = fit, validation
+        return real_train(model, fit, validation, **kwargs)
+
+    def decide(champion, challenger, holdout, *args):
+        seen["holdout"] = holdout
+        return real_decide(champion, challenger, holdout, *args)
+
+    monkeypatch.setattr(tbptt, "train_tbptt", train)
+    monkeypatch.setattr(gate, "decide", decide)
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    seqs = [np.random.default_rng(k).normal(size=(40, 1)).astype(np.float32) for k in range(4)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 1, "patience": 1}
+    run_job(encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params))
+    assert (len(seen["fit"]), len(seen["validation"]), len(seen["holdout"])) == (3, 0, 1)
+
+
+def test_the_same_job_trains_the_same_challenger_with_dropout_on():
+    from stream_lstm.models.registry import model_from_bytes
+    from stream_lstm.training.background import _unframe, run_job
+
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
+    params = job_params(Settings(trainer="off", dropout=0.3)) | {"max_epochs": 2, "patience": 2, "lr": 0.05}
+    champion = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        champion.head.bias.fill_(5.0)  # far off: the challenger is promoted and comes back
+    job = encode_job(champion, spec, {"version": "v1"}, seqs, params)
+    weights = []
+    for _ in range(2):
+        header, parts = _unframe(run_job(job))
+        assert header["promote"]
+        weights.append(model_from_bytes(parts[0]).model.state_dict())
+    for name, w in weights[0].items():
+        assert torch.equal(w, weights[1][name]), name
