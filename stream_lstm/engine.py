@@ -308,11 +308,14 @@ class BatchedEngine:
         device's rolling window goes through the served weights in one batched pass, so no
         device mixes hidden state from old weights with new ones (the caller then stamps the
         devices with the served version). Windows are right-aligned; a device joins the pass
-        at its first real reading.
+        at its first real reading, or at its last reset (a gap, ``STREAM_LSTM_MAX_GAP_S``)
+        where that is later: serving stepped that reading from zero state, and so does this.
         """
         if len(slots) == 0:
             return
         windows, lengths = self.table.window.right_aligned(slots)
+        since = self.table.since_reset[slots]
+        lengths = np.where(since > 0, np.minimum(lengths, since), lengths)
         size = windows.shape[1]
         x = torch.from_numpy(windows).to(self.table.device)
         h, c = self.model.zero_state(len(slots), self.table.device)

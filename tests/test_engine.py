@@ -80,6 +80,23 @@ def test_rewarm_equals_fresh_replay_of_each_window():
         np.testing.assert_allclose(table.c[:, slot].numpy(), c[:, 0].numpy(), atol=1e-6)
 
 
+def test_rewarm_under_the_same_weights_changes_nothing_also_after_a_gap_reset():
+    # Serving stepped the reading after a gap from zero state: a re-warm that replayed the
+    # whole window through the gap gave a state serving never had.
+    model, table, engine = setup(window=6)
+    rng = np.random.default_rng(4)
+    for k, t in enumerate([0.0, 1.0, 2.0, 1000.0, 1001.0, 1002.0]):  # a: a reset at its fourth
+        b = ingest(table, ["a", "b"], [t, float(k)], rng.normal(size=(2, 2)), [0, 0], now=0.0,
+                   target=0, max_gap_s=10)
+        engine.step(b.slots, b.z, b.rounds, b.reset)
+    slots = np.array([table.index["a"], table.index["b"]])
+    assert table.since_reset[slots].tolist() == [3, 6]  # a was reset; b's steps stayed under 10 s
+    served_h, served_c = table.h[:, slots].clone(), table.c[:, slots].clone()
+    engine.rewarm(slots)
+    torch.testing.assert_close(table.h[:, slots], served_h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(table.c[:, slots], served_c, atol=1e-6, rtol=0)
+
+
 def backlog_polls(seed=3, polls=12):
     """Polls of a small fleet's backlog: many readings per device per poll, in arrival order;
     devices joining mid-poll, gaps that reset (max_gap_s=50), and a duplicate now and then."""

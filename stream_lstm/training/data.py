@@ -22,9 +22,18 @@ from stream_lstm.state.table import DeviceTable
 def windows_from_table(table: DeviceTable, min_length: int) -> list[np.ndarray]:
     """Every in-memory device's window (oldest first) with at least ``min_length`` readings, in
     :func:`device_order`: the same fleet gives the same data (and holdout) whatever order its
-    devices happened to arrive in, so retraining is reproducible."""
-    slots = [table.index[d] for d in device_order(table.index) if table.window.length[table.index[d]] >= min_length]
-    return [table.window.ordered(s) for s in slots]
+    devices happened to arrive in, so retraining is reproducible. A window begins at the
+    device's last reset (a gap, ``STREAM_LSTM_MAX_GAP_S``) where that is inside it: serving
+    started from zero state there, and a sequence across it would teach what it never did."""
+    windows = []
+    for d in device_order(table.index):
+        slot = table.index[d]
+        since = int(table.since_reset[slot])
+        window = table.window.ordered(slot)
+        window = window[-since:] if 0 < since < len(window) else window
+        if len(window) >= min_length:
+            windows.append(window)
+    return windows
 
 
 def device_order(device_ids) -> list[str]:

@@ -103,3 +103,18 @@ def test_a_bad_length_or_stride_is_a_clear_error(length, stride, message):
     for z in (np.arange(10.0)[:, None], np.arange(1.0)[:, None]):  # whatever the series' length
         with pytest.raises(ValueError, match=message):
             series_windows(z, length, stride)
+
+
+def test_a_window_begins_at_the_devices_last_gap_reset():
+    # Serving started from zero state after the gap: a training sequence across it would teach
+    # the model a continuity serving never had.
+    table = DeviceTable(max_devices=4, window=8, n_features=1, num_layers=1, hidden_size=2)
+    for k, t in enumerate([0.0, 60.0, 120.0, 180.0, 99_000.0, 99_060.0, 99_120.0]):
+        ingest(table, ["gap", "calm"], [t, 60.0 * k], np.full((2, 1), float(k)), [0, 0], now=0.0,
+               target=0, max_gap_s=3600.0)
+    windows = dict(zip(device_order(["gap", "calm"]), windows_from_table(table, min_length=2), strict=True))
+    np.testing.assert_array_equal(windows["gap"], table.window.ordered(table.index["gap"])[-3:])
+    np.testing.assert_array_equal(windows["calm"], table.window.ordered(table.index["calm"]))
+    assert len(windows["calm"]) == 7
+    (only,) = windows_from_table(table, min_length=4)  # gap's 3 since its reset are too few
+    np.testing.assert_array_equal(only, windows["calm"])
