@@ -2,7 +2,7 @@
 
 It consumes the input topic in its own consumer group (``<group_id>-trainer``), keeps every
 device's normalized rolling window exactly as the workers do (same decoder, same event-time
-rules, same normalizer), and on the same schedule trains a challenger with TBPTT, gates it,
+rules, same normalizer; at start, their checkpoints: training/from_checkpoints.py), and on the same schedule trains a challenger with TBPTT, gates it,
 and publishes each promoted version to the compacted models topic. Workers started with
 ``STREAM_LSTM_TRAINER=external`` follow that topic and hot-swap. A ``stream-lstm models
 rollback`` of its registry is picked up within seconds: the rolled-back version becomes the
@@ -24,6 +24,7 @@ import signal
 import time
 
 import numpy as np
+from kafka import ConsumerRebalanceListener
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
@@ -33,6 +34,7 @@ from stream_lstm.pipeline import decode_records
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
+from stream_lstm.training.from_checkpoints import load_checkpoints
 from stream_lstm.training.retrainer import (
     MODEL_RECORD_MAX_BYTES,
     ModelPublishError,
@@ -74,10 +76,16 @@ class TrainerService:
         self.decoder = ReadingDecoder(settings)
         self.retrainer = Retrainer(settings, metrics)
         ensure_models_topic(settings)
-        self.consumer = make_consumer(settings, settings.input_topic,
-                                      group_id=f"{settings.group_id}-trainer",
+        self.consumer = make_consumer(settings, group_id=f"{settings.group_id}-trainer",
                                       auto_offset_reset="earliest", enable_auto_commit=True,
                                       isolation_level="read_committed")
+        # The workers' state and where their replay starts, not a fresh table at the group's
+        # offsets: the windows it trains on are then the workers' (training/from_checkpoints.py).
+        partitions = sorted(self.consumer.partitions_for_topic(settings.input_topic))
+        self.replay_from = (load_checkpoints(settings, self.table, partitions)
+                            if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
+                            else {})
+        self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
         self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES)
         self.published = 0
         # The child process that trains, started by run() (the loop is its only user).
@@ -166,6 +174,23 @@ class TrainerService:
         if self.trainer is not None:
             trainer, self.trainer = self.trainer, None
             trainer.close()
+
+
+class _ReplayOnAssignment(ConsumerRebalanceListener):
+    """Each input partition first assigned reads on from its replay marker, where the workers'
+    checkpoints the trainer started from end (later assignments: the group's offsets)."""
+
+    def __init__(self, service: TrainerService) -> None:
+        self.service = service
+
+    def on_partitions_revoked(self, revoked) -> None:  # noqa: ANN001 - kafka-python's signature
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:  # noqa: ANN001
+        for tp in assigned:
+            offset = self.service.replay_from.pop(tp.partition, None)
+            if offset is not None:
+                self.service.consumer.seek(tp, offset)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,70 @@
+"""The trainer's start from the workers' checkpoints: their state, and where to read on from.
+
+The trainer keeps every device's normalized window as the workers do. A trainer that started
+afresh from its consumer group's committed offset (a restart, a moved pod) rebuilt each
+device from nothing: new normalizer statistics (z values 2.65 apart from the workers' on a
+recording with the Welford normalizer, and lasting), no glitch guard (it needs 1,000
+readings: one 1e11 reading the workers held out flattened the trainer's window) — and the
+challenger was trained and gated on windows the workers never fed their model.
+
+So at start it does what a worker's restore does (``checkpointing/replay.py``): it reads the
+state changelog, takes in each device's checkpoint, and reads the input from each partition's
+replay marker, so the readings since a checkpoint are applied again (those a checkpoint
+already holds are skipped as duplicates by their time). Its windows then end where the
+workers' do. A changelog that does not exist yet (no worker has checkpointed), or a restore
+that fails or times out, leaves the trainer as it was: starting afresh, and said.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from stream_lstm.checkpointing.changelog import restore
+from stream_lstm.checkpointing.codec import SnapshotDecodeError, decode_for_table
+from stream_lstm.checkpointing.store import StateStore
+from stream_lstm.config import Settings
+from stream_lstm.state.table import DeviceTable
+
+log = logging.getLogger("stream_lstm.trainer")
+
+RESTORE_TIMEOUT_S = 300.0
+_PAGE = 2000  # store rows decoded at a time
+
+
+def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[int]) -> dict[int, int]:
+    """Take the checkpoints of ``partitions`` in the state changelog into ``table``; return
+    the input offset each partition must be read from (its replay marker), for those that
+    have one.
+
+    Example: see tests/training/test_from_checkpoints.py::test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped
+    """
+    topic = settings.changelog_topic_name()
+    with tempfile.TemporaryDirectory(prefix="stream-lstm-trainer-") as d:
+        store = StateStore(Path(d) / "changelog.sqlite")
+        try:
+            try:
+                result = restore(settings, topic, partitions, store, timeout_s=RESTORE_TIMEOUT_S)
+                if not result.complete:
+                    raise RuntimeError("the restore did not reach the changelog's end")
+            except Exception as exc:  # noqa: BLE001 - the trainer can still start afresh
+                log.warning("could not start from the workers' checkpoints; starting afresh from "
+                            "the group's offsets", extra={"changelog": topic, "error": str(exc)[:300]})
+                return {}
+            positions = {p: offset for p in partitions if (offset := store.replay_from(p)) is not None}
+            devices = unreadable = 0
+            after = ""
+            while rows := store.scan(after, _PAGE):
+                for _, _, data in rows:
+                    try:
+                        table.restore(decode_for_table(data, table.n_features))
+                        devices += 1
+                    except SnapshotDecodeError:  # (counted by the workers; here it starts afresh)
+                        unreadable += 1
+                after = rows[-1][0]
+        finally:
+            store.close(clean=True)
+    log.info("started from the workers' checkpoints", extra={
+        "changelog": topic, "devices": devices, "unreadable": unreadable, "replay_from": positions})
+    return positions

@@ -1,0 +1,74 @@
+"""The trainer's start from the workers' checkpoints (training/from_checkpoints.py), on the real
+broker: a trainer restarted at its group's offsets ends with the windows and normalizer
+statistics of one that never stopped, not with a device rebuilt from nothing."""
+
+import numpy as np
+import pytest
+import torch
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.models.serving import fresh_model
+from stream_lstm.training.service import TrainerService
+from stream_lstm.worker import Worker
+from tests.integration.helpers import produce_readings, tiny_worker_settings
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
+T0 = 1_700_000_000.0
+DEVICES = 4
+
+
+def readings(first: int, n: int):
+    return [(f"d{d}", T0 + 60.0 * k, 10.0 * d + 3.0 * np.sin(k / 3) + 0.05 * k)
+            for k in range(first, first + n) for d in range(DEVICES)]
+
+
+def consume(service: TrainerService, n: int) -> None:
+    for _ in range(600):
+        if service.retrainer.readings_since >= n:
+            return
+        service.consume_once(timeout_ms=200)
+    raise AssertionError(f"read {service.retrainer.readings_since} of {n}")
+
+
+def close(service: TrainerService) -> None:
+    service.consumer.close()
+    service.producer.close()
+
+
+def test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped(settings_factory, topic_name):
+    s = tiny_worker_settings(settings_factory, topic_name, models_topic=f"{topic_name}-models")
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    first = readings(0, 60)
+    produce_readings(s, topic_name, first)
+    torch.manual_seed(0)
+    twin = TrainerService(s, fresh_model(s))  # never stops; no changelog yet: starts afresh
+    assert twin.replay_from == {}
+    consume(twin, len(first))
+    # The workers read the same and checkpoint at their clean stop, with the replay markers.
+    worker = Worker(s, fresh_model(s))
+    worker.run(until=lambda w: w.totals.consumed >= len(first))
+    # A trainer restarted after the first readings: its group's offsets are at their end.
+    restarted = s.model_copy(update={"group_id": f"{topic_name}-other",
+                                     "changelog_topic": s.changelog_topic_name()})
+    committer = make_consumer(restarted, group_id=f"{topic_name}-other-trainer", enable_auto_commit=False)
+    ends = committer.end_offsets([TopicPartition(topic_name, p) for p in (0, 1)])
+    committer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
+    committer.close()
+    later = readings(60, 20)
+    produce_readings(s, topic_name, later)
+    service = TrainerService(restarted, fresh_model(s))
+    try:
+        assert service.replay_from == {tp.partition: offset for tp, offset in ends.items()}
+        consume(service, len(later))
+        consume(twin, len(first) + len(later))
+        for d in (f"d{k}" for k in range(DEVICES)):
+            a, b = twin.table.index[d], service.table.index[d]
+            np.testing.assert_allclose(service.table.window.ordered(b), twin.table.window.ordered(a), atol=1e-6)
+            np.testing.assert_allclose(service.table.norm.mean[b], twin.table.norm.mean[a], rtol=1e-12)
+            np.testing.assert_allclose(service.table.norm.var[b], twin.table.norm.var[a], rtol=1e-12)
+            assert service.table.n_seen[b] == twin.table.n_seen[a] == 80
+    finally:
+        close(service)
+        close(twin)
