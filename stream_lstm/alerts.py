@@ -2,8 +2,9 @@
 
 A pager wants incidents, not flagged readings. A device's alert **opens** when its anomaly
 likelihood reaches the threshold (``1 - likelihood <= rate``) at two readings in a row, or at
-one reading that is sure on its own (``1 - likelihood <= rate * SURE``, which only a reading
-two views find extreme reaches: :func:`corroborate`): a single marginal flag *arms* the device,
+one reading that is sure on its own (``1 - likelihood <= rate * SURE``, and *corroborated*: two
+channels of the likelihood agree, or the range rule, :func:`~stream_lstm.likelihood.corroborated`;
+published as the forecast's ``corroborated``): a single marginal flag *arms* the device,
 and its next reading opens the alert if flagged too, else disarms it (Prometheus' alerting
 rules wait the same way, ``for:``, before they fire). The alert **closes** at the first reading
 after the likelihood has stayed below the threshold for ``hold_s`` seconds of event time. An
@@ -62,28 +63,18 @@ def initial_state() -> np.ndarray:
     return np.full(len(FIELDS), np.nan)
 
 
-def flags(lik: np.ndarray, false_alarm_rate: float) -> tuple[np.ndarray, np.ndarray]:
+def flags(lik: np.ndarray, false_alarm_rate: float, corroborated: np.ndarray | bool = True
+          ) -> tuple[np.ndarray, np.ndarray]:
     """``(flagged, sure)`` per reading of likelihood ``lik``: past the threshold
     (``1 - lik <= false_alarm_rate``), and sure enough to open an alert alone (:data:`SURE`
-    of the rate). A reading not judged (NaN) is neither.
+    of the rate, where ``corroborated``). A reading not judged (NaN) is neither.
 
-    >>> flags(np.array([0.5, 0.9995, 0.999999, np.nan]), 1e-3)
-    (array([False,  True,  True, False]), array([False, False,  True, False]))
+    >>> flags(np.array([0.5, 0.9995, 0.999999, 0.999999, np.nan]), 1e-3,
+    ...       np.array([True, True, True, False, False]))
+    (array([False,  True,  True,  True, False]), array([False, False,  True, False, False]))
     """
     tail = 1.0 - np.nan_to_num(lik, nan=0.0)
-    return tail <= false_alarm_rate, tail <= false_alarm_rate * SURE
-
-
-def corroborate(lik: np.ndarray, agreed: np.ndarray, false_alarm_rate: float) -> np.ndarray:
-    """``lik`` where a second view ``agreed`` (:func:`~stream_lstm.likelihood.corroborated`, or
-    the range rule); elsewhere at most ``1 - 2 * SURE * rate``: still flagged, never sure, so
-    one channel alone opens an alert only with the next reading. Published as it is capped, so
-    a reader of the forecasts sees what the alerts were opened from.
-
-    >>> corroborate(np.array([1 - 1e-9, 1 - 1e-9, 0.5, np.nan]), np.array([True, False, False, False]), 1e-3).tolist()
-    [0.999999999, 0.99998, 0.5, nan]
-    """
-    return np.where(agreed, lik, np.minimum(lik, 1.0 - 2.0 * SURE * false_alarm_rate))  # NaN stays
+    return tail <= false_alarm_rate, (tail <= false_alarm_rate * SURE) & corroborated
 
 
 def is_open(state: np.ndarray) -> np.ndarray:
@@ -187,9 +178,11 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
         table.likelihood[slots] = state
     # (the range each reading is judged against is the state's: ingest.py tracks it)
     channels = likelihood.conclude(before, run, threshold, judged)
-    lik = corroborate(likelihood.overrule(likelihood.combine(channels), batch.outside),
-                      likelihood.corroborated(channels) | batch.outside, false_alarm_rate)
-    flagged, sure = flags(lik, false_alarm_rate)
+    lik = likelihood.overrule(likelihood.combine(channels), batch.outside)
+    # A reading one channel alone finds extreme is flagged, but its alert waits for the next
+    # flagged reading: sure alone only where a second view agrees.
+    agreed = (likelihood.corroborated(channels) | batch.outside) & np.isfinite(lik)
+    flagged, sure = flags(lik, false_alarm_rate, agreed)
     # Only a device with an alert open or armed, or a reading flagged in this poll, has alert
     # work: for any other, step() changes nothing and reports nothing.
     waiting = np.isfinite(table.alert[slots_all, LAST_ABOVE])  # open or armed
@@ -210,5 +203,5 @@ def judge(batch: StepBatch, fb: ForecastBatch, table: DeviceTable, *,
             events.append((int(rows[i]), "open" if i in opened else "close", alert[i].copy()))
         clear(alert, closed)
         table.alert[slots] = alert
-    fb.anomaly_likelihood, fb.is_anomaly = lik, flagged
+    fb.anomaly_likelihood, fb.is_anomaly, fb.corroborated = lik, flagged, agreed
     return events

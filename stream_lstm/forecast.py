@@ -55,9 +55,10 @@ class ForecastBatch:
         ``[m]`` bool: past warm-up (``min_history`` readings).
     q
         The interval's quantile: a range is expected -/+ ``q * b``.
-    anomaly_likelihood, is_anomaly
+    anomaly_likelihood, is_anomaly, corroborated
         Filled in by the next stage (``alerts.judge``): ``[m]`` in [0, 1] (NaN when not
-        judged), and ``[m]`` bool.
+        judged), ``[m]`` bool, and ``[m]`` bool (a second view agrees: an alert may open on
+        this reading alone).
 
     Examples
     --------
@@ -86,6 +87,7 @@ class ForecastBatch:
     q: float
     anomaly_likelihood: np.ndarray | None = None
     is_anomaly: np.ndarray | None = None
+    corroborated: np.ndarray | None = None
 
     def expected_range(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``[m]`` each: the one-step forecast's interval (low, high) that each reading was

@@ -124,7 +124,7 @@ RANGE_FIELDS = ("range_low", "range_high", "range_n")
 RANGE_ABSURD = 10.0
 # A reading opens an alert alone (alerts.SURE) only where a second view agrees with the one that
 # found it extreme: another channel's tail within this fraction of its share, or the range rule
-# (alerts.corroborate). One channel alone still flags the reading; its alert waits for the next.
+# (alerts.flags). One channel alone still flags the reading; its alert waits for the next.
 # On the 19 NAB recordings (docs/evaluation.md) 0.03 to 0.3 all give 65.0-65.8 shipped (64.5
 # without): of the 31 false alerts, 19 were one channel alone, of the 27 windows hit, 5.
 CORROBORATION = 0.1

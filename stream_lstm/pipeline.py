@@ -319,7 +319,7 @@ class BatchPipeline:
         fc, lo, up = fb.forecast.tolist(), fb.lower.tolist(), fb.upper.tolist()
         res, score, drift = fb.residual.tolist(), fb.anomaly_score.tolist(), fb.drift_score.tolist()
         publish, anomaly = fb.publish.tolist(), fb.is_anomaly.tolist()
-        lik = fb.anomaly_likelihood.tolist()
+        lik, corroborated = fb.anomaly_likelihood.tolist(), fb.corroborated.tolist()
         step_s, reset = batch.step_s.tolist(), batch.reset.tolist()
         level = batch.x_target.tolist()
         counts.resets = int(batch.reset.sum())
@@ -334,7 +334,7 @@ class BatchPipeline:
                 "upper": up[j], "step_s": step_s[j], "model_version": version[j],
                 "partition": src.partition, "offset": src.offset, "residual": res[j],
                 "anomaly_score": score[j], "drift_score": drift[j], "anomaly_likelihood": lik[j],
-                "is_anomaly": anomaly[j], "reset": reset[j],
+                "is_anomaly": anomaly[j], "corroborated": corroborated[j], "reset": reset[j],
             }
             key = src.key
             out.append((out_topic, key, encode_forecast(record), None))

@@ -71,8 +71,9 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
     ``drift_score``, ``raw`` (their max; NaN where both are), ``alert`` (the likelihood's
     :func:`surprise`), ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
     forecast was published) and ``alert_peak`` (at each opening row, the surprise of that
-    alert's peak likelihood; NaN elsewhere). Alerts open as the worker opens them at
-    ``false_alarm_rate``: on two flagged readings in a row, or on one sure alone.
+    alert's peak likelihood; NaN elsewhere), ``corroborated`` (1.0 where the forecast says a
+    second view agreed, 0.0 elsewhere). Alerts open as the worker opens them at
+    ``false_alarm_rate``: on two flagged readings in a row, or on one sure and corroborated.
 
     >>> a = nab_inputs(np.array([0.0, 60.0, 120.0, 180.0]),
     ...                [{"ts": 60.0, "anomaly_score": 2.0, "drift_score": None, "is_anomaly": True,
@@ -89,11 +90,13 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
     pos = {t: i for i, t in enumerate(ts.tolist())}
     out = {k: np.full(len(ts), np.nan) for k in ("anomaly_score", "drift_score", "alert")}
     published, flagged, lik = np.zeros(len(ts), bool), np.zeros(len(ts), bool), np.full(len(ts), np.nan)
+    corroborated = np.ones(len(ts), bool)  # (forecasts from before the field: every reading)
     for f in forecasts:
         i = pos.get(f["ts"])
         if i is None:
             continue
         published[i], flagged[i] = True, bool(f.get("is_anomaly"))
+        corroborated[i] = bool(f.get("corroborated", True))
         for k in ("anomaly_score", "drift_score"):
             if f.get(k) is not None:
                 out[k][i] = f[k]
@@ -101,10 +104,11 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
             out["alert"][i] = surprise(np.array(f["anomaly_likelihood"]))
             lik[i] = f["anomaly_likelihood"]
     # Where the pager would have been called: the alert events, as the worker opens them.
-    sure = flagged & alerts.flags(lik, false_alarm_rate)[1]
+    sure = flagged & alerts.flags(lik, false_alarm_rate, corroborated)[1]
     opens, peaks = alert_events(ts, published, flagged[None], sure[None], out["alert"], hold_s)
     out["shipped"], out["alert_peak"] = opens[0], peaks[0]
     out["raw"] = np.fmax(out["anomaly_score"], out["drift_score"])
+    out["corroborated"] = corroborated.astype(np.float64)
     for k in SCORES:  # an infinite score (a zero scale) is the most anomalous, not "never"
         out[k] = np.where(out[k] == np.inf, np.finfo(np.float64).max, out[k])
     return out
@@ -197,11 +201,13 @@ def nab_report(recordings: Mapping[str, Mapping[str, Any]], hold_s: float = 3600
 
     report: dict[str, Any] = {"shipped": {}, "swept": {k: {} for k in SCORES}, "swept_events": {}}
     # Alert events at each swept threshold (what a pager receives at each false-alarm rate;
-    # a reading is sure alone at SURE of the rate, a surprise -log10(SURE) above it).
+    # a reading is sure alone at SURE of the rate, a surprise -log10(SURE) above it, where it is
+    # corroborated).
     above = -np.log10(alerts.SURE)
     opens = {n: alert_events(r["ts"], np.isfinite(r["shipped"]),
                              r["alert"][None, :] >= EVENT_THRESHOLDS[:, None],
-                             r["alert"][None, :] >= EVENT_THRESHOLDS[:, None] + above, r["alert"], hold_s)[0]
+                             (r["alert"][None, :] >= EVENT_THRESHOLDS[:, None] + above)
+                             & (r.get("corroborated", 1.0) == 1.0), r["alert"], hold_s)[0]
              for n, r in recordings.items()}
     for name in PROFILE_NAMES:
         profile = nab.PROFILES[name]

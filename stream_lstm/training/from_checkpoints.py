@@ -29,7 +29,10 @@ from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.trainer")
 
-RESTORE_TIMEOUT_S = 300.0
+# At most this long, then it starts afresh (said): the trainer's endpoint starts after it, and
+# deploy/k8s/trainer.yaml's startup probe gives the whole start 150 s (creating the models topic
+# may take 30 s of it). ~2M devices at the restore's measured pace (docs/benchmarks.md).
+RESTORE_TIMEOUT_S = 60.0
 _PAGE = 2000  # store rows decoded at a time
 
 
@@ -65,6 +68,10 @@ def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[in
                 after = rows[-1][0]
         finally:
             store.close(clean=True)
+    held = len(table.index)
+    if held < devices:  # (the rest come back from the replay, rebuilt from nothing)
+        log.warning(f"the trainer's table holds {held} of the {devices} devices checkpointed: raise "
+                    "STREAM_LSTM_MAX_DEVICES for the trainer", extra={"changelog": topic})
     log.info("started from the workers' checkpoints", extra={
-        "changelog": topic, "devices": devices, "unreadable": unreadable, "replay_from": positions})
+        "changelog": topic, "devices": held, "unreadable": unreadable, "replay_from": positions})
     return positions

@@ -305,7 +305,12 @@ def train_tbptt(
     callback = progress if callable(progress) else None
 
     def validate(fallback: float) -> float:
-        return evaluate(model, val_seqs, target)["nll"] if val_seqs else fallback
+        # Without validation sequences, the training sequences scored as the start was (no
+        # dropout, the epoch's final weights) where dropout is on: the epoch's running loss
+        # then runs above what the same weights score, and the start would always look best.
+        if val_seqs:
+            return evaluate(model, val_seqs, target)["nll"]
+        return evaluate(model, train_seqs, target)["nll"] if model.dropout.p > 0 and train_seqs else fallback
 
     result = TrainResult(model=model)
     first = val_seqs or train_seqs  # (the training set is evaluated only when it is the fallback)

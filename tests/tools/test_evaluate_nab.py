@@ -69,6 +69,25 @@ def test_a_marginal_flag_opens_an_alert_only_when_the_next_reading_is_flagged_to
     assert rec["alert_peak"][121] == pytest.approx(5.0)
 
 
+def test_a_reading_sure_by_one_view_alone_opens_neither_shipped_nor_swept_alerts_alone():
+    # Row 50 is sure by its likelihood (1e-7) but not corroborated: a worker at any rate waits
+    # for a second flagged reading; rows 120-121 are two in a row: an alert at 120's rate.
+    ts = T0 + 60 * np.arange(200.0)
+    forecasts = _forecasts(200, {i: (9.0, 9.0, 0.9999999) for i in (50, 120, 121)})
+    for f in forecasts:
+        f["corroborated"] = False
+    rec = nab_inputs(ts, forecasts, hold_s=3600.0, false_alarm_rate=1e-4)
+    assert np.flatnonzero(rec["shipped"] == 1.0).tolist() == [121]
+    recordings = {"r": {"ts": ts, "windows": [(T0 + 60 * 45, T0 + 60 * 55)]} | rec}
+    report = nab_report(recordings, hold_s=3600.0)
+    best = report["swept_events"]["standard"]
+    assert best["files"]["r"]["windows_hit"] == 0 and best["files"]["r"]["false_alerts"] == 1
+    for f in forecasts:
+        f["corroborated"] = True  # the same readings, a second view agreeing: 50 opens alone
+    rec = nab_inputs(ts, forecasts, hold_s=3600.0, false_alarm_rate=1e-4)
+    assert np.flatnonzero(rec["shipped"] == 1.0).tolist() == [50, 120]
+
+
 def test_nab_table_by_hand(capsys):
     report = nab_report(_recordings())
     std = report["shipped"]["standard"]
@@ -161,7 +180,7 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
     # Independently: the shipped alerts' score from the records on the forecasts topic, an alert
     # opening at a flagged reading unless one is open (flagged within the hold time before),
     # when the reading before was flagged too or this one is sure alone (1 - likelihood at most
-    # a hundredth of the false-alarm rate).
+    # a hundredth of the false-alarm rate, and a second view agreed: ``corroborated``).
     consumer = make_consumer(Settings(bootstrap_servers=bootstrap), report["output_topic"],
                              group_id="independent-nab-check", auto_offset_reset="earliest",
                              isolation_level="read_committed")
@@ -173,7 +192,7 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
                 f = json.loads(r.value)
                 lik = f["anomaly_likelihood"]
                 flags.setdefault(f["device_id"], {})[f["ts"]] = (
-                    bool(f["is_anomaly"]), bool(f["is_anomaly"]) and 1 - lik <= sure_tail)
+                    bool(f["is_anomaly"]), bool(f["is_anomaly"]) and 1 - lik <= sure_tail and f["corroborated"])
     consumer.close()
     corpus = {}
     for f in files:

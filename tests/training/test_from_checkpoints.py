@@ -37,7 +37,8 @@ def close(service: TrainerService) -> None:
     service.producer.close()
 
 
-def test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped(settings_factory, topic_name):
+@pytest.mark.parametrize("read_on", [0, 20], ids=["at-the-marker", "past-the-marker"])
+def test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped(settings_factory, topic_name, read_on):
     s = tiny_worker_settings(settings_factory, topic_name, models_topic=f"{topic_name}-models")
     ensure_topics(s, [TopicSpec(topic_name, 2)])
     first = readings(0, 60)
@@ -49,26 +50,29 @@ def test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped(setting
     # The workers read the same and checkpoint at their clean stop, with the replay markers.
     worker = Worker(s, fresh_model(s))
     worker.run(until=lambda w: w.totals.consumed >= len(first))
-    # A trainer restarted after the first readings: its group's offsets are at their end.
+    tps = [TopicPartition(topic_name, p) for p in (0, 1)]
     restarted = s.model_copy(update={"group_id": f"{topic_name}-other",
                                      "changelog_topic": s.changelog_topic_name()})
     committer = make_consumer(restarted, group_id=f"{topic_name}-other-trainer", enable_auto_commit=False)
-    ends = committer.end_offsets([TopicPartition(topic_name, p) for p in (0, 1)])
-    committer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
+    markers = committer.end_offsets(tps)
+    # A trainer restarted after ``read_on`` readings a device past the workers' checkpoint:
+    # its group's offsets are there (the usual case: it had read on since that checkpoint).
+    produce_readings(s, topic_name, readings(60, read_on))
+    committer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in committer.end_offsets(tps).items()})
     committer.close()
-    later = readings(60, 20)
+    later = readings(60 + read_on, 20)
     produce_readings(s, topic_name, later)
     service = TrainerService(restarted, fresh_model(s))
     try:
-        assert service.replay_from == {tp.partition: offset for tp, offset in ends.items()}
-        consume(service, len(later))
-        consume(twin, len(first) + len(later))
+        assert service.replay_from == {tp.partition: offset for tp, offset in markers.items()}
+        consume(service, DEVICES * read_on + len(later))  # everything since the checkpoint
+        consume(twin, len(first) + DEVICES * read_on + len(later))
         for d in (f"d{k}" for k in range(DEVICES)):
             a, b = twin.table.index[d], service.table.index[d]
             np.testing.assert_allclose(service.table.window.ordered(b), twin.table.window.ordered(a), atol=1e-6)
             np.testing.assert_allclose(service.table.norm.mean[b], twin.table.norm.mean[a], rtol=1e-12)
             np.testing.assert_allclose(service.table.norm.var[b], twin.table.norm.var[a], rtol=1e-12)
-            assert service.table.n_seen[b] == twin.table.n_seen[a] == 80
+            assert service.table.n_seen[b] == twin.table.n_seen[a] == 80 + read_on
     finally:
         close(service)
         close(twin)

@@ -116,6 +116,23 @@ def test_training_reduces_validation_loss_on_a_sine():
     assert not model.training
 
 
+def test_without_validation_sequences_dropout_is_judged_off_as_the_start_was():
+    # A small fleet's retrain has no validation devices: the epoch's running loss, taken with
+    # dropout on, ran above what the same weights score, against a start scored with it off.
+    torch.manual_seed(0)
+    train, _ = sine_seqs()
+    model = SimpleLSTM(1, 16, 1, 3, dropout=0.3)
+    judged = []
+
+    def progress(epoch, train_nll, val_nll):
+        judged.append((val_nll, evaluate(model, train)["nll"], train_nll))
+
+    train_tbptt(model, train, [], k1=8, k2=16, lr=1e-2, max_epochs=3, patience=3, batch_size=16,
+                progress=progress)
+    for val_nll, scored, running in judged:
+        assert val_nll == pytest.approx(scored, rel=1e-6) and running != pytest.approx(scored, rel=1e-3)
+
+
 def test_should_stop_ends_training_and_keeps_the_best_weights():
     train, val = sine_seqs(600)
     model = SimpleLSTM(1, 8, 1, 2)
