@@ -39,7 +39,8 @@ bench: venv
 	$(VENV)/bin/stream-lstm bench --quick
 
 # On a CUDA machine (issue 18): no venv needed, only a Python with torch, numpy, kafka-python,
-# prometheus-client and pydantic-settings, and this checkout on the path. A few minutes.
-GPU_PYTHON ?= python3
+# prometheus-client and pydantic-settings, and this checkout on the path. A few minutes. The
+# venv's Python when there is one, else python3; GPU_PYTHON=... names another.
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m stream_lstm.cli gpu-check --report gpu-check.md

@@ -16,6 +16,14 @@ def test_a_bad_setting_names_its_variable_and_exits_2(command, monkeypatch, caps
     assert err[0].startswith(f"{command}: invalid setting STREAM_LSTM_WINDOW")
 
 
+def test_an_offline_command_says_a_misspelt_variable_is_ignored(monkeypatch, capsys, tmp_path):
+    # `train` read STREAM_LSTM_WINDOWS=32 silently and trained with W=64.
+    monkeypatch.setenv("STREAM_LSTM_WINDOWS", "32")
+    monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    assert "models: STREAM_LSTM_WINDOWS names no setting and is ignored: misspelt?" in capsys.readouterr().err
+
+
 def test_no_broker_at_the_address_is_one_clear_line_and_exit_3(monkeypatch, capsys, tmp_path):
     """Exit 3, not 2: the broker may come back, so a supervisor restarts it (processes.py)."""
     port = free_port()  # a port with nothing listening

@@ -1,7 +1,8 @@
 """``stream-lstm up``: the whole job on one machine, end to end, with live forecasts.
 
-It uses the broker ``STREAM_LSTM_BOOTSTRAP_SERVERS`` points at when one answers, else starts
-a fresh local Apache Kafka broker for the run, creates the topics, starts the worker as its
+It uses the broker ``STREAM_LSTM_BOOTSTRAP_SERVERS`` points at (and refuses to start when none
+answers there: a mistyped address is said, not replaced), else starts a fresh local Apache Kafka
+broker for the run, creates the topics, starts the worker as its
 own process, feeds it a simulated fleet (or replays the CSV recordings you name), and
 prints forecasts as they arrive on the output topic. Ctrl-C stops everything it started.
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Run everything locally: a Kafka broker (from Maven jars), the worker, and a simulated "
         "fleet (or a replay of real CSV recordings), and show live forecasts. Ctrl-C stops it. "
         "With STREAM_LSTM_BOOTSTRAP_SERVERS set, it runs on that broker instead (--port is not "
-        "used), on topics and a consumer group of the run's own (<topic>-up-<run>), deleted at "
+        "used; none answering there is an error), on topics and a consumer group of the run's own (<topic>-up-<run>), deleted at "
         "the end unless --keep-broker. Exit code 0 after a stop; the worker's own code (or 1) "
         "when the worker exited by itself; 2 for a setting or a CSV it refuses."
     )
@@ -83,8 +84,10 @@ def ensure_broker(settings: Settings, port: int, data_dir: str | Path | None = N
     if use_existing:
         if broker_answers(settings):
             return settings.bootstrap_servers, None
-        say(f"no broker answers at {settings.bootstrap_servers} (STREAM_LSTM_BOOTSTRAP_SERVERS): "
-            f"starting a local one on port {port}")
+        # (a local demo in place of the broker you named would hide the mistyped address)
+        raise SettingsError(f"no broker answers at {settings.bootstrap_servers} "
+                            "(STREAM_LSTM_BOOTSTRAP_SERVERS): check the address, or unset it for a "
+                            "local broker of this run's own")
     if port_in_use(port):
         raise SettingsError(f"port {port} is in use (a broker left by `stream-lstm kafka up`?): pass "
                             f"--port N for a fresh broker, or STREAM_LSTM_BOOTSTRAP_SERVERS=127.0.0.1:{port} "
@@ -209,6 +212,12 @@ def main(args: argparse.Namespace) -> int:
     # The demo starts from an untrained model; retraining in the background shows a promotion
     # and a hot-swap within minutes (override with the variable itself).
     env.setdefault(ENV_PREFIX + "RETRAIN_EVERY_READINGS", "5000")
+    # Its /metrics on a free port, unless you name one: 9108 may be another worker's (a second
+    # `up`, a worker of yours), and the worker would refuse to start.
+    if not _env_has(ENV_PREFIX + "METRICS_PORT"):
+        from stream_lstm.kafka.local_broker import free_port
+
+        env[ENV_PREFIX + "METRICS_PORT"] = str(free_port())
     run: dict[str, Any] = {"children": [], "broker": None, "relay": None, "worker_exited": False,
                            "exited": None, "own_topics": [], "settings": settings}
     with StopSignals() as signals:

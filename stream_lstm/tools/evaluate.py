@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons (default: 24 48)")
     parser.add_argument("--peer", action="store_true",
                         help="also run the deep-river peer (an online LSTM per recording, "
-                             "one-step) on the same recordings; needs the [peer] extra: pip install -e '.[peer]'")
+                             "one-step) on the same recordings; needs the [peer] extra and deep-river: pip install -e '.[peer]' && pip install --no-deps 'deep-river==0.3.4'")
     parser.add_argument("--nab", action="store_true",
                         help="NAB's unsupervised setting instead: serve a fresh, untrained model "
                              "over every row and score its alerts (the alert events opened, and the "
@@ -308,6 +308,12 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         return 2
     print(f"evaluate: {len(series)} recordings, {sum(len(v[1]) for v in series.values()):,} readings",
           file=sys.stderr)
+    from stream_lstm.kafka.jars import JAVA_HINT, fetch_jars, require_tool
+    from stream_lstm.kafka.local_broker import broker_answers
+
+    if not broker_answers(settings):  # a local broker it cannot start: said before the training
+        require_tool("java", JAVA_HINT)
+        fetch_jars()
     model, spec = train_model(settings, series, args.epochs)
     with ensure_local_broker(settings) as bootstrap:
         s = settings.model_copy(update={"bootstrap_servers": bootstrap})

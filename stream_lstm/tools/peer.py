@@ -65,8 +65,8 @@ __all__ = ["INSTALL_HINT", "peer_available", "peer_one_step"]
 
 INSTALL_HINT = (
     "the deep-river peer baseline needs the optional package deep-river: "
-    "pip install -e '.[peer]' in the repository (the package's [peer] extra; deep-river pins an old torch; to keep yours, use "
-    "pip install --no-deps 'deep-river==0.3.4' && pip install 'river>=0.25,<0.26' 'pandas>=2.2')"
+    "pip install -e '.[peer]' && pip install --no-deps 'deep-river==0.3.4' in the repository (the [peer] "
+    "extra brings river and pandas; deep-river itself pins an old torch, hence --no-deps; `make venv` does both)"
 )
 
 

@@ -197,7 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the retrainer as its own process: consume readings (own group), "
                           "retrain on schedule (STREAM_LSTM_RETRAIN_EVERY_*), publish promoted "
                           "models to STREAM_LSTM_MODELS_TOPIC for workers with "
-                          "STREAM_LSTM_TRAINER=external.")
+                          "STREAM_LSTM_TRAINER=external. With neither STREAM_LSTM_RETRAIN_EVERY_READINGS "
+                          "nor _S set, it retrains every 900 s. At start it takes in the workers' "
+                          "checkpoints from the state changelog.")
 
 
 def main(args: argparse.Namespace) -> int:

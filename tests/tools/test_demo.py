@@ -84,7 +84,7 @@ def test_up_starts_a_fresh_broker_shows_a_short_worker_line_and_stops_quietly_on
     port = free_port()
 
     # An earlier run on the same port leaves a topic behind.
-    bootstrap, broker = ensure_broker(nothing_there, port)
+    bootstrap, broker = ensure_broker(nothing_there, port, use_existing=False)
     assert broker is not None and bootstrap == f"127.0.0.1:{port}"
     try:
         ensure_topics(nothing_there.model_copy(update={"bootstrap_servers": bootstrap}),
@@ -96,8 +96,7 @@ def test_up_starts_a_fresh_broker_shows_a_short_worker_line_and_stops_quietly_on
 
     # The next run is a whole `up`, started as a terminal starts a foreground job.
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
-    env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=nothing_there.bootstrap_servers,
-               STREAM_LSTM_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+    env.update(STREAM_LSTM_METRICS_PORT="0", PYTHONUNBUFFERED="1")
     up = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "up", "--port", str(port),
                            "--devices", "5"], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -268,6 +267,32 @@ def test_up_refuses_a_port_in_use_rather_than_running_on_a_broker_it_did_not_cho
         port = taken.getsockname()[1]
         with pytest.raises(SettingsError, match=f"port {port} is in use"):
             ensure_broker(Settings(bootstrap_servers=f"127.0.0.1:{port}"), port, use_existing=False)
+
+
+def test_up_refuses_a_broker_you_named_that_does_not_answer():
+    """A mistyped STREAM_LSTM_BOOTSTRAP_SERVERS ran a local demo in its place, exit 0."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SettingsError, match=f"no broker answers at {nowhere}"):
+        ensure_broker(Settings(bootstrap_servers=nowhere), free_port(), use_existing=True)
+
+
+def test_without_java_or_maven_up_and_evaluate_say_so_in_one_line_before_any_work(tmp_path, shared_data):
+    """No java on the PATH and no jars cached: one line and exit 2, not a traceback (and evaluate
+    says it before its minutes of training)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(PATH=str(empty), STREAM_LSTM_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO),
+               STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    csv = next((shared_data / "nab" / "aws").glob("*.csv"))
+    for argv in (["up", "--port", str(free_port()), "--duration", "5"], ["evaluate", str(csv), "--epochs", "1"]):
+        run_env = {k: v for k, v in env.items() if argv[0] != "up" or k != "STREAM_LSTM_BOOTSTRAP_SERVERS"}
+        done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", *argv], env=run_env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr and "training" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"{argv[0]}: java not found: install OpenJDK 17 (apt install openjdk-17-jre-headless)")
 
 
 def test_up_with_a_csv_it_cannot_read_says_so_before_starting_anything(tmp_path):

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and Kafka benchmarks (default 10000)")
     parser.add_argument("--messages", type=int, default=200_000,
                         help="readings pre-filled for the consume/pipeline comparison (default 200000)")
-    parser.add_argument("--quick", action="store_true", help="smaller runs; finishes in < 2 min")
+    parser.add_argument("--quick", action="store_true", help="smaller runs: a few minutes (5-7 on 2 cores)")
     parser.add_argument("--skip-kafka", action="store_true", help="only in-process benchmarks")
 
 
