@@ -80,6 +80,10 @@ def main(args: argparse.Namespace) -> int:
             broker = broker_registry.broker_for(port, data_dir)
             if broker.running_pid() is not None:
                 broker.start(args.timeout)  # adopts it and checks that it answers
+                if port is not None and broker.port != port:  # (nothing listens on the one asked for)
+                    raise BrokerError(f"{broker.data_dir} is the data of the broker running at "
+                                      f"{broker.bootstrap}, not on port {port}: give another "
+                                      "--data-dir, or leave out --port to use that broker")
                 broker_registry.record(broker.port, broker.pid, broker.data_dir)
                 print(f"Kafka {KAFKA_VERSION} broker already running at {broker.bootstrap} "
                       f"(pid {broker.pid}, data: {broker.data_dir})")

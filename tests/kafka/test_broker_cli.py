@@ -93,6 +93,13 @@ def test_status_lists_and_down_stops_every_real_broker_up_started(tmp_path, own_
                                              broker_registry.Entry(port_b, pid_b, dir_b)]
         assert sorted(p.name for p in (own_cache / "brokers").iterdir()) == \
             sorted([f"{port_a}.json", f"{port_b}.json"])
+        # a's data directory with another port: refused (it said "already running" at a's port,
+        # exit 0, with nothing on the port asked for)
+        other = next(p for p in iter(free_port, None) if p not in (port_a, port_b))
+        assert cli("up", other, dir_a) == 2
+        assert f"the data of the broker running at 127.0.0.1:{port_a}, not on port {other}" in \
+            capsys.readouterr().err
+        assert broker_registry.find(other) is None
 
         # A broker that died (its entry names a dead pid) is stale: forgotten, and said so.
         gone, dead = free_port(), dead_pid()
