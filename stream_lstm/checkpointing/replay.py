@@ -178,7 +178,8 @@ def check_retention(settings: Settings) -> str | None:
         return (f"input topic {topic!r} keeps readings for retention.ms={retention}, less than "
                 f"the {need} ms a state restore may need to replay "
                 f"({MIN_RETENTION_INTERVALS} x STREAM_LSTM_CHECKPOINT_INTERVAL_S, at least 1 h). "
-                "Raise retention.ms or lower the interval (0 checkpoints with every commit)")
+                f"Raise retention.ms to at least {need}, or set STREAM_LSTM_CHECKPOINT_INTERVAL_S=0 "
+                "(checkpoints with every commit; a shorter interval still needs 1 h)")
     size = int(configs.get("retention.bytes", "-1") or -1)
     if size >= 0:  # cannot be checked against a rate at start: said, not refused
         log.warning(f"input topic {topic!r} also deletes by size (retention.bytes={size} a "

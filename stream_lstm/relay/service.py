@@ -182,8 +182,9 @@ class AlertRelay:
                                         "commit_interval_ms": 0})  # (a fetch answers at once)
         self.group = GroupConsumer(consumed, PartitionListener(self._on_assigned, self._on_revoked),
                                    client_id=f"stream-lstm-alert-relay-{s.instance_id}")
+        endpoint = f"http://{s.metrics_host}:{s.metrics_port}/metrics" if s.metrics_port else "metrics off"
         log.info(f"alert relay started: {s.alerts_topic} at {s.bootstrap_servers} -> Alertmanager at "
-                 f"{redacted(self.url)} (group {self.group_id})")
+                 f"{redacted(self.url)} (group {self.group_id}) | {endpoint}")
 
     def run(self, until: Callable[[AlertRelay], bool] | None = None) -> None:
         if self.group is None:

@@ -195,6 +195,8 @@ def _env_has(name: str) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    if min(args.devices, args.rate, args.speedup) <= 0:  # before any broker starts
+        raise SettingsError("--devices, --rate and --speedup must be positive")
     if args.csv:  # before any broker starts: a mistyped path is one line, not a silent run
         from stream_lstm.recordings import RecordingError, load_csv
 

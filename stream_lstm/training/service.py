@@ -225,9 +225,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.stop())
+        endpoint = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+                    if settings.metrics_port else "metrics off")
         log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "
-                 f"publishing to {settings.models_topic}")
+                 f"publishing to {settings.models_topic} | {endpoint}")
         service.run()
+        log.info(f"trainer stopped ({service.published} models published)")
     finally:  # also when the loop fails: the endpoint's port and thread do not outlive it
         if server is not None:
             server.shutdown()

@@ -303,3 +303,12 @@ def test_up_with_a_csv_it_cannot_read_says_so_before_starting_anything(tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "nosuch.csv" in done.stderr and "Traceback" not in done.stderr
     assert "starting a local Kafka broker" not in done.stdout
+
+
+def test_up_with_no_devices_says_so_before_starting_anything(tmp_path):
+    env = dict(os.environ, STREAM_LSTM_METRICS_PORT="0", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "up", "--port", str(free_port()),
+                           "--devices", "0"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "up: --devices, --rate and --speedup must be positive"
+    assert "starting a local Kafka broker" not in done.stdout

@@ -18,7 +18,7 @@ def bench_alerts(settings: Any, topic: str, messages: int, result: dict, quick: 
 
     def judges_nothing(batch: Any, fb: Any, table: Any, **_: Any) -> list:
         fb.anomaly_likelihood = np.full(len(batch), np.nan)
-        fb.is_anomaly = np.zeros(len(batch), bool)
+        fb.is_anomaly = fb.corroborated = np.zeros(len(batch), bool)
         return []
 
     devices, rates, real = 10_000, {}, alerts.judge
