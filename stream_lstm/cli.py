@@ -113,7 +113,10 @@ def _silence_kafka() -> None:
     written before this returns is written before the last line, none after (1 run in 7 on a
     loaded machine had one after)."""
     logging.getLogger("kafka").setLevel(logging.CRITICAL + 1)
-    for handler in logging.getLogger().handlers:
+    # (an offline command configures no handler: its records go to logging.lastResort)
+    for handler in {*logging.getLogger().handlers, logging.lastResort} - {None}:
+        if getattr(handler, "_kafka_silenced", False):  # (main() again in one process: tests)
+            continue
         emit = handler.emit
 
         def quiet(record: logging.LogRecord, emit=emit) -> None:  # noqa: ANN001 - (bound default)
@@ -123,6 +126,7 @@ def _silence_kafka() -> None:
         handler.acquire()
         try:
             handler.emit = quiet  # type: ignore[method-assign]
+            handler._kafka_silenced = True  # type: ignore[union-attr]
         finally:
             handler.release()
 

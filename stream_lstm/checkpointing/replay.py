@@ -175,11 +175,14 @@ def check_retention(settings: Settings) -> str | None:
                 "that a state restore must replay. Use cleanup.policy=delete, or set "
                 "STREAM_LSTM_CHECKPOINT_INTERVAL_S=0 to checkpoint with every commit")
     if 0 <= retention < need:
+        # (a shorter interval helps only down to the floor of 1 h)
+        shorter = (f"lower the interval to at most {retention / 1000 / MIN_RETENTION_INTERVALS:g} s, "
+                   if retention >= MIN_RETENTION_MS else "")
         return (f"input topic {topic!r} keeps readings for retention.ms={retention}, less than "
-                f"the {need} ms a state restore may need to replay "
+                f"the {int(need)} ms a state restore may need to replay "
                 f"({MIN_RETENTION_INTERVALS} x STREAM_LSTM_CHECKPOINT_INTERVAL_S, at least 1 h). "
-                f"Raise retention.ms to at least {need}, or set STREAM_LSTM_CHECKPOINT_INTERVAL_S=0 "
-                "(checkpoints with every commit; a shorter interval still needs 1 h)")
+                f"Raise retention.ms to at least {int(need)}, {shorter}or set "
+                "STREAM_LSTM_CHECKPOINT_INTERVAL_S=0 (checkpoints with every commit)")
     size = int(configs.get("retention.bytes", "-1") or -1)
     if size >= 0:  # cannot be checked against a rate at start: said, not refused
         log.warning(f"input topic {topic!r} also deletes by size (retention.bytes={size} a "

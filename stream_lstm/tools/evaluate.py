@@ -311,7 +311,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from stream_lstm.kafka.jars import JAVA_HINT, fetch_jars, require_tool
     from stream_lstm.kafka.local_broker import broker_answers
 
-    if not broker_answers(settings):  # a local broker it cannot start: said before the training
+    # A local broker it cannot start: said before the training (only a plaintext one is ever
+    # replaced by a local broker: ensure_local_broker).
+    if settings.security_protocol == "PLAINTEXT" and not broker_answers(settings):
         require_tool("java", JAVA_HINT)
         fetch_jars()
     model, spec = train_model(settings, series, args.epochs)

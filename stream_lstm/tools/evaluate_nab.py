@@ -72,7 +72,7 @@ def nab_inputs(ts: np.ndarray, forecasts: list[dict], hold_s: float,
     :func:`surprise`), ``shipped`` (1.0 where an alert opened, 0.0 elsewhere, NaN where no
     forecast was published) and ``alert_peak`` (at each opening row, the surprise of that
     alert's peak likelihood; NaN elsewhere), ``corroborated`` (1.0 where the forecast says a
-    second view agreed, 0.0 elsewhere). Alerts open as the worker opens them at
+    second view agreed or says nothing of it, 0.0 where it says none did). Alerts open as the worker opens them at
     ``false_alarm_rate``: on two flagged readings in a row, or on one sure and corroborated.
 
     >>> a = nab_inputs(np.array([0.0, 60.0, 120.0, 180.0]),

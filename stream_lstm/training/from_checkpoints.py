@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 from stream_lstm.checkpointing.changelog import restore
@@ -29,9 +30,10 @@ from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.trainer")
 
-# At most this long, then it starts afresh (said): the trainer's endpoint starts after it, and
-# deploy/k8s/trainer.yaml's startup probe gives the whole start 150 s (creating the models topic
-# may take 30 s of it). ~2M devices at the restore's measured pace (docs/benchmarks.md).
+# At most this long, reading and taking in together, then it starts afresh (said): the trainer's
+# endpoint starts after it, and deploy/k8s/trainer.yaml's startup probe gives the whole start
+# 150 s (creating the models topic may take 30 s of it). Taking a device in costs ~0.1 ms here,
+# so a table of up to ~400k devices (STREAM_LSTM_MAX_DEVICES: no more are taken in) fits.
 RESTORE_TIMEOUT_S = 60.0
 _PAGE = 2000  # store rows decoded at a time
 
@@ -44,6 +46,7 @@ def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[in
     Example: see tests/training/test_from_checkpoints.py::test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped
     """
     topic = settings.changelog_topic_name()
+    deadline = time.monotonic() + RESTORE_TIMEOUT_S  # the reading and the taking in, together
     with tempfile.TemporaryDirectory(prefix="stream-lstm-trainer-") as d:
         store = StateStore(Path(d) / "changelog.sqlite")
         try:
@@ -51,27 +54,35 @@ def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[in
                 result = restore(settings, topic, partitions, store, timeout_s=RESTORE_TIMEOUT_S)
                 if not result.complete:
                     raise RuntimeError("the restore did not reach the changelog's end")
+                positions = {p: offset for p in partitions if (offset := store.replay_from(p)) is not None}
+                checkpointed, unreadable = store.count(), _take_in(store, table, deadline)
             except Exception as exc:  # noqa: BLE001 - the trainer can still start afresh
+                table.drop(list(table.index))  # (nothing half taken in)
                 log.warning("could not start from the workers' checkpoints; starting afresh from "
                             "the group's offsets", extra={"changelog": topic, "error": str(exc)[:300]})
                 return {}
-            positions = {p: offset for p in partitions if (offset := store.replay_from(p)) is not None}
-            devices = unreadable = 0
-            after = ""
-            while rows := store.scan(after, _PAGE):
-                for _, _, data in rows:
-                    try:
-                        table.restore(decode_for_table(data, table.n_features))
-                        devices += 1
-                    except SnapshotDecodeError:  # (counted by the workers; here it starts afresh)
-                        unreadable += 1
-                after = rows[-1][0]
         finally:
             store.close(clean=True)
     held = len(table.index)
-    if held < devices:  # (the rest come back from the replay, rebuilt from nothing)
-        log.warning(f"the trainer's table holds {held} of the {devices} devices checkpointed: raise "
-                    "STREAM_LSTM_MAX_DEVICES for the trainer", extra={"changelog": topic})
+    if held < checkpointed - unreadable:  # (the rest come back from the replay, rebuilt from nothing)
+        log.warning(f"the trainer's table holds {held} of the {checkpointed} devices checkpointed: "
+                    "raise STREAM_LSTM_MAX_DEVICES for the trainer", extra={"changelog": topic})
     log.info("started from the workers' checkpoints", extra={
         "changelog": topic, "devices": held, "unreadable": unreadable, "replay_from": positions})
     return positions
+
+
+def _take_in(store: StateStore, table: DeviceTable, deadline: float) -> int:
+    """Every stored snapshot into ``table`` until it is full; returns how many were unreadable.
+    Past ``deadline``, raises: a start that outlasts the startup probe would be restarted."""
+    unreadable, after = 0, ""
+    while len(table.index) < table.max_devices and (rows := store.scan(after, _PAGE)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"taking the checkpoints in took over {RESTORE_TIMEOUT_S:g} s")
+        for _, _, data in rows[: table.max_devices - len(table.index)]:
+            try:
+                table.restore(decode_for_table(data, table.n_features))
+            except SnapshotDecodeError:  # (counted by the workers; here it starts afresh)
+                unreadable += 1
+        after = rows[-1][0]
+    return unreadable

@@ -51,6 +51,14 @@ def test_an_input_that_may_delete_what_a_replay_needs_is_refused_at_start(
     assert check_retention(s.model_copy(update={"checkpoint_interval_s": 0})) is None
 
 
+def test_the_retention_refusal_names_what_would_do(settings_factory, topic_name):
+    s = worker_settings(settings_factory, topic_name, checkpoint_interval_s=600.0)
+    ensure_topics(s, [TopicSpec(topic_name, 1, {"retention.ms": "3600000"})])
+    said = check_retention(s) or ""
+    assert "Raise retention.ms to at least 6000000, lower the interval to at most 360 s, or" in said
+    assert check_retention(s.model_copy(update={"checkpoint_interval_s": 360.0})) is None
+
+
 def test_an_input_that_also_deletes_by_size_is_said_at_start(settings_factory, topic_name, caplog):
     # A size limit cannot be checked against the replay window without the rate: said, not
     # refused; what a replay then misses is counted (test below).

@@ -76,3 +76,25 @@ def test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped(setting
     finally:
         close(service)
         close(twin)
+
+
+def test_taking_in_stops_at_a_full_table_and_gives_up_past_the_deadline(tmp_path):
+    import time
+
+    from stream_lstm.checkpointing.codec import encode_snapshot
+    from stream_lstm.checkpointing.store import StateStore
+    from stream_lstm.state.snapshot import DeviceSnapshot
+    from stream_lstm.state.table import DeviceTable
+    from stream_lstm.training.from_checkpoints import _take_in
+
+    store = StateStore(tmp_path / "s.sqlite")
+    store.put_many((f"d{k}", 0, encode_snapshot(DeviceSnapshot.empty(
+        f"d{k}", num_layers=1, hidden_size=2, n_features=1, partition=0)))
+                   for k in range(5))
+    table = DeviceTable(max_devices=3, window=4, n_features=1, num_layers=1, hidden_size=2)
+    assert _take_in(store, table, time.monotonic() + 60) == 0
+    assert len(table.index) == 3  # no more decoded (each would evict another)
+    with pytest.raises(TimeoutError):  # a start past the startup probe's budget: afresh instead
+        _take_in(store, DeviceTable(max_devices=8, window=4, n_features=1, num_layers=1, hidden_size=2),
+                 time.monotonic() - 1)
+    store.close(clean=True)
