@@ -17,9 +17,12 @@ that fails or times out, leaves the trainer as it was: starting afresh, and said
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from stream_lstm.checkpointing.changelog import restore
@@ -30,24 +33,26 @@ from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.trainer")
 
-# At most this long, reading and taking in together, then it starts afresh (said): the trainer's
-# endpoint starts after it, and deploy/k8s/trainer.yaml's startup probe gives the whole start
-# 150 s (creating the models topic may take 30 s of it). Taking a device in costs ~0.1 ms here,
-# so a table of up to ~400k devices (STREAM_LSTM_MAX_DEVICES: no more are taken in) fits.
-RESTORE_TIMEOUT_S = 60.0
+# At most this long, reading and taking in together, then it starts afresh (said). Meanwhile the
+# trainer's /healthz is kept fresh (``beat``), so its probes see a process starting, not a hung
+# one, and a start that hangs ends here rather than in a restart loop. Taking a device in costs
+# ~0.1 ms here: a table of ~2M devices (STREAM_LSTM_MAX_DEVICES: no more are taken in) fits.
+RESTORE_TIMEOUT_S = 300.0
+BEAT_S = 5.0
 _PAGE = 2000  # store rows decoded at a time
 
 
-def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[int]) -> dict[int, int]:
+def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[int],
+                     beat: Callable[[], None] | None = None) -> dict[int, int]:
     """Take the checkpoints of ``partitions`` in the state changelog into ``table``; return
     the input offset each partition must be read from (its replay marker), for those that
-    have one.
+    have one. ``beat`` (the health's) is called every :data:`BEAT_S` while it works.
 
     Example: see tests/training/test_from_checkpoints.py::test_a_restarted_trainer_holds_the_windows_of_one_that_never_stopped
     """
     topic = settings.changelog_topic_name()
     deadline = time.monotonic() + RESTORE_TIMEOUT_S  # the reading and the taking in, together
-    with tempfile.TemporaryDirectory(prefix="stream-lstm-trainer-") as d:
+    with _beating(beat), tempfile.TemporaryDirectory(prefix="stream-lstm-trainer-") as d:
         store = StateStore(Path(d) / "changelog.sqlite")
         try:
             try:
@@ -70,6 +75,26 @@ def load_checkpoints(settings: Settings, table: DeviceTable, partitions: list[in
     log.info("started from the workers' checkpoints", extra={
         "changelog": topic, "devices": held, "unreadable": unreadable, "replay_from": positions})
     return positions
+
+
+@contextlib.contextmanager
+def _beating(beat: Callable[[], None] | None) -> Iterator[None]:
+    """``beat()`` every :data:`BEAT_S` in a thread while the body runs (bounded by its deadline)."""
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(BEAT_S):
+            beat()  # type: ignore[misc]
+
+    thread = threading.Thread(target=run, name="trainer-start-beat", daemon=True) if beat else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
 
 
 def _take_in(store: StateStore, table: DeviceTable, deadline: float) -> int:

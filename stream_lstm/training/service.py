@@ -82,7 +82,8 @@ class TrainerService:
         # The workers' state and where their replay starts, not a fresh table at the group's
         # offsets: the windows it trains on are then the workers' (training/from_checkpoints.py).
         partitions = sorted(self.consumer.partitions_for_topic(settings.input_topic))
-        self.replay_from = (load_checkpoints(settings, self.table, partitions)
+        self.replay_from = (load_checkpoints(settings, self.table, partitions,
+                                             None if health is None else health.beat)  # type: ignore[attr-defined]
                             if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
@@ -217,12 +218,15 @@ def main(args: argparse.Namespace) -> int:
         from stream_lstm.metrics import TRAINER_SERIES, HealthState, Metrics, serve_metrics
 
         metrics, health = Metrics(settings.instance_id or None).only(TRAINER_SERIES), HealthState()
-    service = TrainerService(settings, load_served_model(settings), metrics, health)
-    if metrics is not None and health is not None:
-        health.set_ready("model", True, service.champion.version)
-        metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
+        # Served from the start: taking the workers' checkpoints in (training/from_checkpoints.py)
+        # keeps /healthz fresh while it works, and /readyz says the trainer is starting.
+        health.set_ready("model", False, "starting")
         server = serve_metrics(metrics, health, settings.metrics_host, settings.metrics_port)
     try:
+        service = TrainerService(settings, load_served_model(settings), metrics, health)
+        if metrics is not None and health is not None:
+            health.set_ready("model", True, service.champion.version)
+            metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.stop())
         endpoint = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"

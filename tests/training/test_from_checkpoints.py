@@ -94,7 +94,28 @@ def test_taking_in_stops_at_a_full_table_and_gives_up_past_the_deadline(tmp_path
     table = DeviceTable(max_devices=3, window=4, n_features=1, num_layers=1, hidden_size=2)
     assert _take_in(store, table, time.monotonic() + 60) == 0
     assert len(table.index) == 3  # no more decoded (each would evict another)
-    with pytest.raises(TimeoutError):  # a start past the startup probe's budget: afresh instead
+    with pytest.raises(TimeoutError):  # a start past its deadline: afresh instead
         _take_in(store, DeviceTable(max_devices=8, window=4, n_features=1, num_layers=1, hidden_size=2),
                  time.monotonic() - 1)
     store.close(clean=True)
+
+
+def test_the_start_keeps_the_health_fresh_while_it_works(monkeypatch):
+    import threading
+
+    from stream_lstm.training import from_checkpoints
+
+    monkeypatch.setattr(from_checkpoints, "BEAT_S", 0.01)
+    three = threading.Event()
+    beats = []
+
+    def beat():
+        beats.append(1)
+        if len(beats) >= 3:
+            three.set()
+
+    with from_checkpoints._beating(beat):
+        assert three.wait(10), "no beats while the start worked"
+    assert not any(t.name == "trainer-start-beat" for t in threading.enumerate())  # ended with it
+    with from_checkpoints._beating(None):  # no endpoint: nothing beats
+        assert not any(t.name == "trainer-start-beat" for t in threading.enumerate())
