@@ -1,10 +1,10 @@
 """``stream-lstm up``: the whole job on one machine, end to end, with live forecasts.
 
 It uses the broker ``STREAM_LSTM_BOOTSTRAP_SERVERS`` points at (and refuses to start when none
-answers there: a mistyped address is said, not replaced), else starts a fresh local Apache Kafka
-broker for the run, creates the topics, starts the worker as its
-own process, feeds it a simulated fleet (or replays the CSV recordings you name), and
-prints forecasts as they arrive on the output topic. Ctrl-C stops everything it started.
+answers there: a mistyped address is said, not replaced), else starts a fresh local Apache
+Kafka broker for the run, creates the topics, starts the worker as its own process, feeds it a
+simulated fleet (or replays the CSV recordings you name), and prints forecasts as they arrive
+on the output topic. Ctrl-C stops everything it started.
 
 Each run has its own directory (``stream-lstm-up-*`` in the temporary directory): the local
 broker's data, the worker's model registry and state store (unless ``STREAM_LSTM_MODEL_DIR`` /
@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Run everything locally: a Kafka broker (from Maven jars), the worker, and a simulated "
         "fleet (or a replay of real CSV recordings), and show live forecasts. Ctrl-C stops it. "
         "With STREAM_LSTM_BOOTSTRAP_SERVERS set, it runs on that broker instead (--port is not "
-        "used; none answering there is an error), on topics and a consumer group of the run's own (<topic>-up-<run>), deleted at "
-        "the end unless --keep-broker. Exit code 0 after a stop; the worker's own code (or 1) "
+        "used; none answering there is an error), on topics and a consumer group of the run's "
+        "own (<topic>-up-<run>), deleted at the end unless --keep-broker. Exit code 0 after a stop; the worker's own code (or 1) "
         "when the worker exited by itself; 2 for a setting or a CSV it refuses."
     )
     parser.add_argument("csv", nargs="*", type=Path,

@@ -2,12 +2,12 @@
 
 It consumes the input topic in its own consumer group (``<group_id>-trainer``), keeps every
 device's normalized rolling window exactly as the workers do (same decoder, same event-time
-rules, same normalizer; at start, their checkpoints: training/from_checkpoints.py), and on the same schedule trains a challenger with TBPTT, gates it,
-and publishes each promoted version to the compacted models topic. Workers started with
-``STREAM_LSTM_TRAINER=external`` follow that topic and hot-swap. A ``stream-lstm models
-rollback`` of its registry is picked up within seconds: the rolled-back version becomes the
-gate's champion and is published, so the workers swap to it (a retrain that finishes after the
-rollback is not promoted over it).
+rules, same normalizer; at start, their checkpoints: training/from_checkpoints.py), and on the
+same schedule trains a challenger with TBPTT, gates it, and publishes each promoted version to
+the compacted models topic. Workers started with ``STREAM_LSTM_TRAINER=external`` follow that
+topic and hot-swap. A ``stream-lstm models rollback`` of its registry is picked up within
+seconds: the rolled-back version becomes the gate's champion and is published, so the workers
+swap to it (a retrain that finishes after the rollback is not promoted over it).
 
 The retrain runs in a child process (:class:`~stream_lstm.training.background.BackgroundTrainer`,
 as the worker's in-process trainer does), not in the loop: a retrain can take minutes, and a
