@@ -23,9 +23,8 @@ ENV_PREFIX = "STREAM_LSTM_"
 # The most devices a worker may hold: the engine packs slot numbers into float32 beside the
 # inputs, and float32 holds every integer below 2**24 exactly.
 MAX_PACKED_SLOT = 2**24
-# What checkpointing one changed device costs on one core, measured by a review (260k devices in
-# 56 s at a clean stop): what sizes a stop's grace and what a revocation may write (processes.py,
-# partitions.py).
+# Checkpointing one changed device on one core (a review: 260k devices in 56 s at a clean stop):
+# what sizes a stop's grace and what a revocation may write (processes.py, partitions.py).
 CHECKPOINT_S_PER_DEVICE = 0.25e-3
 
 
@@ -237,15 +236,16 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _empty_is_unset(cls, data: object) -> object:
-        # Templating (Helm, ConfigMaps) often renders an unset value as an empty string; as a
-        # path that would be ".", and an empty password would hide the password file. So for
-        # every setting whose default is "unset" (None), an empty value means unset.
+        # Templating (Helm, ConfigMaps) often renders an unset value as "": as a path that is
+        # ".", and an empty password hides the password file: "" is unset where None is default.
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        return {k: None if (isinstance(v, str) and not v.strip() and k in fields
-                            and fields[k].default is None) else v
-                for k, v in data.items()}
+        out = {k: None if (isinstance(v, str) and not v.strip() and k in fields
+                           and fields[k].default is None) else v for k, v in data.items()}
+        if isinstance(out.get("log_level"), str):  # logging's names, as users write them: any case
+            out["log_level"] = out["log_level"].strip().upper()
+        return out
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -45,6 +45,14 @@ def test_processes_is_a_number_or_auto(monkeypatch):
         load_settings(processes="-2")
 
 
+def test_log_level_is_read_in_any_case(monkeypatch):
+    monkeypatch.setenv("STREAM_LSTM_LOG_LEVEL", " debug")
+    assert load_settings().log_level == "DEBUG"
+    monkeypatch.setenv("STREAM_LSTM_LOG_LEVEL", "chatty")
+    with pytest.raises(SettingsError, match=r"^invalid setting STREAM_LSTM_LOG_LEVEL: .*'DEBUG'"):
+        load_settings()
+
+
 def test_inconsistent_settings_are_refused():
     with pytest.raises(SettingsError, match="STREAM_LSTM_TARGET_CHANNEL"):
         load_settings(n_features=2, target_channel=2)
