@@ -58,6 +58,22 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def flags_named(message: str, args: argparse.Namespace) -> str:
+    """``message`` with each setting the user gave as a flag named by the flag too, beside its
+    variable (a flag overrides the variable of the same name: ``--processes``).
+
+    >>> flags_named("invalid setting STREAM_LSTM_PROCESSES: 'x'", argparse.Namespace(processes="x"))
+    "invalid setting --processes (STREAM_LSTM_PROCESSES): 'x'"
+    """
+    from stream_lstm.config import ENV_PREFIX, Settings
+
+    for name, value in vars(args).items():
+        if value is not None and name in Settings.model_fields:
+            variable = ENV_PREFIX + name.upper()
+            message = message.replace(variable, f"--{name.replace('_', '-')} ({variable})")
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
-        print(f"{args.command}: {exc}", file=sys.stderr)
+        print(f"{args.command}: {flags_named(str(exc), args)}", file=sys.stderr)
         return 2  # (a refusal: the supervisor, processes.py, does not restart it)
     except KeyboardInterrupt:  # (a signal before the command's own loop, e.g. while connecting)
         _silence_kafka()

@@ -316,8 +316,7 @@ class Settings(BaseSettings):
                              "security_protocol")
 
     def _check_client_key(self) -> None:
-        # An encrypted key without its passphrase made OpenSSL ask for it on the terminal at
-        # every connect, and the worker gave up 35 s later blaming the CA (issue of a review).
+        # Without its passphrase OpenSSL asked for it at every connect; the worker gave up later.
         import ssl
 
         try:
@@ -328,9 +327,10 @@ class Settings(BaseSettings):
                 encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
             except OSError:  # (a directory, say)
                 encrypted = False
-            hint = encrypted and self.resolved_password("ssl") is None
-            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120})" + (
-                ": an encrypted key needs ssl_password or ssl_password_file" if hint else "")) from None
+            hint = "" if not encrypted else (": is ssl_password (or its file) the key's passphrase?"
+                                             if self.resolved_password("ssl") is not None else
+                                             ": an encrypted key needs ssl_password or ssl_password_file")
+            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120}){hint}") from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:

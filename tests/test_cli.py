@@ -16,6 +16,17 @@ def test_a_bad_setting_names_its_variable_and_exits_2(command, monkeypatch, caps
     assert err[0].startswith(f"{command}: invalid setting STREAM_LSTM_WINDOW")
 
 
+def test_a_bad_flag_is_named_as_the_flag_the_user_gave(monkeypatch, capsys):
+    # `run --processes foo` named only STREAM_LSTM_PROCESSES, a variable the user never set.
+    assert main(["run", "--processes", "foo"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "run: invalid setting --processes (STREAM_LSTM_PROCESSES): 'foo': give a number of "
+        "processes (1 or more) or auto")
+    monkeypatch.setenv("STREAM_LSTM_PROCESSES", "foo")  # the variable alone: named alone
+    assert main(["run"]) == 2
+    assert capsys.readouterr().err.startswith("run: invalid setting STREAM_LSTM_PROCESSES: 'foo'")
+
+
 def test_an_offline_command_says_a_misspelt_variable_is_ignored(monkeypatch, capsys, tmp_path):
     # `train` read STREAM_LSTM_WINDOWS=32 silently and trained with W=64.
     monkeypatch.setenv("STREAM_LSTM_WINDOWS", "32")

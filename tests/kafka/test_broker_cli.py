@@ -100,6 +100,13 @@ def test_status_lists_and_down_stops_every_real_broker_up_started(tmp_path, own_
         assert f"the data of the broker running at 127.0.0.1:{port_a}, not on port {other}" in \
             capsys.readouterr().err
         assert broker_registry.find(other) is None
+        # a's port with another data directory: refused, naming a (it said "in use by another
+        # program", of a broker `up` itself had started)
+        assert cli("up", port_a, tmp_path / "c") == 2
+        assert capsys.readouterr().err == (
+            f"stream-lstm kafka up: port {port_a} is the broker `kafka up` started with data "
+            f"{dir_a}: leave out --data-dir to use it, or give another --port\n")
+        assert not (tmp_path / "c").exists()
 
         # A broker that died (its entry names a dead pid) is stale: forgotten, and said so.
         gone, dead = free_port(), dead_pid()

@@ -128,7 +128,8 @@ def test_an_encrypted_client_key_needs_its_passphrase_said_at_start(tmp_path, mo
     tls = {"security_protocol": "SSL", "ssl_certfile": cert, "ssl_keyfile": key}
     with pytest.raises(SettingsError, match="encrypted key needs STREAM_LSTM_SSL_PASSWORD"):
         load_settings(**tls)
-    with pytest.raises(SettingsError, match="cannot be loaded"):
+    with pytest.raises(SettingsError, match="cannot be loaded .*: is STREAM_LSTM_SSL_PASSWORD "
+                       r"\(or its file\) the key's passphrase\?"):
         load_settings(**tls, ssl_password="wrong")
     (tmp_path / "passphrase").write_text("hunter22\n")
     kw = connection_kwargs(load_settings(**tls, ssl_password_file=tmp_path / "passphrase"))

@@ -10,10 +10,16 @@ transactional relay of ``relay.py`` (one transaction per poll), in the same run:
 * **p50 / p99 latency**: from a reading's ``ts`` to its output record seen by a
   ``read_committed`` reader.
 
+The relay runs before and after the worker, and its figures are the mean of the two: the
+relay's CPU a reading moves with the broker (0.27 to 0.98 ms at 500/s in one session's runs,
+as a warming broker answers its ``fetch_min_bytes=1`` polls sooner, so it makes more, emptier
+turns), and a drift between two runs would otherwise land on the ratio
+(docs/benchmarks.md, "same-run A/B against b944948").
+
 The at-least-once worker is measured the same way (``live_<rate>_worker_alo_*``): its p99 has
 a goal of its own (issue 18 item 4).
 
-Roles, each ``python -m stream_lstm.tools.bench_live ROLE ...`` (settings from the environment):
+Roles, each ``python -m stream_lstm.tools.bench.live ROLE ...`` (settings from the environment):
 ``produce TOPIC RATE SECONDS``, ``relay TOPIC OUT``, ``read TOPIC EXPECT``.
 """
 
@@ -210,17 +216,20 @@ def bench_live(settings: Any, topic: str, messages: int, result: dict, quick: bo
     out: dict[str, Any] = {}
     seconds = 10.0 if quick else 20.0
     for rate in (500, 2000):
-        rows = {kind: _run_one(settings, kind, rate, seconds) for kind in ("relay", "worker")}
-        r, w = rows["relay"], rows["worker"]
+        before = _run_one(settings, "relay", rate, seconds)
+        w = _run_one(settings, "worker", rate, seconds)
+        after = _run_one(settings, "relay", rate, seconds)
+        r = {k: (before[k] + after[k]) / 2 for k in before}  # (the drift between, averaged out)
         # The at-least-once worker too: its p99 has its own goal (<= 150 ms, issue 18 item 4).
         a = _run_one(settings.model_copy(update={"processing_guarantee": "at_least_once"}),
                      "worker", rate, seconds)
         cpu_ratio = w["cpu_ms_per_reading"] / r["cpu_ms_per_reading"] if r["cpu_ms_per_reading"] else 0.0
         p99_ratio = w["p99_ms"] / r["p99_ms"] if r["p99_ms"] else 0.0
         print(f"live at {rate}/s: CPU a reading worker {w['cpu_ms_per_reading']:.3f} ms, relay "
-              f"{r['cpu_ms_per_reading']:.3f} ms -> {cpu_ratio:.2f}x; p50/p99 worker "
+              f"{r['cpu_ms_per_reading']:.3f} ms (before {before['cpu_ms_per_reading']:.3f}, after "
+              f"{after['cpu_ms_per_reading']:.3f}) -> {cpu_ratio:.2f}x; p50/p99 worker "
               f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f} ms, relay {r['p50_ms']:.0f}/{r['p99_ms']:.0f} ms "
-              f"-> p99 {p99_ratio:.2f}x ({w['readings']} and {r['readings']} readings seen); "
+              f"-> p99 {p99_ratio:.2f}x ({w['readings']} and {r['readings']:.0f} readings seen); "
               f"at-least-once worker {a['cpu_ms_per_reading']:.3f} ms, p50/p99 "
               f"{a['p50_ms']:.0f}/{a['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
         out.update({
