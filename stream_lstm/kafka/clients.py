@@ -115,7 +115,7 @@ def make_producer(settings: Settings, **extra: Any) -> KafkaProducer:
         "linger_ms": 5,
         "batch_size": 256 * 1024,
         "max_request_size": 4 * 1024 * 1024,
-        "compression_type": None,
+        "compression_type": None if settings.compression_type == "none" else settings.compression_type,
     }
     kw.update(extra)
     return _build(settings, KafkaProducer, **kw)

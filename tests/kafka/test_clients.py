@@ -6,6 +6,7 @@ The secured tests run against ``secure_broker`` (a second real broker with a SAS
 listener holding SCRAM users, and an SSL listener whose certificate our own throwaway CA signed).
 """
 
+import json
 import logging
 
 import pytest
@@ -200,6 +201,32 @@ def test_the_factories_connect_with_their_defaults(settings_factory, topic_name)
         assert topic_name in admin.list_topics() and admin.config["client_id"] == "stream-lstm-admin"
     finally:
         admin.close()
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip"])
+def test_compression_type_reaches_the_broker(kafka_broker, settings_factory, topic_name, codec):
+    """What the broker stores of 200 forecast-like records of ~1 KB: compressed with gzip to
+    well under half their bytes (NAB forecasts: ~2.5x, docs/benchmarks.md), not without."""
+    s = settings_factory(compression_type=codec)
+    values = [json.dumps({"device_id": f"pump-{i % 20}", "ts": 1_700_000_000.0 + i,
+                          "forecast": [20.0 + 0.125 * ((i + h) % 8) for h in range(12)],
+                          "lower": [19.0] * 12, "upper": [21.5] * 12}).encode() for i in range(200)]
+    producer = make_producer(s)
+    try:
+        assert producer.config["compression_type"] == (None if codec == "none" else codec)
+        for v in values:
+            producer.send(topic_name, v, key=b"k", partition=0)
+        producer.flush(30)
+    finally:
+        producer.close()
+    stored = sum(f.stat().st_size for f in (kafka_broker.data_dir / "kraft").glob(f"{topic_name}-0/*.log"))
+    raw = sum(map(len, values))
+    assert (stored < raw / 2) if codec == "gzip" else (stored > raw)
+    consumer = make_consumer(s, topic_name, auto_offset_reset="earliest", consumer_timeout_ms=60_000)
+    try:
+        assert [m.value for _, m in zip(range(len(values)), consumer, strict=False)] == values
+    finally:
+        consumer.close()
 
 
 @pytest.mark.parametrize("servers", ["kafka:abc", "kafka:", "", "a:9092,,b:9092", "kafka:70000", "kafka 1:9092"])
