@@ -257,8 +257,8 @@ class Worker:
             self.partitions.commit_on_revoke = False
             self.tx.abort()
         self.lifecycle.close()
-        try:
-            self.state.close(self.table, clean=clean)
+        try:  # (refused at its first join, a worker holds only committed state: no rebuild)
+            self.state.close(self.table, clean=clean or self.first_batch_at is None)
         except Exception as exc:  # noqa: BLE001 - a full disk, say: still leave the group
             log.error("closing the state store failed (rebuilt at the next start)", extra={"error": repr(exc)[:300]})
         if self.group is not None:

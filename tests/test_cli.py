@@ -90,6 +90,12 @@ def test_a_setting_the_broker_refuses_is_one_line_naming_it_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("run: ") and said in err[-1]
     assert not any("Traceback" in line for line in err)
+    # Its store holds only committed state: closed clean, not rebuilt from the changelog at the
+    # next start (refused at its first join, the worker closed it unclean).
+    from stream_lstm.checkpointing.store import StateStore
+
+    (store,) = (tmp_path / "state").glob("*.sqlite")
+    assert StateStore(store).opened_clean
 
 
 def test_a_signal_while_connecting_says_so_and_exits_130(tmp_path):
