@@ -355,15 +355,15 @@ def broker_answers(settings: object) -> bool:
 
 
 @contextlib.contextmanager
-def ensure_local_broker(settings: object) -> Iterator[str]:
-    """The broker at ``settings.bootstrap_servers`` when one answers; otherwise a throw-away
-    local broker on a free port, stopped on exit, on Ctrl-C and on SIGTERM (a ``timeout`` or a
-    cancelled CI job: Python's default would die without stopping it, leaving a JVM behind).
-    Yields the bootstrap address."""
+def ensure_local_broker(settings: object, answers: bool | None = None) -> Iterator[str]:
+    """The broker at ``settings.bootstrap_servers`` when one answers (``answers``: a caller's
+    own :func:`broker_answers`, not asked again); otherwise a throw-away local broker on a free
+    port, stopped on exit, on Ctrl-C and on SIGTERM (a ``timeout`` or a cancelled CI job:
+    Python's default would die without stopping it, leaving a JVM behind). Yields the address."""
     import tempfile
     import threading
 
-    if broker_answers(settings):  # (the body's own errors are not "no broker": they propagate)
+    if broker_answers(settings) if answers is None else answers:  # (the body's own errors propagate)
         print(f"using the broker at {settings.bootstrap_servers}", file=sys.stderr)  # type: ignore[attr-defined]
         yield settings.bootstrap_servers  # type: ignore[attr-defined]
         return

@@ -313,11 +313,12 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
 
     # A local broker it cannot start: said before the training (only a plaintext one is ever
     # replaced by a local broker: ensure_local_broker).
-    if settings.security_protocol == "PLAINTEXT" and not broker_answers(settings):
+    answers = broker_answers(settings)
+    if settings.security_protocol == "PLAINTEXT" and not answers:
         require_tool("java", JAVA_HINT)
         fetch_jars()
     model, spec = train_model(settings, series, args.epochs)
-    with ensure_local_broker(settings) as bootstrap:
+    with ensure_local_broker(settings, answers) as bootstrap:
         s = settings.model_copy(update={"bootstrap_servers": bootstrap})
         forecasts, output_topic = run_pipeline(s, series, model, spec)
     windows_json = Path(args.files[0]).resolve().parent

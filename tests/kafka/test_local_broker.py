@@ -125,6 +125,21 @@ def test_ensure_local_broker_lets_the_bodys_own_error_through(bootstrap):
             raise ValueError("the real error")
 
 
+def test_ensure_local_broker_takes_the_callers_answer_without_asking_again(monkeypatch):
+    """`evaluate` asks before its training whether a broker answers; ensure_local_broker asked
+    again after it, 3 s more where none did."""
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka import local_broker
+
+    asked = []
+    monkeypatch.setattr(local_broker, "broker_answers", lambda s: asked.append(s) or True)
+    nowhere = f"127.0.0.1:{free_port()}"
+    with local_broker.ensure_local_broker(Settings(bootstrap_servers=nowhere), answers=True) as got:
+        assert got == nowhere and asked == []
+    with local_broker.ensure_local_broker(Settings(bootstrap_servers=nowhere)) as got:
+        assert got == nowhere and len(asked) == 1  # (without an answer: asked)
+
+
 def test_a_secured_broker_that_does_not_answer_is_said_not_replaced_by_a_local_one():
     """With TLS/SASL settings and no answer, evaluate, bench and gpu-check started a local
     plaintext broker and kept the secured settings: its failure then hid the real cause."""
