@@ -58,19 +58,24 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def flags_named(message: str, args: argparse.Namespace) -> str:
-    """``message`` with each setting the user gave as a flag named by the flag too, beside its
-    variable (a flag overrides the variable of the same name: ``--processes``).
+def flags_named(message: str, argv: list[str]) -> str:
+    """``message`` with each setting the user gave as a flag in ``argv`` named by the flag too,
+    beside its variable (a flag overrides the variable of the same name: ``--processes``).
 
-    >>> flags_named("invalid setting STREAM_LSTM_PROCESSES: 'x'", argparse.Namespace(processes="x"))
+    >>> flags_named("invalid setting STREAM_LSTM_PROCESSES: 'x'", ["run", "--processes", "x"])
     "invalid setting --processes (STREAM_LSTM_PROCESSES): 'x'"
+    >>> flags_named("invalid setting STREAM_LSTM_DEVICE_TTL_S: -1", ["run", "--device=cpu"])
+    'invalid setting STREAM_LSTM_DEVICE_TTL_S: -1'
     """
+    import re
+
     from stream_lstm.config import ENV_PREFIX, Settings
 
-    for name, value in vars(args).items():
-        if value is not None and name in Settings.model_fields:
-            variable = ENV_PREFIX + name.upper()
-            message = message.replace(variable, f"--{name.replace('_', '-')} ({variable})")
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}  # (typed, not defaulted)
+    for flag in sorted(given):
+        if (name := flag.replace("-", "_")) in Settings.model_fields:
+            variable = ENV_PREFIX + name.upper()  # (not a longer variable it begins)
+            message = re.sub(rf"{variable}(?![A-Z0-9_])", f"--{flag} ({variable})", message)
     return message
 
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
-        print(f"{args.command}: {flags_named(str(exc), args)}", file=sys.stderr)
+        print(f"{args.command}: {flags_named(str(exc), argv)}", file=sys.stderr)
         return 2  # (a refusal: the supervisor, processes.py, does not restart it)
     except KeyboardInterrupt:  # (a signal before the command's own loop, e.g. while connecting)
         _silence_kafka()

@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     compression_type: Literal["none", "gzip", "lz4", "zstd"] = Field("none", description=(
         "Producer compression of all the service writes (forecasts, state, alerts, models). gzip "
         "needs nothing more; lz4 and zstd need their Python packages (lz4, zstandard), and so do "
-        "kafka-python readers. Measured: zstd stores forecasts 2.5x smaller for ~15% of a "
-        "backlog's throughput; gzip ~2.5x for ~25% (docs/benchmarks.md)"))
+        "kafka-python readers. Measured: zstd stores forecasts 2.2-2.5x smaller for ~15% of a "
+        "backlog's throughput; gzip 2.1-2.5x for ~25% (docs/benchmarks.md)"))
     poll_max_records: int = Field(2000, ge=1, description="Most readings handled in one batch")
     # At most 10 s: an idle loop turns once a poll, and /healthz calls one unturned for 30 s stuck.
     poll_timeout_ms: int = Field(100, ge=1, le=10_000, description="How long one poll waits for readings")
@@ -110,8 +110,7 @@ class Settings(BaseSettings):
 
     # --- Compute --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the LSTM runs")
-    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto (one: "
-                               "the steps are small, and more threads spin; use more processes)")
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto (one: the steps are small, and more threads spin; use more processes)")
     processes: int | Literal["auto"] = Field(
         1, description="Worker processes on this host, in the same group (processes.py): a number, "
         "or auto (the usable CPU cores, at most the input topic's partitions). Each has its own "
@@ -327,9 +326,10 @@ class Settings(BaseSettings):
                 encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
             except OSError:  # (a directory, say)
                 encrypted = False
-            hint = "" if not encrypted else (": is ssl_password (or its file) the key's passphrase?"
-                                             if self.resolved_password("ssl") is not None else
-                                             ": an encrypted key needs ssl_password or ssl_password_file")
+            given = self.resolved_password("ssl") is not None
+            hint = (": ssl_certfile is not the certificate of ssl_keyfile" if "KEY_VALUES_MISMATCH" in str(exc)
+                    else "" if not encrypted else ": is ssl_password (or its file) the key's passphrase?"
+                    if given else ": an encrypted key needs ssl_password or ssl_password_file")
             raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120}){hint}") from None
 
     @property

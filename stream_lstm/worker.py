@@ -118,6 +118,7 @@ class Worker:
         # then shuts down without a final commit (there is no broker to commit to).
         self.broker_lost = False
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
+        self.ever_assigned = False  # (never: its store holds only what it opened with)
 
     # ---- what callers and tests look at ---------------------------------------------------
     @property
@@ -143,6 +144,7 @@ class Worker:
         return self.settings.instance_id or socket.gethostname()
 
     def on_assigned(self, partitions: set[int]) -> None:
+        self.ever_assigned = True
         self.partitions.on_assigned(partitions)
 
     def on_revoked(self, partitions: set[int]) -> None:
@@ -257,8 +259,8 @@ class Worker:
             self.partitions.commit_on_revoke = False
             self.tx.abort()
         self.lifecycle.close()
-        try:  # (refused at its first join, a worker holds only committed state: no rebuild)
-            self.state.close(self.table, clean=clean or self.first_batch_at is None)
+        try:  # (refused at its first join, say: nothing restored, replayed or stepped, no rebuild)
+            self.state.close(self.table, clean=clean or not self.ever_assigned)
         except Exception as exc:  # noqa: BLE001 - a full disk, say: still leave the group
             log.error("closing the state store failed (rebuilt at the next start)", extra={"error": repr(exc)[:300]})
         if self.group is not None:

@@ -88,7 +88,10 @@ def main(args: argparse.Namespace) -> int:
                 print(f"Kafka {KAFKA_VERSION} broker already running at {broker.bootstrap} "
                       f"(pid {broker.pid}, data: {broker.data_dir})")
                 return 0
-            holder = next((b for b in broker_registry.started_brokers()[0] if b.port == broker.port), None)
+            running, stale = broker_registry.started_brokers()
+            for line in stale:  # (forgotten here: said, as `status` says it)
+                print(line)
+            holder = next((b for b in running if b.port == broker.port), None)
             if holder is not None:  # (start() would say only "in use by another program")
                 raise BrokerError(f"port {broker.port} is the broker `kafka up` started with data "
                                   f"{holder.data_dir}: leave out --data-dir to use it, or give "

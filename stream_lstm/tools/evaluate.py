@@ -312,7 +312,8 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from stream_lstm.kafka.local_broker import broker_answers
 
     # A local broker it cannot start: said before the training (only a plaintext one is ever
-    # replaced by a local broker: ensure_local_broker).
+    # replaced by a local broker: ensure_local_broker). The answer is used after the training:
+    # a broker that comes up meanwhile is not, one that goes down fails the run.
     answers = broker_answers(settings)
     if settings.security_protocol == "PLAINTEXT" and not answers:
         require_tool("java", JAVA_HINT)

@@ -198,6 +198,22 @@ def test_dockerfile_exposes_the_metrics_port_and_runs_the_cli():
     assert len(re.findall(r"^FROM ", text, re.M)) >= 3, "multi-stage build expected"
 
 
+def test_the_image_can_compress_with_every_codec_the_settings_offer():
+    """The README and the configmap suggest zstd, which needs a package the image lacked: a pod
+    set to it exited 2 at start, restarted for ever."""
+    import tomllib
+    from typing import get_args
+
+    from stream_lstm.config import Settings
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["compression"]
+    packages = {re.split(r"[<>=\[ ]", r)[0] for r in extra}
+    offered = set(get_args(Settings.model_fields["compression_type"].annotation)) - {"none", "gzip"}
+    needs = {"zstd": "zstandard", "lz4": "lz4"}  # (kafka-python's codec packages)
+    assert offered == needs.keys() and packages == set(needs.values())
+    assert re.search(r'^RUN pip install "\$\(echo /tmp/\*\.whl\)\[compression\]"', DOCKERFILE.read_text(), re.M)
+
+
 def test_each_workers_grace_period_covers_the_checkpoints_of_a_clean_stop():
     """The GPU worker (1M devices) had 60 s for a stop that checkpoints every changed device at
     about 0.25 ms each (measured by a review: 260k devices, 56 s): killed mid-stop, it rebuilt

@@ -144,6 +144,12 @@ def test_an_encrypted_client_key_needs_its_passphrase_said_at_start(tmp_path, mo
     with pytest.raises(SettingsError, match="cannot be loaded") as refused:
         load_settings(security_protocol="SSL", ssl_certfile=cert, ssl_keyfile=plain_key)
     assert "encrypted" not in str(refused.value)
+    assert str(refused.value).endswith("STREAM_LSTM_SSL_CERTFILE is not the certificate of STREAM_LSTM_SSL_KEYFILE")
+    # The encrypted key, its right passphrase, another key's certificate: not "the passphrase?"
+    other_cert, _ = client_certificate(other)
+    with pytest.raises(SettingsError, match="cannot be loaded") as refused:
+        load_settings(security_protocol="SSL", ssl_certfile=other_cert, ssl_keyfile=key, ssl_password="hunter22")
+    assert str(refused.value).endswith("STREAM_LSTM_SSL_CERTFILE is not the certificate of STREAM_LSTM_SSL_KEYFILE")
 
 
 def test_ssl_passes_the_ca_the_client_certificate_and_the_hostname_check(tmp_path):

@@ -219,6 +219,8 @@ def bench_live(settings: Any, topic: str, messages: int, result: dict, quick: bo
         before = _run_one(settings, "relay", rate, seconds)
         w = _run_one(settings, "worker", rate, seconds)
         after = _run_one(settings, "relay", rate, seconds)
+        if not (before["readings"] and after["readings"]):  # (a mean with an empty run reads half)
+            raise RuntimeError(f"a relay run at {rate}/s saw no output: {before}, {after}")
         r = {k: (before[k] + after[k]) / 2 for k in before}  # (the drift between, averaged out)
         # The at-least-once worker too: its p99 has its own goal (<= 150 ms, issue 18 item 4).
         a = _run_one(settings.model_copy(update={"processing_guarantee": "at_least_once"}),
