@@ -226,6 +226,7 @@ class Worker:
                     polled = {}  # read past the rewind, against state just forgotten
                 self.health.beat()
                 consumed = self.process(polled).consumed if polled else 0
+                self.housekeeping.saw(polled, time.time())  # (the TTL counts while the input flows)
                 if not polled:
                     self.settle()
                 # Offsets cannot be committed mid-rebalance: the open transaction waits for the

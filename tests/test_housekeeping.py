@@ -1,5 +1,6 @@
 """The worker's chores on a clock (housekeeping.py): TTL expiry and the per-device gauges."""
 
+from collections import namedtuple
 from pathlib import Path
 
 from stream_lstm.checkpointing.manager import StateManager
@@ -23,10 +24,24 @@ def make(tmp_path: Path, ttl: float):
     return Housekeeping(s, manager, table, metrics, farewell), table, manager, metrics, farewells
 
 
+Record = namedtuple("Record", "timestamp")  # what saw() reads of a ConsumerRecord
+Part = namedtuple("Part", "partition")  # and of a TopicPartition
+
+
+def flowing(chores, start: float, end: float, every: float = 10.0, partitions=(0, 1), lag: float = 0.0):
+    """The input flows from ``start`` to ``end``: a turn every ``every`` s with records of each
+    partition, ``lag`` s old by their Kafka timestamp."""
+    t = start
+    while t <= end:
+        chores.saw({Part(p): [Record((t - lag) * 1000)] for p in partitions}, now=t)
+        t += every
+
+
 def test_idle_devices_expire_on_the_schedule_with_tombstones_and_farewells(tmp_path):
     chores, table, manager, metrics, farewells = make(tmp_path, ttl=600.0)
     slots = table.slots_for(["old", "fresh"], partitions=[0, 1], now=0.0)
     table.last_seen[slots] = [1000.0, 1900.0]  # wall clock of the last reading
+    flowing(chores, 1000.0, 2061.0)  # the input flows throughout
     out = chores.expired(now=2000.0)  # "old" is 1000 s idle, past the 600 s TTL
     tombstones = [r for r in out if r[0] == manager.topic]
     assert [(r[1], r[2], r[4]) for r in tombstones] == [(b"old", None, 0)]
@@ -37,6 +52,40 @@ def test_idle_devices_expire_on_the_schedule_with_tombstones_and_farewells(tmp_p
     table.last_seen[table.index["fresh"]] = 0.0
     assert chores.expired(now=2059.0) == []
     assert [r[1] for r in chores.expired(now=2061.0) if r[0] == manager.topic] == [b"fresh"]
+    manager.store.close(clean=True)
+
+
+def test_a_pause_a_restart_or_a_backlog_longer_than_the_ttl_forgets_nobody(tmp_path):
+    """By the wall clock alone, a pause of the whole input (or a stopped worker) longer than the
+    TTL made every device look idle: most of the fleet was forgotten at the first commit after
+    the input resumed, before its readings came in (a soak test). The TTL counts only while
+    live readings flow, for a whole TTL with no gap of half of it."""
+    chores, table, manager, metrics, farewells = make(tmp_path, ttl=600.0)
+    slots = table.slots_for(["a", "b"], partitions=[0, 1], now=0.0)
+    table.last_seen[slots] = [1000.0, 1000.0]
+    flowing(chores, 400.0, 1000.0)
+    # A pause from 1000 to 3000: both 2,000 s "idle", yet nobody is forgotten, during it ...
+    assert chores.expired(now=2500.0) == []
+    # ... nor after it: the input resumes at 3000 with "a" alone for a while.
+    flowing(chores, 3000.0, 3500.0)
+    table.last_seen[table.index["a"]] = 3500.0
+    assert chores.expired(now=3500.0) == []  # live for 500 s: less than a TTL
+    table.last_seen[table.index["b"]] = 3550.0  # "b" came back within the TTL: kept
+    flowing(chores, 3510.0, 3700.0)
+    table.last_seen[table.index["a"]] = 3700.0
+    assert chores.expired(now=3700.0) == [] and sorted(table.index) == ["a", "b"]
+    # A restart (a fresh Housekeeping) with a backlog: records an hour old are not the input
+    # flowing, so no expiry while they are read, however long that takes.
+    chores2 = Housekeeping(manager.settings, manager, table, metrics, chores.farewell)
+    flowing(chores2, 10_000.0, 11_000.0, lag=3600.0)
+    assert chores2.expired(now=11_000.0) == []
+    # Caught up on partition 0 only: live, but partition 1 is still reading its backlog, and
+    # its "b" is kept while "a" (partition 0), idle for a TTL of live input, is forgotten.
+    flowing(chores2, 11_010.0, 11_700.0, partitions=(0,))
+    flowing(chores2, 11_010.0, 11_700.0, partitions=(1,), lag=3600.0)
+    out = chores2.expired(now=11_700.0)
+    assert [r[1] for r in out if r[0] == manager.topic] == [b"a"] and list(table.index) == ["b"]
+    assert farewells == [["a"]]
     manager.store.close(clean=True)
 
 

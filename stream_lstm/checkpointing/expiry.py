@@ -40,16 +40,18 @@ class Expiry:
         self.manager = manager
         self._after = ""  # the store's last device id read; "" starts a new round
 
-    def records(self, table: DeviceTable, now: float,
-                farewell: Callable[[list[str]], list] | None = None) -> list[Any]:
+    def records(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
+                skip: set[int] | frozenset[int] = frozenset()) -> list[Any]:
         """Tombstones (and ``farewell``'s alert-closing records) for the devices idle past the
-        TTL; they are gone from memory, and from the store when the commit carrying the
-        tombstones succeeds (``StateManager.committed``)."""
+        TTL, except those of the ``skip`` partitions (still reading a backlog, say); they are
+        gone from memory, and from the store when the commit carrying the tombstones succeeds
+        (``StateManager.committed``)."""
         m = self.manager
         ttl = m.settings.device_ttl_s
         if ttl <= 0:
             return []
-        idle = table.idle_devices(now - ttl) + self._bring_in_idle(table, now - ttl)
+        idle = [d for d in table.idle_devices(now - ttl) if int(table.partition[table.index[d]]) not in skip]
+        idle += self._bring_in_idle(table, now - ttl, skip)
         out: list[Any] = []
         if farewell is not None and idle:
             out.extend((topic, key, value, headers, None) for topic, key, value, headers in farewell(idle))
@@ -62,7 +64,7 @@ class Expiry:
             m.unwritten.difference_update(idle)
         return out
 
-    def _bring_in_idle(self, table: DeviceTable, older_than: float) -> list[str]:
+    def _bring_in_idle(self, table: DeviceTable, older_than: float, skip: set[int] | frozenset[int]) -> list[str]:
         """Read the next slice of the store; put its idle devices into memory (only where
         there is room: bringing one in must not evict another) and return them."""
         m = self.manager
@@ -77,7 +79,7 @@ class Expiry:
                 continue  # in memory: the pass over memory judges it
             if dev in m.store.unwritten:
                 continue  # its row on disk is older than what waits for a full disk to clear
-            if partition not in m.ready or partition in m.replaying:
+            if partition not in m.ready or partition in m.replaying or partition in skip:
                 # A revoked partition's rows stay in the store for a later reassignment, and a
                 # restoring or replaying one's are not current yet: another worker may own the
                 # device now, or the replay bring readings of it, so its tombstone (and alert

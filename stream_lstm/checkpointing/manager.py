@@ -307,11 +307,11 @@ class StateManager:
         for snap in later_evicted:  # (counted when evicted)
             self._keep_evicted(snap)
 
-    def expire(self, table: DeviceTable, now: float,
-               farewell: Callable[[list[str]], list] | None = None) -> list[ChangelogRecord]:
-        """Forget devices idle past the TTL, in memory and in the store: tombstones to send,
-        and ``farewell``'s records (checkpointing/expiry.py)."""
-        return self._expiry.records(table, now, farewell)
+    def expire(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
+               skip: set[int] | frozenset[int] = frozenset()) -> list[ChangelogRecord]:
+        """Forget devices idle past the TTL, in memory and in the store, but none of the ``skip``
+        partitions: tombstones to send, and ``farewell``'s records (checkpointing/expiry.py)."""
+        return self._expiry.records(table, now, farewell, skip)
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:

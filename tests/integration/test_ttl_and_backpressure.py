@@ -37,10 +37,15 @@ def test_idle_device_is_forgotten_after_its_ttl(settings_factory, topic_name):
     th.start()
     deadline = time.time() + 30
     k = 1
+    producer = make_producer(s)
+    # "busy" keeps sending, often enough for the input to count as flowing (no gap of half the
+    # TTL: housekeeping.py), and "idle" does not.
     while time.time() < deadline and not seen.get("forgotten"):
-        produce_readings(s, topic_name, [("busy", t0 + 60 * k, 1.0 + k)])  # busy keeps sending
+        producer.send(topic_name, encode_reading("busy", t0 + 60 * k, [1.0 + k]), key=b"busy")
+        producer.flush()
         k += 1
-        time.sleep(1.0)
+        time.sleep(0.2)
+    producer.close()
     seen["give_up"] = True
     th.join(30)
     assert seen.get("forgotten"), seen
@@ -53,6 +58,51 @@ def test_idle_device_is_forgotten_after_its_ttl(settings_factory, topic_name):
 
     store = StateStore(worker.state.store.path)
     assert store.get("idle") is None
+
+
+def test_a_pause_of_the_whole_input_longer_than_the_ttl_forgets_nobody(settings_factory, topic_name):
+    """A soak test found it: by the wall clock, every device looked idle after a pause of the
+    input (or a stopped worker) longer than the TTL, and the first commit after the input
+    resumed forgot those whose readings had not come in yet: their state, their open alerts."""
+    s = settings_factory(input_topic=topic_name, output_topic=f"{topic_name}-out", dlq_topic=f"{topic_name}-dlq",
+                         group_id=f"{topic_name}-g", min_history=1, device_ttl_s=3.0, window=8, hidden_size=8)
+    worker = Worker(s, fresh_model(s))
+    sent, stop, held_at_the_end = [0], threading.Event(), set()
+    both_in_memory = threading.Event()
+
+    def until(w):
+        if {"a", "b"} <= set(w.table.index):
+            both_in_memory.set()
+        done = stop.is_set() and w.totals.consumed >= sent[0]
+        if done:
+            held_at_the_end.update(w.table.index)
+        return done
+
+    th = threading.Thread(target=lambda: worker.run(until=until), daemon=True)
+    th.start()
+    producer, t0, k = make_producer(s), time.time() - 3600, [0]
+
+    def send(devices, seconds):
+        end = time.time() + seconds
+        while time.time() < end:
+            for dev in devices:
+                producer.send(topic_name, encode_reading(dev, t0 + 60 * k[0], [1.0 + k[0] % 5]), key=dev.encode())
+                sent[0] += 1
+            producer.flush()
+            k[0] += 1
+            time.sleep(0.2)
+
+    send(["a", "b"], 2.0)
+    assert both_in_memory.wait(60)
+    time.sleep(4.5)  # the pause itself (longer than the TTL): the scenario, not a synchronisation
+    send(["a"], 1.5)  # the input resumes, "b" a little later
+    send(["a", "b"], 1.0)
+    producer.close()
+    stop.set()
+    th.join(60)
+    assert not th.is_alive() and worker.totals.consumed == sent[0]
+    assert worker.metrics.expired_devices._value.get() == 0
+    assert held_at_the_end == {"a", "b"}
 
 
 def rss_mb():
