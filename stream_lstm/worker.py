@@ -173,7 +173,7 @@ class Worker:
         # Fail a send within 15 s, not a minute: the batch is rolled back, readiness says why.
         producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000, delivery_timeout_ms=14_000,
                                  bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS, **producer_kw)
-        return BatchPublisher(producer, exactly_once, send_timeout_s=20.0)
+        return BatchPublisher(producer, exactly_once, send_timeout_s=20.0, max_keys=s.max_devices)
 
     def connect(self) -> None:
         """Create the topics if missing, the consumer (cooperative-sticky) and the publisher."""

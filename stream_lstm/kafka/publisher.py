@@ -46,12 +46,17 @@ class BatchPublisher:
         Use transactions.
     send_timeout_s
         How long a flush may take before the batch counts as failed.
+    max_keys
+        Most keys a topic's key -> partition cache holds (cleared when full): the worker's
+        ``STREAM_LSTM_MAX_DEVICES``.
 
     Example: see tests/test_transaction.py::test_committed_batches_are_read_and_aborted_ones_never
     """
 
-    def __init__(self, producer: KafkaProducer, exactly_once: bool, send_timeout_s: float = 30.0):
+    def __init__(self, producer: KafkaProducer, exactly_once: bool, send_timeout_s: float = 30.0,
+                 max_keys: int = 100_000):
         self.producer = producer
+        self.max_keys = max_keys
         self.exactly_once = exactly_once
         self.send_timeout_s = send_timeout_s
         self._futures: list[tuple[str, int | None, FutureRecordMetadata]] = []
@@ -145,8 +150,8 @@ class BatchPublisher:
         count, cache = entry
         p = cache.get(key)
         if p is None:
-            if len(cache) > 1_000_000:  # bounded: a flood of new ids cannot grow it forever
-                cache.clear()
+            if len(cache) >= self.max_keys:  # bounded (a soak test: 1M keys were 100 MB a topic):
+                cache.clear()  # a fleet's churn of ids cannot grow it past a table's worth
             p = cache[key] = (murmur2(key) & 0x7FFFFFFF) % count
         return p
 

@@ -120,11 +120,13 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
                     "retrained from it (unset it to serve the registry's)", promoted)
         return loaded, source
     if promoted is None:
-        log.warning(
-            "no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving a "
-            "freshly initialized, untrained model", settings.model_dir,
-        )
-        return _host_fresh_model(settings)
+        loaded, source = _host_fresh_model(settings)
+        # (Said as it is: "freshly initialized" at every restart contradicted the next line,
+        # which names the untrained model this host kept from its first start.)
+        log.warning("no model given (STREAM_LSTM_MODEL_PATH) and none promoted in %s: serving an "
+                    "untrained model, %s", settings.model_dir,
+                    "the one this host kept" if source.startswith("this host") else "freshly initialized")
+        return loaded, source
     # The promoted version first, then the ones before it, newest first (the version a rollback
     # would go back to), then any later: a damaged file never stops the service. (Newest first
     # overall put back the very version a rollback had left.)

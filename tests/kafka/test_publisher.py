@@ -101,3 +101,29 @@ def test_lean_and_full_sends_share_one_transaction_and_its_fate(settings_factory
     assert sorted(seen, key=lambda r: r[1]) == [
         (0, b"a", b"lean-0", []), (1, b"b", b"lean-1", []), (1, b"c", b"full", [("h", b"1")]),
         (0, b"d", None, []), (0, b"e", b"lean-2", [])]
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_the_key_to_partition_cache_is_bounded_by_a_tables_worth_and_hashes_as_kafka_does(
+        settings_factory, topic_name):
+    """It held up to a million keys a topic (~100 MB, found by a soak test), whatever the
+    worker's STREAM_LSTM_MAX_DEVICES: a fleet whose ids churn grew it that far."""
+    from kafka.partitioner.default import DefaultPartitioner
+
+    from stream_lstm.kafka.clients import make_producer
+    from stream_lstm.kafka.publisher import BatchPublisher
+    from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+
+    s = settings_factory()
+    ensure_topics(s, [TopicSpec(topic_name, 4)])
+    publisher = BatchPublisher(make_producer(s), False, max_keys=3)
+    try:
+        publisher.producer.send(topic_name, b"x", key=b"k").get(timeout=30)  # (its metadata)
+        keys = [f"dev-{i}".encode() for i in range(10)]
+        got = [publisher._partition_for(topic_name, k) for k in keys]
+        cluster = publisher.producer._metadata  # (what the producer's own partitioner reads)
+        assert got == [DefaultPartitioner().partition(topic_name, k, k, None, None, cluster) for k in keys]
+        assert 0 < len(publisher._partitions[topic_name][1]) <= 3
+    finally:
+        publisher.producer.close(timeout=5)
