@@ -1,17 +1,9 @@
 """The worker's housekeeping on a clock: device TTL expiry, the per-device gauges, the lag.
 
 Each runs on its own schedule rather than every loop turn: a pass over all devices costs the
-same whatever a turn carried, and a live turn carries few readings.
-
-The TTL counts only while the input flows. A device is idle when the others keep sending and
-it does not; a pause of the whole input, a stopped worker or a restart is not idleness, yet by
-the wall clock alone every device looked idle after one longer than the TTL, and was forgotten
-(its state, its open alert) at the first commit after the input resumed (found by a soak
-test). So expiry waits until live readings have flowed for a whole TTL, with no gap of half a
-TTL, and leaves alone a partition still reading old records (a backlog after downtime: its
-devices' readings are on their way, until it has read to its end). *Live* is judged by each record's Kafka timestamp, so a
-producer whose clock is off by more than half the TTL makes its partitions look like a backlog:
-its devices are then kept, never wrongly forgotten.
+same whatever a turn carried, and a live turn carries few readings. The TTL runs on the
+input's own time, not the wall clock (``input_clock.py``): a paused input, a stopped worker or
+a restart makes no device idle.
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ from kafka.structs import TopicPartition
 from stream_lstm import alerts, experts
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
+from stream_lstm.input_clock import InputClock
 from stream_lstm.metrics import Metrics
 from stream_lstm.state.table import DeviceTable
 
@@ -59,7 +52,7 @@ class Housekeeping:
     >>> _ = table.slots_for(["old"], [0], now=1000.0), table.slots_for(["new"], [0], now=1900.0)
     >>> from collections import namedtuple
     >>> Rec, Part = namedtuple("Rec", "timestamp"), namedtuple("Part", "partition")
-    >>> for t in range(1000, 2001, 100):  # live readings (of "new") for 1,000 s: the input flows
+    >>> for t in range(1000, 2001, 100):  # readings (of "new") for 1,000 s: the input flows
     ...     chores.saw({Part(0): [Rec(t * 1000)]}, now=t)
     >>> [(key, value) for topic, key, value, *_ in chores.expired(now=2000.0)]  # a tombstone
     [(b'old', None)]
@@ -78,27 +71,16 @@ class Housekeeping:
         self.gauge_every_s = gauge_every_s
         self._next_expiry = 0.0
         self._next_gauges = 0.0
-        self._live_since = self._live_at = -float("inf")  # the input's current run of live readings
-        self._behind: set[int] = set()  # partitions whose last records were old (a backlog)
+        self.clock = InputClock(cap_s=settings.device_ttl_s / 4)  # (what the TTL runs on)
 
     def saw(self, polled: Mapping[object, list], now: float) -> None:
-        """Note a turn's records (``{TopicPartition: [ConsumerRecord]}``): which partitions
-        read live records, newer than half the TTL by their Kafka timestamp, and which a
-        backlog; a gap of half the TTL with no live record starts the input's live run anew."""
-        gap = self.settings.device_ttl_s / 2
-        if gap <= 0:
+        """A turn's records (``{TopicPartition: [ConsumerRecord]}``), before they are applied:
+        their Kafka times move the input clock on (a record without one: read ``now``)."""
+        if self.settings.device_ttl_s <= 0 or not polled:
             return
-        live = False
-        for tp, records in polled.items():
-            if records and now - records[-1].timestamp / 1000.0 > gap:
-                self._behind.add(tp.partition)  # type: ignore[attr-defined]
-            elif records:
-                self._behind.discard(tp.partition)  # type: ignore[attr-defined]
-                live = True
-        if live:
-            if now - self._live_at > gap:
-                self._live_since = now
-            self._live_at = now
+        self.clock.saw({tp.partition: max(r.timestamp for r in records) / 1000.0  # type: ignore[attr-defined]
+                        if records[0].timestamp >= 0 else now
+                        for tp, records in polled.items() if records}, now)
 
     def expired(self, now: float) -> list:
         """Changelog tombstones and alert-closing records of devices idle past the TTL, when an
@@ -108,12 +90,10 @@ class Housekeeping:
         if ttl <= 0 or now < self._next_expiry:
             return []
         self._next_expiry = now + min(60.0, ttl / 4)
-        if now - self._live_since < ttl or now - self._live_at > ttl / 2:
-            return []  # not a whole TTL of flowing input behind us: nobody is idle (module doc)
-        records = self.state.expire(self.table, now, farewell=self.farewell, skip=self._behind)
+        records = self.state.expire(self.table, now, farewell=self.farewell, idle=self.clock.idle)
         tombstones = sum(r[0] == self.state.topic for r in records)
         if tombstones:
-            log.info("devices forgotten: idle past the TTL while the input flowed",
+            log.info("devices forgotten: idle past the TTL (input time)",
                      extra={"devices": tombstones, "ttl_s": ttl})
         self.metrics.expired_devices.inc(tombstones)
         self.metrics.alerts_closed.inc(len(records) - tombstones)
@@ -137,9 +117,12 @@ class Housekeeping:
         """The lag gauge from what the worker committed: ``consumer.position()`` may go to the
         broker, and raises when it is down, which must not end an idle worker's loop. (Behind a
         transactional producer, a commit marker after the last reading shows as a lag of 1.)"""
+        caught_up = set()
         for tp in consumer.assignment():
             high, position = consumer.highwater(tp), committed.get(tp)
             if high is not None and position is not None:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
-                if high - position <= 1:  # read to its end: no backlog left, whatever it last read
-                    self._behind.discard(tp.partition)
+                if high - position <= 1:  # read to its end: nothing of it queued, so a silent
+                    caught_up.add(tp.partition)  # one moves on with the whole input (input_clock.py)
+        self.clock.caught_up = caught_up
+        self.clock.keep_only({tp.partition for tp in consumer.assignment()})

@@ -225,8 +225,8 @@ class Worker:
                     self._rollback(self.partitions.failed_in_callback)
                     polled = {}  # read past the rewind, against state just forgotten
                 self.health.beat()
+                self.housekeeping.saw(polled, time.time())  # (the TTL's clock: before the readings)
                 consumed = self.process(polled).consumed if polled else 0
-                self.housekeeping.saw(polled, time.time())  # (the TTL counts while the input flows)
                 if not polled:
                     self.settle()
                 # Offsets cannot be committed mid-rebalance: the open transaction waits for the

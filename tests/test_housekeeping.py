@@ -58,34 +58,49 @@ def test_idle_devices_expire_on_the_schedule_with_tombstones_and_farewells(tmp_p
 def test_a_pause_a_restart_or_a_backlog_longer_than_the_ttl_forgets_nobody(tmp_path):
     """By the wall clock alone, a pause of the whole input (or a stopped worker) longer than the
     TTL made every device look idle: most of the fleet was forgotten at the first commit after
-    the input resumed, before its readings came in (a soak test). The TTL counts only while
-    live readings flow, for a whole TTL with no gap of half of it."""
+    the input resumed, before its readings came in (a soak test). The TTL runs on the input's
+    own time (input_clock.py): a pause adds at most a quarter of it."""
     chores, table, manager, metrics, farewells = make(tmp_path, ttl=600.0)
-    slots = table.slots_for(["a", "b"], partitions=[0, 1], now=0.0)
-    table.last_seen[slots] = [1000.0, 1000.0]
     flowing(chores, 400.0, 1000.0)
+    table.slots_for(["a", "b"], partitions=[0, 1], now=1000.0)
     # A pause from 1000 to 3000: both 2,000 s "idle", yet nobody is forgotten, during it ...
     assert chores.expired(now=2500.0) == []
-    # ... nor after it: the input resumes at 3000 with "a" alone for a while.
-    flowing(chores, 3000.0, 3500.0)
-    table.last_seen[table.index["a"]] = 3500.0
-    assert chores.expired(now=3500.0) == []  # live for 500 s: less than a TTL
-    table.last_seen[table.index["b"]] = 3550.0  # "b" came back within the TTL: kept
-    flowing(chores, 3510.0, 3700.0)
-    table.last_seen[table.index["a"]] = 3700.0
-    assert chores.expired(now=3700.0) == [] and sorted(table.index) == ["a", "b"]
-    # A restart (a fresh Housekeeping) with a backlog: records an hour old are not the input
-    # flowing, so no expiry while they are read, however long that takes.
+    # ... nor after it: the input resumes at 3000, "a" at once, "b" 300 s later.
+    flowing(chores, 3000.0, 3300.0)
+    table.slots_for(["a"], partitions=[0], now=3300.0)
+    assert chores.expired(now=3300.0) == []
+    flowing(chores, 3310.0, 3400.0)
+    table.slots_for(["b"], partitions=[1], now=3400.0)
+    flowing(chores, 3410.0, 3500.0)
+    assert chores.expired(now=3500.0) == [] and sorted(table.index) == ["a", "b"]
+    # A restart (a fresh clock) with a backlog read at 10 records' worth of time a turn: the
+    # devices come back as their readings are read, and are not forgotten meanwhile.
     chores2 = Housekeeping(manager.settings, manager, table, metrics, chores.farewell)
-    flowing(chores2, 10_000.0, 11_000.0, lag=3600.0)
-    assert chores2.expired(now=11_000.0) == []
-    # Caught up on partition 0 only: live, but partition 1 is still reading its backlog, and
-    # its "b" is kept while "a" (partition 0), idle for a TTL of live input, is forgotten.
-    flowing(chores2, 11_010.0, 11_700.0, partitions=(0,))
-    flowing(chores2, 11_010.0, 11_700.0, partitions=(1,), lag=3600.0)
-    out = chores2.expired(now=11_700.0)
-    assert [r[1] for r in out if r[0] == manager.topic] == [b"a"] and list(table.index) == ["b"]
-    assert farewells == [["a"]]
+    flowing(chores2, 10_000.0, 10_050.0, every=1.0, lag=3600.0)  # 50 s of reading: 50 s of input
+    assert chores2.expired(now=10_050.0) == []
+    # "b" never comes back: forgotten once a TTL of input time has passed without it.
+    for t in range(10_050, 10_800, 10):
+        flowing(chores2, float(t), float(t), partitions=(0, 1))
+        table.slots_for(["a"], partitions=[0], now=float(t))
+    out = chores2.expired(now=10_800.0)
+    assert [r[1] for r in out if r[0] == manager.topic] == [b"b"] and list(table.index) == ["a"]
+    assert farewells == [["b"]]
+    manager.store.close(clean=True)
+
+
+def test_readings_in_bursts_further_apart_than_half_the_ttl_still_expire_a_silent_device(tmp_path):
+    """The first fix gated expiry on a whole TTL of input with no gap of half a TTL: a fleet
+    reporting together every 60 s with a 90 s TTL never forgot anything (a review)."""
+    chores, table, manager, _, _ = make(tmp_path, ttl=90.0)
+    forgotten_at = None
+    for t in range(0, 600, 60):
+        flowing(chores, float(t), float(t), partitions=(0,))
+        table.slots_for(["alive"] + (["dead"] if t < 120 else []), partitions=[0] * (1 + (t < 120)), now=float(t))
+        for s in range(t, t + 60, 5):
+            if forgotten_at is None and [r for r in chores.expired(now=float(s)) if r[1] == b"dead"]:
+                forgotten_at = s
+    assert forgotten_at is not None and 60 + 90 <= forgotten_at <= 60 + 90 + 2 * 60
+    assert list(table.index) == ["alive"]
     manager.store.close(clean=True)
 
 

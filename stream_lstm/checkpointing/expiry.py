@@ -13,12 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from stream_lstm.checkpointing.changelog import tombstone
 from stream_lstm.checkpointing.codec import decode_for_table
 from stream_lstm.state.table import DeviceTable
 
 if TYPE_CHECKING:
     from stream_lstm.checkpointing.manager import StateManager
+
+# How long each device (its partition, its last_seen) has been idle: the input's own time
+# (input_clock.py), or the wall clock where none is given.
+IdleFor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Store rows read a pass (~20 us each to decode): 100k stored devices are all read in 50
 # passes, i.e. within an hour at one pass a minute, far inside any useful TTL.
@@ -41,17 +47,23 @@ class Expiry:
         self._after = ""  # the store's last device id read; "" starts a new round
 
     def records(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
-                skip: set[int] | frozenset[int] = frozenset()) -> list[Any]:
+                idle_for: IdleFor | None = None) -> list[Any]:
         """Tombstones (and ``farewell``'s alert-closing records) for the devices idle past the
-        TTL, except those of the ``skip`` partitions (still reading a backlog, say); they are
-        gone from memory, and from the store when the commit carrying the tombstones succeeds
+        TTL by ``idle_for`` (default: the wall clock, ``now - last_seen``); they are gone from
+        memory, and from the store when the commit carrying the tombstones succeeds
         (``StateManager.committed``)."""
         m = self.manager
         ttl = m.settings.device_ttl_s
         if ttl <= 0:
             return []
-        idle = [d for d in table.idle_devices(now - ttl) if int(table.partition[table.index[d]]) not in skip]
-        idle += self._bring_in_idle(table, now - ttl, skip)
+        if idle_for is None:
+            def idle_for(partitions: np.ndarray, last_seen: np.ndarray) -> np.ndarray:
+                return now - last_seen
+        ids = list(table.index)  # least recently seen first
+        slots = np.fromiter(table.index.values(), np.int64, len(ids))
+        gone = idle_for(table.partition[slots], table.last_seen[slots]) > ttl
+        idle = [d for d, g in zip(ids, gone.tolist(), strict=True) if g]
+        idle += self._bring_in_idle(table, ttl, idle_for)
         out: list[Any] = []
         if farewell is not None and idle:
             out.extend((topic, key, value, headers, None) for topic, key, value, headers in farewell(idle))
@@ -64,7 +76,7 @@ class Expiry:
             m.unwritten.difference_update(idle)
         return out
 
-    def _bring_in_idle(self, table: DeviceTable, older_than: float, skip: set[int] | frozenset[int]) -> list[str]:
+    def _bring_in_idle(self, table: DeviceTable, ttl: float, idle_for: IdleFor) -> list[str]:
         """Read the next slice of the store; put its idle devices into memory (only where
         there is room: bringing one in must not evict another) and return them."""
         m = self.manager
@@ -79,7 +91,7 @@ class Expiry:
                 continue  # in memory: the pass over memory judges it
             if dev in m.store.unwritten:
                 continue  # its row on disk is older than what waits for a full disk to clear
-            if partition not in m.ready or partition in m.replaying or partition in skip:
+            if partition not in m.ready or partition in m.replaying:
                 # A revoked partition's rows stay in the store for a later reassignment, and a
                 # restoring or replaying one's are not current yet: another worker may own the
                 # device now, or the replay bring readings of it, so its tombstone (and alert
@@ -89,7 +101,7 @@ class Expiry:
                 snap = decode_for_table(data, m.settings.n_features)
             except ValueError:
                 continue  # unusable: it starts afresh if it comes back (StateManager.load)
-            if snap.last_seen < older_than:
+            if idle_for(np.array([partition]), np.array([float(snap.last_seen)]))[0] > ttl:
                 table.restore(snap)
                 brought.append(dev)
         return brought

@@ -32,7 +32,7 @@ import numpy as np
 
 from stream_lstm.checkpointing.changelog import changelog_records, tombstone
 from stream_lstm.checkpointing.codec import decode_for_table, encode_snapshot
-from stream_lstm.checkpointing.expiry import Expiry
+from stream_lstm.checkpointing.expiry import Expiry, IdleFor
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.restoring import restore_slice
 from stream_lstm.checkpointing.store import StateStore
@@ -308,10 +308,10 @@ class StateManager:
             self._keep_evicted(snap)
 
     def expire(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
-               skip: set[int] | frozenset[int] = frozenset()) -> list[ChangelogRecord]:
-        """Forget devices idle past the TTL, in memory and in the store, but none of the ``skip``
-        partitions: tombstones to send, and ``farewell``'s records (checkpointing/expiry.py)."""
-        return self._expiry.records(table, now, farewell, skip)
+               idle: IdleFor | None = None) -> list[ChangelogRecord]:
+        """Forget devices idle past the TTL (by ``idle``, default the wall clock), in memory and
+        in the store: tombstones to send, and ``farewell``'s records (checkpointing/expiry.py)."""
+        return self._expiry.records(table, now, farewell, idle)
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:

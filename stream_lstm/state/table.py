@@ -193,15 +193,6 @@ class DeviceTable:
     def devices_in_partitions(self, partitions: set[int]) -> list[str]:
         return [d for d, s in self.index.items() if int(self.partition[s]) in partitions]
 
-    def idle_devices(self, older_than: float) -> list[str]:
-        """Devices last seen before ``older_than`` (wall clock), oldest first."""
-        out = []
-        for dev, slot in self.index.items():  # LRU order: stop at the first recent one
-            if self.last_seen[slot] >= older_than:
-                break
-            out.append(dev)
-        return out
-
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         extra = capacity - old

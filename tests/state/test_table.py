@@ -54,11 +54,11 @@ def test_snapshot_round_trip_and_shape_change_leaves_hc_zero():
     assert torch.all(bigger.h[:, slot] == 0) and bigger.model_version[slot] == ""
 
 
-def test_idle_devices_and_partitions():
+def test_last_seen_and_partitions():
     t = make()
     t.slots_for(["a"], [0], now=1.0)
     t.slots_for(["b"], [1], now=5.0)
-    assert t.idle_devices(older_than=3.0) == ["a"]
+    assert t.last_seen[[t.index["a"], t.index["b"]]].tolist() == [1.0, 5.0]
     assert t.devices_in_partitions({1}) == ["b"]
     t.drop(["a"])
     assert len(t) == 1 and "a" not in t.index

@@ -1,0 +1,86 @@
+"""The input's own time, which the device TTL runs on (input_clock.py): a pause adds at most
+the cap, bursts add their period once learnt, a backlog or a lagging worker what its records
+span, producer clocks off by any amount at most the cap; a silent partition read to its end
+moves with the whole input."""
+
+import numpy as np
+
+from stream_lstm.input_clock import InputClock
+
+
+def idle(clock, partition, last_seen):
+    return float(clock.idle(np.array([partition]), np.array([last_seen]))[0])
+
+
+def test_a_pause_of_the_whole_input_adds_at_most_the_cap():
+    clock = InputClock(cap_s=150.0)
+    for t in range(0, 101):  # a reading a second, read as written
+        clock.saw({0: float(t)}, now=float(t))
+    assert idle(clock, 0, 50.5) == 50.0  # 50 s of input since
+    clock.saw({0: 5000.0}, now=5000.0)  # after a 4,900 s pause
+    assert idle(clock, 0, 100.5) == 150.0  # the pause: the cap, not 4,900 s
+    assert idle(clock, 0, 5000.5) == 0.0
+
+
+def test_bursts_add_their_period_once_learnt():
+    clock = InputClock(cap_s=22.5)  # a 90 s TTL, a fleet reporting together every 60 s
+    gains = []
+    for k in range(12):
+        before = idle(clock, 0, -1.0)
+        clock.saw({0: 60.0 * k}, now=60.0 * k + 1)
+        gains.append(idle(clock, 0, -1.0) - before)
+    assert gains[0] == 0.0 and gains[1] == 22.5 and all(0 < g <= 60.0 for g in gains[1:])
+    assert gains[-4:] == [60.0] * 4  # learnt: a burst is its period of input time
+
+
+def test_a_worker_reading_behind_moves_on_with_what_its_records_span():
+    """The first fix never expired anything while a worker read more than half a TTL behind."""
+    clock = InputClock(cap_s=15.0)
+    for t in range(0, 200):  # records written 40 s before they are read, one a second
+        clock.saw({0: float(t)}, now=t + 40.0)
+    assert idle(clock, 0, 40.5) == 199.0 - 0.0  # seen in the first turn: 199 s of input since
+
+
+def test_producer_clocks_off_move_it_at_most_the_cap_once():
+    clock = InputClock(cap_s=15.0)
+    for t in range(0, 50):
+        clock.saw({0: float(t)}, now=float(t))
+    clock.saw({0: 49.0 + 600}, now=50.0)  # a producer 600 s ahead: capped at the worker's now
+    clock.saw({0: 51.0 - 600}, now=51.0)  # one 600 s behind: an older time moves nothing
+    clock.saw({0: 52.0}, now=52.0)
+    assert idle(clock, 0, 49.5) == 3.0  # 50, 51 (nothing), 52: as if all clocks were right
+
+
+def test_a_silent_partition_moves_with_the_whole_input_only_when_read_to_its_end():
+    clock = InputClock(cap_s=15.0)
+    clock.saw({0: 0.0, 1: 0.0, 2: 0.0}, now=0.0)
+    clock.caught_up = {1}  # 1: nothing of it queued; 2: still reading a backlog
+    for t in range(1, 101):
+        clock.saw({0: float(t)}, now=float(t))
+    assert [idle(clock, p, 0.5) for p in (0, 1, 2)] == [100.0, 100.0, 0.0]
+    assert idle(clock, 3, 0.5) == 0.0  # never read: no time yet, nobody idle
+
+
+def test_a_coarser_or_shorter_history_reads_as_less_idle_never_more():
+    exact, coarse = InputClock(cap_s=15.0), InputClock(cap_s=15.0, resolution_s=10.0, max_points=8)
+    for t in range(0, 300):
+        exact.saw({0: float(t)}, now=float(t))
+        coarse.saw({0: float(t)}, now=float(t))
+    seen = np.arange(0.5, 300.0, 7.0)
+    a, b = exact.idle(np.zeros(len(seen), int), seen), coarse.idle(np.zeros(len(seen), int), seen)
+    assert (b <= a).all() and (a - b).max() > 0
+
+
+def test_a_partition_assigned_again_starts_with_no_time():
+    """A review: a partition resumed after a restore or a reassignment must not judge its
+    devices (last seen before) by a history from before, or by the others' time."""
+    clock = InputClock(cap_s=15.0)
+    for t in range(0, 100):
+        clock.saw({0: float(t), 1: float(t)}, now=float(t))
+    clock.keep_only({0})  # 1 revoked ...
+    for t in range(100, 200):
+        clock.saw({0: float(t)}, now=float(t))
+    assert idle(clock, 1, 50.5) == 0.0  # ... and assigned again: no time until it reads
+    clock.saw({1: 500.0}, now=500.0)
+    clock.saw({1: 510.0}, now=510.0)
+    assert idle(clock, 1, 50.5) == 10.0 and idle(clock, 0, 50.5) > 100
