@@ -71,16 +71,20 @@ class Housekeeping:
         self.gauge_every_s = gauge_every_s
         self._next_expiry = 0.0
         self._next_gauges = 0.0
-        self.clock = InputClock(cap_s=settings.device_ttl_s / 4)  # (what the TTL runs on)
+        # What the TTL runs on; its history spans ~1,000-4,000 points of a TTL's 1/1024 each.
+        self.clock = InputClock(cap_s=settings.device_ttl_s / 4, resolution_s=max(1.0, settings.device_ttl_s / 1024))
 
     def saw(self, polled: Mapping[object, list], now: float) -> None:
         """A turn's records (``{TopicPartition: [ConsumerRecord]}``), before they are applied:
         their Kafka times move the input clock on (a record without one: read ``now``)."""
         if self.settings.device_ttl_s <= 0 or not polled:
             return
-        self.clock.saw({tp.partition: max(r.timestamp for r in records) / 1000.0  # type: ignore[attr-defined]
-                        if records[0].timestamp >= 0 else now
-                        for tp, records in polled.items() if records}, now)
+        newest = {}
+        for tp, records in polled.items():
+            stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
+            if records:
+                newest[tp.partition] = max(stamps) / 1000.0 if stamps else now  # type: ignore[attr-defined]
+        self.clock.saw(newest, now)
 
     def expired(self, now: float) -> list:
         """Changelog tombstones and alert-closing records of devices idle past the TTL, when an

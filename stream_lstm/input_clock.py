@@ -9,11 +9,12 @@ first fix) never forgot anything where readings come in bursts more than half a 
 where a worker reads steadily behind (a review). So the input keeps its own time:
 
 - per partition, each turn adds how far its newest Kafka record time moved on since the last
-  one it read, but at most a cap: ``cap_s`` (a quarter of the TTL), or 1.5 times the
-  partition's usual gap between turns where that is larger (a fleet reporting together every
-  minute: its minute). A pause of the whole input (or of its producers) adds at most the cap,
-  a burst pattern its period, a worker reading a backlog or behind what its records span, and
-  a producer clock off by any amount at most the cap, once;
+  one it read, but at most a cap: ``cap_s`` (a quarter of the TTL), or 1.5 times the longest
+  of its last 32 gaps where that is larger (a fleet reporting together every minute: its
+  minute). A pause of the whole input (or of its producers) adds at most the cap (up to 0.75
+  TTL for a second pause within 32 turns of the first), a burst pattern its period, a worker
+  reading a backlog or behind what its records span, and a producer clock ahead by any amount
+  at most the cap, once (one far behind moves nothing until the others' times pass it);
 - a partition read to its end (nothing of it queued, :attr:`InputClock.caught_up`) and silent
   this turn moves on with the worker's whole input: its silence is real;
 - a record with no timestamp counts as written when it is read.
@@ -22,12 +23,15 @@ Devices keep ``last_seen`` in the worker's wall clock (as in their snapshots); t
 per partition, when (wall) it reached which input time, so a device's idleness is the input
 time that passed since its ``last_seen`` (:meth:`InputClock.idle`). A partition this worker
 has read nothing of since it started (or was assigned it) has no time yet: its devices are not
-idle. What is left: a producer clock ahead by more than the cap makes every device of its
-partition look up to ``cap_s`` older, once.
+idle. A silent partition moved with the whole input is credited that time, so its next record
+does not count the silence twice (a review: live devices of low-rate partitions were
+forgotten). A worker whose whole input is silent forgets nobody: a pause and a fleet stopped
+for good look the same; its devices go once input flows again.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -65,22 +69,31 @@ class InputClock:
         self._walls: dict[int, list[float]] = {}  # when (wall) ...
         self._times: dict[int, list[float]] = {}  # ... it reached which input time
         self._worker_newest: float | None = None
-        self._usual: dict[int | None, float] = {}  # the usual gap, per partition (None: all)
+        # The gaps of the last turns that moved on, per partition (None: the whole input).
+        self._gaps: dict[int | None, deque[float]] = {}
+        self._last_now = -np.inf
 
     def _gain(self, key: int | None, newest: float | None, t: float) -> float:
         if newest is None or t <= newest:
             return 0.0
-        cap = max(self.cap_s, 1.5 * self._usual.get(key, 0.0))
-        # The usual gap: a moving average of the gaps, each clipped at 4 times the cap, so a
-        # pause moves it for a few turns only and a burst pattern's period is learnt within
-        # ~4 bursts (until then, bursts add less: a silent device is forgotten later, not wrongly).
-        self._usual[key] = 0.7 * self._usual.get(key, 0.0) + 0.3 * min(t - newest, 4 * cap)
+        gaps = self._gaps.setdefault(key, deque(maxlen=32))
+        # The cap: a quarter of the TTL, or 1.5 times the longest of the last 32 gaps (each
+        # counted up to twice that quarter, so after a pause it is at most 0.75 TTL for a few
+        # turns): a fleet reporting together every minute, even read over several turns a
+        # burst, moves a minute a burst once one gap is seen.
+        cap = max(self.cap_s, 1.5 * max(gaps, default=0.0))
+        gaps.append(min(t - newest, 2 * self.cap_s))
         return min(t - newest, cap)
 
     def saw(self, newest: Mapping[int, float], now: float) -> None:
         """A turn read records of these partitions, the newest of each written at ``newest[p]``
         (seconds); call it before their readings are applied (their ``last_seen`` is then at
         or after this turn's point)."""
+        if now < self._last_now:  # the wall clock stepped back (NTP, a resumed VM): so does
+            step = self._last_now - now  # the history, or new last_seen would read as old
+            for walls in self._walls.values():
+                walls[:] = [w - step for w in walls]
+        self._last_now = now
         for p, t in newest.items():
             t = min(t, now)  # (a producer clock ahead cannot move the input past now)
             self._advance(p, self._gain(p, self._newest.get(p), t), now)
@@ -91,6 +104,8 @@ class InputClock:
             self._worker_newest = max(top, self._worker_newest if self._worker_newest is not None else top)
             for p in self.caught_up - newest.keys():
                 self._advance(p, whole, now)
+                if p in self._newest:  # (credited: its next record's gap must not count it again)
+                    self._newest[p] = min(self._newest[p] + whole, now)
 
     def _advance(self, p: int, gain: float, now: float) -> None:
         walls, times = self._walls.setdefault(p, []), self._times.setdefault(p, [])
@@ -102,14 +117,18 @@ class InputClock:
             return
         walls.append(now)
         times.append(at)
-        if len(walls) > self.max_points:  # (older ones: read as the oldest kept, less idle)
-            del walls[: len(walls) // 2], times[: len(times) // 2]
+        if len(walls) > self.max_points:
+            # The older half's pairs merged (the earlier wall, the later time: less idle, never
+            # more): the newer half, ~2 TTL at the resolution the worker sets, stays exact, and
+            # a device seen before it is still at least that idle.
+            n = len(walls) // 4 * 2
+            walls[:n], times[:n] = walls[0:n:2], times[1:n:2]
 
     def keep_only(self, partitions: set[int]) -> None:
         """Forget the time of partitions no longer assigned: assigned again later, one starts
         with no time (its devices wait for its first records), not with an old history."""
         for p in [p for p in self._walls if p not in partitions]:
-            for kept in (self._walls, self._times, self._time, self._newest, self._usual):
+            for kept in (self._walls, self._times, self._time, self._newest, self._gaps):
                 kept.pop(p, None)
 
     def idle(self, partitions: np.ndarray, last_seen: np.ndarray) -> np.ndarray:

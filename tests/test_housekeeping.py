@@ -3,6 +3,8 @@
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
+
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
 from stream_lstm.housekeeping import Housekeeping
@@ -128,4 +130,44 @@ def test_the_device_gauges_are_a_pass_on_a_clock_not_every_turn(tmp_path):
     metrics.active_devices.set(1)
     chores.count_devices()
     assert metrics.active_devices._value.get() == 0
+    manager.store.close(clean=True)
+
+
+class Consumer:
+    """What update_lag reads of a KafkaConsumer: its assignment and each partition's end."""
+
+    def __init__(self, highwater):
+        self.high = highwater
+
+    def assignment(self):
+        from kafka.structs import TopicPartition
+        return {TopicPartition("in", p) for p in self.high}
+
+    def highwater(self, tp):
+        return self.high[tp.partition]
+
+
+def test_the_lag_says_which_silent_partitions_move_with_the_input_and_which_are_kept(tmp_path):
+    from kafka.structs import TopicPartition
+
+    chores, table, manager, metrics, _ = make(tmp_path, ttl=600.0)
+    flowing(chores, 0.0, 10.0, partitions=(0, 1, 2))
+    committed = {TopicPartition("in", p): off for p, off in ((0, 100), (1, 49), (2, 10))}
+    chores.update_lag(Consumer({0: 100, 1: 50, 2: 90}), committed)
+    assert chores.clock.caught_up == {0, 1}  # 1: a commit marker after its last reading
+    assert metrics.consumer_lag.labels("2")._value.get() == 80
+    flowing(chores, 20.0, 100.0, partitions=(3,))  # only partition 3 reads: 0 and 1 move with it
+    idle = chores.clock.idle(np.array([0, 1, 2]), np.array([10.5] * 3)).tolist()
+    assert idle[0] == idle[1] > 0 and idle[2] == 0.0  # 2 still has a backlog: its devices wait
+    chores.update_lag(Consumer({0: 100, 3: 5}), committed)  # 1 and 2 revoked: their time forgotten
+    assert chores.clock.idle(np.array([1, 2]), np.array([10.5, 10.5])).tolist() == [0.0, 0.0]
+    manager.store.close(clean=True)
+
+
+def test_records_without_a_kafka_time_count_as_read_now(tmp_path):
+    chores, *_, manager, _, _ = make(tmp_path, ttl=600.0)
+    Untimed = namedtuple("Untimed", "timestamp")
+    for t in (0.0, 10.0, 20.0):
+        chores.saw({Part(0): [Untimed(None), Untimed(-1)]}, now=t)  # (v0 records: None; -1)
+    assert chores.clock.idle(np.array([0]), np.array([0.5])).tolist() == [20.0]
     manager.store.close(clean=True)

@@ -84,3 +84,51 @@ def test_a_partition_assigned_again_starts_with_no_time():
     clock.saw({1: 500.0}, now=500.0)
     clock.saw({1: 510.0}, now=510.0)
     assert idle(clock, 1, 50.5) == 10.0 and idle(clock, 0, 50.5) > 100
+
+
+def test_a_silent_partition_moved_with_the_input_does_not_count_its_silence_twice():
+    """A review: a low-rate partition read to its end between its records moved with the
+    whole input, then its next record's gap counted the same silence again: live devices of
+    partitions reporting every 60 s were forgotten with a 90 s TTL."""
+    clock = InputClock(cap_s=22.5)
+    clock.saw({0: 0.0, 1: 0.0}, now=0.0)
+    clock.caught_up = {1}
+    for t in range(1, 31):
+        clock.saw({0: float(t)}, now=float(t))
+    assert idle(clock, 1, 0.5) == 30.0
+    clock.saw({0: 31.0, 1: 31.0}, now=31.0)  # partition 1's next record, 31 s after its last
+    assert idle(clock, 1, 0.5) == 31.0  # not 30 + 22.5
+
+
+def test_a_long_ttl_keeps_the_whole_span_of_its_history():
+    """A review: halving a full history by dropping its older half kept ~an hour of it, so with
+    a TTL of two hours nothing was ever idle long enough to be forgotten."""
+    ttl = 7200.0  # with a history of 64 points at ttl/16 (the worker: 4,096 at ttl/1024)
+    clock = InputClock(cap_s=ttl / 4, resolution_s=ttl / 16, max_points=64)
+    for t in range(0, 50_000, 5):
+        clock.saw({0: float(t)}, now=float(t))
+    assert idle(clock, 0, 1000.5) >= ttl  # merged points read as less idle, but past the TTL
+    assert 995.0 - ttl / 16 <= idle(clock, 0, 49_000.5) <= 995.0  # the newer half: exact to a point
+
+
+def test_a_burst_read_over_several_turns_is_learnt_as_its_period():
+    """A review: a fleet's reports spread over a second are read over several turns, and an
+    average of the gaps between turns learnt ~0.1 s, not the minute between bursts."""
+    clock = InputClock(cap_s=22.5)
+    for k in range(6):
+        for j in range(10):  # ten turns 0.1 s apart, each with records written then
+            t = 60.0 * k + 0.1 * j
+            clock.saw({0: t}, now=t)
+    before = idle(clock, 0, 240.95)  # after the fifth burst
+    for j in range(10):
+        clock.saw({0: 360.0 + 0.1 * j}, now=360.0 + 0.1 * j)
+    assert idle(clock, 0, 240.95) - before == 60.0  # a burst: its period of input time
+
+
+def test_a_wall_clock_stepping_back_does_not_age_the_devices_seen_after_it():
+    clock = InputClock(cap_s=22.5)
+    for t in range(0, 200):
+        clock.saw({0: float(t)}, now=float(t))
+    for t in range(80, 90):  # stepped back 120 s (NTP, a resumed VM): records written after
+        clock.saw({0: 200.0 + t - 80}, now=float(t))
+    assert idle(clock, 0, 89.5) == 0.0  # seen just now, by the new clock

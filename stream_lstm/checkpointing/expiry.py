@@ -85,7 +85,7 @@ class Expiry:
             return []
         rows = m.store.scan(self._after, limit)
         self._after = rows[-1][0] if len(rows) == limit else ""  # a short slice ends a round
-        brought = []
+        candidates = []
         for dev, partition, data in rows:
             if dev in table.index or dev in m.dirty:
                 continue  # in memory: the pass over memory judges it
@@ -101,7 +101,14 @@ class Expiry:
                 snap = decode_for_table(data, m.settings.n_features)
             except ValueError:
                 continue  # unusable: it starts afresh if it comes back (StateManager.load)
-            if idle_for(np.array([partition]), np.array([float(snap.last_seen)]))[0] > ttl:
+            candidates.append(snap)
+        if not candidates:
+            return []
+        idle = idle_for(np.array([s.partition for s in candidates]),  # (one call a slice)
+                        np.array([float(s.last_seen) for s in candidates]))
+        brought = []
+        for snap, gone in zip(candidates, (idle > ttl).tolist(), strict=True):
+            if gone:
                 table.restore(snap)
-                brought.append(dev)
+                brought.append(snap.device_id)
         return brought
