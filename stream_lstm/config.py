@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="Model registry directory; default ./stream-lstm/<group_id>/models")
     max_devices: int = Field(100_000, ge=1, le=MAX_PACKED_SLOT, description="Devices held in memory at most")
-    device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices silent while their partition's input moves on this long (its own time: a pause or a stopped worker adds at most a quarter of it; docs/architecture.md); 0=never")
+    device_ttl_s: float = Field(0.0, ge=0.0, description="Forget devices silent while their partition's input moves on this long (its own time: a pause or a stopped worker adds about one usual gap; more than twice the devices' period; docs/architecture.md); 0=never")
     state_dir: Path | None = Field(
         None, description="Local on-disk state store directory; default ./stream-lstm/<group_id>/state")
     # EWM by default: real sensors drift and change regime, and a Welford scale fitted on an

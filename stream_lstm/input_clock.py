@@ -9,12 +9,14 @@ first fix) never forgot anything where readings come in bursts more than half a 
 where a worker reads steadily behind (a review). So the input keeps its own time:
 
 - per partition, each turn adds how far its newest Kafka record time moved on since the last
-  one it read, but at most a cap: ``cap_s`` (a quarter of the TTL), or 1.5 times the longest
-  of its last 32 gaps where that is larger (a fleet reporting together every minute: its
-  minute). A pause of the whole input (or of its producers) adds at most the cap (up to 0.75
-  TTL for a second pause within 32 turns of the first), a burst pattern its period, a worker
-  reading a backlog or behind what its records span, and a producer clock ahead by any amount
-  at most the cap, once (one far behind moves nothing until the others' times pass it);
+  one it read, but at most a cap: 1.5 times the second longest of its last 64 gaps (``cap_s``,
+  a quarter of the TTL, until two gaps are known). A gap that
+  recurs is a period: a fleet reporting together every minute moves on a minute a burst. A
+  pause of the whole input (or of its producers) is one gap and adds about 1.5 usual gaps; a
+  worker reading a backlog or behind adds what its records span; a producer clock ahead by any
+  amount adds the cap, once (one far behind moves nothing until the others' times pass it).
+  A device that reports every P s can still miss up to ~2P of input time across a pause (its
+  last report before, its first after): the TTL should be more than twice the period;
 - a partition read to its end (nothing of it queued, :attr:`InputClock.caught_up`) and silent
   this turn moves on with the worker's whole input: its silence is real;
 - a record with no timestamp counts as written when it is read.
@@ -76,12 +78,14 @@ class InputClock:
     def _gain(self, key: int | None, newest: float | None, t: float) -> float:
         if newest is None or t <= newest:
             return 0.0
-        gaps = self._gaps.setdefault(key, deque(maxlen=32))
-        # The cap: a quarter of the TTL, or 1.5 times the longest of the last 32 gaps (each
-        # counted up to twice that quarter, so after a pause it is at most 0.75 TTL for a few
-        # turns): a fleet reporting together every minute, even read over several turns a
-        # burst, moves a minute a burst once one gap is seen.
-        cap = max(self.cap_s, 1.5 * max(gaps, default=0.0))
+        gaps = self._gaps.setdefault(key, deque(maxlen=64))
+        # The cap: 1.5 times the second longest of the last 64 gaps (each counted up to half the
+        # TTL): a gap that recurs (a fleet reporting every
+        # minute, even read over several turns a burst) is a period and moves on in full; a
+        # pause is one gap, and adds only about the input's usual gap. Until two gaps are known
+        # (a start, a new partition), a quarter of the TTL. (Third review: the longest gap as
+        # the cap let a second pause soon after a first add 0.75 TTL.)
+        cap = self.cap_s if len(gaps) < 2 else 1.5 * sorted(gaps)[-2]
         gaps.append(min(t - newest, 2 * self.cap_s))
         return min(t - newest, cap)
 

@@ -101,7 +101,7 @@ def test_readings_in_bursts_further_apart_than_half_the_ttl_still_expire_a_silen
         for s in range(t, t + 60, 5):
             if forgotten_at is None and [r for r in chores.expired(now=float(s)) if r[1] == b"dead"]:
                 forgotten_at = s
-    assert forgotten_at is not None and 60 + 90 <= forgotten_at <= 60 + 90 + 2 * 60
+    assert forgotten_at is not None and 60 + 90 <= forgotten_at <= 60 + 90 + 3 * 60  # (learnt by the 4th)
     assert list(table.index) == ["alive"]
     manager.store.close(clean=True)
 

@@ -12,14 +12,18 @@ def idle(clock, partition, last_seen):
     return float(clock.idle(np.array([partition]), np.array([last_seen]))[0])
 
 
-def test_a_pause_of_the_whole_input_adds_at_most_the_cap():
+def test_a_pause_of_the_whole_input_adds_about_its_usual_gap():
     clock = InputClock(cap_s=150.0)
     for t in range(0, 101):  # a reading a second, read as written
         clock.saw({0: float(t)}, now=float(t))
     assert idle(clock, 0, 50.5) == 50.0  # 50 s of input since
     clock.saw({0: 5000.0}, now=5000.0)  # after a 4,900 s pause
-    assert idle(clock, 0, 100.5) == 150.0  # the pause: the cap, not 4,900 s
+    assert idle(clock, 0, 100.5) == 1.5  # the pause: 1.5 usual gaps, not 4,900 s
     assert idle(clock, 0, 5000.5) == 0.0
+    for t in range(5001, 5011):
+        clock.saw({0: float(t)}, now=float(t))
+    clock.saw({0: 9000.0}, now=9000.0)  # a second pause soon after: one gap again, not a period
+    assert idle(clock, 0, 100.5) == 1.5 + 10.0 + 1.5
 
 
 def test_bursts_add_their_period_once_learnt():
@@ -48,7 +52,9 @@ def test_producer_clocks_off_move_it_at_most_the_cap_once():
     clock.saw({0: 49.0 + 600}, now=50.0)  # a producer 600 s ahead: capped at the worker's now
     clock.saw({0: 51.0 - 600}, now=51.0)  # one 600 s behind: an older time moves nothing
     clock.saw({0: 52.0}, now=52.0)
-    assert idle(clock, 0, 49.5) == 3.0  # 50, 51 (nothing), 52: as if all clocks were right
+    # 50 (1 s), 51 (nothing new), 52 (2 s since: counted up to 1.5 usual gaps): never more
+    # than if all clocks were right
+    assert idle(clock, 0, 49.5) == 2.5
 
 
 def test_a_silent_partition_moves_with_the_whole_input_only_when_read_to_its_end():
