@@ -121,12 +121,14 @@ class Housekeeping:
         """The lag gauge from what the worker committed: ``consumer.position()`` may go to the
         broker, and raises when it is down, which must not end an idle worker's loop. (Behind a
         transactional producer, a commit marker after the last reading shows as a lag of 1.)"""
-        caught_up = set()
+        assigned, caught_up = set(), set()
         for tp in consumer.assignment():
+            assigned.add(tp.partition)
             high, position = consumer.highwater(tp), committed.get(tp)
             if high is not None and position is not None:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
                 if high - position <= 1:  # read to its end: nothing of it queued, so a silent
                     caught_up.add(tp.partition)  # one moves on with the whole input (input_clock.py)
-        self.clock.caught_up = caught_up
-        self.clock.keep_only({tp.partition for tp in consumer.assignment()})
+        if self.settings.device_ttl_s > 0:  # (the clock is read by the TTL alone)
+            self.clock.caught_up = caught_up
+            self.clock.keep_only(assigned)
