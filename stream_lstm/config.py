@@ -239,8 +239,8 @@ class Settings(BaseSettings):
         fields = cls.model_fields
         out = {k: None if (isinstance(v, str) and not v.strip() and k in fields
                            and fields[k].default is None) else v for k, v in data.items()}
-        if isinstance(out.get("log_level"), str):  # logging's names, as users write them: any case
-            out["log_level"] = out["log_level"].strip().upper()
+        if isinstance(level := out.get("log_level"), str):  # logging's names, as users write them
+            out["log_level"] = {"WARN": "WARNING"}.get(level.strip().upper(), level.strip().upper())
         return out
 
     @model_validator(mode="after")

@@ -48,6 +48,8 @@ def test_processes_is_a_number_or_auto(monkeypatch):
 def test_log_level_is_read_in_any_case(monkeypatch):
     monkeypatch.setenv("STREAM_LSTM_LOG_LEVEL", " debug")
     assert load_settings().log_level == "DEBUG"
+    monkeypatch.setenv("STREAM_LSTM_LOG_LEVEL", "warn")  # logging's own alias
+    assert load_settings().log_level == "WARNING"
     monkeypatch.setenv("STREAM_LSTM_LOG_LEVEL", "chatty")
     with pytest.raises(SettingsError, match=r"^invalid setting STREAM_LSTM_LOG_LEVEL: .*'DEBUG'"):
         load_settings()
