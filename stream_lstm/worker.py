@@ -252,8 +252,8 @@ class Worker:
         return self.totals
 
     def close(self, clean: bool = True) -> None:
-        if clean and self.publisher is not None and self.group is not None:
-            self.commit(flush=set(self.assigned))  # every changed device is checkpointed
+        if clean and self.publisher is not None and self.group is not None and self.commit(flush=set(self.assigned)):
+            log.info("stopping: every changed device checkpointed and committed", extra={"partitions": len(self.assigned)})
         if not clean:
             # Closing the consumer revokes its partitions; a commit there would publish state
             # that the failed batch already changed, with offsets from before it.
