@@ -81,8 +81,8 @@ class Housekeeping:
             return
         newest = {}
         for tp, records in polled.items():
-            stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
             if records:
+                stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
                 newest[tp.partition] = max(stamps) / 1000.0 if stamps else now  # type: ignore[attr-defined]
         self.clock.saw(newest, now)
 

@@ -68,8 +68,7 @@ class InputClock:
         self.caught_up: set[int] = set()  # partitions read to their end (set by the worker)
         self._newest: dict[int, float] = {}  # the newest record time read, per partition
         self._time: dict[int, float] = {}  # input time, per partition
-        self._walls: dict[int, list[float]] = {}  # when (wall) ...
-        self._times: dict[int, list[float]] = {}  # ... it reached which input time
+        self._history: dict[int, _History] = {}  # when (wall) it reached which input time
         self._worker_newest: float | None = None
         # The gaps of the last turns that moved on, per partition (None: the whole input).
         self._gaps: dict[int | None, deque[float]] = {}
@@ -95,8 +94,8 @@ class InputClock:
         or after this turn's point)."""
         if now < self._last_now:  # the wall clock stepped back (NTP, a resumed VM): so does
             step = self._last_now - now  # the history, or new last_seen would read as old
-            for walls in self._walls.values():
-                walls[:] = [w - step for w in walls]
+            for history in self._history.values():
+                history.walls[: history.n] -= step
         self._last_now = now
         for p, t in newest.items():
             t = min(t, now)  # (a producer clock ahead cannot move the input past now)
@@ -112,38 +111,64 @@ class InputClock:
                     self._newest[p] = min(self._newest[p] + whole, now)
 
     def _advance(self, p: int, gain: float, now: float) -> None:
-        walls, times = self._walls.setdefault(p, []), self._times.setdefault(p, [])
+        h = self._history.get(p) or self._history.setdefault(p, _History())
         self._time[p] = at = self._time.get(p, 0.0) + gain
-        if walls and gain == 0.0:
+        if h.n and gain == 0.0:
             return
-        if len(walls) > 1 and now - walls[-1] < self.resolution_s:
-            times[-1] = at  # (one point a resolution: reads as less idle, never more)
+        if h.n > 1 and now - h.walls[h.n - 1] < self.resolution_s:
+            h.times[h.n - 1] = at  # (one point a resolution: reads as less idle, never more)
             return
-        walls.append(now)
-        times.append(at)
-        if len(walls) > self.max_points:
+        h.append(now, at)
+        if h.n > self.max_points:
             # The older half's pairs merged (the earlier wall, the later time: less idle, never
             # more): the newer half, ~2 TTL at the resolution the worker sets, stays exact, and
             # a device seen before it is still at least that idle.
-            n = len(walls) // 4 * 2
-            walls[:n], times[:n] = walls[0:n:2], times[1:n:2]
+            h.merge_oldest(h.n // 4 * 2)
 
     def keep_only(self, partitions: set[int]) -> None:
         """Forget the time of partitions no longer assigned: assigned again later, one starts
         with no time (its devices wait for its first records), not with an old history."""
-        for p in [p for p in self._walls if p not in partitions]:
-            for kept in (self._walls, self._times, self._time, self._newest, self._gaps):
+        for p in [p for p in self._history if p not in partitions]:
+            for kept in (self._history, self._time, self._newest, self._gaps):
                 kept.pop(p, None)
 
     def idle(self, partitions: np.ndarray, last_seen: np.ndarray) -> np.ndarray:
         """Input time (seconds) each device's partition has moved on since its ``last_seen``
         (wall clock); 0 for a partition with no time yet."""
         out = np.zeros(len(partitions))
-        for p in np.unique(partitions).tolist():
-            if not self._walls.get(p):
+        # Grouped by one sort, not a pass over every device a partition (256 partitions and
+        # 50k devices: 134 ms a sweep, most of it those passes).
+        order = np.argsort(partitions, kind="stable")
+        keys, starts = np.unique(partitions[order], return_index=True)
+        for p, rows in zip(keys.tolist(), np.split(order, starts[1:]), strict=True):
+            h = self._history.get(p)
+            if h is None or not h.n:
                 continue
-            rows = partitions == p
-            walls, times = np.asarray(self._walls[p]), np.asarray(self._times[p])
-            at = np.searchsorted(walls, last_seen[rows], side="right") - 1
-            out[rows] = times[-1] - times[np.maximum(at, 0)]
+            at = np.searchsorted(h.walls[: h.n], last_seen[rows], side="right") - 1
+            out[rows] = h.times[h.n - 1] - h.times[np.maximum(at, 0)]
         return out
+
+
+class _History:
+    """One partition's points (wall clock, input time), oldest first, in arrays grown in place:
+    a sweep reads them as they are (as lists, converting them was 101 of its 117 ms at 256
+    partitions of 4,096 points)."""
+
+    __slots__ = ("n", "times", "walls")
+
+    def __init__(self) -> None:
+        self.walls, self.times, self.n = np.empty(16), np.empty(16), 0
+
+    def append(self, wall: float, time: float) -> None:
+        if self.n == len(self.walls):
+            self.walls, self.times = np.resize(self.walls, 2 * self.n), np.resize(self.times, 2 * self.n)
+        self.walls[self.n], self.times[self.n] = wall, time
+        self.n += 1
+
+    def merge_oldest(self, n: int) -> None:
+        """The first ``n`` (even) points as ``n / 2``: each pair's earlier wall, later time."""
+        half, end = n // 2, self.n
+        for points, first in ((self.walls, 0), (self.times, 1)):
+            points[:half] = points[first:n:2].copy()
+            points[half : end - half] = points[n:end].copy()
+        self.n = end - half
