@@ -38,17 +38,20 @@ def own_broker():
 
 def live_feed(producer, topic: str, total: int, devices: int, history: dict, gap_s: float) -> threading.Thread:
     """Send ``total`` readings of ``devices`` devices, one every ``gap_s``, from a thread (started);
-    each device's values go into ``history`` as they are sent."""
+    each device's values go into ``history`` as they are sent, their futures into the thread's
+    ``futures``."""
     t0 = 1_700_000_000.0
 
     def send():
         for i in range(total):
             dev, value = f"d{i % devices}", float((i * 7) % 13)
-            producer.send(topic, encode_reading(dev, t0 + 60 * (i // devices), [value]), key=dev.encode())
+            key = dev.encode()
+            feeder.futures.append(producer.send(topic, encode_reading(dev, t0 + 60 * (i // devices), [value]), key=key))
             history.setdefault(dev, []).append(value)
             time.sleep(gap_s)
 
     feeder = threading.Thread(target=send, daemon=True)
+    feeder.futures = []
     feeder.start()
     return feeder
 
@@ -82,7 +85,7 @@ def run(broker, settings_factory, topic_name):
         broker.start()
         feeder.join(180)
         producer.flush()
-        assert wait_for(lambda: worker.totals.consumed >= total, 180), worker.totals
+        assert wait_for(lambda: worker.totals.consumed >= total, 180), why_short(worker, s, feeder.futures)
         # Ready again. (Not necessarily by the last reading: the heartbeat check may still say
         # "no consumer-group heartbeat" for a second after the group is back; a sampler that
         # stopped at the last reading made this test fail now and then.)
@@ -102,6 +105,26 @@ def test_an_idle_worker_reports_a_broker_outage_and_recovers(settings_factory, t
     """No traffic, so no failed publish: the silent group heartbeat must say the broker is gone."""
     with own_broker() as broker:
         idle_outage(broker, settings_factory, topic_name)
+
+
+def why_short(worker, s, futures) -> str:
+    """What a worker short of the readings sent had read, and what the topic holds: which side
+    kept the rest (a flake once stopped at 1,175 of 1,200 with nothing to tell)."""
+    from kafka import TopicPartition
+
+    from stream_lstm.kafka.clients import make_consumer
+
+    failed = [repr(f.exception)[:200] for f in futures if f.is_done and f.failed()]
+    probe = make_consumer(s)
+    try:
+        parts = [TopicPartition(s.input_topic, p) for p in probe.partitions_for_topic(s.input_topic) or ()]
+        ends = {tp.partition: n for tp, n in probe.end_offsets(parts).items()}
+    finally:
+        probe.close()
+    read = {tp.partition: n for tp, n in dict(worker.tx.next_offsets).items()}
+    return (f"{worker.totals}; the test's producer: {len(failed)} of {len(futures)} sends failed "
+            f"{failed[:2]}; the input's end offsets {ends}; the worker's committed positions {read}; "
+            f"readiness {worker.health.readiness()}")
 
 
 def wait_for(predicate, timeout_s):
