@@ -298,18 +298,19 @@ class PartitionCoordinator:
         self._replay_left[partition] = (start, committed)
         return True
 
-    def rewind(self) -> None:
+    def rewind(self) -> dict[TopicPartition, int | None]:
         """After a rollback: every held partition's state comes again from the changelog, and
-        the consumer goes back to the committed offsets (raises while the broker is away)."""
+        the consumer goes back to the committed offsets, which it returns (None: none yet).
+        Raises while the broker is away."""
         assert self.group is not None
         consumer = self.group.consumer
-        tps = self.tps(self.assigned)
-        for tp in tps:
-            committed = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+        out = {tp: consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS) for tp in self.tps(self.assigned)}
+        for tp, committed in out.items():
             if committed is None:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, committed)
+        return out
 
     def forget_state(self) -> None:
         """Drop the held partitions' state from memory (restored again) and pause them."""

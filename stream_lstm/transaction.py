@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
@@ -97,6 +97,9 @@ class TransactionUnit:
         self.totals = BatchCounts()  # what committed transactions carried
         # A commit begun and not yet settled: (its transaction, when its commit began).
         self._committing: tuple[OpenTransaction, float] | None = None
+        # A commit that failed here: its outcome is unknown until resolve_in_doubt (a broker
+        # that went away after taking it completes it when it comes back).
+        self.in_doubt: OpenTransaction | None = None
         self._turns_ms = (0.0, 0.0)  # the worker's last two loop turns (turn_ended)
 
     def connect(self) -> None:
@@ -212,11 +215,36 @@ class TransactionUnit:
         assert self.publisher is not None
         unit, tc = self._committing
         self._committing = None
-        written = self.publisher.finish_commit()
-        m = self.metrics
-        m.commit_seconds.observe(time.perf_counter() - tc)
+        try:
+            written = self.publisher.finish_commit()
+        except Exception:
+            self.in_doubt = unit
+            raise
+        self.metrics.commit_seconds.observe(time.perf_counter() - tc)
         self.state.committed(written)
         self.next_offsets.update((tp, om.offset) for tp, om in unit.offsets.items())
+        self._count(unit)
+
+    def resolve_in_doubt(self, committed: Mapping[TopicPartition, int | None]) -> None:
+        """After a rollback, with a fresh producer (whose init waits for the broker to finish
+        any commit it had taken): whether the commit that failed here completed after all. It
+        did if the group's ``committed`` offsets are the ones it carried; its forecasts are
+        then published and its readings are not read again (the replay that rebuilds their
+        state counts nothing), so they are counted now. (A partition revoked meanwhile is not
+        in ``committed``: its commit stays uncounted.)"""
+        unit, self.in_doubt = self.in_doubt, None
+        if unit is None or not unit.offsets:
+            return
+        if all(committed.get(tp) == om.offset for tp, om in unit.offsets.items()):
+            log.info("the commit that failed had completed on the broker; its readings are "
+                     "counted", extra={"readings": unit.counts.consumed})
+            self._count(unit)
+        else:
+            self.metrics.transactions.labels("aborted").inc()
+
+    def _count(self, unit: OpenTransaction) -> None:
+        """A committed transaction's counts, into the metrics and the totals."""
+        m = self.metrics
         m.transactions.labels("committed").inc()
         for tp, k in unit.consumed.items():
             m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(k)
@@ -235,8 +263,10 @@ class TransactionUnit:
     def abort(self) -> Exception | None:
         """Give up the open transaction; returns (and logs) the abort's own failure, if any:
         the broker may be gone, and the next producer's ``init_transactions`` fences it anyway."""
-        if self.open is not None or self._committing is not None:
+        if self.open is not None:
             self.metrics.transactions.labels("aborted").inc()
+        if self._committing is not None:  # (begun, perhaps taken by the broker: counted as
+            self.in_doubt = self._committing[0]  # what resolve_in_doubt finds)
         self.open = self._committing = None
         if self.publisher is None:
             return None

@@ -339,7 +339,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.tx.reconnect()
-                self.partitions.rewind()
+                self.tx.resolve_in_doubt(self.partitions.rewind())
                 break
             except Exception as retry_exc:  # noqa: BLE001 - keep trying until the broker is back
                 log.warning("broker not reachable; retrying",

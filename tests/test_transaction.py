@@ -130,3 +130,72 @@ def test_a_commit_in_flight_is_settled_before_the_next_batch_is_sent(settings_fa
         tx.settle()
         assert tx.totals.forecasts == 3 and tx.in_flight().forecasts == 0
         assert read_until(s, topic_name, b"b1") == [b"a1", b"a2", b"b1"]
+
+
+def test_a_commit_that_failed_here_but_completed_on_the_broker_is_counted(settings_factory, topic_name, tmp_path):
+    """A broker that stops after taking a commit and before answering it completes the commit
+    when it comes back: its forecasts are published and the group's offsets moved past its
+    readings, which the worker then replays without counting. It was never counted (a broker
+    outage test once ended 25 readings short of what was published). The lost answer is
+    injected here; the commit itself is real."""
+    from kafka import TopicPartition
+
+    from stream_lstm.kafka.publisher import PublishError
+
+    s = settings_factory(input_topic=f"{topic_name}-in", output_topic=topic_name, group_id=f"{topic_name}-g")
+    ensure_topics(s, [TopicSpec(s.input_topic, 1)])
+    producer = make_producer(s)
+    for i in range(5):
+        producer.send(s.input_topic, f"r{i}".encode())
+    producer.flush()
+    producer.close()
+    consumer = make_consumer(s, s.input_topic, group_id=s.group_id, auto_offset_reset="earliest",
+                             enable_auto_commit=False, isolation_level="read_committed")
+    tp = TopicPartition(s.input_topic, 0)
+    try:
+        polled: dict = {}
+        for _ in range(100):
+            for part, records in consumer.poll(timeout_ms=300, max_records=3).items():
+                polled.setdefault(part, []).extend(records)
+            if polled:
+                break
+        assert [r.offset for r in polled[tp]] == [0, 1, 2]
+        with transaction_unit(s, tmp_path) as (tx, _, metrics):
+            tx.send(polled, output(topic_name, [b"a0", b"a1", b"a2"]))
+            real = tx.publisher.finish_commit
+
+            def answer_lost():
+                real()  # (the broker commits ...)
+                raise PublishError("the broker went away before answering")  # (... unheard)
+
+            tx.publisher.finish_commit = answer_lost
+            with pytest.raises(PublishError):
+                tx.commit(consumer)
+            assert tx.totals.consumed == 0 and tx.in_doubt is not None
+            tx.abort()
+            tx.reconnect()
+            committed = consumer.committed(tp)
+            assert committed == 3  # it did commit
+            tx.resolve_in_doubt({tp: committed})
+            assert tx.totals.consumed == 3 and tx.totals.forecasts == 3 and tx.in_doubt is None
+            assert metrics.transactions.labels("committed")._value.get() == 1
+            assert metrics.readings_consumed.labels(s.input_topic, "0")._value.get() == 3
+
+            # A commit that never reached the broker: the group's offsets stay where they were.
+            rest = consumer.poll(timeout_ms=5000, max_records=2)
+            tx.send(rest, output(topic_name, [b"a3", b"a4"]))
+
+            def refused(*_args, **_kw):
+                raise PublishError("the broker is away")
+
+            tx.publisher.start_commit = refused
+            with pytest.raises(PublishError):
+                tx.commit(consumer)
+            tx.abort()
+            tx.reconnect()
+            tx.resolve_in_doubt({tp: consumer.committed(tp)})
+            assert tx.totals.consumed == 3 and tx.in_doubt is None
+            assert metrics.transactions.labels("aborted")._value.get() == 1
+            assert read_until(s, topic_name, b"a2") == [b"a0", b"a1", b"a2"]
+    finally:
+        consumer.close()
