@@ -355,3 +355,47 @@ def test_ctrl_c_while_the_broker_cannot_be_reached_at_start_exits_at_once(tmp_pa
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_commit_whose_answer_was_lost_is_counted_once_and_its_readings_not_read_again(
+        settings_factory, topic_name, caplog):
+    """The broker took the commit, then went away before answering (injected: the commit is
+    real, its answer dropped). The worker rolls back, rewinds to the committed offsets, which
+    are past that commit's readings, and counts it then: every reading once in its totals and
+    its /metrics, every forecast once in the output."""
+    from stream_lstm.kafka.publisher import PublishError
+
+    s = small(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 6))
+    n = 18
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    publisher = worker.tx.publisher
+    real = publisher.finish_commit
+
+    def answer_lost():
+        real()
+        raise PublishError("the broker went away before answering (a stand-in)")
+
+    publisher.finish_commit = answer_lost  # (the first commit: the worker reconnects after it)
+    more, deadline = [], time.monotonic() + 90
+
+    def until(w) -> bool:
+        if w.totals.consumed >= n and not more:  # then readings after the rollback
+            more.append(produce_readings(s, topic_name, fleet(6, 8)))
+        return w.totals.consumed >= n + 6 or time.monotonic() > deadline
+
+    with caplog.at_level("INFO", logger="stream_lstm.worker"):
+        totals = worker.run(until=until)
+    (resolved,) = [r for r in caplog.records if r.getMessage().startswith("the commit that failed had completed")]
+    assert resolved.readings > 0
+    n += 6
+    assert totals.consumed == n and totals.duplicate == 0 and totals.late == 0
+    assert totals.forecasts == n - 3 * (s.min_history - 1)  # the devices' state came back
+    series = worker.metrics.exposition().decode().splitlines()
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in series
+               if line.startswith("stream_lstm_readings_consumed_total{")) == n
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts
