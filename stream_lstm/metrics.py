@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health endpoints, served from one small stdlib HTTP server.
+"""Prometheus metrics and the health state; ``stream_lstm.endpoint`` serves both over HTTP.
 
 All series are prefixed ``stream_lstm_`` and use base units (``_seconds``, ``_total``).
 Each :class:`Metrics` owns its own registry, so several workers can live in one process
@@ -8,16 +8,14 @@ readiness (partitions assigned and restored, broker reachable, model loaded).
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger(__name__)
@@ -305,91 +303,3 @@ class HealthState:
             items = dict(self._components)
         ok = bool(items) and all(v[0] for v in items.values())
         return ok, {k: ("ok" if v[0] else v[1]) for k, v in items.items()}
-
-
-class MetricsServer(ThreadingHTTPServer):
-    """The HTTP server :func:`serve_metrics` returns: ``.port`` and ``.shutdown()``.
-
-    Example: see tests/test_metrics.py::test_server_shutdown_frees_the_port
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-    # A thread a connection: an idle or half-sent request held one for ever (200 such connections
-    # were 200 threads). A request must come within REQUEST_TIMEOUT_S, and at most MAX_CONNECTIONS
-    # are served at once; more are closed at once (a scraper or probe retries).
-    MAX_CONNECTIONS = 64
-    REQUEST_TIMEOUT_S = 10.0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        request.settimeout(self.REQUEST_TIMEOUT_S)
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket."""
-        super().shutdown()
-        self.server_close()
-
-
-def serve_metrics(metrics: Metrics, health: HealthState, host: str, port: int) -> MetricsServer:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` from a daemon thread; port 0 = any free one."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            try:
-                if path == "/metrics":
-                    ok, parts = health.readiness()
-                    if parts:  # keep the gauge in step with /readyz for whoever registered components
-                        metrics.ready.set(1 if ok else 0)
-                    self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok, detail = health.liveness()
-                    self._send(200 if ok else 503, b"ok" if ok else f"stale: {detail}".encode())
-                elif path == "/readyz":
-                    ok, parts = health.readiness()
-                    waiting = sorted(k for k, v in parts.items() if v != "ok") or ([] if parts else ["(none registered yet)"])
-                    body = {"ready": ok, "components": parts, "not_ready": [] if ok else waiting}
-                    self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
-                else:
-                    self._send(404, b"not found: try /metrics, /healthz, /readyz")
-            except Exception as exc:  # never let a bad scrape kill the server thread
-                log.exception("metrics endpoint failed", extra={"path": path})
-                self._send(500, f"error: {exc!r}".encode())
-
-        def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:  # scrapes and probes are not worth a line
-            pass
-
-    try:
-        server = MetricsServer((host, port), Handler)
-    except OSError as exc:  # taken (a second worker on the host), or a host name that is not one
-        from stream_lstm.config import SettingsError
-
-        raise SettingsError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc} (set "
-                            "STREAM_LSTM_METRICS_PORT, or STREAM_LSTM_METRICS_HOST; 0 turns it off)") from None
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server

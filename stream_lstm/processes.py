@@ -58,8 +58,8 @@ from pathlib import Path
 from prometheus_client.multiprocess import mark_process_dead
 
 from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings, load_settings
+from stream_lstm.endpoint import serve_metrics
 from stream_lstm.environment import warn_unknown_variables
-from stream_lstm.metrics import serve_metrics
 from stream_lstm.process_health import (
     BACKOFF_FIRST_S,
     HostHealth,

@@ -362,8 +362,8 @@ class Worker:
 def serve(settings: Settings, status_file: Path | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT, with its endpoint on ``METRICS_PORT``; as a child
     of the supervisor (``status_file`` set: processes.py), reporting its health there."""
+    from stream_lstm.endpoint import serve_metrics
     from stream_lstm.logs import log_startup
-    from stream_lstm.metrics import serve_metrics
     from stream_lstm.process_health import StatusReporter, label_logs
     from stream_lstm.signals import StopOnSignal
 

@@ -1,4 +1,5 @@
-"""Metrics registry and the /metrics /healthz /readyz server (JSON logs: test_logs.py)."""
+"""Metrics registry and health, through the /metrics /healthz /readyz server (its connections:
+test_endpoint.py; JSON logs: test_logs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from stream_lstm.metrics import HealthState, Metrics, serve_metrics
+from stream_lstm.endpoint import serve_metrics
+from stream_lstm.metrics import HealthState, Metrics
 
 # attribute -> the series name it must expose (counters with _total, base units)
 EXPECTED = {
@@ -168,43 +170,6 @@ def test_readyz_names_what_is_missing_then_turns_ready(served):
         "ready": True, "not_ready": [],
         "components": {"broker": "ok", "model": "ok", "partitions": "ok", "restored": "ok"}}
     assert "stream_lstm_ready 1.0" in get(base + "/metrics")[2]
-
-
-def test_server_shutdown_frees_the_port():
-    server = serve_metrics(Metrics(), HealthState(), "127.0.0.1", 0)
-    port = server.port
-    assert port > 0
-    server.shutdown()
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
-
-
-def test_idle_connections_neither_pile_up_nor_lock_out_a_probe(monkeypatch):
-    """Each connection held a thread for as long as it stayed open: 200 half-sent requests were
-    200 threads. Now a request must come within a timeout, and the server holds at most
-    MAX_CONNECTIONS at once (more are closed at once: a probe retries)."""
-    import socket
-
-    from stream_lstm.metrics import MetricsServer
-
-    monkeypatch.setattr(MetricsServer, "MAX_CONNECTIONS", 4)
-    monkeypatch.setattr(MetricsServer, "REQUEST_TIMEOUT_S", 1.0)
-    server = serve_metrics(Metrics(), HealthState(), "127.0.0.1", 0)
-    idle = []
-    try:
-        for _ in range(4):
-            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
-            idle[-1].sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
-        one_more = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        assert one_more.recv(1) == b""  # closed at once: the server is full
-        for conn in idle:  # each dropped after the timeout, unanswered
-            assert conn.recv(1024) == b""
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as r:
-            assert r.status == 200
-    finally:
-        for conn in idle:
-            conn.close()
-        server.shutdown()
 
 
 def test_every_gauge_says_how_a_host_of_processes_combines_it():

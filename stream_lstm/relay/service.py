@@ -32,10 +32,11 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm.config import Settings, SettingsError
+from stream_lstm.endpoint import serve_metrics
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
-from stream_lstm.metrics import HealthState, serve_metrics
+from stream_lstm.metrics import HealthState
 from stream_lstm.relay.alertmanager import (
     DEFAULT_LABELS,
     MAX_EVENT_BYTES,

@@ -215,7 +215,8 @@ def main(args: argparse.Namespace) -> int:
         log.warning("no retrain schedule set; retraining every 900 s")
     metrics = health = server = None
     if settings.metrics_port:
-        from stream_lstm.metrics import TRAINER_SERIES, HealthState, Metrics, serve_metrics
+        from stream_lstm.endpoint import serve_metrics
+        from stream_lstm.metrics import TRAINER_SERIES, HealthState, Metrics
 
         metrics, health = Metrics(settings.instance_id or None).only(TRAINER_SERIES), HealthState()
         # Served from the start: taking the workers' checkpoints in (training/from_checkpoints.py)

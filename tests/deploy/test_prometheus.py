@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from stream_lstm.endpoint import serve_metrics
 from stream_lstm.kafka.local_broker import free_port
-from stream_lstm.metrics import HealthState, Metrics, serve_metrics
+from stream_lstm.metrics import HealthState, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
+from stream_lstm.endpoint import serve_metrics
 from stream_lstm.kafka.local_broker import free_port
-from stream_lstm.metrics import serve_metrics
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.worker import Worker
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from kafka.structs import TopicPartition
 
-from stream_lstm import metrics as metrics_module
+from stream_lstm import endpoint as metrics_module
 from stream_lstm.encoding import encode_reading
 from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
 from stream_lstm.kafka.local_broker import free_port
