@@ -100,6 +100,9 @@ def test_tls_or_sasl_settings_the_protocol_would_ignore_are_refused(tmp_path):
     # A CA file that is not there: said at start, not after a TLS bootstrap timeout.
     with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_CAFILE cannot be read: {tmp_path / 'ca.pem'}"):
         load_settings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem")
+    # A directory where a file belongs: the same line (it was a traceback from the key's check).
+    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_PASSWORD_FILE cannot be read: {tmp_path} \\(a directory\\)$"):
+        load_settings(security_protocol="SSL", ssl_password_file=tmp_path)
     (tmp_path / "ca.pem").write_text("(a PEM)")
     assert load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc",
                          sasl_password="pw", ssl_cafile=tmp_path / "ca.pem").ssl_cafile
