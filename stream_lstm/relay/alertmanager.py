@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -216,6 +217,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirects)
+_stuck: dict[str, threading.Thread] = {}  # per Alertmanager: a post past its time, still waiting
 
 
 def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = POST_TIMEOUT_S) -> None:
@@ -234,11 +236,33 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
 
         pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    stuck = _stuck.get(target)
+    if stuck is not None and stuck.is_alive():
+        raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} has still not answered an "
+                                "earlier post (its answer trickles in): not posting again until it has")
+    # The post runs on a thread of its own and is waited for at most timeout_s in all: urllib's
+    # timeout is per read, and an answer's status line and headers trickled a byte every few
+    # seconds held the relay's loop, and its health, for ever (a security review). A post past
+    # its time is left to finish on its own; none other goes to that Alertmanager meanwhile.
+    # (The body of a 2xx is not read, and of an error only what one read brings.)
+    outcome: list[BaseException | None] = []
+
+    def post() -> None:
+        try:
+            with _OPENER.open(request, timeout=timeout_s):  # http(s) only (check_url)
+                outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=post, name="alertmanager-post", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        _stuck[target] = thread
+        raise AlertmanagerError(f"Alertmanager at {redacted(base_url)} did not answer within {timeout_s:g}s")
     try:
-        # (The body of a 2xx is not read, and of an error only what one read brings: an answer
-        # trickled a byte at a time held the relay's loop, and its health, for ever.)
-        with _OPENER.open(request, timeout=timeout_s):  # http(s) only (check_url)
-            pass
+        if outcome[0] is not None:
+            raise outcome[0]
     except urllib.error.HTTPError as exc:
         raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {_first_bytes(exc)!r}",
                                 status=exc.code) from None

@@ -1,6 +1,7 @@
 """Posting alerts to Alertmanager's API: what is sent, credentials, and failures."""
 
 import base64
+import time
 
 import pytest
 
@@ -160,6 +161,58 @@ def test_an_answer_trickled_a_byte_at_a_time_does_not_hold_the_post():
             assert not release.is_set() and server.is_alive()  # it did not wait for the rest
     finally:
         release.set()
+        listener.close()
+
+
+def test_headers_trickled_a_byte_at_a_time_do_not_hold_the_post():
+    """urllib's timeout is per read: a server (or anything on the path to an http:// URL) that
+    sent its status line and then a header byte every few seconds held the post, the relay's
+    loop and its health for ever, and the restarted relay again (a security review). A post
+    has its timeout in all; the next waits until the stuck one is over."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.2):
+                conn.sendall(b"X")  # a header that never ends
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AlertmanagerError, match="did not answer within 1s"):
+            post_alerts(url, [], timeout_s=1.0)
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(AlertmanagerError, match="still not answered an earlier post"):
+            post_alerts(url, [], timeout_s=1.0)
+        stop.set()  # the trickle ends (the connection closes): so does the stuck post
+        server.join(5)
+        threading.Thread(target=answer, daemon=True).start()
+        for _ in range(50):  # (until the stuck post's thread has seen the close)
+            try:
+                post_alerts(url, [], timeout_s=1.0)
+                break
+            except AlertmanagerError as exc:
+                assert "still not answered" in str(exc)
+                time.sleep(0.1)
+        else:
+            raise AssertionError("posting never resumed")
+    finally:
+        stop.set()
         listener.close()
 
 
