@@ -5,9 +5,10 @@ A saved model is two files: ``NAME.safetensors`` (the weights, in the `safetenso
 code) and ``NAME.json`` beside it: format version, model version, parent version, creation
 time, the :class:`~stream_lstm.models.lstm.ModelSpec`, the sha256 of the weights file,
 training data range, metrics and the settings used. Loading checks the JSON, the checksum,
-and every tensor's name, shape, dtype and finiteness against the spec, so a missing,
-truncated, tampered, foreign (e.g. a ``torch.save`` pickle) or mis-shaped file fails with
-:class:`ModelLoadError` and a one-line message that says why. Nothing is ever unpickled.
+every tensor's name, shape, dtype and finiteness against the spec, and that the model's
+outputs on ordinary readings are finite, so a missing, truncated, tampered, foreign (e.g. a
+``torch.save`` pickle), mis-shaped or extreme file fails with :class:`ModelLoadError` and a
+one-line message that says why. Nothing is ever unpickled.
 
 :class:`ModelRegistry` keeps numbered versions ``v0001``, ``v0002``, ... in one directory
 (``STREAM_LSTM_MODEL_DIR``), a ``PROMOTED`` file naming the version workers serve (replaced
@@ -45,7 +46,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 # (LoadedModel lives beside SimpleLSTM; imported from here too, where it lived before.)
-from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM, check_spec
+from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM, bad_outputs, check_spec
 
 FORMAT = "stream-lstm-model"
 FORMAT_VERSION = 1
@@ -112,8 +113,7 @@ def model_files(model: SimpleLSTM, spec: ModelSpec, meta: dict[str, Any]) -> tup
 
 def _looks_pickled(data: bytes) -> bool:
     """Heuristic, for the error message only (a file is refused unless it parses as safetensors)."""
-    protocol_2_to_5 = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    return protocol_2_to_5 or data.startswith(b"PK\x03\x04")  # torch.save: pickle or zip
+    return data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data.startswith(b"PK\x03\x04")  # pickle 2-5, zip
 
 
 def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> LoadedModel:
@@ -156,13 +156,14 @@ def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> Loade
         if t.shape != shape:
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the spec "
                                  f"needs {tuple(shape)}")
-        if not t.is_floating_point():
-            raise ModelLoadError(f"{source}: tensor {name} has dtype {t.dtype}, expected float")
-        if not bool(torch.isfinite(t.float()).all()):  # as served: 1e300 in float64 is inf
-            raise ModelLoadError(f"{source}: tensor {name} contains NaN or infinity (as float32)")
+        if not t.is_floating_point() or not bool(torch.isfinite(t.float()).all()):  # as served: 1e300 in float64 is inf
+            raise ModelLoadError(f"{source}: tensor {name} " + ("contains NaN or infinity (as float32)"
+                                 if t.is_floating_point() else f"has dtype {t.dtype}, expected float"))
     model = SimpleLSTM.from_spec(spec)
     model.load_state_dict({k: t.float() for k, t in tensors.items()})
-    return LoadedModel(model.to(device).eval(), spec, meta)
+    if (why := bad_outputs(model.eval())) is not None:
+        raise ModelLoadError(f"{source}: {why}")
+    return LoadedModel(model.to(device), spec, meta)
 
 
 def _weights_path(path: Path) -> Path:

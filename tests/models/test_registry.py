@@ -312,3 +312,19 @@ def test_a_version_that_is_not_a_version_name_is_refused():
     with pytest.raises(ModelLoadError, match="is not a version name"):
         model_from_bytes(model_to_bytes(model, spec, {"version": "../v1"}))
     assert model_from_bytes(model_to_bytes(model, spec, {"version": "offline-2026.12_a"})).version == "offline-2026.12_a"
+
+
+def test_a_model_of_finite_but_extreme_weights_is_refused():
+    """Every tensor finite, each weight 3e38: its forecasts were infinite and its h/c NaN, and a
+    worker following the models topic swapped to it and checkpointed NaN state for every device
+    (a security review). Its outputs on ordinary readings are checked as it loads."""
+    from stream_lstm.models.registry import model_from_bytes, model_to_bytes
+
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    model = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3e38)
+    with pytest.raises(ModelLoadError, match="its forecasts are not finite on ordinary readings"):
+        model_from_bytes(model_to_bytes(model, spec, {"version": "v9999"}))
+    assert model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v1"})).version == "v1"
