@@ -272,7 +272,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{', '.join(given)} set but security_protocol is "
                                  f"{self.security_protocol}: set SSL or SASL_SSL to use them")
         for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file"):  # at start, not a timeout
-            if (path := getattr(self, k)) is not None and not (os.access(path, os.R_OK) and os.path.isfile(path)):
+            if (path := getattr(self, k)) is not None and not (os.access(path, os.R_OK) and not os.path.isdir(path)):
                 raise ValueError(f"{k} cannot be read: {path}" + " (a directory)" * os.path.isdir(path))
         if self.ssl_certfile is not None:
             self._check_client_key()

@@ -136,6 +136,8 @@ class InputClock:
         """Input time (seconds) each device's partition has moved on since its ``last_seen``
         (wall clock); 0 for a partition with no time yet."""
         out = np.zeros(len(partitions))
+        if not len(out):  # (np.split would still give one empty group, for no partition)
+            return out
         # Grouped by one sort, not a pass over every device a partition (256 partitions and
         # 50k devices: 134 ms a sweep, most of it those passes).
         order = np.argsort(partitions, kind="stable")

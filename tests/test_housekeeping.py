@@ -171,3 +171,15 @@ def test_records_without_a_kafka_time_count_as_read_now(tmp_path):
         chores.saw({Part(0): [Untimed(None), Untimed(-1)]}, now=t)  # (v0 records: None; -1)
     assert chores.clock.idle(np.array([0]), np.array([0.5])).tolist() == [20.0]
     manager.store.close(clean=True)
+
+
+def test_an_expiry_pass_over_an_empty_table_forgets_nobody_and_raises_nothing(tmp_path):
+    """No device in memory (an input of dead letters only, or every device gone): the sweep's
+    lookup raised inside the worker's commit, which rolled back at every pass (a review)."""
+    chores, table, manager, _, farewells = make(tmp_path, ttl=600.0)
+    try:
+        flowing(chores, 1000.0, 2061.0)
+        assert len(table) == 0
+        assert chores.expired(now=2000.0) == [] and farewells == []
+    finally:
+        manager.store.close(clean=True)

@@ -138,3 +138,9 @@ def test_a_wall_clock_stepping_back_does_not_age_the_devices_seen_after_it():
     for t in range(80, 90):  # stepped back 120 s (NTP, a resumed VM): records written after
         clock.saw({0: 200.0 + t - 80}, now=float(t))
     assert idle(clock, 0, 89.5) == 0.0  # seen just now, by the new clock
+
+
+def test_no_device_is_no_lookup():
+    clock = InputClock(cap_s=15.0)
+    clock.saw({0: 100.0}, now=100.0)
+    assert clock.idle(np.zeros(0, np.int64), np.zeros(0)).shape == (0,)
