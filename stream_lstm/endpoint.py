@@ -7,7 +7,9 @@ clients: a connection has ``REQUEST_TIMEOUT_S`` for its whole request, at most
 still sending its request. (A client sending a header byte every few seconds kept a
 connection for ever under a per-read timeout; 64 of them locked the kubelet's probes out,
 and the pod was restarted again and again: a security review.) A client that hangs up is
-not an error worth a line.
+not an error worth a line. What this does not cover: clients that ask for /metrics and never
+read it hold their slots while the answer is written (each send has the timeout; only an
+answer larger than the socket's buffer, ~4 MB here, can be held so).
 """
 
 from __future__ import annotations

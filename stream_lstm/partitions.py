@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kafka.errors import UnknownTopicOrPartitionError
-from kafka.structs import TopicPartition
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
@@ -298,18 +298,19 @@ class PartitionCoordinator:
         self._replay_left[partition] = (start, committed)
         return True
 
-    def rewind(self) -> dict[TopicPartition, int | None]:
+    def rewind(self) -> dict[TopicPartition, OffsetAndMetadata | None]:
         """After a rollback: every held partition's state comes again from the changelog, and
-        the consumer goes back to the committed offsets, which it returns (None: none yet).
-        Raises while the broker is away."""
+        the consumer goes back to the committed offsets, which it returns with their metadata
+        (None: none yet). Raises while the broker is away."""
         assert self.group is not None
         consumer = self.group.consumer
-        out = {tp: consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS) for tp in self.tps(self.assigned)}
+        out = {tp: consumer.committed(tp, metadata=True, timeout_ms=COMMITTED_TIMEOUT_MS)
+               for tp in self.tps(self.assigned)}
         for tp, committed in out.items():
             if committed is None:
                 consumer.seek_to_beginning(tp)
             else:
-                consumer.seek(tp, committed)
+                consumer.seek(tp, committed.offset)
         return out
 
     def forget_state(self) -> None:

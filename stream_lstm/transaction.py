@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ class OpenTransaction:
         its batches read.
     counts, oldest_ts
         Where its readings went, and the oldest event time it forecast (``inf``: none).
+    tag, tagged
+        Set as its commit begins: the metadata its offsets are committed with, unique to that
+        commit, and their partitions (what ``TransactionUnit.resolve_in_doubt`` looks for).
 
     Examples
     --------
@@ -56,6 +60,8 @@ class OpenTransaction:
     consumed: dict[TopicPartition, int] = field(default_factory=dict)
     counts: BatchCounts = field(default_factory=BatchCounts)
     oldest_ts: float = float("inf")
+    tag: str = ""
+    tagged: tuple[TopicPartition, ...] = ()
 
     def add(self, polled: dict[TopicPartition, list], counts: BatchCounts, oldest_ts: float) -> None:
         for tp, records in polled.items():
@@ -97,6 +103,7 @@ class TransactionUnit:
         self.totals = BatchCounts()  # what committed transactions carried
         # A commit begun and not yet settled: (its transaction, when its commit began).
         self._committing: tuple[OpenTransaction, float] | None = None
+        self._tag_prefix, self._commits = uuid.uuid4().hex[:12], 0  # (OpenTransaction.tag)
         # A commit that failed here: its outcome is unknown until resolve_in_doubt (a broker
         # that went away after taking it completes it when it comes back).
         self.in_doubt: OpenTransaction | None = None
@@ -186,6 +193,12 @@ class TransactionUnit:
             # zombie woke and overwrote the new owner's checkpoints and marker with its older
             # ones, and a later restore lost the readings in between.
             offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.next_offsets.items()}
+        # Each commit names itself in its offsets' metadata: after a failure, the group's
+        # committed offsets say whether this commit completed, not merely the same offsets
+        # committed by another member meanwhile (a review).
+        self._commits += 1
+        unit.tag, unit.tagged = f"{self._tag_prefix}-{self._commits}", tuple(offsets)
+        offsets = {tp: OffsetAndMetadata(om.offset, unit.tag, -1) for tp, om in offsets.items()}
         self._committing = (unit, time.perf_counter())
         self.open = None
         self.state.commit_started()
@@ -225,17 +238,18 @@ class TransactionUnit:
         self.next_offsets.update((tp, om.offset) for tp, om in unit.offsets.items())
         self._count(unit)
 
-    def resolve_in_doubt(self, committed: Mapping[TopicPartition, int | None]) -> None:
+    def resolve_in_doubt(self, committed: Mapping[TopicPartition, OffsetAndMetadata | None]) -> None:
         """After a rollback, with a fresh producer (whose init waits for the broker to finish
         any commit it had taken): whether the commit that failed here completed after all. It
-        did if the group's ``committed`` offsets are the ones it carried; its forecasts are
-        then published and its readings are not read again (the replay that rebuilds their
-        state counts nothing), so they are counted now. (A partition revoked meanwhile is not
-        in ``committed``: its commit stays uncounted.)"""
+        did if the group's ``committed`` offsets (of the partitions still held) carry its tag;
+        its forecasts are then published and its readings are not read again (the replay that
+        rebuilds their state counts nothing), so they are counted now. With none of its
+        partitions held any more, whether it completed is unknown: counted neither way."""
         unit, self.in_doubt = self.in_doubt, None
-        if unit is None or not unit.offsets:
+        held = [committed[tp] for tp in (unit.tagged if unit is not None else ()) if tp in committed]
+        if unit is None or not held:
             return
-        if all(committed.get(tp) == om.offset for tp, om in unit.offsets.items()):
+        if any(om is not None and om.metadata == unit.tag for om in held):  # (one transaction: all or none)
             log.info("the commit that failed had completed on the broker; its readings are "
                      "counted", extra={"readings": unit.counts.consumed})
             self._count(unit)

@@ -174,8 +174,8 @@ def test_a_commit_that_failed_here_but_completed_on_the_broker_is_counted(settin
             assert tx.totals.consumed == 0 and tx.in_doubt is not None
             tx.abort()
             tx.reconnect()
-            committed = consumer.committed(tp)
-            assert committed == 3  # it did commit
+            committed = consumer.committed(tp, metadata=True)
+            assert committed.offset == 3  # it did commit
             tx.resolve_in_doubt({tp: committed})
             assert tx.totals.consumed == 3 and tx.totals.forecasts == 3 and tx.in_doubt is None
             assert metrics.transactions.labels("committed")._value.get() == 1
@@ -193,9 +193,22 @@ def test_a_commit_that_failed_here_but_completed_on_the_broker_is_counted(settin
                 tx.commit(consumer)
             tx.abort()
             tx.reconnect()
-            tx.resolve_in_doubt({tp: consumer.committed(tp)})
+            unit = tx.in_doubt
+            tx.resolve_in_doubt({tp: consumer.committed(tp, metadata=True)})
             assert tx.totals.consumed == 3 and tx.in_doubt is None
             assert metrics.transactions.labels("aborted")._value.get() == 1
+            # The same offsets committed by another member meanwhile (its tag, not this
+            # commit's) are not this commit; a commit none of whose partitions is held any more
+            # is counted neither way (whether it completed is unknown).
+            from kafka.structs import OffsetAndMetadata
+
+            tx.in_doubt = unit
+            tx.resolve_in_doubt({tp: OffsetAndMetadata(5, "another-member-1", -1)})
+            assert tx.totals.consumed == 3 and metrics.transactions.labels("aborted")._value.get() == 2
+            tx.in_doubt = unit
+            tx.resolve_in_doubt({})
+            assert tx.totals.consumed == 3 and metrics.transactions.labels("aborted")._value.get() == 2
+            assert metrics.transactions.labels("committed")._value.get() == 1
             assert read_until(s, topic_name, b"a2") == [b"a0", b"a1", b"a2"]
     finally:
         consumer.close()

@@ -244,13 +244,18 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
     # timeout is per read, and an answer's status line and headers trickled a byte every few
     # seconds held the relay's loop, and its health, for ever (a security review). A post past
     # its time is left to finish on its own; none other goes to that Alertmanager meanwhile.
-    # (The body of a 2xx is not read, and of an error only what one read brings.)
+    # (The body of a 2xx is not read, and of an error only what one read brings, in the same
+    # time: read after it, a slow error answer took twice the timeout: a review.)
     outcome: list[BaseException | None] = []
 
     def post() -> None:
         try:
             with _OPENER.open(request, timeout=timeout_s):  # http(s) only (check_url)
                 outcome.append(None)
+        except urllib.error.HTTPError as exc:
+            with exc:  # (closed once its first bytes are read)
+                exc.first_bytes = _first_bytes(exc)  # type: ignore[attr-defined]
+            outcome.append(exc)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             outcome.append(exc)
 
@@ -264,7 +269,7 @@ def post_alerts(base_url: str, alerts: list[dict[str, Any]], timeout_s: float = 
         if outcome[0] is not None:
             raise outcome[0]
     except urllib.error.HTTPError as exc:
-        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {_first_bytes(exc)!r}",
+        raise AlertmanagerError(f"Alertmanager answered {exc.code}: {exc.msg}; {getattr(exc, 'first_bytes', b'')!r}",
                                 status=exc.code) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:  # (ValueError: http.client's InvalidURL)
         reason = getattr(exc, "reason", exc)

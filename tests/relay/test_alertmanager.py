@@ -216,6 +216,33 @@ def test_headers_trickled_a_byte_at_a_time_do_not_hold_the_post():
         listener.close()
 
 
+def test_an_error_answer_whose_body_never_comes_takes_the_timeout_once():
+    """Its first bytes were read after the post's deadline, with the socket's timeout again: a
+    500 whose body never came held the caller twice the timeout (a review)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n")  # ... no body
+            done.wait(30)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AlertmanagerError):
+            post_alerts(f"http://127.0.0.1:{listener.getsockname()[1]}", [], timeout_s=1.0)
+        assert time.monotonic() - t0 < 1.6
+    finally:
+        done.set()
+        listener.close()
+
+
 def test_an_at_sign_in_the_path_does_not_move_the_post_to_another_host():
     """The request URL was the logs' masked one, which cuts to the last '@' anywhere: once that
     allowed '/', "https://u:p@gw/tenant@team" posted the credentials to host "team" (a review)."""
