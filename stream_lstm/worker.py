@@ -334,7 +334,7 @@ class Worker:
         self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
         self.partitions.update_readiness()
         self.tx.abort()
-        self.partitions.forget_state()
+        self.partitions.forget_state(exc)
         backoff = 0.5
         while not self._stop.is_set():
             try:

@@ -399,3 +399,38 @@ def test_a_commit_whose_answer_was_lost_is_counted_once_and_its_readings_not_rea
                if line.startswith("stream_lstm_readings_consumed_total{")) == n
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
     assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts
+
+
+def test_a_commit_refused_for_an_unknown_member_gives_the_partitions_up_at_once(
+        settings_factory, topic_name, caplog):
+    """A member dropped while its whole process stood still (SIGSTOP, a VM paused) wakes with its
+    old generation: its commit is refused (UnknownMemberIdError), and it restored its partitions,
+    committed, was refused again, 3-4 times over 1.5-4 s until its heartbeat found out (a chaos
+    test). The refusal is injected here (the commit never reaches the broker); the worker must
+    give its partitions up at the next poll, rejoin, and lose nothing."""
+    from kafka.errors import CommitFailedError
+
+    s = small(settings_factory, topic_name, max_poll_interval_ms=3000, session_timeout_ms=6000)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    produce_readings(s, topic_name, fleet(0, 6))
+    n = 18
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+
+    def refused():
+        raise CommitFailedError("Transaction offset commit failed due to consumer group metadata "
+                                "mismatch: UnknownMemberIdError")
+
+    worker.tx.publisher.finish_commit = refused  # (the first commit: the worker reconnects after it)
+    deadline = time.monotonic() + 90
+    with caplog.at_level("INFO", logger="stream_lstm"):
+        totals = worker.run(until=lambda w: w.totals.consumed >= n or time.monotonic() > deadline)
+    said = [r.getMessage() for r in caplog.records]
+    gone = [i for i, m in enumerate(said) if m.startswith("this member is no longer in its group")]
+    lost = [i for i, m in enumerate(said) if m.startswith("partitions lost")]
+    assert len(gone) == 1 and lost and lost[0] > gone[0], said
+    assert sum(m.startswith("publishing a batch failed") for m in said) == 1
+    assert totals.consumed == n and totals.forecasts == n - 3 * (s.min_history - 1)
+    fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
+    assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts

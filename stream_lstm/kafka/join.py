@@ -62,3 +62,21 @@ def mend_abandoned_join(consumer: Any) -> bool:
     log.warning("a group join finished but was never applied (kafka-python 3.0.12); rejoining")
     coordinator.request_rejoin()
     return True
+
+
+def forget_lost_membership(consumer: Any, error: BaseException) -> bool:
+    """After a commit the group refused because it does not know this member (a member dropped
+    while its whole process stood still, heartbeat thread included, that woke with its old
+    generation: a zombie), say the membership is lost now, so the next ``poll`` gives the
+    partitions up (``on_partitions_lost``) and rejoins; True when it did. Left to kafka-python,
+    the worker restored them, committed, was refused again, 3-4 times over 1.5-4 s, until its
+    next heartbeat found out (a chaos test). Not for ``IllegalGenerationError``: a member
+    still in its group meets that in a rebalance's race, and rejoins anyway."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or "UnknownMemberIdError" not in repr(error):
+        return False
+    log.warning("this member is no longer in its group (a commit refused for an unknown member): "
+                "giving its partitions up and rejoining")
+    coordinator.reset_generation()
+    return True
+
