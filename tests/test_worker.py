@@ -357,6 +357,17 @@ def test_ctrl_c_while_the_broker_cannot_be_reached_at_start_exits_at_once(tmp_pa
         proc.wait()
 
 
+def connected_with_a_backlog(s, topic: str) -> tuple[Worker, int]:
+    """A worker connected to ``topic`` (2 partitions) holding 6 readings of each of 3 devices;
+    and their number."""
+    ensure_topics(s, [TopicSpec(topic, 2)])
+    produce_readings(s, topic, fleet(0, 6))
+    torch.manual_seed(0)
+    worker = Worker(s, fresh_model(s))
+    worker.connect()
+    return worker, 18
+
+
 def test_a_commit_whose_answer_was_lost_is_counted_once_and_its_readings_not_read_again(
         settings_factory, topic_name, caplog):
     """The broker took the commit, then went away before answering (injected: the commit is
@@ -366,12 +377,7 @@ def test_a_commit_whose_answer_was_lost_is_counted_once_and_its_readings_not_rea
     from stream_lstm.kafka.publisher import PublishError
 
     s = small(settings_factory, topic_name)
-    ensure_topics(s, [TopicSpec(topic_name, 2)])
-    produce_readings(s, topic_name, fleet(0, 6))
-    n = 18
-    torch.manual_seed(0)
-    worker = Worker(s, fresh_model(s))
-    worker.connect()
+    worker, n = connected_with_a_backlog(s, topic_name)
     publisher = worker.tx.publisher
     real = publisher.finish_commit
 
@@ -411,12 +417,7 @@ def test_a_commit_refused_for_an_unknown_member_gives_the_partitions_up_at_once(
     from kafka.errors import CommitFailedError
 
     s = small(settings_factory, topic_name, max_poll_interval_ms=3000, session_timeout_ms=6000)
-    ensure_topics(s, [TopicSpec(topic_name, 2)])
-    produce_readings(s, topic_name, fleet(0, 6))
-    n = 18
-    torch.manual_seed(0)
-    worker = Worker(s, fresh_model(s))
-    worker.connect()
+    worker, n = connected_with_a_backlog(s, topic_name)
 
     def refused():
         raise CommitFailedError("Transaction offset commit failed due to consumer group metadata "
