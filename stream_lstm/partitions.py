@@ -21,7 +21,6 @@ from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import log_start, replay_input
 from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings
-from stream_lstm.kafka.join import forget_lost_membership
 from stream_lstm.kafka.topics import ensure_changelog_topic, partition_count
 from stream_lstm.metrics import LIVENESS_TIMEOUT_S, HealthState, Metrics
 from stream_lstm.pipeline import BatchPipeline
@@ -317,7 +316,7 @@ class PartitionCoordinator:
     def forget_state(self, cause: BaseException | None = None) -> None:
         """Drop the held partitions' state from memory (restored again) and pause them; if
         ``cause`` says the group no longer knows this member, give them up at the next poll
-        instead (``join.forget_lost_membership``)."""
+        instead (``GroupConsumer.commit_refused``)."""
         self.state.rollback(self.table, set(self.assigned))
         # Their positions are set again when their replay completes: until then a commit must
         # not name them as replay markers (the readings before them are not in memory).
@@ -327,7 +326,7 @@ class PartitionCoordinator:
         if self.group is not None:
             self.group.consumer.pause(*self.tps(self.assigned))
             if cause is not None:
-                forget_lost_membership(self.group.consumer, cause)
+                self.group.commit_refused(cause)
 
     def check_group(self) -> None:
         """Readiness from the group itself: a heartbeat gone silent (an idle worker publishes

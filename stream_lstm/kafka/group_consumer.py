@@ -28,7 +28,7 @@ from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
-from stream_lstm.kafka.join import is_rebalancing, mend_abandoned_join
+from stream_lstm.kafka.join import forget_lost_membership, is_rebalancing, mend_abandoned_join
 from stream_lstm.kafka.stall import StallGuard
 from stream_lstm.metrics import LIVENESS_TIMEOUT_S
 
@@ -162,6 +162,11 @@ class GroupConsumer:
     def rebalancing(self) -> bool:
         """Whether the membership is unsettled: offsets cannot be committed until it settles."""
         return is_rebalancing(self.consumer)
+
+    def commit_refused(self, error: BaseException) -> None:
+        """A commit failed with ``error``: if the group no longer knows this member, the next
+        poll gives its partitions up and rejoins (``join.forget_lost_membership``)."""
+        forget_lost_membership(self.consumer, error)
 
     def stable_member(self) -> bool:
         """Whether the consumer is a settled member of its group (holding partitions or not)."""
