@@ -25,7 +25,8 @@ import re
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -252,6 +253,37 @@ def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     logging.getLogger("kafka.net.selector").setLevel(max(logging.ERROR, root.level))
     if root.level > logging.DEBUG:  # (a filter on the handler: "kafka"'s own would miss its children)
         handler.filters.insert(0, RepeatFilter())  # (before SecretFilter formats the template)
+
+
+@contextmanager
+def kafka_closing() -> Iterator[None]:
+    """kafka-python's own lines are dropped while the service closes its clients (kept at DEBUG).
+
+    Why: its network thread can lose a race with close (kafka-python 3.0.12 logs "Error
+    receiving network data closing socket" with an ``AttributeError`` traceback when close
+    sets the socket to None under its reader). By then the worker has committed and said so;
+    a failure that matters (a flush or commit that did not finish) reaches the service as an
+    exception and is logged by it, not by kafka-python.
+
+    >>> import io
+    >>> h = logging.StreamHandler(buf := io.StringIO()); logging.getLogger().addHandler(h)
+    >>> with kafka_closing():
+    ...     logging.getLogger("kafka.net.transport").error("Error receiving network data")
+    >>> buf.getvalue(), logging.getLogger().removeHandler(h)
+    ('', None)
+    """
+    handlers = logging.getLogger().handlers if logging.getLogger().getEffectiveLevel() > logging.DEBUG else []
+    for handler in handlers:
+        handler.addFilter(_drop_kafka)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_drop_kafka)
+
+
+def _drop_kafka(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("kafka")
 
 
 def log_startup(logger: logging.Logger, settings: Any, connected: Mapping[str, object]) -> None:

@@ -43,6 +43,7 @@ from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import ensure_worker_topics
+from stream_lstm.logs import kafka_closing
 from stream_lstm.metrics import HealthState, Metrics
 from stream_lstm.models.registry import LoadedModel
 from stream_lstm.models.serving import load_served_model
@@ -86,10 +87,7 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.inference_threads = set_inference_threads(settings.torch_threads)
         spec = self.served.spec
-        self.state = StateManager(
-            settings, settings.state_dir / f"{settings.group_id}-{self.instance_id}.sqlite",
-            self.metrics,
-        )
+        self.state = StateManager(settings, settings.state_dir / f"{settings.group_id}-{self.instance_id}.sqlite", self.metrics)
         # A device evicted from memory goes to the state manager (the store, or held until the
         # next commit when it changed since the last).
         self.table = DeviceTable(
@@ -264,10 +262,11 @@ class Worker:
             self.state.close(self.table, clean=clean or not self.ever_assigned)
         except Exception as exc:  # noqa: BLE001 - a full disk, say: still leave the group
             log.error("closing the state store failed (rebuilt at the next start)", extra={"error": repr(exc)[:300]})
-        if self.group is not None:
-            self.group.close()
-            self.group = None
-        self.tx.close()
+        with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
+            if self.group is not None:
+                self.group.close()
+                self.group = None
+            self.tx.close()
         self.health.set_ready("partitions", False, "closed")
 
     # ---- one batch, one transaction -------------------------------------------------------

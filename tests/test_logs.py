@@ -16,6 +16,7 @@ from stream_lstm.logs import (
     JsonFormatter,
     SecretFilter,
     configure_logging,
+    kafka_closing,
     log_startup,
     mask_secrets,
 )
@@ -248,3 +249,22 @@ def test_a_long_exception_keeps_its_end_and_never_parts_a_key_from_its_value(jso
             logging.getLogger("stream_lstm.test").exception("failed")
     for line in lines(json_logs):
         assert "hunter2" not in line["exception"] and line["exception"].endswith("y")
+
+
+@pytest.mark.parametrize("level, kept", [("INFO", False), ("DEBUG", True)])
+def test_kafka_pythons_lines_are_dropped_while_the_clients_close_and_ours_are_kept(json_logs, level, kept):
+    # kafka-python 3.0.12's reader thread can race its own close and log an ERROR with a
+    # traceback after the worker's clean stop (seen on a Ctrl-C of the processes mode).
+    configure_logging(level, stream=json_logs)
+    transport = logging.getLogger("kafka.net.transport")
+    with kafka_closing():
+        try:
+            raise AttributeError("'NoneType' object has no attribute 'recv'")
+        except AttributeError:
+            transport.exception("Error receiving network data closing socket")
+        logging.getLogger("stream_lstm.worker").warning("still said")
+    transport.error("after the close: said again")
+    events = [line["event"] for line in lines(json_logs)]
+    closing = ["Error receiving network data closing socket"] if kept else []
+    assert events == [*closing, "still said", "after the close: said again"]
+    assert ("Traceback" in json_logs.getvalue()) is kept
