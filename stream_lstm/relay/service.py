@@ -36,6 +36,7 @@ from stream_lstm.endpoint import serve_metrics
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.logs import kafka_closing
 from stream_lstm.metrics import HealthState
 from stream_lstm.relay.alertmanager import (
     DEFAULT_LABELS,
@@ -195,9 +196,10 @@ class AlertRelay:
             while not self._stop.is_set() and not (until is not None and until(self)):
                 self.turn()
         finally:
-            self.group.close()
-            if self.store is not None:
-                self.store.close()
+            with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
+                self.group.close()
+                if self.store is not None:
+                    self.store.close()
 
     def turn(self) -> None:
         """One poll, then delivery (or a retry) and the commit it allows."""

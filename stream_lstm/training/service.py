@@ -28,6 +28,7 @@ from kafka import ConsumerRebalanceListener
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
+from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel
 from stream_lstm.pipeline import decode_records
@@ -168,8 +169,9 @@ class TrainerService:
                     self._close_trainer()
         finally:
             self._close_trainer()
-            self.consumer.close()
-            self.producer.close()
+            with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
+                self.consumer.close()
+                self.producer.close()
 
     def _close_trainer(self) -> None:
         if self.trainer is not None:
