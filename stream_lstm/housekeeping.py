@@ -117,10 +117,13 @@ class Housekeeping:
             counts = experts.leaders(self.table.experts, slots)
             self.metrics.set_expert_leaders(dict(zip(experts.EXPERTS, counts.tolist(), strict=True)))
 
-    def update_lag(self, consumer: KafkaConsumer, committed: dict[TopicPartition, int]) -> None:
+    def update_lag(self, consumer: KafkaConsumer, committed: dict[TopicPartition, int],
+                   unreadable: int = 0) -> None:
         """The lag gauge from what the worker committed: ``consumer.position()`` may go to the
         broker, and raises when it is down, which must not end an idle worker's loop. (Behind a
-        transactional producer, a commit marker after the last reading shows as a lag of 1.)"""
+        transactional producer, a commit marker after the last reading shows as a lag of 1.)
+        Beside it, how many partitions wait at a batch the client cannot read."""
+        self.metrics.input_unreadable_partitions.set(unreadable)
         assigned, caught_up = set(), set()
         for tp in consumer.assignment():
             assigned.add(tp.partition)

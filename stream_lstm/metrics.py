@@ -108,6 +108,9 @@ class Metrics:
         self.consumer_lag = gauge("consumer_lag_messages", "Input messages not yet consumed",
                                   ("partition",), mode="livemostrecent")
         self.active_devices = gauge("active_devices", "Devices held in memory", mode="livesum")
+        self.input_unreadable_partitions = gauge(
+            "input_unreadable_partitions", "Input partitions paused at a record batch the client "
+            "cannot read (a failed checksum, a codec it lacks): their readings wait", mode="livesum")
         self.expert_leading_devices = gauge(
             "expert_leading_devices", "Devices in memory whose one-step forecast weighs this "
             "expert most (experts.py): many on 'last' says the model no longer helps", ("expert",),

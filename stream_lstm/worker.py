@@ -235,7 +235,7 @@ class Worker:
                     self.commit(expire=True, wait=not self.tx.exactly_once)
                 if not self.partitions.busy():  # no swap or re-warm amid a replay (the
                     self.lifecycle.tick(consumed)  # replay steps each reading as it was live)
-                self.housekeeping.update_lag(group.consumer, self.tx.next_offsets)
+                self.housekeeping.update_lag(group.consumer, self.tx.next_offsets, len(group.unreadable))
                 self.housekeeping.count_devices()
                 self.partitions.report_store()  # (a full disk: said on /readyz, the loop goes on)
                 self.partitions.check_group()

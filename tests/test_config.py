@@ -55,20 +55,6 @@ def test_log_level_is_read_in_any_case(monkeypatch):
         load_settings()
 
 
-def test_an_optional_codec_without_its_package_is_said_at_start(monkeypatch):
-    # kafka-python says so only once connected, as a RuntimeError from inside the producer.
-    import kafka.codec
-
-    monkeypatch.setattr(kafka.codec, "has_zstd", lambda: False)
-    monkeypatch.setenv("STREAM_LSTM_COMPRESSION_TYPE", "zstd")
-    with pytest.raises(SettingsError, match="^invalid settings: STREAM_LSTM_COMPRESSION_TYPE zstd needs the "
-                       "Python package zstandard: pip install it, or use gzip$"):
-        load_settings()
-    monkeypatch.setattr(kafka.codec, "has_zstd", lambda: True)
-    assert load_settings().compression_type == "zstd"
-    assert load_settings(compression_type="gzip").compression_type == "gzip"  # (the standard library's)
-
-
 def test_inconsistent_settings_are_refused():
     with pytest.raises(SettingsError, match="STREAM_LSTM_TARGET_CHANNEL"):
         load_settings(n_features=2, target_channel=2)

@@ -181,7 +181,7 @@ def test_every_gauge_says_how_a_host_of_processes_combines_it():
     modes = {k: g._multiprocess_mode for k, g in vars(Metrics()).items() if isinstance(g, Gauge)}
     assert modes == {
         "alerts_open": "livesum", "active_devices": "livesum", "expert_leading_devices": "livesum",
-        "rewarm_pending_devices": "livesum",
+        "rewarm_pending_devices": "livesum", "input_unreadable_partitions": "livesum",
         "consumer_lag": "livemostrecent", "restore_progress_ratio": "livemostrecent",
         "retrain_loss": "livemostrecent", "model_promoted_timestamp_seconds": "livemax",
         "ready": "livemin",

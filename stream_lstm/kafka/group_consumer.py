@@ -8,7 +8,9 @@ hang, ``poll``, with every guard the worker needs against kafka-python 3.0.12:
   joined without them assigned nothing and never rebalanced when they appeared);
 * a join that finished unapplied is rejoined before the next poll (``join.py``);
 * a poll stuck on the client's own network thread is ended (``stall.py``);
-* a consumer that has been out of its group for minutes is replaced (``check_membership``).
+* a consumer that has been out of its group for minutes is replaced (``check_membership``);
+* a record batch it cannot read (a failed checksum, a codec it lacks) pauses its partition
+  instead of ending the worker (``unreadable.py``).
 
 Each of these is counted by ``on_stall`` (``stream_lstm_kafka_stalls_total``).
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import KafkaTimeoutError
-from kafka.structs import MemberState
+from kafka.structs import MemberState, TopicPartition
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_consumer
@@ -30,6 +32,7 @@ from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.join import forget_lost_membership, is_rebalancing, mend_abandoned_join
 from stream_lstm.kafka.stall import StallGuard
+from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.metrics import LIVENESS_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,10 @@ class GroupConsumer:
         self.listener = listener
         self.client_id = client_id
         self.on_stall = on_stall
+        # Partitions set aside at a batch they cannot read, and its offset (``unreadable.py``):
+        # kept while paused (the worker resumes one after a restore: it is then read again).
+        self.unreadable: dict[TopicPartition, int] = {}
+        self._unexplained_at = -float("inf")
         self._open()
 
     def _open(self, consumer: KafkaConsumer | None = None) -> None:
@@ -151,12 +158,25 @@ class GroupConsumer:
         # A rebalance completes inside poll: a short poll leaves the join to the next one.
         if self.rebalancing():
             timeout_ms = max(timeout_ms, s.poll_timeout_ms)
+        if self.unreadable:
+            paused = self.consumer.paused()
+            self.unreadable = {tp: at for tp, at in self.unreadable.items() if tp in paused}
         try:
             with self.stall_guard.limit("consumer.poll", poll_limit_s(s)):
                 return self.consumer.poll(timeout_ms=timeout_ms, max_records=s.poll_max_records)
         except KafkaTimeoutError as exc:
             self.on_stall()
             log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
+            return {}
+        except UNREADABLE as exc:
+            if (where := set_aside(self.consumer, exc)) is not None:
+                self.unreadable[where[0]] = where[1]
+                return {}
+            if time.monotonic() - self._unexplained_at > 60:  # (not seen: its test pins where)
+                self._unexplained_at = time.monotonic()
+                log.error("the input cannot be read, and kafka-python does not say where; "
+                          "polling again", extra={"error": repr(exc)[:300]})
+            time.sleep(1.0)  # (a loop that still turns: health, commits, a clean stop)
             return {}
 
     def rebalancing(self) -> bool:
