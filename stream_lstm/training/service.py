@@ -28,6 +28,7 @@ from kafka import ConsumerRebalanceListener
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
+from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel
@@ -100,7 +101,12 @@ class TrainerService:
     def consume_once(self, timeout_ms: int = 500) -> int:
         """Apply one poll's readings to the windows (invalid ones are the workers' to
         dead-letter: the trainer skips them)."""
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.poll_max_records)
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.poll_max_records)
+        except UNREADABLE as exc:  # (a batch it cannot read: that partition waits, as the workers')
+            if set_aside(self.consumer, exc) is None:
+                raise
+            polled = {}
         now = time.time()
         d = decode_records(self.decoder, [r for recs in polled.values() for r in recs], now)
         if d.ids:

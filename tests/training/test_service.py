@@ -96,6 +96,33 @@ def test_it_keeps_the_workers_windows_and_skips_invalid_readings(settings_factor
         close(service)
 
 
+def test_a_batch_it_cannot_read_pauses_that_partition_and_it_reads_the_rest(settings_factory, topic_name,
+                                                                          monkeypatch):
+    """The trainer ended at the first poll, and again at each restart (kafka/unreadable.py)."""
+    import kafka.codec
+
+    s = settings(settings_factory, topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    for partition, codec in ((0, "gzip"), (1, "none")):
+        producer = make_producer(s.model_copy(update={"compression_type": codec}))
+        for k in range(5):
+            producer.send(topic_name, encode_reading(f"p{partition}", T0 + 60.0 * k, [1.0 * k]),
+                          key=f"p{partition}".encode(), partition=partition)
+        producer.flush()
+        producer.close()
+    monkeypatch.setattr(kafka.codec, "has_gzip", lambda: False)  # (the batch: a codec it lacks)
+    torch.manual_seed(0)
+    service = TrainerService(s, fresh_model(s))
+    try:
+        consume(service, 5)
+        for _ in range(5):
+            service.consume_once(timeout_ms=200)
+        assert service.retrainer.readings_since == 5 and sorted(service.table.index) == ["p1"]
+        assert service.consumer.paused() == {TopicPartition(topic_name, 0)}
+    finally:
+        close(service)
+
+
 def run_in_thread(service):
     loop = threading.Thread(target=service.run, daemon=True)
     loop.start()
