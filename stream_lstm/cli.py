@@ -174,11 +174,14 @@ def broker_refusal(exc: Exception) -> str | None:
          "the group and the transactional ids (README, Security)"),
         (errors.PolicyViolationError, "the cluster's policy refuses the topics' settings"),
         (errors.InvalidConfigurationError, "the broker refuses a setting"),
+        (errors.InvalidTopicError, "the broker refuses a topic's name"),
     )
     for kind, hint in hints:
         if isinstance(exc, kind):
-            said = str(exc) or type(exc).__name__
-            return f"{said}; {hint}" if hint else said
+            if not hint:
+                return str(exc) or type(exc).__name__
+            # (kafka-python's text is mostly the request and response: 700 characters)
+            return f"{hint} ({type(exc).__name__}: {getattr(exc, 'description', '') or str(exc)[:160]})"
     return None
 
 

@@ -8,7 +8,6 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream_lstm.connection_checks import bootstrap_problem, check_security, topic_problem
 from stream_lstm.logs import mask_secrets, url_without_credentials
 from stream_lstm.stages import STAGES  # the optional forecast stages by name, in their order
 
@@ -218,6 +218,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        if problem := bootstrap_problem(value):
+            raise ValueError(problem)
+        return value
+
     @field_validator("processes", mode="before")
     @classmethod
     def _processes(cls, value: object) -> object:
@@ -256,34 +263,19 @@ class Settings(BaseSettings):
                   "changelog_topic": self.changelog_topic_name(), "models_topic": self.models_topic}
         named = [(k, v) for k, v in topics.items() if v]
         for i, (k, v) in enumerate(named):
+            if problem := topic_problem(v):  # (the changelog's: <group_id>-state-changelog by default)
+                raise ValueError(f"{k} {problem}")
             if clash := [k2 for k2, v2 in named[i + 1:] if v2 == v]:
                 # e.g. a DLQ that is the input: each dead letter would be read and dead-lettered
                 # again, for ever.
                 raise ValueError(f"{k} and {clash[0]} are the same topic ({v!r}): each must be its own")
-        if not self.security_protocol.startswith("SASL"):
-            if given := [k for k in ("sasl_mechanism", "sasl_username", "sasl_password",
-                                     "sasl_password_file") if getattr(self, k) is not None]:
-                # Ignored, the connection would be unauthenticated: likely a forgotten protocol.
-                raise ValueError(f"{', '.join(given)} set but security_protocol is "
-                                 f"{self.security_protocol}: set SASL_SSL or SASL_PLAINTEXT to use them")
-        if not self.security_protocol.endswith("SSL"):
-            if given := [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password",
-                                     "ssl_password_file") if getattr(self, k) is not None]:
-                raise ValueError(f"{', '.join(given)} set but security_protocol is "
-                                 f"{self.security_protocol}: set SSL or SASL_SSL to use them")
-        for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file"):  # at start, not a timeout
-            if (path := getattr(self, k)) is not None and not (os.access(path, os.R_OK) and not os.path.isdir(path)):
-                raise ValueError(f"{k} cannot be read: {path}" + " (a directory)" * os.path.isdir(path))
-        if self.ssl_certfile is not None:
-            self._check_client_key()
+        check_security(self)
         if self.value_min >= self.value_max:
             raise ValueError("value_min must be < value_max")
         names = self.stage_names
         if list(names) != [n for n in STAGES if n in names] or len(set(names)) != len(names):
             raise ValueError(f"forecast_stages {self.forecast_stages!r}: name each of "
                              f"{', '.join(STAGES)} at most once, in that order")
-        if self.security_protocol.startswith("SASL"):
-            self._check_sasl()
         if self.tbptt_k2 < self.tbptt_k1:
             raise ValueError(f"tbptt_k2 ({self.tbptt_k2}) must be >= tbptt_k1 "
                              f"({self.tbptt_k1}): each update backpropagates through at least "
@@ -294,40 +286,6 @@ class Settings(BaseSettings):
         if self.state_dir is None:
             self.state_dir = home / "state"
         return self
-
-    def _check_sasl(self) -> None:
-        # Caught here, a missing credential is one line at start-up, not a traceback or a
-        # bootstrap timeout minutes later.
-        if not self.sasl_mechanism:
-            raise ValueError("sasl_mechanism is required with a SASL security_protocol")
-        if not self.sasl_username:
-            raise ValueError("sasl_username is required with a SASL security_protocol")
-        try:
-            password = self.resolved_password("sasl")  # the file read as the clients will
-        except OSError as exc:
-            raise ValueError(f"sasl_password_file cannot be read: {exc.strerror} "
-                             f"({self.sasl_password_file})") from None
-        if password is None:
-            raise ValueError("sasl_password or sasl_password_file is required with a SASL "
-                             "security_protocol")
-
-    def _check_client_key(self) -> None:
-        # Without its passphrase OpenSSL asked for it at every connect; the worker gave up later.
-        import ssl
-
-        try:
-            ssl.create_default_context().load_cert_chain(
-                self.ssl_certfile, self.ssl_keyfile, password=self.resolved_password("ssl") or "")  # type: ignore[arg-type]
-        except (ssl.SSLError, OSError) as exc:
-            try:
-                encrypted = b"ENCRYPTED" in Path(self.ssl_keyfile or self.ssl_certfile).read_bytes()[:4096]  # type: ignore[arg-type]
-            except OSError:  # (a directory, say)
-                encrypted = False
-            given = self.resolved_password("ssl") is not None
-            hint = (": ssl_certfile is not the certificate of ssl_keyfile" if "KEY_VALUES_MISMATCH" in str(exc)
-                    else "" if not encrypted else ": is ssl_password (or its file) the key's passphrase?"
-                    if given else ": an encrypted key needs ssl_password or ssl_password_file")
-            raise ValueError(f"ssl_certfile / ssl_keyfile cannot be loaded ({exc!s:.120}){hint}") from None
 
     @property
     def stage_names(self) -> tuple[str, ...]:

@@ -73,39 +73,6 @@ def test_two_roles_on_one_topic_are_refused():
     assert load_settings(alerts_topic="").alerts_topic == ""  # (unset: no alerts)
 
 
-def test_tls_or_sasl_settings_the_protocol_would_ignore_are_refused(tmp_path):
-    # Ignored, they would leave an unauthenticated (or unencrypted) connection where one
-    # was meant: most likely STREAM_LSTM_SECURITY_PROTOCOL was forgotten.
-    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_USERNAME, STREAM_LSTM_SASL_PASSWORD set but STREAM_LSTM_SECURITY_PROTOCOL is PLAINTEXT"):
-        load_settings(sasl_username="svc", sasl_password="pw")
-    with pytest.raises(SettingsError, match="STREAM_LSTM_SSL_CAFILE set but STREAM_LSTM_SECURITY_PROTOCOL is SASL_PLAINTEXT"):
-        load_settings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="svc",
-                      sasl_password="pw", ssl_cafile=tmp_path / "ca.pem")
-    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_MECHANISM set but STREAM_LSTM_SECURITY_PROTOCOL is SSL"):
-        load_settings(security_protocol="SSL", sasl_mechanism="PLAIN")
-    # A CA file that is not there: said at start, not after a TLS bootstrap timeout.
-    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_CAFILE cannot be read: {tmp_path / 'ca.pem'}"):
-        load_settings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem")
-    # A directory where a file belongs: the same line (it was a traceback from the key's check).
-    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_PASSWORD_FILE cannot be read: {tmp_path} \\(a directory\\)$"):
-        load_settings(security_protocol="SSL", ssl_password_file=tmp_path)
-    (tmp_path / "ca.pem").write_text("(a PEM)")
-    assert load_settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc",
-                         sasl_password="pw", ssl_cafile=tmp_path / "ca.pem").ssl_cafile
-
-
-def test_sasl_without_credentials_is_one_clear_line_at_start(tmp_path):
-    sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
-    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_USERNAME is required"):
-        load_settings(**sasl, sasl_password="pw")
-    with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_PASSWORD or STREAM_LSTM_SASL_PASSWORD_FILE is required"):
-        load_settings(**sasl, sasl_username="svc")
-    missing = tmp_path / "nowhere" / "pw"
-    with pytest.raises(SettingsError, match=f"STREAM_LSTM_SASL_PASSWORD_FILE cannot be read: .*{missing}"):
-        load_settings(**sasl, sasl_username="svc", sasl_password_file=missing)
-    assert load_settings(**sasl, sasl_username="svc", sasl_password="pw").sasl_username == "svc"
-
-
 def test_an_empty_variable_means_unset(tmp_path, monkeypatch):
     # Helm and ConfigMaps render unset values as "": not the path ".", not an empty password
     # that hides the password file.

@@ -7,7 +7,6 @@ logged.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,9 +15,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, SettingsError
-
-# host, host:port, [IPv6]:port; kafka-python's default port is 9092.
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]/@]+)(?::(\d{1,5}))?")
+from stream_lstm.connection_checks import bootstrap_problem
 
 
 def bootstrap_list(servers: str) -> list[str]:
@@ -33,13 +30,9 @@ def bootstrap_list(servers: str) -> list[str]:
     ...
     stream_lstm.config.SettingsError: invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: 'kafka:abc' is not host:port (a comma-separated list of them)
     """
-    entries = [e.strip() for e in servers.split(",")]
-    for entry in entries:
-        m = _HOST_PORT.fullmatch(entry)
-        if m is None or not 0 < int(m[2] or 9092) < 65536:
-            raise SettingsError(f"invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: {entry!r} is not "
-                                "host:port (a comma-separated list of them)")
-    return entries
+    if problem := bootstrap_problem(servers):  # (settings made by model_copy skip their checks)
+        raise SettingsError(f"invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: {problem}")
+    return [e.strip() for e in servers.split(",")]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:

@@ -239,9 +239,12 @@ def test_compression_type_reaches_the_broker(kafka_broker, settings_factory, top
 @pytest.mark.parametrize("servers", ["kafka:abc", "kafka:", "", "a:9092,,b:9092", "kafka:70000", "kafka 1:9092"])
 def test_a_malformed_bootstrap_list_is_one_line_naming_the_variable(servers):
     # kafka-python raised a ValueError from deep inside (a traceback, exit 1), or waited 30 s.
-    from stream_lstm.config import SettingsError
+    from stream_lstm.config import SettingsError, load_settings
 
-    with pytest.raises(SettingsError, match="invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: .* is not host:port"):
-        connection_kwargs(Settings(bootstrap_servers=servers))
+    said = "invalid setting STREAM_LSTM_BOOTSTRAP_SERVERS: .* is not host:port"
+    with pytest.raises(SettingsError, match=said):  # when the settings load, before any work
+        load_settings(bootstrap_servers=servers)
+    with pytest.raises(SettingsError, match=said):  # (a copy's update is not checked by pydantic)
+        connection_kwargs(Settings().model_copy(update={"bootstrap_servers": servers}))
     ok = Settings(bootstrap_servers="kafka-0:9092, kafka-1, [::1]:9093")
     assert connection_kwargs(ok)["bootstrap_servers"] == ["kafka-0:9092", "kafka-1", "[::1]:9093"]
