@@ -14,8 +14,6 @@ import os
 import signal
 import sys
 
-from stream_lstm.config import SettingsError
-
 # name -> (module, one-line help). The order is the order of `stream-lstm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("stream_lstm.tools.demo", "Run everything locally: broker, a fleet (or a CSV replay), the worker, live forecasts"),
@@ -82,7 +80,18 @@ def flags_named(message: str, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    try:
+        return _main(argv, chosen if chosen in COMMANDS else None)
+    except KeyboardInterrupt:  # (while the command's modules load, before _main's own: numpy, torch)
+        print(f"{chosen if chosen in COMMANDS else 'stream-lstm'}: stopped by a signal (Ctrl-C or "
+              "SIGTERM)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str], chosen: str | None) -> int:
+    from stream_lstm.config import SettingsError  # (not at the top: a Ctrl-C here is a stop too)
+
+    args = build_parser(chosen).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     if args.command not in SERVICES:  # (the services log it at start, `up` through its worker)
         from stream_lstm.environment import unknown_variables

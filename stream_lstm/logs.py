@@ -251,6 +251,8 @@ def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     # torch step or a commit on a loaded machine, nothing an operator can act on. (The
     # rebalance listener's own slowness is warned of by kafka.coordinator, kept.)
     logging.getLogger("kafka.net.selector").setLevel(max(logging.ERROR, root.level))
+    # torch logs its caches' statistics at INFO from an exit hook, after the last line.
+    logging.getLogger("torch").setLevel(max(logging.WARNING, root.level))
     if root.level > logging.DEBUG:  # (a filter on the handler: "kafka"'s own would miss its children)
         handler.filters.insert(0, RepeatFilter())  # (before SecretFilter formats the template)
 

@@ -68,18 +68,20 @@ class StopOnSignal:
     ...     print("interrupted")
     interrupted
     >>> guard.connected(); os.kill(os.getpid(), signal.SIGTERM)  # then: only the flag
-    >>> stopped
-    [True, True]
+    >>> stopped, guard.received
+    ([True, True], 'SIGTERM')
     >>> guard.restore()
     """
 
     def __init__(self, stop: Callable[[], None]) -> None:
         self.stop, self.connecting = stop, True
+        self.received: str | None = None  # the first signal's name, for the last log line
         self._previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, *_: object) -> None:
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.received = self.received or signal.Signals(signum).name
         self.stop()
         if self.connecting:
             raise KeyboardInterrupt

@@ -384,10 +384,11 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
             "bootstrap_servers": settings.bootstrap_servers, "input_topic": settings.input_topic,
             "output_topic": settings.output_topic, "group_id": settings.group_id,
             "compute_device": str(worker.device), "torch_threads": worker.inference_threads,
-            "model_version": worker.lifecycle.version,
+            "model_version": worker.lifecycle.version, "retraining": worker.lifecycle.retraining,
             "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off"})
         totals = worker.run()
-        log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts})
+        log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts,
+                                          "stopped_by": guard.received or "its loop"})
     finally:
         guard.restore()
         if guard.connecting:  # never ran (no broker, a refusal, Ctrl-C): its store is as it was,

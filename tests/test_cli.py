@@ -118,3 +118,15 @@ def test_a_signal_while_connecting_says_so_and_exits_130(tmp_path):
     assert code == 130
     assert rest.strip().splitlines()[-1] == "run: stopped by a signal (Ctrl-C or SIGTERM)", rest[-2000:]
     assert "Traceback" not in rest
+
+
+def test_a_ctrl_c_while_the_commands_modules_load_is_a_stop_not_a_traceback(monkeypatch, capsys):
+    """At 0.5 s (numpy, torch loading) it was a KeyboardInterrupt traceback, exit 130."""
+    from stream_lstm import cli
+
+    def interrupted(chosen):
+        raise KeyboardInterrupt  # as the signal lands inside an import
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["run"]) == 130
+    assert capsys.readouterr().err == "run: stopped by a signal (Ctrl-C or SIGTERM)\n"

@@ -24,16 +24,17 @@ from stream_lstm.logs import (
 
 @pytest.fixture
 def json_logs():
-    root, kafka = logging.getLogger(), logging.getLogger("kafka")
-    saved = root.handlers[:], root.level, kafka.level
+    root, kafka, torch = logging.getLogger(), logging.getLogger("kafka"), logging.getLogger("torch")
+    saved = root.handlers[:], root.level, kafka.level, torch.level
     buf = io.StringIO()
     configure_logging("DEBUG", stream=buf)
     try:
         yield buf
     finally:
-        root.handlers[:], level, kafka_level = saved
+        root.handlers[:], level, kafka_level, torch_level = saved
         root.setLevel(level)
         kafka.setLevel(kafka_level)
+        torch.setLevel(torch_level)
 
 
 def lines(buf: io.StringIO) -> list[dict]:
@@ -172,6 +173,7 @@ def test_configure_logging_replaces_its_handler_and_quietens_kafka(json_logs):
     # kafka-python's event loop on each task over 100 ms: nothing an operator can act on.
     logging.getLogger("kafka.net.selector").warning("Task ran for 0.140s (>0.100s threshold)")
     logging.getLogger("kafka.coordinator.consumer").warning("Rebalance listener took 2.000s")
+    logging.getLogger("torch._subclasses.fake_tensor").info("FakeTensor cache stats:")  # (at exit)
     assert [line["event"] for line in lines(json_logs)] == ["shown", "Rebalance listener took 2.000s"]
     configure_logging(logging.ERROR, stream=json_logs)  # a number works too
     assert root.level == logging.ERROR and logging.getLogger("kafka").level == logging.ERROR

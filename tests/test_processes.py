@@ -247,6 +247,8 @@ def test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0(served_se
     # Each child stopped as a worker does (its last transaction committed, the group left).
     for event in ("stopping: every changed device checkpointed and committed", "worker stopped"):
         assert sorted(e["instance"] for e in host.log() if e["event"] == event) == ["host-p0", "host-p1"]
+    said = {e.get("stopped_by") for e in host.log() if e["event"] == "worker stopped"}
+    assert said and said <= {"SIGTERM", "SIGINT"}  # (what stopped it: the host's SIGTERM, or a Ctrl-C of the group)
     out = read_topic(settings, settings.output_topic, idle_s=2, timeout_s=30)
     keys = [(json.loads(r.value)["partition"], json.loads(r.value)["offset"]) for r in out]
     assert 0 < len(keys) == len(set(keys)) <= len(readings)

@@ -127,6 +127,14 @@ class ModelLifecycle:
                         "worker never retrains")
         self.swaps = 0
         self.checkpoints: StateManager | None = None
+        # What the start-up line says of retraining (by default none: the served model stays).
+        every = "_or_".join(f"{n:g}{unit}" for n, unit in ((settings.retrain_every_readings, "_readings"),
+                                                          (settings.retrain_every_s, "s")) if n)
+        self.retraining = ("external" if settings.trainer == "external" else
+                           f"every_{every}" if self.trainer is not None else "off")
+        if settings.trainer == "inprocess" and not every:
+            log.info("retraining is off: set STREAM_LSTM_RETRAIN_EVERY_READINGS or "
+                     "STREAM_LSTM_RETRAIN_EVERY_S to retrain in the background")
         self.slice_s = settings.rewarm_slice_ms / 1000
         self.longest_slice_s = 0.0  # the longest re-warm slice so far (benchmarks)
         # Where the devices on an older model are: the slots below the cursor (a pass over

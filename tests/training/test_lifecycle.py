@@ -335,3 +335,24 @@ def test_a_running_worker_serves_what_the_registry_is_rolled_back_to(tmp_path, m
     assert versions(table, ids) == [good] * 4  # re-warmed by the tick's slice
     life.tick(0)
     assert life.swaps == 1  # once
+
+
+@pytest.mark.parametrize(("kw", "said", "off_line"), [
+    ({}, "off", True),  # the defaults: no schedule, so no retraining (was said nowhere)
+    ({"retrain_every_readings": 5000}, "every_5000_readings", False),
+    ({"retrain_every_readings": 5000, "retrain_every_s": 600.0}, "every_5000_readings_or_600s", False),
+    ({"trainer": "external"}, "external", False),
+    ({"trainer": "off", "retrain_every_s": 60.0}, "off", False),
+])
+def test_the_start_up_line_says_whether_and_when_it_retrains(tmp_path, caplog, kw, said, off_line):
+    s = Settings(**{"model_dir": tmp_path / "models", "state_dir": tmp_path / "state", **kw})
+    table = DeviceTable(4, 6, 1, 1, 8, initial_capacity=4)
+    v1 = model("v1", 0)
+    with caplog.at_level("INFO", logger="stream_lstm.training"):
+        life = ModelLifecycle(s, v1, BatchedEngine(v1.model, table), table, Metrics())
+    try:
+        assert life.retraining == said
+        assert any(r.getMessage().startswith("retraining is off: set STREAM_LSTM_RETRAIN_EVERY_READINGS")
+                   for r in caplog.records) is off_line
+    finally:
+        life.close()
