@@ -117,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     value_columns = [c.strip() for arg in (args.value_columns or ["value"]) for c in arg.split(",") if c.strip()]
-    if args.speedup is not None and args.speedup <= 0:
-        print("replay: --speedup must be positive", file=sys.stderr)
+    if (args.speedup is not None and args.speedup <= 0) or (args.limit is not None and args.limit < 1):
+        print("replay: --speedup and --limit must be positive", file=sys.stderr)
         return 2
     settings = load_settings()
     try:
@@ -147,9 +147,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"replay: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     elapsed = time.monotonic() - started
-    span = f"{_utc(ts[0])} .. {_utc(ts[count - 1])}" if count else "nothing"
+    span = f"{_utc(ts[0])} .. {_utc(ts[sent - 1])}" if sent else "nothing"  # (what was sent)
     print(f"replay: sent {sent:,} of {count:,} readings ({span}) in {elapsed:,.1f}s "
-          f"({sent / max(elapsed, 1e-9):,.0f}/s)", file=sys.stderr)
+          f"({sent / max(elapsed, 1e-9):,.0f}/s)" + ("" if sent == count else ": stopped before the end"),
+          file=sys.stderr)
     return 0 if sent == count else 1
 
 

@@ -250,8 +250,13 @@ def planned_steps(devices: int, rate: float | None, messages: int | None,
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.devices < 1 or (args.messages is not None and args.messages < 1) or args.step_s <= 0 \
-            or (not args.as_fast_as_possible and args.rate <= 0):
-        print("simulate: --devices, --messages, --step-s and --rate must be positive", file=sys.stderr)
+            or (not args.as_fast_as_possible and args.rate <= 0) or (args.duration is not None and args.duration <= 0) \
+            or (args.features is not None and args.features < 1):
+        print("simulate: --devices, --messages, --duration, --features, --step-s and --rate must be "
+              "positive", file=sys.stderr)
+        return 2
+    if args.drift < 0:  # (numpy's "scale < 0" otherwise)
+        print("simulate: --drift must be 0 or more", file=sys.stderr)
         return 2
     rate = None if args.as_fast_as_possible else args.rate
     topic = args.topic or settings.input_topic
@@ -264,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
     # their time (--as-fast-as-possible: 6,000 readings took 436 s).
     history_s = steps * args.step_s * 1.2 if steps is not None else _OPEN_ENDED_HISTORY_S
     fleet = Fleet(args.devices, seed=args.seed, step_s=args.step_s, start_ts=time.time() - history_s,
-                  n_features=args.features or settings.n_features, drift=args.drift,
+                  n_features=settings.n_features if args.features is None else args.features, drift=args.drift,
                   id_prefix=args.device_prefix)
     ensure_topic(settings, topic)
     pace = "as fast as possible" if rate is None else f"{rate:,.0f} readings/s"

@@ -56,6 +56,9 @@ def test_cli_reports_a_missing_column_in_one_line(shared_data, capsys):
     assert replay.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no column 'temp'" in err and "columns: timestamp, value" in err
+    for bad in (["--limit", "-1"], ["--limit", "0"], ["--speedup", "0"]):  # (--limit -1 sent one of two rows)
+        assert replay.main(parser.parse_args([str(shared_data / MACHINE), *bad])) == 2
+        assert capsys.readouterr().err == "replay: --speedup and --limit must be positive\n"
 
 
 

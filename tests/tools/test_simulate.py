@@ -148,7 +148,11 @@ def test_as_fast_as_possible_sends_nothing_ahead_of_the_start(bootstrap, setting
 def test_cli_rejects_bad_arguments(capsys):
     parser = argparse.ArgumentParser()
     simulate.add_arguments(parser)
-    assert simulate.main(parser.parse_args(["--devices", "0"])) == 2
-    assert "must be positive" in capsys.readouterr().err
+    for bad in (["--devices", "0"], ["--duration", "-1"], ["--features", "0"], ["--drift", "-1"]):
+        # (--duration -1 sent nothing and exited 0; --features 0 became the setting's; --drift
+        # -1 was numpy's "ValueError: scale < 0")
+        assert simulate.main(parser.parse_args(bad)) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("must be positive" in err or "must be 0 or more" in err), err
     with pytest.raises(SystemExit):
         parser.parse_args(["--messages", "5", "--duration", "2"])
