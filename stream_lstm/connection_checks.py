@@ -34,6 +34,16 @@ def bootstrap_problem(servers: str) -> str | None:
     return None
 
 
+def with_ports(servers: str) -> str:
+    """The bootstrap list as the client dials it: kafka-python's 9092 where none is given.
+
+    >>> with_ports("localhost, kafka-1:9093, [::1]")
+    'localhost:9092, kafka-1:9093, [::1]:9092'
+    """
+    entries = [e.strip() for e in servers.split(",")]
+    return ", ".join(e if (m := _HOST_PORT.fullmatch(e)) is None or m[2] else f"{e}:9092" for e in entries)
+
+
 def topic_problem(name: str) -> str | None:
     """What is wrong with a topic name (the broker's refusal came as a traceback, exit 1, and
     a restart for ever); None if nothing."""

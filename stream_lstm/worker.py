@@ -36,6 +36,7 @@ from stream_lstm.bring_in import BringIn
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.checkpointing.replay import check_retention
 from stream_lstm.config import Settings, SettingsError
+from stream_lstm.connection_checks import with_ports
 from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_threads
 from stream_lstm.housekeeping import Housekeeping
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_producer
@@ -176,22 +177,21 @@ class Worker:
     def connect(self) -> None:
         """Create the topics if missing, the consumer (cooperative-sticky) and the publisher."""
         s = self.settings
+        log.info(f"connecting to {with_ports(s.bootstrap_servers)} ({s.security_protocol})")  # (kafka-python names none)
         ensure_worker_topics(s)
         problem = check_retention(s)
         if problem is not None:
             raise SettingsError(f"refusing to start: {problem}")
         # The listener calls the worker's on_assigned/on_revoked (tests wrap them).
-        self.group = GroupConsumer(s, PartitionListener(self.on_assigned, self.on_revoked,
-                                                               self.on_lost),
-                                   client_id=f"stream-lstm-{self.instance_id}",
+        listener = PartitionListener(self.on_assigned, self.on_revoked, self.on_lost)
+        self.group = GroupConsumer(s, listener, client_id=f"stream-lstm-{self.instance_id}",
                                    on_stall=self.metrics.kafka_stalls.inc)
         self.partitions.group = self.group
         self.tx.connect()
         self.health.set_ready("broker", True)
         self.health.set_ready("model", True, self.lifecycle.version)
         self.health.set_ready("partitions", False, "waiting for assignment")
-        # When the served model was made (promoted with it), not when this process connected:
-        # a restart is no promotion on the dashboard.
+        # When the served model was made, not this process: a restart is no promotion on the dashboard.
         self.metrics.set_model_version(self.lifecycle.version, self.lifecycle.served.created_ts or time.time())
 
     def run(self, until: Callable[[Worker], bool] | None = None) -> BatchCounts:

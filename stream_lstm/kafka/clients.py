@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, SettingsError
-from stream_lstm.connection_checks import bootstrap_problem
+from stream_lstm.connection_checks import bootstrap_problem, with_ports
 
 
 def bootstrap_list(servers: str) -> list[str]:
@@ -87,7 +87,7 @@ def _explained(settings: Settings) -> Iterator[None]:
         elif how == "SSL":
             hint = "check STREAM_LSTM_SSL_CAFILE and the broker's certificate"
         raise KafkaConnectError(
-            f"cannot connect to Kafka at {settings.bootstrap_servers} over {how}: {exc}; {hint}"
+            f"cannot connect to Kafka at {with_ports(settings.bootstrap_servers)} over {how}: {exc}; {hint}"
         ) from exc
 
 
