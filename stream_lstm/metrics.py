@@ -162,7 +162,7 @@ class Metrics:
                                          "after a restore (since the last checkpoint)")
         self.replay_missing_readings = counter(
             "replay_missing_readings", "Readings a replay needed that the input's retention "
-            "had deleted (state resumed from the checkpoint without them)")
+            "had deleted, or in a record batch that cannot be read (state resumed without them)")
         self.restore_seconds = histogram(
             "restore_seconds", "Time from a partition's assignment (or a rollback) to its "
             "resuming: its state restored from the changelog and the input replayed since its "

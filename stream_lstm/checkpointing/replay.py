@@ -36,6 +36,7 @@ from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.topics import topic_config
+from stream_lstm.kafka.unreadable import UNREADABLE, drop_failed_batch
 
 log = logging.getLogger("stream_lstm.checkpointing")
 
@@ -75,7 +76,10 @@ class Replayed:
     readings
         Records handed to the replay's ``handle``.
     missing
-        Offsets from the start that the input topic no longer held.
+        Offsets the replay could not apply: before the log start (retention had deleted them),
+        or in a record batch the client cannot read (``unreadable`` of them).
+    unreadable
+        Offsets skipped in record batches the client cannot read (kafka/unreadable.py).
     seconds
         Wall time of the replay.
     position
@@ -92,6 +96,7 @@ class Replayed:
 
     readings: int = 0
     missing: int = 0
+    unreadable: int = 0
     seconds: float = 0.0
     position: int = 0
 
@@ -133,7 +138,18 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"replaying input partition {partition} did not reach offset "
                                    f"{end} within {timeout_s:g} s")
-            records = consumer.poll(timeout_ms=200).get(tp, [])
+            try:
+                records = consumer.poll(timeout_ms=200).get(tp, [])
+            except UNREADABLE as exc:  # (the live worker waited at it; an operator moved past it)
+                if (at := drop_failed_batch(consumer)) is None:
+                    raise
+                if not out.unreadable:
+                    log.error("a record batch of the input cannot be read; the replay skips it, "
+                              "offset by offset, and its readings are not in the restored state",
+                              extra={"partition": partition, "offset": at[1], "error": repr(exc)[:300]})
+                consumer.seek(tp, at[1] + 1)
+                out.missing, out.unreadable = out.missing + 1, out.unreadable + 1
+                continue
             records = [r for r in records if start <= r.offset < end]
             if records:
                 handle(records)

@@ -32,7 +32,7 @@ from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.join import forget_lost_membership, is_rebalancing, mend_abandoned_join
 from stream_lstm.kafka.stall import StallGuard
-from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
+from stream_lstm.kafka.unreadable import UNREADABLE, held_error, set_aside
 from stream_lstm.metrics import LIVENESS_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -163,21 +163,27 @@ class GroupConsumer:
             self.unreadable = {tp: at for tp, at in self.unreadable.items() if tp in paused}
         try:
             with self.stall_guard.limit("consumer.poll", poll_limit_s(s)):
-                return self.consumer.poll(timeout_ms=timeout_ms, max_records=s.poll_max_records)
+                polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=s.poll_max_records)
+            if (held := held_error(self.consumer)) is not None:  # (records first, then a batch it cannot read)
+                self._set_aside(held)
+            return polled
         except KafkaTimeoutError as exc:
             self.on_stall()
             log.warning("poll did not return; polling again", extra={"error": str(exc)[:300]})
             return {}
         except UNREADABLE as exc:
-            if (where := set_aside(self.consumer, exc)) is not None:
-                self.unreadable[where[0]] = where[1]
-                return {}
-            if time.monotonic() - self._unexplained_at > 60:  # (not seen: its test pins where)
-                self._unexplained_at = time.monotonic()
-                log.error("the input cannot be read, and kafka-python does not say where; "
-                          "polling again", extra={"error": repr(exc)[:300]})
-            time.sleep(1.0)  # (a loop that still turns: health, commits, a clean stop)
+            self._set_aside(exc)
             return {}
+
+    def _set_aside(self, error: BaseException) -> None:
+        if (where := set_aside(self.consumer, error)) is not None:
+            self.unreadable[where[0]] = where[1]
+            return
+        if time.monotonic() - self._unexplained_at > 60:  # (not seen: its test pins where)
+            self._unexplained_at = time.monotonic()
+            log.error("the input cannot be read, and kafka-python does not say where; "
+                      "polling again", extra={"error": repr(error)[:300]})
+        time.sleep(1.0)  # (a loop that still turns: health, commits, a clean stop)
 
     def rebalancing(self) -> bool:
         """Whether the membership is unsettled: offsets cannot be committed until it settles."""

@@ -97,3 +97,56 @@ def test_the_worker_goes_on_past_a_partition_it_cannot_read_and_a_restart_reads_
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=8)]
     assert sorted((f["device_id"], f["offset"]) for f in fcs) == sorted(
         (d, k) for d in ("plain", "zipped") for k in range(4))
+
+
+def test_records_before_an_unreadable_batch_come_through_and_a_pause_then_resume_does_not_spin(
+        settings_factory, topic_name, monkeypatch):
+    """kafka-python holds the error for the next poll when records came first, and drops it if
+    the partition is paused in between (a re-assignment, a held-back partition): on resume it
+    spun for ever on the spent batch (found by a review of the change)."""
+    import threading
+
+    from stream_lstm.kafka.group_consumer import GroupConsumer
+    from stream_lstm.kafka.rebalance import PartitionListener
+
+    s = settings_factory(input_topic=topic_name, group_id=f"{topic_name}-g", commit_interval_ms=100)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    write(s, topic_name, 0, "plain", 3)
+    write(s, topic_name, 0, "zipped", 3, codec="gzip")  # offsets 3-5, one batch
+    monkeypatch.setattr(kafka.codec, "has_gzip", lambda: False)
+    assigned: set = set()
+    group = GroupConsumer(s, PartitionListener(assigned.update, assigned.difference_update), client_id="test")
+    tp = TopicPartition(topic_name, 0)
+    try:
+        got = []
+        for _ in range(200):
+            got += [r.offset for recs in group.poll(100).values() for r in recs]
+            if group.unreadable:
+                break
+        assert got == [0, 1, 2] and group.unreadable == {tp: 3}
+        assert group.consumer.paused() == {tp}
+        group.consumer.resume(tp)  # as the worker resumes a partition it restored
+        polled = threading.Thread(target=lambda: [group.poll(100) for _ in range(5)], daemon=True)
+        polled.start()
+        polled.join(30)
+        assert not polled.is_alive(), "poll() spins on the spent batch"
+        assert group.unreadable == {tp: 3} and group.consumer.position(tp) == 3  # (nothing skipped)
+    finally:
+        group.close()
+
+
+def test_a_restores_replay_skips_a_batch_it_cannot_read_and_counts_its_offsets(settings_factory, topic_name,
+                                                                               monkeypatch):
+    """The remedy the error line gives (move the group's offset past the batch) made every
+    later restore of the partition fail and retry for ever: its replay crossed the batch."""
+    from stream_lstm.checkpointing.replay import replay_input
+
+    s = settings_factory(input_topic=topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    write(s, topic_name, 0, "plain", 3)
+    write(s, topic_name, 0, "zipped", 3, codec="gzip")  # offsets 3-5
+    write(s, topic_name, 0, "after", 2)  # 6-7
+    monkeypatch.setattr(kafka.codec, "has_gzip", lambda: False)
+    handed = []
+    r = replay_input(s, 0, 0, 8, lambda recs: handed.extend(x.offset for x in recs), timeout_s=60)
+    assert handed == [0, 1, 2, 6, 7] and (r.missing, r.unreadable, r.position) == (3, 3, 8)
