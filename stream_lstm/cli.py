@@ -189,8 +189,9 @@ def broker_refusal(exc: Exception) -> str | None:
         if isinstance(exc, kind):
             if not hint:
                 return str(exc) or type(exc).__name__
-            # (kafka-python's text is mostly the request and response: 700 characters)
-            return f"{hint} ({type(exc).__name__}: {getattr(exc, 'description', '') or str(exc)[:160]})"
+            # (kafka-python's text can be mostly the request and response: 700 characters)
+            said = str(exc) if len(str(exc)) <= 240 else getattr(exc, "description", "") or str(exc)[:240]
+            return f"{hint} ({said})"
     return None
 
 

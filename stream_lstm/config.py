@@ -348,6 +348,9 @@ def settings_markdown() -> str:
         default = field.default
         shown = "" if default is None else str(default)
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description or ''} |")
+    rows += ["", f"Outside the service's settings: `{ENV_PREFIX}CACHE_DIR`, where `kafka fetch` and `kafka up` "
+             "keep the Kafka jars and the local brokers' registry (default `$XDG_CACHE_HOME/stream-lstm`, "
+             "else `~/.cache/stream-lstm`)."]
     return "\n".join(rows)
 
 

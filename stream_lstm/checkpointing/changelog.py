@@ -279,6 +279,13 @@ def _start_offsets(settings, tps, begin, end, store, result) -> dict[TopicPartit
         if cp is None or cp < begin[tp] or cp > end[tp]:
             # Missing, truncated past (compaction keeps offsets, only deletion moves the log
             # start, and tombstones may be among the deleted), or from a recreated topic.
+            if cp is not None:  # (the store held state the changelog does not: never silently)
+                log.warning("the local state store's checkpoint of changelog %s partition %d is not "
+                            "in the topic (offset %d; it holds %d to %d): it was deleted, recreated, "
+                            "renamed or truncated; the store's devices of that partition are "
+                            "dropped, and restored from what the topic holds", tp.topic, tp.partition,
+                            cp, begin[tp], end[tp],
+                            extra={"partition": tp.partition, "topic": tp.topic})
             store.drop_partitions([tp.partition])
             result.rebuilt.append(tp.partition)
             cp = begin[tp]

@@ -179,7 +179,7 @@ def test_aborted_and_open_transactions_are_skipped_without_hanging(settings, sto
 
 
 @pytest.mark.timeout(90, func_only=True)  # the broker fixture may start first
-def test_truncated_changelog_is_rebuilt_from_log_start(settings, store):
+def test_truncated_changelog_is_rebuilt_from_log_start(settings, store, caplog):
     # Only a topic that also deletes can be truncated (DeleteRecords is refused on
     # compact-only topics), e.g. a changelog someone gave a retention.
     topic = settings.changelog_topic_name()
@@ -193,8 +193,13 @@ def test_truncated_changelog_is_rebuilt_from_log_start(settings, store):
         admin.delete_records({TopicPartition(topic, 0): 250})  # log start past checkpoint 200
     finally:
         admin.close()
-    r = restore(settings, topic, [0], store)
+    with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
+        r = restore(settings, topic, [0], store)
     assert r.complete and r.rebuilt == [0] and r.restored[0] == 50
+    # Said: the store held state the changelog no longer has (also a deleted, recreated or
+    # renamed changelog topic; a settings review found that silent).
+    (said,) = [m for m in caplog.messages if "local state store's checkpoint" in m]
+    assert f"changelog {topic} partition 0 is not in the topic (offset 200; it holds 250 to 300)" in said
     # Only what the log still holds: rows the truncation may have invalidated are gone.
     assert stored_versions(store) == {f"d{i}": 2 for i in range(50, 100)}
     assert store.checkpoint(0) == 300
