@@ -67,7 +67,7 @@ def check_model_matches_settings(served: LoadedModel, settings: Settings, source
     >>> check_model_matches_settings(fresh_model(Settings(horizon=12)), s, "the registry")
     Traceback (most recent call last):
     ...
-    stream_lstm.models.serving.ModelSettingsMismatch: the served model v0000-untrained (from the registry) has horizon=12, but STREAM_LSTM_HORIZON=6; set STREAM_LSTM_HORIZON=12, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or another STREAM_LSTM_MODEL_DIR)
+    stream_lstm.models.serving.ModelSettingsMismatch: the served model v0000-untrained (from the registry) has horizon=12, but STREAM_LSTM_HORIZON=6; set STREAM_LSTM_HORIZON=12, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or another STREAM_LSTM_MODEL_DIR, or `stream-lstm models rollback` to an earlier version)
     """
     spec = served.spec
     wrong = [(k, getattr(spec, k), getattr(settings, k)) for k in CONTRACT
@@ -79,7 +79,8 @@ def check_model_matches_settings(served: LoadedModel, settings: Settings, source
         raise ModelSettingsMismatch(
             f"the served model {served.version} (from {source}) has {has}, but {told}; set "
             f"{fix}, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or "
-            "another STREAM_LSTM_MODEL_DIR)")
+            "another STREAM_LSTM_MODEL_DIR" + (", or `stream-lstm models rollback` to an earlier "
+                                               "version" if source == "the registry" else "") + ")")
     for k in ARCHITECTURE:
         if getattr(spec, k) != getattr(settings, k):
             log.warning("the served model keeps its own %s=%s; STREAM_LSTM_%s=%s shapes only a "

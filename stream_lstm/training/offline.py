@@ -23,6 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 # The options that stand for a setting (option's dest -> setting): passed to load_settings, so
 # they are held to the settings' own rules (a negative size, k2 below k1).
@@ -240,8 +241,28 @@ def main(args: argparse.Namespace) -> int:
           f"in normalized units{gain}")
     if args.registry:
         reg = ModelRegistry(args.model_dir or s.model_dir)
+        before = reg.promoted()
         version = reg.register(model, spec, {**meta, "version": None})
         reg.promote(version, reason=f"stream-lstm train --csv {args.csv}")
         also = f" (the same weights as {path.name}, {meta['version']})" if args.out is not None else ""
         print(f"registered and promoted {version} in {reg.root}{also}")
+        if before is not None:
+            _say_if_another_shape(reg, before, version, spec)
     return 0
+
+
+def _say_if_another_shape(reg: Any, before: str, version: str, spec: Any) -> None:
+    """A model of another shape than the one it replaces: running workers refuse it, and a
+    worker restarted with the old settings refuses to start (a review found it said nowhere)."""
+    try:
+        old = reg.load(before).spec
+    except Exception:  # noqa: BLE001 - (the old one unreadable: nothing to compare)
+        return
+    differ = [f"{k} {getattr(old, k)} -> {getattr(spec, k)}" for k in
+              ("horizon", "n_features", "target_channel", "hidden_size", "num_layers")
+              if getattr(old, k) != getattr(spec, k)]
+    if differ:
+        print(f"train: warning: {version} is not the shape of {before}, which it replaces "
+              f"({', '.join(differ)}): running workers keep serving {before} and refuse it (they "
+              "swap only within a shape); restarted, they serve it only with settings to match. "
+              f"To undo: stream-lstm models rollback {before}", file=sys.stderr)

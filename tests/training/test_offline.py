@@ -189,3 +189,19 @@ def test_a_parent_must_be_a_version_name_and_the_registry_alone_is_a_destination
     assert cli([*base, "--registry", "--out", str(tmp_path / "m"), "--version", "first"]) == 0
     assert "registered and promoted v0002 in" in (said := capsys.readouterr().out)
     assert said.endswith("(the same weights as m.safetensors, first)\n")
+
+
+def test_promoting_a_model_of_another_shape_says_what_running_workers_will_do(tmp_path, capsys):
+    """Running workers refuse it and keep their model; restarted with the old settings they
+    refuse to start (exit 2, again and again under k8s): said nowhere before."""
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    base = ["train", "--csv", str(tmp_path / "r.csv"), "--epochs", "1", "--window", "8",
+            "--hidden-size", "4", "--quiet", "--model-dir", str(tmp_path / "reg"), "--registry"]
+    assert cli([*base, "--horizon", "4"]) == 0 and cli([*base, "--horizon", "4"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the same shape: nothing to say
+    assert cli([*base, "--horizon", "6"]) == 0
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("train: warning: v0003 is not the shape of v0002, which it replaces "
+                          "(horizon 4 -> 6): running workers keep serving v0002 and refuse it")
+    assert err.rstrip().endswith("To undo: stream-lstm models rollback v0002")
