@@ -257,6 +257,32 @@ def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
         handler.filters.insert(0, RepeatFilter())  # (before SecretFilter formats the template)
 
 
+class Sparing:
+    """Says a message at most once per ``every_s`` per text, with how many it held back since:
+    a per-device warning across a fleet (a setting changed under 100k devices' stored state)
+    is a line a minute, not 100k lines.
+
+    >>> now, said = [0.0], []
+    >>> say = Sparing(lambda msg, extra: said.append((msg, extra["held_back"])), clock=lambda: now[0])
+    >>> for _ in range(3):
+    ...     say("state unusable", device="d")
+    >>> now[0] = 61.0; say("state unusable"); said
+    [('state unusable', 0), ('state unusable', 2)]
+    """
+
+    def __init__(self, emit: Any, every_s: float = 60.0, clock: Any = time.monotonic) -> None:
+        self.emit, self.every_s, self.clock = emit, every_s, clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, message: str, **extra: object) -> None:
+        said_at, held = self._last.get(message, (-float("inf"), 0))
+        if self.clock() - said_at < self.every_s:
+            self._last[message] = (said_at, held + 1)
+            return
+        self._last[message] = (self.clock(), 0)
+        self.emit(message, {**extra, "held_back": held})
+
+
 @contextmanager
 def kafka_closing() -> Iterator[None]:
     """kafka-python's own lines are dropped while the service closes its clients (kept at DEBUG).

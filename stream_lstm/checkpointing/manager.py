@@ -37,6 +37,7 @@ from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.restoring import restore_slice
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
+from stream_lstm.logs import Sparing
 from stream_lstm.state.snapshot import DeviceSnapshot
 from stream_lstm.state.table import DeviceTable
 
@@ -77,6 +78,7 @@ class StateManager:
 
     def __init__(self, settings: Settings, store_path: Path, metrics: object | None = None):
         self.settings = settings
+        self._warn_sparingly = Sparing(lambda msg, extra: log.warning(msg, extra=extra))
         self.topic = settings.changelog_topic_name()
         self.store = StateStore(store_path)  # (makes its directory, or says why it cannot)
         if not self.store.opened_clean:
@@ -97,8 +99,7 @@ class StateManager:
         self._evicted_dirty: dict[str, DeviceSnapshot] = {}
         # Dirty devices the next commit writes whatever the schedule: re-warmed (see mark).
         self.marked: set[str] = set()
-        # Devices in memory that are in no changelog yet (new, or rebuilt by a replay): a
-        # replay starts them afresh; after a swap the next commit writes them (mark_unwritten).
+        # Devices in no changelog yet (new, or rebuilt by a replay): after a swap the next commit writes them.
         self.unwritten: set[str] = set()
         self._unwritten_due = False
         # (device, old partition) of devices whose readings moved partitions (some were added
@@ -150,8 +151,8 @@ class StateManager:
         return snap
 
     def _unusable(self, n: int, why: str, **extra: object) -> None:
-        log.warning(why, extra=extra)
-        if self.metrics is not None:
+        self._warn_sparingly(why, **extra)  # (a setting changed under a fleet: 1 line a minute)
+        if self.metrics is not None:  # (counted every time)
             self.metrics.unreadable_snapshots.inc(n)  # type: ignore[attr-defined]
 
     def on_evict(self, snap: DeviceSnapshot) -> None:

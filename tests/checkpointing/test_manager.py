@@ -84,8 +84,10 @@ def test_stored_state_that_cannot_be_used_starts_the_device_afresh_counted_and_l
     assert len(slots) == 3 and np.isfinite(table.last_seen[slots]).all()
     assert manager.unwritten == {"two-channels", "flipped"}  # afresh; "fine" came back
     assert metrics.unreadable_snapshots._value.get() == 2
-    named = [r.device for r in caplog.records if "cannot be used" in r.getMessage()]
-    assert sorted(named) == ["flipped", "two-channels"]
+    # Logged once a minute with how many were held back (a settings review: a changed
+    # N_FEATURES logged a line a device, 100k lines for a fleet); counted every time.
+    (said,) = [r for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert said.device == "two-channels" and said.held_back == 0
     manager.store.close(clean=True)
 
 
