@@ -255,13 +255,12 @@ def _say_if_another_shape(reg: Any, before: str, version: str, spec: Any) -> Non
     """A model of another shape than the one it replaces: running workers refuse it, and a
     worker restarted with the old settings refuses to start (a review found it said nowhere)."""
     try:
-        old = reg.load(before).spec
+        old = reg.load(before).spec.serving_shape()
     except Exception:  # noqa: BLE001 - (the old one unreadable: nothing to compare)
         return
-    differ = [f"{k} {getattr(old, k)} -> {getattr(spec, k)}" for k in
-              ("horizon", "n_features", "target_channel", "hidden_size", "num_layers")
-              if getattr(old, k) != getattr(spec, k)]
-    if differ:
+    new = spec.serving_shape()  # (what a running worker compares before a swap: lifecycle.py)
+    if new != old:
+        differ = [f"{k} {v} -> {new.to_dict()[k]}" for k, v in old.to_dict().items() if v != new.to_dict()[k]]
         print(f"train: warning: {version} is not the shape of {before}, which it replaces "
               f"({', '.join(differ)}): running workers keep serving {before} and refuse it (they "
               "swap only within a shape); restarted, they serve it only with settings to match. "
