@@ -33,6 +33,7 @@ from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.join import forget_lost_membership, is_rebalancing, mend_abandoned_join
 from stream_lstm.kafka.stall import StallGuard
 from stream_lstm.kafka.unreadable import UNREADABLE, held_error, set_aside
+from stream_lstm.logs import Sparing
 from stream_lstm.metrics import LIVENESS_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class GroupConsumer:
         # Partitions set aside at a batch they cannot read, and its offset (``unreadable.py``):
         # kept while paused (the worker resumes one after a restore: it is then read again).
         self.unreadable: dict[TopicPartition, int] = {}
-        self._unexplained_at = -float("inf")
+        self._say_unexplained = Sparing(lambda msg, extra: log.error(msg, extra=extra))
         self._open()
 
     def _open(self, consumer: KafkaConsumer | None = None) -> None:
@@ -179,10 +180,9 @@ class GroupConsumer:
         if (where := set_aside(self.consumer, error)) is not None:
             self.unreadable[where[0]] = where[1]
             return
-        if time.monotonic() - self._unexplained_at > 60:  # (not seen: its test pins where)
-            self._unexplained_at = time.monotonic()
-            log.error("the input cannot be read, and kafka-python does not say where; "
-                      "polling again", extra={"error": repr(error)[:300]})
+        # (not seen: its test pins where)
+        self._say_unexplained("the input cannot be read, and kafka-python does not say where; "
+                              "polling again", error=repr(error)[:300])
         time.sleep(1.0)  # (a loop that still turns: health, commits, a clean stop)
 
     def rebalancing(self) -> bool:
