@@ -12,8 +12,9 @@ Python packages (issue 18). In order:
    on the GPU, and the share of its time the engine takes: the rest is the CPU side (numpy
    experts, encoding) that limits a GPU worker;
 4. **worker**: the worker through a local broker (exactly-once), when java and the Kafka jars
-   are there; else says why not. N processes sharing the GPU wait for
-   ``STREAM_LSTM_PROCESSES`` (issue 18).
+   are there (else says why not): in-process, then ``stream-lstm run`` with
+   ``--worker-processes`` processes sharing the GPU over the same backlog (readings/s from the
+   moment every process is ready, as ``bench``'s ``processes_ratio`` counts them).
 
 The last line on stdout is one JSON object; ``--report`` writes a short Markdown report.
 ``--device cpu`` runs every step on the CPU (how CI checks the script itself).
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="readings through the worker (default 60000)")
     parser.add_argument("--worker-devices", type=int, default=4_000,
                         help="devices they come from (default 4000)")
+    parser.add_argument("--worker-processes", type=int, default=None,
+                        help="processes sharing the device in the worker's second run (default: "
+                             "the usable CPUs, at most 4; 1 leaves that run out)")
     parser.add_argument("--skip-kafka", action="store_true", help="leave out the worker through Kafka")
     parser.add_argument("--report", type=Path, default=None, help="write a Markdown report here")
 
@@ -76,13 +80,13 @@ def _records(devices: int, readings: int, seed: int = 0) -> list:
 def _pipeline(device: Any, devices: int, seed: int = 0):
     import torch
 
-    from stream_lstm.config import Settings
+    from stream_lstm.config import load_settings
     from stream_lstm.engine import BatchedEngine
     from stream_lstm.models import SimpleLSTM
     from stream_lstm.pipeline import BatchPipeline
     from stream_lstm.state.table import DeviceTable
 
-    s = Settings(max_devices=devices, min_history=1, window=64, hidden_size=64)
+    s = load_settings(max_devices=devices, min_history=1, window=64, hidden_size=64)
     torch.manual_seed(seed)
     model = SimpleLSTM(1, 64, 1, s.horizon)
     table = DeviceTable(devices, 64, 1, 1, 64, device=device, initial_capacity=min(devices, 4096),
@@ -159,14 +163,19 @@ def check_pipeline(device: Any, devices: int, readings: int = 3) -> dict:
             "pipeline_engine_share": round(engine_s[0] / total, 3)}
 
 
-def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000) -> dict:
-    """The worker through a local broker, exactly-once, on ``device``."""
+def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000,
+                 processes: int | None = None) -> dict:
+    """The worker through a local broker, exactly-once, on ``device``: in-process, then as
+    ``stream-lstm run`` with ``processes`` worker processes sharing it (default: the usable
+    CPUs, at most 4; 1 leaves that run out)."""
     import uuid
 
     from stream_lstm.config import load_settings
     from stream_lstm.kafka.jars import KAFKA_VERSION, user_cache_dir
     from stream_lstm.kafka.local_broker import ensure_local_broker
+    from stream_lstm.processes import usable_cpus
     from stream_lstm.tools.bench.core import prefill
+    from stream_lstm.tools.bench.processes import run_host
     from stream_lstm.tools.bench.relay import worker_run
 
     if shutil.which("java") is None:
@@ -179,16 +188,22 @@ def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000) -> d
         topic = f"gpu-check-{uuid.uuid4().hex[:6]}"
         prefill(s, topic, messages, devices)
         out = worker_run(s, topic, messages)
-    return {"worker_msgs_per_s": round(out["rate"]), "worker_processes": 1,
-            "worker_n_processes": "not yet: STREAM_LSTM_PROCESSES (issue 18)"}
+        result = {"worker_msgs_per_s": round(out["rate"])}
+        n = processes if processes is not None else min(4, usable_cpus())
+        if n > 1:  # (a fresh group over the same backlog: the same readings again)
+            host = run_host(s, topic, messages, n)
+            result |= {"worker_n_processes": n, "worker_n_msgs_per_s": round(host["rate"]),
+                       "worker_n_ready_s": round(host["ready_s"], 1)}
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from stream_lstm.config import SettingsError
+    from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.engine import resolve_device
 
+    load_settings()  # (a bad variable: one line and exit 2 now, not after minutes of figures)
     try:
         device = resolve_device(args.device)
     except SettingsError as exc:
@@ -202,7 +217,8 @@ def main(args: argparse.Namespace) -> int:
               lambda: check_pipeline(device, args.pipeline_devices))]
     if not args.skip_kafka:
         steps.append(("worker through a local broker",
-                      lambda: check_worker(device, args.worker_readings, args.worker_devices)))
+                      lambda: check_worker(device, args.worker_readings, args.worker_devices,
+                                           args.worker_processes)))
     for name, run in steps:
         say(f"gpu-check: {name} ...")
         t0 = time.perf_counter()

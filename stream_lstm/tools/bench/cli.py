@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
 
     from stream_lstm.config import load_settings
 
+    load_settings()  # (a bad variable: one line and exit 2 now, not after minutes of figures)
     messages = min(args.messages, 40_000) if args.quick else args.messages
     devices = args.devices
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -88,14 +88,14 @@ def _rss_bytes() -> int:
 
 def bench_scale(devices: int, readings_per_device: int = 3, batch: int = 2000) -> dict:
     """decode → state → engine → encode without Kafka, for a fleet of ``devices``."""
-    from stream_lstm.config import Settings
+    from stream_lstm.config import load_settings
     from stream_lstm.encoding import encode_reading
     from stream_lstm.engine import BatchedEngine
     from stream_lstm.models import SimpleLSTM
     from stream_lstm.pipeline import BatchPipeline
     from stream_lstm.state.table import DeviceTable
 
-    settings = Settings(max_devices=devices, min_history=1, window=64, hidden_size=64)
+    settings = load_settings(max_devices=devices, min_history=1, window=64, hidden_size=64)
     rss0 = _rss_bytes()
     table = DeviceTable(devices, 64, 1, 1, 64, initial_capacity=1024,
                         with_experts="experts" in settings.stage_names)

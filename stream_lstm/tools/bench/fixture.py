@@ -20,7 +20,7 @@ def pipeline_fixture(devices: int, **settings: Any):
     ``settings`` are passed to :class:`~stream_lstm.config.Settings`; ``min_history`` is 1
     unless given (a forecast from each device's first reading: every reading does the work).
     """
-    from stream_lstm.config import Settings
+    from stream_lstm.config import load_settings
     from stream_lstm.encoding import encode_reading
     from stream_lstm.engine import BatchedEngine
     from stream_lstm.models import SimpleLSTM
@@ -29,7 +29,7 @@ def pipeline_fixture(devices: int, **settings: Any):
     from stream_lstm.tools.bench.core import Record
 
     settings.setdefault("min_history", 1)
-    s = Settings(max_devices=devices, **settings)
+    s = load_settings(max_devices=devices, **settings)
     table = DeviceTable(devices, s.window, 1, 1, s.hidden_size, initial_capacity=devices,
                         with_experts="experts" in s.stage_names)
     model = SimpleLSTM(1, s.hidden_size, 1, s.horizon)

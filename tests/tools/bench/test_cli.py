@@ -60,3 +60,14 @@ def test_a_quick_in_process_run_prints_one_json_object_of_its_figures(monkeypatc
     assert result["backlog_ratio"] > 0  # the in-process benchmarks run without a broker too
     assert "bare_consume_msgs_per_s" not in result  # --skip-kafka: no broker, no Kafka benchmarks
     assert "engine: 200 devices" in err and "pipeline in-process at 100,000 devices" in err
+
+
+def test_a_bad_variable_is_one_line_before_any_figure(monkeypatch, capsys):
+    """It was pydantic's traceback, after minutes of the figures that did not read it."""
+    from stream_lstm.cli import main
+
+    monkeypatch.setenv("STREAM_LSTM_HORIZON", "twelve")
+    assert main(["bench", "--quick"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("bench: invalid setting STREAM_LSTM_HORIZON: Input should be a "
+                                 "valid integer, unable to parse string as an integer\n")
