@@ -29,6 +29,9 @@ def bootstrap_problem(servers: str) -> str | None:
     inside, or a 30 s wait for a blank one); None if nothing."""
     for entry in (e.strip() for e in servers.split(",")):
         m = _HOST_PORT.fullmatch(entry)
+        if "@" in entry:  # (never echoed: what comes before the @ is likely a password)
+            return (f"'***@{entry.rpartition('@')[2]}' is not host:port: credentials go in "
+                    "STREAM_LSTM_SASL_USERNAME and STREAM_LSTM_SASL_PASSWORD, not in the address")
         if m is None or not 0 < int(m[2] or 9092) < 65536:
             return f"{entry!r} is not host:port (a comma-separated list of them)"
     return None

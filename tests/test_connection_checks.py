@@ -12,6 +12,8 @@ from stream_lstm.config import SettingsError, load_settings
     ({"ALERTS_TOPIC": "x" * 250}, "STREAM_LSTM_ALERTS_TOPIC 'xxx"),
     ({"GROUP_ID": "plant/7"}, "STREAM_LSTM_CHANGELOG_TOPIC 'plant/7-state-changelog' is not a Kafka topic name"),
     ({"BOOTSTRAP_SERVERS": "127.0.0.1:abc"}, "STREAM_LSTM_BOOTSTRAP_SERVERS: '127.0.0.1:abc' is not host:port"),
+    ({"BOOTSTRAP_SERVERS": "app:s3cret@broker:9092"},  # (the password was echoed back)
+     "STREAM_LSTM_BOOTSTRAP_SERVERS: '***@broker:9092' is not host:port: credentials go in STREAM_LSTM_SASL_USERNAME"),
 ])
 def test_a_topic_name_or_address_kafka_refuses_is_one_line_when_the_settings_load(monkeypatch, env, said):
     # The broker's InvalidTopicError was a traceback and exit 1 (restarted for ever); a bad
@@ -20,7 +22,7 @@ def test_a_topic_name_or_address_kafka_refuses_is_one_line_when_the_settings_loa
         monkeypatch.setenv(f"STREAM_LSTM_{k}", v)
     with pytest.raises(SettingsError) as caught:
         load_settings()
-    assert said in str(caught.value) and "\n" not in str(caught.value)
+    assert said in str(caught.value) and "\n" not in str(caught.value) and "s3cret" not in str(caught.value)
     monkeypatch.undo()
     assert load_settings(group_id="plant-7", input_topic="a.b_c-1").input_topic == "a.b_c-1"
 

@@ -282,6 +282,16 @@ def decode_for_table(data: bytes | bytearray | memoryview, n_features: int) -> D
     the worker restores devices from. (The codec itself round-trips any snapshot.)"""
     snap = decode_snapshot(data, n_features)
     _check_columns(snap.columns)
+    # A NaN in h, c or the normalizer stays in the recurrence: the device's forecasts were null
+    # for good (a review forged one). The window and the experts may hold NaN (gaps, unseen).
+    with np.errstate(all="ignore"):
+        for name, ok in (("h", np.isfinite(snap.h).all()), ("c", np.isfinite(snap.c).all()),
+                         ("mean", np.isfinite(snap.mean).all()),
+                         ("var", (np.isfinite(snap.var) & (snap.var >= 0)).all()),
+                         ("count", np.isfinite(snap.count) and snap.count >= 0)):
+            if not ok:
+                raise SnapshotDecodeError(f"corrupt snapshot: its {name} is not finite"
+                                          + (" and non-negative" if name in ("var", "count") else ""))
     return snap
 
 

@@ -229,24 +229,6 @@ class SimpleLSTM(nn.Module):
         return mu, log_b.clamp(LOG_B_MIN, LOG_B_MAX)
 
 
-def bad_outputs(model: SimpleLSTM) -> str | None:
-    """What is not finite when ``model`` (in eval mode) reads ordinary normalized readings from
-    a zero state, or None. Finite weights are not enough: a forged model of weights 3e38 each
-    (a security review: anyone who may write to the models topic) gave infinite forecasts and
-    NaN h/c, checkpointed for every device until the next good model re-warmed them.
-
-    >>> bad_outputs(SimpleLSTM(n_features=2, hidden_size=4, num_layers=1, horizon=2).eval()) is None
-    True
-    """
-    x = torch.linspace(-4.0, 4.0, 16).repeat(model.n_features, 1).T.unsqueeze(0)  # [1, 16, F]
-    with torch.no_grad():
-        mu, log_b, (h, c) = model(x.to(next(model.parameters()).device))
-    for name, t in (("forecasts", mu), ("scales", log_b), ("h", h), ("c", c)):
-        if not bool(torch.isfinite(t).all()):
-            return f"its {name} are not finite on ordinary readings (finite but extreme weights?)"
-    return None
-
-
 class LoadedModel(NamedTuple):
     """A loaded model, its spec and its metadata (``models/registry.py`` reads and writes
     them); unpacks as ``model, spec, meta``.

@@ -3,12 +3,10 @@
 A saved model is two files: ``NAME.safetensors`` (the weights, in the `safetensors
 <https://huggingface.co/docs/safetensors>`_ format, which holds only tensors and cannot run
 code) and ``NAME.json`` beside it: format version, model version, parent version, creation
-time, the :class:`~stream_lstm.models.lstm.ModelSpec`, the sha256 of the weights file,
-training data range, metrics and the settings used. Loading checks the JSON, the checksum,
-every tensor's name, shape, dtype and finiteness against the spec, and that the model's
-outputs on ordinary readings are finite, so a missing, truncated, tampered, foreign (e.g. a
-``torch.save`` pickle), mis-shaped or extreme file fails with :class:`ModelLoadError` and a
-one-line message that says why. Nothing is ever unpickled.
+time, the :class:`~stream_lstm.models.lstm.ModelSpec`, the weights' sha256, training data,
+metrics and settings. Loading checks the JSON, the checksum, every tensor's name, shape, dtype
+and size against the spec: a missing, truncated, tampered, foreign (a ``torch.save`` pickle),
+mis-shaped or extreme file fails with :class:`ModelLoadError` and a line that says why.
 
 :class:`ModelRegistry` keeps numbered versions ``v0001``, ``v0002``, ... in one directory
 (``STREAM_LSTM_MODEL_DIR``), a ``PROMOTED`` file naming the version workers serve (replaced
@@ -46,14 +44,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 # (LoadedModel lives beside SimpleLSTM; imported from here too, where it lived before.)
-from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM, bad_outputs, check_spec
+from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM, check_spec
 
 FORMAT = "stream-lstm-model"
 FORMAT_VERSION = 1
 WIRE_MAGIC = b"SLM1"
 _MAX_HEADER = 16 << 20
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # (a file name too)
-NUMBERED_RE = re.compile(r"^v(\d+)$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # (a file name too; \Z: no newline)
+NUMBERED_RE = re.compile(r"^v(\d+)\Z")
+# |w| of a served model, far above trained ones. Bounded weights bound the forecasts whatever the
+# readings (h is in [-1, 1], log_b clamped), which a probe of inputs could not: a forged model
+# kept its units shut below 4.5 sigma and forecast inf after one spike, for good (a review).
+MAX_WEIGHT = 1e4
 
 
 class ModelLoadError(ValueError):
@@ -71,14 +73,9 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+def _jsonable(value: Any) -> Any:  # numpy / torch scalars (item), arrays (tolist), paths (str)
+    method = next((m for m in ("item", "tolist") if hasattr(value, m) and not isinstance(value, Path)), None)
+    return getattr(value, method)() if method else str(value)
 
 
 def _expected_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
@@ -124,10 +121,10 @@ def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> Loade
     if not isinstance(fmt_version, int) or fmt_version > FORMAT_VERSION:
         raise ModelLoadError(f"{source}: format_version {fmt_version!r} is newer than this "
                              f"stream-lstm understands ({FORMAT_VERSION})")
-    version = meta.get("version")  # (it names the model in every checkpoint and metric)
-    if version is not None and not (isinstance(version, str) and VERSION_RE.match(version)):
-        raise ModelLoadError(f"{source}: version {str(version)[:80]!r} is not a version name "
-                             "(letters, digits, '.', '_', '-'; at most 64)")
+    for key in ("version", "parent"):  # (names in every checkpoint and metric; serving.py follows parents)
+        if (name := meta.get(key)) is not None and not (isinstance(name, str) and VERSION_RE.match(name)):
+            raise ModelLoadError(f"{source}: {key} {str(name)[:80]!r} is not a version name "
+                                 "(letters, digits, '.', '_', '-'; at most 64)")
     digest = meta.get("sha256")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ModelLoadError(f"{source}: metadata has no valid sha256")
@@ -156,14 +153,14 @@ def _build(weights: bytes, meta: Any, source: str, device: str = "cpu") -> Loade
         if t.shape != shape:
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the spec "
                                  f"needs {tuple(shape)}")
-        if not t.is_floating_point() or not bool(torch.isfinite(t.float()).all()):  # as served: 1e300 in float64 is inf
-            raise ModelLoadError(f"{source}: tensor {name} " + ("contains NaN or infinity (as float32)"
-                                 if t.is_floating_point() else f"has dtype {t.dtype}, expected float"))
+        # (as served: 1e300 in float64 is inf; bounded weights bound the forecasts: MAX_WEIGHT)
+        if not t.is_floating_point() or not bool(t.float().abs().max() <= MAX_WEIGHT):  # (NaN too)
+            raise ModelLoadError(f"{source}: tensor {name} " + (
+                f"has NaN, infinite or weights past ±{MAX_WEIGHT:g} (as float32)"
+                if t.is_floating_point() else f"has dtype {t.dtype}, expected float"))
     model = SimpleLSTM.from_spec(spec)
     model.load_state_dict({k: t.float() for k, t in tensors.items()})
-    if (why := bad_outputs(model.eval())) is not None:
-        raise ModelLoadError(f"{source}: {why}")
-    return LoadedModel(model.to(device), spec, meta)
+    return LoadedModel(model.eval().to(device), spec, meta)
 
 
 def _weights_path(path: Path) -> Path:
@@ -297,9 +294,7 @@ class ModelRegistry:
     def versions(self) -> list[dict[str, Any]]:
         """Metadata of every version, oldest first (``{"version", "error"}`` if unreadable)."""
         out = []
-        for p in self.root.glob("*.json"):
-            if not VERSION_RE.match(p.stem):
-                continue
+        for p in (p for p in self.root.glob("*.json") if VERSION_RE.match(p.stem)):
             try:
                 meta = json.loads(p.read_text(encoding="utf-8"))
                 if not isinstance(meta, dict):
@@ -307,6 +302,8 @@ class ModelRegistry:
             except (OSError, ValueError, RecursionError) as exc:
                 meta = {"error": f"unreadable metadata ({exc!r:.200})"}
             meta["version"] = p.stem
+            if not (isinstance(parent := meta.get("parent"), str) and VERSION_RE.match(parent)):
+                meta["parent"] = None  # (followed by serving.py, shown by `models list`: a name or none)
             out.append(meta)
         return sorted(out, key=lambda m: _version_key(m["version"]))
 
@@ -335,12 +332,15 @@ class ModelRegistry:
                 if explicit:
                     raise FileExistsError(f"model version {version} already exists in {self.root}") from None
                 continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(weights)
-                f.flush()
-                os.fsync(f.fileno())
-            full = _full_meta({**meta, "version": version}, spec, weights)
-            atomic_write(path.with_suffix(".json"), _dumps(full))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(weights)
+                    f.flush()
+                    os.fsync(f.fileno())
+                atomic_write(path.with_suffix(".json"), _dumps(_full_meta({**meta, "version": version}, spec, weights)))
+            except BaseException:  # (a full disk: no partial file left, listed nowhere, its number spent)
+                path.unlink(missing_ok=True)
+                raise
             return version
         raise RuntimeError(f"could not allocate a version in {self.root}")
 
@@ -372,17 +372,14 @@ class ModelRegistry:
             if expect is not _ANY and previous != expect:
                 raise PromotionConflict(previous)
             atomic_write(self.root / self.PROMOTED, (version + "\n").encode())
-            entry = {"at": _utc_now(), "action": action, "version": version, "previous": previous}
-            if reason:
-                entry["reason"] = reason
+            entry = {"at": _utc_now(), "action": action, "version": version, "previous": previous,
+                     **({"reason": reason} if reason else {})}
             with open(self.root / self.LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def rollback(self, version: str, reason: str = "") -> None:
-        """Promote an existing (usually older) version again; logged as a rollback.
-
-        Running workers and a trainer on this registry take it within seconds.
-        """
+        """Promote an existing (usually older) version again, logged as a rollback: running
+        workers and a trainer on this registry take it within seconds."""
         self.promote(version, action="rollback", reason=reason)
 
     def history(self) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _created(value: Any) -> str:
-    if isinstance(value, int | float):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
-    if isinstance(value, str) and value:
+    """The metadata's creation time as the table shows it; "-" for what is not one (a file
+    written by hand: 1e300, or text with a terminal's escape codes, printed on the screen)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
+        except (OverflowError, OSError, ValueError):
+            return "-"
+    if isinstance(value, str) and re.fullmatch(r"[0-9T:Z .+-]{1,40}", value):
         return value.replace("T", " ").rstrip("Z")[:19]
     return "-"
 
@@ -138,8 +144,14 @@ def main(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"models rollback: {exc}", file=sys.stderr)
         return 2
-    print(f"promoted {args.version} (was {previous or 'none'}); running workers and a trainer "
-          f"on this registry take it within {REGISTRY_CHECK_S:.0f} s, others at their next start")
+    except OSError as exc:  # (a full or read-only disk: nothing promoted)
+        print(f"models rollback: cannot write in {reg.root}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    other = previous is not None and say_if_another_shape(reg, previous, args.version,
+                                                          reg.load(args.version).spec, "models rollback")
+    print(f"promoted {args.version} (was {previous or 'none'})" + ("" if other else (
+        f"; running workers and a trainer on this registry take it within {REGISTRY_CHECK_S:.0f} "
+        "s, others at their next start")))
     if args.publish:
         from stream_lstm.kafka.clients import KafkaConnectError
         from stream_lstm.training.retrainer import ModelPublishError
@@ -152,6 +164,24 @@ def main(args: argparse.Namespace) -> int:
             return 2
         print(f"published {args.version} to {topic}: workers following it swap to it")
     return 0
+
+
+def say_if_another_shape(reg: Any, before: str, version: str, spec: Any, command: str) -> bool:
+    """A model of another shape than the one it replaces (``train --registry``, ``models
+    rollback``): running workers refuse it, and a worker restarted with the old settings
+    refuses to start (a review found it said nowhere). Whether it said so."""
+    try:
+        old = reg.load(before).spec.serving_shape()
+    except Exception:  # noqa: BLE001 - (the old one unreadable: nothing to compare)
+        return False
+    new = spec.serving_shape()  # (what a running worker compares before a swap: lifecycle.py)
+    if new != old:
+        differ = [f"{k} {v} -> {new.to_dict()[k]}" for k, v in old.to_dict().items() if v != new.to_dict()[k]]
+        print(f"{command}: warning: {version} is not the shape of {before}, which it replaces "
+              f"({', '.join(differ)}): running workers keep serving {before} and refuse it (they "
+              "swap only within a shape); restarted, they serve it only with settings to match. "
+              f"To undo: stream-lstm models rollback {before}", file=sys.stderr)
+    return new != old
 
 
 def publish(loaded: Any) -> str:

@@ -80,7 +80,7 @@ def check_model_matches_settings(served: LoadedModel, settings: Settings, source
             f"the served model {served.version} (from {source}) has {has}, but {told}; set "
             f"{fix}, or serve a model made for these settings (STREAM_LSTM_MODEL_PATH, or "
             "another STREAM_LSTM_MODEL_DIR" + (", or `stream-lstm models rollback` to an earlier "
-                                               "version" if source == "the registry" else "") + ")")
+                                               "version" if source.startswith("the registry") else "") + ")")
     for k in ARCHITECTURE:
         if getattr(spec, k) != getattr(settings, k):
             log.warning("the served model keeps its own %s=%s; STREAM_LSTM_%s=%s shapes only a "

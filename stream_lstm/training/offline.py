@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 # The options that stand for a setting (option's dest -> setting): passed to load_settings, so
 # they are held to the settings' own rules (a negative size, k2 below k1).
@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.models.registry import NUMBERED_RE, VERSION_RE, ModelRegistry, save_model
+    from stream_lstm.models.registry_cli import say_if_another_shape
     from stream_lstm.recordings import DEFAULT_TIME_COLUMN, RecordingError, load_csv
     from stream_lstm.state.normalizer import normalize_sequence
     from stream_lstm.training.data import series_windows
@@ -153,12 +154,21 @@ def main(args: argparse.Namespace) -> int:
     if not 0.0 < args.val_fraction < 1.0:
         print("train: --val-fraction must be in (0, 1)", file=sys.stderr)
         return 2
-    try:  # said before the training, not after it
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"train: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+    if args.model_dir is not None and not args.registry:  # (accepted and ignored before)
+        print("train: --model-dir is where --registry registers: add --registry, or leave it out",
+              file=sys.stderr)
         return 2
+    registry_dir = Path(args.model_dir or s.model_dir)
+    for flag, where in (("--out", args.out and args.out.parent), ("--registry", args.registry and registry_dir)):
+        try:  # said before the training, not after it
+            if where:
+                where.mkdir(parents=True, exist_ok=True)
+                if not os.access(where, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            print(f"train: cannot write {flag} {args.out if flag == '--out' else where}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     time_column = args.time_column or DEFAULT_TIME_COLUMN
 
     def chosen(column: str, message: str) -> None:  # no `timestamp` column: say which was used
@@ -240,28 +250,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"validation one-step MAE {mae:.4f} vs persistence (zero change) {base:.4f} "
           f"in normalized units{gain}")
     if args.registry:
-        reg = ModelRegistry(args.model_dir or s.model_dir)
+        reg = ModelRegistry(registry_dir)
         before = reg.promoted()
-        version = reg.register(model, spec, {**meta, "version": None})
-        reg.promote(version, reason=f"stream-lstm train --csv {args.csv}")
+        try:
+            version = reg.register(model, spec, {**meta, "version": None})
+            reg.promote(version, reason=f"stream-lstm train --csv {args.csv}")
+        except OSError as exc:  # (a disk that filled during the training)
+            print(f"train: cannot register in {reg.root}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         also = f" (the same weights as {path.name}, {meta['version']})" if args.out is not None else ""
         print(f"registered and promoted {version} in {reg.root}{also}")
         if before is not None:
-            _say_if_another_shape(reg, before, version, spec)
+            say_if_another_shape(reg, before, version, spec, "train")
     return 0
-
-
-def _say_if_another_shape(reg: Any, before: str, version: str, spec: Any) -> None:
-    """A model of another shape than the one it replaces: running workers refuse it, and a
-    worker restarted with the old settings refuses to start (a review found it said nowhere)."""
-    try:
-        old = reg.load(before).spec.serving_shape()
-    except Exception:  # noqa: BLE001 - (the old one unreadable: nothing to compare)
-        return
-    new = spec.serving_shape()  # (what a running worker compares before a swap: lifecycle.py)
-    if new != old:
-        differ = [f"{k} {v} -> {new.to_dict()[k]}" for k, v in old.to_dict().items() if v != new.to_dict()[k]]
-        print(f"train: warning: {version} is not the shape of {before}, which it replaces "
-              f"({', '.join(differ)}): running workers keep serving {before} and refuse it (they "
-              "swap only within a shape); restarted, they serve it only with settings to match. "
-              f"To undo: stream-lstm models rollback {before}", file=sys.stderr)

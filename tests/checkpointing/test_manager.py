@@ -73,17 +73,22 @@ def test_stored_state_that_cannot_be_used_starts_the_device_afresh_counted_and_l
     good = DeviceTable(4, 4, 1, 1, 4)
     good.slots_for(["flipped", "fine"], [0, 0], now=0.0)
     flipped = corrupt_past_the_header(encode_snapshot(good.snapshot(good.index["flipped"])))
+    good.slots_for(["nan-h"], [0], now=0.0)
+    poisoned = good.snapshot(good.index["nan-h"])
+    poisoned.h[:] = np.nan  # (forged: the device's forecasts were null for good after it)
     rows = [("two-channels", 0, encode_snapshot(two.snapshot(0))), ("flipped", 0, bytes(flipped)),
-            ("fine", 0, encode_snapshot(good.snapshot(good.index["fine"])))]
+            ("fine", 0, encode_snapshot(good.snapshot(good.index["fine"]))),
+            ("nan-h", 0, encode_snapshot(poisoned))]
     assert all(check_snapshot(value) is None for _, _, value in rows)  # restore stores them
     manager.store.put_many(rows)
     table = DeviceTable(8, 4, 1, 1, 4)
     with caplog.at_level("WARNING", logger="stream_lstm.checkpointing"):
-        slots = table.slots_for(["two-channels", "flipped", "fine"], [0, 0, 0], now=1.0,
+        slots = table.slots_for(["two-channels", "flipped", "fine", "nan-h"], [0, 0, 0, 0], now=1.0,
                                 load=manager.load)
-    assert len(slots) == 3 and np.isfinite(table.last_seen[slots]).all()
-    assert manager.unwritten == {"two-channels", "flipped"}  # afresh; "fine" came back
-    assert metrics.unreadable_snapshots._value.get() == 2
+    assert len(slots) == 4 and np.isfinite(table.last_seen[slots]).all()
+    assert manager.unwritten == {"two-channels", "flipped", "nan-h"}  # afresh; "fine" came back
+    assert metrics.unreadable_snapshots._value.get() == 3
+    assert np.isfinite(table.h[:, slots[3]].cpu().numpy()).all()
     # Logged once a minute with how many were held back (a settings review: a changed
     # N_FEATURES logged a line a device, 100k lines for a fleet); counted every time.
     (said,) = [r for r in caplog.records if "cannot be used" in r.getMessage()]

@@ -271,7 +271,7 @@ def test_weights_that_are_finite_only_in_float64_are_refused():
     weights["head.bias"][0] = 1e300
     raw = save(weights)
     header = _dumps(_full_meta({"version": "v0001"}, spec, raw), indent=None)
-    with pytest.raises(ModelLoadError, match=r"head\.bias contains NaN or infinity \(as float32\)"):
+    with pytest.raises(ModelLoadError, match=r"head\.bias has NaN, infinite or weights past ±10000 \(as float32\)"):
         model_from_bytes(WIRE_MAGIC + struct.pack("<I", len(header)) + header + raw)
 
 
@@ -317,7 +317,7 @@ def test_a_version_that_is_not_a_version_name_is_refused():
 def test_a_model_of_finite_but_extreme_weights_is_refused():
     """Every tensor finite, each weight 3e38: its forecasts were infinite and its h/c NaN, and a
     worker following the models topic swapped to it and checkpointed NaN state for every device
-    (a security review). Its outputs on ordinary readings are checked as it loads."""
+    (a security review). Its weights are bounded as it loads (MAX_WEIGHT)."""
     from stream_lstm.models.registry import model_from_bytes, model_to_bytes
 
     spec = ModelSpec(hidden_size=4, horizon=2)
@@ -325,6 +325,110 @@ def test_a_model_of_finite_but_extreme_weights_is_refused():
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(3e38)
-    with pytest.raises(ModelLoadError, match="its forecasts are not finite on ordinary readings"):
+    with pytest.raises(ModelLoadError, match="weight_ih_l0 has NaN, infinite or weights past ±10000"):
         model_from_bytes(model_to_bytes(model, spec, {"version": "v9999"}))
     assert model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": "v1"})).version == "v1"
+
+
+def test_finite_weights_that_open_only_past_the_probe_are_refused_by_their_size():
+    """A review forged a model with finite weights that kept its units shut for readings within
+    4.5 sigma (what the output probe then tried) and forecast inf from one spike on, for good."""
+    from stream_lstm.models.registry import MAX_WEIGHT, model_from_bytes, model_to_bytes
+
+    h = 2
+    spec = ModelSpec(n_features=1, hidden_size=h, num_layers=1, horizon=1)
+    model = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        w, b = model.lstm.weight_ih_l0, model.lstm.bias_ih_l0
+        w[:h], b[:h], b[h:] = 1000.0, -4500.0, 1000.0  # input gate shut below 4.5; the rest open
+        model.head.weight[0] = 3e38
+    hs, cs = model.eval().zero_state(1)
+    mu, _, hs, cs = model.step(torch.tensor([[4.0]]), hs, cs)
+    assert torch.isfinite(mu).all()  # ordinary readings: nothing shows
+    mu, _, hs, cs = model.step(torch.tensor([[5.0]]), hs, cs)
+    assert not torch.isfinite(mu).all()  # one spike: what it would have served, for good
+    with pytest.raises(ModelLoadError, match=r"head\.weight has NaN, infinite or weights past ±10000"):
+        model_from_bytes(model_to_bytes(model, spec, {"version": "evil-1"}))
+    with torch.no_grad():  # the same model with every weight at the bound loads, and stays finite
+        for p in model.parameters():
+            p.clamp_(-MAX_WEIGHT, MAX_WEIGHT)
+    served = model_from_bytes(model_to_bytes(model, spec, {"version": "bounded"})).model
+    hs, cs = served.zero_state(1)
+    for x in (0.5, 5.0, 1e6, -1e6, 3.0):
+        mu, log_b, hs, cs = served.step(torch.tensor([[x]]), hs, cs)
+        assert torch.isfinite(mu).all() and torch.isfinite(hs).all() and torch.isfinite(cs).all()
+
+
+def test_trained_weights_sit_far_below_the_bound():
+    """MAX_WEIGHT must never refuse a real model: trained hard (a high learning rate, no decay)
+    on a spiky series with a level shift, the largest weight stays orders of magnitude below."""
+    import numpy as np
+
+    from stream_lstm.models.registry import MAX_WEIGHT
+    from stream_lstm.state.normalizer import normalize_sequence
+    from stream_lstm.training.tbptt import train_tbptt
+
+    rng = np.random.default_rng(0)
+    x = np.sin(np.arange(3000) / 7) + rng.standard_t(2, 3000) * 0.3
+    x[1500:] += 8
+    z, _, _ = normalize_sequence(x[:, None].astype(np.float32))
+    model = SimpleLSTM.from_spec(ModelSpec(hidden_size=16, horizon=4))
+    train_tbptt(model, [z[:2500]], [z[2500:]], lr=5e-2, weight_decay=0.0, max_epochs=4, patience=4)
+    largest = max(float(p.detach().abs().max()) for p in model.parameters())
+    assert largest < MAX_WEIGHT / 100, largest  # (about 2 here)
+
+
+@pytest.mark.parametrize("name", ["v0002\n", "offline-x\n", "v0001\r"])
+def test_a_version_name_with_a_line_break_is_refused(tmp_path, name):
+    from stream_lstm.models.registry import (
+        NUMBERED_RE,
+        VERSION_RE,
+        model_from_bytes,
+        model_to_bytes,
+    )
+
+    assert not VERSION_RE.match(name) and not NUMBERED_RE.match(name)
+    spec = ModelSpec(hidden_size=2, horizon=1)
+    with pytest.raises(ModelLoadError, match="is not a version name"):
+        model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"version": name}))
+
+
+@pytest.mark.parametrize("parent", [["offline-a"], {"v": 1}, "x" * 5_000_000, "\x1b[2Jcleared"])
+def test_a_parent_that_is_not_a_version_name(tmp_path, parent):
+    """From the topic: refused. In a registry file: read as none (a list crashed every start of a
+    worker following parents; an escape code cleared the operator's screen in `models list`)."""
+    import json
+
+    from stream_lstm.models.registry import model_from_bytes, model_to_bytes
+    from stream_lstm.models.serving import _ancestors
+
+    spec = ModelSpec(hidden_size=2, horizon=1)
+    with pytest.raises(ModelLoadError, match="parent .* is not a version name"):
+        model_from_bytes(model_to_bytes(SimpleLSTM.from_spec(spec), spec, {"parent": parent}))
+    reg = ModelRegistry(tmp_path)
+    v1 = reg.register(SimpleLSTM.from_spec(spec), spec, {})
+    v2 = reg.register(SimpleLSTM.from_spec(spec), spec, {"parent": v1})
+    meta_path = tmp_path / f"{v2}.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"parent": parent}))
+    assert [m["parent"] for m in reg.versions()] == [None, None]
+    assert _ancestors(reg, v2) == []
+
+
+def test_a_full_disk_leaves_no_partial_version_behind(tmp_path, monkeypatch):
+    import os
+
+    reg = ModelRegistry(tmp_path)
+    spec = ModelSpec(hidden_size=2, horizon=1)
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        reg.register(SimpleLSTM.from_spec(spec), spec, {})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file, no number spent
+    assert reg.register(SimpleLSTM.from_spec(spec), spec, {}) == "v0001"

@@ -148,3 +148,52 @@ def test_rollback_publish_with_no_broker_says_what_it_did_and_did_not_do(tmp_pat
     err = capsys.readouterr().err
     assert "v0001 is promoted in the registry but not published" in err and "cannot connect" in err
     assert reg.promoted() == "v0001"
+
+
+def test_rollback_to_a_version_of_another_shape_says_running_workers_refuse_it(tmp_path, capsys):
+    """It said running workers take it within 5 s: they refuse it, and restarted ones refuse
+    to start (a review). Said as `train --registry` says it."""
+    reg = registry_with_two(tmp_path)
+    other = ModelSpec(hidden_size=4, horizon=6)
+    v3 = reg.register(SimpleLSTM.from_spec(other), other, {})
+    assert cli(["models", "rollback", v3, "--model-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "promoted v0003 (was v0002)\n"  # (not "running workers ... take it")
+    assert err.startswith("models rollback: warning: v0003 is not the shape of v0002, which it "
+                          "replaces (horizon 2 -> 6): running workers keep serving v0002 and refuse it")
+    assert err.rstrip().endswith("To undo: stream-lstm models rollback v0002")
+    assert cli(["models", "rollback", "v0002", "--model-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "take it within" not in out and "warning" in err  # back again: the same warning, reversed
+    assert cli(["models", "rollback", "v0001", "--model-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "take it within 5 s" in out and err == ""
+
+
+def test_rollback_on_a_disk_that_refuses_writes_is_one_line(tmp_path, capsys, monkeypatch):
+    reg = registry_with_two(tmp_path)
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("stream_lstm.models.registry.atomic_write", full)
+    assert cli(["models", "rollback", "v0001", "--model-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"models rollback: cannot write in {tmp_path}: No space left on device\n"
+    monkeypatch.undo()
+    assert reg.promoted() == "v0002"
+
+
+@pytest.mark.parametrize("created", [1e300, float("inf"), "\x1b[2J\x1b[31mPWNED", [1, 2]])
+def test_list_shows_a_creation_time_it_cannot_read_as_a_dash(tmp_path, capsys, created):
+    """1e300 was an OverflowError that listed nothing (the tool that picks a rollback target);
+    text with escape codes reached the operator's terminal."""
+    import json
+
+    registry_with_two(tmp_path)
+    meta = tmp_path / "v0001.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"created_at": created}))
+    assert cli(["models", "list", "--model-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    (row,) = [line for line in out.splitlines() if line[2:].startswith("v0001 ")]
+    assert row.split()[1:3] == ["-", "-"] and "v0002" in out  # (parent, created)

@@ -66,8 +66,11 @@ def test_a_promoted_model_with_another_horizon_is_refused(tmp_path):
     from stream_lstm.models.serving import ModelSettingsMismatch
 
     _promote_12_step_model(tmp_path / "models")
-    with pytest.raises(ModelSettingsMismatch, match="has horizon=12, but STREAM_LSTM_HORIZON=6"):
+    with pytest.raises(ModelSettingsMismatch, match="has horizon=12, but STREAM_LSTM_HORIZON=6") as refused:
         load_served_model(Settings(model_dir=tmp_path / "models", hidden_size=8, horizon=6))
+    # (the hint was compared with the bare "the registry", never the source as named: never said)
+    assert f"(from the registry {tmp_path / 'models'} (promoted))" in str(refused.value)
+    assert str(refused.value).endswith("or `stream-lstm models rollback` to an earlier version)")
 
 
 def test_a_model_of_another_size_is_served_with_a_warning(tmp_path, caplog):

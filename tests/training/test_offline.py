@@ -206,3 +206,31 @@ def test_promoting_a_model_of_another_shape_says_what_running_workers_will_do(tm
     assert err.startswith("train: warning: v0003 is not the shape of v0002, which it replaces "
                           "(horizon 4 -> 6): running workers keep serving v0002 and refuse it")
     assert err.rstrip().endswith("To undo: stream-lstm models rollback v0002")
+
+
+def test_the_registry_must_be_writable_before_the_training_and_model_dir_needs_registry(tmp_path, capsys):
+    """`--registry` on a read-only directory trained fully, then failed with a traceback (where
+    `--out` was checked first); `--model-dir` without `--registry` was accepted and ignored."""
+    import os
+    import stat
+
+    if os.geteuid() == 0:  # (root writes anywhere: a file where the directory should be instead)
+        blocked = tmp_path / "file"
+        blocked.write_text("")
+        reg_dir, why = blocked / "reg", "Not a directory"
+    else:
+        reg_dir = tmp_path / "ro"
+        reg_dir.mkdir()
+        reg_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        why = "Permission denied"
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    base = ["train", "--csv", str(tmp_path / "r.csv"), "--epochs", "1", "--window", "8",
+            "--hidden-size", "4"]
+    assert cli([*base, "--registry", "--model-dir", str(reg_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"train: cannot write --registry {reg_dir}: {why}\n" and "trained" not in out
+    assert cli([*base, "--out", str(tmp_path / "m"), "--model-dir", str(tmp_path / "reg")]) == 2
+    assert capsys.readouterr().err == ("train: --model-dir is where --registry registers: add "
+                                       "--registry, or leave it out\n")
+    assert not (tmp_path / "m.safetensors").exists()
