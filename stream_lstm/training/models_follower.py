@@ -92,7 +92,10 @@ class ModelsFollower:
         for recs in polled.values():
             for rec in recs:
                 try:
-                    latest = model_from_bytes(rec.value)
+                    loaded = model_from_bytes(rec.value)
+                    if loaded.meta.get("version") is None:  # (served as "unknown"; the next unnamed one never swapped)
+                        raise ModelLoadError("the model has no version: a swap compares names")
+                    latest = loaded
                 except ModelLoadError as exc:
                     log.error("ignoring an unloadable model from the models topic",
                               extra={"offset": rec.offset, "error": str(exc)})

@@ -6,6 +6,7 @@ import pytest
 
 from stream_lstm.kafka.clients import make_producer
 from stream_lstm.models.lstm import LoadedModel, ModelSpec, SimpleLSTM
+from stream_lstm.models.registry import model_to_bytes
 from stream_lstm.training.models_follower import ModelsFollower
 from stream_lstm.training.retrainer import MODEL_RECORD_MAX_BYTES, MODELS_PARTITION, send_model
 
@@ -27,6 +28,11 @@ def test_a_start_serves_the_latest_loadable_model(settings_factory, topic_name):
         send_model(producer, s, model("v0001"))
         send_model(producer, s, model("v0002"))
         producer.send(s.models_topic, b"garbage", key=b"model", partition=MODELS_PARTITION).get(timeout=30)
+        # One with no version: it was served as "unknown", and the next unnamed one never
+        # swapped in (a swap compares names). Refused like the garbage.
+        spec = ModelSpec(hidden_size=4, horizon=12)
+        unnamed = model_to_bytes(SimpleLSTM.from_spec(spec), spec, {})
+        producer.send(s.models_topic, unnamed, key=b"model", partition=MODELS_PARTITION).get(timeout=30)
         follower = ModelsFollower(s)
         try:
             assert follower.latest is not None and follower.latest.version == "v0002"
