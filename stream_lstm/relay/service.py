@@ -32,6 +32,7 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_lstm.config import Settings, SettingsError
+from stream_lstm.connection_checks import topic_problem
 from stream_lstm.endpoint import serve_metrics
 from stream_lstm.kafka.group_consumer import GroupConsumer
 from stream_lstm.kafka.rebalance import PartitionListener
@@ -100,6 +101,8 @@ class AlertRelay:
         self.post, self.clock, self.ticker = post, clock, ticker
         self.labels = dict(DEFAULT_LABELS if labels is None else labels)
         self.group_id = f"{settings.group_id}-alertmanager"
+        if problem := topic_problem(f"{self.group_id}-open-alerts"):  # (its store: open_store.py)
+            raise SettingsError(f"STREAM_LSTM_GROUP_ID gives the relay's topic of open alerts {problem}")
         # Open alerts: id -> (partition, its open event).
         self.open: dict[str, tuple[int, dict[str, Any]]] = {}
         self.assigned: set[int] = set()

@@ -224,6 +224,12 @@ def test_it_refuses_to_start_without_a_topic_or_an_address(settings_factory):
         AlertRelay(settings_factory(alerts_topic="a"))
     with pytest.raises(SettingsError, match="http"):
         AlertRelay(settings_factory(alerts_topic="a", alertmanager_url="am:9093"))
+    # A group id the worker takes (its changelog's name fits) but the relay's store would not:
+    # the broker's refusal was a traceback at connect, and a restart for ever.
+    long_group = "g" * 230  # (its changelog: 246 characters of 249)
+    with pytest.raises(SettingsError, match=r"STREAM_LSTM_GROUP_ID gives the relay's topic of open "
+                                            r"alerts 'g{230}-alertmanager-open-alerts' is not a Kafka topic name"):
+        AlertRelay(settings_factory(alerts_topic="a", alertmanager_url="http://am:9093", group_id=long_group))
 
 
 def test_the_command_serves_its_health_and_stops_on_sigterm(relay_settings, stub, tmp_path):
