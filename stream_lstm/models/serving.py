@@ -18,6 +18,7 @@ from stream_lstm.models.served_models import ServedModels
 # Logged under the worker's name (the ``logger`` field of the JSON lines), as these lines
 # always were: they are part of a worker's start-up.
 log = logging.getLogger("stream_lstm.worker")
+UNTRAINED = "v0000-untrained"  # a fresh model's name, the same on every host (fresh_model)
 
 
 def fresh_model(settings: Settings) -> LoadedModel:
@@ -41,7 +42,7 @@ def fresh_model(settings: Settings) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = SimpleLSTM.from_spec(spec)
-    return LoadedModel.of(model, spec, "v0000-untrained")
+    return LoadedModel.of(model, spec, UNTRAINED)
 
 
 class ModelSettingsMismatch(SettingsError):

@@ -12,7 +12,11 @@ import time
 
 from stream_lstm.config import Settings
 from stream_lstm.models.registry import LoadedModel, ModelLoadError, model_from_bytes
-from stream_lstm.models.serving import ModelSettingsMismatch, check_model_matches_settings
+from stream_lstm.models.serving import (
+    UNTRAINED,
+    ModelSettingsMismatch,
+    check_model_matches_settings,
+)
 from stream_lstm.training.retrainer import (
     MODEL_RECORD_MAX_BYTES,
     MODELS_PARTITION,
@@ -93,8 +97,10 @@ class ModelsFollower:
             for rec in recs:
                 try:
                     loaded = model_from_bytes(rec.value)
-                    if loaded.meta.get("version") is None:  # (served as "unknown"; the next unnamed one never swapped)
-                        raise ModelLoadError("the model has no version: a swap compares names")
+                    if loaded.meta.get("version") in (None, UNTRAINED):  # (None: served as "unknown"; the
+                        # next unnamed one never swapped in. UNTRAINED: it would replace the host's own.)
+                        raise ModelLoadError(f"the model's version {loaded.meta.get('version')!r} is no "
+                                             "trainer's: a swap compares names")
                     latest = loaded
                 except ModelLoadError as exc:
                     log.error("ignoring an unloadable model from the models topic",

@@ -29,10 +29,11 @@ def test_a_start_serves_the_latest_loadable_model(settings_factory, topic_name):
         send_model(producer, s, model("v0002"))
         producer.send(s.models_topic, b"garbage", key=b"model", partition=MODELS_PARTITION).get(timeout=30)
         # One with no version: it was served as "unknown", and the next unnamed one never
-        # swapped in (a swap compares names). Refused like the garbage.
+        # swapped in (a swap compares names); one named as a host's untrained model. Refused.
         spec = ModelSpec(hidden_size=4, horizon=12)
-        unnamed = model_to_bytes(SimpleLSTM.from_spec(spec), spec, {})
-        producer.send(s.models_topic, unnamed, key=b"model", partition=MODELS_PARTITION).get(timeout=30)
+        for meta in ({}, {"version": "v0000-untrained"}):  # (the latter would replace the host's own)
+            forged = model_to_bytes(SimpleLSTM.from_spec(spec), spec, meta)
+            producer.send(s.models_topic, forged, key=b"model", partition=MODELS_PARTITION).get(timeout=30)
         follower = ModelsFollower(s)
         try:
             assert follower.latest is not None and follower.latest.version == "v0002"
