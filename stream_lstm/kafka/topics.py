@@ -128,7 +128,7 @@ CHANGELOG_CONFIG = {
 
 class ChangelogTopicError(RuntimeError):
     """The changelog topic exists with a different partition count than the input topic, or
-    without compaction."""
+    without compaction; or the alert relay's store of open alerts without compaction."""
 
 
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:

@@ -99,7 +99,8 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 
 # What reading a damaged or forged event (JSON, then to_alert) can raise: RecursionError for
 # JSON nested past the parser's depth, which a pipeline of `except ValueError` let through.
-UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError)
+# OSError: what formatting a time can raise besides (EOVERFLOW), should a check miss one.
+UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError, OSError)
 # The largest alert event a relay takes, and the longest id: the worker's are a few hundred
 # bytes (its device ids are at most STREAM_LSTM_MAX_DEVICE_ID_LENGTH, 128 by default, and the
 # relay allows that setting's ids, with their alert ids' "@<ms>"), and what is taken is written
@@ -152,8 +153,11 @@ def to_alert(event: dict[str, Any], now: float | None = None,
     now = time.time() if now is None else now
     firing = event["event"] == "open"
     start, ts = float(event["start_ts"]), float(event["ts"])
-    if not (0.0 <= start <= 1e11 and 0.0 <= ts <= 1e11):  # (also NaN and infinities: json allows them)
-        raise ValueError(f"alert times out of range: start_ts {start}, ts {ts}")
+    peak = None if event.get("peak_ts") is None else float(event["peak_ts"])
+    # (also NaN and infinities: json allows them; a peak_ts of 1e18 was an OSError from the
+    # formatting below, which ended the relay at every start: a review)
+    if not all(0.0 <= t <= 1e11 for t in (start, ts) + (() if peak is None else (peak,))):
+        raise ValueError(f"alert times out of range: start_ts {start}, ts {ts}, peak_ts {peak}")
     ends = now + FIRING_FOR_S if firing else min(ts, now)
     start = min(start, ends, now)
     summary = (f"{event['device_id']}: anomalous since {_iso(start)}; {_num(event.get('value'))} at "
@@ -164,7 +168,7 @@ def to_alert(event: dict[str, Any], now: float | None = None,
         "annotations": {
             "summary": summary,
             "peak_likelihood": _num(event.get("peak_likelihood")),
-            "peak_at": _iso(float(event["peak_ts"])) if event.get("peak_ts") is not None else "n/a",
+            "peak_at": _iso(peak) if peak is not None else "n/a",
             "model_version": str(event.get("model_version", "")),
             **({"closed_because": str(event.get("reason", "recovered"))} if not firing else {}),
         },
@@ -205,6 +209,9 @@ def check_url(url: str) -> str:
         raise ValueError("STREAM_LSTM_ALERTMANAGER_URL must be http:// or https:// and name a host "
                          "(percent-encode '#', '/', '?', '@', '\"' and spaces in a password), not "
                          f"{redacted(url)!r}")
+    if parts.query or parts.fragment:  # (the API's path is appended: .../?token=x/api/v2/alerts, 405 for ever)
+        raise ValueError("STREAM_LSTM_ALERTMANAGER_URL is Alertmanager's base address, without '?' "
+                         f"or '#': not {redacted(url.split('?')[0].split('#')[0])!r}?...")
     return url.rstrip("/")
 
 

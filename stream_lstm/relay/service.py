@@ -101,6 +101,7 @@ class AlertRelay:
         self.post, self.clock, self.ticker = post, clock, ticker
         self.labels = dict(DEFAULT_LABELS if labels is None else labels)
         self.group_id = f"{settings.group_id}-alertmanager"
+        self.open_at_stop = 0  # the open alerts it held when it stopped, for its last line
         if problem := topic_problem(f"{self.group_id}-open-alerts"):  # (its store: open_store.py)
             raise SettingsError(f"STREAM_LSTM_GROUP_ID gives the relay's topic of open alerts {problem}")
         # Open alerts: id -> (partition, its open event).
@@ -199,6 +200,7 @@ class AlertRelay:
             while not self._stop.is_set() and not (until is not None and until(self)):
                 self.turn()
         finally:
+            self.open_at_stop = len(self.open)  # (closing the group revokes: it empties ``open``)
             with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
                 self.group.close()
                 if self.store is not None:
@@ -387,5 +389,5 @@ def main(args: argparse.Namespace) -> int:
         guard.restore()
         if server is not None:
             server.shutdown()
-    log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": len(relay.open)})
+    log.info("alert relay stopped", extra={"delivered": relay.delivered, "open": relay.open_at_stop})
     return 0

@@ -64,6 +64,21 @@ def test_times_from_a_device_clock_never_hold_an_alert_open_or_break_the_mapping
     for bad in (float("inf"), float("nan"), 1e20, -5.0):
         with pytest.raises(ValueError, match="out of range"):
             to_alert(EVENT | {"start_ts": bad})
+        # (a peak_ts of 1e18 was an OSError from formatting it: the relay ended at every start)
+        with pytest.raises(ValueError, match="out of range"):
+            to_alert(EVENT | {"peak_ts": bad})
+    assert to_alert(EVENT | {"peak_ts": None})["annotations"]["peak_at"] == "n/a"
+
+
+def test_an_address_with_a_query_is_refused_at_start():
+    """The API's path is appended to the address: '...?token=x' posted to
+    '...?token=x/api/v2/alerts', answered 405 for ever."""
+    from stream_lstm.relay.alertmanager import check_url
+
+    for url in ("http://am:9093/?token=s3cret", "http://am:9093/#x"):
+        with pytest.raises(ValueError, match="base address, without '\\?' or '#': not 'http://am:9093/'") as refused:
+            check_url(url)
+        assert "s3cret" not in str(refused.value)
 
 
 def test_an_error_status_says_whether_sending_again_could_help(stub):

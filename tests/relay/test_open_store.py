@@ -116,3 +116,37 @@ def test_a_record_that_can_never_be_written_is_given_up_alone(store, caplog):
         assert store.flush() and store.pending == []
     assert "cannot be written to the relay's store; given up" in caplog.text
     assert list(store.load({0, 1})) == ["b@2"]
+
+
+def test_a_store_that_is_not_compacted_is_refused_and_a_deleted_one_is_never_re_created_by_a_write(
+        store_settings, topic_name):
+    """A review deleted the store under a running relay: its next write auto-created it (the
+    broker allows it) with the broker's defaults, deleting, and the relay stayed ready; after a
+    restart 9 of 11 open alerts were gone. A write now fails (reading stops, /readyz says why),
+    and a start on a store that deletes is refused with what to do."""
+    import time
+
+    from kafka.admin import KafkaAdminClient
+
+    from stream_lstm.kafka.topics import ChangelogTopicError
+
+    s, topic = store_settings, f"{topic_name}-open"
+    store = OpenAlertStore(s, topic, s.alerts_topic)
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    try:
+        admin.delete_topics([topic])
+        deadline = time.monotonic() + 30
+        while topic in admin.list_topics() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        store.opened(0, opened("a@1"))
+        assert not store.flush() and store.pending  # kept, to write again
+        assert topic not in admin.list_topics()
+    finally:
+        store.close()
+    ensure_topics(s, [TopicSpec(topic, 2, {"cleanup.policy": "delete"})])  # (as auto-created)
+    try:
+        with pytest.raises(ChangelogTopicError, match=f"the relay's store of open alerts {topic} has "
+                                                      "cleanup.policy=delete: it must be compacted"):
+            OpenAlertStore(s, topic, s.alerts_topic)
+    finally:
+        admin.close()

@@ -267,8 +267,9 @@ def test_the_command_serves_its_health_and_stops_on_sigterm(relay_settings, stub
 def test_alerts_carry_the_labels_it_is_given_for_routing(relay_settings, stub):
     s = relay_settings
     send(s, event("open", "pump-11", T0, T0))
-    run_until(AlertRelay(s, labels=service.parse_labels(["severity=critical", "team=sensors"])),
-              lambda: len(stub.alerts()) >= 1)
+    relay = AlertRelay(s, labels=service.parse_labels(["severity=critical", "team=sensors"]))
+    run_until(relay, lambda: len(stub.alerts()) >= 1)
+    assert relay.open_at_stop == 1 and relay.open == {}  # (its last line said "open": 0: counted after the close)
     (alert,) = stub.alerts()
     assert alert["labels"] == {"alertname": "StreamLstmDeviceAnomaly", "device_id": "pump-11",
                                "alert_id": f"pump-11@{int(T0 * 1000)}", "severity": "critical",
