@@ -29,7 +29,13 @@ from kafka.structs import TopicPartition
 
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
-from stream_lstm.kafka.topics import ChangelogTopicError, TopicSpec, ensure_topics, partition_count, topic_config
+from stream_lstm.kafka.topics import (
+    ChangelogTopicError,
+    TopicSpec,
+    ensure_topics,
+    partition_count,
+    topic_config,
+)
 from stream_lstm.relay.alertmanager import UNREADABLE, max_id_chars, readable_event
 
 log = logging.getLogger("stream_lstm.relay")
