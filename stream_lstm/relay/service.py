@@ -160,14 +160,16 @@ class AlertRelay:
         self.metrics.open_alerts.set(len(self.open))
         if self._retry_at <= self.ticker():  # (else they resume with the next delivery)
             self.group.consumer.resume(*self._tps(self.unloaded))  # type: ignore[union-attr]
-        if found:
-            log.info("open alerts loaded", extra={"partitions": sorted(self.unloaded), "open": len(found)})
+        log.info(f"relaying partitions {sorted(self.unloaded)} of {self.settings.alerts_topic}: "  # (said each time:
+                 f"{len(found)} open alerts loaded", extra={"open": len(found)})  # an idle relay looked stuck)
         self.unloaded = set()
 
     def _on_revoked(self, partitions: set[int]) -> None:
         # Everything of theirs goes with them, undelivered events too: the next owner reads
         # them again from the committed offset, which is before the oldest of them. (Sent late
         # from here, an open could re-fire an alert the new owner has already resolved.)
+        if partitions:
+            log.info(f"partitions {sorted(partitions)} of {self.settings.alerts_topic} go to another relay")
         self.assigned -= partitions
         self.unloaded -= partitions
         if self.store is not None:

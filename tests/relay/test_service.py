@@ -54,8 +54,9 @@ def run_until(relay, check, timeout_s=60.0):
     assert check(), "timed out"
 
 
-def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings, stub):
+def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings, stub, caplog):
     s = relay_settings
+    caplog.set_level("INFO", logger="stream_lstm.relay")
     send(s, event("open", "pump-1", T0, T0), event("open", "pump-2", T0 + 60, T0 + 60),
          event("close", "pump-2", T0 + 60, T0 + 4000))
     run_until(AlertRelay(s), lambda: len(stub.alerts()) >= 3)
@@ -68,7 +69,11 @@ def test_an_alert_opens_fires_again_after_a_restart_and_resolves(relay_settings,
     # A restarted relay (same group) has pump-1's alert open again, from the events it reads
     # again: Alertmanager hears that it still fires, with no new event.
     stub.received.clear()
+    caplog.clear()
     run_until(AlertRelay(s), lambda: any(a["labels"]["device_id"] == "pump-1" for a in stub.alerts()))
+    # (what it took over, said: a relay with nothing to send looked stuck)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relaying partitions")]
+    assert said and sum(int(m.split(": ")[-1].split()[0]) for m in said) == 1  # pump-1's, loaded
     # Then it closes; a relay after that has nothing left to say.
     send(s, event("close", "pump-1", T0, T0 + 7200))
     stub.received.clear()
