@@ -26,6 +26,9 @@ from stream_lstm.pipeline import BatchCounts, BatchOutput
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.worker")
+# Fenced again this soon after taking the transactional id back: another live worker holds it
+# (one configured alike, or this one's replacement after a pause), not a stall of this one's.
+FENCED_AGAIN_S = 600.0
 
 
 @dataclass
@@ -290,6 +293,15 @@ class TransactionUnit:
             log.warning("abort failed", extra={"error": repr(exc)[:300]})
             return exc
         return None
+
+    def fenced_again(self) -> bool:
+        """Note a fencing (another producer took the transactional id); True if it is the
+        second within :data:`FENCED_AGAIN_S`. Taking the id back each time, two workers that
+        share it fenced each other every 2 s for as long as both ran, each ready, lag growing
+        (a review): the second time, the worker gives the id up."""
+        now, before = time.monotonic(), getattr(self, "_fenced_at", None)
+        self._fenced_at = now
+        return before is not None and now - before < FENCED_AGAIN_S
 
     def reconnect(self) -> None:
         """A fresh producer after a failure. Exactly-once: ``init_transactions`` fences the old

@@ -73,13 +73,8 @@ class Worker:
     Example: see tests/test_worker.py::test_every_reading_ends_in_exactly_one_place_and_what_is_published_is_committed
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        served: LoadedModel | None = None,
-        metrics: Metrics | None = None,
-        health: HealthState | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, served: LoadedModel | None = None,
+                 metrics: Metrics | None = None, health: HealthState | None = None) -> None:
         self.settings = settings
         follower = ModelsFollower(settings) if settings.trainer == "external" else None
         self.served = served or (follower and follower.to_serve(settings)) or load_served_model(settings)
@@ -116,6 +111,7 @@ class Worker:
         # Set when a stop came while waiting for the broker after a failed publish: the worker
         # then shuts down without a final commit (there is no broker to commit to).
         self.broker_lost = False
+        self.fenced_out = False  # stopped for another live worker with its transactional id
         self.first_batch_at: float | None = None  # perf_counter of the first batch (benchmarks)
         self.ever_assigned = False  # (never: its store holds only what it opened with)
 
@@ -159,13 +155,11 @@ class Worker:
     def _new_publisher(self) -> BatchPublisher:
         s = self.settings
         exactly_once = s.processing_guarantee == "exactly_once"
-        # A stable transactional id per instance: a restarted instance fences its own zombie;
-        # the group generation sent with the offsets fences a member that lost partitions.
-        # retry_backoff_ms: the next transaction's first request is refused while the broker
-        # completes the last commit, and kafka-python's sender sleeps 100 ms before it retries,
-        # every send held behind it; 20 ms, as the Java client: commits over 100 ms 8 -> 1 in
-        # 12 s at 2,000 readings/s, p99 466 -> 341 ms (docs/benchmarks.md). The transaction
-        # timeout: one is open for up to a commit interval, and the broker must not abort it.
+        # A stable transactional id per instance: a restarted instance fences its own zombie; the
+        # group generation with the offsets fences a member that lost partitions. Retry backoff
+        # 20 ms as the Java client's (kafka-python's 100 ms held every send behind a commit's
+        # retry: p99 466 -> 341 ms at 2,000/s, docs/benchmarks.md). The transaction timeout
+        # outlasts the commit interval: the broker must not abort an open transaction.
         producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20,
                         "transaction_timeout_ms": 60_000 + 2 * s.commit_interval_ms}
                        if exactly_once else {})
@@ -201,9 +195,8 @@ class Worker:
         group = self.group
         assert group is not None
         clean = False
-        # Everything alive now (torch, the model, the clients) lives as long as the worker:
-        # frozen, the collector's full passes no longer walk it. They did ~10 times a second
-        # in a backlog, ~90 ms each: 20-30% of the worker's time (docs/benchmarks.md).
+        # Everything alive now lives as long as the worker: frozen, the collector's full passes
+        # (~10/s in a backlog, ~90 ms each: 20-30% of the time, docs/benchmarks.md) skip it.
         gc.collect()
         gc.freeze()
         try:
@@ -273,14 +266,11 @@ class Worker:
     def process(self, polled: dict[TopicPartition, list]) -> BatchCounts:
         """Run one polled batch through the pipeline and send what it produced.
 
-        The records join the open transaction (begun by the first batch after a commit); the
-        transaction commits, with the state of every device it changed and the input offsets,
-        once it is ``STREAM_LSTM_COMMIT_INTERVAL_MS`` old (``TransactionUnit.due``). If
-        publishing fails, it is aborted (exactly-once) or left uncommitted (at-least-once): the
-        consumer rewinds to the committed offsets and the assigned partitions' state is restored
-        again from the changelog, so nothing is lost and no state runs ahead of what was
-        published.
-        """
+        The records join the open transaction, which commits with the state of every device it
+        changed and the input offsets once ``STREAM_LSTM_COMMIT_INTERVAL_MS`` old. If publishing
+        fails it is aborted (or left uncommitted): the consumer rewinds to the committed offsets
+        and the partitions' state is restored from the changelog. Nothing is lost, and no state
+        runs ahead of what was published."""
         t0 = time.perf_counter()
         if self.first_batch_at is None:
             self.first_batch_at = t0
@@ -325,10 +315,15 @@ class Worker:
         backoff until it answers. Nothing is lost: offsets were not committed, and state is
         restored again from the changelog, which never holds uncommitted batches."""
         fenced = "ProducerFenced" in repr(exc)  # (another producer took this transactional id)
+        if fenced and self.tx.fenced_again():  # a live holder: it keeps the id, this worker stops
+            self.fenced_out = self.broker_lost = True  # (exit 2: a restart would take it back)
+            self._stop.set()
         log.error("publishing a batch failed; rolling back to the last commit" + (
             f": another producer took its transactional id {self.settings.group_id}-{self.instance_id} "
             f"(this worker restarted, or a second one with STREAM_LSTM_INSTANCE_ID={self.instance_id}: "
-            "each needs its own)" if fenced else ""), extra={"error": repr(exc)[:300]})
+            "each needs its own)" + ("; fenced twice in 10 min: it is live, so this worker stops and "
+                                     "leaves the id to it" if self.fenced_out else "") if fenced else ""),
+                  extra={"error": repr(exc)[:300]})
         self.partitions.failed_in_callback = None
         self.health.set_ready("broker", False, f"publish failed: {repr(exc)[:200]}")
         self.partitions.update_readiness()
@@ -350,8 +345,9 @@ class Worker:
             # Stopped before the broker answered: not reconnected, so still not ready, and the
             # shutdown must not try to commit against it (run() sees broker_lost).
             self.broker_lost = True
-            log.warning("stopped while waiting for the broker; nothing after the last commit "
-                        "was published")
+            if not self.fenced_out:
+                log.warning("stopped while waiting for the broker; nothing after the last commit "
+                            "was published")
             return
         self.health.set_ready("broker", True)
         log.info("broker reachable again; resuming from the last commit")
@@ -388,7 +384,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
             "metrics": f"http://{settings.metrics_host}:{server.port}/metrics" if server else "off"})
         totals = worker.run()
         log.info("worker stopped", extra={"consumed": totals.consumed, "forecasts": totals.forecasts,
-                                          "stopped_by": guard.received or "its loop"})
+                                          "stopped_by": guard.received or ("fencing" if worker.fenced_out else "its loop")})
     finally:
         guard.restore()
         if guard.connecting:  # never ran (no broker, a refusal, Ctrl-C): its store is as it was,
@@ -397,4 +393,4 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
             reporter.stop()
         if server is not None:
             server.shutdown()
-    return 0
+    return 2 if worker.fenced_out else 0  # (2: the supervisor and k8s' runbooks do not restart it)

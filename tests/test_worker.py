@@ -170,6 +170,9 @@ def test_two_workers_with_one_instance_id_are_told_so(settings_factory, topic_na
     try:
         with caplog.at_level("ERROR", logger="stream_lstm.worker"):
             worker._rollback(ProducerFencedError())
+            assert not worker.fenced_out  # once: perhaps its own stall; it takes the id back
+            worker._rollback(ProducerFencedError())
+            assert worker.fenced_out and worker.broker_lost  # twice: a live holder; it stops
     finally:
         worker.close(clean=False)
     assert f"another producer took its transactional id {s.group_id}-same" in caplog.text
@@ -435,3 +438,61 @@ def test_a_commit_refused_for_an_unknown_member_gives_the_partitions_up_at_once(
     assert totals.consumed == n and totals.forecasts == n - 3 * (s.min_history - 1)
     fcs = [json.loads(r.value) for r in read_topic(s, s.output_topic, expect=totals.forecasts)]
     assert len({(f["partition"], f["offset"]) for f in fcs}) == len(fcs) == totals.forecasts
+
+
+def test_two_live_workers_with_one_instance_id_leave_one_serving(settings_factory, topic_name, tmp_path, caplog):
+    """They took the transactional id back from each other every 2 s for as long as both ran,
+    each ready and the lag growing (a review: a paused worker resumed beside its replacement,
+    or two hosts configured alike). The second fencing within 10 minutes now stops a worker
+    (`run` exits 2: a restart would take the id back) and the other serves on."""
+    from stream_lstm.encoding import encode_reading
+    from tests.integration.helpers import guarantee_settings
+
+    s = guarantee_settings(settings_factory, topic_name, instance_id="same", topic_partitions=2)
+    ensure_topics(s, [TopicSpec(topic_name, 2)])
+    fed = threading.Event()
+
+    def feed() -> None:  # readings keep coming: a worker hears of its fencing when it publishes
+        producer, k = make_producer(s), 0
+        while not fed.is_set():
+            for d in range(4):
+                producer.send(topic_name, encode_reading(f"d{d}", T0 + 60.0 * k, [20.0 + d + 0.1 * k]),
+                              key=f"d{d}".encode())
+            producer.flush()
+            k += 1
+            time.sleep(0.05)
+        producer.close()
+
+    workers = [Worker(s, fresh_model(s))]
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=workers[0].run, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        with caplog.at_level("ERROR", logger="stream_lstm.worker"):
+            deadline = time.monotonic() + 60
+            while workers[0].totals.consumed == 0:
+                assert time.monotonic() < deadline, "the first worker never committed"
+                time.sleep(0.1)
+            # The same id, its own store (a store is locked to one process).
+            workers.append(Worker(s.model_copy(update={"state_dir": tmp_path / "second"}), fresh_model(s)))
+            threads.append(threading.Thread(target=workers[1].run, daemon=True))
+            threads[-1].start()
+            deadline = time.monotonic() + 120
+            while not any(w.fenced_out for w in workers):
+                assert time.monotonic() < deadline, "neither gave the id up"
+                time.sleep(0.1)
+            out = 0 if workers[0].fenced_out else 1
+            threads[1 + out].join(60)  # it stops by itself
+            assert not threads[1 + out].is_alive()
+            live = workers[1 - out]
+            before, deadline = live.totals.consumed, time.monotonic() + 60
+            while live.totals.consumed < before + 40:  # the other serves on, fenced no more
+                assert time.monotonic() < deadline and not live.fenced_out, "the other stopped serving"
+                time.sleep(0.1)
+    finally:
+        fed.set()
+        for w in workers:
+            w.stop()
+        for t in threads:
+            t.join(60)
+    assert "fenced twice in 10 min: it is live, so this worker stops and leaves the id to it" in caplog.text
