@@ -117,6 +117,7 @@ def _main(argv: list[str], chosen: str | None) -> int:
         # No broker at the address given, or refused credentials: one line that says where and
         # what to check (clients.py writes it), not kafka-python's traceback. Imported here so
         # `--help` does not load the Kafka client.
+        from stream_lstm.checkpointing.store import StateStoreFull
         from stream_lstm.kafka.clients import KafkaConnectError
         from stream_lstm.kafka.jars import BrokerError
         from stream_lstm.models.registry import ModelLoadError
@@ -129,10 +130,10 @@ def _main(argv: list[str], chosen: str | None) -> int:
         if (refused := broker_refusal(exc)) is not None:  # a restart cannot help either
             print(f"{args.command}: {refused}", file=sys.stderr)
             return 2
-        if not isinstance(exc, KafkaConnectError):
+        if not isinstance(exc, KafkaConnectError | StateStoreFull):
             raise
         print(f"{args.command}: {exc}", file=sys.stderr)
-        return 3  # the broker may come back: the supervisor restarts it, with backoff
+        return 3  # the broker, or room on the disk, may come back: restarted, with backoff
     finally:
         signal.signal(signal.SIGTERM, previous)  # (main() is also called in-process: tests)
 

@@ -368,8 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kills the children at once. Exit codes: 0 after a stop; "
         "2 for what a restart cannot fix (a setting, a model that cannot be loaded or does not "
         "fit the settings, a broker that refuses the topics, ACLs or session timeout, an input "
-        "whose retention a restore cannot trust); 3 when no broker answers (a supervisor "
-        "restarts it); 130 for a signal while it was still connecting."
+        "whose retention a restore cannot trust, another live worker with its instance id); 3 "
+        "when no broker answers or the state store's volume is full (a supervisor restarts it); "
+        "130 for a signal while it was still connecting."
     )
     parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")
     parser.add_argument("--processes", metavar="N|auto", help="override STREAM_LSTM_PROCESSES: "

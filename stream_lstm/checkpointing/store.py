@@ -26,6 +26,7 @@ them is not closed clean, and the next start rebuilds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import sqlite3
@@ -77,6 +78,10 @@ def _refused_write(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_READONLY"))
 
 
+class StateStoreFull(RuntimeError):
+    """The state store's volume is full at start: transient (``run`` exits 3, restarted)."""
+
+
 class StateStore:
     """Encoded snapshots by device id, with per-partition changelog checkpoints.
 
@@ -113,6 +118,9 @@ class StateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # (room can come back: see StateStoreFull)
+                raise StateStoreFull(f"cannot open the state store {self.path}: {exc.strerror} "
+                                     "(make room on its volume; restarted, it goes on)") from None
             raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
                                 f"store there: {exc.strerror}: {self.path.parent}") from None
         try:
@@ -133,9 +141,13 @@ class StateStore:
                 # A full or read-only volume, not damage: the file is left as it is (setting it
                 # aside would lose a good store and keep its bytes on the full disk).
                 self._lock.close()
+                if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_FULL"):
+                    # Room can come back: exit 3, restarted with backoff (as 2, a refusal, a
+                    # crashed child's restart on a full disk stopped every worker of its host).
+                    raise StateStoreFull(f"cannot open the state store {self.path}: {exc} (make room "
+                                         "on its volume; restarted, it goes on: the store is kept)") from None
                 raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "
-                                    f"store {self.path}: {exc} (make room on its volume, or make it "
-                                    "writable; the store is kept)") from None
+                                    f"store {self.path}: {exc} (make it writable; the store is kept)") from None
             # The store is a cache of the changelog: a damaged file is set aside and rebuilt.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.warning("the state store is damaged; set aside, rebuilding from the changelog",

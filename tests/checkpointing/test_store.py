@@ -276,6 +276,37 @@ def test_a_store_that_cannot_be_written_at_start_is_one_line_and_kept(tmp_path, 
     again.close(clean=True)
 
 
+def test_a_full_volume_at_start_is_transient_exit_3_not_a_refusal(tmp_path, monkeypatch, capsys):
+    """Exit 2 (a refusal) on a full disk: one crashed child's restart stopped every worker of
+    its host, and the supervisor never restarted them (a review). Room can come back: exit 3,
+    restarted with backoff, and the store is kept."""
+    import sqlite3
+
+    from stream_lstm.checkpointing.store import StateStoreFull
+    from stream_lstm.cli import main
+
+    path = tmp_path / "state" / "g-w.sqlite"
+    real = sqlite3.connect
+
+    def full_volume(*args, **kwargs):  # what SQLite answers when a write needs a page it cannot have
+        db = real(*args, **kwargs)
+        db.execute("PRAGMA max_page_count=1")
+        return db
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", full_volume)
+    with pytest.raises(StateStoreFull, match="database or disk is full .make room on its volume"):
+        StateStore(path)
+    monkeypatch.setenv("STREAM_LSTM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("STREAM_LSTM_GROUP_ID", "g")
+    monkeypatch.setenv("STREAM_LSTM_INSTANCE_ID", "w")
+    monkeypatch.setenv("STREAM_LSTM_METRICS_PORT", "0")
+    monkeypatch.setenv("STREAM_LSTM_MODEL_DIR", str(tmp_path / "models"))
+    assert main(["run"]) == 3  # (the store opens before any broker is asked)
+    assert "run: cannot open the state store" in capsys.readouterr().err
+    monkeypatch.setattr(store_module.sqlite3, "connect", real)
+    StateStore(path).close(clean=True)  # room again: it opens
+
+
 def test_only_a_full_or_read_only_volume_is_a_refusal_at_start(tmp_path, monkeypatch):
     """Any other error at open (a passing lock, an I/O error) is not a refusal (exit 2 stops a
     whole host of processes): the store is set aside and rebuilt from the changelog, as before."""
