@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str], chosen: str | None) -> int:
     from stream_lstm.config import SettingsError  # (not at the top: a Ctrl-C here is a stop too)
 
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and not any(a.startswith("--status-file") for a in argv):
+        # The supervisor (STREAM_LSTM_PROCESSES) sets it for its children alone. Inherited (a
+        # shell, an image), a missing directory was a traceback at the first metric, and a stale
+        # one's files were counted in. Dropped before prometheus_client is imported (it reads it then).
+        print(f"{chosen or 'stream-lstm'}: PROMETHEUS_MULTIPROC_DIR is ignored (the supervisor of "
+              "STREAM_LSTM_PROCESSES sets its own for its worker processes)", file=sys.stderr)
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
     args = build_parser(chosen).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     if args.command not in SERVICES:  # (the services log it at start, `up` through its worker)

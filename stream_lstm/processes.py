@@ -243,8 +243,9 @@ class Supervisor:
         return 0 if clean else 1
 
     def _start(self, slot: Slot, k: int) -> None:
+        # (Its state directory is the child's to make: one it cannot make is its one-line
+        # refusal, exit 2; made here, it was the supervisor's traceback, exit 1.)
         env = child_env(self.settings, k, self.metrics_dir, dict(os.environ))
-        Path(env["STREAM_LSTM_STATE_DIR"]).mkdir(parents=True, exist_ok=True)
         # A session of its own: the terminal's Ctrl-C reaches the supervisor, which stops the
         # children in order, instead of every process at once.
         slot.proc = subprocess.Popen([*self.command, "--status-file", str(slot.status)], env=env,

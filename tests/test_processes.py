@@ -548,3 +548,28 @@ def test_a_child_of_a_large_fleet_is_given_the_time_its_clean_stop_takes(tmp_pat
 
     assert grace(100_000) == processes.STOP_GRACE_S  # the default fleet: as before
     assert grace(1_000_000) == pytest.approx(processes.STOP_GRACE_S + 225)
+
+
+@pytest.mark.parametrize("processes_", ["1", "2"])
+def test_a_state_dir_it_cannot_make_and_an_inherited_multiprocess_dir_are_one_line_each(tmp_path, processes_):
+    """Under the supervisor the state directory was made by it: a traceback, exit 1 (restarted
+    for ever), where one worker said one line and exit 2. An inherited PROMETHEUS_MULTIPROC_DIR
+    that does not exist was a traceback at the first metric (a processes review). No broker
+    is asked: both are said before."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "none"),
+               STREAM_LSTM_PROCESSES=processes_, STREAM_LSTM_STATE_DIR=str(blocked / "state"),
+               STREAM_LSTM_MODEL_DIR=str(tmp_path / "models"), STREAM_LSTM_METRICS_PORT="0",
+               STREAM_LSTM_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    said = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert said[0] == ("run: PROMETHEUS_MULTIPROC_DIR is ignored (the supervisor of STREAM_LSTM_PROCESSES "
+                       "sets its own for its worker processes)")
+    states = [blocked / "state"] if processes_ == "1" else [blocked / "state" / "p0", blocked / "state" / "p1"]
+    expected = {f"run: invalid setting STREAM_LSTM_STATE_DIR: cannot write the state store there: "
+                f"Not a directory: {d}" for d in states}
+    assert said[1:] and set(said[1:]) <= expected  # (the other child may be stopped before it says so)
