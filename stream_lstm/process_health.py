@@ -45,6 +45,7 @@ from prometheus_client.core import InfoMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from stream_lstm.logs import Sparing
 from stream_lstm.metrics import PREFIX, HealthState
 
 log = logging.getLogger("stream_lstm.processes")
@@ -52,6 +53,12 @@ log = logging.getLogger("stream_lstm.processes")
 STATUS_EVERY_S = 1.0  # how often a child writes its status file
 STATUS_STALE_S = 10.0  # a status this old says nothing: the child is not ready
 BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
+# A child whose own status has said "not live" (its loop stopped turning for longer than the
+# worker's liveness timeout) for this long is hung, not busy: the supervisor kills it, then
+# restarts it like a child that died. A pod's liveness probe would restart the whole host; this
+# restarts one. So the host's /healthz says a child is not live only past that remedy.
+HUNG_AFTER_S = 120.0
+REMEDY_S = 30.0  # how long the supervisor may take to see a hung child gone (kill, restart)
 # What a child's ``partitions`` component says while it holds none and is not a settled spare:
 # joining its group, a rebalance under way, or it is stopping.
 HOLDS_NONE = ("waiting for assignment", "closed")
@@ -80,6 +87,8 @@ class StatusReporter:
         self._parent = os.getppid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
+        # (a full status directory failed every second: a line a minute, with the count)
+        self._say_unwritten = Sparing(lambda msg, extra: log.warning(msg, extra=extra))
 
     def start(self) -> StatusReporter:
         self.write()
@@ -111,7 +120,8 @@ class StatusReporter:
             try:
                 self.write()
             except Exception as exc:  # noqa: BLE001 - a full disk must not end the worker
-                log.warning("status file not written", extra={"error": repr(exc)[:200]})
+                self._say_unwritten("status file not written (the supervisor kills a child silent "
+                                    f"for {HUNG_AFTER_S:g}s)", error=repr(exc)[:200])
             if os.getppid() != self._parent:
                 log.error("the supervisor is gone; stopping")
                 self.on_orphaned()
@@ -249,7 +259,9 @@ class HostHealth:
     """Liveness and readiness of the host, over its children (``serve_metrics`` serves them).
 
     Live: the supervisor's loop turns, and each child runs and says it is live (or has not
-    said yet), or waits to be restarted. Ready: each child's fresh status says ready; the
+    said yet), or waits to be restarted, or has been hung for less than the supervisor takes to
+    kill and restart it (``HUNG_AFTER_S`` + ``REMEDY_S``: at the worker's 30 s a host probe
+    restarted every child 90 s before the supervisor would have restarted one). Ready: each child's fresh status says ready; the
     components of ``/readyz`` are the children, each ``ok`` or why not.
 
     >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
@@ -267,13 +279,15 @@ class HostHealth:
     def liveness(self) -> tuple[bool, str]:
         ok, detail = self.loop.liveness()
         problems = [] if ok else [f"supervisor: {detail}"]
+        now = time.monotonic()
         for slot in self.slots:
             status = slot.read_status()
             if slot.proc is not None and status is not None:
                 age = status_age(status)
-                if not status["live"] or age > self.loop.liveness_timeout_s:
-                    problems.append(f"{slot.name}: " + (f"no status for {age:.0f}s"
-                                                        if status["live"] else status["liveness"]))
+                hung = max(age, 0.0 if status["live"] or slot.not_live_since is None else now - slot.not_live_since)
+                if hung > HUNG_AFTER_S + REMEDY_S:
+                    problems.append(f"{slot.name}: " + (f"no status for {age:.0f}s" if status["live"] else
+                                                        f"not live for {hung:.0f}s ({status['liveness']})"))
             elif slot.proc is None and slot.restart_at is None:
                 problems.append(f"{slot.name}: not running")
         return (not problems), "; ".join(problems) or "every process is live"

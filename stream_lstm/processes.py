@@ -62,6 +62,7 @@ from stream_lstm.endpoint import serve_metrics
 from stream_lstm.environment import warn_unknown_variables
 from stream_lstm.process_health import (
     BACKOFF_FIRST_S,
+    HUNG_AFTER_S,
     HostHealth,
     HostMetrics,
     Slot,
@@ -80,10 +81,6 @@ STABLE_AFTER_S = 60.0  # a child that ran this long before it died restarts afte
 STOP_GRACE_S = 45.0
 REFUSED = 2  # the exit code of a worker that refuses its configuration (models/serving.py)
 TICK_S = 0.2
-# A child whose own status has said "not live" (its loop stopped turning for longer than the
-# worker's liveness timeout) for this long is hung, not busy: it is killed, then restarted like
-# a child that died. A pod's liveness probe would restart the whole host; this restarts one.
-HUNG_AFTER_S = 120.0
 # A child whose loop turns but that has been not ready for this long, for the same reasons of
 # its own (process_health.own_unready: e.g. a restore that never completes, or no status at all
 # since it started), is stopped and restarted. Not counted: holding no partitions (a child
@@ -289,8 +286,11 @@ class Supervisor:
         if slot.not_live_since is None:
             slot.not_live_since = now
         if stale or now - slot.not_live_since >= HUNG_AFTER_S:
-            log.error(f"worker process {slot.name} has not been live for {HUNG_AFTER_S:g}s "
-                      f"({status['liveness']}); killing it to restart it",
+            # (a stale status's own words say live: it said so before it stopped writing)
+            why = (f"has written no status for {status_age(status):.0f}s (hung, or its status "
+                   "directory full)" if stale else f"has not been live for {HUNG_AFTER_S:g}s "
+                   f"({status['liveness']})")
+            log.error(f"worker process {slot.name} {why}; killing it to restart it",
                       extra={"child": slot.name, "pid": status["pid"]})
             with contextlib.suppress(ProcessLookupError):
                 slot.proc.kill()  # type: ignore[union-attr]

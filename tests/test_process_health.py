@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_lstm.metrics import HealthState
 from stream_lstm.process_health import (
+    HUNG_AFTER_S,
+    REMEDY_S,
     STATUS_STALE_S,
     HostHealth,
     HostMetrics,
@@ -108,8 +110,19 @@ def test_the_host_is_live_while_every_child_is_or_waits_for_its_restart(tmp_path
     health.liveness_timeout_s = 0.0  # the child's loop has not turned in time
     time.sleep(0.01)
     rep.write()
+    # Live while the supervisor's remedy may still come (it kills a child hung for HUNG_AFTER_S
+    # and restarts it): the host's probe at the worker's 30 s restarted every child 90 s before
+    # the supervisor would have restarted one (a processes review).
+    slot.not_live_since = time.monotonic()
+    assert host.liveness() == (True, "every process is live")
+    slot.not_live_since = time.monotonic() - HUNG_AFTER_S - REMEDY_S - 1  # the remedy did not come
     ok, detail = host.liveness()
-    assert not ok and detail.startswith("p0: last loop iteration")
+    assert not ok and detail.startswith("p0: not live for 15") and "(last loop iteration" in detail
+    silent = status_of(health, age=HUNG_AFTER_S + REMEDY_S + 1) | {"live": True}
+    slot.not_live_since = None
+    slot.status.write_text(json.dumps(silent))
+    ok, detail = host.liveness()
+    assert not ok and detail == "p0: no status for 151s"
     slot.proc, slot.restart_at = None, time.monotonic() + 1
     assert host.liveness()[0]  # being restarted within its backoff
     slot.restart_at = None

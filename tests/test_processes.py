@@ -432,7 +432,7 @@ def test_a_stop_while_the_children_connect_is_a_clean_stop(settings_factory, tmp
     assert {v["outcome"] for v in stopped["stopped"].values()} == {"stopped"}
 
 
-def test_a_wall_clock_step_kills_no_child(tmp_path):
+def test_a_wall_clock_step_kills_no_child(tmp_path, caplog):
     """Ages were read on the wall clock: an NTP step or a VM resume of over two minutes made
     every live child's status look two minutes old, and the supervisor SIGKILLed them at once."""
     from stream_lstm.process_health import Slot
@@ -447,8 +447,11 @@ def test_a_wall_clock_step_kills_no_child(tmp_path):
     sup._kill_if_hung(slot, stepped, time.monotonic())
     assert killed == []
     silent = dict(stepped, ts=time.time(), mono=time.monotonic() - processes.HUNG_AFTER_S - 1)
-    sup._kill_if_hung(slot, silent, time.monotonic())  # a status not rewritten for that long
+    with caplog.at_level("ERROR", logger="stream_lstm.processes"):
+        sup._kill_if_hung(slot, silent, time.monotonic())  # a status not rewritten for that long
     assert killed == [True]
+    # (it said "not been live for 120s (last loop iteration 0.0s ago)": the stale status's words)
+    assert "worker process p0 has written no status for 121s (hung, or its status directory full)" in caplog.text
 
 
 COUNTING_CHILD = """
