@@ -33,7 +33,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +64,21 @@ REMEDY_S = 30.0  # how long the supervisor may take to see a hung child gone (ki
 # What a child's ``partitions`` component says while it holds none and is not a settled spare:
 # joining its group, a rebalance under way, or it is stopping.
 HOLDS_NONE = ("waiting for assignment", "closed")
+
+
+def sweep_left_behind(root: Path | None = None) -> list[Path]:
+    """Remove the directories of supervisors that are gone (a SIGKILL leaves its directory of
+    metric and status files: one a crash); the removed. Their name holds their pid."""
+    from stream_lstm.kafka.local_broker import pid_alive
+
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob("stream-lstm-processes-*-*"):
+        pid = d.name.split("-")[3]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
 
 
 # ---- in a child ---------------------------------------------------------------------------------

@@ -4,29 +4,24 @@ One worker process keeps about one core busy: kafka-python and the pipeline are 
 hold the GIL. To use a bigger machine, ``stream-lstm run`` with N > 1 becomes a **supervisor**
 of N workers of the same consumer group, each a ``stream-lstm run`` child process:
 
-* child ``k`` is ``<instance>-p<k>`` (the host's ``STREAM_LSTM_INSTANCE_ID``, or the
-  hostname), so it has its own transactional id (a restarted child fences its own zombie) and
-  its own state store in ``<state_dir>/p<k>``. Each takes ``TORCH_THREADS`` inference threads
-  as one worker does: more processes, not threads, use a bigger machine. On a GPU host they all
-  pick the same device and share it.
-* A child that dies is restarted after a backoff (1 s, doubling to 30 s; back to 1 s once it
-  has run a minute), logged and counted (``stream_lstm_process_restarts_total``), including
-  one that could not reach the broker (exit 3). A child that exits with code 2 refused its
-  configuration (a setting, a model that does not fit the settings or cannot be loaded, an
-  input topic whose retention a restore cannot trust, a state store another worker holds):
-  restarting cannot help, so the supervisor stops them all and exits 2.
-* A child that stops turning its loop (not live for ``HUNG_AFTER_S``, 2 min) is killed, and
-  one that turns it but stays not ready for a reason of its own, unchanged, for
-  ``STUCK_AFTER_S`` (10 min) is stopped (SIGTERM, SIGKILL after 45 s); both then restart as a
-  child that died. Not ready because it holds no partitions yet (joining, a rebalance) or
-  because of the broker (an outage) does not count: a restart cannot help. (A child the
-  settled group gave no partition, with more processes than partitions, is a ready spare.)
-* SIGTERM or SIGINT (Ctrl-C) stops every child the way a single worker stops (it commits,
-  checkpoints and leaves the group), waits up to 45 s, kills what is left, says what it stopped
-  and exits 0 when all stopped cleanly. A second signal kills at once, unless it came within
-  half a second of the first (``signals.SecondSignal``: `timeout` or a group kill delivers one stop twice).
-* The supervisor alone serves ``STREAM_LSTM_METRICS_PORT`` (the children serve none): their
-  series added up, and ``/healthz`` and ``/readyz`` over them (``process_health.py``).
+* child ``k`` is ``<instance>-p<k>`` (``STREAM_LSTM_INSTANCE_ID`` or the hostname): its own
+  transactional id and state store (``<state_dir>/p<k>``), ``TORCH_THREADS`` threads as one
+  worker; on a GPU host they all share the device.
+* A child that dies is restarted after a backoff (1 s, doubling to 30 s; 1 s again once it ran
+  a minute), logged and counted (``stream_lstm_process_restarts_total``). Exit 2 is a refusal
+  (a setting, a model that does not fit, a retention a restore cannot trust, a store another
+  worker holds): restarting cannot help, so the supervisor stops them all and exits 2.
+* A child not live for ``HUNG_AFTER_S`` (2 min) is killed; one live but not ready for a reason
+  of its own, unchanged, for ``STUCK_AFTER_S`` (10 min) is stopped (SIGTERM, SIGKILL after
+  45 s); both restart as a child that died. Holding no partitions (joining, a rebalance, a
+  spare) or the broker (an outage) does not count: a restart cannot help.
+* SIGTERM or SIGINT (Ctrl-C) stops every child as a single worker stops (commit, checkpoint,
+  leave the group), waits up to 45 s, kills what is left, says what it stopped and exits 0 when
+  all stopped cleanly. A second signal kills at once, unless within half a second of the first
+  (``signals.SecondSignal``: `timeout` or a group kill delivers one stop twice).
+* The supervisor alone serves ``STREAM_LSTM_METRICS_PORT``: the children's series added up,
+  ``/healthz`` and ``/readyz`` over them (``process_health.py``). Its directory of their files
+  is swept by the next supervisor if it is SIGKILLed (:func:`sweep_left_behind`).
 
 ``1`` (the default) is one worker and no supervisor, as before. The ``run`` command lives here
 so that a supervisor never imports torch (``worker.serve`` runs the one worker).
@@ -68,6 +63,7 @@ from stream_lstm.process_health import (
     Slot,
     name_metric_files,
     status_age,
+    sweep_left_behind,
 )
 from stream_lstm.signals import SecondSignal
 
@@ -75,19 +71,16 @@ log = logging.getLogger("stream_lstm.processes")
 
 BACKOFF_MAX_S = 30.0  # restarts wait BACKOFF_FIRST_S, then twice as long each time, to this
 STABLE_AFTER_S = 60.0  # a child that ran this long before it died restarts after BACKOFF_FIRST_S
-# Within k8s's 60 s termination grace at the default MAX_DEVICES. A clean stop checkpoints each
-# changed device: a child of a larger fleet is given that long, not killed mid-stop (its store
-# then rebuilt from the changelog at the next start).
+# Within k8s's 60 s termination grace at the default MAX_DEVICES (a larger fleet's child gets
+# the time its clean stop's checkpoints take, not killed mid-stop: see Supervisor).
 STOP_GRACE_S = 45.0
 REFUSED = 2  # the exit code of a worker that refuses its configuration (models/serving.py)
 TICK_S = 0.2
-# A child whose loop turns but that has been not ready for this long, for the same reasons of
-# its own (process_health.own_unready: e.g. a restore that never completes, or no status at all
-# since it started), is stopped and restarted. Not counted: holding no partitions (a child
-# waits for its group to settle; then, given none, it is a ready spare) and the broker (an outage makes every child unready;
-# restarting them all would only add rebalances and restores once it is back). A change of
-# reason is progress and restarts the clock. 10 min: a restore of some 2 million devices'
-# snapshots into one process (100k take 25 s), with room to spare.
+# A child live but not ready this long for the same reasons of its own (process_health.
+# own_unready: a restore that never completes, no status since it started) is restarted. Not
+# counted: holding no partitions (a settling group, a spare) and the broker (an outage: a
+# restart of all would only add rebalances). A change of reason is progress and restarts the
+# clock. 10 min: a restore of ~2 million devices into one process (100k take 25 s).
 STUCK_AFTER_S = 600.0
 
 
@@ -114,9 +107,12 @@ def input_partitions(settings: Settings) -> int:
 def resolve_processes(settings: Settings, partitions: Callable[[], int] | None = None) -> int:
     """``STREAM_LSTM_PROCESSES`` as a number. ``auto``: the usable CPU cores, but no more than
     the input topic's partitions (a child with none assigned would only idle as a spare)."""
-    if settings.processes != "auto":
-        return int(settings.processes)
     cpus = usable_cpus()
+    if settings.processes != "auto":
+        if (n := int(settings.processes)) > cpus:  # (accepted: a test host, a later resize)
+            log.warning(f"STREAM_LSTM_PROCESSES={n} is more than the {cpus} usable CPU cores: the "
+                        "processes share them and each is slower (auto: one a core)")
+        return n
     parts = (partitions or (lambda: input_partitions(settings)))()
     n = max(1, min(cpus, parts))
     log.info(f"STREAM_LSTM_PROCESSES=auto: {n} worker processes",
@@ -174,14 +170,9 @@ class Supervisor:
         How to start one (default: this Python, ``-m stream_lstm.cli run``); the status file's
         option is appended.
 
-    A child is restarted when it exits (after a backoff), when it is hung (its status has
-    said "not live" for ``HUNG_AFTER_S``: killed) and when it is stuck (live, but not ready
-    for ``STUCK_AFTER_S`` for the same reasons of its own: stopped with SIGTERM, so that it
-    commits and leaves its group, and killed if still running ``stop_grace_s`` later). A
-    child is never restarted for being unready while it holds no partitions (``waiting for
-    assignment``: joining, or a rebalance) or while its broker component
-    is not ok (an outage: a restart cannot fix the broker, and restarting every child at once
-    would add a rebalance and a restore to the outage). A reason that changes is progress.
+    A child is restarted when it exits, is hung or is stuck (the module's docstring): a stuck
+    one is stopped with SIGTERM, so that it commits and leaves its group, and killed if still
+    running ``stop_grace_s`` later.
 
     Example: see tests/test_processes.py::test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0
     """
@@ -206,7 +197,8 @@ class Supervisor:
         """Start the children, keep them running, stop them on a signal; the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._signal)
-        with tempfile.TemporaryDirectory(prefix="stream-lstm-processes-",
+        sweep_left_behind()
+        with tempfile.TemporaryDirectory(prefix=f"stream-lstm-processes-{os.getpid()}-",
                                          ignore_cleanup_errors=True) as tmp:
             metrics_dir, status_dir = Path(tmp) / "metrics", Path(tmp) / "status"
             metrics_dir.mkdir()
@@ -389,9 +381,9 @@ def main(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     if args.status_file is None:  # the supervisor or a single worker; not again in each child
         warn_unknown_variables(log)
-    if args.status_file is None and (n := resolve_processes(settings)) > 1:
-        return Supervisor(settings, n).run()  # the supervisor never imports torch
-    if args.status_file is not None:
+        if (n := resolve_processes(settings)) > 1:
+            return Supervisor(settings, n).run()  # the supervisor never imports torch
+    else:
         name_metric_files(args.status_file.stem)
     from stream_lstm.worker import serve
 

@@ -25,6 +25,7 @@ from stream_lstm.process_health import (
     Slot,
     StatusReporter,
     own_unready,
+    sweep_left_behind,
 )
 
 
@@ -243,3 +244,17 @@ def test_the_host_adds_up_the_children_series_as_each_gauge_says(tmp_path):
     got = scrape(host)
     assert got[("stream_lstm_model_info", (("process", "p0"), ("version", "v1")))] == 1
     assert got[("stream_lstm_model_info", (("process", "p1"), ("version", "v2")))] == 1
+
+
+def test_a_supervisor_sweeps_the_directories_of_supervisors_that_are_gone(tmp_path):
+    """A SIGKILLed supervisor left its directory of metric and status files in /tmp, one a
+    crash (a processes review). The next one removes those whose supervisor is gone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f"stream-lstm-processes-{gone.pid}-abc123"
+    live = tmp_path / f"stream-lstm-processes-{os.getpid()}-def456"
+    other = tmp_path / "stream-lstm-processes-xyz"  # (not one of ours: no pid in its name)
+    for d in (left, live, other):
+        (d / "status").mkdir(parents=True)
+    assert sweep_left_behind(tmp_path) == [left]
+    assert not left.exists() and live.exists() and other.exists()

@@ -576,3 +576,10 @@ def test_a_state_dir_it_cannot_make_and_an_inherited_multiprocess_dir_are_one_li
     expected = {f"run: invalid setting STREAM_LSTM_STATE_DIR: cannot write the state store there: "
                 f"Not a directory: {d}" for d in states}
     assert said[1:] and set(said[1:]) <= expected  # (the other child may be stopped before it says so)
+
+
+def test_more_processes_than_cores_is_said(caplog, monkeypatch):
+    monkeypatch.setattr(processes, "usable_cpus", lambda: 2)
+    with caplog.at_level("WARNING", logger="stream_lstm.processes"):
+        assert processes.resolve_processes(Settings(processes="8")) == 8
+    assert "STREAM_LSTM_PROCESSES=8 is more than the 2 usable CPU cores" in caplog.text
