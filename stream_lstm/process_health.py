@@ -339,7 +339,12 @@ class _Children:
         self.metrics_dir, self.slots = metrics_dir, slots
 
     def collect(self) -> Iterator[Any]:
-        files = [str(p) for p in self.metrics_dir.glob("*.db")]
+        # A silent child's live gauges leave the sums as its readiness does (a SIGSTOPped child's
+        # devices were counted beside those of the one that took its partitions: 83 of 60).
+        silent = {slot.name for slot in self.slots
+                  if (status := slot.read_status()) is not None and status_age(status) > STATUS_STALE_S}
+        files = [str(p) for p in self.metrics_dir.glob("*.db")
+                 if not (p.name.startswith("gauge_live") and p.stem.rpartition("_")[2] in silent)]
         for family in MultiProcessCollector.merge(files, accumulate=True):
             if family.name != PREFIX + "ready":
                 yield family

@@ -258,3 +258,37 @@ def test_a_supervisor_sweeps_the_directories_of_supervisors_that_are_gone(tmp_pa
         (d / "status").mkdir(parents=True)
     assert sweep_left_behind(tmp_path) == [left]
     assert not left.exists() and live.exists() and other.exists()
+
+
+NAMED_CHILD = """
+import sys
+from stream_lstm.process_health import name_metric_files
+name_metric_files(sys.argv[1])
+from stream_lstm.metrics import Metrics
+m = Metrics()
+m.forecasts_published.inc()
+m.active_devices.set(int(sys.argv[2]))
+"""
+
+
+def test_a_silent_childs_live_gauges_leave_the_sums_and_its_counters_stay(tmp_path):
+    """A SIGSTOPped child's devices were still counted beside those of the child that took
+    its partitions: 83 active devices of 60 (a processes review)."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    for name, devices in (("p0", "30"), ("p1", "40")):
+        done = subprocess.run([sys.executable, "-c", NAMED_CHILD, name, devices], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    slots = [Slot("p0", tmp_path / "p0.json"), Slot("p1", tmp_path / "p1.json")]
+    host = HostMetrics(metrics_dir, slots, "rack-3")
+    health = HealthState()
+    for slot in slots:
+        slot.proc = Running(os.getpid())  # (the status of the slot's current process is read)
+        slot.status.write_text(json.dumps(status_of(health)))
+    assert scrape(host)[("stream_lstm_active_devices", ())] == 70
+    slots[0].status.write_text(json.dumps(status_of(health, age=STATUS_STALE_S + 1)))  # p0 silent
+    got = scrape(host)
+    assert got[("stream_lstm_active_devices", ())] == 40  # p1's alone
+    assert got[("stream_lstm_forecasts_published_total", ())] == 2  # what p0 did stays counted
