@@ -343,8 +343,9 @@ class Supervisor:
                 outcome[slot.name] = "stopped" if code in (0, 130, -signal.SIGTERM) else f"exit {code}"
             self._exited(slot, proc.returncode)
         summary = [f"{name} (pid {pids[name]}): {how}" for name, how in outcome.items()]
-        summary += [f"{slot.name}: was waiting to restart" for slot in self.slots
-                    if slot.name not in outcome]
+        summary += [f"{slot.name}: " + ("refused its configuration (exit 2)" if slot is self.refused
+                                        else "was waiting to restart")
+                    for slot in self.slots if slot.name not in outcome]
         log.info(f"stopped {len(outcome)} worker processes: " + ", ".join(summary), extra={
             "stopped": {name: {"pid": pids[name], "outcome": how} for name, how in outcome.items()}})
         return all(how == "stopped" for how in outcome.values())

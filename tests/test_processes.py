@@ -79,6 +79,8 @@ def test_a_configuration_the_children_refuse_stops_the_host_with_exit_2(tmp_path
     assert done.returncode == 2, done.stderr[-3000:]
     assert "refused its configuration" in done.stderr and "STREAM_LSTM_HORIZON=6" in done.stderr
     assert "restarting in" not in done.stderr and "Traceback" not in done.stderr
+    # (the summary said "was waiting to restart" for the child that refused: it never would)
+    assert ": refused its configuration (exit 2)" in done.stderr
 
 
 # ---- the supervisor through the real broker ----------------------------------------------------
