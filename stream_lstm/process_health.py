@@ -61,6 +61,10 @@ BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
 # restarts one. So the host's /healthz says a child is not live only past that remedy.
 HUNG_AFTER_S = 120.0
 REMEDY_S = 30.0  # how long the supervisor may take to see a hung child gone (kill, restart)
+# The exit code of a worker that left its transactional id to another live worker (fenced twice
+# in 10 minutes: two configured alike, or its replacement after a pause): not restarted, as a
+# restart would take the id back; the other children go on (exit 2 stopped the whole host).
+FENCED_OUT = 4
 # What a child's ``partitions`` component says while it holds none and is not a settled spare:
 # joining its group, a rebalance under way, or it is stopping.
 HOLDS_NONE = ("waiting for assignment", "closed")
@@ -305,7 +309,7 @@ class HostHealth:
                 if hung > HUNG_AFTER_S + REMEDY_S:
                     problems.append(f"{slot.name}: " + (f"no status for {age:.0f}s" if status["live"] else
                                                         f"not live for {hung:.0f}s ({status['liveness']})"))
-            elif slot.proc is None and slot.restart_at is None:
+            elif slot.proc is None and slot.restart_at is None and slot.last_exit != FENCED_OUT:
                 problems.append(f"{slot.name}: not running")
         return (not problems), "; ".join(problems) or "every process is live"
 
@@ -315,6 +319,8 @@ class HostHealth:
 
     @staticmethod
     def _child_readiness(slot: Slot) -> str:
+        if slot.proc is None and slot.last_exit == FENCED_OUT:  # (live: it left on purpose)
+            return "not running: it left its transactional id to another live worker (exit 4)"
         if slot.proc is None:
             wait = max(0.0, (slot.restart_at or time.monotonic()) - time.monotonic())
             return f"not running (exit {slot.last_exit}; restart in {wait:.0f}s)"

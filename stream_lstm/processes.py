@@ -57,6 +57,7 @@ from stream_lstm.endpoint import serve_metrics
 from stream_lstm.environment import warn_unknown_variables
 from stream_lstm.process_health import (
     BACKOFF_FIRST_S,
+    FENCED_OUT,
     HUNG_AFTER_S,
     HostHealth,
     HostMetrics,
@@ -254,6 +255,10 @@ class Supervisor:
                           "its log): restarting cannot help, stopping", extra={"child": slot.name})
                 self.refused = slot
                 return
+            if code == FENCED_OUT:  # (restart_at stays None: not restarted; the others go on)
+                log.error(f"worker process {slot.name} left its transactional id to another live "
+                          "worker (exit 4; see its log): not restarted", extra={"child": slot.name})
+                return
             if now - slot.started_at >= STABLE_AFTER_S:
                 slot.backoff = BACKOFF_FIRST_S
             slot.restart_at = now + slot.backoff
@@ -344,6 +349,7 @@ class Supervisor:
             self._exited(slot, proc.returncode)
         summary = [f"{name} (pid {pids[name]}): {how}" for name, how in outcome.items()]
         summary += [f"{slot.name}: " + ("refused its configuration (exit 2)" if slot is self.refused
+                                        else "left its transactional id (exit 4)" if slot.last_exit == FENCED_OUT
                                         else "was waiting to restart")
                     for slot in self.slots if slot.name not in outcome]
         log.info(f"stopped {len(outcome)} worker processes: " + ", ".join(summary), extra={
@@ -362,8 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kills the children at once. Exit codes: 0 after a stop; "
         "2 for what a restart cannot fix (a setting, a model that cannot be loaded or does not "
         "fit the settings, a broker that refuses the topics, ACLs or session timeout, an input "
-        "whose retention a restore cannot trust, another live worker with its instance id); 3 "
-        "when no broker answers or the state store's volume is full (a supervisor restarts it); "
+        "whose retention a restore cannot trust); 3 when no broker answers or the state store's "
+        "volume is full (a supervisor restarts it); 4 when it left its transactional id to "
+        "another live worker with its instance id (fenced twice in 10 minutes: not restarted); "
         "130 for a signal while it was still connecting."
     )
     parser.add_argument("--metrics-port", type=int, help="override STREAM_LSTM_METRICS_PORT")

@@ -31,6 +31,12 @@ log = logging.getLogger("stream_lstm.worker")
 FENCED_AGAIN_S = 600.0
 
 
+def transaction_timeout_ms(settings: Settings) -> int:
+    """How long the broker lets a transaction stay open before it aborts it: one is open for up
+    to a commit interval, and must outlast it (a minute to spare)."""
+    return 60_000 + 2 * settings.commit_interval_ms
+
+
 @dataclass
 class OpenTransaction:
     """What the open transaction holds: since when, the offsets to commit, and its counts.
@@ -111,6 +117,7 @@ class TransactionUnit:
         # that went away after taking it completes it when it comes back).
         self.in_doubt: OpenTransaction | None = None
         self._turns_ms = (0.0, 0.0)  # the worker's last two loop turns (turn_ended)
+        self._fenced_at: float | None = None  # when a rival last fenced it (fenced_again)
 
     def connect(self) -> None:
         self.publisher = self._new_publisher()
@@ -298,9 +305,14 @@ class TransactionUnit:
         """Note a fencing (another producer took the transactional id); True if it is the
         second within :data:`FENCED_AGAIN_S`. Taking the id back each time, two workers that
         share it fenced each other every 2 s for as long as both ran, each ready, lag growing
-        (a review): the second time, the worker gives the id up."""
-        now, before = time.monotonic(), getattr(self, "_fenced_at", None)
-        self._fenced_at = now
+        (a review): the second time, the worker gives the id up. Not counted: a fencing of a
+        transaction open past the broker's timeout (kafka-python reports the broker's abort of
+        this worker's own stalled transaction, a VM pause, as a fencing too: a review)."""
+        began = [t.began for t in (self.open, self._committing and self._committing[0]) if t]
+        now = time.monotonic()
+        if began and (now - min(began)) * 1000 >= transaction_timeout_ms(self.settings):
+            return False  # its own stall: no rival shown
+        before, self._fenced_at = self._fenced_at, now
         return before is not None and now - before < FENCED_AGAIN_S
 
     def reconnect(self) -> None:

@@ -53,7 +53,7 @@ from stream_lstm.pipeline import BatchCounts, BatchPipeline
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.lifecycle import ModelLifecycle
 from stream_lstm.training.models_follower import ModelsFollower
-from stream_lstm.transaction import TransactionUnit
+from stream_lstm.transaction import TransactionUnit, transaction_timeout_ms
 
 log = logging.getLogger("stream_lstm.worker")
 
@@ -161,7 +161,7 @@ class Worker:
         # retry: p99 466 -> 341 ms at 2,000/s, docs/benchmarks.md). The transaction timeout
         # outlasts the commit interval: the broker must not abort an open transaction.
         producer_kw = ({"transactional_id": f"{s.group_id}-{self.instance_id}", "retry_backoff_ms": 20,
-                        "transaction_timeout_ms": 60_000 + 2 * s.commit_interval_ms}
+                        "transaction_timeout_ms": transaction_timeout_ms(s)}
                        if exactly_once else {})
         # Fail a send within 15 s, not a minute: the batch is rolled back, readiness says why.
         producer = make_producer(s, max_block_ms=15_000, request_timeout_ms=10_000, delivery_timeout_ms=14_000,
@@ -316,7 +316,7 @@ class Worker:
         restored again from the changelog, which never holds uncommitted batches."""
         fenced = "ProducerFenced" in repr(exc)  # (another producer took this transactional id)
         if fenced and self.tx.fenced_again():  # a live holder: it keeps the id, this worker stops
-            self.fenced_out = self.broker_lost = True  # (exit 2: a restart would take it back)
+            self.fenced_out = self.broker_lost = True  # (exit FENCED_OUT: not restarted)
             self._stop.set()
         log.error("publishing a batch failed; rolling back to the last commit" + (
             f": another producer took its transactional id {self.settings.group_id}-{self.instance_id} "
@@ -359,7 +359,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
     of the supervisor (``status_file`` set: processes.py), reporting its health there."""
     from stream_lstm.endpoint import serve_metrics
     from stream_lstm.logs import log_startup
-    from stream_lstm.process_health import StatusReporter, label_logs
+    from stream_lstm.process_health import FENCED_OUT, StatusReporter, label_logs
     from stream_lstm.signals import StopOnSignal
 
     if status_file is not None:  # a child of the supervisor
@@ -393,4 +393,4 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
             reporter.stop()
         if server is not None:
             server.shutdown()
-    return 2 if worker.fenced_out else 0  # (2: the supervisor and k8s' runbooks do not restart it)
+    return FENCED_OUT if worker.fenced_out else 0

@@ -585,3 +585,39 @@ def test_more_processes_than_cores_is_said(caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="stream_lstm.processes"):
         assert processes.resolve_processes(Settings(processes="8")) == 8
     assert "STREAM_LSTM_PROCESSES=8 is more than the 2 usable CPU cores" in caplog.text
+
+
+FENCED_CHILD = """
+import os, signal, sys, time
+status = sys.argv[sys.argv.index("--status-file") + 1]
+if os.path.basename(status) == "p0.json":
+    sys.exit(4)  # fenced twice: it left its transactional id to another live worker
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+time.sleep(120)
+"""
+
+
+def test_a_child_that_left_its_id_to_another_live_worker_is_not_restarted_and_the_others_go_on(tmp_path):
+    """Exit 2 (a refusal) stopped every child of the host: with two hosts configured alike,
+    each pair of children lost independently and both hosts stopped (a review). Exit 4 stops
+    that child alone; the host stays live and says why on /readyz."""
+    s = Settings(state_dir=tmp_path / "state", metrics_port=0, instance_id="f")
+    sup = processes.Supervisor(s, 2, command=[sys.executable, "-c", FENCED_CHILD])
+    seen, tend = {}, sup._tend
+
+    def look(slot, k):
+        tend(slot, k)
+        if slot.name == "p0" and slot.last_exit == 4 and "p0" not in seen:
+            seen["p0"] = (slot.proc, slot.restart_at, sup.health.liveness(), sup.health.readiness()[1]["p0"])
+            sup._signal(signal.SIGTERM, None)
+
+    sup._tend = look
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = sup.run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert seen["p0"] == (None, None, (True, "every process is live"),
+                          "not running: it left its transactional id to another live worker (exit 4)")
+    assert code == 0 and sup.refused is None  # p1 ran on, and stopped cleanly at the end

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.kafka.publisher import BatchPublisher
 from stream_lstm.kafka.topics import TopicSpec, ensure_topics
@@ -212,3 +213,23 @@ def test_a_commit_that_failed_here_but_completed_on_the_broker_is_counted(settin
             assert read_until(s, topic_name, b"a2") == [b"a0", b"a1", b"a2"]
     finally:
         consumer.close()
+
+
+def test_a_fencing_counts_against_a_rival_but_not_against_its_own_stalled_transaction(tmp_path):
+    """kafka-python reports the broker's abort of this worker's own transaction, left open past
+    its timeout (a VM paused for over a minute), as a fencing too: two such stalls stopped a
+    lone worker (a review). Only fencings of fresh transactions show a live rival."""
+    from stream_lstm.transaction import OpenTransaction, transaction_timeout_ms
+
+    s = Settings(state_dir=tmp_path, commit_interval_ms=100)
+    tx = TransactionUnit(s, StateManager(s, tmp_path / "state.sqlite"), DeviceTable(8, 4, 1, 1, 8), Metrics(),
+                         lambda: None)
+    stalled = time.monotonic() - transaction_timeout_ms(s) / 1000 - 1
+    for _ in range(3):  # its own stalls, however many: never a rival
+        tx.open = OpenTransaction(began=stalled)
+        assert not tx.fenced_again()
+        tx.open = None
+    assert not tx.fenced_again()  # a fresh transaction fenced: once may be a restart of its own
+    tx.open = OpenTransaction(began=time.monotonic())
+    assert tx.fenced_again()  # twice within 10 minutes: a live rival holds the id
+    tx.state.store.close(clean=True)

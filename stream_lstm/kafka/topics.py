@@ -131,6 +131,17 @@ class ChangelogTopicError(RuntimeError):
     without compaction; or the alert relay's store of open alerts without compaction."""
 
 
+def cleanup_policy(settings: Settings, topic: str) -> str | None:
+    """``topic``'s ``cleanup.policy``, or None (said once) when the broker would not describe it:
+    kafka-python 3.0.12 ignores a refusal's error code (no DescribeConfigs ACL) and answers an
+    empty configuration, which read as "delete" refused a compacted topic (a review)."""
+    policy = topic_config(settings, topic).get("cleanup.policy")
+    if policy is None:
+        log.warning(f"cannot read the configuration of {topic} (the principal may lack DescribeConfigs "
+                    "on it): make sure its cleanup.policy is compact")
+    return policy
+
+
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     """``{name: value}`` of ``topic``'s configuration, the broker's defaults included."""
     from kafka.admin import ConfigResource, ConfigResourceType
@@ -183,8 +194,8 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
         )
     # Created by someone else (or auto-created with the broker's defaults), it may delete
     # instead: a device quiet for longer than its retention would lose its only checkpoint.
-    policy = topic_config(settings, spec.name).get("cleanup.policy", "delete")
-    if "compact" not in policy:
+    policy = cleanup_policy(settings, spec.name)
+    if policy is not None and "compact" not in policy:
         raise ChangelogTopicError(
             f"changelog topic {spec.name} has cleanup.policy={policy}: it must be compacted "
             "(cleanup.policy=compact), or the checkpoints of quiet devices are deleted. Alter "

@@ -32,9 +32,9 @@ from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, 
 from stream_lstm.kafka.topics import (
     ChangelogTopicError,
     TopicSpec,
+    cleanup_policy,
     ensure_topics,
     partition_count,
-    topic_config,
 )
 from stream_lstm.relay.alertmanager import UNREADABLE, max_id_chars, readable_event
 
@@ -73,7 +73,7 @@ class OpenAlertStore:
         ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic), STORE_CONFIG)])
         # Created by someone else (or auto-created, after a deletion), it may delete instead:
         # an alert open for longer than its retention would be forgotten at the next restart.
-        if "compact" not in (policy := topic_config(settings, topic).get("cleanup.policy", "delete")):
+        if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
             raise ChangelogTopicError(
                 f"the relay's store of open alerts {topic} has cleanup.policy={policy}: it must be "
                 "compacted, or alerts open for longer than its retention are forgotten. Alter the "

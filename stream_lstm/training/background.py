@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-from stream_lstm.models.registry import LoadedModel, model_from_bytes, model_to_bytes
+from stream_lstm.models.registry import (
+    MAX_WEIGHT,
+    LoadedModel,
+    ModelLoadError,
+    model_from_bytes,
+    model_to_bytes,
+)
 
 log = logging.getLogger("stream_lstm.training")
 
@@ -143,7 +149,11 @@ def run_job(data: bytes) -> bytes:
               "champion_error": decision.champion_error, "challenger_error": decision.challenger_error,
               "seconds": time.monotonic() - t0,
               "train_loss": result.train_losses[-1] if result.train_losses else float("nan")}
-    if not decision.promote:
+    largest = max(float(w.detach().abs().max()) for w in challenger.parameters())
+    if decision.promote and not largest <= MAX_WEIGHT:  # (what no worker would load: said, kept out)
+        header |= {"promote": False, "reason": f"a weight of {largest:.3g} is past ±{MAX_WEIGHT:g}, "
+                   "what a worker refuses to load"}
+    if not header["promote"]:
         return _frame(header)
     meta = {"parent": champion.version, "metrics": {"mae": decision.challenger_error,
             "champion_error": decision.champion_error, "epochs": result.epochs},
@@ -262,6 +272,8 @@ class BackgroundTrainer:
             return decode_result(self._conn.recv_bytes())
         except (EOFError, OSError):
             error = self._restart()
+        except ModelLoadError as exc:  # (a model the child sent that does not load: a failed job,
+            error = str(exc)           # not the worker's end with exit 2)
         return RetrainResult(False, "training failed", float("nan"), float("nan"),
                              time.monotonic() - self.started_at, float("nan"), error=error)
 

@@ -107,7 +107,13 @@ def main(args: argparse.Namespace) -> int:
 
     from stream_lstm.config import SettingsError, load_settings
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
-    from stream_lstm.models.registry import NUMBERED_RE, VERSION_RE, ModelRegistry, save_model
+    from stream_lstm.models.registry import (
+        MAX_WEIGHT,
+        NUMBERED_RE,
+        VERSION_RE,
+        ModelRegistry,
+        save_model,
+    )
     from stream_lstm.models.registry_cli import say_if_another_shape
     from stream_lstm.recordings import DEFAULT_TIME_COLUMN, RecordingError, load_csv
     from stream_lstm.state.normalizer import normalize_sequence
@@ -239,6 +245,10 @@ def main(args: argparse.Namespace) -> int:
         gain = f" ({abs(better):.1%} {'better' if better >= 0 else 'worse'} than persistence)"
     kept = (f"; kept epoch {result.best_epoch}'s weights, the best on validation"
             if result.best_epoch and result.best_epoch != result.epochs else "")
+    if not (largest := max(float(w.detach().abs().max()) for w in model.parameters())) <= MAX_WEIGHT:
+        print(f"train: the trained model has a weight of {largest:.3g}, past the ±{MAX_WEIGHT:g} a "
+              "worker loads: nothing saved (a lower --lr, or STREAM_LSTM_WEIGHT_DECAY)", file=sys.stderr)
+        return 2
     if args.out is not None:
         try:
             path = save_model(model, spec, args.out, meta)

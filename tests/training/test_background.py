@@ -155,3 +155,38 @@ def test_the_same_job_trains_the_same_challenger_with_dropout_on():
         weights.append(model_from_bytes(parts[0]).model.state_dict())
     for name, w in weights[0].items():
         assert torch.equal(w, weights[1][name]), name
+
+
+def test_a_challenger_no_worker_would_load_is_not_promoted_and_never_ends_the_worker(monkeypatch):
+    """A challenger with a weight past the loader's bound (registry.MAX_WEIGHT) came back as a
+    promotion, and decoding it in the worker raised ModelLoadError out of its loop: exit 2, at
+    every restart as it retrained the same way (a review). The child now says so and keeps it
+    out; and a result that does not load is a failed job."""
+    from stream_lstm.models.registry import ModelLoadError
+    from stream_lstm.training import background
+    from stream_lstm.training.background import _unframe, run_job
+
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 3, "patience": 3, "lr": 0.05}
+    champion = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        champion.head.bias.fill_(5.0)  # far off: any training beats it (promoted, as above)
+    monkeypatch.setattr(background, "MAX_WEIGHT", 1e-3)  # (every trained weight is past it)
+    header, parts = _unframe(run_job(encode_job(champion, spec, {"version": "v1"}, seqs, params)))
+    assert not header["promote"] and parts == []
+    assert header["reason"].startswith("a weight of ") and "past ±0.001, what a worker refuses to load" in header["reason"]
+
+    def refused(data):
+        raise ModelLoadError("model message: tensor head.weight has NaN, infinite or weights past ±10000")
+
+    monkeypatch.setattr(background, "decode_result", refused)
+    trainer = BackgroundTrainer(threads=1)
+    try:
+        trainer.submit(small_job())
+        result = trainer.wait(timeout=120)
+        assert result is not None and not result.promote and "weights past ±10000" in result.error
+        assert trainer._proc.is_alive()  # the child is fine: the next job goes to it
+    finally:
+        trainer.close()

@@ -234,3 +234,18 @@ def test_the_registry_must_be_writable_before_the_training_and_model_dir_needs_r
     assert capsys.readouterr().err == ("train: --model-dir is where --registry registers: add "
                                        "--registry, or leave it out\n")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_trained_model_no_worker_would_load_is_not_saved(tmp_path, capsys, monkeypatch):
+    """It was saved (and promoted with --registry), then refused by every worker (a review)."""
+    from stream_lstm.models import registry
+
+    monkeypatch.setattr(registry, "MAX_WEIGHT", 1e-3)  # (every trained weight is past it)
+    rows = ["timestamp,value"] + [f"{1000 + 60 * i},{i % 7}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["train", "--csv", str(tmp_path / "r.csv"), "--epochs", "1", "--window", "8",
+                "--hidden-size", "4", "--quiet", "--out", str(tmp_path / "m"), "--registry",
+                "--model-dir", str(tmp_path / "reg")]) == 2
+    err = capsys.readouterr().err
+    assert "train: the trained model has a weight of " in err and "past the ±0.001 a worker loads: nothing saved" in err
+    assert not (tmp_path / "m.safetensors").exists() and not list((tmp_path / "reg").glob("v*"))
