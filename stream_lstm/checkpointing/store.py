@@ -118,7 +118,7 @@ class StateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # (room can come back: see StateStoreFull)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # (room can come back: see StateStoreFull)
                 raise StateStoreFull(f"cannot open the state store {self.path}: {exc.strerror} "
                                      "(make room on its volume; restarted, it goes on)") from None
             raise SettingsError(f"invalid setting STREAM_LSTM_STATE_DIR: cannot write the state "

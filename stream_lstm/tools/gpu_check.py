@@ -188,10 +188,10 @@ def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000,
         topic = f"gpu-check-{uuid.uuid4().hex[:6]}"
         prefill(s, topic, messages, devices)
         out = worker_run(s, topic, messages)
-        result = {"worker_msgs_per_s": round(out["rate"])}
+        result = {"worker_msgs_per_s": round(out["rate"]), "worker_processes": 1}
         n = processes if processes is not None else min(4, usable_cpus())
-        if n > 1:  # (a fresh group over the same backlog: the same readings again)
-            host = run_host(s, topic, messages, n)
+        if n > 1:  # (a fresh group over the same backlog: the same readings again; within the
+            host = run_host(s, topic, messages, n, timeout_s=180)  # check's 5 minutes)
             result |= {"worker_n_processes": n, "worker_n_msgs_per_s": round(host["rate"]),
                        "worker_n_ready_s": round(host["ready_s"], 1)}
     return result
