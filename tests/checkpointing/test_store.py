@@ -250,23 +250,31 @@ def test_a_state_dir_that_cannot_be_written_is_one_line(tmp_path):
         StateStore(tmp_path / "file" / "s.sqlite")  # (its parent is a file)
 
 
+def volume_says(monkeypatch, pragma: str):
+    """Every SQLite connection runs ``pragma`` first (a volume's answer, simulated); returns the
+    real ``connect``."""
+    import sqlite3
+
+    real = sqlite3.connect
+
+    def connect(*args, **kwargs):
+        db = real(*args, **kwargs)
+        db.execute(pragma)
+        return db
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", connect)
+    return real
+
+
 def test_a_store_that_cannot_be_written_at_start_is_one_line_and_kept(tmp_path, monkeypatch):
     """A full or read-only volume at start is not damage: the store used to be set aside as
     corrupt (a good store lost, its bytes still on the full disk) and a second open raised."""
-    import sqlite3
 
     path = tmp_path / "state.sqlite"
     st = StateStore(path)
     st.put_many([("a", 0, b"x")])
     st.close(clean=True)
-    real = sqlite3.connect
-
-    def read_only_volume(*args, **kwargs):  # what SQLite answers on a volume that refuses writes
-        db = real(*args, **kwargs)
-        db.execute("PRAGMA query_only=ON")
-        return db
-
-    monkeypatch.setattr(store_module.sqlite3, "connect", read_only_volume)
+    volume_says(monkeypatch, "PRAGMA query_only=ON")  # what SQLite answers on a read-only volume
     with pytest.raises(SettingsError, match="cannot write the state store .*readonly.*the store is kept"):
         StateStore(path)
     monkeypatch.undo()
@@ -280,20 +288,12 @@ def test_a_full_volume_at_start_is_transient_exit_3_not_a_refusal(tmp_path, monk
     """Exit 2 (a refusal) on a full disk: one crashed child's restart stopped every worker of
     its host, and the supervisor never restarted them (a review). Room can come back: exit 3,
     restarted with backoff, and the store is kept."""
-    import sqlite3
 
     from stream_lstm.checkpointing.store import StateStoreFull
     from stream_lstm.cli import main
 
     path = tmp_path / "state" / "g-w.sqlite"
-    real = sqlite3.connect
-
-    def full_volume(*args, **kwargs):  # what SQLite answers when a write needs a page it cannot have
-        db = real(*args, **kwargs)
-        db.execute("PRAGMA max_page_count=1")
-        return db
-
-    monkeypatch.setattr(store_module.sqlite3, "connect", full_volume)
+    real = volume_says(monkeypatch, "PRAGMA max_page_count=1")  # a write needs a page it cannot have
     with pytest.raises(StateStoreFull, match="database or disk is full .make room on its volume"):
         StateStore(path)
     monkeypatch.setenv("STREAM_LSTM_STATE_DIR", str(tmp_path / "state"))

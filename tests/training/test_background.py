@@ -26,6 +26,19 @@ def small_job() -> bytes:
     return encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params)
 
 
+def promoted_job() -> bytes:
+    """A job whose champion is far off (its head's bias at 5): any training beats it, so the
+    challenger is promoted and comes back with its metadata."""
+    spec = ModelSpec(hidden_size=4, horizon=2)
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
+    params = job_params(Settings(trainer="off")) | {"max_epochs": 3, "patience": 3, "lr": 0.05}
+    champion = SimpleLSTM.from_spec(spec)
+    with torch.no_grad():
+        champion.head.bias.fill_(5.0)
+    return encode_job(champion, spec, {"version": "v1"}, seqs, params)
+
+
 def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capfd):
     job = small_job()
     trainer = BackgroundTrainer(threads=1)
@@ -53,14 +66,7 @@ def test_early_stopping_and_the_gate_judge_on_different_devices():
     from stream_lstm.models.registry import model_from_bytes
     from stream_lstm.training.background import _unframe, run_job
 
-    spec = ModelSpec(hidden_size=4, horizon=2)
-    rng = np.random.default_rng(1)
-    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
-    params = job_params(Settings(trainer="off")) | {"max_epochs": 3, "patience": 3, "lr": 0.05}
-    champion = SimpleLSTM.from_spec(spec)
-    with torch.no_grad():
-        champion.head.bias.fill_(5.0)  # far off: any training beats it, and the meta comes back
-    header, parts = _unframe(run_job(encode_job(champion, spec, {"version": "v1"}, seqs, params)))
+    header, parts = _unframe(run_job(promoted_job()))
     assert header["promote"]
     data = model_from_bytes(parts[0]).meta["training_data"]
     assert (data["devices"], data["validation_devices"], data["holdout_devices"]) == (6, 2, 2)
@@ -166,15 +172,8 @@ def test_a_challenger_no_worker_would_load_is_not_promoted_and_never_ends_the_wo
     from stream_lstm.training import background
     from stream_lstm.training.background import _unframe, run_job
 
-    spec = ModelSpec(hidden_size=4, horizon=2)
-    rng = np.random.default_rng(1)
-    seqs = [rng.normal(size=(40, 1)).astype(np.float32) for _ in range(10)]
-    params = job_params(Settings(trainer="off")) | {"max_epochs": 3, "patience": 3, "lr": 0.05}
-    champion = SimpleLSTM.from_spec(spec)
-    with torch.no_grad():
-        champion.head.bias.fill_(5.0)  # far off: any training beats it (promoted, as above)
     monkeypatch.setattr(background, "MAX_WEIGHT", 1e-3)  # (every trained weight is past it)
-    header, parts = _unframe(run_job(encode_job(champion, spec, {"version": "v1"}, seqs, params)))
+    header, parts = _unframe(run_job(promoted_job()))
     assert not header["promote"] and parts == []
     assert header["reason"].startswith("a weight of ") and "past ±0.001, what a worker refuses to load" in header["reason"]
 
