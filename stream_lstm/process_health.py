@@ -84,7 +84,6 @@ def sweep_left_behind(root: Path | None = None) -> list[Path]:
     return removed
 
 
-
 # ---- in a child ---------------------------------------------------------------------------------
 class StatusReporter:
     """In a child: every second, writes what its ``/healthz`` and ``/readyz`` would say (and
@@ -280,10 +279,11 @@ class HostHealth:
     """Liveness and readiness of the host, over its children (``serve_metrics`` serves them).
 
     Live: the supervisor's loop turns, and each child runs and says it is live (or has not
-    said yet), or waits to be restarted, or has been hung for less than the supervisor takes to
-    kill and restart it (``HUNG_AFTER_S`` + ``REMEDY_S``: at the worker's 30 s a host probe
-    restarted every child 90 s before the supervisor would have restarted one). Ready: each child's fresh status says ready; the
-    components of ``/readyz`` are the children, each ``ok`` or why not.
+    said yet), or waits to be restarted, or left its id (exit 4), or has been hung for less
+    than the supervisor takes to kill and restart it (``HUNG_AFTER_S`` + ``REMEDY_S``: at the
+    worker's 30 s a host probe restarted every child 90 s before the supervisor would have
+    restarted one). Ready: each child's fresh status says ready; the components of
+    ``/readyz`` are the children, each ``ok`` or why not.
 
     >>> slot = Slot("p0", Path("/nonexistent/p0.json"))
     >>> slot.restart_at, slot.last_exit = time.monotonic() + 5.0, 1  # died, restarts soon
