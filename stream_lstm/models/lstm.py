@@ -229,6 +229,15 @@ class SimpleLSTM(nn.Module):
         return mu, log_b.clamp(LOG_B_MIN, LOG_B_MAX)
 
 
+def largest_weight(model: SimpleLSTM) -> float:
+    """The largest ``|w|`` of ``model`` (NaN if any is): what a load bounds (registry.MAX_WEIGHT).
+
+    >>> largest_weight(SimpleLSTM(n_features=1, hidden_size=2, num_layers=1, horizon=1)) < 1
+    True
+    """
+    return max(float(w.detach().abs().max()) for w in model.parameters())
+
+
 class LoadedModel(NamedTuple):
     """A loaded model, its spec and its metadata (``models/registry.py`` reads and writes
     them); unpacks as ``model, spec, meta``.

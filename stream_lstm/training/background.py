@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.models.lstm import ModelSpec, SimpleLSTM, largest_weight
 from stream_lstm.models.registry import (
     MAX_WEIGHT,
     LoadedModel,
@@ -149,7 +149,7 @@ def run_job(data: bytes) -> bytes:
               "champion_error": decision.champion_error, "challenger_error": decision.challenger_error,
               "seconds": time.monotonic() - t0,
               "train_loss": result.train_losses[-1] if result.train_losses else float("nan")}
-    largest = max(float(w.detach().abs().max()) for w in challenger.parameters())
+    largest = largest_weight(challenger)
     if decision.promote and not largest <= MAX_WEIGHT:  # (what no worker would load: said, kept out)
         header |= {"promote": False, "reason": f"a weight of {largest:.3g} is past ±{MAX_WEIGHT:g}, "
                    "what a worker refuses to load"}

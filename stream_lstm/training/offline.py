@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from stream_lstm.config import SettingsError, load_settings
-    from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+    from stream_lstm.models.lstm import ModelSpec, SimpleLSTM, largest_weight
     from stream_lstm.models.registry import (
         MAX_WEIGHT,
         NUMBERED_RE,
@@ -245,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
         gain = f" ({abs(better):.1%} {'better' if better >= 0 else 'worse'} than persistence)"
     kept = (f"; kept epoch {result.best_epoch}'s weights, the best on validation"
             if result.best_epoch and result.best_epoch != result.epochs else "")
-    if not (largest := max(float(w.detach().abs().max()) for w in model.parameters())) <= MAX_WEIGHT:
+    if not (largest := largest_weight(model)) <= MAX_WEIGHT:
         print(f"train: the trained model has a weight of {largest:.3g}, past the ±{MAX_WEIGHT:g} a "
               "worker loads: nothing saved (a lower --lr, or STREAM_LSTM_WEIGHT_DECAY)", file=sys.stderr)
         return 2
