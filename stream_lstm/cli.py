@@ -110,7 +110,10 @@ def _main(argv: list[str], chosen: str | None) -> int:
     # SIGTERM as Ctrl-C: an offline command (train, evaluate, bench) unwinds, stops the local
     # broker it started and says so, where the default ended it silently with 143. A
     # long-lived command's loop installs its own handler (signals.StopOnSignal) over this one.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGHUP alike (a closed terminal), unless ignored (`nohup`).
+    from stream_lstm.signals import stop_signals
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
@@ -143,7 +146,8 @@ def _main(argv: list[str], chosen: str | None) -> int:
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 3  # the broker, or room on the disk, may come back: restarted, with backoff
     finally:
-        signal.signal(signal.SIGTERM, previous)  # (main() is also called in-process: tests)
+        for sig, handler in previous.items():  # (main() is also called in-process: tests)
+            signal.signal(sig, handler)
 
 
 def _silence_kafka() -> None:

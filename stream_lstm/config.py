@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for inference; 0=auto (one: the steps are small, and more threads spin; use more processes)")
     processes: int | Literal["auto"] = Field(
         1, description="Worker processes on this host, in the same group (processes.py): a number, "
-        "or auto (the usable CPU cores, at most the input topic's partitions). Each has its own "
+        "or auto (the usable CPU cores, within a container's CPU limit, at most the input topic's "
+        "partitions). Each has its own "
         "instance id <instance>-p<k>, transactional id and state directory <state_dir>/p<k>; "
         "one supervisor serves the metrics and health endpoints. 1: one process, no supervisor")
 

@@ -10,13 +10,8 @@ second (:class:`StatusReporter`); the supervisor reads them (:class:`HostHealth`
   and ready. The components of ``/readyz`` are the children: ``ok``, or why not (``starting``,
   ``partitions: restoring [2]``, ``not running (exit -9; restart in 1s)``).
 
-The children's series reach the host through prometheus-client's multiprocess mode: each child
-writes its own files to one directory and :class:`HostMetrics` adds them up. Counters and
-histograms sum, also over children that exited (they count what those did); each gauge
-combines as ``metrics.py`` declares. The host adds its own ``stream_lstm_ready``,
-``stream_lstm_processes``, ``stream_lstm_process_running{process}``,
-``stream_lstm_process_restarts_total{process}``, ``stream_lstm_up_info`` and, from the status
-files, ``stream_lstm_model_info{process,version}`` (an Info cannot cross processes).
+The children's series reach the host through prometheus-client's multiprocess mode
+(``host_metrics.py``).
 
 >>> import tempfile
 >>> d = Path(tempfile.mkdtemp())
@@ -38,22 +33,18 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.core import InfoMetricFamily
-from prometheus_client.exposition import generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
-
 from stream_lstm.logs import Sparing
-from stream_lstm.metrics import PREFIX, HealthState
+from stream_lstm.metrics import HealthState
 
 log = logging.getLogger("stream_lstm.processes")
 
 STATUS_EVERY_S = 1.0  # how often a child writes its status file
 STATUS_STALE_S = 10.0  # a status this old says nothing: the child is not ready
+STATUS_BYTES = 16_384  # a status file's reserved size (a status is a few hundred bytes)
 BACKOFF_FIRST_S = 1.0  # a child's first restart waits this long
 # A child whose own status has said "not live" (its loop stopped turning for longer than the
 # worker's liveness timeout) for this long is hung, not busy: the supervisor kills it, then
@@ -82,6 +73,12 @@ def sweep_left_behind(root: Path | None = None) -> list[Path]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+def reserve_status_file(path: Path) -> None:
+    """``path`` made a file of :data:`STATUS_BYTES` blanks, for a child's
+    :class:`StatusReporter` to write over in place."""
+    path.write_bytes(b" " * STATUS_BYTES)
 
 
 # ---- in a child ---------------------------------------------------------------------------------
@@ -131,9 +128,28 @@ class StatusReporter:
         # are read on: the wall clock "ts" (for people) steps with NTP or a VM's resume.
         status = {"pid": os.getpid(), "ts": time.time(), "mono": time.monotonic(), "live": live,
                   "liveness": liveness, "ready": ready, "components": components, **self.details()}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, self.path)
+        data = json.dumps(status).encode()
+        if not self._overwrite(data):  # (none reserved, or it outgrew it: a whole new file)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path)
+
+    def _overwrite(self, data: bytes) -> bool:
+        """``data`` written over the file :func:`reserve_status_file` made, blank-padded, in
+        place: no new blocks, so a full directory cannot stop it (a new file and a rename a
+        second did, and the supervisor killed healthy children as hung every 2 minutes)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            if len(data) > size:
+                return False
+            os.pwrite(fd, data.ljust(size), 0)
+            return True
+        finally:
+            os.close(fd)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -195,15 +211,19 @@ class Slot:
         self.unready_since: float | None = None
         self.unready_reasons: str | None = None
         self.stopping_since: float | None = None
+        self._last: dict[str, Any] | None = None  # the last status read whole
 
     def read_status(self) -> dict[str, Any] | None:
         """The status the current process wrote, or None (none yet, or the previous one's)."""
         proc = self.proc  # the supervisor's loop may replace it meanwhile (this is the HTTP thread)
         try:
-            status = json.loads(self.status.read_text())
-        except (OSError, ValueError):
+            status = json.loads(self.status.read_bytes())
+        except OSError:
             return None
-        return status if proc is not None and status.get("pid") == proc.pid else None
+        except ValueError:  # read while the child wrote over it in place: the one before
+            status = self._last
+        self._last = status
+        return status if proc is not None and status is not None and status.get("pid") == proc.pid else None
 
     def unready_for(self, status: dict[str, Any] | None, now: float) -> tuple[float, str]:
         """How long (seconds, up to the monotonic ``now``) the current process has been not
@@ -334,64 +354,3 @@ class HostHealth:
             return "ok"
         waiting = "; ".join(f"{k}: {v}" for k, v in status["components"].items() if v != "ok")
         return waiting or "starting"
-
-
-class _Children:
-    """The children's series from the multiprocess directory, without their ``ready`` (the
-    host exports its own), and the model each serves, from its status file (prometheus'
-    multiprocess mode cannot carry an Info)."""
-
-    def __init__(self, metrics_dir: Path, slots: list[Slot]) -> None:
-        self.metrics_dir, self.slots = metrics_dir, slots
-
-    def collect(self) -> Iterator[Any]:
-        # A silent child's live gauges leave the sums as its readiness does (a SIGSTOPped child's
-        # devices were counted beside those of the one that took its partitions: 83 of 60).
-        silent = {slot.name for slot in self.slots
-                  if (status := slot.read_status()) is not None and status_age(status) > STATUS_STALE_S}
-        files = [str(p) for p in self.metrics_dir.glob("*.db")
-                 if not (p.name.startswith("gauge_live") and p.stem.rpartition("_")[2] in silent)]
-        for family in MultiProcessCollector.merge(files, accumulate=True):
-            if family.name != PREFIX + "ready":
-                yield family
-        info = InfoMetricFamily(PREFIX + "model", "The served model version, per worker process",
-                                labels=["process"])
-        for slot in self.slots:
-            status = slot.read_status()
-            if status is not None and status.get("model_version"):
-                info.add_metric([slot.name], {"version": str(status["model_version"])})
-        yield info
-
-
-class HostMetrics:
-    """What the supervisor serves: the children's series added up and its own.
-
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     text = HostMetrics(Path(tmp), [Slot("p0", Path(tmp) / "p0.json")], "host").exposition()
-    >>> b"stream_lstm_process_running" in text and b"stream_lstm_processes" in text
-    True
-    """
-
-    def __init__(self, metrics_dir: Path, slots: list[Slot], instance: str) -> None:
-        from stream_lstm import __version__
-
-        r = self.registry = CollectorRegistry()
-        r.register(_Children(metrics_dir, slots))
-        self.ready = Gauge(PREFIX + "ready", "1 when every worker process is ready (see /readyz)",
-                           registry=r)
-        self.processes = Gauge(PREFIX + "processes", "Worker processes this host runs "
-                               "(STREAM_LSTM_PROCESSES)", registry=r)
-        self.running = Gauge(PREFIX + "process_running", "1 while the worker process runs",
-                             ["process"], registry=r)
-        self.restarts = Counter(PREFIX + "process_restarts", "Worker processes restarted "
-                                "after they exited", ["process"], registry=r)
-        Info(PREFIX + "up", "Version and instance of this stream-lstm host", registry=r).info(
-            {"version": __version__, "instance": instance, "processes": str(len(slots))})
-        self.processes.set(len(slots))
-        for slot in slots:
-            self.restarts.labels(slot.name)
-            self.running.labels(slot.name)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)

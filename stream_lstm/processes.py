@@ -54,19 +54,20 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from stream_lstm.config import CHECKPOINT_S_PER_DEVICE, Settings, load_settings
 from stream_lstm.endpoint import serve_metrics
-from stream_lstm.environment import warn_unknown_variables
+from stream_lstm.environment import usable_cpus, warn_unknown_variables
+from stream_lstm.host_metrics import HostMetrics
 from stream_lstm.process_health import (
     BACKOFF_FIRST_S,
     FENCED_OUT,
     HUNG_AFTER_S,
     HostHealth,
-    HostMetrics,
     Slot,
     name_metric_files,
+    reserve_status_file,
     status_age,
     sweep_left_behind,
 )
-from stream_lstm.signals import SecondSignal
+from stream_lstm.signals import SecondSignal, stop_signals
 
 log = logging.getLogger("stream_lstm.processes")
 
@@ -83,11 +84,6 @@ TICK_S = 0.2
 # restart of all would only add rebalances). A change of reason is progress and restarts the
 # clock. 10 min: a restore of ~2 million devices into one process (100k take 25 s).
 STUCK_AFTER_S = 600.0
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    return len(os.sched_getaffinity(0))
 
 
 def input_partitions(settings: Settings) -> int:
@@ -196,7 +192,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the children, keep them running, stop them on a signal; the exit code."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():  # (SIGHUP too: a closed terminal stops the children cleanly)
             signal.signal(sig, self._signal)
         sweep_left_behind()
         with tempfile.TemporaryDirectory(prefix=f"stream-lstm-processes-{os.getpid()}-",
@@ -205,6 +201,8 @@ class Supervisor:
             metrics_dir.mkdir()
             status_dir.mkdir()
             slots = [Slot(child_name(k), status_dir / f"{child_name(k)}.json") for k in range(self.n)]
+            for slot in slots:
+                reserve_status_file(slot.status)
             self.slots, self.metrics_dir = slots, metrics_dir
             self.health, self.metrics = HostHealth(slots), HostMetrics(metrics_dir, slots, self.instance)
             s = self.settings

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT for a long-lived command: stop cleanly, and at once while connecting.
+"""SIGTERM, SIGINT and SIGHUP for a long-lived command: stop cleanly, and at once while connecting.
 
 A command's loop checks a stop flag between turns, so a signal there ends it cleanly (the last
 transaction committed, the group left). Connecting is different: kafka-python's waits for a
@@ -17,6 +17,19 @@ from typing import Any
 # process, then to its group); a person's second Ctrl-C comes later. Closer than this, a second
 # signal is the same stop, not a demand to kill at once.
 SAME_SIGNAL_S = 0.5
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a command cleanly: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the
+    terminal or SSH session closed: its default ended the worker uncleanly, mid-transaction,
+    children included), but not SIGHUP where it is ignored: under ``nohup`` the process is
+    meant to outlive its terminal, and a handler of ours would undo that.
+
+    >>> stop_signals()[:2]
+    (<Signals.SIGTERM: 15>, <Signals.SIGINT: 2>)
+    """
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
 
 
 class SecondSignal:
@@ -50,7 +63,7 @@ class SecondSignal:
 
 
 class StopOnSignal:
-    """Installs the handlers (SIGTERM, SIGINT) until :meth:`restore`.
+    """Installs the handlers (:func:`stop_signals`) until :meth:`restore`.
 
     Parameters
     ----------
@@ -77,7 +90,7 @@ class StopOnSignal:
         self.stop, self.connecting = stop, True
         self.received: str | None = None  # the first signal's name, for the last log line
         self._previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -1,9 +1,9 @@
-"""The health and metrics of a host of worker processes (process_health.py): the children's
-status files, the host's liveness and readiness over them, and their series added up from
-prometheus-client's multiprocess files (written here by real child processes)."""
+"""The health of a host of worker processes (process_health.py): the children's status files
+and the host's liveness and readiness over them (its metrics: test_host_metrics.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,19 +12,19 @@ import threading
 import time
 from pathlib import Path
 
-from prometheus_client.multiprocess import mark_process_dead
-from prometheus_client.parser import text_string_to_metric_families
+import pytest
 
 from stream_lstm.metrics import HealthState
 from stream_lstm.process_health import (
     HUNG_AFTER_S,
     REMEDY_S,
+    STATUS_BYTES,
     STATUS_STALE_S,
     HostHealth,
-    HostMetrics,
     Slot,
     StatusReporter,
     own_unready,
+    reserve_status_file,
     sweep_left_behind,
 )
 
@@ -52,6 +52,62 @@ def test_the_status_file_says_what_the_child_endpoints_would(tmp_path):
     assert status["components"] == {"broker": "ok", "partitions": "restoring [1]"}
     assert status["consumed"] == 12 and status["model_version"] == "v3"
     assert [p.name for p in tmp_path.iterdir()] == ["p0.json"]  # replaced whole, no leftovers
+
+
+def test_a_reserved_status_file_is_written_over_in_place_and_grows_only_past_its_size(tmp_path):
+    path = tmp_path / "p0.json"
+    reserve_status_file(path)
+    inode = path.stat().st_ino
+    health, rep = reporter(tmp_path, consumed=3)
+    rep.write()
+    assert path.stat().st_ino == inode and path.stat().st_size == STATUS_BYTES  # no new file
+    assert json.loads(path.read_bytes())["consumed"] == 3
+    big = StatusReporter(path, health, lambda: {"model_version": "v" * STATUS_BYTES}, lambda: None)
+    big.write()  # (outgrows it: a new file, as before)
+    assert json.loads(path.read_bytes())["model_version"] == "v" * STATUS_BYTES
+    rep.write()  # and back over that one, in place, blank-padded
+    assert json.loads(path.read_bytes())["consumed"] == 3
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KB tmpfs (root only: as the supervisor's temporary directory may fill up)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_temporary_directory_does_not_silence_a_child(tiny_tmpfs):
+    """Its status still comes (a review filled the supervisor's /tmp: every child was killed
+    as hung every 2 minutes while it served)."""
+    path = tiny_tmpfs / "p0.json"
+    reserve_status_file(path)
+    with open(tiny_tmpfs / "fill", "wb", buffering=0) as fill, contextlib.suppress(OSError):
+        while True:
+            fill.write(b"x" * 4096)
+    health, rep = reporter(tiny_tmpfs, consumed=41)
+    rep.write()
+    slot = Slot("p0", path)
+    slot.proc = Running(os.getpid())
+    assert slot.read_status()["consumed"] == 41
+    with pytest.raises(OSError):  # (what it did: a new file beside it)
+        (tiny_tmpfs / "p1.json").write_text(json.dumps({"consumed": 41}))
+
+
+def test_a_status_read_while_it_is_written_is_the_one_before(tmp_path):
+    _, rep = reporter(tmp_path, consumed=5)
+    rep.write()
+    slot = Slot("p0", tmp_path / "p0.json")
+    slot.proc = Running(os.getpid())
+    assert slot.read_status()["consumed"] == 5
+    (tmp_path / "p0.json").write_text('{"pid": ' + " " * 50)  # half written
+    assert slot.read_status()["consumed"] == 5
 
 
 def test_a_child_whose_supervisor_is_gone_is_told_once(tmp_path):
@@ -191,61 +247,6 @@ def test_a_child_is_stuck_for_as_long_as_its_own_reasons_stay_the_same():
     assert slot.unready_for(status_of(health), now=701.0) == (0.0, "")
 
 
-CHILD = """
-import sys, time
-from stream_lstm.metrics import Metrics
-m = Metrics()
-consumed, devices, lag = (int(a) for a in sys.argv[1:])
-m.readings_consumed.labels("in", "0").inc(consumed)
-m.active_devices.set(devices)
-m.consumer_lag.labels("0").set(lag)
-m.ready.set(1)
-"""
-
-
-def scrape(metrics: HostMetrics) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(metrics.exposition().decode())
-            for s in f.samples}
-
-
-def test_the_host_adds_up_the_children_series_as_each_gauge_says(tmp_path):
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    for args in (("5", "3", "100"), ("7", "4", "2")):  # the second owns partition 0 later
-        done = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-    pids = sorted(int(p.stem.split("_")[-1]) for p in metrics_dir.glob("counter_*.db"))
-    assert len(pids) == 2
-    slots = [Slot("p0", tmp_path / "p0.json"), Slot("p1", tmp_path / "p1.json")]
-    host = HostMetrics(metrics_dir, slots, "rack-3")
-    got = scrape(host)
-    consumed = ("stream_lstm_readings_consumed_total", (("partition", "0"), ("topic", "in")))
-    assert got[consumed] == 12  # counters sum
-    assert got[("stream_lstm_active_devices", ())] == 7  # livesum
-    assert got[("stream_lstm_consumer_lag_messages", (("partition", "0"),))] == 2  # the latest owner
-    assert got[("stream_lstm_ready", ())] == 0  # the host's own, not the children's
-    assert got[("stream_lstm_processes", ())] == 2
-    assert got[("stream_lstm_process_restarts_total", (("process", "p1"),))] == 0
-    assert got[("stream_lstm_up_info", (("instance", "rack-3"), ("processes", "2"),
-                                        ("version", "0.1.0")))] == 1
-    # A child that exited leaves the live gauges; what it counted stays counted.
-    mark_process_dead(pids[0], str(metrics_dir))
-    mark_process_dead(pids[1], str(metrics_dir))
-    got = scrape(host)
-    assert got[consumed] == 12 and ("stream_lstm_active_devices", ()) not in got
-    # The model each child serves comes from its status file.
-    for slot, version in zip(slots, ("v1", "v2"), strict=True):
-        slot.proc = Running(os.getpid())
-        health = HealthState()
-        StatusReporter(slot.status, health, lambda v=version: {"model_version": v}, lambda: None).write()
-    got = scrape(host)
-    assert got[("stream_lstm_model_info", (("process", "p0"), ("version", "v1")))] == 1
-    assert got[("stream_lstm_model_info", (("process", "p1"), ("version", "v2")))] == 1
-
-
 def test_a_supervisor_sweeps_the_directories_of_supervisors_that_are_gone(tmp_path):
     """A SIGKILLed supervisor left its directory of metric and status files in /tmp, one a
     crash (a processes review). The next one removes those whose supervisor is gone."""
@@ -258,37 +259,3 @@ def test_a_supervisor_sweeps_the_directories_of_supervisors_that_are_gone(tmp_pa
         (d / "status").mkdir(parents=True)
     assert sweep_left_behind(tmp_path) == [left]
     assert not left.exists() and live.exists() and other.exists()
-
-
-NAMED_CHILD = """
-import sys
-from stream_lstm.process_health import name_metric_files
-name_metric_files(sys.argv[1])
-from stream_lstm.metrics import Metrics
-m = Metrics()
-m.forecasts_published.inc()
-m.active_devices.set(int(sys.argv[2]))
-"""
-
-
-def test_a_silent_childs_live_gauges_leave_the_sums_and_its_counters_stay(tmp_path):
-    """A SIGSTOPped child's devices were still counted beside those of the child that took
-    its partitions: 83 active devices of 60 (a processes review)."""
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    for name, devices in (("p0", "30"), ("p1", "40")):
-        done = subprocess.run([sys.executable, "-c", NAMED_CHILD, name, devices], env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-    slots = [Slot("p0", tmp_path / "p0.json"), Slot("p1", tmp_path / "p1.json")]
-    host = HostMetrics(metrics_dir, slots, "rack-3")
-    health = HealthState()
-    for slot in slots:
-        slot.proc = Running(os.getpid())  # (the status of the slot's current process is read)
-        slot.status.write_text(json.dumps(status_of(health)))
-    assert scrape(host)[("stream_lstm_active_devices", ())] == 70
-    slots[0].status.write_text(json.dumps(status_of(health, age=STATUS_STALE_S + 1)))  # p0 silent
-    got = scrape(host)
-    assert got[("stream_lstm_active_devices", ())] == 40  # p1's alone
-    assert got[("stream_lstm_forecasts_published_total", ())] == 2  # what p0 did stays counted

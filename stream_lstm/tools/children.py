@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_lstm.signals import SecondSignal
+from stream_lstm.signals import SecondSignal, stop_signals
 
 STOP_GRACE_S = 30.0  # how long a child may take to stop after SIGTERM before SIGKILL
 _OUT_LOCK = threading.Lock()
@@ -53,10 +53,10 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            # SIGHUP too: a closed terminal or a dropped ssh session. The children run in
-            # sessions of their own and never hear it; Python's default dies without the
-            # clean-up, and left the broker, the worker and the simulator running.
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # SIGHUP too (unless `nohup`): a closed terminal or a dropped ssh session. The
+            # children run in sessions of their own and never hear it; Python's default dies
+            # without the clean-up, and left the broker, the worker and the simulator running.
+            for sig in stop_signals():
                 self._previous.append((sig, signal.getsignal(sig)))
                 signal.signal(sig, self._handle)
         return self

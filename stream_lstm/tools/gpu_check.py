@@ -171,9 +171,9 @@ def check_worker(device: Any, messages: int = 60_000, devices: int = 4_000,
     import uuid
 
     from stream_lstm.config import load_settings
+    from stream_lstm.environment import usable_cpus
     from stream_lstm.kafka.jars import KAFKA_VERSION, user_cache_dir
     from stream_lstm.kafka.local_broker import ensure_local_broker
-    from stream_lstm.processes import usable_cpus
     from stream_lstm.tools.bench.core import prefill
     from stream_lstm.tools.bench.processes import run_host
     from stream_lstm.tools.bench.relay import worker_run

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from stream_lstm.config import Settings, load_settings
+from stream_lstm.signals import stop_signals
 from stream_lstm.tools.fleet import Fleet
 
 # A stall longer than this (broker hiccup, laptop asleep) is not made up with a burst: the
@@ -97,7 +98,8 @@ class ProgressLine:
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM ask the send loop to stop (it then flushes); a second signal aborts."""
+    """SIGINT/SIGTERM (and SIGHUP: signals.stop_signals) ask the send loop to stop (it then
+    flushes); a second signal aborts."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -107,7 +109,7 @@ class _StopOnSignal:
         # Signal handlers can only be set from the main thread; elsewhere (a tool embedded in
         # a test or a thread) the caller's own handling applies.
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in stop_signals():
                 self._previous.append((sig, signal.getsignal(sig)))
                 signal.signal(sig, self._handle)
         return self

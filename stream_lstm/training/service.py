@@ -33,6 +33,7 @@ from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel
 from stream_lstm.pipeline import decode_records
+from stream_lstm.signals import stop_signals
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
@@ -236,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         if metrics is not None and health is not None:
             health.set_ready("model", True, service.champion.version)
             metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             signal.signal(sig, lambda *_: service.stop())
         endpoint = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
                     if settings.metrics_port else "metrics off")

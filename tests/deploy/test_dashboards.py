@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from stream_lstm.host_metrics import HostMetrics
 from stream_lstm.metrics import Metrics
-from stream_lstm.process_health import HostMetrics, Slot
+from stream_lstm.process_health import Slot
 from stream_lstm.relay.metrics import RelayMetrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -113,7 +113,7 @@ def run_host(settings: Any, topic: str, readings: int, processes: int,
 
 def bench_processes(settings: Any, topic: str, messages: int, result: dict, quick: bool,
                     devices: int = DEVICES) -> dict:
-    from stream_lstm.processes import usable_cpus
+    from stream_lstm.environment import usable_cpus
     from stream_lstm.tools.bench.core import prefill
 
     # The quick run's backlog too must outlast the two-process group's start-up (5-11 s before
