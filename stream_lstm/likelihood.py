@@ -86,6 +86,14 @@ LEVEL_RATE = 0.002
 # one): an infinite or absurd score is already certain, and more would only swamp the
 # device's model of its runs for weeks.
 EVIDENCE_CAP = 1e4
+# A change smaller than this, relative to the readings it is between, is none: the producer's
+# float arithmetic (0.1 + 0.2 for 0.3), not the device. After a device held one value for weeks
+# its channels had only ever seen 0, so one such ulp opened an alert at likelihood 1.
+SAME_RELATIVE = 1e-12
+# A change smaller than this in absolute terms is none either: its square, which the channels'
+# variances are made of, would underflow to 0 and leave them "never varied" (a device reading
+# 1e-200 flagged half its readings).
+SAME_ABSOLUTE = 1e-140
 
 # Columns of one channel's model: the run, its mean and variance, readings counted, the rate
 # of excesses over the threshold, their mean and variance, and how many there were.
@@ -179,8 +187,9 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     scored = np.isfinite(score)
     evidence = np.empty((len(state), len(CHANNELS)))
     evidence[:, 0] = score
-    evidence[:, 1] = np.where((n >= 1) & scored, np.abs(value - mu) / spread, np.nan)
-    evidence[:, 2] = np.where(scored, np.abs(value - state[:, PREVIOUS]), np.nan)
+    distance, step = changed(value, mu), changed(value, state[:, PREVIOUS])
+    evidence[:, 1] = np.where((n >= 1) & scored, distance / spread, np.nan)
+    evidence[:, 2] = np.where(scored, step, np.nan)
     state[:, PREVIOUS] = value
     # The three channels side by side: a [rows, 3, fields] view of the state.
     width = len(CHANNELS) * len(CHANNEL_FIELDS)
@@ -188,6 +197,18 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     observed = advance(channels, evidence)
     state[:, :width] = channels.reshape(len(state), width)  # a no-op where the view was one
     return observed
+
+
+def changed(value: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """``|value - before|``, or 0 where that is within :data:`SAME_RELATIVE` of them or
+    :data:`SAME_ABSOLUTE`: no change a device made.
+
+    >>> changed(np.array([0.1 + 0.2, 0.31, 1e-200, 2e-100]), np.array([0.3, 0.3, 2e-200, 1e-100])).tolist()
+    [0.0, 0.010000000000000009, 0.0, 1e-100]
+    """
+    diff = np.abs(value - before)
+    same = diff <= np.maximum(SAME_RELATIVE * np.fmax(np.abs(value), np.abs(before)), SAME_ABSOLUTE)
+    return np.where(same, 0.0, diff)
 
 
 def combine(lik: np.ndarray) -> np.ndarray:

@@ -73,6 +73,29 @@ def test_all_channels_together_flag_no_more_than_the_stated_rate_on_noise():
         assert np.all(observed <= 2 * rate) and np.all(observed >= rate / 4), (rate, observed / rate)
 
 
+def test_noise_too_small_to_square_is_judged_as_noise_of_any_other_scale():
+    """Readings of 1e-200 or subnormal 1e-310 (their squares underflow to 0): half of them
+    were flagged, the device's channels thinking it had never varied (a numerics review)."""
+    scales = np.array([1.0, 1e-100, 1e-200, 1e-310])
+    rng = np.random.default_rng(7)
+    state = np.tile(likelihood.initial_state(), (len(scales), 1))
+    liks = np.array([likelihood.judge(state, rng.exponential(1.0, len(scales)),
+                                      scales * rng.standard_normal(len(scales)))
+                     for _ in range(5_000)])[500:]
+    assert np.all(((1.0 - liks) <= 1e-3).mean(axis=0) <= 2e-3)
+
+
+def test_a_change_of_one_ulp_after_a_long_constant_run_is_no_change():
+    """0.1 + 0.2 for 0.3 after weeks of 0.3 opened an alert at likelihood 1 (the channels had
+    only ever seen 0); a real change after that run is still certain."""
+    state = np.tile(likelihood.initial_state(), (3, 1))
+    likelihood.judge(state, np.full(3, np.nan), np.full(3, 0.3))  # (no forecast, no score yet)
+    for _ in range(3000):
+        likelihood.judge(state, np.full(3, 0.5), np.full(3, 0.3))
+    lik = likelihood.judge(state, np.full(3, 0.5), np.array([0.1 + 0.2, np.nextafter(0.3, 1.0), 0.3003]))
+    assert lik[0] == lik[1] == 0.0 and 1.0 - lik[2] <= 1e-3
+
+
 def test_observing_round_by_round_then_concluding_once_is_judging_each_round():
     rng = np.random.default_rng(9)
     one, many = (np.tile(likelihood.initial_state(), (3, 1)) for _ in range(2))

@@ -32,6 +32,7 @@ from stream_lstm.kafka.local_broker import free_port, pid_alive
 from stream_lstm.models.registry import save_model
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.processes import child_env, resolve_processes
+from stream_lstm.signals import stop_signals
 from tests.integration.helpers import (
     assert_exactly_once_and_continuous,
     produce_readings,
@@ -332,7 +333,7 @@ def supervise(sup: processes.Supervisor, done) -> tuple[dict[str, int], dict[str
         enough.wait(60)
         sup._signal(signal.SIGTERM, None)
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.getsignal(sig) for sig in stop_signals()}
     threading.Thread(target=stop_when_done, daemon=True).start()
     try:
         sup.run()
@@ -614,7 +615,7 @@ def test_a_child_that_left_its_id_to_another_live_worker_is_not_restarted_and_th
             sup._signal(signal.SIGTERM, None)
 
     sup._tend = look
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.getsignal(sig) for sig in stop_signals()}
     try:
         code = sup.run()
     finally:
