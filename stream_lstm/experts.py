@@ -73,6 +73,8 @@ from stream_lstm.state.expert_state import (
     init_state,
     pack,
     push_history,
+    reference,
+    referenced,
     rls_matrix,
     rls_upper,
     unpack,
@@ -156,7 +158,8 @@ def step(
         _learn(state, learn, x, rate)
     # The new reading joins the history (a shift register, newest last).
     push_history(state, x)
-    analog, median, feats = _from_readings(history(state), x, mean, scale, model_change) if prepared is None else prepared
+    analog, median, feats = _from_readings(history(state), reference(state), x, mean, scale, model_change) \
+        if prepared is None else prepared
     ar = x + scale * np.einsum("mf,mf->m", feats, state[:, _W])
     experts = np.stack([model_forecast, ar, median, x, analog], axis=1)
     # An expert that cannot forecast (NaN) counts as the last reading.
@@ -192,20 +195,28 @@ def prepare(state: np.ndarray, slots: np.ndarray, x: np.ndarray, mean: np.ndarra
     # history at its k-th reading is the N_HISTORY values ending with that reading.
     block = np.concatenate([[0], np.cumsum(N_HISTORY + counts)])
     buf = np.empty(int(block[-1]), np.float32)
-    buf[block[:-1, None] + np.arange(N_HISTORY)] = history(state[by_device[starts]])
+    before = state[by_device[starts]]
+    buf[block[:-1, None] + np.arange(N_HISTORY)] = history(before)
+    # Each device's reference: its own, or (a new device) its first finite reading of the poll.
+    xs = x[order]
+    first_finite = np.minimum.reduceat(np.where(np.isfinite(xs), np.arange(n), n), starts)
+    ref = referenced(before, xs[np.minimum(first_finite, n - 1)])
+    ref = np.where(np.isnan(reference(before)) & (first_finite >= starts + counts), np.nan, ref)[device]
     at = block[device] + k
-    buf[at + N_HISTORY] = x[order]  # (float32: as push_history stores them)
+    buf[at + N_HISTORY] = xs - ref  # (float32: as push_history stores them)
     readings = np.empty((n, N_HISTORY), np.float32)
     readings[order] = np.lib.stride_tricks.sliding_window_view(buf, N_HISTORY)[at + 1]
-    return _from_readings(readings, x, mean, scale, model_change)
+    refs = np.empty(n)
+    refs[order] = ref
+    return _from_readings(readings, refs, x, mean, scale, model_change)
 
 
-def _from_readings(readings: np.ndarray, x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+def _from_readings(readings: np.ndarray, ref: np.ndarray, x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
                    model_change: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The analog and median forecasts and the ``ar`` features, from each row's history
-    (``readings``, ending with ``x``)."""
-    analog = _analog(readings)
-    lags = readings[:, N_HISTORY - N_LAGS :].astype(np.float64)
+    (``readings`` less ``ref``, ending with ``x``'s)."""
+    analog = _analog(readings) + ref
+    lags = readings[:, N_HISTORY - N_LAGS :].astype(np.float64) + ref[:, None]
     lags = np.where(np.isnan(lags), x[:, None], lags)
     median = np.median(lags, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -228,7 +239,7 @@ def _learn(state: np.ndarray, rows: np.ndarray, x: np.ndarray, rate: float) -> N
     # The ar expert: one step of recursive least squares with forgetting and Huber weights.
     f = s[:, _F_PREV]
     p = rls_matrix(s)
-    target = (x - history(s)[:, -1]) / scale  # the change, in the last forecast's units
+    target = (x - (history(s)[:, -1] + reference(s))) / scale  # the change, in the last forecast's units
     err = target - np.einsum("mf,mf->m", f, s[:, _W])
     huber = np.minimum(1.0, HUBER / np.maximum(np.abs(err), 1e-12))
     pf = np.einsum("mij,mj->mi", p, f)

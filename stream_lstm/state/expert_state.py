@@ -26,7 +26,11 @@ _P0 = 10.0  # initial inverse-information: a weak prior on the starting weights
 
 # Layout of one device's state vector.
 # The last readings, oldest first, NaN where not yet seen: float32, two to a float64 word, read
-# through history() and written by push_history(). 24 significant bits, as the window keeps.
+# through history() and written by push_history(), each as its difference from the device's
+# reference (its first reading, float64, in the last word): 24 significant bits of how far it
+# moved, not of the reading itself. Readings of 2.4e9 Hz kept as float32 were 256 Hz apart, and
+# a sensor a few units about 9e11 was forecast 4.5x worse than by its last reading (a numerics
+# review, 2026-12-07).
 # Not float16 under a per-device scale (tried on 2026-12-05, 512 B a device less): 11 bits of
 # the reading itself are too few where a sensor varies little around a large level (air
 # pressure in Pa: readings kept to 64 Pa), and one spike set the scale for good; the experts
@@ -42,12 +46,16 @@ _F_PREV = slice(_P.stop, _P.stop + N_FEATURES)  # features of the last forecast
 _E_PREV = slice(_F_PREV.stop, _F_PREV.stop + len(EXPERTS))  # each expert's last forecast
 _LOG_W = slice(_E_PREV.stop, _E_PREV.stop + len(EXPERTS))
 _S_PREV = _LOG_W.stop  # the scale at the last forecast; NaN before the first
-STATE_SIZE = _S_PREV + 1
+_REF = _S_PREV + 1  # the reference the history is kept from; NaN before a finite reading
+STATE_SIZE = _REF + 1
 PACKED_SIZE = STATE_SIZE  # the snapshot carries the state as it is in memory
+# The layout before the reference (2026-12-05 to 12-07): the history of readings as they were.
+# Read as this one with reference 0, which is the same history.
+ABSOLUTE_PACKED_SIZE = STATE_SIZE - 1
 # The float16 layout (2026-12-05, 12:26 to 14:10): the history as float16, four to a
 # word, times 2**k for the device's exponent k in the word after it; then W, P, F, E, log W and
 # the scale as here. A snapshot of it is converted on restore.
-F16_PACKED_SIZE = N_HISTORY // 4 + 1 + (STATE_SIZE - _W.start)
+F16_PACKED_SIZE = N_HISTORY // 4 + 1 + (_REF - _W.start)
 
 
 def init_state(n: int) -> np.ndarray:
@@ -60,13 +68,26 @@ def init_state(n: int) -> np.ndarray:
     state[:, _F_PREV] = np.nan
     state[:, _E_PREV] = np.nan
     state[:, _S_PREV] = np.nan
+    state[:, _REF] = np.nan
     return state
 
 
 def history(state: np.ndarray) -> np.ndarray:
-    """``[m, N_HISTORY]`` float32: a view of each row's last readings, newest last (no copy:
-    written only by :func:`push_history`)."""
+    """``[m, N_HISTORY]`` float32: a view of each row's last readings less its
+    :func:`reference`, newest last (no copy: written only by :func:`push_history`)."""
     return state[:, _HISTORY].view(np.float32)
+
+
+def reference(state: np.ndarray) -> np.ndarray:
+    """``[m]``: what each row's :func:`history` is kept from (NaN before a finite reading)."""
+    return state[:, _REF]
+
+
+def referenced(state: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``[m]``: each row's reference once it has seen ``x`` (its first finite reading, if none
+    before), as :func:`push_history` sets it."""
+    ref = state[:, _REF]
+    return np.where(np.isnan(ref) & np.isfinite(x), x, ref)
 
 
 def push_history(state: np.ndarray, x: np.ndarray) -> None:
@@ -74,14 +95,15 @@ def push_history(state: np.ndarray, x: np.ndarray) -> None:
     reading is kept as NaN.
 
     >>> state = init_state(1)
-    >>> for v in (3.0, 1e12, 101325.25):
+    >>> for v in (2.4e9 + 1.0, 2.4e9 + 3.5, 2.4e9 - 2.25):
     ...     push_history(state, np.array([v]))
-    >>> history(state)[0, -3:].tolist()  # each reading's own 24 bits, whatever came before
-    [3.0, 999999995904.0, 101325.25]
+    >>> (history(state)[0, -3:] + reference(state)[0] - 2.4e9).tolist()  # Hz, not 256 Hz apart
+    [1.0, 3.5, -2.25]
     """
+    state[:, _REF] = referenced(state, x)
     stored = history(state)
     stored[:, :-1] = stored[:, 1:]
-    stored[:, -1] = x
+    stored[:, -1] = x - state[:, _REF]
 
 
 def rls_matrix(state: np.ndarray) -> np.ndarray:
@@ -113,26 +135,30 @@ def pack(row: np.ndarray) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
-    """The ``[STATE_SIZE]`` state that :func:`pack` packed, or that the float16 layout
-    (:data:`F16_PACKED_SIZE` words) held: its readings are stored again as float32 (exactly:
-    float16 times a power of two fits). A snapshot of another layout is refused (the table then
-    starts the device's experts afresh)."""
+    """The ``[STATE_SIZE]`` state that :func:`pack` packed, or that an earlier layout held:
+    the readings as they were (:data:`ABSOLUTE_PACKED_SIZE` words; reference 0), or as float16
+    (:data:`F16_PACKED_SIZE`: stored again as float32, exactly, as float16 times a power of two
+    fits). A snapshot of another layout is refused (the table then starts the device's experts
+    afresh)."""
     packed = np.asarray(packed, np.float64)
+    if packed.shape == (ABSOLUTE_PACKED_SIZE,):
+        return np.append(packed, 0.0)
     if packed.shape == (F16_PACKED_SIZE,):
         state = init_state(1)
+        state[0, _REF] = 0.0
         n16 = N_HISTORY // 4
         k = packed[n16]  # NaN before the device's first reading: the history stays unseen
         if np.isfinite(k):
             halves = np.ascontiguousarray(packed[:n16]).view(np.float16).astype(np.float64)
             history(state)[0] = halves * np.exp2(k)
-        state[0, _W.start :] = packed[n16 + 1 :]
+        state[0, _W.start : _REF] = packed[n16 + 1 :]
         return state[0]
     if packed.shape != (PACKED_SIZE,):
-        raise ValueError(f"expert state of {packed.shape} words, expected ({PACKED_SIZE},) "
-                         f"or the float16 layout's ({F16_PACKED_SIZE},)")
+        raise ValueError(f"expert state of {packed.shape} words, expected ({PACKED_SIZE},) or "
+                         f"an earlier layout's ({ABSOLUTE_PACKED_SIZE},) / ({F16_PACKED_SIZE},)")
     return np.array(packed, np.float64)
 
 
 def readable(packed: np.ndarray) -> bool:
-    """Whether :func:`unpack` reads ``packed`` (this layout or the float16 one)."""
-    return np.shape(packed) in ((PACKED_SIZE,), (F16_PACKED_SIZE,))
+    """Whether :func:`unpack` reads ``packed`` (this layout or an earlier one)."""
+    return np.shape(packed) in ((PACKED_SIZE,), (ABSOLUTE_PACKED_SIZE,), (F16_PACKED_SIZE,))

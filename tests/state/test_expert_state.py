@@ -18,6 +18,7 @@ from stream_lstm.state.expert_state import (
     init_state,
     pack,
     push_history,
+    reference,
     unpack,
 )
 from stream_lstm.state.normalizer import normalize_sequence
@@ -54,8 +55,8 @@ def test_the_history_keeps_each_readings_own_precision_whatever_came_before():
     readings = [0.0, 21.5, 1e12, -3.3e9, 0.1234567, np.nan, 101325.37]
     for v in readings:  # row 0 sees them, a spike among them; row 1 only 5.0s
         push_history(state, np.array([v, 5.0]))
-    got = history(state)
-    assert got.shape == (2, N_HISTORY) and got.dtype == np.float32
+    assert history(state).shape == (2, N_HISTORY) and history(state).dtype == np.float32
+    got = history(state) + reference(state)[:, None]
     assert np.isnan(got[0, : -len(readings)]).all() and np.isnan(got[0, -2])  # unseen, and NaN
     kept = np.array([0.0, 21.5, 1e12, -3.3e9, 0.1234567, 101325.37])
     np.testing.assert_array_equal(got[0, [-7, -6, -5, -4, -3, -1]], kept.astype(np.float32))
@@ -64,11 +65,12 @@ def test_the_history_keeps_each_readings_own_precision_whatever_came_before():
     assert (got[1, -len(readings):] == 5.0).all()  # the other row, untouched
 
 
-@pytest.mark.parametrize("level", [0.0, 101_325.0, 1e6])
+@pytest.mark.parametrize("level", [0.0, 101_325.0, 1e6, 2.4e9, 9e11])
 def test_the_experts_forecast_as_well_around_a_large_level(level):
-    # A sensor that varies little around a large level (air pressure in Pa): the experts must
-    # forecast its variation as they do around zero (the float16 history kept such readings
-    # to 64 Pa, and the experts' error rose 37 % at 101,325).
+    # A sensor that varies little around a large level (air pressure in Pa, a frequency in Hz,
+    # a counter): the experts must forecast its variation as they do around zero (the float16
+    # history kept such readings to 64 Pa, and the experts' error rose 37 % at 101,325; the
+    # float32 one kept them to 65,536 at 9e11, and the error was 4.5 times the last reading's).
     rng = np.random.default_rng(3)
     t = np.arange(1500)
     x = 10.0 * np.sin(2 * np.pi * t / 50) + rng.normal(0, 3, len(t))
@@ -115,19 +117,35 @@ def test_a_snapshot_of_the_float16_layout_is_converted_not_dropped():
     state, _ = learnt_state(x)
     k = 10.0 - 15  # 1e3 < 2**10: the largest reading stored in [2**14, 2**15)
     halves = (x[-N_HISTORY:] * 2.0 ** -k).astype(np.float16)
-    old = np.concatenate([halves.view(np.float64), [k], state[0, expert_state._W.start:]])
+    rest = slice(expert_state._W.start, expert_state._REF)  # (that layout had no reference)
+    old = np.concatenate([halves.view(np.float64), [k], state[0, rest]])
     assert old.shape == (F16_PACKED_SIZE,) and expert_state.readable(old)
     new = unpack(old)
     assert new.shape == (STATE_SIZE,)
     np.testing.assert_array_equal(history(new[None])[0], halves.astype(np.float64) * 2.0 ** k)
     assert np.max(np.abs(history(new[None])[0] - x[-N_HISTORY:])) <= 2.0 ** (10 - 11)
-    np.testing.assert_array_equal(new[expert_state._W.start:], state[0, expert_state._W.start:])
+    np.testing.assert_array_equal(new[rest], state[0, rest])
+    assert reference(new[None])[0] == 0.0
     unseen = np.concatenate([np.full(N_HISTORY // 4, np.nan), [np.nan],
-                             state[0, expert_state._W.start:]])  # before the first reading
+                             state[0, rest]])  # before the first reading
     assert np.isnan(history(unpack(unseen)[None])).all()
 
 
-@pytest.mark.parametrize("size", [PACKED_SIZE - 1, PACKED_SIZE + 1, 0])
+def test_a_snapshot_of_readings_kept_as_they_were_is_read_with_reference_zero():
+    """Changelogs written before the reference (2026-12-05 to 12-07): the same history, and
+    the device forecasts on exactly as it would have."""
+    x = 1e3 + np.cumsum(np.random.default_rng(5).normal(0, 1, 300))
+    state, _ = learnt_state(x)
+    absolute = state[0].copy()
+    history(absolute[None])[0] = history(state)[0] + reference(state)[0]  # as it was kept then
+    old = absolute[: expert_state._REF]
+    assert old.shape == (expert_state.ABSOLUTE_PACKED_SIZE,) and expert_state.readable(old)
+    new = unpack(old)
+    assert new.shape == (STATE_SIZE,) and reference(new[None])[0] == 0.0
+    np.testing.assert_array_equal(history(new[None])[0], history(absolute[None])[0])
+
+
+@pytest.mark.parametrize("size", [PACKED_SIZE - 2, PACKED_SIZE + 1, 0])
 def test_a_packed_state_of_another_size_is_refused(size):
     # The table starts such a device afresh (a snapshot of another layout); unpack itself
     # never turns it into a state silently.
