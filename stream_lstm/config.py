@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", validate_default=True,
+        allow_inf_nan=False,  # (an interval of inf passed its bound, then crashed a start)
     )
 
     # --- Kafka wiring -------------------------------------------------------------------

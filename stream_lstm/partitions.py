@@ -284,10 +284,11 @@ class PartitionCoordinator:
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
         if start is not None and committed is not None and start > committed:
-            log.warning("the changelog's replay marker is past the group's committed offset: no "
-                        "commit of this group wrote it (another group's changelog, or a forged "
-                        "record); nothing is replayed", extra={"partition": partition,
-                                                               "marker": start, "committed": committed})
+            log.warning("the changelog's replay marker is past the group's committed offset: the "
+                        "group's offsets were moved back, or the changelog is another group's; nothing "
+                        "is replayed, and readings the state has seen count as duplicates, not "
+                        "forecasts (to reprocess: README, 'Reprocessing the input')",
+                        extra={"partition": partition, "marker": start, "committed": committed})
         if start is None or committed is None or committed <= start:
             if committed is not None:
                 self.tx.next_offsets[tp] = committed

@@ -27,6 +27,8 @@ def test_only_prefixed_variables_count(monkeypatch):
     ("STREAM_LSTM_PROCESSES", "0"), ("STREAM_LSTM_PROCESSES", "many"),
     # 1 makes each reading its own mean with no variance: every z is 0, the model blind.
     ("STREAM_LSTM_NORMALIZER_ALPHA", "1.0"),
+    # inf passed the interval's lower bound, then crashed the start with a traceback (a review).
+    ("STREAM_LSTM_CHECKPOINT_INTERVAL_S", "inf"), ("STREAM_LSTM_DEVICE_TTL_S", "Infinity"),
 ])
 def test_invalid_value_names_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)

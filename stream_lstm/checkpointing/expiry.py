@@ -70,6 +70,9 @@ class Expiry:
         for dev in idle:
             key, value, part = tombstone(dev, int(table.partition[table.index[dev]]))
             out.append((m.topic, key, value, None, part))
+            # Its partition's replay marker moves past its readings in the same commit: after a
+            # crash, a replay from the older marker brought a forgotten device back (a review).
+            m.next_flush[part] = 0.0
         if idle:
             table.drop(idle)
             m.expiring.update(idle)  # out of the store once the tombstones commit

@@ -108,8 +108,8 @@ class StateManager:
         self.moved: set[tuple[str, int]] = set()
         self._writing_moved: list[tuple[str, int]] = []
         self._writing_unwritten = False
-        # Partitions with dirty devices, and when each is next due to checkpoint them.
-        self._next_flush: dict[int, float] = {}
+        # When each partition with dirty devices next checkpoints them with its replay marker
+        self.next_flush: dict[int, float] = {}  # (0: at the next commit: the TTL's, expiry.py)
         # What the commit being made writes: (partitions checkpointed, devices written).
         self._writing: tuple[set[int], list[str], dict[int, int], list] = (set(), [], {}, [])
         # The replay marker last committed per partition (for the clean-stop checkpoint), and
@@ -191,8 +191,8 @@ class StateManager:
         dirty = self.dirty
         for dev, p in changed:
             dirty[dev] = p
-            if p not in self._next_flush:
-                self._next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
+            if p not in self.next_flush:
+                self.next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
 
     def mark(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
         """Checkpoint these devices with the next commit, whatever their partition's schedule:
@@ -220,7 +220,7 @@ class StateManager:
     def flush_due(self) -> set[int]:
         """Partitions whose dirty devices are due to be checkpointed."""
         now = time.monotonic()
-        return {p for p, due in self._next_flush.items() if now >= due}
+        return {p for p, due in self.next_flush.items() if now >= due}
 
     def records_for_commit(self, table: DeviceTable, next_offsets: dict[int, int],
                            flush: set[int] | None = None) -> list[ChangelogRecord]:
@@ -292,7 +292,7 @@ class StateManager:
         if self._writing_unwritten:
             self._unwritten_due = self._writing_unwritten = False
         for p in due:
-            self._next_flush.pop(p, None)
+            self.next_flush.pop(p, None)
         self.markers.update(markers)
         for p in markers:
             self._first_markers.pop(p, None)
@@ -336,7 +336,7 @@ class StateManager:
             gone = set(dropped)
             self.moved = {m for m in self.moved if m[0] not in gone}
         for p in partitions:
-            self._next_flush.pop(p, None)
+            self.next_flush.pop(p, None)
             self.markers.pop(p, None)
             self._first_markers.pop(p, None)
         self.restoring, self.ready, self.replaying = (

@@ -143,12 +143,14 @@ def cleanup_policy(settings: Settings, topic: str) -> str | None:
 
 
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
-    """``{name: value}`` of ``topic``'s configuration, the broker's defaults included."""
+    """``{name: value}`` of ``topic``'s configuration, the broker's defaults included (kafka-python
+    3 answers only the topic's own settings unless asked for all: a topic created with the
+    broker's defaults passed the retention and compaction checks it fails)."""
     from kafka.admin import ConfigResource, ConfigResourceType
 
     admin = make_admin(settings)
     try:
-        response = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        response = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
     finally:
         admin.close()
     entries = response.get("topic", {}).get(topic, {})  # kafka-python 3's answer

@@ -8,6 +8,7 @@ from pathlib import Path
 from stream_lstm.checkpointing import expiry
 from stream_lstm.checkpointing.codec import encode_snapshot
 from stream_lstm.checkpointing.manager import StateManager
+from stream_lstm.checkpointing.replay import REPLAY_MARKER, decode_marker
 from stream_lstm.config import Settings
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.models import SimpleLSTM
@@ -43,6 +44,25 @@ def test_idle_devices_in_the_store_expire_too(tmp_path: Path):
     assert len(table) == 0 and manager.store.count() == 2  # the rows stay until the commit
     manager.committed({})  # the tombstones committed
     assert manager.store.device_ids() == ["evicted-recent"]
+    manager.store.close(clean=True)
+
+
+def test_the_commit_forgetting_a_device_moves_its_partitions_replay_marker_past_it(tmp_path: Path):
+    """Its partition not due, the marker stayed before the device's readings: after a crash, a
+    replay from it stepped them again and the forgotten device came back, forecast at once
+    where an uninterrupted worker started it afresh (a review, through a real broker)."""
+    s = Settings(device_ttl_s=60.0, state_dir=tmp_path)
+    table = DeviceTable(8, 8, 1, 1, 8)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready |= {3, 4}
+    table.slots_for(["idle"], [3], now=0.0)
+    manager.touch(table, table.slots_for(["busy"], [4], now=990.0))  # (dirty, not due for 30 s)
+    assert manager.records_for_commit(table, {3: 42, 4: 7}) == []
+    manager.committed({})
+    (gone,) = manager.expire(table, now=1000.0)
+    markers = [(r[4], decode_marker(r[2])) for r in manager.records_for_commit(table, {3: 42, 4: 7})
+               if r[1] == REPLAY_MARKER]
+    assert gone[1] == b"idle" and markers == [(3, 42)]
     manager.store.close(clean=True)
 
 

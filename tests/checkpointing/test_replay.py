@@ -51,6 +51,15 @@ def test_an_input_that_may_delete_what_a_replay_needs_is_refused_at_start(
     assert check_retention(s.model_copy(update={"checkpoint_interval_s": 0})) is None
 
 
+def test_the_brokers_default_retention_is_checked_too(settings_factory, topic_name):
+    """A topic with no retention of its own keeps the broker's 7 days, less than 10 intervals
+    of a day: it was read as "keeps for ever" and the worker started (a review)."""
+    s = worker_settings(settings_factory, topic_name, checkpoint_interval_s=86_400.0)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    assert "retention.ms=604800000, less than the 864000000 ms" in (check_retention(s) or "")
+    assert check_retention(s.model_copy(update={"checkpoint_interval_s": 30.0})) is None
+
+
 def test_the_retention_refusal_names_what_would_do(settings_factory, topic_name):
     s = worker_settings(settings_factory, topic_name, checkpoint_interval_s=600.0)
     ensure_topics(s, [TopicSpec(topic_name, 1, {"retention.ms": "3600000"})])

@@ -34,7 +34,7 @@ def settings(bootstrap, topic_name) -> Settings:
 def topic_configs(settings: Settings, name: str) -> dict[str, str]:
     admin = make_admin(settings)
     try:
-        cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)], config_filter="all")
     finally:
         admin.close()
     values = {k: v["value"] for k, v in cfg["topic"][name].items()}
@@ -73,11 +73,13 @@ def test_a_changelog_grows_when_the_input_topic_has_grown(settings, caplog):
     assert topic_configs(settings, name)["cleanup.policy"] == "compact"
 
 
-def test_a_changelog_that_deletes_instead_of_compacting_is_refused(settings):
-    # Created by someone else with the broker's defaults: a quiet device's only checkpoint
-    # would be deleted with its segment.
+@pytest.mark.parametrize("configs", [{"cleanup.policy": "delete"}, {}], ids=["delete", "the broker's default"])
+def test_a_changelog_that_deletes_instead_of_compacting_is_refused(settings, configs):
+    # Created by someone else, or with the broker's defaults (its policy then not the topic's
+    # own: it was read as unreadable and let through, a review): a quiet device's only
+    # checkpoint would be deleted with its segment.
     name = settings.changelog_topic_name()
-    ensure_topics(settings, [TopicSpec(name, 2, {"cleanup.policy": "delete"})])
+    ensure_topics(settings, [TopicSpec(name, 2, configs)])
     with pytest.raises(ChangelogTopicError, match=f"changelog topic {name} has "
                        "cleanup.policy=delete: it must be compacted"):
         ensure_changelog_topic(settings, 2)
