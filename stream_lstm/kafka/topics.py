@@ -204,6 +204,13 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
             "the topic, delete it (the worker creates it compacted) or set "
             "STREAM_LSTM_CHANGELOG_TOPIC."
         )
+    # Tombstones kept less long than ours: a local store reused within half our time
+    # (checkpointing/restoring.py) could bring back a device whose tombstone is gone.
+    ours = int(CHANGELOG_CONFIG["delete.retention.ms"])
+    if 0 <= (kept := int(topic_config(settings, spec.name).get("delete.retention.ms", "-1"))) < ours:
+        log.warning(f"changelog topic {spec.name} keeps tombstones for delete.retention.ms={kept}, "
+                    f"less than the {ours} ms its workers' local stores rely on: a device the TTL "
+                    f"forgot may come back after a restart. Set delete.retention.ms={ours}")
 
 
 def _grow(settings: Settings, topic: str, partitions: int) -> None:

@@ -85,6 +85,18 @@ def test_a_changelog_that_deletes_instead_of_compacting_is_refused(settings, con
         ensure_changelog_topic(settings, 2)
 
 
+def test_a_changelog_that_keeps_tombstones_less_long_than_the_stores_rely_on_is_said(settings, caplog):
+    name = settings.changelog_topic_name()
+    ensure_topics(settings, [TopicSpec(name, 2, {"cleanup.policy": "compact", "delete.retention.ms": "3600000"})])
+    with caplog.at_level("WARNING", logger="stream_lstm.kafka"):
+        ensure_changelog_topic(settings, 2)
+    assert f"changelog topic {name} keeps tombstones for delete.retention.ms=3600000, less than the " \
+           "86400000 ms" in caplog.text
+    caplog.clear()
+    ensure_changelog_topic(settings.model_copy(update={"changelog_topic": f"{name}-ours"}), 2)
+    assert "keeps tombstones" not in caplog.text  # (created by the worker: its own)
+
+
 def test_a_topic_configuration_the_broker_will_not_describe_is_said_not_read_as_delete(
         settings, monkeypatch, caplog):
     """kafka-python 3.0.12 answers a refused DescribeConfigs (no ACL for it) with an empty
