@@ -127,8 +127,9 @@ CHANGELOG_CONFIG = {
 
 
 class ChangelogTopicError(RuntimeError):
-    """The changelog topic exists with a different partition count than the input topic, or
-    without compaction; or the alert relay's store of open alerts without compaction."""
+    """A compacted topic of the service's own that is not as it must be: the changelog with a
+    partition count other than the input topic's, or the changelog, the models topic or the
+    alert relay's store of open alerts without compaction."""
 
 
 def cleanup_policy(settings: Settings, topic: str) -> str | None:

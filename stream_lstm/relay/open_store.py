@@ -89,13 +89,9 @@ class OpenAlertStore:
         # Never re-created by a write: a store deleted under a running relay came back empty and
         # deleting, and 9 of 11 open alerts were forgotten (a review). Its writes fail instead,
         # so reading stops and /readyz says why (:meth:`flush`).
-        producer = make_producer(self.settings, max_in_flight_requests_per_connection=1,
-                                 max_block_ms=int(FLUSH_TIMEOUT_S * 1000), allow_auto_create_topics=False,
-                                 client_id=f"stream-lstm-alert-relay-store-{self.settings.instance_id}")
-        # (kafka-python 3.0.12 takes the option and does not pass it to its metadata, which asks
-        # the broker to create the topic: set where it is read; pinned by tests/relay/test_open_store.py)
-        producer._metadata.config["allow_auto_create_topics"] = False
-        return producer
+        return make_producer(self.settings, max_in_flight_requests_per_connection=1,
+                             max_block_ms=int(FLUSH_TIMEOUT_S * 1000), allow_auto_create_topics=False,
+                             client_id=f"stream-lstm-alert-relay-store-{self.settings.instance_id}")
 
     def _abandon(self) -> None:
         """Give up what the producer still holds (it must not land after a later owner's

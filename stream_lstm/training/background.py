@@ -174,7 +174,7 @@ def decode_result(data: bytes) -> RetrainResult:
                          model, header.get("error"))
 
 
-def _serve(conn: Any, threads: int, nice: int = 0) -> None:  # the child process
+def _serve(conn: Any, threads: int, nice: int = 0, parent: int | None = None) -> None:  # the child process
     # The parent decides when this process stops (it closes the pipe: EOF below). A Ctrl-C in
     # the terminal reaches the whole foreground process group, this child too; ignoring it
     # keeps it from dying mid-job with a KeyboardInterrupt traceback while the worker shuts
@@ -187,6 +187,7 @@ def _serve(conn: Any, threads: int, nice: int = 0) -> None:  # the child process
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_end_with, args=(parent or os.getppid(),), name="parent-watch", daemon=True).start()
     while True:
         try:
             data = conn.recv_bytes()
@@ -197,7 +198,18 @@ def _serve(conn: Any, threads: int, nice: int = 0) -> None:  # the child process
         except Exception as exc:  # noqa: BLE001 - report, never die silently
             out = _frame({"promote": False, "reason": "training failed",
                           "error": f"{exc!r}\n{traceback.format_exc()[-2000:]}"})
-        conn.send_bytes(out)
+        try:
+            conn.send_bytes(out)
+        except OSError:  # the parent stopped meanwhile and closed the pipe: nothing to say
+            return       # (it printed a BrokenPipeError traceback after a clean stop, a review)
+
+
+def _end_with(parent: int) -> None:
+    """End this process once ``parent`` is gone (even before it looked): killed -9 mid-job, its
+    retrain ran on for a minute at full CPU (the pipe's EOF is read only between jobs; a review)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class BackgroundTrainer:
@@ -222,7 +234,7 @@ class BackgroundTrainer:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch/Kafka state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self._threads, self._nice),
+        self._proc = ctx.Process(target=_serve, args=(child, self._threads, self._nice, os.getpid()),
                                  name="stream-lstm-trainer", daemon=True)
         # SIGINT ignored across the fork+exec: the fresh interpreter then keeps ignoring it from
         # its first instruction (Python installs its KeyboardInterrupt handler only over the

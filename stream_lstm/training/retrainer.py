@@ -23,7 +23,7 @@ from typing import Any
 from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.topics import TopicSpec, ensure_topics
+from stream_lstm.kafka.topics import ChangelogTopicError, TopicSpec, cleanup_policy, ensure_topics
 from stream_lstm.models.registry import (
     LoadedModel,
     ModelLoadError,
@@ -71,9 +71,18 @@ class ModelPublishError(RuntimeError):
 
 def ensure_models_topic(settings: Settings) -> None:
     """The compacted models topic: the last record of :data:`MODELS_PARTITION` is the latest
-    promoted model. An existing topic is left as it is."""
-    ensure_topics(settings, [TopicSpec(settings.models_topic, 1, {
+    promoted model. An existing topic is left as it is, but one that deletes is refused: on
+    a quiet fleet its only model went with its retention, and workers started later served
+    their own registry's (a review)."""
+    topic = settings.models_topic
+    ensure_topics(settings, [TopicSpec(topic, 1, {
         "cleanup.policy": "compact", "max.message.bytes": MODEL_RECORD_MAX_BYTES})])
+    if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
+        raise ChangelogTopicError(
+            f"the models topic {topic} has cleanup.policy={policy}: it must be compacted, or its "
+            "latest model is deleted with its retention. Alter the topic (cleanup.policy=compact), "
+            "or delete it: stream-lstm creates it compacted, then publish the model again "
+            "(stream-lstm models rollback VERSION --publish)")
 
 
 def send_model(producer: Any, settings: Settings, model: LoadedModel, timeout_s: float = 60.0) -> None:
@@ -119,7 +128,7 @@ class Retrainer:
         # The promoted version as this process last knew it (at start, or its own promotion):
         # a promotion goes through only if it still is (registry.promote's expect).
         self.pointer = self.registry.promoted()
-        self.expect, self._before_move = self.pointer, self.pointer
+        self.expect = self.pointer
         self._checked = time.monotonic()
 
     @property
@@ -131,9 +140,12 @@ class Retrainer:
         self.readings_since += readings
 
     def due(self) -> bool:
+        """Whether a retrain is due: by readings, or by time if any reading came since the last
+        (retraining on the same windows gives the same model: 20 runs in 80 s on an idle fleet)."""
         s = self.settings
         return ((s.retrain_every_readings > 0 and self.readings_since >= s.retrain_every_readings)
-                or (s.retrain_every_s > 0 and time.monotonic() - self.last >= s.retrain_every_s))
+                or (s.retrain_every_s > 0 and self.readings_since > 0
+                    and time.monotonic() - self.last >= s.retrain_every_s))
 
     def job(self, table: DeviceTable, champion: LoadedModel) -> tuple[bytes, int] | None:
         """A job for the fleet's windows (and the number of devices in it); None when fewer
@@ -214,7 +226,7 @@ class Retrainer:
                       extra={"model_dir": str(self.registry.root), "error": repr(exc)[:300]})
             return None
         self._count_run("promoted")
-        self._before_move, self.pointer = self.pointer, version  # (move_failed: handed over again)
+        self.pointer = version
         self.expect = version
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
 
@@ -229,7 +241,7 @@ class Retrainer:
         now = self.registry.promoted()
         if now == self.pointer:
             return None
-        self._before_move, self.pointer = self.pointer, now
+        self.pointer = now
         if now is None or now == served:  # (a removed PROMOTED changes nothing served; the
             return None                   # next job's promotion expects none)
         if (path := self.settings.model_path) is not None:  # the file wins, as at start
@@ -252,11 +264,6 @@ class Retrainer:
         log.warning(f"the registry's promoted version changed to {now} (a rollback or another "
                     f"process's promotion): serving it instead of {served}")
         return loaded
-
-    def move_failed(self) -> None:
-        """What :meth:`moved` handed over, or :meth:`verdict` promoted, could not be applied
-        (the trainer could not publish it): :meth:`moved` hands it over at the next look."""
-        self.pointer, self._checked = self._before_move, time.monotonic()
 
     def _count_run(self, outcome: str) -> None:
         if self.metrics is not None:

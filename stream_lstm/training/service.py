@@ -31,13 +31,15 @@ from stream_lstm.environment import warn_unknown_variables
 from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
-from stream_lstm.models.registry import LoadedModel
+from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry
+from stream_lstm.models.serving import UNTRAINED
 from stream_lstm.pipeline import decode_records
 from stream_lstm.signals import stop_signals
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
 from stream_lstm.training.from_checkpoints import load_checkpoints
+from stream_lstm.training.models_follower import ModelsFollower
 from stream_lstm.training.retrainer import (
     MODEL_RECORD_MAX_BYTES,
     ModelPublishError,
@@ -69,16 +71,20 @@ class TrainerService:
         from stream_lstm.kafka.clients import make_consumer, make_producer
 
         self.settings = settings
-        self.champion = served
         self.metrics, self.health = metrics, health
+        ensure_models_topic(settings)
+        # The gate's champion, and a model to publish at the first turn (retried until the
+        # broker takes it: a promotion or rollback it could not publish is not dropped).
+        self.champion, publish = champion_at_start(settings, served)
+        self._unpublished = self.champion if publish else None
+        served = self.champion
         self.table = DeviceTable(settings.max_devices, settings.window, served.spec.n_features,
                                  served.spec.num_layers, served.spec.hidden_size,
                                  normalizer=settings.normalizer, alpha=settings.normalizer_alpha,
                                  std_floor=settings.std_floor,
                                  with_experts=False)  # it learns from windows, forecasts nothing
         self.decoder = ReadingDecoder(settings)
-        self.retrainer = Retrainer(settings, metrics)
-        ensure_models_topic(settings)
+        self.retrainer = Retrainer(settings, metrics)  # (after: the registry may have taken the topic's)
         self.consumer = make_consumer(settings, group_id=f"{settings.group_id}-trainer",
                                       auto_offset_reset="earliest", enable_auto_commit=True,
                                       isolation_level="read_committed")
@@ -90,7 +96,8 @@ class TrainerService:
                             if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
-        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES)
+        # (never creating the topic: deleted under it, it came back deleting, with the broker's defaults)
+        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES, allow_auto_create_topics=False)
         self.published = 0
         # The child process that trains, started by run() (the loop is its only user).
         self.trainer: BackgroundTrainer | None = None
@@ -127,6 +134,8 @@ class TrainerService:
     def tick(self) -> None:
         """Between two polls: collect a finished background retrain (publish it when promoted),
         and start the next one when due and none runs. Never waits for the training."""
+        if self._unpublished is not None:
+            self._publish(self._unpublished)
         if self.trainer is None:
             self.trainer = BackgroundTrainer(self.settings.train_threads, self.settings.train_nice)
         result = self.retrainer.turn(self.trainer, self.table, self.champion)
@@ -144,14 +153,16 @@ class TrainerService:
 
     def _publish(self, model: LoadedModel) -> bool:
         """``model`` becomes the champion and goes to the models topic; False if the broker did
-        not take it (it is in the registry: the registry's next look hands it over again)."""
+        not take it: the next turn tries again. (It is the registry's promoted version already:
+        handed back to the registry's next look instead, the next retrain's promotion was
+        refused as "superseded", and a restart never published it, a review.)"""
+        self.champion, self._unpublished = model, model
         try:
             send_model(self.producer, self.settings, model)  # (waits until the broker has it)
         except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
-            self.retrainer.move_failed()
             log.error(f"publishing {model.version} failed; trying again", extra={"error": str(exc)[:300]})
             return False
-        self.champion = model
+        self._unpublished = None
         self.published += 1
         if self.metrics is not None:
             self.metrics.set_model_version(model.version, model.created_ts or time.time())  # type: ignore[attr-defined]
@@ -184,6 +195,41 @@ class TrainerService:
         if self.trainer is not None:
             trainer, self.trainer = self.trainer, None
             trainer.close()
+
+
+def champion_at_start(settings: Settings, served: LoadedModel) -> tuple[LoadedModel, bool]:
+    """The trainer's champion at start against the models topic's latest model, and whether
+    to publish it. The registry's (``served``) when the topic has none (published, unless
+    untrained) or when the registry holds the topic's version (published if it differs: a
+    promotion whose publish failed, a rollback made while the trainer was stopped). The
+    topic's otherwise, registered and promoted here: a trainer whose registry was lost or
+    replaced took the fleet back to a worse model, under names the workers already knew.
+
+    Example: see tests/training/test_service.py::test_a_trainer_with_a_new_registry_carries_on_from_the_topics_model
+    """
+    follower = ModelsFollower(settings)
+    try:
+        latest = follower.latest
+    finally:
+        follower.close()
+    if latest is None or latest.version == served.version:
+        return served, latest is None and served.version != UNTRAINED
+    registry = ModelRegistry(settings.model_dir)
+    known = any(m["version"] == latest.version for m in registry.versions())
+    if known and served.version != UNTRAINED:
+        log.warning(f"the models topic's latest is {latest.version}, this registry's promoted "
+                    f"{served.version}: publishing {served.version}")
+        return served, True
+    try:
+        if not known:
+            registry.register(latest.model, latest.spec, dict(latest.meta))
+        registry.promote(latest.version, action="adopt", reason="the models topic's latest")
+    except (OSError, ModelLoadError) as exc:
+        log.error("the models topic's model could not be kept in the registry", extra={"error": repr(exc)[:300]})
+    log.warning(f"the models topic's latest, {latest.version}, is not this registry's promoted "
+                f"({served.version}; {settings.model_dir}: lost, replaced, or another trainer's): "
+                "carrying on from it, its successors numbered after it")
+    return latest, False
 
 
 class _ReplayOnAssignment(ConsumerRebalanceListener):

@@ -134,7 +134,9 @@ def test_k8s_manifests_parse_and_wire_probes_to_the_metrics_port():
     assert c["args"] == ["trainer"] and trainer["spec"]["replicas"] == 1
     # Its endpoint starts after the model load and the connect: the liveness probe waits.
     assert c["startupProbe"]["httpGet"] == c["livenessProbe"]["httpGet"]
-    # Its registry outlives the pod (an empty one restarts from a fresh model at v0001).
+    # Its stop with the broker away may take 30 s (a publish in flight): more than the default.
+    assert trainer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 45
+    # Its registry outlives the pod (the versions to roll back to).
     (volume,) = trainer["spec"]["template"]["spec"]["volumes"]
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for _, d in docs)

@@ -7,11 +7,15 @@ still shutting down in order.
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import torch
 
 from stream_lstm.config import Settings
+from stream_lstm.kafka.local_broker import pid_alive
 from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
 from stream_lstm.training.background import BackgroundTrainer, encode_job
 from stream_lstm.training.retrainer import job_params
@@ -58,6 +62,50 @@ def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capf
     assert trainer._proc.exitcode == 0  # it ended by itself, not by terminate() or a signal
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_stop_while_a_job_runs_ends_the_child_without_a_traceback(capfd):
+    """The job done after the parent closed the pipe: its answer had nowhere to go, and a raw
+    BrokenPipeError traceback followed the worker's clean stop (a review)."""
+    trainer = BackgroundTrainer(threads=1)
+    trainer.submit(small_job())
+    assert trainer.wait(timeout=120) is not None  # (started: its next job takes a second)
+    trainer.submit(small_job())
+    trainer.close()  # (waits up to 5 s: the job ends meanwhile)
+    assert trainer._proc.exitcode == 0  # ended by itself, not by terminate()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+PARENT = """
+import sys, time
+import numpy as np
+from stream_lstm.config import Settings
+from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
+from stream_lstm.training.background import BackgroundTrainer, encode_job
+from stream_lstm.training.retrainer import job_params
+spec = ModelSpec(hidden_size=32, horizon=2)
+seqs = [np.random.default_rng(0).normal(size=(400, 1)).astype(np.float32) for _ in range(50)]
+params = job_params(Settings(trainer="off")) | {"max_epochs": 10_000, "patience": 10_000}
+trainer = BackgroundTrainer(threads=1)
+trainer.submit(encode_job(SimpleLSTM.from_spec(spec), spec, {"version": "v1"}, seqs, params))
+print(trainer.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_child_whose_parent_is_killed_mid_job_ends_too():
+    """A worker killed -9 left its retrain training on for about a minute (a review)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # (its job sent)
+        assert pid_alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(child)
 
 
 def test_early_stopping_and_the_gate_judge_on_different_devices():

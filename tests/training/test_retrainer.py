@@ -196,17 +196,28 @@ def test_with_a_model_file_only_promotions_retrained_from_it_are_followed(tmp_pa
     assert r.moved(served="offline-1").version == child
 
 
-def test_a_rollback_the_trainer_could_not_publish_is_handed_over_again(tmp_path, monkeypatch):
-    """moved() had advanced past it: a failed publish dropped the rollback for good (a review)."""
-    registry = ModelRegistry(tmp_path)
-    v1, v2 = (registry.register(champion().model, champion().spec, {}) for _ in range(2))
-    registry.promote(v2)
-    r = Retrainer(Settings(model_dir=tmp_path))
-    registry.rollback(v1)
+def test_a_time_schedule_retrains_only_when_readings_came_since_the_last(tmp_path, monkeypatch):
+    """On an idle fleet it retrained the same windows into the same model, 20 times in 80 s."""
     clock = [1e12]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    assert r.moved(served=v2).version == v1
-    r.move_failed()  # (the broker away)
-    assert r.moved(served=v2) is None  # not at once: at the next look
-    clock[0] += 10
-    assert r.moved(served=v2).version == v1
+    r = Retrainer(Settings(model_dir=tmp_path, retrain_every_s=60.0))
+    clock[0] += 61
+    assert not r.due()
+    r.count(1)
+    assert r.due()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("configs", [{"cleanup.policy": "delete"}, {}], ids=["delete", "the broker's default"])
+def test_a_models_topic_that_deletes_is_refused(bootstrap, topic_name, configs):
+    """Deleted under a trainer, it came back with the broker's defaults: on a quiet fleet its
+    only model went with its retention, and workers started later served their own registry's."""
+    from stream_lstm.kafka.topics import ChangelogTopicError, TopicSpec, ensure_topics
+    from stream_lstm.training.retrainer import ensure_models_topic
+
+    s = Settings(bootstrap_servers=bootstrap, models_topic=topic_name)
+    ensure_topics(s, [TopicSpec(topic_name, 1, configs)])
+    with pytest.raises(ChangelogTopicError, match=f"the models topic {topic_name} has cleanup.policy=delete"):
+        ensure_models_topic(s)
+    ensure_models_topic(s.model_copy(update={"models_topic": f"{topic_name}-new"}))  # (created compacted)

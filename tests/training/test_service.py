@@ -205,6 +205,7 @@ def test_a_rollback_of_its_registry_becomes_the_champion_and_is_published(settin
     v1, v2 = (registry.register(m.model, m.spec, {}) for m in (first, second))
     registry.promote(v2)
     produce(s, fleet(2, 3))
+    publish_models(s, registry.load(v2))  # (what the fleet serves: nothing to publish at start)
     service = TrainerService(s, registry.load(v2))
     sends, send = [], service_module.send_model
 
@@ -224,18 +225,77 @@ def test_a_rollback_of_its_registry_becomes_the_champion_and_is_published(settin
         service.stop()
         loop.join(30)
     assert service.champion.version == v1
+    assert published_versions(s) == [v2, v1]  # published once
+
+
+def publish_models(s, *models):
+    from stream_lstm.training.retrainer import ensure_models_topic, send_model
+
+    ensure_models_topic(s)
+    producer = make_producer(s)
+    try:
+        for model in models:
+            send_model(producer, s, model)
+    finally:
+        producer.close()
+
+
+def published_versions(s) -> list[str]:
     models = TopicPartition(s.models_topic, 0)
     consumer = make_consumer(s, group_id=None)
     try:
-        assert consumer.end_offsets([models]) == {models: 1}  # published once
+        end = consumer.end_offsets([models])[models]
         consumer.assign([models])
         consumer.seek_to_beginning(models)
         records = []
-        wait_for(lambda: records.extend(r for rs in consumer.poll(200).values() for r in rs) or records,
-                 "the models topic's record", timeout_s=30)
+        wait_for(lambda: records.extend(r for rs in consumer.poll(200).values() for r in rs) or len(records) >= end,
+                 "the models topic's records", timeout_s=30)
     finally:
         consumer.close()
-    assert model_from_bytes(records[0].value).version == v1
+    return [model_from_bytes(r.value).version for r in records]
+
+
+def test_a_trainer_with_a_new_registry_carries_on_from_the_topics_model(settings_factory, topic_name, tmp_path):
+    """Its registry lost (a new volume), it gated its first challenger against an untrained
+    model, published it as v0001 over the fleet's v0010, and the fleet went back to a worse
+    model under a name it already knew (a review)."""
+    from stream_lstm.models.registry import ModelRegistry
+
+    s = settings(settings_factory, topic_name)
+    old = ModelRegistry(tmp_path / "lost")
+    for _ in range(10):
+        v10 = old.register(fresh_model(s).model, fresh_model(s).spec, {})
+    publish_models(s, old.load(v10))
+    service = TrainerService(s, fresh_model(s))  # (its own registry empty: untrained)
+    try:
+        service.tick()
+        assert service.champion.version == v10 == "v0010"
+        registry = ModelRegistry(s.model_dir)
+        assert registry.promoted() == v10 and registry.next_version() == "v0011"
+        assert service.published == 0 and published_versions(s) == [v10]
+    finally:
+        service._close_trainer()
+        close(service)
+
+
+def test_a_promotion_it_could_not_publish_is_published_when_it_starts_again(settings_factory, topic_name):
+    """The broker away when it promoted, then stopped: the registry said v0002, the topic
+    v0001, and the fleet never got v0002 (a review). A rollback made while it was stopped is
+    the same case."""
+    from stream_lstm.models.registry import ModelRegistry
+
+    s = settings(settings_factory, topic_name)
+    registry = ModelRegistry(s.model_dir)
+    v1, v2 = (registry.register(fresh_model(s).model, fresh_model(s).spec, {}) for _ in range(2))
+    publish_models(s, registry.load(v1))
+    registry.promote(v2)
+    service = TrainerService(s, registry.load(v2))
+    try:
+        service.tick()
+        assert service.published == 1 and published_versions(s) == [v1, v2]
+    finally:
+        service._close_trainer()
+        close(service)
 
 
 def test_its_loop_survives_a_failed_retrain(settings_factory, topic_name):
