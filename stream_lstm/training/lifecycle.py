@@ -174,7 +174,7 @@ class ModelLifecycle:
         if self.trainer is not None:
             result = self.retrainer.turn(self.trainer, self.table, self.served)
             if result is not None:
-                promoted = self.retrainer.verdict(result, self.served.version)
+                promoted = self.retrainer.verdict(result)
                 if promoted is not None:
                     self.swap(promoted)
         if self.follower is not None:

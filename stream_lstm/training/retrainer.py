@@ -130,6 +130,7 @@ class Retrainer:
         self.pointer = self.registry.promoted()
         self.expect = self.pointer
         self._checked = time.monotonic()
+        self.trained_from = self.pointer  # the last job's champion (set by job())
 
     @property
     def scheduled(self) -> bool:
@@ -154,6 +155,7 @@ class Retrainer:
         # What its challenger may replace: PROMOTED as the job starts. (Compared with the
         # pointer at its end instead, a rollback that moved() followed meanwhile passed.)
         self.expect = self.pointer
+        self.trained_from = champion.version  # (the verdict's champion, whatever is served by then)
         seqs = windows_from_table(table, min(self.settings.window, 2 * self.settings.tbptt_k1))
         if len(seqs) < 2:  # (said: a due retrain that never came looked like a broken trainer)
             log.info("a retrain was due but skipped: fewer than two devices have a full window "
@@ -180,12 +182,12 @@ class Retrainer:
             self.start(trainer, table, champion)
         return result
 
-    def verdict(self, result: RetrainResult, champion: str) -> LoadedModel | None:
+    def verdict(self, result: RetrainResult) -> LoadedModel | None:
         """Count and log a finished job; a promoted challenger is registered and promoted in
         the registry, and returned with its new version. Not if the registry's promoted
         version moved while it trained: a rollback must not be undone by a retrain of the
         model it rolled back (:meth:`moved` then hands over the registry's version)."""
-        m = self.metrics
+        m, champion = self.metrics, self.trained_from  # (its errors are that model's, a review)
         if m is not None:
             m.retrain_duration_seconds.observe(result.seconds)  # type: ignore[attr-defined]
         if result.error:
@@ -215,7 +217,7 @@ class Retrainer:
         except PromotionConflict as exc:
             self._count_run("superseded")
             self._checked = 0.0  # moved() looks at once
-            log.warning(f"not promoting the challenger trained from {loaded.meta.get('parent', champion)}: "
+            log.warning(f"not promoting the challenger trained from {champion}: "
                         f"the registry's promoted version moved from {self.expect} to {exc.args[0]} "
                         "while it trained (a rollback, or another process's promotion); serving that",
                         extra={"model_dir": str(self.registry.root)})

@@ -148,7 +148,7 @@ class TrainerService:
     def publish(self, result: RetrainResult) -> bool:
         """The gate's verdict on a finished retrain; a promoted model is registered and published
         to the models topic, and becomes the champion. Returns whether it promoted."""
-        promoted = self.retrainer.verdict(result, self.champion.version)
+        promoted = self.retrainer.verdict(result)
         return promoted is not None and self._publish(promoted)
 
     def _publish(self, model: LoadedModel) -> bool:
@@ -240,13 +240,24 @@ class _ReplayOnAssignment(ConsumerRebalanceListener):
         self.service = service
 
     def on_partitions_revoked(self, revoked) -> None:  # noqa: ANN001 - kafka-python's signature
-        pass
+        pass  # (an eager rebalance revokes every partition, most of them to come straight back)
 
     def on_partitions_assigned(self, assigned) -> None:  # noqa: ANN001
+        service = self.service
         for tp in assigned:
-            offset = self.service.replay_from.pop(tp.partition, None)
+            offset = service.replay_from.pop(tp.partition, None)
             if offset is not None:
-                self.service.consumer.seek(tp, offset)
+                service.consumer.seek(tp, offset)
+        every = service.consumer.partitions_for_topic(service.settings.input_topic) or set()
+        held = service.consumer.assignment()
+        # The devices of partitions another member reads on: their windows would go stale here,
+        # and were trained on for as long as the trainer ran (a review).
+        table = service.table
+        table.drop(table.devices_in_partitions(set(every) - {tp.partition for tp in held}))
+        if len(held) < len(every):
+            log.warning(f"this trainer reads {len(held)} of the input's {len(every)} partitions: another "
+                        f"runs in its group {service.settings.group_id}-trainer, and two trainers publish "
+                        "over each other under the same version names. Run one.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,12 +47,12 @@ def test_a_job_holds_the_fleets_windows_and_restarts_the_schedule(tmp_path, capl
 def test_a_promoted_challenger_is_registered_promoted_and_counted(tmp_path):
     metrics = Metrics()
     r = Retrainer(Settings(model_dir=tmp_path), metrics)
-    promoted = r.verdict(result(promote=True), champion="v0000")
+    promoted = r.verdict(result(promote=True))
     registry = ModelRegistry(tmp_path)
     assert promoted is not None and promoted.version == registry.promoted() == "v0001"
     assert promoted.meta["trained_on"] == 3
-    assert r.verdict(result(promote=False), champion="v0001") is None
-    assert r.verdict(result(promote=False, error="Traceback ..."), champion="v0001") is None
+    assert r.verdict(result(promote=False)) is None
+    assert r.verdict(result(promote=False, error="Traceback ...")) is None
     assert registry.promoted() == "v0001"  # a rejection changes nothing
     runs = {k: metrics.retrain_runs.labels(k)._value.get() for k in ("promoted", "rejected", "failed")}
     assert runs == {"promoted": 1, "rejected": 1, "failed": 1}
@@ -67,7 +67,7 @@ def test_two_processes_promoting_at_once_both_land(tmp_path, monkeypatch):
     r = Retrainer(Settings(model_dir=tmp_path), Metrics())
     answers = iter(["v0001", "v0002"])  # this process looked before the other wrote
     monkeypatch.setattr(ModelRegistry, "next_version", lambda self: next(answers))
-    promoted = r.verdict(result(promote=True), champion="v0000")
+    promoted = r.verdict(result(promote=True))
     assert promoted is not None and promoted.version == "v0002" == registry.promoted()
 
 
@@ -86,14 +86,14 @@ def test_a_retrain_that_finishes_after_a_rollback_is_not_promoted_over_it(tmp_pa
     assert r.moved(served=v2).version == v1  # (a review: it then passed, having moved the pointer)
     monkeypatch.undo()
     with caplog.at_level("WARNING", logger="stream_lstm.training"):
-        assert r.verdict(result(promote=True), champion=v2) is None
+        assert r.verdict(result(promote=True)) is None
     assert registry.promoted() == v1 and [m["version"] for m in registry.versions()] == [v1, v2]
     assert "moved from v0002 to v0001 while it trained" in caplog.text
     assert metrics.retrain_runs.labels("superseded")._value.get() == 1
     assert metrics.retrain_runs.labels("promoted")._value.get() == 0
     assert r.moved(served=v1) is None  # nothing new
     r.job(table, champion())  # the next retrain, from v0001
-    promoted = r.verdict(result(promote=True), champion=v1)
+    promoted = r.verdict(result(promote=True))
     assert promoted is not None and promoted.version == "v0003" == registry.promoted()
     monkeypatch.setattr(time, "monotonic", lambda: 2e12)  # later: its own promotion is no news
     assert r.moved(served="v0003") is None
@@ -109,7 +109,7 @@ def test_a_promoted_file_removed_lets_the_next_promotion_through(tmp_path, monke
     monkeypatch.setattr(time, "monotonic", lambda: 1e12)
     assert r.moved(served="v0001") is None  # nothing to serve instead
     r.job(DeviceTable(8, 8, 1, 1, 4), champion())
-    assert r.verdict(result(promote=True), champion="v0001").version == "v0002" == registry.promoted()
+    assert r.verdict(result(promote=True)).version == "v0002" == registry.promoted()
 
 
 def test_a_promoted_version_that_does_not_load_is_said_once_and_served_on(tmp_path, caplog, monkeypatch):
@@ -135,7 +135,7 @@ def test_a_model_directory_that_cannot_be_written_fails_the_retrain_not_the_work
     (tmp_path / "models").write_text("")  # a file where the directory should be
     r = Retrainer(Settings(model_dir=tmp_path / "models"), metrics)
     with caplog.at_level("ERROR", logger="stream_lstm.training"):
-        assert r.verdict(result(promote=True), champion="v0001") is None
+        assert r.verdict(result(promote=True)) is None
     assert any("could not be registered" in rec.getMessage() for rec in caplog.records)
     assert metrics.retrain_runs.labels("failed")._value.get() == 1
 
@@ -221,3 +221,14 @@ def test_a_models_topic_that_deletes_is_refused(bootstrap, topic_name, configs):
     with pytest.raises(ChangelogTopicError, match=f"the models topic {topic_name} has cleanup.policy=delete"):
         ensure_models_topic(s)
     ensure_models_topic(s.model_copy(update={"models_topic": f"{topic_name}-new"}))  # (created compacted)
+
+
+def test_the_verdict_names_the_model_its_job_trained_from(tmp_path, caplog):
+    """A rollback while it trained: the verdict named the version rolled back to beside the
+    errors of the model the job had trained from (a review)."""
+    r = Retrainer(Settings(model_dir=tmp_path))
+    r.job(DeviceTable(8, 8, 1, 1, 4), champion())  # from v0001 (too little history: empty)
+    with caplog.at_level("INFO", logger="stream_lstm.training"):
+        r.verdict(result(promote=False))
+    (line,) = [rec for rec in caplog.records if rec.getMessage().startswith("promotion gate")]
+    assert line.champion == "v0001"

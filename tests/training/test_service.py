@@ -96,6 +96,34 @@ def test_it_keeps_the_workers_windows_and_skips_invalid_readings(settings_factor
         close(service)
 
 
+def test_a_second_trainer_in_its_group_is_said_and_revoked_devices_are_not_trained_on(
+        settings_factory, topic_name, caplog):
+    """Two trainers split the partitions and published over each other (v0005 -> v0002 ->
+    v0003), unsaid; the first trained on the devices it no longer read (a review)."""
+    s = settings(settings_factory, topic_name)
+    readings = fleet(6, 5)
+    produce(s, readings)
+    first = TrainerService(s, fresh_model(s))
+    consume(first, len(readings))
+    assert len(first.table) == 6
+    loops = [run_in_thread(first)]  # (each its own loop: a join waits for every member)
+    with caplog.at_level("WARNING", logger="stream_lstm.trainer"):
+        second = TrainerService(s, fresh_model(s))
+        loops.append(run_in_thread(second))
+        try:
+            wait_for(lambda: len(first.consumer.assignment()) == 1 == len(second.consumer.assignment()),
+                     "the partitions split between them", timeout_s=90)
+            wait_for(lambda: "this trainer reads 1 of the input's 2 partitions: another runs in its "
+                     "group" in caplog.text, "the warning")
+            (kept,) = {tp.partition for tp in first.consumer.assignment()}
+        finally:
+            for service in (first, second):
+                service.stop()
+            for loop in loops:
+                loop.join(60)
+    assert {int(first.table.partition[slot]) for slot in first.table.index.values()} <= {kept}
+
+
 def test_a_batch_it_cannot_read_pauses_that_partition_and_it_reads_the_rest(settings_factory, topic_name,
                                                                           monkeypatch):
     """The trainer ended at the first poll, and again at each restart (kafka/unreadable.py)."""
