@@ -143,6 +143,15 @@ def cleanup_policy(settings: Settings, topic: str) -> str | None:
     return policy
 
 
+def require_compacted(settings: Settings, topic: str, what: str, loss: str, remedy: str) -> None:
+    """Refuse ``topic`` (:class:`ChangelogTopicError`: ``what``, what is lost, what to do) when it
+    deletes instead of compacting: created by someone else, or auto-created with the broker's
+    defaults. One the broker will not describe is said, not refused (:func:`cleanup_policy`)."""
+    if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
+        raise ChangelogTopicError(f"{what} {topic} has cleanup.policy={policy}: it must be compacted "
+                                  f"(cleanup.policy=compact), or {loss}. {remedy}")
+
+
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     """``{name: value}`` of ``topic``'s configuration, the broker's defaults included (kafka-python
     3 answers only the topic's own settings unless asked for all: a topic created with the
@@ -195,16 +204,9 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
             f"{partitions}; they must match (state of input partition p lives in changelog "
             "partition p). Delete the changelog topic or set STREAM_LSTM_CHANGELOG_TOPIC."
         )
-    # Created by someone else (or auto-created with the broker's defaults), it may delete
-    # instead: a device quiet for longer than its retention would lose its only checkpoint.
-    policy = cleanup_policy(settings, spec.name)
-    if policy is not None and "compact" not in policy:
-        raise ChangelogTopicError(
-            f"changelog topic {spec.name} has cleanup.policy={policy}: it must be compacted "
-            "(cleanup.policy=compact), or the checkpoints of quiet devices are deleted. Alter "
-            "the topic, delete it (the worker creates it compacted) or set "
-            "STREAM_LSTM_CHANGELOG_TOPIC."
-        )
+    require_compacted(settings, spec.name, "changelog topic", "the checkpoints of quiet devices are "
+                      "deleted", "Alter the topic, delete it (the worker creates it compacted) or set "
+                      "STREAM_LSTM_CHANGELOG_TOPIC.")
     # Tombstones kept less long than ours: a local store reused within half our time
     # (checkpointing/restoring.py) could bring back a device whose tombstone is gone.
     ours = int(CHANGELOG_CONFIG["delete.retention.ms"])

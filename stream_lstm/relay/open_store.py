@@ -30,11 +30,10 @@ from kafka.structs import TopicPartition
 from stream_lstm.config import Settings
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_consumer, make_producer
 from stream_lstm.kafka.topics import (
-    ChangelogTopicError,
     TopicSpec,
-    cleanup_policy,
     ensure_topics,
     partition_count,
+    require_compacted,
 )
 from stream_lstm.relay.alertmanager import UNREADABLE, max_id_chars, readable_event
 
@@ -71,14 +70,10 @@ class OpenAlertStore:
         self.settings, self.topic = settings, topic
         self.max_chars = max_id_chars(settings.max_device_id_length)
         ensure_topics(settings, [TopicSpec(topic, partition_count(settings, alerts_topic), STORE_CONFIG)])
-        # Created by someone else (or auto-created, after a deletion), it may delete instead:
-        # an alert open for longer than its retention would be forgotten at the next restart.
-        if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
-            raise ChangelogTopicError(
-                f"the relay's store of open alerts {topic} has cleanup.policy={policy}: it must be "
-                "compacted, or alerts open for longer than its retention are forgotten. Alter the "
-                "topic (cleanup.policy=compact), or delete it: the relay creates it compacted "
-                "(the alerts open now are then resolved in Alertmanager within minutes)")
+        require_compacted(settings, topic, "the relay's store of open alerts", "alerts open for "
+                          "longer than its retention are forgotten at the next restart", "Alter the "
+                          "topic, or delete it: the relay creates it compacted (the alerts open now "
+                          "are then resolved in Alertmanager within minutes)")
         self.producer: Any = self._producer()
         # Written and not yet acknowledged: (alerts partition, alert id, record or None).
         self.pending: list[tuple[int, str, bytes | None]] = []

@@ -23,7 +23,7 @@ from typing import Any
 from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.topics import ChangelogTopicError, TopicSpec, cleanup_policy, ensure_topics
+from stream_lstm.kafka.topics import TopicSpec, ensure_topics, require_compacted
 from stream_lstm.models.registry import (
     LoadedModel,
     ModelLoadError,
@@ -77,12 +77,9 @@ def ensure_models_topic(settings: Settings) -> None:
     topic = settings.models_topic
     ensure_topics(settings, [TopicSpec(topic, 1, {
         "cleanup.policy": "compact", "max.message.bytes": MODEL_RECORD_MAX_BYTES})])
-    if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
-        raise ChangelogTopicError(
-            f"the models topic {topic} has cleanup.policy={policy}: it must be compacted, or its "
-            "latest model is deleted with its retention. Alter the topic (cleanup.policy=compact), "
-            "or delete it: stream-lstm creates it compacted, then publish the model again "
-            "(stream-lstm models rollback VERSION --publish)")
+    require_compacted(settings, topic, "the models topic", "its latest model is deleted with its "
+                      "retention", "Alter the topic, or delete it: stream-lstm creates it compacted; "
+                      "then publish the model again (stream-lstm models rollback VERSION --publish)")
 
 
 def send_model(producer: Any, settings: Settings, model: LoadedModel, timeout_s: float = 60.0) -> None:
