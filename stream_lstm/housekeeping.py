@@ -48,7 +48,7 @@ class Housekeeping:
     >>> tmp, s = tempfile.TemporaryDirectory(), Settings(device_ttl_s=600.0)
     >>> state = StateManager(s, Path(tmp.name) / "state.sqlite")
     >>> table = DeviceTable(max_devices=4, window=4, n_features=1, num_layers=1, hidden_size=2)
-    >>> chores = Housekeeping(s, state, table, Metrics(), farewell=lambda devices: [])
+    >>> chores = Housekeeping(s, state, table, Metrics(), farewell=lambda devices, stored: [])
     >>> _ = table.slots_for(["old"], [0], now=1000.0), table.slots_for(["new"], [0], now=1900.0)
     >>> from collections import namedtuple
     >>> Rec, Part = namedtuple("Rec", "timestamp"), namedtuple("Part", "partition")
@@ -61,7 +61,7 @@ class Housekeeping:
     """
 
     def __init__(self, settings: Settings, state: StateManager, table: DeviceTable,
-                 metrics: Metrics, farewell: Callable[[list[str]], list],
+                 metrics: Metrics, farewell: Callable[..., list],
                  gauge_every_s: float = 5.0) -> None:
         self.settings = settings
         self.state = state

@@ -15,7 +15,7 @@ Every consumed reading ends in exactly one bucket of :class:`BatchCounts`: ``for
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -354,18 +354,19 @@ class BatchPipeline:
                 out.append((alerts_topic, src.key, encode_forecast(event), None))
         return oldest
 
-    def farewell(self, devices: list[str]) -> list[OutRecord]:
-        """Close events for the open alerts of devices about to be forgotten (TTL): the pager
-        must not keep an incident open for a device that will never send again."""
-        topic = self.settings.alerts_topic
+    def farewell(self, devices: list[str], stored: Sequence[Any] = ()) -> list[OutRecord]:
+        """Close events for the open alerts of devices about to be forgotten (TTL), in memory
+        or (``stored``: their snapshots) only in the store: the pager must not keep an incident
+        open for a device that will never send again."""
+        topic, t = self.settings.alerts_topic, self.table
+        gone = [(dev, t.alert[s], t.last_ts[s], t.model_version[s], t.partition[s])
+                for dev in devices for s in (t.index[dev],)]
+        gone += [(snap.device_id, np.asarray(snap.alert, np.float64), snap.last_ts, snap.model_version,
+                  snap.partition) for snap in stored]
         out: list[OutRecord] = []
-        for dev in devices:
-            slot = self.table.index[dev]
-            state = self.table.alert[slot]
+        for dev, state, ts, version, partition in gone:
             if topic and alerts.is_open(state[None])[0]:
-                event = alert_event("close", state, dev, float(self.table.last_ts[slot]),
-                                    self.table.model_version[slot], int(self.table.partition[slot]),
-                                    None, reason="expired")
+                event = alert_event("close", state, dev, float(ts), version, int(partition), None, reason="expired")
                 out.append((topic, dev.encode(), encode_forecast(event), None))
         return out
 

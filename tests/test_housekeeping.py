@@ -19,8 +19,8 @@ def make(tmp_path: Path, ttl: float):
     metrics = Metrics()
     farewells: list[list[str]] = []
 
-    def farewell(devices):
-        farewells.append(devices)
+    def farewell(devices, stored):
+        farewells.append(devices + [snap.device_id for snap in stored])
         return [("alerts", d.encode(), b"{}", None) for d in devices]
 
     return Housekeeping(s, manager, table, metrics, farewell), table, manager, metrics, farewells

@@ -46,7 +46,7 @@ class Expiry:
         self.manager = manager
         self._after = ""  # the store's last device id read; "" starts a new round
 
-    def records(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
+    def records(self, table: DeviceTable, now: float, farewell: Callable[..., list] | None = None,
                 idle_for: IdleFor | None = None) -> list[Any]:
         """Tombstones (and ``farewell``'s alert-closing records) for the devices idle past the
         TTL by ``idle_for`` (default: the wall clock, ``now - last_seen``); they are gone from
@@ -63,31 +63,31 @@ class Expiry:
         slots = np.fromiter(table.index.values(), np.int64, len(ids))
         gone = idle_for(table.partition[slots], table.last_seen[slots]) > ttl
         idle = [d for d, g in zip(ids, gone.tolist(), strict=True) if g]
-        idle += self._bring_in_idle(table, ttl, idle_for)
+        stored = self._idle_in_store(table, ttl, idle_for)
         out: list[Any] = []
-        if farewell is not None and idle:
-            out.extend((topic, key, value, headers, None) for topic, key, value, headers in farewell(idle))
-        for dev in idle:
-            key, value, part = tombstone(dev, int(table.partition[table.index[dev]]))
+        if farewell is not None and (idle or stored):
+            out.extend((topic, key, value, headers, None)
+                       for topic, key, value, headers in farewell(idle, stored))
+        parts = [int(table.partition[table.index[dev]]) for dev in idle] + [int(s.partition) for s in stored]
+        gone_ids = idle + [s.device_id for s in stored]
+        for dev, partition in zip(gone_ids, parts, strict=True):
+            key, value, part = tombstone(dev, partition)
             out.append((m.topic, key, value, None, part))
             # Its partition's replay marker moves past its readings in the same commit: after a
             # crash, a replay from the older marker brought a forgotten device back (a review).
             m.next_flush[part] = 0.0
-        if idle:
-            table.drop(idle)
-            m.expiring.update(idle)  # out of the store once the tombstones commit
-            m.unwritten.difference_update(idle)
+        table.drop(idle)
+        m.expiring.update(gone_ids)  # out of the store once the tombstones commit
+        m.unwritten.difference_update(gone_ids)
         return out
 
-    def _bring_in_idle(self, table: DeviceTable, ttl: float, idle_for: IdleFor) -> list[str]:
-        """Read the next slice of the store; put its idle devices into memory (only where
-        there is room: bringing one in must not evict another) and return them."""
+    def _idle_in_store(self, table: DeviceTable, ttl: float, idle_for: IdleFor) -> list[Any]:
+        """Read the next slice of the store; the snapshots of its devices idle past the TTL.
+        Not brought into memory for their farewell: a table kept full by a fleet larger than
+        ``MAX_DEVICES`` had no room for them, and a silent device's alert never closed."""
         m = self.manager
-        limit = min(SWEEP_ROWS, table.max_devices - len(table))
-        if limit <= 0:
-            return []
-        rows = m.store.scan(self._after, limit)
-        self._after = rows[-1][0] if len(rows) == limit else ""  # a short slice ends a round
+        rows = m.store.scan(self._after, SWEEP_ROWS)
+        self._after = rows[-1][0] if len(rows) == SWEEP_ROWS else ""  # a short slice ends a round
         candidates = []
         for dev, partition, data in rows:
             if dev in table.index or dev in m.dirty:
@@ -109,9 +109,4 @@ class Expiry:
             return []
         idle = idle_for(np.array([s.partition for s in candidates]),  # (one call a slice)
                         np.array([float(s.last_seen) for s in candidates]))
-        brought = []
-        for snap, gone in zip(candidates, (idle > ttl).tolist(), strict=True):
-            if gone:
-                table.restore(snap)
-                brought.append(snap.device_id)
-        return brought
+        return [snap for snap, gone in zip(candidates, (idle > ttl).tolist(), strict=True) if gone]

@@ -308,7 +308,7 @@ class StateManager:
         for snap in later_evicted:  # (counted when evicted)
             self._keep_evicted(snap)
 
-    def expire(self, table: DeviceTable, now: float, farewell: Callable[[list[str]], list] | None = None,
+    def expire(self, table: DeviceTable, now: float, farewell: Callable[..., list] | None = None,
                idle: IdleFor | None = None) -> list[ChangelogRecord]:
         """Forget devices idle past the TTL (by ``idle``, default the wall clock), in memory and
         in the store: tombstones to send, and ``farewell``'s records (checkpointing/expiry.py)."""

@@ -66,7 +66,7 @@ def test_the_commit_forgetting_a_device_moves_its_partitions_replay_marker_past_
     manager.store.close(clean=True)
 
 
-def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_path: Path, monkeypatch):
+def test_the_store_is_read_a_slice_a_pass_and_a_full_memory_does_not_stop_it(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(expiry, "SWEEP_ROWS", 2)
     s = Settings(device_ttl_s=60.0, state_dir=tmp_path)
     manager = StateManager(s, tmp_path / "state.sqlite")
@@ -78,12 +78,19 @@ def test_the_store_is_read_a_slice_a_pass_and_never_at_the_cost_of_memory(tmp_pa
         passes.append(sorted(r[1] for r in manager.expire(table, now=1000.0)))
         manager.committed({})
     assert passes == [[b"d0", b"d1"], [b"d2", b"d3"], [b"d4"]]  # then a new round
-    manager.store.put_many(stored({"late": 0.0}, open_alert=""))
+    # Memory full of recent devices (a fleet larger than MAX_DEVICES: every poll evicts): a
+    # silent device only the store holds is forgotten all the same, its open alert closed,
+    # and memory keeps its devices. (It waited for room that never came, a review.)
+    manager.store.put_many(stored({"late": 0.0}, open_alert="late"))
     full = DeviceTable(2, 8, 1, 1, 8)
-    full.slots_for(["a", "b"], [0, 0], now=999.0)  # memory full of recent devices
-    assert manager.expire(full, now=1000.0) == [] and sorted(full.index) == ["a", "b"]
+    full.slots_for(["a", "b"], [0, 0], now=999.0)
+    pipe = BatchPipeline(s.model_copy(update={"alerts_topic": "alerts"}), full,
+                         BatchedEngine(SimpleLSTM(1, 8, 1, 4), full), lambda: "v1")
+    records = manager.expire(full, now=1000.0, farewell=pipe.farewell)
+    assert [(r[0], r[1]) for r in records] == [("alerts", b"late"), (manager.topic, b"late")]
+    assert json.loads(records[0][2])["event"] == "close" and sorted(full.index) == ["a", "b"]
     manager.committed({})
-    assert manager.store.device_ids() == ["late"]
+    assert manager.store.device_ids() == []
     manager.store.close(clean=True)
 
 
