@@ -64,6 +64,8 @@ def cpu_quota(cgroup_root: Path, own_cgroup: Path) -> float | None:
         return None
     places: list[Path] = []
     for line in lines:
+        if line.count(":") < 2:
+            continue  # (not a cgroup line: nothing to read from it)
         _, controllers, path = line.split(":", 2)
         mounts = [cgroup_root] if controllers == "" else \
             [cgroup_root / m for m in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if "cpu" in controllers.split(",")]
@@ -78,7 +80,7 @@ def _quota_at(place: Path) -> float | None:
     try:
         if (v2 := place / "cpu.max").exists():
             quota, period = v2.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
+            return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
         quota_us = int((place / "cpu.cfs_quota_us").read_text())
         period_us = int((place / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):

@@ -44,4 +44,6 @@ def test_the_least_quota_of_the_cgroup_and_its_ancestors_counts_v1_and_v2(tmp_pa
     assert cpu_quota(root, own) == 3.0
     root, own = cgroup(tmp_path / "nofile", "0::/\n", {})
     assert cpu_quota(root, own) is None
+    root, own = cgroup(tmp_path / "odd", "\n0::/\n", {"cpu.max": "100000 0"})  # (never crash a start)
+    assert cpu_quota(root, own) is None
     assert cpu_quota(root, tmp_path / "no-such-proc-file") is None

@@ -50,7 +50,10 @@ _REF = _S_PREV + 1  # the reference the history is kept from; NaN before a finit
 STATE_SIZE = _REF + 1
 PACKED_SIZE = STATE_SIZE  # the snapshot carries the state as it is in memory
 # The layout before the reference (2026-12-05 to 12-07): the history of readings as they were.
-# Read as this one with reference 0, which is the same history.
+# Read as this one, kept from its newest reading. (The reference is a device's first reading:
+# one far off its later level, a 1e9 sentinel before readings of 20, keeps its history coarse,
+# 64 apart there, until the TTL forgets the device; moving it within a poll would make the
+# fused path's numbers depend on where polls split.)
 ABSOLUTE_PACKED_SIZE = STATE_SIZE - 1
 # The float16 layout (2026-12-05, 12:26 to 14:10): the history as float16, four to a
 # word, times 2**k for the device's exponent k in the word after it; then W, P, F, E, log W and
@@ -135,14 +138,15 @@ def pack(row: np.ndarray) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
-    """The ``[STATE_SIZE]`` state that :func:`pack` packed, or that an earlier layout held:
-    the readings as they were (:data:`ABSOLUTE_PACKED_SIZE` words; reference 0), or as float16
+    """The ``[STATE_SIZE]`` state that :func:`pack` packed, or that an earlier layout held
+    (kept from its newest reading): the readings as they were (:data:`ABSOLUTE_PACKED_SIZE`
+    words), or as float16
     (:data:`F16_PACKED_SIZE`: stored again as float32, exactly, as float16 times a power of two
     fits). A snapshot of another layout is refused (the table then starts the device's experts
     afresh)."""
     packed = np.asarray(packed, np.float64)
     if packed.shape == (ABSOLUTE_PACKED_SIZE,):
-        return np.append(packed, 0.0)
+        return _from_newest(np.append(packed, 0.0))
     if packed.shape == (F16_PACKED_SIZE,):
         state = init_state(1)
         state[0, _REF] = 0.0
@@ -152,11 +156,23 @@ def unpack(packed: np.ndarray) -> np.ndarray:
             halves = np.ascontiguousarray(packed[:n16]).view(np.float16).astype(np.float64)
             history(state)[0] = halves * np.exp2(k)
         state[0, _W.start : _REF] = packed[n16 + 1 :]
-        return state[0]
+        return _from_newest(state[0])
     if packed.shape != (PACKED_SIZE,):
         raise ValueError(f"expert state of {packed.shape} words, expected ({PACKED_SIZE},) or "
                          f"an earlier layout's ({ABSOLUTE_PACKED_SIZE},) / ({F16_PACKED_SIZE},)")
     return np.array(packed, np.float64)
+
+
+def _from_newest(row: np.ndarray) -> np.ndarray:
+    """``row`` (readings kept from reference 0) kept from its newest reading instead: a device
+    restored from an earlier layout gains the reference's precision from then on (from 0 it
+    kept 2.4 GHz to 256 Hz for good, a review). Unseen: as it is."""
+    readings = history(row[None])[0].astype(np.float64)
+    if np.isfinite(readings).any():
+        ref = readings[np.isfinite(readings)][-1]
+        history(row[None])[0] = readings - ref
+        row[_REF] = ref
+    return row
 
 
 def readable(packed: np.ndarray) -> bool:

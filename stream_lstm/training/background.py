@@ -180,6 +180,7 @@ def _serve(conn: Any, threads: int, nice: int = 0, parent: int | None = None) ->
     # keeps it from dying mid-job with a KeyboardInterrupt traceback while the worker shuts
     # down in order. (It is usually ignored already: see BackgroundTrainer.__init__.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal: the parent stops it in order)
     # Below the worker's priority: on a busy machine the scheduler gives inference the CPU
     # first, and the retrain what is left (docs/benchmarks.md: retrain_ratio).
     if nice:
@@ -241,12 +242,12 @@ class BackgroundTrainer:
         # default disposition), so a Ctrl-C during its start-up cannot kill it either.
         # Handlers can only be changed in the main thread; elsewhere _serve's own call applies.
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)} if main else {}
         try:
             self._proc.start()
         finally:
-            if main:
-                signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         child.close()
 
     def _restart(self) -> str:

@@ -24,6 +24,7 @@ import signal
 import time
 
 import numpy as np
+import torch
 from kafka import ConsumerRebalanceListener
 
 from stream_lstm.config import Settings, load_settings
@@ -32,7 +33,11 @@ from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
 from stream_lstm.models.registry import LoadedModel, ModelLoadError, ModelRegistry
-from stream_lstm.models.serving import UNTRAINED
+from stream_lstm.models.serving import (
+    UNTRAINED,
+    ModelSettingsMismatch,
+    check_model_matches_settings,
+)
 from stream_lstm.pipeline import decode_records
 from stream_lstm.signals import stop_signals
 from stream_lstm.state.ingest import ingest
@@ -49,6 +54,10 @@ from stream_lstm.training.retrainer import (
 )
 
 log = logging.getLogger("stream_lstm.trainer")
+# A publish waits for the broker this long (a model takes seconds; the stop and /healthz wait as
+# long while the broker is away), and a failed one is tried again after 5 s, doubling to 60 s.
+PUBLISH_TIMEOUT_S = 20.0
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 60.0
 
 
 class TrainerService:
@@ -77,6 +86,7 @@ class TrainerService:
         # broker takes it: a promotion or rollback it could not publish is not dropped).
         self.champion, publish = champion_at_start(settings, served)
         self._unpublished = self.champion if publish else None
+        self._retry_at, self._retry_s = 0.0, RETRY_FIRST_S
         served = self.champion
         self.table = DeviceTable(settings.max_devices, settings.window, served.spec.n_features,
                                  served.spec.num_layers, served.spec.hidden_size,
@@ -134,7 +144,7 @@ class TrainerService:
     def tick(self) -> None:
         """Between two polls: collect a finished background retrain (publish it when promoted),
         and start the next one when due and none runs. Never waits for the training."""
-        if self._unpublished is not None:
+        if self._unpublished is not None and time.monotonic() >= self._retry_at:
             self._publish(self._unpublished)
         if self.trainer is None:
             self.trainer = BackgroundTrainer(self.settings.train_threads, self.settings.train_nice)
@@ -157,12 +167,14 @@ class TrainerService:
         handed back to the registry's next look instead, the next retrain's promotion was
         refused as "superseded", and a restart never published it, a review.)"""
         self.champion, self._unpublished = model, model
-        try:
-            send_model(self.producer, self.settings, model)  # (waits until the broker has it)
+        try:  # (waits until the broker has it, a bounded time: a stop or /healthz waits as long)
+            send_model(self.producer, self.settings, model, timeout_s=PUBLISH_TIMEOUT_S)
         except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
-            log.error(f"publishing {model.version} failed; trying again", extra={"error": str(exc)[:300]})
+            self._retry_at, self._retry_s = time.monotonic() + self._retry_s, min(2 * self._retry_s, RETRY_MAX_S)
+            log.error(f"publishing {model.version} failed; trying again in {self._retry_at - time.monotonic():.0f} s",
+                      extra={"error": str(exc)[:300]})
             return False
-        self._unpublished = None
+        self._unpublished, self._retry_s = None, RETRY_FIRST_S
         self.published += 1
         if self.metrics is not None:
             self.metrics.set_model_version(model.version, model.created_ts or time.time())  # type: ignore[attr-defined]
@@ -199,11 +211,13 @@ class TrainerService:
 
 def champion_at_start(settings: Settings, served: LoadedModel) -> tuple[LoadedModel, bool]:
     """The trainer's champion at start against the models topic's latest model, and whether
-    to publish it. The registry's (``served``) when the topic has none (published, unless
-    untrained) or when the registry holds the topic's version (published if it differs: a
-    promotion whose publish failed, a rollback made while the trainer was stopped). The
-    topic's otherwise, registered and promoted here: a trainer whose registry was lost or
-    replaced took the fleet back to a worse model, under names the workers already knew.
+    to publish it. ``served`` (what serving.py chose: the registry's promoted version, the
+    file, or an untrained model) unless the topic's latest is a version this registry never
+    held: that one is then registered (versions number past it), and, with no file set and
+    the settings agreeing, promoted and carried on from (a trainer whose registry was lost
+    took the fleet back to an untrained model's successor, under names workers knew). Only
+    the registry's promoted version is ever published at start: not yet on the topic, a
+    promotion whose publish failed, or a rollback made while the trainer was stopped.
 
     Example: see tests/training/test_service.py::test_a_trainer_with_a_new_registry_carries_on_from_the_topics_model
     """
@@ -212,24 +226,52 @@ def champion_at_start(settings: Settings, served: LoadedModel) -> tuple[LoadedMo
         latest = follower.latest
     finally:
         follower.close()
-    if latest is None or latest.version == served.version:
-        return served, latest is None and served.version != UNTRAINED
     registry = ModelRegistry(settings.model_dir)
-    known = any(m["version"] == latest.version for m in registry.versions())
-    if known and served.version != UNTRAINED:
-        log.warning(f"the models topic's latest is {latest.version}, this registry's promoted "
-                    f"{served.version}: publishing {served.version}")
-        return served, True
+    ours = served.version == registry.promoted()
+    if latest is None or latest.version == served.version:
+        return served, latest is None and ours
+    if (held := _held(registry, latest)) is not None:
+        if held and served.version == UNTRAINED:  # (nothing promoted, no file: not a downgrade)
+            registry.promote(latest.version, action="adopt", reason="the models topic's latest")
+            return latest, False
+        if held and ours:
+            log.warning(f"the models topic's latest is {latest.version}, this registry's promoted "
+                        f"{served.version}: publishing {served.version}")
+        elif not held:  # (two registries numbered alike: not where the fleet's models came from)
+            log.error(f"this registry's {latest.version} is not the models topic's {latest.version}: "
+                      f"{settings.model_dir} is not the registry the fleet's models came from; "
+                      f"carrying on from {served.version}")
+        return served, held and ours
     try:
-        if not known:
-            registry.register(latest.model, latest.spec, dict(latest.meta))
+        check_model_matches_settings(latest, settings, f"the models topic {settings.models_topic}")
+        registry.register(latest.model, latest.spec, dict(latest.meta))
+        if settings.model_path is not None:  # (the file wins, as for serving: not promoted)
+            log.warning(f"the models topic's latest {latest.version} kept in the registry; "
+                        f"carrying on from STREAM_LSTM_MODEL_PATH's {served.version}")
+            return served, False
         registry.promote(latest.version, action="adopt", reason="the models topic's latest")
+    except ModelSettingsMismatch as exc:
+        log.error(f"not carrying on from the models topic's latest: {exc}")
+        return served, False
     except (OSError, ModelLoadError) as exc:
         log.error("the models topic's model could not be kept in the registry", extra={"error": repr(exc)[:300]})
-    log.warning(f"the models topic's latest, {latest.version}, is not this registry's promoted "
-                f"({served.version}; {settings.model_dir}: lost, replaced, or another trainer's): "
-                "carrying on from it, its successors numbered after it")
+    log.warning(f"the models topic's latest, {latest.version}, is not in this registry ({settings.model_dir}: "
+                "new, lost, replaced, or another trainer's): carrying on from it, its successors "
+                "numbered after it")
     return latest, False
+
+
+def _held(registry: ModelRegistry, latest: LoadedModel) -> bool | None:
+    """None when ``registry`` has no version of ``latest``'s name; else whether it is the same
+    model (its weights)."""
+    if not any(m["version"] == latest.version for m in registry.versions()):
+        return None
+    try:
+        mine = registry.load(latest.version).model.state_dict()
+    except ModelLoadError:
+        return False
+    theirs = latest.model.state_dict()
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 class _ReplayOnAssignment(ConsumerRebalanceListener):

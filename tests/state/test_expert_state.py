@@ -122,27 +122,31 @@ def test_a_snapshot_of_the_float16_layout_is_converted_not_dropped():
     assert old.shape == (F16_PACKED_SIZE,) and expert_state.readable(old)
     new = unpack(old)
     assert new.shape == (STATE_SIZE,)
-    np.testing.assert_array_equal(history(new[None])[0], halves.astype(np.float64) * 2.0 ** k)
-    assert np.max(np.abs(history(new[None])[0] - x[-N_HISTORY:])) <= 2.0 ** (10 - 11)
+    kept = history(new[None])[0] + reference(new[None])[0]  # (from its newest reading now)
+    assert reference(new[None])[0] == halves[-1].astype(np.float64) * 2.0 ** k
+    np.testing.assert_allclose(kept, halves.astype(np.float64) * 2.0 ** k, rtol=0, atol=1e-4)
+    assert np.max(np.abs(kept - x[-N_HISTORY:])) <= 2.0 ** (10 - 11)
     np.testing.assert_array_equal(new[rest], state[0, rest])
-    assert reference(new[None])[0] == 0.0
     unseen = np.concatenate([np.full(N_HISTORY // 4, np.nan), [np.nan],
                              state[0, rest]])  # before the first reading
     assert np.isnan(history(unpack(unseen)[None])).all()
 
 
-def test_a_snapshot_of_readings_kept_as_they_were_is_read_with_reference_zero():
-    """Changelogs written before the reference (2026-12-05 to 12-07): the same history, and
-    the device forecasts on exactly as it would have."""
-    x = 1e3 + np.cumsum(np.random.default_rng(5).normal(0, 1, 300))
+def test_a_snapshot_of_readings_kept_as_they_were_is_kept_from_its_newest_reading():
+    """Changelogs written before the reference (2026-12-05 to 12-07): the same readings, now
+    kept from the newest (kept from 0, a 2.4 GHz device stayed at 256 Hz steps, a review)."""
+    x = 2.4e9 + np.cumsum(np.random.default_rng(5).normal(0, 1, 300))
     state, _ = learnt_state(x)
     absolute = state[0].copy()
     history(absolute[None])[0] = history(state)[0] + reference(state)[0]  # as it was kept then
     old = absolute[: expert_state._REF]
     assert old.shape == (expert_state.ABSOLUTE_PACKED_SIZE,) and expert_state.readable(old)
     new = unpack(old)
-    assert new.shape == (STATE_SIZE,) and reference(new[None])[0] == 0.0
-    np.testing.assert_array_equal(history(new[None])[0], history(absolute[None])[0])
+    before = history(absolute[None])[0].astype(np.float64)
+    assert new.shape == (STATE_SIZE,) and reference(new[None])[0] == before[-1]
+    np.testing.assert_array_equal(history(new[None])[0] + reference(new[None])[0], before)
+    push_history(new[None], np.array([before[-1] + 1.25]))  # and the next reading to the Hz
+    assert history(new[None])[0, -1] + reference(new[None])[0] == before[-1] + 1.25
 
 
 @pytest.mark.parametrize("size", [PACKED_SIZE - 2, PACKED_SIZE + 1, 0])

@@ -55,6 +55,7 @@ def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capf
         assert result is not None and result.error is None, result
         assert trainer._proc.is_alive()
         os.kill(trainer.pid, signal.SIGINT)  # and while it waits for the next job (recv_bytes)
+        os.kill(trainer.pid, signal.SIGHUP)  # (a closed terminal: its parent stops it in order)
         trainer.submit(job)
         assert trainer.wait(timeout=120) is not None
     finally:

@@ -306,6 +306,44 @@ def test_a_trainer_with_a_new_registry_carries_on_from_the_topics_model(settings
         close(service)
 
 
+def test_the_topics_model_is_not_carried_on_from_against_the_settings_or_the_file(settings_factory, topic_name,
+                                                                              tmp_path, caplog):
+    """A topic model of another horizon was promoted into its registry (no start after that
+    could serve it); with STREAM_LSTM_MODEL_PATH, the file was ignored, then published over
+    the fleet's newer models at the next start (a review of the change)."""
+    from stream_lstm.models.registry import ModelRegistry, save_model
+
+    s = settings(settings_factory, topic_name)
+    other = fresh_model(s.model_copy(update={"horizon": 4}))
+    publish_models(s, type(other)(other.model, other.spec, {**other.meta, "version": "v0004"}))
+    with caplog.at_level("ERROR", logger="stream_lstm.trainer"):
+        service = TrainerService(s, fresh_model(s))
+    try:
+        assert service.champion.spec.horizon == 2 and service._unpublished is None
+        assert ModelRegistry(s.model_dir).promoted() is None and "horizon=4" in caplog.text
+    finally:
+        close(service)
+    mine = fresh_model(s)
+    publish_models(s, type(mine)(mine.model, mine.spec, {**mine.meta, "version": "v0005"}))
+    path = save_model(fresh_model(s).model, fresh_model(s).spec, tmp_path / "base", {"version": "base"})
+    with_file = s.model_copy(update={"model_path": path})
+    for _ in range(2):  # (the second start: the registry holds the topic's, the file still wins)
+        service = TrainerService(with_file, load_model_for(with_file))
+        try:
+            assert service.champion.version == "base" and service._unpublished is None
+        finally:
+            close(service)
+    registry = ModelRegistry(s.model_dir)
+    assert registry.promoted() is None and registry.next_version() == "v0006"
+    assert published_versions(s) == ["v0004", "v0005"]
+
+
+def load_model_for(s):
+    from stream_lstm.models.serving import load_served_model
+
+    return load_served_model(s)
+
+
 def test_a_promotion_it_could_not_publish_is_published_when_it_starts_again(settings_factory, topic_name):
     """The broker away when it promoted, then stopped: the registry said v0002, the topic
     v0001, and the fleet never got v0002 (a review). A rollback made while it was stopped is
