@@ -361,8 +361,9 @@ class BatchPipeline:
         topic, t = self.settings.alerts_topic, self.table
         gone = [(dev, t.alert[s], t.last_ts[s], t.model_version[s], t.partition[s])
                 for dev in devices for s in (t.index[dev],)]
-        gone += [(snap.device_id, np.asarray(snap.alert, np.float64), snap.last_ts, snap.model_version,
-                  snap.partition) for snap in stored]
+        gone += [(snap.device_id, alert, snap.last_ts, snap.model_version, snap.partition) for snap in stored
+                 # (a column of another width reads as its fill, none open, as a restore reads it)
+                 if (alert := np.asarray(snap.alert, np.float64)).shape == (len(alerts.FIELDS),)]
         out: list[OutRecord] = []
         for dev, state, ts, version, partition in gone:
             if topic and alerts.is_open(state[None])[0]:

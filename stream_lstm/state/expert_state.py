@@ -166,12 +166,12 @@ def unpack(packed: np.ndarray) -> np.ndarray:
 def _from_newest(row: np.ndarray) -> np.ndarray:
     """``row`` (readings kept from reference 0) kept from its newest reading instead: a device
     restored from an earlier layout gains the reference's precision from then on (from 0 it
-    kept 2.4 GHz to 256 Hz for good, a review). Unseen: as it is."""
+    kept 2.4 GHz to 256 Hz for good, a review)."""
     readings = history(row[None])[0].astype(np.float64)
-    if np.isfinite(readings).any():
-        ref = readings[np.isfinite(readings)][-1]
-        history(row[None])[0] = readings - ref
-        row[_REF] = ref
+    seen = readings[np.isfinite(readings)]
+    row[_REF] = seen[-1] if len(seen) else np.nan  # (none yet: its first reading, as a new device's)
+    if len(seen):
+        history(row[None])[0] = readings - row[_REF]
     return row
 
 

@@ -107,7 +107,9 @@ class TrainerService:
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
         # (never creating the topic: deleted under it, it came back deleting, with the broker's defaults)
-        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES, allow_auto_create_topics=False)
+        # (max_block_ms: a send waits for the topic's metadata no longer than a publish may take)
+        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES, allow_auto_create_topics=False,
+                                      max_block_ms=int(PUBLISH_TIMEOUT_S * 1000))
         self.published = 0
         # The child process that trains, started by run() (the loop is its only user).
         self.trainer: BackgroundTrainer | None = None
@@ -230,21 +232,21 @@ def champion_at_start(settings: Settings, served: LoadedModel) -> tuple[LoadedMo
     ours = served.version == registry.promoted()
     if latest is None or latest.version == served.version:
         return served, latest is None and ours
-    if (held := _held(registry, latest)) is not None:
-        if held and served.version == UNTRAINED:  # (nothing promoted, no file: not a downgrade)
-            registry.promote(latest.version, action="adopt", reason="the models topic's latest")
-            return latest, False
-        if held and ours:
+    held = _held(registry, latest)
+    if held is False:  # (two registries numbered alike: not where the fleet's models came from)
+        log.error(f"this registry's {latest.version} is not the models topic's {latest.version}: "
+                  f"{settings.model_dir} is not the registry the fleet's models came from; "
+                  f"carrying on from {served.version}")
+        return served, False
+    if held and (ours or served.version != UNTRAINED):  # (its own promoted, or the file)
+        if ours:
             log.warning(f"the models topic's latest is {latest.version}, this registry's promoted "
                         f"{served.version}: publishing {served.version}")
-        elif not held:  # (two registries numbered alike: not where the fleet's models came from)
-            log.error(f"this registry's {latest.version} is not the models topic's {latest.version}: "
-                      f"{settings.model_dir} is not the registry the fleet's models came from; "
-                      f"carrying on from {served.version}")
-        return served, held and ours
+        return served, ours
     try:
+        if held is None:  # (kept, so its successors number past it, whatever comes next)
+            registry.register(latest.model, latest.spec, dict(latest.meta))
         check_model_matches_settings(latest, settings, f"the models topic {settings.models_topic}")
-        registry.register(latest.model, latest.spec, dict(latest.meta))
         if settings.model_path is not None:  # (the file wins, as for serving: not promoted)
             log.warning(f"the models topic's latest {latest.version} kept in the registry; "
                         f"carrying on from STREAM_LSTM_MODEL_PATH's {served.version}")

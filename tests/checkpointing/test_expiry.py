@@ -5,6 +5,8 @@ open alert of theirs closes."""
 import json
 from pathlib import Path
 
+import numpy as np
+
 from stream_lstm.checkpointing import expiry
 from stream_lstm.checkpointing.codec import encode_snapshot
 from stream_lstm.checkpointing.manager import StateManager
@@ -91,6 +93,22 @@ def test_the_store_is_read_a_slice_a_pass_and_a_full_memory_does_not_stop_it(tmp
     assert json.loads(records[0][2])["event"] == "close" and sorted(full.index) == ["a", "b"]
     manager.committed({})
     assert manager.store.device_ids() == []
+    manager.store.close(clean=True)
+
+
+def test_a_stored_alert_of_another_width_reads_as_none_open_as_a_restore_reads_it(tmp_path: Path):
+    """Forged or damaged: farewell raised on it, every expiry commit rolled back (a review)."""
+    s = Settings(alerts_topic="alerts", device_ttl_s=60.0, state_dir=tmp_path)
+    other = DeviceTable(8, 8, 1, 1, 8)
+    snap = other.snapshot(other.slots_for(["odd"], [3], now=100.0)[0])
+    snap.columns["alert"] = np.array([100.0, 160.0])
+    table = DeviceTable(8, 8, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)
+    manager.store.put_many([("odd", 3, encode_snapshot(snap))])
+    records = manager.expire(table, now=1000.0, farewell=pipe.farewell)
+    assert [(r[0], r[1]) for r in records] == [(manager.topic, b"odd")]  # forgotten, nothing to close
     manager.store.close(clean=True)
 
 

@@ -130,6 +130,7 @@ def test_a_snapshot_of_the_float16_layout_is_converted_not_dropped():
     unseen = np.concatenate([np.full(N_HISTORY // 4, np.nan), [np.nan],
                              state[0, rest]])  # before the first reading
     assert np.isnan(history(unpack(unseen)[None])).all()
+    assert np.isnan(reference(unpack(unseen)[None])[0])  # (its first reading will be, as a new device's)
 
 
 def test_a_snapshot_of_readings_kept_as_they_were_is_kept_from_its_newest_reading():

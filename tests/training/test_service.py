@@ -321,6 +321,12 @@ def test_the_topics_model_is_not_carried_on_from_against_the_settings_or_the_fil
     try:
         assert service.champion.spec.horizon == 2 and service._unpublished is None
         assert ModelRegistry(s.model_dir).promoted() is None and "horizon=4" in caplog.text
+        assert ModelRegistry(s.model_dir).next_version() == "v0005"  # (kept: numbered past)
+    finally:
+        close(service)
+    service = TrainerService(s, fresh_model(s))  # (now held by its registry: still refused)
+    try:
+        assert service.champion.spec.horizon == 2 and ModelRegistry(s.model_dir).promoted() is None
     finally:
         close(service)
     mine = fresh_model(s)
