@@ -218,8 +218,9 @@ print((rss() - start) / n, arrays / n)
 def test_growth_gives_the_replaced_arrays_back_to_the_os():
     # In a fresh interpreter (a clean heap): a table grown by doubling from 1,024 slots to 60k
     # devices holds little more than its arrays. Without malloc_trim after each growth, glibc
-    # kept the replaced arrays in its heap: ~640 B a device more (docs/benchmarks.md).
+    # kept the replaced arrays in its heap: ~640 B a device more (docs/benchmarks.md). What is
+    # not arrays (the ids, the index, the interpreter) ran 390-405 B a device: 500 B tells the two.
     out = subprocess.run([sys.executable, "-c", _GROWTH_RSS], capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     per_device, arrays = map(float, out.stdout.split())
-    assert per_device < arrays + 400, (per_device, arrays)
+    assert per_device < arrays + 500, (per_device, arrays)
