@@ -132,24 +132,21 @@ class ChangelogTopicError(RuntimeError):
     alert relay's store of open alerts without compaction."""
 
 
-def cleanup_policy(settings: Settings, topic: str) -> str | None:
-    """``topic``'s ``cleanup.policy``, or None (said once) when the broker would not describe it:
-    kafka-python 3.0.12 ignores a refusal's error code (no DescribeConfigs ACL) and answers an
-    empty configuration, which read as "delete" refused a compacted topic (a review)."""
-    policy = topic_config(settings, topic).get("cleanup.policy")
-    if policy is None:
-        log.warning(f"cannot read the configuration of {topic} (the principal may lack DescribeConfigs "
-                    "on it): make sure its cleanup.policy is compact")
-    return policy
-
-
-def require_compacted(settings: Settings, topic: str, what: str, loss: str, remedy: str) -> None:
+def require_compacted(settings: Settings, topic: str, what: str, loss: str, remedy: str) -> dict[str, str]:
     """Refuse ``topic`` (:class:`ChangelogTopicError`: ``what``, what is lost, what to do) when it
     deletes instead of compacting: created by someone else, or auto-created with the broker's
-    defaults. One the broker will not describe is said, not refused (:func:`cleanup_policy`)."""
-    if (policy := cleanup_policy(settings, topic)) is not None and "compact" not in policy:
+    defaults. Returns its configuration as read (:func:`topic_config`). One the broker will not
+    describe is said, not refused: kafka-python 3.0.12 ignores a refusal's error code (no
+    DescribeConfigs ACL) and answers an empty configuration, which read as "delete" refused a
+    compacted topic (a review)."""
+    config = topic_config(settings, topic)
+    if (policy := config.get("cleanup.policy")) is None:
+        log.warning(f"cannot read the configuration of {topic} (the principal may lack DescribeConfigs "
+                    "on it): make sure its cleanup.policy is compact")
+    elif "compact" not in policy:
         raise ChangelogTopicError(f"{what} {topic} has cleanup.policy={policy}: it must be compacted "
                                   f"(cleanup.policy=compact), or {loss}. {remedy}")
+    return config
 
 
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
@@ -204,13 +201,13 @@ def ensure_changelog_topic(settings: Settings, partitions: int) -> None:
             f"{partitions}; they must match (state of input partition p lives in changelog "
             "partition p). Delete the changelog topic or set STREAM_LSTM_CHANGELOG_TOPIC."
         )
-    require_compacted(settings, spec.name, "changelog topic", "the checkpoints of quiet devices are "
-                      "deleted", "Alter the topic, delete it (the worker creates it compacted) or set "
-                      "STREAM_LSTM_CHANGELOG_TOPIC.")
+    config = require_compacted(settings, spec.name, "changelog topic", "the checkpoints of quiet "
+                               "devices are deleted", "Alter the topic, delete it (the worker creates "
+                               "it compacted) or set STREAM_LSTM_CHANGELOG_TOPIC.")
     # Tombstones kept less long than ours: a local store reused within half our time
     # (checkpointing/restoring.py) could bring back a device whose tombstone is gone.
     ours = int(CHANGELOG_CONFIG["delete.retention.ms"])
-    if 0 <= (kept := int(topic_config(settings, spec.name).get("delete.retention.ms", "-1"))) < ours:
+    if 0 <= (kept := int(config.get("delete.retention.ms", "-1"))) < ours:
         log.warning(f"changelog topic {spec.name} keeps tombstones for delete.retention.ms={kept}, "
                     f"less than the {ours} ms its workers' local stores rely on: a device the TTL "
                     f"forgot may come back after a restart. Set delete.retention.ms={ours}")

@@ -149,7 +149,6 @@ def unpack(packed: np.ndarray) -> np.ndarray:
         return _from_newest(np.append(packed, 0.0))
     if packed.shape == (F16_PACKED_SIZE,):
         state = init_state(1)
-        state[0, _REF] = 0.0
         n16 = N_HISTORY // 4
         k = packed[n16]  # NaN before the device's first reading: the history stays unseen
         if np.isfinite(k):
@@ -164,9 +163,9 @@ def unpack(packed: np.ndarray) -> np.ndarray:
 
 
 def _from_newest(row: np.ndarray) -> np.ndarray:
-    """``row`` (readings kept from reference 0) kept from its newest reading instead: a device
-    restored from an earlier layout gains the reference's precision from then on (from 0 it
-    kept 2.4 GHz to 256 Hz for good, a review)."""
+    """``row`` (its history the readings themselves, whatever its reference says) kept from its
+    newest reading instead: a device restored from an earlier layout gains the reference's
+    precision from then on (from 0 it kept 2.4 GHz to 256 Hz for good, a review)."""
     readings = history(row[None])[0].astype(np.float64)
     seen = readings[np.isfinite(readings)]
     row[_REF] = seen[-1] if len(seen) else np.nan  # (none yet: its first reading, as a new device's)

@@ -49,7 +49,6 @@ from stream_lstm.training.retrainer import (
     MODEL_RECORD_MAX_BYTES,
     ModelPublishError,
     Retrainer,
-    ensure_models_topic,
     send_model,
 )
 
@@ -81,9 +80,9 @@ class TrainerService:
 
         self.settings = settings
         self.metrics, self.health = metrics, health
-        ensure_models_topic(settings)
         # The gate's champion, and a model to publish at the first turn (retried until the
-        # broker takes it: a promotion or rollback it could not publish is not dropped).
+        # broker takes it: a promotion or rollback it could not publish is not dropped). (Its
+        # reader of the models topic, ModelsFollower, ensures the topic: once, not twice.)
         self.champion, publish = champion_at_start(settings, served)
         self._unpublished = self.champion if publish else None
         self._retry_at, self._retry_s = 0.0, RETRY_FIRST_S
