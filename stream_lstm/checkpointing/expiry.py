@@ -104,6 +104,9 @@ class Expiry:
                 snap = decode_for_table(data, m.settings.n_features)
             except ValueError:
                 continue  # unusable: it starts afresh if it comes back (StateManager.load)
+            # The row's partition, not the one its snapshot names: a tombstone deletes only its
+            # own partition's row, and that row is the one this worker owns and judged ready.
+            snap.partition = partition
             candidates.append(snap)
         if not candidates:
             return []

@@ -49,6 +49,29 @@ def test_idle_devices_in_the_store_expire_too(tmp_path: Path):
     manager.store.close(clean=True)
 
 
+def test_a_stored_device_is_forgotten_in_the_partition_of_its_row(tmp_path: Path):
+    """A row kept under partition 3 whose snapshot names partition 5 (written before the
+    device moved): its tombstone, close and replay marker are partition 3's, the row this worker
+    owns; the snapshot's partition sent the tombstone where it deleted nothing (a review)."""
+    s = Settings(alerts_topic="alerts", device_ttl_s=60.0, state_dir=tmp_path)
+    manager = StateManager(s, tmp_path / "state.sqlite")
+    manager.ready.add(3)
+    other = DeviceTable(8, 8, 1, 1, 8)
+    (slot,) = other.slots_for(["moved"], [5], now=100.0)
+    other.alert[slot] = [100.0, 160.0, 0.9999, 130.0, 42.0, 1.0, 2.0]
+    manager.store.put_many([("moved", 3, encode_snapshot(other.snapshot(slot)))])
+    table = DeviceTable(8, 8, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, 4), table), lambda: "v1")
+    records = manager.expire(table, now=1000.0, farewell=pipe.farewell)
+    (close,) = [json.loads(r[2]) for r in records if r[0] == "alerts"]
+    (gone,) = [r for r in records if r[0] == manager.topic]
+    assert (gone[1], gone[4], close["partition"]) == (b"moved", 3, 3)
+    assert manager.next_flush[3] == 0.0 and 5 not in manager.next_flush
+    manager.committed({})
+    assert manager.store.device_ids() == []
+    manager.store.close(clean=True)
+
+
 def test_the_commit_forgetting_a_device_moves_its_partitions_replay_marker_past_it(tmp_path: Path):
     """Its partition not due, the marker stayed before the device's readings: after a crash, a
     replay from it stepped them again and the forgotten device came back, forecast at once
