@@ -178,7 +178,7 @@ def _serve(conn: Any, threads: int, nice: int = 0, parent: int | None = None) ->
     # The parent decides when this process stops (it closes the pipe: EOF below). A Ctrl-C in
     # the terminal reaches the whole foreground process group, this child too; ignoring it
     # keeps it from dying mid-job with a KeyboardInterrupt traceback while the worker shuts
-    # down in order. (It is usually ignored already: see BackgroundTrainer.__init__.)
+    # down in order. (Ignored or blocked until here: see BackgroundTrainer._start.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal: the parent stops it in order)
     # Below the worker's priority: on a busy machine the scheduler gives inference the CPU
@@ -237,17 +237,24 @@ class BackgroundTrainer:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, self._threads, self._nice, os.getpid()),
                                  name="stream-lstm-trainer", daemon=True)
-        # SIGINT ignored across the fork+exec: the fresh interpreter then keeps ignoring it from
-        # its first instruction (Python installs its KeyboardInterrupt handler only over the
-        # default disposition), so a Ctrl-C during its start-up cannot kill it either.
-        # Handlers can only be changed in the main thread; elsewhere _serve's own call applies.
+        # Neither SIGINT nor SIGHUP may kill the fresh interpreter before _serve ignores them (a
+        # Ctrl-C or a closed terminal reaches the whole process group). SIGHUP is blocked in
+        # this thread across the fork+exec: the child inherits the mask, and one sent to the
+        # worker meanwhile waits and reaches its handler (ignoring it here dropped a closed
+        # terminal's stop, a review). Python unblocks SIGINT at start, so SIGINT is ignored
+        # across it instead (kept from the first instruction: Python installs its
+        # KeyboardInterrupt handler only over the default); a Ctrl-C in those milliseconds is
+        # not heard, the next one is. Handlers can only be changed in the main thread;
+        # elsewhere _serve's own call applies.
         main = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)} if main else {}
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             self._proc.start()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            if main:
+                signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
 
     def _restart(self) -> str:

@@ -65,6 +65,43 @@ def test_trainer_survives_sigint_answers_its_job_and_exits_cleanly_on_close(capf
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+def test_a_hangup_while_the_child_starts_reaches_the_worker_and_not_the_child(monkeypatch):
+    """SIGHUP sent to the worker in the milliseconds its child is being started: the worker's
+    handler hears it once the child is up, and the child, sent it and SIGINT too (the
+    terminal's process group) before its own code ran, lives. (The worker ignored SIGHUP
+    meanwhile: a closed terminal's stop was dropped, a review.)"""
+    import multiprocessing.process as mp_process
+
+    heard: list[int] = []
+    real_start = mp_process.BaseProcess.start
+
+    def start_amid_signals(proc):
+        os.kill(os.getpid(), signal.SIGHUP)
+        real_start(proc)
+        os.kill(proc.pid, signal.SIGHUP)  # the child, before its own code ran
+        os.kill(proc.pid, signal.SIGINT)
+
+    monkeypatch.setattr(mp_process.BaseProcess, "start", start_amid_signals)
+    before = signal.signal(signal.SIGHUP, lambda sig, _frame: heard.append(sig))
+    try:
+        trainer = BackgroundTrainer(threads=1)
+        for _ in range(100):  # (Python runs a handler between bytecodes: at once, here)
+            if heard:
+                break
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    try:
+        assert heard == [signal.SIGHUP]
+        monkeypatch.undo()
+        trainer.submit(small_job())
+        result = trainer.wait(timeout=120)
+        assert result is not None and result.error is None, result
+    finally:
+        trainer.close()
+    assert trainer._proc.exitcode == 0
+
+
 def test_a_stop_while_a_job_runs_ends_the_child_without_a_traceback(capfd):
     """The job done after the parent closed the pipe: its answer had nowhere to go, and a raw
     BrokenPipeError traceback followed the worker's clean stop (a review)."""
