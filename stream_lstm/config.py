@@ -227,6 +227,17 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
+    @field_validator("instance_id", mode="before")
+    @classmethod
+    def _instance_id(cls, value: object) -> object:
+        # It names the state file and the Kafka transactional id: "x/y" put the store in a
+        # subdirectory, and "   " was taken literally, not as unset (a review).
+        text = str(value).strip()
+        if text and not re.fullmatch(r"[A-Za-z0-9._-]+", text):
+            raise ValueError(f"{value!r}: letters, digits, '.', '_' and '-' only (it names the "
+                             "state file and the transactional id); empty: the hostname")
+        return text
+
     @field_validator("processes", mode="before")
     @classmethod
     def _processes(cls, value: object) -> object:
@@ -278,6 +289,15 @@ class Settings(BaseSettings):
         if list(names) != [n for n in STAGES if n in names] or len(set(names)) != len(names):
             raise ValueError(f"forecast_stages {self.forecast_stages!r}: name each of "
                              f"{', '.join(STAGES)} at most once, in that order")
+        # Given, but nothing would read them: a stage left out, the EWM weight under Welford.
+        given = self.model_fields_set
+        for stage in (STAGES[n] for n in STAGES if n not in names):
+            if unread := [k for k in stage.own_settings if k in given]:
+                raise ValueError(f"{', '.join(unread)} set but the {stage.name} stage is not in "
+                                 f"forecast_stages ({self.forecast_stages!r}): add it, or unset them")
+        if self.normalizer == "welford" and "normalizer_alpha" in given:
+            raise ValueError("normalizer_alpha set but the normalizer is welford, which weighs every "
+                             "reading alike: set STREAM_LSTM_NORMALIZER=ewm to use it, or unset it")
         if self.tbptt_k2 < self.tbptt_k1:
             raise ValueError(f"tbptt_k2 ({self.tbptt_k2}) must be >= tbptt_k1 "
                              f"({self.tbptt_k1}): each update backpropagates through at least "

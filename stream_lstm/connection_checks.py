@@ -64,7 +64,8 @@ def check_security(s: Any) -> None:
             raise ValueError(f"{', '.join(given)} set but security_protocol is "
                              f"{s.security_protocol}: set SASL_SSL or SASL_PLAINTEXT to use them")
     if not s.security_protocol.endswith("SSL"):
-        if given := [k for k in _SSL if getattr(s, k) is not None]:
+        given = [k for k in _SSL if getattr(s, k) is not None] + ["ssl_check_hostname"] * (not s.ssl_check_hostname)
+        if given:
             raise ValueError(f"{', '.join(given)} set but security_protocol is "
                              f"{s.security_protocol}: set SSL or SASL_SSL to use them")
     for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file"):  # at start, not a timeout

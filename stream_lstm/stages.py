@@ -66,6 +66,9 @@ class Stage:
 
     name: ClassVar[str] = ""
     columns: ClassVar[tuple[str, ...]] = ()
+    # The settings only this stage reads: given while it is left out of
+    # STREAM_LSTM_FORECAST_STAGES, they would do nothing, so the settings refuse them.
+    own_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -129,6 +132,7 @@ class Blend(Stage):
 
     name = "blend"
     columns = ("blend_w", "prev_change", "drift_change")
+    own_settings = ("blend_rate",)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -174,6 +178,7 @@ class Experts(Stage):
 
     name = "experts"
     columns = ("experts",)
+    own_settings = ("expert_rate",)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -246,6 +251,7 @@ class Calibration(Stage):
 
     name = "calibration"
     columns = ("interval_log_m",)
+    own_settings = ("interval_adapt_rate",)
 
     def __init__(self, rate: float, coverage: float, q: float) -> None:
         self.rate, self.coverage, self.q = rate, coverage, q

@@ -66,6 +66,31 @@ def test_inconsistent_settings_are_refused():
         load_settings(tbptt_k1=64, tbptt_k2=8)
 
 
+def test_settings_nothing_would_read_are_refused(monkeypatch):
+    """A stage's own setting given with the stage left out, or the EWM weight under Welford:
+    accepted, they did nothing (a review). Each stage declares its own (stages.py)."""
+    with pytest.raises(SettingsError, match="STREAM_LSTM_BLEND_RATE set but the blend stage is not in"):
+        load_settings(forecast_stages="experts,calibration", blend_rate=0.9)
+    with pytest.raises(SettingsError, match="STREAM_LSTM_EXPERT_RATE set but the experts stage"):
+        load_settings(forecast_stages="", expert_rate=5.0)
+    monkeypatch.setenv("STREAM_LSTM_INTERVAL_ADAPT_RATE", "0.1")  # (from the environment too)
+    with pytest.raises(SettingsError, match="STREAM_LSTM_INTERVAL_ADAPT_RATE set but the calibration stage"):
+        load_settings(forecast_stages="blend")
+    monkeypatch.delenv("STREAM_LSTM_INTERVAL_ADAPT_RATE")
+    with pytest.raises(SettingsError, match="STREAM_LSTM_NORMALIZER_ALPHA set but the normalizer is welford"):
+        load_settings(normalizer="welford", normalizer_alpha=0.5)
+    assert load_settings(forecast_stages="blend", blend_rate=0.01).blend_rate == 0.01  # (its stage runs)
+    assert load_settings(forecast_stages="").expert_rate == 0.1  # (left at its default: fine)
+
+
+def test_the_instance_id_names_a_file_and_a_transactional_id(monkeypatch):
+    with pytest.raises(SettingsError, match="STREAM_LSTM_INSTANCE_ID.*letters, digits"):
+        load_settings(instance_id="x/y")
+    monkeypatch.setenv("STREAM_LSTM_INSTANCE_ID", "   ")  # (a template's blank: unset, the hostname)
+    assert load_settings().instance_id == ""
+    assert load_settings(instance_id=" worker-0.eu_1 ").instance_id == "worker-0.eu_1"
+
+
 def test_two_roles_on_one_topic_are_refused():
     # A DLQ that is the input would read each dead letter back and dead-letter it again.
     with pytest.raises(SettingsError, match="STREAM_LSTM_INPUT_TOPIC and STREAM_LSTM_DLQ_TOPIC are the same topic"):

@@ -35,6 +35,8 @@ def test_tls_or_sasl_settings_the_protocol_would_ignore_are_refused(tmp_path):
     with pytest.raises(SettingsError, match="STREAM_LSTM_SSL_CAFILE set but STREAM_LSTM_SECURITY_PROTOCOL is SASL_PLAINTEXT"):
         load_settings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="svc",
                       sasl_password="pw", ssl_cafile=tmp_path / "ca.pem")
+    with pytest.raises(SettingsError, match="STREAM_LSTM_SSL_CHECK_HOSTNAME set but STREAM_LSTM_SECURITY_PROTOCOL is PLAINTEXT"):
+        load_settings(ssl_check_hostname=False)  # (no TLS: no host name to check)
     with pytest.raises(SettingsError, match="STREAM_LSTM_SASL_MECHANISM set but STREAM_LSTM_SECURITY_PROTOCOL is SSL"):
         load_settings(security_protocol="SSL", sasl_mechanism="PLAIN")
     # A CA file that is not there: said at start, not after a TLS bootstrap timeout.
