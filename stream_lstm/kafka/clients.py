@@ -122,3 +122,17 @@ def make_producer(settings: Settings, **extra: Any) -> KafkaProducer:
 def make_consumer(settings: Settings, *topics: str, **extra: Any) -> KafkaConsumer:
     """A consumer; pass ``group_id`` and friends in ``extra``."""
     return _build(settings, KafkaConsumer, *topics, **extra)
+
+
+def group_timeouts(settings: Settings) -> dict[str, int]:
+    """A group member's liveness settings, for every consumer in a group (the worker's, the
+    trainer's, the alert relay's): the session and poll limits a broker may bound.
+
+    >>> from stream_lstm.config import Settings
+    >>> group_timeouts(Settings(session_timeout_ms=6_000))["heartbeat_interval_ms"]
+    2000
+    """
+    return {"max_poll_interval_ms": settings.max_poll_interval_ms,
+            "session_timeout_ms": settings.session_timeout_ms,
+            # kafka-python's 3 s heartbeat would refuse a session timeout of 3 s or less.
+            "heartbeat_interval_ms": min(3000, settings.session_timeout_ms // 3)}

@@ -27,7 +27,7 @@ from kafka.errors import KafkaTimeoutError
 from kafka.structs import MemberState, TopicPartition
 
 from stream_lstm.config import Settings
-from stream_lstm.kafka.clients import make_consumer
+from stream_lstm.kafka.clients import group_timeouts, make_consumer
 from stream_lstm.kafka.deadline import call_with_deadline
 from stream_lstm.kafka.heartbeat import GroupHeartbeat
 from stream_lstm.kafka.join import forget_lost_membership, is_rebalancing, mend_abandoned_join
@@ -131,10 +131,7 @@ class GroupConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=s.poll_max_records,
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            session_timeout_ms=s.session_timeout_ms,
-            # kafka-python's 3 s heartbeat would refuse a session timeout of 3 s or less.
-            heartbeat_interval_ms=min(3000, s.session_timeout_ms // 3),
+            **group_timeouts(s),
             isolation_level="read_committed",
             partition_assignment_strategy=[CooperativeStickyAssignor()],
             fetch_max_bytes=16 * 1024 * 1024,

@@ -76,7 +76,7 @@ class TrainerService:
 
     def __init__(self, settings: Settings, served: LoadedModel, metrics: object | None = None,
                  health: object | None = None) -> None:
-        from stream_lstm.kafka.clients import make_consumer, make_producer
+        from stream_lstm.kafka.clients import group_timeouts, make_consumer, make_producer
 
         self.settings = settings
         self.metrics, self.health = metrics, health
@@ -94,9 +94,11 @@ class TrainerService:
                                  with_experts=False)  # it learns from windows, forecasts nothing
         self.decoder = ReadingDecoder(settings)
         self.retrainer = Retrainer(settings, metrics)  # (after: the registry may have taken the topic's)
+        # (the group's limits as the workers': kafka-python's own 45 s session was refused by a
+        # broker bounding sessions lower, whatever STREAM_LSTM_SESSION_TIMEOUT_MS said; a review)
         self.consumer = make_consumer(settings, group_id=f"{settings.group_id}-trainer",
                                       auto_offset_reset="earliest", enable_auto_commit=True,
-                                      isolation_level="read_committed")
+                                      isolation_level="read_committed", **group_timeouts(settings))
         # The workers' state and where their replay starts, not a fresh table at the group's
         # offsets: the windows it trains on are then the workers' (training/from_checkpoints.py).
         partitions = sorted(self.consumer.partitions_for_topic(settings.input_topic))
@@ -117,11 +119,13 @@ class TrainerService:
     def stop(self) -> None:
         self._stop = True
 
-    def consume_once(self, timeout_ms: int = 500) -> int:
-        """Apply one poll's readings to the windows (invalid ones are the workers' to
+    def consume_once(self, timeout_ms: int | None = None) -> int:
+        """Apply one poll's readings (waiting up to ``timeout_ms``, default
+        ``STREAM_LSTM_POLL_TIMEOUT_MS``) to the windows (invalid ones are the workers' to
         dead-letter: the trainer skips them)."""
         try:
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.poll_max_records)
+            polled = self.consumer.poll(timeout_ms=timeout_ms or self.settings.poll_timeout_ms,
+                                        max_records=self.settings.poll_max_records)
         except UNREADABLE as exc:  # (a batch it cannot read: that partition waits, as the workers')
             if set_aside(self.consumer, exc) is None:
                 raise

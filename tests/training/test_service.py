@@ -75,6 +75,10 @@ def test_it_keeps_the_workers_windows_and_skips_invalid_readings(settings_factor
     torch.manual_seed(0)
     service = TrainerService(s, fresh_model(s))
     try:
+        # Its group's limits are the settings', as the workers' (kafka-python's own 45 s session
+        # was refused by a broker bounding sessions lower; a review).
+        assert {k: service.consumer.config[k] for k in ("session_timeout_ms", "max_poll_interval_ms")} == {
+            "session_timeout_ms": s.session_timeout_ms, "max_poll_interval_ms": s.max_poll_interval_ms}
         consume(service, len(readings))
         for _ in range(3):  # the invalid ones are read too, and never counted
             service.consume_once(timeout_ms=200)
