@@ -54,6 +54,9 @@ class ModelSettingsMismatch(SettingsError):
 CONTRACT = ("horizon", "n_features", "target_channel")
 # What only shapes a fresh model: a served model keeps its own architecture, and says so.
 ARCHITECTURE = ("hidden_size", "num_layers")
+# How the readings a model sees are normalised: a model trained under other ones is served,
+# with a warning at start (its inputs are scaled otherwise until a retrain here).
+NORMALIZATION = ("normalizer", "normalizer_alpha", "std_floor")
 
 
 def check_model_matches_settings(served: LoadedModel, settings: Settings, source: str) -> None:
@@ -87,6 +90,23 @@ def check_model_matches_settings(served: LoadedModel, settings: Settings, source
             log.warning("the served model keeps its own %s=%s; STREAM_LSTM_%s=%s shapes only a "
                         "fresh model", k, getattr(spec, k), k.upper(), getattr(settings, k),
                         extra={"model_version": served.version, "source": source})
+    trained = served.meta.get("settings") or {}
+    if all(k in trained for k in NORMALIZATION):  # (recorded by `train` and by every retrain)
+        theirs, ours = _normalization(trained), _normalization(settings.model_dump(include=set(NORMALIZATION)))
+        if theirs != ours:
+            log.warning("the served model %s was trained on readings normalised with %s, this worker "
+                        "normalises with %s: its forecasts are off until it is retrained here, or "
+                        "set those STREAM_LSTM_ settings to the model's", served.version,
+                        _said(theirs), _said(ours), extra={"model_version": served.version, "source": source})
+
+
+def _normalization(values: dict) -> dict:
+    """The normalisation settings that matter (the EWM weight only for the EWM normalizer)."""
+    return {k: values[k] for k in NORMALIZATION if k != "normalizer_alpha" or values["normalizer"] == "ewm"}
+
+
+def _said(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 def load_served_model(settings: Settings) -> LoadedModel:

@@ -41,12 +41,16 @@ log = logging.getLogger("stream_lstm.training")
 
 
 def job_params(settings: Settings) -> dict:
-    """The TBPTT and gate settings a job carries to the process that runs it."""
+    """The TBPTT and gate settings a job carries to the process that runs it, and the
+    normalisation its windows had (for the model's metadata)."""
     return {"k1": settings.tbptt_k1, "k2": settings.tbptt_k2, "lr": settings.learning_rate,
             "weight_decay": settings.weight_decay, "grad_clip": settings.grad_clip,
             "max_epochs": settings.max_epochs, "patience": settings.early_stopping_patience,
             "batch_size": settings.train_batch_size,
-            "margin": settings.promotion_margin, "dropout": settings.dropout}
+            "margin": settings.promotion_margin, "dropout": settings.dropout,
+            # (not for the job: recorded in the model's metadata, checked where it is served)
+            "normalizer": settings.normalizer, "normalizer_alpha": settings.normalizer_alpha,
+            "std_floor": settings.std_floor}
 
 
 # The models topic's partition that carries the models: the trainer (or a rollback) writes

@@ -81,6 +81,32 @@ def test_a_model_of_another_size_is_served_with_a_warning(tmp_path, caplog):
     assert any("keeps its own hidden_size=8" in r.getMessage() for r in caplog.records)
 
 
+def test_a_model_trained_under_another_normalisation_is_served_with_a_warning(caplog):
+    """Its inputs are scaled otherwise than in training until a retrain here: said at start
+    (it was served without a word, a review). The EWM weight counts only under EWM."""
+    from stream_lstm.models.lstm import LoadedModel
+    from stream_lstm.models.serving import check_model_matches_settings, fresh_model
+    from stream_lstm.training.retrainer import job_params
+
+    model, spec, _ = fresh_model(Settings(hidden_size=8))
+
+    def warned(trained: Settings, served_by: Settings) -> list[str]:
+        caplog.clear()
+        meta = {"version": "v0003", "settings": job_params(trained)}  # (what a retrain records)
+        with caplog.at_level(logging.WARNING, logger="stream_lstm.worker"):
+            check_model_matches_settings(LoadedModel(model, spec, meta), served_by, "the registry")
+        return [r.getMessage() for r in caplog.records]
+
+    (line,) = warned(Settings(hidden_size=8, normalizer="welford"), Settings(hidden_size=8))
+    assert line.startswith("the served model v0003 was trained on readings normalised with "
+                           "normalizer=welford, std_floor=0.001, this worker normalises with "
+                           "normalizer=ewm, normalizer_alpha=0.02, std_floor=0.001")
+    assert warned(Settings(hidden_size=8, normalizer_alpha=0.05), Settings(hidden_size=8)) != []
+    assert warned(Settings(hidden_size=8), Settings(hidden_size=8)) == []
+    assert warned(Settings(hidden_size=8, normalizer="welford"),
+                  Settings(hidden_size=8, normalizer="welford")) == []
+
+
 def test_run_refuses_at_start_with_one_clear_line(tmp_path):
     """Through the CLI a user runs: exit 2, the reason on stderr, no traceback, no broker needed."""
     import os
