@@ -185,7 +185,8 @@ class Settings(BaseSettings):
                     "a device's ordinary readings flagged, the same on every device")
     alert_hold_s: float = Field(
         3600.0, ge=0.0,
-        description="Event-time seconds below the threshold before a device's alert closes")
+        description="Event-time seconds below the threshold before a device's alert closes; "
+                    "also how long one marginal flag waits for a second to open one")
     alertmanager_url: str = Field(
         "", description="Alertmanager base URL (http[s]://host:9093) that `stream-lstm alert-relay` "
                         "posts the alerts topic's events to")

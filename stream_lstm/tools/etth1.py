@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 
-def etth1_protocol(path: Path, horizons: list[int], settings: Any, epochs: int) -> dict[str, Any]:
+def etth1_protocol(path: Path, horizons: list[int], settings: Any, epochs: int | None) -> dict[str, Any]:
     """Train rows 0-8639, validate 8640-11519, test 11520-14399; univariate OT; a standard
     scaler fitted on the training rows; MSE/MAE on scaled values over every test window.
 
@@ -30,6 +30,7 @@ def etth1_protocol(path: Path, horizons: list[int], settings: Any, epochs: int) 
     from stream_lstm.models.lstm import SimpleLSTM
     from stream_lstm.recordings import load_csv
     from stream_lstm.state.normalizer import normalize_sequence
+    from stream_lstm.tools.recipe import recipe
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import train_tbptt
 
@@ -39,13 +40,16 @@ def etth1_protocol(path: Path, horizons: list[int], settings: Any, epochs: int) 
     xs = (x - mean) / std  # the protocol's scaled values: what is scored
     z, _, scale = normalize_sequence(x[:, None], settings.normalizer, settings.normalizer_alpha,
                                      settings.std_floor)
+    r = recipe(settings, epochs)  # (its TBPTT window 64 too, but for STREAM_LSTM_TBPTT_K2 given)
     out: dict[str, Any] = {"protocol": "ETTh1 univariate OT, train 0-8639 / val 8640-11519 / test 11520-14399"}
     for h in horizons:
         torch.manual_seed(0)
-        model = SimpleLSTM(1, settings.hidden_size, settings.num_layers, h)
+        model = SimpleLSTM(1, settings.hidden_size, settings.num_layers, h, settings.dropout)
         train_tbptt(model, series_windows(z[:8640], 1024, 128), series_windows(z[8640:11520], 512, 512),
-                    k1=settings.tbptt_k1, k2=64, lr=3e-3, weight_decay=settings.weight_decay,
-                    grad_clip=settings.grad_clip, max_epochs=epochs, patience=4, batch_size=16)
+                    k1=settings.tbptt_k1, k2=settings.tbptt_k2 if "tbptt_k2" in settings.model_fields_set else 64,
+                    lr=r["learning_rate"], weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+                    max_epochs=r["max_epochs"], patience=r["early_stopping_patience"],
+                    batch_size=r["train_batch_size"])
         with torch.no_grad():
             mu, _, _ = model(torch.from_numpy(z)[None])
         forecast = x[:, None] + scale * mu[0].double().numpy()  # OT units, [T, h]

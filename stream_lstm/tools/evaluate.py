@@ -43,10 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without one, the first column whose values are times)")
     parser.add_argument("--out", type=Path, default=Path("reports"),
                         help="report directory (default: reports, under the current directory)")
-    parser.add_argument("--epochs", type=int, default=30,
+    parser.add_argument("--epochs", type=int, default=None,
                         help="most epochs of the offline training that comes first, on the first "
-                             "half of each recording; the second halves are scored (default 30; "
-                             "early stopping usually ends sooner)")
+                             "half of each recording; the second halves are scored (default: "
+                             "STREAM_LSTM_MAX_EPOCHS when set, else 30; early stopping usually ends "
+                             "sooner). Its learning rate 3e-3, batches of 16 and patience 4 give way "
+                             "to STREAM_LSTM_LEARNING_RATE, _TRAIN_BATCH_SIZE and "
+                             "_EARLY_STOPPING_PATIENCE when set")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each recording")
     parser.add_argument("--etth1", type=Path, default=None, help="ETTh1.csv: run the standard protocol")
     parser.add_argument("--horizons", type=int, nargs="+", default=[24, 48], help="ETTh1 horizons (default: 24 48)")
@@ -60,11 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- data and training -------------------------------------------------------------------------
-def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]], epochs: int):
+def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]], epochs: int | None):
     import torch
 
     from stream_lstm.models.lstm import ModelSpec, SimpleLSTM
     from stream_lstm.state.normalizer import normalize_sequence
+    from stream_lstm.tools.recipe import recipe
     from stream_lstm.training.data import series_windows
     from stream_lstm.training.tbptt import train_tbptt
 
@@ -79,18 +83,23 @@ def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]],
         train += series_windows(z[:cut], 1024, 128)
         val += series_windows(z[cut:], 256, 256)
     spec = ModelSpec(n_features=1, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
-                     horizon=settings.horizon)
+                     horizon=settings.horizon, dropout=settings.dropout)
+    r = recipe(settings, epochs)
+    print(f"  training: learning rate {r['learning_rate']:g}, batches of {r['train_batch_size']}, up to "
+          f"{r['max_epochs']} epochs, patience {r['early_stopping_patience']} (evaluate's own; "
+          "STREAM_LSTM_LEARNING_RATE, _TRAIN_BATCH_SIZE, _EARLY_STOPPING_PATIENCE and --epochs replace them)",
+          file=sys.stderr)
     torch.manual_seed(0)
     model = SimpleLSTM.from_spec(spec)
     t0 = time.monotonic()
 
     def progress(epoch: int, tr: float, va: float) -> None:
-        print(f"\r  training: epoch {epoch}/{epochs} train nll {tr:.3f} val nll {va:.3f} "
+        print(f"\r  training: epoch {epoch}/{r['max_epochs']} train nll {tr:.3f} val nll {va:.3f} "
               f"({time.monotonic() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
 
-    train_tbptt(model, train, val, k1=settings.tbptt_k1, k2=settings.tbptt_k2, lr=3e-3,
-                weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, max_epochs=epochs,
-                patience=4, batch_size=16, progress=progress)
+    train_tbptt(model, train, val, k1=settings.tbptt_k1, k2=settings.tbptt_k2, lr=r["learning_rate"],
+                weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, max_epochs=r["max_epochs"],
+                patience=r["early_stopping_patience"], batch_size=r["train_batch_size"], progress=progress)
     print(file=sys.stderr)
     return model.eval(), spec
 
@@ -269,6 +278,10 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, settings: Any) -> int:
     from stream_lstm.kafka.local_broker import ensure_local_broker
 
+    if settings.n_features != 1:  # (a 1-channel model served to 2-channel settings: every reading dead-lettered)
+        print(f"evaluate: the recordings are one value column each; STREAM_LSTM_N_FEATURES is "
+              f"{settings.n_features}: unset it", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.etth1:
         from stream_lstm.recordings import RecordingError

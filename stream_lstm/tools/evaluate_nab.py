@@ -130,7 +130,7 @@ def alert_events(ts: np.ndarray, published: np.ndarray, flags: np.ndarray, sure:
     ``opens [k, rows]`` (1.0 where an alert opens, 0.0 elsewhere, NaN where nothing was
     published) and ``peaks [k, rows]`` (at each opening row, that alert's peak score).
 
-    >>> opens, peaks = alert_events(np.arange(5) * 600.0, np.array([False, True, True, True, True]),
+    >>> opens, peaks = alert_events(np.array([0.0, 600, 1200, 1500, 1800]), np.array([False, True, True, True, True]),
     ...                             np.array([[False, True, False, True, True]]),
     ...                             np.array([[False, True, False, False, False]]),
     ...                             np.array([np.nan, 5.0, 3.0, 4.0, 3.5]), hold_s=500.0)

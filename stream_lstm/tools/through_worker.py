@@ -64,7 +64,8 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     """Replay every series through broker + worker; return the forecasts read back from the
     output topic, per device, and that topic's name.
 
-    The worker keeps its state and its model directory (the served model's weights are kept
+    The run's topics are its own; all but the forecasts topic (input, dead letters, changelog,
+    alerts, models) are deleted when it ends. The worker keeps its state and its model directory (the served model's weights are kept
     there, and a retrain registers there) in a temporary directory, removed when the run ends,
     failed or not: each run has its own, so without that every evaluation would leave one
     behind, and its models in the user's registry.
@@ -73,11 +74,31 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     # ignore_cleanup_errors: a file that cannot be removed must not hide the run's own result
     # or error.
     with tempfile.TemporaryDirectory(prefix="stream-lstm-eval-", ignore_cleanup_errors=True) as state:
+        # Every topic the run writes or follows is its own (the changelog follows the group): on
+        # your broker it wrote your deployment's changelog and alerts, and with TRAINER=external
+        # it served your models topic's model instead of the one it trained (a review).
         s = settings.model_copy(update={
             "input_topic": run, "output_topic": f"{run}-out", "dlq_topic": f"{run}-dlq",
-            "group_id": run, "min_history": 1, "metrics_port": 0, "state_dir": Path(state),
-            "model_dir": Path(state) / "models", "max_future_skew_s": 1e12})
-        return _serve(s, series, model, spec)
+            "alerts_topic": f"{run}-alerts" if settings.alerts_topic else "", "changelog_topic": "",
+            "models_topic": f"{run}-models", "group_id": run, "min_history": 1, "metrics_port": 0,
+            "state_dir": Path(state), "model_dir": Path(state) / "models", "max_future_skew_s": 1e12})
+        try:
+            return _serve(s, series, model, spec)
+        finally:
+            _delete_own_topics(s)
+
+
+def _delete_own_topics(s: Any) -> None:
+    """The run's working topics go with it: a shared cluster must not collect a set per
+    evaluation. Its forecasts topic stays, named in the report, for a check of its own."""
+    from stream_lstm.kafka.topics import delete_topics
+
+    own = [s.input_topic, s.dlq_topic, s.alerts_topic, s.changelog_topic_name(), s.models_topic]
+    try:
+        delete_topics(s, [t for t in own if t])
+    except Exception as exc:  # noqa: BLE001 - said, never hiding the run's own result or error
+        print(f"evaluate: could not delete this run's topics ({', '.join(t for t in own if t)}): {exc!r}"[:300],
+              file=sys.stderr)
 
 
 def _serve(s: Any, series: dict, model: Any, spec: Any) -> tuple[dict[str, list[dict]], str]:

@@ -61,3 +61,14 @@ def test_evaluate_report_comes_from_the_forecasts_topic(shared_data, bootstrap, 
         peer_errors = [abs(x[i] - f[i]) for i in range(300, 600)]
         assert rec["h1"]["deep_river"]["mase"] == pytest.approx(
             np.mean(peer_errors) / np.mean(persistence), rel=1e-9)
+
+
+def test_settings_of_several_channels_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """The recordings are one value column each: a 1-channel model under N_FEATURES=2 had every
+    reading dead-lettered, and the report was NaNs with exit 0 (a review)."""
+    monkeypatch.setenv("STREAM_LSTM_N_FEATURES", "2")
+    args = argparse.Namespace(files=[tmp_path / "any.csv"], out=tmp_path / "out", epochs=1, limit=0,
+                              etth1=None, horizons=[24], peer=False)
+    assert evaluate.main(args) == 2
+    assert "STREAM_LSTM_N_FEATURES is 2: unset it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stream_lstm.config import Settings
+from stream_lstm.kafka.clients import make_admin
 from stream_lstm.models.serving import fresh_model
 from stream_lstm.tools import through_worker
 from stream_lstm.tools.through_worker import load, plots_available, run_pipeline
@@ -61,8 +62,11 @@ def test_plots_are_available_with_matplotlib_and_said_when_not(monkeypatch, caps
 @pytest.mark.timeout(180)
 def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecasts(bootstrap, tmp_path, capsys,
                                                                                   monkeypatch):
+    # A deployment's topics in the settings: the run writes and follows none of them (it wrote
+    # their changelog and alerts, and served their models topic's model; a review).
     s = Settings(bootstrap_servers=bootstrap, model_dir=tmp_path / "models", horizon=3, hidden_size=8,
-                 metrics_port=0)
+                 metrics_port=0, alerts_topic="prod-alerts", changelog_topic="prod-changelog",
+                 trainer="external", models_topic="prod-models")
     t = T0 + 60.0 * np.arange(40)
     series = {"a": (t, 20 + np.sin(np.arange(40) / 3)), "b": (t + 30.0, 5 + np.cos(np.arange(40) / 4))}
     torch.manual_seed(0)
@@ -81,6 +85,12 @@ def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecast
         assert [f["value"] for f in got] == pytest.approx(x.tolist())
         assert all(len(f["forecast"]) == 3 and f["model_version"] == "eval" for f in got)
     assert "evaluate: 80 readings through the worker" in capsys.readouterr().err
+    admin = make_admin(s)
+    try:
+        left = [t for t in admin.list_topics() if t.startswith(topic.removesuffix("-out")) or t.startswith("prod-")]
+    finally:
+        admin.close()
+    assert left == [topic]  # the run's working topics deleted with it, the deployment's never made
 
 
 def test_run_pipeline_removes_its_state_directory_when_the_run_fails(monkeypatch):
