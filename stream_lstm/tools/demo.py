@@ -252,9 +252,11 @@ def _run(args: argparse.Namespace, settings: Settings, env: dict[str, str], run_
         # of its own (its changelog follows the group).
         tag = f"up-{run_dir.name.rsplit('-', 1)[-1]}"
         # (the changelog too when it is named: derived from the group, it follows it; named, it
-        # would be your worker's own, and the run deletes its topics at the end)
+        # would be your worker's own, and the run deletes its topics at the end; the models
+        # topic too: under TRAINER=external the run served your trainer's model)
         own = {k: f"{getattr(settings, k)}-{tag}" for k in ("input_topic", "output_topic", "dlq_topic",
-                                                              "alerts_topic", "changelog_topic", "group_id")
+                                                              "alerts_topic", "changelog_topic", "models_topic",
+                                                              "group_id")
                if getattr(settings, k)}
         settings = settings.model_copy(update=own)
         run["settings"] = settings

@@ -154,7 +154,9 @@ def test_up_on_your_broker_runs_on_topics_of_its_own_and_forecasts(bootstrap, tm
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
     env.update(STREAM_LSTM_BOOTSTRAP_SERVERS=bootstrap, STREAM_LSTM_METRICS_PORT="0",
                STREAM_LSTM_INPUT_TOPIC=f"in-{tmp_path.name}", STREAM_LSTM_OUTPUT_TOPIC=f"out-{tmp_path.name}",
-               STREAM_LSTM_CHANGELOG_TOPIC=f"chg-{tmp_path.name}", PYTHONUNBUFFERED="1")
+               STREAM_LSTM_CHANGELOG_TOPIC=f"chg-{tmp_path.name}", PYTHONUNBUFFERED="1",
+               # your trainer's models topic: the run neither follows nor makes it
+               STREAM_LSTM_TRAINER="external", STREAM_LSTM_MODELS_TOPIC=f"models-{tmp_path.name}")
     # Your worker's own changelog, named in your environment: the run must neither write to it
     # nor delete it with the run's topics.
     ensure_topics(Settings(bootstrap_servers=bootstrap),
@@ -184,6 +186,7 @@ def test_up_on_your_broker_runs_on_topics_of_its_own_and_forecasts(bootstrap, tm
         assert not {own.group(1), own.group(2)} & set(admin.list_topics())
         assert env["STREAM_LSTM_CHANGELOG_TOPIC"] in admin.list_topics()
         assert env["STREAM_LSTM_CHANGELOG_TOPIC"] + "-up-" in deleted.group(1)  # the run's own
+        assert env["STREAM_LSTM_MODELS_TOPIC"] not in admin.list_topics()
     finally:
         admin.close()
 
