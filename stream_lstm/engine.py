@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from stream_lstm.config import SettingsError
 from stream_lstm.models.lstm import SimpleLSTM
@@ -317,25 +317,26 @@ class BatchedEngine:
         since = self.table.since_reset[slots]
         lengths = np.where(since > 0, np.minimum(lengths, since), lengths)
         size = windows.shape[1]
-        x = torch.from_numpy(windows).to(self.table.device)
         h, c = self.model.zero_state(len(slots), self.table.device)
-        full = torch.from_numpy(np.flatnonzero(lengths == size)).to(self.table.device)
+        full = np.flatnonzero(lengths == size)
         if len(full):
             # Full windows: one fused forward over the whole sequence (much faster on CPU).
-            _, _, (hf, cf) = self.model(x.index_select(0, full))
-            h, c = h.index_copy(1, full, hf), c.index_copy(1, full, cf)
-        part = np.flatnonzero(lengths < size)
+            rows = torch.from_numpy(full).to(self.table.device)
+            _, _, (hf, cf) = self.model(torch.from_numpy(windows[full]).to(self.table.device))
+            h, c = h.index_copy(1, rows, hf), c.index_copy(1, rows, cf)
+        part = np.flatnonzero((lengths > 0) & (lengths < size))
         if len(part):
-            start = torch.from_numpy(size - lengths).to(self.table.device)
-            for t in range(int((size - lengths[part]).min()), size):
-                active = ((start <= t) & (start > 0)).nonzero().squeeze(1)
-                if len(active) == 0:
-                    continue
-                _, _, ha, ca = self.model.step(
-                    x[active, t], h.index_select(1, active), c.index_select(1, active)
-                )
-                h = h.index_copy(1, active, ha)
-                c = c.index_copy(1, active, ca)
+            # Partial ones: one packed pass, each window from its first reading (left-aligned,
+            # the padding after it ignored). A step loop over the longest of them cost a chunk
+            # of one young device as much as one of a hundred, and a re-warm slice sized by its
+            # time a device shrank to one device a turn (2,000 young devices: 45 s, a review).
+            # (1.5x slower than the plain fused forward on full windows: kept for those.)
+            take = np.minimum((size - lengths[part])[:, None] + np.arange(size)[None, :], size - 1)
+            x = torch.from_numpy(np.take_along_axis(windows[part], take[:, :, None], axis=1)).to(self.table.device)
+            packed = pack_padded_sequence(x, torch.from_numpy(lengths[part]), batch_first=True, enforce_sorted=False)
+            _, _, (hp, cp) = self.model.forward_packed(packed, self.model.zero_state(len(part), self.table.device))
+            rows = torch.from_numpy(part).to(self.table.device)
+            h, c = h.index_copy(1, rows, hp), c.index_copy(1, rows, cp)
         idx = torch.as_tensor(slots, device=self.table.device)
         self.table.h.index_copy_(1, idx, h)
         self.table.c.index_copy_(1, idx, c)

@@ -80,6 +80,37 @@ def test_rewarm_equals_fresh_replay_of_each_window():
         np.testing.assert_allclose(table.c[:, slot].numpy(), c[:, 0].numpy(), atol=1e-6)
 
 
+def test_rewarm_is_one_fused_pass_whatever_the_devices_window_lengths(monkeypatch):
+    """Young devices (windows of 1 to 5 readings of 6) and a full one: one packed pass, no step
+    loop. The loop over the longest partial window cost a chunk of one young device as much as
+    one of a hundred, and a re-warm slice sized by its time a device shrank to one device a turn
+    (2,000 young devices took 45 s to convert, a review)."""
+    model, table, engine = setup(window=6)
+    rng = np.random.default_rng(5)
+    ids = [f"d{i}" for i in range(12)]
+    for t in range(6):
+        now = [d for i, d in enumerate(ids) if t < i % 6 + 1]  # d{i} gets i % 6 + 1 readings
+        b = ingest(table, now, [float(t)] * len(now), rng.normal(size=(len(now), 2)), [0] * len(now),
+                   now=0.0, target=0)
+        engine.step(b.slots, b.z, b.rounds, b.reset)
+    new_model = SimpleLSTM(n_features=2, hidden_size=8, num_layers=2, horizon=3).eval()
+    engine.swap_model(new_model)
+    calls = []
+    for name in ("step", "forward_packed", "forward"):
+        real = getattr(new_model, name)
+        monkeypatch.setattr(new_model, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    slots = np.array([table.index[d] for d in ids])
+    engine.rewarm(slots)
+    assert calls == ["forward", "forward_packed"]  # (the full window; the others packed)
+    for d, slot in zip(ids, slots, strict=True):
+        win = torch.from_numpy(table.window.ordered(int(slot)))[None]
+        assert win.shape[1] == int(d[1:]) % 6 + 1
+        with torch.no_grad():
+            _, _, (h, c) = SimpleLSTM.forward(new_model, win)
+        np.testing.assert_allclose(table.h[:, slot].numpy(), h[:, 0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(table.c[:, slot].numpy(), c[:, 0].numpy(), atol=1e-6)
+
+
 def test_rewarm_under_the_same_weights_changes_nothing_also_after_a_gap_reset():
     # Serving stepped the reading after a gap from zero state: a re-warm that replayed the
     # whole window through the gap gave a state serving never had.
