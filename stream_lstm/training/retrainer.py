@@ -132,6 +132,10 @@ class Retrainer:
         self.expect = self.pointer
         self._checked = time.monotonic()
         self.trained_from = self.pointer  # the last job's champion (set by job())
+        if settings.tbptt_k2 > settings.window:  # (`train` on a CSV honours it: not refused)
+            log.warning("STREAM_LSTM_TBPTT_K2=%d is past STREAM_LSTM_WINDOW=%d: a retrain here "
+                        "trains on the devices' windows, so it backpropagates through at most %d "
+                        "readings", settings.tbptt_k2, settings.window, settings.window)
 
     @property
     def scheduled(self) -> bool:

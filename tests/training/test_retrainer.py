@@ -232,3 +232,16 @@ def test_the_verdict_names_the_model_its_job_trained_from(tmp_path, caplog):
         r.verdict(result(promote=False))
     (line,) = [rec for rec in caplog.records if rec.getMessage().startswith("promotion gate")]
     assert line.champion == "v0001"
+
+
+def test_a_tbptt_window_past_the_devices_windows_is_said(tmp_path, caplog):
+    """A retrain here trains on the devices' windows: a TBPTT_K2 longer than them did nothing
+    more, silently (a review). `train` on a CSV honours it, so it is said, not refused."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="stream_lstm.training"):
+        Retrainer(Settings(model_dir=tmp_path, window=32, tbptt_k2=32))
+        assert caplog.records == []
+        Retrainer(Settings(model_dir=tmp_path, window=32, tbptt_k2=64))
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("STREAM_LSTM_TBPTT_K2=64 is past STREAM_LSTM_WINDOW=32")
