@@ -11,6 +11,7 @@ message, so the achieved rate does not drift below the target when sends take ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import signal
 import sys
@@ -99,7 +100,7 @@ class ProgressLine:
 
 class _StopOnSignal:
     """SIGINT/SIGTERM (and SIGHUP: signals.stop_signals) ask the send loop to stop (it then
-    flushes); a second signal aborts."""
+    flushes, or stops waiting for the broker's acknowledgements); a second signal aborts."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -133,7 +134,8 @@ def send_readings(settings: Settings, readings: Iterable[Reading], *, topic: str
     ``due_after_s(i, ts)`` gives the seconds after the start at which reading ``i`` is due
     (``None``: as fast as possible). Stops after ``total`` readings, after ``duration_s``
     seconds, at the end of ``readings``, or on SIGINT/SIGTERM, and always flushes first.
-    Failed deliveries are reported on stderr and not counted.
+    Failed deliveries are reported on stderr and not counted, and so are readings the broker
+    has not acknowledged :data:`FLUSH_WAIT_S` after the last was sent (or at a stop signal).
     """
     from stream_lstm.encoding import encode_reading
     from stream_lstm.kafka.clients import make_producer
@@ -141,11 +143,13 @@ def send_readings(settings: Settings, readings: Iterable[Reading], *, topic: str
     topic = topic or settings.input_topic
     producer = make_producer(settings)
     failures: list[BaseException] = []
+    acked = [0]  # (the producer's sender thread counts: a callback a record)
     bar = ProgressLine(label, total, progress)
     started = time.monotonic()
     deadline = started + duration_s if duration_s else None
     schedule_shift = 0.0
     sent = 0
+    flushed = False
     if total is not None:
         readings = itertools.islice(readings, total)
     try:
@@ -167,16 +171,43 @@ def send_readings(settings: Settings, readings: Iterable[Reading], *, topic: str
                 future = producer.send(topic, encode_reading(device_id, ts, values),
                                        key=device_id.encode())
                 future.add_errback(failures.append)
+                future.add_callback(lambda _meta: acked.__setitem__(0, acked[0] + 1))
                 sent += 1
                 bar.update(sent)
-            producer.flush()
+            flushed = _flush(producer, stop, FLUSH_WAIT_S)
     finally:
-        producer.close(timeout=10)
-        bar.finish(sent - len(failures))
+        # (a producer left with records no broker took: closed at once, not after 10 s more)
+        with contextlib.suppress(Exception):
+            producer.close(timeout=10 if flushed else 0)
+        bar.finish(acked[0])
     if failures:
         print(f"{label}: {len(failures):,} readings failed to send, e.g. {failures[0]!r}",
               file=sys.stderr)
-    return sent - len(failures)
+    if not flushed and (waiting := sent - acked[0] - len(failures)):
+        print(f"{label}: {waiting:,} readings sent were not acknowledged by the broker at "
+              f"{settings.bootstrap_servers} (is it reachable?); they may or may not have arrived",
+              file=sys.stderr)
+    return acked[0]
+
+
+# How long, after the last reading is sent, the broker may take to acknowledge them all: with
+# the broker gone mid-run, the flush waited for ever and the first Ctrl-C did nothing (a review).
+FLUSH_WAIT_S = 60.0
+
+
+def _flush(producer: Any, stop: _StopOnSignal, wait_s: float) -> bool:
+    """Wait until the broker has acknowledged every reading sent, a stop signal, or ``wait_s``
+    seconds; whether it has."""
+    from kafka.errors import KafkaTimeoutError
+
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            producer.flush(timeout=0.5)
+            return True
+        except KafkaTimeoutError:
+            if stop.requested or time.monotonic() >= give_up:
+                return False
 
 
 def produce_fleet(settings: Settings, fleet: Fleet, *, rate: float | None = None,

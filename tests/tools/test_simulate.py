@@ -156,3 +156,36 @@ def test_cli_rejects_bad_arguments(capsys):
         assert err.count("\n") == 1 and ("must be positive" in err or "must be 0 or more" in err), err
     with pytest.raises(SystemExit):
         parser.parse_args(["--messages", "5", "--duration", "2"])
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(240)
+def test_a_broker_gone_mid_run_ends_the_send_in_bounded_time_counting_only_what_it_acknowledged(
+        monkeypatch, capsys, tmp_path):
+    """The broker stopped after 40 readings: the flush waited for ever and a first Ctrl-C did
+    nothing (a review). Now the readings the broker never acknowledged are said, not counted,
+    and the send ends FLUSH_WAIT_S after the last."""
+    from stream_lstm.config import Settings
+    from stream_lstm.kafka.local_broker import LocalBroker, free_port
+
+    monkeypatch.setattr(simulate, "FLUSH_WAIT_S", 3.0)
+    broker = LocalBroker(port=free_port(), data_dir=tmp_path / "broker")
+    broker.start()
+    try:
+        settings = Settings(bootstrap_servers=broker.bootstrap)
+        simulate.ensure_topic(settings, "gone")
+
+        def readings():
+            for i in range(80):
+                if i == 40:
+                    time.sleep(3.0)  # (the first 40 acknowledged: a few ms, on an idle machine)
+                    broker.stop()
+                yield f"d{i % 4}", START + i, (float(i),)
+
+        t0 = time.monotonic()
+        acked = simulate.send_readings(settings, readings(), topic="gone", progress=False, label="replay")
+        took = time.monotonic() - t0
+    finally:
+        broker.stop()
+    assert acked == 40 and took < 60
+    assert "readings sent were not acknowledged by the broker" in capsys.readouterr().err
