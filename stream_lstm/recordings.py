@@ -26,6 +26,8 @@ import numpy as np
 
 # Epoch numbers above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 _EPOCH_MS_THRESHOLD = 1e11
+# The times a datetime can name (the years 1 to 9999), in epoch seconds.
+_FIRST_TIME, _LAST_TIME = -62_135_596_800.0, 253_402_300_799.0
 DEFAULT_TIME_COLUMN = "timestamp"
 # Rows looked at to tell which column holds times, when the file has no `timestamp` column.
 _SNIFF_ROWS = 20
@@ -132,7 +134,7 @@ def load_csv(path: str | Path, time_column: str | None = None,
 
     Raises :class:`RecordingError` (one line) when the file cannot be read, a column is missing
     (the message lists the columns there are; a named time column must be there), no column
-    holds times, or a cell is not a time / a number.
+    holds times, the file has no rows, or a cell is not a time / a finite number.
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "pump.csv"
@@ -194,17 +196,26 @@ def load_csv(path: str | Path, time_column: str | None = None,
         raise RecordingError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise RecordingError(f"{path}: not a readable CSV file: {exc}") from None
+    if not times:  # (replay sent nothing and exited 0; up ran on with no readings; a review)
+        raise RecordingError(f"{path}: no readings, only a header")
     ts = np.empty(len(times))
     for i, text in enumerate(times):
         try:
             ts[i] = parse_timestamp(text)
+            if not _FIRST_TIME <= ts[i] <= _LAST_TIME:  # (a traceback when replay named it)
+                raise ValueError(text)
         except ValueError:
-            raise RecordingError(f"{path}: line {lines[i]}: {time_column}={text!r} is not a time") from None
+            raise RecordingError(f"{path}: line {lines[i]}: {time_column}={text!r} is not a time "
+                                 "(between the years 1 and 9999)") from None
     try:
         values = np.array(cells, dtype=np.float64).reshape(len(cells), len(value_columns))
     except ValueError:
         i, column, text = _first_bad_number(cells, value_columns)
         raise RecordingError(f"{path}: line {lines[i]}: {column}={text!r} is not a number") from None
+    if not np.isfinite(values).all():  # float() reads nan and inf: a model trained on them is NaN
+        i, j = (int(k[0]) for k in np.nonzero(~np.isfinite(values)))
+        raise RecordingError(f"{path}: line {lines[i]}: {value_columns[j]}={cells[i][j]!r} is not a "
+                             "finite number")
     order = np.argsort(ts, kind="stable")
     return ts[order], values[order]
 

@@ -61,6 +61,19 @@ def test_unreadable_and_malformed_files_are_one_line_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(RecordingError, match="empty file"):
         load_csv(empty)
+    header = tmp_path / "header.csv"  # (replay sent nothing, exit 0; up ran on with no readings)
+    header.write_text("timestamp,value\n")
+    with pytest.raises(RecordingError, match="header.csv: no readings, only a header"):
+        load_csv(header)
+    far = tmp_path / "far.csv"  # 1e15 ms: the year 33658 (replay's summary was a traceback)
+    far.write_text("timestamp,value\n2014-01-01 00:00:00,1\n1e15,2\n")
+    with pytest.raises(RecordingError, match=r"line 3: timestamp='1e15' is not a time \(between the years 1 and 9999\)"):
+        load_csv(far)
+    for text in ("nan", "-inf", "1e999"):  # (float() reads them: a model trained on them was NaN)
+        odd = tmp_path / "odd_value.csv"
+        odd.write_text(f"timestamp,value\n2014-01-01 00:00:00,1\n2014-01-01 00:05:00,{text}\n")
+        with pytest.raises(RecordingError, match=f"line 3: value='{text}' is not a finite number"):
+            load_csv(odd)
 
 
 def test_timestamp_formats(tmp_path):
