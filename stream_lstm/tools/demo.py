@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from stream_lstm.config import ENV_PREFIX, Settings, SettingsError, load_settings
 from stream_lstm.kafka.local_broker import tcp_port
+from stream_lstm.tools import finite_float
 from stream_lstm.tools.children import (
     Child,
     StopSignals,
@@ -57,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("csv", nargs="*", type=Path,
                         help="CSV recordings to replay instead of simulating a fleet")
     parser.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
-    parser.add_argument("--rate", type=float, default=40.0,
+    parser.add_argument("--rate", type=finite_float, default=40.0,
                         help="readings per second, all devices together (default 40)")
-    parser.add_argument("--speedup", type=float, default=3600.0,
+    parser.add_argument("--speedup", type=finite_float, default=3600.0,
                         help="replay speed-up of a CSV's own timing (default 3600)")
     parser.add_argument("--port", type=tcp_port, default=9092,
                         help="local broker port (default 9092; not used with STREAM_LSTM_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--duration", type=float, default=0.0,
+    parser.add_argument("--duration", type=finite_float, default=0.0,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--keep-broker", action="store_true",
                         help="leave the broker running afterwards, and keep the run's directory "

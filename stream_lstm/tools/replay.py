@@ -30,6 +30,7 @@ from stream_lstm.recordings import (
     TimeColumnNote,
     load_csv,
 )
+from stream_lstm.tools import finite_float
 
 #: The error a replay reports: a recording that cannot be read, or files that do not fit.
 ReplayError = RecordingError
@@ -105,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-id", action="append", dest="device_ids", metavar="ID",
                         help="device id, once per file in order (default: the file name)")
     pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--speedup", type=float, default=None, metavar="X",
+    pace.add_argument("--speedup", type=finite_float, default=None, metavar="X",
                       help="keep the recording's timing, X times faster (3600: an hour per second)")
     pace.add_argument("--as-fast-as-possible", action="store_true",
                       help="send without waiting (the default)")

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.signals import stop_signals
+from stream_lstm.tools import finite_float
 from stream_lstm.tools.fleet import Fleet
 
 # A stall longer than this (broker hiccup, laptop asleep) is not made up with a burst: the
@@ -246,17 +247,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "spikes and level shifts) into STREAM_LSTM_INPUT_TOPIC, keyed by device id, at a "
         "controlled rate. Runs until --duration or --messages is reached, or Ctrl-C.")
     parser.add_argument("--devices", type=int, default=100, help="number of devices (default 100)")
-    parser.add_argument("--rate", type=float, default=100.0,
+    parser.add_argument("--rate", type=finite_float, default=100.0,
                         help="readings per second, all devices together (default 100)")
     parser.add_argument("--as-fast-as-possible", action="store_true", help="ignore --rate")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    stop.add_argument("--duration", type=finite_float, default=None, metavar="S", help="stop after S seconds")
     stop.add_argument("--messages", type=int, default=None, metavar="M", help="stop after M readings")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same fleet)")
     parser.add_argument("--topic", default=None, help="topic (default: STREAM_LSTM_INPUT_TOPIC)")
-    parser.add_argument("--drift", type=float, default=0.02,
+    parser.add_argument("--drift", type=finite_float, default=0.02,
                         help="random-walk drift per step, in value units (default 0.02)")
-    parser.add_argument("--step-s", type=float, default=60.0,
+    parser.add_argument("--step-s", type=finite_float, default=60.0,
                         help="event-time seconds between a device's readings (default 60)")
     parser.add_argument("--features", type=int, default=None,
                         help="channels per reading (default: STREAM_LSTM_N_FEATURES)")
