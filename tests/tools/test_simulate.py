@@ -156,7 +156,7 @@ def test_cli_rejects_bad_arguments(capsys):
         assert err.count("\n") == 1 and ("must be positive" in err or "must be 0 or more" in err), err
     with pytest.raises(SystemExit):
         parser.parse_args(["--messages", "5", "--duration", "2"])
-    for bad in (["--duration", "nan"], ["--step-s", "inf"], ["--drift", "nan"], ["--rate", "-inf"]):
+    for bad in (["--duration", "nan"], ["--step-s", "inf"], ["--drift", "nan"], ["--rate=-inf"]):
         # (--duration nan was a traceback; --step-s nan sent readings timed NaN, exit 0)
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
