@@ -282,7 +282,12 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         print(f"evaluate: the recordings are one value column each; STREAM_LSTM_N_FEATURES is "
               f"{settings.n_features}: unset it", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # (a file of that name: it was a FileExistsError traceback, a review)
+        print(f"evaluate: --out {args.out}: cannot be the report directory ({exc.strerror or exc})",
+              file=sys.stderr)
+        return 2
     if args.etth1:
         from stream_lstm.recordings import RecordingError
         from stream_lstm.tools.etth1 import etth1_protocol

@@ -254,8 +254,11 @@ def print_nab_table(report: dict[str, Any], shipped_rate: float | None = None) -
                            for p in PROFILE_NAMES[1:])
         print(f"NAB score, {label}: standard {by['standard']['score']:.1f} at threshold "
               f"{by['standard']['threshold']:.3g} ({others})")
+    scored = len(report["shipped"]["standard"]["files"])  # (the figures are for all 19, every row)
     print("published detectors, standard profile, the same 19 files (NAB's own result files, each "
-          "at its best threshold): " + ", ".join(f"{k} {v}" for k, v in report["published"].items()))
+          "at its best threshold): " + ", ".join(f"{k} {v}" for k, v in report["published"].items())
+          + ("" if scored == 19 and not report.get("limit") else
+             f" (this run scored {scored} recording(s){', the first rows' * bool(report.get('limit'))}: not comparable)"))
     recs = report.get("recordings", {})
     if recs:  # an operator's view: the windows among each recording's ten highest-peaked alerts
         found = {n: r["windows_in_top10_alerts"] for n, r in recs.items()}
@@ -332,18 +335,15 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
     from stream_lstm.tools.through_worker import load, require_readings, run_pipeline
 
     t0 = time.monotonic()
-    windows_json = _windows_json(args.files)
-    if windows_json is None:
-        print("evaluate: --nab needs NAB's combined_windows.json in a folder above the first "
-              "recording", file=sys.stderr)
-        return 2
-    try:
+    try:  # (the recordings first: a mistyped path was "--nab needs combined_windows.json")
         series = load(args.files, args.limit, getattr(args, "time_column", None))
         require_readings(series)
+        if (windows_json := _windows_json(args.files)) is None:
+            raise ReplayError("--nab needs NAB's combined_windows.json in a folder above the first recording")
         windows = {n: clip_windows(ts, nab.nab_windows(windows_json, n + ".csv"))
                    for n, (ts, _) in series.items()}
-    except (ReplayError, KeyError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
+    except (ReplayError, KeyError) as exc:  # (a KeyError's own text, not its quoted repr)
+        print(f"evaluate: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     note(f"{len(series)} recordings, {sum(len(v[1]) for v in series.values()):,} readings (every "
          f"row), {sum(map(len, windows.values()))} windows from {windows_json}; no pre-training: "

@@ -72,3 +72,12 @@ def test_settings_of_several_channels_are_refused_before_any_work(tmp_path, monk
     assert evaluate.main(args) == 2
     assert "STREAM_LSTM_N_FEATURES is 2: unset it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    args = argparse.Namespace(files=[tmp_path / "any.csv"], out=tmp_path / "taken", epochs=1, limit=0,
+                              etth1=None, horizons=[24], peer=False)
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err == (f"evaluate: --out {tmp_path / 'taken'}: cannot be the report "
+                                       "directory (File exists)\n")

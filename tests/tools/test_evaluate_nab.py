@@ -132,7 +132,7 @@ def test_nab_table_by_hand(capsys):
     assert "shipped alerts (alert events opened, false-alarm rate 0.0001): standard 47.2" in out
     assert "swept alert score -log10(1 - anomaly_likelihood): standard 50.0 at threshold 7" in out
     assert "swept raw score max(anomaly_score, drift_score): standard 50.0 at threshold 10" in out
-    assert "ARTime 72.6" in out
+    assert "ARTime 72.6, Numenta HTM 71.7, KNN CAD 53.9, Bayesian changepoint 41.4, random 21.2 (this run scored 2 recording(s): not comparable)" in out
     # Alert events swept: a's opening alone is best, as for the swept rows: from a threshold of
     # 4.5 on, b's single reading (6.3) is no longer sure enough (2 above it) to open alone.
     events = report["swept_events"]["standard"]
@@ -202,7 +202,7 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         hold, is_open, last_flag, opened, before = Settings().alert_hold_s, False, -np.inf, [], False
         for t in ts.tolist():
             flagged, sure = flags[f.stem].get(t, (False, False))
-            opened.append(flagged and not is_open and (sure or before))
+            opened.append(flagged and not is_open and (sure or (before and t - last_flag <= hold)))
             if opened[-1]:
                 is_open = True
             if flagged:
@@ -213,3 +213,21 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         corpus[f.stem] = (ts, np.array(opened), windows)
     expected = nab_corpus.score_corpus(corpus, nab.PROFILES["standard"], threshold=1.0)
     assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)
+
+
+def test_a_missing_recording_or_one_without_labels_is_one_plain_line(tmp_path, capsys):
+    """A mistyped path was "--nab needs combined_windows.json", and a recording NAB does not
+    label a quoted KeyError (a review)."""
+    args = argparse.Namespace(files=[tmp_path / "nosuch.csv"], out=tmp_path / "out", epochs=1, limit=0,
+                              etth1=None, horizons=[24], peer=False, nab=True)
+    assert evaluate.main(args) == 2
+    assert "nosuch.csv: cannot read: No such file or directory" in capsys.readouterr().err
+    (tmp_path / "combined_windows.json").write_text('{"realKnownCause/other.csv": []}')
+    mine = tmp_path / "data" / "mysensor.csv"
+    mine.parent.mkdir()
+    mine.write_text("timestamp,value\n" + "".join(f"2014-01-01 {h:02d}:{m:02d}:00,{m}\n"
+                                                  for h in range(10) for m in range(0, 60, 5)))
+    args.files = [mine]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate: 'mysensor.csv' is not a key of") and not err.startswith('evaluate: "'), err
