@@ -6,9 +6,7 @@ one reading that is sure on its own (``1 - likelihood <= rate * SURE``, and *cor
 channels of the likelihood agree, or the range rule, :func:`~stream_lstm.likelihood.corroborated`;
 published as the forecast's ``corroborated``): a single marginal flag *arms* the device,
 and its next reading opens the alert if flagged too, else disarms it (Prometheus' alerting
-rules wait the same way, ``for:``, before they fire). The arming lasts ``hold_s`` of event
-time, as an alert would: a flag after a longer silence arms afresh rather than open an
-alert dated from a flag days before. The alert **closes** at the first reading
+rules wait the same way, ``for:``, before they fire). The alert **closes** at the first reading
 after the likelihood has stayed below the threshold for ``hold_s`` seconds of event time. An
 alert that opened on its second reading starts at the first (its ``alert_since``), and its peak
 counts both. While open, it keeps the peak likelihood and the value and expected range at the
@@ -119,8 +117,7 @@ def step(state: np.ndarray, *, ts: np.ndarray, flagged: np.ndarray, lik: np.ndar
     A closed row keeps its last state until the caller has read it; call :func:`clear`
     on the closed rows afterwards.
     """
-    was_open = is_open(state)
-    armed = is_armed(state) & (ts - state[:, LAST_ABOVE] <= hold_s)  # (older: a first flag again)
+    was_open, armed = is_open(state), is_armed(state)
     opened = flagged & ~was_open & (sure | armed)
     state[~was_open & ~flagged] = np.nan  # an armed device's next reading was calm: disarmed
     state[opened, SINCE] = np.where(armed[opened], state[opened, LAST_ABOVE], ts[opened])

@@ -185,8 +185,7 @@ class Settings(BaseSettings):
                     "a device's ordinary readings flagged, the same on every device")
     alert_hold_s: float = Field(
         3600.0, ge=0.0,
-        description="Event-time seconds below the threshold before a device's alert closes; "
-                    "also how long one marginal flag waits for a second to open one")
+        description="Event-time seconds below the threshold before a device's alert closes")
     alertmanager_url: str = Field(
         "", description="Alertmanager base URL (http[s]://host:9093) that `stream-lstm alert-relay` "
                         "posts the alerts topic's events to")
@@ -228,15 +227,16 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
-    @field_validator("instance_id", mode="before")
+    @field_validator("instance_id", "group_id", mode="before")
     @classmethod
-    def _instance_id(cls, value: object) -> object:
-        # It names the state file and the Kafka transactional id: "x/y" put the store in a
-        # subdirectory, and "   " was taken literally, not as unset (a review).
-        text = str(value).strip()
+    def _names_a_file(cls, value: object) -> object:
+        # Both name the state file (<group>-<instance>.sqlite) and Kafka ids: "x/y" put the
+        # store in a subdirectory, and an instance id of "   " was taken literally, not as
+        # unset (a review). (An empty group id is refused by its minimum length.)
+        text = "" if value is None else str(value).strip()
         if text and not re.fullmatch(r"[A-Za-z0-9._-]+", text):
             raise ValueError(f"{value!r}: letters, digits, '.', '_' and '-' only (it names the "
-                             "state file and the transactional id); empty: the hostname")
+                             "state file and Kafka ids)")
         return text
 
     @field_validator("processes", mode="before")
@@ -326,6 +326,21 @@ class Settings(BaseSettings):
         if secret is not None:
             return secret.get_secret_value()
         return file.read_text().strip() if file is not None else None
+
+    def environment(self) -> dict[str, str]:
+        """``STREAM_LSTM_*`` variables that give a child process these settings: the ones given
+        (set, or changed by ``model_copy``), so what is default stays default there. Passing
+        every value made each one given, and the child refused any nothing would read.
+
+        >>> Settings(window=8).model_copy(update={"group_id": "g"}).environment()["STREAM_LSTM_GROUP_ID"]
+        'g'
+        """
+        out = {}
+        for name, value in self.model_dump(include=self.model_fields_set).items():
+            if value is not None:
+                secret = getattr(self, name)
+                out[ENV_PREFIX + name.upper()] = secret.get_secret_value() if isinstance(secret, SecretStr) else str(value)
+        return out
 
     def redacted(self) -> dict[str, object]:
         """Settings as a dict that is safe to log: secrets are masked."""

@@ -80,17 +80,6 @@ def test_two_marginal_flags_in_a_row_open_an_alert_from_the_first_with_the_peak_
     assert s[0, [PEAK, PEAK_TS, VALUE]].tolist() == [0.99998, T0, 9.0]  # the first was higher
 
 
-def test_an_arming_lasts_the_hold_and_a_flag_after_a_longer_silence_arms_afresh():
-    """A device flagged once, then silent for days, then flagged again: the second flag arms
-    it afresh (an alert dated from the first, days before, opened at once)."""
-    s = fresh()
-    assert one(s, T0, 0.99998, value=9.0, sure=False) == ([], [])
-    assert one(s, T0 + HOLD + 1, 0.99995, value=7.0, sure=False) == ([], [])  # too late: armed again
-    assert alerts.is_armed(s).tolist() == [True] and s[0, [PEAK, VALUE]].tolist() == [0.99995, 7.0]
-    assert one(s, T0 + 2 * HOLD + 1, 0.99996, sure=False) == ([0], [])  # within the hold of it: opens
-    assert s[0, SINCE] == T0 + HOLD + 1
-
-
 def test_a_sure_reading_opens_alone_and_an_armed_device_opens_from_its_first_flag():
     s = fresh(2)
     one(s, T0, [0.2, 0.99995], sure=np.array([False, False]))  # row 1 armed

@@ -86,6 +86,8 @@ def test_settings_nothing_would_read_are_refused(monkeypatch):
 def test_the_instance_id_names_a_file_and_a_transactional_id(monkeypatch):
     with pytest.raises(SettingsError, match="STREAM_LSTM_INSTANCE_ID.*letters, digits"):
         load_settings(instance_id="x/y")
+    with pytest.raises(SettingsError, match="STREAM_LSTM_GROUP_ID.*letters, digits"):
+        load_settings(group_id="plant/7", changelog_topic="named")  # (named: no derived topic to refuse it)
     monkeypatch.setenv("STREAM_LSTM_INSTANCE_ID", "   ")  # (a template's blank: unset, the hostname)
     assert load_settings().instance_id == ""
     assert load_settings(instance_id=" worker-0.eu_1 ").instance_id == "worker-0.eu_1"
@@ -195,3 +197,18 @@ def test_a_urls_credentials_never_reach_the_logged_settings_and_paths_keep_their
     named = tmp_path / "ssl_cafile"  # a file named like a setting: its path is said as it is
     with pytest.raises(SettingsError, match=f"STREAM_LSTM_SSL_CAFILE cannot be read: {named}$"):
         load_settings(security_protocol="SSL", ssl_cafile=named)
+
+
+def test_a_childs_environment_carries_what_was_given_and_the_child_accepts_it(monkeypatch):
+    """bench's workers and the integration tests' were given every value: each counted as set,
+    and a child under FORECAST_STAGES without experts refused the EXPERT_RATE it was handed (a
+    review). Defaults stay defaults; secrets keep their values."""
+    s = load_settings(forecast_stages="blend,calibration", normalizer="welford", security_protocol="SASL_PLAINTEXT",
+                      sasl_mechanism="PLAIN", sasl_username="svc", sasl_password="pw")
+    env = s.model_copy(update={"group_id": "child"}).environment()
+    assert "STREAM_LSTM_EXPERT_RATE" not in env and "STREAM_LSTM_NORMALIZER_ALPHA" not in env
+    assert (env["STREAM_LSTM_GROUP_ID"], env["STREAM_LSTM_SASL_PASSWORD"]) == ("child", "pw")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    child = load_settings()
+    assert (child.forecast_stages, child.normalizer, child.group_id) == ("blend,calibration", "welford", "child")

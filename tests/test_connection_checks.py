@@ -10,7 +10,7 @@ from stream_lstm.config import SettingsError, load_settings
 @pytest.mark.parametrize(("env", "said"), [
     ({"INPUT_TOPIC": "bad topic!"}, "STREAM_LSTM_INPUT_TOPIC 'bad topic!' is not a Kafka topic name"),
     ({"ALERTS_TOPIC": "x" * 250}, "STREAM_LSTM_ALERTS_TOPIC 'xxx"),
-    ({"GROUP_ID": "plant/7"}, "STREAM_LSTM_CHANGELOG_TOPIC 'plant/7-state-changelog' is not a Kafka topic name"),
+    ({"GROUP_ID": "plant/7"}, "STREAM_LSTM_GROUP_ID: 'plant/7': letters, digits, '.', '_' and '-' only"),
     ({"BOOTSTRAP_SERVERS": "127.0.0.1:abc"}, "STREAM_LSTM_BOOTSTRAP_SERVERS: '127.0.0.1:abc' is not host:port"),
     ({"BOOTSTRAP_SERVERS": "app:s3cret@broker:9092"},  # (the password was echoed back)
      "STREAM_LSTM_BOOTSTRAP_SERVERS: '***@broker:9092' is not host:port: credentials go in STREAM_LSTM_SASL_USERNAME"),

@@ -241,10 +241,11 @@ class BackgroundTrainer:
         # Ctrl-C or a closed terminal reaches the whole process group). SIGHUP is blocked in
         # this thread across the fork+exec: the child inherits the mask, and one sent to the
         # worker meanwhile waits and reaches its handler (ignoring it here dropped a closed
-        # terminal's stop, a review). Python unblocks SIGINT at start, so SIGINT is ignored
-        # across it instead (kept from the first instruction: Python installs its
-        # KeyboardInterrupt handler only over the default); a Ctrl-C in those milliseconds is
-        # not heard, the next one is. Handlers can only be changed in the main thread;
+        # terminal's stop, a review). A blocked SIGINT did not keep the child
+        # alive here (tests/training/test_background.py's SIGINT right after the start killed
+        # it), so SIGINT is ignored across it instead (kept from the first instruction: Python
+        # installs its KeyboardInterrupt handler only over the default); a Ctrl-C in those
+        # milliseconds is not heard, the next one is. Handlers can only be changed in the main thread;
         # elsewhere _serve's own call applies.
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None

@@ -121,6 +121,8 @@ class ModelLifecycle:
         self.retrainer = Retrainer(settings, metrics)
         self.trainer = (BackgroundTrainer(settings.train_threads, settings.train_nice)
                         if settings.trainer == "inprocess" and self.retrainer.scheduled else None)
+        if self.trainer is not None:
+            self.retrainer.say_if_windows_are_short()
         self.follower = follower  # (the worker decides: it serves the topic's latest from the start)
         if settings.trainer == "off" and self.retrainer.scheduled:  # (a trainer process reads them)
             log.warning("STREAM_LSTM_RETRAIN_EVERY_* is set but STREAM_LSTM_TRAINER=off: this "

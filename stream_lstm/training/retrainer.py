@@ -132,10 +132,15 @@ class Retrainer:
         self.expect = self.pointer
         self._checked = time.monotonic()
         self.trained_from = self.pointer  # the last job's champion (set by job())
-        if settings.tbptt_k2 > settings.window:  # (`train` on a CSV honours it: not refused)
+
+    def say_if_windows_are_short(self) -> None:
+        """Said by a process that retrains: a TBPTT window longer than the devices' windows,
+        which the retrain trains on, does nothing more (`train` on a CSV honours it: not refused)."""
+        s = self.settings
+        if s.tbptt_k2 > s.window:
             log.warning("STREAM_LSTM_TBPTT_K2=%d is past STREAM_LSTM_WINDOW=%d: a retrain here "
                         "trains on the devices' windows, so it backpropagates through at most %d "
-                        "readings", settings.tbptt_k2, settings.window, settings.window)
+                        "readings", s.tbptt_k2, s.window, s.window)
 
     @property
     def scheduled(self) -> bool:

@@ -94,6 +94,7 @@ class TrainerService:
                                  with_experts=False)  # it learns from windows, forecasts nothing
         self.decoder = ReadingDecoder(settings)
         self.retrainer = Retrainer(settings, metrics)  # (after: the registry may have taken the topic's)
+        self.retrainer.say_if_windows_are_short()
         # (the group's limits as the workers': kafka-python's own 45 s session was refused by a
         # broker bounding sessions lower, whatever STREAM_LSTM_SESSION_TIMEOUT_MS said; a review)
         self.consumer = make_consumer(settings, group_id=f"{settings.group_id}-trainer",
@@ -124,7 +125,7 @@ class TrainerService:
         ``STREAM_LSTM_POLL_TIMEOUT_MS``) to the windows (invalid ones are the workers' to
         dead-letter: the trainer skips them)."""
         try:
-            polled = self.consumer.poll(timeout_ms=timeout_ms or self.settings.poll_timeout_ms,
+            polled = self.consumer.poll(timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
                                         max_records=self.settings.poll_max_records)
         except UNREADABLE as exc:  # (a batch it cannot read: that partition waits, as the workers')
             if set_aside(self.consumer, exc) is None:

@@ -13,13 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"STREAM_LSTM_{name.upper()}"] = str(value)
+    env = dict(os.environ) | settings.environment()
     env.update(extra)
     env["PYTHONPATH"] = str(REPO)
     return env

@@ -202,7 +202,7 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
         hold, is_open, last_flag, opened, before = Settings().alert_hold_s, False, -np.inf, [], False
         for t in ts.tolist():
             flagged, sure = flags[f.stem].get(t, (False, False))
-            opened.append(flagged and not is_open and (sure or (before and t - last_flag <= hold)))
+            opened.append(flagged and not is_open and (sure or before))
             if opened[-1]:
                 is_open = True
             if flagged:

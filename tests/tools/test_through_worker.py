@@ -88,9 +88,11 @@ def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecast
     admin = make_admin(s)
     try:
         left = [t for t in admin.list_topics() if t.startswith(topic.removesuffix("-out")) or t.startswith("prod-")]
+        groups = [g["group_id"] for g in admin.list_groups() if g["group_id"].startswith(topic.removesuffix("-out"))]
     finally:
         admin.close()
     assert left == [topic]  # the run's working topics deleted with it, the deployment's never made
+    assert groups == []
 
 
 def test_run_pipeline_removes_its_state_directory_when_the_run_fails(monkeypatch):

@@ -234,14 +234,29 @@ def test_the_verdict_names_the_model_its_job_trained_from(tmp_path, caplog):
     assert line.champion == "v0001"
 
 
-def test_a_tbptt_window_past_the_devices_windows_is_said(tmp_path, caplog):
+def test_a_tbptt_window_past_the_devices_windows_is_said_where_it_retrains(tmp_path, caplog):
     """A retrain here trains on the devices' windows: a TBPTT_K2 longer than them did nothing
-    more, silently (a review). `train` on a CSV honours it, so it is said, not refused."""
+    more, silently (a review). `train` on a CSV honours it, so it is said, not refused; and only
+    by a process that retrains (a worker following the models topic does not)."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="stream_lstm.training"):
-        Retrainer(Settings(model_dir=tmp_path, window=32, tbptt_k2=32))
-        assert caplog.records == []
-        Retrainer(Settings(model_dir=tmp_path, window=32, tbptt_k2=64))
-    (line,) = [r.getMessage() for r in caplog.records]
+    from stream_lstm.engine import BatchedEngine
+    from stream_lstm.training.lifecycle import ModelLifecycle
+
+    def said(**kw) -> list[str]:
+        caplog.clear()
+        s = Settings(model_dir=tmp_path, window=32, hidden_size=8, **kw)
+        spec = ModelSpec(hidden_size=8, horizon=s.horizon)
+        served = LoadedModel.of(SimpleLSTM.from_spec(spec), spec, "v1")
+        table = DeviceTable(8, 32, 1, 1, 8)
+        with caplog.at_level(logging.WARNING, logger="stream_lstm.training"):
+            life = ModelLifecycle(s, served, BatchedEngine(served.model, table), table, Metrics())
+        if life.trainer is not None:
+            life.trainer.close()
+        return [r.getMessage() for r in caplog.records if "TBPTT_K2" in r.getMessage()]
+
+    assert said(tbptt_k2=32, retrain_every_readings=100) == []
+    (line,) = said(tbptt_k2=64, retrain_every_readings=100)
     assert line.startswith("STREAM_LSTM_TBPTT_K2=64 is past STREAM_LSTM_WINDOW=32")
+    assert said(tbptt_k2=64, retrain_every_readings=100, trainer="external") == []
+    assert said(tbptt_k2=64) == []  # (no schedule: it never retrains)

@@ -40,10 +40,7 @@ def bench_latency(settings: Any, topic: str, messages: int, result: dict, quick:
         "group_id": f"bench-lat-{uuid.uuid4().hex[:6]}", "min_history": 1,
         "metrics_port": free_port(), "metrics_host": "127.0.0.1",
         "state_dir": Path(tempfile.mkdtemp())})
-    env = dict(os.environ)
-    for name, value in s.model_dump().items():
-        if value is not None and "password" not in name:
-            env[f"STREAM_LSTM_{name.upper()}"] = str(value)
+    env = dict(os.environ) | s.environment()
     worker = subprocess.Popen([sys.executable, "-m", "stream_lstm.cli", "run"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reader = assigned_reader(s, s.output_topic, from_end=True)  # (no group join to hang in)

@@ -42,11 +42,7 @@ _PAD = b', "pad": "' + b"x" * 400 + b'"}'
 
 
 def _env(settings: Any) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is not None and "password" not in name:
-            env[f"STREAM_LSTM_{name.upper()}"] = str(value)
-    return env
+    return dict(os.environ) | settings.environment()
 
 
 def _cpu_s(pid: int) -> float:
