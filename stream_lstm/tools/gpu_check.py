@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stream_lstm.tools import positive_int
 
 
 def say(msg: str) -> None:
@@ -41,15 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Check and measure the CUDA path: CPU/GPU continuity, the engine at 1M "
                           "devices, the pipeline's CPU share, the worker through Kafka. Prints one "
                           "JSON line; --report writes Markdown.")
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the script")
-    parser.add_argument("--devices", type=int, default=1_000_000, help="engine fleet (default 1M)")
-    parser.add_argument("--pipeline-devices", type=int, default=100_000,
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cuda (default), or cpu to check the script")
+    parser.add_argument("--devices", type=positive_int, default=1_000_000, help="engine fleet (default 1M)")
+    parser.add_argument("--pipeline-devices", type=positive_int, default=100_000,
                         help="in-process pipeline fleet (default 100k)")
-    parser.add_argument("--worker-readings", type=int, default=60_000,
+    parser.add_argument("--worker-readings", type=positive_int, default=60_000,
                         help="readings through the worker (default 60000)")
-    parser.add_argument("--worker-devices", type=int, default=4_000,
+    parser.add_argument("--worker-devices", type=positive_int, default=4_000,
                         help="devices they come from (default 4000)")
-    parser.add_argument("--worker-processes", type=int, default=None,
+    parser.add_argument("--worker-processes", type=positive_int, default=None,
                         help="processes sharing the device in the worker's second run (default: "
                              "the usable CPUs, at most 4; 1 leaves that run out)")
     parser.add_argument("--skip-kafka", action="store_true", help="leave out the worker through Kafka")
@@ -204,10 +208,15 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.engine import resolve_device
 
     load_settings()  # (a bad variable: one line and exit 2 now, not after minutes of figures)
+    if args.report is not None and (args.report.is_dir() or not os.access(args.report.parent, os.W_OK)):
+        # (said now: it failed with a traceback after every figure, the device time spent; a review)
+        print(f"gpu-check: --report {args.report}: cannot write there", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
-    except SettingsError as exc:
-        print(f"gpu-check: {exc}", file=sys.stderr)
+    except SettingsError:
+        print(f"gpu-check: --device {args.device}, but torch sees no CUDA device (check the driver "
+              "and the torch build; --device cpu checks the script)", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}

@@ -50,3 +50,19 @@ def test_a_bad_variable_is_one_line_before_any_figure(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err == ("gpu-check: invalid setting STREAM_LSTM_HORIZON: Input should be a "
                                  "valid integer, unable to parse string as an integer\n")
+
+
+def test_what_it_could_not_honour_is_said_before_any_figure(tmp_path, capsys):
+    """A report it cannot write failed with a traceback after every figure (on a GPU machine,
+    the device time spent); --device tpu was torch's traceback; --devices 0 measured nothing
+    (a review)."""
+    from stream_lstm.cli import main
+
+    assert main(["gpu-check", "--device", "cpu", "--skip-kafka", "--report", str(tmp_path / "no" / "r.md")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"gpu-check: --report {tmp_path / 'no' / 'r.md'}: cannot write there\n"
+    for bad in (["--device", "tpu"], ["--devices", "0"], ["--pipeline-devices", "-5"]):
+        with pytest.raises(SystemExit):
+            main(["gpu-check", *bad])
+        err = capsys.readouterr().err
+        assert "invalid choice" in err or "is not a whole number of 1 or more" in err, err
