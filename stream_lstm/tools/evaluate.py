@@ -95,13 +95,15 @@ def train_model(settings: Any, series: dict[str, tuple[np.ndarray, np.ndarray]],
     t0 = time.monotonic()
 
     def progress(epoch: int, tr: float, va: float) -> None:
-        print(f"\r  training: epoch {epoch}/{r['max_epochs']} train nll {tr:.3f} val nll {va:.3f} "
-              f"({time.monotonic() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()  # (in a log, a line an epoch: they ran together on one line)
+        print(f"{chr(13) * tty}  training: epoch {epoch}/{r['max_epochs']} train nll {tr:.3f} val nll "
+              f"{va:.3f} ({time.monotonic() - t0:.0f}s)", end="" if tty else "\n", file=sys.stderr, flush=True)
 
     train_tbptt(model, train, val, k1=settings.tbptt_k1, k2=settings.tbptt_k2, lr=r["learning_rate"],
                 weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, max_epochs=r["max_epochs"],
                 patience=r["early_stopping_patience"], batch_size=r["train_batch_size"], progress=progress)
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # (ends the redrawn line)
     return model.eval(), spec
 
 

@@ -141,6 +141,10 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None and not args.registry:
         print("train: say where the model goes: --out PATH, --registry, or both", file=sys.stderr)
         return 2
+    if args.out is not None and args.out.is_dir():  # (it wrote <dir>.safetensors beside it, a review)
+        print(f"train: --out {args.out} is a directory: give the model's file, e.g. "
+              f"{args.out / 'model.safetensors'}", file=sys.stderr)
+        return 2
     if args.version is not None and NUMBERED_RE.match(args.version):  # (as its help says)
         print(f"train: --version {args.version} is a registry's numbering: a worker that later "
               "follows a trainer's version of that name would take it for the same weights; "

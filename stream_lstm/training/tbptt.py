@@ -250,19 +250,22 @@ def evaluate_mae(model: SimpleLSTM, seqs: list[np.ndarray], target: int = 0) -> 
 
 
 class _Bar:
-    """A one-line progress bar on stderr (no dependency)."""
+    """A one-line progress bar on stderr (no dependency); elsewhere than a terminal, a line an
+    epoch."""
 
     def __init__(self, max_epochs: int) -> None:
         self.max_epochs, self.t0 = max_epochs, time.monotonic()
 
     def batch(self, epoch: int, done: int, total: int, loss: float) -> None:
+        if not sys.stderr.isatty():  # (a log got every redraw; the epoch lines are enough there)
+            return
         filled = int(20 * done / max(total, 1))
         print(f"\r  epoch {epoch}/{self.max_epochs} [{'#' * filled}{'.' * (20 - filled)}] "
               f"{done}/{total}  train nll {loss:.4f}  {time.monotonic() - self.t0:.0f}s   ",
               end="", file=sys.stderr, flush=True)
 
     def epoch(self, epoch: int, train: float, val: float) -> None:
-        print(f"\r  epoch {epoch}/{self.max_epochs}  train nll {train:.4f}  val nll {val:.4f}  "
+        print(f"{chr(13) * sys.stderr.isatty()}  epoch {epoch}/{self.max_epochs}  train nll {train:.4f}  val nll {val:.4f}  "
               f"{time.monotonic() - self.t0:.0f}s" + " " * 20, file=sys.stderr, flush=True)
 
 

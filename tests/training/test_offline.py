@@ -181,6 +181,9 @@ def test_a_parent_must_be_a_version_name_and_the_registry_alone_is_a_destination
     assert capsys.readouterr().err == "train: --parent '../../etc/passwd' is not a version name\n"
     assert cli(base) == 2  # (--out was required even with --registry: the model got two names)
     assert capsys.readouterr().err == "train: say where the model goes: --out PATH, --registry, or both\n"
+    (tmp_path / "adir").mkdir()  # (it wrote adir.safetensors beside it)
+    assert cli([*base, "--out", str(tmp_path / "adir")]) == 2
+    assert capsys.readouterr().err.startswith(f"train: --out {tmp_path / 'adir'} is a directory")
     assert cli([*base, "--registry", "--parent", "v0003"]) == 0
     said = capsys.readouterr().out
     assert "saved" not in said and f"registered and promoted v0001 in {tmp_path / 'reg'}\n" in said

@@ -156,3 +156,19 @@ def test_a_diverged_model_hands_back_the_starting_weights():
         model.head.bias.fill_(float("nan"))
     res = train_tbptt(model, train, val, max_epochs=2, patience=1)
     assert res.skipped_updates > 0 and math.isinf(res.best_val) and res.best_epoch == 0
+
+
+def test_the_progress_bar_redraws_on_a_terminal_and_writes_an_epoch_a_line_elsewhere(monkeypatch, capsys):
+    """A log got every batch's redraw (a review)."""
+    from stream_lstm.training import tbptt
+
+    bar = tbptt._Bar(max_epochs=2)
+    bar.batch(1, 3, 10, 0.5)
+    bar.epoch(1, 0.5, 0.6)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.startswith("  epoch 1/2  train nll 0.5000  val nll 0.6000") and err.count("\n") == 1
+    monkeypatch.setattr(tbptt.sys.stderr, "isatty", lambda: True)
+    bar.batch(1, 3, 10, 0.5)
+    bar.epoch(1, 0.5, 0.6)
+    err = capsys.readouterr().err
+    assert err.startswith("\r  epoch 1/2 [######") and "\r  epoch 1/2  train nll" in err
