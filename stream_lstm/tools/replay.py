@@ -124,8 +124,9 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     try:
         # Load once up front, so a bad file fails before anything is sent.
-        ids, device_index, ts, _ = merge_recordings(args.files, args.time_column, value_columns,
-                                                    args.device_ids, note=stderr_note("replay"))
+        ids, device_index, ts, values = merge_recordings(args.files, args.time_column, value_columns,
+                                                         args.device_ids, note=stderr_note("replay"))
+        refused_by_the_worker(settings, ids, device_index, ts, values)
     except ReplayError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +154,25 @@ def main(args: argparse.Namespace) -> int:
           f"({sent / max(elapsed, 1e-9):,.0f}/s)" + ("" if sent == count else ": stopped before the end"),
           file=sys.stderr)
     return 0 if sent == count else 1
+
+
+def refused_by_the_worker(settings: Settings, ids: list[str], device_index: np.ndarray, ts: np.ndarray,
+                          values: np.ndarray) -> None:
+    """:class:`ReplayError` when a device's first reading would be a dead letter under these
+    settings (the worker's own decoder judges it): an empty or too long --device-id, or more
+    value columns than STREAM_LSTM_N_FEATURES. Every reading of it was sent, and dead-lettered,
+    with exit 0 (a review)."""
+    from stream_lstm.encoding import encode_reading
+    from stream_lstm.messages import InvalidReading, ReadingDecoder
+
+    decoder, now = ReadingDecoder(settings), time.time()
+    for d, i in zip(*np.unique(device_index, return_index=True), strict=True):
+        device = ids[int(d)]
+        try:
+            decoder.decode(encode_reading(device, float(ts[i]), values[i].tolist()), device.encode(), now)
+        except InvalidReading as exc:
+            raise ReplayError(f"device {device[:60]!r}: the worker would dead-letter its readings "
+                              f"({exc})") from None
 
 
 def stderr_note(command: str) -> TimeColumnNote:

@@ -62,6 +62,22 @@ def test_cli_reports_a_missing_column_in_one_line(shared_data, capsys):
 
 
 
+def test_readings_the_worker_would_dead_letter_are_refused_before_any_broker(shared_data, capsys, monkeypatch):
+    """An empty or too long --device-id, or one value column for a worker of two channels:
+    every reading was sent and dead-lettered, with exit 0 (a review)."""
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # (never reached)
+    for bad, said in ((["--device-id", ""], "empty_device_id: device_id is empty"),
+                      (["--device-id", "x" * 200], "device_id_too_long: device_id has 200 chars (max 128)")):
+        assert replay.main(parser.parse_args([str(shared_data / MACHINE), *bad])) == 2
+        assert capsys.readouterr().err.endswith(f"the worker would dead-letter its readings ({said})\n")
+    monkeypatch.setenv("STREAM_LSTM_N_FEATURES", "2")
+    assert replay.main(parser.parse_args([str(shared_data / MACHINE)])) == 2
+    assert "values_wrong_length" in capsys.readouterr().err
+
+
+
 # ---- no `timestamp` column: the first column whose values are times, said so ------------------
 # (load_csv itself: tests/test_recordings.py)
 def test_merge_recordings_uses_and_reports_each_files_time_column(tmp_path):
