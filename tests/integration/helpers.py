@@ -17,7 +17,7 @@ from stream_lstm import experts
 from stream_lstm.config import Settings
 from stream_lstm.encoding import encode_reading
 from stream_lstm.forecast import interval_quantile
-from stream_lstm.kafka.clients import make_consumer, make_producer
+from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
 
@@ -88,13 +88,24 @@ def produce_readings(settings: Settings, topic: str, readings) -> None:
 
 def read_topic(settings: Settings, topic: str, expect: int | None = None, timeout_s: float = 60,
                idle_s: float = 3.0, committed: bool = True) -> list:
-    """Every record of ``topic`` (read_committed by default), from the beginning."""
+    """Every record of ``topic`` (read_committed by default), from the beginning.
+
+    Subscribed once the topic exists: a group joined before the worker created it was assigned
+    nothing, and kafka-python looks again only at its next metadata refresh (5 minutes), so a
+    loaded machine read 0 forecasts in a minute (test_cold_start, once)."""
+    deadline = time.time() + timeout_s
+    admin = make_admin(settings)
+    try:
+        while topic not in admin.list_topics() and time.time() < deadline:
+            time.sleep(0.1)  # (polling the broker for the topic: the event waited for)
+    finally:
+        admin.close()
     consumer = make_consumer(
         settings, topic, group_id=f"reader-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
         enable_auto_commit=False,
         isolation_level="read_committed" if committed else "read_uncommitted",
     )
-    out, deadline, last_new = [], time.time() + timeout_s, time.time()
+    out, last_new = [], time.time()
     while time.time() < deadline:
         polled = consumer.poll(timeout_ms=300)
         for recs in polled.values():
