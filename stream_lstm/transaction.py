@@ -110,6 +110,9 @@ class TransactionUnit:
         self.open: OpenTransaction | None = None
         self.next_offsets: dict[TopicPartition, int] = {}  # per partition, after the last commit
         self.totals = BatchCounts()  # what committed transactions carried
+        # Transactions this process committed and aborted (its supervisor exports them per
+        # process: summed over the host, one child that only rolls back was hidden; a review).
+        self.outcomes = {"committed": 0, "aborted": 0}
         # A commit begun and not yet settled: (its transaction, when its commit began).
         self._committing: tuple[OpenTransaction, float] | None = None
         self._tag_prefix, self._commits = uuid.uuid4().hex[:12], 0  # (OpenTransaction.tag)
@@ -264,12 +267,16 @@ class TransactionUnit:
                      "counted", extra={"readings": unit.counts.consumed})
             self._count(unit)
         else:
-            self.metrics.transactions.labels("aborted").inc()
+            self._outcome("aborted")
+
+    def _outcome(self, outcome: str) -> None:
+        self.metrics.transactions.labels(outcome).inc()
+        self.outcomes[outcome] += 1
 
     def _count(self, unit: OpenTransaction) -> None:
         """A committed transaction's counts, into the metrics and the totals."""
         m = self.metrics
-        m.transactions.labels("committed").inc()
+        self._outcome("committed")
         for tp, k in unit.consumed.items():
             m.readings_consumed.labels(tp.topic, str(tp.partition)).inc(k)
         if unit.counts.forecasts:
@@ -288,7 +295,7 @@ class TransactionUnit:
         """Give up the open transaction; returns (and logs) the abort's own failure, if any:
         the broker may be gone, and the next producer's ``init_transactions`` fences it anyway."""
         if self.open is not None:
-            self.metrics.transactions.labels("aborted").inc()
+            self._outcome("aborted")
         if self._committing is not None:  # (begun, perhaps taken by the broker: counted as
             self.in_doubt = self._committing[0]  # what resolve_in_doubt finds)
         self.open = self._committing = None

@@ -369,6 +369,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
     if status_file is not None:
         reporter = StatusReporter(status_file, worker.health, lambda: {
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
+            "transactions": dict(worker.tx.outcomes),
         }, worker.stop).start()
     server, guard = None, StopOnSignal(worker.stop)
     try:  # the endpoint and the reporter stop however the worker ends (a refused start too)

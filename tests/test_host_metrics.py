@@ -65,10 +65,15 @@ def test_the_host_adds_up_the_children_series_as_each_gauge_says(tmp_path):
     for slot, version in zip(slots, ("v1", "v2"), strict=True):
         slot.proc = Running(os.getpid())
         health = HealthState()
-        StatusReporter(slot.status, health, lambda v=version: {"model_version": v}, lambda: None).write()
+        outcomes = {"committed": 0, "aborted": 9} if version == "v1" else {"committed": 40, "aborted": 1}
+        StatusReporter(slot.status, health, lambda v=version, o=outcomes: {"model_version": v, "transactions": o},
+                       lambda: None).write()
     got = scrape(host)
     assert got[("stream_lstm_model_info", (("process", "p0"), ("version", "v1")))] == 1
     assert got[("stream_lstm_model_info", (("process", "p1"), ("version", "v2")))] == 1
+    # Each process's transactions too, beside the sums: p0 only rolls back, which p1's commits hid.
+    tx = "stream_lstm_process_transactions_total"
+    assert [got[(tx, (("outcome", o), ("process", p)))] for p in ("p0", "p1") for o in ("committed", "aborted")] == [0, 9, 40, 1]
 
 
 NAMED_CHILD = """

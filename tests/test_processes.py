@@ -294,6 +294,11 @@ def test_the_host_endpoint_adds_up_the_children(served_settings, tmp_path):
         wait_for(lambda: host.metric("stream_lstm_active_devices") == 30, "30 devices", host,
                  timeout=30)
         assert host.metric("stream_lstm_processes") == 2
+        # Each process's transactions beside the host's sums (from its status file, a second
+        # apart): they add up to them (StreamLstmCommitsFailing reads both).
+        tx, per_process = "stream_lstm_transactions_total", "stream_lstm_process_transactions_total"
+        wait_for(lambda: host.metric(per_process) == host.metric(tx) > 0, "per-process transactions", host,
+                 timeout=30)
     finally:
         assert host.stop() == 0, host.err.read_text()[-3000:]
 
