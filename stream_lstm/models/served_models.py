@@ -171,7 +171,10 @@ class ServedModels:
                 self.remember(kept)
                 return kept, True
             self.remember(new)
-            return new, False
+            try:  # as kept: with the created_at every other process (and a restart) reads
+                return load_model(self.path(new.version)), False  # (the dashboard's "promoted")
+            except ModelLoadError:  # (not kept: an unwritable directory, said by remember)
+                return new, False
 
     def _times(self) -> dict[str, float]:
         times = {}

@@ -110,8 +110,11 @@ def test_a_host_has_one_untrained_model_which_processes_starting_at_once_agree_o
     assert len(winners) == 1  # one kept its own; the others serve it
     for served, _ in got:
         assert same_weights(served, starts[winners[0]])
+    # All of one age too: the one that kept it had none (its start time stood in), so a sibling's
+    # death moved the dashboard's "last promotion" back 3 s and marked one (a metrics review).
+    assert len({served.created_ts for served, _ in got}) == 1 and got[0][0].created_ts is not None
     # Settings that shape another model: a new one replaces it.
     other = LoadedModel.of(SimpleLSTM.from_spec(ModelSpec(hidden_size=6, horizon=2)),
                            ModelSpec(hidden_size=6, horizon=2), "v0000-untrained")
     served, before = ServedModels(tmp_path).fresh(other)
-    assert not before and served is other and ServedModels(tmp_path).load("v0000-untrained").spec == other.spec
+    assert not before and same_weights(served, other) and ServedModels(tmp_path).load("v0000-untrained").spec == other.spec
