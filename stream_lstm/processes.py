@@ -366,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kills the children at once. Exit codes: 0 after a stop; "
         "2 for what a restart cannot fix (a setting, a model that cannot be loaded or does not "
         "fit the settings, a broker that refuses the topics, ACLs or session timeout, an input "
-        "whose retention a restore cannot trust); 3 when no broker answers or the state store's "
+        "whose retention a restore cannot trust, a state store another worker holds); 3 when no broker answers or the state store's "
         "volume is full (a supervisor restarts it); 4 when it left its transactional id to "
         "another live worker with its instance id (fenced twice in 10 minutes: not restarted); "
         "130 for a signal while it was still connecting."

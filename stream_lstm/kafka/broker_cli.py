@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Run a local single-node Apache Kafka {KAFKA_VERSION} broker (KRaft) on 127.0.0.1 from\n"
         "Maven Central jars, in the background: no Docker needed. Needs java (17+) and mvn.\n"
         "Each broker `up` starts is recorded in <cache>/brokers (<cache>: $STREAM_LSTM_CACHE_DIR,\n"
-        "default ~/.cache/stream-lstm), so `status` and `down` without --port/--data-dir find\n"
+        "else $XDG_CACHE_HOME/stream-lstm, else ~/.cache/stream-lstm), so `status` and `down`\n"
+        "without --port/--data-dir find "
         "every one of them; a broker whose process is gone is forgotten.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("examples:\n"

@@ -2,7 +2,7 @@
 find them all, whatever ``--port`` and ``--data-dir`` they were started with.
 
 Each broker ``kafka up`` starts is one small file, ``<cache>/brokers/<port>.json`` (``port``,
-``pid``, ``data_dir``; ``<cache>`` is ``$STREAM_LSTM_CACHE_DIR``, else ``~/.cache/stream-lstm``,
+``pid``, ``data_dir``; ``<cache>`` is ``$STREAM_LSTM_CACHE_DIR``, else ``$XDG_CACHE_HOME/stream-lstm``, else ``~/.cache/stream-lstm``,
 as for the jars). Two live brokers cannot share a port, so the port is the key. An entry
 whose broker is gone (a dead pid, or a pid now used by another process) is stale: reading the
 registry removes it and says so. :func:`started_brokers` and :func:`broker_for` are what the
