@@ -602,8 +602,9 @@ import os, signal, sys, time
 status = sys.argv[sys.argv.index("--status-file") + 1]
 if os.path.basename(status) == "p0.json":
     sys.exit(4)  # fenced twice: it left its transactional id to another live worker
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-time.sleep(120)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (sigwait: a SIGTERM before a
+signal.sigwait({signal.SIGTERM})  # sleep began waited out the sleep; test_children's flake)
+sys.exit(0)
 """
 
 

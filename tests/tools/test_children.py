@@ -135,9 +135,14 @@ def test_one_stop_that_timeout_delivers_twice_stops_cleanly_not_at_once():
 
 def test_a_second_signal_while_stopping_kills_what_is_left_without_a_traceback(capsys):
     # A child that ignores SIGTERM and, when it gets one, "presses Ctrl-C again" on its parent.
+    # It blocks SIGTERM and waits for it with sigwait: a Python handler and time.sleep(120)
+    # lost the race when SIGTERM came between "ready" and the sleep (the handler then runs
+    # only after the sleep, 120 s on, and the test waited out the grace period).
     code = ("import os, signal, time\n"
-            "signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGINT))\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
             "print('ready', flush=True)\n"
+            "signal.sigwait({signal.SIGTERM})\n"
+            "os.kill(os.getppid(), signal.SIGINT)\n"
             "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
