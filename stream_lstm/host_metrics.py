@@ -8,7 +8,8 @@ combines as ``metrics.py`` declares. The host adds its own ``stream_lstm_ready``
 ``stream_lstm_processes``, ``stream_lstm_process_running{process}``,
 ``stream_lstm_process_restarts_total{process}``, ``stream_lstm_up_info`` and, from the status
 files (``process_health.py``), ``stream_lstm_model_info{process,version}`` (an Info cannot
-cross processes).
+cross processes) and ``stream_lstm_process_transactions_total{process,outcome}`` (in the sums,
+one process that only rolled back was hidden by the others' commits).
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class ServedModels:
             self.remember(new)
             try:  # as kept: with the created_at every other process (and a restart) reads
                 return load_model(self.path(new.version)), False  # (the dashboard's "promoted")
-            except ModelLoadError:  # (not kept: an unwritable directory, said by remember)
+            except ModelLoadError:  # (not readable back as kept: serve it as made)
                 return new, False
 
     def _times(self) -> dict[str, float]:

@@ -208,7 +208,9 @@ def main(args: argparse.Namespace) -> int:
     from stream_lstm.engine import resolve_device
 
     load_settings()  # (a bad variable: one line and exit 2 now, not after minutes of figures)
-    if args.report is not None and (args.report.is_dir() or not os.access(args.report.parent, os.W_OK)):
+    if args.report is not None and (args.report.is_dir() or not args.report.parent.is_dir()
+                                    or not os.access(args.report.parent, os.W_OK)
+                                    or (args.report.exists() and not os.access(args.report, os.W_OK))):
         # (said now: it failed with a traceback after every figure, the device time spent; a review)
         print(f"gpu-check: --report {args.report}: cannot write there", file=sys.stderr)
         return 2
@@ -234,10 +236,14 @@ def main(args: argparse.Namespace) -> int:
         out = run()
         say(f"  {out} ({time.perf_counter() - t0:.1f} s)")
         result.update(out)
+    print(json.dumps(result), flush=True)  # (first: a report that fails to write loses no figure)
     if args.report is not None:
-        args.report.write_text(report(result))
+        try:
+            args.report.write_text(report(result))
+        except OSError as exc:
+            print(f"gpu-check: --report {args.report}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         say(f"gpu-check: report in {args.report}")
-    print(json.dumps(result), flush=True)
     return 0 if result.get("continuity_ok") else 1
 
 

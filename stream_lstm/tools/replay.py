@@ -126,12 +126,12 @@ def main(args: argparse.Namespace) -> int:
         # Load once up front, so a bad file fails before anything is sent.
         ids, device_index, ts, values = merge_recordings(args.files, args.time_column, value_columns,
                                                          args.device_ids, note=stderr_note("replay"))
-        refused_by_the_worker(settings, ids, device_index, ts, values)
+        count = len(ts) if args.limit is None else min(len(ts), args.limit)
+        refused_by_the_worker(settings, ids, device_index[:count], values.shape[1])  # (those sent)
     except ReplayError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
     topic = args.topic or settings.input_topic
-    count = len(ts) if args.limit is None else min(len(ts), args.limit)
     devices = len(set(device_index[:count].tolist()))  # (--limit may leave some files out)
     pace = f"{args.speedup:g}x speed-up" if args.speedup else "as fast as possible"
     print(f"replay: {count:,} readings of {devices} device(s) into {topic} at "
@@ -156,20 +156,21 @@ def main(args: argparse.Namespace) -> int:
     return 0 if sent == count else 1
 
 
-def refused_by_the_worker(settings: Settings, ids: list[str], device_index: np.ndarray, ts: np.ndarray,
-                          values: np.ndarray) -> None:
-    """:class:`ReplayError` when a device's first reading would be a dead letter under these
-    settings (the worker's own decoder judges it): an empty or too long --device-id, or more
-    value columns than STREAM_LSTM_N_FEATURES. Every reading of it was sent, and dead-lettered,
-    with exit 0 (a review)."""
+def refused_by_the_worker(settings: Settings, ids: list[str], device_index: np.ndarray, columns: int) -> None:
+    """:class:`ReplayError` when the worker would dead-letter every reading of a device under
+    these settings, as its own decoder judges a reading of it (an empty or too long
+    --device-id, more value columns than STREAM_LSTM_N_FEATURES): every one was sent, and
+    dead-lettered, with exit 0 (a review). Judged on a plain reading (the time now, a value
+    within the range), so what one reading alone gets wrong is left to the worker, as live."""
     from stream_lstm.encoding import encode_reading
     from stream_lstm.messages import InvalidReading, ReadingDecoder
 
     decoder, now = ReadingDecoder(settings), time.time()
-    for d, i in zip(*np.unique(device_index, return_index=True), strict=True):
+    value = min(max(0.0, settings.value_min), settings.value_max)  # (0, or the range's nearest)
+    for d in np.unique(device_index).tolist():
         device = ids[int(d)]
         try:
-            decoder.decode(encode_reading(device, float(ts[i]), values[i].tolist()), device.encode(), now)
+            decoder.decode(encode_reading(device, now, [value] * columns), device.encode(), now)
         except InvalidReading as exc:
             raise ReplayError(f"device {device[:60]!r}: the worker would dead-letter its readings "
                               f"({exc})") from None

@@ -42,6 +42,21 @@ def _at_least(least: int):  # noqa: ANN202 - an argparse type
     return parse
 
 
+def _model_file(text: str) -> Path:
+    """``--out``: a file (``model`` or ``model.safetensors``), not a directory (``out/``: the
+    slash was dropped, and ``out.safetensors`` written beside it; a review)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a directory: give the model's file, "
+                                         f"e.g. {text}model.safetensors")
+    return Path(text)
+
+
+def _model_files(out: Path) -> tuple[Path, Path]:
+    """The weights and the metadata file ``--out`` writes (registry.save_model's names)."""
+    weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
+    return weights, weights.with_suffix(".json")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fit an initial model offline on a CSV recording (TBPTT, with a "
                           "progress bar) and save it as safetensors + JSON metadata.")
@@ -54,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time column: epoch seconds or ISO 8601 (naive = UTC). Default: "
                              "'timestamp'; in a file without one, the first column whose values "
                              "are times (ETTh1: 'date'), named on stderr")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=_model_file, default=None,
                         help="output path (.safetensors); optional with --registry")
     parser.add_argument("--max-rows", type=_at_least(1), default=None, help="use only the first N rows")
     parser.add_argument("--val-fraction", type=float, default=0.2,
@@ -141,9 +156,11 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None and not args.registry:
         print("train: say where the model goes: --out PATH, --registry, or both", file=sys.stderr)
         return 2
-    if args.out is not None and args.out.is_dir():  # (it wrote <dir>.safetensors beside it, a review)
+    if args.out is not None and any(p.is_dir() for p in (args.out, *_model_files(args.out))):
+        # (it wrote <dir>.safetensors beside a directory, a review; and a directory where a
+        # file of the model goes failed after the training)
         print(f"train: --out {args.out} is a directory: give the model's file, e.g. "
-              f"{args.out / 'model.safetensors'}", file=sys.stderr)
+              f"{Path(args.out) / 'model.safetensors'}", file=sys.stderr)
         return 2
     if args.version is not None and NUMBERED_RE.match(args.version):  # (as its help says)
         print(f"train: --version {args.version} is a registry's numbering: a worker that later "

@@ -266,7 +266,7 @@ class _Bar:
 
     def epoch(self, epoch: int, train: float, val: float) -> None:
         print(f"{chr(13) * sys.stderr.isatty()}  epoch {epoch}/{self.max_epochs}  train nll {train:.4f}  val nll {val:.4f}  "
-              f"{time.monotonic() - self.t0:.0f}s" + " " * 20, file=sys.stderr, flush=True)
+              f"{time.monotonic() - self.t0:.0f}s" + " " * 20 * sys.stderr.isatty(), file=sys.stderr, flush=True)
 
 
 def train_tbptt(

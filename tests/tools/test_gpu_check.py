@@ -61,6 +61,9 @@ def test_what_it_could_not_honour_is_said_before_any_figure(tmp_path, capsys):
     assert main(["gpu-check", "--device", "cpu", "--skip-kafka", "--report", str(tmp_path / "no" / "r.md")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == f"gpu-check: --report {tmp_path / 'no' / 'r.md'}: cannot write there\n"
+    (tmp_path / "afile").write_text("")  # (a file where its directory belongs)
+    assert main(["gpu-check", "--device", "cpu", "--skip-kafka", "--report", str(tmp_path / "afile" / "r.md")]) == 2
+    assert capsys.readouterr().err.endswith("cannot write there\n")
     for bad in (["--device", "tpu"], ["--devices", "0"], ["--pipeline-devices", "-5"]):
         with pytest.raises(SystemExit):
             main(["gpu-check", *bad])

@@ -75,6 +75,16 @@ def test_readings_the_worker_would_dead_letter_are_refused_before_any_broker(sha
     monkeypatch.setenv("STREAM_LSTM_N_FEATURES", "2")
     assert replay.main(parser.parse_args([str(shared_data / MACHINE)])) == 2
     assert "values_wrong_length" in capsys.readouterr().err
+    # Judged on a plain reading: what one reading gets wrong (a value out of the range, here the
+    # first) is the worker's to dead-letter, as live; and only the devices --limit sends.
+    monkeypatch.delenv("STREAM_LSTM_N_FEATURES")
+    monkeypatch.setenv("STREAM_LSTM_VALUE_MIN", "1000")
+    refused_by_the_worker = replay.refused_by_the_worker
+    from stream_lstm.config import load_settings
+    refused_by_the_worker(load_settings(), ["pump"], np.array([0, 0]), 1)  # (no error)
+    with pytest.raises(replay.ReplayError, match="device ''"):
+        refused_by_the_worker(load_settings(), ["ok", ""], np.array([0, 1]), 1)
+    refused_by_the_worker(load_settings(), ["ok", ""], np.array([0, 1])[:1], 1)  # (--limit 1)
 
 
 

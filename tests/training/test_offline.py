@@ -184,6 +184,13 @@ def test_a_parent_must_be_a_version_name_and_the_registry_alone_is_a_destination
     (tmp_path / "adir").mkdir()  # (it wrote adir.safetensors beside it)
     assert cli([*base, "--out", str(tmp_path / "adir")]) == 2
     assert capsys.readouterr().err.startswith(f"train: --out {tmp_path / 'adir'} is a directory")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m2.safetensors").mkdir()  # (a directory where its weights go: failed after training)
+    assert cli([*base, "--out", str(tmp_path / "sub" / "m2")]) == 2
+    assert capsys.readouterr().err.startswith(f"train: --out {tmp_path / 'sub' / 'm2'} is a directory")
+    with pytest.raises(SystemExit):  # (the slash was dropped: newdir.safetensors beside it)
+        cli([*base, "--out", f"{tmp_path / 'newdir'}/"])
+    assert "names a directory" in capsys.readouterr().err
     assert cli([*base, "--registry", "--parent", "v0003"]) == 0
     said = capsys.readouterr().out
     assert "saved" not in said and f"registered and promoted v0001 in {tmp_path / 'reg'}\n" in said
