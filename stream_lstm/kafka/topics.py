@@ -70,15 +70,28 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
         admin.close()
 
 
-def delete_topics(settings: Settings, names: list[str]) -> list[str]:
-    """Delete those of ``names`` that exist (a run's own topics, at its end); the ones deleted."""
+def delete_leftovers(settings: Settings, topics: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
+    """Delete those of ``topics`` and of the consumer ``groups`` that exist (a run's own, at its
+    end: a shared cluster must not collect a set a run); the topics and groups deleted.
+
+    A group still in use is not deleted (the broker refuses it: said in the log, not raised).
+    """
     admin = make_admin(settings)
     try:
         there = set(admin.list_topics())
-        gone = [n for n in names if n in there]
+        gone = [t for t in topics if t in there]
         if gone:
             admin.delete_topics(gone)
-        return gone
+        known = {g["group_id"] for g in admin.list_groups()} if groups else set()
+        mine = [g for g in groups if g in known]
+        gone_groups = []
+        # kafka-python 3.x answers {group: "OK" or the error's name} (its docstring says a list).
+        for group, outcome in (admin.delete_groups(mine) if mine else {}).items():
+            if outcome == "OK":
+                gone_groups.append(group)
+            else:
+                log.warning("could not delete consumer group %s: %s", group, outcome)
+        return gone, gone_groups
     finally:
         admin.close()
 

@@ -322,12 +322,13 @@ def _stop_all(args: argparse.Namespace, run_dir: Path, run: dict[str, Any],
         parts.append(f"local broker (pid {pid})")
     say(f"stopped: {', '.join(parts)}" if parts else "stopped while starting up: nothing is left running")
     if run["own_topics"] and not args.keep_broker:
-        from stream_lstm.kafka.topics import delete_topics
+        from stream_lstm.kafka.topics import delete_leftovers
 
-        try:  # (on your broker: a shared cluster must not collect a run's topics)
-            gone = delete_topics(run["settings"], run["own_topics"])
-            if gone:
-                say(f"deleted this run's topics on your broker: {', '.join(gone)}")
+        try:  # (on your broker: a shared cluster must not collect a run's topics, nor its group)
+            topics, groups = delete_leftovers(run["settings"], run["own_topics"], [run["settings"].group_id])
+            if topics or groups:
+                say(f"deleted this run's topics on your broker: {', '.join(topics) or 'none'}"
+                    + (f" (and its consumer group {groups[0]})" if groups else ""))
         except Exception as exc:  # noqa: BLE001 - say what is left, never a traceback at the end
             say(f"could not delete this run's topics ({', '.join(run['own_topics'])}): {exc!r}"[:300])
     if broker is not None and args.keep_broker:

@@ -91,17 +91,11 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
 def _delete_own_topics(s: Any) -> None:
     """The run's working topics and its groups go with it: a shared cluster must not collect a
     set per evaluation. Its forecasts topic stays, named in the report, for a check of its own."""
-    from stream_lstm.kafka.clients import make_admin
-    from stream_lstm.kafka.topics import delete_topics
+    from stream_lstm.kafka.topics import delete_leftovers
 
     own = [s.input_topic, s.dlq_topic, s.alerts_topic, s.changelog_topic_name(), s.models_topic]
-    try:
-        delete_topics(s, [t for t in own if t])
-        admin = make_admin(s)
-        try:  # (and its consumer groups: the worker's and the reader's)
-            admin.delete_groups([s.group_id, f"{s.group_id}-reader"])
-        finally:
-            admin.close()
+    try:  # (and its consumer groups: the worker's and the reader's)
+        delete_leftovers(s, [t for t in own if t], [s.group_id, f"{s.group_id}-reader"])
     except Exception as exc:  # noqa: BLE001 - said, never hiding the run's own result or error
         print(f"evaluate: could not delete this run's topics ({', '.join(t for t in own if t)}): {exc!r}"[:300],
               file=sys.stderr)

@@ -3,6 +3,7 @@ partitions and configs, existing ones are left alone, racing creators both succe
 worker's topics include a compacted changelog co-partitioned with the input topic."""
 
 import threading
+import time
 
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
@@ -184,3 +185,34 @@ def test_processes_for_a_missing_input_topic_follow_the_partitions_it_will_be_cr
     assert input_partitions(s) == 7
     ensure_topics(s, [TopicSpec(s.input_topic, 3)])
     assert input_partitions(s) == 3
+
+
+def test_a_runs_leftovers_are_deleted_but_a_group_in_use_is_kept(settings, topic_name, caplog):
+    """delete_leftovers (evaluate's and up's end): the topics and groups that exist go, what
+    does not exist is skipped, and a group with a live member stays (the broker refuses it),
+    said in the log, not raised."""
+    from stream_lstm.kafka.clients import make_consumer
+    from stream_lstm.kafka.topics import delete_leftovers
+
+    ensure_topics(settings, [TopicSpec(f"{topic_name}-{t}", 1) for t in ("a", "b", "kept")])
+    done, live = (make_consumer(settings, group_id=f"{topic_name}-{g}", enable_auto_commit=False)
+                  for g in ("done", "live"))
+    for consumer, topic in ((done, "a"), (live, "kept")):
+        consumer.subscribe([f"{topic_name}-{topic}"])
+        while not consumer.assignment():  # joined: the group exists on the broker
+            consumer.poll(timeout_ms=200)
+    done.commit()  # (a group with no offsets and no members is gone already)
+    done.close()
+    try:
+        with caplog.at_level("WARNING", logger="stream_lstm.kafka"):
+            gone = delete_leftovers(settings, [f"{topic_name}-a", f"{topic_name}-b", f"{topic_name}-never"],
+                                    [f"{topic_name}-done", f"{topic_name}-live", f"{topic_name}-never"])
+    finally:
+        live.close()
+    assert gone == ([f"{topic_name}-a", f"{topic_name}-b"], [f"{topic_name}-done"])
+    deadline = time.monotonic() + 30  # (a deletion is asynchronous: the broker's metadata follows)
+    while {f"{topic_name}-a", f"{topic_name}-b"} & topics(settings) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not {f"{topic_name}-a", f"{topic_name}-b"} & topics(settings)
+    assert f"{topic_name}-kept" in topics(settings)
+    assert f"could not delete consumer group {topic_name}-live: NonEmptyGroupError" in caplog.text

@@ -181,12 +181,16 @@ def test_up_on_your_broker_runs_on_topics_of_its_own_and_forecasts(bootstrap, tm
     # The run's own topics go at the end: a shared cluster must not collect one set a run.
     deleted = re.search(r"^deleted this run's topics on your broker: (.+)$", done.stdout, re.MULTILINE)
     assert deleted and own.group(1) in deleted.group(1).split(", "), done.stdout[-3000:]
+    # ... and its consumer group (a review: one was left a run)
+    group = re.search(r" \(and its consumer group (\S+)\)$", deleted.group(1))
+    assert group and group.group(1).startswith("stream-lstm-up-"), done.stdout[-3000:]
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         assert not {own.group(1), own.group(2)} & set(admin.list_topics())
         assert env["STREAM_LSTM_CHANGELOG_TOPIC"] in admin.list_topics()
         assert env["STREAM_LSTM_CHANGELOG_TOPIC"] + "-up-" in deleted.group(1)  # the run's own
         assert env["STREAM_LSTM_MODELS_TOPIC"] not in admin.list_topics()
+        assert group.group(1) not in {g["group_id"] for g in admin.list_groups()}
     finally:
         admin.close()
 
