@@ -224,3 +224,40 @@ def test_growth_gives_the_replaced_arrays_back_to_the_os():
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     per_device, arrays = map(float, out.stdout.split())
     assert per_device < arrays + 500, (per_device, arrays)
+
+
+def test_a_batch_of_new_devices_in_reused_slots_starts_fresh_or_from_its_snapshot():
+    """slots_for clears a batch's new devices together (not one by one): every reused slot
+    forgets the device before it, each new device gets its partition, and one that the store
+    holds is restored over its cleared slot, in the same batch as the others and a repeat."""
+    t = make(max_devices=4, with_experts=True)
+    old = t.slots_for(["a", "b", "c"], [0, 1, 2], now=1.0)
+    kept_snap = None
+    for slot in old.tolist():  # state to forget
+        t.h[:, slot], t.c[:, slot] = 5.0, 6.0
+        t.norm.update(np.array([slot]), np.array([[9.0]]))
+        t.window.push(np.array([slot]), np.array([[3.0]], np.float32))
+        t.n_seen[slot], t.blend_w[slot], t.model_version[slot] = 40, 0.25, "v1"
+        t.experts[slot] += 1.0
+    kept_snap = t.snapshot(int(old[2]))
+    kept_snap.device_id = "z"  # a device the store holds
+    t.drop(["a", "b", "c"])
+    fresh = make(max_devices=4, with_experts=True)
+    blank = fresh.snapshot(int(fresh.slots_for(["q"], [0], now=0.0)[0]))
+    got = t.slots_for(["x", "y", "x", "z"], [3, 1, 3, 2], now=2.0,
+                      load=lambda dev: kept_snap if dev == "z" else None)
+    assert got[0] == got[2] and len(set(got.tolist())) == 3 and set(got.tolist()) <= set(old.tolist()) | {3}
+    for dev, part in (("x", 3), ("y", 1)):
+        slot = t.index[dev]
+        snap = t.snapshot(slot)
+        assert torch.all(t.h[:, slot] == 0) and torch.all(t.c[:, slot] == 0)
+        assert snap.count == 0 and snap.window.size == 0 and t.model_version[slot] == ""
+        assert int(t.partition[slot]) == part and t.last_seen[slot] == 2.0
+        assert np.array_equal(t.experts[slot], fresh.experts[fresh.index["q"]], equal_nan=True)
+        for col in t.columns:
+            if col.name not in ("partition", "last_seen"):
+                np.testing.assert_array_equal(getattr(t, col.name)[slot], getattr(fresh, col.name)[fresh.index["q"]])
+        assert snap.columns.keys() - {"partition", "last_seen"} == blank.columns.keys() - {"partition", "last_seen"}
+    z = t.index["z"]
+    assert torch.all(t.h[:, z] == 5.0) and t.n_seen[z] == 40 and t.blend_w[z].tolist() == [0.25, 0.25]
+    assert t.model_version[z] == "v1" and int(t.partition[z]) == 2
