@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import TopicPartition
 
 from stream_lstm.config import Settings
@@ -112,9 +113,10 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
     if end <= start:
         return out
     tp = TopicPartition(settings.input_topic, partition)
-    # "earliest": readings deleted after the log-start check below are skipped, not waited for.
+    # "none": readings deleted while the replay runs (retention reaching its position) raise
+    # here and are counted as missing below; "earliest" skipped them silently (a review).
     consumer = make_consumer(settings, enable_auto_commit=False, isolation_level="read_committed",
-                             auto_offset_reset="earliest", bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS,
+                             auto_offset_reset="none", bootstrap_timeout_ms=LOOP_BOOTSTRAP_TIMEOUT_MS,
                              fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
                              fetch_max_wait_ms=20,
                              # (at most one poll's devices in memory at once, as live)
@@ -123,10 +125,7 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
         consumer.assign([tp])
         begin = _beginning(consumer, tp)
         if begin > start:
-            out.missing = begin - start
-            log.error("readings needed to replay state were deleted by the input topic's "
-                      "retention; state resumes from the checkpoint without them",
-                      extra={"partition": partition, "missing_offsets": out.missing})
+            _deleted(out, partition, begin - start)
             start = begin
         consumer.seek(tp, start)
         deadline = t0 + timeout_s
@@ -140,6 +139,11 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
                                    f"{end} within {timeout_s:g} s")
             try:
                 records = consumer.poll(timeout_ms=200).get(tp, [])
+            except OffsetOutOfRangeError:  # retention deleted what comes next, mid-replay
+                begin = _beginning(consumer, tp)
+                _deleted(out, partition, max(0, min(begin, end) - position))
+                consumer.seek(tp, max(begin, position))
+                continue
             except UNREADABLE as exc:  # (the live worker waited at it; an operator moved past it)
                 if (at := drop_failed_batch(consumer)) is None:
                     raise
@@ -158,6 +162,15 @@ def replay_input(settings: Settings, partition: int, start: int, end: int,
         consumer.close()
     out.seconds = time.monotonic() - t0
     return out
+
+
+def _deleted(out: Replayed, partition: int, n: int) -> None:
+    """Count ``n`` readings retention deleted before the replay could apply them; said once."""
+    if n and not out.missing - out.unreadable:
+        log.error("readings needed to replay state were deleted by the input topic's "
+                  "retention; state resumes from the checkpoint without them",
+                  extra={"partition": partition, "missing_offsets": n})
+    out.missing += n
 
 
 def log_start(settings: Settings, partition: int) -> int:
