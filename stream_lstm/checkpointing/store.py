@@ -40,6 +40,7 @@ from stream_lstm.config import SettingsError
 log = logging.getLogger("stream_lstm.checkpointing")
 
 _CLEAN = "clean_shutdown"
+_CHANGELOG_ID = "changelog_topic_id"  # (checkpointing/identity.py)
 
 
 def _cp_key(partition: int) -> str:
@@ -328,7 +329,17 @@ class StateStore:
             self.db.execute("DELETE FROM state")
             self.db.execute("DELETE FROM meta WHERE key<>?", (_CLEAN,))
 
+    def set_changelog_id(self, topic_id: str) -> None:
+        """Record the id of the changelog topic the rows come from (identity.py)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_CHANGELOG_ID, topic_id))
+
     # ---- reads -----------------------------------------------------------------------------
+    def changelog_id(self) -> str | None:
+        """The id :meth:`set_changelog_id` recorded; None before one was (or after a wipe)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (_CHANGELOG_ID,)).fetchone()
+        return None if row is None else str(row[0])
+
     def get(self, device_id: str) -> tuple[int, bytes] | None:
         """``(partition, encoded snapshot)`` of ``device_id``, or None."""
         if device_id in self.unwritten:
