@@ -274,6 +274,7 @@ def decode_snapshot(data: bytes | bytearray | memoryview, n_features: int | None
 
 _DECLARED = {c.name: np.dtype(c.dtype) for c in COLUMNS}
 _MAX_PARTITION = 2**31 - 1  # (a Kafka partition number is an int32)
+READINGS_BOUND = 1e30  # no reading is larger in size (config.py bounds VALUE_MIN and VALUE_MAX)
 
 
 def decode_for_table(data: bytes | bytearray | memoryview, n_features: int) -> DeviceSnapshot:
@@ -283,15 +284,18 @@ def decode_for_table(data: bytes | bytearray | memoryview, n_features: int) -> D
     snap = decode_snapshot(data, n_features)
     _check_columns(snap.columns)
     # A NaN in h, c or the normalizer stays in the recurrence: the device's forecasts were null
-    # for good (a review forged one). The window and the experts may hold NaN (gaps, unseen).
+    # for good (a review forged one). So did a finite mean or variance past what any readings
+    # can give (readings are within +-1e30 whatever the settings): the next update overflowed
+    # (a review's 1e308). The window and the experts may hold NaN (gaps, unseen).
     with np.errstate(all="ignore"):
         for name, ok in (("h", np.isfinite(snap.h).all()), ("c", np.isfinite(snap.c).all()),
-                         ("mean", np.isfinite(snap.mean).all()),
-                         ("var", (np.isfinite(snap.var) & (snap.var >= 0)).all()),
+                         ("mean", (np.abs(snap.mean) <= READINGS_BOUND).all()),
+                         ("var", ((snap.var >= 0) & (snap.var <= (2 * READINGS_BOUND) ** 2)).all()),
                          ("count", np.isfinite(snap.count) and snap.count >= 0)):
             if not ok:
                 raise SnapshotDecodeError(f"corrupt snapshot: its {name} is not finite"
-                                          + (" and non-negative" if name in ("var", "count") else ""))
+                                          + (" and non-negative" if name in ("var", "count") else "")
+                                          + (" within what readings can give" if name in ("mean", "var") else ""))
     return snap
 
 

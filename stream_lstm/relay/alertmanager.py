@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -293,3 +294,27 @@ def _first_bytes(error: urllib.error.HTTPError, n: int = 200) -> bytes:
         return read1(n) if read1 is not None else b""
     except (OSError, ValueError):
         return b""
+
+
+def post_each_refused_alone(post: Callable[[str, list[dict[str, Any]]], None], url: str,
+                            chunk: list[dict[str, Any]],
+                            refused: Callable[[dict[str, Any], AlertmanagerError], None]) -> set[str]:
+    """``post(url, chunk)``; where Alertmanager refuses the request for what it holds (400, 413,
+    422), each alert again alone, so that one it refuses cannot hold up every other for ever:
+    ``refused(alert, error)`` for each such, and their ids returned. Other errors raise."""
+    try:
+        post(url, chunk)
+    except AlertmanagerError as exc:
+        if not exc.refused:
+            raise
+        ids = set()
+        for alert in chunk:
+            try:
+                post(url, [alert])
+            except AlertmanagerError as one:
+                if not one.refused:
+                    raise
+                refused(alert, one)
+                ids.add(alert["labels"]["alert_id"])
+        return ids
+    return set()

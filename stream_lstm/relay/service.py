@@ -6,15 +6,14 @@ relay reads the alerts topic (read_committed, in its own consumer group, so seve
 share the partitions), posts each event as an Alertmanager alert (``alertmanager.to_alert``),
 and re-sends the alerts still open every minute.
 
-What it commits says where a restart must read again: per partition, past the last event that
-Alertmanager has accepted and whose open alert is written to the relay's store
-(``open_store``: a compacted topic of the alerts still open, so that an alert open for longer
-than the alerts topic's retention is not lost). A relay that restarts, or that takes over a
-partition, loads that partition's open alerts from the store, sends them again (Alertmanager
-may have resolved them while no relay ran), and reads on from the committed offset. The events
-it sends again are the same labels, which Alertmanager deduplicates. Alertmanager down: the
-events wait, the partitions are paused (the consumer stays in its group), and the relay
-retries with backoff; nothing is committed past what was not delivered.
+What it commits says where a restart reads again: per partition, past the last event
+Alertmanager accepted whose open alert is in the relay's store (``open_store``: a compacted
+topic of the open alerts, so one open longer than the alerts topic's retention is not lost). A
+relay that takes a partition on (a restart, a rebalance) loads its open alerts, reads on from
+the committed offset, and sends them again (same labels: Alertmanager deduplicates) once it
+has read what the partition held then (``catch_up``: a close among it must not follow a
+re-fire). Alertmanager down: the events wait, the partitions are paused (the consumer stays
+in its group), the relay retries with backoff, and nothing is committed past them.
 
 Example: see tests/relay/test_service.py::test_an_alert_opens_fires_again_after_a_restart_and_resolves
 """
@@ -49,10 +48,12 @@ from stream_lstm.relay.alertmanager import (
     max_id_chars,
     parse_labels,
     post_alerts,
+    post_each_refused_alone,
     readable_event,
     redacted,
     to_alert,
 )
+from stream_lstm.relay.catch_up import CatchUp
 from stream_lstm.relay.metrics import RelayMetrics
 from stream_lstm.relay.open_store import OpenAlertStore
 from stream_lstm.signals import StopOnSignal
@@ -118,6 +119,7 @@ class AlertRelay:
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
         self._stop = threading.Event()
         self.group: GroupConsumer | None = None
+        self.catch_up = CatchUp()  # partitions taken on whose open alerts wait
         self.store: OpenAlertStore | None = None
         self.metrics, self.health = RelayMetrics(), HealthState()
         # Not ready until Alertmanager has answered once (an empty post at the first turn), and
@@ -145,11 +147,18 @@ class AlertRelay:
     def _tps(self, partitions: set[int]) -> list[TopicPartition]:
         return [TopicPartition(self.settings.alerts_topic, p) for p in partitions]
 
+    def _position(self, partition: int) -> int | None:
+        try:  # (not waiting: unknown until its committed offset is)
+            return self.group.consumer.position(*self._tps({partition}), timeout_ms=0)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - not assigned any more, or no answer yet
+            return None
+
     def _load(self) -> None:
         """Load the open alerts of the partitions assigned since; resume them. Tried again next
         turn if the store cannot be read (the partitions stay paused)."""
         try:
             found = self.store.load(self.unloaded, beat=self.health.beat)  # type: ignore[union-attr]
+            ends = self.group.consumer.end_offsets(self._tps(self.unloaded), timeout_ms=10_000)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - the broker away, or no read ACL: next turn
             log.warning("loading the relay's open alerts failed; will retry", extra={"error": repr(exc)[:200]})
             self.health.set_ready("open_alerts", False, f"cannot read {self.store.topic}: {repr(exc)[:200]}")  # type: ignore[union-attr]
@@ -157,6 +166,8 @@ class AlertRelay:
         self.health.set_ready("open_alerts", True)
         self.open.update(found)
         self._resend = self._resend or bool(found)  # (Alertmanager may have resolved them meanwhile)
+        # (... once read up to these ends: catch_up.py)
+        self.catch_up.start({tp.partition: end for tp, end in ends.items() if tp.partition in {p for p, _ in found.values()}})
         self.metrics.open_alerts.set(len(self.open))
         if self._retry_at <= self.ticker():  # (else they resume with the next delivery)
             self.group.consumer.resume(*self._tps(self.unloaded))  # type: ignore[union-attr]
@@ -172,6 +183,7 @@ class AlertRelay:
             log.info(f"partitions {sorted(partitions)} of {self.settings.alerts_topic} go to another relay")
         self.assigned -= partitions
         self.unloaded -= partitions
+        self.catch_up.drop(partitions)
         if self.store is not None:
             self.store.drop(partitions)
         self.open = {k: v for k, v in self.open.items() if v[0] not in partitions}
@@ -216,6 +228,8 @@ class AlertRelay:
             for rec in records:
                 self._take(tp.partition, rec.offset, rec.value)
                 self.read_to[tp.partition] = rec.offset + 1
+        if self.catch_up.ends and (caught := self.catch_up.done(self._position)):
+            self._resend = self._resend or any(p in caught for p, _ in self.open.values())
         self.group.check_membership(bool(self.assigned))  # (a consumer left outside its group)
         if self.unloaded:
             self._load()
@@ -242,7 +256,10 @@ class AlertRelay:
         """Post what waits (and the open alerts, when due), in chunks; False to retry later."""
         consumer = self.group.consumer  # type: ignore[union-attr]
         now = self.clock()
-        events = [e for _, e in self.waiting] + ([e for _, e in self.open.values()] if self._resend else [])
+        events = [e for _, e in self.waiting]
+        read = {e["alert_id"] for e in events}  # (an open just read is not sent twice in one post)
+        events += [e for p, e in self.open.values() if self._resend and e["alert_id"] not in read
+                   and not self.catch_up.holds(p)]
         alerts = [to_alert(e, now, self.labels) for e in events]
         refused: set[str] = set()
         for i in range(0, len(alerts), CHUNK) or [0]:  # (nothing: an empty list, as a probe)
@@ -279,27 +296,11 @@ class AlertRelay:
         return True
 
     def _post(self, chunk: list[dict[str, Any]]) -> set[str]:
-        """One request; an alert Alertmanager refuses for what it is (400, 413, 422) is logged
-        and skipped, alone, so that it cannot hold up every other alert for ever. Returns the
-        ids of the alerts refused."""
-        try:
-            self.post(self.url, chunk)
-        except AlertmanagerError as exc:
-            if not exc.refused:
-                raise
-            refused = set()
-            for alert in chunk:
-                try:
-                    self.post(self.url, [alert])
-                except AlertmanagerError as one:
-                    if not one.refused:
-                        raise
-                    self.metrics.refused.inc()
-                    refused.add(alert["labels"]["alert_id"])
-                    log.error("Alertmanager refused an alert; skipped", extra={
-                        "labels": alert["labels"], "error": str(one)[:300]})
-            return refused
-        return set()
+        def refused(alert: dict[str, Any], why: AlertmanagerError) -> None:
+            self.metrics.refused.inc()
+            log.error("Alertmanager refused an alert; skipped", extra={"labels": alert["labels"], "error": str(why)[:300]})
+
+        return post_each_refused_alone(self.post, self.url, chunk, refused)
 
     def _take(self, partition: int, offset: int, value: bytes | None) -> None:
         try:

@@ -19,13 +19,15 @@ child uses ``STREAM_LSTM_TRAIN_THREADS`` torch threads at ``STREAM_LSTM_TRAIN_NI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import time
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener
+from kafka import ConsumerRebalanceListener, KafkaProducer
+from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
@@ -76,7 +78,7 @@ class TrainerService:
 
     def __init__(self, settings: Settings, served: LoadedModel, metrics: object | None = None,
                  health: object | None = None) -> None:
-        from stream_lstm.kafka.clients import group_timeouts, make_consumer, make_producer
+        from stream_lstm.kafka.clients import group_timeouts, make_consumer
 
         self.settings = settings
         self.metrics, self.health = metrics, health
@@ -108,14 +110,26 @@ class TrainerService:
                             if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
-        # (never creating the topic: deleted under it, it came back deleting, with the broker's defaults)
-        # (max_block_ms: a send waits for the topic's metadata no longer than a publish may take)
-        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES, allow_auto_create_topics=False,
-                                      max_block_ms=int(PUBLISH_TIMEOUT_S * 1000))
+        self.producer = self._publisher()
         self.published = 0
+        self.fenced_out = False  # another trainer of the group took over: this one stops
         # The child process that trains, started by run() (the loop is its only user).
         self.trainer: BackgroundTrainer | None = None
         self._stop = False
+
+    def _publisher(self) -> KafkaProducer:
+        """The producer that publishes models, in transactions under the group's trainer id:
+        a second trainer started fences this one (its next publish fails and it stops) instead
+        of both publishing models of different weights under the same version names (a review)."""
+        from stream_lstm.kafka.clients import make_producer
+
+        # (never creating the topic: deleted under it, it came back deleting, with the broker's defaults)
+        # (max_block_ms: a send waits for the topic's metadata no longer than a publish may take)
+        producer = make_producer(self.settings, max_request_size=MODEL_RECORD_MAX_BYTES,
+                                 allow_auto_create_topics=False, max_block_ms=int(PUBLISH_TIMEOUT_S * 1000),
+                                 transactional_id=f"{self.settings.group_id}-trainer")
+        producer.init_transactions()
+        return producer
 
     def stop(self) -> None:
         self._stop = True
@@ -174,8 +188,16 @@ class TrainerService:
         refused as "superseded", and a restart never published it, a review.)"""
         self.champion, self._unpublished = model, model
         try:  # (waits until the broker has it, a bounded time: a stop or /healthz waits as long)
+            self.producer.begin_transaction()
             send_model(self.producer, self.settings, model, timeout_s=PUBLISH_TIMEOUT_S)
-        except ModelPublishError as exc:  # (the broker away, say: tried again, not dropped)
+            self.producer.commit_transaction()
+        except (ModelPublishError, KafkaError) as exc:  # (the broker away, say: tried again, not dropped)
+            if any(fence in repr(exc) for fence in ("ProducerFenced", "InvalidProducerEpoch")):
+                log.error(f"another trainer of group {self.settings.group_id} took over (transactional id "
+                          f"{self.settings.group_id}-trainer): this one stops without publishing {model.version}")
+                self.fenced_out = self._stop = True
+                return False
+            self._abandon_transaction()
             self._retry_at, self._retry_s = time.monotonic() + self._retry_s, min(2 * self._retry_s, RETRY_MAX_S)
             log.error(f"publishing {model.version} failed; trying again in {self._retry_at - time.monotonic():.0f} s",
                       extra={"error": str(exc)[:300]})
@@ -186,6 +208,16 @@ class TrainerService:
             self.metrics.set_model_version(model.version, model.created_ts or time.time())  # type: ignore[attr-defined]
         log.info("published model", extra={"version": model.version, "topic": self.settings.models_topic})
         return True
+
+    def _abandon_transaction(self) -> None:
+        """After a failed publish: abort its transaction, or start a new producer where the
+        client cannot (a fatal error)."""
+        try:
+            self.producer.abort_transaction()
+        except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced
+            with contextlib.suppress(Exception):
+                self.producer.close(timeout=5)
+            self.producer = self._publisher()
 
     def run(self) -> None:
         """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running
@@ -304,8 +336,8 @@ class _ReplayOnAssignment(ConsumerRebalanceListener):
         table.drop(table.devices_in_partitions(set(every) - {tp.partition for tp in held}))
         if len(held) < len(every):
             log.warning(f"this trainer reads {len(held)} of the input's {len(every)} partitions: another "
-                        f"runs in its group {service.settings.group_id}-trainer, and two trainers publish "
-                        "over each other under the same version names. Run one.")
+                        f"runs in its group {service.settings.group_id}-trainer. The one started last "
+                        "publishes; the other stops at its next publish. Run one.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -320,6 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from stream_lstm.logs import configure_logging
     from stream_lstm.models.serving import load_served_model
+    from stream_lstm.process_health import FENCED_OUT
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -353,4 +386,4 @@ def main(args: argparse.Namespace) -> int:
     finally:  # also when the loop fails: the endpoint's port and thread do not outlive it
         if server is not None:
             server.shutdown()
-    return 0
+    return FENCED_OUT if service.fenced_out else 0  # (not restarted: the other trainer is live)

@@ -258,7 +258,10 @@ def test_encode_refuses_inconsistent_shapes_and_values_the_format_cannot_hold():
 @pytest.mark.parametrize("field, value, said", [
     ("h", np.nan, "h is not finite"), ("c", np.inf, "c is not finite"),
     ("mean", np.nan, "mean is not finite"), ("var", -1.0, "var is not finite and non-negative"),
-    ("count", np.nan, "count is not finite and non-negative")])
+    ("count", np.nan, "count is not finite and non-negative"),
+    # finite, but past what readings can give: the next update overflowed (a review's 1e308)
+    ("mean", 1e308, "mean is not finite within what readings"), ("mean", -2e30, "mean is not finite within"),
+    ("var", 1e300, "var is not finite and non-negative within what readings")])
 def test_a_snapshot_whose_state_would_poison_its_device_is_refused_for_the_table(field, value, said):
     """The codec round-trips it (bit for bit); the worker's decode refuses it: NaN h, c or
     normalizer stayed in the recurrence and the device forecast null for good (a review)."""
@@ -272,3 +275,14 @@ def test_a_snapshot_whose_state_would_poison_its_device_is_refused_for_the_table
     assert decode_snapshot(encode_snapshot(snap), 1).device_id == "d"
     with pytest.raises(SnapshotDecodeError, match=f"corrupt snapshot: its {said}"):
         decode_for_table(encode_snapshot(snap), 1)
+
+
+def test_the_normalizers_bound_is_the_settings_outer_limit_on_readings():
+    """READINGS_BOUND refuses only what no reading can give: VALUE_MIN / VALUE_MAX stop there."""
+    from stream_lstm.checkpointing.codec import READINGS_BOUND
+    from stream_lstm.config import Settings, SettingsError
+
+    Settings(value_min=-READINGS_BOUND, value_max=READINGS_BOUND)
+    for past in ({"value_max": 2 * READINGS_BOUND}, {"value_min": -2 * READINGS_BOUND}):
+        with pytest.raises((SettingsError, ValueError)):
+            Settings(**past)

@@ -400,3 +400,22 @@ def test_the_longest_ids_the_worker_may_write_are_taken(relay_settings):
         relay = AlertRelay(s)
         relay._take(0, 1, json.dumps(event("open", device, T0, T0)).encode())
         assert bool(relay.waiting) is taken
+
+
+def test_a_relay_taking_partitions_on_does_not_refire_an_alert_closed_meanwhile(relay_settings, stub):
+    """A restarted relay sent its store's open alerts at once, before reading the close written
+    while it was down: Alertmanager had an alert that was over firing again until the close was
+    read (a review). Now they go once the relay has read what its partitions held then."""
+    s = relay_settings
+    send(s, event("open", "pump-1", T0, T0), event("open", "pump-2", T0, T0))
+    first = AlertRelay(s)
+    run_until(first, lambda: len(stub.alerts()) >= 2
+              and sum(o or 0 for o in committed(s, first.group_id, [0, 1]).values()) == 2)
+    send(s, event("close", "pump-1", T0, T0 + 600))  # while no relay runs
+    stub.received.clear()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    second = AlertRelay(s)
+    run_until(second, lambda: {(a["labels"]["device_id"], a["endsAt"] > now) for a in stub.alerts()}
+              >= {("pump-1", False), ("pump-2", True)})  # pump-2 still fires; pump-1 resolved
+    assert not [a for a in stub.alerts() if a["labels"]["device_id"] == "pump-1" and a["endsAt"] > now]
+    assert second.open_at_stop == 1  # pump-2 (closing the group empties what it holds)

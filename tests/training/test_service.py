@@ -197,6 +197,30 @@ def test_its_loop_keeps_polling_and_beating_while_a_model_trains(settings_factor
     assert committed(s) == len(first) + len(more)  # committed on close
 
 
+def test_a_second_trainer_fences_the_first_which_stops_without_publishing(settings_factory, topic_name, caplog):
+    """Two trainers of one group published models of different weights under the same version
+    names, and workers kept whichever came first (a review): the one started last now fences
+    the other, whose next publish fails and which stops, publishing nothing."""
+    s = settings(settings_factory, topic_name)
+    produce(s, fleet(2, 3))
+    first = TrainerService(s, fresh_model(s))
+    second = TrainerService(s, fresh_model(s))  # (its producer takes the group's trainer id)
+    try:
+        with caplog.at_level("ERROR", logger="stream_lstm.trainer"):
+            assert not first._publish(fresh_model(s)) and first.fenced_out and first._stop
+        assert f"another trainer of group {s.group_id} took over" in caplog.text
+        theirs = fresh_model(s)
+        assert second._publish(theirs) and not second.fenced_out
+    finally:
+        for service in (first, second):
+            close(service)
+    records = published_records(s)
+    (record,) = records  # only the second trainer's
+    got = model_from_bytes(record.value)
+    assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(),
+                                                  theirs.model.state_dict().values(), strict=True))
+
+
 def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name):
     s = settings(settings_factory, topic_name, retrain_every_readings=600, window=32, hidden_size=16,
                  tbptt_k1=8, tbptt_k2=16, max_epochs=30, early_stopping_patience=5,
@@ -215,12 +239,7 @@ def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name)
         loop.join(30)
     assert service.champion.version == "v0001"
     assert metrics.retrain_runs.labels("promoted")._value.get() == 1
-    models = TopicPartition(s.models_topic, 0)
-    consumer = make_consumer(s, group_id=None)
-    try:
-        assert consumer.end_offsets([models]) == {models: 1}  # published once
-    finally:
-        consumer.close()
+    assert len(published_records(s)) == 1  # published once
 
 
 def test_a_rollback_of_its_registry_becomes_the_champion_and_is_published(settings_factory, topic_name,
@@ -272,18 +291,25 @@ def publish_models(s, *models):
         producer.close()
 
 
-def published_versions(s) -> list[str]:
+def published_records(s) -> list:
+    """The models topic's committed records (the trainer publishes in transactions: its offsets
+    count their commit markers too)."""
     models = TopicPartition(s.models_topic, 0)
-    consumer = make_consumer(s, group_id=None)
+    consumer = make_consumer(s, group_id=None, isolation_level="read_committed", enable_auto_commit=False)
     try:
         end = consumer.end_offsets([models])[models]
         consumer.assign([models])
         consumer.seek_to_beginning(models)
         records = []
-        wait_for(lambda: records.extend(r for rs in consumer.poll(200).values() for r in rs) or len(records) >= end,
-                 "the models topic's records", timeout_s=30)
+        wait_for(lambda: records.extend(r for rs in consumer.poll(200).values() for r in rs)
+                 or consumer.position(models) >= end, "the models topic's records", timeout_s=30)
     finally:
         consumer.close()
+    return records
+
+
+def published_versions(s) -> list[str]:
+    records = published_records(s)
     return [model_from_bytes(r.value).version for r in records]
 
 
