@@ -346,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "models to STREAM_LSTM_MODELS_TOPIC for workers with "
                           "STREAM_LSTM_TRAINER=external. With neither STREAM_LSTM_RETRAIN_EVERY_READINGS "
                           "nor _S set, it retrains every 900 s. At start it takes in the workers' "
-                          "checkpoints from the state changelog.")
+                          "checkpoints from the state changelog. One trainer a group publishes: "
+                          "a second one started fences it, and it stops with exit 4.")
 
 
 def main(args: argparse.Namespace) -> int:
