@@ -110,7 +110,7 @@ class TrainerService:
                             if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
-        self.producer = self._publisher()
+        self.producer: KafkaProducer | None = self._publisher()
         self.published = 0
         self.fenced_out = False  # another trainer of the group took over: this one stops
         # The child process that trains, started by run() (the loop is its only user).
@@ -188,6 +188,8 @@ class TrainerService:
         refused as "superseded", and a restart never published it, a review.)"""
         self.champion, self._unpublished = model, model
         try:  # (waits until the broker has it, a bounded time: a stop or /healthz waits as long)
+            if self.producer is None:  # (replaced after a failed publish: made here, so a
+                self.producer = self._publisher()  # broker still away is one more retry)
             self.producer.begin_transaction()
             send_model(self.producer, self.settings, model, timeout_s=PUBLISH_TIMEOUT_S)
             self.producer.commit_transaction()
@@ -212,12 +214,14 @@ class TrainerService:
     def _abandon_transaction(self) -> None:
         """After a failed publish: abort its transaction, or start a new producer where the
         client cannot (a fatal error)."""
+        if self.producer is None:
+            return
         try:
             self.producer.abort_transaction()
-        except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced
+        except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced (next publish)
             with contextlib.suppress(Exception):
                 self.producer.close(timeout=5)
-            self.producer = self._publisher()
+            self.producer = None
 
     def run(self) -> None:
         """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running
@@ -239,7 +243,8 @@ class TrainerService:
             self._close_trainer()
             with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
                 self.consumer.close()
-                self.producer.close()
+                if self.producer is not None:
+                    self.producer.close()
 
     def _close_trainer(self) -> None:
         if self.trainer is not None:

@@ -221,6 +221,33 @@ def test_a_second_trainer_fences_the_first_which_stops_without_publishing(settin
                                                   theirs.model.state_dict().values(), strict=True))
 
 
+def test_a_publish_that_fails_with_a_producer_that_cannot_abort_gets_a_new_producer_next_time(
+        settings_factory, topic_name, monkeypatch):
+    """A failed publish aborts its transaction; a producer in a state that cannot abort (a fatal
+    error) is closed and the next publish makes a new one (made there: a broker still away is
+    one more retry, not an error out of the loop)."""
+    s = settings(settings_factory, topic_name)
+    produce(s, fleet(2, 3))
+    service = TrainerService(s, fresh_model(s))
+    try:
+        first = service.producer
+
+        def fatal():
+            raise RuntimeError("cannot abort")
+
+        monkeypatch.setattr(first, "abort_transaction", fatal)
+        monkeypatch.setattr(service_module, "send_model", lambda *a, **k: (_ for _ in ()).throw(
+            service_module.ModelPublishError("the broker is away")))
+        assert not service._publish(fresh_model(s)) and service.producer is None and not service.fenced_out
+        monkeypatch.undo()
+        assert service._publish(fresh_model(s)) and service.producer not in (None, first)
+    finally:
+        service.consumer.close()
+        if service.producer is not None:
+            service.producer.close()
+    assert len(published_records(s)) == 1
+
+
 def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name):
     s = settings(settings_factory, topic_name, retrain_every_readings=600, window=32, hidden_size=16,
                  tbptt_k1=8, tbptt_k2=16, max_epochs=30, early_stopping_patience=5,
