@@ -25,9 +25,9 @@ log = logging.getLogger("stream_lstm.checkpointing")
 _NO_ID = "00000000-0000-0000-0000-000000000000"  # (what a broker without topic ids answers)
 
 
-def topic_id(settings: Settings, topic: str, timeout_s: float) -> str | None:
-    """The id of ``topic``; None when the broker does not say (no such topic, a broker without
-    topic ids, no Describe permission, or no answer in ``timeout_s``)."""
+def topic_id(settings: Settings, topic: str, timeout_s: float) -> tuple[str, list[int]] | None:
+    """The id of ``topic`` and its partitions; None when the broker does not say (no such
+    topic, a broker without topic ids, no Describe permission, or no answer in ``timeout_s``)."""
     admin = make_admin(settings)
     try:
         described = call_with_deadline(lambda: admin.describe_topics([topic]), timeout_s,
@@ -36,27 +36,32 @@ def topic_id(settings: Settings, topic: str, timeout_s: float) -> str | None:
         return None
     finally:
         admin.close()
-    found = [str(t["topic_id"]) for t in described
-             if t.get("name") == topic and not t.get("error_code") and t.get("topic_id")]
-    return found[0] if found and found[0] != _NO_ID else None
+    for t in described:
+        if t.get("name") == topic and not t.get("error_code") and str(t.get("topic_id") or _NO_ID) != _NO_ID:
+            return str(t["topic_id"]), sorted(p["partition_index"] for p in t.get("partitions") or [])
+    return None
 
 
-def keep_only_this_topics_rows(settings: Settings, topic: str, store: StateStore, timeout_s: float) -> bool:
-    """Forget ``store``'s rows when they came from another topic than ``topic`` (as it is now),
-    and record its id; True when they were forgotten. Without an id from the broker, the
-    offsets decide alone, as before ids were kept."""
-    now = topic_id(settings, topic, timeout_s)
-    if now is None:
+def keep_only_this_topics_rows(settings: Settings, topic: str, store: StateStore, timeout_s: float,
+                               serving: set[int] = frozenset()) -> bool:
+    """Forget ``store``'s rows of another topic than ``topic`` (as it is now), but those of the
+    partitions this worker is ``serving`` (their state is its own, and what it commits now goes
+    to this topic), and record the topic's id; True when rows were forgotten. Without an id
+    from the broker, the offsets decide alone, as before ids were kept."""
+    described = topic_id(settings, topic, timeout_s)
+    if described is None:
         return False
+    now, partitions = described
     before = store.changelog_id()
     if before == now:
         return False
-    forgotten = before is not None and store.count() > 0
+    gone = sorted(set(partitions) - set(serving))
+    forgotten = before is not None and store.count(gone) > 0
     if before is not None:
         log.warning("the local state store was written from another changelog topic than %s "
                     "(topic id %s, now %s: it was deleted and recreated, or another topic took "
-                    "its name); the store is emptied and restored from what the topic holds",
-                    topic, before, now, extra={"topic": topic})
-        store.wipe()
+                    "its name); its devices of partitions %s are dropped and restored from what "
+                    "the topic holds", topic, before, now, gone, extra={"topic": topic})
+        store.drop_partitions(gone)
     store.set_changelog_id(now)
     return forgotten

@@ -39,7 +39,7 @@ def restore_slice(m: StateManager, budget_s: float = 1.0) -> set[int]:
     if not m.restoring:
         return set()
     if check := m._unchecked & m.restoring:  # (once a restore: newly assigned partitions)
-        keep_only_this_topics_rows(m.settings, m.topic, m.store, IDENTITY_TIMEOUT_S)
+        keep_only_this_topics_rows(m.settings, m.topic, m.store, IDENTITY_TIMEOUT_S, serving=m.ready)
         if stale := m.store.forget_stale(check, time.time(), STALE_STORE_S):
             log.info("the store's copy is stale; restoring from the changelog", extra={"partitions": stale})
         m._unchecked -= check

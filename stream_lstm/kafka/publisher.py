@@ -35,6 +35,22 @@ class PublishError(RuntimeError):
     """A batch could not be published; its offsets were not committed."""
 
 
+def bounded_transaction_step(producer: Any, start: Any, what: str, timeout_s: float) -> None:
+    """Run a transactional request (``start``: the transaction manager's ``begin_commit``,
+    ``begin_abort``, ...) and wait for it at most ``timeout_s``; :class:`PublishError` past it.
+
+    kafka-python's ``commit_transaction()``, ``abort_transaction()`` and
+    ``send_offsets_to_transaction()`` wait without a deadline; when the broker disappears
+    mid-commit they block forever. This does what they do, with a deadline, so the caller can
+    roll back and retry instead. The private names it uses are pinned by
+    tests/kafka/test_publisher.py, which fails by name if a kafka-python upgrade changes them.
+    """
+    result = start()
+    producer._sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):  # (raises the request's own error)
+        raise PublishError(f"{what} did not finish within {timeout_s:.0f}s")
+
+
 class BatchPublisher:
     """Publishes batches with at-least-once or exactly-once semantics.
 
@@ -243,18 +259,7 @@ class BatchPublisher:
         return written
 
     def _bounded(self, start: Any, what: str) -> None:
-        """Run a transactional request and wait for it at most ``send_timeout_s``.
-
-        kafka-python's ``commit_transaction()`` and ``send_offsets_to_transaction()`` wait without
-        a deadline; when the broker disappears mid-commit they can block forever. This does what
-        they do, with a deadline, so the worker can roll the batch back and retry instead.
-        The private names it uses are pinned by tests/kafka/test_publisher.py, which
-        fails by name if a kafka-python upgrade changes them.
-        """
-        result = start()
-        self.producer._sender.wakeup()
-        if not result.wait(timeout_ms=int(self.send_timeout_s * 1000)):
-            raise PublishError(f"{what} did not finish within {self.send_timeout_s:.0f}s")
+        bounded_transaction_step(self.producer, start, what, self.send_timeout_s)
 
     def abort(self) -> None:
         """Give up the current batch (exactly-once: abort the transaction)."""

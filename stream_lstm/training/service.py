@@ -31,6 +31,7 @@ from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
+from stream_lstm.kafka.publisher import PublishError, bounded_transaction_step
 from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
@@ -192,8 +193,10 @@ class TrainerService:
                 self.producer = self._publisher()  # broker still away is one more retry)
             self.producer.begin_transaction()
             send_model(self.producer, self.settings, model, timeout_s=PUBLISH_TIMEOUT_S)
-            self.producer.commit_transaction()
-        except (ModelPublishError, KafkaError) as exc:  # (the broker away, say: tried again, not dropped)
+            # (bounded: kafka-python's commit_transaction waited for good on a broker gone mid-commit)
+            bounded_transaction_step(self.producer, self.producer._transaction_manager.begin_commit,
+                                     f"committing {model.version}'s publish", PUBLISH_TIMEOUT_S)
+        except (ModelPublishError, PublishError, KafkaError) as exc:  # (the broker away, say: tried again)
             if any(fence in repr(exc) for fence in ("ProducerFenced", "InvalidProducerEpoch")):
                 log.error(f"another trainer of group {self.settings.group_id} took over (transactional id "
                           f"{self.settings.group_id}-trainer): this one stops without publishing {model.version}")
@@ -216,8 +219,9 @@ class TrainerService:
         client cannot (a fatal error)."""
         if self.producer is None:
             return
-        try:
-            self.producer.abort_transaction()
+        try:  # (bounded, as the commit)
+            bounded_transaction_step(self.producer, self.producer._transaction_manager.begin_abort,
+                                     "aborting a failed publish", PUBLISH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced (next publish)
             with contextlib.suppress(Exception):
                 self.producer.close(timeout=5)

@@ -235,7 +235,7 @@ def test_a_publish_that_fails_with_a_producer_that_cannot_abort_gets_a_new_produ
         def fatal():
             raise RuntimeError("cannot abort")
 
-        monkeypatch.setattr(first, "abort_transaction", fatal)
+        monkeypatch.setattr(first._transaction_manager, "begin_abort", fatal)
         monkeypatch.setattr(service_module, "send_model", lambda *a, **k: (_ for _ in ()).throw(
             service_module.ModelPublishError("the broker is away")))
         assert not service._publish(fresh_model(s)) and service.producer is None and not service.fenced_out
@@ -246,6 +246,35 @@ def test_a_publish_that_fails_with_a_producer_that_cannot_abort_gets_a_new_produ
         if service.producer is not None:
             service.producer.close()
     assert len(published_records(s)) == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_publish_whose_broker_goes_away_mid_commit_gives_up_in_bounded_time(settings_factory, topic_name,
+                                                                             monkeypatch):
+    """kafka-python's commit_transaction waits without a deadline: a broker gone after taking
+    the model's record held the trainer's loop for good (no /healthz beat, SIGTERM unheard; a
+    review). The commit and the abort after it are bounded; the publish is tried again later."""
+    from tests.integration.test_faults import own_broker
+
+    with own_broker() as broker:
+        s = settings(settings_factory, topic_name).model_copy(update={"bootstrap_servers": broker.bootstrap})
+        produce(s, fleet(2, 3))
+        service = TrainerService(s, fresh_model(s))
+        monkeypatch.setattr(service_module, "PUBLISH_TIMEOUT_S", 3.0)
+        send = service_module.send_model
+
+        def then_the_broker_goes(*args, **kw):
+            send(*args, **kw)  # (the broker has the record)
+            broker.stop()
+
+        monkeypatch.setattr(service_module, "send_model", then_the_broker_goes)
+        began = time.monotonic()
+        try:
+            assert not service._publish(fresh_model(s))
+            assert time.monotonic() - began < 30 and not service.fenced_out
+            assert service._unpublished is not None  # (tried again at a later turn)
+        finally:
+            threading.Thread(target=close, args=(service,), daemon=True).start()  # (no broker to say bye to)
 
 
 def test_its_loop_publishes_what_the_gate_promotes(settings_factory, topic_name):
