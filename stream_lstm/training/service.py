@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener, KafkaProducer
+from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, load_settings
@@ -79,7 +79,7 @@ class TrainerService:
 
     def __init__(self, settings: Settings, served: LoadedModel, metrics: object | None = None,
                  health: object | None = None) -> None:
-        from stream_lstm.kafka.clients import group_timeouts, make_consumer
+        from stream_lstm.kafka.clients import group_timeouts, make_consumer, make_producer
 
         self.settings = settings
         self.metrics, self.health = metrics, health
@@ -111,26 +111,21 @@ class TrainerService:
                             if partitions and self.consumer.partitions_for_topic(settings.changelog_topic_name())
                             else {})
         self.consumer.subscribe([settings.input_topic], listener=_ReplayOnAssignment(self))
-        self.producer: KafkaProducer | None = self._publisher()
+        # Models go out in transactions under the group's trainer id: a second trainer started
+        # fences this one (its next publish fails, and it stops) instead of both publishing
+        # different weights under one version name (a review). (Never creating the topic:
+        # deleted under it, it came back deleting; max_block_ms: a send waits for the topic's
+        # metadata no longer than a publish may take.)
+        self.producer = make_producer(settings, max_request_size=MODEL_RECORD_MAX_BYTES, allow_auto_create_topics=False,
+                                      max_block_ms=int(PUBLISH_TIMEOUT_S * 1000),
+                                      transactional_id=f"{settings.group_id}-trainer")
+        self.producer.init_transactions()
         self.published = 0
         self.fenced_out = False  # another trainer of the group took over: this one stops
+        self.producer_lost = False  # its producer could not go on: it stops, to be restarted
         # The child process that trains, started by run() (the loop is its only user).
         self.trainer: BackgroundTrainer | None = None
         self._stop = False
-
-    def _publisher(self) -> KafkaProducer:
-        """The producer that publishes models, in transactions under the group's trainer id:
-        a second trainer started fences this one (its next publish fails and it stops) instead
-        of both publishing models of different weights under the same version names (a review)."""
-        from stream_lstm.kafka.clients import make_producer
-
-        # (never creating the topic: deleted under it, it came back deleting, with the broker's defaults)
-        # (max_block_ms: a send waits for the topic's metadata no longer than a publish may take)
-        producer = make_producer(self.settings, max_request_size=MODEL_RECORD_MAX_BYTES,
-                                 allow_auto_create_topics=False, max_block_ms=int(PUBLISH_TIMEOUT_S * 1000),
-                                 transactional_id=f"{self.settings.group_id}-trainer")
-        producer.init_transactions()
-        return producer
 
     def stop(self) -> None:
         self._stop = True
@@ -189,8 +184,6 @@ class TrainerService:
         refused as "superseded", and a restart never published it, a review.)"""
         self.champion, self._unpublished = model, model
         try:  # (waits until the broker has it, a bounded time: a stop or /healthz waits as long)
-            if self.producer is None:  # (replaced after a failed publish: made here, so a
-                self.producer = self._publisher()  # broker still away is one more retry)
             self.producer.begin_transaction()
             send_model(self.producer, self.settings, model, timeout_s=PUBLISH_TIMEOUT_S)
             # (bounded: kafka-python's commit_transaction waited for good on a broker gone mid-commit)
@@ -202,7 +195,8 @@ class TrainerService:
                           f"{self.settings.group_id}-trainer): this one stops without publishing {model.version}")
                 self.fenced_out = self._stop = True
                 return False
-            self._abandon_transaction()
+            if not self._abandon_transaction(model):
+                return False
             self._retry_at, self._retry_s = time.monotonic() + self._retry_s, min(2 * self._retry_s, RETRY_MAX_S)
             log.error(f"publishing {model.version} failed; trying again in {self._retry_at - time.monotonic():.0f} s",
                       extra={"error": str(exc)[:300]})
@@ -214,18 +208,22 @@ class TrainerService:
         log.info("published model", extra={"version": model.version, "topic": self.settings.models_topic})
         return True
 
-    def _abandon_transaction(self) -> None:
-        """After a failed publish: abort its transaction, or start a new producer where the
-        client cannot (a fatal error)."""
-        if self.producer is None:
-            return
+    def _abandon_transaction(self, model: LoadedModel) -> bool:
+        """After a failed publish: abort its transaction; False (and the trainer stops, exit 3)
+        where the client cannot. Not a new producer in this process: its ``init_transactions``
+        would fence a trainer started since (the one that should publish; a review), where a
+        restart is the newest trainer by right, and publishes the registry's promoted version."""
         try:  # (bounded, as the commit)
             bounded_transaction_step(self.producer, self.producer._transaction_manager.begin_abort,
                                      "aborting a failed publish", PUBLISH_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - a producer that cannot abort is replaced (next publish)
+            return True
+        except Exception as exc:  # noqa: BLE001 - said, and the trainer stops to be restarted
+            log.error(f"the trainer's producer cannot abort the failed publish of {model.version} "
+                      f"({exc!r:.200}): the trainer stops (exit 3); started again, it publishes it")
             with contextlib.suppress(Exception):
                 self.producer.close(timeout=5)
-            self.producer = None
+            self.producer_lost = self._stop = True
+            return False
 
     def run(self) -> None:
         """Poll, beat and :meth:`tick` until :meth:`stop`; then close. A retrain still running
@@ -247,8 +245,7 @@ class TrainerService:
             self._close_trainer()
             with kafka_closing():  # (kafka-python's close races its own reader thread; logs.py)
                 self.consumer.close()
-                if self.producer is not None:
-                    self.producer.close()
+                self.producer.close()
 
     def _close_trainer(self) -> None:
         if self.trainer is not None:
@@ -356,7 +353,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "STREAM_LSTM_TRAINER=external. With neither STREAM_LSTM_RETRAIN_EVERY_READINGS "
                           "nor _S set, it retrains every 900 s. At start it takes in the workers' "
                           "checkpoints from the state changelog. One trainer a group publishes: "
-                          "a second one started fences it, and it stops with exit 4.")
+                          "a second one started fences it, and it stops with exit 4 (exit 3: "
+                          "a publish it could neither finish nor abort; restarted, it publishes it).")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -396,4 +394,5 @@ def main(args: argparse.Namespace) -> int:
     finally:  # also when the loop fails: the endpoint's port and thread do not outlive it
         if server is not None:
             server.shutdown()
-    return FENCED_OUT if service.fenced_out else 0  # (not restarted: the other trainer is live)
+    # (fenced: not restarted, the other trainer is live; its producer lost: 3, restarted)
+    return FENCED_OUT if service.fenced_out else 3 if service.producer_lost else 0

@@ -221,31 +221,34 @@ def test_a_second_trainer_fences_the_first_which_stops_without_publishing(settin
                                                   theirs.model.state_dict().values(), strict=True))
 
 
-def test_a_publish_that_fails_with_a_producer_that_cannot_abort_gets_a_new_producer_next_time(
-        settings_factory, topic_name, monkeypatch):
-    """A failed publish aborts its transaction; a producer in a state that cannot abort (a fatal
-    error) is closed and the next publish makes a new one (made there: a broker still away is
-    one more retry, not an error out of the loop)."""
+def test_a_publish_that_fails_with_a_producer_that_cannot_abort_stops_the_trainer_to_be_restarted(
+        settings_factory, topic_name, monkeypatch, caplog):
+    """A failed publish aborts its transaction. A producer that cannot abort is not replaced in
+    the process (its init_transactions would fence a trainer started since, the one that should
+    publish; a review): the trainer stops with exit 3, and a restart publishes the model."""
     s = settings(settings_factory, topic_name)
     produce(s, fleet(2, 3))
     service = TrainerService(s, fresh_model(s))
     try:
-        first = service.producer
-
         def fatal():
             raise RuntimeError("cannot abort")
 
-        monkeypatch.setattr(first._transaction_manager, "begin_abort", fatal)
+        monkeypatch.setattr(service.producer._transaction_manager, "begin_abort", fatal)
         monkeypatch.setattr(service_module, "send_model", lambda *a, **k: (_ for _ in ()).throw(
             service_module.ModelPublishError("the broker is away")))
-        assert not service._publish(fresh_model(s)) and service.producer is None and not service.fenced_out
-        monkeypatch.undo()
-        assert service._publish(fresh_model(s)) and service.producer not in (None, first)
+        with caplog.at_level("ERROR", logger="stream_lstm.trainer"):
+            assert not service._publish(fresh_model(s))
+        assert service.producer_lost and service._stop and not service.fenced_out
+        assert "the trainer stops (exit 3); started again, it publishes it" in caplog.text
     finally:
         service.consumer.close()
-        if service.producer is not None:
-            service.producer.close()
-    assert len(published_records(s)) == 1
+    monkeypatch.undo()
+    assert published_records(s) == []
+    again = TrainerService(s, fresh_model(s))  # (a restart: the newest trainer by right)
+    try:
+        assert again._publish(fresh_model(s)) and len(published_records(s)) == 1
+    finally:
+        close(again)
 
 
 @pytest.mark.timeout(240)
