@@ -111,9 +111,9 @@ def _main(argv: list[str], chosen: str | None) -> int:
     # broker it started and says so, where the default ended it silently with 143. A
     # long-lived command's loop installs its own handler (signals.StopOnSignal) over this one.
     # SIGHUP alike (a closed terminal), unless ignored (`nohup`).
-    from stream_lstm.signals import stop_signals
+    from stream_lstm.signals import interrupt_now, stop_signals
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals() if sig != signal.SIGINT}
+    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals() if sig != signal.SIGINT}
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
@@ -172,10 +172,6 @@ def _silence_kafka() -> None:
             handler._kafka_silenced = True  # type: ignore[union-attr]
         finally:
             handler.release()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def broker_refusal(exc: Exception) -> str | None:

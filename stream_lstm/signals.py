@@ -19,6 +19,30 @@ from typing import Any
 SAME_SIGNAL_S = 0.5
 
 
+_interrupted = False  # a stop signal raised KeyboardInterrupt (interrupt_now)
+
+
+def interrupt_now(signum: int = 0, frame: object = None) -> None:
+    """An offline command's stop signal handler: raise ``KeyboardInterrupt`` now, and remember
+    it for :func:`raise_if_interrupted`. Raised where the main thread happens to be, it can be
+    lost: inside a ``__getattr__`` that C code asked through ``PyObject_HasAttr`` (torch's
+    modules have one), CPython clears it, and a SIGTERM to ``train`` went unheard while it
+    trained on (found with the test's stacks dumped: SIGTERM caught, nothing pending)."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """``KeyboardInterrupt`` where :func:`interrupt_now` has raised one (lost or not): called
+    between a long loop's steps, so that a stop is heard there if not at once.
+
+    >>> raise_if_interrupted()  # (none yet)
+    """
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def stop_signals() -> tuple[signal.Signals, ...]:
     """The signals that stop a command cleanly: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the
     terminal or SSH session closed: its default ended the worker uncleanly, mid-transaction,

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from stream_lstm.models.lstm import SimpleLSTM
+from stream_lstm.signals import raise_if_interrupted
 
 ProgressFn = Callable[[int, float, float], None]
 
@@ -329,6 +330,7 @@ def train_tbptt(
             x = x.to(dev)
             y, mask = targets_from_z(x, model.horizon, target, lengths)
             for _, _, loss, n in tbptt_chunks(model, x, y, mask, k1, k2):
+                raise_if_interrupted()  # (a stop signal's KeyboardInterrupt can be lost: signals.py)
                 if not torch.isfinite(loss):
                     result.skipped_updates += 1
                     continue
