@@ -167,7 +167,8 @@ class AlertRelay:
         self.open.update(found)
         self._resend = self._resend or bool(found)  # (Alertmanager may have resolved them meanwhile)
         # (... once read up to these ends: catch_up.py)
-        self.catch_up.start({tp.partition: end for tp, end in ends.items() if tp.partition in {p for p, _ in found.values()}})
+        loaded = {p for p, _ in found.values()}
+        self.catch_up.start({tp.partition: end for tp, end in ends.items() if tp.partition in loaded})
         self.metrics.open_alerts.set(len(self.open))
         if self._retry_at <= self.ticker():  # (else they resume with the next delivery)
             self.group.consumer.resume(*self._tps(self.unloaded))  # type: ignore[union-attr]
