@@ -41,7 +41,7 @@ from stream_lstm.engine import BatchedEngine, resolve_device, set_inference_thre
 from stream_lstm.housekeeping import Housekeeping
 from stream_lstm.kafka.clients import LOOP_BOOTSTRAP_TIMEOUT_MS, make_producer
 from stream_lstm.kafka.group_consumer import GroupConsumer
-from stream_lstm.kafka.publisher import BatchPublisher
+from stream_lstm.kafka.publisher import BatchPublisher, is_fencing
 from stream_lstm.kafka.rebalance import PartitionListener
 from stream_lstm.kafka.topics import ensure_worker_topics
 from stream_lstm.logs import kafka_closing
@@ -314,7 +314,7 @@ class Worker:
         """Undo a batch that could not be published, then retry against the broker with
         backoff until it answers. Nothing is lost: offsets were not committed, and state is
         restored again from the changelog, which never holds uncommitted batches."""
-        fenced = "ProducerFenced" in repr(exc)  # (another producer took this transactional id)
+        fenced = is_fencing(exc)  # (another producer took this transactional id)
         if fenced and self.tx.fenced_again():  # a live holder: it keeps the id, this worker stops
             self.fenced_out = self.broker_lost = True  # (exit FENCED_OUT: not restarted)
             self._stop.set()

@@ -159,7 +159,9 @@ def aborted(worker) -> float:
 def test_two_workers_with_one_instance_id_are_told_so(settings_factory, topic_name, caplog):
     """Two hosts configured alike fenced each other's transactions for ever, each rollback
     saying only ProducerFencedError (a faults audit): the line now names the cause."""
-    from kafka.errors import ProducerFencedError
+    from kafka.errors import InvalidProducerEpochError, ProducerFencedError
+
+    from stream_lstm.kafka.publisher import PublishError
 
     s = small(settings_factory, topic_name, instance_id="same")
     worker = Worker(s, fresh_model(s))
@@ -171,7 +173,9 @@ def test_two_workers_with_one_instance_id_are_told_so(settings_factory, topic_na
         with caplog.at_level("ERROR", logger="stream_lstm.worker"):
             worker._rollback(ProducerFencedError())
             assert not worker.fenced_out  # once: perhaps its own stall; it takes the id back
-            worker._rollback(ProducerFencedError())
+            # (kafka-python's other word for it, on a produce request's records: the worker
+            # counted only ProducerFenced, the trainer both)
+            worker._rollback(PublishError(f"send to {s.output_topic} failed: {InvalidProducerEpochError()}"))
             assert worker.fenced_out and worker.broker_lost  # twice: a live holder; it stops
     finally:
         worker.close(clean=False)

@@ -35,6 +35,23 @@ class PublishError(RuntimeError):
     """A batch could not be published; its offsets were not committed."""
 
 
+# kafka-python turns a newer epoch of the transactional id into ProducerFencedError on its
+# transactional requests, but leaves it InvalidProducerEpochError on a produce request's records.
+_FENCINGS = ("ProducerFenced", "InvalidProducerEpoch")
+
+
+def is_fencing(exc: BaseException) -> bool:
+    """``exc`` (or the failure a :class:`PublishError` names) says another producer took this
+    producer's transactional id, in either of kafka-python's two words for it; the worker and
+    the trainer tell a fencing by this one test.
+
+    >>> from kafka.errors import InvalidProducerEpochError, KafkaTimeoutError
+    >>> is_fencing(PublishError(f"send to t failed: {InvalidProducerEpochError()}")), is_fencing(KafkaTimeoutError())
+    (True, False)
+    """
+    return any(word in repr(exc) for word in _FENCINGS)
+
+
 def bounded_transaction_step(producer: Any, start: Any, what: str, timeout_s: float) -> None:
     """Run a transactional request (``start``: the transaction manager's ``begin_commit``,
     ``begin_abort``, ...) and wait for it at most ``timeout_s``; :class:`PublishError` past it.

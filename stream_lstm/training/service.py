@@ -31,7 +31,7 @@ from kafka.errors import KafkaError
 
 from stream_lstm.config import Settings, load_settings
 from stream_lstm.environment import warn_unknown_variables
-from stream_lstm.kafka.publisher import PublishError, bounded_transaction_step
+from stream_lstm.kafka.publisher import PublishError, bounded_transaction_step, is_fencing
 from stream_lstm.kafka.unreadable import UNREADABLE, set_aside
 from stream_lstm.logs import kafka_closing
 from stream_lstm.messages import ReadingDecoder
@@ -190,7 +190,7 @@ class TrainerService:
             bounded_transaction_step(self.producer, self.producer._transaction_manager.begin_commit,
                                      f"committing {model.version}'s publish", PUBLISH_TIMEOUT_S)
         except (ModelPublishError, PublishError, KafkaError) as exc:  # (the broker away, say: tried again)
-            if any(fence in repr(exc) for fence in ("ProducerFenced", "InvalidProducerEpoch")):
+            if is_fencing(exc):
                 log.error(f"another trainer of group {self.settings.group_id} took over (transactional id "
                           f"{self.settings.group_id}-trainer): this one stops without publishing {model.version}")
                 self.fenced_out = self._stop = True

@@ -127,3 +127,15 @@ def test_the_key_to_partition_cache_is_bounded_by_a_tables_worth_and_hashes_as_k
         assert 0 < len(publisher._partitions[topic_name][1]) <= 3
     finally:
         publisher.producer.close(timeout=5)
+
+
+def test_a_fencing_is_told_in_both_of_kafka_pythons_words_and_nothing_else_is():
+    """The worker counted only ProducerFenced as a fencing and the trainer both words: kafka-python
+    says InvalidProducerEpoch for a rival's newer epoch on a produce request's records."""
+    from kafka.errors import InvalidProducerEpochError, KafkaTimeoutError, ProducerFencedError
+
+    from stream_lstm.kafka.publisher import PublishError, is_fencing
+
+    assert is_fencing(ProducerFencedError()) and is_fencing(InvalidProducerEpochError())
+    assert is_fencing(PublishError(f"send to forecasts failed: {InvalidProducerEpochError()}"))
+    assert not any(is_fencing(e) for e in (KafkaTimeoutError(), PublishError("send to t not acknowledged in 30s")))
