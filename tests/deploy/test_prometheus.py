@@ -61,6 +61,9 @@ def test_the_kubernetes_scrape_config_checks_and_names_the_rules_jobs(tmp_path):
     to_job = [r for r in job["relabel_configs"] if r.get("target_label") == "job"]
     assert to_job == [{"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
                        "regex": "(.+)", "target_label": "job"}]
+    # (Run as it is, it evaluated the rules and sent their alerts nowhere: a review.)
+    (managers,) = config["alerting"]["alertmanagers"]
+    assert managers["static_configs"][0]["targets"]
 
 
 @need_promtool
