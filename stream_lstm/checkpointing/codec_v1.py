@@ -28,6 +28,7 @@ reason; the codec raises them as its ``SnapshotDecodeError``.
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import numpy as np
@@ -107,6 +108,23 @@ def read_core(data: bytes | bytearray | memoryview, pos: int, id_len: int, ver_l
     return dev, ver, h, c, mean, var, window, pos + 4 * w_len * nf
 
 
+log = logging.getLogger("stream_lstm.checkpointing")
+# Whether this process has said that it reads format 1 (once: a store of them is read a row at a time).
+_said = [False]
+
+
+def _say_converted(device_id: str) -> None:
+    """Log, once a process, that state an earlier version wrote is read and converted: a worker
+    restoring from its own local store after an upgrade read format-1 rows without a word (the
+    changelog's restore names only the schemas of the records it reads, and a clean store
+    reads none; a review)."""
+    if not _said[0]:
+        _said[0] = True
+        log.info("reading device state written by an earlier stream-lstm (snapshot format 1): "
+                 "converted as it is read, and written as format 2 at the device's next checkpoint",
+                 extra={"device": device_id[:128]})
+
+
 def check(data: bytes | bytearray | memoryview) -> str | None:
     """Why ``data`` is not a readable format-1 snapshot (header and lengths), or None."""
     try:
@@ -155,5 +173,6 @@ def decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
         if any(k in extra for k in keys):  # none: the column did not exist (or, sparse, was at its fill)
             row = np.array([extra.get(k, fill) for k in keys])
             columns[name] = row[0] if scalar else row
+    _say_converted(dev)
     return DeviceSnapshot(device_id=dev, h=h, c=c, count=count, mean=mean, var=var, window=window,
                           model_version=ver, experts=experts, columns=columns, schema=0)

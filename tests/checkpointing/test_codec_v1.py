@@ -169,3 +169,18 @@ def test_corrupt_or_truncated_format_1_bytes_raise_decode_error():
         decode_snapshot(GOLDEN.replace(b"\x0bprev_change", b"\xffprev_change"))
     with pytest.raises(SnapshotDecodeError, match="UTF-8"):
         decode_snapshot(GOLDEN.replace(b"pump-7", b"\xffump-7"))
+
+
+def test_reading_format_1_says_once_that_an_earlier_versions_state_is_converted(caplog, monkeypatch):
+    """After an upgrade on the same STREAM_LSTM_STATE_DIR, a worker restored its devices from the
+    format-1 rows of its local store (the changelog had nothing newer to read) and never said that it
+    read an older format (a rolling-upgrade review, on a real broker: f9e9261 stopped, this version
+    started on its group, store and registry). It says so once a process, naming a device."""
+    monkeypatch.setattr(codec_v1, "_said", [False])
+    with caplog.at_level("INFO", logger="stream_lstm.checkpointing"):
+        decode_snapshot(GOLDEN)
+        decode_snapshot(GOLDEN)
+        decode_snapshot(encode_snapshot(decode_snapshot(GOLDEN)))  # format 2: nothing to say
+    said = [r for r in caplog.records if "format 1" in r.getMessage()]
+    assert len(said) == 1 and "earlier stream-lstm" in said[0].getMessage()
+    assert said[0].device == "pump-7"
