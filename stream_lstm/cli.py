@@ -119,7 +119,11 @@ def _main(argv: list[str], chosen: str | None) -> int:
     # SIGHUP alike (a closed terminal), unless ignored (`nohup`).
     from stream_lstm.signals import interrupt_now, stop_signals
 
-    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals() if sig != signal.SIGINT}
+    # Ctrl-C too, where Python's own handler has it (not where it is ignored: `cmd &` in a
+    # script): that handler remembers nothing, so a Ctrl-C lost where it was raised (signals.py)
+    # let the training run to its end.
+    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()
+                if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler}
     try:
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback

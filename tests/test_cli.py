@@ -161,3 +161,35 @@ def test_a_stop_signal_heard_inside_an_exec_still_exits_130_not_by_sigint(tmp_pa
     done = subprocess.run([sys.executable, "-m", "stop_in_exec"], env=env, capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)", done.stderr
     assert done.returncode == 130, done.stderr
+
+
+def test_a_ctrl_c_lost_where_it_was_raised_is_heard_between_training_steps(monkeypatch, capsys):
+    """SIGTERM's KeyboardInterrupt, when lost (cleared by C code that probed a torch module's
+    __getattr__), is raised again between training chunks (signals.raise_if_interrupted); a
+    Ctrl-C's was not: SIGINT kept Python's own handler, which remembers nothing, so a lost
+    Ctrl-C let `train` (or evaluate's training) run to its end."""
+    import signal
+    import types
+
+    from stream_lstm import signals
+
+    monkeypatch.setattr(signals, "_interrupted", False)
+    command = types.ModuleType("lost_ctrl_c_command")
+    command.add_arguments = lambda parser: None
+    steps = []
+
+    def train(args):
+        try:
+            signal.raise_signal(signal.SIGINT)  # lost where it was raised, as C code may
+        except KeyboardInterrupt:
+            pass
+        for _ in range(3):  # the training's chunks
+            signals.raise_if_interrupted()
+            steps.append(1)
+        return 0
+
+    command.main = train
+    monkeypatch.setitem(__import__("sys").modules, command.__name__, command)
+    monkeypatch.setitem(COMMANDS, "train", (command.__name__, "stands in for train"))
+    assert main(["train"]) == 130 and steps == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)"
