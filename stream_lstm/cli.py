@@ -105,8 +105,12 @@ def _main(argv: list[str], chosen: str | None) -> int:
               "STREAM_LSTM_PROCESSES sets its own for its worker processes)", file=sys.stderr)
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
-    args = build_parser(chosen).parse_args(argv)
+    args, unknown = build_parser(chosen).parse_known_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    if unknown:  # (with the command's usage: argparse said the top level's, `stream-lstm: error`)
+        own = argparse.ArgumentParser(prog=f"stream-lstm {args.command}")
+        module.add_arguments(own)
+        own.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command not in SERVICES:  # (the services log it at start, `up` through its worker)
         from stream_lstm.environment import unknown_variables
 

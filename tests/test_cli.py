@@ -27,6 +27,15 @@ def test_a_bad_flag_is_named_as_the_flag_the_user_gave(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("run: invalid setting STREAM_LSTM_PROCESSES: 'foo'")
 
 
+def test_an_unknown_flag_is_refused_with_the_commands_own_usage(capsys):
+    # `replay --csv x` said the top level's usage and `stream-lstm: error` (a review).
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", "--csv", "x.csv"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: stream-lstm replay" in err
+    assert "stream-lstm replay: error: unrecognized arguments: --csv\n" in err
+
+
 def test_an_offline_command_says_a_misspelt_variable_is_ignored(monkeypatch, capsys, tmp_path):
     # `train` read STREAM_LSTM_WINDOWS=32 silently and trained with W=64.
     monkeypatch.setenv("STREAM_LSTM_WINDOWS", "32")
