@@ -65,7 +65,7 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
     output topic, per device, and that topic's name.
 
     The run's topics are its own; all but the forecasts topic (input, dead letters, changelog,
-    alerts, models) are deleted when it ends. The worker keeps its state and its model directory (the served model's weights are kept
+    alerts, models) are deleted when it ends, and that one too when it ends without a result. The worker keeps its state and its model directory (the served model's weights are kept
     there, and a retrain registers there) in a temporary directory, removed when the run ends,
     failed or not: each run has its own, so without that every evaluation would leave one
     behind, and its models in the user's registry.
@@ -82,18 +82,24 @@ def run_pipeline(settings: Any, series: dict, model: Any, spec: Any) -> tuple[di
             "alerts_topic": f"{run}-alerts" if settings.alerts_topic else "", "changelog_topic": "",
             "models_topic": f"{run}-models", "group_id": run, "min_history": 1, "metrics_port": 0,
             "state_dir": Path(state), "model_dir": Path(state) / "models", "max_future_skew_s": 1e12})
+        served = False
         try:
-            return _serve(s, series, model, spec)
+            result = _serve(s, series, model, spec)
+            served = True
+            return result
         finally:
-            _delete_own_topics(s)
+            _delete_own_topics(s, forecasts_too=not served)
 
 
-def _delete_own_topics(s: Any) -> None:
+def _delete_own_topics(s: Any, forecasts_too: bool) -> None:
     """The run's working topics and its groups go with it: a shared cluster must not collect a
-    set per evaluation. Its forecasts topic stays, named in the report, for a check of its own."""
+    set per evaluation. Its forecasts topic stays, named in the report, for a check of its own,
+    unless the run ended without a result (stopped or failed): no report names it then, and
+    each interrupted evaluation left one behind (a review)."""
     from stream_lstm.kafka.topics import delete_leftovers
 
-    own = [s.input_topic, s.dlq_topic, s.alerts_topic, s.changelog_topic_name(), s.models_topic]
+    own = [s.input_topic, s.dlq_topic, s.alerts_topic, s.changelog_topic_name(), s.models_topic,
+           s.output_topic if forecasts_too else ""]
     try:  # (and its consumer groups: the worker's and the reader's)
         delete_leftovers(s, [t for t in own if t], [s.group_id, f"{s.group_id}-reader"])
     except Exception as exc:  # noqa: BLE001 - said, never hiding the run's own result or error

@@ -95,6 +95,32 @@ def test_run_pipeline_serves_every_reading_and_reads_back_the_committed_forecast
     assert groups == []
 
 
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_a_run_stopped_before_its_result_leaves_no_topic_behind(bootstrap, monkeypatch):
+    """Its forecasts topic is kept for the report that names it; a run stopped (Ctrl-C) before
+    any report left it on the broker, one a stopped evaluation (a review)."""
+    names, serve = [], through_worker._serve
+
+    def served_then_stopped(s, *args):
+        names.append(s.group_id)
+        serve(s, *args)  # (the whole run: its topics all made and written)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(through_worker, "_serve", served_then_stopped)
+    s = Settings(bootstrap_servers=bootstrap, horizon=3, hidden_size=8, metrics_port=0)
+    served = fresh_model(s)
+    t = T0 + 60.0 * np.arange(20)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(s, {"a": (t, 20 + np.sin(np.arange(20) / 3))}, served.model, served.spec)
+    admin = make_admin(s)
+    try:
+        left = [t for t in admin.list_topics() if t.startswith(names[0])]
+    finally:
+        admin.close()
+    assert left == []
+
+
 def test_run_pipeline_removes_its_state_directory_when_the_run_fails(monkeypatch):
     def unreachable(s, *args):
         raise ConnectionError("no broker")
