@@ -27,6 +27,7 @@ from stream_lstm.encoding import dead_letter, dlq_headers, encode_forecast
 from stream_lstm.engine import BatchedEngine
 from stream_lstm.forecast import assemble, interval_quantile
 from stream_lstm.messages import ErrorCode, InvalidReading, ReadingDecoder
+from stream_lstm.signals import raise_if_interrupted
 from stream_lstm.stages import stages_for
 from stream_lstm.state.ingest import DUPLICATE, LATE, StepBatch, ingest
 from stream_lstm.state.table import DeviceTable
@@ -258,6 +259,7 @@ class BatchPipeline:
 
         A device not in memory starts afresh: bring the batch's devices in first
         (``bring_in.py``) where they may have state elsewhere."""
+        raise_if_interrupted()  # (an offline command's stop lost where it was raised: bench, evaluate)
         s = self.settings
         counts = BatchCounts(consumed=d.consumed)
         ids, ts, sources = d.ids, d.ts, d.sources

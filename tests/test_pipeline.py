@@ -135,6 +135,24 @@ def test_each_forecast_carries_the_version_of_the_model_its_device_stepped_under
     assert got == {"old": "v1", "new": "v2"} and engine.last_groups == 2
 
 
+def test_an_offline_commands_stop_lost_where_it_was_raised_is_heard_at_the_next_batch(monkeypatch):
+    """bench and evaluate run batches in-process: a stop signal whose KeyboardInterrupt C code
+    cleared (signals.interrupt_now remembers it) ran on to the end, as `train` did before its
+    training loop asked between chunks."""
+    import pytest
+
+    from stream_lstm import signals
+
+    s = Settings(output_topic="forecasts", min_history=1)
+    table = DeviceTable(8, s.window, 1, 1, 8)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 8, 1, s.horizon), table, version="v1"), lambda: "v1")
+    monkeypatch.setattr(signals, "_interrupted", False)
+    assert len(pipe.handle([Rec(0, "a", 1e9, 20.0)], now=2e9).records) == 1
+    monkeypatch.setattr(signals, "_interrupted", True)  # (a stop signal came, and was lost)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.handle([Rec(1, "a", 1e9 + 60, 21.0)], now=2e9)
+
+
 def test_an_alert_that_opens_after_a_swap_carries_its_devices_version():
     """An alert event is stamped like the forecast it rode on: the device's own model."""
     s = Settings(output_topic="forecasts", alerts_topic="alerts", min_history=1)
