@@ -43,6 +43,19 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def take_lost_stop() -> bool:
+    """Whether :func:`interrupt_now` has raised a stop, which is then forgotten: a long-lived
+    command's loop that takes the signals over after its start takes such a stop over too, as
+    its first, clean one (left remembered, its next batch raised it mid-batch).
+
+    >>> take_lost_stop()
+    False
+    """
+    global _interrupted
+    taken, _interrupted = _interrupted, False
+    return taken
+
+
 def stop_signals() -> tuple[signal.Signals, ...]:
     """The signals that stop a command cleanly: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the
     terminal or SSH session closed: its default ended the worker uncleanly, mid-transaction,
@@ -116,6 +129,9 @@ class StopOnSignal:
         self._previous: dict[int, Any] = {}
         for sig in stop_signals():
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        if take_lost_stop():  # (a stop before this handler: the loop's first, cleanly)
+            self.received = "a stop signal before the start"
+            stop()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.received = self.received or signal.Signals(signum).name

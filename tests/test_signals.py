@@ -69,3 +69,19 @@ def test_a_stop_signals_interrupt_lost_where_it_was_raised_is_raised_again_betwe
         pass  # (Python's hasattr lets it through; C's PyObject_HasAttr does not)
     with pytest.raises(KeyboardInterrupt):
         signals.raise_if_interrupted()
+
+
+def test_a_stop_lost_before_a_loops_handler_stops_that_loop_cleanly(monkeypatch):
+    """A stop signal lost before a long-lived command's loop took the signals over (module
+    loading, connecting) is that loop's first stop, cleanly, and no longer remembered: left
+    remembered, the loop's next batch raised it mid-batch (pipeline.apply asks)."""
+    from stream_lstm import signals
+
+    monkeypatch.setattr(signals, "_interrupted", True)
+    stops = []
+    guard = StopOnSignal(lambda: stops.append(1))
+    try:
+        assert stops == [1] and guard.received == "a stop signal before the start"
+        signals.raise_if_interrupted()  # taken over: not raised again
+    finally:
+        guard.restore()

@@ -42,7 +42,7 @@ from stream_lstm.models.serving import (
     check_model_matches_settings,
 )
 from stream_lstm.pipeline import decode_records
-from stream_lstm.signals import stop_signals
+from stream_lstm.signals import stop_signals, take_lost_stop
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
@@ -385,6 +385,8 @@ def main(args: argparse.Namespace) -> int:
             metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
         for sig in stop_signals():
             signal.signal(sig, lambda *_: service.stop())
+        if take_lost_stop():  # (a stop before these handlers, lost where it was raised)
+            service.stop()
         endpoint = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
                     if settings.metrics_port else "metrics off")
         log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "

@@ -552,3 +552,23 @@ def test_main_exports_the_trainers_series_not_the_workers(settings_factory, topi
     assert "stream_lstm_model_info{version=" in text and "stream_lstm_ready 1.0" in text
     for worker_only in ("forecasts_published", "consumer_lag", "alerts_open", "active_devices", "swap_pause"):
         assert f"stream_lstm_{worker_only}" not in text
+
+
+def test_a_stop_lost_before_mains_handlers_stops_the_trainer_at_its_start(settings_factory, topic_name, monkeypatch,
+                                                                         process_state):
+    """A stop signal raised while the trainer started (signals.interrupt_now) but lost where it
+    was raised was forgotten once main put its own handlers in: the trainer ran on."""
+    from stream_lstm import signals
+
+    s = settings(settings_factory, topic_name, metrics_port=0, retrain_every_s=900.0)
+    monkeypatch.setattr(service_module, "load_settings", lambda: s)
+    monkeypatch.setattr(signals, "_interrupted", True)
+    asked = []
+
+    def run(service):
+        asked.append(service._stop)  # (its loop's first look)
+        close(service)
+
+    monkeypatch.setattr(TrainerService, "run", run)
+    assert service_module.main(argparse.Namespace()) == 0
+    assert asked == [True] and not signals._interrupted
