@@ -315,7 +315,8 @@ class TransactionUnit:
         (a review): the second time, the worker gives the id up. Not counted: a fencing of a
         transaction open past the broker's timeout (kafka-python reports the broker's abort of
         this worker's own stalled transaction, a VM pause, as a fencing too: a review)."""
-        began = [t.began for t in (self.open, self._committing and self._committing[0]) if t]
+        # (a commit that failed as it settled is in doubt by now, no longer committing)
+        began = [t.began for t in (self.open, self._committing and self._committing[0], self.in_doubt) if t]
         now = time.monotonic()
         if began and (now - min(began)) * 1000 >= transaction_timeout_ms(self.settings):
             return False  # its own stall: no rival shown

@@ -233,3 +233,48 @@ def test_a_fencing_counts_against_a_rival_but_not_against_its_own_stalled_transa
     tx.open = OpenTransaction(began=time.monotonic())
     assert tx.fenced_again()  # twice within 10 minutes: a live rival holds the id
     tx.state.store.close(clean=True)
+
+
+def test_its_own_stalled_transaction_is_no_rival_when_its_commit_fails_as_it_settles(settings_factory,
+                                                                                     topic_name, tmp_path, monkeypatch):
+    """The worker commits without waiting (exactly-once) and settles the commit later: a
+    transaction the broker aborted past its timeout (this worker stalled) failed there, when
+    the transaction was neither open nor committing any more, only in doubt, so fenced_again
+    took it for a rival's fencing; two such stalls within 10 minutes stopped a lone worker
+    (FENCED_OUT). The broker's timeout is shortened here to 2 s, the worker's view of it too."""
+    from kafka.structs import TopicPartition
+
+    from stream_lstm import transaction
+    from stream_lstm.kafka.publisher import is_fencing
+
+    s = settings_factory(output_topic=topic_name)
+    monkeypatch.setattr(transaction, "transaction_timeout_ms", lambda settings: 2000)
+    ensure_topics(s, [TopicSpec(topic_name, 1)])
+    txn_id = f"{s.group_id}-{uuid.uuid4().hex[:6]}"
+    tx = TransactionUnit(s, StateManager(s, tmp_path / "state.sqlite"), DeviceTable(8, 4, 1, 1, 8), Metrics(),
+                         lambda: BatchPublisher(make_producer(s, transactional_id=txn_id, transaction_timeout_ms=2000),
+                                                True, send_timeout_s=20))
+    tx.connect()
+    reader = make_consumer(s, group_id=None, isolation_level="read_committed")
+    tp = TopicPartition(topic_name, 0)
+    try:
+        for i in range(2):
+            tx.send({}, output(topic_name, [f"s{i}".encode()]))
+            tx.publisher.producer.flush()
+            held = reader.end_offsets([tp])[tp]  # (the last stable offset, held by the open transaction)
+            deadline = time.monotonic() + 60
+            while reader.end_offsets([tp])[tp] <= held:  # until the broker aborts it
+                assert time.monotonic() < deadline, "the broker did not abort the transaction"
+                time.sleep(0.1)
+            tx.commit(None, wait=False)
+            with pytest.raises(Exception) as failed:
+                tx.settle()
+            assert is_fencing(failed.value)  # (kafka-python says ProducerFenced for it)
+            assert not tx.fenced_again(), f"stall {i + 1} taken for a rival"
+            tx.abort()
+            tx.reconnect()
+            tx.resolve_in_doubt({})
+    finally:
+        reader.close()
+        tx.close()
+        tx.state.store.close(clean=True)
