@@ -361,7 +361,10 @@ def run_nab(args: argparse.Namespace, settings: Any) -> int:
     try:
         report = nab_report(recordings, settings.alert_hold_s)
     except ValueError as exc:  # e.g. --limit left no scored window in the whole corpus
-        print(f"evaluate: {exc}", file=sys.stderr)
+        # (on your broker, the run's forecasts topic stays: no report names it, so this does)
+        kept = f" (the run's forecasts stay in {output_topic} on {bootstrap})" \
+            if bootstrap == settings.bootstrap_servers else ""
+        print(f"evaluate: {exc}{kept}", file=sys.stderr)
         return 2
     report |= {"model": served.version, "horizon": served.spec.horizon,
                "hidden_size": served.spec.hidden_size,

@@ -215,6 +215,32 @@ def test_evaluate_nab_end_to_end(shared_data, bootstrap, tmp_path, monkeypatch, 
     assert report["shipped"]["standard"]["score"] == pytest.approx(expected.score, abs=1e-9)
 
 
+def test_a_corpus_that_cannot_be_scored_names_the_forecasts_topic_left_on_your_broker(shared_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Scoring that fails after the run wrote no report, so nothing named the forecasts topic
+    the run left on the user's broker (a review)."""
+    from contextlib import contextmanager
+
+    from stream_lstm.kafka import local_broker
+    from stream_lstm.tools import through_worker
+
+    monkeypatch.setenv("STREAM_LSTM_BOOTSTRAP_SERVERS", "broker.example:9092")
+
+    @contextmanager
+    def yours(settings, answers=None):  # (the user's broker answered)
+        yield settings.bootstrap_servers
+
+    monkeypatch.setattr(local_broker, "ensure_local_broker", yours)
+    monkeypatch.setattr(through_worker, "run_pipeline", lambda *a: ({}, "eval-1234abcd-out"))
+    f = shared_data / "nab" / "aws" / "elb_request_count_8c0756.csv"
+    args = argparse.Namespace(files=[f], out=tmp_path, epochs=1, limit=200, etth1=None,
+                              horizons=[24], peer=False, nab=True)  # (200 rows: no window)
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("evaluate: ") and err.endswith(
+        "(the run's forecasts stay in eval-1234abcd-out on broker.example:9092)"), err
+
+
 def test_a_missing_recording_or_one_without_labels_is_one_plain_line(tmp_path, capsys):
     """A mistyped path was "--nab needs combined_windows.json", and a recording NAB does not
     label a quoted KeyError (a review)."""
