@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 # name -> (module, one-line help). The order is the order of `stream-lstm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,12 +81,30 @@ def flags_named(message: str, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    previous: dict[int, Any] = {}
     try:
+        # SIGTERM as Ctrl-C: an offline command (train, evaluate, bench) unwinds, stops the
+        # local broker it started and says so, where the default ended it silently with 143. A
+        # long-lived command's loop installs its own handler (signals.StopOnSignal) over this
+        # one. SIGHUP alike (a closed terminal), unless ignored (`nohup`). Ctrl-C too, where
+        # Python's own handler has it (not where it is ignored: `cmd &` in a script): that
+        # handler remembers nothing, so a Ctrl-C lost where it was raised (signals.py) let the
+        # training run to its end. Installed first, before the command's modules load (numpy,
+        # torch: up to a second or more): a SIGTERM then ended it by the signal (-15), unsaid.
+        from stream_lstm.signals import interrupt_now, stop_signals
+
+        for sig in stop_signals():
+            if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
+                previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, interrupt_now)
         code = _main(argv, chosen if chosen in COMMANDS else None)
     except KeyboardInterrupt:  # (while the command's modules load, before _main's own: numpy, torch)
         print(f"{chosen if chosen in COMMANDS else 'stream-lstm'}: stopped by a signal (Ctrl-C or "
               "SIGTERM)", file=sys.stderr)
         code = 130
+    finally:
+        for sig, handler in previous.items():  # (main() is also called in-process: tests)
+            signal.signal(sig, handler)
     # A KeyboardInterrupt raised inside an exec'd string (a dataclass's or namedtuple's generated
     # code, in an import the signal interrupted) is marked unhandled by CPython, caught or not:
     # under `python -m` it then died by SIGINT at exit (-2), not with this code (1 SIGTERM to
@@ -117,18 +136,7 @@ def _main(argv: list[str], chosen: str | None) -> int:
         for var in unknown_variables(os.environ):
             print(f"{args.command}: {var} names no setting and is ignored: misspelt? "
                   "(`python -m stream_lstm.config` lists the settings)", file=sys.stderr)
-    # SIGTERM as Ctrl-C: an offline command (train, evaluate, bench) unwinds, stops the local
-    # broker it started and says so, where the default ended it silently with 143. A
-    # long-lived command's loop installs its own handler (signals.StopOnSignal) over this one.
-    # SIGHUP alike (a closed terminal), unless ignored (`nohup`).
-    from stream_lstm.signals import interrupt_now, stop_signals
-
-    # Ctrl-C too, where Python's own handler has it (not where it is ignored: `cmd &` in a
-    # script): that handler remembers nothing, so a Ctrl-C lost where it was raised (signals.py)
-    # let the training run to its end.
-    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()
-                if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler}
-    try:
+    try:  # (the stop signals' handlers: main's)
         return int(module.main(args) or 0)
     except SettingsError as exc:  # every command reads settings: one clear line, not a traceback
         print(f"{args.command}: {flags_named(str(exc), argv)}", file=sys.stderr)
@@ -159,9 +167,6 @@ def _main(argv: list[str], chosen: str | None) -> int:
             raise
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 3  # the broker, or room on the disk, may come back: restarted, with backoff
-    finally:
-        for sig, handler in previous.items():  # (main() is also called in-process: tests)
-            signal.signal(sig, handler)
 
 
 def _silence_kafka() -> None:

@@ -172,6 +172,43 @@ def test_a_stop_signal_heard_inside_an_exec_still_exits_130_not_by_sigint(tmp_pa
     assert done.returncode == 130, done.stderr
 
 
+def test_a_sigterm_while_the_commands_modules_load_is_a_stop_not_death_by_the_signal(tmp_path):
+    """SIGTERM in the first second of `simulate` (numpy, kafka, torch loading) ended it by the
+    signal (-15) without a word: the handler came after the command's module was imported. Here
+    that import waits until the signal has come (a pipe it reads from)."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    (tmp_path / "slow_command.py").write_text(textwrap.dedent("""
+        import sys
+        sys.stderr.write("loading\\n")
+        sys.stderr.flush()
+        sys.stdin.read()  # (the signal comes while it waits here)
+        raise AssertionError("the signal was not heard")
+    """))
+    (tmp_path / "start_slow.py").write_text(textwrap.dedent("""
+        import sys
+        from stream_lstm import cli
+        cli.COMMANDS["train"] = ("slow_command", "stands in for train")
+        sys.exit(cli.main(["train"]))
+    """))
+    env = {"PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{tmp_path}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "start_slow"], env=env, stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == "loading\n"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, err
+        assert err.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)", err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_ctrl_c_lost_where_it_was_raised_is_heard_between_training_steps(monkeypatch, capsys):
     """SIGTERM's KeyboardInterrupt, when lost (cleared by C code that probed a torch module's
     __getattr__), is raised again between training chunks (signals.raise_if_interrupted); a
