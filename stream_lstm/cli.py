@@ -8,11 +8,14 @@ imported, so ``stream-lstm --help`` answers at once, without loading torch.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # name -> (module, one-line help). The order is the order of `stream-lstm --help`.
@@ -79,9 +82,11 @@ def flags_named(message: str, argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # (the process's own command line, not a call in-process: tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     previous: dict[int, Any] = {}
+    code = 1  # (an error escaping: Python's own exit code for it)
     try:
         # SIGTERM as Ctrl-C: an offline command (train, evaluate, bench) unwinds, stops the
         # local broker it started and says so, where the default ended it silently with 143. A
@@ -97,20 +102,50 @@ def main(argv: list[str] | None = None) -> int:
             if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
                 previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, interrupt_now)
+        if program:  # (registered first, it runs after every exit function the command registers)
+            atexit.register(_ignore_signals, list(previous))
         code = _main(argv, chosen if chosen in COMMANDS else None)
     except KeyboardInterrupt:  # (while the command's modules load, before _main's own: numpy, torch)
         print(f"{chosen if chosen in COMMANDS else 'stream-lstm'}: stopped by a signal (Ctrl-C or "
               "SIGTERM)", file=sys.stderr)
         code = 130
+    except SystemExit as exc:  # (argparse: --help, a bad argument)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
     finally:
-        for sig, handler in previous.items():  # (main() is also called in-process: tests)
-            signal.signal(sig, handler)
+        # The command is done. Restored to the defaults, a second Ctrl-C or SIGTERM soon after
+        # the first, landing while the process exits (kafka-python's threads, torch's teardown:
+        # tens of ms), ended it by the signal (-2, -15) after its clean stop: it exits now
+        # with the command's code instead, and once the last exit function has run, when
+        # Python itself would restore the defaults (its modules torn down: no handler of ours
+        # can run), the signals are ignored. In-process (tests), the caller's handlers return.
+        for sig, handler in previous.items():
+            signal.signal(sig, _exit_at_once(code) if program else handler)
     # A KeyboardInterrupt raised inside an exec'd string (a dataclass's or namedtuple's generated
     # code, in an import the signal interrupted) is marked unhandled by CPython, caught or not:
     # under `python -m` it then died by SIGINT at exit (-2), not with this code (1 SIGTERM to
     # `train` in 12). Every eval of a string clears that mark: none escaped here.
     exec("")  # noqa: S102 - (an empty string: clears CPython's mark, runs nothing)
     return code
+
+
+def _exit_at_once(code: int) -> Callable[[int, object], None]:
+    """A stop signal's handler once the command has returned ``code``: exit with it at once."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(Exception):  # (what was written goes out; a write it interrupted may not)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    return handler
+
+
+def _ignore_signals(signals: list[int]) -> None:
+    """Ignore ``signals`` from here to the process's end (its last exit function): Python keeps
+    an ignored signal ignored while it tears its modules down, where it restores any other."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _main(argv: list[str], chosen: str | None) -> int:

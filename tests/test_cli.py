@@ -1,5 +1,7 @@
 """The command line: a bad setting is one clear line and exit 2, for every command."""
 
+import signal
+
 import pytest
 
 from stream_lstm.cli import COMMANDS, main
@@ -204,6 +206,62 @@ def test_a_sigterm_while_the_commands_modules_load_is_a_stop_not_death_by_the_si
         err = proc.stderr.read()
         assert proc.wait(timeout=60) == 130, err
         assert err.strip().splitlines()[-1] == "train: stopped by a signal (Ctrl-C or SIGTERM)", err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("moment", ["exit functions", "teardown"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_the_process_exits_leaves_the_commands_code(tmp_path, sig, moment):
+    """A second Ctrl-C 50 ms after the first to `simulate` (or `replay`), once it had stopped
+    cleanly and said what it sent, ended it by SIGINT (-2; SIGTERM: -15): it came while the
+    process exited, the handlers back to Python's defaults. Here the process waits on a pipe
+    after main() has returned: in an exit function (kafka-python's threads and exit functions
+    run then), or while Python tears its modules down (torch's), where Python itself restores
+    the default handlers."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    (tmp_path / "done_command.py").write_text(textwrap.dedent("""
+        add_arguments = lambda parser: None
+        main = lambda args: 0
+    """))
+    (tmp_path / "exit_slowly.py").write_text(textwrap.dedent("""
+        import atexit, os, sys
+        from stream_lstm import cli
+        cli.COMMANDS["train"] = ("done_command", "stands in for train")
+
+        def wait(os=os):  # (the signal comes while it waits here)
+            os.write(2, b"exiting\\n")
+            os.read(0, 1)
+
+        class TornDown:  # (freed with this module, once Python has begun tearing modules down)
+            def __del__(self, wait=wait):
+                wait()
+
+        sys.argv = ["stream-lstm", "train"]
+        if os.environ["MOMENT"] == "teardown":
+            sys.modules["torn_down"] = type(sys)("torn_down")
+            sys.modules["torn_down"].held = TornDown()
+        code = cli.main()
+        if os.environ["MOMENT"] == "exit functions":
+            atexit.register(wait)
+        sys.exit(code)
+    """))
+    env = {"PYTHONPATH": f"{Path(__file__).resolve().parents[1]}:{tmp_path}", "PATH": "/usr/bin:/bin",
+           "MOMENT": moment}
+    proc = subprocess.Popen([sys.executable, "-m", "exit_slowly"], env=env, stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == "exiting\n"
+        proc.send_signal(sig)
+        proc.stdin.close()  # (what it waits on ends: exit on, if the signal was ignored)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, err
+        assert "Traceback" not in err, err
     finally:
         proc.kill()
         proc.wait()
