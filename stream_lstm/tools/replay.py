@@ -94,7 +94,9 @@ def _readings(ids: list[str], device_index: np.ndarray, ts: np.ndarray,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Replay CSV recordings into STREAM_LSTM_INPUT_TOPIC, keyed by device id (default: the "
-        "file name). Several files are merged in timestamp order, like a fleet.")
+        "file name). Several files are merged in timestamp order, like a fleet. Exit 0 when every "
+        "reading was sent; 1 when it stopped before the end (a signal: Ctrl-C or SIGTERM, the "
+        "readings sent so far said) or failed; 2 for a bad file or setting; 3 when no broker answers.")
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.csv",
                         help="recordings, e.g. ../shared/data/nab/machine_temperature_system_failure.csv")
     parser.add_argument("--time-column", default=None, metavar="NAME",

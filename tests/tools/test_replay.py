@@ -177,3 +177,15 @@ def test_no_broker_is_the_one_line_exit_3_of_every_command(tmp_path, monkeypatch
     assert main(["replay", str(csv)]) == 3
     err = capsys.readouterr().err
     assert err.count("cannot connect to Kafka") == 1 and "note:" not in err and "Traceback" not in err
+
+
+def test_help_says_what_each_exit_code_means(capsys):
+    # (a stopped replay exits 1, `simulate` 0: said nowhere; a review)
+    import pytest
+
+    from stream_lstm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["replay", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit 0 when every reading was sent; 1 when it stopped before the end" in text
