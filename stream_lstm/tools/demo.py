@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             _run(args, settings, env, run_dir, run, signals)
         except KeyboardInterrupt:  # a signal while setting up: clean up what there is, quietly
-            pass
+            run["interrupted"] = True
         finally:
             signals.raising = False
             _stop_all(args, run_dir, run, signals)
@@ -320,7 +320,9 @@ def _stop_all(args: argparse.Namespace, run_dir: Path, run: dict[str, Any],
         pid = broker.pid
         broker.stop()
         parts.append(f"local broker (pid {pid})")
-    say(f"stopped: {', '.join(parts)}" if parts else "stopped while starting up: nothing is left running")
+    # (without a signal, "stopped while starting up" read as if one had come, before the error)
+    say(f"stopped: {', '.join(parts)}" if parts else
+        ("stopped while starting up: " if run.get("interrupted") else "") + "nothing is left running")
     if run["own_topics"] and not args.keep_broker:
         from stream_lstm.kafka.topics import delete_leftovers
 

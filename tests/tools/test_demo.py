@@ -319,3 +319,16 @@ def test_up_with_no_devices_says_so_before_starting_anything(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1] == "up: --devices, --rate and --speedup must be positive"
     assert "starting a local Kafka broker" not in done.stdout
+
+
+def test_up_failing_without_a_signal_does_not_say_it_was_stopped(tmp_path):
+    """`up` on a broker that does not answer said "stopped while starting up", as if a signal had
+    come, before the real error (a review)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_LSTM_")}
+    env.update(PYTHONPATH=str(REPO), STREAM_LSTM_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+               STREAM_LSTM_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "stream_lstm.cli", "up", "--duration", "5"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "no broker answers at" in out, out
+    assert "nothing is left running" in out and "stopped while starting up" not in out, out
