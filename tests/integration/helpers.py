@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +16,7 @@ from stream_lstm import experts
 from stream_lstm.config import Settings
 from stream_lstm.encoding import encode_reading
 from stream_lstm.forecast import interval_quantile
-from stream_lstm.kafka.clients import make_admin, make_consumer, make_producer
+from stream_lstm.kafka.clients import make_consumer, make_producer
 from stream_lstm.models import SimpleLSTM
 from stream_lstm.state.normalizer import normalize_sequence
 
@@ -90,21 +89,25 @@ def read_topic(settings: Settings, topic: str, expect: int | None = None, timeou
                idle_s: float = 3.0, committed: bool = True) -> list:
     """Every record of ``topic`` (read_committed by default), from the beginning.
 
-    Subscribed once the topic exists: a group joined before the worker created it was assigned
-    nothing, and kafka-python looks again only at its next metadata refresh (5 minutes), so a
-    loaded machine read 0 forecasts in a minute (test_cold_start, once)."""
+    Every partition assigned by hand once the reader's own metadata has them, in no group: a
+    group joined before the worker created the topic was assigned nothing, and kafka-python
+    looks again only at its next metadata refresh (5 minutes), so a loaded machine read 0
+    forecasts in a minute (test_cold_start, twice in one run even after the admin client
+    listed the topic: the group's assignor found no partition metadata for it yet)."""
+    from kafka.structs import TopicPartition
+
     deadline = time.time() + timeout_s
-    admin = make_admin(settings)
-    try:
-        while topic not in admin.list_topics() and time.time() < deadline:
-            time.sleep(0.1)  # (polling the broker for the topic: the event waited for)
-    finally:
-        admin.close()
     consumer = make_consumer(
-        settings, topic, group_id=f"reader-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-        enable_auto_commit=False,
+        settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
         isolation_level="read_committed" if committed else "read_uncommitted",
+        allow_auto_create_topics=False,  # (asking must not create it before its writer does)
     )
+    while not (parts := consumer.partitions_for_topic(topic)) and time.time() < deadline:
+        time.sleep(0.1)  # (polling the broker for the topic's partitions: the event waited for)
+    if not parts:  # (never made within the time)
+        consumer.close()
+        return []
+    consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
     out, last_new = [], time.time()
     while time.time() < deadline:
         polled = consumer.poll(timeout_ms=300)
