@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ from stream_lstm.models.serving import (
     check_model_matches_settings,
 )
 from stream_lstm.pipeline import decode_records
-from stream_lstm.signals import stop_signals, take_lost_stop
+from stream_lstm.signals import StopOnSignal
 from stream_lstm.state.ingest import ingest
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, decode_result, run_job
@@ -383,10 +382,7 @@ def main(args: argparse.Namespace) -> int:
         if metrics is not None and health is not None:
             health.set_ready("model", True, service.champion.version)
             metrics.set_model_version(service.champion.version, service.champion.created_ts or time.time())  # (the gate's champion)
-        for sig in stop_signals():
-            signal.signal(sig, lambda *_: service.stop())
-        if take_lost_stop():  # (a stop before these handlers, lost where it was raised)
-            service.stop()
+        StopOnSignal(service.stop).connected()  # (connected: a signal stops the loop; a lost one too)
         endpoint = (f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
                     if settings.metrics_port else "metrics off")
         log.info(f"trainer started: input {settings.input_topic} at {settings.bootstrap_servers}, "
