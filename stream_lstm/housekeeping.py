@@ -23,6 +23,9 @@ from stream_lstm.metrics import Metrics
 from stream_lstm.state.table import DeviceTable
 
 log = logging.getLogger("stream_lstm.housekeeping")
+# How long the loop may wait on the broker for the lag of a restoring partition, every few
+# seconds at most (the turn is otherwise idle: its partitions are paused).
+LAG_LOOKUP_TIMEOUT_MS = 1_000
 
 
 class Housekeeping:
@@ -71,6 +74,7 @@ class Housekeeping:
         self.gauge_every_s = gauge_every_s
         self._next_expiry = 0.0
         self._next_gauges = 0.0
+        self._next_lag_lookup = 0.0
         # What the TTL runs on; its history spans ~1,000-4,000 points of a TTL's 1/1024 each.
         self.clock = InputClock(cap_s=settings.device_ttl_s / 4, resolution_s=max(1.0, settings.device_ttl_s / 1024))
 
@@ -124,7 +128,7 @@ class Housekeeping:
         transactional producer, a commit marker after the last reading shows as a lag of 1.)
         Beside it, how many partitions wait at a batch the client cannot read."""
         self.metrics.input_unreadable_partitions.set(unreadable)
-        assigned, caught_up = set(), set()
+        assigned, caught_up, unknown = set(), set(), []
         for tp in consumer.assignment():
             assigned.add(tp.partition)
             high, position = consumer.highwater(tp), committed.get(tp)
@@ -132,6 +136,32 @@ class Housekeeping:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
                 if high - position <= 1:  # read to its end: nothing of it queued, so a silent
                     caught_up.add(tp.partition)  # one moves on with the whole input (input_clock.py)
+            else:
+                unknown.append(tp)
+        if unknown:
+            self._look_up_lag(consumer, unknown, committed)
         if self.settings.device_ttl_s > 0:  # (the clock is read by the TTL alone)
             self.clock.caught_up = caught_up
             self.clock.keep_only(assigned)
+
+    def _look_up_lag(self, consumer: KafkaConsumer, partitions: list[TopicPartition],
+                     committed: Mapping[TopicPartition, int]) -> None:
+        """The lag of partitions the fetcher knows nothing of yet, asked of the broker on the
+        gauges' clock: a partition paused while its state is restored and replayed is not
+        fetched, so it has no high watermark, and the worker has committed nothing of it. Its
+        backlog grows while it waits, which is when the lag alert must see it (a failover of
+        a large fleet); without this, its series was absent until the restore ended."""
+        if time.monotonic() < self._next_lag_lookup:
+            return
+        self._next_lag_lookup = time.monotonic() + self.gauge_every_s
+        try:
+            ends = consumer.end_offsets(partitions, timeout_ms=LAG_LOOKUP_TIMEOUT_MS)
+            for tp in partitions:
+                position = committed.get(tp)
+                if position is None:  # the group's (None: it never committed this partition)
+                    found = consumer.committed(tp, timeout_ms=LAG_LOOKUP_TIMEOUT_MS)
+                    position = None if found is None else int(found)
+                if position is not None and ends.get(tp) is not None:
+                    self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, ends[tp] - position))
+        except Exception as exc:  # noqa: BLE001 - a broker that does not answer: asked again later
+            log.debug("the lag of restoring partitions could not be asked", extra={"error": repr(exc)[:200]})

@@ -183,3 +183,46 @@ def test_an_expiry_pass_over_an_empty_table_forgets_nobody_and_raises_nothing(tm
         assert chores.expired(now=2000.0) == [] and farewells == []
     finally:
         manager.store.close(clean=True)
+
+
+def test_a_paused_partition_the_worker_has_committed_nothing_of_still_reports_its_lag(
+        tmp_path, bootstrap, topic_name):
+    """A partition paused while its state is restored is never fetched (no high watermark) and
+    has no commit of this worker: its lag is asked of the broker, on the gauges' clock."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic_name, 2, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for p, n in ((0, 7), (1, 3)):
+        for _ in range(n):
+            producer.send(topic_name, b"x", partition=p)
+    producer.flush()
+    tp0, tp1 = TopicPartition(topic_name, 0), TopicPartition(topic_name, 1)
+    group = f"g-{topic_name}"
+    committer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    committer.commit({tp0: OffsetAndMetadata(2, "", -1)})  # the group's position: 2 of 7
+    committer.close()
+
+    chores, *_, manager, metrics, _ = make(tmp_path, ttl=0.0)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer.assign([tp0, tp1])
+    consumer.pause(tp0, tp1)  # as while restoring: nothing is fetched
+    assert consumer.highwater(tp0) is None
+    try:
+        chores.update_lag(consumer, committed={})
+        assert metrics.consumer_lag.labels("0")._value.get() == 5
+        sampled = {s.labels["partition"] for s in metrics.consumer_lag.collect()[0].samples}
+        assert sampled == {"0"}  # partition 1: never committed by the group, so no figure
+        chores.update_lag(consumer, committed={tp0: 6})  # the worker's own commit wins
+        assert metrics.consumer_lag.labels("0")._value.get() == 5  # but not before the clock
+        chores._next_lag_lookup = 0.0
+        chores.update_lag(consumer, committed={tp0: 6})
+        assert metrics.consumer_lag.labels("0")._value.get() == 1
+    finally:
+        consumer.close()
+        producer.close()
+        manager.store.close(clean=True)
