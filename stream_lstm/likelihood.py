@@ -126,10 +126,13 @@ RANGE_WARMUP = WARMUP
 # new device's fill, reads as none).
 RANGE_FIELDS = ("range_low", "range_high", "range_n")
 # A reading beyond the range by more than this many times its width (a sensor's glitch: 1e12,
-# -9999) is not taken into the range until the next reading is outside it too: one glitch
-# would otherwise widen the range for good, and the rule would never fire on that device
-# again. On the NAB recordings this changes nothing at 10 (3: 61.9 shipped, not 64.5).
+# -9999) is not taken into the range until the next reading is clearly out on its side too:
+# one glitch would otherwise widen the range for good, and the rule would never fire on that
+# device again. On the NAB recordings this changes nothing at 10 (3: 61.9 shipped, not 64.5).
 RANGE_ABSURD = 10.0
+# How far past the range, in widths, the reading after a held one must be, on its side, to
+# confirm it (beyond_range).
+RANGE_CONFIRM = 1.0
 # A reading opens an alert alone (alerts.SURE) only where a second view agrees with the one that
 # found it extreme: another channel's tail within this fraction of its share, or the range rule
 # (alerts.flags). One channel alone still flags the reading; its alert waits for the next.
@@ -177,6 +180,7 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     :func:`combine`), ``[rows, 3, ...]``. Only this part is sequential: a poll of many rounds
     observes round by round and concludes once for all of them (``alerts.judge``)."""
     n = state[:, LEVEL_N]
+    seen_before = n >= 1  # (n is a view: after the update below it counts this reading too)
     a = np.maximum(1.0 / (n + 1.0), LEVEL_RATE)
     mu, var = _running(state[:, LEVEL_MU], state[:, LEVEL_VAR], value, a)
     state[:, LEVEL_MU], state[:, LEVEL_VAR], state[:, LEVEL_N] = mu, var, n + 1.0
@@ -189,7 +193,10 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     evidence[:, 0] = score
     distance, step = changed(value, mu), changed(value, state[:, PREVIOUS])
     evidence[:, 1] = np.where((n >= 1) & scored, distance / spread, np.nan)
-    evidence[:, 2] = np.where(scored, step, np.nan)
+    # No step before a previous reading (a fresh state's is a fill; a state restored from before
+    # the channel has NaN, so its step is NaN): one |value - 0| of a device reading 2.4e9 is a
+    # gamma the channel then flagged every ordinary step against for about a week (a review).
+    evidence[:, 2] = np.where(seen_before & scored, step, np.nan)
     state[:, PREVIOUS] = value
     # The three channels side by side: a [rows, 3, fields] view of the state.
     width = len(CHANNELS) * len(CHANNEL_FIELDS)
@@ -238,7 +245,8 @@ def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.n
     place). A device with fewer than :data:`RANGE_WARMUP` readings, or whose readings never
     differed, has no range to leave. A reading past the range by :data:`RANGE_ABSURD` times
     its width is *held* out of it: taken in, with the held one, only if the next reading is
-    outside too (a new regime), else forgotten (a glitch).
+    past the range by :data:`RANGE_CONFIRM` widths on the same side (a new regime), else
+    forgotten (a glitch).
 
     Parameters
     ----------
@@ -268,9 +276,18 @@ def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.n
         outside = ranged & ((value > high + RANGE_TOLERANCE * width) | (value < low - RANGE_TOLERANCE * width))
         absurd = ranged & ((value > high + RANGE_ABSURD * width) | (value < low - RANGE_ABSURD * width))
     had = np.isfinite(held)
-    hold = absurd & ~had
+    # Only a reading past the range by a whole width on the held one's side confirms it (the
+    # device moved that way): one merely outside it after a glitch (10% past) took the glitch
+    # into the range for good, and with the range that wide, later glitches were no longer held
+    # (a review: a 1e11 glitch, then 13.0 on a range of 0-10; the device's forecasts ruined for
+    # good). On the NAB recordings the one held reading (grok's, 12 widths down) is confirmed
+    # by its next, 2.3 widths down, as before; RANGE_ABSURD widths instead cost 0.3 there.
+    with np.errstate(invalid="ignore"):
+        confirms = had & (((held > high) & (value > high + RANGE_CONFIRM * width))
+                          | ((held < low) & (value < low - RANGE_CONFIRM * width)))
+    hold = absurd & ~confirms  # (a second glitch that does not confirm the first is held instead)
     taken = np.where(hold, np.nan, value)
-    confirmed = np.where(had & outside, held, np.nan)  # the held reading, confirmed by this one
+    confirmed = np.where(confirms, held, np.nan)  # the held reading, confirmed by this one
     state[:, 0] = np.fmin(np.fmin(low, taken), confirmed)
     state[:, 1] = np.fmax(np.fmax(high, taken), confirmed)
     state[:, 2] = n + 1.0

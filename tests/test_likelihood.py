@@ -153,3 +153,31 @@ def test_one_absurd_glitch_does_not_switch_the_range_rule_off_but_a_new_regime_i
     assert value_range[0, 1] < 21.0 and value_range[1, 1] == 2e12  # device 1 moved: learnt
     assert likelihood.beyond_range(value_range, np.array([21.5, 1.5e12]), held).tolist() == [True, False]
     assert np.isnan(held).all()
+
+
+def test_a_step_channel_that_never_observed_a_step_does_not_take_its_first_from_a_fill():
+    """A state whose step channel and previous reading are at their fill (a fresh state, or one
+    restored from before the channel) on a device reading 2.4e9: its first step is not
+    |2.4e9 - 0|, after which every ordinary step was flagged for about a week."""
+    rng = np.random.default_rng(3)
+    state = likelihood.initial_state()[None].copy()
+    flagged = 0
+    for _ in range(15_000):
+        lik = likelihood.judge(state, rng.exponential(1.0, 1), 2.4e9 + rng.normal(0.0, 1.0, 1))
+        flagged += int(np.nan_to_num(lik[0]) > 0.999)
+    assert flagged < 0.005 * 15_000  # (0.7 of them before)
+
+
+def test_a_glitch_followed_by_a_reading_merely_outside_the_range_is_forgotten():
+    state, held = np.full((1, len(likelihood.RANGE_FIELDS)), np.nan), np.full(1, np.nan)
+    for v in np.linspace(0.0, 10.0, likelihood.RANGE_WARMUP):
+        likelihood.beyond_range(state, np.array([v]), held)
+    likelihood.beyond_range(state, np.array([1e12]), held)  # held out
+    assert likelihood.beyond_range(state, np.array([11.5]), held).tolist() == [True]  # outside, mildly
+    assert state[0, 1] == 11.5 and np.isnan(held[0])  # the glitch forgotten, 11.5 taken in
+    assert likelihood.beyond_range(state, np.array([5e11]), held).tolist() == [True]  # the next one held
+    assert state[0, 1] == 11.5 and held[0] == 5e11
+    assert likelihood.beyond_range(state, np.array([-1e12]), held).tolist() == [True]  # other side: held instead
+    assert state[0].tolist()[:2] == [0.0, 11.5] and held[0] == -1e12
+    likelihood.beyond_range(state, np.array([-30.0]), held)  # 2.6 widths out on its side: moved
+    assert state[0].tolist()[:2] == [-1e12, 11.5] and np.isnan(held[0])

@@ -60,6 +60,9 @@ EXTRAS: dict[str, tuple[tuple[str, ...], float, bool]] = {
     "alert": (_ALERT, float("nan"), False),
 }
 """Which format-1 extras each column was written as (frozen: format 1 is no longer written)."""
+# Keys whose fill is not their column's: a previous reading the snapshot lacks (written before
+# the likelihood's step channel) is unknown, not 0 (a step from 0 to 2.4e9 flooded the channel).
+KEY_FILLS = {"lik_value_prev": float("nan")}
 
 
 def _header(data: bytes | bytearray | memoryview) -> tuple[tuple, tuple, int]:
@@ -171,7 +174,7 @@ def decode(data: bytes | bytearray | memoryview) -> DeviceSnapshot:
     experts = np.frombuffer(data, "<f8", n_experts, pos).copy()
     for name, (keys, fill, scalar) in EXTRAS.items():
         if any(k in extra for k in keys):  # none: the column did not exist (or, sparse, was at its fill)
-            row = np.array([extra.get(k, fill) for k in keys])
+            row = np.array([extra.get(k, KEY_FILLS.get(k, fill)) for k in keys])
             columns[name] = row[0] if scalar else row
     _say_converted(dev)
     return DeviceSnapshot(device_id=dev, h=h, c=c, count=count, mean=mean, var=var, window=window,

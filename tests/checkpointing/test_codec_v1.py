@@ -83,8 +83,10 @@ def test_bytes_written_by_the_last_format_1_encoder_decode_to_todays_snapshot():
     assert s.drift_mu.dtype == np.float64 and s.drift_change[1] == np.float32(0.1)  # (as the columns hold them)
     assert s.experts.tolist() == [1.0, 2.0]
     assert (s.prev_change, s.blend_w.tolist(), s.interval_log_m.tolist()) == (0.125, [0.5, 0.875], [-0.25, 0.0625])
-    # Keys a snapshot lacks read as the column's fill; a key no column claims is dropped.
-    assert s.likelihood[0] == 1.5 and not s.likelihood[1:].any() and len(s.likelihood) == 28
+    # Keys a snapshot lacks read as the column's fill (the previous reading: unknown, NaN, not a
+    # 0 its first step would be measured from); a key no column claims is dropped.
+    assert s.likelihood[0] == 1.5 and not s.likelihood[1:-1].any() and len(s.likelihood) == 28
+    assert np.isnan(s.likelihood[-1])
     assert s.alert[0] == 1.7e9 - 60 and s.alert[2] == 0.999 and np.isnan(s.alert[[1, 3, 4, 5, 6]]).all()
     assert "gain" not in s.columns
     # Written again, it is format 2 with the same columns.
