@@ -130,9 +130,7 @@ RANGE_FIELDS = ("range_low", "range_high", "range_n")
 # one glitch would otherwise widen the range for good, and the rule would never fire on that
 # device again. On the NAB recordings this changes nothing at 10 (3: 61.9 shipped, not 64.5).
 RANGE_ABSURD = 10.0
-# How far past the range, in widths, the reading after a held one must be, on its side, to
-# confirm it (beyond_range).
-RANGE_CONFIRM = 1.0
+RANGE_CONFIRM = 1.0  # widths past the range, on its side, a held reading's next confirms it by
 # A reading opens an alert alone (alerts.SURE) only where a second view agrees with the one that
 # found it extreme: another channel's tail within this fraction of its share, or the range rule
 # (alerts.flags). One channel alone still flags the reading; its alert waits for the next.
@@ -276,12 +274,10 @@ def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.n
         outside = ranged & ((value > high + RANGE_TOLERANCE * width) | (value < low - RANGE_TOLERANCE * width))
         absurd = ranged & ((value > high + RANGE_ABSURD * width) | (value < low - RANGE_ABSURD * width))
     had = np.isfinite(held)
-    # Only a reading past the range by a whole width on the held one's side confirms it (the
-    # device moved that way): one merely outside it after a glitch (10% past) took the glitch
-    # into the range for good, and with the range that wide, later glitches were no longer held
-    # (a review: a 1e11 glitch, then 13.0 on a range of 0-10; the device's forecasts ruined for
-    # good). On the NAB recordings the one held reading (grok's, 12 widths down) is confirmed
-    # by its next, 2.3 widths down, as before; RANGE_ABSURD widths instead cost 0.3 there.
+    # Only a reading a whole width past the range on the held one's side confirms it: one just
+    # outside after a glitch took the glitch into the range for good, and later glitches were
+    # no longer held (a 1e11 glitch, then 13.0 on 0-10: the device's forecasts ruined). NAB's
+    # one held reading (grok's, 12 widths down) is confirmed by its next, 2.3 widths down.
     with np.errstate(invalid="ignore"):
         confirms = had & (((held > high) & (value > high + RANGE_CONFIRM * width))
                           | ((held < low) & (value < low - RANGE_CONFIRM * width)))

@@ -102,8 +102,7 @@ class PartitionCoordinator:
         self._store_retry_at = 0.0
         # When each partition still paused began restoring (restore_seconds).
         self._restoring_since: dict[int, float] = {}
-        # Per partition restored and replaying its input (state.replaying): the offsets left,
-        # [next, end), once read.
+        # Per partition restored and replaying its input (state.replaying): [next, end) left.
         self._replay_left: dict[int, tuple[int, int]] = {}
 
     def tps(self, partitions: set[int]) -> list[TopicPartition]:
@@ -117,8 +116,7 @@ class PartitionCoordinator:
         assert self.group is not None
         # Paused until restored: no reading of theirs is processed against missing state.
         self.group.consumer.pause(*self.tps(partitions))
-        log.info("partitions assigned; restoring their state",
-                 extra={"partitions": sorted(partitions)})
+        log.info("partitions assigned; restoring their state", extra={"partitions": sorted(partitions)})
         self.health.set_ready("partitions", False, f"restoring {sorted(self.state.restoring)}")
 
     def on_revoked(self, partitions: set[int]) -> None:
@@ -177,6 +175,7 @@ class PartitionCoordinator:
         for p in partitions:
             self._replay_left.pop(p, None)
             self._restoring_since.pop(p, None)
+            self.pipeline.applied_below.pop(p, None)
         self.metrics.forget_partitions(partitions)
         tx.drop_offsets(self.tps(partitions))
         log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
@@ -284,11 +283,12 @@ class PartitionCoordinator:
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
         if start is not None and committed is not None and start > committed:
-            log.warning("the changelog's replay marker is past the group's committed offset: the "
-                        "group's offsets were moved back, or the changelog is another group's; nothing "
-                        "is replayed, and readings the state has seen count as duplicates, not "
-                        "forecasts (to reprocess: README, 'Reprocessing the input')",
-                        extra={"partition": partition, "marker": start, "committed": committed})
+            self.pipeline.applied_below[partition] = start  # (re-read below it: duplicates)
+            log.warning("the changelog's replay marker is past the group's committed offset: the group's "
+                        "offsets were moved back, or the changelog is another group's; nothing is replayed, "
+                        "and readings below the marker count as duplicates, not forecasts (to reprocess: "
+                        "README, 'Reprocessing the input')", extra={"partition": partition, "marker": start,
+                                                                     "committed": committed})
         if start is None or committed is None or committed <= start:
             if committed is not None:
                 self.tx.next_offsets[tp] = committed

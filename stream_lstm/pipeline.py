@@ -245,6 +245,9 @@ class BatchPipeline:
         self.decoder = ReadingDecoder(settings)
         self.target = settings.target_channel
         self.stages = stages_for(settings, q=interval_quantile(settings.interval_coverage))
+        # Per partition, the offset below which every reading was applied: the group's offsets
+        # moved back (partitions.py). One re-read there is a duplicate, not late, whatever its ts.
+        self.applied_below: dict[int, int] = {}
 
     def handle(self, records: Iterable[SourceRecord], now: float) -> BatchOutput:
         """Decode and apply one batch whose devices need nothing brought in."""
@@ -272,12 +275,15 @@ class BatchPipeline:
                 self.table, ids, ts, np.asarray(d.values, np.float64), d.partitions, now,
                 self.target, s.max_gap_s,
             )
-            counts.duplicate = int((batch.outcome == DUPLICATE).sum())
-            late = np.flatnonzero(batch.outcome == LATE)
+            late, below = np.flatnonzero(batch.outcome == LATE), self.applied_below
+            again = np.array([sources[i].offset < below.get(sources[i].partition, -1) for i in late.tolist()], bool)
+            counts.duplicate = int((batch.outcome == DUPLICATE).sum()) + int(again.sum())
+            late = late[~again]
             if s.late_policy == "dlq":
+                last, index = self.table.last_ts, self.table.index
                 for i in late.tolist():
-                    dead.append((sources[i], "late",
-                                 f"ts {ts[i]} is older than the last applied ts of {ids[i]!r}"))
+                    dead.append((sources[i], "late", f"ts {ts[i]} is older than {ids[i][:48]!r}'s last "
+                                 f"applied ts, {last[index[ids[i]]]}"))
             else:
                 counts.late = len(late)
             oldest = self._forecast(batch, ids, ts, sources, counts, out)

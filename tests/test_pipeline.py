@@ -251,3 +251,14 @@ def test_a_glitch_is_published_judged_and_alerted_but_spoils_no_later_forecast()
     assert sum(r["is_anomaly"] for r in g[at + 1 :]) == sum(r["is_anomaly"] for r in t[at + 1 :])
     opened = [r for topic, r in published if topic == "alerts" and r["event"] == "open"]
     assert [(r["device_id"], r["value"]) for r in opened if r["device_id"] == "glitchy"][:1] == [("glitchy", 1e11)]
+
+
+def test_a_late_dead_letter_says_the_last_applied_ts_and_quotes_a_long_device_id_short():
+    s = Settings(late_policy="dlq", window=8, hidden_size=4, max_message_bytes=4096)
+    table = DeviceTable(4, 8, 1, 1, 4)
+    pipe = BatchPipeline(s, table, BatchedEngine(SimpleLSTM(1, 4, 1, s.horizon), table), lambda: "v1")
+    dev = "x" * 128
+    out = pipe.handle([Rec(0, dev, 1_000.0, 1.0), Rec(1, dev, 500.0, 2.0)], now=2_000.0)
+    (late,) = [dict(r[3]) for r in out.records if r[0] == s.dlq_topic]
+    reason = late["error.reason"].decode()
+    assert late["error.code"] == b"late" and "1000.0" in reason and len(reason) < 120, reason
