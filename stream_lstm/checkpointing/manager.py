@@ -35,6 +35,7 @@ from stream_lstm.checkpointing.codec import decode_for_table, encode_snapshot
 from stream_lstm.checkpointing.expiry import Expiry, IdleFor
 from stream_lstm.checkpointing.replay import REPLAY_MARKER, encode_marker
 from stream_lstm.checkpointing.restoring import restore_slice
+from stream_lstm.checkpointing.schedule import next_checkpoint
 from stream_lstm.checkpointing.store import StateStore
 from stream_lstm.config import Settings
 from stream_lstm.logs import Sparing
@@ -83,8 +84,7 @@ class StateManager:
         self.store = StateStore(store_path)  # (makes its directory, or says why it cannot)
         if not self.store.opened_clean:
             # After a crash it may hold state of an uncommitted batch; the changelog is truth.
-            log.warning("state store was not closed cleanly: wiping it, will restore from %s",
-                        self.topic)
+            log.warning("state store was not closed cleanly: wiping it, will restore from %s", self.topic)
             self.store.wipe()
         self.metrics = metrics
         self._expiry = Expiry(self)
@@ -191,8 +191,8 @@ class StateManager:
         dirty = self.dirty
         for dev, p in changed:
             dirty[dev] = p
-            if p not in self.next_flush:
-                self.next_flush[p] = time.monotonic() + self.settings.checkpoint_interval_s
+            if p not in self.next_flush:  # (at the partition's phase of the interval: in turn)
+                self.next_flush[p] = next_checkpoint(p, time.monotonic(), self.settings.checkpoint_interval_s)
 
     def mark(self, table: DeviceTable, slots) -> None:  # noqa: ANN001
         """Checkpoint these devices with the next commit, whatever their partition's schedule:

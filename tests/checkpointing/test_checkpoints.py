@@ -43,10 +43,14 @@ def test_a_partition_checkpoints_once_per_interval_with_its_replay_marker(tmp_pa
     assert manager.records_for_commit(table, {0: 10, 1: 5}) == []
     manager.committed({})
     assert sorted(manager.dirty) == ["a", "b", "c"]
-    clock[0] += 31
+    clock[0] += 31  # partition 0's turn (each at its phase of the interval: schedule.py)
     touch(manager, table, ["a"], partition=0)  # dirty again: still one write
     devices, markers = written(manager.records_for_commit(table, {0: 12, 1: 5}))
-    assert devices == ["a", "b", "c"] and markers == {0: 12, 1: 5}
+    assert devices == ["a", "b"] and markers == {0: 12}
+    manager.committed({})
+    clock[0] += 10  # partition 1's, within one and a half intervals of its change
+    devices, markers = written(manager.records_for_commit(table, {0: 12, 1: 5}))
+    assert devices == ["c"] and markers == {1: 5}
     manager.committed({})
     assert manager.dirty == {} and manager.markers == {0: 12, 1: 5}
     # A forced checkpoint (revocation, a swap, a clean stop) writes at once.
