@@ -243,8 +243,8 @@ def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.n
     place). A device with fewer than :data:`RANGE_WARMUP` readings, or whose readings never
     differed, has no range to leave. A reading past the range by :data:`RANGE_ABSURD` times
     its width is *held* out of it: taken in, with the held one, only if the next reading is
-    past the range by :data:`RANGE_CONFIRM` widths on the same side (a new regime), else
-    forgotten (a glitch).
+    past the range on its side by :data:`RANGE_CONFIRM` widths and a tenth of the held one's
+    distance (a new regime), else forgotten (a glitch).
 
     Parameters
     ----------
@@ -274,13 +274,13 @@ def beyond_range(state: np.ndarray, value: np.ndarray, held: np.ndarray) -> np.n
         outside = ranged & ((value > high + RANGE_TOLERANCE * width) | (value < low - RANGE_TOLERANCE * width))
         absurd = ranged & ((value > high + RANGE_ABSURD * width) | (value < low - RANGE_ABSURD * width))
     had = np.isfinite(held)
-    # Only a reading a whole width past the range on the held one's side confirms it: one just
-    # outside after a glitch took the glitch into the range for good, and later glitches were
-    # no longer held (a 1e11 glitch, then 13.0 on 0-10: the device's forecasts ruined). NAB's
-    # one held reading (grok's, 12 widths down) is confirmed by its next, 2.3 widths down.
+    # Confirmed only by a reading a width past the range on its side, and a tenth as far: one
+    # just outside took a glitch into the range for good (later ones then not held: forecasts
+    # ruined, a review). NAB's one held reading (12 widths out) is confirmed by its next (2.3).
     with np.errstate(invalid="ignore"):
-        confirms = had & (((held > high) & (value > high + RANGE_CONFIRM * width))
-                          | ((held < low) & (value < low - RANGE_CONFIRM * width)))
+        up = np.fmax(RANGE_CONFIRM * width, (held - high) / RANGE_ABSURD)
+        down = np.fmax(RANGE_CONFIRM * width, (low - held) / RANGE_ABSURD)
+        confirms = had & (((held > high) & (value > high + up)) | ((held < low) & (value < low - down)))
     hold = absurd & ~confirms  # (a second glitch that does not confirm the first is held instead)
     taken = np.where(hold, np.nan, value)
     confirmed = np.where(confirms, held, np.nan)  # the held reading, confirmed by this one

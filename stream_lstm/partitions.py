@@ -283,7 +283,7 @@ class PartitionCoordinator:
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
         if start is not None and committed is not None and start > committed:
-            self.pipeline.applied_below[partition] = start  # (re-read below it: duplicates)
+            self.pipeline.applied_below[partition] = self.state.marker_floor[partition] = start  # (re-reads)
             log.warning("the changelog's replay marker is past the group's committed offset: the group's "
                         "offsets were moved back, or the changelog is another group's; nothing is replayed, "
                         "and readings below the marker count as duplicates, not forecasts (to reprocess: "

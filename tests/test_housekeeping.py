@@ -212,6 +212,7 @@ def test_a_paused_partition_the_worker_has_committed_nothing_of_still_reports_it
     consumer.assign([tp0, tp1])
     consumer.pause(tp0, tp1)  # as while restoring: nothing is fetched
     assert consumer.highwater(tp0) is None
+    manager.assign({0, 1})  # (restoring: only such partitions are asked about)
     try:
         chores.update_lag(consumer, committed={})
         assert metrics.consumer_lag.labels("0")._value.get() == 5
@@ -221,6 +222,10 @@ def test_a_paused_partition_the_worker_has_committed_nothing_of_still_reports_it
         assert metrics.consumer_lag.labels("0")._value.get() == 5  # but not before the clock
         chores._next_lag_lookup = 0.0
         chores.update_lag(consumer, committed={tp0: 6})
+        assert metrics.consumer_lag.labels("0")._value.get() == 1
+        manager.restoring.clear()  # restored, not yet fetched nor committed: not asked about
+        chores._next_lag_lookup = 0.0
+        chores.update_lag(consumer, committed={})
         assert metrics.consumer_lag.labels("0")._value.get() == 1
     finally:
         consumer.close()

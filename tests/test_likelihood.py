@@ -179,5 +179,8 @@ def test_a_glitch_followed_by_a_reading_merely_outside_the_range_is_forgotten():
     assert state[0, 1] == 11.5 and held[0] == 5e11
     assert likelihood.beyond_range(state, np.array([-1e12]), held).tolist() == [True]  # other side: held instead
     assert state[0].tolist()[:2] == [0.0, 11.5] and held[0] == -1e12
-    likelihood.beyond_range(state, np.array([-30.0]), held)  # 2.6 widths out on its side: moved
-    assert state[0].tolist()[:2] == [-1e12, 11.5] and np.isnan(held[0])
+    likelihood.beyond_range(state, np.array([-30.0]), held)  # 2.6 widths: not a tenth as far
+    assert state[0].tolist()[:2] == [-30.0, 11.5] and np.isnan(held[0])
+    likelihood.beyond_range(state, np.array([-1e4]), held)  # held again, then confirmed
+    likelihood.beyond_range(state, np.array([-2e3]), held)  # (a tenth as far out, and more)
+    assert state[0].tolist()[:2] == [-1e4, 11.5] and np.isnan(held[0])

@@ -3,21 +3,19 @@
 Three tiers, from fastest to most durable:
 
 1. the in-memory :class:`~stream_lstm.state.table.DeviceTable` (a bounded cache);
-2. a local on-disk :class:`~stream_lstm.checkpointing.store.StateStore` (SQLite) of the
-   assigned partitions, which holds evicted devices and is rebuilt from the changelog;
+2. a local SQLite :class:`~stream_lstm.checkpointing.store.StateStore`: evicted devices;
 3. the compacted changelog topic, written in the same Kafka transaction as the forecasts and
    the input offsets, so it is never ahead of or behind what was published.
 
 Rules that keep the store honest under exactly-once:
 
 * the store only receives state already committed to the changelog (restored with
-  ``read_committed``, or evicted): a device changed since the last commit (*dirty*) that is
+  ``read_committed``, or evicted): a *dirty* device (changed since the last commit) that is
   evicted waits beside the table until the commit that writes it to the changelog;
-* one transaction may span several polls (``STREAM_LSTM_COMMIT_INTERVAL_MS``): each dirty
-  device is written to the changelog once, at the commit;
+* a transaction may span polls (``STREAM_LSTM_COMMIT_INTERVAL_MS``): a device is written once;
 * a store not closed cleanly is wiped and rebuilt on the next start (as Kafka Streams does);
-* partitions being restored are paused, and restore proceeds in bounded slices between polls,
-  so heartbeats and rebalances go on and a rebalance during restore cannot hang it.
+* restoring partitions are paused; restore goes in bounded slices between polls (heartbeats
+  and rebalances go on).
 """
 
 from __future__ import annotations
@@ -112,10 +110,13 @@ class StateManager:
         self.next_flush: dict[int, float] = {}  # (0: at the next commit: the TTL's, expiry.py)
         # What the commit being made writes: (partitions checkpointed, devices written).
         self._writing: tuple[set[int], list[str], dict[int, int], list] = (set(), [], {}, [])
-        # The replay marker last committed per partition (for the clean-stop checkpoint), and
-        # the first marker of a partition whose changelog has none, to write on the next commit.
+        # The replay marker last committed per partition (for the clean-stop checkpoint); the
+        # first of a partition whose changelog has none, for the next commit; and a floor: a
+        # marker past the group's committed offset (moved back), below which the state has every
+        # reading. Written lower, the next owner counted the rest of a re-read late (a review).
         self.markers: dict[int, int] = {}
         self._first_markers: dict[int, int] = {}
+        self.marker_floor: dict[int, int] = {}
         # While a commit is in flight (records_for_commit to committed), what the next batch
         # changes, marks or evicts waits here and is applied after the commit's own: the
         # commit must not count as written what changed after its snapshots were taken.
@@ -239,7 +240,8 @@ class StateManager:
             devs = [*evicted_dirty, *(d for d in forced if d not in evicted_dirty and d in dirty)]
         # (never for a partition still restoring or replaying: its readings are not all in memory)
         current = {p for p in due if p in next_offsets and p not in self.restoring | self.replaying}
-        markers = {**self._first_markers, **{p: next_offsets[p] for p in current}}
+        floor = self.marker_floor
+        markers = {**self._first_markers, **{p: max(next_offsets[p], floor.get(p, 0)) for p in current}}
         # Evicted devices are encoded once: the rows go to the changelog, then to the store.
         evicted = [(d, s.partition, encode_snapshot(s)) for d, s in self._evicted_dirty.items()]
         self._writing = (due, devs, markers, evicted)
@@ -337,8 +339,8 @@ class StateManager:
             self.moved = {m for m in self.moved if m[0] not in gone}
         for p in partitions:
             self.next_flush.pop(p, None)
-            self.markers.pop(p, None)
-            self._first_markers.pop(p, None)
+            for held in (self.markers, self._first_markers, self.marker_floor):
+                held.pop(p, None)
         self.restoring, self.ready, self.replaying = (
             self.restoring - partitions, self.ready - partitions, self.replaying - partitions)
         self.store.release(partitions - self._unchecked, time.time())  # (unchecked: as old as before)
@@ -347,8 +349,7 @@ class StateManager:
             self.written.pop(p, None)
 
     def restore_slice(self, budget_s: float = 1.0) -> set[int]:
-        """Restore paused partitions for at most ``budget_s``; return those now complete
-        (checkpointing/restoring.py)."""
+        """Restore paused partitions for ``budget_s``; those now complete (restoring.py)."""
         return restore_slice(self, budget_s)
 
     def replay_from(self, partition: int) -> int | None:
@@ -356,9 +357,8 @@ class StateManager:
         return self.store.replay_from(partition)
 
     def first_marker(self, partition: int, offset: int) -> None:
-        """``partition``'s changelog has no replay marker (a new group, or a changelog written
-        before markers, when every commit carried the state): its state is complete up to
-        ``offset``, where it restarts. The next commit says so, for a restore's replay."""
+        """``partition``'s changelog has no replay marker (a new group, or one from before
+        markers): its state is complete up to ``offset``. The next commit says so."""
         self._first_markers[partition] = offset
 
     def rollback(self, table: DeviceTable, partitions: set[int]) -> None:

@@ -156,3 +156,22 @@ def test_a_forged_stored_snapshot_starts_its_device_afresh_and_its_partition_is_
     fresh.store = manager.store
     assert fresh.load("nan") is None and "nan" in fresh.unwritten  # afresh (counted, logged)
     assert fresh.load("far").partition == 2 and fresh.load("fine").n_seen == 1
+
+
+def test_a_marker_never_goes_below_the_floor_the_groups_moved_back_offsets_left_it_at(tmp_path):
+    """After the group's offsets moved back below the changelog's marker (partitions.py sets the
+    floor), a checkpoint of the partition part-way through the re-read (a clean stop's, or one
+    due because another device of it changed) keeps the marker: written at the committed
+    offset, the next owner saw no re-read and counted the rest of it late."""
+    manager, table = setup(tmp_path, interval_s=30)
+    manager.marker_floor[0] = 500  # the state has every reading of partition 0 below 500
+    touch(manager, table, ["a"], partition=0)
+    touch(manager, table, ["b"], partition=1)
+    devices, markers = written(manager.records_for_commit(table, {0: 120, 1: 40}, flush={0, 1}))
+    assert devices == ["a", "b"] and markers == {0: 500, 1: 40}
+    manager.committed({})
+    touch(manager, table, ["a"], partition=0)  # past the floor: the offset itself again
+    assert written(manager.records_for_commit(table, {0: 640}, flush={0}))[1] == {0: 640}
+    manager.committed({})
+    manager.revoke(table, {0})
+    assert 0 not in manager.marker_floor
