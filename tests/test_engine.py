@@ -271,3 +271,33 @@ def test_cuda_asked_for_without_one_is_a_settings_error():
     with pytest.raises(SettingsError, match="STREAM_LSTM_DEVICE: cuda, but torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_rounds_of_every_size_step_as_a_few_batch_sizes_with_the_same_forecasts():
+    """torch's CPU LSTM compiles and keeps a kernel per batch size it meets: rounds of every
+    size up to a poll's grew a worker's memory without bound. Padded to a few sizes, the rows'
+    forecasts and states are what an unpadded step gives."""
+    from stream_lstm.engine import step_rows
+
+    torch.manual_seed(0)
+    table = DeviceTable(400, 8, 1, 1, 16)
+    table.slots_for([f"d{i}" for i in range(400)], [0] * 400, now=0.0)
+    model = SimpleLSTM(1, 16, 1, 4)
+    engine = BatchedEngine(model, table)
+    seen, real_step = set(), model.step
+
+    def step(x, h, c):
+        seen.add(len(x))
+        return real_step(x, h, c)
+
+    model.step = step
+    rng = np.random.default_rng(1)
+    for rows in range(1, 301):
+        slots = np.sort(rng.choice(400, rows, replace=False))
+        z = rng.normal(size=(rows, 1)).astype(np.float32)
+        h0, c0 = table.h[:, slots].clone(), table.c[:, slots].clone()
+        mu, _ = engine.step(slots, z, [(0, rows)])
+        want, _, h1, c1 = real_step(torch.from_numpy(z), h0, c0)
+        np.testing.assert_allclose(mu, want.detach().numpy(), atol=1e-6)
+        np.testing.assert_allclose(table.h[:, slots].numpy(), h1.detach().numpy(), atol=1e-6)
+    assert seen == {step_rows(n) for n in range(1, 301)} and len(seen) <= 24
