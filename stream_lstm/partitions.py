@@ -175,7 +175,6 @@ class PartitionCoordinator:
         for p in partitions:
             self._replay_left.pop(p, None)
             self._restoring_since.pop(p, None)
-            self.pipeline.applied_below.pop(p, None)
         self.metrics.forget_partitions(partitions)
         tx.drop_offsets(self.tps(partitions))
         log.info(why, extra={"partitions": sorted(partitions), "devices": gone})
@@ -283,7 +282,7 @@ class PartitionCoordinator:
         start = self.state.replay_from(partition)
         committed = self.group.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
         if start is not None and committed is not None and start > committed:
-            self.pipeline.applied_below[partition] = self.state.marker_floor[partition] = start  # (re-reads)
+            self.state.marker_floor[partition] = start  # (re-reads below it: duplicates, pipeline.py)
             log.warning("the changelog's replay marker is past the group's committed offset: the group's "
                         "offsets were moved back, or the changelog is another group's; nothing is replayed, "
                         "and readings below the marker count as duplicates, not forecasts (to reprocess: "

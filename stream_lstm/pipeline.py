@@ -246,7 +246,7 @@ class BatchPipeline:
         self.target = settings.target_channel
         self.stages = stages_for(settings, q=interval_quantile(settings.interval_coverage))
         # Per partition, the offset below which every reading was applied: the group's offsets
-        # moved back (partitions.py). One re-read there is a duplicate, not late, whatever its ts.
+        # moved back (the worker's StateManager.marker_floor). One re-read there is a duplicate.
         self.applied_below: dict[int, int] = {}
 
     def handle(self, records: Iterable[SourceRecord], now: float) -> BatchOutput:

@@ -100,6 +100,7 @@ class Worker:
         # after a swap is checkpointed with the next commit (training/lifecycle.py).
         self.lifecycle.checkpoints = self.state
         self.pipeline = BatchPipeline(settings, self.table, self.engine, lambda: self.lifecycle.version)
+        self.pipeline.applied_below = self.state.marker_floor  # (one fact: set and cleared there)
         self.bring_in = BringIn(self.table, self.state, self.lifecycle)
         self.tx = TransactionUnit(settings, self.state, self.table, self.metrics, self._new_publisher)
         self.partitions = PartitionCoordinator(settings, self.state, self.table, self.pipeline,
