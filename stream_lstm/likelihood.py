@@ -190,7 +190,7 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     evidence = np.empty((len(state), len(CHANNELS)))
     evidence[:, 0] = score
     distance, step = changed(value, mu), changed(value, state[:, PREVIOUS])
-    evidence[:, 1] = np.where((n >= 1) & scored, distance / spread, np.nan)
+    evidence[:, 1] = np.where(seen_before & scored, distance / spread, np.nan)
     # No step before a previous reading (a fresh state's is a fill; a state restored from before
     # the channel has NaN, so its step is NaN): one |value - 0| of a device reading 2.4e9 is a
     # gamma the channel then flagged every ordinary step against for about a week (a review).

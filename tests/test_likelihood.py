@@ -168,6 +168,22 @@ def test_a_step_channel_that_never_observed_a_step_does_not_take_its_first_from_
     assert flagged < 0.005 * 15_000  # (0.7 of them before)
 
 
+def test_a_devices_first_reading_teaches_neither_the_level_nor_the_step_channel():
+    """The first reading has no level to be measured against (the mean is that reading, so
+    its distance is 0 by construction) and no previous reading to step from: both channels
+    stay as they were. (The level's guard read its count after the update, always 1 or more, so
+    every device's level model began with a 0 it never saw.)"""
+    state = likelihood.initial_state()[None].copy()
+    likelihood.judge(state, np.array([1.0]), np.array([20.0]))
+    width = len(likelihood.CHANNEL_FIELDS)
+    level, step = (state[0, i * width:(i + 1) * width] for i in (1, 2))
+    assert level.tolist() == likelihood.channel_state().tolist()
+    assert step.tolist() == likelihood.channel_state().tolist()
+    assert state[0, likelihood.LEVEL_N] == 1.0  # the level itself did take the reading in
+    likelihood.judge(state, np.array([1.0]), np.array([21.0]))
+    assert state[0, width + likelihood.CHANNEL_FIELDS.index("n")] == 1.0
+
+
 def test_a_glitch_followed_by_a_reading_merely_outside_the_range_is_forgotten():
     state, held = np.full((1, len(likelihood.RANGE_FIELDS)), np.nan), np.full(1, np.nan)
     for v in np.linspace(0.0, 10.0, likelihood.RANGE_WARMUP):
