@@ -15,7 +15,8 @@ those semantics, not a copy of the code.
   first window, ``-fp``. A window counts once, with its best (earliest) detection, and costs
   ``-fn`` without one; every false alert counts. Non-finite scores never detect.
 * Corpus raw score: the sum over files; reported score ``100 (raw - null) / (perfect - null)``:
-  *null* never fires (``-fn`` a window), *perfect* fires at each window's first row (``tp``).
+  *null* never fires (``-fn`` a window), *perfect* earns ``tp`` a window (what a detection at
+  its first row earns; ``tp`` too, as in NAB, where that row is within the probation).
 * One threshold for the corpus, the best one (of equal ones, the highest, as in NAB).
 
 Unlike NAB's code: NAB's perfect score is ``tp x (labelled windows)``, the same unless a window

@@ -1,7 +1,8 @@
 """NAB scoring of a whole corpus, and the threshold optimiser (per-file scoring: ``nab.py``).
 
 A corpus is scored as NAB does: the raw scores of its files are summed and normalised between
-the null detector (never fires) and the perfect one (fires once at each window's first row).
+the null detector (never fires) and the perfect one (``tp`` for each scored window, as a
+detection at its first row earns).
 The optimiser sweeps thresholds and keeps the best, as NAB's own optimiser does for each
 detector before its published figures.
 """
@@ -33,7 +34,7 @@ class CorpusScore:
     profile, threshold
         What it was scored with: rows with a score ``>= threshold`` were detections.
     raw, null, perfect
-        The raw score, and that of never firing / of firing once at each window's first row;
+        The raw score, and that of never firing / of ``tp`` for each scored window;
         :attr:`score` is the normalised score.
     files
         Each file's :class:`FileScore`.
@@ -94,9 +95,9 @@ def score_corpus(files: Mapping[str, tuple], profile: Profile = STANDARD,
         per_file[name] = score_labelled(labels, scores >= threshold, profile)
         raw += per_file[name].raw
         null += score_labelled(labels, np.zeros(len(scores), bool), profile).raw
-        at_starts = np.zeros(len(scores), bool)
-        at_starts[[first for first, _ in labels.bounds]] = True
-        perfect += score_labelled(labels, at_starts, profile).raw
+        # NAB's perfect: tp for each scored window, not a detection at its first row, which
+        # would be ignored (a miss) where the window starts within the probation.
+        perfect += profile.tp * int(labels.scored.sum())
     return CorpusScore(profile, float(threshold), raw, null, perfect, per_file)
 
 

@@ -182,6 +182,17 @@ def test_nab_published_numenta_scores():
         assert optimised.raw >= corpus.raw - 1e-9
 
 
+def test_a_window_starting_within_the_probation_still_counts_tp_in_the_perfect_score():
+    # File a: window rows 1..5 across the probation (rows 0..2), hit at row 3, worth
+    # sigma(-3/5) / sigma(-1) = tanh(1.5) / tanh(2.5); file b: window rows 10..12, missed.
+    # NAB's perfect is tp a window (2), not a detection at row 1, which the probation ignores.
+    files = {"a": (TS, at(3).astype(float), [(60.0, 300.0)]), "b": (TS, np.zeros(20), [(600.0, 720.0)])}
+    corpus = score_corpus(files, STANDARD, threshold=1.0)
+    raw = math.tanh(1.5) / math.tanh(2.5) - 1.0
+    assert (corpus.raw, corpus.null, corpus.perfect) == (pytest.approx(raw), -2.0, 2.0)
+    assert corpus.score == pytest.approx(100 * (raw + 2) / 4)       # 47.94 (95.87 before)
+
+
 def test_a_file_with_another_number_of_scores_than_rows_is_named():
     with pytest.raises(ValueError, match="b: 19 scores for 20 rows"):
         score_corpus({"a": (TS, np.zeros(20), WINDOW), "b": (TS, np.zeros(19), WINDOW)})
