@@ -92,7 +92,9 @@ def score_corpus(files: Mapping[str, tuple], profile: Profile = STANDARD,
     """
     per_file, raw, null, perfect = {}, 0.0, 0.0, 0.0
     for name, labels, scores in _labelled(files, probation_percent):
-        per_file[name] = score_labelled(labels, scores >= threshold, profile)
+        # Non-finite scores never detect (nab.py), as threshold_curve leaves them out: else
+        # +inf would fire even at the threshold inf, "fire on nothing".
+        per_file[name] = score_labelled(labels, np.isfinite(scores) & (scores >= threshold), profile)
         raw += per_file[name].raw
         null += score_labelled(labels, np.zeros(len(scores), bool), profile).raw
         # NAB's perfect: tp for each scored window, not a detection at its first row, which

@@ -109,6 +109,17 @@ def test_optimiser_ties_go_to_the_highest_threshold():
     assert optimise_threshold({"a": (TS, scores, WINDOW)})[0] == math.inf
 
 
+def test_an_infinite_score_never_detects_as_the_optimiser_counts_it():
+    # threshold_curve leaves non-finite rows out, so the corpus scored at the threshold it
+    # picks (inf) must leave row 9's +inf out too: a miss, -1, not a hit in the window.
+    scores = np.full(20, np.nan)
+    scores[9] = math.inf
+    assert threshold_curve({"a": (TS, scores, WINDOW)})[1].tolist() == [-1.0]
+    threshold, corpus = optimise_threshold({"a": (TS, scores, WINDOW)})
+    assert (threshold, corpus.raw, corpus.files["a"].windows_hit) == (math.inf, -1.0, 0)
+    assert score_corpus({"a": (TS, scores, WINDOW)}, threshold=0.5).raw == -1.0
+
+
 def read_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """timestamp and value columns in file order (NAB scores rows in file order)."""
     with open(path, newline="") as f:
