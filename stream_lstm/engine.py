@@ -344,10 +344,15 @@ class BatchedEngine:
         h, c = self.model.zero_state(len(slots), self.table.device)
         full = np.flatnonzero(lengths == size)
         if len(full):
-            # Full windows: one fused forward over the whole sequence (much faster on CPU).
+            # Full windows: one fused forward over the whole sequence (much faster on CPU),
+            # padded to a step_rows batch as the step path is: re-warm chunks are sized by time,
+            # so every swap met new batch sizes and oneDNN kept a kernel for each (+384 MiB over
+            # 600 chunks of random sizes up to 1,500, flat with the padding: docs/benchmarks.md).
             rows = torch.from_numpy(full).to(self.table.device)
-            _, _, (hf, cf) = self.model(torch.from_numpy(windows[full]).to(self.table.device))
-            h, c = h.index_copy(1, rows, hf), c.index_copy(1, rows, cf)
+            x = np.zeros((step_rows(len(full)), *windows.shape[1:]), windows.dtype)
+            x[: len(full)] = windows[full]
+            _, _, (hf, cf) = self.model(torch.from_numpy(x).to(self.table.device))
+            h, c = h.index_copy(1, rows, hf[:, : len(full)]), c.index_copy(1, rows, cf[:, : len(full)])
         part = np.flatnonzero((lengths > 0) & (lengths < size))
         if len(part):
             # Partial ones: one packed pass, each window from its first reading (left-aligned,

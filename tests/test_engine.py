@@ -301,3 +301,31 @@ def test_rounds_of_every_size_step_as_a_few_batch_sizes_with_the_same_forecasts(
         np.testing.assert_allclose(mu, want.detach().numpy(), atol=1e-6)
         np.testing.assert_allclose(table.h[:, slots].numpy(), h1.detach().numpy(), atol=1e-6)
     assert seen == {step_rows(n) for n in range(1, 301)} and len(seen) <= 24
+
+
+def test_rewarm_chunks_of_every_size_run_as_a_few_batch_sizes_with_the_same_states(monkeypatch):
+    """Re-warm chunks are sized by their time, so each swap met new batch sizes, and torch's
+    CPU LSTM kept a compiled kernel for every one (a worker's memory grew with each swap).
+    Padded to the step path's sizes, each device's h/c is what its own window gives."""
+    from stream_lstm.engine import step_rows
+
+    model, table, engine = setup(window=6)
+    ids = [f"d{i}" for i in range(40)]
+    rng = np.random.default_rng(2)
+    for t in range(6):  # every window full: the full-window forward
+        b = ingest(table, ids, [float(t)] * len(ids), rng.normal(size=(len(ids), 2)), [0] * len(ids),
+                   now=0.0, target=0)
+        engine.step(b.slots, b.z, b.rounds, b.reset)
+    new_model = SimpleLSTM(n_features=2, hidden_size=8, num_layers=2, horizon=3).eval()
+    engine.swap_model(new_model)
+    seen, real = set(), new_model.forward
+    monkeypatch.setattr(new_model, "forward", lambda x, *a: seen.add(len(x)) or real(x, *a))
+    slots = np.array([table.index[d] for d in ids])
+    for size in range(1, 41):
+        engine.rewarm(slots[:size])
+        with torch.no_grad():
+            wins = torch.from_numpy(np.stack([table.window.ordered(int(s)) for s in slots[:size]]))
+            _, _, (h, c) = SimpleLSTM.forward(new_model, wins)
+        np.testing.assert_allclose(table.h[:, slots[:size]].numpy(), h.numpy(), atol=1e-6)
+        np.testing.assert_allclose(table.c[:, slots[:size]].numpy(), c.numpy(), atol=1e-6)
+    assert seen == {step_rows(n) for n in range(1, 41)} and len(seen) <= 8
