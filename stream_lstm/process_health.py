@@ -85,7 +85,8 @@ def reserve_status_file(path: Path) -> None:
 class StatusReporter:
     """In a child: every second, writes what its ``/healthz`` and ``/readyz`` would say (and
     ``details()``) to ``path``, replacing the file whole. If the supervisor is gone (the
-    child's parent changed), calls ``on_orphaned`` once: a worker then stops cleanly.
+    child's parent is no longer ``parent``, the supervisor's pid), calls ``on_orphaned`` once:
+    a worker then stops cleanly.
 
     >>> import tempfile
     >>> from stream_lstm.metrics import HealthState
@@ -98,10 +99,14 @@ class StatusReporter:
     """
 
     def __init__(self, path: Path, health: HealthState, details: Callable[[], dict[str, Any]],
-                 on_orphaned: Callable[[], None], every_s: float = STATUS_EVERY_S) -> None:
+                 on_orphaned: Callable[[], None], every_s: float = STATUS_EVERY_S,
+                 parent: int | None = None) -> None:
         self.path, self.health, self.details = Path(path), health, details
         self.on_orphaned, self.every_s = on_orphaned, every_s
-        self._parent = os.getppid()
+        # The supervisor's pid as it started the child: read here instead, seconds after the
+        # start (torch, the model), it was init's when the supervisor had died meanwhile, and
+        # the child ran on for ever without it (a processes review).
+        self._parent = parent or os.getppid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
         # (a full status directory failed every second: a line a minute, with the count)

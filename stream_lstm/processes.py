@@ -165,7 +165,7 @@ class Supervisor:
         How many children.
     command
         How to start one (default: this Python, ``-m stream_lstm.cli run``); the status file's
-        option is appended.
+        and the supervisor's pid's options are appended.
 
     A child is restarted when it exits, is hung or is stuck (the module's docstring): a stuck
     one is stopped with SIGTERM, so that it commits and leaves its group, and killed if still
@@ -236,7 +236,8 @@ class Supervisor:
         env = child_env(self.settings, k, self.metrics_dir, dict(os.environ))
         # A session of its own: the terminal's Ctrl-C reaches the supervisor, which stops the
         # children in order, instead of every process at once.
-        slot.proc = subprocess.Popen([*self.command, "--status-file", str(slot.status)], env=env,
+        slot.proc = subprocess.Popen([*self.command, "--status-file", str(slot.status),
+                                      "--supervisor-pid", str(os.getpid())], env=env,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         slot.started_at, slot.restart_at = time.monotonic(), None
         slot.unready_since = slot.unready_reasons = slot.stopping_since = None
@@ -376,6 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "worker processes on this host, in the same group, under one supervisor")
     # Set by the supervisor for its children: where to report their health.
     parser.add_argument("--status-file", type=Path, help=argparse.SUPPRESS)
+    # And its pid: a child that finds another parent once started stops (it was orphaned).
+    parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -393,4 +396,4 @@ def main(args: argparse.Namespace) -> int:
         name_metric_files(args.status_file.stem)
     from stream_lstm.worker import serve
 
-    return serve(settings, args.status_file)
+    return serve(settings, args.status_file, args.supervisor_pid)

@@ -355,9 +355,9 @@ class Worker:
 
 
 # ---- `stream-lstm run` with one process (processes.py holds the command) -------------------
-def serve(settings: Settings, status_file: Path | None = None) -> int:
+def serve(settings: Settings, status_file: Path | None = None, supervisor: int | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT, with its endpoint on ``METRICS_PORT``; as a child
-    of the supervisor (``status_file`` set: processes.py), reporting its health there."""
+    of the ``supervisor`` pid (``status_file`` set: processes.py), reporting its health there."""
     from stream_lstm.endpoint import serve_metrics
     from stream_lstm.logs import log_startup
     from stream_lstm.process_health import FENCED_OUT, StatusReporter, label_logs
@@ -371,7 +371,7 @@ def serve(settings: Settings, status_file: Path | None = None) -> int:
         reporter = StatusReporter(status_file, worker.health, lambda: {
             "consumed": worker.totals.consumed, "model_version": worker.lifecycle.version,
             "transactions": dict(worker.tx.outcomes),
-        }, worker.stop).start()
+        }, worker.stop, parent=supervisor).start()
     server, guard = None, StopOnSignal(worker.stop)
     try:  # the endpoint and the reporter stop however the worker ends (a refused start too)
         if settings.metrics_port:

@@ -125,6 +125,21 @@ def test_a_child_whose_supervisor_is_gone_is_told_once(tmp_path):
     assert calls == [1]
 
 
+def test_a_child_whose_supervisor_died_before_its_reporter_started_is_told(tmp_path):
+    """The parent is the supervisor's pid as given at the child's start: read when the
+    reporter started, it was already init's, and the orphan was never told."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    told = threading.Event()
+    rep = StatusReporter(tmp_path / "p0.json", HealthState(), dict, told.set, every_s=0.02,
+                         parent=dead.pid)
+    rep.start()
+    try:
+        assert told.wait(5)
+    finally:
+        rep.stop()
+
+
 def test_the_host_is_ready_when_every_child_is(tmp_path):
     h0, r0 = reporter(tmp_path, "p0")
     h1, r1 = reporter(tmp_path, "p1")

@@ -6,6 +6,7 @@ cleanly, and the one metrics endpoint adds up the children."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -259,6 +260,31 @@ def test_a_signal_stops_every_child_cleanly_and_the_supervisor_exits_0(served_se
     out = read_topic(settings, settings.output_topic, idle_s=2, timeout_s=30)
     keys = [(json.loads(r.value)["partition"], json.loads(r.value)["offset"]) for r in out]
     assert 0 < len(keys) == len(set(keys)) <= len(readings)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_children_whose_supervisor_is_killed_while_they_start_stop_themselves(served_settings, tmp_path):
+    """A supervisor SIGKILLed while its children were still starting (importing torch, loading
+    the model) left them running for ever, in the group with no endpoint: each child took its
+    parent's pid when its status reporter started, by then already init's. The next
+    supervisor's children then found the stores held and the host exited 2 (a processes review)."""
+    settings, _ = served_settings
+    host = Host(settings, tmp_path)
+    pids = wait_for(lambda: len(c := host.children()) == 2 and c, "both children started", host)
+    host.proc.kill()  # (before either child has built its worker)
+    host.proc.wait(10)
+    try:
+        deadline = time.monotonic() + 60
+        while any(pid_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [name for name, pid in pids.items() if pid_alive(pid)]
+        assert not alive, f"{alive} still running without their supervisor:\n" + host.err.read_text()[-3000:]
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "the supervisor is gone; stopping" in host.err.read_text()
 
 
 @pytest.mark.kafka
