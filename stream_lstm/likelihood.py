@@ -94,6 +94,11 @@ SAME_RELATIVE = 1e-12
 # variances are made of, would underflow to 0 and leave them "never varied" (a device reading
 # 1e-200 flagged half its readings).
 SAME_ABSOLUTE = 1e-140
+# To a channel that has only seen no change (its mean is 0: a device that held one value), any
+# change is certain: one in the 11th digit of a constant reading opened an alert. For it, a
+# change within this much of the reading, below any sensor's resolution (a float32's last bit
+# is 6e-8 of it), is none; a larger one is news.
+RESOLUTION = 1e-9
 
 # Columns of one channel's model: the run, its mean and variance, readings counted, the rate
 # of excesses over the threshold, their mean and variance, and how many there were.
@@ -110,8 +115,6 @@ FIELDS = (*(f"lik_{c}_{f}" for c in CHANNELS for f in CHANNEL_FIELDS),
 # recordings (docs/evaluation.md): equal shares 54.0 shipped, these 57.5, with fewer false
 # alerts (52 -> 47); the scores' share anywhere from 1/9 down to 1/200 gives about the same.
 WEIGHTS = (1 / 9, 4 / 9, 4 / 9)
-SCORE, LEVEL, STEP = (slice(i * len(CHANNEL_FIELDS), (i + 1) * len(CHANNEL_FIELDS))
-                      for i in range(len(CHANNELS)))
 LEVEL_MU, LEVEL_VAR, LEVEL_N, PREVIOUS = range(len(CHANNELS) * len(CHANNEL_FIELDS), len(FIELDS))
 
 
@@ -122,8 +125,7 @@ LEVEL_MU, LEVEL_VAR, LEVEL_N, PREVIOUS = range(len(CHANNELS) * len(CHANNEL_FIELD
 RANGE_TOLERANCE = 0.1
 RANGE_TAIL = 1e-7
 RANGE_WARMUP = WARMUP
-# A device's range columns: its lowest and highest reading, and how many it has seen (NaN, a
-# new device's fill, reads as none).
+# A device's range columns: lowest and highest reading, readings seen (NaN, the fill: none).
 RANGE_FIELDS = ("range_low", "range_high", "range_n")
 # A reading beyond the range by more than this many times its width (a sensor's glitch: 1e12,
 # -9999) is not taken into the range until the next reading is clearly out on its side too:
@@ -182,37 +184,35 @@ def observe(state: np.ndarray, score: np.ndarray, value: np.ndarray) -> Observed
     a = np.maximum(1.0 / (n + 1.0), LEVEL_RATE)
     mu, var = _running(state[:, LEVEL_MU], state[:, LEVEL_VAR], value, a)
     state[:, LEVEL_MU], state[:, LEVEL_VAR], state[:, LEVEL_N] = mu, var, n + 1.0
-    # The reading is part of the statistics it is measured with, as the normalizer does: this
-    # bounds the distance by about 1 / sqrt(a), so a device's first readings, when the mean
-    # knows little, cannot swamp the channel's model with distances in the thousands.
+    # The reading is part of the statistics it is measured with, as the normalizer does: the
+    # distance is then at most ~1 / sqrt(a), never thousands while the mean knows little.
     spread = np.maximum(np.sqrt(var), 1e-9 * np.maximum(np.abs(mu), 1.0))
     scored = np.isfinite(score)
     evidence = np.empty((len(state), len(CHANNELS)))
     evidence[:, 0] = score
-    distance, step = changed(value, mu), changed(value, state[:, PREVIOUS])
+    width = len(CHANNELS) * len(CHANNEL_FIELDS)
+    floor = np.where(state[:, :width].reshape(len(state), len(CHANNELS), -1)[:, :, MEAN] == 0.0, RESOLUTION, 0.0)
+    distance, step = changed(value, mu, floor[:, 1]), changed(value, state[:, PREVIOUS], floor[:, 2])
     evidence[:, 1] = np.where(seen_before & scored, distance / spread, np.nan)
-    # No step before a previous reading (a fresh state's is a fill; a state restored from before
-    # the channel has NaN, so its step is NaN): one |value - 0| of a device reading 2.4e9 is a
-    # gamma the channel then flagged every ordinary step against for about a week (a review).
+    # No step before a previous reading (a fresh state's is a fill, an older snapshot's NaN): one
+    # |value - 0| of a device reading 2.4e9 had every ordinary step flagged for a week (a review).
     evidence[:, 2] = np.where(seen_before & scored, step, np.nan)
     state[:, PREVIOUS] = value
-    # The three channels side by side: a [rows, 3, fields] view of the state.
-    width = len(CHANNELS) * len(CHANNEL_FIELDS)
     channels = state[:, :width].reshape(len(state), len(CHANNELS), len(CHANNEL_FIELDS))
     observed = advance(channels, evidence)
     state[:, :width] = channels.reshape(len(state), width)  # a no-op where the view was one
     return observed
 
 
-def changed(value: np.ndarray, before: np.ndarray) -> np.ndarray:
-    """``|value - before|``, or 0 where that is within :data:`SAME_RELATIVE` of them or
-    :data:`SAME_ABSOLUTE`: no change a device made.
+def changed(value: np.ndarray, before: np.ndarray, relative: float | np.ndarray = 0.0) -> np.ndarray:
+    """``|value - before|``, or 0 where that is within :data:`SAME_RELATIVE` (or ``relative``,
+    if larger) of them or :data:`SAME_ABSOLUTE`: no change a device made.
 
     >>> changed(np.array([0.1 + 0.2, 0.31, 1e-200, 2e-100]), np.array([0.3, 0.3, 2e-200, 1e-100])).tolist()
     [0.0, 0.010000000000000009, 0.0, 1e-100]
     """
     diff = np.abs(value - before)
-    same = diff <= np.maximum(SAME_RELATIVE * np.fmax(np.abs(value), np.abs(before)), SAME_ABSOLUTE)
+    same = diff <= np.maximum(np.maximum(SAME_RELATIVE, relative) * np.fmax(np.abs(value), np.abs(before)), SAME_ABSOLUTE)
     return np.where(same, 0.0, diff)
 
 

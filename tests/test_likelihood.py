@@ -96,6 +96,18 @@ def test_a_change_of_one_ulp_after_a_long_constant_run_is_no_change():
     assert lik[0] == lik[1] == 0.0 and 1.0 - lik[2] <= 1e-3
 
 
+def test_a_change_below_any_sensors_resolution_after_a_constant_run_is_no_change_a_larger_one_is():
+    """A change in the 11th digit of a reading held for weeks (a unit conversion's last digits)
+    opened an alert at likelihood 1 too; below RESOLUTION of the reading it is none to channels
+    that never saw a change, and a device that does vary keeps judging such changes as before."""
+    state = np.tile(likelihood.initial_state(), (3, 1))
+    for _ in range(3000):
+        likelihood.judge(state, np.full(3, 0.5), np.full(3, 20.0))
+    lik = likelihood.judge(state, np.full(3, 0.5), np.array([20.0000000002, 20.0 * (1 - 5e-10), 20.00002]))
+    assert lik[0] == lik[1] == 0.0 and 1.0 - lik[2] <= 1e-3
+    assert likelihood.changed(np.array([20.0000000002]), np.array([20.0])).item() > 0  # (varied: as before)
+
+
 def test_observing_round_by_round_then_concluding_once_is_judging_each_round():
     rng = np.random.default_rng(9)
     one, many = (np.tile(likelihood.initial_state(), (3, 1)) for _ in range(2))
