@@ -210,10 +210,11 @@ def test_judge_opens_on_a_marginal_reading_only_when_the_next_one_is_flagged_too
 
 def test_judge_takes_a_devices_readings_of_one_poll_in_order(warmed):
     table, t = warmed
-    # One poll, device a twice: the spike opens an alert, the calm reading an hour later closes it.
-    batch, _, events = judged(table, ["a", "a"], [t, t + 3600], [80.0, 20.0], [500.0, 1.0])
-    assert batch.rounds == [(0, 1), (1, 2)]
-    assert [(int(batch.rows[row]), kind) for row, kind, _ in events] == [(0, "open"), (1, "close")]
+    # One poll, device a three times: the spike opens an alert; an hour later a calm reading is
+    # still flagged (the spike is in the recent run's short average); the next closes it.
+    batch, _, events = judged(table, ["a"] * 3, [t, t + 3600, t + 7200], [80.0, 20.0, 20.0], [500.0, 1.0, 1.0])
+    assert batch.rounds == [(0, 1), (1, 2), (2, 3)]
+    assert [(int(batch.rows[row]), kind) for row, kind, _ in events] == [(0, "open"), (2, "close")]
     assert events[0][2][SINCE] == events[1][2][SINCE] == t
 
 
