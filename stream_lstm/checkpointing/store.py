@@ -322,12 +322,15 @@ class StateStore:
         return stale
 
     def wipe(self) -> None:
-        """Forget everything but the clean flag (after an unclean shutdown)."""
-        self.unwritten = {}
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("DELETE FROM state")
-            self.db.execute("DELETE FROM meta WHERE key<>?", (_CLEAN,))
+        """Forget everything (after an unclean shutdown): a new file. Deleting its rows read
+        them, and a file damaged past its header (which opening does not read, and a crash
+        found) stopped every restart here, a crash loop; a new file also gives its space back."""
+        self.unwritten, opened_clean = {}, self.opened_clean
+        self.db.close()
+        for stale in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            stale.unlink(missing_ok=True)
+        self._open()
+        self.opened_clean = opened_clean
 
     def set_changelog_id(self, topic_id: str) -> None:
         """Record the id of the changelog topic the rows come from (identity.py)."""

@@ -324,3 +324,32 @@ def test_only_a_full_or_read_only_volume_is_a_refusal_at_start(tmp_path, monkeyp
     st = StateStore(tmp_path / "state.sqlite")
     assert len(calls) == 2 and st.count() == 0
     st.close(clean=True)
+
+
+def test_a_store_damaged_past_its_header_is_rebuilt_after_the_crash_it_caused(tmp_path):
+    """Opening reads only the first pages: a store damaged further on opened, the first read
+    of a damaged page stopped the worker, and every restart then stopped in ``wipe`` (its
+    DELETE read the damaged pages too), a crash loop (a review: pages overwritten under a
+    real worker)."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    st = StateStore(path)
+    st.put_many([(f"d{i:05d}", 0, bytes([i % 251]) * 1000) for i in range(2000)])
+    st.close(clean=False)  # (the crash)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for offset in range(size // 3, size, 4096 * 5):
+            f.seek(offset)
+            f.write(b"\xa5" * 4096)
+    st = StateStore(path)
+    assert not st.opened_clean
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        st.count()  # the damage is there
+    st.wipe()  # (raised: database disk image is malformed)
+    assert not st.opened_clean and st.count() == 0 and st.checkpoint(0) is None
+    st.put_many([("a", 0, b"x")])
+    st.close(clean=True)
+    st = StateStore(path)
+    assert st.opened_clean and st.get("a") == (0, b"x")
+    st.close(clean=True)
