@@ -16,6 +16,7 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from stream_lstm import alerts, experts
+from stream_lstm.checkpointing.expiry import SWEEP_PASS_S
 from stream_lstm.checkpointing.manager import StateManager
 from stream_lstm.config import Settings
 from stream_lstm.input_clock import InputClock
@@ -92,13 +93,16 @@ class Housekeeping:
 
     def expired(self, now: float) -> list:
         """Changelog tombstones and alert-closing records of devices idle past the TTL, when an
-        expiry pass is due (at most every minute, or a quarter of the TTL); else nothing.
+        expiry pass is due (at most every minute, or a quarter of the TTL; sooner while a round
+        over the store is under way); else nothing.
         Call it only for a transaction that will be committed: the devices leave memory now."""
         ttl = self.settings.device_ttl_s
         if ttl <= 0 or now < self._next_expiry:
             return []
-        self._next_expiry = now + min(60.0, ttl / 4)
+        every = min(60.0, ttl / 4)
         records = self.state.expire(self.table, now, farewell=self.farewell, idle=self.clock.idle)
+        # A round over the store under way comes back sooner (checkpointing/expiry.py).
+        self._next_expiry = now + (min(every, SWEEP_PASS_S) if self.state.expiry.sweeping else every)
         tombstones = sum(r[0] == self.state.topic for r in records)
         if tombstones:
             log.info("devices forgotten: idle past the TTL (input time)",

@@ -231,3 +231,31 @@ def test_a_paused_partition_the_worker_has_committed_nothing_of_still_reports_it
         consumer.close()
         producer.close()
         manager.store.close(clean=True)
+
+
+def test_a_store_larger_than_a_slice_is_swept_in_passes_seconds_apart_not_a_minute(tmp_path):
+    """One slice of the store a minute forgot at most 2,000 stored devices a minute: a fleet
+    bringing new ids faster than 33 a second, TTL set, grew its store and changelog without
+    bound (a review). While a round is under way, passes come every SWEEP_PASS_S."""
+    from stream_lstm.checkpointing.codec import encode_snapshot
+    from stream_lstm.checkpointing.expiry import SWEEP_PASS_S, SWEEP_ROWS
+
+    chores, table, manager, _, _ = make(tmp_path, ttl=600.0)
+    manager.ready.add(0)
+    other = DeviceTable(1, 4, 1, 1, 8)
+    (slot,) = other.slots_for(["x"], [0], now=0.0)
+    snap = other.snapshot(slot)
+    rows = []
+    for i in range(2 * SWEEP_ROWS + 500):  # three slices' worth, all idle since 0
+        snap.device_id = f"gone-{i:05d}"
+        rows.append((snap.device_id, 0, encode_snapshot(snap)))
+    manager.store.put_many(rows)
+    flowing(chores, 0.0, 1000.0, partitions=(0,))
+    forgotten, t = 0, 1000.0
+    while t < 1060.0:  # one minute of turns, a second apart
+        forgotten += sum(r[0] == manager.topic for r in chores.expired(now=t))
+        manager.committed({})
+        t += 1.0
+    assert forgotten == len(rows) and manager.store.count() == 0  # (2,000 before: one pass a minute)
+    assert SWEEP_PASS_S <= 10.0
+    manager.store.close(clean=True)

@@ -85,7 +85,7 @@ class StateManager:
             log.warning("state store was not closed cleanly: wiping it, will restore from %s", self.topic)
             self.store.wipe()
         self.metrics = metrics
-        self._expiry = Expiry(self)
+        self.expiry = Expiry(self)
         self.restoring: set[int] = set()
         self._unchecked: set[int] = set()  # assigned, their store rows' age not yet checked
         self.ready: set[int] = set()
@@ -314,7 +314,7 @@ class StateManager:
                idle: IdleFor | None = None) -> list[ChangelogRecord]:
         """Forget devices idle past the TTL (by ``idle``, default the wall clock), in memory and
         in the store: tombstones to send, and ``farewell``'s records (checkpointing/expiry.py)."""
-        return self._expiry.records(table, now, farewell, idle)
+        return self.expiry.records(table, now, farewell, idle)
 
     # ---- rebalances ------------------------------------------------------------------------
     def assign(self, partitions: set[int]) -> None:
