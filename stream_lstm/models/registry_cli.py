@@ -91,6 +91,10 @@ def _weights_problem(root: Path, meta: dict[str, Any]) -> str | None:
     sha256 names), or None."""
     import hashlib
 
+    if meta.get("pruned"):
+        from stream_lstm.models.retention import KEEP
+
+        return f"weights pruned (the registry keeps the weights of the newest {KEEP} versions)"
     path = root / f"{meta['version']}.safetensors"
     try:
         data = path.read_bytes()
@@ -140,6 +144,9 @@ def main(args: argparse.Namespace) -> int:
 
     previous = reg.promoted()
     try:
+        if (problem := next((_weights_problem(reg.root, m) for m in reg.versions() if m["version"] == args.version
+                             and m.get("pruned")), None)):
+            raise ModelLoadError(f"{args.version}: {problem}")
         reg.rollback(args.version, reason=args.reason)
     except ModelLoadError as exc:
         print(f"models rollback: {exc}", file=sys.stderr)

@@ -152,7 +152,7 @@ def _find_served_model(settings: Settings) -> tuple[LoadedModel, str]:
     # The promoted version first, then the ones before it, newest first (the version a rollback
     # would go back to), then any later: a damaged file never stops the service. (Newest first
     # overall put back the very version a rollback had left.)
-    versions = [m["version"] for m in registry.versions() if m.get("version")]
+    versions = [m["version"] for m in registry.versions() if m.get("version") and not m.get("pruned")]
     before = versions[: versions.index(promoted)] if promoted in versions else []
     candidates = [promoted, *reversed(before), *(v for v in reversed(versions) if v != promoted and v not in before)]
     for version in candidates:

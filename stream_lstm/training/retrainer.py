@@ -32,6 +32,7 @@ from stream_lstm.models.registry import (
     load_model,
     model_to_bytes,
 )
+from stream_lstm.models.retention import prune
 from stream_lstm.models.serving import descends_from
 from stream_lstm.state.table import DeviceTable
 from stream_lstm.training.background import BackgroundTrainer, RetrainResult, encode_job
@@ -240,6 +241,10 @@ class Retrainer:
         self._count_run("promoted")
         self.pointer = version
         self.expect = version
+        try:  # (a registry that grew a version a retrain for ever: retention.py)
+            prune(self.registry)
+        except OSError as exc:
+            log.warning("old model versions could not be pruned", extra={"error": repr(exc)[:200]})
         return LoadedModel(loaded.model, loaded.spec, {**loaded.meta, "version": version})
 
     def moved(self, served: str) -> LoadedModel | None:

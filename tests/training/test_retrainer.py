@@ -260,3 +260,16 @@ def test_a_tbptt_window_past_the_devices_windows_is_said_where_it_retrains(tmp_p
     assert line.startswith("STREAM_LSTM_TBPTT_K2=64 is past STREAM_LSTM_WINDOW=32")
     assert said(tbptt_k2=64, retrain_every_readings=100, trainer="external") == []
     assert said(tbptt_k2=64) == []  # (no schedule: it never retrains)
+
+
+def test_promotions_prune_the_weights_of_old_versions(tmp_path, monkeypatch):
+    """A retrain on a schedule registered a version a promotion, and none ever went."""
+    from stream_lstm.models import retention
+
+    monkeypatch.setattr(retention, "KEEP", 3)
+    r = Retrainer(Settings(model_dir=tmp_path))
+    for _ in range(5):
+        assert r.verdict(result(promote=True)) is not None
+    registry = ModelRegistry(tmp_path)
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["v0003", "v0004", "v0005"]
+    assert registry.promoted() == "v0005" and len(registry.versions()) == 5
